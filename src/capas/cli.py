@@ -1,0 +1,174 @@
+"""The `capas` command: thin Typer commands over the library functions."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from capas.errors import CapasError
+
+app = typer.Typer(
+    help="capas: build convolutional networks from Keras' layers, train them, and measure what each layer does.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+def friendly(command):
+    """User mistakes (CapasError) print one clear message and exit with status 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CapasError as error:
+            errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            errors.print("interrupted; finished work is kept, rerun the same command to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+SpecArg = Annotated[Path, typer.Argument(help="model spec, YAML or JSON, in Keras' vocabulary")]
+RunArg = Annotated[Path, typer.Argument(help="a run directory written by `capas train`")]
+
+
+@app.command()
+@friendly
+def summary(spec: SpecArg) -> None:
+    """Print the Keras-style summary of a spec or a run directory: shapes, parameters, trainable, multiply-adds."""
+    from capas.models import summarize
+    from capas.spec import load_spec
+
+    if spec.is_dir():
+        spec = spec / "model.json"
+    summarize(load_spec(spec)).print(console)
+
+
+def _overrides(**values: Any) -> dict:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@app.command()
+@friendly
+def train(
+    spec: SpecArg,
+    data: Annotated[str | None, typer.Option(help="fashion-mnist, mnist, cifar10, digits or folder:PATH")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="where to look for dataset files first")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML with `train:` and `data:` sections")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<spec name>)")] = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd, adam, adamw, rmsprop or adadelta")] = None,
+    lr: float | None = None,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    schedule: Annotated[str | None, typer.Option(help="constant, step, cosine or onecycle")] = None,
+    label_smoothing: float | None = None,
+    patience: Annotated[int | None, typer.Option(help="early stopping on val_loss with this patience")] = None,
+    seed: int | None = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps")] = None,
+    limit: Annotated[int | None, typer.Option(help="train on a stratified subset of this many images")] = None,
+    max_seconds: Annotated[float | None, typer.Option(help="wall-clock budget for training")] = None,
+) -> None:
+    """Train a spec on a dataset and write a run directory; prints test accuracy and the confusion matrix."""
+    from capas.spec import DataConfig, TrainConfig, load_document, load_spec
+    from capas.spec.io import parse_config
+    from capas.train import RichProgress
+    from capas.train import train as train_run
+
+    model_spec = load_spec(spec)
+    document = load_document(config) if config else {}
+    if not isinstance(document, dict):
+        raise CapasError(f"{config}: expected a mapping with `train:` and `data:` sections")
+    train_raw = dict(document.get("train") or {})
+    train_raw.update(_overrides(epochs=epochs, batch_size=batch_size, label_smoothing=label_smoothing, seed=seed,
+                                device=device, max_seconds=max_seconds))
+    opt = dict(train_raw.get("optimizer") or {})
+    opt.update(_overrides(name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay))
+    train_raw["optimizer"] = opt
+    if schedule is not None:
+        train_raw["schedule"] = {**(train_raw.get("schedule") or {}), "name": schedule}
+    if patience is not None:
+        train_raw["early_stopping"] = {**(train_raw.get("early_stopping") or {}), "patience": patience}
+    data_raw = dict(document.get("data") or {})
+    data_raw.update(_overrides(name=data, data_dir=data_dir, limit=limit))
+    train_cfg = parse_config(TrainConfig, train_raw, "training config")
+    data_cfg = parse_config(DataConfig, data_raw, "data config")
+    out = out or Path("runs") / model_spec.name
+    console.print(f"training [bold]{model_spec.name}[/] on {data_cfg.name} -> {out}", highlight=False)
+    results = train_run(model_spec, data_cfg, train_cfg, out, callbacks=[RichProgress(console)])
+    _print_test(results)
+    console.print(f"run directory: {out}", highlight=False)
+
+
+def _print_test(results: dict) -> None:
+    console.print(
+        f"test accuracy {results['test_accuracy']:.4f}  test loss {results['test_loss']:.4f}  "
+        f"(best epoch {results['best_epoch']}, {results['stopped']})",
+        highlight=False,
+    )
+    _print_confusion(results["classes"], results["confusion_matrix"])
+
+
+def _print_confusion(classes: list[str], matrix: list[list[int]]) -> None:
+    table = Table(title="confusion matrix (rows: true class, columns: predicted)", title_justify="left")
+    table.add_column("")
+    for index in range(len(classes)):
+        table.add_column(str(index), justify="right")
+    for index, (name, row) in enumerate(zip(classes, matrix, strict=True)):
+        table.add_row(f"{index} {name}", *(f"[bold]{v}[/]" if i == index else str(v) for i, v in enumerate(row)))
+    console.print(table)
+
+
+@app.command()
+@friendly
+def evaluate(
+    run: RunArg,
+    data: Annotated[str | None, typer.Option(help="evaluate on this dataset's test split instead")] = None,
+    data_dir: str | None = None,
+) -> None:
+    """Evaluate a run directory on the test split of its dataset (or of --data)."""
+    from capas.predict import evaluate_run
+    from capas.runs import load_run
+    from capas.spec import DataConfig
+
+    loaded = load_run(run)
+    data_cfg = DataConfig(name=data, data_dir=data_dir) if data else None
+    used, result = evaluate_run(loaded, data_cfg)
+    console.print(f"{used.name}: test accuracy {result.accuracy:.4f}  test loss {result.loss:.4f}  ({len(result.labels)} images)",
+                  highlight=False)
+    _print_confusion(list(loaded.classes), result.confusion(len(loaded.classes)).tolist())
+
+
+@app.command()
+@friendly
+def predict(
+    run: RunArg,
+    images: Annotated[list[Path], typer.Argument(help="image files (PNG, JPEG, …)")],
+    top_k: Annotated[int, typer.Option(min=1)] = 3,
+) -> None:
+    """Classify image files with a run directory's model, preprocessed exactly as in training."""
+    from capas.predict import predict_files
+    from capas.runs import load_run
+
+    loaded = load_run(run)
+    table = Table("image", "prediction", f"top {top_k}")
+    for path, prediction in zip(images, predict_files(loaded, images), strict=True):
+        top = ", ".join(f"{label} {p:.3f}" for label, p in prediction.top(loaded.classes, top_k))
+        table.add_row(str(path), prediction.label, top)
+    console.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,18 @@
+"""The one exception type for mistakes a user can fix: the CLI prints its message, never a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class CapasError(Exception):
+    """A user-facing error: bad spec, missing dataset, damaged run directory…"""
+
+
+def closest(name: str, choices: Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest valid name, or '' when nothing is close."""
+    choices = list(choices)
+    lowered = {c.lower(): c for c in choices}
+    match = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)
+    return f" (did you mean {lowered[match[0]]!r}?)" if match else ""

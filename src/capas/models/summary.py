@@ -1,0 +1,109 @@
+"""The Keras-style summary: output shapes, parameters as Keras counts them, trainable or frozen, cost."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from capas.spec.model import LayerInfo, ModelSpec
+
+
+def readable_bytes(count: int) -> str:
+    """Keras' memory figure: 4 bytes per float32 parameter, in 1024-based units with two decimals."""
+    size = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.2f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(["None", *map(str, shape)]) + ")"
+
+
+@dataclass(frozen=True)
+class Summary:
+    name: str
+    rows: list[LayerInfo]
+
+    @property
+    def trainable(self) -> int:
+        return sum(r.trainable for r in self.rows if not r.frozen)
+
+    @property
+    def non_trainable(self) -> int:
+        return sum(r.non_trainable + (r.trainable if r.frozen else 0) for r in self.rows)
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.non_trainable
+
+    @property
+    def macs(self) -> int:
+        return sum(r.macs for r in self.rows)
+
+    def table(self) -> Table:
+        table = Table(title=f'Model: "{self.name}"', box=box.HEAVY_HEAD, title_justify="left")
+        table.add_column("#", justify="right")
+        table.add_column("Layer (type)", no_wrap=True)
+        table.add_column("Output Shape", no_wrap=True)
+        table.add_column("Param #", justify="right")
+        table.add_column("Trainable")
+        table.add_column("Mult-adds", justify="right")
+        for r in self.rows:
+            params = r.trainable + r.non_trainable
+            state = "frozen" if r.frozen and params else ("yes" if r.trainable else "-")
+            table.add_row(
+                str(r.index), f"{r.name} ({r.layer.type_name()})", _shape(r.output_shape), f"{params:,}", state, f"{r.macs:,}"
+            )
+        return table
+
+    def totals(self) -> str:
+        return (
+            f" Total params: {self.total:,} ({readable_bytes(4 * self.total)})\n"
+            f" Trainable params: {self.trainable:,} ({readable_bytes(4 * self.trainable)})\n"
+            f" Non-trainable params: {self.non_trainable:,} ({readable_bytes(4 * self.non_trainable)})\n"
+            f" Forward cost: {self.macs:,} multiply-adds per image ({self.macs / 1e6:,.2f} M)"
+        )
+
+    def print(self, console: Console | None = None) -> None:
+        console = console or Console()
+        console.print(self.table())
+        console.print(self.totals(), highlight=False)
+
+    def text(self) -> str:
+        """The summary as plain text (summary.txt in run directories)."""
+        buffer = io.StringIO()
+        self.print(Console(file=buffer, width=120, color_system=None))
+        return buffer.getvalue()
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "total_params": self.total,
+            "trainable_params": self.trainable,
+            "non_trainable_params": self.non_trainable,
+            "macs": self.macs,
+            "layers": [
+                {
+                    "index": r.index,
+                    "name": r.name,
+                    "type": r.layer.type_name(),
+                    "output_shape": list(r.output_shape),
+                    "params": r.trainable + r.non_trainable,
+                    "trainable": not r.frozen and r.trainable > 0,
+                    "macs": r.macs,
+                }
+                for r in self.rows
+            ],
+        }
+
+
+def summarize(spec: ModelSpec) -> Summary:
+    """The summary of a spec; the counts come from the layer registry and match Keras' exactly."""
+    return Summary(spec.name, spec.layer_infos())

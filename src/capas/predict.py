@@ -1,0 +1,59 @@
+"""Prediction and evaluation from a run directory alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from capas.data import make_splits, read_image
+from capas.errors import CapasError
+from capas.runs import Run
+from capas.spec import DataConfig
+from capas.train.loop import Evaluation, evaluate
+
+
+@dataclass
+class Prediction:
+    label: str
+    index: int
+    probabilities: list[float]
+
+    def top(self, classes: tuple[str, ...], k: int) -> list[tuple[str, float]]:
+        order = sorted(range(len(classes)), key=lambda i: -self.probabilities[i])[:k]
+        return [(classes[i], self.probabilities[i]) for i in order]
+
+
+@torch.no_grad()
+def predict(run: Run, images: list[torch.Tensor]) -> list[Prediction]:
+    """Class probabilities for decoded uint8 (C, H, W) images of any size, preprocessed as in training."""
+    if not images:
+        return []
+    device = next(run.model.parameters()).device
+    batch = torch.cat([run.preprocess(image.unsqueeze(0)) for image in images]).to(device)  # (B, C, H, W)
+    probabilities = run.model.predict_proba(batch).cpu()
+    return [Prediction(run.classes[int(p.argmax())], int(p.argmax()), p.tolist()) for p in probabilities]
+
+
+def predict_files(run: Run, paths: list[str | Path]) -> list[Prediction]:
+    return predict(run, [read_image(Path(p)) for p in paths])
+
+
+def evaluate_run(run: Run, data: DataConfig | None = None) -> tuple[DataConfig, Evaluation]:
+    """Test loss and accuracy of a run on the test split of its own data config, or of `data`."""
+    recorded = run.read_json("config.json") or {}
+    if data is None:
+        if "data" not in recorded:
+            raise CapasError(f"{run.path}: config.json records no dataset; pass --data")
+        data = DataConfig.model_validate(recorded["data"])
+    splits = make_splits(
+        data.name, data_dir=data.data_dir, val_fraction=data.val_fraction, test_fraction=data.test_fraction,
+        seed=data.split_seed, limit=data.limit,
+    )
+    if splits.test.classes != run.classes:
+        raise CapasError(
+            f"{data.name} has classes {list(splits.test.classes)} but the run was trained on {list(run.classes)}"
+        )
+    device = next(run.model.parameters()).device
+    return data, evaluate(run.model, splits.test, run.preprocess, device)

@@ -1,0 +1,122 @@
+"""Run directories: everything needed to evaluate, predict with or serve a trained model, and nothing pickled.
+
+    RUN/
+      model.json          the spec, in Keras' vocabulary (the architecture)
+      model.safetensors   the weights
+      preprocess.json     classes and the preprocessing inference must apply
+      config.json         the resolved data and training configs, splits, environment
+      metrics.jsonl       one line of metrics per epoch
+      summary.txt         the Keras-style summary
+      test.json           final test loss, accuracy, per-class accuracy, confusion matrix
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import capas
+from capas import atomic
+from capas.data import Preprocess
+from capas.errors import CapasError
+from capas.models import CapasNet, build_model, summarize
+from capas.spec import ModelSpec
+
+REQUIRED = ("model.json", "model.safetensors", "preprocess.json")
+
+
+def environment() -> dict:
+    """The machine and library versions, recorded beside every figure."""
+    return {
+        "capas": capas.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def save_weights(path: Path, model: torch.nn.Module) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load safetensors weights, naming missing, unexpected and mis-shaped tensors if they do not fit."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as error:
+        raise CapasError(f"{path}: unreadable weights file ({error})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [
+        f"{k}: file {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [f"missing {', '.join(missing[:8])}" if missing else "", f"unexpected {', '.join(unexpected[:8])}" if unexpected else "",
+                 f"wrong shapes {'; '.join(shapes[:8])}" if shapes else ""]
+        raise CapasError(f"{path}: the weights do not fit the architecture in model.json: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(tensors)
+
+
+@dataclass
+class Run:
+    """A run directory loaded back: the model (in eval mode), its preprocessing and class names."""
+
+    path: Path
+    spec: ModelSpec
+    model: CapasNet
+    preprocess: Preprocess
+    classes: tuple[str, ...]
+
+    def read_json(self, name: str) -> dict | None:
+        file = self.path / name
+        return json.loads(file.read_text()) if file.exists() else None
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
+    """Load a run directory; an incomplete or tampered directory is a CapasError that names the problem."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CapasError(f"{path}: not a run directory (no such folder)")
+    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    if missing:
+        raise CapasError(f"{path}: incomplete run directory, missing {', '.join(missing)}")
+    try:
+        spec_data = json.loads((path / "model.json").read_text())
+        meta = json.loads((path / "preprocess.json").read_text())
+        preprocess = Preprocess.model_validate(meta["preprocess"])
+        classes = tuple(meta["classes"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CapasError(f"{path}: damaged model.json or preprocess.json ({error})") from None
+    spec = ModelSpec.from_dict(spec_data, source=str(path / "model.json"))
+    model = build_model(spec)
+    load_weights(path / "model.safetensors", model)
+    return Run(path, spec, model.to(device).eval(), preprocess, classes)
+
+
+def write_run(
+    path: Path, *, spec: ModelSpec, model: torch.nn.Module, preprocess: Preprocess, classes: tuple[str, ...],
+    config: dict, history: list[dict], test: dict | None,
+) -> None:
+    """Write every file of a run directory, each atomically; the weights go last but one, test.json last."""
+    path.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(path / "model.json", spec.to_dict())
+    atomic.write_json(path / "preprocess.json", {"classes": list(classes), "preprocess": preprocess.model_dump(mode="json")})
+    atomic.write_json(path / "config.json", {**config, "environment": environment()})
+    atomic.write_text(path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+    atomic.write_text(path / "summary.txt", summarize(spec).text())
+    save_weights(path / "model.safetensors", model)
+    if test is not None:
+        atomic.write_json(path / "test.json", test)

@@ -1,0 +1,26 @@
+"""What users write: model specs in Keras' vocabulary and typed training configs."""
+
+from pathlib import Path
+
+from capas.spec.io import load_document
+from capas.spec.model import LayerInfo, ModelSpec, parse_layer
+from capas.spec.train import DataConfig, EarlyStopping, OptimizerConfig, ScheduleConfig, TrainConfig
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """Load and validate a model spec from a YAML or JSON file."""
+    return ModelSpec.from_dict(load_document(path), source=str(path))
+
+
+__all__ = [
+    "DataConfig",
+    "EarlyStopping",
+    "LayerInfo",
+    "ModelSpec",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "load_document",
+    "load_spec",
+    "parse_layer",
+]

@@ -1,0 +1,65 @@
+"""Reading YAML/JSON documents with messages that point at the file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from capas.errors import CapasError, closest
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def load_document(path: str | Path) -> Any:
+    """A YAML or JSON file as plain Python data; a missing file or a syntax error is a CapasError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CapasError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        raise CapasError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise CapasError(f"{path}: invalid YAML{where}: {problem}") from None
+
+
+def describe_validation(error: ValidationError) -> str:
+    """pydantic's errors as one line per keyword: what was given and what is allowed."""
+    parts = []
+    for item in error.errors():
+        keyword = ".".join(str(p) for p in item["loc"]) or "keywords"
+        if item["type"] == "missing":
+            parts.append(f"keyword {keyword!r} is required")
+        elif item["type"] == "extra_forbidden":
+            parts.append(f"unknown keyword {keyword!r}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            parts.append(f"keyword {keyword!r}: {message} (given {item.get('input')!r})")
+    return "; ".join(parts)
+
+
+def parse_config(cls: type[T], data: Any, source: str) -> T:
+    """Validate a mapping into a typed config; unknown keys get the closest valid name."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise CapasError(f"{source}: expected a mapping, got {data!r}")
+    for key in data:
+        if key not in cls.model_fields:
+            raise CapasError(
+                f"{source}: unknown key {key!r}{closest(str(key), cls.model_fields)}; allowed: {', '.join(cls.model_fields)}"
+            )
+    try:
+        return cls.model_validate(data)
+    except ValidationError as error:
+        raise CapasError(f"{source}: {describe_validation(error)}") from None

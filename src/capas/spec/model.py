@@ -1,0 +1,155 @@
+"""The model spec: what a user writes, in Keras' vocabulary, validated with messages that say what to fix."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from capas.errors import CapasError, closest
+from capas.layers import LAYERS, Layer, Shape
+from capas.spec.io import describe_validation
+
+
+def _snake(name: str) -> str:
+    """Keras' automatic layer names: Conv2D -> conv2d, GlobalAveragePooling2D -> global_average_pooling2d."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def parse_layer(index: int, item: Any) -> Layer:
+    """One item of `layers:` (a bare name or `{Name: {keyword: value}}`) as a typed layer."""
+    if isinstance(item, str):
+        type_name, keywords = item, {}
+    elif isinstance(item, dict) and len(item) == 1:
+        type_name, keywords = next(iter(item.items()))
+        keywords = {} if keywords is None else keywords
+    else:
+        raise CapasError(
+            f"layer {index}: expected a layer name (e.g. '- Flatten') or a one-key mapping "
+            f"(e.g. '- Dense: {{units: 10}}'), got {item!r}"
+        )
+    if type_name not in LAYERS:
+        raise CapasError(
+            f"layer {index}: unknown layer type {type_name!r}{closest(str(type_name), LAYERS)}; "
+            f"allowed: {', '.join(sorted(LAYERS))}"
+        )
+    cls = LAYERS[type_name]
+    if not isinstance(keywords, dict):
+        raise CapasError(f"layer {index} ({type_name}): keywords must be a mapping, got {keywords!r}")
+    for keyword in keywords:
+        if keyword not in cls.model_fields:
+            raise CapasError(
+                f"layer {index} ({type_name}): unknown keyword {keyword!r}{closest(str(keyword), cls.model_fields)}; "
+                f"allowed: {', '.join(cls.model_fields)}"
+            )
+    try:
+        return cls(**keywords)
+    except ValidationError as error:
+        raise CapasError(f"layer {index} ({type_name}): {describe_validation(error)}") from None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of the summary: a layer with its name, shapes, parameter counts and cost."""
+
+    index: int
+    name: str
+    layer: Layer
+    input_shape: Shape
+    output_shape: Shape
+    trainable: int
+    non_trainable: int
+    macs: int
+    frozen: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A sequential network as Keras users write it."""
+
+    name: str
+    input_shape: Shape
+    layers: tuple[Layer, ...]
+    backbone: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "spec") -> ModelSpec:
+        """Validate a loaded YAML/JSON document; every problem is a CapasError naming what to fix."""
+        if not isinstance(data, dict):
+            raise CapasError(f"{source}: expected a mapping with name, input_shape and layers, got {type(data).__name__}")
+        allowed = {"name", "input_shape", "layers", "backbone"}
+        for key in data:
+            if key not in allowed:
+                raise CapasError(f"{source}: unknown key {key!r}{closest(str(key), allowed)}; allowed: {', '.join(sorted(allowed))}")
+        name = data.get("name", "model")
+        if not isinstance(name, str) or not name:
+            raise CapasError(f"{source}: 'name' must be a non-empty string, got {name!r}")
+        if "input_shape" not in data:
+            raise CapasError(f"{source}: 'input_shape' is missing; write it as Keras does, [height, width, channels], e.g. [28, 28, 1]")
+        shape = data["input_shape"]
+        if (
+            not isinstance(shape, list | tuple)
+            or len(shape) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)
+        ):
+            raise CapasError(
+                f"{source}: 'input_shape' must be [height, width, channels] with three positive integers "
+                f"(channels last, as in Keras), got {shape!r}"
+            )
+        layers = data.get("layers")
+        if not isinstance(layers, list) or not layers:
+            raise CapasError(f"{source}: 'layers' must be a non-empty list of layers, got {layers!r}")
+        spec = cls(
+            name=name,
+            input_shape=tuple(shape),
+            layers=tuple(parse_layer(i, item) for i, item in enumerate(layers)),
+            backbone=data.get("backbone"),
+        )
+        spec.layer_infos()  # shape inference: collapsing shapes and misplaced layers fail here
+        return spec
+
+    def to_dict(self) -> dict:
+        """The spec as a user would write it (the content of model.json)."""
+        out: dict = {"name": self.name, "input_shape": list(self.input_shape)}
+        if self.backbone is not None:
+            out["backbone"] = self.backbone
+        out["layers"] = [
+            {layer.type_name(): layer.keywords()} if layer.keywords() else layer.type_name() for layer in self.layers
+        ]
+        return out
+
+    def layer_infos(self) -> list[LayerInfo]:
+        """Shape inference through the layers, with Keras' names, parameters and multiply-adds."""
+        infos, counts, shape = [], {}, self.input_shape
+        for index, layer in enumerate(self.layers):
+            type_name = layer.type_name()
+            where = f"layer {index} ({type_name})"
+            if layer.takes == "maps" and len(shape) != 3:
+                raise CapasError(f"{where}: needs feature maps (height, width, channels) but gets a flat vector of shape {shape}; "
+                                 "move it before Flatten/global pooling")
+            if layer.takes == "flat" and len(shape) != 1:
+                raise CapasError(f"{where}: needs a flat vector but gets feature maps of shape {shape}; "
+                                 "add Flatten, GlobalAveragePooling2D or GlobalMaxPooling2D before it")
+            try:
+                out = layer.output_shape(shape)
+            except ValueError as error:
+                raise CapasError(f"{where}: {error}") from None
+            base = _snake(type_name)
+            seen = counts.get(base, 0)
+            counts[base] = seen + 1
+            name = layer.name or (base if seen == 0 else f"{base}_{seen}")
+            trainable, non_trainable = layer.params(shape)
+            infos.append(LayerInfo(index, name, layer, shape, out, trainable, non_trainable, layer.macs(shape)))
+            shape = out
+        names = [info.name for info in infos]
+        for info in infos:
+            if names.count(info.name) > 1:
+                raise CapasError(f"layer {info.index} ({info.layer.type_name()}): the name {info.name!r} is used twice; layer names must be unique")
+        return infos
+
+    @property
+    def output_shape(self) -> Shape:
+        return self.layer_infos()[-1].output_shape

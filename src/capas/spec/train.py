@@ -1,0 +1,74 @@
+"""Typed training and data configs: the single source of truth that every run directory records."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+OPTIMIZER_DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3, "adadelta": 1e-3}
+"""Keras 3's default learning rates (Keras 2 trained the seed's MNIST model with Adadelta at 1.0)."""
+
+
+class OptimizerConfig(_Config):
+    name: Literal["sgd", "adam", "adamw", "rmsprop", "adadelta"] = "adam"
+    lr: float | None = Field(default=None, gt=0.0, description="None: Keras' default for the optimizer")
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    rho: float = Field(default=0.95, gt=0.0, lt=1.0, description="Adadelta's decay (RMSprop uses 0.9 as Keras)")
+    epsilon: float = Field(default=1e-7, gt=0.0, description="Keras' default, not PyTorch's 1e-8")
+    backbone_lr_scale: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="learning rate of pretrained backbone layers relative to lr"
+    )
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else OPTIMIZER_DEFAULT_LR[self.name]
+
+
+class ScheduleConfig(_Config):
+    name: Literal["constant", "step", "cosine", "onecycle"] = "constant"
+    step_epochs: int = Field(default=10, ge=1, description="'step': epochs between decays")
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="'step': factor per decay")
+    warmup_fraction: float = Field(default=0.25, gt=0.0, lt=1.0, description="'onecycle': share of steps rising")
+
+
+class EarlyStopping(_Config):
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: int = Field(default=3, ge=1)
+    min_delta: float = Field(default=0.0, ge=0.0)
+
+
+class AugmentConfig(_Config):
+    crop_padding: int = Field(default=0, ge=0, description="random crop after zero padding by this many pixels")
+    hflip: bool = False
+
+
+class TrainConfig(_Config):
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    early_stopping: EarlyStopping | None = None
+    augment: AugmentConfig = AugmentConfig()
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    channels_last: bool = True
+    max_seconds: float | None = Field(default=None, gt=0.0, description="wall-clock budget; stops after the epoch")
+    max_samples: int | None = Field(default=None, ge=1, description="budget of training images seen")
+
+
+class DataConfig(_Config):
+    name: str = "fashion-mnist"
+    data_dir: str | None = None
+    val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0, description="held out when the data has no test split")
+    limit: int | None = Field(default=None, ge=10, description="train on a stratified subset of this many images")
+    split_seed: int = 0

@@ -1,0 +1,73 @@
+"""Training: `train` makes a run directory from a spec and configs; `fit` and `evaluate` are its loop."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from capas.data import default_preprocess, make_splits
+from capas.errors import CapasError
+from capas.models import build_model
+from capas.runs import write_run
+from capas.spec import DataConfig, ModelSpec, TrainConfig
+from capas.train.loop import Callback, Evaluation, FitResult, evaluate, fit, resolve_device
+from capas.train.progress import RichProgress
+
+__all__ = ["Callback", "Evaluation", "FitResult", "RichProgress", "evaluate", "fit", "resolve_device", "train"]
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def train(
+    spec: ModelSpec, data: DataConfig, cfg: TrainConfig, out: str | Path, *, callbacks: list[Callback] = ()
+) -> dict:
+    """Train `spec` on `data` and write the run directory `out`; returns the test results.
+
+    Rerunning with the same `out` after an interruption resumes from the last epoch checkpoint.
+    """
+    out = Path(out)
+    splits = make_splits(
+        data.name, data_dir=data.data_dir, val_fraction=data.val_fraction, test_fraction=data.test_fraction,
+        seed=data.split_seed, limit=data.limit,
+    )
+    classes = splits.train.classes
+    units = spec.output_shape
+    if units != (len(classes),):
+        raise CapasError(
+            f"{spec.name}: the last layer outputs {units} but {data.name} has {len(classes)} classes; "
+            f"end the model with Dense: {{units: {len(classes)}, activation: softmax}}"
+        )
+    preprocess = default_preprocess(spec.input_shape)
+    model = build_model(spec, seed=cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = fit(model, splits.train, splits.val, preprocess, cfg, callbacks=callbacks, checkpoint=out / CHECKPOINT)
+    device = resolve_device(cfg.device)
+    test = evaluate(model, splits.test, preprocess, device, cfg.channels_last)
+    test_results = {
+        "test_loss": test.loss,
+        "test_accuracy": test.accuracy,
+        "per_class_accuracy": dict(zip(classes, test.per_class_accuracy(len(classes)), strict=True)),
+        "confusion_matrix": test.confusion(len(classes)).tolist(),
+        "classes": list(classes),
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "stopped": result.stopped,
+        "train_seconds": result.train_seconds,
+        "images_per_s": result.images_per_second,
+        "wall_seconds": time.perf_counter() - started,
+        "val_loss": result.history[result.best_epoch - 1]["val_loss"] if result.best_epoch else None,
+        "val_accuracy": result.history[result.best_epoch - 1]["val_accuracy"] if result.best_epoch else None,
+    }
+    config = {
+        "data": data.model_dump(mode="json"),
+        "train": cfg.model_dump(mode="json"),
+        "splits": splits.info,
+        "device": str(device),
+    }
+    write_run(
+        out, spec=spec, model=model.cpu(), preprocess=preprocess,
+        classes=classes, config=config, history=result.history, test=test_results,
+    )
+    (out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; its weights are in model.safetensors
+    return test_results

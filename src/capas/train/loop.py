@@ -1,0 +1,230 @@
+"""The training loop: one readable `fit`, an `evaluate`, typed hooks, epoch checkpoints that resume."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from capas.data import ArrayDataset, Augment, Preprocess, iterate_batches
+from capas.spec.train import EarlyStopping, TrainConfig
+from capas.train.checkpoint import load_checkpoint, save_checkpoint
+from capas.train.optim import lr_factor, make_optimizer, set_lr
+
+EVAL_BATCH = 512  # images per evaluation batch: no gradients, so larger batches are cheap
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+class Callback:
+    """Typed hooks called by `fit`; they observe and never change the training state."""
+
+    def on_fit_start(self, epochs: int, steps_per_epoch: int, start_epoch: int) -> None: ...
+
+    def on_batch_end(self, images: int, loss: float | None) -> None: ...
+
+    def on_epoch_end(self, metrics: dict) -> None: ...
+
+    def on_fit_end(self, result: FitResult) -> None: ...
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    predictions: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) int64
+
+    def confusion(self, classes: int) -> torch.Tensor:
+        """(true, predicted) counts."""
+        return torch.bincount(self.labels * classes + self.predictions, minlength=classes * classes).view(classes, classes)
+
+    def per_class_accuracy(self, classes: int) -> list[float]:
+        matrix = self.confusion(classes)
+        return (matrix.diag() / matrix.sum(1).clamp(min=1)).tolist()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: ArrayDataset, preprocess: Preprocess, device: torch.device | str = "cpu",
+    channels_last: bool = False,
+) -> Evaluation:
+    """Loss (cross-entropy on logits) and accuracy of `model` on a whole dataset."""
+    was_training = model.training
+    model.eval()
+    total_loss, predictions, labels = 0.0, [], []
+    for x, y in iterate_batches(data, EVAL_BATCH, preprocess=preprocess, device=device, channels_last=channels_last):
+        logits = model(x)
+        total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        predictions.append(logits.argmax(1).cpu())
+        labels.append(y.cpu())
+    model.train(was_training)
+    predictions, labels = torch.cat(predictions), torch.cat(labels)
+    return Evaluation(total_loss / len(labels), (predictions == labels).float().mean().item(), predictions, labels)
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0  # 1-based epoch whose weights the model holds at the end
+    stopped: str = "completed"  # or "early stopping", "time budget", "sample budget"
+    train_seconds: float = 0.0  # time in training steps only, without evaluation
+    images: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.train_seconds if self.train_seconds else 0.0
+
+
+class _Monitor:
+    """Early stopping's bookkeeping: the best value, its epoch, epochs since."""
+
+    def __init__(self, cfg: EarlyStopping | None):
+        self.cfg = cfg
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.wait = 0
+
+    def improved(self, metrics: dict) -> bool:
+        if self.cfg is None:
+            self.best_epoch = metrics["epoch"]
+            return True
+        value = metrics[self.cfg.monitor]
+        sign = 1.0 if self.cfg.monitor == "val_loss" else -1.0  # lower loss, higher accuracy
+        if self.best is None or sign * (self.best - value) > self.cfg.min_delta:
+            self.best, self.best_epoch, self.wait = value, metrics["epoch"], 0
+            return True
+        self.wait += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.cfg is not None and self.wait >= self.cfg.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+
+    def load(self, state: dict) -> None:
+        self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+
+
+def fit(
+    model: nn.Module,
+    train: ArrayDataset,
+    val: ArrayDataset,
+    preprocess: Preprocess,
+    cfg: TrainConfig,
+    *,
+    callbacks: list[Callback] = (),
+    checkpoint: Path | None = None,
+) -> FitResult:
+    """Train `model` in place; with `checkpoint`, state is saved each epoch and a rerun resumes from it.
+
+    With early stopping, the model ends with its best epoch's weights (also when the epochs run out
+    before patience does); without it, with the last epoch's, as Keras does.
+    """
+    device = resolve_device(cfg.device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    optimizer = make_optimizer(model, cfg.optimizer)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    augment = Augment(**cfg.augment.model_dump())
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    monitor = _Monitor(cfg.early_stopping)
+    result, best_state, start_epoch = FitResult(), None, 0
+
+    if checkpoint is not None and (state := load_checkpoint(checkpoint, model, optimizer)) is not None:
+        start_epoch, best_state = state.epoch, state.best_weights
+        result.history, result.train_seconds, result.images = state.history, state.train_seconds, state.images
+        monitor.load(state.monitor)
+
+    for cb in callbacks:
+        cb.on_fit_start(cfg.epochs, steps_per_epoch, start_epoch)
+    for epoch in range(start_epoch, cfg.epochs):
+        # Seeding per epoch makes a resumed run draw the same batches, crops and dropout masks.
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        seen, step, started = 0, epoch * steps_per_epoch, time.perf_counter()
+        for x, y in iterate_batches(
+            train, cfg.batch_size, preprocess=preprocess, augment=augment, shuffle=True, generator=generator,
+            device=device, channels_last=cfg.channels_last,
+        ):
+            set_lr(optimizer, base_lrs, lr_factor(cfg.schedule, step, steps_per_epoch, total_steps))
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # Running sums stay on the device: no host sync per step (a .item() here stalls a GPU).
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen, step = seen + len(y), step + 1
+            for cb in callbacks:
+                cb.on_batch_end(len(y), None)
+            if _over_budget(cfg, result, seen, started):
+                break
+        result.train_seconds += time.perf_counter() - started
+        result.images += seen
+
+        val_eval = evaluate(model, val, preprocess, device, cfg.channels_last)
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": loss_sum.item() / seen,
+            "accuracy": correct.item() / seen,
+            "val_loss": val_eval.loss,
+            "val_accuracy": val_eval.accuracy,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - started,
+            "images_per_s": seen / (time.perf_counter() - started),
+        }
+        result.history.append(metrics)
+        if monitor.improved(metrics) and cfg.early_stopping is not None:
+            best_state = copy.deepcopy(model.state_dict())
+        for cb in callbacks:
+            cb.on_epoch_end(metrics)
+        stop = _stop_reason(cfg, result, monitor)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, optimizer, epoch + 1, result, monitor.state(), best_state)
+        if stop:
+            result.stopped = stop
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result.best_epoch = monitor.best_epoch
+    for cb in callbacks:
+        cb.on_fit_end(result)
+    return result
+
+
+def _over_budget(cfg: TrainConfig, result: FitResult, seen: int, started: float) -> bool:
+    if cfg.max_samples is not None and result.images + seen >= cfg.max_samples:
+        return True
+    return cfg.max_seconds is not None and result.train_seconds + time.perf_counter() - started >= cfg.max_seconds
+
+
+def _stop_reason(cfg: TrainConfig, result: FitResult, monitor: _Monitor) -> str | None:
+    if monitor.exhausted:
+        return "early stopping"
+    if cfg.max_samples is not None and result.images >= cfg.max_samples:
+        return "sample budget"
+    if cfg.max_seconds is not None and result.train_seconds >= cfg.max_seconds:
+        return "time budget"
+    return None
