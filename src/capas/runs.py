@@ -8,6 +8,8 @@
       metrics.jsonl       one line of metrics per epoch
       summary.txt         the Keras-style summary
       test.json           final test loss, accuracy, per-class accuracy, confusion matrix
+      reference.safetensors  a sample of validation images' penultimate features and input
+                          statistics: the reference that drift monitoring compares live traffic to
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from safetensors.torch import save_file
 
 import capas
 from capas import atomic
-from capas.data import Preprocess
+from capas.data import ArrayDataset, Preprocess
 from capas.errors import CapasError
 from capas.models import CapasNet, build_model, summarize
 from capas.spec import ModelSpec
 
 REQUIRED = ("model.json", "model.safetensors", "preprocess.json")
+REFERENCE = "reference.safetensors"
+REFERENCE_SIZE = 1000  # validation images kept as the drift reference
 
 
 def environment() -> dict:
@@ -120,3 +124,24 @@ def write_run(
     save_weights(path / "model.safetensors", model)
     if test is not None:
         atomic.write_json(path / "test.json", test)
+
+
+def input_statistics(x: torch.Tensor) -> torch.Tensor:
+    """Per-image statistics of preprocessed inputs (B, C, H, W) -> (B, 2): mean and standard deviation."""
+    flat = x.flatten(1)
+    return torch.stack([flat.mean(1), flat.std(1)], dim=1)
+
+
+@torch.no_grad()
+def save_reference(path: Path, model: CapasNet, data: ArrayDataset, preprocess: Preprocess) -> None:
+    """Keep what drift monitoring needs: features and input statistics of a stratified-enough sample."""
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    index = torch.randperm(len(data), generator=generator)[:REFERENCE_SIZE]
+    x = preprocess(data.images[index]).to(next(model.parameters()).device)
+    tensors = {
+        "embeddings": model.embed(x).float().cpu().contiguous(),  # (N, F)
+        "input_stats": input_statistics(x).cpu().contiguous(),  # (N, 2)
+        "labels": data.labels[index].contiguous(),
+    }
+    atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp)))

@@ -8,7 +8,7 @@ from pathlib import Path
 from capas.data import default_preprocess, make_splits
 from capas.errors import CapasError
 from capas.models import build_model
-from capas.runs import write_run
+from capas.runs import REFERENCE, save_reference, write_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.train.loop import Callback, Evaluation, FitResult, evaluate, fit, resolve_device
 from capas.train.progress import RichProgress
@@ -69,5 +69,6 @@ def train(
         out, spec=spec, model=model.cpu(), preprocess=preprocess,
         classes=classes, config=config, history=result.history, test=test_results,
     )
+    save_reference(out / REFERENCE, model, splits.val, preprocess)
     (out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; its weights are in model.safetensors
     return test_results
