@@ -63,7 +63,9 @@ def _overrides(**values: Any) -> dict:
 @friendly
 def train(
     spec: SpecArg,
-    data: Annotated[str | None, typer.Option(help="fashion-mnist, mnist, cifar10, digits or folder:PATH")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="fashion-mnist, mnist, cifar10, digits or folder:PATH")
+    ] = None,
     data_dir: Annotated[str | None, typer.Option(help="where to look for dataset files first")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with `train:` and `data:` sections")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<spec name>)")] = None,
@@ -75,10 +77,14 @@ def train(
     weight_decay: float | None = None,
     schedule: Annotated[str | None, typer.Option(help="constant, step, cosine or onecycle")] = None,
     label_smoothing: float | None = None,
-    patience: Annotated[int | None, typer.Option(help="early stopping on val_loss with this patience")] = None,
+    patience: Annotated[
+        int | None, typer.Option(help="early stopping on val_loss with this patience")
+    ] = None,
     seed: int | None = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps")] = None,
-    limit: Annotated[int | None, typer.Option(help="train on a stratified subset of this many images")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="train on a stratified subset of this many images")
+    ] = None,
     max_seconds: Annotated[float | None, typer.Option(help="wall-clock budget for training")] = None,
 ) -> None:
     """Train a spec on a dataset and write a run directory; prints test accuracy and the confusion matrix."""
@@ -92,8 +98,16 @@ def train(
     if not isinstance(document, dict):
         raise CapasError(f"{config}: expected a mapping with `train:` and `data:` sections")
     train_raw = dict(document.get("train") or {})
-    train_raw.update(_overrides(epochs=epochs, batch_size=batch_size, label_smoothing=label_smoothing, seed=seed,
-                                device=device, max_seconds=max_seconds))
+    train_raw.update(
+        _overrides(
+            epochs=epochs,
+            batch_size=batch_size,
+            label_smoothing=label_smoothing,
+            seed=seed,
+            device=device,
+            max_seconds=max_seconds,
+        )
+    )
     opt = dict(train_raw.get("optimizer") or {})
     opt.update(_overrides(name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay))
     train_raw["optimizer"] = opt
@@ -127,7 +141,9 @@ def _print_confusion(classes: list[str], matrix: list[list[int]]) -> None:
     for index in range(len(classes)):
         table.add_column(str(index), justify="right")
     for index, (name, row) in enumerate(zip(classes, matrix, strict=True)):
-        table.add_row(f"{index} {name}", *(f"[bold]{v}[/]" if i == index else str(v) for i, v in enumerate(row)))
+        table.add_row(
+            f"{index} {name}", *(f"[bold]{v}[/]" if i == index else str(v) for i, v in enumerate(row))
+        )
     console.print(table)
 
 
@@ -146,8 +162,10 @@ def evaluate(
     loaded = load_run(run)
     data_cfg = DataConfig(name=data, data_dir=data_dir) if data else None
     used, result = evaluate_run(loaded, data_cfg)
-    console.print(f"{used.name}: test accuracy {result.accuracy:.4f}  test loss {result.loss:.4f}  ({len(result.labels)} images)",
-                  highlight=False)
+    console.print(
+        f"{used.name}: test accuracy {result.accuracy:.4f}  test loss {result.loss:.4f}  ({len(result.labels)} images)",
+        highlight=False,
+    )
     _print_confusion(list(loaded.classes), result.confusion(len(loaded.classes)).tolist())
 
 
@@ -163,11 +181,9 @@ def predict(
     from capas.runs import load_run
 
     loaded = load_run(run)
-    table = Table("image", "prediction", f"top {top_k}")
     for path, prediction in zip(images, predict_files(loaded, images), strict=True):
         top = ", ".join(f"{label} {p:.3f}" for label, p in prediction.top(loaded.classes, top_k))
-        table.add_row(str(path), prediction.label, top)
-    console.print(table)
+        console.print(f"{path}: [bold]{prediction.label}[/]  ({top})", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

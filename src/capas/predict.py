@@ -9,7 +9,7 @@ import torch
 
 from capas.data import make_splits, read_image
 from capas.errors import CapasError
-from capas.runs import Run
+from capas.runs import Run, model_device
 from capas.spec import DataConfig
 from capas.train.loop import Evaluation, evaluate
 
@@ -30,7 +30,7 @@ def predict(run: Run, images: list[torch.Tensor]) -> list[Prediction]:
     """Class probabilities for decoded uint8 (C, H, W) images of any size, preprocessed as in training."""
     if not images:
         return []
-    device = next(run.model.parameters()).device
+    device = model_device(run.model)
     batch = torch.cat([run.preprocess(image.unsqueeze(0)) for image in images]).to(device)  # (B, C, H, W)
     probabilities = run.model.predict_proba(batch).cpu()
     return [Prediction(run.classes[int(p.argmax())], int(p.argmax()), p.tolist()) for p in probabilities]
@@ -48,12 +48,16 @@ def evaluate_run(run: Run, data: DataConfig | None = None) -> tuple[DataConfig, 
             raise CapasError(f"{run.path}: config.json records no dataset; pass --data")
         data = DataConfig.model_validate(recorded["data"])
     splits = make_splits(
-        data.name, data_dir=data.data_dir, val_fraction=data.val_fraction, test_fraction=data.test_fraction,
-        seed=data.split_seed, limit=data.limit,
+        data.name,
+        data_dir=data.data_dir,
+        val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction,
+        seed=data.split_seed,
+        limit=data.limit,
     )
     if splits.test.classes != run.classes:
         raise CapasError(
             f"{data.name} has classes {list(splits.test.classes)} but the run was trained on {list(run.classes)}"
         )
-    device = next(run.model.parameters()).device
+    device = model_device(run.model)
     return data, evaluate(run.model, splits.test, run.preprocess, device)

@@ -1,15 +1,19 @@
 """Run directories: everything needed to evaluate, predict with or serve a trained model, and nothing pickled.
 
-    RUN/
-      model.json          the spec, in Keras' vocabulary (the architecture)
-      model.safetensors   the weights
-      preprocess.json     classes and the preprocessing inference must apply
-      config.json         the resolved data and training configs, splits, environment
-      metrics.jsonl       one line of metrics per epoch
-      summary.txt         the Keras-style summary
-      test.json           final test loss, accuracy, per-class accuracy, confusion matrix
-      reference.safetensors  a sample of validation images' penultimate features and input
-                          statistics: the reference that drift monitoring compares live traffic to
+RUN/
+  model.json          the spec, in Keras' vocabulary (the architecture)
+  model.safetensors   the weights
+  preprocess.json     classes and the preprocessing inference must apply
+  config.json         the resolved data and training configs, splits, environment
+  metrics.jsonl       one line of metrics per epoch
+  summary.txt         the Keras-style summary
+  test.json           final test loss, accuracy, per-class accuracy, confusion matrix
+  reference.safetensors  a sample of validation images' penultimate features and input
+                      statistics: the reference that drift monitoring compares live traffic to
+
+A run made by `capas compress --quantize` holds an ONNX graph instead of model.safetensors, declared in
+runtime.json ({"runtime": "onnxruntime", "model": "model.onnx"}); its model.json then describes the
+float architecture the graph was quantized from.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from safetensors.torch import save_file
 import capas
 from capas import atomic
 from capas.data import ArrayDataset, Preprocess
+from capas.deploy.runtime import RUNTIME, OnnxModel, read_runtime
 from capas.errors import CapasError
 from capas.models import CapasNet, build_model, summarize
 from capas.spec import ModelSpec
@@ -65,12 +70,19 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
     unexpected = sorted(set(tensors) - set(expected))
     shapes = [
         f"{k}: file {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
-        for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
     ]
     if missing or unexpected or shapes:
-        parts = [f"missing {', '.join(missing[:8])}" if missing else "", f"unexpected {', '.join(unexpected[:8])}" if unexpected else "",
-                 f"wrong shapes {'; '.join(shapes[:8])}" if shapes else ""]
-        raise CapasError(f"{path}: the weights do not fit the architecture in model.json: " + "; ".join(p for p in parts if p))
+        parts = [
+            f"missing {', '.join(missing[:8])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:8])}" if unexpected else "",
+            f"wrong shapes {'; '.join(shapes[:8])}" if shapes else "",
+        ]
+        raise CapasError(
+            f"{path}: the weights do not fit the architecture in model.json: "
+            + "; ".join(p for p in parts if p)
+        )
     model.load_state_dict(tensors)
 
 
@@ -80,7 +92,7 @@ class Run:
 
     path: Path
     spec: ModelSpec
-    model: CapasNet
+    model: CapasNet | OnnxModel
     preprocess: Preprocess
     classes: tuple[str, ...]
 
@@ -89,12 +101,22 @@ class Run:
         return json.loads(file.read_text()) if file.exists() else None
 
 
+def model_device(model: CapasNet | OnnxModel) -> torch.device:
+    """The device a model's inputs must be on (ONNX Runtime models take CPU tensors)."""
+    return model.device if isinstance(model, OnnxModel) else next(model.parameters()).device
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
-    """Load a run directory; an incomplete or tampered directory is a CapasError that names the problem."""
+    """Load a run directory; an incomplete or tampered directory is a CapasError that names the problem.
+
+    A run declaring an ONNX model in runtime.json loads as an `OnnxModel`, on the CPU whatever `device`.
+    """
     path = Path(path)
     if not path.is_dir():
         raise CapasError(f"{path}: not a run directory (no such folder)")
-    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    runtime = read_runtime(path / RUNTIME)
+    required = REQUIRED if runtime is None else ("model.json", "preprocess.json", runtime["model"])
+    missing = [name for name in required if not (path / name).is_file()]
     if missing:
         raise CapasError(f"{path}: incomplete run directory, missing {', '.join(missing)}")
     try:
@@ -105,19 +127,31 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     except (ValueError, KeyError, TypeError) as error:
         raise CapasError(f"{path}: damaged model.json or preprocess.json ({error})") from None
     spec = ModelSpec.from_dict(spec_data, source=str(path / "model.json"))
+    if runtime is not None:
+        model = OnnxModel(path / runtime["model"], expect=(spec.input_shape, len(classes)))
+        return Run(path, spec, model, preprocess, classes)
     model = build_model(spec)
     load_weights(path / "model.safetensors", model)
     return Run(path, spec, model.to(device).eval(), preprocess, classes)
 
 
 def write_run(
-    path: Path, *, spec: ModelSpec, model: torch.nn.Module, preprocess: Preprocess, classes: tuple[str, ...],
-    config: dict, history: list[dict], test: dict | None,
+    path: Path,
+    *,
+    spec: ModelSpec,
+    model: torch.nn.Module,
+    preprocess: Preprocess,
+    classes: tuple[str, ...],
+    config: dict,
+    history: list[dict],
+    test: dict | None,
 ) -> None:
     """Write every file of a run directory, each atomically; the weights go last but one, test.json last."""
     path.mkdir(parents=True, exist_ok=True)
     atomic.write_json(path / "model.json", spec.to_dict())
-    atomic.write_json(path / "preprocess.json", {"classes": list(classes), "preprocess": preprocess.model_dump(mode="json")})
+    atomic.write_json(
+        path / "preprocess.json", {"classes": list(classes), "preprocess": preprocess.model_dump(mode="json")}
+    )
     atomic.write_json(path / "config.json", {**config, "environment": environment()})
     atomic.write_text(path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
     atomic.write_text(path / "summary.txt", summarize(spec).text())

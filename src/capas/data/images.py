@@ -14,7 +14,9 @@ from capas.errors import CapasError
 MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
 
 
-def read_image(source: Path | bytes, *, name: str | None = None, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+def read_image(
+    source: Path | bytes, *, name: str | None = None, max_pixels: int = MAX_PIXELS
+) -> torch.Tensor:
     """A file or its bytes as uint8 (C, H, W): grey images keep 1 channel, everything else becomes RGB.
 
     The size is checked from the header before any pixel is decoded, so a tiny file that claims

@@ -7,7 +7,7 @@ Adding a layer type touches this package only: subclass :class:`Layer` and decor
 :func:`register`.
 """
 
-from capas.layers.base import LAYERS, Layer, Shape, register
 from capas.layers import core  # noqa: F401  (registers the layer types)
+from capas.layers.base import LAYERS, Layer, Shape, register
 
 __all__ = ["LAYERS", "Layer", "Shape", "register"]

@@ -65,7 +65,9 @@ def check_activation(value: str | None) -> str | None:
     if value is not None and value not in ACTIVATIONS:
         from capas.errors import closest
 
-        raise ValueError(f"unknown activation {value!r}{closest(value, ACTIVATIONS)}; allowed: {', '.join(ACTIVATIONS)}")
+        raise ValueError(
+            f"unknown activation {value!r}{closest(value, ACTIVATIONS)}; allowed: {', '.join(ACTIVATIONS)}"
+        )
     return value
 
 

@@ -10,9 +10,19 @@ import torch
 from pydantic import AfterValidator, Field
 from torch import nn
 
-from capas.layers.base import Layer, Pad2d, Pair, Shape, activation_module, check_activation, conv_output, register, same_padding
+from capas.layers.base import (
+    Layer,
+    Pad2d,
+    Pair,
+    Shape,
+    activation_module,
+    check_activation,
+    conv_output,
+    register,
+    same_padding,
+)
 
-Activation = Annotated[str | None, AfterValidator(check_activation)]
+ActivationName = Annotated[str | None, AfterValidator(check_activation)]
 Padding = Literal["valid", "same"]
 
 
@@ -23,13 +33,15 @@ def _with_activation(core: OrderedDict, activation: str | None) -> nn.Module:
     return nn.Sequential(core)
 
 
-def _spatial(shape: Shape, kernel: tuple[int, int], strides: tuple[int, int], padding: str, what: str) -> Shape:
+def _spatial(
+    shape: Shape, kernel: tuple[int, int], strides: tuple[int, int], padding: str, what: str
+) -> Shape:
     h, w = shape[0], shape[1]
     out_h = conv_output(h, kernel[0], strides[0], padding)
     out_w = conv_output(w, kernel[1], strides[1], padding)
     if out_h < 1 or out_w < 1:
         raise ValueError(
-            f"the output collapses to {out_h}×{out_w}: input {h}×{w}, {what} {kernel[0]}×{kernel[1]}, "
+            f"the output would be {out_h}×{out_w}, below 1×1: input {h}×{w}, {what} {kernel[0]}×{kernel[1]}, "
             f"strides {strides[0]}×{strides[1]}, padding {padding!r}; use a smaller {what}, padding 'same', "
             "or a larger input"
         )
@@ -54,7 +66,7 @@ class Conv2D(Layer):
     kernel_size: Pair
     strides: Pair = (1, 1)
     padding: Padding = "valid"
-    activation: Activation = None
+    activation: ActivationName = None
     use_bias: bool = True
 
     def output_shape(self, shape: Shape) -> Shape:
@@ -168,7 +180,7 @@ class Flatten(Layer):
 class Dense(Layer):
     takes = "flat"
     units: int = Field(ge=1)
-    activation: Activation = None
+    activation: ActivationName = None
     use_bias: bool = True
 
     def output_shape(self, shape: Shape) -> Shape:
@@ -278,7 +290,7 @@ class GroupNormalization(Layer):
 
 @register
 class Activation(Layer):
-    activation: Activation
+    activation: ActivationName
 
     def build(self, shape: Shape) -> nn.Module:
         return activation_module(self.activation) or nn.Identity()

@@ -59,7 +59,12 @@ class Summary:
             params = r.trainable + r.non_trainable
             state = "frozen" if r.frozen and params else ("yes" if r.trainable else "-")
             table.add_row(
-                str(r.index), f"{r.name} ({r.layer.type_name()})", _shape(r.output_shape), f"{params:,}", state, f"{r.macs:,}"
+                str(r.index),
+                f"{r.name} ({r.layer.type_name()})",
+                _shape(r.output_shape),
+                f"{params:,}",
+                state,
+                f"{r.macs:,}",
             )
         return table
 

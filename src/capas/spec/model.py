@@ -79,16 +79,22 @@ class ModelSpec:
     def from_dict(cls, data: Any, source: str = "spec") -> ModelSpec:
         """Validate a loaded YAML/JSON document; every problem is a CapasError naming what to fix."""
         if not isinstance(data, dict):
-            raise CapasError(f"{source}: expected a mapping with name, input_shape and layers, got {type(data).__name__}")
+            raise CapasError(
+                f"{source}: expected a mapping with name, input_shape and layers, got {type(data).__name__}"
+            )
         allowed = {"name", "input_shape", "layers", "backbone"}
         for key in data:
             if key not in allowed:
-                raise CapasError(f"{source}: unknown key {key!r}{closest(str(key), allowed)}; allowed: {', '.join(sorted(allowed))}")
+                raise CapasError(
+                    f"{source}: unknown key {key!r}{closest(str(key), allowed)}; allowed: {', '.join(sorted(allowed))}"
+                )
         name = data.get("name", "model")
         if not isinstance(name, str) or not name:
             raise CapasError(f"{source}: 'name' must be a non-empty string, got {name!r}")
         if "input_shape" not in data:
-            raise CapasError(f"{source}: 'input_shape' is missing; write it as Keras does, [height, width, channels], e.g. [28, 28, 1]")
+            raise CapasError(
+                f"{source}: 'input_shape' is missing; write it as Keras does, [height, width, channels], e.g. [28, 28, 1]"
+            )
         shape = data["input_shape"]
         if (
             not isinstance(shape, list | tuple)
@@ -117,7 +123,8 @@ class ModelSpec:
         if self.backbone is not None:
             out["backbone"] = self.backbone
         out["layers"] = [
-            {layer.type_name(): layer.keywords()} if layer.keywords() else layer.type_name() for layer in self.layers
+            {layer.type_name(): layer.keywords()} if layer.keywords() else layer.type_name()
+            for layer in self.layers
         ]
         return out
 
@@ -128,11 +135,15 @@ class ModelSpec:
             type_name = layer.type_name()
             where = f"layer {index} ({type_name})"
             if layer.takes == "maps" and len(shape) != 3:
-                raise CapasError(f"{where}: needs feature maps (height, width, channels) but gets a flat vector of shape {shape}; "
-                                 "move it before Flatten/global pooling")
+                raise CapasError(
+                    f"{where}: needs feature maps (height, width, channels) but gets a flat vector of shape {shape}; "
+                    "move it before Flatten/global pooling"
+                )
             if layer.takes == "flat" and len(shape) != 1:
-                raise CapasError(f"{where}: needs a flat vector but gets feature maps of shape {shape}; "
-                                 "add Flatten, GlobalAveragePooling2D or GlobalMaxPooling2D before it")
+                raise CapasError(
+                    f"{where}: needs a flat vector but gets feature maps of shape {shape}; "
+                    "add Flatten, GlobalAveragePooling2D or GlobalMaxPooling2D before it"
+                )
             try:
                 out = layer.output_shape(shape)
             except ValueError as error:
@@ -142,12 +153,16 @@ class ModelSpec:
             counts[base] = seen + 1
             name = layer.name or (base if seen == 0 else f"{base}_{seen}")
             trainable, non_trainable = layer.params(shape)
-            infos.append(LayerInfo(index, name, layer, shape, out, trainable, non_trainable, layer.macs(shape)))
+            infos.append(
+                LayerInfo(index, name, layer, shape, out, trainable, non_trainable, layer.macs(shape))
+            )
             shape = out
         names = [info.name for info in infos]
         for info in infos:
             if names.count(info.name) > 1:
-                raise CapasError(f"layer {info.index} ({info.layer.type_name()}): the name {info.name!r} is used twice; layer names must be unique")
+                raise CapasError(
+                    f"layer {info.index} ({info.layer.type_name()}): the name {info.name!r} is used twice; layer names must be unique"
+                )
         return infos
 
     @property

@@ -21,7 +21,9 @@ class OptimizerConfig(_Config):
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: float = Field(default=0.0, ge=0.0)
-    rho: float = Field(default=0.95, gt=0.0, lt=1.0, description="Adadelta's decay (RMSprop uses 0.9 as Keras)")
+    rho: float = Field(
+        default=0.95, gt=0.0, lt=1.0, description="Adadelta's decay (RMSprop uses 0.9 as Keras)"
+    )
     epsilon: float = Field(default=1e-7, gt=0.0, description="Keras' default, not PyTorch's 1e-8")
     backbone_lr_scale: float = Field(
         default=1.0, gt=0.0, le=1.0, description="learning rate of pretrained backbone layers relative to lr"
@@ -36,7 +38,9 @@ class ScheduleConfig(_Config):
     name: Literal["constant", "step", "cosine", "onecycle"] = "constant"
     step_epochs: int = Field(default=10, ge=1, description="'step': epochs between decays")
     gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="'step': factor per decay")
-    warmup_fraction: float = Field(default=0.25, gt=0.0, lt=1.0, description="'onecycle': share of steps rising")
+    warmup_fraction: float = Field(
+        default=0.25, gt=0.0, lt=1.0, description="'onecycle': share of steps rising"
+    )
 
 
 class EarlyStopping(_Config):
@@ -46,7 +50,9 @@ class EarlyStopping(_Config):
 
 
 class AugmentConfig(_Config):
-    crop_padding: int = Field(default=0, ge=0, description="random crop after zero padding by this many pixels")
+    crop_padding: int = Field(
+        default=0, ge=0, description="random crop after zero padding by this many pixels"
+    )
     hflip: bool = False
 
 
@@ -61,7 +67,9 @@ class TrainConfig(_Config):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     channels_last: bool = True
-    max_seconds: float | None = Field(default=None, gt=0.0, description="wall-clock budget; stops after the epoch")
+    max_seconds: float | None = Field(
+        default=None, gt=0.0, description="wall-clock budget; stops after the epoch"
+    )
     max_samples: int | None = Field(default=None, ge=1, description="budget of training images seen")
 
 
@@ -69,6 +77,10 @@ class DataConfig(_Config):
     name: str = "fashion-mnist"
     data_dir: str | None = None
     val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
-    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0, description="held out when the data has no test split")
-    limit: int | None = Field(default=None, ge=10, description="train on a stratified subset of this many images")
+    test_fraction: float = Field(
+        default=0.2, gt=0.0, lt=1.0, description="held out when the data has no test split"
+    )
+    limit: int | None = Field(
+        default=None, ge=10, description="train on a stratified subset of this many images"
+    )
     split_seed: int = 0

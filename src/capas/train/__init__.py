@@ -13,7 +13,16 @@ from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.train.loop import Callback, Evaluation, FitResult, evaluate, fit, resolve_device
 from capas.train.progress import RichProgress
 
-__all__ = ["Callback", "Evaluation", "FitResult", "RichProgress", "evaluate", "fit", "resolve_device", "train"]
+__all__ = [
+    "Callback",
+    "Evaluation",
+    "FitResult",
+    "RichProgress",
+    "evaluate",
+    "fit",
+    "resolve_device",
+    "train",
+]
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -27,8 +36,12 @@ def train(
     """
     out = Path(out)
     splits = make_splits(
-        data.name, data_dir=data.data_dir, val_fraction=data.val_fraction, test_fraction=data.test_fraction,
-        seed=data.split_seed, limit=data.limit,
+        data.name,
+        data_dir=data.data_dir,
+        val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction,
+        seed=data.split_seed,
+        limit=data.limit,
     )
     classes = splits.train.classes
     units = spec.output_shape
@@ -41,7 +54,9 @@ def train(
     model = build_model(spec, seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    result = fit(model, splits.train, splits.val, preprocess, cfg, callbacks=callbacks, checkpoint=out / CHECKPOINT)
+    result = fit(
+        model, splits.train, splits.val, preprocess, cfg, callbacks=callbacks, checkpoint=out / CHECKPOINT
+    )
     device = resolve_device(cfg.device)
     test = evaluate(model, splits.test, preprocess, device, cfg.channels_last)
     test_results = {
@@ -66,8 +81,14 @@ def train(
         "device": str(device),
     }
     write_run(
-        out, spec=spec, model=model.cpu(), preprocess=preprocess,
-        classes=classes, config=config, history=result.history, test=test_results,
+        out,
+        spec=spec,
+        model=model.cpu(),
+        preprocess=preprocess,
+        classes=classes,
+        config=config,
+        history=result.history,
+        test=test_results,
     )
     save_reference(out / REFERENCE, model, splits.val, preprocess)
     (out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; its weights are in model.safetensors

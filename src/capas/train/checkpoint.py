@@ -49,8 +49,13 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
 
 
 def save_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, result: FitResult,
-    monitor: dict, best_weights: dict[str, torch.Tensor] | None,
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    result: FitResult,
+    monitor: dict,
+    best_weights: dict[str, torch.Tensor] | None,
 ) -> None:
     optim_tensors, optim_plain = _split_optimizer(optimizer.state_dict())
     tensors = {**_tensors("model.", model.state_dict()), **optim_tensors}
@@ -89,6 +94,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise CapasError(f"{path}: damaged checkpoint ({error}); delete it to start this run over") from None
     device = next(model.parameters()).device
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    optimizer.load_state_dict(_join_optimizer(tensors, meta["optimizer"]))  # moves state to the params' device
+    optimizer.load_state_dict(
+        _join_optimizer(tensors, meta["optimizer"])
+    )  # moves state to the params' device
     best = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best.")} or None
-    return Resumed(meta["epoch"], meta["history"], meta["train_seconds"], meta["images"], meta["monitor"], best)
+    return Resumed(
+        meta["epoch"], meta["history"], meta["train_seconds"], meta["images"], meta["monitor"], best
+    )

@@ -50,7 +50,9 @@ class Evaluation:
 
     def confusion(self, classes: int) -> torch.Tensor:
         """(true, predicted) counts."""
-        return torch.bincount(self.labels * classes + self.predictions, minlength=classes * classes).view(classes, classes)
+        return torch.bincount(self.labels * classes + self.predictions, minlength=classes * classes).view(
+            classes, classes
+        )
 
     def per_class_accuracy(self, classes: int) -> list[float]:
         matrix = self.confusion(classes)
@@ -59,21 +61,28 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: ArrayDataset, preprocess: Preprocess, device: torch.device | str = "cpu",
+    model: nn.Module,
+    data: ArrayDataset,
+    preprocess: Preprocess,
+    device: torch.device | str = "cpu",
     channels_last: bool = False,
 ) -> Evaluation:
     """Loss (cross-entropy on logits) and accuracy of `model` on a whole dataset."""
     was_training = model.training
     model.eval()
     total_loss, predictions, labels = 0.0, [], []
-    for x, y in iterate_batches(data, EVAL_BATCH, preprocess=preprocess, device=device, channels_last=channels_last):
+    for x, y in iterate_batches(
+        data, EVAL_BATCH, preprocess=preprocess, device=device, channels_last=channels_last
+    ):
         logits = model(x)
         total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         predictions.append(logits.argmax(1).cpu())
         labels.append(y.cpu())
     model.train(was_training)
     predictions, labels = torch.cat(predictions), torch.cat(labels)
-    return Evaluation(total_loss / len(labels), (predictions == labels).float().mean().item(), predictions, labels)
+    return Evaluation(
+        total_loss / len(labels), (predictions == labels).float().mean().item(), predictions, labels
+    )
 
 
 @dataclass
@@ -163,8 +172,14 @@ def fit(
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen, step, started = 0, epoch * steps_per_epoch, time.perf_counter()
         for x, y in iterate_batches(
-            train, cfg.batch_size, preprocess=preprocess, augment=augment, shuffle=True, generator=generator,
-            device=device, channels_last=cfg.channels_last,
+            train,
+            cfg.batch_size,
+            preprocess=preprocess,
+            augment=augment,
+            shuffle=True,
+            generator=generator,
+            device=device,
+            channels_last=cfg.channels_last,
         ):
             set_lr(optimizer, base_lrs, lr_factor(cfg.schedule, step, steps_per_epoch, total_steps))
             logits = model(x)
@@ -217,7 +232,10 @@ def fit(
 def _over_budget(cfg: TrainConfig, result: FitResult, seen: int, started: float) -> bool:
     if cfg.max_samples is not None and result.images + seen >= cfg.max_samples:
         return True
-    return cfg.max_seconds is not None and result.train_seconds + time.perf_counter() - started >= cfg.max_seconds
+    return (
+        cfg.max_seconds is not None
+        and result.train_seconds + time.perf_counter() - started >= cfg.max_seconds
+    )
 
 
 def _stop_reason(cfg: TrainConfig, result: FitResult, monitor: _Monitor) -> str | None:

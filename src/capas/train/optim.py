@@ -28,13 +28,17 @@ def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimi
     lr, wd = cfg.learning_rate, cfg.weight_decay
     match cfg.name:
         case "sgd":
-            return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
+            return torch.optim.SGD(
+                groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd
+            )
         case "adam":
             return torch.optim.Adam(groups, lr=lr, eps=cfg.epsilon, weight_decay=wd)
         case "adamw":
             return torch.optim.AdamW(groups, lr=lr, eps=cfg.epsilon, weight_decay=wd)
         case "rmsprop":
-            return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=cfg.epsilon, momentum=cfg.momentum, weight_decay=wd)
+            return torch.optim.RMSprop(
+                groups, lr=lr, alpha=0.9, eps=cfg.epsilon, momentum=cfg.momentum, weight_decay=wd
+            )
         case "adadelta":
             return torch.optim.Adadelta(groups, lr=lr, rho=cfg.rho, eps=cfg.epsilon, weight_decay=wd)
     raise AssertionError(cfg.name)

@@ -20,8 +20,13 @@ class RichProgress(Callback):
 
     def on_fit_start(self, epochs: int, steps_per_epoch: int, start_epoch: int) -> None:
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-            TimeRemainingColumn(), console=self.console, transient=True,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
         )
         self.task = self.progress.add_task(
             self.description, total=epochs * steps_per_epoch, completed=start_epoch * steps_per_epoch, rate=""

@@ -1,0 +1,3 @@
+from capas.cli import main
+
+main()

@@ -1,0 +1,109 @@
+"""The command line: each command runs for real, bad input exits non-zero with one message and no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from capas.cli import app
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+runner = CliRunner()
+
+
+def test_summary_prints_keras_figures():
+    result = runner.invoke(app, ["summary", str(EXAMPLES / "seed000-flatten.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "Total params: 1,164,042 (4.44 MB)" in result.output
+    assert "flatten (Flatten)" in result.output and "(None, 86528)" in result.output
+
+
+def test_bad_spec_exits_2_with_one_message_and_no_traceback(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        "name: bad\ninput_shape: [28, 28, 1]\nlayers:\n  - Conv2D: {filters: 8, kernel_size: 3, paddin: same}\n"
+    )
+    # a real process, as a user runs it
+    result = subprocess.run(
+        [sys.executable, "-m", "capas", "summary", str(spec)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "layer 0 (Conv2D): unknown keyword 'paddin' (did you mean 'padding'?)" in " ".join(
+        result.stderr.split()
+    )
+
+
+def test_missing_spec_file_is_named():
+    result = runner.invoke(app, ["summary", "nowhere.yaml"])
+    assert result.exit_code == 2
+    assert "nowhere.yaml: no such file" in result.output
+
+
+def test_train_evaluate_predict(tmp_path, tiny_run):
+    spec = tmp_path / "small.yaml"
+    spec.write_text(
+        "name: small\ninput_shape: [28, 28, 1]\nlayers:\n"
+        "  - Conv2D: {filters: 4, kernel_size: 3, strides: 2, activation: relu}\n  - Flatten\n"
+        "  - Dense: {units: 10, activation: softmax}\n"
+    )
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(spec),
+            "--data",
+            "fashion-mnist",
+            "--limit",
+            "300",
+            "--epochs",
+            "1",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.05",
+            "--momentum",
+            "0.9",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output and "confusion matrix" in result.output
+    assert '"name": "sgd"' in (out / "config.json").read_text()
+
+    result = runner.invoke(app, ["evaluate", str(tiny_run)])
+    assert result.exit_code == 0, result.output
+    assert "fashion-mnist: test accuracy" in result.output and "(400 images)" in result.output
+
+    from PIL import Image
+
+    from capas.data import load_dataset
+
+    _, test = load_dataset("fashion-mnist")
+    image = tmp_path / "boot.png"
+    Image.fromarray(test.images[0, 0].numpy()).convert("RGB").resize((56, 56)).save(
+        image
+    )  # colour, other size
+    result = runner.invoke(app, ["predict", str(tiny_run), str(image), "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert "boot.png" in result.output
+
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    result = runner.invoke(app, ["predict", str(tiny_run), str(tmp_path / "junk.png")])
+    assert result.exit_code == 2 and "junk.png: not a readable image" in result.output
+
+
+def test_bad_training_option_is_named(tmp_path):
+    result = runner.invoke(
+        app,
+        ["train", str(EXAMPLES / "keras-mnist.yaml"), "--optimizer", "adamm", "--out", str(tmp_path / "r")],
+    )
+    assert result.exit_code == 2
+    assert "optimizer.name" in result.output and "'adamm'" in result.output
+    result = runner.invoke(app, ["train", str(EXAMPLES / "keras-mnist.yaml"), "--data", "fashion-mnistt"])
+    assert result.exit_code == 2 and "fashion-mnist" in result.output

@@ -1,0 +1,172 @@
+"""Specs: Keras-exact parameter counts and shapes for the seed models, and a clear message for every bad spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from capas.errors import CapasError
+from capas.models import build_model, summarize
+from capas.spec import ModelSpec, load_spec
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.mark.parametrize(
+    ("file", "total", "shapes"),
+    [
+        ("seed000-flatten.yaml", 1_164_042, [(30, 30, 128), (28, 28, 128), (26, 26, 128), (86528,), (10,)]),
+        ("seed000-gap.yaml", 300_042, [(30, 30, 128), (28, 28, 128), (26, 26, 128), (128,), (10,)]),
+        ("seed000-gmp.yaml", 300_042, [(30, 30, 128), (28, 28, 128), (26, 26, 128), (128,), (10,)]),
+        (
+            "keras-mnist.yaml",
+            1_199_882,
+            [(26, 26, 32), (24, 24, 64), (12, 12, 64), (12, 12, 64), (9216,), (128,), (128,), (10,)],
+        ),
+    ],
+)
+def test_seed_models_match_keras(file, total, shapes):
+    spec = load_spec(EXAMPLES / file)
+    summary = summarize(spec)
+    assert summary.total == summary.trainable == total
+    assert summary.non_trainable == 0
+    assert [row.output_shape for row in summary.rows] == shapes
+    assert sum(p.numel() for p in build_model(spec).parameters()) == total
+
+
+def test_keras_layer_names_and_counts_per_layer():
+    rows = summarize(load_spec(EXAMPLES / "keras-mnist.yaml")).rows
+    assert [r.name for r in rows] == [
+        "conv2d",
+        "conv2d_1",
+        "max_pooling2d",
+        "dropout",
+        "flatten",
+        "dense",
+        "dropout_1",
+        "dense_1",
+    ]
+    assert [r.trainable for r in rows] == [320, 18_496, 0, 0, 0, 1_179_776, 0, 1_290]
+    assert rows[0].macs == 26 * 26 * 3 * 3 * 1 * 32
+
+
+def _spec(*layers, shape=(32, 32, 3)):
+    return ModelSpec.from_dict({"name": "t", "input_shape": list(shape), "layers": list(layers)})
+
+
+def test_normalization_counts_follow_keras():
+    summary = summarize(
+        _spec(
+            {"Conv2D": {"filters": 16, "kernel_size": 3, "padding": "same", "strides": 2}},
+            "BatchNormalization",
+            "LayerNormalization",
+            {"GroupNormalization": {"groups": 4}},
+            "Flatten",
+            {"Dense": {"units": 10}},
+            "BatchNormalization",
+        )
+    )
+    conv, bn, ln, gn, flat, _, bn1 = summary.rows
+    assert conv.output_shape == (16, 16, 16) and conv.trainable == 3 * 3 * 3 * 16 + 16
+    assert (bn.trainable, bn.non_trainable) == (32, 32)  # gamma, beta; moving mean, moving variance
+    assert (ln.trainable, gn.trainable) == (32, 32)
+    assert flat.output_shape == (16 * 16 * 16,)
+    assert (bn1.trainable, bn1.non_trainable) == (20, 20)
+    assert summary.non_trainable == 52
+    assert summary.total == 448 + 64 + 32 + 32 + (4096 * 10 + 10) + 40
+
+
+def test_summary_text_has_keras_totals():
+    text = summarize(load_spec(EXAMPLES / "seed000-gap.yaml")).text()
+    assert "Total params: 300,042 (1.14 MB)" in text
+    assert "conv2d_2 (Conv2D)" in text and "(None, 26, 26, 128)" in text
+
+
+def test_final_softmax_is_applied_by_predict_proba_not_forward():
+    import torch
+
+    model = build_model(
+        _spec("Flatten", {"Dense": {"units": 3, "activation": "softmax"}}, shape=(2, 2, 1))
+    ).eval()
+    x = torch.randn(4, 1, 2, 2)
+    logits = model(x)
+    assert not torch.allclose(logits.sum(1), torch.ones(4))
+    assert torch.allclose(model.predict_proba(x), torch.softmax(logits, 1))
+
+
+BAD = [
+    (
+        {"layers": [{"Conv2d": {"filters": 8, "kernel_size": 3}}]},
+        ["layer 0", "'Conv2d'", "did you mean 'Conv2D'"],
+    ),
+    (
+        {"layers": [{"Conv2D": {"filter": 8, "kernel_size": 3}}]},
+        ["layer 0 (Conv2D)", "'filter'", "did you mean 'filters'"],
+    ),
+    (
+        {"layers": [{"Conv2D": {"filters": "many", "kernel_size": 3}}]},
+        ["layer 0 (Conv2D)", "'filters'", "'many'"],
+    ),
+    (
+        {"layers": [{"Conv2D": {"filters": 0, "kernel_size": 3}}]},
+        ["layer 0 (Conv2D)", "'filters'", "greater than or equal to 1"],
+    ),
+    ({"layers": ["Flatten", {"Dropout": {"rate": 1.5}}]}, ["layer 1 (Dropout)", "'rate'", "1.5"]),
+    (
+        {"layers": [{"Conv2D": {"filters": 8, "kernel_size": 3, "padding": "full"}}]},
+        ["layer 0 (Conv2D)", "'padding'", "'valid'", "'same'"],
+    ),
+    (
+        {"layers": [{"Conv2D": {"filters": 8, "kernel_size": 3, "activation": "rellu"}}]},
+        ["layer 0 (Conv2D)", "did you mean 'relu'"],
+    ),
+    (
+        {"layers": [{"Conv2D": {"filters": 8, "kernel_size": 3}}] * 3, "input_shape": [5, 5, 1]},
+        ["layer 2 (Conv2D)", "below 1×1", "input 1×1"],
+    ),
+    (
+        {"layers": [{"MaxPooling2D": {"pool_size": 8}}], "input_shape": [4, 4, 1]},
+        ["layer 0 (MaxPooling2D)", "pool_size"],
+    ),
+    (
+        {"layers": [{"Conv2D": {"filters": 6, "kernel_size": 3}}, {"GroupNormalization": {"groups": 4}}]},
+        ["layer 1 (GroupNormalization)", "groups=4", "6 channels"],
+    ),
+    ({"layers": [{"Dense": {"units": 10}}]}, ["layer 0 (Dense)", "Flatten"]),
+    (
+        {"layers": ["Flatten", {"Conv2D": {"filters": 2, "kernel_size": 1}}]},
+        ["layer 1 (Conv2D)", "feature maps"],
+    ),
+    ({"input_shape": [28, 28]}, ["input_shape", "[height, width, channels]"]),
+    ({"input_shape": None, "drop": "input_shape"}, ["'input_shape' is missing"]),
+    ({"layers": []}, ["'layers'", "non-empty"]),
+    ({"layers": [{"Conv2D": {"filters": 8}}]}, ["layer 0 (Conv2D)", "'kernel_size' is required"]),
+    ({"layers": [{"Dense": {"units": 3}, "Flatten": None}]}, ["layer 0", "one-key mapping"]),
+    ({"layer": []}, ["unknown key 'layer'", "did you mean 'layers'"]),
+]
+
+
+@pytest.mark.parametrize(("change", "needles"), BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_specs_name_the_problem(change, needles):
+    data = {"name": "bad", "input_shape": [28, 28, 1], "layers": ["Flatten", {"Dense": {"units": 10}}]}
+    data.update({k: v for k, v in change.items() if k != "drop"})
+    data.pop(change.get("drop"), None)
+    with pytest.raises(CapasError) as error:
+        ModelSpec.from_dict(data)
+    for needle in needles:
+        assert needle in str(error.value), str(error.value)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\ninput_shape: [28, 28, 1\nlayers:\n  - Flatten\n")
+    with pytest.raises(CapasError, match=r"broken.yaml: invalid YAML at line \d+"):
+        load_spec(path)
+
+
+def test_spec_round_trips_through_its_dict():
+    spec = load_spec(EXAMPLES / "keras-mnist.yaml")
+    again = ModelSpec.from_dict(spec.to_dict())
+    assert again.to_dict() == spec.to_dict()
+    assert summarize(again).total == 1_199_882

@@ -1,0 +1,196 @@
+"""Training end to end on real Fashion-MNIST images: accuracy, determinism, resume, early stopping, run directories."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from capas.atomic import write_text
+from capas.data import default_preprocess, make_splits
+from capas.errors import CapasError
+from capas.models import build_model
+from capas.predict import evaluate_run, predict
+from capas.runs import load_run
+from capas.spec import DataConfig, ModelSpec, TrainConfig
+from capas.train import Callback, evaluate, fit, train
+
+
+def test_training_beats_chance_by_a_wide_margin(tiny_run):
+    test = json.loads((tiny_run / "test.json").read_text())
+    assert test["test_accuracy"] > 0.5  # ten classes: chance is 0.1
+    assert sum(map(sum, test["confusion_matrix"])) == 400  # limit 2000 × test_fraction 0.2
+    metrics = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["splits"]["sizes"] == {"train": 2000, "val": 200, "test": 400}
+    assert config["environment"]["torch"] == torch.__version__
+    assert not (tiny_run / "checkpoint.safetensors").exists()
+
+
+def test_run_directory_loads_back_with_the_same_predictions(tiny_run):
+    run = load_run(tiny_run)
+    _, evaluation = evaluate_run(run)
+    test = json.loads((tiny_run / "test.json").read_text())
+    assert evaluation.confusion(10).tolist() == test["confusion_matrix"]
+    assert evaluation.loss == pytest.approx(test["test_loss"], rel=1e-5)
+    splits = make_splits("fashion-mnist", limit=2000)
+    images = list(splits.test.images[:5])
+    assert [p.index for p in predict(run, images)] == evaluation.predictions[:5].tolist()
+
+
+def _small(seed=0, **train):
+    spec = ModelSpec.from_dict(
+        {
+            "name": "small",
+            "input_shape": [28, 28, 1],
+            "layers": [
+                {"Conv2D": {"filters": 4, "kernel_size": 3, "strides": 2, "activation": "relu"}},
+                "Flatten",
+                {"Dropout": {"rate": 0.2}},
+                {"Dense": {"units": 10, "activation": "softmax"}},
+            ],
+        }
+    )
+    return spec, DataConfig(limit=600), TrainConfig(epochs=3, batch_size=32, seed=seed, **train)
+
+
+def test_same_command_twice_gives_the_same_metrics(tmp_path):
+    spec, data, cfg = _small()
+    first = train(spec, data, cfg, tmp_path / "a")
+    second = train(spec, data, cfg, tmp_path / "b")
+    assert first["confusion_matrix"] == second["confusion_matrix"]
+    assert first["test_loss"] == second["test_loss"]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
+
+
+class _Crash(Callback):
+    """Simulates the process dying in the middle of epoch `epoch`."""
+
+    def __init__(self, epoch: int):
+        self.epoch, self.batches = epoch, 0
+
+    def on_fit_start(self, epochs, steps_per_epoch, start_epoch):
+        self.limit = (self.epoch - 1 - start_epoch) * steps_per_epoch + steps_per_epoch // 2
+
+    def on_batch_end(self, images, loss):
+        self.batches += 1
+        if self.batches > self.limit:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
+    spec, data, cfg = _small(seed=3)
+    reference = train(spec, data, cfg, tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, data, cfg, tmp_path / "cut", callbacks=[_Crash(epoch=3)])
+    assert (tmp_path / "cut" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "cut" / "test.json").exists()
+    resumed = train(spec, data, cfg, tmp_path / "cut")
+    assert resumed["confusion_matrix"] == reference["confusion_matrix"]
+    assert resumed["test_loss"] == reference["test_loss"]
+    history = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+
+
+def test_early_stopping_keeps_the_best_epoch_weights():
+    spec, _, _ = _small()
+    cfg = TrainConfig(
+        epochs=4,
+        batch_size=32,
+        optimizer={"name": "sgd", "lr": 0.5},
+        early_stopping={"monitor": "val_loss", "patience": 10},
+    )
+    splits = make_splits("fashion-mnist", limit=600)
+    preprocess = default_preprocess(spec.input_shape)
+    model = build_model(spec, seed=0)
+    result = fit(model, splits.train, splits.val, preprocess, cfg)
+    losses = [m["val_loss"] for m in result.history]
+    assert result.best_epoch == losses.index(min(losses)) + 1
+    assert evaluate(model, splits.val, preprocess).loss == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_patience_stops_training_and_says_so():
+    spec, _, _ = _small()
+    cfg = TrainConfig(
+        epochs=30,
+        batch_size=32,
+        optimizer={"lr": 0.05},
+        early_stopping={"monitor": "val_accuracy", "patience": 1, "min_delta": 0.5},
+    )
+    splits = make_splits("fashion-mnist", limit=300)
+    result = fit(build_model(spec), splits.train, splits.val, default_preprocess(spec.input_shape), cfg)
+    assert result.stopped == "early stopping"
+    assert len(result.history) == 2 and result.best_epoch == 1
+
+
+def test_sample_budget_stops_within_the_epoch():
+    spec, _, _ = _small()
+    splits = make_splits("fashion-mnist", limit=600)
+    cfg = TrainConfig(epochs=5, batch_size=50, max_samples=300)
+    result = fit(build_model(spec), splits.train, splits.val, default_preprocess(spec.input_shape), cfg)
+    assert result.stopped == "sample budget"
+    assert result.images == 300 and len(result.history) == 1
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop", "adadelta"])
+@pytest.mark.parametrize("schedule", ["constant", "step", "cosine", "onecycle"])
+def test_every_optimizer_and_schedule_trains(optimizer, schedule):
+    spec, _, _ = _small()
+    splits = make_splits("fashion-mnist", limit=200)
+    lr = 1.0 if optimizer == "adadelta" else None  # Keras 2's Adadelta rate, as the seed's model used
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=50,
+        optimizer={"name": optimizer, "lr": lr, "momentum": 0.0},
+        schedule={"name": schedule, "step_epochs": 1},
+        label_smoothing=0.1,
+    )
+    result = fit(build_model(spec), splits.train, splits.val, default_preprocess(spec.input_shape), cfg)
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in result.history)
+    assert result.history[-1]["loss"] < 2.35  # below the loss of a uniform guess, ln(10)
+
+
+def test_a_model_whose_output_does_not_fit_the_classes_is_refused(tmp_path):
+    spec = ModelSpec.from_dict(
+        {"name": "five", "input_shape": [28, 28, 1], "layers": ["Flatten", {"Dense": {"units": 5}}]}
+    )
+    with pytest.raises(CapasError, match="outputs \\(5,\\) but fashion-mnist has 10 classes"):
+        train(spec, DataConfig(limit=100), TrainConfig(epochs=1), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_tampered_run_directories_are_named(tiny_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    spec = json.loads((broken / "model.json").read_text())
+    spec["layers"][0]["Conv2D"]["filters"] = 9
+    (broken / "model.json").write_text(json.dumps(spec))
+    with pytest.raises(CapasError, match=r"do not fit the architecture.*wrong shapes"):
+        load_run(broken)
+    (broken / "model.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(CapasError, match=r"model\.safetensors"):
+        load_run(broken)
+    (broken / "preprocess.json").unlink()
+    with pytest.raises(CapasError, match=r"missing preprocess\.json"):
+        load_run(broken)
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from capas.atomic import write_with
+
+    target = write_text(tmp_path / "x.json", "old")
+
+    def failing(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_with(target, failing)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
