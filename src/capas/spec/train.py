@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from capas.data.batches import Augment
 
 
 class _Config(BaseModel):
@@ -49,11 +51,14 @@ class EarlyStopping(_Config):
     min_delta: float = Field(default=0.0, ge=0.0)
 
 
-class AugmentConfig(_Config):
-    crop_padding: int = Field(
-        default=0, ge=0, description="random crop after zero padding by this many pixels"
-    )
-    hflip: bool = False
+class FinetuneConfig(_Config):
+    """Train the top with the backbone as frozen as the spec says for `after_epochs` epochs, then
+    unfreeze the last `unfreeze` backbone layers (or all) and go on at a smaller backbone rate.
+    The optimizer is rebuilt at the switch, so frozen parameters never hold optimizer state."""
+
+    after_epochs: int = Field(ge=1)
+    unfreeze: Literal["all"] | Annotated[int, Field(ge=1)] = "all"
+    backbone_lr_scale: float = Field(default=0.1, gt=0.0, le=1.0, description="backbone rate relative to lr")
 
 
 class TrainConfig(_Config):
@@ -63,7 +68,7 @@ class TrainConfig(_Config):
     schedule: ScheduleConfig = ScheduleConfig()
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     early_stopping: EarlyStopping | None = None
-    augment: AugmentConfig = AugmentConfig()
+    augment: Augment = Augment()
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     channels_last: bool = True
@@ -71,6 +76,7 @@ class TrainConfig(_Config):
         default=None, gt=0.0, description="wall-clock budget; stops after the epoch"
     )
     max_samples: int | None = Field(default=None, ge=1, description="budget of training images seen")
+    finetune: FinetuneConfig | None = None
 
 
 class DataConfig(_Config):

@@ -1,0 +1,140 @@
+"""From an in-memory dataset to float batches on the device: preprocessing and augmentation as
+whole-batch tensor operations (no per-image Python loop), so they run as fast on the GPU."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, model_validator
+
+from capas.data.dataset import ArrayDataset
+from capas.errors import CapasError
+
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601: gray = 0.299 R + 0.587 G + 0.114 B
+
+
+class Preprocess(BaseModel):
+    """What inference needs to turn uint8 images into model inputs; saved into run directories."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    size: tuple[PositiveInt, PositiveInt]  # target (H, W)
+    channels: Literal[1, 3]
+    mean: tuple[float, ...] | None = None  # per channel, applied after scaling to 0..1; None: 0..1 only
+    std: tuple[float, ...] | None = None
+
+    @model_validator(mode="after")
+    def _check_normalization(self) -> Preprocess:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+        if self.mean is not None and self.std is not None:
+            if len(self.mean) != self.channels or len(self.std) != self.channels:
+                raise ValueError(f"mean and std need {self.channels} values each, one per channel")
+            if min(self.std) <= 0:
+                raise ValueError("std values must be positive")
+        return self
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) uint8 -> (N, channels, *size) float32, on the images' device."""
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            got = f"{images.dtype} {tuple(images.shape)}"
+            raise CapasError(f"Preprocess expects uint8 (N, C, H, W) images, got {got}")
+        c = images.shape[1]
+        if c not in (1, self.channels) and not (c == 3 and self.channels == 1):
+            raise CapasError(f"cannot turn {c}-channel images into {self.channels}-channel inputs")
+        x = images.float()  # (N, C, H, W), 0..255
+        if c == 3 and self.channels == 1:  # before resizing: a third of the work
+            weights = torch.tensor(LUMA_WEIGHTS, device=x.device).view(1, 3, 1, 1)
+            x = (x * weights).sum(1, keepdim=True)
+        if x.shape[-2:] != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        x = x / 255
+        if c == 1 and self.channels == 3:  # after resizing: a third of the work
+            x = x.repeat(1, 3, 1, 1)
+        if self.mean is not None and self.std is not None:
+            mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+            x = (x - mean) / std
+        return x
+
+
+class Augment(BaseModel):
+    """Random training-time changes, drawn per image from the generator given at call time."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    crop_padding: NonNegativeInt = 0  # random crop of the image zero-padded by this many pixels; 0 = off
+    hflip: bool = False  # mirror half of the images left-right
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(N, C, H, W) float -> the same shape; random numbers come from `generator`'s device."""
+        n, c, h, w = x.shape
+        if self.crop_padding:
+            p = self.crop_padding
+            padded = F.pad(x, (p, p, p, p))  # (N, C, H + 2p, W + 2p)
+            # per-image offsets in 0..2p: offset p is the uncropped image
+            offsets = torch.randint(0, 2 * p + 1, (2, n, 1), generator=generator, device=generator.device)
+            dy, dx = offsets.to(x.device)
+            rows = dy + torch.arange(h, device=x.device)  # (N, H) rows of `padded` to keep
+            cols = dx + torch.arange(w, device=x.device)  # (N, W)
+            # one gather: out[i, ch, r, q] = padded[i, ch, rows[i, r], cols[i, q]]
+            x = padded[
+                torch.arange(n, device=x.device).view(n, 1, 1, 1),
+                torch.arange(c, device=x.device).view(1, c, 1, 1),
+                rows.view(n, 1, h, 1),
+                cols.view(n, 1, 1, w),
+            ]
+        if self.hflip:
+            flip = torch.rand(n, generator=generator, device=generator.device).to(x.device) < 0.5
+            x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+        return x
+
+
+def default_preprocess(input_shape_hwc: tuple[int, int, int]) -> Preprocess:
+    """Resize to the model's (H, W, C) input and scale to 0..1, without normalization."""
+    h, w, c = input_shape_hwc
+    if c not in (1, 3):
+        raise CapasError(f"input shape {input_shape_hwc}: capas models take 1 or 3 channels, not {c}")
+    return Preprocess(size=(h, w), channels=c)
+
+
+def iterate_batches(
+    data: ArrayDataset,
+    batch_size: int,
+    *,
+    preprocess: Preprocess,
+    augment: Augment | None = None,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (float images (B, channels, H, W), int64 labels (B,)) on `device`, one pass over `data`.
+
+    Shuffling and augmentation draw from `generator` (the global one when None). For the fastest
+    GPU epochs pass `data.to(device)`: batches are then gathered on the GPU and nothing crosses the bus.
+    """
+    if batch_size < 1:
+        raise CapasError(f"batch_size must be at least 1, got {batch_size}")
+    generator = torch.default_generator if generator is None else generator
+    n = len(data)
+    if shuffle:
+        order = torch.randperm(n, generator=generator, device=generator.device).to(data.images.device)
+    else:
+        order = torch.arange(n, device=data.images.device)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        index = order[start : start + batch_size]
+        # uint8 crosses to the device before the float conversion: a quarter of the bytes
+        images = data.images[index].to(device, non_blocking=True)
+        labels = data.labels[index].to(device, non_blocking=True)
+        x = preprocess(images)
+        if augment is not None:
+            x = augment(x, generator)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, labels

@@ -1,0 +1,66 @@
+"""Where datasets are looked for, and a checksummed, atomic download into the cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from capas.errors import CapasError
+
+CHUNK = 1 << 20  # bytes read per step while hashing or downloading
+
+
+def cache_root() -> Path:
+    """`$CAPAS_CACHE`, else `~/.cache/capas`: downloads and decoded image folders go here."""
+    return Path(os.environ.get("CAPAS_CACHE") or "~/.cache/capas").expanduser()
+
+
+def search_dirs(name: str, data_dir: str | Path | None) -> list[Path]:
+    """Folders to look for dataset `name` in, in order: `data_dir`, then `$CAPAS_DATA` (each as
+    `<dir>/<name>/` and `<dir>/` itself), then the download cache."""
+    dirs = []
+    for base in (data_dir, os.environ.get("CAPAS_DATA")):
+        if base:
+            base = Path(base).expanduser()
+            dirs += [base / name, base]
+    return [*dirs, cache_root() / name]
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file's bytes (`algorithm` as hashlib names it: "md5", "sha256")."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def download(url: str, dest: Path, *, digest: str, algorithm: str = "sha256", timeout_s: float = 60) -> Path:
+    """Fetch `url` to `dest`, checking its `algorithm` digest; `dest` appears only once verified.
+
+    The bytes go to a temporary file beside `dest` and are renamed over it (atomic on one file
+    system), so an interrupted or corrupt download never leaves a file that looks complete.
+    """
+    hasher = hashlib.new(algorithm)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as err:
+        raise CapasError(f"cannot write to {dest.parent}: {err}") from err
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
+            while chunk := response.read(CHUNK):
+                hasher.update(chunk)
+                out.write(chunk)
+        if hasher.hexdigest() != digest.lower():
+            raise CapasError(
+                f"checksum mismatch for {url}: {algorithm} is {hasher.hexdigest()}, expected {digest}; "
+                "the download is corrupt or the file changed upstream, nothing was kept"
+            )
+        os.replace(tmp, dest)
+    except OSError as err:  # urllib's URLError is an OSError too
+        raise CapasError(f"could not download {url}: {err}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest

@@ -1,0 +1,147 @@
+"""MNIST and Fashion-MNIST: the IDX file format, where the files are looked for, and their download."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from capas.data.dataset import ArrayDataset
+from capas.data.download import cache_root, download, search_dirs
+from capas.errors import CapasError
+
+# IDX type code (third byte of the magic number) -> big-endian numpy dtype
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
+TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
+STEMS = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+
+
+@dataclass(frozen=True)
+class IdxSource:
+    """Where one IDX dataset comes from; `md5` holds the published digests of the `.gz` files."""
+
+    name: str
+    url: str
+    md5: dict[str, str]
+    classes: tuple[str, ...]
+    system_dir: Path | None = None  # where a distribution package installs it
+    install_hint: str = ""
+
+
+SOURCES = {
+    "fashion-mnist": IdxSource(
+        name="fashion-mnist",
+        url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        # from the zalandoresearch/fashion-mnist README (torchvision lists the same)
+        md5={
+            TRAIN_IMAGES: "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            TRAIN_LABELS: "25c81989df183df01b3e8a0aad5dffbe",
+            TEST_IMAGES: "bef4ecab320f06d8554ea6380940ec79",
+            TEST_LABELS: "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+        classes=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+        system_dir=Path("/usr/share/datasets/fashion-mnist"),
+        install_hint="install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or ",
+    ),
+    "mnist": IdxSource(
+        name="mnist",
+        url="https://ossci-datasets.s3.amazonaws.com/mnist/",  # torchvision's mirror of LeCun's files
+        md5={
+            TRAIN_IMAGES: "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            TRAIN_LABELS: "d53e105ee54ea40749a09fcbcd1e9432",
+            TEST_IMAGES: "9fb629c4189551a2d022fa330f9573f3",
+            TEST_LABELS: "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+        classes=tuple(str(digit) for digit in range(10)),
+    ),
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """The array stored in an IDX file (gzip-compressed when its name ends in `.gz`)."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:  # a truncated .gz raises EOFError
+        raise CapasError(f"cannot read IDX file {path}: {err}") from err
+    # magic number: two zero bytes, the element type code, the number of dimensions
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_DTYPES:
+        raise CapasError(f"{path} is not an IDX file: bad magic number {raw[:4].hex() or '(empty file)'}")
+    header = 4 + 4 * raw[3]
+    if len(raw) < header:
+        raise CapasError(f"IDX file {path} is truncated inside its header")
+    dims = struct.unpack(f">{raw[3]}I", raw[4:header])
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    expected = header + math.prod(dims) * dtype.itemsize
+    if len(raw) != expected:
+        problem = "truncated" if len(raw) < expected else "longer than its header says"
+        raise CapasError(f"IDX file {path} is {problem}: {len(raw)} bytes, dims {dims} need {expected}")
+    return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def load_idx(name: str, data_dir: str | Path | None = None) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, test) of an IDX dataset in `SOURCES`, found locally or downloaded into the cache."""
+    source = SOURCES[name]
+    dirs = search_dirs(name, data_dir)
+    if source.system_dir is not None:
+        dirs.insert(-1, source.system_dir)  # before the download cache
+    files = next((found for d in dirs if (found := _find(d))), None) or _download(source, dirs)
+    return (
+        _dataset(files[TRAIN_IMAGES], files[TRAIN_LABELS], source.classes),
+        _dataset(files[TEST_IMAGES], files[TEST_LABELS], source.classes),
+    )
+
+
+def _find(directory: Path) -> dict[str, Path] | None:
+    """The four IDX files in `directory` (plain or .gz), or None unless all four are there."""
+    found = {}
+    for stem in STEMS:
+        path = next((p for p in (directory / stem, directory / f"{stem}.gz") if p.is_file()), None)
+        if path is None:
+            return None
+        found[stem] = path
+    return found
+
+
+def _download(source: IdxSource, looked: list[Path]) -> dict[str, Path]:
+    target = cache_root() / source.name
+    try:
+        for stem, md5 in source.md5.items():
+            if not (target / f"{stem}.gz").is_file():
+                download(f"{source.url}{stem}.gz", target / f"{stem}.gz", digest=md5, algorithm="md5")
+    except CapasError as err:
+        raise CapasError(
+            f"dataset {source.name!r} not found; looked in {', '.join(map(str, looked))}, "
+            f"then tried to download it: {err}. To get it, {source.install_hint}place "
+            f"{', '.join(STEMS)} (each optionally .gz) in {target} or in a folder given as data_dir "
+            "or $CAPAS_DATA"
+        ) from err
+    return {stem: target / f"{stem}.gz" for stem in STEMS}
+
+
+def _dataset(images_path: Path, labels_path: Path, classes: tuple[str, ...]) -> ArrayDataset:
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise CapasError(f"{images_path}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise CapasError(f"{labels_path}: expected {len(images)} labels, got an array shaped {labels.shape}")
+    if labels.size and not 0 <= labels.min() <= labels.max() < len(classes):
+        raise CapasError(f"{labels_path}: labels must lie in 0..{len(classes) - 1}")
+    return ArrayDataset(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long(), classes)

@@ -1,0 +1,100 @@
+"""Train / validation / test splits: stratified, deterministic for a seed, recorded as JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capas.data.dataset import ArrayDataset
+from capas.data.sources import load_dataset
+from capas.errors import CapasError
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The three splits of one dataset and how they were made (`info` is JSON-able)."""
+
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+    info: dict[str, Any]
+
+
+def make_splits(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    limit: int | None = None,
+) -> Splits:
+    """Load dataset `name` and split it, each split keeping the class proportions.
+
+    test: the dataset's own test split when it has one ("official"), else a `test_fraction` of
+    its images held out first ("held-out"). val: a `val_fraction` of the remaining training images.
+    limit: for quick runs, keep at most `limit` training images, round(limit * val_fraction)
+    validation and round(limit * test_fraction) test images, each a stratified subset of the
+    full split (so a limited run never sees images outside the unlimited run's splits).
+    """
+    if not 0 < val_fraction < 1 or not 0 < test_fraction < 1:
+        raise CapasError(
+            f"val_fraction and test_fraction must lie in (0, 1): got {val_fraction}, {test_fraction}"
+        )
+    if limit is not None and limit < 1:
+        raise CapasError(f"limit must be a positive number of images, got {limit}")
+    data, test = load_dataset(name, data_dir)
+    generator = torch.Generator().manual_seed(seed)
+    test_source = "official" if test is not None else "held-out"
+    if test is None:
+        test, data = stratified_split(data, round(len(data) * test_fraction), generator)
+    val, train = stratified_split(data, round(len(data) * val_fraction), generator)
+    if limit is not None:
+        train = stratified_split(train, min(limit, len(train)), generator)[0]
+        val = stratified_split(val, min(round(limit * val_fraction), len(val)), generator)[0]
+        test = stratified_split(test, min(round(limit * test_fraction), len(test)), generator)[0]
+    info = {
+        "dataset": name,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "limit": limit,
+        "test_source": test_source,
+        "sizes": {"train": len(train), "val": len(val), "test": len(test)},
+    }
+    return Splits(train, val, test, info)
+
+
+def stratified_split(
+    data: ArrayDataset, k: int, generator: torch.Generator
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """(k images drawn at random with the class proportions of `data`, the rest).
+
+    Each class c of n_c images gives floor(k * n_c / n) images, and the leftover places go to the
+    classes with the largest remainders (ties to the lower label): every class count is within one
+    image of its exact share, in both parts. Both parts keep the original order of `data`.
+    """
+    labels = data.labels.cpu()
+    n = len(labels)
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot take {k} of {n} images")
+    if k == 0:
+        return data.subset(labels[:0]), data
+    counts = torch.bincount(labels, minlength=len(data.classes))  # (K,)
+    share = counts * k
+    quota = share // n
+    remainder = share % n
+    # stable sort on -remainder: the largest remainders first, ties to the lower label
+    extra = torch.argsort(-remainder, stable=True)[: k - int(quota.sum())]
+    quota[extra] += 1
+    # a random order, then grouped by class (stable): each image's rank among its class is random
+    perm = torch.randperm(n, generator=generator)
+    order = perm[torch.argsort(labels[perm], stable=True)]
+    starts = torch.cumsum(counts, 0) - counts  # (K,) position of each class's first image in `order`
+    rank = torch.arange(n) - starts[labels[order]]
+    taken = torch.zeros(n, dtype=torch.bool)
+    taken[order[rank < quota[labels[order]]]] = True
+    return data.subset(taken.nonzero().squeeze(1)), data.subset((~taken).nonzero().squeeze(1))

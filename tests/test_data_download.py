@@ -1,0 +1,60 @@
+"""The checksummed, atomic download, exercised on local files through file:// URLs."""
+
+import hashlib
+
+import pytest
+
+from capas.data.download import download, file_digest, search_dirs
+from capas.errors import CapasError
+
+
+@pytest.fixture
+def source(tmp_path):
+    path = tmp_path / "served" / "blob.bin"
+    path.parent.mkdir()
+    path.write_bytes(b"capas" * 100_000)  # several download chunks' worth
+    return path
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "md5"])
+def test_download_verifies_and_writes(tmp_path, source, algorithm):
+    digest = hashlib.new(algorithm, source.read_bytes()).hexdigest()
+    dest = download(source.as_uri(), tmp_path / "cache" / "blob.bin", digest=digest, algorithm=algorithm)
+    assert dest.read_bytes() == source.read_bytes()
+    assert file_digest(dest, algorithm) == digest
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["blob.bin"]  # no temporary file left
+
+
+def test_wrong_checksum_keeps_nothing(tmp_path, source):
+    dest = tmp_path / "cache" / "blob.bin"
+    with pytest.raises(CapasError, match="checksum mismatch"):
+        download(source.as_uri(), dest, digest="0" * 64)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_wrong_checksum_leaves_an_existing_file_alone(tmp_path, source):
+    dest = tmp_path / "blob.bin"
+    dest.write_bytes(b"old")
+    with pytest.raises(CapasError):
+        download(source.as_uri(), dest, digest="0" * 64)
+    assert dest.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.bin", "served"]
+
+
+def test_unreachable_url(tmp_path):
+    dest = tmp_path / "cache" / "blob.bin"
+    with pytest.raises(CapasError, match="could not download"):
+        download((tmp_path / "missing.bin").as_uri(), dest, digest="0" * 64)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_search_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPAS_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("CAPAS_CACHE", str(tmp_path / "cache"))
+    assert search_dirs("mnist", tmp_path / "arg") == [
+        tmp_path / "arg" / "mnist",
+        tmp_path / "arg",
+        tmp_path / "env" / "mnist",
+        tmp_path / "env",
+        tmp_path / "cache" / "mnist",
+    ]

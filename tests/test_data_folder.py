@@ -1,0 +1,135 @@
+"""Image folders: decoding, the gray/colour rule, size and error checks, and the decoded cache."""
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from capas.data import folder, load_dataset
+from capas.errors import CapasError
+
+CIFAR_JPEG = Path("/work/shared/datasets/cifar10-jpeg/train")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPAS_CACHE", str(tmp_path / "cache"))
+
+
+def pixels(seed: int, mode: str, size=(12, 10)) -> np.ndarray:
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def write(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, quality=95)
+    return path
+
+
+def test_colour_folder(tmp_path):
+    arrays = {
+        f"{cls}/{i}.png": pixels(10 * c + i, "RGB")
+        for c, cls in enumerate(["cat", "ant", "dog"])
+        for i in range(2)
+    }
+    for rel, array in arrays.items():
+        write(tmp_path / "imgs" / rel, array)
+    write(tmp_path / "imgs" / "cat" / "2.jpg", pixels(99, "RGB"))
+    (tmp_path / "imgs" / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "imgs" / ".hidden").mkdir()
+    train, test = load_dataset(f"folder:{tmp_path / 'imgs'}")
+    assert test is None
+    assert train.classes == ("ant", "cat", "dog")  # sorted by name
+    assert train.images.shape == (7, 3, 10, 12) and train.images.dtype == torch.uint8
+    assert train.labels.tolist() == [0, 0, 1, 1, 1, 2, 2]
+    # PNG is lossless: pixels come back exactly, as (C, H, W)
+    assert torch.equal(train.images[0], torch.from_numpy(arrays["ant/0.png"]).permute(2, 0, 1))
+    assert torch.equal(train.images[6], torch.from_numpy(arrays["dog/1.png"]).permute(2, 0, 1))
+
+
+def test_gray_folder_keeps_one_channel(tmp_path):
+    gray = pixels(1, "L")
+    write(tmp_path / "a" / "x.png", gray)
+    write(tmp_path / "b" / "y.jpg", pixels(2, "L"))
+    data, _ = load_dataset(f"folder:{tmp_path}")
+    assert data.images.shape == (2, 1, 10, 12)
+    assert torch.equal(data.images[0, 0], torch.from_numpy(gray))
+
+
+def test_one_colour_image_makes_the_folder_rgb(tmp_path):
+    gray = pixels(1, "L")
+    write(tmp_path / "a" / "x.png", gray)
+    write(tmp_path / "b" / "y.png", pixels(2, "RGB"))
+    data, _ = load_dataset(f"folder:{tmp_path}")
+    assert data.images.shape == (2, 3, 10, 12)
+    assert torch.equal(data.images[0], torch.from_numpy(gray).expand(3, -1, -1))
+
+
+def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
+    for i in range(40):
+        write(tmp_path / "imgs" / f"c{i % 4}" / f"{i}.jpg", pixels(i, "RGB", (32, 32)))
+    start = time.perf_counter()
+    first, _ = load_dataset(f"folder:{tmp_path / 'imgs'}")
+    decode_s = time.perf_counter() - start
+    (cache,) = (tmp_path / "cache" / "folders").iterdir()
+    assert cache.suffix == ".npz"
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the cache holds the folder")
+
+    monkeypatch.setattr(folder, "decode_image", no_decoding)
+    start = time.perf_counter()
+    second, _ = load_dataset(f"folder:{tmp_path / 'imgs'}")
+    cached_s = time.perf_counter() - start
+    print(f"40 images: decoded in {decode_s * 1e3:.1f} ms, from the cache in {cached_s * 1e3:.1f} ms")
+    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+    assert first.classes == second.classes
+
+    # editing a file changes the fingerprint: the folder is decoded again
+    os.utime(tmp_path / "imgs" / "c0" / "0.jpg", ns=(0, 0))
+    with pytest.raises(AssertionError, match="decoded although"):
+        load_dataset(f"folder:{tmp_path / 'imgs'}")
+
+
+def test_sizes_must_agree(tmp_path):
+    write(tmp_path / "a" / "small.png", pixels(0, "RGB", (8, 8)))
+    write(tmp_path / "a" / "big.png", pixels(0, "RGB", (9, 8)))
+    with pytest.raises(CapasError, match=r"differ in size .*8x9: .*a/big.png; 8x8: .*a/small.png"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+def test_corrupt_image_is_named(tmp_path):
+    write(tmp_path / "a" / "good.png", pixels(0, "RGB"))
+    (tmp_path / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(CapasError, match=r"cannot decode image .*a/bad.jpg"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+def test_missing_or_empty_folders(tmp_path):
+    with pytest.raises(CapasError, match="does not exist"):
+        load_dataset(f"folder:{tmp_path / 'nope'}")
+    with pytest.raises(CapasError, match="has no class folders"):
+        load_dataset(f"folder:{tmp_path}")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(CapasError, match=r"class folder .*a holds no images"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CIFAR_JPEG.is_dir(), reason="the CIFAR-10 JPEG folder is not on this machine")
+def test_real_cifar10_jpeg_folder():
+    start = time.perf_counter()
+    first, _ = load_dataset(f"folder:{CIFAR_JPEG}")
+    decode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    second, _ = load_dataset(f"folder:{CIFAR_JPEG}")
+    cached_s = time.perf_counter() - start
+    print(f"50,000 JPEGs: decoded in {decode_s:.1f} s, from the cache in {cached_s:.2f} s")
+    assert first.images.shape == (50_000, 3, 32, 32)
+    assert first.labels.bincount().tolist() == [5000] * 10
+    assert torch.equal(first.images, second.images) and cached_s < decode_s / 3
