@@ -51,6 +51,12 @@ def summary(spec: SpecArg) -> None:
     from capas.spec import load_spec
 
     if spec.is_dir():
+        if (spec / "runtime.json").is_file():  # an int8 ONNX run: its model.json is the float architecture
+            console.print(
+                f"{spec} runs an ONNX Runtime graph with int8 weights; below is the float architecture "
+                "it was quantized from (same layers, shapes and parameter counts)",
+                highlight=False,
+            )
         spec = spec / "model.json"
     summarize(load_spec(spec)).print(console)
 
@@ -184,6 +190,133 @@ def predict(
     for path, prediction in zip(images, predict_files(loaded, images), strict=True):
         top = ", ".join(f"{label} {p:.3f}" for label, p in prediction.top(loaded.classes, top_k))
         console.print(f"{path}: [bold]{prediction.label}[/]  ({top})", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@friendly
+def study(
+    file: Annotated[Path, typer.Argument(help="study file (YAML): base, variations, design, seeds")],
+    workers: Annotated[int | None, typer.Option(min=1, help="worker processes (default: one per core)")] = None,
+    out: Annotated[Path | None, typer.Option(help="study directory (default studies/<study name>)")] = None,
+    data: Annotated[str | None, typer.Option(help="dataset instead of the file's: fashion-mnist, cifar10, folder:PATH…")] = None,
+    seeds: Annotated[int | None, typer.Option(min=1, help="number of seeds instead of the file's")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="the base spec's input shape instead, e.g. 32,32,3")] = None,
+) -> None:
+    """Run every variant × seed of a study (resuming an interrupted one) and write its report."""
+    from capas.study.report import sentence, terminal_table
+    from capas.study.run import run_study
+
+    shape = None
+    if input_shape is not None:
+        try:
+            shape = [int(v) for v in input_shape.split(",")]
+        except ValueError:
+            raise CapasError(f"--input-shape: expected height,width,channels such as 32,32,3, got {input_shape!r}") from None
+    outcome = run_study(file, out=out, workers=workers, data=data, seeds=seeds, input_shape=shape)
+    console.print(terminal_table(outcome.report))
+    for result in outcome.report.variants[1:]:
+        console.print(f"- {sentence(outcome.report, result)}", highlight=False, soft_wrap=True)
+    console.print(f"report: {outcome.markdown} and {outcome.html} ({outcome.seconds:.0f} s)", highlight=False)
+    if outcome.failed:
+        raise CapasError(f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}; rerun the same command to retry them")
+
+
+
+@app.command()
+@friendly
+def serve(
+    run: RunArg,
+    host: Annotated[
+        str | None, typer.Option(help="address to bind (default 127.0.0.1: this machine only)")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="port (default 8000)")] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CAPAS_TOKEN", show_envvar=True, help="bearer token required on every route but /health"
+        ),
+    ] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="images per forward pass at most (default 32)")
+    ] = None,
+    max_wait_ms: Annotated[
+        float | None, typer.Option(help="how long a batch waits to fill up (default 2)")
+    ] = None,
+    max_body_mb: Annotated[
+        float | None, typer.Option(help="largest request body accepted (default 10)")
+    ] = None,
+    workers_threads: Annotated[int | None, typer.Option(help="PyTorch threads (default: cores - 1)")] = None,
+) -> None:
+    """Serve a run directory over HTTP: index page, /predict, /feedback, /monitor, /metrics, /docs."""
+    from capas.deploy.serve import make_settings
+    from capas.deploy.serve import serve as serve_run
+
+    settings = make_settings(
+        run_dir=run,
+        **_overrides(
+            host=host,
+            port=port,
+            token=token,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            max_body_mb=max_body_mb,
+            threads=workers_threads,
+        ),
+    )
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.token is None:
+        errors.print(
+            f"warning: serving on {settings.host} without a token: anyone who can reach it can use it"
+        )
+    serve_run(settings)
+
+
+@app.command()
+@friendly
+def export(
+    run: RunArg,
+    onnx: Annotated[bool, typer.Option("--onnx", help="write an ONNX model (the only format)")] = False,
+    out: Annotated[Path | None, typer.Option(help="where to write it (default RUN/model.onnx)")] = None,
+) -> None:
+    """Export a run's model to ONNX (dynamic batch; outputs logits and embedding), checked against PyTorch."""
+    from capas.deploy.export import export_run
+
+    if not onnx:
+        raise CapasError("choose a format: --onnx")
+    result = export_run(run, out)
+    check = result.parity
+    console.print(
+        f"wrote {result.path} ({result.bytes / 1e6:.3f} MB); ONNX Runtime vs PyTorch on {check.images} test images: "
+        f"max |Δ| logits {check.max_abs_logits:.1e}, embedding {check.max_abs_embedding:.1e} "
+        f"(tolerance atol={check.atol}, rtol={check.rtol}), same class for {check.agreement:.1%}",
+        highlight=False,
+    )
+
+
+@app.command()
+@friendly
+def compress(
+    run: RunArg,
+    quantize: Annotated[str | None, typer.Option(help="int8 (static, calibrated) or dynamic")] = None,
+    prune: Annotated[float | None, typer.Option(help="fraction of channels or weights to remove")] = None,
+    structured: Annotated[bool, typer.Option("--structured/--unstructured", help="pruning kind")] = True,
+    finetune_epochs: Annotated[int, typer.Option(help="fine-tuning epochs after pruning")] = 2,
+    out: Annotated[Path | None, typer.Option(help="new run directory (default: beside RUN)")] = None,
+) -> None:
+    """Quantize or prune a run into a new run directory; prints size, latency and accuracy beside the original's."""
+    from capas.deploy.compress import compress_run
+
+    path, comparison = compress_run(
+        run, quantize=quantize, prune=prune, structured=structured, finetune_epochs=finetune_epochs, out=out
+    )
+    table = Table(*comparison.header(), title=f"{comparison.method} (this CPU)", title_justify="left")
+    for row in comparison.rows():
+        table.add_row(*row)
+    console.print(table)
+    for note in comparison.notes:
+        console.print(note, highlight=False)
+    for warning in comparison.warnings:
+        errors.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+    console.print(f"run directory: {path} (compress.md, compress.json, lineage.json)", highlight=False)
 
 
 def main() -> None:

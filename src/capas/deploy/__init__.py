@@ -1,0 +1,1 @@
+"""Deployment: export (ONNX), compression (quantization, pruning), serving and monitoring."""

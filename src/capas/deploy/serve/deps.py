@@ -1,0 +1,32 @@
+"""What routes depend on: the server's state, injected as `Annotated[..., Depends(...)]`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from capas.deploy.serve.batching import MicroBatcher
+from capas.deploy.serve.monitor import Metrics, Monitor
+from capas.deploy.serve.settings import ServeSettings
+from capas.runs import Run
+
+
+@dataclass
+class ServerState:
+    """One served model: its run directory, settings, batcher, monitor and metrics."""
+
+    settings: ServeSettings
+    run: Run
+    info: dict  # what /info answers; fixed once the run is loaded
+    metrics: Metrics
+    monitor: Monitor
+    batcher: MicroBatcher | None = None  # started with the app (it needs the running event loop)
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(get_state)]

@@ -1,0 +1,258 @@
+"""The prediction API: /predict, /feedback, /info, /health."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import uuid
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+
+from capas.data import read_image
+from capas.deploy.serve.deps import State
+from capas.deploy.serve.monitor import UnknownPrediction
+from capas.deploy.serve.settings import ServeSettings
+from capas.errors import CapasError, closest
+
+router = APIRouter()
+
+DECODE_INLINE_BYTES = 256 * 1024  # smaller uploads decode on the event loop; larger ones on a worker thread
+DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
+ERROR = {
+    "description": "what was wrong with the request",
+    "content": {"application/json": {"example": {"detail": "…"}}},
+}
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or more image files (PNG, JPEG, …); any field name is accepted",
+                        }
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "byte"},
+                            "description": "base64-encoded image files (a data: URL prefix is allowed)",
+                        }
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+class TopClass(BaseModel):
+    label: str
+    probability: float
+
+
+class PredictionOut(BaseModel):
+    id: str = Field(description="send it to /feedback with the true label")
+    label: str
+    index: int
+    probabilities: list[float] = Field(description="one per class, in the order of /info's classes")
+    top: list[TopClass]
+
+
+class PredictResponse(BaseModel):
+    model: str
+    classes: list[str]
+    predictions: list[PredictionOut]
+
+
+class FeedbackIn(BaseModel):
+    id: str = Field(description="a prediction id returned by /predict")
+    label: int | str = Field(description="the true class: its name or its index")
+
+
+class FeedbackOut(BaseModel):
+    id: str
+    correct: bool
+    accuracy: float = Field(description="live accuracy over all feedback so far")
+    feedback: int = Field(description="feedback received so far")
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def _multipart_parts(request: Request, settings: ServeSettings) -> list[tuple[str, bytes]]:
+    form = await request.form(max_files=settings.max_images, max_fields=settings.max_images)
+    try:
+        parts = [
+            (f"file {value.filename!r} (field {key!r})", await value.read())
+            for key, value in form.multi_items()
+            if isinstance(value, UploadFile)
+        ]
+    finally:
+        await form.close()
+    if not parts:
+        raise HTTPException(
+            400, "multipart body: no file part; send each image as a file field (curl -F file=@x.png)"
+        )
+    return parts
+
+
+async def _json_parts(request: Request) -> list[tuple[str, bytes]]:
+    body = await request.body()
+    if not body:
+        raise HTTPException(400, 'body: empty; send JSON {"images": ["<base64>", …]}')
+    try:
+        data = json.loads(body)
+    except ValueError as error:
+        raise HTTPException(400, f"body: malformed JSON ({error})") from None
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list) or not images or not all(isinstance(item, str) for item in images):
+        raise HTTPException(422, 'body: expected {"images": ["<base64>", …]} with at least one base64 string')
+    parts = []
+    for position, text in enumerate(images):
+        try:
+            parts.append(
+                (f"images[{position}]", base64.b64decode(DATA_URL.sub("", text, count=1), validate=True))
+            )
+        except (binascii.Error, ValueError) as error:
+            raise HTTPException(400, f"images[{position}]: malformed base64 ({error})") from None
+    return parts
+
+
+async def _request_images(request: Request, settings: ServeSettings) -> list[torch.Tensor]:
+    """The request's images decoded to uint8 (C, H, W), or an HTTPException naming the bad part."""
+    media = _media_type(request)
+    if request.headers.get("content-length") == "0":
+        raise HTTPException(400, "body: empty; send image files as multipart/form-data or base64 in JSON")
+    if media == "multipart/form-data":
+        parts = await _multipart_parts(request, settings)
+    elif media == "application/json":
+        parts = await _json_parts(request)
+    else:
+        raise HTTPException(
+            415,
+            f"content type {media or '(none)'!r}: send multipart/form-data with image files, "
+            'or application/json {"images": ["<base64>", …]}',
+        )
+    if len(parts) > settings.max_images:
+        raise HTTPException(413, f"body: {len(parts)} images, at most {settings.max_images} per request")
+
+    def decode() -> list[torch.Tensor]:
+        return [read_image(raw, name=name, max_pixels=settings.max_pixels) for name, raw in parts]
+
+    try:
+        # A large image takes long enough to decode that it would stall every other request on the loop.
+        big = sum(len(raw) for _, raw in parts) > DECODE_INLINE_BYTES
+        return await run_in_threadpool(decode) if big else decode()
+    except CapasError as error:
+        raise HTTPException(422, str(error)) from None
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    openapi_extra=PREDICT_BODY,
+    responses={400: ERROR, 413: ERROR, 415: ERROR, 422: ERROR},
+)
+async def predict(
+    request: Request,
+    state: State,
+    top_k: Annotated[
+        int | None, Query(ge=1, description="classes listed per image (default: the server's)")
+    ] = None,
+) -> PredictResponse:
+    """Classify one or many images: multipart file(s), or JSON with base64 images."""
+    with state.batcher.receiving():
+        images = await _request_images(request, state.settings)
+    output = await state.batcher.predict(images)
+    classes = state.run.classes
+    k = min(top_k or state.settings.top_k, len(classes))
+    probabilities = output.probabilities  # (n, classes)
+    top_p, top_i = probabilities.topk(k, dim=1)
+    indices = probabilities.argmax(1).tolist()
+    ids = [uuid.uuid4().hex for _ in images]
+    state.monitor.record_predictions(ids, indices, output.embeddings, output.input_stats)
+    return PredictResponse(
+        model=state.run.spec.name,
+        classes=list(classes),
+        predictions=[
+            PredictionOut(
+                id=i,
+                label=classes[index],
+                index=index,
+                probabilities=p,
+                top=[TopClass(label=classes[c], probability=q) for q, c in zip(tp, ti, strict=True)],
+            )
+            for i, index, p, tp, ti in zip(
+                ids, indices, probabilities.tolist(), top_p.tolist(), top_i.tolist(), strict=True
+            )
+        ],
+    )
+
+
+def _class_index(label: int | str, classes: tuple[str, ...]) -> int:
+    if isinstance(label, int):
+        if not 0 <= label < len(classes):
+            raise HTTPException(422, f"label: {label} is outside the classes 0..{len(classes) - 1}")
+        return label
+    if label not in classes:
+        raise HTTPException(
+            422, f"label: {label!r} is not one of the classes {list(classes)}{closest(label, classes)}"
+        )
+    return classes.index(label)
+
+
+@router.post("/feedback", response_model=FeedbackOut, responses={404: ERROR, 422: ERROR})
+async def feedback(body: FeedbackIn, state: State) -> FeedbackOut:
+    """Tell the server the true class of an earlier prediction; it feeds the live accuracy."""
+    label = _class_index(body.label, state.run.classes)
+    monitor = state.monitor
+    try:
+        correct = monitor.feedback(body.id, label)
+    except UnknownPrediction:
+        raise HTTPException(
+            404,
+            f"id: no prediction {body.id!r} awaits feedback (unknown, already answered, or "
+            f"older than the last {state.settings.max_predictions:,} predictions)",
+        ) from None
+    return FeedbackOut(
+        id=body.id,
+        correct=correct,
+        accuracy=monitor.feedback_correct / monitor.feedback_total,
+        feedback=monitor.feedback_total,
+    )
+
+
+@router.get("/info")
+async def info(state: State) -> dict:
+    """The model: name, spec, classes, parameters, training and test metrics, capas version, serving settings."""
+    return state.info
+
+
+@router.get("/health")
+async def health(state: State) -> JSONResponse:
+    """Liveness and readiness: 200 once the model is loaded and the batcher runs, else 503."""
+    ready = state.batcher is not None
+    return JSONResponse(
+        {"status": "ok" if ready else "starting", "model_loaded": ready, "model": state.run.spec.name},
+        status_code=200 if ready else 503,
+    )

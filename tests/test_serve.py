@@ -1,0 +1,436 @@
+"""`capas serve` against a real uvicorn server on a loopback port: API, bad input, token, metrics, load."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
+
+from capas.cli import app as cli
+from capas.data import make_splits
+from capas.models import summarize
+from capas.predict import predict_files
+from capas.runs import load_run
+from serve_support import bomb_png, live_server, png
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+LIMIT_MB = 1.0
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    """400 real Fashion-MNIST test images and labels."""
+    test = make_splits("fashion-mnist", limit=2000).test
+    return test.images, test.labels
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    with live_server(run_dir=tiny_run, token=TOKEN, max_body_mb=LIMIT_MB, max_images=8, threads=1) as (
+        url,
+        _,
+    ):
+        yield url
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server, headers=AUTH, timeout=30) as c:
+        yield c
+
+
+def post_files(client: httpx.Client, *images: bytes) -> httpx.Response:
+    return client.post(
+        "/predict", files=[("file", (f"img{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    )
+
+
+def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple], float]:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+
+
+def test_prediction_equals_capas_predict(client, tiny_run, test_images, tmp_path):
+    images, _ = test_images
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(png(images[i]))
+    expected = predict_files(load_run(tiny_run), paths)
+    # multipart, several files in one request
+    got = post_files(client, *(p.read_bytes() for p in paths)).json()["predictions"]
+    # JSON with base64, one of them as a data URL
+    encoded = [base64.b64encode(p.read_bytes()).decode() for p in paths]
+    encoded[0] = "data:image/png;base64," + encoded[0]
+    got_json = client.post("/predict", json={"images": encoded}).json()["predictions"]
+    for want, a, b in zip(expected, got, got_json, strict=True):
+        assert a["label"] == b["label"] == want.label
+        torch.testing.assert_close(
+            torch.tensor(a["probabilities"]), torch.tensor(want.probabilities), atol=1e-6, rtol=0
+        )
+        torch.testing.assert_close(
+            torch.tensor(b["probabilities"]), torch.tensor(want.probabilities), atol=1e-6, rtol=0
+        )
+        assert [t["label"] for t in a["top"]] == [
+            label for label, _ in want.top(load_run(tiny_run).classes, 5)
+        ]
+    assert len({p["id"] for p in got + got_json}) == 6
+
+
+def test_top_k_and_probabilities(client, test_images):
+    response = client.post("/predict?top_k=3", files={"file": ("a.png", png(test_images[0][5]), "image/png")})
+    prediction = response.json()["predictions"][0]
+    assert [t["probability"] for t in prediction["top"]] == sorted(prediction["probabilities"], reverse=True)[
+        :3
+    ]
+    assert abs(sum(prediction["probabilities"]) - 1) < 1e-5
+
+
+def _good(client: httpx.Client, images) -> None:
+    response = post_files(client, png(images[0]))
+    assert response.status_code == 200, response.text
+
+
+def _predict_id(client: httpx.Client, images) -> str:
+    return post_files(client, png(images[1])).json()["predictions"][0]["id"]
+
+
+MULTIPART = "multipart/form-data; boundary=xyz"
+
+
+def _part(name: str, filename: str | None = None) -> bytes:
+    file = f'; filename="{filename}"\r\nContent-Type: image/png' if filename else ""
+    return f'--xyz\r\nContent-Disposition: form-data; name="{name}"{file}\r\n\r\n'.encode()
+
+
+def _chunks(total: int):
+    """A multipart body streamed without Content-Length (chunked): one file part of `total` bytes."""
+    yield _part("file", "big.png")
+    for _ in range(total // 65536 + 1):
+        yield b"\x00" * 65536
+    yield b"\r\n--xyz--\r\n"
+
+
+BAD_REQUESTS = {
+    # name: (request maker, expected status, words the message must contain)
+    "non-image bytes": (
+        lambda c, im: c.post("/predict", files={"file": ("notes.png", b"hello, not an image", "image/png")}),
+        422,
+        ["notes.png", "not a readable image"],
+    ),
+    "truncated image": (
+        lambda c, im: c.post("/predict", files={"file": ("cut.png", png(im[0])[:120], "image/png")}),
+        422,
+        ["cut.png"],
+    ),
+    "decompression bomb": (
+        lambda c, im: c.post("/predict", files={"file": ("bomb.png", bomb_png(), "image/png")}),
+        422,
+        ["bomb.png", "pixels"],
+    ),
+    "empty file part": (
+        lambda c, im: c.post("/predict", files={"file": ("empty.png", b"", "image/png")}),
+        422,
+        ["empty.png", "empty"],
+    ),
+    "wrong content type": (
+        lambda c, im: c.post("/predict", content=b"abc", headers={"content-type": "text/plain"}),
+        415,
+        ["text/plain", "multipart/form-data"],
+    ),
+    "no content type": (lambda c, im: c.post("/predict", content=b"abc"), 415, ["content type"]),
+    "empty body": (
+        lambda c, im: c.post("/predict", content=b"", headers={"content-type": MULTIPART}),
+        400,
+        ["empty"],
+    ),
+    "empty JSON body": (
+        lambda c, im: c.post("/predict", content=b"", headers={"content-type": "application/json"}),
+        400,
+        ["empty"],
+    ),
+    "multipart without a file": (
+        lambda c, im: c.post(
+            "/predict", content=_part("x") + b"1\r\n--xyz--\r\n", headers={"content-type": MULTIPART}
+        ),
+        400,
+        ["no file part"],
+    ),
+    "body over the limit": (lambda c, im: post_files(c, os.urandom(int(LIMIT_MB * 1e6) + 1000)), 413, ["MB"]),
+    "chunked body over the limit": (
+        lambda c, im: c.post(
+            "/predict", content=_chunks(int(LIMIT_MB * 1e6) + 1000), headers={"content-type": MULTIPART}
+        ),
+        413,
+        ["MB"],
+    ),
+    "too many images": (
+        lambda c, im: c.post("/predict", json={"images": [base64.b64encode(png(im[0])).decode()] * 9}),
+        413,
+        ["at most 8"],
+    ),
+    "malformed JSON": (
+        lambda c, im: c.post(
+            "/predict", content=b'{"images": [', headers={"content-type": "application/json"}
+        ),
+        400,
+        ["malformed JSON"],
+    ),
+    "JSON of the wrong shape": (lambda c, im: c.post("/predict", json={"image": "abc"}), 422, ["images"]),
+    "malformed base64": (
+        lambda c, im: c.post("/predict", json={"images": ["iVBOR!!not base64"]}),
+        400,
+        ["images[0]", "base64"],
+    ),
+    "base64 of non-image bytes": (
+        lambda c, im: c.post("/predict", json={"images": [base64.b64encode(b"zzz").decode()]}),
+        422,
+        ["images[0]"],
+    ),
+    "top_k of 0": (
+        lambda c, im: c.post("/predict?top_k=0", files={"file": ("a.png", png(im[0]), "image/png")}),
+        422,
+        ["top_k"],
+    ),
+    "unknown prediction id": (
+        lambda c, im: c.post("/feedback", json={"id": "no-such-id", "label": 0}),
+        404,
+        ["no-such-id"],
+    ),
+    "label index outside the classes": (
+        lambda c, im: c.post("/feedback", json={"id": _predict_id(c, im), "label": 10}),
+        422,
+        ["label", "0..9"],
+    ),
+    "label name outside the classes": (
+        lambda c, im: c.post("/feedback", json={"id": _predict_id(c, im), "label": "Shirtt"}),
+        422,
+        ["Shirtt", "did you mean 'Shirt'"],
+    ),
+    "feedback malformed JSON": (
+        lambda c, im: c.post("/feedback", content=b"{id", headers={"content-type": "application/json"}),
+        422,
+        ["json"],
+    ),
+    "unknown route": (lambda c, im: c.get("/nope"), 404, ["Not Found"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_gets_a_4xx_json_error_then_the_server_still_serves(client, test_images, case):
+    make, status, words = BAD_REQUESTS[case]
+    response = make(client, test_images[0])
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    detail = str(response.json()["detail"])
+    for word in words:
+        assert word.lower() in detail.lower(), detail
+    _good(client, test_images[0])
+
+
+def test_bad_label_does_not_use_up_the_prediction(client, test_images):
+    prediction_id = _predict_id(client, test_images[0])
+    assert client.post("/feedback", json={"id": prediction_id, "label": 99}).status_code == 422
+    response = client.post("/feedback", json={"id": prediction_id, "label": "Trouser"})
+    assert response.status_code == 200, response.text
+    assert (
+        client.post("/feedback", json={"id": prediction_id, "label": 1}).status_code == 404
+    )  # answered once
+
+
+def test_token_guards_every_route_but_health(server):
+    with httpx.Client(base_url=server, timeout=30) as anonymous:
+        assert anonymous.get("/health").json() == {"status": "ok", "model_loaded": True, "model": "tiny"}
+        for path in (
+            "/",
+            "/info",
+            "/monitor",
+            "/monitor/data",
+            "/metrics",
+            "/docs",
+            "/openapi.json",
+            "/drift",
+            "/static/index.js",
+            "/docs-assets/swagger-ui.css",
+        ):
+            response = anonymous.get(path)
+            assert response.status_code == 401, path
+            assert "token" in response.json()["detail"]
+        assert anonymous.post("/predict", files={"file": ("a.png", b"x", "image/png")}).status_code == 401
+        assert anonymous.get("/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        # a page opened with ?token= sets a cookie that authorises the page's own requests
+        page = anonymous.get("/", params={"token": TOKEN})
+        assert page.status_code == 200 and "<html" in page.text
+        assert anonymous.get("/static/index.js").status_code == 200
+        assert anonymous.get("/info").status_code == 200
+
+
+def test_info(client, tiny_run):
+    info = client.get("/info").json()
+    run = load_run(tiny_run)
+    assert info["model"] == "tiny" and info["classes"] == list(run.classes)
+    assert info["parameters"] == summarize(run.spec).total
+    assert info["test"]["test_accuracy"] == run.read_json("test.json")["test_accuracy"]
+    assert len(info["training"]["history"]) == 2 and info["training"]["train"]["epochs"] == 2
+    assert info["spec"] == run.spec.to_dict()
+    assert info["capas_version"] and info["backend"] == "torch"
+    assert "token" not in str(info["serving"])
+
+
+def test_pages_and_docs(client):
+    assert 'id="drop"' in client.get("/").text
+    assert "canvas" in client.get("/monitor").text
+    docs = client.get("/docs").text
+    assert "/docs-assets/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert {"/predict", "/feedback", "/info", "/health", "/metrics", "/drift"} <= set(schema["paths"])
+    assert set(schema["paths"]["/predict"]["post"]["requestBody"]["content"]) == {
+        "multipart/form-data",
+        "application/json",
+    }
+
+
+def test_feedback_gives_live_accuracy_and_metrics(client, test_images):
+    images, labels = test_images
+    before = client.get("/monitor/data").json()["totals"]
+    samples_before = metric_samples(client)
+    batch = list(range(100, 120))
+    encoded = (
+        [base64.b64encode(png(images[i])).decode() for i in batch[:8]],
+        [base64.b64encode(png(images[i])).decode() for i in batch[8:16]],
+        [base64.b64encode(png(images[i])).decode() for i in batch[16:]],
+    )
+    predictions = [
+        p for chunk in encoded for p in client.post("/predict", json={"images": chunk}).json()["predictions"]
+    ]
+    correct = 0
+    for prediction, i in zip(predictions, batch, strict=True):
+        response = client.post("/feedback", json={"id": prediction["id"], "label": int(labels[i])})
+        assert response.status_code == 200
+        assert response.json()["correct"] == (prediction["index"] == int(labels[i]))
+        correct += prediction["index"] == int(labels[i])
+    after = client.get("/monitor/data").json()
+    totals = after["totals"]
+    assert totals["feedback"] == before["feedback"] + 20
+    assert totals["predictions"] == before["predictions"] + 20
+    right_before = round((before["accuracy"] or 0) * before["feedback"])
+    assert totals["accuracy"] == pytest.approx((right_before + correct) / totals["feedback"])
+    assert sum(w["feedback"] for w in after["windows"]) == totals["feedback"]
+    assert sum(totals["class_shares"].values()) == pytest.approx(1)
+
+    samples = metric_samples(client)
+    assert samples[("capas_live_accuracy", ())] == pytest.approx(totals["accuracy"])
+    per_class = [p["label"] for p in predictions]
+    for label in set(per_class):
+        key = ("capas_predictions_total", (("label", label),))
+        assert samples[key] - samples_before.get(key, 0) == per_class.count(label)
+    key = ("capas_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "200")))
+    assert samples[key] - samples_before[key] == 3
+    assert samples[("capas_request_latency_seconds_count", (("route", "/predict"),))] >= 3
+    assert ("capas_request_latency_seconds_bucket", (("le", "0.05"), ("route", "/predict"))) in samples
+    assert ("capas_drift_statistic", ()) in samples and ("capas_drift_p_value", ()) in samples
+    assert (
+        samples[("capas_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "415")))] >= 1
+    )
+    assert after["windows"][-1]["latency_ms"]["p99"] > 0
+
+
+def test_load_on_loopback_has_no_errors(server, test_images):
+    """8 clients × 25 requests at once; every answer must be a correct 200."""
+    images, _ = test_images
+    bodies = [png(images[i]) for i in range(25)]
+    errors: list[str] = []
+    latencies: list[float] = []
+
+    def client_thread() -> None:
+        with httpx.Client(base_url=server, headers=AUTH, timeout=30) as c:
+            for body in bodies:
+                started = time.perf_counter()
+                try:
+                    response = c.post("/predict", files={"file": ("x.png", body, "image/png")})
+                    if response.status_code != 200 or len(response.json()["predictions"]) != 1:
+                        errors.append(f"{response.status_code}: {response.text[:200]}")
+                except httpx.HTTPError as error:
+                    errors.append(repr(error))
+                latencies.append(time.perf_counter() - started)
+
+    with httpx.Client(base_url=server, headers=AUTH) as c:
+        before = metric_samples(c)
+    threads = [threading.Thread(target=client_thread) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == [] and len(latencies) == 200
+    with httpx.Client(base_url=server, headers=AUTH) as c:
+        after = metric_samples(c)
+    images_done = after[("capas_batch_size_sum", ())] - before[("capas_batch_size_sum", ())]
+    passes = after[("capas_batch_size_count", ())] - before[("capas_batch_size_count", ())]
+    assert images_done == 200
+    assert passes < 200, "concurrent requests should share forward passes"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serves_and_stops_on_ctrl_c(tiny_run):
+    port = _free_port()
+    env = {**os.environ, "CAPAS_TOKEN": TOKEN}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capas", "serve", str(tiny_run), "--port", str(port), "--max-batch", "4"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, (
+                process.stdout.read() if process.stdout else ""
+            )
+            time.sleep(0.2)
+        assert httpx.get(f"{url}/info").status_code == 401  # the token came from CAPAS_TOKEN
+        info = httpx.get(f"{url}/info", headers=AUTH).json()
+        assert info["serving"]["max_batch"] == 4
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+
+
+def test_cli_refuses_a_bad_run_directory(tmp_path: Path):
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path / "missing")])
+    assert result.exit_code == 2
+    assert "not a run directory" in result.output
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path), "--max-batch", "0"])
+    assert result.exit_code == 2 and "max_batch" in result.output

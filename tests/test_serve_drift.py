@@ -1,0 +1,125 @@
+"""Drift detection, both sides: in-distribution inputs raise no alarm; shifted inputs do."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from capas.data import load_dataset, make_splits, read_image
+from capas.deploy.drift import DriftDetector, load_reference
+from capas.errors import CapasError
+from capas.runs import REFERENCE, input_statistics, load_run
+from serve_support import live_server, noised, png
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg" / "train"
+WINDOW = 100
+
+
+@pytest.fixture(scope="module")
+def fashion_test():
+    return make_splits("fashion-mnist", limit=2000).test.images  # (400, 1, 28, 28), unseen in training
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_run):
+    return DriftDetector(load_reference(tiny_run / REFERENCE), alpha=0.01, permutations=500)
+
+
+def features(run, images: list[torch.Tensor] | torch.Tensor):
+    from capas.deploy.serve.batching import preprocess_batch
+
+    with torch.inference_mode():
+        x = preprocess_batch(run.preprocess, list(images))
+        return run.model.embed(x), input_statistics(x)
+
+
+def cifar_images(count: int) -> list[torch.Tensor]:
+    files = sorted(CIFAR.glob("*/*.jpg"))[::500][:count]
+    return [read_image(f) for f in files]
+
+
+SHIFTS = {
+    "inverted": lambda images: 255 - images,
+    "heavily noised": lambda images: noised(images, sigma=80),
+    "digits (another dataset)": lambda images: load_dataset("digits")[0].images[: len(images)],
+}
+
+
+def test_in_distribution_raises_no_alarm(tiny_run, detector, fashion_test):
+    run = load_run(tiny_run)
+    for start in (0, WINDOW, 2 * WINDOW):  # three disjoint windows of unseen test images
+        result = detector.test(*features(run, fashion_test[start : start + WINDOW]))
+        assert not result.drift and result.p_value > 0.05, result
+        assert result.window == WINDOW and result.reference == len(
+            load_reference(tiny_run / REFERENCE).embeddings
+        )
+
+
+@pytest.mark.parametrize("shift", list(SHIFTS))
+def test_shifted_inputs_raise_the_alarm(tiny_run, detector, fashion_test, shift):
+    run = load_run(tiny_run)
+    result = detector.test(*features(run, SHIFTS[shift](fashion_test[:WINDOW])))
+    assert result.drift, result
+    # the observed statistic counts as one permutation: the smallest possible p-value is 1 / (1 + P)
+    assert result.p_value == pytest.approx(1 / (1 + detector.permutations))
+
+
+@pytest.mark.skipif(not CIFAR.is_dir(), reason="the CIFAR-10 JPEG folder is not beside the repository")
+def test_colour_photos_raise_the_alarm(tiny_run, detector):
+    run = load_run(tiny_run)
+    result = detector.test(*features(run, cifar_images(WINDOW)))
+    assert result.drift, result
+
+
+def test_p_value_counts_the_observed_statistic(tiny_run, fashion_test):
+    run = load_run(tiny_run)
+    detector = DriftDetector(load_reference(tiny_run / REFERENCE), permutations=99)
+    result = detector.test(*features(run, fashion_test[:60]))
+    assert 1 / 100 <= result.p_value <= 1
+    assert result.p_value * 100 == pytest.approx(round(result.p_value * 100))  # (1 + count) / (1 + 99)
+    again = detector.test(*features(run, fashion_test[:60]))
+    assert again == result  # seeded permutations: the same window gives the same answer
+    assert set(result.input_stats) == {"pixel_mean", "pixel_std"}
+
+
+def test_damaged_reference_is_a_clear_error(tmp_path):
+    with pytest.raises(CapasError, match="no drift reference"):
+        load_reference(tmp_path / "reference.safetensors")
+    (tmp_path / "reference.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CapasError, match="unreadable drift reference"):
+        load_reference(tmp_path / "reference.safetensors")
+
+
+def _send(client: httpx.Client, images: torch.Tensor) -> None:
+    for start in range(0, len(images), 20):
+        chunk = [base64.b64encode(png(image)).decode() for image in images[start : start + 20]]
+        assert client.post("/predict", json={"images": chunk}).status_code == 200
+
+
+def test_server_flags_drift_only_after_shifted_traffic(tiny_run, fashion_test):
+    settings = {
+        "run_dir": tiny_run,
+        "drift_window": WINDOW,
+        "drift_min": WINDOW,
+        "drift_per_batch": 64,
+        "drift_every_s": 3600,
+        "threads": 1,
+    }
+    with live_server(**settings) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        assert client.get("/drift").json()["status"].startswith("collecting (0/")
+        _send(client, fashion_test[200 : 200 + WINDOW])
+        status = client.get("/drift").json()
+        assert status["status"] == "ok" and status["window"] == WINDOW, status
+        assert status["result"]["p_value"] > 0.05
+        _send(client, 255 - fashion_test[:WINDOW])  # the window now holds only inverted images
+        status = client.get("/drift").json()
+        assert status["status"] == "drift" and status["result"]["p_value"] < 0.01, status
+        metrics = client.get("/metrics").text
+        assert "capas_drift_detected 1.0" in metrics
+        assert f"capas_drift_p_value {status['result']['p_value']}" in metrics
+        windows = client.get("/monitor/data").json()["windows"]
+        assert windows[-1]["drift_p_value"] == status["result"]["p_value"]
