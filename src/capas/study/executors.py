@@ -1,0 +1,249 @@
+"""Where a study's runs execute: in this process one at a time, or in a local pool of worker processes.
+
+The contract every executor keeps (a Ray executor implements the same three methods):
+- the driver submits JSON-able run tasks (`RunTask.to_dict()`) and gets a `concurrent.futures.Future`
+  of a JSON-able result (`execute_run`'s return value);
+- a worker trains and writes only its own run directory (`task["out"]`); it never opens the study
+  database: only the driver writes that;
+- progress comes back as small JSON-able events, collected by the driver with `events()`:
+  {"run": id, "event": "start", "total": steps, "done": steps}, {"run": id, "event": "steps", "n": k},
+  {"run": id, "event": "epoch", "metrics": {...}}.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import queue
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from capas.spec import DataConfig, ModelSpec, TrainConfig
+from capas.study.spec import KINDS
+from capas.train import CHECKPOINT, Callback, train
+
+Send = Callable[[dict], None]
+EVENT_INTERVAL = 0.5  # seconds between step events from one run: enough for a live bar, cheap on the queue
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """One run as the driver hands it to a worker: everything JSON, nothing pickled but plain data."""
+
+    id: str
+    variant: str
+    seed: int
+    spec: dict
+    train: dict
+    data: dict
+    extras: dict
+    out: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RunCancelled(Exception):
+    """Raised inside a run that the driver stopped (Ctrl-C while running in-process)."""
+
+
+class _Reporter(Callback):
+    """Sends a run's progress to the driver, at most every EVENT_INTERVAL seconds for steps."""
+
+    def __init__(self, run_id: str, send: Send):
+        self.run_id, self.send = run_id, send
+        self.steps, self.last = 0, time.monotonic()
+
+    def on_fit_start(self, epochs: int, steps_per_epoch: int, start_epoch: int) -> None:
+        self.send(
+            {
+                "run": self.run_id,
+                "event": "start",
+                "total": epochs * steps_per_epoch,
+                "done": start_epoch * steps_per_epoch,
+            }
+        )
+
+    def on_batch_end(self, images: int, loss: float | None) -> None:
+        self.steps += 1
+        if time.monotonic() - self.last >= EVENT_INTERVAL:
+            self._flush()
+
+    def on_epoch_end(self, metrics: dict) -> None:
+        self._flush()
+        self.send({"run": self.run_id, "event": "epoch", "metrics": metrics})
+
+    def _flush(self) -> None:
+        if self.steps:
+            self.send({"run": self.run_id, "event": "steps", "n": self.steps})
+        self.steps, self.last = 0, time.monotonic()
+
+
+def execute_run(task: dict, send: Send | None = None) -> dict:
+    """The worker's job: train one run into its directory (resuming a checkpoint) and return its results.
+
+    A run directory that is already complete (test.json written and the checkpoint gone: the
+    driver was killed before it could record the result) is read back instead of trained again.
+    """
+    out = Path(task["out"])
+    started = time.perf_counter()
+    if not ((out / "test.json").is_file() and not (out / CHECKPOINT).exists()):
+        train(
+            ModelSpec.from_dict(task["spec"], source=f"run {task['id']}"),
+            DataConfig.model_validate(task["data"]),
+            TrainConfig.model_validate(task["train"]),
+            out,
+            callbacks=[_Reporter(task["id"], send)] if send else [],
+        )
+    result = json.loads((out / "test.json").read_text())
+    result["history"] = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line
+    ]
+    for key, args in task["extras"].items():
+        after = KINDS[key].after_train
+        if after is not None:
+            result[key] = after(out, args)
+    result["worker"] = {
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "threads": torch.get_num_threads(),
+        "seconds": time.perf_counter() - started,
+    }
+    return result
+
+
+class Executor(ABC):
+    """Runs tasks somewhere and reports progress; see the module docstring for the contract."""
+
+    name: str
+    workers: int
+
+    @abstractmethod
+    def submit(self, task: dict) -> Future:
+        """Start (or queue) one run task; the future's result is `execute_run`'s dict."""
+
+    @abstractmethod
+    def events(self) -> list[dict]:
+        """Progress events received since the last call, without waiting."""
+
+    @abstractmethod
+    def close(self, cancel: bool = False) -> None:
+        """Wait for submitted runs (or, with cancel, drop the queued ones) and release the workers."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        self.close(cancel=exc_type is not None)
+
+
+def _drain(source: queue.Queue | multiprocessing.queues.Queue) -> list[dict]:
+    events = []
+    while True:
+        try:
+            events.append(source.get_nowait())
+        except queue.Empty:
+            return events
+
+
+class SequentialExecutor(Executor):
+    """One run at a time in a thread of this process, with all of torch's threads."""
+
+    name = "sequential"
+
+    def __init__(self, workers: int = 1):
+        self.workers = 1
+        self.queue: queue.Queue = queue.Queue()
+        self.stopping = threading.Event()
+        # a thread, not the caller: the driver keeps drawing progress while a run trains
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capas-run")
+
+    def _send(self, event: dict) -> None:
+        # A thread cannot be killed: on Ctrl-C the run stops at its next progress event (within
+        # EVENT_INTERVAL); its last epoch checkpoint is where the rerun resumes.
+        if self.stopping.is_set():
+            raise RunCancelled(event["run"])
+        self.queue.put(event)
+
+    def submit(self, task: dict) -> Future:
+        return self.pool.submit(execute_run, task, self._send)
+
+    def events(self) -> list[dict]:
+        return _drain(self.queue)
+
+    def close(self, cancel: bool = False) -> None:
+        if cancel:
+            self.stopping.set()
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+_events: multiprocessing.queues.Queue | None = None  # a pool worker's event queue, set by _init_worker
+
+
+def _init_worker(events: multiprocessing.queues.Queue, threads: int) -> None:
+    # One process per run: torch threads per worker share the cores without oversubscribing them.
+    global _events
+    _events = events
+    torch.set_num_threads(threads)
+
+
+def _pool_run(task: dict) -> dict:
+    return execute_run(task, _events.put)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows
+        return os.cpu_count() or 1
+
+
+class PoolExecutor(Executor):
+    """A local pool of spawned worker processes, each with cores // workers torch threads."""
+
+    name = "pool"
+
+    def __init__(self, workers: int | None = None):
+        cores = available_cores()
+        self.workers = workers or cores
+        self.threads = max(1, cores // self.workers)
+        # spawn: a fresh interpreter per worker (fork would copy the driver's torch thread pools and locks)
+        context = multiprocessing.get_context("spawn")
+        self.queue = context.Queue()
+        self.pool = ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(self.queue, self.threads),
+        )
+
+    def submit(self, task: dict) -> Future:
+        return self.pool.submit(_pool_run, task)
+
+    def events(self) -> list[dict]:
+        return _drain(self.queue)
+
+    def close(self, cancel: bool = False) -> None:
+        self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+
+
+EXECUTORS: dict[str, Callable[[int | None], Executor]] = {
+    "sequential": SequentialExecutor,
+    "pool": PoolExecutor,
+}
+"""Executors by name (the benchmark compares them); a Ray executor registers here as "ray"."""
+
+
+def make_executor(workers: int | None, runs: int) -> Executor:
+    """The local default: one worker per core (at most one per run); a single worker runs in-process."""
+    workers = workers or min(available_cores(), max(runs, 1))
+    return EXECUTORS["sequential"](1) if workers == 1 else EXECUTORS["pool"](workers)

@@ -1,0 +1,488 @@
+"""Study files: a base (spec, training, data), named variations, a design and seeds, resolved to variants.
+
+    name: global-pooling
+    base:
+      name: GlobalAveragePooling2D      # the base variant's label in the report (default "base")
+      spec: ../seed000-gap.yaml         # a path (relative to the study file) or an inline spec
+      train: {epochs: 3, batch_size: 128}
+      data: {name: fashion-mnist, limit: 6000}
+    seeds: 3                            # or a list, e.g. [0, 1, 2]
+    design: one-at-a-time               # or grid: every combination
+    variations:
+      - name: head
+        alternatives:
+          - name: Flatten
+            replace: {layer: global_average_pooling2d, with: Flatten}
+
+An alternative is a mapping of change kinds (the KINDS registry) to their arguments; a list applies
+each item in turn. Layers are referred to by their index or their name in the *base* spec, so
+changes from different variations compose in a grid. Every variant is validated (spec shapes,
+training config) before anything trains, and errors name the variation and alternative.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capas.errors import CapasError, closest
+from capas.spec import DataConfig, ModelSpec, TrainConfig, load_document, parse_layer
+from capas.spec.io import parse_config
+
+DESIGNS = ("one-at-a-time", "grid")
+DEFAULT_SEEDS = 3
+
+
+@dataclass
+class Draft:
+    """A variant being built: the base's documents, changed in place by each change kind.
+
+    `layers` pairs each layer item with the index it had in the base spec (None: inserted), so that
+    references keep meaning the base's layers however many changes came before.
+    """
+
+    spec: dict
+    layers: list[tuple[int | None, Any]]
+    train: dict
+    data: dict
+    base_names: list[str]
+    extras: dict = field(default_factory=dict)
+
+    def position(self, ref: Any, kind: str) -> int:
+        """Where base layer `ref` (an index or a name) is now in `layers`."""
+        count = len(self.base_names)
+        if isinstance(ref, bool) or not isinstance(ref, int | str):
+            raise CapasError(f"{kind}: a layer is referred to by its index or its name, got {ref!r}")
+        if isinstance(ref, str):
+            if ref not in self.base_names:
+                raise CapasError(
+                    f"{kind}: no layer named {ref!r} in the base spec{closest(ref, self.base_names)}; "
+                    f"its layers are: {', '.join(self.base_names)}"
+                )
+            index = self.base_names.index(ref)
+        else:
+            if not -count <= ref < count:
+                raise CapasError(
+                    f"{kind}: layer index {ref} is out of range; the base spec has {count} layers (0..{count - 1})"
+                )
+            index = ref % count
+        for position, (origin, _) in enumerate(self.layers):
+            if origin == index:
+                return position
+        raise CapasError(f"{kind}: layer {self.base_names[index]!r} was already removed by another change")
+
+
+KindApply = Callable[[Draft, Any], None]
+AfterTrain = Callable[[Path, Any], dict]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A change kind: `apply` edits the draft before training; a kind that acts on the trained model
+    (e.g. a future `compress`) also gives `after_train(run_dir, args) -> metrics`, which the worker
+    calls after training for variants whose `extras` hold that kind's arguments."""
+
+    apply: KindApply
+    after_train: AfterTrain | None = None
+
+
+KINDS: dict[str, Kind] = {}
+"""Change kinds by the key users write in an alternative: adding one touches only this registry."""
+
+
+def kind(name: str, after_train: AfterTrain | None = None) -> Callable[[KindApply], KindApply]:
+    """Register a change kind under the key users write."""
+
+    def register(apply: KindApply) -> KindApply:
+        KINDS[name] = Kind(apply, after_train)
+        return apply
+
+    return register
+
+
+def _mapping(value: Any, kind_name: str, keys: str) -> dict:
+    if not isinstance(value, dict):
+        raise CapasError(f"{kind_name}: expected a mapping with {keys}, got {value!r}")
+    return value
+
+
+def _layer_item(index: int, item: Any, kind_name: str) -> Any:
+    try:
+        parse_layer(index, item)  # the layer alone must be valid; shapes are checked on the whole spec
+    except CapasError as error:
+        raise CapasError(f"{kind_name}: {error}") from None
+    return item
+
+
+@kind("replace")
+def _replace(draft: Draft, args: Any) -> None:
+    """replace: {layer: REF, with: LAYER}"""
+    args = _mapping(args, "replace", "'layer' and 'with'")
+    if set(args) != {"layer", "with"}:
+        raise CapasError(
+            f"replace: expected exactly the keys 'layer' and 'with', got {', '.join(map(str, args))}"
+        )
+    position = draft.position(args["layer"], "replace")
+    # the new layer keeps the old one's place: the diff shows it as replaced, later references reach it
+    draft.layers[position] = (draft.layers[position][0], _layer_item(position, args["with"], "replace"))
+
+
+@kind("insert")
+def _insert(draft: Draft, args: Any) -> None:
+    """insert: {before: REF | after: REF, layer: LAYER}"""
+    args = _mapping(args, "insert", "'before' or 'after', and 'layer'")
+    where = [k for k in ("before", "after") if k in args]
+    if len(where) != 1 or "layer" not in args or len(args) != 2:
+        raise CapasError(
+            f"insert: expected 'layer' and one of 'before' or 'after', got {', '.join(map(str, args))}"
+        )
+    position = draft.position(args[where[0]], "insert") + (where[0] == "after")
+    draft.layers.insert(position, (None, _layer_item(position, args["layer"], "insert")))
+
+
+@kind("remove")
+def _remove(draft: Draft, args: Any) -> None:
+    """remove: REF"""
+    del draft.layers[draft.position(args, "remove")]
+
+
+@kind("keywords")
+def _keywords(draft: Draft, args: Any) -> None:
+    """keywords: {REF: {keyword: value}}; a null value goes back to Keras' default."""
+    for ref, values in _mapping(args, "keywords", "layer references as keys").items():
+        values = _mapping(values, f"keywords of {ref!r}", "keyword: value pairs")
+        position = draft.position(ref, "keywords")
+        origin, item = draft.layers[position]
+        type_name, current = (item, {}) if isinstance(item, str) else next(iter(item.items()))
+        merged = {**(current or {}), **values}
+        merged = {k: v for k, v in merged.items() if v is not None}
+        draft.layers[position] = (
+            origin,
+            _layer_item(position, {type_name: merged} if merged else type_name, "keywords"),
+        )
+
+
+def _set_dotted(target: dict, path: str, value: Any, kind_name: str) -> None:
+    keys = str(path).split(".")
+    for key in keys[:-1]:
+        node = target.get(key)
+        if node is None:
+            node = target[key] = {}
+        if not isinstance(node, dict):
+            raise CapasError(f"{kind_name}: {path!r}: {key!r} is {node!r}, not a mapping")
+        target = node
+    target[keys[-1]] = copy.deepcopy(value)
+
+
+@kind("train")
+def _train(draft: Draft, args: Any) -> None:
+    """train: {dotted.key: value}, e.g. {optimizer.name: sgd, optimizer.lr: 0.01, batch_size: 64}"""
+    for path, value in _mapping(args, "train", "dotted training keys").items():
+        _set_dotted(draft.train, path, value, "train")
+
+
+@kind("spec")
+def _spec(draft: Draft, args: Any) -> None:
+    """spec: {dotted.key: value} for the spec's own keys, e.g. {backbone.frozen: 2, input_shape: [32, 32, 3]}"""
+    for path, value in _mapping(args, "spec", "dotted spec keys").items():
+        if str(path).split(".")[0] in ("layers", "name"):
+            raise CapasError(
+                f"spec: {path!r} cannot be set this way; change layers with replace, insert, remove or keywords"
+            )
+        _set_dotted(draft.spec, path, value, "spec")
+
+
+def _compress_after_train(run_dir: Path, args: dict) -> dict:
+    from capas.deploy.compress import compress_for_study
+
+    return compress_for_study(run_dir, args)
+
+
+@kind("compress", after_train=_compress_after_train)
+def _compress(draft: Draft, args: Any) -> None:
+    """compress: {quantize: int8|dynamic} or {prune: AMOUNT, structured: true, finetune_epochs: N}; applied after training"""
+    from capas.deploy.compress import check_method
+
+    args = _mapping(args, "compress", "'quantize', or 'prune' with 'structured' and 'finetune_epochs'")
+    unknown = set(args) - {"quantize", "prune", "structured", "finetune_epochs"}
+    if unknown:
+        raise CapasError(
+            f"compress: unknown key(s) {', '.join(map(str, unknown))}; allowed: quantize, prune, structured, finetune_epochs"
+        )
+    check_method(args.get("quantize"), args.get("prune"), args.get("finetune_epochs", 0))
+    draft.extras["compress"] = dict(args)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One fully resolved variant: the documents every seed of it trains with."""
+
+    name: str
+    changes: tuple[str, ...]  # "variation: alternative" for each non-base choice
+    spec: dict
+    train: dict
+    data: dict
+    origins: tuple[int | None, ...]  # base index of each layer (None: inserted)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec.from_dict(self.spec, source=f"variant {self.name!r}")
+
+    def run_config(self, seed: int) -> dict:
+        """The JSON-able config of one run (seed changes initialisation and shuffling, not the splits)."""
+        return {
+            "spec": self.spec,
+            "train": {**self.train, "seed": seed},
+            "data": self.data,
+            "extras": self.extras,
+        }
+
+
+@dataclass(frozen=True)
+class Alternative:
+    name: str
+    changes: dict
+
+
+@dataclass(frozen=True)
+class Variation:
+    name: str
+    alternatives: tuple[Alternative, ...]
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    source: str
+    design: str
+    seeds: tuple[int, ...]
+    variants: tuple[Variant, ...]  # the base first
+
+    @property
+    def base(self) -> Variant:
+        return self.variants[0]
+
+    def runs(self) -> list[tuple[Variant, int]]:
+        return [(variant, seed) for variant in self.variants for seed in self.seeds]
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flat_items(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as {dotted.key: leaf}, to say exactly what differs between two configs."""
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flat_items(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def directory_name(name: str) -> str:
+    """A variant name as a folder name: letters, digits, '.', '_', '-' and '+'."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-") or "variant"
+
+
+def _seeds(value: Any, source: str) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return tuple(range(value))
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        and len(set(value)) == len(value)
+    ):
+        return tuple(value)
+    raise CapasError(
+        f"{source}: 'seeds' must be a count (e.g. 3) or a list of distinct non-negative integers, got {value!r}"
+    )
+
+
+def _variations(raw: Any, source: str) -> tuple[Variation, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise CapasError(
+            f"{source}: 'variations' must be a list of variations, each with a name and alternatives"
+        )
+    out = []
+    for i, item in enumerate(raw):
+        where = f"{source}: variation {i}"
+        if not isinstance(item, dict) or set(item) - {"name", "alternatives"} or "alternatives" not in item:
+            raise CapasError(f"{where}: expected a mapping with 'name' and 'alternatives', got {item!r}")
+        name = item.get("name", f"variation-{i}")
+        if not isinstance(name, str) or not name:
+            raise CapasError(f"{where}: 'name' must be a non-empty string, got {name!r}")
+        where = f"{source}: variation {name!r}"
+        alternatives = item["alternatives"]
+        if not isinstance(alternatives, list) or not alternatives:
+            raise CapasError(f"{where}: 'alternatives' must be a non-empty list")
+        parsed = []
+        for j, alt in enumerate(alternatives):
+            if not isinstance(alt, dict):
+                raise CapasError(f"{where}, alternative {j}: expected a mapping of changes, got {alt!r}")
+            alt_name = alt.get("name", f"{name}-{j + 1}")
+            if not isinstance(alt_name, str) or not alt_name:
+                raise CapasError(
+                    f"{where}, alternative {j}: 'name' must be a non-empty string, got {alt_name!r}"
+                )
+            changes = {k: v for k, v in alt.items() if k != "name"}
+            for key in changes:
+                if key not in KINDS:
+                    raise CapasError(
+                        f"{where}, alternative {alt_name!r}: unknown change {key!r}{closest(str(key), KINDS)}; "
+                        f"allowed: {', '.join(KINDS)}"
+                    )
+            if not changes:
+                raise CapasError(
+                    f"{where}, alternative {alt_name!r}: no change given; allowed: {', '.join(KINDS)}"
+                )
+            parsed.append(Alternative(alt_name, changes))
+        out.append(Variation(name, tuple(parsed)))
+    return tuple(out)
+
+
+def _base_spec(raw: Any, folder: Path, source: str) -> dict:
+    if isinstance(raw, str):
+        path = Path(raw) if Path(raw).is_absolute() else folder / raw
+        document = load_document(path)
+        ModelSpec.from_dict(document, source=str(path))
+        return document
+    if isinstance(raw, dict):
+        ModelSpec.from_dict(raw, source=f"{source}: base.spec")
+        return copy.deepcopy(raw)
+    raise CapasError(
+        f"{source}: 'base.spec' must be a path to a spec file or an inline spec mapping, got {raw!r}"
+    )
+
+
+def _resolve(base: Draft, choices: list[tuple[Variation, Alternative]], name: str, source: str) -> Variant:
+    draft = copy.deepcopy(base)
+    for variation, alternative in choices:
+        where = f"{source}: variation {variation.name!r}, alternative {alternative.name!r}"
+        for key, args in alternative.changes.items():
+            try:
+                for item in (
+                    args if isinstance(args, list) and key in ("replace", "insert", "remove") else [args]
+                ):
+                    KINDS[key].apply(draft, item)
+            except CapasError as error:
+                raise CapasError(f"{where}: {error}") from None
+    where = (
+        f"{source}: variant {name!r} ({'; '.join(f'{v.name}: {a.name}' for v, a in choices) or 'the base'})"
+    )
+    spec = {**draft.spec, "layers": [item for _, item in draft.layers]}
+    try:
+        ModelSpec.from_dict(spec, source="spec")
+        train = parse_config(TrainConfig, draft.train, "train").model_dump(mode="json")
+        data = parse_config(DataConfig, draft.data, "data").model_dump(mode="json")
+    except CapasError as error:
+        raise CapasError(f"{where}: {error}") from None
+    return Variant(
+        name=name,
+        changes=tuple(f"{v.name}: {a.name}" for v, a in choices),
+        spec=spec,
+        train=train,
+        data=data,
+        origins=tuple(origin for origin, _ in draft.layers),
+        extras=draft.extras,
+    )
+
+
+def load_study(
+    path: str | Path,
+    *,
+    data: str | None = None,
+    seeds: int | None = None,
+    input_shape: list[int] | None = None,
+) -> Study:
+    """Load a study file and resolve and validate every variant; `data`, `seeds` and `input_shape` override it."""
+    path = Path(path)
+    source = str(path)
+    document = load_document(path)
+    allowed = {"name", "base", "seeds", "design", "variations"}
+    if not isinstance(document, dict):
+        raise CapasError(f"{source}: expected a mapping with {', '.join(sorted(allowed))}")
+    for key in document:
+        if key not in allowed:
+            raise CapasError(
+                f"{source}: unknown key {key!r}{closest(str(key), allowed)}; allowed: {', '.join(sorted(allowed))}"
+            )
+    name = document.get("name", path.stem)
+    if not isinstance(name, str) or not name:
+        raise CapasError(f"{source}: 'name' must be a non-empty string, got {name!r}")
+    base = document.get("base")
+    base_keys = {"name", "spec", "train", "data"}
+    if not isinstance(base, dict) or "spec" not in base or set(base) - base_keys:
+        raise CapasError(
+            f"{source}: 'base' must be a mapping with 'spec' and optionally name, train and data"
+        )
+    base_name = base.get("name", "base")
+    if not isinstance(base_name, str) or not base_name:
+        raise CapasError(f"{source}: 'base.name' must be a non-empty string, got {base_name!r}")
+    design = document.get("design", "one-at-a-time")
+    if design not in DESIGNS:
+        raise CapasError(
+            f"{source}: unknown design {design!r}{closest(str(design), DESIGNS)}; allowed: {', '.join(DESIGNS)}"
+        )
+    seed_list = _seeds(document.get("seeds", DEFAULT_SEEDS), source)
+    if seeds is not None:
+        seed_list = _seeds(seeds, "--seeds")
+
+    spec = _base_spec(base["spec"], path.parent, source)
+    if input_shape is not None:
+        spec = {**spec, "input_shape": list(input_shape)}
+    train = base.get("train") or {}
+    data_raw = dict(base.get("data") or {})
+    if data is not None:
+        data_raw["name"] = data
+    for key, raw in (("train", train), ("data", data_raw)):
+        if not isinstance(raw, dict):
+            raise CapasError(f"{source}: 'base.{key}' must be a mapping, got {raw!r}")
+    base_model = ModelSpec.from_dict(spec, source=f"{source}: base.spec")
+    draft = Draft(
+        spec=copy.deepcopy(spec),
+        layers=list(enumerate(copy.deepcopy(spec["layers"]))),
+        train=copy.deepcopy(train),
+        data=data_raw,
+        base_names=[info.name for info in base_model.layer_infos()],
+    )
+
+    variations = _variations(document.get("variations"), source)
+    names = [v.name for v in variations]
+    if len(set(names)) != len(names):
+        raise CapasError(
+            f"{source}: variation names must be unique; repeated: {', '.join(sorted({n for n in names if names.count(n) > 1}))}"
+        )
+    if design == "one-at-a-time":
+        combos = [[(variation, alt)] for variation in variations for alt in variation.alternatives]
+    else:  # grid: each variation contributes its base option (None) or one of its alternatives
+        options = [[None, *v.alternatives] for v in variations]
+        combos = [
+            [(v, a) for v, a in zip(variations, choice, strict=True) if a is not None]
+            for choice in itertools.product(*options)
+        ][1:]  # the first combination is the base itself
+
+    variants = [_resolve(draft, [], base_name, source)]
+    for choices in combos:
+        variants.append(_resolve(draft, choices, "+".join(a.name for _, a in choices), source))
+    seen: dict[str, str] = {}
+    for variant in variants:
+        folder = directory_name(variant.name)
+        if folder in seen:
+            raise CapasError(
+                f"{source}: variant name {variant.name!r} is used twice (or collides with {seen[folder]!r} as a folder name); "
+                "give each alternative and the base a unique name"
+            )
+        seen[folder] = variant.name
+    return Study(name=name, source=source, design=design, seeds=seed_list, variants=tuple(variants))

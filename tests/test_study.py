@@ -1,0 +1,282 @@
+"""Layer studies: study files and their validation, statistics, the SQLite store, the report, a real run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from rich.console import Console
+from scipy import stats as scipy_stats
+
+from capas.errors import CapasError
+from capas.models import summarize
+from capas.spec import ModelSpec
+from capas.study import KINDS, load_study
+from capas.study.report import architecture_diff, collect, param_formula
+from capas.study.run import run_study
+from capas.study.stats import mean_ci, paired_comparison
+from capas.study.store import Store
+
+EXAMPLES = Path(__file__).parent.parent / "examples" / "studies"
+
+SPEC = {
+    "name": "small",
+    "input_shape": [28, 28, 1],
+    "layers": [
+        {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
+        {"MaxPooling2D": {"pool_size": 2}},
+        {"Dropout": {"rate": 0.25}},
+        "Flatten",
+        {"Dense": {"units": 10, "activation": "softmax"}},
+    ],
+}
+
+
+def study_doc(**changes) -> dict:
+    doc = {
+        "name": "t",
+        "base": {
+            "name": "Flatten",
+            "spec": copy.deepcopy(SPEC),
+            "train": {"epochs": 1, "batch_size": 64},
+            "data": {"name": "fashion-mnist", "limit": 300},
+        },
+        "seeds": 2,
+        "variations": [
+            {
+                "name": "head",
+                "alternatives": [
+                    {"name": "GAP", "replace": {"layer": "flatten", "with": "GlobalAveragePooling2D"}}
+                ],
+            },
+            {
+                "name": "optimizer",
+                "alternatives": [{"name": "sgd", "train": {"optimizer.name": "sgd", "optimizer.lr": 0.05}}],
+            },
+        ],
+    }
+    doc.update(changes)
+    return doc
+
+
+def write(tmp_path: Path, doc: dict, name: str = "study.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_one_at_a_time_and_grid_resolve_every_variant(tmp_path):
+    study = load_study(write(tmp_path, study_doc()))
+    assert [v.name for v in study.variants] == ["Flatten", "GAP", "sgd"]
+    assert study.seeds == (0, 1)
+    gap = study.variants[1]
+    assert gap.spec["layers"][3] == "GlobalAveragePooling2D" and gap.train == study.base.train
+    sgd = study.variants[2]
+    assert sgd.train["optimizer"]["name"] == "sgd" and sgd.train["optimizer"]["lr"] == 0.05
+    assert sgd.spec == study.base.spec
+    # the seed changes initialisation and shuffling only: the split seed is shared
+    configs = [v.run_config(s) for v, s in study.runs()]
+    assert {c["data"]["split_seed"] for c in configs} == {0}
+    assert {c["train"]["seed"] for c in configs} == {0, 1}
+
+    grid = load_study(write(tmp_path, study_doc(design="grid")))
+    assert [v.name for v in grid.variants] == ["Flatten", "sgd", "GAP", "GAP+sgd"]
+    both = grid.variants[3]
+    assert both.spec["layers"][3] == "GlobalAveragePooling2D" and both.train["optimizer"]["name"] == "sgd"
+
+
+def test_change_kinds_refer_to_base_layers_by_index_or_name(tmp_path):
+    alternative = {
+        "name": "many",
+        "insert": {"after": 0, "layer": "BatchNormalization"},
+        "remove": "dropout",
+        "keywords": {"max_pooling2d": {"pool_size": 3, "strides": 2}, -1: {"units": 10}},
+        "spec": {"input_shape": [32, 32, 3]},
+    }
+    doc = study_doc(variations=[{"name": "mixed", "alternatives": [alternative]}])
+    variant = load_study(write(tmp_path, doc)).variants[1]
+    types = [next(iter(item)) if isinstance(item, dict) else item for item in variant.spec["layers"]]
+    assert types == ["Conv2D", "BatchNormalization", "MaxPooling2D", "Flatten", "Dense"]
+    assert variant.spec["layers"][2] == {"MaxPooling2D": {"pool_size": 3, "strides": 2}}
+    assert variant.spec["input_shape"] == [32, 32, 3]
+    assert variant.origins == (0, None, 1, 3, 4)
+
+
+@pytest.mark.parametrize(
+    ("alternative", "message"),
+    [
+        (
+            {"remove": "dense_7"},
+            r"variation 'v', alternative 'a': remove: no layer named 'dense_7'.*its layers are",
+        ),
+        ({"remove": 9}, r"variation 'v', alternative 'a': remove: layer index 9 is out of range"),
+        (
+            {"keywords": {"dense": {"rate": 0.5}}},
+            r"variation 'v', alternative 'a': keywords: .*unknown keyword 'rate'",
+        ),
+        (
+            {"keywords": {"max_pooling2d": {"pool_size": 40}}},
+            r"variant 'a' \(v: a\): layer 1 \(MaxPooling2D\): the output would be 0×0",
+        ),
+        (
+            {"replace": {"layer": "flatten", "with": "Flattn"}},
+            r"variation 'v'.*unknown layer type 'Flattn'.*did you mean 'Flatten'",
+        ),
+        ({"train": {"optimizer.name": "lion"}}, r"variant 'a' \(v: a\): train: keyword 'optimizer.name'"),
+        (
+            {"train": {"epoch": 3}},
+            r"variant 'a' \(v: a\): train: unknown key 'epoch' \(did you mean 'epochs'\?\)",
+        ),
+        ({"shuffle": True}, r"variation 'v', alternative 'a': unknown change 'shuffle'"),
+        ({"remove": "flatten"}, r"variant 'a' \(v: a\): .*needs a flat vector"),
+    ],
+)
+def test_bad_study_files_are_rejected_naming_the_variation(tmp_path, alternative, message):
+    doc = study_doc(variations=[{"name": "v", "alternatives": [{"name": "a", **alternative}]}])
+    with pytest.raises(CapasError, match=message):
+        load_study(write(tmp_path, doc))
+
+
+def test_duplicate_variant_names_are_rejected(tmp_path):
+    alt = {"name": "Flatten", "train": {"batch_size": 32}}
+    with pytest.raises(CapasError, match="variant name 'Flatten' is used twice"):
+        load_study(write(tmp_path, study_doc(variations=[{"name": "v", "alternatives": [alt]}])))
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_studies_are_valid(path):
+    study = load_study(path)
+    assert len(study.variants) >= 3
+    cifar = load_study(path, data="folder:/nonexistent", input_shape=[32, 32, 3])
+    assert cifar.base.data["name"] == "folder:/nonexistent" and cifar.base.spec["input_shape"] == [32, 32, 3]
+
+
+def test_mean_ci_and_paired_test_match_scipy():
+    values = [0.81, 0.84, 0.80, 0.83]
+    est = mean_ci(values)
+    half = scipy_stats.t.ppf(0.975, 3) * np.std(values, ddof=1) / 2
+    assert est.mean == pytest.approx(np.mean(values)) and est.half_width == pytest.approx(half)
+    assert math.isnan(mean_ci([0.5]).half_width)
+    base = {0: 0.80, 1: 0.82, 2: 0.79}
+    variant = {0: 0.78, 1: 0.81, 2: 0.75, 7: 0.99}  # seed 7 has no partner and is left out
+    comparison = paired_comparison(variant, base)
+    assert comparison.difference.n == 3
+    assert comparison.difference.mean == pytest.approx(np.mean([-0.02, -0.01, -0.04]))
+    assert comparison.p_value == pytest.approx(
+        scipy_stats.ttest_rel([0.78, 0.81, 0.75], [0.80, 0.82, 0.79]).pvalue
+    )
+    assert paired_comparison(base, base).p_value == 1.0 and not paired_comparison(base, base).significant
+
+
+def test_store_is_a_wal_sqlite_file_that_survives_reopening(tmp_path):
+    path = tmp_path / "s.sqlite"
+    with Store(path) as store:
+        store.add_run("a/seed-0", "a", 0, {"x": 1}, "h")
+        store.start("a/seed-0")
+        store.add_epoch("a/seed-0", {"epoch": 1, "val_accuracy": 0.5})
+        store.finish("a/seed-0", {"history": [{"epoch": 1, "val_accuracy": 0.6}], "wall_seconds": 2.0})
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with Store(path) as store:
+        row = store.runs()["a/seed-0"]
+        assert (row.status, row.attempts, row.seconds) == ("done", 1, 2.0)
+        assert store.epochs("a/seed-0") == [{"epoch": 1, "val_accuracy": 0.6}]
+    (tmp_path / "bad.sqlite").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(CapasError, match="not a readable study database"):
+        Store(tmp_path / "bad.sqlite")
+
+
+def test_parameter_formulas_give_keras_counts():
+    spec = ModelSpec.from_dict(
+        {
+            "input_shape": [32, 32, 3],
+            "layers": [
+                {"Conv2D": {"filters": 128, "kernel_size": 3}},
+                "BatchNormalization",
+                "Flatten",
+                {"Dense": {"units": 10}},
+            ],
+        }
+    )
+    rows = summarize(spec).rows
+    texts = [param_formula(r.layer, r.input_shape, r.trainable, r.non_trainable) for r in rows]
+    assert texts == [
+        "3·3·3·128 + 128 = 3,584",
+        "4·128 = 512 (256 not trainable)",
+        "0",
+        "115200·10 + 10 = 1,152,010",
+    ]
+
+
+def test_architecture_diff_names_changed_layers(tmp_path):
+    study = load_study(write(tmp_path, study_doc()))
+    report = collect(study, {})
+    diff = architecture_diff(report.variants[0], report.variants[1])
+    assert [(r.change, r.before.name, r.after.name) for r in diff] == [
+        ("replaced", "flatten", "global_average_pooling2d"),
+        ("input changed", "dense", "dense"),
+    ]
+    assert (diff[1].before.trainable, diff[1].after.trainable) == (13 * 13 * 4 * 10 + 10, 4 * 10 + 10)
+    assert architecture_diff(report.variants[0], report.variants[2]) == []
+
+
+def test_a_compress_like_kind_plugs_in_with_one_registration(tmp_path):
+    from capas.study.spec import kind
+
+    @kind("note", after_train=lambda run_dir, args: {"files": sorted(p.name for p in run_dir.iterdir())})
+    def _note(draft, args):
+        draft.extras["note"] = args
+
+    try:
+        doc = study_doc(variations=[{"name": "v", "alternatives": [{"name": "a", "note": "x"}]}])
+        assert load_study(write(tmp_path, doc)).variants[1].extras == {"note": "x"}
+    finally:
+        del KINDS["note"]
+
+
+def test_study_runs_writes_report_and_skips_finished_runs(tmp_path):
+    doc = study_doc()
+    doc["variations"].append(
+        {"name": "budget", "alternatives": [{"name": "budget", "train": {"max_samples": 100}}]}
+    )
+    path = write(tmp_path, doc)
+    out = tmp_path / "out"
+    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115
+    outcome = run_study(path, out=out, workers=1, console=console)
+    assert (outcome.trained, outcome.skipped, outcome.failed) == (8, 0, [])
+    with Store(out / "study.sqlite") as store:
+        rows = store.runs()
+        assert sorted(rows) == [f"{v}/seed-{s}" for v in ("Flatten", "GAP", "budget", "sgd") for s in (0, 1)]
+        assert {r.status for r in rows.values()} == {"done"}
+        assert all(len(store.epochs(rid)) == 1 for rid in rows)
+        result = rows["GAP/seed-1"].result
+    run_dir = out / "runs" / "GAP" / "seed-1"
+    assert json.loads((run_dir / "test.json").read_text())["test_accuracy"] == result["test_accuracy"]
+    assert result["history"][0]["epoch"] == 1 and result["worker"]["threads"] >= 1
+    # different seeds really train differently; the same splits: same test set size
+    assert rows["GAP/seed-0"].result["test_loss"] != rows["GAP/seed-1"].result["test_loss"]
+    md = (out / "report.md").read_text()
+    assert "GAP instead of Flatten: 6,720 fewer parameters" in md and "paired t-test" in md
+    assert "| replaced | flatten (Flatten)" in md and "train.optimizer.name: 'adam' → 'sgd'" in md
+    assert rows["budget/seed-0"].result["stopped"] == "sample budget" and "| 2 sample budget |" in md
+    page = (out / "report.html").read_text()
+    assert page.count("src='data:image/png;base64,") == 4 and "<script" not in page
+    assert sorted(p.name for p in (out / "plots").iterdir()) == [
+        "accuracy_vs_params.png",
+        "accuracy_vs_time.png",
+        "learning_curves.png",
+        "per_class_accuracy.png",
+    ]
+
+    again = run_study(path, out=out, workers=1, console=console)
+    assert (again.trained, again.skipped) == (0, 8)
+    assert (out / "report.md").read_text() == md  # the report comes from the store alone
+
+    doc["base"]["train"]["epochs"] = 2
+    with pytest.raises(CapasError, match=r"changed since these runs finished.*train.epochs: 1 -> 2"):
+        run_study(write(tmp_path, doc), out=out, workers=1, console=console)
