@@ -1,0 +1,162 @@
+"""ONNX export of a run's model, with outputs `logits` and `embedding` and a checked parity with PyTorch.
+
+The exporter is PyTorch's default since 2.9, the torch.export-based one (it needs onnxscript); the
+TorchScript-based exporter is deprecated. The batch dimension is dynamic; the second output, the
+penultimate features, lets drift monitoring work on ONNX models as it does on PyTorch ones.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from capas import atomic
+from capas.data import Preprocess, make_splits
+from capas.errors import CapasError
+from capas.models import CapasNet
+from capas.runs import Run, load_run
+from capas.spec import DataConfig
+
+OPSET = 18
+ATOL = RTOL = 1e-4  # parity: |onnx - torch| <= ATOL + RTOL * |torch|, elementwise, on logits and embeddings
+PARITY_IMAGES = 256  # test images the parity check runs on
+
+
+class _WithEmbedding(nn.Module):
+    """CapasNet's forward and embed in one pass: (B, C, H, W) -> (logits (B, K), embedding (B, F))."""
+
+    def __init__(self, model: CapasNet):
+        super().__init__()
+        modules = list(model.layers.values())
+        last = max(i for i, m in enumerate(modules) if next(m.parameters(), None) is not None)
+        self.features, self.head = nn.Sequential(*modules[:last]), nn.Sequential(*modules[last:])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x)
+        return self.head(features), features.flatten(1)
+
+
+def export_onnx(model: CapasNet, path: str | Path) -> Path:
+    """Write `model` as ONNX (opset 18, dynamic batch), checked with onnx's checker; atomic."""
+    import onnx
+
+    spec = model.spec
+    height, width, channels = spec.input_shape
+    wrapper = _WithEmbedding(model.cpu().eval()).eval()
+    example = torch.zeros(2, channels, height, width)
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notes on its own internals, not the user's
+            program = torch.onnx.export(
+                wrapper,
+                (example,),
+                input_names=["input"],
+                output_names=["logits", "embedding"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+        program.save(str(tmp), external_data=False)
+        onnx.checker.check_model(str(tmp), full_check=True)
+
+    try:
+        return atomic.write_with(path, write)
+    except onnx.checker.ValidationError as error:
+        raise CapasError(f"{spec.name}: the exported ONNX graph fails onnx's checker: {error}") from None
+
+
+@dataclass
+class Parity:
+    """How closely an ONNX model reproduces PyTorch on real images."""
+
+    images: int
+    max_abs_logits: float
+    max_abs_embedding: float
+    agreement: float  # fraction of images with the same predicted class
+    within_tolerance: bool
+    atol: float = ATOL
+    rtol: float = RTOL
+
+
+@torch.no_grad()
+def parity(model: nn.Module, onnx_model, images: torch.Tensor, preprocess: Preprocess) -> Parity:
+    """Compare `onnx_model` (an OnnxModel) with the PyTorch `model` on uint8 (N, C, H, W) images."""
+    x = preprocess(images)
+    want_logits, want_embedding = model.cpu().eval()(x), model.embed(x)
+    got_logits, got_embedding = onnx_model(x), onnx_model.embed(x)
+    close = torch.allclose(got_logits, want_logits, rtol=RTOL, atol=ATOL) and torch.allclose(
+        got_embedding, want_embedding, rtol=RTOL, atol=ATOL
+    )
+    return Parity(
+        images=len(x),
+        max_abs_logits=(got_logits - want_logits).abs().max().item(),
+        max_abs_embedding=(got_embedding - want_embedding).abs().max().item(),
+        agreement=(got_logits.argmax(1) == want_logits.argmax(1)).float().mean().item(),
+        within_tolerance=close,
+    )
+
+
+def run_splits(run: Run, limit_train: int | None = None):
+    """The train/val/test splits a run was trained on (from its config.json)."""
+    recorded = run.read_json("config.json") or {}
+    if "data" not in recorded:
+        raise CapasError(
+            f"{run.path}: config.json records no dataset, so there are no images to check or calibrate on"
+        )
+    data = DataConfig.model_validate(recorded["data"])
+    splits = make_splits(
+        data.name,
+        data_dir=data.data_dir,
+        val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction,
+        seed=data.split_seed,
+        limit=data.limit,
+    )
+    if splits.test.classes != run.classes:
+        raise CapasError(
+            f"{run.path}: {data.name} has classes {list(splits.test.classes)}, the run {list(run.classes)}"
+        )
+    return splits
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    bytes: int
+    parity: Parity
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "bytes": self.bytes, "parity": asdict(self.parity)}
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None) -> ExportResult:
+    """Export a run directory's model to ONNX (default RUN/model.onnx) and check it on the run's test images.
+
+    A result outside the tolerance is an error, and the file is removed: an export that changes the
+    predictions is not an export.
+    """
+    from capas.deploy.runtime import OnnxModel
+
+    run = load_run(run_dir)
+    if not isinstance(run.model, CapasNet):
+        raise CapasError(
+            f"{run.path}: already an ONNX run ({run.model.path.name}); export its float source instead"
+        )
+    out = Path(out) if out is not None else run.path / "model.onnx"
+    images = run_splits(run).test.images[:PARITY_IMAGES]
+    export_onnx(run.model, out)
+    check = parity(run.model, OnnxModel(out), images, run.preprocess)
+    if not check.within_tolerance:
+        out.unlink()
+        raise CapasError(
+            f"{out}: ONNX Runtime's outputs differ from PyTorch's by up to {check.max_abs_logits:.2e} (logits) "
+            f"on {check.images} test images, beyond atol={ATOL}, rtol={RTOL}; the file was not kept"
+        )
+    return ExportResult(out, out.stat().st_size, check)

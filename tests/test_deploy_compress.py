@@ -1,0 +1,297 @@
+"""Export, quantization and pruning of a real (tiny) run trained on Fashion-MNIST."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from capas.cli import app
+from capas.deploy.compress import _prune_structured, compress_run
+from capas.deploy.export import ATOL, export_run
+from capas.deploy.measure import Repeats
+from capas.deploy.runtime import OnnxModel
+from capas.errors import CapasError
+from capas.models import build_model
+from capas.predict import evaluate_run, predict
+from capas.runs import load_run, write_run
+from capas.spec import DataConfig, ModelSpec, TrainConfig
+from capas.train import train
+
+TINY = {
+    "name": "tiny-mnist",
+    "input_shape": [28, 28, 1],
+    "layers": [
+        {"Conv2D": {"filters": 8, "kernel_size": 3, "activation": "relu"}},
+        {"Conv2D": {"filters": 16, "kernel_size": 3, "activation": "relu"}},
+        {"MaxPooling2D": {"pool_size": 2}},
+        {"Dropout": {"rate": 0.25}},
+        "Flatten",
+        {"Dense": {"units": 32, "activation": "relu"}},
+        {"Dropout": {"rate": 0.5}},
+        {"Dense": {"units": 10, "activation": "softmax"}},
+    ],
+}
+FAST = Repeats(batch1=10, batch64=3, warmup=1)
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    spec = ModelSpec.from_dict(TINY)
+    train(
+        spec,
+        DataConfig(name="fashion-mnist", limit=2000),
+        TrainConfig(epochs=1, batch_size=64, device="cpu"),
+        out,
+    )
+    return out
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def fails_cleanly(args: list[str], *words: str):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "error:" in result.output
+    for word in words:
+        assert word in result.output, result.output
+    return result
+
+
+def test_export_onnx_matches_pytorch_with_dynamic_batch(run_dir, tmp_path):
+    out = tmp_path / "model.onnx"
+    result = runner.invoke(app, ["export", str(run_dir), "--onnx", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "same class for 100.0%" in result.output
+    onnx.checker.check_model(str(out), full_check=True)
+    graph = onnx.load(str(out)).graph
+    assert [o.name for o in graph.output] == ["logits", "embedding"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch dimension
+
+    run, model = load_run(run_dir), OnnxModel(out)
+    images = torch.randint(0, 256, (7, 1, 28, 28), dtype=torch.uint8)
+    for batch in (1, 7):
+        x = run.preprocess(images[:batch])
+        assert torch.allclose(model(x), run.model(x), atol=ATOL, rtol=ATOL)
+        assert torch.allclose(model.embed(x), run.model.embed(x), atol=ATOL, rtol=ATOL)
+    check = export_run(run_dir, tmp_path / "again.onnx").parity
+    assert check.within_tolerance and check.images == 256 and check.max_abs_logits < ATOL
+
+
+def test_int8_is_a_run_directory_that_evaluate_predict_and_summary_accept(run_dir, tmp_path):
+    before = hashes(run_dir)
+    out, comparison = compress_run(run_dir, quantize="int8", out=tmp_path / "int8", repeats=FAST)
+    assert hashes(run_dir) == before
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["method"] == "quantize-int8"
+    assert lineage["source_model_sha256"] == before["model.safetensors"]
+    assert lineage["settings"]["calibration"] == "MinMax" and lineage["settings"]["format"] == "QDQ"
+    assert {"compress.json", "compress.md", "runtime.json", "model.onnx", "reference.safetensors"} <= set(
+        hashes(out)
+    )
+    assert "QuantizeLinear" in {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
+
+    original, float_onnx, int8 = comparison.measurements
+    assert original.bytes / int8.bytes > 3.0  # weights to int8; the Dense layer dominates this model
+    assert abs(int8.accuracy - original.accuracy) < 0.03
+    assert float_onnx.accuracy == pytest.approx(original.accuracy, abs=1e-3)
+
+    run = load_run(out)
+    assert isinstance(run.model, OnnxModel)
+    _, evaluation = evaluate_run(run)
+    assert evaluation.accuracy == pytest.approx(int8.accuracy)
+    images = [torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8) for _ in range(3)]
+    predictions = predict(run, images)
+    assert len(predictions) == 3 and all(abs(sum(p.probabilities) - 1) < 1e-4 for p in predictions)
+    assert run.model.embed(run.preprocess(torch.stack(images))).shape == (3, 32)
+
+    result = runner.invoke(app, ["evaluate", str(out)])
+    assert result.exit_code == 0 and "test accuracy" in result.output
+    result = runner.invoke(app, ["summary", str(out)])
+    assert result.exit_code == 0 and "float architecture" in result.output and "75,338" in result.output
+
+
+def test_dynamic_quantization_leaves_convolutions_float(run_dir, tmp_path):
+    out, comparison = compress_run(run_dir, quantize="dynamic", out=tmp_path / "dyn", repeats=FAST)
+    ops = [node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node]
+    assert ops.count("Conv") == 2 and ops.count("MatMulInteger") == 2
+    assert "convolutions were left in float32" in comparison.notes[0]
+    assert abs(comparison.measurements[-1].accuracy - comparison.measurements[0].accuracy) < 0.03
+
+
+def test_structured_pruning_removes_exactly_the_channels_that_do_nothing():
+    """Channels whose weights are all zero are removed, and the network computes the same function.
+
+    The Dense columns fed by those channels sit at Keras' (H, W, C) flatten positions: pruning the
+    wrong columns (channel-major order) would change the output.
+    """
+    spec = ModelSpec.from_dict(TINY)
+    model = build_model(spec, seed=0).eval()
+    layers = model.layers
+    conv1, conv2 = layers["conv2d"].conv, layers["conv2d_1"].conv
+    dense, head = layers["dense"].linear, layers["dense_1"].linear
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        dead1, dead2, dead_units = [0, 2, 3, 7], list(range(1, 16, 2)), list(range(0, 32, 2))
+        conv1.weight[dead1], conv1.bias[dead1], conv2.weight[:, dead1] = 0, 0, 0
+        conv2.weight[dead2], conv2.bias[dead2] = 0, 0
+        dense.weight.view(32, 12, 12, 16)[..., dead2] = 0  # (out, H, W, C): Keras' flatten order
+        dense.weight[dead_units], dense.bias[dead_units], head.weight[:, dead_units] = 0, 0, 0
+    x = torch.randn(5, 1, 28, 28)
+    expected = model(x)
+    pruned, pruned_spec = _prune_structured(model, spec, 0.5, head)
+    assert [getattr(layer, "filters", getattr(layer, "units", None)) for layer in pruned_spec.layers[:2]] == [
+        4,
+        8,
+    ]
+    assert pruned_spec.layers[5].units == 16 and pruned_spec.layers[7].units == 10
+    assert torch.allclose(pruned.eval()(x), expected, atol=1e-5)
+
+
+def test_structured_pruning_makes_a_smaller_run_that_summary_describes(run_dir, tmp_path):
+    before = hashes(run_dir)
+    out, comparison = compress_run(
+        run_dir, prune=0.5, finetune_epochs=1, out=tmp_path / "pruned", repeats=FAST
+    )
+    assert hashes(run_dir) == before
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["layers"][0] == {"Conv2D": {"filters": 4, "kernel_size": [3, 3], "activation": "relu"}}
+    original, pruned = comparison.measurements
+    assert pruned.parameters < original.parameters / 3 and pruned.bytes < original.bytes / 3
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # one fine-tuning epoch
+    result = runner.invoke(app, ["summary", str(out)])
+    assert result.exit_code == 0 and f"{pruned.parameters:,}" in result.output
+    assert evaluate_run(load_run(out))[1].accuracy == pytest.approx(pruned.accuracy)
+
+
+def test_unstructured_pruning_says_zeros_change_nothing_by_themselves(run_dir, tmp_path):
+    out = tmp_path / "sparse"
+    result = runner.invoke(
+        app,
+        [
+            "compress",
+            str(run_dir),
+            "--prune",
+            "0.5",
+            "--unstructured",
+            "--finetune-epochs",
+            "0",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "compress.json").read_text())
+    original, pruned = data["measurements"]
+    assert pruned["parameters"] == original["parameters"] and pruned["bytes"] == original["bytes"]
+    assert 0.45 < 1 - pruned["nonzero"] / original["nonzero"] < 0.55  # the classifier's 330 weights are kept
+    assert "no smaller" in data["notes"][0] and "no smaller" in (out / "compress.md").read_text()
+    assert load_run(out).model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("amount", ["0", "1", "1.5", "-0.2"])
+def test_prune_amount_outside_zero_one(run_dir, tmp_path, amount):
+    before = hashes(run_dir)
+    fails_cleanly(
+        ["compress", str(run_dir), "--prune", amount, "--out", str(tmp_path / "x")],
+        "strictly between 0 and 1",
+    )
+    assert hashes(run_dir) == before and not (tmp_path / "x").exists()
+
+
+def test_method_choice_is_checked(run_dir, tmp_path):
+    fails_cleanly(["compress", str(run_dir)], "choose one method")
+    fails_cleanly(["compress", str(run_dir), "--quantize", "int8", "--prune", "0.5"], "choose one method")
+    fails_cleanly(["compress", str(run_dir), "--quantize", "int4"], "allowed int8, dynamic")
+    fails_cleanly(["export", str(run_dir)], "--onnx")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    fails_cleanly(["compress", str(run_dir), "--prune", "0.5", "--out", str(taken)], "already exists")
+
+
+def test_tampered_run_directories_are_refused_and_left_alone(run_dir, tmp_path):
+    truncated = tmp_path / "truncated"
+    shutil.copytree(run_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    before = hashes(truncated)
+    fails_cleanly(
+        ["compress", str(truncated), "--quantize", "int8"], "model.safetensors", "unreadable weights"
+    )
+    fails_cleanly(["export", str(truncated), "--onnx"], "unreadable weights")
+    assert hashes(truncated) == before and not (tmp_path / "truncated-int8").exists()
+
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(run_dir, mismatched)
+    spec = json.loads((mismatched / "model.json").read_text())
+    spec["layers"][1]["Conv2D"]["filters"] = 12
+    (mismatched / "model.json").write_text(json.dumps(spec))
+    before = hashes(mismatched)
+    fails_cleanly(["compress", str(mismatched), "--prune", "0.5"], "do not fit the architecture")
+    assert hashes(mismatched) == before
+
+
+def test_tampered_onnx_run_is_refused(run_dir, tmp_path):
+    out, _ = compress_run(run_dir, quantize="dynamic", out=tmp_path / "dyn", repeats=FAST)
+    model = out / "model.onnx"
+    model.write_bytes(model.read_bytes()[:500])
+    with pytest.raises(CapasError, match="not a loadable ONNX model"):
+        load_run(out)
+    (out / "runtime.json").write_text(json.dumps({"runtime": "onnxruntime", "model": "../elsewhere.onnx"}))
+    fails_cleanly(["evaluate", str(out)], "runtime.json")
+
+
+def test_unsupported_layer_for_structured_pruning(run_dir, tmp_path):
+    data = dict(
+        TINY, layers=[*TINY["layers"][:2], {"GroupNormalization": {"groups": 4}}, *TINY["layers"][2:]]
+    )
+    spec = ModelSpec.from_dict(data)
+    source = load_run(run_dir)
+    grouped = tmp_path / "grouped"
+    write_run(
+        grouped,
+        spec=spec,
+        model=build_model(spec, seed=0),
+        preprocess=source.preprocess,
+        classes=source.classes,
+        config=source.read_json("config.json"),
+        history=[],
+        test=None,
+    )
+    before = hashes(grouped)
+    fails_cleanly(["compress", str(grouped), "--prune", "0.5"], "GroupNormalization", "--unstructured")
+    assert hashes(grouped) == before and not (tmp_path / "grouped-pruned50s").exists()
+
+
+def test_a_study_can_list_compression_as_a_change(run_dir, tmp_path):
+    from capas.study.spec import KINDS, Draft
+
+    draft = Draft(spec={}, layers=[], train={}, data={}, base_names=[])
+    with pytest.raises(CapasError, match="strictly between 0 and 1"):
+        KINDS["compress"].apply(draft, {"prune": 2})
+    with pytest.raises(CapasError, match="unknown key"):
+        KINDS["compress"].apply(draft, {"quantise": "int8"})
+    KINDS["compress"].apply(draft, {"quantize": "dynamic"})
+    trained = tmp_path / "variant"
+    shutil.copytree(run_dir, trained)
+    metrics = KINDS["compress"].after_train(trained, draft.extras["compress"])
+    assert metrics["method"] == "quantize-dynamic" and metrics["size_ratio"] > 3.0
+    assert (
+        Path(metrics["run"]).name == "variant-dynamic"
+        and load_run(metrics["run"]).classes == load_run(run_dir).classes
+    )
