@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 
 from capas.spec import DataConfig, ModelSpec, TrainConfig
+
+# Decoded folders and cached backbone features go to a fresh folder per test session (and to the
+# subprocesses tests start), so no test depends on what an earlier session left in ~/.cache/capas.
+os.environ["CAPAS_CACHE"] = tempfile.mkdtemp(prefix="capas-test-cache-")
+atexit.register(shutil.rmtree, os.environ["CAPAS_CACHE"], ignore_errors=True)
 
 TINY = {
     "name": "tiny",

@@ -130,7 +130,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     if runtime is not None:
         model = OnnxModel(path / runtime["model"], expect=(spec.input_shape, len(classes)))
         return Run(path, spec, model, preprocess, classes)
-    model = build_model(spec)
+    model = build_model(spec, pretrained=False)  # the run's weights replace any pretrained ones
     load_weights(path / "model.safetensors", model)
     return Run(path, spec, model.to(device).eval(), preprocess, classes)
 
@@ -167,12 +167,14 @@ def input_statistics(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def save_reference(path: Path, model: CapasNet, data: ArrayDataset, preprocess: Preprocess) -> None:
+def save_reference(
+    path: Path, model: CapasNet | OnnxModel, data: ArrayDataset, preprocess: Preprocess
+) -> None:
     """Keep what drift monitoring needs: features and input statistics of a stratified-enough sample."""
     model.eval()
     generator = torch.Generator().manual_seed(0)
     index = torch.randperm(len(data), generator=generator)[:REFERENCE_SIZE]
-    x = preprocess(data.images[index]).to(next(model.parameters()).device)
+    x = preprocess(data.images[index]).to(model_device(model))
     tensors = {
         "embeddings": model.embed(x).float().cpu().contiguous(),  # (N, F)
         "input_stats": input_statistics(x).cpu().contiguous(),  # (N, 2)

@@ -71,6 +71,8 @@ class Augment(BaseModel):
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(N, C, H, W) float -> the same shape; random numbers come from `generator`'s device."""
+        if not self.crop_padding and not self.hflip:
+            return x  # nothing to do: any tensor passes (cached backbone features are (N, F))
         n, c, h, w = x.shape
         if self.crop_padding:
             p = self.crop_padding

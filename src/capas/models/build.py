@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from capas.models.backbones import Backbone, build_backbone
 from capas.spec.model import ModelSpec
 
 
@@ -21,11 +22,17 @@ class CapasNet(nn.Module):
     `predict_proba` instead.
     """
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, pretrained: bool = False):
         super().__init__()
         self.spec = spec
         infos = spec.layer_infos()
         self.names = [info.name for info in infos]
+        self.frozen = sum(info.frozen for info in infos)  # leading backbone layers with frozen weights
+        self.backbone: Backbone | None = None
+        if spec.backbone is not None:
+            # named `backbone` so that optimizers give its parameters `backbone_lr_scale`
+            self.backbone = build_backbone(spec.backbone, pretrained=pretrained)
+            infos = infos[len(self.backbone) :]
         self.layers = nn.ModuleDict()
         strip_softmax = _ends_in_softmax(spec)
         for info in infos:
@@ -34,7 +41,27 @@ class CapasNet(nn.Module):
                 module = _without_softmax(module)
             self.layers[info.name] = module
 
+        self.set_frozen(self.frozen)
+
+    def set_frozen(self, count: int) -> None:
+        """Freeze the first `count` backbone layers (no gradients) and let the others train."""
+        self.frozen = count
+        for i, row in enumerate(self.backbone or ()):
+            row.requires_grad_(i >= count)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> CapasNet:
+        """As nn.Module.train, but frozen backbone layers stay in inference mode when `bn_frozen`
+        (their BatchNorm layers keep using and keeping their ImageNet running statistics)."""
+        super().train(mode)
+        if self.backbone is not None and self.spec.backbone.bn_frozen:
+            for row in list(self.backbone)[: self.frozen]:
+                row.eval()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) float -> (B, classes) logits
+        if self.backbone is not None:
+            x = self.backbone(x)  # (B, C', h, w) feature maps
         for layer in self.layers.values():
             x = layer(x)
         return x
@@ -43,6 +70,8 @@ class CapasNet(nn.Module):
         """The input of the last layer with weights (the classifier): the penultimate features (B, F)."""
         modules = list(self.layers.values())
         last = max(i for i, m in enumerate(modules) if next(m.parameters(), None) is not None)
+        if self.backbone is not None:
+            x = self.backbone(x)
         for module in modules[:last]:
             x = module(x)
         return x.flatten(1)
@@ -60,8 +89,12 @@ def _without_softmax(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_model(spec: ModelSpec, seed: int | None = None) -> CapasNet:
-    """The network for a spec, initialised as Keras does (glorot-uniform kernels, zero biases)."""
+def build_model(spec: ModelSpec, seed: int | None = None, pretrained: bool = True) -> CapasNet:
+    """The network for a spec, initialised as Keras does (glorot-uniform kernels, zero biases).
+
+    A backbone gets the weights its spec names when `pretrained` (loading a run directory passes
+    False: the run's own weights replace them), and its first `backbone.frozen` layers are frozen.
+    """
     if seed is not None:
         torch.manual_seed(seed)
-    return CapasNet(spec)
+    return CapasNet(spec, pretrained=pretrained)

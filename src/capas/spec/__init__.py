@@ -2,9 +2,17 @@
 
 from pathlib import Path
 
+from capas.spec.backbone import BackboneConfig
 from capas.spec.io import load_document
 from capas.spec.model import LayerInfo, ModelSpec, parse_layer
-from capas.spec.train import DataConfig, EarlyStopping, OptimizerConfig, ScheduleConfig, TrainConfig
+from capas.spec.train import (
+    DataConfig,
+    EarlyStopping,
+    FinetuneConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
 
 
 def load_spec(path: str | Path) -> ModelSpec:
@@ -13,8 +21,10 @@ def load_spec(path: str | Path) -> ModelSpec:
 
 
 __all__ = [
+    "BackboneConfig",
     "DataConfig",
     "EarlyStopping",
+    "FinetuneConfig",
     "LayerInfo",
     "ModelSpec",
     "OptimizerConfig",

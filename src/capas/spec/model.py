@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from capas.errors import CapasError, closest
 from capas.layers import LAYERS, Layer, Shape
-from capas.spec.io import describe_validation
+from capas.spec.backbone import BackboneConfig
+from capas.spec.io import describe_validation, parse_config
 
 
 def _snake(name: str) -> str:
@@ -72,7 +73,7 @@ class ModelSpec:
     name: str
     input_shape: Shape
     layers: tuple[Layer, ...]
-    backbone: dict | None = None
+    backbone: BackboneConfig | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -112,7 +113,9 @@ class ModelSpec:
             name=name,
             input_shape=tuple(shape),
             layers=tuple(parse_layer(i, item) for i, item in enumerate(layers)),
-            backbone=data.get("backbone"),
+            backbone=None
+            if data.get("backbone") is None
+            else parse_config(BackboneConfig, data["backbone"], f"{source}: backbone"),
         )
         spec.layer_infos()  # shape inference: collapsing shapes and misplaced layers fail here
         return spec
@@ -121,7 +124,7 @@ class ModelSpec:
         """The spec as a user would write it (the content of model.json)."""
         out: dict = {"name": self.name, "input_shape": list(self.input_shape)}
         if self.backbone is not None:
-            out["backbone"] = self.backbone
+            out["backbone"] = self.backbone.model_dump(mode="json")
         out["layers"] = [
             {layer.type_name(): layer.keywords()} if layer.keywords() else layer.type_name()
             for layer in self.layers
@@ -129,8 +132,33 @@ class ModelSpec:
         return out
 
     def layer_infos(self) -> list[LayerInfo]:
-        """Shape inference through the layers, with Keras' names, parameters and multiply-adds."""
+        """Shape inference through the layers, with Keras' names, parameters and multiply-adds.
+
+        With a backbone, its layers come first (numbered from 0, frozen as `backbone.frozen` says)
+        and the spec's layers continue from its output feature maps.
+        """
         infos, counts, shape = [], {}, self.input_shape
+        if self.backbone is not None:
+            from capas.models.backbones import describe, frozen_count  # torch-heavy, only for backbones
+
+            rows, _ = describe(self.backbone, self.input_shape)
+            frozen = frozen_count(self.backbone, len(rows))
+            for i, row in enumerate(rows):
+                infos.append(
+                    LayerInfo(
+                        i,
+                        row.name,
+                        row.layer,
+                        row.input_shape,
+                        row.output_shape,
+                        row.trainable,
+                        row.non_trainable,
+                        row.macs,
+                        frozen=i < frozen,
+                    )
+                )
+            shape = rows[-1].output_shape
+        offset = len(infos)  # error messages keep the index within `layers:`, the summary numbers all rows
         for index, layer in enumerate(self.layers):
             type_name = layer.type_name()
             where = f"layer {index} ({type_name})"
@@ -154,16 +182,23 @@ class ModelSpec:
             name = layer.name or (base if seen == 0 else f"{base}_{seen}")
             trainable, non_trainable = layer.params(shape)
             infos.append(
-                LayerInfo(index, name, layer, shape, out, trainable, non_trainable, layer.macs(shape))
+                LayerInfo(
+                    offset + index, name, layer, shape, out, trainable, non_trainable, layer.macs(shape)
+                )
             )
             shape = out
         names = [info.name for info in infos]
         for info in infos:
             if names.count(info.name) > 1:
                 raise CapasError(
-                    f"layer {info.index} ({info.layer.type_name()}): the name {info.name!r} is used twice; layer names must be unique"
+                    f"layer {info.index - offset} ({info.layer.type_name()}): the name {info.name!r} is used twice; "
+                    "layer names must be unique"
                 )
         return infos
+
+    def own_layer_infos(self) -> list[LayerInfo]:
+        """The rows of the spec's own `layers:`, without the backbone's."""
+        return self.layer_infos()[-len(self.layers) :]
 
     @property
     def output_shape(self) -> Shape:

@@ -9,6 +9,7 @@ import io
 import math
 from collections import Counter
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ class VariantResult:
 class DiffRow:
     """One layer that differs between the base and a variant (before or after is None when absent)."""
 
-    change: str  # replaced, keywords, inserted, removed, input changed
+    change: str  # replaced, keywords, inserted, removed, input changed, frozen, unfrozen
     before: LayerInfo | None
     after: LayerInfo | None
 
@@ -182,6 +183,8 @@ def sentence(report: StudyReport, result: VariantResult) -> str:
     else:
         share = 100 * delta / base.summary.total
         parts.append(f"{abs(delta):,} {'fewer' if delta < 0 else 'more'} parameters ({_signed(share, 0)}%)")
+    if result.summary.trainable != base.summary.trainable:
+        parts.append(f"{result.summary.trainable:,} trainable instead of {base.summary.trainable:,}")
     comparison = report.comparison(result)
     d = comparison.difference
     if d.n == 0:
@@ -226,17 +229,36 @@ def param_formula(layer: Layer, shape: Shape, trainable: int, non_trainable: int
 
 
 def _describe(info: LayerInfo) -> str:
-    keywords = {k: v for k, v in info.layer.keywords().items() if k != "name"}
+    # a backbone block's only keyword repeats its type: leave it out
+    keywords = {k: v for k, v in info.layer.keywords().items() if k != "name" and v != info.layer.type_name()}
     args = ", ".join(f"{k}={v}" for k, v in keywords.items())
     return f"{info.name} ({info.layer.type_name()}{' ' + args if args else ''})"
 
 
 def architecture_diff(base: VariantResult, result: VariantResult) -> list[DiffRow]:
-    """The layers that differ, in the variant's order, with removed base layers where they stood."""
-    before = base.summary.rows
-    after = result.summary.rows
+    """The layers that differ, in the variant's order, with removed base layers where they stood.
+
+    A backbone's rows come first and are compared row by row (a variant may freeze more or fewer
+    of them); the spec's own layers are matched through the variant's origins.
+    """
+    own = len(result.variant.origins)
+    before_backbone, before = (
+        base.summary.rows[: -len(base.variant.origins)],
+        base.summary.rows[-len(base.variant.origins) :],
+    )
+    after_backbone, after = result.summary.rows[:-own], result.summary.rows[-own:]
+    rows = []
+    for old, info in zip_longest(before_backbone, after_backbone):
+        if old is None or info is None or old.name != info.name:
+            rows.append(
+                DiffRow(
+                    "replaced" if old and info else ("removed" if info is None else "inserted"), old, info
+                )
+            )
+        elif old.frozen != info.frozen:
+            rows.append(DiffRow("unfrozen" if old.frozen else "frozen", old, info))
     present = {origin for origin in result.variant.origins if origin is not None}
-    rows, next_base = [], 0
+    next_base = 0
     for info, origin in zip(after, result.variant.origins, strict=True):
         if origin is not None:
             rows += [

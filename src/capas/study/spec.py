@@ -455,7 +455,7 @@ def load_study(
         layers=list(enumerate(copy.deepcopy(spec["layers"]))),
         train=copy.deepcopy(train),
         data=data_raw,
-        base_names=[info.name for info in base_model.layer_infos()],
+        base_names=[info.name for info in base_model.own_layer_infos()],
     )
 
     variations = _variations(document.get("variations"), source)

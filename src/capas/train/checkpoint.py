@@ -82,6 +82,17 @@ class Resumed:
     best_weights: dict[str, torch.Tensor] | None
 
 
+def checkpoint_epoch(path: Path) -> int:
+    """The number of epochs a checkpoint holds (0 when there is none), read without loading its tensors."""
+    if not path.exists():
+        return 0
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return int(json.loads(file.metadata()["capas"])["epoch"])
+    except (SafetensorError, OSError, KeyError, ValueError) as error:
+        raise CapasError(f"{path}: damaged checkpoint ({error}); delete it to start this run over") from None
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Resumed | None:
     """Restore model and optimizer from `path` if it exists; None when there is nothing to resume."""
     if not path.exists():

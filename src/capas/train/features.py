@@ -1,0 +1,167 @@
+"""The feature cache: when nothing below the top trains, compute the frozen part's output once.
+
+With every backbone layer frozen (and in inference mode), no augmentation and no fine-tuning, each
+image's features are the same in every epoch and in every study variant that shares the backbone,
+weights, data split and resolution. They are computed once, in eval mode, and kept on disk as
+safetensors under `$CAPAS_CACHE/features/` (else `~/.cache/capas/features/`), one file per split,
+named by a hash of everything they depend on; training then runs only the top.
+
+The cached part is the backbone plus the top's leading layers without weights or randomness
+(Flatten, global pooling): a GlobalAveragePooling2D after EfficientNet-Lite0 makes 1,280 floats
+per image instead of 7×7×1,280.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from capas import atomic
+from capas.data import ArrayDataset, Preprocess, Splits, iterate_batches
+from capas.data.download import cache_root
+from capas.models import CapasNet
+from capas.spec import DataConfig, TrainConfig
+from capas.spec.backbone import RUN
+from capas.train.loop import EVAL_BATCH, Callback, Evaluation, FitResult, evaluate, fit
+
+CACHE_FORMAT = 1  # part of the key: bump it when feature computation changes
+PASS_THROUGH = {"Flatten", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "MaxPooling2D", "AveragePooling2D"}
+"""Top layers without weights or randomness: cached together with the backbone."""
+
+
+@dataclass(frozen=True)
+class Features:
+    """Cached features of one split, batched like images by `iterate_batches`."""
+
+    images: torch.Tensor  # (N, ...) float32 features
+    labels: torch.Tensor  # (N,) int64
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def applies(model: CapasNet, cfg: TrainConfig) -> bool:
+    """Whether training can run on cached features: the whole backbone frozen and in inference mode,
+    no augmentation, no fine-tuning schedule."""
+    spec = model.spec
+    return (
+        model.backbone is not None
+        and model.frozen == len(model.backbone)
+        and spec.backbone.bn_frozen
+        and cfg.augment.crop_padding == 0
+        and not cfg.augment.hflip
+        and cfg.finetune is None
+    )
+
+
+def _prefix(model: CapasNet) -> int:
+    """How many of the top's leading layers the cache covers."""
+    count = 0
+    for layer in model.spec.layers:
+        if layer.type_name() not in PASS_THROUGH:
+            break
+        count += 1
+    return count
+
+
+def _weights_id(model: CapasNet) -> dict:
+    """What identifies the backbone's weights: the name, or a file's path, size and modification time."""
+    cfg = model.spec.backbone
+    if cfg.weights in ("imagenet", "none"):
+        return {"weights": cfg.weights}
+    path = Path(cfg.weights) / "model.safetensors" if cfg.name == RUN else Path(cfg.weights)
+    stat = path.stat()
+    return {"weights": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def cache_path(
+    model: CapasNet, data: DataConfig, split_info: dict, split: str, preprocess: Preprocess
+) -> Path:
+    """The cache file for one split: a hash of backbone, weights, cached layers, data, split and resolution."""
+    key = {
+        "format": CACHE_FORMAT,
+        "backbone": model.spec.backbone.model_dump(mode="json", exclude={"frozen"}),
+        **_weights_id(model),
+        "layers": model.spec.to_dict()["layers"][: _prefix(model)],
+        "preprocess": preprocess.model_dump(mode="json"),
+        "data": {"name": data.name, "data_dir": data.data_dir},
+        "splits": split_info,
+        "split": split,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_root() / "features" / f"{model.spec.backbone.name}-{split}-{digest}.safetensors"
+
+
+@torch.no_grad()
+def compute(
+    frozen: nn.Module, data: ArrayDataset, preprocess: Preprocess, device: torch.device
+) -> torch.Tensor:
+    """The frozen part's output for every image, in eval mode: (N, ...) float32 on the CPU."""
+    frozen.eval().to(device)
+    out = [
+        frozen(x).float().cpu()
+        for x, _ in iterate_batches(data, EVAL_BATCH, preprocess=preprocess, device=device)
+    ]
+    return torch.cat(out)
+
+
+def cached(
+    model: CapasNet, data: ArrayDataset, path: Path, preprocess: Preprocess, device: torch.device
+) -> tuple[Features, bool]:
+    """One split's features from the cache (True) or computed and written to it (False)."""
+    if path.is_file():
+        try:
+            tensors = load_file(str(path))
+            if torch.equal(tensors["labels"], data.labels.cpu()):
+                return Features(tensors["features"], data.labels, data.classes), True
+        except (SafetensorError, OSError, KeyError):
+            pass  # a damaged or foreign file: computed again and replaced below
+    layers = list(model.layers.values())[: _prefix(model)]
+    features = compute(nn.Sequential(model.backbone, *layers), data, preprocess, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"features": features.contiguous(), "labels": data.labels.cpu().contiguous()}
+    atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp)))
+    return Features(features, data.labels, data.classes), False
+
+
+def fit_top(
+    model: CapasNet,
+    splits: Splits,
+    preprocess: Preprocess,
+    data: DataConfig,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    callbacks: list[Callback] = (),
+    checkpoint: Path | None = None,
+) -> tuple[FitResult, Evaluation, dict]:
+    """Train only the top on cached features; the model's top layers end with the trained weights.
+
+    Returns the fit result, the test evaluation and how the cache was used (hits, seconds).
+    """
+    started = time.perf_counter()
+    parts, hits = {}, {}
+    for split in ("train", "val", "test"):
+        dataset = getattr(splits, split)
+        path = cache_path(model, data, splits.info, split, preprocess)
+        parts[split], hits[split] = cached(model, dataset, path, preprocess, device)
+    seconds = time.perf_counter() - started
+    top = nn.Sequential(*list(model.layers.values())[_prefix(model) :])
+    identity = nn.Identity()  # features need no preprocessing
+    # features are (N, F) or small maps: channels_last does not apply to them
+    top_cfg = cfg.model_copy(update={"channels_last": False})
+    result = fit(
+        top, parts["train"], parts["val"], identity, top_cfg, callbacks=callbacks, checkpoint=checkpoint
+    )
+    test = evaluate(top, parts["test"], identity, device)
+    info = {"cache": "hit" if all(hits.values()) else "written", "seconds": seconds}
+    return result, test, info

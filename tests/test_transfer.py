@@ -1,0 +1,268 @@
+"""Transfer learning: pretrained backbones, frozen layers, fine-tuning, the feature cache, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from capas.data import make_splits
+from capas.errors import CapasError
+from capas.models import build_backbone, build_model, preprocess_for, summarize
+from capas.models.backbones import IMAGENET_MEAN, lookup
+from capas.runs import load_run
+from capas.spec import BackboneConfig, DataConfig, ModelSpec, TrainConfig, load_spec
+from capas.train import fit, train
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TOP = ["GlobalAveragePooling2D", {"Dense": {"units": 10, "activation": "softmax"}}]
+
+
+def spec_with(backbone: dict, input_shape=(32, 32, 3), layers=TOP) -> ModelSpec:
+    return ModelSpec.from_dict(
+        {"name": "t", "input_shape": list(input_shape), "backbone": backbone, "layers": layers}
+    )
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("CAPAS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_efficientnet_lite0_imagenet_weights_recognise_the_sample_photos():
+    sklearn = pytest.importorskip("sklearn.datasets")
+    torchvision = pytest.importorskip("torchvision")
+    categories = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]
+    spec = spec_with({"name": "efficientnet_lite0"}, (224, 224, 3))
+    backbone = build_backbone(spec.backbone).eval()
+    # the ImageNet classifier of the same weights, applied to the capas backbone's pooled features
+    full = lookup("efficientnet_lite0").make()
+    lookup("efficientnet_lite0").imagenet(full)
+    preprocess = preprocess_for(spec)
+    photos = {
+        Path(f).name: img
+        for f, img in zip(
+            sklearn.load_sample_images().filenames, sklearn.load_sample_images().images, strict=True
+        )
+    }
+    top5 = {}
+    for name, photo in photos.items():
+        image = torch.from_numpy(photo.copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        h, w = image.shape[1:]
+        side = min(h, w)  # the central square, as ImageNet evaluation crops
+        image = image[:, (h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2]
+        with torch.no_grad():
+            logits = full.classifier(backbone(preprocess(image[None])).mean((2, 3)))
+        top5[name] = [categories[i] for i in logits[0].topk(5).indices]
+    temple = {"palace", "monastery", "church", "bell cote", "stupa", "pagoda", "dome", "castle", "boathouse"}
+    assert top5["china.jpg"][0] in temple, top5
+    assert len(temple & set(top5["china.jpg"])) >= 3, top5
+    assert "daisy" in top5["flower.jpg"][:2], top5
+
+
+def test_seed003_vgg16_counts_match_keras():
+    spec = load_spec(EXAMPLES / "seed003-vgg16.yaml")
+    summary = summarize(spec)
+    base = summary.rows[:18]
+    assert [r.layer.type_name() for r in base].count("Conv2D") == 13
+    assert [r.layer.type_name() for r in base].count("MaxPooling2D") == 5
+    assert summary.rows[0].name == "block1_conv1" and summary.rows[17].name == "block5_pool"
+    assert summary.non_trainable == 14_714_688  # Keras' VGG16(include_top=False)
+    assert summary.trainable == 523_010  # Flatten (512) -> Dense 1000 -> Dense 10 at 48×48
+    assert summary.rows[17].output_shape == (1, 1, 512)
+    assert "frozen" in summary.text()
+
+
+def test_frozen_count_freezes_the_first_layers_in_summary_order():
+    spec = spec_with({"name": "resnet18", "weights": "none", "frozen": 5})
+    summary = summarize(spec)
+    assert [r.frozen for r in summary.rows[:6]] == [True] * 5 + [False]
+    model = build_model(spec, seed=0)
+    rows = list(model.backbone)
+    assert not any(p.requires_grad for row in rows[:5] for p in row.parameters())
+    assert all(p.requires_grad for row in rows[5:] for p in row.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == summary.trainable
+    assert summary.to_dict()["layers"][4]["trainable"] is False
+
+
+@pytest.mark.parametrize("bn_frozen", [True, False])
+def test_batchnorm_in_the_frozen_part_stays_in_inference_mode(bn_frozen):
+    spec = spec_with({"name": "mobilenet_v3_small", "weights": "none", "frozen": 4, "bn_frozen": bn_frozen})
+    model = build_model(spec).train()
+    norms = [
+        [m.training for m in row.modules() if isinstance(m, torch.nn.BatchNorm2d)] for row in model.backbone
+    ]
+    assert all(not t for row in norms[:4] for t in row) == bn_frozen
+    assert all(t for row in norms[4:] for t in row)
+    frozen_bn = next(m for m in model.backbone[0].modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = frozen_bn.running_mean.clone()
+    model(torch.randn(4, 3, 32, 32))
+    assert torch.equal(before, frozen_bn.running_mean) == bn_frozen
+
+
+def test_finetune_unfreezes_the_last_layers_with_a_smaller_rate_and_no_state_for_frozen(tmp_path):
+    splits = make_splits("fashion-mnist", limit=40)
+    spec = spec_with({"name": "resnet18", "weights": "none", "frozen": "all"})
+    model = build_model(spec, seed=0)
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=20,
+        optimizer={"name": "adam", "lr": 1e-3, "weight_decay": 1e-4},
+        finetune={"after_epochs": 1, "unfreeze": 2, "backbone_lr_scale": 0.1},
+    )
+    frozen_before = {n: p.clone() for n, p in model.backbone.named_parameters()}
+    fit(model, splits.train, splits.val, preprocess_for(spec), cfg, checkpoint=tmp_path / "ck.safetensors")
+    assert model.frozen == len(model.backbone) - 2
+    for row, (row_name, module) in enumerate(model.backbone.named_children()):
+        for name, param in module.named_parameters():
+            assert param.requires_grad == (row >= model.frozen)
+            assert torch.equal(param, frozen_before[f"{row_name}.{name}"]) == (row < model.frozen), name
+    with safe_open(str(tmp_path / "ck.safetensors"), framework="pt") as file:
+        meta = json.loads(file.metadata()["capas"])["optimizer"]
+        states = {k.split(".")[1] for k in file.keys() if k.startswith("optim.")}  # noqa: SIM118
+    lrs = [g["lr"] for g in meta["param_groups"]]
+    assert lrs == pytest.approx([1e-3, 1e-4])
+    held = sum(len(g["params"]) for g in meta["param_groups"])
+    assert held == sum(1 for p in model.parameters() if p.requires_grad)  # frozen ones: not in the optimizer
+    assert len(states) == held
+
+
+def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
+    spec = spec_with({"name": "mobilenet_v3_small", "weights": "none"})
+    data, cfg = DataConfig(name="fashion-mnist", limit=60), TrainConfig(epochs=1, batch_size=30)
+    first = train(spec, data, cfg, tmp_path / "a")
+    assert first["feature_cache"]["cache"] == "written"
+    files = sorted(cache.glob("features/*.safetensors"))
+    assert len(files) == 3  # train, val, test
+    second = train(spec, data, cfg, tmp_path / "b")
+    assert second["feature_cache"]["cache"] == "hit"
+    assert second["test_accuracy"] == first["test_accuracy"]
+    augmented = train(
+        spec, data, TrainConfig(epochs=1, batch_size=30, augment={"hflip": True}), tmp_path / "c"
+    )
+    assert "feature_cache" not in augmented  # augmentation changes features every epoch: no cache
+    run = load_run(tmp_path / "a")
+    assert run.preprocess.mean == IMAGENET_MEAN and run.preprocess.channels == 3  # serving normalises too
+
+
+def test_weights_from_a_local_file_load_exactly(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(1)
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, tmp_path / "resnet18.pth")
+    backbone = build_backbone(BackboneConfig(name="resnet18", weights=str(tmp_path / "resnet18.pth")))
+    assert torch.equal(backbone.conv1[0].weight, state["conv1.weight"])
+    assert torch.equal(backbone.conv5_block2.bn2.running_var, state["layer4.1.bn2.running_var"])
+
+
+def test_capas_weights_folder_serves_imagenet_offline(tmp_path, monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    state = torchvision.models.mobilenet_v3_small().state_dict()
+    torch.save(state, tmp_path / "mobilenet_v3_small.pth")
+    monkeypatch.setenv("CAPAS_WEIGHTS", str(tmp_path))
+    backbone = build_backbone(BackboneConfig(name="mobilenet_v3_small", weights="imagenet"))
+    assert torch.equal(backbone.stem[0].weight, state["features.0.0.weight"])
+
+
+def test_offline_imagenet_download_names_the_file_to_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("CAPAS_WEIGHTS", raising=False)
+    try:
+        build_backbone(BackboneConfig(name="resnet18", weights="imagenet"))
+    except CapasError as error:  # no network: the message says which file to place where
+        assert "resnet18-f37072fd.pth" in str(error) and str(tmp_path) in str(error)
+    else:  # with network the weights downloaded into the hub cache
+        assert (tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth").is_file()
+
+
+def test_a_run_directory_becomes_the_backbone_of_another_dataset(tmp_path):
+    small = ModelSpec.from_dict(
+        {
+            "name": "small",
+            "input_shape": [28, 28, 1],
+            "layers": [
+                {"Conv2D": {"filters": 8, "kernel_size": 3, "activation": "relu"}},
+                "MaxPooling2D",
+                "Flatten",
+                {"Dense": {"units": 10, "activation": "softmax"}},
+            ],
+        }
+    )
+    train(
+        small,
+        DataConfig(name="fashion-mnist", limit=60),
+        TrainConfig(epochs=1, batch_size=30),
+        tmp_path / "src",
+    )
+    spec = ModelSpec.from_dict(
+        {
+            "name": "reuse",
+            "input_shape": [28, 28, 1],
+            "backbone": {"name": "run", "weights": str(tmp_path / "src")},
+            "layers": [{"Dense": {"units": 10, "activation": "softmax"}}],
+        }
+    )
+    summary = summarize(spec)
+    assert [r.name for r in summary.rows] == ["conv2d", "max_pooling2d", "flatten", "dense"]
+    assert summary.trainable == 13 * 13 * 8 * 10 + 10
+    model = build_model(spec)
+    source = load_run(tmp_path / "src").model
+    assert torch.equal(model.backbone.conv2d[0].weight, source.layers["conv2d"][0].weight)
+    result = train(
+        spec, DataConfig(name="digits", limit=100), TrainConfig(epochs=1, batch_size=50), tmp_path / "new"
+    )
+    assert result["feature_cache"]["cache"] == "written"  # 8×8 digits resized to the run's 28×28
+
+
+@pytest.mark.parametrize(
+    ("backbone", "input_shape", "message"),
+    [
+        (
+            {"name": "vgg61"},
+            (48, 48, 3),
+            "unknown backbone 'vgg61' (did you mean 'vgg16'?); allowed: efficientnet_lite0",
+        ),
+        ({"name": "vgg16", "frozen": 19}, (48, 48, 3), "19 is more than the 18 layers of vgg16"),
+        ({"name": "vgg16", "frozen": -1}, (48, 48, 3), "keyword 'frozen'"),
+        ({"name": "vgg16", "frozn": 1}, (48, 48, 3), "unknown key 'frozn' (did you mean 'frozen'?)"),
+        ({"name": "vgg16"}, (16, 16, 3), "smaller than it accepts; use at least 32×32"),
+        ({"name": "resnet18"}, (32, 32, 1), "needs 3 channels"),
+        ({"name": "resnet18", "weights": "/nowhere/w.pth"}, (32, 32, 3), "no such file '/nowhere/w.pth'"),
+        ({"name": "run", "weights": "/nowhere"}, (32, 32, 3), "must be a capas run directory"),
+    ],
+)
+def test_bad_backbones_say_what_to_fix(backbone, input_shape, message):
+    with pytest.raises(CapasError) as caught:
+        spec_with(backbone, input_shape)
+    assert message in str(caught.value)
+
+
+def test_a_weights_file_of_another_architecture_names_missing_and_unexpected_keys(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    with pytest.raises(CapasError) as caught:
+        build_backbone(BackboneConfig(name="mobilenet_v3_small", weights=str(tmp_path / "resnet18.pth")))
+    text = str(caught.value)
+    assert "does not hold mobilenet_v3_small weights" in text
+    assert "missing keys: classifier.0.bias" in text and "unexpected keys: bn1.bias" in text
+
+
+def test_finetune_without_a_backbone_is_refused(tmp_path):
+    spec = load_spec(EXAMPLES / "keras-mnist.yaml")
+    with pytest.raises(CapasError, match="finetune needs a spec with a backbone"):
+        train(
+            spec,
+            DataConfig(name="fashion-mnist", limit=20),
+            TrainConfig(finetune={"after_epochs": 1}),
+            tmp_path,
+        )
+
+
+def test_the_offline_efficientnet_example_is_valid():
+    spec = load_spec(EXAMPLES / "transfer-efficientnet-lite0.yaml")
+    assert spec.backbone.name == "efficientnet_lite0" and summarize(spec).rows[17].name == "top"
