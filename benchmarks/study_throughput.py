@@ -1,18 +1,22 @@
 """Wall time of the global-pooling study (3 variants × 3 seeds, Fashion-MNIST, fixed epochs) run
-sequentially with all torch threads against the local worker pool, side by side in one process.
+sequentially with all torch threads, on the local worker pool and on a local Ray instance (one CPU
+per run), side by side in one process. "start-up s" is the executor's creation (for Ray: starting
+the instance), outside "wall s", which runs from reading the study file to writing the report.
 
     .venv/bin/python benchmarks/study_throughput.py            # the full study (several minutes)
     .venv/bin/python benchmarks/study_throughput.py --quick    # 1,500 images, 1 epoch, 2 seeds
 
-Executors are taken from capas.study.executors.EXECUTORS: an executor registered there (e.g. "ray")
-joins the comparison with `--executors sequential,pool,ray`.
+Executors are taken from capas.study.executors.EXECUTORS (`--executors sequential,pool,ray`; Ray is
+left out by default when the `ray` extra is not installed).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -48,12 +52,14 @@ def main() -> None:
         "--repeats", type=int, default=1, help="runs of each executor; the table shows the median"
     )
     parser.add_argument("--workers", type=int, default=None, help="pool workers (default: one per core)")
-    parser.add_argument("--executors", default="sequential,pool", help=f"from: {', '.join(EXECUTORS)}")
+    default = "sequential,pool" + (",ray" if importlib.util.find_spec("ray") else "")
+    parser.add_argument("--executors", default=default, help=f"from: {', '.join(EXECUTORS)}")
     args = parser.parse_args()
     console = Console()
     quiet = Console(quiet=True)
     names = args.executors.split(",")
     times: dict[str, list[float]] = {name: [] for name in names}
+    startup: dict[str, list[float]] = {name: [] for name in names}
     accuracy: dict[str, float] = {}
     executors = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +67,9 @@ def main() -> None:
         runs = 0
         for repeat in range(args.repeats):
             for name in names:  # interleaved, so that a change in machine load hits every executor alike
+                begun = time.perf_counter()
                 executor = EXECUTORS[name](args.workers)
+                startup[name].append(time.perf_counter() - begun)
                 executors[name] = executor
                 outcome = run_study(
                     path, out=Path(tmp) / f"{name}-{repeat}", executor=executor, console=quiet
@@ -78,7 +86,16 @@ def main() -> None:
         f"median of {args.repeats}",
         title_justify="left",
     )
-    for column in ("executor", "workers × threads", "wall s", "runs/min", "speed-up", "mean test acc %"):
+    columns = (
+        "executor",
+        "workers × threads",
+        "start-up s",
+        "wall s",
+        "runs/min",
+        "speed-up",
+        "mean test acc %",
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column == "executor" else "right")
     reference = statistics.median(times[names[0]])
     for name in names:
@@ -88,12 +105,20 @@ def main() -> None:
         table.add_row(
             name,
             f"{executor.workers} × {threads}",
+            f"{statistics.median(startup[name]):.1f}",
             f"{wall:.1f}",
             f"{60 * runs / wall:.2f}",
             f"{reference / wall:.2f}×",
             f"{100 * accuracy[name]:.2f}",
         )
     console.print(table)
+    if "ray" in names and "pool" in names:
+        pool, ray = statistics.median(times["pool"]), statistics.median(times["ray"])
+        console.print(
+            f"Ray against the local pool: {ray - pool:+.1f} s wall ({(ray - pool) / runs:+.2f} s per run), "
+            f"plus {statistics.median(startup['ray']):.1f} s to start the Ray instance",
+            highlight=False,
+        )
     console.print(
         f"machine: {available_cores()} cores, {env['processor']}, torch {env['torch']}, "
         f"python {env['python']}, capas {env['capas']}",

@@ -87,7 +87,11 @@ def main() -> None:
     floats = train.images.float() / 255  # the plain loops get their input ready-made
     labels = train.labels
 
-    runs: dict[str, list[float]] = {"plain PyTorch (NCHW)": [], "plain PyTorch (channels-last)": [], "capas fit": []}
+    runs: dict[str, list[float]] = {
+        "plain PyTorch (NCHW)": [],
+        "plain PyTorch (channels-last)": [],
+        "capas fit": [],
+    }
     capas_fit(train.subset(torch.arange(BATCH)), val)  # warm-up: first-call allocations, thread pools
     for _ in range(args.repeats):
         runs["plain PyTorch (NCHW)"].append(plain_loop(floats, labels, channels_last=False))

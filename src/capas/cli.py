@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from capas.errors import CapasError
@@ -30,7 +31,8 @@ def friendly(command):
         try:
             return command(*args, **kwargs)
         except CapasError as error:
-            errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            # escaped: messages quote user input and commands such as pip install 'capas[ray]'
+            errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             errors.print("interrupted; finished work is kept, rerun the same command to resume")
@@ -92,8 +94,14 @@ def train(
         int | None, typer.Option(help="train on a stratified subset of this many images")
     ] = None,
     max_seconds: Annotated[float | None, typer.Option(help="wall-clock budget for training")] = None,
+    nproc: Annotated[
+        int, typer.Option(min=1, help="processes for one data-parallel run (DDP: gloo on CPU, nccl on GPUs)")
+    ] = 1,
 ) -> None:
-    """Train a spec on a dataset and write a run directory; prints test accuracy and the confusion matrix."""
+    """Train a spec on a dataset and write a run directory; prints test accuracy and the confusion matrix.
+
+    Under torchrun, each process trains its share of every batch and rank 0 writes the run directory.
+    """
     from capas.spec import DataConfig, TrainConfig, load_document, load_spec
     from capas.spec.io import parse_config
     from capas.train import RichProgress
@@ -125,11 +133,23 @@ def train(
     data_raw.update(_overrides(name=data, data_dir=data_dir, limit=limit))
     train_cfg = parse_config(TrainConfig, train_raw, "training config")
     data_cfg = parse_config(DataConfig, data_raw, "data config")
+    from capas.train import distributed
+
     out = out or Path("runs") / model_spec.name
-    console.print(f"training [bold]{model_spec.name}[/] on {data_cfg.name} -> {out}", highlight=False)
-    results = train_run(model_spec, data_cfg, train_cfg, out, callbacks=[RichProgress(console)])
-    _print_test(results)
-    console.print(f"run directory: {out}", highlight=False)
+    main = distributed.env_rank() == 0  # under torchrun, rank 0 alone prints
+    if main:
+        console.print(f"training [bold]{model_spec.name}[/] on {data_cfg.name} -> {out}", highlight=False)
+    if distributed.launched():
+        results = distributed.train_ranked(
+            model_spec, data_cfg, train_cfg, out, callbacks=[RichProgress(console)]
+        )
+    elif nproc > 1:
+        results = distributed.launch(model_spec, data_cfg, train_cfg, out, nproc)
+    else:
+        results = train_run(model_spec, data_cfg, train_cfg, out, callbacks=[RichProgress(console)])
+    if main:
+        _print_test(results)
+        console.print(f"run directory: {out}", highlight=False)
 
 
 def _print_test(results: dict) -> None:
@@ -196,30 +216,66 @@ def predict(
 @friendly
 def study(
     file: Annotated[Path, typer.Argument(help="study file (YAML): base, variations, design, seeds")],
-    workers: Annotated[int | None, typer.Option(min=1, help="worker processes (default: one per core)")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="worker processes (default: one per core)")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="study directory (default studies/<study name>)")] = None,
-    data: Annotated[str | None, typer.Option(help="dataset instead of the file's: fashion-mnist, cifar10, folder:PATH…")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="dataset instead of the file's: fashion-mnist, cifar10, folder:PATH…")
+    ] = None,
     seeds: Annotated[int | None, typer.Option(min=1, help="number of seeds instead of the file's")] = None,
-    input_shape: Annotated[str | None, typer.Option(help="the base spec's input shape instead, e.g. 32,32,3")] = None,
+    input_shape: Annotated[
+        str | None, typer.Option(help="the base spec's input shape instead, e.g. 32,32,3")
+    ] = None,
+    executor: Annotated[str, typer.Option(help="local (worker processes on this machine) or ray")] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="with --executor ray: join the Ray cluster at HEAD:PORT (default: start a local Ray)"
+        ),
+    ] = None,
+    cpus_per_run: Annotated[float, typer.Option(help="with --executor ray: CPUs each run asks Ray for")] = 1,
+    gpus_per_run: Annotated[float, typer.Option(help="with --executor ray: GPUs each run asks Ray for")] = 0,
 ) -> None:
     """Run every variant × seed of a study (resuming an interrupted one) and write its report."""
     from capas.study.report import sentence, terminal_table
     from capas.study.run import run_study
+
+    make = None
+    if executor == "ray":
+        from capas.study.executors import ray_executor
+        from capas.study.ray_executor import require_ray
+
+        require_ray()
+
+        def make(runs: int):
+            return ray_executor(
+                workers, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run
+            )
+    elif executor != "local":
+        raise CapasError(f"--executor: {executor!r} is not one of local, ray")
+    elif address is not None:
+        raise CapasError("--address joins a Ray cluster: add --executor ray")
 
     shape = None
     if input_shape is not None:
         try:
             shape = [int(v) for v in input_shape.split(",")]
         except ValueError:
-            raise CapasError(f"--input-shape: expected height,width,channels such as 32,32,3, got {input_shape!r}") from None
-    outcome = run_study(file, out=out, workers=workers, data=data, seeds=seeds, input_shape=shape)
+            raise CapasError(
+                f"--input-shape: expected height,width,channels such as 32,32,3, got {input_shape!r}"
+            ) from None
+    outcome = run_study(
+        file, out=out, workers=workers, data=data, seeds=seeds, input_shape=shape, executor=make
+    )
     console.print(terminal_table(outcome.report))
     for result in outcome.report.variants[1:]:
         console.print(f"- {sentence(outcome.report, result)}", highlight=False, soft_wrap=True)
     console.print(f"report: {outcome.markdown} and {outcome.html} ({outcome.seconds:.0f} s)", highlight=False)
     if outcome.failed:
-        raise CapasError(f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}; rerun the same command to retry them")
-
+        raise CapasError(
+            f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}; rerun the same command to retry them"
+        )
 
 
 @app.command()

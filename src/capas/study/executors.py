@@ -236,11 +236,19 @@ class PoolExecutor(Executor):
         self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
 
 
+def ray_executor(workers: int | None = None, **options) -> Executor:
+    """A `RayExecutor` (imported only when asked for: Ray is an optional extra); options as its own."""
+    from capas.study.ray_executor import RayExecutor
+
+    return RayExecutor(workers, **options)
+
+
 EXECUTORS: dict[str, Callable[[int | None], Executor]] = {
     "sequential": SequentialExecutor,
     "pool": PoolExecutor,
+    "ray": ray_executor,
 }
-"""Executors by name (the benchmark compares them); a Ray executor registers here as "ray"."""
+"""Executors by name (the benchmark compares them)."""
 
 
 def make_executor(workers: int | None, runs: int) -> Executor:

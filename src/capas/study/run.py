@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -204,12 +205,14 @@ def run_study(
     data: str | None = None,
     seeds: int | None = None,
     input_shape: list[int] | None = None,
-    executor: Executor | None = None,
+    executor: Executor | Callable[[int], Executor] | None = None,
     console: Console | None = None,
 ) -> StudyOutcome:
     """Run (or resume) every variant × seed of a study file and write its report.
 
     `out` defaults to studies/<study name>; `executor` defaults to the local pool sized by `workers`.
+    It may also be a function of the number of runs to do that makes the executor: called only once
+    the study is validated and there is something to run (starting a Ray instance takes seconds).
     """
     console = console or Console(stderr=True)
     started = time.perf_counter()
@@ -237,9 +240,11 @@ def run_study(
         )
         failed = []
         if tasks:
-            failed = execute(
-                tasks, executor or make_executor(workers, len(tasks)), store, total, done, console
-            )
+            if executor is None:
+                executor = make_executor(workers, len(tasks))
+            elif not isinstance(executor, Executor):
+                executor = executor(len(tasks))
+            failed = execute(tasks, executor, store, total, done, console)
         report = collect(study, store.runs())
     markdown, page = write_report(report, directory)
     return StudyOutcome(

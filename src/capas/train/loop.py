@@ -6,14 +6,19 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from capas.data import ArrayDataset, Augment, Preprocess, iterate_batches
-from capas.spec.train import EarlyStopping, TrainConfig
-from capas.train.checkpoint import load_checkpoint, save_checkpoint
+from capas.data import ArrayDataset, Preprocess, iterate_batches
+from capas.errors import CapasError
+from capas.spec.train import EarlyStopping, OptimizerConfig, TrainConfig
+from capas.train.checkpoint import checkpoint_epoch, load_checkpoint, save_checkpoint
 from capas.train.optim import lr_factor, make_optimizer, set_lr
+
+if TYPE_CHECKING:
+    from capas.train.distributed import Distributed
 
 EVAL_BATCH = 512  # images per evaluation batch: no gradients, so larger batches are cheap
 
@@ -139,8 +144,12 @@ def fit(
     *,
     callbacks: list[Callback] = (),
     checkpoint: Path | None = None,
+    dist: Distributed | None = None,
 ) -> FitResult:
     """Train `model` in place; with `checkpoint`, state is saved each epoch and a rerun resumes from it.
+
+    With `dist` (capas.train.distributed), this process trains on its slice of every global batch
+    through DDP; metrics are reduced over the processes and only rank 0 saves checkpoints.
 
     With early stopping, the model ends with its best epoch's weights (also when the epochs run out
     before patience does); without it, with the last epoch's, as Keras does.
@@ -148,9 +157,14 @@ def fit(
     device = resolve_device(cfg.device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
-    optimizer = make_optimizer(model, cfg.optimizer)
+    if (
+        cfg.finetune is not None
+        and checkpoint is not None
+        and checkpoint_epoch(checkpoint) > cfg.finetune.after_epochs
+    ):
+        _unfreeze(model, cfg)  # resuming after the switch: the saved optimizer holds the unfrozen layers
+    optimizer = make_optimizer(model, _optimizer_config(model, cfg))
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    augment = Augment(**cfg.augment.model_dump())
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     monitor = _Monitor(cfg.early_stopping)
@@ -160,10 +174,19 @@ def fit(
         start_epoch, best_state = state.epoch, state.best_weights
         result.history, result.train_seconds, result.images = state.history, state.train_seconds, state.images
         monitor.load(state.monitor)
+    net = model if dist is None else dist.wrap(model)  # DDP averages gradients over the processes
+    world = 1 if dist is None else dist.world
+    evaluate_all = evaluate if dist is None else dist.evaluate
 
     for cb in callbacks:
         cb.on_fit_start(cfg.epochs, steps_per_epoch, start_epoch)
     for epoch in range(start_epoch, cfg.epochs):
+        if cfg.finetune is not None and epoch == cfg.finetune.after_epochs:
+            # fine-tuning starts: a new optimizer over the now-trainable parameters, backbone at a smaller rate
+            _unfreeze(model, cfg)
+            optimizer = make_optimizer(model, _optimizer_config(model, cfg))
+            base_lrs = [group["lr"] for group in optimizer.param_groups]
+            net = model if dist is None else dist.wrap(model)  # DDP learns the new trainable set
         # Seeding per epoch makes a resumed run draw the same batches, crops and dropout masks.
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch)
@@ -175,30 +198,38 @@ def fit(
             train,
             cfg.batch_size,
             preprocess=preprocess,
-            augment=augment,
+            augment=cfg.augment,
             shuffle=True,
             generator=generator,
             device=device,
             channels_last=cfg.channels_last,
         ):
+            n = len(y)  # the global batch: counts, budgets and callbacks see whole batches
+            if dist is not None:
+                x, y = dist.shard(x), dist.shard(y)
             set_lr(optimizer, base_lrs, lr_factor(cfg.schedule, step, steps_per_epoch, total_steps))
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            logits = net(x)
+            loss = nn.functional.cross_entropy(
+                logits, y, label_smoothing=cfg.label_smoothing, reduction="sum"
+            )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # the mean over the global batch; DDP divides the summed gradients by `world`, hence the factor
+            (loss * world / n).backward()
             optimizer.step()
             # Running sums stay on the device: no host sync per step (a .item() here stalls a GPU).
-            loss_sum += loss.detach() * len(y)
+            loss_sum += loss.detach()
             correct += (logits.argmax(1) == y).sum()
-            seen, step = seen + len(y), step + 1
+            seen, step = seen + n, step + 1
             for cb in callbacks:
-                cb.on_batch_end(len(y), None)
+                cb.on_batch_end(n, None)
             if _over_budget(cfg, result, seen, started):
                 break
         result.train_seconds += time.perf_counter() - started
         result.images += seen
+        if dist is not None:
+            dist.sum(loss_sum, correct)  # this process' slices -> the whole epoch's
 
-        val_eval = evaluate(model, val, preprocess, device, cfg.channels_last)
+        val_eval = evaluate_all(model, val, preprocess, device, cfg.channels_last)
         metrics = {
             "epoch": epoch + 1,
             "loss": loss_sum.item() / seen,
@@ -215,7 +246,7 @@ def fit(
         for cb in callbacks:
             cb.on_epoch_end(metrics)
         stop = _stop_reason(cfg, result, monitor)
-        if checkpoint is not None:
+        if checkpoint is not None and (dist is None or dist.is_main):
             save_checkpoint(checkpoint, model, optimizer, epoch + 1, result, monitor.state(), best_state)
         if stop:
             result.stopped = stop
@@ -227,6 +258,24 @@ def fit(
     for cb in callbacks:
         cb.on_fit_end(result)
     return result
+
+
+def _unfreeze(model: nn.Module, cfg: TrainConfig) -> None:
+    """Fine-tuning's switch: the last `unfreeze` frozen backbone layers (or all) start training."""
+    if cfg.finetune is None or getattr(model, "backbone", None) is None:
+        raise CapasError("train.finetune needs a model with a backbone (add backbone: to the spec)")
+    unfreeze = cfg.finetune.unfreeze
+    model.set_frozen(0 if unfreeze == "all" else max(0, model.frozen - unfreeze))
+
+
+def _optimizer_config(model: nn.Module, cfg: TrainConfig) -> OptimizerConfig:
+    """The optimizer settings; once fine-tuning has unfrozen backbone layers, at its backbone rate."""
+    tuning = cfg.finetune is not None and any(
+        p.requires_grad for p in getattr(model, "backbone", nn.Identity()).parameters()
+    )
+    if not tuning:
+        return cfg.optimizer
+    return cfg.optimizer.model_copy(update={"backbone_lr_scale": cfg.finetune.backbone_lr_scale})
 
 
 def _over_budget(cfg: TrainConfig, result: FitResult, seen: int, started: float) -> bool:

@@ -1,0 +1,161 @@
+"""Study runs as Ray tasks, on a local Ray instance or a cluster (`capas study FILE --executor ray`).
+
+Each run is one Ray task with its own CPU/GPU request. Ray retries a task whose worker process dies
+(killed, out of memory, node lost) up to `max_retries` times; an exception raised by the run itself
+is not retried, it is recorded as the run's failure as with the local pool.
+
+Where run directories live. The driver owns the study directory (study.sqlite is written by the
+driver only). Before submitting a run, the driver writes a probe file with a random token into the
+run's directory; the worker reads it:
+- it sees the token (same machine, or the study directory on shared storage such as NFS mounted at
+  the same path on every node): the worker trains straight into the run directory, and a retried
+  run resumes from that directory's epoch checkpoint;
+- it does not (another node with its own disk): the worker trains into a scratch folder of its
+  node and returns the finished run directory's files (JSON, text, safetensors: a few MB for the
+  models capas studies) inside its result; the driver writes them into the run directory. A retry
+  on the same node resumes from the scratch checkpoint, on another node it starts the run over.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import tempfile
+from concurrent.futures import Future
+from pathlib import Path
+
+from capas import atomic
+from capas.errors import CapasError
+from capas.study.executors import Executor, available_cores, execute_run
+
+try:
+    import ray
+    from ray.exceptions import RayTaskError
+    from ray.util.queue import Empty, Queue
+except ImportError:  # the optional extra; RayExecutor says how to install it
+    ray = None
+
+# in each run directory while its task is out: tells a worker that it sees the driver's disk
+PROBE = ".capas-driver"
+MAX_RETRIES = 2  # re-executions of a run whose worker process died
+
+
+def _worker_run(task: dict, events: Queue, token: str, threads: int) -> dict:
+    """The Ray task: train one run where the driver can see it, or in scratch space and ship the files."""
+    import torch
+
+    torch.set_num_threads(threads)  # the task's CPU request: runs packed on a node do not oversubscribe it
+    out = Path(task["out"])
+    probe = out / PROBE
+    if probe.is_file() and probe.read_text() == token:
+        result = execute_run(task, events.put)
+        result["worker"]["storage"] = "shared"
+        return result
+    scratch = Path(tempfile.gettempdir()) / "capas-ray" / token / task["id"]
+    result = execute_run({**task, "out": str(scratch)}, events.put)
+    result["worker"]["storage"] = "shipped"
+    result["files"] = {
+        path.relative_to(scratch).as_posix(): path.read_bytes()
+        for path in sorted(scratch.rglob("*"))
+        if path.is_file()
+    }
+    shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def _deliver(ray_future: Future, future: Future, out: Path) -> None:
+    """Driver side of a finished task: write shipped files into the run directory, then resolve `future`."""
+    try:
+        result = ray_future.result()
+    except RayTaskError as error:  # the run raised: pass on its own exception, not Ray's wrapper
+        future.set_exception(error.cause if isinstance(error.cause, Exception) else error)
+        return
+    except BaseException as error:  # the worker died more often than retried, or the task was cancelled
+        future.set_exception(error)
+        return
+    try:
+        for name, data in result.pop("files", {}).items():
+            atomic.write_with(out / name, lambda tmp, data=data: tmp.write_bytes(data))
+        (out / PROBE).unlink(missing_ok=True)
+    except OSError as error:
+        future.set_exception(CapasError(f"{out}: cannot write the run's files sent by its worker ({error})"))
+        return
+    future.set_result(result)
+
+
+def require_ray() -> None:
+    """A clear error, before any work, when the optional Ray extra is not installed."""
+    if ray is None:
+        raise CapasError("--executor ray needs Ray, an optional extra: pip install 'capas[ray]'")
+
+
+class RayExecutor(Executor):
+    """Runs as Ray tasks: on a new local Ray instance (no address) or on the cluster at `address`.
+
+    A Ray instance already started in this process (`ray.init` by the caller) is used as it is and
+    left running at `close`; one this executor starts, it shuts down.
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        address: str | None = None,
+        cpus_per_run: float = 1,
+        gpus_per_run: float = 0,
+        max_retries: int = MAX_RETRIES,
+    ):
+        require_ray()
+        if cpus_per_run <= 0 or gpus_per_run < 0:
+            raise CapasError(
+                f"--cpus-per-run must be positive and --gpus-per-run not negative, got {cpus_per_run} and {gpus_per_run}"
+            )
+        self.owned = not ray.is_initialized()
+        if self.owned:
+            try:
+                if address is None:  # a local instance with `workers` CPUs (default: all of this machine's)
+                    ray.init(
+                        num_cpus=workers or available_cores(), include_dashboard=False, log_to_driver=False
+                    )
+                else:
+                    ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+                raise CapasError(f"cannot start or join {where}: {error}") from None
+        cpus = ray.cluster_resources().get("CPU", 1)
+        self.workers = max(1, int(cpus // cpus_per_run))  # runs that fit on the cluster at once
+        self.threads = max(1, int(cpus_per_run))
+        self.token = secrets.token_hex(8)
+        # a queue actor that holds no CPU: progress events from every worker, drained by the driver
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.remote = ray.remote(_worker_run).options(
+            num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=max_retries, retry_exceptions=False
+        )
+        self.refs: list = []
+
+    def submit(self, task: dict) -> Future:
+        out = Path(task["out"])
+        atomic.write_text(out / PROBE, self.token)
+        ref = self.remote.remote(task, self.queue, self.token, self.threads)
+        self.refs.append(ref)
+        future: Future = Future()
+        ref.future().add_done_callback(lambda done: _deliver(done, future, out))
+        return future
+
+    def events(self) -> list[dict]:
+        try:
+            return self.queue.get_nowait_batch(self.queue.qsize())
+        except Empty:
+            return []
+
+    def close(self, cancel: bool = False) -> None:
+        if cancel:
+            for ref in self.refs:
+                ray.cancel(ref, force=True)  # kills the workers; their runs resume from checkpoints on rerun
+        elif self.refs:
+            ray.wait(self.refs, num_returns=len(self.refs))
+        self.queue.shutdown(force=True)
+        if self.owned:
+            ray.shutdown()

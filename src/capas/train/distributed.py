@@ -1,0 +1,222 @@
+"""One run across several processes: DistributedDataParallel, launched by `capas train --nproc N` or torchrun.
+
+Every rank draws the same shuffled order and the same augmentation from the same generator, preprocesses
+the whole global batch (cheap whole-batch tensor operations) and keeps its contiguous slice of it; DDP
+averages the gradients. The loss of each slice is scaled so that the averaged gradient is the mean over
+the global batch, as in one process with the same `batch_size`: results match a single process up to
+float rounding. Validation and test are sharded and reduced, so every rank makes the same early-stopping
+decision. Only rank 0 writes the run directory and checkpoints, and shows the progress bar.
+
+BatchNorm on GPUs becomes SyncBatchNorm: batch statistics over the global batch, as in one process.
+On the CPU (gloo; PyTorch's SyncBatchNorm is GPU-only) each rank normalizes with its slice's statistics
+and DDP copies rank 0's running statistics to the other ranks before each forward pass.
+A resumed run reads the checkpoint on every rank: on several machines, put the run directory on shared storage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from capas.data import ArrayDataset, Preprocess
+from capas.errors import CapasError
+from capas.spec import DataConfig, ModelSpec, TrainConfig
+from capas.train.loop import Callback, Evaluation, evaluate, resolve_device
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process' place in the group: what `fit` and `train` need to shard, reduce and write once."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The DDP module to train through (the same parameters as `model`, whose BatchNorm layers
+        become SyncBatchNorm on GPUs, in place: the optimizer's parameters stay the same tensors)."""
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            return DistributedDataParallel(model)
+        return DistributedDataParallel(
+            nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device.index]
+        )
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch (the last batch of an epoch may split unevenly)."""
+        n = len(batch)
+        return batch[n * self.rank // self.world : n * (self.rank + 1) // self.world]
+
+    def sum(self, *tensors: torch.Tensor) -> None:
+        """Sum each tensor over the ranks, in place."""
+        for tensor in tensors:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        data: ArrayDataset,
+        preprocess: Preprocess,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+    ) -> Evaluation:
+        """`evaluate` on a 1/world slice per rank, gathered: every rank gets the whole dataset's result."""
+        n = len(data)
+        bounds = [n * r // self.world for r in range(self.world + 1)]
+        part = evaluate(
+            model,
+            data.subset(torch.arange(bounds[self.rank], bounds[self.rank + 1])),
+            preprocess,
+            device,
+            channels_last,
+        )
+        largest = max(b - a for a, b in itertools.pairwise(bounds))
+        # gloo and nccl gather equal sizes: pad each slice's (prediction, label) pairs to the largest
+        mine = torch.full((largest, 2), -1, dtype=torch.int64)
+        mine[: len(part.labels)] = torch.stack([part.predictions, part.labels], 1)
+        loss = torch.tensor([part.loss * len(part.labels)], dtype=torch.float64)
+        backend_device = resolve_device("cuda") if torch_dist.get_backend() == "nccl" else torch.device("cpu")
+        mine, loss = mine.to(backend_device), loss.to(backend_device)
+        slices = [torch.empty_like(mine) for _ in range(self.world)]
+        torch_dist.all_gather(slices, mine)
+        torch_dist.all_reduce(loss)
+        pairs = torch.cat(
+            [s[: b - a] for s, (a, b) in zip(slices, itertools.pairwise(bounds), strict=True)]
+        ).cpu()
+        predictions, labels = pairs[:, 0], pairs[:, 1]
+        return Evaluation(loss.item() / n, (predictions == labels).float().mean().item(), predictions, labels)
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or `--nproc`) as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def env_rank() -> int:
+    """This process' rank when launched by torchrun, else 0."""
+    return int(os.environ["RANK"]) if launched() else 0
+
+
+def check(cfg: TrainConfig, world: int) -> None:
+    """Settings that cannot be shared over `world` processes, refused before any process starts."""
+    if cfg.batch_size % world:
+        raise CapasError(
+            f"train.batch_size {cfg.batch_size} does not split over {world} processes: "
+            f"choose a multiple of {world} (each process takes batch_size / {world} images of every batch)"
+        )
+    if cfg.max_seconds is not None:
+        raise CapasError(
+            "train.max_seconds is not supported over several processes: use epochs or max_samples"
+        )
+
+
+@contextmanager
+def process_group(device: str) -> Iterator[Distributed]:
+    """Join the group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    cuda = resolve_device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(local_rank)  # "cuda" is then this rank's GPU
+    torch_dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield Distributed(rank, world, local_rank)
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def train_ranked(
+    spec: ModelSpec,
+    data: DataConfig,
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    callbacks: list[Callback] = (),
+) -> dict:
+    """`train` as one rank of a group started by torchrun; `callbacks` run on rank 0 only."""
+    from capas.train import train
+
+    check(cfg, int(os.environ["WORLD_SIZE"]))
+    with process_group(cfg.device) as dist:
+        return train(spec, data, cfg, out, callbacks=list(callbacks) if dist.is_main else [], dist=dist)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, threads: int, job: dict, progress: bool) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(threads)
+    callbacks = []
+    if progress and rank == 0:
+        from capas.train.progress import RichProgress
+
+        callbacks.append(RichProgress())
+    try:
+        train_ranked(
+            ModelSpec.from_dict(job["spec"]),
+            DataConfig.model_validate(job["data"]),
+            TrainConfig.model_validate(job["train"]),
+            job["out"],
+            callbacks=callbacks,
+        )
+    except CapasError as error:
+        raise SystemExit(f"error (rank {rank}): {error}") from None
+
+
+def launch(
+    spec: ModelSpec, data: DataConfig, cfg: TrainConfig, out: str | Path, nproc: int, *, progress: bool = True
+) -> dict:
+    """Train one run over `nproc` processes on this machine (one per GPU with device cuda); returns rank 0's
+    test results, read from the run directory it wrote."""
+    check(cfg, nproc)
+    if resolve_device(cfg.device).type == "cuda" and nproc > torch.cuda.device_count():
+        raise CapasError(
+            f"--nproc {nproc} with device cuda needs {nproc} GPUs; {torch.cuda.device_count()} found"
+        )
+    cores = os.cpu_count() or 1
+    job = {
+        "spec": spec.to_dict(),
+        "data": data.model_dump(mode="json"),
+        "train": cfg.model_dump(mode="json"),
+        "out": str(out),
+    }
+    try:
+        mp.start_processes(
+            _rank_main,
+            args=(nproc, free_port(), max(1, cores // nproc), job, progress),
+            nprocs=nproc,
+            start_method="spawn",  # fresh interpreters: no copied torch thread pools, CUDA contexts or locks
+        )
+    except mp.ProcessExitedException as error:
+        raise CapasError(
+            f"training process {error.error_index} exited with status {error.exit_code}"
+        ) from None
+    except mp.ProcessRaisedException as error:
+        raise CapasError(f"a training process failed: {str(error).strip().splitlines()[-1]}") from None
+    return json.loads((Path(out) / "test.json").read_text())

@@ -1,0 +1,117 @@
+"""One run over 2 real processes on the CPU (gloo) matches one process with the same global batch:
+launched with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and with `--nproc 2`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from capas.cli import app
+from capas.spec import DataConfig, ModelSpec, TrainConfig
+from capas.train import train
+from capas.train.distributed import free_port
+
+SPEC = {  # no Dropout or BatchNorm: the two ways of training compute the same function
+    "name": "ddp",
+    "input_shape": [28, 28, 1],
+    "layers": [
+        {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
+        {"MaxPooling2D": {"pool_size": 2}},
+        "Flatten",
+        {"Dense": {"units": 10, "activation": "softmax"}},
+    ],
+}
+# 600 images: the training split's last batch is partial, so the uneven split of a batch is covered too
+ARGS = ["--data", "fashion-mnist", "--limit", "600", "--epochs", "2", "--batch-size", "32"]
+ARGS += ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--device", "cpu", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def spec_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("spec") / "ddp.yaml"
+    path.write_text(yaml.safe_dump(SPEC))
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    """The reference: the same run in this one process."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    cfg = TrainConfig(
+        epochs=2, batch_size=32, seed=3, device="cpu", optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9}
+    )
+    train(ModelSpec.from_dict(SPEC), DataConfig(name="fashion-mnist", limit=600), cfg, out)
+    return out
+
+
+def _command(spec_file: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "capas", "train", str(spec_file), *ARGS, "--out", str(out), *extra]
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+    weights, expected = load_file(run / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert weights.keys() == expected.keys()
+    for name in weights:
+        torch.testing.assert_close(weights[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    history = [yaml.safe_load(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    single = [yaml.safe_load(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == len(single) == 2
+    for mine, theirs in zip(history, single, strict=True):  # reduced over both processes
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-4), key
+    test, expected_test = (yaml.safe_load((p / "test.json").read_text()) for p in (run, reference))
+    assert test["test_loss"] == pytest.approx(expected_test["test_loss"], rel=1e-4)
+    assert test["confusion_matrix"] == expected_test["confusion_matrix"]
+    assert not (run / "checkpoint.safetensors").exists()
+
+
+def test_two_processes_under_torchrun_environment_match_one(spec_file, single, tmp_path):
+    out = tmp_path / "ddp"
+    port = str(free_port())
+    processes = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+        }
+        processes.append(
+            subprocess.Popen(
+                _command(spec_file, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
+    outputs = [p.communicate(timeout=120)[0].decode() for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    assert "test accuracy" in outputs[0] and "test accuracy" not in outputs[1]  # rank 0 alone reports
+    _assert_same_run(out, single)
+
+
+def test_nproc_2_spawns_the_processes_itself(spec_file, single, tmp_path):
+    out = tmp_path / "nproc"
+    done = subprocess.run(
+        _command(spec_file, out, "--nproc", "2"), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "test accuracy" in done.stdout
+    _assert_same_run(out, single)
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(spec_file, tmp_path):
+    result = CliRunner().invoke(
+        app, ["train", str(spec_file), "--batch-size", "33", "--nproc", "2", "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2
+    assert "batch_size 33 does not split over 2 processes" in result.output
+    assert not (tmp_path / "x").exists()

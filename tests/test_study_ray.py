@@ -1,0 +1,203 @@
+"""Studies on a real local Ray instance (2 CPUs, shared by the module's tests): a study completes with
+the same results as the local pool, a SIGKILLed Ray worker is retried, an interrupted driver resumes
+without repeating finished runs, and a worker that cannot see the driver's disk ships its run back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+ray = pytest.importorskip("ray")
+
+from capas.runs import load_run  # noqa: E402
+from capas.study.executors import PoolExecutor, RunTask  # noqa: E402
+from capas.study.ray_executor import PROBE, RayExecutor, _deliver, _worker_run  # noqa: E402
+from capas.study.run import run_study  # noqa: E402
+from capas.study.spec import load_study  # noqa: E402
+from capas.study.store import Store  # noqa: E402
+
+STUDY = {
+    "name": "ray",
+    "base": {
+        "name": "Flatten",
+        "spec": {
+            "input_shape": [28, 28, 1],
+            "layers": [
+                {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
+                {"MaxPooling2D": {"pool_size": 2}},
+                "Flatten",
+                {"Dense": {"units": 10, "activation": "softmax"}},
+            ],
+        },
+        "train": {"epochs": 1, "batch_size": 32},
+        "data": {"name": "fashion-mnist", "limit": 300},
+    },
+    "seeds": 2,
+    "variations": [
+        {
+            "name": "head",
+            "alternatives": [
+                {"name": "GAP", "replace": {"layer": "flatten", "with": "GlobalAveragePooling2D"}}
+            ],
+        }
+    ],
+}
+RUNS = 4  # 2 variants × 2 seeds
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One Ray instance for the module: starting one costs seconds."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _study(folder: Path, **changes) -> Path:
+    document = yaml.safe_load(yaml.safe_dump(STUDY))
+    document["base"]["train"].update(changes)
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def _quiet(folder: Path) -> Console:
+    return Console(file=open(folder / "log.txt", "a"))
+
+
+def test_ray_study_matches_the_local_pool(local_ray, tmp_path):
+    path = _study(tmp_path)
+    on_ray = run_study(path, out=tmp_path / "ray", executor=RayExecutor(), console=_quiet(tmp_path))
+    assert on_ray.trained == RUNS and not on_ray.failed
+    assert ray.is_initialized()  # an instance the executor did not start is left running
+    with Store(tmp_path / "ray" / "study.sqlite") as store:
+        rows = store.runs()
+        assert {row.status for row in rows.values()} == {"done"}
+        assert all(len(store.epochs(rid)) == 1 for rid in rows)  # epoch events reached the driver
+    assert {row.result["worker"]["storage"] for row in rows.values()} == {"shared"}
+    assert not list((tmp_path / "ray").rglob(PROBE))
+    assert (tmp_path / "ray" / "report.md").read_text().count("GAP") >= 1
+
+    pool = run_study(path, out=tmp_path / "pool", executor=PoolExecutor(2), console=_quiet(tmp_path))
+    with Store(tmp_path / "pool" / "study.sqlite") as store:
+        pooled = store.runs()
+    assert set(pooled) == set(rows)
+    for rid, row in rows.items():  # one torch thread per run in both: the same numbers
+        for key in ("test_accuracy", "test_loss", "val_loss"):
+            assert row.result[key] == pytest.approx(pooled[rid].result[key], rel=1e-5), (rid, key)
+    assert [v.name for v in on_ray.report.variants] == [v.name for v in pool.report.variants]
+
+
+def _ray_task_pids() -> list[int]:
+    """Ray worker processes running a run now: Ray titles them after the task (Linux's /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::_worker_run"):
+                pids.append(int(entry.name))
+        except OSError:  # the process ended meanwhile
+            continue
+    return pids
+
+
+def test_a_killed_ray_worker_is_retried_and_the_study_finishes(local_ray, tmp_path):
+    path = _study(tmp_path, epochs=3)
+    killed: list[int] = []
+
+    def kill_one_running_worker() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            for pid in _ray_task_pids():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_running_worker)
+    killer.start()
+    outcome = run_study(path, out=tmp_path / "study", executor=RayExecutor(), console=_quiet(tmp_path))
+    killer.join()
+    assert killed, "no Ray worker was seen running a task"
+    assert outcome.trained == RUNS and not outcome.failed
+    with Store(tmp_path / "study" / "study.sqlite") as store:
+        rows = store.runs()
+    assert {row.status for row in rows.values()} == {"done"}
+    # every result came from a live process: the run of the killed one was executed again
+    assert killed[0] not in {row.result["worker"]["pid"] for row in rows.values()}
+
+
+def test_an_interrupted_driver_resumes_without_repeating_finished_runs(local_ray, tmp_path):
+    path, out = _study(tmp_path, epochs=2), tmp_path / "study"
+    database = out / "study.sqlite"
+
+    def interrupt_after_first_run() -> None:  # Ctrl-C, as soon as one run is recorded done
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if database.exists():
+                try:
+                    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as con:
+                        if con.execute("SELECT count(*) FROM runs WHERE status = 'done'").fetchone()[0]:
+                            break
+                except sqlite3.OperationalError:
+                    pass
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_after_first_run)
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        run_study(path, out=out, executor=RayExecutor(), console=_quiet(tmp_path))
+    interrupter.join()
+    with sqlite3.connect(database) as con:
+        before = dict(con.execute("SELECT id, finished FROM runs WHERE status = 'done'").fetchall())
+    assert 1 <= len(before) < RUNS
+
+    resumed = run_study(path, out=out, executor=RayExecutor(), console=_quiet(tmp_path))
+    assert resumed.skipped == len(before) and resumed.trained == RUNS - len(before) and not resumed.failed
+    with sqlite3.connect(database) as con:
+        after = dict(con.execute("SELECT id, finished FROM runs WHERE status = 'done'").fetchall())
+    assert len(after) == RUNS and all(after[rid] == before[rid] for rid in before)
+
+
+def test_a_worker_that_cannot_see_the_run_directory_ships_it_to_the_driver(local_ray, tmp_path):
+    study = load_study(_study(tmp_path))
+    variant = study.variants[0]
+    config = variant.run_config(0)
+    out = tmp_path / "study" / "runs" / "Flatten" / "seed-0"
+    task = RunTask(
+        "Flatten/seed-0", variant.name, 0, config["spec"], config["train"], config["data"], {}, str(out)
+    )
+    events = ray.util.queue.Queue(actor_options={"num_cpus": 0})
+    # no probe with this token in `out`: the worker behaves as on a node without the driver's disk
+    ref = ray.remote(_worker_run).remote(task.to_dict(), events, "a-token-the-driver-never-wrote", 1)
+    future: Future = Future()
+    _deliver(ref.future(), future, out)
+    result = future.result(timeout=60)
+    assert result["worker"]["storage"] == "shipped" and "files" not in result
+    run = load_run(out)  # a complete run directory, written by the driver from the shipped bytes
+    assert run.classes and (out / "test.json").is_file() and (out / "reference.safetensors").is_file()
+    assert result["test_accuracy"] == pytest.approx(run.read_json("test.json")["test_accuracy"])
+    events.shutdown(force=True)
+
+
+def test_without_ray_the_executor_says_how_to_install_it(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from capas import cli
+    from capas.study import ray_executor
+
+    monkeypatch.setattr(ray_executor, "ray", None)  # as when the `ray` extra is not installed
+    result = CliRunner().invoke(
+        cli.app, ["study", str(_study(tmp_path)), "--executor", "ray", "--out", str(tmp_path / "s")]
+    )
+    assert result.exit_code == 2 and "pip install 'capas[ray]'" in result.output
+    assert not (tmp_path / "s").exists()  # refused before anything was written
