@@ -76,7 +76,7 @@ class _Crash(Callback):
     def on_fit_start(self, epochs, steps_per_epoch, start_epoch):
         self.limit = (self.epoch - 1 - start_epoch) * steps_per_epoch + steps_per_epoch // 2
 
-    def on_batch_end(self, images, loss):
+    def on_batch_end(self, images, loss, correct):
         self.batches += 1
         if self.batches > self.limit:
             raise KeyboardInterrupt

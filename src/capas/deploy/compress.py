@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -81,8 +82,7 @@ def compress_run(
     else:
         method = f"prune-{'structured' if structured else 'unstructured'}"
         _check_prunable(source.spec, structured)
-    suffix = quantize or f"pruned{round(prune * 100)}{'s' if structured else 'u'}"
-    out = Path(out) if out is not None else source.path.with_name(f"{source.path.name}-{suffix}")
+    out = Path(out) if out is not None else default_out(source.path, quantize, prune, structured)
     if out.exists():
         raise CapasError(f"{out}: already exists; pass --out to write elsewhere or remove it")
     splits = run_splits(source)
@@ -134,20 +134,35 @@ def check_method(quantize: str | None, prune: float | None, finetune_epochs: int
         raise CapasError(f"--finetune-epochs {finetune_epochs}: must be a whole number, 0 or more")
 
 
+def default_out(run_dir: Path, quantize: str | None, prune: float | None, structured: bool) -> Path:
+    """Where a compressed run goes unless told: beside its source, named by the method."""
+    suffix = quantize or f"pruned{round(prune * 100)}{'s' if structured else 'u'}"
+    return run_dir.with_name(f"{run_dir.name}-{suffix}")
+
+
 def compress_for_study(run_dir: Path, args: dict) -> dict:
-    """Compress a study's freshly trained run (beside it) and return the figures its report compares."""
-    out, comparison = compress_run(run_dir, **args, repeats=Repeats(batch1=50, batch64=10))
-    original, compressed = comparison.measurements[0], comparison.measurements[-1]
+    """Compress a study's freshly trained run (beside it) and return the figures its report compares.
+
+    A compressed run already complete beside it (the study was interrupted after compressing) is
+    read back rather than made again.
+    """
+    out = default_out(run_dir, args.get("quantize"), args.get("prune"), args.get("structured", True))
+    if (out / "compress.json").is_file():
+        recorded = json.loads((out / "compress.json").read_text())
+    else:
+        out, comparison = compress_run(run_dir, **args, out=out, repeats=Repeats(batch1=50, batch64=10))
+        recorded = comparison.to_dict()
+    original, compressed = recorded["measurements"][0], recorded["measurements"][-1]
     return {
         "run": str(out),
-        "method": comparison.method,
-        "test_accuracy": compressed.accuracy,
-        "accuracy_change": compressed.accuracy - original.accuracy,
-        "bytes": compressed.bytes,
-        "size_ratio": original.bytes / compressed.bytes,
-        "batch1_ms": compressed.batch1_ms[0],
-        "speedup_batch1": original.batch1_ms[0] / compressed.batch1_ms[0],
-        "speedup_batch64": original.batch64_ms[0] / compressed.batch64_ms[0],
+        "method": recorded["method"],
+        "test_accuracy": compressed["accuracy"],
+        "accuracy_change": compressed["accuracy"] - original["accuracy"],
+        "bytes": compressed["bytes"],
+        "size_ratio": original["bytes"] / compressed["bytes"],
+        "batch1_ms": compressed["batch1_ms"][0],
+        "speedup_batch1": original["batch1_ms"][0] / compressed["batch1_ms"][0],
+        "speedup_batch64": original["batch64_ms"][0] / compressed["batch64_ms"][0],
     }
 
 

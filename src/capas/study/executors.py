@@ -73,7 +73,7 @@ class _Reporter(Callback):
             }
         )
 
-    def on_batch_end(self, images: int, loss: float | None) -> None:
+    def on_batch_end(self, images: int, loss: torch.Tensor, correct: torch.Tensor) -> None:
         self.steps += 1
         if time.monotonic() - self.last >= EVENT_INTERVAL:
             self._flush()

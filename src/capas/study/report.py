@@ -467,10 +467,85 @@ def _md_table(headers: tuple[str, ...] | list[str], rows: list[list[str]]) -> st
     return "\n".join(lines)
 
 
+# --- compression variants --------------------------------------------------------------------
+
+COMPRESSION_HEADERS = (
+    "variant",
+    "method",
+    "float test acc %",
+    "compressed test acc %",
+    "Δ pp (95% CI)",
+    "p",
+    "smaller",
+    "batch-1 faster",
+    "batch-64 faster",
+)
+
+
+def _compressed(result: VariantResult) -> dict[int, dict]:
+    return {seed: r["compress"] for seed, r in result.results.items() if r.get("compress")}
+
+
+def compression_rows(report: StudyReport) -> list[list[str]]:
+    """Each compressed variant against its own float models, seed by seed (same paired test)."""
+    rows = []
+    for result in report.variants:
+        compressed = _compressed(result)
+        if not compressed:
+            continue
+        after = {seed: c["test_accuracy"] for seed, c in compressed.items()}
+        comparison = paired_comparison(after, result.values("test_accuracy"))
+        ratio = mean_ci([c["size_ratio"] for c in compressed.values()])
+        fast1 = mean_ci([c["speedup_batch1"] for c in compressed.values()])
+        fast64 = mean_ci([c["speedup_batch64"] for c in compressed.values()])
+        rows.append(
+            [
+                result.name,
+                next(iter(compressed.values()))["method"],
+                _mean_pm(result.estimate("test_accuracy"), 100),
+                _mean_pm(mean_ci(list(after.values())), 100),
+                _difference(comparison),
+                _p(comparison.p_value),
+                f"{ratio.mean:.2f}×",
+                f"{fast1.mean:.2f}×",
+                f"{fast64.mean:.2f}×",
+            ]
+        )
+    return rows
+
+
+def compression_sentence(result: VariantResult) -> str:
+    compressed = _compressed(result)
+    after = {seed: c["test_accuracy"] for seed, c in compressed.items()}
+    comparison = paired_comparison(after, result.values("test_accuracy"))
+    d = comparison.difference
+    ratio = mean_ci([c["size_ratio"] for c in compressed.values()]).mean
+    fast1 = mean_ci([c["speedup_batch1"] for c in compressed.values()]).mean
+    speed = f"{fast1:.2f}× faster" if fast1 >= 1 else f"{1 / fast1:.2f}× slower"
+    if d.n < 2:
+        accuracy = f"test accuracy {_signed(100 * d.mean)} pp (one seed: no confidence interval or test)"
+    elif comparison.significant:
+        accuracy = f"test accuracy {_signed(100 * d.mean)} pp (95% CI {_num(100 * d.low)} to {_num(100 * d.high)}, {_p(comparison.p_value)})"
+    else:
+        accuracy = (
+            f"no significant change in test accuracy ({_signed(100 * d.mean)} pp, {_p(comparison.p_value)})"
+        )
+    return f"{result.name}, compressed against its own float model: {ratio:.2f}× smaller, {speed} at batch 1; {accuracy}."
+
+
+def _compression_md(report: StudyReport) -> list[str]:
+    rows = compression_rows(report)
+    if not rows:
+        return []
+    sentences = [f"- {compression_sentence(r)}" for r in report.variants if _compressed(r)]
+    return ["## Compression", "", _md_table(COMPRESSION_HEADERS, rows), "", *sentences, ""]
+
+
 def markdown(report: StudyReport, images: dict[str, tuple[str, bytes]]) -> str:
     parts = [f"# Study: {report.study.name}", "", *[f"- {line}" for line in _header_lines(report)], ""]
     parts += ["## Results", "", _md_table(HEADERS, table_rows(report)), ""]
     parts += ["## In plain words", ""] + [f"- {sentence(report, r)}" for r in report.variants[1:]] + [""]
+    parts += _compression_md(report)
     parts += (
         ["## Plots", ""] + [f"![{caption}](plots/{name})" for name, (caption, _) in images.items()] + [""]
     )
@@ -516,7 +591,12 @@ def html_page(report: StudyReport, images: dict[str, tuple[str, bytes]]) -> str:
         "<h2>In plain words</h2><ul>",
     ]
     parts += [f"<li>{e(sentence(report, r))}</li>" for r in report.variants[1:]]
-    parts += ["</ul><h2>Plots</h2>"]
+    parts.append("</ul>")
+    if rows := compression_rows(report):
+        parts += ["<h2>Compression</h2>", _html_table(COMPRESSION_HEADERS, rows), "<ul>"]
+        parts += [f"<li>{e(compression_sentence(r))}</li>" for r in report.variants if _compressed(r)]
+        parts.append("</ul>")
+    parts += ["<h2>Plots</h2>"]
     for caption, png in images.values():
         data = base64.b64encode(png).decode()
         parts.append(

@@ -39,7 +39,9 @@ class Callback:
 
     def on_fit_start(self, epochs: int, steps_per_epoch: int, start_epoch: int) -> None: ...
 
-    def on_batch_end(self, images: int, loss: float | None) -> None: ...
+    def on_batch_end(self, images: int, loss: torch.Tensor, correct: torch.Tensor) -> None:
+        """After each step: the batch's summed loss and correct count, 0-dim tensors on the device
+        (reading them with .item() waits for the device: do it sparingly)."""
 
     def on_epoch_end(self, metrics: dict) -> None: ...
 
@@ -220,8 +222,8 @@ def fit(
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y).sum()
             seen, step = seen + n, step + 1
-            for cb in callbacks:
-                cb.on_batch_end(n, None)
+            for cb in callbacks:  # with several processes, this one's slices stand for the whole batch
+                cb.on_batch_end(n, loss_sum * world, correct * world)
             if _over_budget(cfg, result, seen, started):
                 break
         result.train_seconds += time.perf_counter() - started

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from capas.train.loop import Callback, FitResult
+
+REFRESH = 0.5  # seconds between updates of the running loss and accuracy
 
 
 class RichProgress(Callback):
@@ -32,15 +35,21 @@ class RichProgress(Callback):
             self.description, total=epochs * steps_per_epoch, completed=start_epoch * steps_per_epoch, rate=""
         )
         self.progress.start()
-        self.window_start, self.window_images = time.perf_counter(), 0
+        self.window_start, self.window_images, self.shown = time.perf_counter(), 0, 0.0
         if start_epoch:
             self.console.print(f"resuming from the checkpoint of epoch {start_epoch}")
 
-    def on_batch_end(self, images: int, loss: float | None) -> None:
+    def on_batch_end(self, images: int, loss: torch.Tensor, correct: torch.Tensor) -> None:
         self.window_images += images
-        elapsed = time.perf_counter() - self.window_start
-        rate = f"{self.window_images / elapsed:,.0f} img/s" if elapsed > 0.5 else ""
-        self.progress.update(self.task, advance=1, rate=rate)
+        now = time.perf_counter()
+        if now - self.shown < REFRESH:  # reading the running sums waits for the device
+            self.progress.update(self.task, advance=1)
+            return
+        self.shown = now
+        rate = self.window_images / (now - self.window_start)
+        seen = self.window_images  # the epoch's images so far: the sums run over the same
+        stats = f"loss {loss.item() / seen:.4f}  accuracy {correct.item() / seen:.4f}  {rate:,.0f} img/s"
+        self.progress.update(self.task, advance=1, rate=stats)
 
     def on_epoch_end(self, metrics: dict) -> None:
         self.console.print(

@@ -1,0 +1,64 @@
+"""A study that lists compression as a variation: compressed and float variants in one report."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from rich.console import Console
+
+from capas.study.run import run_study
+from capas.study.store import Store
+
+SPEC = {
+    "name": "small",
+    "input_shape": [28, 28, 1],
+    "layers": [
+        {"Conv2D": {"filters": 8, "kernel_size": 3, "strides": 2, "activation": "relu"}},
+        "Flatten",
+        {"Dense": {"units": 10, "activation": "softmax"}},
+    ],
+}
+
+
+def test_an_int8_variant_is_reported_beside_its_float_model_and_survives_a_rerun(tmp_path):
+    doc = {
+        "name": "compress",
+        "base": {
+            "name": "float",
+            "spec": SPEC,
+            "train": {"epochs": 1, "batch_size": 64},
+            "data": {"name": "fashion-mnist", "limit": 300},
+        },
+        "seeds": 2,
+        "variations": [
+            {"name": "compression", "alternatives": [{"name": "int8", "compress": {"quantize": "int8"}}]}
+        ],
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115
+    out = tmp_path / "out"
+    outcome = run_study(path, out=out, workers=1, console=console)
+    assert outcome.failed == []
+    with Store(out / "study.sqlite") as store:
+        result = store.runs()["int8/seed-1"].result
+    compressed = out / "runs" / "int8" / "seed-1-int8"
+    assert result["compress"]["run"] == str(compressed)
+    assert (
+        result["compress"]["test_accuracy"]
+        == json.loads((compressed / "test.json").read_text())["test_accuracy"]
+    )
+    assert result["compress"]["size_ratio"] > 2  # int8 weights; graph overhead weighs on a tiny model
+    markdown = outcome.markdown.read_text()
+    assert "## Compression" in markdown and "| int8 | quantize-int8 |" in markdown
+    assert "int8, compressed against its own float model:" in markdown
+    assert "<h2>Compression</h2>" in outcome.html.read_text()
+
+    # A rerun after the study was interrupted between training and recording re-reads the compressed run.
+    with Store(out / "study.sqlite") as store:
+        store.db.execute("UPDATE runs SET status = 'running' WHERE id = 'int8/seed-1'")
+        store.db.commit()
+    again = run_study(path, out=out, workers=1, console=console)
+    assert again.failed == [] and again.trained == 1
+    assert again.markdown.read_text() == markdown
