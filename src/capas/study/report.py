@@ -183,7 +183,7 @@ def sentence(report: StudyReport, result: VariantResult) -> str:
     else:
         share = 100 * delta / base.summary.total
         parts.append(f"{abs(delta):,} {'fewer' if delta < 0 else 'more'} parameters ({_signed(share, 0)}%)")
-    if result.summary.trainable != base.summary.trainable:
+    if result.summary.trainable - base.summary.trainable != delta:  # frozen layers changed too
         parts.append(f"{result.summary.trainable:,} trainable instead of {base.summary.trainable:,}")
     comparison = report.comparison(result)
     d = comparison.difference
