@@ -98,6 +98,9 @@ def collect(study: Study, rows: dict[str, RunRow]) -> StudyReport:
 
 
 def _signed(value: float, digits: int = 1) -> str:
+    value = round(value, digits)
+    if value == 0:  # a change that rounds to nothing has no sign (and never shows "−0")
+        return f"±{0:.{digits}f}"
     return f"{value:+.{digits}f}".replace("-", MINUS)
 
 
