@@ -106,11 +106,10 @@ def compute(
     frozen: nn.Module, data: ArrayDataset, preprocess: Preprocess, device: torch.device
 ) -> torch.Tensor:
     """The frozen part's output for every image, in eval mode: (N, ...) float32 on the CPU."""
-    frozen.eval().to(device)
-    out = [
-        frozen(x).float().cpu()
-        for x, _ in iterate_batches(data, EVAL_BATCH, preprocess=preprocess, device=device)
-    ]
+    # channels-last: oneDNN's depthwise and 1×1 convolutions run about twice as fast in it on the CPU
+    frozen.eval().to(device, memory_format=torch.channels_last)
+    batches = iterate_batches(data, EVAL_BATCH, preprocess=preprocess, device=device, channels_last=True)
+    out = [frozen(x).float().cpu() for x, _ in batches]
     return torch.cat(out)
 
 
