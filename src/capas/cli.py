@@ -189,7 +189,7 @@ def evaluate(
     data_cfg = DataConfig(name=data, data_dir=data_dir) if data else None
     used, result = evaluate_run(loaded, data_cfg)
     console.print(
-        f"{used.name}: test accuracy {result.accuracy:.4f}  test loss {result.loss:.4f}  ({len(result.labels)} images)",
+        f"{used}: test accuracy {result.accuracy:.4f}  test loss {result.loss:.4f}  ({len(result.labels)} images)",
         highlight=False,
     )
     _print_confusion(list(loaded.classes), result.confusion(len(loaded.classes)).tolist())

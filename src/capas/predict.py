@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from capas.data import make_splits, read_image
+from capas.data import Splits, read_image
 from capas.errors import CapasError
 from capas.runs import Run, model_device
 from capas.spec import DataConfig
@@ -40,24 +40,23 @@ def predict_files(run: Run, paths: list[str | Path]) -> list[Prediction]:
     return predict(run, [read_image(Path(p)) for p in paths])
 
 
-def evaluate_run(run: Run, data: DataConfig | None = None) -> tuple[DataConfig, Evaluation]:
-    """Test loss and accuracy of a run on the test split of its own data config, or of `data`."""
-    recorded = run.read_json("config.json") or {}
+def run_splits(run: Run, data: DataConfig | None = None) -> Splits:
+    """The splits of the run's own data config (from config.json), or of `data`, checked against its classes."""
     if data is None:
+        recorded = run.read_json("config.json") or {}
         if "data" not in recorded:
-            raise CapasError(f"{run.path}: config.json records no dataset; pass --data")
+            raise CapasError(f"{run.path}: config.json records no dataset; name one (--data)")
         data = DataConfig.model_validate(recorded["data"])
-    splits = make_splits(
-        data.name,
-        data_dir=data.data_dir,
-        val_fraction=data.val_fraction,
-        test_fraction=data.test_fraction,
-        seed=data.split_seed,
-        limit=data.limit,
-    )
+    splits = data.splits()
     if splits.test.classes != run.classes:
         raise CapasError(
             f"{data.name} has classes {list(splits.test.classes)} but the run was trained on {list(run.classes)}"
         )
-    device = model_device(run.model)
-    return data, evaluate(run.model, splits.test, run.preprocess, device)
+    return splits
+
+
+def evaluate_run(run: Run, data: DataConfig | None = None) -> tuple[str, Evaluation]:
+    """Test loss and accuracy of a run on the test split of its own data config, or of `data`;
+    returns the dataset's name with the evaluation."""
+    splits = run_splits(run, data)
+    return splits.info["dataset"], evaluate(run.model, splits.test, run.preprocess, model_device(run.model))

@@ -33,6 +33,7 @@ from capas.data import ArrayDataset, Preprocess
 from capas.deploy.runtime import RUNTIME, OnnxModel, read_runtime
 from capas.errors import CapasError
 from capas.models import CapasNet, build_model, summarize
+from capas.models.weights import load_checked
 from capas.spec import ModelSpec
 
 REQUIRED = ("model.json", "model.safetensors", "preprocess.json")
@@ -65,25 +66,7 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
             tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError) as error:
         raise CapasError(f"{path}: unreadable weights file ({error})") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in tensors and tensors[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"missing {', '.join(missing[:8])}" if missing else "",
-            f"unexpected {', '.join(unexpected[:8])}" if unexpected else "",
-            f"wrong shapes {'; '.join(shapes[:8])}" if shapes else "",
-        ]
-        raise CapasError(
-            f"{path}: the weights do not fit the architecture in model.json: "
-            + "; ".join(p for p in parts if p)
-        )
-    model.load_state_dict(tensors)
+    load_checked(model, tensors, f"{path}: the weights do not fit the architecture in model.json")
 
 
 @dataclass

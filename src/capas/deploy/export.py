@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from capas import atomic
-from capas.data import Preprocess, make_splits
+from capas.data import Preprocess
 from capas.errors import CapasError
 from capas.models import CapasNet
-from capas.runs import Run, load_run
-from capas.spec import DataConfig
+from capas.predict import run_splits
+from capas.runs import load_run
 
 OPSET = 18
 ATOL = RTOL = 1e-4  # parity: |onnx - torch| <= ATOL + RTOL * |torch|, elementwise, on logits and embeddings
@@ -101,29 +101,6 @@ def parity(model: nn.Module, onnx_model, images: torch.Tensor, preprocess: Prepr
         agreement=(got_logits.argmax(1) == want_logits.argmax(1)).float().mean().item(),
         within_tolerance=close,
     )
-
-
-def run_splits(run: Run, limit_train: int | None = None):
-    """The train/val/test splits a run was trained on (from its config.json)."""
-    recorded = run.read_json("config.json") or {}
-    if "data" not in recorded:
-        raise CapasError(
-            f"{run.path}: config.json records no dataset, so there are no images to check or calibrate on"
-        )
-    data = DataConfig.model_validate(recorded["data"])
-    splits = make_splits(
-        data.name,
-        data_dir=data.data_dir,
-        val_fraction=data.val_fraction,
-        test_fraction=data.test_fraction,
-        seed=data.split_seed,
-        limit=data.limit,
-    )
-    if splits.test.classes != run.classes:
-        raise CapasError(
-            f"{run.path}: {data.name} has classes {list(splits.test.classes)}, the run {list(run.classes)}"
-        )
-    return splits
 
 
 @dataclass

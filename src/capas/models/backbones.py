@@ -29,6 +29,7 @@ from torch import nn
 from capas.data import Preprocess, default_preprocess
 from capas.errors import CapasError, closest
 from capas.layers import Layer, Shape
+from capas.models.weights import load_checked
 from capas.spec.backbone import RUN, BackboneConfig
 from capas.spec.model import ModelSpec
 
@@ -98,25 +99,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, backbone: str) -> None:
     """Load a whole state_dict; a file of another architecture names its missing and unexpected keys."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k} (file {tuple(state[k].shape)}, {backbone} {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"{len(missing)} missing keys: {', '.join(missing[:5])}" if missing else "",
-            f"{len(unexpected)} unexpected keys: {', '.join(unexpected[:5])}" if unexpected else "",
-            f"wrong shapes: {'; '.join(shapes[:5])}" if shapes else "",
-        ]
-        raise CapasError(
-            f"backbone.weights: {source} does not hold {backbone} weights: "
-            + "; ".join(p for p in parts if p)
-        )
-    model.load_state_dict(state)
+    load_checked(model, state, f"backbone.weights: {source} does not hold {backbone} weights")
 
 
 def _torchvision_imagenet(weights_name: str, backbone: str) -> Callable[[nn.Module], None]:

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from capas.data.batches import Augment
+from capas.data.splits import Splits, make_splits
 
 
 class _Config(BaseModel):
@@ -90,3 +91,14 @@ class DataConfig(_Config):
         default=None, ge=10, description="train on a stratified subset of this many images"
     )
     split_seed: int = 0
+
+    def splits(self) -> Splits:
+        """Load the dataset and cut its train/validation/test splits as this config says."""
+        return make_splits(
+            self.name,
+            data_dir=self.data_dir,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            seed=self.split_seed,
+            limit=self.limit,
+        )

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from capas.data import make_splits
 from capas.errors import CapasError
 from capas.models import build_model, preprocess_for
 from capas.runs import REFERENCE, save_reference, write_run
@@ -50,14 +49,7 @@ def train(
     out = Path(out)
     if cfg.finetune is not None and spec.backbone is None:
         raise CapasError(f"{spec.name}: train.finetune needs a spec with a backbone")
-    splits = make_splits(
-        data.name,
-        data_dir=data.data_dir,
-        val_fraction=data.val_fraction,
-        test_fraction=data.test_fraction,
-        seed=data.split_seed,
-        limit=data.limit,
-    )
+    splits = data.splits()
     classes = splits.train.classes
     units = spec.output_shape
     if units != (len(classes),):
