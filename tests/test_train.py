@@ -194,3 +194,17 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
         write_with(target, failing)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_bfloat16_mixed_precision_trains_and_predicts_as_recorded(tmp_path):
+    spec, data, cfg = _small(precision="bfloat16")
+    result = train(spec, data, cfg, tmp_path / "bf16")
+    assert result["test_accuracy"] > 0.5  # chance is 0.1
+    run = load_run(tmp_path / "bf16")
+    assert run.precision == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())  # mixed: weights stay float32
+    _, evaluation = evaluate_run(run)  # prediction runs in the precision the run was trained and tested in
+    assert evaluation.accuracy == result["test_accuracy"]
+    assert evaluation.loss == pytest.approx(result["test_loss"], rel=1e-5)
+    float32 = evaluate(run.model, make_splits("fashion-mnist", limit=600).test, run.preprocess)
+    assert float32.loss == pytest.approx(result["test_loss"], rel=0.05)  # bfloat16 rounds, it does not break

@@ -150,6 +150,19 @@ def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
     assert run.preprocess.mean == IMAGENET_MEAN and run.preprocess.channels == 3  # serving normalises too
 
 
+def test_bfloat16_features_are_cached_apart_and_close_to_float32(cache, tmp_path):
+    spec = spec_with({"name": "efficientnet_lite0", "weights": "imagenet"}, layers=TOP)
+    data = DataConfig(name="fashion-mnist", limit=60)
+    for precision in ("float32", "bfloat16"):
+        cfg = TrainConfig(epochs=1, batch_size=30, precision=precision)
+        assert train(spec, data, cfg, tmp_path / precision)["feature_cache"]["cache"] == "written"
+    files = sorted(cache.glob("features/*-test-*.safetensors"), key=lambda f: f.stat().st_mtime_ns)
+    assert len(files) == 2  # one test-split file per precision
+    exact, rounded = (safe_open(str(f), framework="pt").get_tensor("features") for f in files)
+    assert not torch.equal(exact, rounded)
+    assert (rounded - exact).norm() / exact.norm() < 0.1  # bfloat16 keeps about 3 significant digits
+
+
 def test_weights_from_a_local_file_load_exactly(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(1)

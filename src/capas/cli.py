@@ -90,6 +90,9 @@ def train(
     ] = None,
     seed: int | None = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="float32, or bfloat16 (mixed precision: bfloat16 forward passes)")
+    ] = None,
     limit: Annotated[
         int | None, typer.Option(help="train on a stratified subset of this many images")
     ] = None,
@@ -119,6 +122,7 @@ def train(
             label_smoothing=label_smoothing,
             seed=seed,
             device=device,
+            precision=precision,
             max_seconds=max_seconds,
         )
     )

@@ -11,7 +11,7 @@ from capas.data import Splits, read_image
 from capas.errors import CapasError
 from capas.runs import Run, model_device
 from capas.spec import DataConfig
-from capas.train.loop import Evaluation, evaluate
+from capas.train.loop import Evaluation, autocast, evaluate
 
 
 @dataclass
@@ -32,7 +32,8 @@ def predict(run: Run, images: list[torch.Tensor]) -> list[Prediction]:
         return []
     device = model_device(run.model)
     batch = torch.cat([run.preprocess(image.unsqueeze(0)) for image in images]).to(device)  # (B, C, H, W)
-    probabilities = run.model.predict_proba(batch).cpu()
+    with autocast(device, run.precision):
+        probabilities = run.model.predict_proba(batch).float().cpu()
     return [Prediction(run.classes[int(p.argmax())], int(p.argmax()), p.tolist()) for p in probabilities]
 
 
@@ -59,4 +60,7 @@ def evaluate_run(run: Run, data: DataConfig | None = None) -> tuple[str, Evaluat
     """Test loss and accuracy of a run on the test split of its own data config, or of `data`;
     returns the dataset's name with the evaluation."""
     splits = run_splits(run, data)
-    return splits.info["dataset"], evaluate(run.model, splits.test, run.preprocess, model_device(run.model))
+    device = model_device(run.model)
+    return splits.info["dataset"], evaluate(
+        run.model, splits.test, run.preprocess, device, precision=run.precision
+    )

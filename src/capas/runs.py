@@ -78,6 +78,7 @@ class Run:
     model: CapasNet | OnnxModel
     preprocess: Preprocess
     classes: tuple[str, ...]
+    precision: str = "float32"  # the training's precision (config.json), kept for prediction
 
     def read_json(self, name: str) -> dict | None:
         file = self.path / name
@@ -107,15 +108,17 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         meta = json.loads((path / "preprocess.json").read_text())
         preprocess = Preprocess.model_validate(meta["preprocess"])
         classes = tuple(meta["classes"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise CapasError(f"{path}: damaged model.json or preprocess.json ({error})") from None
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        precision = config.get("train", {}).get("precision", "float32")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CapasError(f"{path}: damaged model.json, preprocess.json or config.json ({error})") from None
     spec = ModelSpec.from_dict(spec_data, source=str(path / "model.json"))
     if runtime is not None:
         model = OnnxModel(path / runtime["model"], expect=(spec.input_shape, len(classes)))
         return Run(path, spec, model, preprocess, classes)
     model = build_model(spec, pretrained=False)  # the run's weights replace any pretrained ones
     load_weights(path / "model.safetensors", model)
-    return Run(path, spec, model.to(device).eval(), preprocess, classes)
+    return Run(path, spec, model.to(device).eval(), preprocess, classes, precision)
 
 
 def write_run(

@@ -37,8 +37,9 @@ class Preprocess(BaseModel):
                 raise ValueError("std values must be positive")
         return self
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) uint8 -> (N, channels, *size) float32, on the images' device."""
+    def __call__(self, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """(N, C, H, W) uint8 -> (N, channels, *size) float32, on the images' device (channels-last
+        memory when asked: resizing writes it directly)."""
         if images.dtype != torch.uint8 or images.dim() != 4:
             got = f"{images.dtype} {tuple(images.shape)}"
             raise CapasError(f"Preprocess expects uint8 (N, C, H, W) images, got {got}")
@@ -49,10 +50,21 @@ class Preprocess(BaseModel):
         if c == 3 and self.channels == 1:  # before resizing: a third of the work
             weights = torch.tensor(LUMA_WEIGHTS, device=x.device).view(1, 3, 1, 1)
             x = (x * weights).sum(1, keepdim=True)
+        # Scaling, normalising and channel copies are per-pixel affine maps, which commute with
+        # interpolation (its weights sum to 1): they run on whichever side has fewer pixels.
+        enlarging = x.shape[-2] * x.shape[-1] < self.size[0] * self.size[1]
+        if enlarging:
+            x = self._scale(x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # interpolate keeps the memory format
         if x.shape[-2:] != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        return x if enlarging else self._scale(x)
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        """0..255 -> 0..1, grayscale copied to three channels, the per-channel normalisation."""
         x = x / 255
-        if c == 1 and self.channels == 3:  # after resizing: a third of the work
+        if x.shape[1] == 1 and self.channels == 3:
             x = x.repeat(1, 3, 1, 1)
         if self.mean is not None and self.std is not None:
             mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
@@ -134,9 +146,9 @@ def iterate_batches(
         # uint8 crosses to the device before the float conversion: a quarter of the bytes
         images = data.images[index].to(device, non_blocking=True)
         labels = data.labels[index].to(device, non_blocking=True)
-        x = preprocess(images)
+        x = preprocess(images, channels_last)
         if augment is not None:
             x = augment(x, generator)
-        if channels_last:
+        if channels_last:  # augmentation may have changed the memory format
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, labels

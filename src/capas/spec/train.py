@@ -73,6 +73,11 @@ class TrainConfig(_Config):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     channels_last: bool = True
+    precision: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="bfloat16: mixed precision, forward passes autocast to bfloat16 (weights, gradients "
+        "and optimizer state stay float32), in training, evaluation, the feature cache and prediction",
+    )
     max_seconds: float | None = Field(
         default=None, gt=0.0, description="wall-clock budget; stops after the epoch"
     )

@@ -79,7 +79,7 @@ def train(
             dist=dist,
         )
         test = (evaluate if dist is None else dist.evaluate)(
-            model, splits.test, preprocess, device, cfg.channels_last
+            model, splits.test, preprocess, device, cfg.channels_last, cfg.precision
         )
     test_results = {
         "test_loss": test.loss,

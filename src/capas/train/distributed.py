@@ -75,6 +75,7 @@ class Distributed:
         preprocess: Preprocess,
         device: torch.device | str = "cpu",
         channels_last: bool = False,
+        precision: str = "float32",
     ) -> Evaluation:
         """`evaluate` on a 1/world slice per rank, gathered: every rank gets the whole dataset's result."""
         n = len(data)
@@ -85,6 +86,7 @@ class Distributed:
             preprocess,
             device,
             channels_last,
+            precision,
         )
         largest = max(b - a for a, b in itertools.pairwise(bounds))
         # gloo and nccl gather equal sizes: pad each slice's (prediction, label) pairs to the largest

@@ -30,9 +30,9 @@ from capas.data.download import cache_root
 from capas.models import CapasNet
 from capas.spec import DataConfig, TrainConfig
 from capas.spec.backbone import RUN
-from capas.train.loop import EVAL_BATCH, Callback, Evaluation, FitResult, evaluate, fit
+from capas.train.loop import Callback, Evaluation, FitResult, autocast, eval_batch_size, evaluate, fit
 
-CACHE_FORMAT = 1  # part of the key: bump it when feature computation changes
+CACHE_FORMAT = 2  # part of the key: bump it when feature computation changes
 PASS_THROUGH = {"Flatten", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "MaxPooling2D", "AveragePooling2D"}
 """Top layers without weights or randomness: cached together with the backbone."""
 
@@ -84,15 +84,22 @@ def _weights_id(model: CapasNet) -> dict:
 
 
 def cache_path(
-    model: CapasNet, data: DataConfig, split_info: dict, split: str, preprocess: Preprocess
+    model: CapasNet,
+    data: DataConfig,
+    cfg: TrainConfig,
+    split_info: dict,
+    split: str,
+    preprocess: Preprocess,
 ) -> Path:
-    """The cache file for one split: a hash of backbone, weights, cached layers, data, split and resolution."""
+    """The cache file for one split: a hash of backbone, weights, cached layers, precision, data, split
+    and resolution."""
     key = {
         "format": CACHE_FORMAT,
         "backbone": model.spec.backbone.model_dump(mode="json", exclude={"frozen"}),
         **_weights_id(model),
         "layers": model.spec.to_dict()["layers"][: _prefix(model)],
         "preprocess": preprocess.model_dump(mode="json"),
+        "precision": cfg.precision,
         "data": {"name": data.name, "data_dir": data.data_dir},
         "splits": split_info,
         "split": split,
@@ -103,18 +110,25 @@ def cache_path(
 
 @torch.no_grad()
 def compute(
-    frozen: nn.Module, data: ArrayDataset, preprocess: Preprocess, device: torch.device
+    frozen: nn.Module, data: ArrayDataset, preprocess: Preprocess, device: torch.device, precision: str
 ) -> torch.Tensor:
     """The frozen part's output for every image, in eval mode: (N, ...) float32 on the CPU."""
     # channels-last: oneDNN's depthwise and 1×1 convolutions run about twice as fast in it on the CPU
     frozen.eval().to(device, memory_format=torch.channels_last)
-    batches = iterate_batches(data, EVAL_BATCH, preprocess=preprocess, device=device, channels_last=True)
-    out = [frozen(x).float().cpu() for x, _ in batches]
+    batch_size = eval_batch_size(preprocess, device)
+    batches = iterate_batches(data, batch_size, preprocess=preprocess, device=device, channels_last=True)
+    with autocast(device, precision):
+        out = [frozen(x).float().cpu() for x, _ in batches]
     return torch.cat(out)
 
 
 def cached(
-    model: CapasNet, data: ArrayDataset, path: Path, preprocess: Preprocess, device: torch.device
+    model: CapasNet,
+    data: ArrayDataset,
+    path: Path,
+    preprocess: Preprocess,
+    device: torch.device,
+    precision: str,
 ) -> tuple[Features, bool]:
     """One split's features from the cache (True) or computed and written to it (False)."""
     if path.is_file():
@@ -125,11 +139,16 @@ def cached(
         except (SafetensorError, OSError, KeyError):
             pass  # a damaged or foreign file: computed again and replaced below
     layers = list(model.layers.values())[: _prefix(model)]
-    features = compute(nn.Sequential(model.backbone, *layers), data, preprocess, device)
+    features = compute(nn.Sequential(model.backbone, *layers), data, preprocess, device, precision)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"features": features.contiguous(), "labels": data.labels.cpu().contiguous()}
     atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp)))
     return Features(features, data.labels, data.classes), False
+
+
+def as_is(features: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """The preprocessing of cached features: none."""
+    return features
 
 
 def fit_top(
@@ -151,16 +170,15 @@ def fit_top(
     parts, hits = {}, {}
     for split in ("train", "val", "test"):
         dataset = getattr(splits, split)
-        path = cache_path(model, data, splits.info, split, preprocess)
-        parts[split], hits[split] = cached(model, dataset, path, preprocess, device)
+        path = cache_path(model, data, cfg, splits.info, split, preprocess)
+        parts[split], hits[split] = cached(model, dataset, path, preprocess, device, cfg.precision)
     seconds = time.perf_counter() - started
     top = nn.Sequential(*list(model.layers.values())[_prefix(model) :])
-    identity = nn.Identity()  # features need no preprocessing
     # features are (N, F) or small maps: channels_last does not apply to them
     top_cfg = cfg.model_copy(update={"channels_last": False})
     result = fit(
-        top, parts["train"], parts["val"], identity, top_cfg, callbacks=callbacks, checkpoint=checkpoint
+        top, parts["train"], parts["val"], as_is, top_cfg, callbacks=callbacks, checkpoint=checkpoint
     )
-    test = evaluate(top, parts["test"], identity, device)
+    test = evaluate(top, parts["test"], as_is, device, precision=cfg.precision)
     info = {"cache": "hit" if all(hits.values()) else "written", "seconds": seconds}
     return result, test, info

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from capas.data import Preprocess
-from capas.runs import Run, input_statistics
+from capas.runs import Run, input_statistics, model_device
+from capas.train.loop import autocast
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class MicroBatcher:
 
     def _forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = self.run.model
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(model_device(model), self.run.precision):
             x = preprocess_batch(self.run.preprocess, images)  # (B, C, H, W) float
             probabilities = model.predict_proba(x).float()  # (B, classes)
             # Drift needs the penultimate features; a second partial pass on a few images per batch
