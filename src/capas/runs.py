@@ -154,16 +154,29 @@ def input_statistics(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def save_reference(
-    path: Path, model: CapasNet | OnnxModel, data: ArrayDataset, preprocess: Preprocess
+    path: Path,
+    model: CapasNet | OnnxModel,
+    data: ArrayDataset,
+    preprocess: Preprocess,
+    precision: str = "float32",
 ) -> None:
-    """Keep what drift monitoring needs: features and input statistics of a stratified-enough sample."""
+    """Keep what drift monitoring needs: features and input statistics of a stratified-enough sample,
+    computed in batches and in the precision the server will run the model in."""
+    from capas.train.loop import autocast, eval_batch_size  # capas.train imports this module
+
     model.eval()
+    device = model_device(model)
     generator = torch.Generator().manual_seed(0)
     index = torch.randperm(len(data), generator=generator)[:REFERENCE_SIZE]
-    x = preprocess(data.images[index]).to(model_device(model))
+    embeddings, stats = [], []
+    for part in index.split(eval_batch_size(preprocess, device)):
+        x = preprocess(data.images[part]).to(device)
+        with autocast(device, precision):
+            embeddings.append(model.embed(x).float().cpu())  # (B, F)
+        stats.append(input_statistics(x).cpu())  # (B, 2)
     tensors = {
-        "embeddings": model.embed(x).float().cpu().contiguous(),  # (N, F)
-        "input_stats": input_statistics(x).cpu().contiguous(),  # (N, 2)
+        "embeddings": torch.cat(embeddings).contiguous(),
+        "input_stats": torch.cat(stats).contiguous(),
         "labels": data.labels[index].contiguous(),
     }
     atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp)))

@@ -116,6 +116,6 @@ def train(
         history=result.history,
         test=test_results,
     )
-    save_reference(out / REFERENCE, model, splits.val, preprocess)
+    save_reference(out / REFERENCE, model, splits.val, preprocess, cfg.precision)
     (out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; its weights are in model.safetensors
     return test_results
