@@ -27,8 +27,8 @@ CPU_BATCH_VALUES = 2**20  # input values per batch without gradients on the CPU
 
 def eval_batch_size(preprocess: Preprocess, device: torch.device | str) -> int:
     """Images per batch without gradients. On the CPU, about a million input values, so that a
-    batch's activations stay in the caches: EfficientNet-Lite0 at 224×224 runs about 4× faster in
-    batches of 8 than of 512 on a 2-core CPU (benchmarks/transfer.py). Elsewhere EVAL_BATCH."""
+    batch's activations stay in the caches: EfficientNet-Lite0 at 224×224 runs 3.8–5.4× faster in
+    batches of 6 than of 512 on a 2-core CPU (benchmarks/transfer.py). Elsewhere EVAL_BATCH."""
     if torch.device(device).type != "cpu" or not isinstance(preprocess, Preprocess):
         return EVAL_BATCH
     values = preprocess.channels * preprocess.size[0] * preprocess.size[1]
