@@ -206,5 +206,9 @@ def test_bfloat16_mixed_precision_trains_and_predicts_as_recorded(tmp_path):
     _, evaluation = evaluate_run(run)  # prediction runs in the precision the run was trained and tested in
     assert evaluation.accuracy == result["test_accuracy"]
     assert evaluation.loss == pytest.approx(result["test_loss"], rel=1e-5)
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps({**config, "train": {"precision": "half"}}))
+    with pytest.raises(CapasError, match=r"config\.json.*'half' is not float32 or bfloat16"):
+        load_run(tmp_path / "bf16")
     float32 = evaluate(run.model, make_splits("fashion-mnist", limit=600).test, run.preprocess)
     assert float32.loss == pytest.approx(result["test_loss"], rel=0.05)  # bfloat16 rounds, it does not break

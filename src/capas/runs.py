@@ -110,6 +110,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         classes = tuple(meta["classes"])
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         precision = config.get("train", {}).get("precision", "float32")
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"train.precision {precision!r} is not float32 or bfloat16")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise CapasError(f"{path}: damaged model.json, preprocess.json or config.json ({error})") from None
     spec = ModelSpec.from_dict(spec_data, source=str(path / "model.json"))
