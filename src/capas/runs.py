@@ -109,7 +109,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         preprocess = Preprocess.model_validate(meta["preprocess"])
         classes = tuple(meta["classes"])
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        precision = config.get("train", {}).get("precision", "float32")
+        precision = (config.get("train") or {}).get("precision", "float32")  # imported runs have no train
         if precision not in ("float32", "bfloat16"):
             raise ValueError(f"train.precision {precision!r} is not float32 or bfloat16")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
