@@ -3,7 +3,9 @@
     name: global-pooling
     base:
       name: GlobalAveragePooling2D      # the base variant's label in the report (default "base")
-      spec: ../seed000-gap.yaml         # a path (relative to the study file) or an inline spec
+      spec: ../seed000-gap.yaml         # a path (relative to the study file) or an inline spec;
+                                        # or run: RUN, a run directory (e.g. from capas import-keras):
+                                        # its model.json, its recorded train and data as defaults
       train: {epochs: 3, batch_size: 128}
       data: {name: fashion-mnist, limit: 6000}
     seeds: 3                            # or a list, e.g. [0, 1, 2]
@@ -366,6 +368,22 @@ def _base_spec(raw: Any, folder: Path, source: str) -> dict:
     )
 
 
+def _base_run(raw: Any, folder: Path, source: str) -> tuple[dict, dict]:
+    """A run directory as a base: its model.json, and its config.json's train and data configs."""
+    if not isinstance(raw, str):
+        raise CapasError(f"{source}: 'base.run' must be the path of a run directory, got {raw!r}")
+    run = Path(raw) if Path(raw).is_absolute() else folder / raw
+    if not (run / "model.json").is_file():
+        raise CapasError(f"{source}: 'base.run': {run} is not a run directory (no model.json)")
+    document = load_document(run / "model.json")
+    ModelSpec.from_dict(document, source=str(run / "model.json"))
+    config = load_document(run / "config.json") if (run / "config.json").is_file() else {}
+    if not isinstance(config, dict):
+        raise CapasError(f"{source}: 'base.run': {run / 'config.json'} is not a mapping")
+    recorded = {key: config[key] for key in ("train", "data") if isinstance(config.get(key), dict)}
+    return document, recorded
+
+
 def _resolve(base: Draft, choices: list[tuple[Variation, Alternative]], name: str, source: str) -> Variant:
     draft = copy.deepcopy(base)
     for variation, alternative in choices:
@@ -422,10 +440,11 @@ def load_study(
     if not isinstance(name, str) or not name:
         raise CapasError(f"{source}: 'name' must be a non-empty string, got {name!r}")
     base = document.get("base")
-    base_keys = {"name", "spec", "train", "data"}
-    if not isinstance(base, dict) or "spec" not in base or set(base) - base_keys:
+    base_keys = {"name", "spec", "run", "train", "data"}
+    if not isinstance(base, dict) or ("spec" in base) == ("run" in base) or set(base) - base_keys:
         raise CapasError(
-            f"{source}: 'base' must be a mapping with 'spec' and optionally name, train and data"
+            f"{source}: 'base' must be a mapping with 'spec' (a spec) or 'run' (a run directory, e.g. one "
+            "made by capas import-keras), and optionally name, train and data"
         )
     base_name = base.get("name", "base")
     if not isinstance(base_name, str) or not base_name:
@@ -439,11 +458,16 @@ def load_study(
     if seeds is not None:
         seed_list = _seeds(seeds, "--seeds")
 
-    spec = _base_spec(base["spec"], path.parent, source)
+    recorded: dict = {}
+    if "run" in base:
+        spec, recorded = _base_run(base["run"], path.parent, source)
+    else:
+        spec = _base_spec(base["spec"], path.parent, source)
     if input_shape is not None:
         spec = {**spec, "input_shape": list(input_shape)}
-    train = base.get("train") or {}
-    data_raw = dict(base.get("data") or {})
+    # A base run's recorded train and data configs are the defaults that base.train and base.data override.
+    train = {**(recorded.get("train") or {}), **(base.get("train") or {})}
+    data_raw = {**(recorded.get("data") or {}), **(base.get("data") or {})}
     if data is not None:
         data_raw["name"] = data
     for key, raw in (("train", train), ("data", data_raw)):
