@@ -334,14 +334,26 @@ def serve(
 @friendly
 def export(
     run: RunArg,
-    onnx: Annotated[bool, typer.Option("--onnx", help="write an ONNX model (the only format)")] = False,
-    out: Annotated[Path | None, typer.Option(help="where to write it (default RUN/model.onnx)")] = None,
+    onnx: Annotated[
+        bool, typer.Option("--onnx", help="write an ONNX model, checked against PyTorch")
+    ] = False,
+    keras: Annotated[bool, typer.Option("--keras", help="write a Keras 3 .keras file")] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="where to write it (default RUN/model.onnx or RUN/model.keras)")
+    ] = None,
 ) -> None:
-    """Export a run's model to ONNX (dynamic batch; outputs logits and embedding), checked against PyTorch."""
+    """Export a run's model to ONNX (dynamic batch; outputs logits and embedding; checked against PyTorch)
+    or to a Keras 3 .keras file (its inputs preprocessed as the run's preprocess.json says)."""
+    if onnx == keras:
+        raise CapasError("choose one format: --onnx or --keras")
+    if keras:
+        from capas.interop.keras import export_keras
+
+        path = export_keras(run, out)
+        console.print(f"wrote {path} ({path.stat().st_size / 1e6:.3f} MB)", highlight=False)
+        return
     from capas.deploy.export import export_run
 
-    if not onnx:
-        raise CapasError("choose a format: --onnx")
     result = export_run(run, out)
     check = result.parity
     console.print(
@@ -350,6 +362,48 @@ def export(
         f"(tolerance atol={check.atol}, rtol={check.rtol}), same class for {check.agreement:.1%}",
         highlight=False,
     )
+
+
+@app.command("import-keras")
+@friendly
+def import_keras(
+    path: Annotated[Path, typer.Argument(help="a .keras file, a legacy full-model .h5, or a model.json")],
+    weights: Annotated[
+        Path | None, typer.Option(help="with a model.json: its weights (.weights.h5 or a legacy .h5)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<model name>)")] = None,
+    scale: Annotated[
+        str | None,
+        typer.Option(help="the model's input range for 0..255 pixels: 0..1 (default), 0..255 or -1..1"),
+    ] = None,
+    classes: Annotated[Path | None, typer.Option(help="class names, one a line")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="the dataset the model is for (class names, evaluate, compress, serve's drift reference)"
+        ),
+    ] = None,
+    data_dir: Annotated[str | None, typer.Option(help="where to look for dataset files first")] = None,
+) -> None:
+    """Import a Keras model (Sequential, or a functional chain) into a run directory: spec, weights, preprocessing."""
+    from capas.interop.keras import import_keras as run_import
+    from capas.models import summarize
+
+    written, imported = run_import(
+        path, out, weights=weights, scale=scale, classes=classes, data=data, data_dir=data_dir
+    )
+    for note in imported.notes:
+        errors.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False)
+    summary = summarize(imported.spec)
+    console.print(
+        f"imported {len(imported.spec.layers)} layers, {summary.total:,} parameters -> run directory: {written}",
+        highlight=False,
+    )
+    if data is None:
+        console.print(
+            "no --data: evaluate and compress will need --data, and serve needs a drift reference (import with --data)",
+            highlight=False,
+        )
 
 
 @app.command()

@@ -1,0 +1,1 @@
+"""Bringing models from other frameworks into capas run directories, and taking them back."""

@@ -1,0 +1,702 @@
+"""Keras models in and out of capas, read and written with h5py alone (no TensorFlow, no Keras).
+
+In: a Keras 3 `.keras` file, a `model.json` with its weights (`*.weights.h5`, or a legacy weights `.h5`),
+or a legacy full-model `.h5`, becomes a capas run directory: the spec from the Keras config, the weights
+converted to PyTorch's layouts, preprocess.json from the user's options. Out: a run's spec and weights
+become a `.keras` file that Keras 3 loads.
+
+Layouts: a Conv2D kernel is (H, W, in, out) in Keras and (out, in, H, W) in PyTorch; a Dense kernel is
+(in, out) in Keras and (out, in) in PyTorch. capas' Flatten already flattens in Keras' H·W·C order, so
+the Dense after a Flatten takes its kernel transposed and nothing more. BatchNormalization's gamma, beta,
+moving mean and moving variance are PyTorch's weight, bias, running_mean and running_var.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from capas import atomic
+from capas.data import Preprocess
+from capas.errors import CapasError
+from capas.models import CapasNet, build_model
+from capas.runs import REFERENCE, load_run, save_reference, write_run
+from capas.spec import DataConfig, ModelSpec, parse_layer
+
+SCALES = {"0..1": (0.0, 1.0), "0..255": (0.0, 1 / 255), "-1..1": (0.5, 0.5)}
+"""--scale: the model's input range for 0..255 pixels, as (mean, std) applied after dividing by 255."""
+
+KERAS_FORMAT_VERSION = "3.0.0"  # the .keras format written: Keras 3's zip of config.json and weights.h5
+
+# Keywords capas has under the same name, per layer type (Keras' defaults are capas' defaults).
+KEPT = {
+    "Conv2D": ("filters", "kernel_size", "strides", "padding", "activation", "use_bias"),
+    "Dense": ("units", "activation", "use_bias"),
+    "MaxPooling2D": ("pool_size", "strides", "padding"),
+    "AveragePooling2D": ("pool_size", "strides", "padding"),
+    "GlobalMaxPooling2D": (),
+    "GlobalAveragePooling2D": (),
+    "Flatten": (),
+    "Dropout": ("rate",),
+    "SpatialDropout2D": ("rate",),
+    "BatchNormalization": ("momentum", "epsilon"),
+    "LayerNormalization": ("epsilon",),
+    "GroupNormalization": ("groups", "epsilon"),
+    "Activation": ("activation",),
+    "ReLU": ("max_value", "negative_slope"),
+    "Softmax": ("axis",),
+}
+# Keywords capas lacks, accepted at the values that compute what capas computes.
+FIXED = {
+    "Conv2D": {"data_format": ("channels_last",), "dilation_rate": (1, (1, 1)), "groups": (1,)},
+    "MaxPooling2D": {"data_format": ("channels_last",)},
+    "AveragePooling2D": {"data_format": ("channels_last",)},
+    "GlobalMaxPooling2D": {"data_format": ("channels_last",), "keepdims": (False,)},
+    "GlobalAveragePooling2D": {"data_format": ("channels_last",), "keepdims": (False,)},
+    "Flatten": {"data_format": ("channels_last",)},
+    "Dropout": {"noise_shape": ()},
+    "SpatialDropout2D": {"data_format": ("channels_last",)},
+    "BatchNormalization": {"center": (True,), "scale": (True,), "renorm": (False,)},
+    "LayerNormalization": {"center": (True,), "scale": (True,), "rms_scaling": (False,)},
+    "GroupNormalization": {"center": (True,), "scale": (True,)},
+    "ReLU": {"threshold": (0, 0.0)},
+}
+NORMALIZATIONS = ("BatchNormalization", "LayerNormalization", "GroupNormalization")
+# Keywords that only matter to Keras' training or bookkeeping; weights come from the file.
+IGNORED = {"name", "seed", "synchronized", "renorm_momentum", "lora_alpha"}
+# Kernel layouts: Keras' array -> PyTorch's tensor, for the first weight of these layer types.
+TO_TORCH = {"Conv2D": (3, 2, 0, 1), "Dense": (1, 0)}
+TO_KERAS = {"Conv2D": (2, 3, 1, 0), "Dense": (1, 0)}
+
+
+def keras_snake(name: str) -> str:
+    """Keras' snake case for class names (its weight files name layer groups with it): ReLU -> re_lu."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _texts(values: Any) -> list[str]:
+    return [_text(v) for v in np.atleast_1d(values).tolist()] if len(values) else []
+
+
+@dataclass
+class KerasFile:
+    """What a Keras file (or pair of files) holds: the model config and the weight arrays.
+
+    `weights` is keyed by Keras 3 group path (`layers/conv2d_1`) when `by_path`, else by layer name
+    (the legacy HDF5 layout).
+    """
+
+    source: str
+    kind: str
+    config: dict
+    weights: dict[str, list[np.ndarray]]
+    by_path: bool
+    keras_version: str | None = None
+
+
+def _h5():
+    try:
+        import h5py
+    except ImportError:
+        raise CapasError("reading Keras files needs h5py: pip install 'capas[keras]'") from None
+    return h5py
+
+
+def _read_v3_weights(file) -> dict[str, list[np.ndarray]]:
+    """Keras 3's weights.h5: `layers/<snake name>/vars/<i>` for each layer of the model."""
+    out: dict[str, list[np.ndarray]] = {}
+    layers = file.get("layers")
+    if layers is None:
+        raise KeyError("no 'layers' group")
+    for name, group in layers.items():
+        variables = group.get("vars")
+        arrays = [] if variables is None else [np.asarray(variables[k]) for k in sorted(variables, key=int)]
+        out[f"layers/{name}"] = arrays
+    return out
+
+
+def _read_legacy_weights(root) -> dict[str, list[np.ndarray]]:
+    """The legacy HDF5 layout (Keras 2 and Keras 3's .h5): layer groups listed in `layer_names`, each with
+    its datasets listed in order in `weight_names`."""
+    return {
+        name: [np.asarray(root[name][w]) for w in _texts(root[name].attrs["weight_names"])]
+        for name in _texts(root.attrs["layer_names"])
+    }
+
+
+def _weights_file(path: Path) -> tuple[dict[str, list[np.ndarray]], bool]:
+    h5py = _h5()
+    with h5py.File(path, "r") as file:
+        if "layers" in file:
+            return _read_v3_weights(file), True
+        root = file.get("model_weights", file)
+        if "layer_names" not in root.attrs:
+            raise KeyError("neither Keras 3's 'layers' group nor the legacy 'layer_names'")
+        return _read_legacy_weights(root), False
+
+
+def read_keras(path: str | Path, weights: str | Path | None = None) -> KerasFile:
+    """Read a `.keras` file, a legacy full-model `.h5`, or a `.json` architecture with `weights`.
+
+    A missing, corrupt or truncated file, or one of another kind, is a CapasError naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CapasError(f"{path}: no such file")
+    if weights is not None and path.suffix != ".json":
+        raise CapasError(f"--weights: {path} holds its own weights; --weights goes with a model.json")
+    h5py = _h5()
+    try:
+        if path.suffix == ".keras":
+            with zipfile.ZipFile(path) as archive:
+                config = json.loads(archive.read("config.json"))
+                metadata = json.loads(archive.read("metadata.json"))
+                with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as file:
+                    arrays = _read_v3_weights(file)
+            return KerasFile(str(path), ".keras", config, arrays, True, metadata.get("keras_version"))
+        if path.suffix == ".json":
+            if weights is None:
+                raise CapasError(
+                    f"{path}: an architecture without weights; give its weights file: --weights model.weights.h5"
+                )
+            weights = Path(weights)
+            if not weights.is_file():
+                raise CapasError(f"--weights: {weights}: no such file")
+            config = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                arrays, by_path = _weights_file(weights)
+            except (OSError, KeyError, ValueError) as error:
+                raise CapasError(f"{weights}: not a readable Keras weights file ({error})") from None
+            return KerasFile(f"{path} + {weights}", "json + weights", config, arrays, by_path)
+        if path.suffix in (".h5", ".hdf5"):
+            with h5py.File(path, "r") as file:
+                if "model_config" not in file.attrs:
+                    raise CapasError(
+                        f"{path}: a weights-only HDF5 file (no model_config); give the architecture too: "
+                        f"capas import-keras model.json --weights {path.name}"
+                    )
+                config = json.loads(_text(file.attrs["model_config"]))
+                version = _text(file.attrs["keras_version"]) if "keras_version" in file.attrs else None
+                arrays = _read_legacy_weights(file["model_weights"])
+            return KerasFile(str(path), "legacy .h5", config, arrays, False, version)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        raise CapasError(f"{path}: not a readable Keras file ({error})") from None
+    raise CapasError(
+        f"{path}: unknown kind of file {path.suffix!r}; allowed: a .keras file, a legacy full-model .h5, "
+        "or a model.json with --weights"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Keras config -> a capas spec
+
+
+def _histories(node: Any) -> list[str]:
+    """The names of the layers a functional layer's inbound node reads (Keras 3 and Keras 2 forms)."""
+    if isinstance(node, dict):
+        if "keras_history" in node:
+            return [node["keras_history"][0]]
+        return [name for value in node.values() for name in _histories(value)]
+    if isinstance(node, list):
+        if len(node) >= 3 and isinstance(node[0], str) and isinstance(node[1], int):  # Keras 2
+            return [node[0]]
+        return [name for value in node for name in _histories(value)]
+    return []
+
+
+def _chain(config: dict, source: str) -> list[dict]:
+    """The layers of a functional model in order, when they form a single chain; branches are refused."""
+    layers = config.get("layers") or []
+    by_name = {layer["config"]["name"]: layer for layer in layers}
+    feeds: dict[str, list[str]] = {name: [] for name in by_name}
+    for layer in layers:
+        name = layer["config"]["name"]
+        nodes = layer.get("inbound_nodes") or []
+        inputs = [i for node in nodes for i in _histories(node)]
+        if len(nodes) > 1 or len(inputs) > 1:
+            raise CapasError(
+                f"{source}: a functional model with branches: layer {name!r} ({layer['class_name']}) takes "
+                f"{len(inputs)} inputs ({', '.join(map(repr, inputs))}); capas imports Sequential models and "
+                "functional models that are one chain of layers"
+            )
+        for i in inputs:
+            feeds.setdefault(i, []).append(name)
+    for name, consumers in feeds.items():
+        if len(consumers) > 1:
+            raise CapasError(
+                f"{source}: a functional model with branches: layer {name!r} feeds {len(consumers)} layers "
+                f"({', '.join(map(repr, consumers))}); capas imports Sequential models and functional models "
+                "that are one chain of layers"
+            )
+    starts = [layer for layer in layers if layer["class_name"] == "InputLayer"]
+    if len(starts) != 1:
+        raise CapasError(
+            f"{source}: a functional model with {len(starts)} inputs; capas models take one image"
+        )
+    chain, current = [starts[0]], starts[0]["config"]["name"]
+    while feeds.get(current):
+        current = feeds[current][0]
+        chain.append(by_name[current])
+    if len(chain) != len(layers):
+        unused = sorted(set(by_name) - {layer["config"]["name"] for layer in chain})
+        raise CapasError(
+            f"{source}: a functional model whose layers {', '.join(map(repr, unused))} are not on the chain from "
+            "its input; capas imports one chain of layers"
+        )
+    return chain
+
+
+def _model_layers(document: Any, source: str) -> list[dict]:
+    """The model's layers in order, the InputLayer first when the config has one."""
+    if not isinstance(document, dict) or "class_name" not in document:
+        raise CapasError(f"{source}: not a Keras model config (no class_name)")
+    kind, config = document["class_name"], document.get("config")
+    if kind == "Sequential":
+        layers = config if isinstance(config, list) else (config or {}).get("layers")
+        if not isinstance(layers, list) or not layers:
+            raise CapasError(f"{source}: a Sequential model without layers")
+        return layers
+    if kind in ("Functional", "Model"):
+        return _chain(config or {}, source)
+    raise CapasError(
+        f"{source}: a {kind!r} model; capas imports Sequential models and functional models that are one chain"
+    )
+
+
+def _input_shape(layers: list[dict], source: str) -> tuple[int, ...]:
+    first = layers[0]
+    config = first.get("config", {})
+    shape = config.get("batch_shape") or config.get("batch_input_shape")
+    if shape is None:
+        shape = (first.get("build_config") or {}).get("input_shape")
+    if shape is None:
+        raise CapasError(
+            f"{source}: the model records no input shape (build it with keras.Input((H, W, C)) before saving)"
+        )
+    shape = list(shape)[1:]
+    if len(shape) != 3 or not all(isinstance(v, int) and v >= 1 for v in shape):
+        raise CapasError(
+            f"{source}: input shape {shape} is not a fixed (height, width, channels); capas models take "
+            "images of one size, channels last"
+        )
+    return tuple(shape)
+
+
+def _plain(value: Any) -> Any:
+    return tuple(_plain(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _float32(dtype: Any) -> bool:
+    if dtype is None:
+        return True
+    if isinstance(dtype, dict):
+        dtype = (dtype.get("config") or {}).get("name")
+    return dtype == "float32"
+
+
+def _translate(
+    index: int, layer: dict, shape: tuple[int, ...] | None
+) -> tuple[dict | None, list[str], list[str]]:
+    """One Keras layer -> (capas layer item or None, problems, notes about ignored keywords)."""
+    kind, config = layer.get("class_name"), dict(layer.get("config") or {})
+    name = config.get("name")
+    where = f"layer {index} {name!r} ({kind})"
+    if kind not in KEPT:
+        supported = ", ".join(sorted({*KEPT, "Rescaling (first layer)"}))
+        return None, [f"{where}: unsupported layer type; capas imports {supported}"], []
+    problems, notes, keywords = [], [], {"name": name}
+    for key, value in config.items():
+        if key in IGNORED or key.endswith("_initializer"):
+            continue
+        if key == "dtype":
+            if not _float32(value):
+                problems.append(f"{where}: dtype {value!r}; capas imports float32 layers")
+        elif key == "trainable":
+            if value is not True:
+                problems.append(f"{where}: trainable={value!r}; capas trains every layer of its own spec")
+        elif key.endswith(("_regularizer", "_constraint")):
+            if value is not None:
+                notes.append(f"{where}: {key} ignored (it acts during Keras' training only)")
+        elif key == "axis" and kind in NORMALIZATIONS:
+            last = (-1, (-1,)) if shape is None else (-1, (-1,), len(shape), (len(shape),))
+            if _plain(value) not in last:
+                problems.append(f"{where}: axis={value!r}; capas normalises over the last (channel) axis, -1")
+        elif key in KEPT[kind]:
+            keywords[key] = None if key == "activation" and value == "linear" else value
+        elif key in FIXED.get(kind, {}):
+            allowed = FIXED[kind][key]
+            if value is not None and _plain(value) not in allowed:
+                problems.append(
+                    f"{where}: {key}={value!r} is not supported; capas computes {key}="
+                    f"{' or '.join(repr(a) for a in allowed) or 'None'}"
+                )
+        elif value is not None:
+            problems.append(f"{where}: unsupported keyword {key}={value!r}")
+    if kind in ("MaxPooling2D", "AveragePooling2D") and _plain(keywords.get("strides")) in (
+        None,
+        _plain(keywords.get("pool_size")),
+    ):
+        keywords.pop("strides", None)  # Keras writes strides = pool_size; capas' default says the same
+    if problems:
+        return None, problems, notes
+    try:
+        parse_layer(index, {kind: keywords})
+    except CapasError as error:
+        return None, [f"{where}: {str(error).split(': ', 1)[-1]}"], notes
+    return {kind: keywords}, [], notes
+
+
+def _rescaling(layer: dict, channels: int, where: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A first Rescaling layer (x * scale + offset on 0..255 pixels) as preprocess mean and std."""
+    config = layer.get("config") or {}
+    scale, offset = config.get("scale", 1.0), config.get("offset", 0.0)
+    scales = list(scale) if isinstance(scale, list) else [scale] * channels
+    offsets = list(offset) if isinstance(offset, list) else [offset] * channels
+    if len(scales) != channels or len(offsets) != channels or min(scales) <= 0:
+        raise CapasError(
+            f"{where}: Rescaling(scale={scale!r}, offset={offset!r}) is not a positive per-channel scale "
+            f"for {channels} channels"
+        )
+    std = tuple(1 / (255 * s) for s in scales)  # x*s + o == (x/255 - mean) / std
+    return tuple(-o * d for o, d in zip(offsets, std, strict=True)), std
+
+
+@dataclass
+class Imported:
+    """A Keras model turned into capas' terms: spec, weights (in a built model), preprocessing, notes."""
+
+    spec: ModelSpec
+    model: CapasNet
+    rescaling: tuple[tuple[float, ...], tuple[float, ...]] | None
+    notes: list[str] = field(default_factory=list)
+
+
+def convert(keras_file: KerasFile) -> Imported:
+    """The capas spec and model of a Keras file; every unsupported layer or keyword is named, with its
+    position, in one CapasError, as are weights that do not fit."""
+    source = keras_file.source
+    layers = _model_layers(keras_file.config, source)
+    input_shape = _input_shape(layers, source)
+    body = [layer for layer in layers if layer.get("class_name") != "InputLayer"]
+    if not body:
+        raise CapasError(f"{source}: the model has no layers after its input")
+    rescaling = None
+    start = 0
+    if body[0].get("class_name") == "Rescaling":
+        rescaling = _rescaling(
+            body[0], input_shape[2], f"{source}: layer 0 {body[0]['config'].get('name')!r}"
+        )
+        start = 1
+    items, problems, notes, kept = [], [], [], []
+    shape: tuple[int, ...] | None = input_shape
+    for index, layer in enumerate(body[start:], start):
+        item, found, noted = _translate(index, layer, shape)
+        problems += found
+        notes += noted
+        if item is not None:
+            items.append(item)
+            kept.append((index, layer))
+            try:
+                shape = parse_layer(index, item).output_shape(shape) if shape is not None else None
+            except (ValueError, CapasError):
+                shape = None
+    for index, layer in enumerate(body):
+        if layer.get("class_name") == "Rescaling" and index >= start:
+            problems.append(
+                f"layer {index} {layer['config'].get('name')!r} (Rescaling): only a first Rescaling layer is "
+                "supported (it becomes the run's preprocessing)"
+            )
+    if problems:
+        raise CapasError(f"{source}: cannot import:\n  " + "\n  ".join(dict.fromkeys(problems)))
+    name = (
+        (keras_file.config.get("config") or {}).get("name") if isinstance(keras_file.config, dict) else None
+    )
+    spec = ModelSpec.from_dict(
+        {"name": name or "keras_model", "input_shape": list(input_shape), "layers": items}, source=source
+    )
+    model = build_model(spec, pretrained=False)
+    _load_weights(model, spec, kept, layers, keras_file)
+    return Imported(spec, model.eval(), rescaling, notes)
+
+
+def _keras_paths(layers: list[dict]) -> list[str]:
+    """Keras 3's weight-file group of each layer: its class name in snake case, numbered per name."""
+    counts: dict[str, int] = {}
+    paths = []
+    for layer in layers:
+        base = keras_snake(layer["class_name"])
+        seen = counts.get(base, 0)
+        counts[base] = seen + 1
+        paths.append(f"layers/{base}" if seen == 0 else f"layers/{base}_{seen}")
+    return paths
+
+
+def _load_weights(
+    model: CapasNet, spec: ModelSpec, kept: list[tuple[int, dict]], layers: list[dict], keras_file: KerasFile
+) -> None:
+    """Convert the file's arrays into `model`; a missing, surplus or mis-shaped array is a CapasError."""
+    functional = keras_file.config.get("class_name") != "Sequential"
+    ordered = layers if functional else [layer for layer in layers if layer.get("class_name") != "InputLayer"]
+    paths = dict(zip((id(layer) for layer in ordered), _keras_paths(ordered), strict=True))
+    state = model.state_dict()
+    problems, used = [], set()
+    for info, (index, layer) in zip(spec.layer_infos(), kept, strict=True):
+        kind, name = layer["class_name"], layer["config"]["name"]
+        key = paths[id(layer)] if keras_file.by_path else name
+        targets = [
+            k for k in state if k.startswith(f"layers.{info.name}.") and not k.endswith("num_batches_tracked")
+        ]
+        arrays = keras_file.weights.get(key, [])
+        used.add(key)
+        where = f"layer {index} {name!r} ({kind})"
+        if len(arrays) != len(targets):
+            problems.append(
+                f"{where}: the file has {len(arrays)} weight arrays, the layer needs {len(targets)}"
+            )
+            continue
+        for position, (array, target) in enumerate(zip(arrays, targets, strict=True)):
+            want = tuple(state[target].shape)
+            if position == 0 and kind in TO_TORCH and array.ndim == len(TO_TORCH[kind]):
+                array = array.transpose(TO_TORCH[kind])
+            if array.shape != want:
+                keras_want = (
+                    tuple(want[i] for i in TO_KERAS[kind]) if position == 0 and kind in TO_KERAS else want
+                )
+                problems.append(
+                    f"{where}: weight {position} has shape {tuple(arrays[position].shape)}, the architecture needs "
+                    f"{keras_want}"
+                )
+                continue
+            state[target] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    surplus = sorted(k for k, v in keras_file.weights.items() if v and k not in used)
+    if surplus:
+        problems.append(f"weights for layers the architecture does not have: {', '.join(surplus)}")
+    if problems:
+        raise CapasError(
+            f"{keras_file.source}: the weights do not fit the architecture:\n  " + "\n  ".join(problems)
+        )
+    model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A Keras file -> a run directory
+
+
+def read_classes(path: str | Path) -> tuple[str, ...]:
+    """Class names, one a line (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CapasError(f"--classes: {path}: no such file")
+    names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    if len(set(names)) != len(names):
+        raise CapasError(f"--classes: {path}: class names repeat")
+    return names
+
+
+def import_keras(
+    path: str | Path,
+    out: str | Path | None = None,
+    *,
+    weights: str | Path | None = None,
+    scale: str | None = None,
+    classes: str | Path | None = None,
+    data: str | None = None,
+    data_dir: str | None = None,
+) -> tuple[Path, Imported]:
+    """Write the run directory of a Keras model; nothing is written unless everything converts.
+
+    `scale` is the model's input range for 0..255 pixels (SCALES; default 0..1, or what a first
+    Rescaling layer says); `classes` a file of class names; `data` a dataset recorded for evaluate,
+    compress and studies, whose validation images become the drift reference that serve needs.
+    """
+    if scale is not None and scale not in SCALES:
+        raise CapasError(f"--scale: {scale!r} is not one of {', '.join(SCALES)}")
+    keras_file = read_keras(path, weights)
+    imported = convert(keras_file)
+    spec = imported.spec
+    out = Path(out) if out is not None else Path("runs") / spec.name
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CapasError(f"--out: {out} already exists; choose another run directory or remove it")
+    height, width, channels = spec.input_shape
+    if channels not in (1, 3):
+        raise CapasError(
+            f"{keras_file.source}: input has {channels} channels; capas reads 1- or 3-channel images"
+        )
+    if imported.rescaling is not None and scale is not None:
+        raise CapasError(
+            f"--scale: {keras_file.source} rescales its own input (first layer Rescaling); leave --scale out"
+        )
+    if imported.rescaling is not None:
+        mean, std = imported.rescaling
+    else:
+        m, s = SCALES[scale or "0..1"]
+        mean, std = (None, None) if (m, s) == (0.0, 1.0) else ((m,) * channels, (s,) * channels)
+    preprocess = Preprocess(size=(height, width), channels=channels, mean=mean, std=std)
+    outputs = spec.output_shape
+    if len(outputs) != 1:
+        raise CapasError(
+            f"{keras_file.source}: the output has shape {outputs}; capas classifiers output one vector"
+        )
+    data_cfg = DataConfig(name=data, data_dir=data_dir) if data is not None else None
+    splits = data_cfg.splits() if data_cfg is not None else None
+    if classes is not None:
+        names = read_classes(classes)
+    elif splits is not None:
+        names = splits.test.classes
+    else:
+        names = tuple(str(i) for i in range(outputs[0]))
+    if len(names) != outputs[0]:
+        given = f"--classes {classes}" if classes is not None else f"--data {data}"
+        raise CapasError(f"{given}: {len(names)} classes, but the model outputs {outputs[0]} values")
+    config: dict = {
+        "source": {
+            "keras": keras_file.source,
+            "format": keras_file.kind,
+            "keras_version": keras_file.keras_version,
+        }
+    }
+    if data_cfg is not None:
+        config["data"] = data_cfg.model_dump(mode="json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_run(
+            tmp,
+            spec=spec,
+            model=imported.model,
+            preprocess=preprocess,
+            classes=tuple(names),
+            config=config,
+            history=[],
+            test=None,
+        )
+        if splits is not None:
+            save_reference(tmp / REFERENCE, imported.model, splits.val, preprocess)
+        if out.is_dir():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)  # the whole directory appears at once
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out, imported
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A run directory -> a .keras file
+
+
+def _keras_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def keras_config(spec: ModelSpec) -> dict:
+    """The Keras 3 config of a spec: a Sequential model with an InputLayer and the spec's layers."""
+    layers = [
+        {
+            "module": "keras.layers",
+            "class_name": "InputLayer",
+            "config": {"batch_shape": [None, *spec.input_shape], "dtype": "float32", "name": "input_layer"},
+            "registered_name": None,
+        }
+    ]
+    for info in spec.layer_infos():
+        # every keyword, defaults included: some of capas' defaults are required arguments in Keras
+        keywords = {
+            k: _keras_value(v) for k, v in info.layer.model_dump(mode="json", exclude={"name"}).items()
+        }
+        layers.append(
+            {
+                "module": "keras.layers",
+                "class_name": info.layer.type_name(),
+                "config": {"name": info.name, "trainable": True, "dtype": "float32", **keywords},
+                "registered_name": None,
+                "build_config": {"input_shape": [None, *info.input_shape]},
+            }
+        )
+    return {
+        "module": "keras",
+        "class_name": "Sequential",
+        "config": {"name": spec.name, "trainable": True, "dtype": "float32", "layers": layers},
+        "registered_name": None,
+        "build_config": {"input_shape": [None, *spec.input_shape]},
+    }
+
+
+def keras_weights(model: CapasNet) -> dict[str, list[np.ndarray]]:
+    """Each layer's weights in Keras' layouts and order, keyed by Keras 3's weight-file group."""
+    state = model.state_dict()
+    infos = model.spec.layer_infos()
+    paths = _keras_paths([{"class_name": info.layer.type_name()} for info in infos])
+    out = {}
+    for info, path in zip(infos, paths, strict=True):
+        kind = info.layer.type_name()
+        arrays = [
+            v.detach().cpu().float().numpy()
+            for k, v in state.items()
+            if k.startswith(f"layers.{info.name}.") and not k.endswith("num_batches_tracked")
+        ]
+        if arrays and kind in TO_KERAS:
+            arrays[0] = arrays[0].transpose(TO_KERAS[kind])
+        out[path] = [np.ascontiguousarray(a) for a in arrays]
+    return out
+
+
+def write_keras(model: CapasNet, path: str | Path) -> Path:
+    """Write `model` as a Keras 3 `.keras` file (config.json, metadata.json, model.weights.h5); atomic."""
+    h5py = _h5()
+    spec = model.spec
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as file:
+        file.create_group("layers")
+        for (group, arrays), info in zip(keras_weights(model).items(), spec.layer_infos(), strict=True):
+            variables = file.create_group(f"{group}/vars")
+            variables.attrs["name"] = info.name
+            for i, array in enumerate(arrays):
+                variables.create_dataset(str(i), data=array)
+        file.create_group("vars").attrs["name"] = spec.name
+    metadata = {
+        "keras_version": KERAS_FORMAT_VERSION,
+        "date_saved": datetime.now(UTC).strftime("%Y-%m-%d@%H:%M:%S"),
+    }
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w") as archive:
+            archive.writestr("metadata.json", json.dumps(metadata))
+            archive.writestr("config.json", json.dumps(keras_config(spec)))
+            archive.writestr("model.weights.h5", buffer.getvalue())
+
+    return atomic.write_with(path, write)
+
+
+def export_keras(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write a run's model as a `.keras` file (default RUN/model.keras).
+
+    The Keras model takes inputs preprocessed as preprocess.json says (resized, scaled), channels last.
+    """
+    run = load_run(run_dir)
+    if not isinstance(run.model, CapasNet):
+        raise CapasError(f"{run.path}: an ONNX run ({run.model.path.name}); export its float source instead")
+    if run.spec.backbone is not None:
+        raise CapasError(
+            f"{run.path}: the model has a {run.spec.backbone.name} backbone, which has no Keras layers in capas; "
+            "only models of capas' own layers export to Keras"
+        )
+    return write_keras(run.model, Path(out) if out is not None else run.path / "model.keras")
