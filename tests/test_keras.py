@@ -4,6 +4,7 @@ Keras' own on real Fashion-MNIST test images, and exported .keras files give Ker
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -312,6 +313,24 @@ def test_json_with_a_legacy_weights_only_h5(tmp_path, images):
     assert np.abs(capas_proba(run, images) - keras_proba(original, images)).max() < ATOL
     result = runner.invoke(app, ["import-keras", str(tmp_path / "model.h5"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "a weights-only HDF5 file" in result.output
+    # the architecture as Keras 2's model.to_json() wrote it: the input shape on the first layer
+    keras2 = json.loads((FIXTURES / "flat.json").read_text())
+    layers = [
+        {"class_name": layer["class_name"], "config": layer["config"]}
+        for layer in keras2["config"]["layers"]
+        if layer["class_name"] != "InputLayer"
+    ]
+    for layer in layers:
+        layer["config"]["dtype"] = "float32"
+    layers[0]["config"]["batch_input_shape"] = [None, 28, 28, 1]
+    keras2 = {
+        "class_name": "Sequential",
+        "config": {"name": "sequential", "layers": layers},
+        "keras_version": "2.13.1",
+    }
+    (tmp_path / "keras2.json").write_text(json.dumps(keras2))
+    run = import_keras(tmp_path / "keras2.json", tmp_path / "run2", weights=tmp_path / "model.h5")[0]
+    assert np.abs(capas_proba(run, images) - keras_proba(original, images)).max() < ATOL
 
 
 def test_functional_chain_imports_and_training_only_keywords_are_noted(tmp_path, images):

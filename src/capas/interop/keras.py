@@ -74,8 +74,17 @@ FIXED = {
     "ReLU": {"threshold": (0, 0.0)},
 }
 NORMALIZATIONS = ("BatchNormalization", "LayerNormalization", "GroupNormalization")
-# Keywords that only matter to Keras' training or bookkeeping; weights come from the file.
-IGNORED = {"name", "seed", "synchronized", "renorm_momentum", "lora_alpha"}
+# Keywords that only matter to Keras' training or bookkeeping (weights come from the file; the input
+# shape Keras 2 puts on the first layer is read separately).
+IGNORED = {
+    "name",
+    "seed",
+    "synchronized",
+    "renorm_momentum",
+    "lora_alpha",
+    "batch_input_shape",
+    "batch_shape",
+}
 # Kernel layouts: Keras' array -> PyTorch's tensor, for the first weight of these layer types.
 TO_TORCH = {"Conv2D": (3, 2, 0, 1), "Dense": (1, 0)}
 TO_KERAS = {"Conv2D": (2, 3, 1, 0), "Dense": (1, 0)}
