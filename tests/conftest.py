@@ -1,13 +1,18 @@
-"""Shared fixtures: a small spec and a run directory trained on real Fashion-MNIST images."""
+"""Shared fixtures: the tiny spec, a run directory trained on real Fashion-MNIST images, and the tiny
+study (a factory of study documents and the file writer every study test uses)."""
 
 from __future__ import annotations
 
 import atexit
+import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import yaml
 
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 
@@ -48,3 +53,72 @@ def tiny_run(tmp_path_factory, tiny_spec, tiny_data):
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(tiny_spec, tiny_data, TrainConfig(epochs=2, batch_size=64, optimizer={"lr": 3e-3}), out)
     return out
+
+
+# The study tests' model: small enough that a run of 300 images takes about a second.
+SMALL = {
+    "name": "small",
+    "input_shape": [28, 28, 1],
+    "layers": [
+        {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
+        {"MaxPooling2D": {"pool_size": 2}},
+        "Flatten",
+        {"Dense": {"units": 10, "activation": "softmax"}},
+    ],
+}
+
+
+def _tiny_study(
+    *, layers: list | None = None, train: dict | None = None, data: dict | None = None, **top
+) -> dict:
+    """Flatten (base) against GlobalAveragePooling2D, 2 seeds, 1 epoch on 300 Fashion-MNIST images.
+
+    `layers` replaces the spec's layers, `train` and `data` update the base's, `top` the document's keys.
+    """
+    spec = copy.deepcopy(SMALL)
+    if layers is not None:
+        spec["layers"] = copy.deepcopy(layers)
+    doc = {
+        "name": "tiny",
+        "base": {
+            "name": "Flatten",
+            "spec": spec,
+            "train": {"epochs": 1, "batch_size": 64, **(train or {})},
+            "data": {"name": "fashion-mnist", "limit": 300, **(data or {})},
+        },
+        "seeds": 2,
+        "variations": [
+            {
+                "name": "head",
+                "alternatives": [
+                    {"name": "GAP", "replace": {"layer": "flatten", "with": "GlobalAveragePooling2D"}}
+                ],
+            }
+        ],
+    }
+    doc.update(copy.deepcopy(top))
+    return doc
+
+
+@pytest.fixture
+def tiny_study() -> Callable[..., dict]:
+    """The tiny study document factory (see _tiny_study): each call returns a fresh, editable dict."""
+    return _tiny_study
+
+
+@pytest.fixture
+def small_spec() -> dict:
+    """The study tests' model as a spec document (a fresh copy)."""
+    return copy.deepcopy(SMALL)
+
+
+@pytest.fixture
+def study_file(tmp_path) -> Callable[..., Path]:
+    """Write a study document as YAML into the test's folder: study_file(doc, name="study.yaml") -> path."""
+
+    def write(doc: dict, name: str = "study.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    return write

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sqlite3
@@ -10,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from rich.console import Console
 from scipy import stats as scipy_stats
 
@@ -25,54 +23,29 @@ from capas.study.store import Store
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "studies"
 
-SPEC = {
-    "name": "small",
-    "input_shape": [28, 28, 1],
-    "layers": [
-        {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
-        {"MaxPooling2D": {"pool_size": 2}},
-        {"Dropout": {"rate": 0.25}},
-        "Flatten",
-        {"Dense": {"units": 10, "activation": "softmax"}},
-    ],
+DROPOUT = {"Dropout": {"rate": 0.25}}
+SGD = {
+    "name": "optimizer",
+    "alternatives": [{"name": "sgd", "train": {"optimizer.name": "sgd", "optimizer.lr": 0.05}}],
 }
 
 
-def study_doc(**changes) -> dict:
-    doc = {
-        "name": "t",
-        "base": {
-            "name": "Flatten",
-            "spec": copy.deepcopy(SPEC),
-            "train": {"epochs": 1, "batch_size": 64},
-            "data": {"name": "fashion-mnist", "limit": 300},
-        },
-        "seeds": 2,
-        "variations": [
-            {
-                "name": "head",
-                "alternatives": [
-                    {"name": "GAP", "replace": {"layer": "flatten", "with": "GlobalAveragePooling2D"}}
-                ],
-            },
-            {
-                "name": "optimizer",
-                "alternatives": [{"name": "sgd", "train": {"optimizer.name": "sgd", "optimizer.lr": 0.05}}],
-            },
-        ],
-    }
-    doc.update(changes)
-    return doc
+@pytest.fixture
+def study_doc(tiny_study):
+    """The tiny study with a Dropout layer before Flatten and an optimizer variation besides the head."""
+
+    def make(**changes) -> dict:
+        doc = tiny_study()
+        doc["base"]["spec"]["layers"].insert(2, DROPOUT)
+        doc["variations"].append(SGD)
+        doc.update(changes)
+        return doc
+
+    return make
 
 
-def write(tmp_path: Path, doc: dict, name: str = "study.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
-def test_one_at_a_time_and_grid_resolve_every_variant(tmp_path):
-    study = load_study(write(tmp_path, study_doc()))
+def test_one_at_a_time_and_grid_resolve_every_variant(study_doc, study_file):
+    study = load_study(study_file(study_doc()))
     assert [v.name for v in study.variants] == ["Flatten", "GAP", "sgd"]
     assert study.seeds == (0, 1)
     gap = study.variants[1]
@@ -85,13 +58,13 @@ def test_one_at_a_time_and_grid_resolve_every_variant(tmp_path):
     assert {c["data"]["split_seed"] for c in configs} == {0}
     assert {c["train"]["seed"] for c in configs} == {0, 1}
 
-    grid = load_study(write(tmp_path, study_doc(design="grid")))
+    grid = load_study(study_file(study_doc(design="grid")))
     assert [v.name for v in grid.variants] == ["Flatten", "sgd", "GAP", "GAP+sgd"]
     both = grid.variants[3]
     assert both.spec["layers"][3] == "GlobalAveragePooling2D" and both.train["optimizer"]["name"] == "sgd"
 
 
-def test_change_kinds_refer_to_base_layers_by_index_or_name(tmp_path):
+def test_change_kinds_refer_to_base_layers_by_index_or_name(study_doc, study_file):
     alternative = {
         "name": "many",
         "insert": {"after": 0, "layer": "BatchNormalization"},
@@ -100,7 +73,7 @@ def test_change_kinds_refer_to_base_layers_by_index_or_name(tmp_path):
         "spec": {"input_shape": [32, 32, 3]},
     }
     doc = study_doc(variations=[{"name": "mixed", "alternatives": [alternative]}])
-    variant = load_study(write(tmp_path, doc)).variants[1]
+    variant = load_study(study_file(doc)).variants[1]
     types = [next(iter(item)) if isinstance(item, dict) else item for item in variant.spec["layers"]]
     assert types == ["Conv2D", "BatchNormalization", "MaxPooling2D", "Flatten", "Dense"]
     assert variant.spec["layers"][2] == {"MaxPooling2D": {"pool_size": 3, "strides": 2}}
@@ -137,16 +110,16 @@ def test_change_kinds_refer_to_base_layers_by_index_or_name(tmp_path):
         ({"remove": "flatten"}, r"variant 'a' \(v: a\): .*needs a flat vector"),
     ],
 )
-def test_bad_study_files_are_rejected_naming_the_variation(tmp_path, alternative, message):
+def test_bad_study_files_are_rejected_naming_the_variation(alternative, message, study_doc, study_file):
     doc = study_doc(variations=[{"name": "v", "alternatives": [{"name": "a", **alternative}]}])
     with pytest.raises(CapasError, match=message):
-        load_study(write(tmp_path, doc))
+        load_study(study_file(doc))
 
 
-def test_duplicate_variant_names_are_rejected(tmp_path):
+def test_duplicate_variant_names_are_rejected(study_doc, study_file):
     alt = {"name": "Flatten", "train": {"batch_size": 32}}
     with pytest.raises(CapasError, match="variant name 'Flatten' is used twice"):
-        load_study(write(tmp_path, study_doc(variations=[{"name": "v", "alternatives": [alt]}])))
+        load_study(study_file(study_doc(variations=[{"name": "v", "alternatives": [alt]}])))
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
@@ -171,7 +144,8 @@ def test_mean_ci_and_paired_test_match_scipy():
     assert comparison.p_value == pytest.approx(
         scipy_stats.ttest_rel([0.78, 0.81, 0.75], [0.80, 0.82, 0.79]).pvalue
     )
-    assert paired_comparison(base, base).p_value == 1.0 and not paired_comparison(base, base).significant
+    same = paired_comparison(base, base)  # no spread at all: no interval, no test (not p = 1)
+    assert same.zero_variance and math.isnan(same.p_value) and math.isnan(same.difference.half_width)
 
 
 def test_store_is_a_wal_sqlite_file_that_survives_reopening(tmp_path):
@@ -213,8 +187,8 @@ def test_parameter_formulas_give_keras_counts():
     ]
 
 
-def test_architecture_diff_names_changed_layers(tmp_path):
-    study = load_study(write(tmp_path, study_doc()))
+def test_architecture_diff_names_changed_layers(study_doc, study_file):
+    study = load_study(study_file(study_doc()))
     report = collect(study, {})
     diff = architecture_diff(report.variants[0], report.variants[1])
     assert [(r.change, r.before.name, r.after.name) for r in diff] == [
@@ -225,7 +199,7 @@ def test_architecture_diff_names_changed_layers(tmp_path):
     assert architecture_diff(report.variants[0], report.variants[2]) == []
 
 
-def test_a_compress_like_kind_plugs_in_with_one_registration(tmp_path):
+def test_a_compress_like_kind_plugs_in_with_one_registration(study_doc, study_file):
     from capas.study.spec import kind
 
     @kind("note", after_train=lambda run_dir, args: {"files": sorted(p.name for p in run_dir.iterdir())})
@@ -234,17 +208,17 @@ def test_a_compress_like_kind_plugs_in_with_one_registration(tmp_path):
 
     try:
         doc = study_doc(variations=[{"name": "v", "alternatives": [{"name": "a", "note": "x"}]}])
-        assert load_study(write(tmp_path, doc)).variants[1].extras == {"note": "x"}
+        assert load_study(study_file(doc)).variants[1].extras == {"note": "x"}
     finally:
         del KINDS["note"]
 
 
-def test_study_runs_writes_report_and_skips_finished_runs(tmp_path):
+def test_study_runs_writes_report_and_skips_finished_runs(tmp_path, study_doc, study_file):
     doc = study_doc()
     doc["variations"].append(
         {"name": "budget", "alternatives": [{"name": "budget", "train": {"max_samples": 100}}]}
     )
-    path = write(tmp_path, doc)
+    path = study_file(doc)
     out = tmp_path / "out"
     console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115
     outcome = run_study(path, out=out, workers=1, console=console)
@@ -265,7 +239,7 @@ def test_study_runs_writes_report_and_skips_finished_runs(tmp_path):
     assert "| replaced | flatten (Flatten)" in md and "train.optimizer.name: 'adam' → 'sgd'" in md
     assert rows["budget/seed-0"].result["stopped"] == "sample budget" and "| 2 sample budget |" in md
     page = (out / "report.html").read_text()
-    assert page.count("src='data:image/png;base64,") == 4 and "<script" not in page
+    assert page.count('src="data:image/png;base64,') == 4 and "<script" not in page
     assert sorted(p.name for p in (out / "plots").iterdir()) == [
         "accuracy_vs_params.png",
         "accuracy_vs_time.png",
@@ -279,4 +253,4 @@ def test_study_runs_writes_report_and_skips_finished_runs(tmp_path):
 
     doc["base"]["train"]["epochs"] = 2
     with pytest.raises(CapasError, match=r"changed since these runs finished.*train.epochs: 1 -> 2"):
-        run_study(write(tmp_path, doc), out=out, workers=1, console=console)
+        run_study(study_file(doc), out=out, workers=1, console=console)

@@ -242,7 +242,7 @@ def study(
     gpus_per_run: Annotated[float, typer.Option(help="with --executor ray: GPUs each run asks Ray for")] = 0,
 ) -> None:
     """Run every variant × seed of a study (resuming an interrupted one) and write its report."""
-    from capas.study.report import sentence, terminal_table
+    from capas.study.render import print_report
     from capas.study.run import run_study
 
     make = None
@@ -272,9 +272,7 @@ def study(
     outcome = run_study(
         file, out=out, workers=workers, data=data, seeds=seeds, input_shape=shape, executor=make
     )
-    console.print(terminal_table(outcome.report))
-    for result in outcome.report.variants[1:]:
-        console.print(f"- {sentence(outcome.report, result)}", highlight=False, soft_wrap=True)
+    print_report(outcome.report, console)
     console.print(f"report: {outcome.markdown} and {outcome.html} ({outcome.seconds:.0f} s)", highlight=False)
     if outcome.failed:
         raise CapasError(

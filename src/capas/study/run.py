@@ -30,7 +30,8 @@ from rich.progress import (
 from capas.data import load_dataset
 from capas.errors import CapasError
 from capas.study.executors import Executor, RunTask, make_executor
-from capas.study.report import StudyReport, collect, terminal_table, write_report
+from capas.study.render import write_report
+from capas.study.report import StudyReport, collect
 from capas.study.spec import Study, config_hash, directory_name, flat_items, load_study
 from capas.study.store import Store
 
@@ -252,4 +253,4 @@ def run_study(
     )
 
 
-__all__ = ["StudyOutcome", "run_study", "terminal_table"]
+__all__ = ["StudyOutcome", "run_study"]

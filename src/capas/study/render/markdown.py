@@ -1,0 +1,47 @@
+"""The report as Markdown (report.md), laid out from the same Document as the HTML template."""
+
+from __future__ import annotations
+
+from capas.study.render.text import Document, Table
+
+
+def _table(table: Table) -> str:
+    def clean(cell: str) -> str:
+        return cell.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(table.headers) + " |", "|" + "|".join("---" for _ in table.headers) + "|"]
+    lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in table.rows]
+    return "\n".join(lines)
+
+
+def markdown(doc: Document) -> str:
+    parts = [f"# {doc.title}", ""]
+    if doc.warnings:
+        parts += [
+            f"> **Warning:** {line}" + ("  " if i < len(doc.warnings) - 1 else "")
+            for i, line in enumerate(doc.warnings)
+        ]
+        parts.append("")
+    parts += [*[f"- {line}" for line in doc.header], ""]
+    parts += ["## Results", "", _table(doc.results), ""]
+    parts += ["## In plain words", "", *[f"- {s}" for s in doc.sentences], ""]
+    parts += ["## Per seed", "", _table(doc.per_seed), ""]
+    if doc.compression is not None:
+        parts += [
+            "## Compression",
+            "",
+            _table(doc.compression),
+            "",
+            *[f"- {s}" for s in doc.compression_sentences],
+            "",
+        ]
+    parts += ["## Plots", "", *[f"![{caption}](plots/{name})" for name, caption in doc.plots], ""]
+    parts += ["## Architecture differences from the base", ""]
+    for diff in doc.diffs:
+        parts += [f"### {diff.name}", ""]
+        if diff.table is not None:
+            parts += [_table(diff.table), ""]
+        parts += [f"- {line}" for line in diff.settings] + ([""] if diff.settings else [])
+        if diff.table is None and not diff.settings:
+            parts += ["No difference in layers or settings.", ""]
+    return "\n".join(parts)

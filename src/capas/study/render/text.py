@@ -1,0 +1,359 @@
+"""The report's figures as text: the cells of its tables, one plain sentence per variant and the
+header, gathered in a Document that the Markdown renderer and the HTML template lay out alike."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from capas.runs import environment
+from capas.study.report import (
+    DIFF_HEADERS,
+    OK,
+    StudyReport,
+    VariantResult,
+    architecture_diff,
+    diff_cells,
+    setting_changes,
+)
+from capas.study.stats import (
+    ADJUSTMENT,
+    CONFIDENCE,
+    TEST_NAME,
+    Comparison,
+    Estimate,
+    mean_ci,
+    paired_comparison,
+)
+
+MINUS = "\N{MINUS SIGN}"
+
+
+@dataclass(frozen=True)
+class Table:
+    headers: tuple[str, ...]
+    rows: list[list[str]]
+
+
+@dataclass(frozen=True)
+class DiffSection:
+    """How one variant differs from the base: changed layers and changed settings."""
+
+    name: str
+    table: Table | None
+    settings: list[str]
+
+
+@dataclass(frozen=True)
+class Document:
+    """Everything a report page shows, as text; `plots` are (file name, caption) pairs."""
+
+    title: str
+    warnings: list[str]
+    header: list[str]
+    results: Table
+    sentences: list[str]
+    per_seed: Table
+    compression: Table | None
+    compression_sentences: list[str]
+    plots: list[tuple[str, str]]
+    diffs: list[DiffSection] = field(default_factory=list)
+
+
+# --- numbers as text ---------------------------------------------------------------------------
+
+
+def signed(value: float, digits: int = 1) -> str:
+    value = round(value, digits)
+    if value == 0:  # a change that rounds to nothing has no sign (and never shows "−0")
+        return f"±{0:.{digits}f}"
+    return f"{value:+.{digits}f}".replace("-", MINUS)
+
+
+def num(value: float, digits: int = 1) -> str:
+    return f"{value:.{digits}f}".replace("-", MINUS)
+
+
+def p_text(value: float) -> str:
+    if math.isnan(value):
+        return "—"
+    return "p < 0.001" if value < 0.001 else f"p = {value:.2g}"
+
+
+def mean_pm(estimate: Estimate, scale: float = 1.0, digits: int = 2) -> str:
+    if estimate.n == 0:
+        return "—"
+    if math.isnan(estimate.half_width):  # one value, or no spread to build an interval from
+        return f"{estimate.mean * scale:.{digits}f}"
+    return f"{estimate.mean * scale:.{digits}f} ± {estimate.half_width * scale:.{digits}f}"
+
+
+def difference(comparison: Comparison | None) -> str:
+    if comparison is None:
+        return ""
+    d = comparison.difference
+    if d.n == 0:
+        return "—"
+    if comparison.zero_variance:
+        return f"{signed(100 * d.mean)} (no spread)"
+    if math.isnan(d.low):
+        return signed(100 * d.mean)
+    return f"{signed(100 * d.mean)} ({num(100 * d.low)} to {num(100 * d.high)})"
+
+
+def per_seed_differences(comparison: Comparison) -> str:
+    return ", ".join(f"{signed(100 * d)}" for d in comparison.differences)
+
+
+def seeds_cell(report: StudyReport, result: VariantResult) -> str:
+    """Seeds in the figures, with what became of the others."""
+    n = len(result.results)
+    return str(n) if n == len(report.study.seeds) else f"{n} of {len(report.study.seeds)}"
+
+
+def _p_cell(value: float, comparison: Comparison | None) -> str:
+    return "" if comparison is None else p_text(value).removeprefix("p = ").removeprefix("p ")
+
+
+# --- the results table -------------------------------------------------------------------------
+
+HEADERS = (
+    "variant",
+    "params",
+    "mult-adds",
+    "val acc %",
+    "val loss",
+    "test acc %",
+    "test loss",
+    "best epoch",
+    "train s",
+    "img/s",
+    "Δ test acc pp (95% CI)",
+    "p",
+    f"p ({ADJUSTMENT})",
+    "seeds",
+    "stopped early",
+    "notes",
+)
+
+
+def table_rows(report: StudyReport) -> list[list[str]]:
+    """One row per variant; accuracy and loss as mean ± the 95% CI's half-width over the report's seeds."""
+    rows = []
+    for result in report.variants:
+        comparison = result.comparison
+        rows.append(
+            [
+                result.name + (" (base)" if comparison is None else ""),
+                f"{result.summary.total:,}",
+                f"{result.summary.macs:,}",
+                mean_pm(result.estimate("val_accuracy"), 100),
+                mean_pm(result.estimate("val_loss"), 1, 4),
+                mean_pm(result.estimate("test_accuracy"), 100),
+                mean_pm(result.estimate("test_loss"), 1, 4),
+                mean_pm(result.estimate("best_epoch"), 1, 1),
+                mean_pm(result.estimate("train_seconds"), 1, 1),
+                mean_pm(result.estimate("images_per_s"), 1, 0),
+                difference(comparison),
+                _p_cell(comparison.p_value if comparison else math.nan, comparison),
+                _p_cell(result.p_adjusted, comparison),
+                seeds_cell(report, result),
+                result.stopped_early,
+                "; ".join(note.flag for note in result.notes),
+            ]
+        )
+    return rows
+
+
+def per_seed_table(report: StudyReport) -> Table:
+    """Test accuracy of every run, with what became of the runs that have none or a doubtful one."""
+    rows = []
+    for seed in report.study.seeds:
+        cells = [str(seed) + ("" if seed in report.seeds else " (not in the figures)")]
+        for result in report.variants:
+            outcome = result.runs[seed]
+            if outcome.result is not None:
+                cell = f"{100 * outcome.result['test_accuracy']:.2f}"
+                cells.append(cell if outcome.status == OK else f"{cell} ({outcome.status}: {outcome.detail})")
+            else:
+                cells.append(outcome.status + (f": {outcome.detail}" if outcome.detail else ""))
+        rows.append(cells)
+    return Table(("seed", *(f"{r.name} test acc %" for r in report.variants)), rows)
+
+
+# --- plain sentences ---------------------------------------------------------------------------
+
+
+def _accuracy_phrase(report: StudyReport, result: VariantResult) -> str:
+    comparison = result.comparison
+    d = comparison.difference
+    if d.n == 0:
+        return "no seed finished for both, nothing to compare yet"
+    on = f"{d.n} shared seed{'s' if d.n != 1 else ''}"
+    if d.n == 1:
+        return f"test accuracy {signed(100 * d.mean)} pp (one shared seed: no confidence interval or test)"
+    if comparison.zero_variance:
+        return (
+            f"test accuracy {signed(100 * d.mean)} pp on {on}, the same difference in every seed "
+            f"(per seed: {per_seed_differences(comparison)} pp): the variance of the differences could not "
+            "be estimated, so there is no confidence interval or test"
+        )
+    tested = sum(1 for r in report.variants[1:] if not math.isnan(r.p_adjusted))
+    p = p_text(result.p_adjusted)
+    if tested > 1:
+        p += f" {ADJUSTMENT}-adjusted for {tested} variants, raw {p_text(comparison.p_value)}"
+    detail = f"95% CI {num(100 * d.low)} to {num(100 * d.high)}, {p}; {on}"
+    if result.p_adjusted < 0.05:
+        return f"test accuracy {signed(100 * d.mean)} pp ({detail})"
+    return f"no significant difference in test accuracy ({signed(100 * d.mean)} pp, {detail})"
+
+
+def sentence(report: StudyReport, result: VariantResult) -> str:
+    """'X instead of BASE: N fewer parameters (−74%); test accuracy −1.2 pp (95% CI …, p = …; 3 shared seeds); …'"""
+    base = report.base
+    parts = []
+    delta = result.summary.total - base.summary.total
+    if delta == 0:
+        parts.append(f"the same number of parameters ({result.summary.total:,})")
+    else:
+        share = 100 * delta / base.summary.total
+        parts.append(f"{abs(delta):,} {'fewer' if delta < 0 else 'more'} parameters ({signed(share, 0)}%)")
+    if result.summary.trainable - base.summary.trainable != delta:  # frozen layers changed too
+        parts.append(f"{result.summary.trainable:,} trainable instead of {base.summary.trainable:,}")
+    parts.append(_accuracy_phrase(report, result))
+    if result.comparison.difference.n >= 2:
+        base_time, time = base.estimate("train_seconds").mean, result.estimate("train_seconds").mean
+        if base_time > 0:
+            parts.append(f"training time {signed(100 * (time - base_time) / base_time, 0)}%")
+    parts += [note.text for note in result.notes]
+    return f"{result.name} instead of {base.name}: " + "; ".join(parts) + "."
+
+
+def header_lines(report: StudyReport) -> list[str]:
+    study, base = report.study, report.base.variant
+    env = environment()
+    statuses = ", ".join(f"{n} {status}" for status, n in sorted(report.statuses.items()))
+    left_out = [s for s in study.seeds if s not in report.seeds]
+    lines = [
+        f"Study file: {study.source}; design: {study.design}; seeds: {', '.join(map(str, study.seeds))}",
+        f"Comparison: {report.kind}",
+        f"Data: {base.data['name']} (limit {base.data['limit']}, split seed {base.data['split_seed']}, the same splits for every run)",
+    ]
+    if report.test_size:
+        accuracy = report.base.estimate("test_accuracy").mean
+        lines.append(
+            f"Test set: {report.test_size:,} images per run; the binomial standard error of one test accuracy "
+            f"at that size is ±{100 * report.test_se:.1f} pp (at the base's {100 * accuracy:.1f}%)"
+        )
+    lines += [
+        f"Training (base): {base.train['epochs']} epochs, batch {base.train['batch_size']}, "
+        f"{base.train['optimizer']['name']} lr {base.train['optimizer']['lr'] or 'default'}",
+        f"Runs: {statuses}; every figure rests on seeds {', '.join(map(str, report.seeds)) or 'none'}"
+        + (
+            f" (left out: {', '.join(map(str, left_out))}, which not every variant finished)"
+            if left_out
+            else ""
+        ),
+        f"Accuracy and loss: mean ± half-width of the {CONFIDENCE:.0%} confidence interval over seeds (Student's t); "
+        f"differences against the base: {TEST_NAME} (scipy.stats.ttest_rel), "
+        f"p-values {ADJUSTMENT}-adjusted over the {len(report.variants) - 1} variants compared with the base",
+        f"Machine: {env['processor']}, {env['cpu_count']} threads, torch {env['torch']}, capas {env['capas']}, "
+        f"python {env['python']}" + (f", {env['cuda']}" if env["cuda"] else ""),
+    ]
+    return lines
+
+
+# --- compression variants ----------------------------------------------------------------------
+
+COMPRESSION_HEADERS = (
+    "variant",
+    "method",
+    "float test acc %",
+    "compressed test acc %",
+    "Δ pp (95% CI)",
+    "p",
+    "smaller",
+    "batch-1 faster",
+    "batch-64 faster",
+)
+
+
+def _compressed(result: VariantResult) -> dict[int, dict]:
+    return {seed: r["compress"] for seed, r in result.results.items() if r.get("compress")}
+
+
+def _compression(result: VariantResult) -> Comparison:
+    after = {seed: c["test_accuracy"] for seed, c in _compressed(result).items()}
+    return paired_comparison(after, result.values("test_accuracy"))
+
+
+def compression_rows(report: StudyReport) -> list[list[str]]:
+    """Each compressed variant against its own float models, seed by seed (same paired test)."""
+    rows = []
+    for result in report.variants:
+        compressed = _compressed(result)
+        if not compressed:
+            continue
+        comparison = _compression(result)
+        after = mean_ci([c["test_accuracy"] for c in compressed.values()])
+        rows.append(
+            [
+                result.name,
+                next(iter(compressed.values()))["method"],
+                mean_pm(result.estimate("test_accuracy"), 100),
+                mean_pm(after, 100),
+                difference(comparison),
+                _p_cell(comparison.p_value, comparison),
+                *(
+                    f"{mean_ci([c[key] for c in compressed.values()]).mean:.2f}×"
+                    for key in ("size_ratio", "speedup_batch1", "speedup_batch64")
+                ),
+            ]
+        )
+    return rows
+
+
+def compression_sentence(result: VariantResult) -> str:
+    compressed = _compressed(result)
+    comparison = _compression(result)
+    d = comparison.difference
+    ratio = mean_ci([c["size_ratio"] for c in compressed.values()]).mean
+    fast1 = mean_ci([c["speedup_batch1"] for c in compressed.values()]).mean
+    speed = f"{fast1:.2f}× faster" if fast1 >= 1 else f"{1 / fast1:.2f}× slower"
+    if d.n < 2:
+        accuracy = f"test accuracy {signed(100 * d.mean)} pp (one seed: no confidence interval or test)"
+    elif comparison.zero_variance:
+        accuracy = (
+            f"test accuracy {signed(100 * d.mean)} pp in every one of {d.n} seeds (per seed: "
+            f"{per_seed_differences(comparison)} pp): the variance could not be estimated, no interval or test"
+        )
+    elif comparison.p_value < 0.05:
+        accuracy = f"test accuracy {signed(100 * d.mean)} pp (95% CI {num(100 * d.low)} to {num(100 * d.high)}, {p_text(comparison.p_value)}; {d.n} seeds)"
+    else:
+        accuracy = f"no significant change in test accuracy ({signed(100 * d.mean)} pp, {p_text(comparison.p_value)}; {d.n} seeds)"
+    return f"{result.name}, compressed against its own float model: {ratio:.2f}× smaller, {speed} at batch 1; {accuracy}."
+
+
+# --- the whole document ------------------------------------------------------------------------
+
+
+def document(report: StudyReport, plots: list[tuple[str, str]]) -> Document:
+    """The report as text, for the Markdown renderer and the HTML template."""
+    diffs = []
+    for result in report.variants[1:]:
+        rows = architecture_diff(report.base, result)
+        table = Table(DIFF_HEADERS, [diff_cells(row) for row in rows]) if rows else None
+        diffs.append(DiffSection(result.name, table, setting_changes(report.base.variant, result.variant)))
+    compression = compression_rows(report)
+    return Document(
+        title=f"Study: {report.study.name}",
+        warnings=report.warnings,
+        header=header_lines(report),
+        results=Table(HEADERS, table_rows(report)),
+        sentences=[sentence(report, r) for r in report.variants[1:]],
+        per_seed=per_seed_table(report),
+        compression=Table(COMPRESSION_HEADERS, compression) if compression else None,
+        compression_sentences=[compression_sentence(r) for r in report.variants if _compressed(r)],
+        plots=plots,
+        diffs=diffs,
+    )
