@@ -106,9 +106,9 @@ def tiny_study() -> Callable[..., dict]:
     return _tiny_study
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def small_spec() -> dict:
-    """The study tests' model as a spec document (a fresh copy)."""
+    """The study tests' model as a spec document, shared by the session: copy it before changing it."""
     return copy.deepcopy(SMALL)
 
 

@@ -19,36 +19,27 @@ from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.train import train
 from capas.train.distributed import free_port
 
-SPEC = {  # no Dropout or BatchNorm: the two ways of training compute the same function
-    "name": "ddp",
-    "input_shape": [28, 28, 1],
-    "layers": [
-        {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
-        {"MaxPooling2D": {"pool_size": 2}},
-        "Flatten",
-        {"Dense": {"units": 10, "activation": "softmax"}},
-    ],
-}
 # 600 images: the training split's last batch is partial, so the uneven split of a batch is covered too
 ARGS = ["--data", "fashion-mnist", "--limit", "600", "--epochs", "2", "--batch-size", "32"]
 ARGS += ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--device", "cpu", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
-def spec_file(tmp_path_factory) -> Path:
+def spec_file(tmp_path_factory, small_spec) -> Path:
+    # the small spec has no Dropout or BatchNorm: the two ways of training compute the same function
     path = tmp_path_factory.mktemp("spec") / "ddp.yaml"
-    path.write_text(yaml.safe_dump(SPEC))
+    path.write_text(yaml.safe_dump(small_spec))
     return path
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> Path:
+def single(tmp_path_factory, small_spec) -> Path:
     """The reference: the same run in this one process."""
     out = tmp_path_factory.mktemp("single") / "run"
     cfg = TrainConfig(
         epochs=2, batch_size=32, seed=3, device="cpu", optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9}
     )
-    train(ModelSpec.from_dict(SPEC), DataConfig(name="fashion-mnist", limit=600), cfg, out)
+    train(ModelSpec.from_dict(small_spec), DataConfig(name="fashion-mnist", limit=600), cfg, out)
     return out
 
 

@@ -4,39 +4,28 @@ from __future__ import annotations
 
 import json
 
-import yaml
 from rich.console import Console
 
 from capas.study.run import run_study
 from capas.study.store import Store
 
-SPEC = {
-    "name": "small",
-    "input_shape": [28, 28, 1],
-    "layers": [
+
+def test_an_int8_variant_is_reported_beside_its_float_model_and_survives_a_rerun(
+    tmp_path, tiny_study, study_file
+):
+    # a strided convolution and no pooling: a Dense layer large enough for int8 weights to show
+    layers = [
         {"Conv2D": {"filters": 8, "kernel_size": 3, "strides": 2, "activation": "relu"}},
         "Flatten",
         {"Dense": {"units": 10, "activation": "softmax"}},
-    ],
-}
-
-
-def test_an_int8_variant_is_reported_beside_its_float_model_and_survives_a_rerun(tmp_path):
-    doc = {
-        "name": "compress",
-        "base": {
-            "name": "float",
-            "spec": SPEC,
-            "train": {"epochs": 1, "batch_size": 64},
-            "data": {"name": "fashion-mnist", "limit": 300},
-        },
-        "seeds": 2,
-        "variations": [
-            {"name": "compression", "alternatives": [{"name": "int8", "compress": {"quantize": "int8"}}]}
-        ],
+    ]
+    compression = {
+        "name": "compression",
+        "alternatives": [{"name": "int8", "compress": {"quantize": "int8"}}],
     }
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(doc))
+    doc = tiny_study(name="compress", layers=layers, variations=[compression])
+    doc["base"]["name"] = "float"
+    path = study_file(doc)
     console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115
     out = tmp_path / "out"
     outcome = run_study(path, out=out, workers=1, console=console)

@@ -13,7 +13,6 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-import yaml
 from rich.console import Console
 
 ray = pytest.importorskip("ray")
@@ -25,32 +24,6 @@ from capas.study.run import run_study  # noqa: E402
 from capas.study.spec import load_study  # noqa: E402
 from capas.study.store import Store  # noqa: E402
 
-STUDY = {
-    "name": "ray",
-    "base": {
-        "name": "Flatten",
-        "spec": {
-            "input_shape": [28, 28, 1],
-            "layers": [
-                {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
-                {"MaxPooling2D": {"pool_size": 2}},
-                "Flatten",
-                {"Dense": {"units": 10, "activation": "softmax"}},
-            ],
-        },
-        "train": {"epochs": 1, "batch_size": 32},
-        "data": {"name": "fashion-mnist", "limit": 300},
-    },
-    "seeds": 2,
-    "variations": [
-        {
-            "name": "head",
-            "alternatives": [
-                {"name": "GAP", "replace": {"layer": "flatten", "with": "GlobalAveragePooling2D"}}
-            ],
-        }
-    ],
-}
 RUNS = 4  # 2 variants × 2 seeds
 
 
@@ -62,20 +35,18 @@ def local_ray():
     ray.shutdown()
 
 
-def _study(folder: Path, **changes) -> Path:
-    document = yaml.safe_load(yaml.safe_dump(STUDY))
-    document["base"]["train"].update(changes)
-    path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return path
+@pytest.fixture
+def study_path(tiny_study, study_file):
+    """study_path(**train_changes) -> the tiny study's file, trained in batches of 32."""
+    return lambda **train: study_file(tiny_study(name="ray", train={"batch_size": 32, **train}))
 
 
 def _quiet(folder: Path) -> Console:
     return Console(file=open(folder / "log.txt", "a"))
 
 
-def test_ray_study_matches_the_local_pool(local_ray, tmp_path):
-    path = _study(tmp_path)
+def test_ray_study_matches_the_local_pool(local_ray, tmp_path, study_path):
+    path = study_path()
     on_ray = run_study(path, out=tmp_path / "ray", executor=RayExecutor(), console=_quiet(tmp_path))
     assert on_ray.trained == RUNS and not on_ray.failed
     assert ray.is_initialized()  # an instance the executor did not start is left running
@@ -109,8 +80,8 @@ def _ray_task_pids() -> list[int]:
     return pids
 
 
-def test_a_killed_ray_worker_is_retried_and_the_study_finishes(local_ray, tmp_path):
-    path = _study(tmp_path, epochs=3)
+def test_a_killed_ray_worker_is_retried_and_the_study_finishes(local_ray, tmp_path, study_path):
+    path = study_path(epochs=3)
     killed: list[int] = []
 
     def kill_one_running_worker() -> None:
@@ -135,8 +106,8 @@ def test_a_killed_ray_worker_is_retried_and_the_study_finishes(local_ray, tmp_pa
     assert killed[0] not in {row.result["worker"]["pid"] for row in rows.values()}
 
 
-def test_an_interrupted_driver_resumes_without_repeating_finished_runs(local_ray, tmp_path):
-    path, out = _study(tmp_path, epochs=2), tmp_path / "study"
+def test_an_interrupted_driver_resumes_without_repeating_finished_runs(local_ray, tmp_path, study_path):
+    path, out = study_path(epochs=2), tmp_path / "study"
     database = out / "study.sqlite"
 
     def interrupt_after_first_run() -> None:  # Ctrl-C, as soon as one run is recorded done
@@ -168,8 +139,8 @@ def test_an_interrupted_driver_resumes_without_repeating_finished_runs(local_ray
     assert len(after) == RUNS and all(after[rid] == before[rid] for rid in before)
 
 
-def test_a_worker_that_cannot_see_the_run_directory_ships_it_to_the_driver(local_ray, tmp_path):
-    study = load_study(_study(tmp_path))
+def test_a_worker_that_cannot_see_the_run_directory_ships_it_to_the_driver(local_ray, tmp_path, study_path):
+    study = load_study(study_path())
     variant = study.variants[0]
     config = variant.run_config(0)
     out = tmp_path / "study" / "runs" / "Flatten" / "seed-0"
@@ -189,7 +160,7 @@ def test_a_worker_that_cannot_see_the_run_directory_ships_it_to_the_driver(local
     events.shutdown(force=True)
 
 
-def test_without_ray_the_executor_says_how_to_install_it(tmp_path, monkeypatch):
+def test_without_ray_the_executor_says_how_to_install_it(tmp_path, monkeypatch, study_path):
     from typer.testing import CliRunner
 
     from capas import cli
@@ -197,7 +168,7 @@ def test_without_ray_the_executor_says_how_to_install_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ray_executor, "ray", None)  # as when the `ray` extra is not installed
     result = CliRunner().invoke(
-        cli.app, ["study", str(_study(tmp_path)), "--executor", "ray", "--out", str(tmp_path / "s")]
+        cli.app, ["study", str(study_path()), "--executor", "ray", "--out", str(tmp_path / "s")]
     )
     assert result.exit_code == 2 and "pip install 'capas[ray]'" in result.output
     assert not (tmp_path / "s").exists()  # refused before anything was written

@@ -11,36 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 
-from capas.study.report import HEADERS, table_rows
+from capas.study.render import HEADERS, table_rows
 from capas.study.run import run_study
 
-STUDY = {
-    "name": "killed",
-    "base": {
-        "name": "Flatten",
-        "spec": {
-            "input_shape": [28, 28, 1],
-            "layers": [
-                {"Conv2D": {"filters": 8, "kernel_size": 3, "activation": "relu"}},
-                {"MaxPooling2D": {"pool_size": 2}},
-                "Flatten",
-                {"Dense": {"units": 10, "activation": "softmax"}},
-            ],
-        },
-        "train": {"epochs": 3, "batch_size": 32},
-        "data": {"name": "fashion-mnist", "limit": 1500},
-    },
-    "seeds": 2,
-    "variations": [
-        {
-            "name": "head",
-            "alternatives": [{"name": "GAP", "replace": {"layer": 2, "with": "GlobalAveragePooling2D"}}],
-        }
-    ],
-}
 # figures that must not depend on the interruption (timings do, so they are left out)
 COMPARED = [
     "variant",
@@ -53,8 +28,10 @@ COMPARED = [
     "best epoch",
     "Δ test acc pp (95% CI)",
     "p",
+    "p (Holm)",
     "seeds",
     "stopped early",
+    "notes",
 ]
 
 
@@ -78,9 +55,9 @@ def _figures(outcome) -> list[list[str]]:
     return [[row[i] for i in keep] for row in table_rows(outcome.report)]
 
 
-def test_sigkill_then_rerun_gives_the_uninterrupted_report(tmp_path):
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(STUDY))
+def test_sigkill_then_rerun_gives_the_uninterrupted_report(tmp_path, tiny_study, study_file):
+    # 3 epochs on 1,500 images: runs long enough to be killed in the middle of one
+    path = study_file(tiny_study(name="killed", train={"epochs": 3, "batch_size": 32}, data={"limit": 1500}))
     out = tmp_path / "killed"
     command = [
         sys.executable,

@@ -224,16 +224,20 @@ def _failed_note(result: VariantResult) -> Note | None:
 NOTES: list[Callable[[VariantResult], Note | None]] = [_still_improving_note, _diverged_note, _failed_note]
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def training_kind(train: dict) -> str:
     """How long one variant trains, from its resolved training config."""
     stopping = train.get("early_stopping")
     if stopping:
         kind = (
             f"to its own convergence: early stopping on {stopping['monitor']} (patience {stopping['patience']}, "
-            f"the best epoch's weights restored), at most {train['epochs']} epochs"
+            f"the best epoch's weights restored), at most {_epochs(train['epochs'])}"
         )
     else:
-        kind = f"an equal training budget: {train['epochs']} epochs, no early stopping"
+        kind = f"an equal training budget: {_epochs(train['epochs'])}, no early stopping"
     budgets = [
         f"{train['max_seconds']:g} s" if train.get("max_seconds") else "",
         f"{train['max_samples']:,} images" if train.get("max_samples") else "",

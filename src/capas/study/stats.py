@@ -16,6 +16,7 @@ CONFIDENCE = 0.95
 ALPHA = 0.05
 TEST_NAME = "paired t-test over shared seeds"
 ADJUSTMENT = "Holm"
+SPREAD_EPS = 1e-9  # a standard deviation below this (relative to the values) is float rounding
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,9 @@ def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate
         return Estimate(math.nan, math.nan, math.nan, 0)
     mean = float(x.mean())
     spread = float(x.std(ddof=1)) if n >= 2 else 0.0
-    if n < 2 or spread == 0 or not math.isfinite(spread):
+    # Equal differences computed from decimals leave a rounding spread (~1e-17), not a measured one:
+    # ttest_rel would turn it into p ≈ 1e-16.
+    if n < 2 or spread <= SPREAD_EPS * max(1.0, float(np.abs(x).max())) or not math.isfinite(spread):
         return Estimate(mean, math.nan, math.nan, n)
     half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * spread / math.sqrt(n))
     return Estimate(mean, mean - half, mean + half, n)

@@ -91,10 +91,10 @@ def _compact(report: StudyReport, rows: list[list[str]]) -> Group:
     lines = [Text(f"study {report.study.name} (mean ± {CONFIDENCE:.0%} CI over seeds)", style="bold")]
     for row in rows:
         lines.append(Text(row[0], style="bold"))
-        for name, _ in COLUMNS[1:]:
+        for name, label in COLUMNS[1:]:
             value = row[HEADERS.index(name)]
             if value:
-                lines.append(Text(f"  {name}: {value}"))
+                lines.append(Text(f"  {label}: {value}"))
     return Group(*lines)
 
 

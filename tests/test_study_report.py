@@ -1,0 +1,251 @@
+"""The study report: statistics on synthetic per-seed figures (zero variance, failed and diverged
+seeds, Holm, still improving, shared seeds, the terminal's width), then a tiny real study."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+from rich.console import Console
+from scipy import stats as scipy_stats
+
+from capas.study import load_study
+from capas.study.render import print_report, table_rows, terminal_table, write_report
+from capas.study.render.text import HEADERS, document, header_lines, sentence
+from capas.study.report import DIVERGED, FAILED, collect, comparison_kind
+from capas.study.run import run_study
+from capas.study.stats import holm, mean_ci, paired_comparison
+from capas.study.store import RunRow, Store
+
+HEAD = {
+    "name": "head",
+    "alternatives": [
+        {"name": "GAP", "replace": {"layer": "flatten", "with": "GlobalAveragePooling2D"}},
+        {"name": "GMP", "replace": {"layer": "flatten", "with": "GlobalMaxPooling2D"}},
+    ],
+}
+SGD = {"name": "optimizer", "alternatives": [{"name": "sgd", "train": {"optimizer.name": "sgd"}}]}
+TEST_IMAGES = 1000
+
+
+def synthetic(accuracy: float, val_losses=(0.9, 0.7, 0.8), loss: float = 0.5) -> dict:
+    """A run's result with the given test accuracy; its best validation epoch is where val_losses is lowest."""
+    history = [
+        {"epoch": i + 1, "loss": loss, "accuracy": accuracy, "val_loss": v, "val_accuracy": accuracy}
+        for i, v in enumerate(val_losses)
+    ]
+    per_class = TEST_IMAGES // 10  # 10 balanced classes: guessing gives 10%
+    return {
+        "history": history,
+        "test_accuracy": accuracy,
+        "test_loss": loss if math.isfinite(loss) else math.nan,
+        "confusion_matrix": [[per_class if i == j else 0 for j in range(10)] for i in range(10)],
+        "best_epoch": len(history),
+        "stopped": "completed",
+        "train_seconds": 10.0,
+        "images_per_s": 100.0,
+        "val_loss": val_losses[-1],
+        "val_accuracy": accuracy,
+    }
+
+
+def row(variant: str, seed: int, result: dict | None, error: str | None = None) -> RunRow:
+    status = "done" if result is not None else "failed"
+    return RunRow(f"{variant}/seed-{seed}", variant, seed, status, {}, "", 1, 0.0, 1.0, 1.0, result, error)
+
+
+@pytest.fixture
+def report(tiny_study, study_file):
+    """4 seeds; GAP clearly worse and still improving in seed 0; GMP better by exactly 3 pp in every
+    seed; sgd crashed in seed 1 and diverged (NaN loss, chance accuracy) in seed 2."""
+    study = load_study(study_file(tiny_study(seeds=4, variations=[HEAD, SGD])))
+    accuracies = {
+        "Flatten": [0.80, 0.82, 0.81, 0.79],
+        "GAP": [0.70, 0.73, 0.71, 0.72],
+        "GMP": [0.83, 0.85, 0.84, 0.82],
+        "sgd": [0.78, None, 0.10, 0.80],
+    }
+    rows = {}
+    for variant, values in accuracies.items():
+        for seed, accuracy in enumerate(values):
+            if accuracy is None:
+                result, error = None, "Traceback (most recent call last):\n  ...\nRuntimeError: out of memory"
+            elif variant == "sgd" and seed == 2:
+                result, error = synthetic(accuracy, val_losses=(2.3, math.nan, math.nan), loss=math.nan), None
+            elif variant == "GAP" and seed == 0:
+                result, error = synthetic(accuracy, val_losses=(0.9, 0.8, 0.7)), None  # best = last
+            else:
+                result, error = synthetic(accuracy), None
+            rows[f"{variant}/seed-{seed}"] = row(variant, seed, result, error)
+    return collect(study, rows)
+
+
+def test_holm_multiplies_the_kth_smallest_p_by_m_minus_k_plus_1():
+    adjusted = holm([0.01, 0.04, 0.03, math.nan])
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adjusted[3])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1, never decreasing
+
+
+def test_zero_variance_gives_no_interval_and_no_test():
+    base = {0: 0.80, 1: 0.82, 2: 0.81}
+    variant = {0: 0.83, 1: 0.85, 2: 0.84}  # +0.03 in every seed, up to float rounding (~1e-17)
+    comparison = paired_comparison(variant, base)
+    # scipy turns the rounding spread into a 'finding': the bug this guards against
+    assert scipy_stats.ttest_rel(list(variant.values()), list(base.values())).pvalue < 1e-10
+    assert comparison.zero_variance and math.isnan(comparison.p_value)
+    assert math.isnan(comparison.difference.low) and comparison.difference.mean == pytest.approx(0.03)
+    assert comparison.differences == pytest.approx((0.03, 0.03, 0.03))
+    assert math.isnan(mean_ci([0.5, 0.5, 0.5]).half_width) and mean_ci([0.5, 0.5, 0.5]).zero_variance
+
+
+def test_zero_variance_report_shows_per_seed_differences_not_p(report):
+    gmp = report.variants[2]
+    text = sentence(report, gmp)
+    assert "the variance of the differences could not be estimated" in text
+    assert "per seed: +3.0, +3.0, +3.0 pp" in text and "p <" not in text and "p =" not in text
+    cells = dict(zip(HEADERS, table_rows(report)[2], strict=True))
+    assert cells["Δ test acc pp (95% CI)"] == "+3.0 (no spread)" and cells["p"] == cells["p (Holm)"] == "—"
+
+
+def test_failed_seed_is_left_out_of_every_variant_and_shown(report):
+    assert report.seeds == (0, 2, 3)  # sgd has no figures for seed 1
+    sgd = report.variants[3]
+    assert sgd.runs[1].status == FAILED and sgd.runs[1].detail == "RuntimeError: out of memory"
+    assert all(set(v.results) == {0, 2, 3} for v in report.variants)
+    assert "1 failed" in [note.flag for note in sgd.notes]
+    assert any("no figures from seed 1 (RuntimeError: out of memory)" in w for w in report.warnings)
+    doc = document(report, [])
+    seed1 = doc.per_seed.rows[1]
+    assert seed1[0] == "1 (not in the figures)" and seed1[4] == "failed: RuntimeError: out of memory"
+    assert seed1[1] == "82.00"  # the base's seed 1 is shown, though no figure uses it
+    assert "every figure rests on seeds 0, 2, 3 (left out: 1, which not every variant finished)" in "\n".join(
+        doc.header
+    )
+
+
+def test_diverged_seed_stays_in_the_figures_and_is_flagged(report):
+    sgd = report.variants[3]
+    assert sgd.runs[2].status == DIVERGED and sgd.runs[2].detail == "non-finite loss at epoch 1"
+    # the diverged seed's 10% counts in the mean: a recipe that sometimes diverges is worse for it
+    assert sgd.estimate("test_accuracy").mean == pytest.approx(np.mean([0.78, 0.10, 0.80]))
+    assert sgd.estimate("test_accuracy").n == 3 and sgd.estimate("test_loss").n == 2  # NaN loss: no mean
+    text = sentence(report, sgd)
+    assert "3 shared seeds" in text and "1 of 4 seeds diverged, kept in the figures: seed 2" in text
+    assert "10.00 (diverged: non-finite loss at epoch 1)" in document(report, []).per_seed.rows[2][4]
+
+
+def test_table_means_and_differences_rest_on_the_same_seeds(report):
+    rows = table_rows(report)
+    column = {h: i for i, h in enumerate(HEADERS)}
+    base_mean = float(rows[0][column["test acc %"]].split(" ± ")[0])
+    for result, cells in zip(report.variants[1:], rows[1:], strict=True):
+        mean = float(cells[column["test acc %"]].split(" ± ")[0])
+        delta = float(cells[column["Δ test acc pp (95% CI)"]].split()[0].replace("\N{MINUS SIGN}", "-"))
+        assert mean - base_mean == pytest.approx(delta, abs=0.011)
+        assert result.comparison.seeds == report.seeds
+    assert rows[3][column["seeds"]] == "3 of 4"
+
+
+def test_holm_adjusted_p_values_are_beside_the_raw_ones_and_in_the_sentence(report):
+    gap, gmp, sgd = report.variants[1:]
+    raw = [gap.comparison.p_value, gmp.comparison.p_value, sgd.comparison.p_value]
+    assert math.isnan(raw[1])  # zero variance: not one of the tests
+    assert [gap.p_adjusted, sgd.p_adjusted] == pytest.approx(holm([raw[0], raw[2]]))
+    assert gap.p_adjusted == pytest.approx(min(1, 2 * min(raw[0], raw[2])))
+    cells = dict(zip(HEADERS, table_rows(report)[1], strict=True))
+    assert (cells["p"], cells["p (Holm)"]) == (f"{raw[0]:.2g}", f"{gap.p_adjusted:.2g}")
+    assert f"p = {gap.p_adjusted:.2g} Holm-adjusted for 2 variants, raw p = {raw[0]:.2g}" in sentence(
+        report, gap
+    )
+
+
+def test_still_improving_variants_are_flagged_in_table_sentence_and_top(report):
+    gap = report.variants[1]
+    assert gap.still_improving == [0] and [r.still_improving for r in report.variants[2:]] == [[], []]
+    assert "still improving" in table_rows(report)[1][HEADERS.index("notes")]
+    assert "still improving at the budget in 1 of 4 seeds: the effect may shrink or grow" in sentence(
+        report, gap
+    )
+    assert report.warnings[0].startswith("Still improving at the budget: GAP ")
+    assert report.base.still_improving == [] and "still improving" not in table_rows(report)[0][-1]
+
+
+def test_header_states_the_comparison_kind_test_size_and_binomial_error(report, tiny_study, study_file):
+    lines = "\n".join(header_lines(report))
+    assert (
+        "Comparison: every variant trained to an equal training budget: 1 epoch, no early stopping" in lines
+    )
+    se = 100 * math.sqrt(0.8 * 0.2 / TEST_IMAGES)  # the base's mean on seeds 0, 2, 3 is 80.0%
+    assert (
+        f"Test set: 1,000 images per run; the binomial standard error of one test accuracy at that size is ±{se:.1f} pp"
+        in lines
+    )
+    converging = tiny_study(train={"epochs": 30, "early_stopping": {"patience": 4}})
+    assert comparison_kind(load_study(study_file(converging))) == (
+        "each variant trained to its own convergence: early stopping on val_loss (patience 4, "
+        "the best epoch's weights restored), at most 30 epochs"
+    )
+    mixed = tiny_study(variations=[{"name": "b", "alternatives": [{"name": "long", "train": {"epochs": 5}}]}])
+    assert comparison_kind(load_study(study_file(mixed))).startswith(
+        "mixed, the variants train differently: Flatten: "
+    )
+
+
+def _printed(renderable, width: int) -> str:
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+def test_terminal_table_fits_80_columns_without_cutting_numbers(report):
+    text = _printed(terminal_table(report, 80), 80)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    rows = table_rows(report)
+    shown = [HEADERS.index(h) for h in ("variant", "test acc %", "Δ test acc pp (95% CI)", "p (Holm)")]
+    for cells in rows:  # each row on one line, its numbers whole
+        line = next(line for line in text.splitlines() if line.startswith(cells[0]))
+        assert all(cells[i] in line for i in shown)
+    assert "not shown at this width" in text and "a: still improving" in text
+    wide = _printed(terminal_table(report, 250), 250)
+    assert "not shown at this width" not in wide and "mult-adds" in wide
+    narrow = _printed(
+        terminal_table(report, 45), 45
+    )  # narrower than the essential columns: one figure a line
+    assert max(len(line) for line in narrow.splitlines()) <= 45
+    assert all(f"test acc %: {cells[HEADERS.index('test acc %')]}" in narrow for cells in rows)
+
+
+def test_tiny_real_study_reports_a_diverged_variant_and_a_failed_run(tmp_path, tiny_study, study_file):
+    diverging = {"name": "lr", "alternatives": [{"name": "diverging", "train": {"optimizer.lr": 1e30}}]}
+    doc = tiny_study(variations=[*tiny_study()["variations"], diverging])
+    out = tmp_path / "out"
+    console = Console(file=io.StringIO(), width=80, color_system=None)
+    outcome = run_study(study_file(doc), out=out, workers=1, console=console)
+    assert outcome.failed == []
+    report = outcome.report
+    assert [o.status for o in report.variants[2].runs.values()] == [DIVERGED, DIVERGED]
+    markdown = outcome.markdown.read_text()
+    assert markdown.splitlines()[2].startswith("> **Warning:** Still improving at the budget: Flatten, GAP")
+    assert (
+        "diverging: 2 of 2 seeds diverged, kept in the figures: seed 0 (non-finite loss at epoch 1)"
+        in markdown
+    )
+    assert "Comparison: every variant trained to an equal training budget: 1 epoch," in markdown
+    page = outcome.html.read_text()
+    assert '<p class="warning"><strong>Warning:</strong> Still improving' in page
+
+    print_report(report, console)
+    printed = console.file.getvalue()
+    assert max(len(line) for line in printed.splitlines() if not line.startswith(("- ", "warning:"))) <= 80
+    assert "diverging" in printed and "2 shared seeds" in printed
+
+    with Store(out / "study.sqlite") as store:  # what the runner records when a run raises
+        store.fail("GAP/seed-1", "Traceback (most recent call last):\nValueError: boom")
+        failed = collect(report.study, store.runs())
+    assert failed.seeds == (0,) and failed.variants[1].runs[1].status == FAILED
+    markdown, _ = write_report(failed, out)
+    text = markdown.read_text()
+    assert "| 1 (not in the figures) |" in text and "failed: ValueError: boom" in text
+    assert "test accuracy" in text and "one shared seed: no confidence interval or test" in text
