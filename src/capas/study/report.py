@@ -151,7 +151,7 @@ def _best_epoch(history: list[dict], monitor: str) -> int:
     return min(scored)[1] if scored else 0
 
 
-def test_size(result: dict) -> int:
+def images_tested(result: dict) -> int:
     """Test images a run was evaluated on (its confusion matrix's total)."""
     return sum(map(sum, result["confusion_matrix"]))
 
@@ -172,7 +172,7 @@ def classify(row: RunRow | None, seed: int) -> RunOutcome:
     if not math.isfinite(result["test_loss"]):
         return RunOutcome(seed, DIVERGED, "non-finite test loss", result)
     matrix = result["confusion_matrix"]
-    n = test_size(result)
+    n = images_tested(result)
     chance = max(map(sum, matrix)) / n
     if result["test_accuracy"] <= chance + CHANCE_SE * binomial_se(chance, n):
         return RunOutcome(
@@ -224,7 +224,7 @@ def _failed_note(result: VariantResult) -> Note | None:
 NOTES: list[Callable[[VariantResult], Note | None]] = [_still_improving_note, _diverged_note, _failed_note]
 
 
-def _epochs(n: int) -> str:
+def epochs_text(n: int) -> str:
     return f"{n} epoch" + ("" if n == 1 else "s")
 
 
@@ -234,10 +234,10 @@ def training_kind(train: dict) -> str:
     if stopping:
         kind = (
             f"to its own convergence: early stopping on {stopping['monitor']} (patience {stopping['patience']}, "
-            f"the best epoch's weights restored), at most {_epochs(train['epochs'])}"
+            f"the best epoch's weights restored), at most {epochs_text(train['epochs'])}"
         )
     else:
-        kind = f"an equal training budget: {_epochs(train['epochs'])}, no early stopping"
+        kind = f"an equal training budget: {epochs_text(train['epochs'])}, no early stopping"
     budgets = [
         f"{train['max_seconds']:g} s" if train.get("max_seconds") else "",
         f"{train['max_samples']:,} images" if train.get("max_samples") else "",
@@ -285,7 +285,7 @@ def collect(study: Study, rows: dict[str, RunRow]) -> StudyReport:
         for v, c, p in zip(variants[1:], comparisons, adjusted, strict=True)
     ]
     variants = [replace(v, notes=tuple(n for rule in NOTES if (n := rule(v)) is not None)) for v in variants]
-    sizes = {test_size(r) for v in variants for r in v.finished.values()}
+    sizes = {images_tested(r) for v in variants for r in v.finished.values()}
     return StudyReport(
         study, variants, statuses, seeds, comparison_kind(study), max(sizes) if sizes else None
     )

@@ -14,6 +14,7 @@ from capas.study.report import (
     VariantResult,
     architecture_diff,
     diff_cells,
+    epochs_text,
     setting_changes,
 )
 from capas.study.stats import (
@@ -246,7 +247,7 @@ def header_lines(report: StudyReport) -> list[str]:
             f"at that size is ±{100 * report.test_se:.1f} pp (at the base's {100 * accuracy:.1f}%)"
         )
     lines += [
-        f"Training (base): {base.train['epochs']} epochs, batch {base.train['batch_size']}, "
+        f"Training (base): {epochs_text(base.train['epochs'])}, batch {base.train['batch_size']}, "
         f"{base.train['optimizer']['name']} lr {base.train['optimizer']['lr'] or 'default'}",
         f"Runs: {statuses}; every figure rests on seeds {', '.join(map(str, report.seeds)) or 'none'}"
         + (
