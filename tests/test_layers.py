@@ -6,40 +6,22 @@ import pytest
 import torch
 
 from capas.layers import LAYERS
-
-# One valid configuration per layer type, with the input it accepts (Keras order, no batch).
-EXAMPLES = {
-    "Conv2D": (
-        {"filters": 6, "kernel_size": 3, "strides": 2, "padding": "same", "activation": "relu"},
-        (9, 7, 4),
-    ),
-    "MaxPooling2D": ({"pool_size": 3, "strides": 2, "padding": "same"}, (9, 7, 4)),
-    "AveragePooling2D": ({"pool_size": 3, "strides": 2, "padding": "same"}, (9, 7, 4)),
-    "GlobalMaxPooling2D": ({}, (5, 5, 4)),
-    "GlobalAveragePooling2D": ({}, (5, 5, 4)),
-    "Flatten": ({}, (3, 5, 4)),
-    "Dense": ({"units": 7, "activation": "gelu"}, (12,)),
-    "Dropout": ({"rate": 0.5}, (5, 5, 4)),
-    "SpatialDropout2D": ({"rate": 0.5}, (5, 5, 4)),
-    "BatchNormalization": ({}, (5, 5, 4)),
-    "LayerNormalization": ({}, (5, 5, 4)),
-    "GroupNormalization": ({"groups": 2}, (5, 5, 4)),
-    "Activation": ({"activation": "leaky_relu"}, (5, 5, 4)),
-    "ReLU": ({"max_value": 6.0}, (5, 5, 4)),
-    "Softmax": ({}, (12,)),
-}
+from capas.layers.base import ACTIVATIONS
+from capas.models.modules import ACTIVATIONS as MODULE_ACTIVATIONS
+from capas.models.modules import build_module
 
 
-def test_every_registered_layer_has_an_example():
-    assert set(EXAMPLES) == set(LAYERS)
+def test_every_registered_layer_has_an_example_and_an_activation_module():
+    assert [name for name, cls in LAYERS.items() if cls.example is None] == []
+    assert set(ACTIVATIONS) == set(MODULE_ACTIVATIONS)
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_shape_params_and_gradients(name):
-    keywords, shape = EXAMPLES[name]
+    keywords, shape = LAYERS[name].example
     layer = LAYERS[name](**keywords)
     out_shape = layer.output_shape(shape)
-    module = layer.build(shape)
+    module = build_module(layer, shape)
     module.train()
     x = torch.randn(3, shape[-1], *shape[:-1]) if len(shape) == 3 else torch.randn(3, *shape)
     x.requires_grad_(True)
@@ -71,30 +53,31 @@ def test_layer_shape_params_and_gradients(name):
 def test_conv_output_sizes_follow_keras(size, kernel, stride, padding, expected):
     layer = LAYERS["Conv2D"](filters=1, kernel_size=kernel, strides=stride, padding=padding)
     assert layer.output_shape((size, size, 1))[:2] == (expected, expected)
-    y = layer.build((size, size, 1))(torch.randn(1, 1, size, size))
+    y = build_module(layer, (size, size, 1))(torch.randn(1, 1, size, size))
     assert tuple(y.shape[2:]) == (expected, expected)
 
 
 def test_same_max_pooling_ignores_padding_and_average_pooling_does_not_count_it():
     x = -torch.ones(1, 1, 3, 3)  # all negative: zero padding would leak into a max
-    assert LAYERS["MaxPooling2D"](pool_size=2, padding="same").build((3, 3, 1))(x).max() == -1
+    assert build_module(LAYERS["MaxPooling2D"](pool_size=2, padding="same"), (3, 3, 1))(x).max() == -1
     assert torch.allclose(
-        LAYERS["AveragePooling2D"](pool_size=2, padding="same").build((3, 3, 1))(x), -torch.ones(1, 1, 2, 2)
+        build_module(LAYERS["AveragePooling2D"](pool_size=2, padding="same"), (3, 3, 1))(x),
+        -torch.ones(1, 1, 2, 2),
     )
 
 
 def test_flatten_uses_keras_channel_last_order():
     x = torch.arange(2 * 2 * 3, dtype=torch.float32).view(1, 3, 2, 2)  # (B, C, H, W)
-    y = LAYERS["Flatten"]().build((2, 2, 3))(x)
+    y = build_module(LAYERS["Flatten"](), (2, 2, 3))(x)
     assert y[0, :3].tolist() == [x[0, 0, 0, 0], x[0, 1, 0, 0], x[0, 2, 0, 0]]
 
 
 def test_layer_normalization_normalises_over_channels_only():
-    y = LAYERS["LayerNormalization"]().build((4, 4, 8))(torch.randn(2, 8, 4, 4) * 5 + 3)
+    y = build_module(LAYERS["LayerNormalization"](), (4, 4, 8))(torch.randn(2, 8, 4, 4) * 5 + 3)
     assert torch.allclose(y.mean(1), torch.zeros(2, 4, 4), atol=1e-5)
 
 
 def test_group_normalization_with_one_group_per_channel_is_instance_normalization():
     x = torch.randn(2, 4, 5, 5) * 3 + 1
-    y = LAYERS["GroupNormalization"](groups=4).build((5, 5, 4))(x)
+    y = build_module(LAYERS["GroupNormalization"](groups=4), (5, 5, 4))(x)
     assert torch.allclose(y.mean((2, 3)), torch.zeros(2, 4), atol=1e-5)

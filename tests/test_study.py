@@ -13,10 +13,10 @@ from rich.console import Console
 from scipy import stats as scipy_stats
 
 from capas.errors import CapasError
-from capas.models import summarize
 from capas.spec import ModelSpec
+from capas.spec.summary import summarize
 from capas.study import KINDS, load_study
-from capas.study.report import architecture_diff, collect, param_formula
+from capas.study.report import architecture_diff, collect
 from capas.study.run import run_study
 from capas.study.stats import mean_ci, paired_comparison
 from capas.study.store import Store
@@ -178,7 +178,7 @@ def test_parameter_formulas_give_keras_counts():
         }
     )
     rows = summarize(spec).rows
-    texts = [param_formula(r.layer, r.input_shape, r.trainable, r.non_trainable) for r in rows]
+    texts = [r.layer.formula(r.input_shape) for r in rows]
     assert texts == [
         "3·3·3·128 + 128 = 3,584",
         "4·128 = 512 (256 not trainable)",

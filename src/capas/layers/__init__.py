@@ -1,10 +1,10 @@
-"""The registry of layer types, by the name a Keras user writes.
+"""The registry of layer types, by the name a Keras user writes; torch-free.
 
 Each layer type is a pydantic model of its Keras keywords (with Keras' defaults) that knows its own
-output shape, parameter counts (as Keras counts them), multiply-adds and how to build itself as a
-``torch.nn.Module``. Shapes are in Keras' order without the batch: ``(H, W, C)`` or ``(F,)``.
-Adding a layer type touches this package only: subclass :class:`Layer` and decorate with
-:func:`register`.
+output shape, parameter counts (as Keras counts them) and their formula, multiply-adds, whether
+structured pruning handles it, and an example. Shapes are in Keras' order without the batch:
+``(H, W, C)`` or ``(F,)``. Adding a layer type: subclass :class:`Layer`, decorate with
+:func:`register`, and give it a PyTorch module in capas.models.modules.
 """
 
 from capas.layers import core  # noqa: F401  (registers the layer types)

@@ -1,13 +1,11 @@
-"""The base class of every layer type, the registry, and Keras' activation names."""
+"""The base class of every layer type, the registry, and Keras' activation names (no torch here)."""
 
 from __future__ import annotations
 
 import math
 from typing import Annotated, ClassVar
 
-import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from torch import nn
 
 Shape = tuple[int, ...]
 """A Keras shape without the batch: (H, W, C) for feature maps, (F,) for vectors."""
@@ -30,35 +28,25 @@ def _pair(value: object) -> object:
 
 Pair = Annotated[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]], BeforeValidator(_pair)]
 
-ACTIVATIONS: dict[str, type[nn.Module] | None] = {
-    "linear": None,
-    "relu": nn.ReLU,
-    "relu6": nn.ReLU6,
-    "sigmoid": nn.Sigmoid,
-    "hard_sigmoid": nn.Hardsigmoid,
-    "tanh": nn.Tanh,
-    "softmax": None,  # built as nn.Softmax(dim=1), see activation_module
-    "elu": nn.ELU,
-    "selu": nn.SELU,
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-    "swish": nn.SiLU,
-    "softplus": nn.Softplus,
-    "softsign": nn.Softsign,
-    "mish": nn.Mish,
-    "leaky_relu": None,  # Keras' default negative slope is 0.2, see activation_module
-}
-
-
-def activation_module(name: str | None) -> nn.Module | None:
-    """The module for a Keras activation name (None or 'linear': no module)."""
-    if name in (None, "linear"):
-        return None
-    if name == "softmax":
-        return nn.Softmax(dim=1)
-    if name == "leaky_relu":
-        return nn.LeakyReLU(0.2)
-    return ACTIVATIONS[name]()
+ACTIVATIONS = (
+    "linear",
+    "relu",
+    "relu6",
+    "sigmoid",
+    "hard_sigmoid",
+    "tanh",
+    "softmax",
+    "elu",
+    "selu",
+    "gelu",
+    "silu",
+    "swish",
+    "softplus",
+    "softsign",
+    "mish",
+    "leaky_relu",
+)
+"""Keras' activation names that capas builds (capas.models.modules maps each to a module)."""
 
 
 def check_activation(value: str | None) -> str | None:
@@ -72,7 +60,13 @@ def check_activation(value: str | None) -> str | None:
 
 
 class Layer(BaseModel):
-    """A layer as a Keras user writes it: its keywords are the model's fields."""
+    """A layer as a Keras user writes it: its keywords are the model's fields.
+
+    Everything capas knows about a layer type without building it lives on its class: keywords and
+    their validation, output shape, parameter counts and the formula behind them, multiply-adds,
+    whether structured pruning can handle it, and an example for the registry test. The PyTorch
+    module is built by capas.models.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -81,6 +75,12 @@ class Layer(BaseModel):
 
     takes: ClassVar[str] = "any"
     """What input the layer accepts: 'maps' (H, W, C), 'flat' (F,) or 'any'."""
+
+    structured_pruning: ClassVar[bool] = False
+    """Whether torch-pruning can remove channels through it and rewire it (capas.deploy.prune)."""
+
+    example: ClassVar[tuple[dict, Shape] | None] = None
+    """One valid set of keywords and an input shape it accepts (tests build every registered type)."""
 
     @classmethod
     def type_name(cls) -> str:
@@ -94,13 +94,13 @@ class Layer(BaseModel):
         """(trainable, non-trainable) parameter counts, as Keras counts them."""
         return 0, 0
 
+    def formula(self, shape: Shape) -> str:
+        """The parameter count with the formula that gives it, as the seed articles explain them."""
+        return f"{sum(self.params(shape)):,}"
+
     def macs(self, shape: Shape) -> int:
         """Multiply-adds of one forward pass for one image."""
         return 0
-
-    def build(self, shape: Shape) -> nn.Module:
-        """The PyTorch module; it receives (B, C, H, W) or (B, F) tensors."""
-        return nn.Identity()
 
     def keywords(self) -> dict:
         """The keywords that differ from Keras' defaults, as a user would write them."""
@@ -118,15 +118,3 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TensorFlow's 'same' padding (before, after): the extra pixel goes after."""
     total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
-
-
-class Pad2d(nn.Module):
-    """Asymmetric spatial padding (TensorFlow's 'same'), with a chosen fill value."""
-
-    def __init__(self, pad_h: tuple[int, int], pad_w: tuple[int, int], value: float = 0.0):
-        super().__init__()
-        self.pad = (pad_w[0], pad_w[1], pad_h[0], pad_h[1])
-        self.value = value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.pad(x, self.pad, value=self.value)

@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from typing import Annotated, Literal
 
-import torch
 from pydantic import AfterValidator, Field
-from torch import nn
 
-from capas.layers.base import (
-    Layer,
-    Pad2d,
-    Pair,
-    Shape,
-    activation_module,
-    check_activation,
-    conv_output,
-    register,
-    same_padding,
-)
+from capas.layers.base import Layer, Pair, Shape, check_activation, conv_output, register
 
 ActivationName = Annotated[str | None, AfterValidator(check_activation)]
 Padding = Literal["valid", "same"]
-
-
-def _with_activation(core: OrderedDict, activation: str | None) -> nn.Module:
-    act = activation_module(activation)
-    if act is not None:
-        core["act"] = act
-    return nn.Sequential(core)
 
 
 def _spatial(
@@ -48,20 +28,14 @@ def _spatial(
     return out_h, out_w
 
 
-def _padding_modules(shape: Shape, kernel, strides, padding: str, value: float = 0.0) -> OrderedDict:
-    """'same' padding as TensorFlow does it (asymmetric when needed); nothing for 'valid'."""
-    if padding == "valid":
-        return OrderedDict()
-    pad_h = same_padding(shape[0], kernel[0], strides[0])
-    pad_w = same_padding(shape[1], kernel[1], strides[1])
-    if pad_h == (0, 0) and pad_w == (0, 0):
-        return OrderedDict()
-    return OrderedDict(pad=Pad2d(pad_h, pad_w, value))
-
-
 @register
 class Conv2D(Layer):
     takes = "maps"
+    structured_pruning = True
+    example = (
+        {"filters": 6, "kernel_size": 3, "strides": 2, "padding": "same", "activation": "relu"},
+        (9, 7, 4),
+    )
     filters: int = Field(ge=1)
     kernel_size: Pair
     strides: Pair = (1, 1)
@@ -76,22 +50,20 @@ class Conv2D(Layer):
         kh, kw = self.kernel_size
         return kh * kw * shape[2] * self.filters + (self.filters if self.use_bias else 0), 0
 
+    def formula(self, shape: Shape) -> str:
+        kh, kw = self.kernel_size
+        bias = f" + {self.filters}" if self.use_bias else ""
+        return f"{kh}·{kw}·{shape[2]}·{self.filters}{bias} = {sum(self.params(shape)):,}"
+
     def macs(self, shape: Shape) -> int:
         out_h, out_w, _ = self.output_shape(shape)
         return out_h * out_w * self.kernel_size[0] * self.kernel_size[1] * shape[2] * self.filters
 
-    def build(self, shape: Shape) -> nn.Module:
-        core = _padding_modules(shape, self.kernel_size, self.strides, self.padding)
-        conv = nn.Conv2d(shape[2], self.filters, self.kernel_size, self.strides, bias=self.use_bias)
-        nn.init.xavier_uniform_(conv.weight)  # Keras' glorot_uniform kernel, zero bias
-        if conv.bias is not None:
-            nn.init.zeros_(conv.bias)
-        core["conv"] = conv
-        return _with_activation(core, self.activation)
-
 
 class _Pooling2D(Layer):
     takes = "maps"
+    structured_pruning = True
+    example = ({"pool_size": 3, "strides": 2, "padding": "same"}, (9, 7, 4))
     pool_size: Pair = (2, 2)
     strides: Pair | None = None
     padding: Padding = "valid"
@@ -106,79 +78,45 @@ class _Pooling2D(Layer):
 
 @register
 class MaxPooling2D(_Pooling2D):
-    def build(self, shape: Shape) -> nn.Module:
-        core = _padding_modules(shape, self.pool_size, self.step, self.padding, value=-math.inf)
-        core["pool"] = nn.MaxPool2d(self.pool_size, self.step)
-        return nn.Sequential(core)
-
-
-class _AvgPoolSame(nn.Module):
-    """Average pooling with TensorFlow's 'same' padding: padded pixels are not counted."""
-
-    def __init__(self, pad: Pad2d, pool: tuple[int, int], step: tuple[int, int]):
-        super().__init__()
-        self.pad, self.pool, self.step = pad, pool, step
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sums = nn.functional.avg_pool2d(self.pad(x), self.pool, self.step)
-        counts = nn.functional.avg_pool2d(self.pad(torch.ones_like(x[:1, :1])), self.pool, self.step)
-        return sums / counts
+    pass
 
 
 @register
 class AveragePooling2D(_Pooling2D):
-    def build(self, shape: Shape) -> nn.Module:
-        pad = _padding_modules(shape, self.pool_size, self.step, self.padding)
-        if pad:
-            return _AvgPoolSame(pad["pad"], self.pool_size, self.step)
-        return nn.AvgPool2d(self.pool_size, self.step)
-
-
-class _GlobalPool(nn.Module):
-    def __init__(self, mode: str):
-        super().__init__()
-        self.mode = mode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C)
-        return x.amax(dim=(2, 3)) if self.mode == "max" else x.mean(dim=(2, 3))
+    pass
 
 
 @register
 class GlobalMaxPooling2D(Layer):
     takes = "maps"
+    structured_pruning = True
+    example = ({}, (5, 5, 4))
 
     def output_shape(self, shape: Shape) -> Shape:
         return (shape[2],)
 
-    def build(self, shape: Shape) -> nn.Module:
-        return _GlobalPool("max")
-
 
 @register
 class GlobalAveragePooling2D(GlobalMaxPooling2D):
-    def build(self, shape: Shape) -> nn.Module:
-        return _GlobalPool("avg")
-
-
-class _FlattenHWC(nn.Module):
-    """Flatten in Keras' (H, W, C) order, so that weights line up with a Keras model's."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 2, 3, 1).flatten(1) if x.dim() == 4 else x.flatten(1)
+    pass
 
 
 @register
 class Flatten(Layer):
+    """Flattens in Keras' (H, W, C) order, so that weights line up with a Keras model's."""
+
+    structured_pruning = True
+    example = ({}, (3, 5, 4))
+
     def output_shape(self, shape: Shape) -> Shape:
         return (math.prod(shape),)
-
-    def build(self, shape: Shape) -> nn.Module:
-        return _FlattenHWC()
 
 
 @register
 class Dense(Layer):
     takes = "flat"
+    structured_pruning = True
+    example = ({"units": 7, "activation": "gelu"}, (12,))
     units: int = Field(ge=1)
     activation: ActivationName = None
     use_bias: bool = True
@@ -189,31 +127,24 @@ class Dense(Layer):
     def params(self, shape: Shape) -> tuple[int, int]:
         return shape[0] * self.units + (self.units if self.use_bias else 0), 0
 
+    def formula(self, shape: Shape) -> str:
+        bias = f" + {self.units}" if self.use_bias else ""
+        return f"{shape[0]}·{self.units}{bias} = {sum(self.params(shape)):,}"
+
     def macs(self, shape: Shape) -> int:
         return shape[0] * self.units
-
-    def build(self, shape: Shape) -> nn.Module:
-        linear = nn.Linear(shape[0], self.units, bias=self.use_bias)
-        nn.init.xavier_uniform_(linear.weight)  # Keras' glorot_uniform kernel, zero bias
-        if linear.bias is not None:
-            nn.init.zeros_(linear.bias)
-        return _with_activation(OrderedDict(linear=linear), self.activation)
 
 
 @register
 class Dropout(Layer):
+    structured_pruning = True
+    example = ({"rate": 0.5}, (5, 5, 4))
     rate: float = Field(ge=0.0, lt=1.0)
-
-    def build(self, shape: Shape) -> nn.Module:
-        return nn.Dropout(self.rate)
 
 
 @register
 class SpatialDropout2D(Dropout):
     takes = "maps"
-
-    def build(self, shape: Shape) -> nn.Module:
-        return nn.Dropout2d(self.rate)
 
 
 def _elements(shape: Shape) -> int:
@@ -222,50 +153,42 @@ def _elements(shape: Shape) -> int:
 
 @register
 class BatchNormalization(Layer):
+    structured_pruning = True
+    example = ({}, (5, 5, 4))
     momentum: float = Field(default=0.99, ge=0.0, le=1.0)
     epsilon: float = Field(default=1e-3, gt=0.0)
 
     def params(self, shape: Shape) -> tuple[int, int]:
         return 2 * shape[-1], 2 * shape[-1]  # gamma, beta; moving mean and variance
 
+    def formula(self, shape: Shape) -> str:
+        trainable, non_trainable = self.params(shape)
+        return f"4·{shape[-1]} = {trainable + non_trainable:,} ({non_trainable:,} not trainable)"
+
     def macs(self, shape: Shape) -> int:
         return _elements(shape)  # one scale-and-shift per element at inference
-
-    def build(self, shape: Shape) -> nn.Module:
-        # Keras' momentum weighs the old statistics; PyTorch's weighs the new batch.
-        kind = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
-        return kind(shape[-1], eps=self.epsilon, momentum=1.0 - self.momentum)
-
-
-class _ChannelLayerNorm(nn.Module):
-    """LayerNormalization over the channel axis of (B, C, H, W) maps, as Keras does by default."""
-
-    def __init__(self, channels: int, eps: float):
-        super().__init__()
-        self.norm = nn.LayerNorm(channels, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 @register
 class LayerNormalization(Layer):
+    """Normalises over the channel axis, as Keras does by default."""
+
+    example = ({}, (5, 5, 4))
     epsilon: float = Field(default=1e-3, gt=0.0)
 
     def params(self, shape: Shape) -> tuple[int, int]:
         return 2 * shape[-1], 0
 
+    def formula(self, shape: Shape) -> str:
+        return f"2·{shape[-1]} = {sum(self.params(shape)):,}"
+
     def macs(self, shape: Shape) -> int:
         return _elements(shape)
-
-    def build(self, shape: Shape) -> nn.Module:
-        if len(shape) == 3:
-            return _ChannelLayerNorm(shape[-1], self.epsilon)
-        return nn.LayerNorm(shape[-1], eps=self.epsilon)
 
 
 @register
 class GroupNormalization(Layer):
+    example = ({"groups": 2}, (5, 5, 4))
     groups: int = Field(default=32, ge=1)
     epsilon: float = Field(default=1e-3, gt=0.0)
 
@@ -278,48 +201,28 @@ class GroupNormalization(Layer):
             )
         return shape
 
-    def params(self, shape: Shape) -> tuple[int, int]:
-        return 2 * shape[-1], 0
-
-    def macs(self, shape: Shape) -> int:
-        return _elements(shape)
-
-    def build(self, shape: Shape) -> nn.Module:
-        return nn.GroupNorm(self.groups, shape[-1], eps=self.epsilon)
+    params = LayerNormalization.params
+    formula = LayerNormalization.formula
+    macs = LayerNormalization.macs
 
 
 @register
 class Activation(Layer):
+    structured_pruning = True
+    example = ({"activation": "leaky_relu"}, (5, 5, 4))
     activation: ActivationName
-
-    def build(self, shape: Shape) -> nn.Module:
-        return activation_module(self.activation) or nn.Identity()
-
-
-class _KerasReLU(nn.Module):
-    def __init__(self, max_value: float | None, negative_slope: float):
-        super().__init__()
-        self.max_value, self.negative_slope = max_value, negative_slope
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.leaky_relu(x, self.negative_slope) if self.negative_slope else torch.relu(x)
-        return y.clamp(max=self.max_value) if self.max_value is not None else y
 
 
 @register
 class ReLU(Layer):
+    structured_pruning = True
+    example = ({"max_value": 6.0}, (5, 5, 4))
     max_value: float | None = Field(default=None, gt=0.0)
     negative_slope: float = Field(default=0.0, ge=0.0)
-
-    def build(self, shape: Shape) -> nn.Module:
-        if self.max_value is None and not self.negative_slope:
-            return nn.ReLU()
-        return _KerasReLU(self.max_value, self.negative_slope)
 
 
 @register
 class Softmax(Layer):
+    structured_pruning = True
+    example = ({}, (12,))
     axis: Literal[-1] = -1
-
-    def build(self, shape: Shape) -> nn.Module:
-        return nn.Softmax(dim=1)  # the channel axis in (B, C, H, W) and (B, F)

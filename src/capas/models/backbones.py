@@ -41,9 +41,16 @@ class BackboneLayer(Layer):
     """A summary row for one layer of a pretrained backbone (not a layer users write in `layers:`)."""
 
     kind: str
+    counts: tuple[int, int] = (0, 0)  # (trainable, non-trainable), measured on the built module
 
     def type_name(self) -> str:  # the backbone module's type, e.g. Conv2D or InvertedResidual
         return self.kind
+
+    def params(self, shape: Shape) -> tuple[int, int]:
+        return self.counts
+
+    def keywords(self) -> dict:
+        return {"kind": self.kind}
 
 
 @dataclass(frozen=True)
@@ -406,7 +413,7 @@ def _describe(cfg_json: str, input_shape: Shape) -> tuple[tuple[Row, ...], dict]
         out.append(
             Row(
                 name,
-                BackboneLayer(kind=kind),
+                BackboneLayer(kind=kind, counts=(trainable, non_trainable)),
                 _hwc(x.shape),
                 _hwc(y.shape),
                 trainable,

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from capas.models.backbones import Backbone, build_backbone
+from capas.models.modules import build_module
 from capas.spec.model import ModelSpec
 
 
@@ -36,7 +37,7 @@ class CapasNet(nn.Module):
         self.layers = nn.ModuleDict()
         strip_softmax = _ends_in_softmax(spec)
         for info in infos:
-            module = info.layer.build(info.input_shape)
+            module = build_module(info.layer, info.input_shape)
             if strip_softmax and info is infos[-1]:
                 module = _without_softmax(module)
             self.layers[info.name] = module

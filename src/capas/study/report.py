@@ -16,10 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import zip_longest
 
-from capas.layers import Layer, Shape
-from capas.models import summarize
-from capas.models.summary import Summary
 from capas.spec import LayerInfo
+from capas.spec.summary import Summary, summarize
 from capas.study.spec import Study, Variant, flat_items
 from capas.study.stats import Comparison, Estimate, binomial_se, holm, mean_ci, paired_comparison
 from capas.study.store import RunRow
@@ -303,26 +301,6 @@ class DiffRow:
 # --- architecture diff -------------------------------------------------------------------------
 
 
-def param_formula(layer: Layer, shape: Shape, trainable: int, non_trainable: int) -> str:
-    """The parameter count with the formula that gives it, as the seed articles explain them."""
-    kind, total = layer.type_name(), trainable + non_trainable
-    bias = getattr(layer, "use_bias", False)
-    if kind == "Conv2D":
-        kh, kw = layer.kernel_size
-        return (
-            f"{kh}·{kw}·{shape[2]}·{layer.filters}"
-            + (f" + {layer.filters}" if bias else "")
-            + f" = {total:,}"
-        )
-    if kind == "Dense":
-        return f"{shape[0]}·{layer.units}" + (f" + {layer.units}" if bias else "") + f" = {total:,}"
-    if kind == "BatchNormalization":
-        return f"4·{shape[-1]} = {total:,} ({non_trainable:,} not trainable)"
-    if kind in ("LayerNormalization", "GroupNormalization"):
-        return f"2·{shape[-1]} = {total:,}"
-    return f"{total:,}"
-
-
 def _describe(info: LayerInfo) -> str:
     # a backbone block's only keyword repeats its type: leave it out
     keywords = {k: v for k, v in info.layer.keywords().items() if k != "name" and v != info.layer.type_name()}
@@ -386,7 +364,7 @@ def diff_cells(row: DiffRow) -> list[str]:
             cells += [
                 _describe(info),
                 str(tuple(info.output_shape)),
-                param_formula(info.layer, info.input_shape, info.trainable, info.non_trainable),
+                info.layer.formula(info.input_shape),
             ]
     return cells
 

@@ -1,0 +1,241 @@
+"""The PyTorch module of each layer type: `build_module(layer, shape)`.
+
+The layer's definition (keywords, shapes, counts) lives in capas.layers; this is the only place
+that turns it into a ``torch.nn.Module``. Modules receive (B, C, H, W) or (B, F) tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from capas.layers import Layer, Shape
+from capas.layers import core as L
+from capas.layers.base import same_padding
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module] | None] = {
+    "linear": None,
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "sigmoid": nn.Sigmoid,
+    "hard_sigmoid": nn.Hardsigmoid,
+    "tanh": nn.Tanh,
+    "softmax": lambda: nn.Softmax(dim=1),  # the channel axis in (B, C, H, W) and (B, F)
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "softplus": nn.Softplus,
+    "softsign": nn.Softsign,
+    "mish": nn.Mish,
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),  # Keras' default negative slope is 0.2
+}
+
+_BUILDERS: dict[type[Layer], Callable[[Layer, Shape], nn.Module]] = {}
+
+
+def builds(kind: type[Layer]) -> Callable:
+    """Register the function that builds the module of one layer type (exactly that type)."""
+
+    def register(function: Callable[[Layer, Shape], nn.Module]) -> Callable[[Layer, Shape], nn.Module]:
+        _BUILDERS[kind] = function
+        return function
+
+    return register
+
+
+def build_module(layer: Layer, shape: Shape) -> nn.Module:
+    """The PyTorch module of a layer for its (Keras-order) input shape."""
+    builder = _BUILDERS.get(type(layer))
+    if builder is None:
+        raise TypeError(
+            f"no PyTorch module for layer type {layer.type_name()}: add one in capas.models.modules"
+        )
+    return builder(layer, shape)
+
+
+def activation_module(name: str | None) -> nn.Module | None:
+    """The module for a Keras activation name (None or 'linear': no module)."""
+    make = ACTIVATIONS[name or "linear"]
+    return None if make is None else make()
+
+
+def _with_activation(core: OrderedDict, activation: str | None) -> nn.Module:
+    act = activation_module(activation)
+    if act is not None:
+        core["act"] = act
+    return nn.Sequential(core)
+
+
+class Pad2d(nn.Module):
+    """Asymmetric spatial padding (TensorFlow's 'same'), with a chosen fill value."""
+
+    def __init__(self, pad_h: tuple[int, int], pad_w: tuple[int, int], value: float = 0.0):
+        super().__init__()
+        self.pad = (pad_w[0], pad_w[1], pad_h[0], pad_h[1])
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(x, self.pad, value=self.value)
+
+
+def _padding_modules(shape: Shape, kernel, strides, padding: str, value: float = 0.0) -> OrderedDict:
+    """'same' padding as TensorFlow does it (asymmetric when needed); nothing for 'valid'."""
+    if padding == "valid":
+        return OrderedDict()
+    pad_h = same_padding(shape[0], kernel[0], strides[0])
+    pad_w = same_padding(shape[1], kernel[1], strides[1])
+    if pad_h == (0, 0) and pad_w == (0, 0):
+        return OrderedDict()
+    return OrderedDict(pad=Pad2d(pad_h, pad_w, value))
+
+
+@builds(L.Conv2D)
+def _conv2d(layer: L.Conv2D, shape: Shape) -> nn.Module:
+    core = _padding_modules(shape, layer.kernel_size, layer.strides, layer.padding)
+    conv = nn.Conv2d(shape[2], layer.filters, layer.kernel_size, layer.strides, bias=layer.use_bias)
+    nn.init.xavier_uniform_(conv.weight)  # Keras' glorot_uniform kernel, zero bias
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    core["conv"] = conv
+    return _with_activation(core, layer.activation)
+
+
+@builds(L.MaxPooling2D)
+def _max_pooling(layer: L.MaxPooling2D, shape: Shape) -> nn.Module:
+    core = _padding_modules(shape, layer.pool_size, layer.step, layer.padding, value=-math.inf)
+    core["pool"] = nn.MaxPool2d(layer.pool_size, layer.step)
+    return nn.Sequential(core)
+
+
+class _AvgPoolSame(nn.Module):
+    """Average pooling with TensorFlow's 'same' padding: padded pixels are not counted."""
+
+    def __init__(self, pad: Pad2d, pool: tuple[int, int], step: tuple[int, int]):
+        super().__init__()
+        self.pad, self.pool, self.step = pad, pool, step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sums = nn.functional.avg_pool2d(self.pad(x), self.pool, self.step)
+        counts = nn.functional.avg_pool2d(self.pad(torch.ones_like(x[:1, :1])), self.pool, self.step)
+        return sums / counts
+
+
+@builds(L.AveragePooling2D)
+def _average_pooling(layer: L.AveragePooling2D, shape: Shape) -> nn.Module:
+    pad = _padding_modules(shape, layer.pool_size, layer.step, layer.padding)
+    if pad:
+        return _AvgPoolSame(pad["pad"], layer.pool_size, layer.step)
+    return nn.AvgPool2d(layer.pool_size, layer.step)
+
+
+class _GlobalPool(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C)
+        return x.amax(dim=(2, 3)) if self.mode == "max" else x.mean(dim=(2, 3))
+
+
+@builds(L.GlobalMaxPooling2D)
+def _global_max(layer: L.GlobalMaxPooling2D, shape: Shape) -> nn.Module:
+    return _GlobalPool("max")
+
+
+@builds(L.GlobalAveragePooling2D)
+def _global_average(layer: L.GlobalAveragePooling2D, shape: Shape) -> nn.Module:
+    return _GlobalPool("avg")
+
+
+class _FlattenHWC(nn.Module):
+    """Flatten in Keras' (H, W, C) order, so that weights line up with a Keras model's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).flatten(1) if x.dim() == 4 else x.flatten(1)
+
+
+@builds(L.Flatten)
+def _flatten(layer: L.Flatten, shape: Shape) -> nn.Module:
+    return _FlattenHWC()
+
+
+@builds(L.Dense)
+def _dense(layer: L.Dense, shape: Shape) -> nn.Module:
+    linear = nn.Linear(shape[0], layer.units, bias=layer.use_bias)
+    nn.init.xavier_uniform_(linear.weight)  # Keras' glorot_uniform kernel, zero bias
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+    return _with_activation(OrderedDict(linear=linear), layer.activation)
+
+
+@builds(L.Dropout)
+def _dropout(layer: L.Dropout, shape: Shape) -> nn.Module:
+    return nn.Dropout(layer.rate)
+
+
+@builds(L.SpatialDropout2D)
+def _spatial_dropout(layer: L.SpatialDropout2D, shape: Shape) -> nn.Module:
+    return nn.Dropout2d(layer.rate)
+
+
+@builds(L.BatchNormalization)
+def _batch_norm(layer: L.BatchNormalization, shape: Shape) -> nn.Module:
+    # Keras' momentum weighs the old statistics; PyTorch's weighs the new batch.
+    kind = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
+    return kind(shape[-1], eps=layer.epsilon, momentum=1.0 - layer.momentum)
+
+
+class _ChannelLayerNorm(nn.Module):
+    """LayerNormalization over the channel axis of (B, C, H, W) maps, as Keras does by default."""
+
+    def __init__(self, channels: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+@builds(L.LayerNormalization)
+def _layer_norm(layer: L.LayerNormalization, shape: Shape) -> nn.Module:
+    if len(shape) == 3:
+        return _ChannelLayerNorm(shape[-1], layer.epsilon)
+    return nn.LayerNorm(shape[-1], eps=layer.epsilon)
+
+
+@builds(L.GroupNormalization)
+def _group_norm(layer: L.GroupNormalization, shape: Shape) -> nn.Module:
+    return nn.GroupNorm(layer.groups, shape[-1], eps=layer.epsilon)
+
+
+@builds(L.Activation)
+def _activation(layer: L.Activation, shape: Shape) -> nn.Module:
+    return activation_module(layer.activation) or nn.Identity()
+
+
+class _KerasReLU(nn.Module):
+    def __init__(self, max_value: float | None, negative_slope: float):
+        super().__init__()
+        self.max_value, self.negative_slope = max_value, negative_slope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.leaky_relu(x, self.negative_slope) if self.negative_slope else torch.relu(x)
+        return y.clamp(max=self.max_value) if self.max_value is not None else y
+
+
+@builds(L.ReLU)
+def _relu(layer: L.ReLU, shape: Shape) -> nn.Module:
+    if layer.max_value is None and not layer.negative_slope:
+        return nn.ReLU()
+    return _KerasReLU(layer.max_value, layer.negative_slope)
+
+
+@builds(L.Softmax)
+def _softmax(layer: L.Softmax, shape: Shape) -> nn.Module:
+    return nn.Softmax(dim=1)  # the channel axis in (B, C, H, W) and (B, F)
