@@ -4,8 +4,9 @@ import pydantic
 import pytest
 import torch
 
-from capas.data import ArrayDataset, Augment, Preprocess, default_preprocess, iterate_batches
+from capas.data import ArrayDataset, Preprocess, augment_batch, default_preprocess, iterate_batches
 from capas.errors import CapasError
+from capas.spec import Augment
 
 
 def gray_constant(n=2, value=77, size=28) -> torch.Tensor:
@@ -62,16 +63,16 @@ def test_preprocess_config_is_validated_and_round_trips_through_json():
 def test_augment_is_deterministic_for_a_seed():
     x = torch.rand(64, 3, 8, 8)
     augment = Augment(crop_padding=2, hflip=True)
-    a, b = (augment(x, torch.Generator().manual_seed(7)) for _ in range(2))
-    c = augment(x, torch.Generator().manual_seed(8))
+    a, b = (augment_batch(x, augment, torch.Generator().manual_seed(7)) for _ in range(2))
+    c = augment_batch(x, augment, torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(Augment()(x, torch.Generator()), x)
+    assert torch.equal(augment_batch(x, Augment(), torch.Generator()), x)
 
 
 def test_random_crop_shifts_each_image_within_the_padding():
     n, c, h, w, p = 200, 2, 6, 5, 2
     x = torch.rand(n, c, h, w) + 1  # no zeros in the image: zeros come from the padding only
-    out = Augment(crop_padding=p)(x, torch.Generator().manual_seed(0))
+    out = augment_batch(x, Augment(crop_padding=p), torch.Generator().manual_seed(0))
     assert out.shape == x.shape
     padded = torch.nn.functional.pad(x, (p, p, p, p))
     offsets = set()
@@ -89,7 +90,7 @@ def test_random_crop_shifts_each_image_within_the_padding():
 
 def test_hflip_mirrors_about_half_of_the_images():
     x = torch.rand(400, 1, 3, 4)
-    out = Augment(hflip=True)(x, torch.Generator().manual_seed(0))
+    out = augment_batch(x, Augment(hflip=True), torch.Generator().manual_seed(0))
     flipped = torch.tensor([torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x, strict=True)])
     same = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x, strict=True)])
     assert (flipped ^ same).all()

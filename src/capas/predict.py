@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from capas.data import Splits, read_image
+from capas.data import Splits, read_image, splits_for
 from capas.errors import CapasError
 from capas.runs import Run, model_device
 from capas.spec import DataConfig
@@ -48,7 +48,7 @@ def run_splits(run: Run, data: DataConfig | None = None) -> Splits:
         if "data" not in recorded:
             raise CapasError(f"{run.path}: config.json records no dataset; name one (--data)")
         data = DataConfig.model_validate(recorded["data"])
-    splits = data.splits()
+    splits = splits_for(data)
     if splits.test.classes != run.classes:
         raise CapasError(
             f"{data.name} has classes {list(splits.test.classes)} but the run was trained on {list(run.classes)}"

@@ -8,10 +8,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
 
 from capas.data.dataset import ArrayDataset
 from capas.errors import CapasError
+from capas.spec.train import Augment
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601: gray = 0.299 R + 0.587 G + 0.114 B
 
@@ -73,38 +74,33 @@ class Preprocess(BaseModel):
         return x
 
 
-class Augment(BaseModel):
-    """Random training-time changes, drawn per image from the generator given at call time."""
+def augment_batch(x: torch.Tensor, cfg: Augment, generator: torch.Generator) -> torch.Tensor:
+    """Random training-time changes as `cfg` says, drawn per image from `generator`.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    crop_padding: NonNegativeInt = 0  # random crop of the image zero-padded by this many pixels; 0 = off
-    hflip: bool = False  # mirror half of the images left-right
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(N, C, H, W) float -> the same shape; random numbers come from `generator`'s device."""
-        if not self.crop_padding and not self.hflip:
-            return x  # nothing to do: any tensor passes (cached backbone features are (N, F))
-        n, c, h, w = x.shape
-        if self.crop_padding:
-            p = self.crop_padding
-            padded = F.pad(x, (p, p, p, p))  # (N, C, H + 2p, W + 2p)
-            # per-image offsets in 0..2p: offset p is the uncropped image
-            offsets = torch.randint(0, 2 * p + 1, (2, n, 1), generator=generator, device=generator.device)
-            dy, dx = offsets.to(x.device)
-            rows = dy + torch.arange(h, device=x.device)  # (N, H) rows of `padded` to keep
-            cols = dx + torch.arange(w, device=x.device)  # (N, W)
-            # one gather: out[i, ch, r, q] = padded[i, ch, rows[i, r], cols[i, q]]
-            x = padded[
-                torch.arange(n, device=x.device).view(n, 1, 1, 1),
-                torch.arange(c, device=x.device).view(1, c, 1, 1),
-                rows.view(n, 1, h, 1),
-                cols.view(n, 1, 1, w),
-            ]
-        if self.hflip:
-            flip = torch.rand(n, generator=generator, device=generator.device).to(x.device) < 0.5
-            x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-        return x
+    (N, C, H, W) float -> the same shape; random numbers come from `generator`'s device.
+    """
+    if not cfg.crop_padding and not cfg.hflip:
+        return x  # nothing to do: any tensor passes (cached backbone features are (N, F))
+    n, c, h, w = x.shape
+    if cfg.crop_padding:
+        p = cfg.crop_padding
+        padded = F.pad(x, (p, p, p, p))  # (N, C, H + 2p, W + 2p)
+        # per-image offsets in 0..2p: offset p is the uncropped image
+        offsets = torch.randint(0, 2 * p + 1, (2, n, 1), generator=generator, device=generator.device)
+        dy, dx = offsets.to(x.device)
+        rows = dy + torch.arange(h, device=x.device)  # (N, H) rows of `padded` to keep
+        cols = dx + torch.arange(w, device=x.device)  # (N, W)
+        # one gather: out[i, ch, r, q] = padded[i, ch, rows[i, r], cols[i, q]]
+        x = padded[
+            torch.arange(n, device=x.device).view(n, 1, 1, 1),
+            torch.arange(c, device=x.device).view(1, c, 1, 1),
+            rows.view(n, 1, h, 1),
+            cols.view(n, 1, 1, w),
+        ]
+    if cfg.hflip:
+        flip = torch.rand(n, generator=generator, device=generator.device).to(x.device) < 0.5
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    return x
 
 
 def default_preprocess(input_shape_hwc: tuple[int, int, int]) -> Preprocess:
@@ -148,7 +144,7 @@ def iterate_batches(
         labels = data.labels[index].to(device, non_blocking=True)
         x = preprocess(images, channels_last)
         if augment is not None:
-            x = augment(x, generator)
+            x = augment_batch(x, augment, generator)
         if channels_last:  # augmentation may have changed the memory format
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, labels

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from capas.data.dataset import ArrayDataset
 from capas.data.sources import load_dataset
 from capas.errors import CapasError
+
+if TYPE_CHECKING:
+    from capas.spec import DataConfig
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,18 @@ def make_splits(
         "sizes": {"train": len(train), "val": len(val), "test": len(test)},
     }
     return Splits(train, val, test, info)
+
+
+def splits_for(data: DataConfig) -> Splits:
+    """Load the dataset a data config names and cut its splits as it says."""
+    return make_splits(
+        data.name,
+        data_dir=data.data_dir,
+        val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction,
+        seed=data.split_seed,
+        limit=data.limit,
+    )
 
 
 def stratified_split(

@@ -6,6 +6,7 @@ from capas.spec.backbone import BackboneConfig
 from capas.spec.io import load_document
 from capas.spec.model import LayerInfo, ModelSpec, parse_layer
 from capas.spec.train import (
+    Augment,
     DataConfig,
     EarlyStopping,
     FinetuneConfig,
@@ -21,6 +22,7 @@ def load_spec(path: str | Path) -> ModelSpec:
 
 
 __all__ = [
+    "Augment",
     "BackboneConfig",
     "DataConfig",
     "EarlyStopping",

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from capas.data.batches import Augment
-from capas.data.splits import Splits, make_splits
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
 
 class _Config(BaseModel):
@@ -62,6 +59,15 @@ class FinetuneConfig(_Config):
     backbone_lr_scale: float = Field(default=0.1, gt=0.0, le=1.0, description="backbone rate relative to lr")
 
 
+class Augment(_Config):
+    """Random training-time changes, drawn per image (applied by capas.data.augment_batch)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    crop_padding: NonNegativeInt = 0  # random crop of the image zero-padded by this many pixels; 0 = off
+    hflip: bool = False  # mirror half of the images left-right
+
+
 class TrainConfig(_Config):
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=128, ge=1)
@@ -96,14 +102,3 @@ class DataConfig(_Config):
         default=None, ge=10, description="train on a stratified subset of this many images"
     )
     split_seed: int = 0
-
-    def splits(self) -> Splits:
-        """Load the dataset and cut its train/validation/test splits as this config says."""
-        return make_splits(
-            self.name,
-            data_dir=self.data_dir,
-            val_fraction=self.val_fraction,
-            test_fraction=self.test_fraction,
-            seed=self.split_seed,
-            limit=self.limit,
-        )

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from capas.data import splits_for
 from capas.errors import CapasError
 from capas.models import build_model, preprocess_for
 from capas.runs import REFERENCE, save_reference, write_run
@@ -49,7 +50,7 @@ def train(
     out = Path(out)
     if cfg.finetune is not None and spec.backbone is None:
         raise CapasError(f"{spec.name}: train.finetune needs a spec with a backbone")
-    splits = data.splits()
+    splits = splits_for(data)
     classes = splits.train.classes
     units = spec.output_shape
     if units != (len(classes),):
