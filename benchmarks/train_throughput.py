@@ -22,9 +22,10 @@ from rich.table import Table
 from torch import nn
 
 from capas.data import ArrayDataset, default_preprocess, make_splits
-from capas.models import build_model, summarize
+from capas.models import build_model
 from capas.runs import environment
 from capas.spec import TrainConfig, load_spec
+from capas.spec.summary import summarize
 from capas.train import fit
 
 SPEC = Path(__file__).parent.parent / "examples" / "seed000-gap.yaml"

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from capas.cli import app
+from capas.spec import load_spec
+from capas.spec.summary import summarize
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 runner = CliRunner()
@@ -18,7 +22,39 @@ def test_summary_prints_keras_figures():
     result = runner.invoke(app, ["summary", str(EXAMPLES / "seed000-flatten.yaml")])
     assert result.exit_code == 0, result.output
     assert "Total params: 1,164,042 (4.44 MB)" in result.output
-    assert "flatten (Flatten)" in result.output and "(None, 86528)" in result.output
+    assert "flatten" in result.output and "(Flatten)" in result.output and "(None, 86528)" in result.output
+
+
+def _summary_process(spec: Path, columns: int) -> str:
+    """`capas summary` as a user runs it, its output piped (not a terminal)."""
+    env = {**os.environ, "COLUMNS": str(columns)}
+    result = subprocess.run(
+        [sys.executable, "-m", "capas", "summary", str(spec)], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("name", ["seed000-gap.yaml", "keras-mnist.yaml", "seed000-flatten.yaml"])
+def test_summary_fits_80_columns_piped_with_every_number_whole(name):
+    output = _summary_process(EXAMPLES / name, 80)
+    table = output.split(" Total params")[0]
+    assert max(len(line) for line in table.splitlines()) <= 80
+    for row in summarize(load_spec(EXAMPLES / name)).rows:
+        # the row's numbers, whole, on the line that starts with its index
+        line = next(line for line in table.splitlines() if line.split()[:1] == [str(row.index)])
+        assert line.split()[-3:] == [
+            f"{row.trainable + row.non_trainable:,}",
+            line.split()[-2],
+            f"{row.macs:,}",
+        ]
+        assert row.name[:12] in line
+
+
+def test_summary_keeps_keras_table_when_wide():
+    output = _summary_process(EXAMPLES / "seed000-gap.yaml", 160)
+    assert "global_average_pooling2d (GlobalAveragePooling2D)" in output
+    assert "115,605,504" in output and "Mult-adds" in output
 
 
 def test_bad_spec_exits_2_with_one_message_and_no_traceback(tmp_path):

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 
 from capas.cli import app as cli
 from capas.data import make_splits
-from capas.models import summarize
 from capas.predict import predict_files
 from capas.runs import load_run
+from capas.spec.summary import summarize
 from serve_support import bomb_png, live_server, png
 
 TOKEN = "s3cret-token"

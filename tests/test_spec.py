@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from capas.errors import CapasError
-from capas.models import build_model, summarize
+from capas.models import build_model
 from capas.spec import ModelSpec, load_spec
+from capas.spec.summary import summarize
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -170,3 +173,17 @@ def test_spec_round_trips_through_its_dict():
     again = ModelSpec.from_dict(spec.to_dict())
     assert again.to_dict() == spec.to_dict()
     assert summarize(again).total == 1_199_882
+
+
+def test_spec_and_summary_do_not_import_torch():
+    # a fresh interpreter: this test process has torch loaded already
+    code = (
+        "import sys\n"
+        "from capas.spec import load_spec\n"
+        "from capas.spec.summary import summarize\n"
+        f"summarize(load_spec({str(EXAMPLES / 'seed000-gap.yaml')!r})).text()\n"
+        "heavy = sorted(m for m in ('torch', 'torchvision', 'numpy') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -11,10 +11,11 @@ from safetensors import safe_open
 
 from capas.data import make_splits
 from capas.errors import CapasError
-from capas.models import build_backbone, build_model, preprocess_for, summarize
+from capas.models import build_backbone, build_model, preprocess_for
 from capas.models.backbones import IMAGENET_MEAN, lookup
 from capas.runs import load_run
 from capas.spec import BackboneConfig, DataConfig, ModelSpec, TrainConfig, load_spec
+from capas.spec.summary import summarize
 from capas.train import fit, train
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

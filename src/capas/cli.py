@@ -49,8 +49,8 @@ RunArg = Annotated[Path, typer.Argument(help="a run directory written by `capas 
 @friendly
 def summary(spec: SpecArg) -> None:
     """Print the Keras-style summary of a spec or a run directory: shapes, parameters, trainable, multiply-adds."""
-    from capas.models import summarize
     from capas.spec import load_spec
+    from capas.spec.summary import summarize
 
     if spec.is_dir():
         if (spec / "runtime.json").is_file():  # an int8 ONNX run: its model.json is the float architecture

@@ -32,9 +32,10 @@ from capas import atomic
 from capas.data import ArrayDataset, Preprocess
 from capas.deploy.runtime import RUNTIME, OnnxModel, read_runtime
 from capas.errors import CapasError
-from capas.models import CapasNet, build_model, summarize
+from capas.models import CapasNet, build_model
 from capas.models.weights import load_checked
 from capas.spec import ModelSpec
+from capas.spec.summary import summarize
 
 REQUIRED = ("model.json", "model.safetensors", "preprocess.json")
 REFERENCE = "reference.safetensors"

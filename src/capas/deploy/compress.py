@@ -34,10 +34,11 @@ from capas.deploy.export import export_onnx
 from capas.deploy.measure import Candidate, Comparison, Repeats, measure, vnni
 from capas.deploy.runtime import RUNTIME, OnnxModel
 from capas.errors import CapasError
-from capas.models import CapasNet, build_model, summarize
+from capas.models import CapasNet, build_model
 from capas.predict import run_splits
 from capas.runs import REFERENCE, Run, environment, load_run, save_reference, write_run
 from capas.spec import ModelSpec, TrainConfig
+from capas.spec.summary import summarize
 from capas.train import evaluate, fit
 
 QUANTIZE = ("int8", "dynamic")

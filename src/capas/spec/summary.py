@@ -47,6 +47,17 @@ class Summary:
     def macs(self) -> int:
         return sum(r.macs for r in self.rows)
 
+    def _cells(self) -> list[tuple[str, str, str, str, str, str]]:
+        cells = []
+        for r in self.rows:
+            params = r.trainable + r.non_trainable
+            state = "frozen" if r.frozen and params else ("yes" if r.trainable else "-")
+            shape = _shape(r.output_shape)
+            cells.append(
+                (str(r.index), r.name, r.layer.type_name(), shape, f"{params:,}", state, f"{r.macs:,}")
+            )
+        return cells
+
     def table(self) -> Table:
         table = Table(title=f'Model: "{self.name}"', box=box.HEAVY_HEAD, title_justify="left")
         table.add_column("#", justify="right")
@@ -55,18 +66,39 @@ class Summary:
         table.add_column("Param #", justify="right")
         table.add_column("Trainable")
         table.add_column("Mult-adds", justify="right")
-        for r in self.rows:
-            params = r.trainable + r.non_trainable
-            state = "frozen" if r.frozen and params else ("yes" if r.trainable else "-")
-            table.add_row(
-                str(r.index),
-                f"{r.name} ({r.layer.type_name()})",
-                _shape(r.output_shape),
-                f"{params:,}",
-                state,
-                f"{r.macs:,}",
-            )
+        for index, name, kind, shape, params, state, macs in self._cells():
+            table.add_row(index, f"{name} ({kind})", shape, params, state, macs)
         return table
+
+    def compact(self, width: int) -> str:
+        """The table for narrow terminals and pipes: the layer's type under its name, no rules between
+        columns. Numbers and shapes are never wrapped or cut; only names longer than fits fold."""
+        cells = self._cells()
+        headers = ("#", "Layer (type)", "Output Shape", "Param #", "Trainable", "Mult-adds")
+        widths = [
+            max(len(h), *(len(c[i]) for c in cells)) for i, h in zip((0, 1, 3, 4, 5, 6), headers, strict=True)
+        ]
+        widths[1] = max(widths[1], *(len(c[2]) + 2 for c in cells))
+        # two spaces between columns when everything fits, else one; then the layer column gives way
+        sep = "  " if sum(widths) + 2 * (len(widths) - 1) <= width else " "
+        others = sum(widths) - widths[1] + len(sep) * (len(widths) - 1)
+        widths[1] = max(12, min(widths[1], width - others))
+        right = (True, False, False, True, False, True)
+
+        def line(values: list[str]) -> str:
+            return sep.join(
+                v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right, strict=True)
+            ).rstrip()
+
+        def fold(text: str) -> list[str]:
+            return [text[i : i + widths[1]] for i in range(0, len(text), widths[1])] or [""]
+
+        out = [f'Model: "{self.name}"', line(list(headers)), "─" * len(line(list(headers)))]
+        for index, name, kind, shape, params, state, macs in cells:
+            names = fold(name) + fold(f"({kind})")
+            out.append(line([index, names[0], shape, params, state, macs]))
+            out += [line(["", extra, "", "", "", ""]) for extra in names[1:]]
+        return "\n".join(out)
 
     def totals(self) -> str:
         return (
@@ -78,8 +110,13 @@ class Summary:
 
     def print(self, console: Console | None = None) -> None:
         console = console or Console()
-        console.print(self.table())
-        console.print(self.totals(), highlight=False)
+        table = self.table()
+        natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+        if natural > console.width:  # too wide for the terminal (a pipe counts as 80 columns)
+            console.print(self.compact(console.width), highlight=False, markup=False, soft_wrap=True)
+        else:
+            console.print(table)
+        console.print(self.totals(), highlight=False, soft_wrap=True)
 
     def text(self) -> str:
         """The summary as plain text (summary.txt in run directories)."""

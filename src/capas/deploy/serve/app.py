@@ -23,8 +23,8 @@ from capas.deploy.serve.middleware import BodyLimit, RequestMetrics, TokenGuard
 from capas.deploy.serve.monitor import Metrics, Monitor
 from capas.deploy.serve.routes import api, monitoring, pages
 from capas.deploy.serve.settings import ServeSettings
-from capas.models import summarize
 from capas.runs import REFERENCE, Run, load_run
+from capas.spec.summary import summarize
 
 log = logging.getLogger("capas.serve")
 
