@@ -35,11 +35,11 @@ from rich.table import Table
 
 from capas.data import make_splits
 from capas.data.download import cache_root
+from capas.inference import EVAL_BATCH, autocast, eval_batch_size
 from capas.models import build_backbone, preprocess_for
 from capas.runs import environment
 from capas.spec import DataConfig, ModelSpec, TrainConfig, load_spec
 from capas.train import train
-from capas.train.loop import EVAL_BATCH, autocast, eval_batch_size
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg" / "train"

@@ -10,11 +10,12 @@ import torch
 from capas.atomic import write_text
 from capas.data import default_preprocess, make_splits
 from capas.errors import CapasError
+from capas.inference import evaluate, model_device
 from capas.models import build_model
 from capas.predict import evaluate_run, predict
 from capas.runs import load_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
-from capas.train import Callback, evaluate, fit, train
+from capas.train import Callback, fit, train
 
 
 def test_training_beats_chance_by_a_wide_margin(tiny_run):
@@ -212,3 +213,26 @@ def test_bfloat16_mixed_precision_trains_and_predicts_as_recorded(tmp_path):
         load_run(tmp_path / "bf16")
     float32 = evaluate(run.model, make_splits("fashion-mnist", limit=600).test, run.preprocess)
     assert float32.loss == pytest.approx(result["test_loss"], rel=0.05)  # bfloat16 rounds, it does not break
+
+
+def test_evaluate_runs_where_the_model_is():
+    # issue 13: after fit moved a model to its device, evaluate(model, ...) without a device follows it
+    spec, _, _ = _small()
+    splits = make_splits("fashion-mnist", limit=300)
+    preprocess = default_preprocess(spec.input_shape)
+    model = build_model(spec, seed=0)
+    assert model_device(model) == torch.device("cpu")
+    assert model_device(torch.nn.ReLU()) == torch.device("cpu")  # no parameters: the CPU
+    explicit = evaluate(model, splits.test, preprocess, "cpu")
+    assert evaluate(model, splits.test, preprocess).loss == explicit.loss
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluate_after_fit_on_cuda():
+    spec, _, _ = _small()
+    splits = make_splits("fashion-mnist", limit=300)
+    preprocess = default_preprocess(spec.input_shape)
+    model = build_model(spec, seed=0)
+    fit(model, splits.train, splits.val, preprocess, TrainConfig(epochs=1, device="cuda"))
+    assert model_device(model).type == "cuda"
+    assert 0.0 <= evaluate(model, splits.test, preprocess).accuracy <= 1.0

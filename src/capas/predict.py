@@ -9,9 +9,9 @@ import torch
 
 from capas.data import Splits, read_image, splits_for
 from capas.errors import CapasError
-from capas.runs import Run, model_device
+from capas.inference import Evaluation, autocast, evaluate, model_device
+from capas.runs import Run
 from capas.spec import DataConfig
-from capas.train.loop import Evaluation, autocast, evaluate
 
 
 @dataclass

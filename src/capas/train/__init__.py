@@ -1,4 +1,4 @@
-"""Training: `train` makes a run directory from a spec and configs; `fit` and `evaluate` are its loop."""
+"""Training: `train` makes a run directory from a spec and configs; `fit` is its loop."""
 
 from __future__ import annotations
 
@@ -8,21 +8,19 @@ from typing import TYPE_CHECKING
 
 from capas.data import splits_for
 from capas.errors import CapasError
+from capas.inference import evaluate, resolve_device
 from capas.models import build_model, preprocess_for
-from capas.runs import REFERENCE, save_reference, write_run
+from capas.runs import write_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.train import features
-from capas.train.loop import Callback, Evaluation, FitResult, evaluate, fit, resolve_device
+from capas.train.loop import Callback, FitResult, fit
 from capas.train.progress import RichProgress
 
 __all__ = [
     "Callback",
-    "Evaluation",
     "FitResult",
     "RichProgress",
-    "evaluate",
     "fit",
-    "resolve_device",
     "train",
 ]
 
@@ -83,11 +81,7 @@ def train(
             model, splits.test, preprocess, device, cfg.channels_last, cfg.precision
         )
     test_results = {
-        "test_loss": test.loss,
-        "test_accuracy": test.accuracy,
-        "per_class_accuracy": dict(zip(classes, test.per_class_accuracy(len(classes)), strict=True)),
-        "confusion_matrix": test.confusion(len(classes)).tolist(),
-        "classes": list(classes),
+        **test.test_results(classes),
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "stopped": result.stopped,
@@ -116,7 +110,8 @@ def train(
         config=config,
         history=result.history,
         test=test_results,
+        reference=splits.val,
+        precision=cfg.precision,
     )
-    save_reference(out / REFERENCE, model, splits.val, preprocess, cfg.precision)
     (out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; its weights are in model.safetensors
     return test_results

@@ -32,8 +32,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from capas.data import ArrayDataset, Preprocess
 from capas.errors import CapasError
+from capas.inference import Evaluation, evaluate, resolve_device
 from capas.spec import DataConfig, ModelSpec, TrainConfig
-from capas.train.loop import Callback, Evaluation, evaluate, resolve_device
+from capas.train.loop import Callback
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,11 @@ from torch import nn
 from capas import atomic
 from capas.data import ArrayDataset, Preprocess, Splits, iterate_batches
 from capas.data.download import cache_root
+from capas.inference import Evaluation, autocast, eval_batch_size, evaluate
 from capas.models import CapasNet
 from capas.spec import DataConfig, TrainConfig
 from capas.spec.backbone import RUN
-from capas.train.loop import Callback, Evaluation, FitResult, autocast, eval_batch_size, evaluate, fit
+from capas.train.loop import Callback, FitResult, fit
 
 CACHE_FORMAT = 2  # part of the key: bump it when feature computation changes
 PASS_THROUGH = {"Flatten", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "MaxPooling2D", "AveragePooling2D"}

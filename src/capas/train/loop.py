@@ -1,8 +1,7 @@
-"""The training loop: one readable `fit`, an `evaluate`, typed hooks, epoch checkpoints that resume."""
+"""The training loop: one readable `fit`, typed hooks, epoch checkpoints that resume."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -14,46 +13,13 @@ from torch import nn
 
 from capas.data import ArrayDataset, Preprocess, iterate_batches
 from capas.errors import CapasError
+from capas.inference import autocast, evaluate, resolve_device
 from capas.spec.train import EarlyStopping, OptimizerConfig, TrainConfig
 from capas.train.checkpoint import checkpoint_epoch, load_checkpoint, save_checkpoint
 from capas.train.optim import lr_factor, make_optimizer, set_lr
 
 if TYPE_CHECKING:
     from capas.train.distributed import Distributed
-
-EVAL_BATCH = 512  # images per batch without gradients on a GPU, and at most on the CPU
-CPU_BATCH_VALUES = 2**20  # input values per batch without gradients on the CPU
-
-
-def eval_batch_size(preprocess: Preprocess, device: torch.device | str) -> int:
-    """Images per batch without gradients. On the CPU, about a million input values, so that a
-    batch's activations stay in the caches: EfficientNet-Lite0 at 224×224 runs 3.8–5.4× faster in
-    batches of 6 than of 512 on a 2-core CPU (benchmarks/transfer.py). Elsewhere EVAL_BATCH."""
-    if torch.device(device).type != "cpu" or not isinstance(preprocess, Preprocess):
-        return EVAL_BATCH
-    values = preprocess.channels * preprocess.size[0] * preprocess.size[1]
-    return max(1, min(EVAL_BATCH, CPU_BATCH_VALUES // values))
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
-    """The context forward passes run in: bfloat16 autocast (mixed precision) or plain float32."""
-    if precision == "float32":
-        return contextlib.nullcontext()
-    device_type = torch.device(device).type
-    if not torch.amp.is_autocast_available(device_type):
-        raise CapasError(f"train.precision: {precision} is not available on {device_type}; use float32")
-    return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
 class Callback:
@@ -68,53 +34,6 @@ class Callback:
     def on_epoch_end(self, metrics: dict) -> None: ...
 
     def on_fit_end(self, result: FitResult) -> None: ...
-
-
-@dataclass
-class Evaluation:
-    loss: float
-    accuracy: float
-    predictions: torch.Tensor  # (N,) int64
-    labels: torch.Tensor  # (N,) int64
-
-    def confusion(self, classes: int) -> torch.Tensor:
-        """(true, predicted) counts."""
-        return torch.bincount(self.labels * classes + self.predictions, minlength=classes * classes).view(
-            classes, classes
-        )
-
-    def per_class_accuracy(self, classes: int) -> list[float]:
-        matrix = self.confusion(classes)
-        return (matrix.diag() / matrix.sum(1).clamp(min=1)).tolist()
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    data: ArrayDataset,
-    preprocess: Preprocess,
-    device: torch.device | str = "cpu",
-    channels_last: bool = False,
-    precision: str = "float32",
-) -> Evaluation:
-    """Loss (cross-entropy on logits) and accuracy of `model` on a whole dataset."""
-    was_training = model.training
-    model.eval()
-    total_loss, predictions, labels = 0.0, [], []
-    batch_size = eval_batch_size(preprocess, device)
-    for x, y in iterate_batches(
-        data, batch_size, preprocess=preprocess, device=device, channels_last=channels_last
-    ):
-        with autocast(device, precision):
-            logits = model(x).float()
-        total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        predictions.append(logits.argmax(1).cpu())
-        labels.append(y.cpu())
-    model.train(was_training)
-    predictions, labels = torch.cat(predictions), torch.cat(labels)
-    return Evaluation(
-        total_loss / len(labels), (predictions == labels).float().mean().item(), predictions, labels
-    )
 
 
 @dataclass

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from capas.data import Preprocess
-from capas.runs import Run, input_statistics, model_device
-from capas.train.loop import autocast
+from capas.inference import autocast, model_device
+from capas.runs import Run, input_statistics
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,120 @@
+"""Running a model without gradients, the one way train, predict, serve and compress all do it:
+device choice, autocast, batch sizing, evaluation and its result."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from capas.data import ArrayDataset, Preprocess, iterate_batches
+from capas.errors import CapasError
+
+EVAL_BATCH = 512  # images per batch without gradients on a GPU, and at most on the CPU
+CPU_BATCH_VALUES = 2**20  # input values per batch without gradients on the CPU
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def model_device(model) -> torch.device:
+    """The device a model's inputs must be on: an ONNX Runtime model's (the CPU), else its parameters'
+    (the CPU for a model without parameters)."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def eval_batch_size(preprocess: Preprocess, device: torch.device | str) -> int:
+    """Images per batch without gradients. On the CPU, about a million input values, so that a
+    batch's activations stay in the caches: EfficientNet-Lite0 at 224×224 runs 3.8–5.4× faster in
+    batches of 6 than of 512 on a 2-core CPU (benchmarks/transfer.py). Elsewhere EVAL_BATCH."""
+    if torch.device(device).type != "cpu" or not isinstance(preprocess, Preprocess):
+        return EVAL_BATCH
+    values = preprocess.channels * preprocess.size[0] * preprocess.size[1]
+    return max(1, min(EVAL_BATCH, CPU_BATCH_VALUES // values))
+
+
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """The context forward passes run in: bfloat16 autocast (mixed precision) or plain float32."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    if not torch.amp.is_autocast_available(device_type):
+        raise CapasError(f"train.precision: {precision} is not available on {device_type}; use float32")
+    return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+@dataclass
+class Evaluation:
+    """Loss, accuracy and every prediction of one model on one dataset."""
+
+    loss: float
+    accuracy: float
+    predictions: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) int64
+
+    def confusion(self, classes: int) -> torch.Tensor:
+        """(true, predicted) counts."""
+        return torch.bincount(self.labels * classes + self.predictions, minlength=classes * classes).view(
+            classes, classes
+        )
+
+    def per_class_accuracy(self, classes: int) -> list[float]:
+        matrix = self.confusion(classes)
+        return (matrix.diag() / matrix.sum(1).clamp(min=1)).tolist()
+
+    def test_results(self, classes: tuple[str, ...] | list[str]) -> dict:
+        """The test figures of a run directory's test.json (training adds its own beside them)."""
+        return {
+            "test_loss": self.loss,
+            "test_accuracy": self.accuracy,
+            "per_class_accuracy": dict(zip(classes, self.per_class_accuracy(len(classes)), strict=True)),
+            "confusion_matrix": self.confusion(len(classes)).tolist(),
+            "classes": list(classes),
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: ArrayDataset,
+    preprocess: Preprocess,
+    device: torch.device | str | None = None,
+    channels_last: bool = False,
+    precision: str = "float32",
+) -> Evaluation:
+    """Loss (cross-entropy on logits) and accuracy of `model` on a whole dataset.
+
+    `device`: where the batches go; by default the model's own device (wherever `fit` left it).
+    """
+    device = model_device(model) if device is None else torch.device(device)
+    was_training = model.training
+    model.eval()
+    total_loss, predictions, labels = 0.0, [], []
+    batch_size = eval_batch_size(preprocess, device)
+    for x, y in iterate_batches(
+        data, batch_size, preprocess=preprocess, device=device, channels_last=channels_last
+    ):
+        with autocast(device, precision):
+            logits = model(x).float()
+        total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        predictions.append(logits.argmax(1).cpu())
+        labels.append(y.cpu())
+    model.train(was_training)
+    predictions, labels = torch.cat(predictions), torch.cat(labels)
+    return Evaluation(
+        total_loss / len(labels), (predictions == labels).float().mean().item(), predictions, labels
+    )
