@@ -36,7 +36,7 @@ def make_run(out: Path) -> Path:
     """A run directory of the Keras MNIST example with random weights, plus a drift reference."""
     from capas.data import default_preprocess, make_splits
     from capas.models import build_model
-    from capas.runs import REFERENCE, save_reference, write_run
+    from capas.runs import write_run
     from capas.spec import load_spec
 
     spec = load_spec(ROOT / "examples" / "keras-mnist.yaml")
@@ -52,8 +52,8 @@ def make_run(out: Path) -> Path:
         config={"note": "random weights for the serving benchmark"},
         history=[],
         test=None,
+        reference=splits.val,
     )
-    save_reference(out / REFERENCE, model, splits.val, preprocess)
     return out
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from capas.data import load_dataset, make_splits, read_image
-from capas.deploy.drift import DriftDetector, load_reference
+from capas.deploy.drift import DriftDetector
 from capas.errors import CapasError
-from capas.runs import REFERENCE, input_statistics, load_run
+from capas.runs import REFERENCE, input_statistics, load_reference, load_run
 from serve_support import live_server, noised, png
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg" / "train"

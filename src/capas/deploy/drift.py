@@ -27,39 +27,11 @@ alarm, so the false-alarm rate is the chosen alpha.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from capas.errors import CapasError
-
-INPUT_STATS = ("pixel_mean", "pixel_std")  # the columns of input_stats (capas.runs.input_statistics)
-
-
-@dataclass(frozen=True)
-class Reference:
-    """Embeddings (N, F) and input statistics (N, 2) of reference images the model was validated on."""
-
-    embeddings: torch.Tensor
-    input_stats: torch.Tensor
-
-
-def load_reference(path: str | Path) -> Reference:
-    """Read `reference.safetensors`; a missing or damaged file is a CapasError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CapasError(f"{path}: no drift reference (train the run again with this capas to write one)")
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            embeddings, stats = file.get_tensor("embeddings"), file.get_tensor("input_stats")
-    except (SafetensorError, OSError) as error:
-        raise CapasError(f"{path}: unreadable drift reference ({error})") from None
-    if embeddings.dim() != 2 or stats.shape != (len(embeddings), len(INPUT_STATS)) or len(embeddings) < 2:
-        raise CapasError(
-            f"{path}: drift reference has shapes {tuple(embeddings.shape)}, {tuple(stats.shape)}"
-        )
-    return Reference(embeddings.float(), stats.float())
+from capas.runs.reference import INPUT_STATS, Reference
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> ExportResu
     A result outside the tolerance is an error, and the file is removed: an export that changes the
     predictions is not an export.
     """
-    from capas.deploy.runtime import OnnxModel
+    from capas.runs import OnnxModel
 
     run = load_run(run_dir)
     if not isinstance(run.model, CapasNet):

@@ -1,4 +1,4 @@
-"""Run directories: everything needed to evaluate, predict with or serve a trained model, and nothing pickled.
+"""Writing and loading run directories: everything needed to evaluate, predict with or serve a trained model, and nothing pickled.
 
 RUN/
   model.json          the spec, in Keras' vocabulary (the architecture)
@@ -18,8 +18,13 @@ float architecture the graph was quantized from.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,16 +35,15 @@ from safetensors.torch import save_file
 import capas
 from capas import atomic
 from capas.data import ArrayDataset, Preprocess
-from capas.deploy.runtime import RUNTIME, OnnxModel, read_runtime
 from capas.errors import CapasError
 from capas.models import CapasNet, build_model
 from capas.models.weights import load_checked
+from capas.runs.reference import REFERENCE, save_reference
+from capas.runs.runtime import RUNTIME, OnnxModel, read_runtime
 from capas.spec import ModelSpec
 from capas.spec.summary import summarize
 
 REQUIRED = ("model.json", "model.safetensors", "preprocess.json")
-REFERENCE = "reference.safetensors"
-REFERENCE_SIZE = 1000  # validation images kept as the drift reference
 
 
 def environment() -> dict:
@@ -86,11 +90,6 @@ class Run:
         return json.loads(file.read_text()) if file.exists() else None
 
 
-def model_device(model: CapasNet | OnnxModel) -> torch.device:
-    """The device a model's inputs must be on (ONNX Runtime models take CPU tensors)."""
-    return model.device if isinstance(model, OnnxModel) else next(model.parameters()).device
-
-
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     """Load a run directory; an incomplete or tampered directory is a CapasError that names the problem.
 
@@ -128,58 +127,55 @@ def write_run(
     path: Path,
     *,
     spec: ModelSpec,
-    model: torch.nn.Module,
+    model: torch.nn.Module | OnnxModel,
     preprocess: Preprocess,
     classes: tuple[str, ...],
     config: dict,
-    history: list[dict],
+    history: list[dict] | None,
     test: dict | None,
+    reference: ArrayDataset | None = None,
+    precision: str = "float32",
+    summary_note: str = "",
 ) -> None:
-    """Write every file of a run directory, each atomically; the weights go last but one, test.json last."""
+    """Write every file of a run directory, each atomically; test.json goes last.
+
+    `model`: a PyTorch module (its weights go to model.safetensors) or an `OnnxModel` whose graph
+    already lies in `path` (runtime.json then declares it). `reference`: validation images whose
+    features become the drift reference, computed in `precision`. `history`: None writes no
+    metrics.jsonl (nothing was trained). `summary_note` goes above the summary in summary.txt.
+    """
     path.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, OnnxModel) and model.path.parent.resolve() != path.resolve():
+        raise ValueError(f"the ONNX graph {model.path} must lie in the run directory {path}")
     atomic.write_json(path / "model.json", spec.to_dict())
     atomic.write_json(
         path / "preprocess.json", {"classes": list(classes), "preprocess": preprocess.model_dump(mode="json")}
     )
     atomic.write_json(path / "config.json", {**config, "environment": environment()})
-    atomic.write_text(path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
-    atomic.write_text(path / "summary.txt", summarize(spec).text())
-    save_weights(path / "model.safetensors", model)
+    if history is not None:
+        atomic.write_text(path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+    atomic.write_text(path / "summary.txt", summary_note + summarize(spec).text())
+    if isinstance(model, OnnxModel):
+        atomic.write_json(path / RUNTIME, {"runtime": "onnxruntime", "model": model.path.name})
+    else:
+        save_weights(path / "model.safetensors", model)
+    if reference is not None:
+        save_reference(path / REFERENCE, model, reference, preprocess, precision)
     if test is not None:
         atomic.write_json(path / "test.json", test)
 
 
-def input_statistics(x: torch.Tensor) -> torch.Tensor:
-    """Per-image statistics of preprocessed inputs (B, C, H, W) -> (B, 2): mean and standard deviation."""
-    flat = x.flatten(1)
-    return torch.stack([flat.mean(1), flat.std(1)], dim=1)
-
-
-@torch.no_grad()
-def save_reference(
-    path: Path,
-    model: CapasNet | OnnxModel,
-    data: ArrayDataset,
-    preprocess: Preprocess,
-    precision: str = "float32",
-) -> None:
-    """Keep what drift monitoring needs: features and input statistics of a stratified-enough sample,
-    computed in batches and in the precision the server will run the model in."""
-    from capas.train.loop import autocast, eval_batch_size  # capas.train imports this module
-
-    model.eval()
-    device = model_device(model)
-    generator = torch.Generator().manual_seed(0)
-    index = torch.randperm(len(data), generator=generator)[:REFERENCE_SIZE]
-    embeddings, stats = [], []
-    for part in index.split(eval_batch_size(preprocess, device)):
-        x = preprocess(data.images[part]).to(device)
-        with autocast(device, precision):
-            embeddings.append(model.embed(x).float().cpu())  # (B, F)
-        stats.append(input_statistics(x).cpu())  # (B, 2)
-    tensors = {
-        "embeddings": torch.cat(embeddings).contiguous(),
-        "input_stats": torch.cat(stats).contiguous(),
-        "labels": data.labels[index].contiguous(),
-    }
-    atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp)))
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A hidden folder beside `out`, renamed onto it when complete: a crash never leaves half a run."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700 folders; give the permissions mkdir would
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

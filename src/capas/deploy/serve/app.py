@@ -16,14 +16,14 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 import capas
-from capas.deploy.drift import DriftDetector, load_reference
+from capas.deploy.drift import DriftDetector
 from capas.deploy.serve.batching import MicroBatcher
 from capas.deploy.serve.deps import ServerState
 from capas.deploy.serve.middleware import BodyLimit, RequestMetrics, TokenGuard
 from capas.deploy.serve.monitor import Metrics, Monitor
 from capas.deploy.serve.routes import api, monitoring, pages
 from capas.deploy.serve.settings import ServeSettings
-from capas.runs import REFERENCE, Run, load_run
+from capas.runs import REFERENCE, Run, load_reference, load_run
 from capas.spec.summary import summarize
 
 log = logging.getLogger("capas.serve")

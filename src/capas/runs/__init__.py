@@ -1,0 +1,39 @@
+"""Run directories: the one place that writes and reads them (weights, ONNX graphs, the drift
+reference), so that train, compress, predict, serve and studies agree on what a run holds.
+
+- directory: `write_run`, `load_run`, `Run`, `staging` (write beside, rename when complete), `environment`
+- runtime: `OnnxModel`, an ONNX Runtime graph behind the interface of a `CapasNet`
+- reference: the drift reference (`save_reference`, `load_reference`, `input_statistics`)
+"""
+
+from capas.runs.directory import Run, environment, load_run, load_weights, save_weights, staging, write_run
+from capas.runs.reference import (
+    INPUT_STATS,
+    REFERENCE,
+    REFERENCE_SIZE,
+    Reference,
+    input_statistics,
+    load_reference,
+    save_reference,
+)
+from capas.runs.runtime import RUNTIME, OnnxModel, read_runtime
+
+__all__ = [
+    "INPUT_STATS",
+    "REFERENCE",
+    "REFERENCE_SIZE",
+    "RUNTIME",
+    "OnnxModel",
+    "Reference",
+    "Run",
+    "environment",
+    "input_statistics",
+    "load_reference",
+    "load_run",
+    "load_weights",
+    "read_runtime",
+    "save_reference",
+    "save_weights",
+    "staging",
+    "write_run",
+]
