@@ -13,14 +13,14 @@ import torch
 from typer.testing import CliRunner
 
 from capas.cli import app
-from capas.deploy.compress import _prune_structured, compress_run
+from capas.deploy.compress import compress_run
 from capas.deploy.export import ATOL, export_run
 from capas.deploy.measure import Repeats
-from capas.deploy.runtime import OnnxModel
+from capas.deploy.prune import _prune_structured
 from capas.errors import CapasError
 from capas.models import build_model
 from capas.predict import evaluate_run, predict
-from capas.runs import load_run, write_run
+from capas.runs import OnnxModel, load_run, write_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.train import train
 

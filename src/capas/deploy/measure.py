@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from capas.data import ArrayDataset, Preprocess
-from capas.deploy.runtime import OnnxModel
-from capas.train import evaluate
+from capas.inference import evaluate
+from capas.runs import OnnxModel
 
 SLOWER = (
     1.05  # a compressed model this much slower than the original, or more, gets a warning (5%: timing noise)
@@ -75,6 +75,7 @@ class Candidate:
     model: object
     weights: Path
     parameters: int | None = None
+    accuracy: float | None = None  # test accuracy already measured on the same test split; None: measure it
 
 
 def measure(
@@ -93,7 +94,9 @@ def measure(
             nonzero = sum(
                 int(t.count_nonzero()) for t in model.state_dict().values() if t.is_floating_point()
             )
-        accuracy = evaluate(model, test, preprocess, "cpu").accuracy
+        accuracy = candidate.accuracy
+        if accuracy is None:
+            accuracy = evaluate(model, test, preprocess, "cpu").accuracy
         measurements.append(
             Measurement(
                 candidate.name, candidate.weights.stat().st_size, parameters, nonzero, one, many, accuracy

@@ -12,7 +12,7 @@ from capas.errors import CapasError
 
 
 def default_threads() -> int:
-    """PyTorch threads for the forward pass: every core but one, which stays free for the event loop."""
+    """cores - 1: PyTorch threads for the forward pass, every core but one, which stays free for the event loop."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores - 1)
 
@@ -23,17 +23,17 @@ class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CAPAS_", extra="forbid", frozen=True)
 
     run_dir: Path
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = Field(default="127.0.0.1", description="address to bind (127.0.0.1: this machine only)")
+    port: int = Field(default=8000, ge=0, le=65535, description="port")
     token: SecretStr | None = Field(
         default=None, description="bearer token required on every route but /health"
     )
     max_batch: int = Field(default=32, ge=1, le=1024, description="images per forward pass at most")
     max_wait_ms: float = Field(
-        default=2.0, ge=0.0, le=1000.0, description="how long a batch waits to fill up"
+        default=2.0, ge=0.0, le=1000.0, description="how long a batch waits to fill up, in ms"
     )
     max_body_mb: float = Field(
-        default=10.0, gt=0.0, description="request bodies above this are refused (413)"
+        default=10.0, gt=0.0, description="largest request body accepted, in MB (larger: 413)"
     )
     max_images: int = Field(default=64, ge=1, description="images per /predict request at most")
     max_pixels: int = Field(

@@ -1,0 +1,203 @@
+"""Pruning a run into a new run directory, fine-tuned with the source run's training config.
+
+- structured: torch-pruning removes whole channels and units by L1 magnitude (never the
+  classifier's outputs) and rewires the following layers; the smaller dense network is fine-tuned.
+  Which layer types it handles is each layer class's `structured_pruning`.
+- unstructured: torch.nn.utils.prune zeroes the smallest weights; the tensors stay dense.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.utils.prune
+from torch import nn
+
+from capas.data import Splits
+from capas.errors import CapasError
+from capas.inference import evaluate
+from capas.layers import LAYERS
+from capas.models import CapasNet, build_model
+from capas.runs import Run, write_run
+from capas.spec import ModelSpec, TrainConfig
+from capas.train import fit
+
+
+def check_prunable(spec: ModelSpec, structured: bool) -> None:
+    """Refuse specs a pruning method cannot handle, naming the layer, before any work is done."""
+    if spec.backbone is not None:
+        raise CapasError(
+            f"{spec.name}: pruning a pretrained backbone is not supported; prune a model built from layers"
+        )
+    infos = spec.layer_infos()
+    weighted = [
+        info
+        for info in infos
+        if info.trainable + info.non_trainable and info.layer.type_name() in ("Conv2D", "Dense")
+    ]
+    if len(weighted) < 2:
+        raise CapasError(
+            f"{spec.name}: nothing to prune: the only Conv2D/Dense layer is the classifier, which is kept whole"
+        )
+    if not structured:
+        return
+    for info in infos:
+        if not info.layer.structured_pruning:
+            supported = sorted(name for name, cls in LAYERS.items() if cls.structured_pruning)
+            raise CapasError(
+                f"layer {info.index} ({info.layer.type_name()} {info.name!r}): structured pruning does not support it; "
+                f"supported: {', '.join(supported)}; --unstructured works with any layer"
+            )
+    for before, after in itertools.pairwise(infos):
+        if before.layer.type_name() == "Flatten" and len(before.input_shape) == 3:
+            following = next((i for i in infos[after.index :] if i.trainable + i.non_trainable), None)
+            if following is not None and following.layer.type_name() != "Dense":
+                raise CapasError(
+                    f"layer {following.index} ({following.layer.type_name()}): structured pruning needs a Dense layer "
+                    "as the first layer with weights after Flatten"
+                )
+
+
+def prune_run(
+    source: Run, splits: Splits, out: Path, amount: float, structured: bool, epochs: int
+) -> tuple[dict, list[str]]:
+    """Prune a copy of the source model, fine-tune it, and write it as a run directory; returns settings and notes."""
+    model = build_model(source.spec)
+    model.load_state_dict(source.model.state_dict())
+    classifier = _classifier(model)
+    if structured:
+        model, spec = _prune_structured(model, source.spec, amount, classifier)
+        notes = [
+            f"structured: {_channels(source.spec)} -> {_channels(spec)} (filters/units), the classifier kept whole"
+        ]
+    else:
+        spec = source.spec
+        targets = [
+            (m, "weight")
+            for m in model.modules()
+            if isinstance(m, nn.Conv2d | nn.Linear) and m is not classifier
+        ]
+        for module, name in targets:
+            torch.nn.utils.prune.l1_unstructured(module, name, amount)  # masks stay on during fine-tuning
+    recorded = source.read_json("config.json") or {}
+    # Fine-tuning reuses the source run's training config, for `epochs` epochs and without its budgets.
+    cfg = (
+        TrainConfig.model_validate(recorded.get("train", {})).model_copy(
+            update={"epochs": epochs, "max_seconds": None, "max_samples": None}
+        )
+        if epochs
+        else None
+    )
+    history = fit(model, splits.train, splits.val, source.preprocess, cfg).history if cfg else []
+    model = model.cpu().eval()
+    if not structured:
+        for module, name in targets:
+            torch.nn.utils.prune.remove(module, name)  # bake the zeros into plain dense weights
+        zeros = sum(int((m.weight == 0).sum()) for m, _ in targets)
+        total = sum(m.weight.numel() for m, _ in targets)
+        notes = [
+            f"unstructured: {zeros:,} of {total:,} Conv2D/Dense weights ({zeros / total:.1%}) are zero, the classifier "
+            "kept whole. The zeros sit in dense tensors: by themselves they make the file no smaller and inference "
+            "no faster (see the table); that needs sparse storage or sparse kernels, or structured pruning"
+        ]
+    settings = {
+        "amount": amount,
+        "structured": structured,
+        "importance": "L1 magnitude",
+        "finetune_epochs": epochs,
+        "scope": "per layer, every Conv2D/Dense except the classifier",
+        "finetune": cfg.model_dump(mode="json") if cfg else None,
+    }
+    config = {**recorded, "train": cfg.model_dump(mode="json") if cfg else recorded.get("train")}
+    write_run(
+        out,
+        spec=spec,
+        model=model,
+        preprocess=source.preprocess,
+        classes=source.classes,
+        config=config,
+        history=history,
+        test=evaluate(model, splits.test, source.preprocess).test_results(source.classes),
+        reference=splits.val,
+    )
+    return settings, notes
+
+
+def _classifier(model: CapasNet) -> nn.Module:
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)][-1]
+
+
+def _channels(spec: ModelSpec) -> str:
+    return "/".join(
+        str(getattr(layer, "filters", None) or layer.units)
+        for layer in spec.layers
+        if layer.type_name() in ("Conv2D", "Dense")
+    )
+
+
+def _prune_structured(
+    model: CapasNet, spec: ModelSpec, amount: float, classifier: nn.Module
+) -> tuple[CapasNet, ModelSpec]:
+    """Remove `amount` of every layer's channels/units with torch-pruning; returns the rebuilt model and its spec."""
+    import torch_pruning as tp
+
+    height, width, channels = spec.input_shape
+    with _chw_flatten(model, spec):
+        pruner = tp.pruner.MagnitudePruner(
+            model,
+            example_inputs=torch.zeros(1, channels, height, width),
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=amount,
+            ignored_layers=[classifier],
+        )
+        pruner.step()
+    layers = []
+    for info, layer in zip(spec.layer_infos(), spec.layers, strict=True):
+        module = model.layers[info.name]
+        if layer.type_name() == "Conv2D":
+            layer = layer.model_copy(update={"filters": module.conv.out_channels})
+        elif layer.type_name() == "Dense":
+            layer = layer.model_copy(update={"units": module.linear.out_features})
+        layers.append(layer)
+    pruned = ModelSpec(
+        name=f"{spec.name}-pruned{round(amount * 100)}", input_shape=spec.input_shape, layers=tuple(layers)
+    )
+    # Rebuilding from the new spec and loading the pruned weights proves the spec describes the network.
+    rebuilt = build_model(pruned)
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt, pruned
+
+
+@contextlib.contextmanager
+def _chw_flatten(model: CapasNet, spec: ModelSpec) -> Iterator[None]:
+    """Present Keras' (H, W, C) Flatten to torch-pruning as PyTorch's (C, H, W) one, and back after.
+
+    torch-pruning maps a removed channel to the Dense inputs it feeds assuming channel-major flattening;
+    with Keras' channel-last order it would cut the wrong columns. The Dense weight's columns are
+    permuted to (C, H, W) order for the pruning and back after, so the function computed is unchanged.
+    """
+    infos = spec.layer_infos()
+    flat = next((i for i in infos if i.layer.type_name() == "Flatten" and len(i.input_shape) == 3), None)
+    if flat is None:
+        yield
+        return
+    height, width, _ = flat.input_shape
+    dense = next(model.layers[i.name].linear for i in infos[flat.index :] if i.layer.type_name() == "Dense")
+    original = model.layers[flat.name]
+    with torch.no_grad():
+        w = dense.weight  # (out, H*W*C)
+        dense.weight.copy_(w.view(len(w), height, width, -1).permute(0, 3, 1, 2).reshape(len(w), -1))
+    model.layers[flat.name] = nn.Flatten()
+    try:
+        yield
+    finally:
+        model.layers[flat.name] = original
+        with torch.no_grad():
+            w = dense.weight.detach()  # (out', C'*H*W) after pruning
+            dense.weight.data = (
+                w.view(len(w), -1, height, width).permute(0, 2, 3, 1).reshape(len(w), -1).contiguous()
+            )

@@ -1,0 +1,179 @@
+"""Post-training quantization of a run with ONNX Runtime, into a run directory holding an ONNX graph.
+
+- int8 (static): QDQ format, per-channel int8 weights, uint8 activations with MinMax ranges
+  calibrated on training images (torch.ao.quantization is being retired).
+- dynamic: the Dense layers only (weights int8, activations quantized per batch at run time);
+  convolutions stay float32, for which ONNX Runtime has no fast kernel.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from capas import atomic
+from capas.data import Splits
+from capas.deploy.measure import vnni
+from capas.inference import evaluate
+from capas.runs import OnnxModel, Run, write_run
+
+QUANTIZE = ("int8", "dynamic")
+CALIBRATION_BATCH = 64  # images per calibration batch
+
+
+def quantize_run(
+    source: Run, splits: Splits, float_path: Path, out: Path, kind: str, images: int
+) -> tuple[dict, list[str]]:
+    """Quantize the float graph into out/model.onnx and write the run directory around it; returns
+    settings and notes."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as scratch:
+        ready = Path(scratch) / "ready.onnx"
+        # Shape inference and the graph fusions ORT recommends before quantizing.
+        quant_pre_process(str(float_path), str(ready))
+        if kind == "int8":
+            # Without VNNI, x86 int8 dot products (VPMADDUBSW) can saturate; 7-bit weights avoid it there.
+            reduce_range = not vnni()
+            settings = {
+                "format": "QDQ",
+                "calibration": "MinMax",
+                "calibration_images": images,
+                "activations": "uint8",
+                "weights": "int8 per-channel",
+                "reduce_range": reduce_range,
+                "calibration_split": "train",
+            }
+            generator = torch.Generator().manual_seed(0)
+            index = torch.randperm(len(splits.train), generator=generator)[:images]
+            x = source.preprocess(splits.train.images[index]).numpy()  # (N, C, H, W) float32
+
+            class Calibration(CalibrationDataReader):
+                def __init__(self) -> None:
+                    self.batches = iter(
+                        [{"input": x[i : i + CALIBRATION_BATCH]} for i in range(0, len(x), CALIBRATION_BATCH)]
+                    )
+
+                def get_next(self) -> dict | None:
+                    return next(self.batches, None)
+
+            atomic.write_with(
+                out / "model.onnx",
+                lambda tmp: quantize_static(
+                    str(ready),
+                    str(tmp),
+                    Calibration(),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    reduce_range=reduce_range,
+                ),
+            )
+            notes = [f"static int8: {_count_ops(out / 'model.onnx')}"]
+        else:
+            matmul = _gemm_to_matmul(ready)
+            settings = {
+                "weights": "int8 per-channel",
+                "activations": "uint8, quantized per batch at run time",
+                "quantized": "Dense layers (MatMul)",
+                "convolutions": "left float32",
+            }
+            atomic.write_with(
+                out / "model.onnx",
+                lambda tmp: quantize_dynamic(
+                    str(matmul),
+                    str(tmp),
+                    op_types_to_quantize=["MatMul"],
+                    per_channel=True,
+                    weight_type=QuantType.QInt8,
+                ),
+            )
+            notes = [
+                f"dynamic: {_count_ops(out / 'model.onnx')}; the convolutions were left in float32 (ONNX Runtime's "
+                "dynamic ConvInteger has no fast kernel and its activations would be requantized per batch), so "
+                "only Dense-heavy models gain from it"
+            ]
+    model = OnnxModel(out / "model.onnx")
+    write_run(
+        out,
+        spec=source.spec,
+        model=model,
+        preprocess=source.preprocess,
+        classes=source.classes,
+        config=source.read_json("config.json") or {},
+        history=None,
+        test=evaluate(model, splits.test, source.preprocess).test_results(source.classes),
+        # Drift monitoring of this run compares live int8 features with int8 reference features.
+        reference=splits.val,
+        summary_note=f"The float architecture this {kind} ONNX model was quantized from "
+        "(weights int8, activations quantized):\n",
+    )
+    return settings, notes
+
+
+def _count_ops(path: Path) -> str:
+    """What a quantized graph holds, in words."""
+    import onnx
+
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    if "MatMulInteger" in ops:  # dynamic
+        return f"{ops.count('MatMulInteger')} Dense layers as MatMulInteger (int8), {ops.count('Conv')} Conv in float32"
+    # QDQ: float Conv/Gemm nodes between QuantizeLinear/DequantizeLinear pairs, which ONNX Runtime fuses
+    # into int8 kernels (QLinearConv, QGemm) when it loads the graph.
+    return (
+        f"{ops.count('Conv')} Conv and {ops.count('Gemm')} Gemm nodes between {ops.count('QuantizeLinear')} "
+        f"QuantizeLinear and {ops.count('DequantizeLinear')} DequantizeLinear nodes (run as int8 kernels)"
+    )
+
+
+def _gemm_to_matmul(path: Path) -> Path:
+    """Rewrite Gemm(x, W, b) with transB=1 as MatMul(x, Wᵀ) + b: ORT's dynamic quantizer handles MatMul, not Gemm."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        plain = (
+            attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        )
+        if node.op_type != "Gemm" or not plain or node.input[1] not in weights:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(weights[node.input[1]])
+        if attrs.get("transB", 0):
+            weights[node.input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.T), node.input[1]))
+        product = node.output[0] + "_matmul" if len(node.input) > 2 else node.output[0]
+        nodes.append(
+            onnx.helper.make_node(
+                "MatMul", [node.input[0], node.input[1]], [product], name=node.name + "_matmul"
+            )
+        )
+        if len(node.input) > 2:
+            nodes.append(
+                onnx.helper.make_node(
+                    "Add", [product, node.input[2]], [node.output[0]], name=node.name + "_add"
+                )
+            )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    rewritten = path.with_name("matmul.onnx")
+    onnx.save(model, str(rewritten))
+    return rewritten
