@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,14 @@ def test_bad_training_option_is_named(tmp_path):
     assert result.exit_code == 2 and "fashion-mnist" in result.output
     result = runner.invoke(app, ["train", str(EXAMPLES / "keras-mnist.yaml"), "--precision", "float16"])
     assert result.exit_code == 2 and "precision" in result.output and "bfloat16" in result.output
+
+
+def test_option_help_takes_defaults_from_the_settings_not_from_copies():
+    # a default written into help text drifts from the settings it restates
+    source = (Path(__file__).parent.parent / "src" / "capas" / "cli.py").read_text()
+    assert re.findall(r"help=\"[^\"]*default:? \d", source) == []
+    from capas.deploy.serve.settings import ServeSettings
+
+    result = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    max_batch = ServeSettings.model_fields["max_batch"]
+    assert f"{max_batch.description} (default {max_batch.default})" in " ".join(result.output.split())

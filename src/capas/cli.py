@@ -7,10 +7,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from capas.deploy.serve.settings import ServeSettings
+from capas.deploy.settings import COMPRESS, CompressSettings
 from capas.errors import CapasError
 
 app = typer.Typer(
@@ -61,6 +64,20 @@ def summary(spec: SpecArg) -> None:
             )
         spec = spec / "model.json"
     summarize(load_spec(spec)).print(console)
+
+
+def _setting_help(settings: type[BaseModel], name: str, show_default: bool = True) -> str:
+    """An option's help from the settings field it sets: its description and, unless typer shows it
+    already, its default; the one definition of both is the field."""
+    field = settings.model_fields[name]
+    text = field.description or name.replace("_", " ")
+    if not show_default or (field.default is None and field.default_factory is None):
+        return text
+    if field.default_factory is not None:  # its docstring starts with what it computes, e.g. "cores - 1:"
+        default = (field.default_factory.__doc__ or "").split(":")[0].strip()
+    else:
+        default = f"{field.default:g}" if isinstance(field.default, float) else field.default
+    return f"{text} (default {default})"
 
 
 def _overrides(**values: Any) -> dict:
@@ -284,26 +301,20 @@ def study(
 @friendly
 def serve(
     run: RunArg,
-    host: Annotated[
-        str | None, typer.Option(help="address to bind (default 127.0.0.1: this machine only)")
-    ] = None,
-    port: Annotated[int | None, typer.Option(help="port (default 8000)")] = None,
+    host: Annotated[str | None, typer.Option(help=_setting_help(ServeSettings, "host"))] = None,
+    port: Annotated[int | None, typer.Option(help=_setting_help(ServeSettings, "port"))] = None,
     token: Annotated[
         str | None,
-        typer.Option(
-            envvar="CAPAS_TOKEN", show_envvar=True, help="bearer token required on every route but /health"
-        ),
+        typer.Option(envvar="CAPAS_TOKEN", show_envvar=True, help=_setting_help(ServeSettings, "token")),
     ] = None,
-    max_batch: Annotated[
-        int | None, typer.Option(help="images per forward pass at most (default 32)")
-    ] = None,
+    max_batch: Annotated[int | None, typer.Option(help=_setting_help(ServeSettings, "max_batch"))] = None,
     max_wait_ms: Annotated[
-        float | None, typer.Option(help="how long a batch waits to fill up (default 2)")
+        float | None, typer.Option(help=_setting_help(ServeSettings, "max_wait_ms"))
     ] = None,
     max_body_mb: Annotated[
-        float | None, typer.Option(help="largest request body accepted (default 10)")
+        float | None, typer.Option(help=_setting_help(ServeSettings, "max_body_mb"))
     ] = None,
-    workers_threads: Annotated[int | None, typer.Option(help="PyTorch threads (default: cores - 1)")] = None,
+    workers_threads: Annotated[int | None, typer.Option(help=_setting_help(ServeSettings, "threads"))] = None,
 ) -> None:
     """Serve a run directory over HTTP: index page, /predict, /feedback, /monitor, /metrics, /docs."""
     from capas.deploy.serve import make_settings
@@ -411,7 +422,9 @@ def compress(
     quantize: Annotated[str | None, typer.Option(help="int8 (static, calibrated) or dynamic")] = None,
     prune: Annotated[float | None, typer.Option(help="fraction of channels or weights to remove")] = None,
     structured: Annotated[bool, typer.Option("--structured/--unstructured", help="pruning kind")] = True,
-    finetune_epochs: Annotated[int, typer.Option(help="fine-tuning epochs after pruning")] = 2,
+    finetune_epochs: Annotated[
+        int, typer.Option(help=_setting_help(CompressSettings, "finetune_epochs", show_default=False))
+    ] = COMPRESS.finetune_epochs,
     out: Annotated[Path | None, typer.Option(help="new run directory (default: beside RUN)")] = None,
 ) -> None:
     """Quantize or prune a run into a new run directory; prints size, latency and accuracy beside the original's."""
