@@ -4,5 +4,5 @@
 # It prints the report table and where report.md / report.html are; rerunning resumes or reuses it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh main
 .venv/bin/capas study examples/studies/global-pooling.yaml "$@"

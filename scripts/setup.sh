@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # Set-up shared by the README's two commands: Debian packages, a virtual environment, capas and its extras.
+#   bash scripts/setup.sh main   what the main job needs: the dataset, capas with the study extra
+#   bash scripts/setup.sh test   everything: also chromium for the browser tests, every extra, dev tools
 # Idempotent: a second run only checks that everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(dataset-fashion-mnist chromium chromium-driver)
+mode="${1:-test}"
+case "$mode" in
+  main) apt_packages=(dataset-fashion-mnist); extras="study" ;;
+  test) apt_packages=(dataset-fashion-mnist chromium chromium-driver); extras="all,dev" ;;
+  *) echo "usage: scripts/setup.sh main|test" >&2; exit 2 ;;
+esac
+
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -19,5 +27,6 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip
 fi
-# torch and torchvision are pinned in pyproject.toml to the releases these machines hold on disk.
-.venv/bin/pip install -q -e ".[all,dev]"
+# pyproject.toml states the torch versions capas supports; constraints.txt pins the releases these
+# machines hold on disk.
+.venv/bin/pip install -q -c constraints.txt -e ".[$extras]"
