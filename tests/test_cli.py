@@ -155,5 +155,5 @@ def test_option_help_takes_defaults_from_the_settings_not_from_copies():
     from capas.deploy.serve.settings import ServeSettings
 
     result = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
-    max_batch = ServeSettings.model_fields["max_batch"]
+    max_batch = ServeSettings.model_fields["max_batch"]  # the settings the server runs with
     assert f"{max_batch.description} (default {max_batch.default})" in " ".join(result.output.split())

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from capas.deploy.serve.settings import ServeSettings
+from capas.deploy.serve.options import ServeOptions
 from capas.deploy.settings import COMPRESS, CompressSettings
 from capas.errors import CapasError
 
@@ -301,20 +301,20 @@ def study(
 @friendly
 def serve(
     run: RunArg,
-    host: Annotated[str | None, typer.Option(help=_setting_help(ServeSettings, "host"))] = None,
-    port: Annotated[int | None, typer.Option(help=_setting_help(ServeSettings, "port"))] = None,
+    host: Annotated[str | None, typer.Option(help=_setting_help(ServeOptions, "host"))] = None,
+    port: Annotated[int | None, typer.Option(help=_setting_help(ServeOptions, "port"))] = None,
     token: Annotated[
         str | None,
-        typer.Option(envvar="CAPAS_TOKEN", show_envvar=True, help=_setting_help(ServeSettings, "token")),
+        typer.Option(envvar="CAPAS_TOKEN", show_envvar=True, help=_setting_help(ServeOptions, "token")),
     ] = None,
-    max_batch: Annotated[int | None, typer.Option(help=_setting_help(ServeSettings, "max_batch"))] = None,
+    max_batch: Annotated[int | None, typer.Option(help=_setting_help(ServeOptions, "max_batch"))] = None,
     max_wait_ms: Annotated[
-        float | None, typer.Option(help=_setting_help(ServeSettings, "max_wait_ms"))
+        float | None, typer.Option(help=_setting_help(ServeOptions, "max_wait_ms"))
     ] = None,
     max_body_mb: Annotated[
-        float | None, typer.Option(help=_setting_help(ServeSettings, "max_body_mb"))
+        float | None, typer.Option(help=_setting_help(ServeOptions, "max_body_mb"))
     ] = None,
-    workers_threads: Annotated[int | None, typer.Option(help=_setting_help(ServeSettings, "threads"))] = None,
+    workers_threads: Annotated[int | None, typer.Option(help=_setting_help(ServeOptions, "threads"))] = None,
 ) -> None:
     """Serve a run directory over HTTP: index page, /predict, /feedback, /monitor, /metrics, /docs."""
     from capas.deploy.serve import make_settings

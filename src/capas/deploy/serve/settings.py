@@ -2,66 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from capas.deploy.serve.options import ServeOptions
 from capas.errors import CapasError
 
 
-def default_threads() -> int:
-    """cores - 1: PyTorch threads for the forward pass, every core but one, which stays free for the event loop."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - 1)
-
-
-class ServeSettings(BaseSettings):
+class ServeSettings(BaseSettings, ServeOptions):
     """Everything `capas serve` can be told; each field also reads the environment variable CAPAS_<NAME>."""
 
     model_config = SettingsConfigDict(env_prefix="CAPAS_", extra="forbid", frozen=True)
 
     run_dir: Path
-    host: str = Field(default="127.0.0.1", description="address to bind (127.0.0.1: this machine only)")
-    port: int = Field(default=8000, ge=0, le=65535, description="port")
-    token: SecretStr | None = Field(
-        default=None, description="bearer token required on every route but /health"
-    )
-    max_batch: int = Field(default=32, ge=1, le=1024, description="images per forward pass at most")
-    max_wait_ms: float = Field(
-        default=2.0, ge=0.0, le=1000.0, description="how long a batch waits to fill up, in ms"
-    )
-    max_body_mb: float = Field(
-        default=10.0, gt=0.0, description="largest request body accepted, in MB (larger: 413)"
-    )
-    max_images: int = Field(default=64, ge=1, description="images per /predict request at most")
-    max_pixels: int = Field(
-        default=16_000_000, ge=1, description="pixels per image at most (decompression bombs)"
-    )
-    threads: int = Field(default_factory=default_threads, ge=1, description="PyTorch threads for inference")
-    top_k: int = Field(
-        default=5, ge=1, description="classes listed per prediction unless ?top_k= says otherwise"
-    )
-    max_predictions: int = Field(
-        default=50_000, ge=1, description="predictions kept awaiting feedback (oldest go)"
-    )
-    drift_window: int = Field(default=200, ge=2, description="recent inputs the drift test looks at")
-    drift_min: int = Field(default=50, ge=2, description="recent inputs needed before the first drift test")
-    drift_per_batch: int = Field(
-        default=8, ge=0, description="images per forward batch whose embeddings feed drift"
-    )
-    drift_alpha: float = Field(
-        default=0.01, gt=0.0, lt=1.0, description="p-value below which drift is flagged"
-    )
-    drift_permutations: int = Field(default=500, ge=1)
-    drift_every_s: float = Field(default=5.0, gt=0.0, description="seconds between background drift tests")
-    bucket_s: float = Field(
-        default=10.0, gt=0.0, description="width of one time window of the monitor's charts"
-    )
-    history: int = Field(
-        default=360, ge=1, description="time windows kept for the charts (360 × 10 s: an hour)"
-    )
 
 
 def make_settings(**values: object) -> ServeSettings:
