@@ -21,12 +21,13 @@ import yaml
 from typer.testing import CliRunner
 
 from capas.cli import app
+from capas.data import splits_for
 from capas.errors import CapasError
 from capas.interop.keras import export_keras, import_keras
-from capas.models import summarize
 from capas.predict import evaluate_run, predict_files
 from capas.runs import load_run
 from capas.spec import DataConfig
+from capas.spec.summary import summarize
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras"
 MODELS = ("flat", "batchnorm")
@@ -43,7 +44,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def test_split():
-    return DataConfig(name="fashion-mnist").splits().test
+    return splits_for(DataConfig(name="fashion-mnist")).test
 
 
 @pytest.fixture(scope="module")

@@ -396,7 +396,7 @@ def import_keras(
 ) -> None:
     """Import a Keras model (Sequential, or a functional chain) into a run directory: spec, weights, preprocessing."""
     from capas.interop.keras import import_keras as run_import
-    from capas.models import summarize
+    from capas.spec.summary import summarize
 
     written, imported = run_import(
         path, out, weights=weights, scale=scale, classes=classes, data=data, data_dir=data_dir

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from capas import atomic
-from capas.data import Preprocess
+from capas.data import Preprocess, splits_for
 from capas.errors import CapasError
 from capas.models import CapasNet, build_model
-from capas.runs import REFERENCE, load_run, save_reference, write_run
+from capas.runs import load_run, write_run
 from capas.spec import DataConfig, ModelSpec, parse_layer
 
 SCALES = {"0..1": (0.0, 1.0), "0..255": (0.0, 1 / 255), "-1..1": (0.5, 0.5)}
@@ -565,7 +565,7 @@ def import_keras(
             f"{keras_file.source}: the output has shape {outputs}; capas classifiers output one vector"
         )
     data_cfg = DataConfig(name=data, data_dir=data_dir) if data is not None else None
-    splits = data_cfg.splits() if data_cfg is not None else None
+    splits = splits_for(data_cfg) if data_cfg is not None else None
     if classes is not None:
         names = read_classes(classes)
     elif splits is not None:
@@ -596,9 +596,8 @@ def import_keras(
             config=config,
             history=[],
             test=None,
+            reference=splits.val if splits is not None else None,
         )
-        if splits is not None:
-            save_reference(tmp / REFERENCE, imported.model, splits.val, preprocess)
         if out.is_dir():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)  # the whole directory appears at once
