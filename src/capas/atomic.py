@@ -1,4 +1,5 @@
-"""Atomic writes: a temporary file in the same folder, then a rename, so a crash never leaves half a file."""
+"""Atomic, durable writes: a temporary file in the same folder, flushed to disk, then a rename, so a crash
+or a power loss leaves either the old file or the new one, never half a file or an empty one."""
 
 from __future__ import annotations
 
@@ -10,26 +11,59 @@ from pathlib import Path
 from typing import Any
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process' umask (read without changing it for longer than a call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
+def sync_folder(path: str | Path) -> None:
+    """Flush a folder's entries to disk, so that a rename or a new file in it survives a power loss."""
+    _fsync(Path(path), directory=True)
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:  # Windows cannot open a folder; its renames need no folder flush
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
-    """Call `writer(tmp_path)`, then rename the temporary file onto `path`."""
+    """Call `writer(tmp_path)`, flush the file to disk, rename it onto `path`, then flush the folder.
+
+    Without the first flush a power loss after the rename can leave an empty file under the new name;
+    without the second, the rename itself may be lost. The file gets the permissions `open()` would
+    give it (0666 less the umask), whatever the writer or mkstemp's 0600 made.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the permissions open() would
+    tmp = Path(name)
     try:
-        writer(Path(tmp))
+        writer(tmp)
+        # after the writer: some (safetensors) replace the file rather than write into it
+        os.chmod(tmp, 0o666 & ~umask())
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    sync_folder(path.parent)
     return path
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return write_with(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -117,6 +117,19 @@ def train(
     nproc: Annotated[
         int, typer.Option(min=1, help="processes for one data-parallel run (DDP: gloo on CPU, nccl on GPUs)")
     ] = 1,
+    deterministic: Annotated[
+        bool | None,
+        typer.Option(
+            "--deterministic/--nondeterministic",
+            help="deterministic algorithms, so reruns match on GPUs too (default: on)",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="PyTorch CPU threads (results depend on it; default: all)")
+    ] = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="discard an unfinished run in --out and start it over")
+    ] = False,
 ) -> None:
     """Train a spec on a dataset and write a run directory; prints test accuracy and the confusion matrix.
 
@@ -141,6 +154,8 @@ def train(
             device=device,
             precision=precision,
             max_seconds=max_seconds,
+            deterministic=deterministic,
+            threads=threads,
         )
     )
     opt = dict(train_raw.get("optimizer") or {})
@@ -162,12 +177,14 @@ def train(
         console.print(f"training [bold]{model_spec.name}[/] on {data_cfg.name} -> {out}", highlight=False)
     if distributed.launched():
         results = distributed.train_ranked(
-            model_spec, data_cfg, train_cfg, out, callbacks=[RichProgress(console)]
+            model_spec, data_cfg, train_cfg, out, callbacks=[RichProgress(console)], restart=restart
         )
     elif nproc > 1:
-        results = distributed.launch(model_spec, data_cfg, train_cfg, out, nproc)
+        results = distributed.launch(model_spec, data_cfg, train_cfg, out, nproc, restart=restart)
     else:
-        results = train_run(model_spec, data_cfg, train_cfg, out, callbacks=[RichProgress(console)])
+        results = train_run(
+            model_spec, data_cfg, train_cfg, out, callbacks=[RichProgress(console)], restart=restart
+        )
     if main:
         _print_test(results)
         console.print(f"run directory: {out}", highlight=False)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
 
+from capas import atomic
 from capas.errors import CapasError
 
 CHUNK = 1 << 20  # bytes read per step while hashing or downloading
@@ -38,18 +38,17 @@ def file_digest(path: Path, algorithm: str) -> str:
 def download(url: str, dest: Path, *, digest: str, algorithm: str = "sha256", timeout_s: float = 60) -> Path:
     """Fetch `url` to `dest`, checking its `algorithm` digest; `dest` appears only once verified.
 
-    The bytes go to a temporary file beside `dest` and are renamed over it (atomic on one file
-    system), so an interrupted or corrupt download never leaves a file that looks complete.
+    The bytes go to a temporary file beside `dest`, flushed and renamed over it (capas.atomic), so an
+    interrupted or corrupt download never leaves a file that looks complete.
     """
     hasher = hashlib.new(algorithm)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     except OSError as err:
         raise CapasError(f"cannot write to {dest.parent}: {err}") from err
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
+
+    def fetch(tmp: Path) -> None:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
             while chunk := response.read(CHUNK):
                 hasher.update(chunk)
                 out.write(chunk)
@@ -58,9 +57,9 @@ def download(url: str, dest: Path, *, digest: str, algorithm: str = "sha256", ti
                 f"checksum mismatch for {url}: {algorithm} is {hasher.hexdigest()}, expected {digest}; "
                 "the download is corrupt or the file changed upstream, nothing was kept"
             )
-        os.replace(tmp, dest)
+
+    try:
+        atomic.write_with(dest, fetch)
     except OSError as err:  # urllib's URLError is an OSError too
         raise CapasError(f"could not download {url}: {err}") from err
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest

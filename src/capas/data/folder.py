@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, read_file
 
+from capas import atomic
 from capas.data.dataset import ArrayDataset
 from capas.data.download import cache_root
 from capas.errors import CapasError
@@ -104,20 +104,18 @@ def _load_cache(cache: Path) -> ArrayDataset:
 
 
 def _save_cache(cache: Path, dataset: ArrayDataset) -> None:
-    """Write the cache atomically (temporary file, then rename); warn rather than fail if it can't."""
+    """Write the cache atomically (capas.atomic); warn rather than fail if it can't."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a bare name
+            np.savez(
+                f,
+                images=dataset.images.numpy(),
+                labels=dataset.labels.numpy(),
+                classes=np.array(dataset.classes),
+            )
+
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{cache.stem}.", suffix=".part", dir=cache.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    images=dataset.images.numpy(),
-                    labels=dataset.labels.numpy(),
-                    classes=np.array(dataset.classes),
-                )
-            os.replace(tmp, cache)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        atomic.write_with(cache, write)
     except OSError as err:
         warnings.warn(f"could not cache the decoded images at {cache}: {err}", stacklevel=3)

@@ -600,7 +600,9 @@ def import_keras(
         )
         if out.is_dir():
             out.rmdir()  # empty, checked above
+        os.chmod(tmp, 0o777 & ~atomic.umask())  # mkdtemp makes 0700 folders; give the permissions mkdir would
         os.replace(tmp, out)  # the whole directory appears at once
+        atomic.sync_folder(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

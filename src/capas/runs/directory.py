@@ -172,10 +172,9 @@ def staging(out: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield tmp
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700 folders; give the permissions mkdir would
+        os.chmod(tmp, 0o777 & ~atomic.umask())  # mkdtemp makes 0700 folders; give the permissions mkdir would
         os.rename(tmp, out)
+        atomic.sync_folder(out.parent)  # the files inside were flushed as written; this keeps the rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

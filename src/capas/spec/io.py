@@ -65,3 +65,23 @@ def parse_config(cls: type[T], data: Any, source: str) -> T:
         return cls.model_validate(data)
     except ValidationError as error:
         raise CapasError(f"{source}: {describe_validation(error)}") from None
+
+
+def flat_items(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as {dotted.key: leaf}, to say exactly what differs between two configs."""
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flat_items(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two configs, one "dotted.key: old -> new" per changed leaf, sorted by key."""
+    before, after = flat_items(old), flat_items(new)
+    return [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ]

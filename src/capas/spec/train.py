@@ -84,6 +84,17 @@ class TrainConfig(_Config):
         description="bfloat16: mixed precision, forward passes autocast to bfloat16 (weights, gradients "
         "and optimizer state stay float32), in training, evaluation, the feature cache and prediction",
     )
+    deterministic: bool = Field(
+        default=True,
+        description="deterministic algorithms (cuDNN, cuBLAS and torch's own), so that a rerun of the "
+        "same command gives the same weights on a GPU too; off: PyTorch's fastest choices",
+    )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="PyTorch CPU threads for this run (the result depends on it: reductions split "
+        "differently); None: PyTorch's default. Studies set 1 unless their file says otherwise",
+    )
     max_seconds: float | None = Field(
         default=None, gt=0.0, description="wall-clock budget; stops after the epoch"
     )

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, replace
 from itertools import zip_longest
 
 from capas.spec import LayerInfo
+from capas.spec.io import flat_items
 from capas.spec.summary import Summary, summarize
-from capas.study.spec import Study, Variant, flat_items
+from capas.study.spec import Study, Variant
 from capas.study.stats import Comparison, Estimate, binomial_se, holm, mean_ci, paired_comparison
 from capas.study.store import RunRow
 

@@ -29,10 +29,11 @@ from rich.progress import (
 
 from capas.data import load_dataset
 from capas.errors import CapasError
+from capas.spec.io import config_changes
 from capas.study.executors import Executor, RunTask, make_executor
 from capas.study.render import write_report
 from capas.study.report import StudyReport, collect
-from capas.study.spec import Study, config_hash, directory_name, flat_items, load_study
+from capas.study.spec import Study, config_hash, directory_name, load_study
 from capas.study.store import Store
 
 DATABASE = "study.sqlite"
@@ -79,12 +80,7 @@ def plan(study: Study, store: Store, directory: Path, console: Console) -> tuple
         digest = config_hash(config)
         row = rows.get(rid)
         if row is not None and row.config_hash != digest:
-            old, new = flat_items(row.config), flat_items(config)
-            what = [
-                f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-                for k in sorted(set(old) | set(new))
-                if old.get(k) != new.get(k)
-            ]
+            what = config_changes(row.config, config)
             if row.status == "done":
                 changed_done.append(f"{rid} ({'; '.join(what[:4])})")
                 continue

@@ -280,16 +280,6 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def flat_items(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as {dotted.key: leaf}, to say exactly what differs between two configs."""
-    if isinstance(data, dict) and data:
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(flat_items(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): data}
-
-
 def directory_name(name: str) -> str:
     """A variant name as a folder name: letters, digits, '.', '_', '-' and '+'."""
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-") or "variant"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,12 +10,16 @@ from typing import TYPE_CHECKING
 from capas.data import splits_for
 from capas.errors import CapasError
 from capas.inference import evaluate, resolve_device
+from capas.lock import exclusive
 from capas.models import build_model, preprocess_for
 from capas.runs import write_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
+from capas.spec.io import config_changes
 from capas.train import features
+from capas.train.checkpoint import checkpoint_identity
 from capas.train.loop import Callback, FitResult, fit
 from capas.train.progress import RichProgress
+from capas.train.reproducible import reproducible
 
 __all__ = [
     "Callback",
@@ -25,6 +30,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from capas.data.splits import Splits
     from capas.train.distributed import Distributed
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -38,12 +44,16 @@ def train(
     *,
     callbacks: list[Callback] = (),
     dist: Distributed | None = None,
+    restart: bool = False,
 ) -> dict:
     """Train `spec` on `data` and write the run directory `out`; returns the test results.
 
-    Rerunning with the same `out` after an interruption resumes from the last epoch checkpoint.
+    Rerunning with the same `out` after an interruption resumes from the last epoch checkpoint, if
+    the spec, data and training configs are the ones it was made with (else a CapasError names the
+    differences); `restart` discards the checkpoint and starts over. The directory is locked while
+    this runs (capas.lock): a second process training into it is refused.
     With `dist`, this process is one rank of a data-parallel run (capas.train.distributed): every
-    rank returns the test results, rank 0 alone writes `out`.
+    rank returns the test results, rank 0 alone writes (and locks) `out`.
     """
     out = Path(out)
     if cfg.finetune is not None and spec.backbone is None:
@@ -56,15 +66,55 @@ def train(
             f"{spec.name}: the last layer outputs {units} but {data.name} has {len(classes)} classes; "
             f"end the model with Dense: {{units: {len(classes)}, activation: softmax}}"
         )
+    main = dist is None or dist.is_main
+    with exclusive(out, "run directory") if main else contextlib.nullcontext(), reproducible(cfg):
+        return _train(spec, data, cfg, out, splits, callbacks, dist, restart)
+
+
+def _train(
+    spec: ModelSpec,
+    data: DataConfig,
+    cfg: TrainConfig,
+    out: Path,
+    splits: Splits,
+    callbacks: list[Callback],
+    dist: Distributed | None,
+    restart: bool,
+) -> dict:
+    classes = splits.train.classes
+    identity = {
+        "spec": spec.to_dict(),
+        "data": data.model_dump(mode="json"),
+        "train": cfg.model_dump(mode="json"),
+    }
+    checkpoint = out / CHECKPOINT
+    if restart and (dist is None or dist.is_main):
+        checkpoint.unlink(missing_ok=True)
+    if dist is not None:
+        dist.barrier()  # no rank reads the checkpoint before rank 0 has deleted it
+    saved = checkpoint_identity(checkpoint)
+    if saved is not None and saved != identity:
+        changes = config_changes(saved, identity)
+        raise CapasError(
+            f"{out} holds an unfinished run made with other settings ({'; '.join(changes)}): "
+            "rerun with its settings to resume it, or add --restart to start it over"
+        )
     preprocess = preprocess_for(spec)  # a backbone's own normalisation, saved with the run for serving
     model = build_model(spec, seed=cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     feature_cache = None
     if dist is None and features.applies(model, cfg):  # only the top trains: run it on features computed once
         result, test, feature_cache = features.fit_top(
-            model, splits, preprocess, data, cfg, device, callbacks=callbacks, checkpoint=out / CHECKPOINT
+            model,
+            splits,
+            preprocess,
+            data,
+            cfg,
+            device,
+            callbacks=callbacks,
+            checkpoint=checkpoint,
+            identity=identity,
         )
     else:
         result = fit(
@@ -74,8 +124,9 @@ def train(
             preprocess,
             cfg,
             callbacks=callbacks,
-            checkpoint=out / CHECKPOINT,
+            checkpoint=checkpoint,
             dist=dist,
+            identity=identity,
         )
         test = (evaluate if dist is None else dist.evaluate)(
             model, splits.test, preprocess, device, cfg.channels_last, cfg.precision
@@ -113,5 +164,5 @@ def train(
         reference=splits.val,
         precision=cfg.precision,
     )
-    (out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; its weights are in model.safetensors
+    checkpoint.unlink(missing_ok=True)  # the run is complete; its weights are in model.safetensors
     return test_results

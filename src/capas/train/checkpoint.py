@@ -56,6 +56,7 @@ def save_checkpoint(
     result: FitResult,
     monitor: dict,
     best_weights: dict[str, torch.Tensor] | None,
+    identity: dict | None = None,
 ) -> None:
     optim_tensors, optim_plain = _split_optimizer(optimizer.state_dict())
     tensors = {**_tensors("model.", model.state_dict()), **optim_tensors}
@@ -68,6 +69,7 @@ def save_checkpoint(
         "images": result.images,
         "monitor": monitor,
         "optimizer": optim_plain,
+        "identity": identity,
     }
     atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"capas": json.dumps(meta)}))
 
@@ -89,6 +91,17 @@ def checkpoint_epoch(path: Path) -> int:
     try:
         with safe_open(str(path), framework="pt") as file:
             return int(json.loads(file.metadata()["capas"])["epoch"])
+    except (SafetensorError, OSError, KeyError, ValueError) as error:
+        raise CapasError(f"{path}: damaged checkpoint ({error}); delete it to start this run over") from None
+
+
+def checkpoint_identity(path: Path) -> dict | None:
+    """The spec, data and training configs a checkpoint was made with (None: none, or not recorded)."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return json.loads(file.metadata()["capas"]).get("identity")
     except (SafetensorError, OSError, KeyError, ValueError) as error:
         raise CapasError(f"{path}: damaged checkpoint ({error}); delete it to start this run over") from None
 

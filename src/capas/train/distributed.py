@@ -64,6 +64,10 @@ class Distributed:
         n = len(batch)
         return batch[n * self.rank // self.world : n * (self.rank + 1) // self.world]
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        torch_dist.barrier()
+
     def sum(self, *tensors: torch.Tensor) -> None:
         """Sum each tensor over the ranks, in place."""
         for tensor in tensors:
@@ -151,13 +155,22 @@ def train_ranked(
     out: str | Path,
     *,
     callbacks: list[Callback] = (),
+    restart: bool = False,
 ) -> dict:
     """`train` as one rank of a group started by torchrun; `callbacks` run on rank 0 only."""
     from capas.train import train
 
     check(cfg, int(os.environ["WORLD_SIZE"]))
     with process_group(cfg.device) as dist:
-        return train(spec, data, cfg, out, callbacks=list(callbacks) if dist.is_main else [], dist=dist)
+        return train(
+            spec,
+            data,
+            cfg,
+            out,
+            callbacks=list(callbacks) if dist.is_main else [],
+            dist=dist,
+            restart=restart,
+        )
 
 
 def free_port() -> int:
@@ -187,13 +200,21 @@ def _rank_main(rank: int, world: int, port: int, threads: int, job: dict, progre
             TrainConfig.model_validate(job["train"]),
             job["out"],
             callbacks=callbacks,
+            restart=job["restart"],
         )
     except CapasError as error:
         raise SystemExit(f"error (rank {rank}): {error}") from None
 
 
 def launch(
-    spec: ModelSpec, data: DataConfig, cfg: TrainConfig, out: str | Path, nproc: int, *, progress: bool = True
+    spec: ModelSpec,
+    data: DataConfig,
+    cfg: TrainConfig,
+    out: str | Path,
+    nproc: int,
+    *,
+    progress: bool = True,
+    restart: bool = False,
 ) -> dict:
     """Train one run over `nproc` processes on this machine (one per GPU with device cuda); returns rank 0's
     test results, read from the run directory it wrote."""
@@ -208,6 +229,7 @@ def launch(
         "data": data.model_dump(mode="json"),
         "train": cfg.model_dump(mode="json"),
         "out": str(out),
+        "restart": restart,
     }
     try:
         mp.start_processes(

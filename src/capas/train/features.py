@@ -162,6 +162,7 @@ def fit_top(
     *,
     callbacks: list[Callback] = (),
     checkpoint: Path | None = None,
+    identity: dict | None = None,
 ) -> tuple[FitResult, Evaluation, dict]:
     """Train only the top on cached features; the model's top layers end with the trained weights.
 
@@ -178,7 +179,14 @@ def fit_top(
     # features are (N, F) or small maps: channels_last does not apply to them
     top_cfg = cfg.model_copy(update={"channels_last": False})
     result = fit(
-        top, parts["train"], parts["val"], as_is, top_cfg, callbacks=callbacks, checkpoint=checkpoint
+        top,
+        parts["train"],
+        parts["val"],
+        as_is,
+        top_cfg,
+        callbacks=callbacks,
+        checkpoint=checkpoint,
+        identity=identity,
     )
     test = evaluate(top, parts["test"], as_is, device, precision=cfg.precision)
     info = {"cache": "hit" if all(hits.values()) else "written", "seconds": seconds}

@@ -17,6 +17,7 @@ from capas.inference import autocast, evaluate, resolve_device
 from capas.spec.train import EarlyStopping, OptimizerConfig, TrainConfig
 from capas.train.checkpoint import checkpoint_epoch, load_checkpoint, save_checkpoint
 from capas.train.optim import lr_factor, make_optimizer, set_lr
+from capas.train.reproducible import reproducible
 
 if TYPE_CHECKING:
     from capas.train.distributed import Distributed
@@ -91,6 +92,7 @@ def fit(
     callbacks: list[Callback] = (),
     checkpoint: Path | None = None,
     dist: Distributed | None = None,
+    identity: dict | None = None,
 ) -> FitResult:
     """Train `model` in place; with `checkpoint`, state is saved each epoch and a rerun resumes from it.
 
@@ -99,7 +101,26 @@ def fit(
 
     With early stopping, the model ends with its best epoch's weights (also when the epochs run out
     before patience does); without it, with the last epoch's, as Keras does.
+
+    `cfg.threads` and `cfg.deterministic` apply while it trains (capas.train.reproducible). `identity`
+    (the run's spec, data and training configs) is saved in each checkpoint, so that `train` can
+    refuse to resume it under other settings.
     """
+    with reproducible(cfg):
+        return _fit(model, train, val, preprocess, cfg, callbacks, checkpoint, dist, identity)
+
+
+def _fit(
+    model: nn.Module,
+    train: ArrayDataset,
+    val: ArrayDataset,
+    preprocess: Preprocess,
+    cfg: TrainConfig,
+    callbacks: list[Callback],
+    checkpoint: Path | None,
+    dist: Distributed | None,
+    identity: dict | None,
+) -> FitResult:
     device = resolve_device(cfg.device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
@@ -194,7 +215,9 @@ def fit(
             cb.on_epoch_end(metrics)
         stop = _stop_reason(cfg, result, monitor)
         if checkpoint is not None and (dist is None or dist.is_main):
-            save_checkpoint(checkpoint, model, optimizer, epoch + 1, result, monitor.state(), best_state)
+            save_checkpoint(
+                checkpoint, model, optimizer, epoch + 1, result, monitor.state(), best_state, identity
+            )
         if stop:
             result.stopped = stop
             break

@@ -1,0 +1,70 @@
+"""Exclusive locks on study and run directories: one writer at a time, and a clear message for the second.
+
+The lock is an `fcntl.flock` on DIR/.capas.lock, held for the owner's lifetime. The kernel releases it
+when the process ends however it ends (SIGKILL, a crash), so a stale lock never blocks a rerun; the
+file itself stays and only says who held it last. The holder writes its pid, host, command and start
+time into the file, which the refused process quotes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from capas.errors import CapasError
+
+LOCK = ".capas.lock"
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; directories are not locked there
+    fcntl = None
+
+
+def _holder(file: Path) -> str:
+    try:
+        info = json.loads(file.read_text())
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
+        return f"pid {info['pid']} on {info['host']} since {since}: {info['command']}"
+    except (OSError, ValueError, KeyError, TypeError):  # the holder has not written it yet
+        return "another process"
+
+
+@contextlib.contextmanager
+def exclusive(directory: str | Path, what: str) -> Iterator[None]:
+    """Hold DIR/.capas.lock for the body; a CapasError naming the holder if another process has it.
+
+    `what` names the directory in the message ("study directory", "run directory").
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    file = directory / LOCK
+    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CapasError(
+                f"{directory}: this {what} is in use by {_holder(file)}; wait for it to finish or stop it "
+                "(its finished work is kept), then rerun"
+            ) from None
+        info = {
+            "pid": os.getpid(),
+            "host": platform.node(),
+            "command": " ".join(sys.argv),
+            "since": time.time(),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

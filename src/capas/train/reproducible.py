@@ -1,0 +1,52 @@
+"""The settings that decide whether a rerun gives the same weights: deterministic algorithms, CPU threads.
+
+Both are training settings (train.deterministic, train.threads), recorded in every run's config.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from capas.spec import TrainConfig
+
+CUBLAS_WORKSPACE = ":4096:8"
+"""cuBLAS' deterministic workspace setting: 8 buffers of 4096 KiB (NVIDIA's documented choice)."""
+
+
+@contextlib.contextmanager
+def reproducible(cfg: TrainConfig) -> Iterator[None]:
+    """Apply `cfg.threads` and `cfg.deterministic` for the body; the previous settings come back after.
+
+    Deterministic: cuDNN's deterministic kernels without autotuning, and torch's deterministic
+    implementations of the other operations. An operation that has none warns rather than fails
+    (warn_only), so that a layer without one still trains. On CUDA, cuBLAS is deterministic only with
+    CUBLAS_WORKSPACE_CONFIG set before the process first calls it (PyTorch reads it once, when it
+    sizes the workspace): this is entered before the model moves to the device, so a training process
+    sets it in time. A value the user set is kept; an already initialised cuBLAS makes PyTorch warn.
+    """
+    saved = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)  # per process: every thread of this process sees it
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = cfg.deterministic
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    try:
+        yield
+    finally:
+        threads, enabled, warn_only, cudnn_deterministic, benchmark = saved
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.backends.cudnn.deterministic = cudnn_deterministic
+        torch.backends.cudnn.benchmark = benchmark
