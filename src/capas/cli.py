@@ -44,6 +44,9 @@ def friendly(command):
     return wrapper
 
 
+DeviceOpt = Annotated[
+    str, typer.Option(help="where the model runs: auto (cuda, then mps, then cpu), cpu, cuda or mps")
+]
 SpecArg = Annotated[Path, typer.Argument(help="model spec, YAML or JSON, in Keras' vocabulary")]
 RunArg = Annotated[Path, typer.Argument(help="a run directory written by `capas train`")]
 
@@ -217,13 +220,15 @@ def evaluate(
     run: RunArg,
     data: Annotated[str | None, typer.Option(help="evaluate on this dataset's test split instead")] = None,
     data_dir: str | None = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Evaluate a run directory on the test split of its dataset (or of --data)."""
+    from capas.inference import resolve_device
     from capas.predict import evaluate_run
     from capas.runs import load_run
     from capas.spec import DataConfig
 
-    loaded = load_run(run)
+    loaded = load_run(run, device=resolve_device(device))
     data_cfg = DataConfig(name=data, data_dir=data_dir) if data else None
     used, result = evaluate_run(loaded, data_cfg)
     console.print(
@@ -239,12 +244,14 @@ def predict(
     run: RunArg,
     images: Annotated[list[Path], typer.Argument(help="image files (PNG, JPEG, …)")],
     top_k: Annotated[int, typer.Option(min=1)] = 3,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Classify image files with a run directory's model, preprocessed exactly as in training."""
+    from capas.inference import resolve_device
     from capas.predict import predict_files
     from capas.runs import load_run
 
-    loaded = load_run(run)
+    loaded = load_run(run, device=resolve_device(device))
     for path, prediction in zip(images, predict_files(loaded, images), strict=True):
         top = ", ".join(f"{label} {p:.3f}" for label, p in prediction.top(loaded.classes, top_k))
         console.print(f"{path}: [bold]{prediction.label}[/]  ({top})", highlight=False, soft_wrap=True)
@@ -255,7 +262,8 @@ def predict(
 def study(
     file: Annotated[Path, typer.Argument(help="study file (YAML): base, variations, design, seeds")],
     workers: Annotated[
-        int | None, typer.Option(min=1, help="worker processes (default: one per core)")
+        int | None,
+        typer.Option(min=1, help="runs at once (default: one per GPU with CUDA, else cores / train.threads)"),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="study directory (default studies/<study name>)")] = None,
     data: Annotated[
@@ -332,6 +340,7 @@ def serve(
         float | None, typer.Option(help=_setting_help(ServeOptions, "max_body_mb"))
     ] = None,
     workers_threads: Annotated[int | None, typer.Option(help=_setting_help(ServeOptions, "threads"))] = None,
+    device: Annotated[str | None, typer.Option(help=_setting_help(ServeOptions, "device"))] = None,
 ) -> None:
     """Serve a run directory over HTTP: index page, /predict, /feedback, /monitor, /metrics, /docs."""
     from capas.deploy.serve import make_settings
@@ -347,6 +356,7 @@ def serve(
             max_wait_ms=max_wait_ms,
             max_body_mb=max_body_mb,
             threads=workers_threads,
+            device=device,
         ),
     )
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.token is None:

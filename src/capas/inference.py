@@ -16,15 +16,31 @@ EVAL_BATCH = 512  # images per batch without gradients on a GPU, and at most on 
 CPU_BATCH_VALUES = 2**20  # input values per batch without gradients on the CPU
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu."""
+    """'auto' picks cuda, then mps, then cpu; a device this machine lacks is a CapasError that says so."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICES:
+        raise CapasError(f"device {name!r} is not one of {', '.join(DEVICES)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise CapasError(
+            f"device {name!r}: no CUDA GPU is available here (torch {torch.__version__}, {build}); use auto or cpu"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CapasError(f"device {name!r}: Apple's MPS is not available here; use auto or cpu")
+    return device
 
 
 def model_device(model) -> torch.device:

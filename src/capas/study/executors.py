@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.sharedctypes
 import os
 import platform
 import queue
@@ -115,7 +116,7 @@ def execute_run(task: dict, send: Send | None = None) -> dict:
     result["worker"] = {
         "host": platform.node(),
         "pid": os.getpid(),
-        "threads": torch.get_num_threads(),
+        "threads": task["train"].get("threads") or torch.get_num_threads(),
         "seconds": time.perf_counter() - started,
     }
     return result
@@ -189,11 +190,19 @@ class SequentialExecutor(Executor):
 _events: multiprocessing.queues.Queue | None = None  # a pool worker's event queue, set by _init_worker
 
 
-def _init_worker(events: multiprocessing.queues.Queue, threads: int) -> None:
-    # One process per run: torch threads per worker share the cores without oversubscribing them.
+def _init_worker(
+    events: multiprocessing.queues.Queue, threads: int, started: multiprocessing.sharedctypes.Synchronized
+) -> None:
+    # One process per run: torch threads per worker share the cores without oversubscribing them
+    # (a run's train.threads, which studies always set, replaces this while it trains).
     global _events
     _events = events
     torch.set_num_threads(threads)
+    with started.get_lock():
+        index, started.value = started.value, started.value + 1
+    if torch.cuda.device_count() > 1:
+        # workers take the GPUs in turn: device "cuda" is then this worker's GPU
+        torch.cuda.set_device(index % torch.cuda.device_count())
 
 
 def _pool_run(task: dict) -> dict:
@@ -207,8 +216,28 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def default_workers(
+    runs: int, *, threads: int, cuda: bool, cores: int, gpus: int, runs_per_gpu: int = 1
+) -> int:
+    """How many runs a local study trains at once unless told: with CUDA, `runs_per_gpu` per GPU (more
+    would only queue on the GPU and each holds a CUDA context); else as many as the cores hold at
+    `threads` CPU threads each; never more than there are runs."""
+    slots = gpus * runs_per_gpu if cuda and gpus > 0 else cores // max(1, threads)
+    return max(1, min(slots, runs))
+
+
+def ray_slots(cpus: float, gpus: float, cpus_per_run: float, gpus_per_run: float) -> int:
+    """Runs that fit on a Ray cluster at once: the scarcer of its CPUs and (when runs ask for them) GPUs;
+    0 when not even one fits."""
+    slots = cpus // cpus_per_run
+    if gpus_per_run > 0:
+        slots = min(slots, gpus // gpus_per_run)
+    return int(slots)
+
+
 class PoolExecutor(Executor):
-    """A local pool of spawned worker processes, each with cores // workers torch threads."""
+    """A local pool of spawned worker processes, each with cores // workers torch threads (until a run
+    sets its own) and, with several GPUs, one of them in turn."""
 
     name = "pool"
 
@@ -223,7 +252,7 @@ class PoolExecutor(Executor):
             max_workers=self.workers,
             mp_context=context,
             initializer=_init_worker,
-            initargs=(self.queue, self.threads),
+            initargs=(self.queue, self.threads, context.Value("i", 0)),
         )
 
     def submit(self, task: dict) -> Future:
@@ -251,7 +280,9 @@ EXECUTORS: dict[str, Callable[[int | None], Executor]] = {
 """Executors by name (the benchmark compares them)."""
 
 
-def make_executor(workers: int | None, runs: int) -> Executor:
-    """The local default: one worker per core (at most one per run); a single worker runs in-process."""
-    workers = workers or min(available_cores(), max(runs, 1))
+def make_executor(workers: int | None, runs: int, *, threads: int = 1, cuda: bool = False) -> Executor:
+    """The local executor: `workers`, or `default_workers` for this machine; a single worker runs in-process."""
+    workers = workers or default_workers(
+        runs, threads=threads, cuda=cuda, cores=available_cores(), gpus=torch.cuda.device_count()
+    )
     return EXECUTORS["sequential"](1) if workers == 1 else EXECUTORS["pool"](workers)

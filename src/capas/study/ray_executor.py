@@ -26,7 +26,7 @@ from pathlib import Path
 
 from capas import atomic
 from capas.errors import CapasError
-from capas.study.executors import Executor, available_cores, execute_run
+from capas.study.executors import Executor, available_cores, execute_run, ray_slots
 
 try:
     import ray
@@ -124,8 +124,16 @@ class RayExecutor(Executor):
             except (ConnectionError, RuntimeError, ValueError) as error:
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"
                 raise CapasError(f"cannot start or join {where}: {error}") from None
-        cpus = ray.cluster_resources().get("CPU", 1)
-        self.workers = max(1, int(cpus // cpus_per_run))  # runs that fit on the cluster at once
+        resources = ray.cluster_resources()
+        cpus, gpus = resources.get("CPU", 1), resources.get("GPU", 0)
+        self.workers = ray_slots(cpus, gpus, cpus_per_run, gpus_per_run)
+        if self.workers == 0:
+            if self.owned:
+                ray.shutdown()
+            raise CapasError(
+                f"no run fits on the Ray cluster ({cpus:g} CPUs, {gpus:g} GPUs): each asks for "
+                f"{cpus_per_run:g} CPUs (--cpus-per-run) and {gpus_per_run:g} GPUs (--gpus-per-run)"
+            )
         self.threads = max(1, int(cpus_per_run))
         self.token = secrets.token_hex(8)
         # a queue actor that holds no CPU: progress events from every worker, drained by the driver

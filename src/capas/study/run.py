@@ -29,6 +29,8 @@ from rich.progress import (
 
 from capas.data import load_dataset
 from capas.errors import CapasError
+from capas.inference import resolve_device
+from capas.lock import exclusive
 from capas.spec.io import config_changes
 from capas.study.executors import Executor, RunTask, make_executor
 from capas.study.render import write_report
@@ -216,7 +218,8 @@ def run_study(
     study = load_study(path, data=data, seeds=seeds, input_shape=input_shape)
     check_classes(study)
     directory = Path(out) if out is not None else Path("studies") / directory_name(study.name)
-    with Store(directory / DATABASE) as store:
+    # one driver per study directory: a second one would restart runs the first is training
+    with exclusive(directory, "study directory"), Store(directory / DATABASE) as store:
         store.set_meta(
             "study",
             {
@@ -238,7 +241,12 @@ def run_study(
         failed = []
         if tasks:
             if executor is None:
-                executor = make_executor(workers, len(tasks))
+                executor = make_executor(
+                    workers,
+                    len(tasks),
+                    threads=max(v.train["threads"] or 1 for v in study.variants),
+                    cuda=any(resolve_device(v.train["device"]).type == "cuda" for v in study.variants),
+                )
             elif not isinstance(executor, Executor):
                 executor = executor(len(tasks))
             failed = execute(tasks, executor, store, total, done, console)

@@ -40,6 +40,9 @@ from capas.spec.io import parse_config
 
 DESIGNS = ("one-at-a-time", "grid")
 DEFAULT_SEEDS = 3
+RUN_THREADS = 1
+"""PyTorch threads per run unless base.train.threads says otherwise: the same in every run whatever the
+number of workers, since the weights depend on it (a layout-independent study must fix it)."""
 
 
 @dataclass
@@ -463,6 +466,7 @@ def load_study(
     for key, raw in (("train", train), ("data", data_raw)):
         if not isinstance(raw, dict):
             raise CapasError(f"{source}: 'base.{key}' must be a mapping, got {raw!r}")
+    train = {"threads": RUN_THREADS, **train}
     base_model = ModelSpec.from_dict(spec, source=f"{source}: base.spec")
     draft = Draft(
         spec=copy.deepcopy(spec),

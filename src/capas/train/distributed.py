@@ -133,6 +133,13 @@ def check(cfg: TrainConfig, world: int) -> None:
         )
 
 
+def check_gpus(processes: int, how: str) -> None:
+    """One GPU per process on this machine: refuse `processes` more than the GPUs, before any touches one."""
+    found = torch.cuda.device_count()
+    if processes > found:
+        raise CapasError(f"{how} with device cuda needs {processes} GPUs; {found} found")
+
+
 @contextmanager
 def process_group(device: str) -> Iterator[Distributed]:
     """Join the group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)."""
@@ -140,6 +147,9 @@ def process_group(device: str) -> Iterator[Distributed]:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     cuda = resolve_device(device).type == "cuda"
     if cuda:
+        # torchrun sets LOCAL_WORLD_SIZE (--nproc-per-node); `launch` has checked its own count already
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+        check_gpus(local_world, f"torchrun --nproc-per-node {local_world}")
         torch.cuda.set_device(local_rank)  # "cuda" is then this rank's GPU
     torch_dist.init_process_group("nccl" if cuda else "gloo")
     try:
@@ -219,10 +229,8 @@ def launch(
     """Train one run over `nproc` processes on this machine (one per GPU with device cuda); returns rank 0's
     test results, read from the run directory it wrote."""
     check(cfg, nproc)
-    if resolve_device(cfg.device).type == "cuda" and nproc > torch.cuda.device_count():
-        raise CapasError(
-            f"--nproc {nproc} with device cuda needs {nproc} GPUs; {torch.cuda.device_count()} found"
-        )
+    if resolve_device(cfg.device).type == "cuda":
+        check_gpus(nproc, f"--nproc {nproc}")
     cores = os.cpu_count() or 1
     job = {
         "spec": spec.to_dict(),

@@ -23,6 +23,7 @@ from capas.deploy.serve.middleware import BodyLimit, RequestMetrics, TokenGuard
 from capas.deploy.serve.monitor import Metrics, Monitor
 from capas.deploy.serve.routes import api, monitoring, pages
 from capas.deploy.serve.settings import ServeSettings
+from capas.inference import resolve_device
 from capas.runs import REFERENCE, Run, load_reference, load_run
 from capas.spec.summary import summarize
 
@@ -96,7 +97,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     """The app serving `settings.run_dir`; loads the model now, so a bad run directory fails before binding."""
     import fastapi_offline
 
-    run = load_run(settings.run_dir)
+    run = load_run(settings.run_dir, device=resolve_device(settings.device))
     detector = DriftDetector(
         load_reference(run.path / REFERENCE),
         alpha=settings.drift_alpha,

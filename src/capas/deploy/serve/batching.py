@@ -161,11 +161,12 @@ class MicroBatcher:
 
     def _forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = self.run.model
-        with torch.inference_mode(), autocast(model_device(model), self.run.precision):
-            x = preprocess_batch(self.run.preprocess, images)  # (B, C, H, W) float
-            probabilities = model.predict_proba(x).float()  # (B, classes)
+        device = model_device(model)
+        with torch.inference_mode(), autocast(device, self.run.precision):
+            x = preprocess_batch(self.run.preprocess, images).to(device)  # (B, C, H, W) float
+            probabilities = model.predict_proba(x).float().cpu()  # (B, classes)
             # Drift needs the penultimate features; a second partial pass on a few images per batch
             # keeps its cost bounded under load (drift_per_batch / max_batch of the model's work).
             sample = x[: self.drift_per_batch]
-            embeddings = model.embed(sample).float() if len(sample) else torch.empty(0, 0)
-            return probabilities, embeddings, input_statistics(sample)
+            embeddings = model.embed(sample).float().cpu() if len(sample) else torch.empty(0, 0)
+            return probabilities, embeddings, input_statistics(sample).cpu()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -34,6 +35,9 @@ class ServeOptions(BaseModel):
     max_images: int = Field(default=64, ge=1, description="images per /predict request at most")
     max_pixels: int = Field(
         default=16_000_000, ge=1, description="pixels per image at most (decompression bombs)"
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        default="auto", description="where the model runs: auto picks cuda, then mps, then cpu"
     )
     threads: int = Field(default_factory=default_threads, ge=1, description="PyTorch threads for inference")
     top_k: int = Field(

@@ -1,0 +1,79 @@
+"""Durable atomic writes: flushed before the rename and the folder after it; every artifact gets the
+permissions an ordinary new file gets (0666 less the umask), whichever library wrote it."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from capas import atomic
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_every_file_of_a_run_directory_has_the_ordinary_mode(tiny_run):
+    # tiny_run was written by capas.train.train under this process' umask
+    files = [p for p in tiny_run.iterdir() if p.is_file() and p.name != ".capas.lock"]
+    assert {p.name for p in files} >= {"model.safetensors", "reference.safetensors", "config.json"}
+    expected = 0o666 & ~atomic.umask()
+    assert {p.name: _mode(p) for p in files} == {p.name: expected for p in files}
+
+
+def test_safetensors_and_json_get_0644_under_umask_022(tmp_path, umask_022):
+    weights = atomic.write_with(
+        tmp_path / "w.safetensors", lambda tmp: save_file({"a": torch.zeros(3)}, str(tmp))
+    )
+    config = atomic.write_json(tmp_path / "c.json", {"a": 1})
+    assert (_mode(weights), _mode(config)) == (0o644, 0o644)
+    os.umask(0o077)
+    assert _mode(atomic.write_text(tmp_path / "private.txt", "x")) == 0o600
+
+
+def test_the_file_is_flushed_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """os.fsync and os.replace recorded in order (real files, real calls: the spy only watches)."""
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        calls.append(("fsync", target))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = atomic.write_text(tmp_path / "f.txt", "hello")
+    assert path.read_text() == "hello"
+    kinds = [kind for kind, _ in calls]
+    assert kinds == ["fsync", "replace", "fsync"], calls
+    assert os.path.basename(calls[0][1]).startswith(".f.txt.")  # the temporary file, before the rename
+    assert calls[2][1] == str(tmp_path)  # the folder that holds the new name
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary file left
+
+
+def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = atomic.write_text(tmp_path / "f.txt", "old")
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic.write_with(path, broken)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
