@@ -30,8 +30,13 @@ def test_training_beats_chance_by_a_wide_margin(tiny_run):
     assert not (tiny_run / "checkpoint.safetensors").exists()
 
 
+def _trained_device(run_dir) -> str:
+    """The device a run trained and was tested on (a GPU when the suite runs on one)."""
+    return json.loads((run_dir / "config.json").read_text())["device"]
+
+
 def test_run_directory_loads_back_with_the_same_predictions(tiny_run):
-    run = load_run(tiny_run)
+    run = load_run(tiny_run, device=_trained_device(tiny_run))
     _, evaluation = evaluate_run(run)
     test = json.loads((tiny_run / "test.json").read_text())
     assert evaluation.confusion(10).tolist() == test["confusion_matrix"]
@@ -111,7 +116,8 @@ def test_early_stopping_keeps_the_best_epoch_weights():
     result = fit(model, splits.train, splits.val, preprocess, cfg)
     losses = [m["val_loss"] for m in result.history]
     assert result.best_epoch == losses.index(min(losses)) + 1
-    assert evaluate(model, splits.val, preprocess).loss == pytest.approx(min(losses), rel=1e-5)
+    device = next(model.parameters()).device  # fit moved the model to cfg.device ("auto")
+    assert evaluate(model, splits.val, preprocess, device).loss == pytest.approx(min(losses), rel=1e-5)
 
 
 def test_patience_stops_training_and_says_so():
@@ -201,7 +207,7 @@ def test_bfloat16_mixed_precision_trains_and_predicts_as_recorded(tmp_path):
     spec, data, cfg = _small(precision="bfloat16")
     result = train(spec, data, cfg, tmp_path / "bf16")
     assert result["test_accuracy"] > 0.5  # chance is 0.1
-    run = load_run(tmp_path / "bf16")
+    run = load_run(tmp_path / "bf16", device=_trained_device(tmp_path / "bf16"))
     assert run.precision == "bfloat16"
     assert all(p.dtype == torch.float32 for p in run.model.parameters())  # mixed: weights stay float32
     _, evaluation = evaluate_run(run)  # prediction runs in the precision the run was trained and tested in
@@ -211,7 +217,8 @@ def test_bfloat16_mixed_precision_trains_and_predicts_as_recorded(tmp_path):
     (tmp_path / "bf16" / "config.json").write_text(json.dumps({**config, "train": {"precision": "half"}}))
     with pytest.raises(CapasError, match=r"config\.json.*'half' is not float32 or bfloat16"):
         load_run(tmp_path / "bf16")
-    float32 = evaluate(run.model, make_splits("fashion-mnist", limit=600).test, run.preprocess)
+    device = next(run.model.parameters()).device
+    float32 = evaluate(run.model, make_splits("fashion-mnist", limit=600).test, run.preprocess, device)
     assert float32.loss == pytest.approx(result["test_loss"], rel=0.05)  # bfloat16 rounds, it does not break
 
 

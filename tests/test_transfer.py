@@ -122,7 +122,8 @@ def test_finetune_unfreezes_the_last_layers_with_a_smaller_rate_and_no_state_for
     for row, (row_name, module) in enumerate(model.backbone.named_children()):
         for name, param in module.named_parameters():
             assert param.requires_grad == (row >= model.frozen)
-            assert torch.equal(param, frozen_before[f"{row_name}.{name}"]) == (row < model.frozen), name
+            # .cpu(): fit moved the model to cfg.device ("auto": a GPU when there is one)
+            assert torch.equal(param.cpu(), frozen_before[f"{row_name}.{name}"]) == (row < model.frozen), name
     with safe_open(str(tmp_path / "ck.safetensors"), framework="pt") as file:
         meta = json.loads(file.metadata()["capas"])["optimizer"]
         states = {k.split(".")[1] for k in file.keys() if k.startswith("optim.")}  # noqa: SIM118
