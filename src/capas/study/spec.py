@@ -466,7 +466,7 @@ def load_study(
     for key, raw in (("train", train), ("data", data_raw)):
         if not isinstance(raw, dict):
             raise CapasError(f"{source}: 'base.{key}' must be a mapping, got {raw!r}")
-    train = {"threads": RUN_THREADS, **train}
+    train = {**train, "threads": train.get("threads") or RUN_THREADS}  # unset, or None recorded by a base run
     base_model = ModelSpec.from_dict(spec, source=f"{source}: base.spec")
     draft = Draft(
         spec=copy.deepcopy(spec),
