@@ -30,14 +30,17 @@ from capas.study.run import run_study
 STUDY = Path(__file__).parent.parent / "examples" / "studies" / "global-pooling.yaml"
 
 
-def study_file(folder: Path, quick: bool) -> Path:
-    """The example study with fixed epochs (no early stopping), reduced with --quick."""
+def study_file(folder: Path, quick: bool, threads: int) -> Path:
+    """The example study with fixed epochs (no early stopping), reduced with --quick, and `threads`
+    torch threads per run (studies fix train.threads, 1 by default: here, the executor's share)."""
     document = yaml.safe_load(STUDY.read_text())
     document["base"]["train"].pop("early_stopping", None)
+    document["base"]["train"]["threads"] = threads
     if quick:
         document["base"]["train"]["epochs"] = 1
         document["base"]["data"]["limit"] = 1500
         document["seeds"] = 2
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
@@ -61,9 +64,8 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in names}
     startup: dict[str, list[float]] = {name: [] for name in names}
     accuracy: dict[str, float] = {}
-    executors = {}
+    executors, threads = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = study_file(Path(tmp), args.quick)
         runs = 0
         for repeat in range(args.repeats):
             for name in names:  # interleaved, so that a change in machine load hits every executor alike
@@ -71,6 +73,9 @@ def main() -> None:
                 executor = EXECUTORS[name](args.workers)
                 startup[name].append(time.perf_counter() - begun)
                 executors[name] = executor
+                # sequential: all cores for its one run; a pool: cores / workers; Ray: --cpus-per-run
+                threads[name] = getattr(executor, "threads", None) or available_cores() // executor.workers
+                path = study_file(Path(tmp) / f"{name}-{repeat}-file", args.quick, threads[name])
                 outcome = run_study(
                     path, out=Path(tmp) / f"{name}-{repeat}", executor=executor, console=quiet
                 )
@@ -101,10 +106,9 @@ def main() -> None:
     for name in names:
         wall = statistics.median(times[name])
         executor = executors[name]
-        threads = getattr(executor, "threads", env["cpu_count"])
         table.add_row(
             name,
-            f"{executor.workers} × {threads}",
+            f"{executor.workers} × {threads[name]}",
             f"{statistics.median(startup[name]):.1f}",
             f"{wall:.1f}",
             f"{60 * runs / wall:.2f}",
