@@ -116,8 +116,7 @@ def test_early_stopping_keeps_the_best_epoch_weights():
     result = fit(model, splits.train, splits.val, preprocess, cfg)
     losses = [m["val_loss"] for m in result.history]
     assert result.best_epoch == losses.index(min(losses)) + 1
-    device = next(model.parameters()).device  # fit moved the model to cfg.device ("auto")
-    assert evaluate(model, splits.val, preprocess, device).loss == pytest.approx(min(losses), rel=1e-5)
+    assert evaluate(model, splits.val, preprocess).loss == pytest.approx(min(losses), rel=1e-5)
 
 
 def test_patience_stops_training_and_says_so():
@@ -217,8 +216,7 @@ def test_bfloat16_mixed_precision_trains_and_predicts_as_recorded(tmp_path):
     (tmp_path / "bf16" / "config.json").write_text(json.dumps({**config, "train": {"precision": "half"}}))
     with pytest.raises(CapasError, match=r"config\.json.*'half' is not float32 or bfloat16"):
         load_run(tmp_path / "bf16")
-    device = next(run.model.parameters()).device
-    float32 = evaluate(run.model, make_splits("fashion-mnist", limit=600).test, run.preprocess, device)
+    float32 = evaluate(run.model, make_splits("fashion-mnist", limit=600).test, run.preprocess)
     assert float32.loss == pytest.approx(result["test_loss"], rel=0.05)  # bfloat16 rounds, it does not break
 
 
