@@ -16,17 +16,19 @@ import uvicorn
 from PIL import Image
 
 from capas.deploy.serve import create_app, make_settings
+from capas.deploy.serve.app import uvicorn_config
 
 
 @contextlib.contextmanager
 def live_server(**settings) -> Iterator[tuple[str, object]]:
     """Serve with these settings on 127.0.0.1 (a free port) in a thread; yields (base URL, app)."""
-    app = create_app(make_settings(port=0, **settings))
+    options = make_settings(port=0, **settings)
+    app = create_app(options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn_config(app, options, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

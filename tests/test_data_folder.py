@@ -82,7 +82,7 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded although the cache holds the folder")
 
-    monkeypatch.setattr(folder, "decode_image", no_decoding)
+    monkeypatch.setattr(folder, "read_image", no_decoding)
     start = time.perf_counter()
     second, _ = load_dataset(f"folder:{tmp_path / 'imgs'}")
     cached_s = time.perf_counter() - start
@@ -133,3 +133,61 @@ def test_real_cifar10_jpeg_folder():
     assert first.images.shape == (50_000, 3, 32, 32)
     assert first.labels.bincount().tolist() == [5000] * 10
     assert torch.equal(first.images, second.images) and cached_s < decode_s / 3
+
+
+def test_a_16_bit_png_in_a_folder_is_scaled_like_everywhere_else(tmp_path):
+    values = (np.arange(120, dtype=np.uint32).reshape(10, 12) * 550).astype("<u2")  # 0..65450
+    path = tmp_path / "a" / "deep.png"
+    path.parent.mkdir()
+    Image.frombytes("I;16", (12, 10), values.tobytes()).save(path)
+    write(tmp_path / "b" / "y.png", pixels(2, "L"))
+    data, _ = load_dataset(f"folder:{tmp_path}")
+    assert data.images.dtype == torch.uint8 and data.images.shape == (2, 1, 10, 12)
+    expected = (values.astype(np.uint32) * 255 + 32767) // 65535
+    assert torch.equal(data.images[0, 0], torch.from_numpy(expected.astype(np.uint8)))
+
+
+def test_a_symlink_leaving_the_folder_is_refused(tmp_path):
+    write(tmp_path / "data" / "a" / "x.png", pixels(0, "L"))
+    outside = write(tmp_path / "elsewhere" / "secret.png", pixels(1, "L"))
+    (tmp_path / "data" / "a" / "y.png").symlink_to(outside)
+    with pytest.raises(CapasError, match=r"a/y.png is a symbolic link to .*elsewhere/secret.png, outside"):
+        load_dataset(f"folder:{tmp_path / 'data'}")
+    (tmp_path / "data" / "a" / "y.png").unlink()
+    (tmp_path / "data" / "b").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(CapasError, match=r"data/b is a symbolic link"):
+        load_dataset(f"folder:{tmp_path / 'data'}")
+    (tmp_path / "data" / "b").unlink()
+    (tmp_path / "data" / "a" / "z.png").symlink_to(tmp_path / "data" / "a" / "x.png")  # inside: fine
+    data, _ = load_dataset(f"folder:{tmp_path / 'data'}")
+    assert len(data) == 2
+
+
+def test_huge_images_are_refused_from_the_header(tmp_path):
+    write(tmp_path / "a" / "x.png", pixels(0, "L", (5000, 4000)))  # 20 M pixels
+    write(tmp_path / "b" / "y.png", pixels(0, "L"))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded an image before checking the sizes")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(folder, "read_image", no_decoding)
+        with pytest.raises(
+            CapasError, match=r"a/x.png: 5000×4000 pixels is more than the 16,000,000 allowed"
+        ):
+            load_dataset(f"folder:{tmp_path}")
+
+
+def test_the_cache_is_keyed_by_the_folder_too(tmp_path):
+    """Two folders with the same names, sizes and times but other pixels are two datasets."""
+    for root, seed in (("one", 0), ("two", 1)):
+        for name in ("a/x.png", "b/y.png"):
+            path = tmp_path / root / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels(seed, "L")).save(path, compress_level=0)  # stored: same size
+            os.utime(path, ns=(10**18, 10**18))
+            os.utime(path.parent, ns=(10**18, 10**18))
+    first, _ = load_dataset(f"folder:{tmp_path / 'one'}")
+    second, _ = load_dataset(f"folder:{tmp_path / 'two'}")
+    assert not torch.equal(first.images, second.images)
+    assert torch.equal(second.images[0, 0], torch.from_numpy(pixels(1, "L")))

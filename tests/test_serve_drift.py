@@ -30,10 +30,8 @@ def detector(tiny_run):
 
 
 def features(run, images: list[torch.Tensor] | torch.Tensor):
-    from capas.deploy.serve.batching import preprocess_batch
-
     with torch.inference_mode():
-        x = preprocess_batch(run.preprocess, list(images))
+        x = run.preprocess.each(list(images))
         return run.model.embed(x), input_statistics(x)
 
 

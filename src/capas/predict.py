@@ -31,14 +31,14 @@ def predict(run: Run, images: list[torch.Tensor]) -> list[Prediction]:
     if not images:
         return []
     device = model_device(run.model)
-    batch = torch.cat([run.preprocess(image.unsqueeze(0)) for image in images]).to(device)  # (B, C, H, W)
+    batch = run.preprocess.each(images).to(device)  # (B, C, H, W)
     with autocast(device, run.precision):
         probabilities = run.model.predict_proba(batch).float().cpu()
     return [Prediction(run.classes[int(p.argmax())], int(p.argmax()), p.tolist()) for p in probabilities]
 
 
 def predict_files(run: Run, paths: list[str | Path]) -> list[Prediction]:
-    return predict(run, [read_image(Path(p)) for p in paths])
+    return predict(run, [read_image(Path(p), size=run.preprocess.size) for p in paths])
 
 
 def run_splits(run: Run, data: DataConfig | None = None) -> Splits:

@@ -3,7 +3,7 @@ batches preprocessed and augmented on the device."""
 
 from capas.data.batches import Preprocess, augment_batch, default_preprocess, iterate_batches
 from capas.data.dataset import ArrayDataset
-from capas.data.images import read_image
+from capas.data.images import image_size, read_image
 from capas.data.sources import NAMES, load_dataset
 from capas.data.splits import Splits, make_splits, splits_for
 
@@ -14,6 +14,7 @@ __all__ = [
     "Splits",
     "augment_batch",
     "default_preprocess",
+    "image_size",
     "iterate_batches",
     "load_dataset",
     "make_splits",

@@ -62,6 +62,11 @@ class Preprocess(BaseModel):
             x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
         return x if enlarging else self._scale(x)
 
+    def each(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 (C, H, W) images of any sizes, each preprocessed alone -> one (N, channels, *size) batch:
+        nothing full-size is ever stacked, so memory follows the model's input size."""
+        return torch.cat([self(image.unsqueeze(0)) for image in images])
+
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
         """0..255 -> 0..1, grayscale copied to three channels, the per-channel normalisation."""
         x = x / 255

@@ -10,30 +10,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 from capas import atomic
 from capas.data.dataset import ArrayDataset
 from capas.data.download import cache_root
+from capas.data.images import image_size, read_image
 from capas.errors import CapasError
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-CACHE_FORMAT = 1  # part of the fingerprint: bump it when decoding changes, to ignore old caches
+CACHE_FORMAT = 2  # part of the fingerprint: bump it when decoding changes, to ignore old caches
+MAX_PIXELS = 16_000_000  # per training image, checked from the header before decoding
 
 
 def load_folder(path: str | Path) -> ArrayDataset:
     """Every image under `path/<class>/`, classes in name order; decoded on first use, then cached.
 
-    Images are decoded as RGB and kept as one channel when every image is gray (R = G = B). They
-    must all have one size: resizing belongs to `Preprocess`, which applies it to batches.
-    The cache is keyed by a fingerprint of the relative paths, sizes and modification times, so
-    adding, removing or editing a file decodes the folder again.
+    Images are decoded by `read_image` (capas.data.images: the decoder predict and serve use) and
+    kept as one channel when every image is gray (R = G = B). They must all have one size, checked
+    from the headers before any image is decoded: resizing belongs to `Preprocess`, which applies
+    it to batches. A symbolic link that leads outside `path` is refused. The cache is keyed by a
+    fingerprint of the folder's real path and each file's relative path, size and modification
+    time, so adding, removing or editing a file decodes the folder again.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
         raise CapasError(f"image folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
     classes, files, labels = _scan(root)
-    cache = cache_root() / "folders" / f"{_fingerprint(files)}.npz"
+    cache = cache_root() / "folders" / f"{_fingerprint(root, files)}.npz"
     if cache.is_file():
         return _load_cache(cache)
     dataset = _decode(root, [rel for rel, _, _ in files], labels, classes)
@@ -43,7 +46,12 @@ def load_folder(path: str | Path) -> ArrayDataset:
 
 def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int, int]], list[int]]:
     """(class names, [(relative path, size, mtime_ns)], labels) for the images under `root`."""
-    classes = tuple(sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")))
+    real_root = root.resolve()
+    with os.scandir(root) as entries:
+        folders = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+    for entry in folders:
+        _inside(real_root, entry)
+    classes = tuple(sorted(e.name for e in folders))
     if not classes:
         raise CapasError(f"image folder {root} has no class folders: expected {root}/<class>/<image>")
     files, labels = [], []
@@ -53,6 +61,7 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int, int]], list
         if not images:
             raise CapasError(f"class folder {root / name} holds no images ({', '.join(SUFFIXES)})")
         for entry in images:
+            _inside(real_root, entry)
             stat = entry.stat()
             files.append((f"{name}/{entry.name}", stat.st_size, stat.st_mtime_ns))
         labels += [label] * len(images)
@@ -63,33 +72,55 @@ def _is_image(entry: os.DirEntry) -> bool:
     return entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(SUFFIXES)
 
 
-def _fingerprint(files: list[tuple[str, int, int]]) -> str:
-    digest = hashlib.sha256(f"capas-folder-cache {CACHE_FORMAT}\n".encode())
+def _inside(real_root: Path, entry: os.DirEntry) -> None:
+    """Refuse a symbolic link that leads outside the dataset: training would read files nobody put
+    in the folder (another user's, or /etc's), and the folder's fingerprint would not follow them."""
+    if entry.is_symlink() and not Path(entry.path).resolve().is_relative_to(real_root):
+        raise CapasError(
+            f"image folder {real_root}: {entry.path} is a symbolic link to {Path(entry.path).resolve()}, "
+            "outside the folder; copy the file in or link the whole dataset instead"
+        )
+
+
+def _fingerprint(root: Path, files: list[tuple[str, int, int]]) -> str:
+    digest = hashlib.sha256(f"capas-folder-cache {CACHE_FORMAT}\n{root.resolve()}\n".encode())
     for rel, size, mtime_ns in files:
         digest.update(f"{rel}\t{size}\t{mtime_ns}\n".encode())
     return digest.hexdigest()[:32]
 
 
 def _decode(root: Path, rels: list[str], labels: list[int], classes: tuple[str, ...]) -> ArrayDataset:
-    # One image at a time: decoding threads were measured no faster. torchvision 0.29 deprecates its
-    # decoders for TorchCodec's, but they are still the fastest here (50,000 32x32 JPEGs: 3.0 s, PIL
-    # 4.4 s), so the warning is silenced until they are removed.
-    images = []
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
-        for rel in rels:
-            try:
-                images.append(decode_image(read_file(str(root / rel)), mode=ImageReadMode.RGB))  # (3, H, W)
-            except (RuntimeError, OSError, ValueError) as err:
-                raise CapasError(f"cannot decode image {root / rel}: {err}") from err
+    # Sizes first, from the headers alone: an odd-sized or huge image fails before any pixel is decoded.
     first_of_size: dict[tuple[int, int], str] = {}
-    for rel, image in zip(rels, images, strict=True):
-        first_of_size.setdefault((image.shape[1], image.shape[2]), rel)
+    for rel in rels:
+        try:
+            height, width = image_size(root / rel)
+        except CapasError as err:
+            raise CapasError(f"cannot decode image {err}") from None
+        if height * width > MAX_PIXELS:
+            raise CapasError(
+                f"image {root / rel}: {width}×{height} pixels is more than the {MAX_PIXELS:,} allowed "
+                "for a training image"
+            )
+        first_of_size.setdefault((height, width), rel)
     if len(first_of_size) > 1:
         examples = "; ".join(f"{h}x{w}: {root / rel}" for (h, w), rel in first_of_size.items())
         raise CapasError(f"images in {root} differ in size (H x W: {examples}); all must share one size")
-    stacked = torch.stack(images)  # (N, 3, H, W)
-    if torch.equal(stacked[:, 0], stacked[:, 1]) and torch.equal(stacked[:, 1], stacked[:, 2]):
+    # One image at a time: decoding threads were measured no faster.
+    images = []
+    for rel in rels:
+        try:
+            images.append(read_image(root / rel, max_pixels=MAX_PIXELS))  # (1 or 3, H, W)
+        except CapasError as err:
+            raise CapasError(f"cannot decode image {err}") from None
+    if any(len(image) == 3 for image in images):
+        images = [image.expand(3, -1, -1) for image in images]
+    stacked = torch.stack(images)  # (N, C, H, W)
+    if (
+        len(stacked[0]) == 3
+        and torch.equal(stacked[:, 0], stacked[:, 1])
+        and torch.equal(stacked[:, 1], stacked[:, 2])
+    ):
         stacked = stacked[:, :1].contiguous()  # every image is gray: keep one channel
     return ArrayDataset(stacked, torch.tensor(labels, dtype=torch.int64), classes)
 

@@ -1,4 +1,16 @@
-"""Decoding one image file (prediction, serving) into the uint8 (C, H, W) tensors datasets hold."""
+"""The one image decoder: training folders, `capas predict` and `capas serve` all turn files into
+uint8 (C, H, W) tensors here, so a model sees the same pixels wherever its images come from.
+
+How image modes become 8-bit pixels (the rules a user can rely on):
+- EXIF orientation is applied (a phone photo taken upright is upright), as image viewers do.
+- 16-bit images (PNG, TIFF) are scaled from 0..65535 to 0..255 (value × 255 / 65535, rounded).
+- 32-bit integer images: values already within 0..255 are kept; within 0..65535 they are scaled as
+  16-bit; otherwise the image's own minimum..maximum is stretched to 0..255.
+- 32-bit float images: values within 0..1 are scaled by 255; within 0..255 kept; otherwise the
+  image's minimum..maximum is stretched to 0..255 (NaN becomes 0).
+- Transparent pixels are composited on a white background (BACKGROUND), as a browser shows them.
+- Grey images (with or without alpha, any depth) keep 1 channel; every other mode becomes RGB.
+"""
 
 from __future__ import annotations
 
@@ -12,33 +24,137 @@ from PIL import Image, UnidentifiedImageError
 from capas.errors import CapasError
 
 MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
+BACKGROUND = 255  # the grey level (and RGB value) transparent pixels are composited on: white
+ORIENTATION = 0x0112  # the EXIF tag
+# EXIF orientation -> the transpose that makes the image upright (as PIL.ImageOps.exif_transpose)
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
-def read_image(
-    source: Path | bytes, *, name: str | None = None, max_pixels: int = MAX_PIXELS
-) -> torch.Tensor:
-    """A file or its bytes as uint8 (C, H, W): grey images keep 1 channel, everything else becomes RGB.
-
-    The size is checked from the header before any pixel is decoded, so a tiny file that claims
-    20,000×20,000 pixels is refused without allocating memory for it.
-    """
-    label = name or (str(source) if isinstance(source, Path) else "image")
+def _raw(source: Path | bytes, label: str) -> bytes:
     try:
         raw = source.read_bytes() if isinstance(source, Path) else source
     except OSError as error:
         raise CapasError(f"{label}: cannot read ({error.strerror or error})") from None
     if not raw:
         raise CapasError(f"{label}: empty file, not an image")
+    return raw
+
+
+def _label(source: Path | bytes, name: str | None) -> str:
+    return name or (str(source) if isinstance(source, Path) else "image")
+
+
+def image_size(source: Path | bytes, *, name: str | None = None) -> tuple[int, int]:
+    """(height, width) of an image as it will be decoded (EXIF orientation applied), from its header
+    alone: no pixel is decoded, so budgets can be checked before any memory is spent."""
+    label = _label(source, name)
+    try:
+        with Image.open(io.BytesIO(_raw(source, label))) as image:
+            width, height = image.size
+            rotated = image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
+    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
+        raise CapasError(f"{label}: not a readable image ({error})") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise CapasError(f"{label}: damaged or truncated image ({error})") from None
+    return (width, height) if rotated else (height, width)
+
+
+def read_image(
+    source: Path | bytes,
+    *,
+    name: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """A file or its bytes as uint8 (C, H, W), converted by the rules of the module docstring.
+
+    The size is checked from the header before any pixel is decoded, so a tiny file that claims
+    20,000×20,000 pixels is refused without allocating memory for it. With `size` (the model's
+    input (H, W)), a large image is shrunk while it is decoded (JPEG's DCT scaling, then an integer
+    box reduction) to no less than twice `size`, so a 4000×4000 photo for a 28×28 model never
+    exists as a full-size array; the caller's Preprocess does the final antialiased resize.
+    """
+    label = _label(source, name)
+    raw = _raw(source, label)
     try:
         with Image.open(io.BytesIO(raw)) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise CapasError(f"{label}: {width}×{height} pixels is more than the {max_pixels:,} allowed")
-            image = image.convert("L" if image.mode in ("1", "L", "I;16", "I") else "RGB")
-            array = np.asarray(image, dtype=np.uint8)
+            orientation = image.getexif().get(ORIENTATION, 1)
+            if size is not None and orientation in (5, 6, 7, 8):
+                size = (size[1], size[0])  # the stored image is rotated a quarter turn
+            if size is not None and image.format == "JPEG":
+                factor = _factor(image.size, size)
+                if factor > 1:  # decode at 1/2, 1/4 or 1/8 scale: never at full size
+                    image.draft(image.mode, (width // factor, height // factor))
+            image.load()
+            image = _eight_bit(image)  # L, LA, RGB or RGBA
+            if size is not None and (factor := _factor(image.size, size)) > 1:
+                image = image.reduce(factor)  # box average of factor × factor pixels
+            if orientation in UPRIGHT:
+                image = image.transpose(UPRIGHT[orientation])
+            array = _composite(image)  # (H, W) or (H, W, 3) uint8
     except (UnidentifiedImageError, Image.DecompressionBombError) as error:
         raise CapasError(f"{label}: not a readable image ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data
         raise CapasError(f"{label}: damaged or truncated image ({error})") from None
-    tensor = torch.from_numpy(array.copy())
+    tensor = torch.from_numpy(array)
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+def _factor(actual: tuple[int, int], target: tuple[int, int]) -> int:
+    """The integer shrink factor that keeps an image of (W, H) `actual` at least twice (H, W) `target`."""
+    return max(1, min(actual[0] // (2 * target[1]), actual[1] // (2 * target[0])))
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """Any mode -> L, LA, RGB or RGBA with 8 bits per channel (see the module docstring)."""
+    mode = image.mode
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        return image
+    if mode == "1":
+        return image.convert("L")
+    if mode == "P":
+        return image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.uint32)  # 0..65535
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if mode in ("I", "F"):
+        return Image.fromarray(_stretch(np.asarray(image), floating=mode == "F"), "L")
+    if mode in ("PA", "La", "RGBa"):
+        return image.convert("LA" if mode == "La" else "RGBA")
+    return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX, …
+
+
+def _stretch(values: np.ndarray, floating: bool) -> np.ndarray:
+    """32-bit integer or float values -> uint8 by the rules of the module docstring."""
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(values.min()), float(values.max())
+    if floating and low >= 0 and high <= 1:
+        scaled = values * 255
+    elif low >= 0 and high <= 255:
+        scaled = values
+    elif not floating and low >= 0 and high <= 65535:
+        scaled = values * 255 / 65535
+    else:
+        scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _composite(image: Image.Image) -> np.ndarray:
+    """L/RGB as an array; LA/RGBA composited on BACKGROUND: colour × alpha + background × (1 − alpha)."""
+    array = np.asarray(image)
+    if image.mode not in ("LA", "RGBA"):
+        return array.copy()  # writable, owned by the tensor
+    colour, alpha = array[..., :-1].astype(np.uint32), array[..., -1:].astype(np.uint32)
+    blended = (colour * alpha + BACKGROUND * (255 - alpha) + 127) // 255
+    return (blended[..., 0] if image.mode == "LA" else blended).astype(np.uint8)

@@ -7,39 +7,57 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.requests import ClientDisconnect
 
 import capas
 from capas.deploy.drift import DriftDetector
 from capas.deploy.serve.batching import MicroBatcher
 from capas.deploy.serve.deps import ServerState
-from capas.deploy.serve.middleware import BodyLimit, RequestMetrics, TokenGuard
+from capas.deploy.serve.middleware import BodyLimit, HostGuard, RequestMetrics, TokenGuard
 from capas.deploy.serve.monitor import Metrics, Monitor
 from capas.deploy.serve.routes import api, monitoring, pages
 from capas.deploy.serve.settings import ServeSettings
-from capas.inference import resolve_device
+from capas.errors import CapasError
+from capas.inference import model_device, resolve_device
 from capas.runs import REFERENCE, Run, load_reference, load_run
 from capas.spec.summary import summarize
 
 log = logging.getLogger("capas.serve")
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
+
+
+def _json_file(run: Run, name: str) -> dict | list | None:
+    """A JSON (or, for .jsonl, JSON-lines) file of the run, None if absent; a damaged one is a CapasError."""
+    file = run.path / name
+    if not file.is_file():
+        return None
+    try:
+        text = file.read_text()
+        if name.endswith(".jsonl"):
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return json.loads(text)
+    except (OSError, ValueError, RecursionError) as error:
+        raise CapasError(
+            f"{file}: damaged, not readable as JSON ({error}); restore it or delete it"
+        ) from None
 
 
 def run_info(run: Run, settings: ServeSettings) -> dict:
     """What /info answers: the model, its training and test metrics, and how it is served."""
     summary = summarize(run.spec)
-    config = run.read_json("config.json") or {}
-    history_file = run.path / "metrics.jsonl"
-    history = (
-        [json.loads(line) for line in history_file.read_text().splitlines() if line.strip()]
-        if history_file.is_file()
-        else []
-    )
+    config = _json_file(run, "config.json") or {}
+    if not isinstance(config, dict):
+        raise CapasError(f"{run.path / 'config.json'}: damaged, expected a JSON object")
+    history = _json_file(run, "metrics.jsonl") or []
     return {
         "model": run.spec.name,
         "capas_version": capas.__version__,
@@ -58,7 +76,7 @@ def run_info(run: Run, settings: ServeSettings) -> dict:
             "environment": config.get("environment"),
             "history": history,
         },
-        "test": run.read_json("test.json"),
+        "test": _json_file(run, "test.json"),
         "serving": settings.model_dump(
             mode="json",
             include={
@@ -66,6 +84,9 @@ def run_info(run: Run, settings: ServeSettings) -> dict:
                 "max_wait_ms",
                 "max_body_mb",
                 "max_images",
+                "max_pixels",
+                "max_request_pixels",
+                "max_queue",
                 "threads",
                 "top_k",
                 "drift_window",
@@ -86,6 +107,21 @@ async def _drift_loop(monitor: Monitor, every_s: float) -> None:
             log.exception("drift test failed")
 
 
+async def _client_closed(request: Request, error: ClientDisconnect) -> Response:
+    """The client went away mid-upload: nobody to answer, nothing to log; counted as 499, not 500."""
+    return Response(status_code=CLIENT_CLOSED)
+
+
+async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field; unlike FastAPI's default, the offending input is never echoed back
+    (a 9 MB id would come back as 9 MB)."""
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in e['loc'] if part != 'body') or 'body'}: {e['msg']}"
+        for e in error.errors()
+    )
+    return JSONResponse({"detail": problems}, status_code=422)
+
+
 async def _internal_error(request: Request, error: Exception) -> JSONResponse:
     log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
     return JSONResponse(
@@ -98,8 +134,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
     import fastapi_offline
 
     run = load_run(settings.run_dir, device=resolve_device(settings.device))
+    reference = load_reference(run.path / REFERENCE)
+    width = _embedding_width(run)
+    if reference.embeddings.shape[1] != width:
+        raise CapasError(
+            f"{run.path / REFERENCE}: drift reference has {reference.embeddings.shape[1]} features per "
+            f"image but the model's embedding has {width}; it belongs to another model (retrain, or "
+            "restore the run's own reference)"
+        )
     detector = DriftDetector(
-        load_reference(run.path / REFERENCE),
+        reference,
         alpha=settings.drift_alpha,
         permutations=settings.drift_permutations,
     )
@@ -122,11 +166,17 @@ def create_app(settings: ServeSettings) -> FastAPI:
             run,
             max_batch=settings.max_batch,
             max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
             threads=settings.threads,
             drift_per_batch=settings.drift_per_batch,
             on_batch=metrics.batch_size.observe,
         )
         await batcher.start()
+        # One drift test before serving: its first run imports scipy and sets up its kernels, which
+        # took seconds and stalled the first minute's requests when it happened under load.
+        warm = reference.embeddings[: settings.drift_window], reference.input_stats[: settings.drift_window]
+        await run_in_threadpool(detector.test, *warm)
+        state.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="capas-decode")
         state.batcher = batcher
         drift_task = asyncio.create_task(_drift_loop(monitor, settings.drift_every_s))
         try:
@@ -135,6 +185,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             drift_task.cancel()
             state.batcher = None
             await batcher.stop()
+            state.decoder.shutdown(wait=True)
 
     app = FastAPI(
         title=f"capas serve: {run.spec.name}",
@@ -155,18 +206,50 @@ def create_app(settings: ServeSettings) -> FastAPI:
         name="docs-assets",
     )
     app.add_exception_handler(Exception, _internal_error)
-    # The last added is the outermost: metrics see every answer, including 401 and 413.
-    app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 1e6))
+    app.add_exception_handler(ClientDisconnect, _client_closed)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    # The last added is the outermost: metrics see every answer, including 401, 413 and 421.
+    app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 1e6), timeout=settings.read_timeout_s)
     if settings.token is not None:
         app.add_middleware(TokenGuard, token=settings.token.get_secret_value())
+    else:
+        app.add_middleware(HostGuard, bound=settings.host)
     app.add_middleware(RequestMetrics, metrics=metrics, on_predict=monitor.record_latency)
     return app
+
+
+def _embedding_width(run: Run) -> int:
+    """Features per image of the model's embedding (what the drift reference must match)."""
+    channels, (height, width) = run.preprocess.channels, run.preprocess.size
+    with torch.inference_mode():
+        return int(
+            run.model.embed(torch.zeros(1, channels, height, width, device=model_device(run.model))).shape[1]
+        )
+
+
+def uvicorn_config(app: FastAPI, settings: ServeSettings, **overrides: object):
+    """uvicorn's configuration for `app`: the connection limit and timeouts come from `settings`."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        **{
+            "host": settings.host,
+            "port": settings.port,
+            # No access log: one line per request costs throughput; /metrics counts every request instead.
+            "access_log": False,
+            "log_level": "info",
+            "limit_concurrency": settings.max_connections,  # beyond it uvicorn answers 503 at once
+            "timeout_keep_alive": settings.keep_alive_s,  # idle connections close after this (s)
+            **overrides,
+        },
+    )
 
 
 def serve(settings: ServeSettings) -> None:
     """Serve the run directory until interrupted (Ctrl-C)."""
     import uvicorn
 
-    app = create_app(settings)
-    # No access log: one line per request costs throughput; /metrics counts every request instead.
-    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="info")
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after a clean shutdown
+        server.run()

@@ -1,29 +1,35 @@
 """Micro-batching: requests that arrive together share one forward pass.
 
-Requests put their decoded images on an asyncio queue and await a future. One task takes the first
-waiting request, then whatever else is queued, and waits at most `max_wait_ms` for more until
-`max_batch` images are gathered; the batch is preprocessed and run through the model on one
-dedicated thread (so the event loop keeps accepting and parsing requests meanwhile), under
-`torch.inference_mode`, and each request gets its rows back. While a forward pass runs, new
-requests queue up, so under load batches fill by themselves. The wait is adaptive: a batch waits
-only while other requests are being received or decoded (`arriving`), so a lone client never
-pays `max_wait_ms`.
+Requests put their preprocessed images (model-sized float tensors: decoding and resizing happen
+per request, before this module, so a batch never holds a full-size image) on an asyncio queue and
+await a future. One task takes the first waiting request, then whatever else is queued, and waits
+at most `max_wait_ms` for more until `max_batch` images are gathered; the batch is concatenated
+and run through the model on one dedicated thread (so the event loop keeps accepting and parsing
+requests meanwhile), under `torch.inference_mode`, and each request gets its rows back. While a
+forward pass runs, new requests queue up, so under load batches fill by themselves. The wait is
+adaptive: a batch waits only while other requests are being received or decoded (`arriving`), so
+a lone client never pays `max_wait_ms`. The queue holds at most `max_queue` images: past that a
+request is refused at once (`Overloaded`, answered 503 with Retry-After) rather than held in memory.
+If a batched forward pass fails, each of its requests is run again alone, so one bad request fails
+only itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from capas.data import Preprocess
 from capas.inference import autocast, model_device
 from capas.runs import Run, input_statistics
+
+
+class Overloaded(Exception):
+    """The queue is full: the client should retry later."""
 
 
 @dataclass(frozen=True)
@@ -37,25 +43,8 @@ class Output:
 
 @dataclass
 class _Request:
-    images: list[torch.Tensor]  # uint8 (C, H, W), any sizes
+    inputs: torch.Tensor  # (n, C, H, W) float, preprocessed to the model's input size
     future: asyncio.Future = field(repr=False)
-
-
-def preprocess_batch(preprocess: Preprocess, images: list[torch.Tensor]) -> torch.Tensor:
-    """Preprocess uint8 (C, H, W) images of mixed sizes into one (B, C, H, W) batch, in their order.
-
-    Images of one size are preprocessed together (one call instead of one per image); each image is
-    transformed independently, so the result equals preprocessing them one by one.
-    """
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for position, image in enumerate(images):
-        groups[tuple(image.shape)].append(position)
-    rows: list[torch.Tensor | None] = [None] * len(images)
-    for positions in groups.values():
-        batch = preprocess(torch.stack([images[p] for p in positions]))  # (b, C, H, W)
-        for row, position in zip(batch, positions, strict=True):
-            rows[position] = row
-    return torch.stack(rows)
 
 
 class MicroBatcher:
@@ -67,6 +56,7 @@ class MicroBatcher:
         *,
         max_batch: int,
         max_wait_ms: float,
+        max_queue: int,
         threads: int,
         drift_per_batch: int,
         on_batch: Callable[[int], None],
@@ -75,9 +65,11 @@ class MicroBatcher:
         self.on_batch = on_batch  # told the number of images of every forward pass
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000  # seconds
+        self.max_queue = max_queue
         self.threads = threads
         self.drift_per_batch = drift_per_batch
         self.arriving = 0  # requests being read or decoded that will join a batch soon (see `receiving`)
+        self.queued = 0  # images waiting in the queue
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         # One thread runs every forward pass: the model is shared, never copied per request, and
         # PyTorch's own intra-op threads (`threads`) parallelise inside the pass.
@@ -85,8 +77,22 @@ class MicroBatcher:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, torch.set_num_threads, self.threads)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, torch.set_num_threads, self.threads)
+        await loop.run_in_executor(self._executor, self._warm_up)
         self._task = asyncio.create_task(self._loop(), name="capas-batcher")
+
+    def _warm_up(self) -> None:
+        """One forward pass per power-of-two batch size up to max_batch, before the first request:
+        the first pass at a new size sets up its kernels (oneDNN primitives, allocator pools), which
+        otherwise lands on the first users' latency."""
+        channels, (height, width) = self.run.preprocess.channels, self.run.preprocess.size
+        size = 1
+        while True:
+            self._forward(torch.zeros(size, channels, height, width))
+            if size >= self.max_batch:
+                return
+            size = min(2 * size, self.max_batch)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -94,6 +100,10 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._executor.shutdown(wait=True)
+
+    def full(self) -> bool:
+        """Whether a new request would be refused now (checked before its body is even read)."""
+        return self.queued >= self.max_queue
 
     @contextlib.contextmanager
     def receiving(self) -> Iterator[None]:
@@ -104,16 +114,24 @@ class MicroBatcher:
         finally:
             self.arriving -= 1
 
-    async def predict(self, images: list[torch.Tensor]) -> Output:
-        """Probabilities (and drift features) for the decoded uint8 (C, H, W) images of one request."""
+    async def predict(self, inputs: torch.Tensor) -> Output:
+        """Probabilities (and drift features) for one request's preprocessed (n, C, H, W) inputs;
+        `Overloaded` if the queue cannot take them."""
+        if self.queued + len(inputs) > self.max_queue:
+            raise Overloaded(f"{self.queued} images are waiting for the model (at most {self.max_queue})")
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(images, future))
+        self.queued += len(inputs)
+        self._queue.put_nowait(_Request(inputs, future))
         return await future
+
+    def _take(self, request: _Request) -> _Request:
+        self.queued -= len(request.inputs)
+        return request
 
     async def _collect(self) -> list[_Request]:
         loop = asyncio.get_running_loop()
-        batch = [await self._queue.get()]
-        size = len(batch[0].images)
+        batch = [self._take(await self._queue.get())]
+        size = len(batch[0].inputs)
         deadline = loop.time() + self.max_wait
         while size < self.max_batch:
             if self._queue.empty():
@@ -126,44 +144,51 @@ class MicroBatcher:
                     break
             else:
                 request = self._queue.get_nowait()
-            batch.append(request)
-            size += len(request.images)
+            batch.append(self._take(request))
+            size += len(request.inputs)
         return batch
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            images = [image for request in batch for image in request.images]
             try:
-                probabilities, embeddings, stats = await loop.run_in_executor(
-                    self._executor, self._forward, images
-                )
-            except Exception as error:  # a model failure fails this batch's requests, not the server
+                await self._run(batch)
+            except Exception as error:
+                if len(batch) == 1:
+                    _fail(batch[0], error)
+                    continue
+                # Which request broke the batch is unknown: run each alone, so only it fails.
                 for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(error)
-                continue
-            self.on_batch(len(images))
-            start = 0
-            for request in batch:
-                n = len(request.images)
-                sampled = max(0, min(n, len(embeddings) - start))
-                if not request.future.done():  # a client that went away cancelled its future
-                    request.future.set_result(
-                        Output(
-                            probabilities[start : start + n],
-                            embeddings[start : start + sampled],
-                            stats[start : start + sampled],
-                        )
-                    )
-                start += n
+                    try:
+                        await self._run([request])
+                    except Exception as alone:  # a model failure fails this request, not the server
+                        _fail(request, alone)
 
-    def _forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    async def _run(self, batch: list[_Request]) -> None:
+        x = torch.cat([request.inputs for request in batch]) if len(batch) > 1 else batch[0].inputs
+        probabilities, embeddings, stats = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._forward, x
+        )
+        self.on_batch(len(x))
+        start = 0
+        for request in batch:
+            n = len(request.inputs)
+            sampled = max(0, min(n, len(embeddings) - start))
+            if not request.future.done():  # a client that went away cancelled its future
+                request.future.set_result(
+                    Output(
+                        probabilities[start : start + n],
+                        embeddings[start : start + sampled],
+                        stats[start : start + sampled],
+                    )
+                )
+            start += n
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = self.run.model
         device = model_device(model)
         with torch.inference_mode(), autocast(device, self.run.precision):
-            x = preprocess_batch(self.run.preprocess, images).to(device)  # (B, C, H, W) float
+            x = x.to(device)  # (B, C, H, W) float
             probabilities = model.predict_proba(x).float().cpu()  # (B, classes)
             # Drift needs the penultimate features; a second partial pass on a few images per batch
             # keeps its cost bounded under load (drift_per_batch / max_batch of the model's work).

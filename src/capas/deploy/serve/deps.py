@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -23,6 +24,7 @@ class ServerState:
     metrics: Metrics
     monitor: Monitor
     batcher: MicroBatcher | None = None  # started with the app (it needs the running event loop)
+    decoder: ThreadPoolExecutor | None = None  # decodes and preprocesses request images, off the loop
 
 
 def get_state(request: Request) -> ServerState:

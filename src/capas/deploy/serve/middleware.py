@@ -1,4 +1,4 @@
-"""ASGI middleware: request metrics, the bearer token, the body size limit.
+"""ASGI middleware: request metrics, the bearer token or the Host check, the body size and time limits.
 
 Plain ASGI classes rather than `BaseHTTPMiddleware`, which adds a task and a memory stream per
 request. The token is checked here and not in a route dependency because it must also cover what
@@ -7,7 +7,9 @@ no router owns: the mounted static files and the API docs.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import ipaddress
 import json
 import time
 from collections.abc import Callable
@@ -118,16 +120,71 @@ class TokenGuard:
         await self.app(scope, receive, set_cookie)
 
 
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port: "[::1]:8000" -> "::1", "a.example:80" -> "a.example"."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class HostGuard:
+    """Without a token, only requests addressed to this server's own names are answered (else 421).
+
+    A web page can make a browser send requests to 127.0.0.1 under its own domain name (DNS
+    rebinding) and read the answers; such requests carry that domain in their Host header. Allowed:
+    localhost, the loopback addresses, the bound host, and — when bound to every interface — any IP
+    address (rebinding needs a domain name, so IP literals are safe).
+    """
+
+    def __init__(self, app: ASGIApp, bound: str):
+        self.app = app
+        self.allowed = {"localhost", "127.0.0.1", "::1", host_name(bound).lower()}
+        self.any_ip = bound in ("0.0.0.0", "::", "")
+
+    def allows(self, host: str) -> bool:
+        name = host_name(host).lower().rstrip(".")
+        return name in self.allowed or (self.any_ip and _is_ip(name))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host")
+        if host is None or self.allows(host.decode("latin-1")):
+            return await self.app(scope, receive, send)
+        shown = host[:100].decode("latin-1")
+        await send_json(
+            send,
+            421,
+            f"Host header {shown!r} is not this server's name ({', '.join(sorted(self.allowed))}); "
+            "serve with --token to accept requests under other names",
+        )
+
+
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int):
         super().__init__(413, f"body: larger than the {limit / 1e6:g} MB allowed (see --max-body-mb)")
 
 
-class BodyLimit:
-    """Refuses bodies over `limit` bytes: at once from Content-Length, or while streaming a chunked body."""
+class BodyTooSlow(HTTPException):
+    def __init__(self, seconds: float):
+        super().__init__(408, f"body: not received within {seconds:g} s (CAPAS_READ_TIMEOUT_S)")
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+
+class BodyLimit:
+    """Refuses bodies over `limit` bytes (at once from Content-Length, or while streaming a chunked
+    body) and bodies that take longer than `timeout` seconds to arrive (stalled or trickled uploads
+    would otherwise hold their buffers and a connection forever)."""
+
+    def __init__(self, app: ASGIApp, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -136,11 +193,19 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await send_json(send, 413, BodyTooLarge(self.limit).detail)
         received = 0
+        complete = False
+        deadline = asyncio.get_running_loop().time() + self.timeout
 
         async def counted() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # the body is in; what follows is the wait for a disconnect
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                raise BodyTooSlow(self.timeout) from None  # the app's handlers answer 408
             received += len(message.get("body", b""))
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             if received > self.limit:
                 raise BodyTooLarge(self.limit)  # an HTTPException: the app's handlers answer 413
             return message

@@ -39,6 +39,24 @@ class ServeOptions(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         default="auto", description="where the model runs: auto picks cuda, then mps, then cpu"
     )
+    max_request_pixels: int = Field(
+        default=48_000_000,
+        ge=1,
+        description="pixels per /predict request at most, summed over its images (checked before decoding)",
+    )
+    max_queue: int = Field(
+        default=512, ge=1, description="images waiting for the model at most; beyond it /predict answers 503"
+    )
+    max_connections: int = Field(
+        default=128, ge=1, description="open connections and requests at most; beyond it uvicorn answers 503"
+    )
+    read_timeout_s: float = Field(
+        default=30.0, gt=0.0, description="a request body must arrive within this (else 408)"
+    )
+    keep_alive_s: float = Field(
+        default=5.0, gt=0.0, description="idle keep-alive connections close after this"
+    )
+    decode_threads: int = Field(default=2, ge=1, description="threads decoding and preprocessing images")
     threads: int = Field(default_factory=default_threads, ge=1, description="PyTorch threads for inference")
     top_k: int = Field(
         default=5, ge=1, description="classes listed per prediction unless ?top_k= says otherwise"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -11,12 +12,12 @@ from typing import Annotated
 
 import torch
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
-from capas.data import read_image
+from capas.data import Preprocess, image_size, read_image
+from capas.deploy.serve.batching import Overloaded
 from capas.deploy.serve.deps import State
 from capas.deploy.serve.monitor import UnknownPrediction
 from capas.deploy.serve.settings import ServeSettings
@@ -24,7 +25,8 @@ from capas.errors import CapasError, closest
 
 router = APIRouter()
 
-DECODE_INLINE_BYTES = 256 * 1024  # smaller uploads decode on the event loop; larger ones on a worker thread
+MAX_ID_CHARS = 64  # prediction ids are 32 hex characters; longer ones are refused, never echoed
+RETRY_AFTER_S = 1  # what an overloaded server tells clients to wait
 DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
 ERROR = {
     "description": "what was wrong with the request",
@@ -84,7 +86,7 @@ class PredictResponse(BaseModel):
 
 
 class FeedbackIn(BaseModel):
-    id: str = Field(description="a prediction id returned by /predict")
+    id: str = Field(max_length=MAX_ID_CHARS, description="a prediction id returned by /predict")
     label: int | str = Field(description="the true class: its name or its index")
 
 
@@ -124,6 +126,8 @@ async def _json_parts(request: Request) -> list[tuple[str, bytes]]:
         data = json.loads(body)
     except ValueError as error:
         raise HTTPException(400, f"body: malformed JSON ({error})") from None
+    except RecursionError:  # thousands of nested [ or {: no request needs that
+        raise HTTPException(400, "body: JSON nested too deeply") from None
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list) or not images or not all(isinstance(item, str) for item in images):
         raise HTTPException(422, 'body: expected {"images": ["<base64>", …]} with at least one base64 string')
@@ -138,8 +142,8 @@ async def _json_parts(request: Request) -> list[tuple[str, bytes]]:
     return parts
 
 
-async def _request_images(request: Request, settings: ServeSettings) -> list[torch.Tensor]:
-    """The request's images decoded to uint8 (C, H, W), or an HTTPException naming the bad part."""
+async def _request_parts(request: Request, settings: ServeSettings) -> list[tuple[str, bytes]]:
+    """The request's image files as (name, bytes), or an HTTPException naming the bad part."""
     media = _media_type(request)
     if request.headers.get("content-length") == "0":
         raise HTTPException(400, "body: empty; send image files as multipart/form-data or base64 in JSON")
@@ -155,23 +159,51 @@ async def _request_images(request: Request, settings: ServeSettings) -> list[tor
         )
     if len(parts) > settings.max_images:
         raise HTTPException(413, f"body: {len(parts)} images, at most {settings.max_images} per request")
+    return parts
 
-    def decode() -> list[torch.Tensor]:
-        return [read_image(raw, name=name, max_pixels=settings.max_pixels) for name, raw in parts]
 
+def model_inputs(
+    parts: list[tuple[str, bytes]], preprocess: Preprocess, settings: ServeSettings
+) -> torch.Tensor:
+    """Decode and preprocess one request's images to (n, C, H, W) float model inputs (on a worker thread).
+
+    The request's pixels are counted from the headers before anything is decoded; each image is
+    shrunk while decoding to about twice the model's input size and preprocessed alone, so the
+    memory a request costs follows its pixel count only while one image decodes, never n × full size.
+    """
     try:
-        # A large image takes long enough to decode that it would stall every other request on the loop.
-        big = sum(len(raw) for _, raw in parts) > DECODE_INLINE_BYTES
-        return await run_in_threadpool(decode) if big else decode()
+        pixels = 0
+        for name, raw in parts:
+            height, width = image_size(raw, name=name)
+            if height * width > settings.max_pixels:
+                raise CapasError(
+                    f"{name}: {width}×{height} pixels is more than the {settings.max_pixels:,} allowed"
+                )
+            pixels += height * width
+        if pixels > settings.max_request_pixels:
+            raise HTTPException(
+                413,
+                f"body: {pixels:,} pixels in {len(parts)} images, more than the {settings.max_request_pixels:,} "
+                "allowed per request; send fewer or smaller images",
+            )
+        images = [
+            read_image(raw, name=name, max_pixels=settings.max_pixels, size=preprocess.size)
+            for name, raw in parts
+        ]
+        return preprocess.each(images)
     except CapasError as error:
         raise HTTPException(422, str(error)) from None
+
+
+def overloaded(detail: str) -> HTTPException:
+    return HTTPException(503, detail, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 @router.post(
     "/predict",
     response_model=PredictResponse,
     openapi_extra=PREDICT_BODY,
-    responses={400: ERROR, 413: ERROR, 415: ERROR, 422: ERROR},
+    responses={400: ERROR, 408: ERROR, 413: ERROR, 415: ERROR, 422: ERROR, 503: ERROR},
 )
 async def predict(
     request: Request,
@@ -181,15 +213,25 @@ async def predict(
     ] = None,
 ) -> PredictResponse:
     """Classify one or many images: multipart file(s), or JSON with base64 images."""
-    with state.batcher.receiving():
-        images = await _request_images(request, state.settings)
-    output = await state.batcher.predict(images)
+    batcher = state.batcher
+    if batcher.full():  # refuse before reading the body: an overloaded server must not buffer more
+        raise overloaded(f"server busy: {batcher.queued} images wait for the model; retry later")
+    with batcher.receiving():
+        parts = await _request_parts(request, state.settings)
+        # Always off the event loop: a few kilobytes can hold millions of pixels (a palette PNG).
+        inputs = await asyncio.get_running_loop().run_in_executor(
+            state.decoder, model_inputs, parts, state.run.preprocess, state.settings
+        )
+    try:
+        output = await batcher.predict(inputs)
+    except Overloaded as error:
+        raise overloaded(f"server busy: {error}; retry later") from None
     classes = state.run.classes
     k = min(top_k or state.settings.top_k, len(classes))
     probabilities = output.probabilities  # (n, classes)
     top_p, top_i = probabilities.topk(k, dim=1)
     indices = probabilities.argmax(1).tolist()
-    ids = [uuid.uuid4().hex for _ in images]
+    ids = [uuid.uuid4().hex for _ in range(len(inputs))]
     state.monitor.record_predictions(ids, indices, output.embeddings, output.input_stats)
     return PredictResponse(
         model=state.run.spec.name,

@@ -1,0 +1,68 @@
+"""The one image decoder (capas.data.images): modes, EXIF orientation, alpha, shrinking while decoding."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import hostile
+from capas.data import image_size, read_image
+from capas.data.images import BACKGROUND
+from capas.errors import CapasError
+
+RAMP = np.rint(np.linspace(0, 255, 28)).astype(np.int16)  # what every ramp of the corpus means in 8 bits
+
+
+@pytest.mark.parametrize("name", ["grey16.png", "int32.tiff", "float32.tiff"])
+def test_deep_images_are_scaled_to_8_bits_not_clipped(name):
+    image = read_image(hostile.images()[name])
+    assert image.shape == (1, 28, 28) and image.dtype == torch.uint8
+    row = image[0, 0].numpy().astype(np.int16)
+    assert np.abs(row - RAMP).max() <= 1, row  # clipped, 99% of a 16-bit ramp would be 255
+
+
+def test_32_bit_values_outside_16_bits_are_stretched():
+    values = np.array([[-5, 0, 10**9]], np.int32)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, "TIFF")
+    assert read_image(buffer.getvalue())[0, 0].tolist() == [0, 0, 255]
+
+
+def test_exif_orientation_is_applied():
+    image = read_image(hostile.images()["exif-rotated.jpg"])  # stored 40 wide × 20 high, left half white
+    assert image.shape == (1, 40, 20)  # upright: 20 wide × 40 high, the white half on top
+    assert image[0, :18].float().mean() > 250 and image[0, 22:].float().mean() < 5
+    assert image_size(hostile.images()["exif-rotated.jpg"]) == (40, 20)
+
+
+def test_alpha_is_composited_on_the_background():
+    image = read_image(hostile.images()["alpha.png"])  # black; left half opaque, right half transparent
+    assert image.shape == (3, 28, 28)
+    assert image[:, :, :14].eq(0).all() and image[:, :, 14:].eq(BACKGROUND).all()
+    grey_alpha = io.BytesIO()
+    Image.fromarray(np.dstack([np.zeros((4, 4), np.uint8), np.full((4, 4), 128, np.uint8)]), "LA").save(
+        grey_alpha, "PNG"
+    )
+    assert read_image(grey_alpha.getvalue()).eq(round(BACKGROUND * 127 / 255)).all()  # half-transparent black
+
+
+def test_large_images_shrink_while_decoding_to_twice_the_model_size():
+    palette = hostile.palette_png()  # 4000 × 4000
+    assert image_size(palette) == (4000, 4000)
+    small = read_image(palette, size=(28, 28))
+    assert small.shape == (3, 57, 57)  # 4000 // 70: at least twice 28 on each side
+    assert read_image(hostile.palette_png(40), size=(28, 28)).shape == (3, 40, 40)  # never enlarged
+    photo = io.BytesIO()
+    Image.fromarray(np.full((3000, 2000, 3), 90, np.uint8)).save(photo, "JPEG")
+    shrunk = read_image(photo.getvalue(), size=(32, 32))
+    assert shrunk.shape[1] >= 64 and shrunk.shape[2] >= 64 and shrunk.shape[1] < 200
+    assert abs(shrunk.float().mean().item() - 90) < 2
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    with pytest.raises(CapasError, match=r"bomb.png: .*pixels"):
+        read_image(hostile.bomb_png(), name="bomb.png")
+    with pytest.raises(CapasError, match="4000×4000 pixels is more than the 1,000,000 allowed"):
+        read_image(hostile.palette_png(), max_pixels=1_000_000)

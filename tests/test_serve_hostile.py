@@ -1,0 +1,371 @@
+"""`capas serve` under hostile input and overload (issue 14), against real uvicorn servers on loopback
+ports: in a thread (`live_server`) or as the real `capas serve` process where memory is measured."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import hostile
+from capas.cli import app as cli
+from capas.data import make_splits
+from capas.runs import REFERENCE, load_run
+from serve_support import live_server, png
+
+
+@pytest.fixture(scope="module")
+def good_png():
+    return png(make_splits("fashion-mnist", limit=2000).test.images[0])
+
+
+def post(client: httpx.Client, case: hostile.Case) -> httpx.Response:
+    return client.request(case.method, case.path, content=case.body, headers=case.headers)
+
+
+# 1 (memory) --------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def cli_server(run_dir: Path, *options: str):
+    """The real `capas serve` process on a free loopback port; yields (base URL, process)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capas", "serve", str(run_dir), "--port", str(port), *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stderr.read().decode()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "capas serve did not become healthy"
+            time.sleep(0.2)
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_large_pixel_images_cost_memory_by_model_size_not_image_size(tiny_run):
+    palette = hostile.palette_png()  # 20 KB on the wire, 4000×4000 = 16 M pixels
+    with (
+        cli_server(tiny_run, "--workers-threads", "1") as (url, process),
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
+        body, headers = hostile.multipart(("a.png", hostile.palette_png(64)))
+        assert client.post("/predict", content=body, headers=headers).status_code == 200
+        before = peak_rss_mb(process.pid)
+        # 3 × 16 M pixels: within the per-request budget (48 M)
+        body, headers = hostile.multipart(*[(f"p{i}.png", palette) for i in range(3)])
+        response = client.post("/predict", content=body, headers=headers)
+        assert response.status_code == 200, response.text
+        grown = peak_rss_mb(process.pid) - before
+        # 8 × 16 M pixels in one request: refused from the headers, before decoding
+        body, headers = hostile.multipart(*[(f"p{i}.png", palette) for i in range(8)])
+        refused = client.post("/predict", content=body, headers=headers)
+        grown_after_refusal = peak_rss_mb(process.pid) - before
+    print(f"peak RSS grew {grown:.0f} MB for 3 × 16 M pixels, {grown_after_refusal:.0f} MB after the refusal")
+    # Full-size decoding stacked 3 × 48 MB of RGB and converted it to 3 × 192 MB of float32 (~750 MB);
+    # decoding one image at a time and shrinking it leaves one 64 MB RGBA image at a time.
+    assert grown < 200
+    assert refused.status_code == 413 and "128,000,000 pixels" in refused.json()["detail"]
+    assert grown_after_refusal < 200
+
+
+# 2 (event loop) ---------------------------------------------------------------------------------
+
+
+def test_health_answers_while_large_pixel_images_decode(tiny_run):
+    palette = hostile.palette_png()
+    body, headers = hostile.multipart(*[(f"p{i}.png", palette) for i in range(3)])
+    with live_server(run_dir=tiny_run, threads=1) as (url, _):
+        stop = threading.Event()
+        statuses = []
+
+        def hammer():
+            with httpx.Client(base_url=url, timeout=60) as client:
+                while not stop.is_set():
+                    statuses.append(client.post("/predict", content=body, headers=headers).status_code)
+
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(4):
+                pool.submit(hammer)
+            time.sleep(0.5)
+            waits = []
+            with httpx.Client(base_url=url, timeout=60) as client:
+                for _ in range(20):
+                    start = time.perf_counter()
+                    assert client.get("/health").status_code == 200
+                    waits.append(time.perf_counter() - start)
+                    time.sleep(0.05)
+            stop.set()
+    print(f"/health while decoding: max {max(waits) * 1e3:.0f} ms, median {sorted(waits)[10] * 1e3:.0f} ms")
+    assert statuses and set(statuses) == {200}
+    # Decoded on the event loop, each 48 M-pixel request stalled every other request (~1 s here).
+    assert max(waits) < 0.3
+
+
+# 3 (overload) -----------------------------------------------------------------------------------
+
+
+def test_a_full_queue_answers_503_with_retry_after(tiny_run, good_png):
+    body, headers = hostile.multipart(*[(f"{i}.png", good_png) for i in range(4)])
+    with live_server(run_dir=tiny_run, threads=1, max_batch=1, max_queue=4, decode_threads=4) as (url, _):
+
+        def client_loop(_):
+            got = []
+            with httpx.Client(base_url=url, timeout=60) as client:
+                for _ in range(15):
+                    response = client.post("/predict", content=body, headers=headers)
+                    got.append((response.status_code, response.headers.get("retry-after")))
+            return got
+
+        with ThreadPoolExecutor(16) as pool:
+            results = [r for part in pool.map(client_loop, range(16)) for r in part]
+    statuses = {status for status, _ in results}
+    print({status: sum(1 for s, _ in results if s == status) for status in statuses})
+    assert statuses == {200, 503}
+    assert all(retry == "1" for status, retry in results if status == 503)
+
+
+def test_a_stalled_upload_gets_408_and_frees_the_connection(tiny_run):
+    with live_server(run_dir=tiny_run, read_timeout_s=1.0) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n" + b'{"images": ["'
+            )
+            start = time.monotonic()
+            answer = sock.recv(65536)
+            waited = time.monotonic() - start
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert 0.8 < waited < 5
+
+
+def test_connections_beyond_the_limit_get_503(tiny_run):
+    with live_server(run_dir=tiny_run, max_connections=4) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+        try:
+            time.sleep(0.3)
+            response = httpx.get(f"{url}/health", timeout=10)
+            assert response.status_code == 503
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.3)
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_a_client_leaving_mid_upload_logs_no_traceback_and_is_not_a_500(tiny_run, good_png):
+    with live_server(run_dir=tiny_run) as (url, _):
+        records = Records()
+        loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "capas.serve", "")]
+        for logger in loggers:
+            logger.addHandler(records)
+        try:
+            port = int(url.rsplit(":", 1)[1])
+            body, headers = hostile.multipart(("a.png", good_png * 50))
+            for _ in range(3):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                    sock.sendall(
+                        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {headers['Content-Type']}\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n".encode()
+                        + body[: len(body) // 2]
+                    )
+                    time.sleep(0.2)
+            time.sleep(0.5)
+            metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        finally:
+            for logger in loggers:
+                logger.removeHandler(records)
+    bad = [r for r in records.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not bad, [r.getMessage() for r in bad]
+    assert 'route="/predict",status="500"' not in metrics
+    assert 'route="/predict",status="499"' in metrics
+
+
+# 4 (isolation) ----------------------------------------------------------------------------------
+
+
+def test_one_bad_request_in_a_batch_fails_only_itself(tiny_run):
+    """Four requests batched into one forward pass, one of them with inputs the model cannot take."""
+    from capas.deploy.serve.batching import MicroBatcher
+
+    run = load_run(tiny_run)
+    good = run.preprocess.each(list(make_splits("fashion-mnist", limit=2000).test.images[:3]))
+    bad = torch.zeros(1, 2, 28, 28)  # two channels: the first convolution refuses it
+
+    async def scenario():
+        batcher = MicroBatcher(
+            run,
+            max_batch=32,
+            max_wait_ms=200,
+            max_queue=64,
+            threads=1,
+            drift_per_batch=8,
+            on_batch=lambda n: None,
+        )
+        await batcher.start()
+        sizes = []
+        batcher.on_batch = sizes.append
+        try:
+            with batcher.receiving():  # another request is on its way: the batch waits for all four
+                tasks = [
+                    asyncio.create_task(batcher.predict(x)) for x in (good[:1], bad, good[1:2], good[2:])
+                ]
+                await asyncio.sleep(0.05)
+            return await asyncio.gather(*tasks, return_exceptions=True), sizes
+        finally:
+            await batcher.stop()
+
+    results, sizes = asyncio.run(scenario())
+    assert isinstance(results[1], RuntimeError)
+    for position, result in zip((0, 2, 3), (results[0], results[2], results[3]), strict=True):
+        assert not isinstance(result, Exception), result
+        expected = run.model.predict_proba(good[position - (position > 1) : position - (position > 1) + 1])
+        assert torch.allclose(result.probabilities, expected, atol=1e-5)
+    assert sizes[0] == 1  # the batch of four failed, then each ran alone
+    del sizes
+
+
+# 5 (image modes through the server) -------------------------------------------------------------
+
+
+def test_image_modes_predict_as_their_8_bit_equivalents(tiny_run):
+    """A 16-bit, 32-bit integer and 32-bit float version of one ramp predict what its 8-bit PNG predicts."""
+    ramp = torch.from_numpy(hostile.gradient("float64", 255).round().astype("uint8")).unsqueeze(
+        0
+    )  # (1, 28, 28)
+    with live_server(run_dir=tiny_run) as (url, _), httpx.Client(base_url=url, timeout=30) as client:
+
+        def probabilities(name: str, data: bytes) -> list[float]:
+            body, headers = hostile.multipart((name, data))
+            response = client.post("/predict", content=body, headers=headers)
+            assert response.status_code == 200, response.text
+            return response.json()["predictions"][0]["probabilities"]
+
+        reference = probabilities("ramp.png", png(ramp))
+        for name in ("grey16.png", "int32.tiff", "float32.tiff"):
+            got = probabilities(name, hostile.images()[name])
+            # equal up to one grey level of rounding (clipped, a 16-bit ramp was 99% white)
+            assert max(abs(a - b) for a, b in zip(got, reference, strict=True)) < 0.01, name
+
+
+# 6 (bad JSON, long ids, damaged run files) -------------------------------------------------------
+
+
+def test_deeply_nested_json_and_huge_ids_get_small_4xx_answers(tiny_run):
+    with live_server(run_dir=tiny_run) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        nested = {"Content-Type": "application/json"}
+        response = client.post("/predict", content=hostile.nested_json(), headers=nested)
+        assert response.status_code == 400 and "nested" in response.json()["detail"]
+        response = client.post("/feedback", content=hostile.nested_json(), headers=nested)
+        assert 400 <= response.status_code < 500
+        response = client.post("/feedback", json={"id": "x" * 9_000_000, "label": 0})
+        assert response.status_code == 422
+        assert len(response.content) < 1000 and "id" in response.json()["detail"]
+
+
+def damaged_copy(tiny_run: Path, tmp_path: Path, name: str, content: bytes) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / name).write_bytes(content)
+    return run
+
+
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        ("test.json", b'{"accuracy": 0.8', ["test.json", "damaged"]),
+        ("metrics.jsonl", b'{"epoch": 1}\n{"epo', ["metrics.jsonl", "damaged"]),
+        (REFERENCE, None, ["reference", "features", "another model"]),
+    ],
+)
+def test_damaged_run_files_are_a_clear_start_up_error(tiny_run, tmp_path, name, content, words):
+    if content is None:  # a drift reference of another model: 7 features per image
+        run = damaged_copy(tiny_run, tmp_path, "unused", b"")
+        save_file({"embeddings": torch.rand(50, 7), "input_stats": torch.rand(50, 2)}, str(run / REFERENCE))
+    else:
+        run = damaged_copy(tiny_run, tmp_path, name, content)
+    result = CliRunner().invoke(cli, ["serve", str(run), "--port", str(free_port())])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in result.output, result.output
+
+
+# 7 (DNS rebinding) ------------------------------------------------------------------------------
+
+
+def test_without_a_token_only_this_servers_names_are_answered(tiny_run):
+    with live_server(run_dir=tiny_run) as (url, _), httpx.Client(base_url=url, timeout=30) as client:
+        port = url.rsplit(":", 1)[1]
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST"):
+            assert client.get("/info", headers={"Host": host}).status_code == 200, host
+        for host in (f"attacker.example:{port}", "127.0.0.1.attacker.example", "localhost.evil"):
+            response = client.get("/monitor/data", headers={"Host": host})
+            assert response.status_code == 421, host
+            assert "Host" in response.json()["detail"]
+
+
+# the corpus -------------------------------------------------------------------------------------
+
+
+def test_the_hostile_corpus_gets_the_expected_4xx_and_the_server_keeps_serving(tiny_run, good_png):
+    cases = hostile.cases()
+    with live_server(run_dir=tiny_run) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        for case in cases:
+            response = post(client, case)
+            assert response.status_code in case.expect, (case.name, response.status_code, response.text[:300])
+            if response.status_code >= 400:
+                assert len(response.content) < 2000, case.name  # nothing is echoed back
+                json.loads(response.content)
+            body, headers = hostile.multipart(("good.png", good_png))
+            assert client.post("/predict", content=body, headers=headers).status_code == 200, case.name
