@@ -195,3 +195,8 @@ class MicroBatcher:
             sample = x[: self.drift_per_batch]
             embeddings = model.embed(sample).float().cpu() if len(sample) else torch.empty(0, 0)
             return probabilities, embeddings, input_statistics(sample).cpu()
+
+
+def _fail(request: _Request, error: Exception) -> None:
+    if not request.future.done():
+        request.future.set_exception(error)
