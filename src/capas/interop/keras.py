@@ -51,7 +51,7 @@ KEPT = {
     "Flatten": (),
     "Dropout": ("rate",),
     "SpatialDropout2D": ("rate",),
-    "BatchNormalization": ("momentum", "epsilon"),
+    "BatchNormalization": ("momentum", "epsilon", "center", "scale"),
     "LayerNormalization": ("epsilon",),
     "GroupNormalization": ("groups", "epsilon"),
     "Activation": ("activation",),
@@ -68,7 +68,7 @@ FIXED = {
     "Flatten": {"data_format": ("channels_last",)},
     "Dropout": {"noise_shape": ()},
     "SpatialDropout2D": {"data_format": ("channels_last",)},
-    "BatchNormalization": {"center": (True,), "scale": (True,), "renorm": (False,)},
+    "BatchNormalization": {"renorm": (False,)},
     "LayerNormalization": {"center": (True,), "scale": (True,), "rms_scaling": (False,)},
     "GroupNormalization": {"center": (True,), "scale": (True,)},
     "ReLU": {"threshold": (0, 0.0)},
@@ -340,7 +340,7 @@ def _translate(
                 problems.append(f"{where}: dtype {value!r}; capas imports float32 layers")
         elif key == "trainable":
             if value is not True:
-                problems.append(f"{where}: trainable={value!r}; capas trains every layer of its own spec")
+                keywords["trainable"] = bool(value)  # Keras' frozen layer, frozen in capas too
         elif key.endswith(("_regularizer", "_constraint")):
             if value is not None:
                 notes.append(f"{where}: {key} ignored (it acts during Keras' training only)")
@@ -629,8 +629,11 @@ def keras_config(spec: ModelSpec) -> dict:
     ]
     for info in spec.layer_infos():
         # every keyword, defaults included: some of capas' defaults are required arguments in Keras
+        # kernel_initializer too is left out: the trained weights come with the file, and capas'
+        # data-dependent starts ('whitening', 'dirac') are no Keras initializer names
         keywords = {
-            k: _keras_value(v) for k, v in info.layer.model_dump(mode="json", exclude={"name"}).items()
+            k: _keras_value(v)
+            for k, v in info.layer.model_dump(mode="json", exclude={"name", "kernel_initializer"}).items()
         }
         layers.append(
             {

@@ -73,6 +73,11 @@ class Layer(BaseModel):
     name: str | None = None
     """Keras' optional layer name; defaults to the snake-case type name with a counter."""
 
+    trainable: bool = True
+    """Keras' `trainable`: False freezes the layer's weights (no gradients, no optimizer state, no
+    weight decay) and the summary counts them as non-trainable; a frozen BatchNormalization also
+    stays in inference mode, as in Keras."""
+
     takes: ClassVar[str] = "any"
     """What input the layer accepts: 'maps' (H, W, C), 'flat' (F,) or 'any'."""
 

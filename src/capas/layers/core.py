@@ -28,8 +28,20 @@ def _spatial(
     return out_h, out_w
 
 
+KernelInitializer = Literal["glorot_uniform", "dirac", "whitening"]
+
+
 @register
 class Conv2D(Layer):
+    """Keras' Conv2D. `kernel_initializer` adds two starts airbench uses besides Keras' default:
+
+    - `dirac`: the first min(filters, input channels) filters pass their input channel through
+      unchanged (an identity, i.e. an implicit residual); any further filters stay glorot-uniform.
+    - `whitening`: the kernels whiten the training images' patches (filled by
+      `capas.models.init.fit_whitening` from the training split before training starts; the first
+      layer only, at most 2 × kernel height × kernel width × channels filters).
+    """
+
     takes = "maps"
     structured_pruning = True
     example = (
@@ -42,8 +54,17 @@ class Conv2D(Layer):
     padding: Padding = "valid"
     activation: ActivationName = None
     use_bias: bool = True
+    kernel_initializer: KernelInitializer = "glorot_uniform"
 
     def output_shape(self, shape: Shape) -> Shape:
+        if self.kernel_initializer == "whitening":
+            patch = self.kernel_size[0] * self.kernel_size[1] * shape[2]
+            if self.filters > 2 * patch:
+                raise ValueError(
+                    f"kernel_initializer 'whitening' gives at most 2 × {self.kernel_size[0]}×{self.kernel_size[1]} "
+                    f"× {shape[2]} channels = {2 * patch} filters (each patch direction and its negative), "
+                    f"got filters={self.filters}"
+                )
         return (*_spatial(shape, self.kernel_size, self.strides, self.padding, "kernel"), self.filters)
 
     def params(self, shape: Shape) -> tuple[int, int]:
@@ -153,17 +174,25 @@ def _elements(shape: Shape) -> int:
 
 @register
 class BatchNormalization(Layer):
+    """Keras' BatchNormalization. `scale: false` drops gamma (fixed at 1) and `center: false` drops
+    beta (fixed at 0), as in Keras; airbench trains its BatchNorm layers with `scale: false` and
+    `momentum: 0.6`."""
+
     structured_pruning = True
     example = ({}, (5, 5, 4))
     momentum: float = Field(default=0.99, ge=0.0, le=1.0)
     epsilon: float = Field(default=1e-3, gt=0.0)
+    center: bool = True
+    scale: bool = True
 
     def params(self, shape: Shape) -> tuple[int, int]:
-        return 2 * shape[-1], 2 * shape[-1]  # gamma, beta; moving mean and variance
+        # gamma and/or beta; the moving mean and variance
+        return (self.center + self.scale) * shape[-1], 2 * shape[-1]
 
     def formula(self, shape: Shape) -> str:
         trainable, non_trainable = self.params(shape)
-        return f"4·{shape[-1]} = {trainable + non_trainable:,} ({non_trainable:,} not trainable)"
+        per_channel = 2 + self.center + self.scale
+        return f"{per_channel}·{shape[-1]} = {trainable + non_trainable:,} ({non_trainable:,} not trainable)"
 
     def macs(self, shape: Shape) -> int:
         return _elements(shape)  # one scale-and-shift per element at inference
@@ -219,6 +248,20 @@ class ReLU(Layer):
     example = ({"max_value": 6.0}, (5, 5, 4))
     max_value: float | None = Field(default=None, gt=0.0)
     negative_slope: float = Field(default=0.0, ge=0.0)
+
+
+@register
+class Rescaling(Layer):
+    """Keras' Rescaling: x · scale + offset. Before a classifier's softmax it sets the logits'
+    temperature (airbench multiplies its logits by 1/9)."""
+
+    structured_pruning = True
+    example = ({"scale": 1 / 9, "offset": 0.5}, (5, 5, 4))
+    scale: float
+    offset: float = 0.0
+
+    def macs(self, shape: Shape) -> int:
+        return _elements(shape)
 
 
 @register

@@ -28,11 +28,12 @@ class CapasNet(nn.Module):
         self.spec = spec
         infos = spec.layer_infos()
         self.names = [info.name for info in infos]
-        self.frozen = sum(info.frozen for info in infos)  # leading backbone layers with frozen weights
         self.backbone: Backbone | None = None
+        self.frozen = 0  # leading backbone layers with frozen weights
         if spec.backbone is not None:
             # named `backbone` so that optimizers give its parameters `backbone_lr_scale`
             self.backbone = build_backbone(spec.backbone, pretrained=pretrained)
+            self.frozen = sum(info.frozen for info in infos[: len(self.backbone)])
             infos = infos[len(self.backbone) :]
         self.layers = nn.ModuleDict()
         strip_softmax = _ends_in_softmax(spec)
@@ -40,7 +41,11 @@ class CapasNet(nn.Module):
             module = build_module(info.layer, info.input_shape)
             if strip_softmax and info is infos[-1]:
                 module = _without_softmax(module)
+            if not info.layer.trainable:  # Keras' `trainable: false`: the weights stay as initialised
+                module.requires_grad_(False)
             self.layers[info.name] = module
+        # layers of the spec with `trainable: false`: their BatchNorm stays in inference mode, as Keras'
+        self.fixed = [self.layers[info.name] for info in infos if not info.layer.trainable]
 
         self.set_frozen(self.frozen)
 
@@ -53,11 +58,14 @@ class CapasNet(nn.Module):
 
     def train(self, mode: bool = True) -> CapasNet:
         """As nn.Module.train, but frozen backbone layers stay in inference mode when `bn_frozen`
-        (their BatchNorm layers keep using and keeping their ImageNet running statistics)."""
+        (their BatchNorm layers keep using and keeping their ImageNet running statistics), and so do
+        the spec's layers with `trainable: false`."""
         super().train(mode)
         if self.backbone is not None and self.spec.backbone.bn_frozen:
             for row in list(self.backbone)[: self.frozen]:
                 row.eval()
+        for module in self.fixed:
+            module.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) float -> (B, classes) logits

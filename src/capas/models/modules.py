@@ -100,6 +100,10 @@ def _conv2d(layer: L.Conv2D, shape: Shape) -> nn.Module:
     core = _padding_modules(shape, layer.kernel_size, layer.strides, layer.padding)
     conv = nn.Conv2d(shape[2], layer.filters, layer.kernel_size, layer.strides, bias=layer.use_bias)
     nn.init.xavier_uniform_(conv.weight)  # Keras' glorot_uniform kernel, zero bias
+    if layer.kernel_initializer == "dirac":
+        with torch.no_grad():
+            nn.init.dirac_(conv.weight[: shape[2]])  # filter i copies input channel i
+    # 'whitening' needs training images: capas.models.init.fit_whitening fills it before training
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
     core["conv"] = conv
@@ -188,7 +192,13 @@ def _spatial_dropout(layer: L.SpatialDropout2D, shape: Shape) -> nn.Module:
 def _batch_norm(layer: L.BatchNormalization, shape: Shape) -> nn.Module:
     # Keras' momentum weighs the old statistics; PyTorch's weighs the new batch.
     kind = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
-    return kind(shape[-1], eps=layer.epsilon, momentum=1.0 - layer.momentum)
+    norm = kind(shape[-1], eps=layer.epsilon, momentum=1.0 - layer.momentum)
+    # PyTorch's batch_norm takes weight=None as 1 and bias=None as 0
+    if not layer.scale:
+        norm.register_parameter("weight", None)
+    if not layer.center:
+        norm.register_parameter("bias", None)
+    return norm
 
 
 class _ChannelLayerNorm(nn.Module):
@@ -234,6 +244,20 @@ def _relu(layer: L.ReLU, shape: Shape) -> nn.Module:
     if layer.max_value is None and not layer.negative_slope:
         return nn.ReLU()
     return _KerasReLU(layer.max_value, layer.negative_slope)
+
+
+class _Rescale(nn.Module):
+    def __init__(self, scale: float, offset: float):
+        super().__init__()
+        self.scale, self.offset = scale, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.offset
+
+
+@builds(L.Rescaling)
+def _rescaling(layer: L.Rescaling, shape: Shape) -> nn.Module:
+    return _Rescale(layer.scale, layer.offset)
 
 
 @builds(L.Softmax)

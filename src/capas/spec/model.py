@@ -172,6 +172,12 @@ class ModelSpec:
                     f"{where}: needs a flat vector but gets feature maps of shape {shape}; "
                     "add Flatten, GlobalAveragePooling2D or GlobalMaxPooling2D before it"
                 )
+            if getattr(layer, "kernel_initializer", None) == "whitening" and (index or self.backbone):
+                raise CapasError(
+                    f"{where}: kernel_initializer 'whitening' whitens the input images' patches, so it "
+                    "applies to the first layer only (and not after a backbone); use 'dirac' or "
+                    "'glorot_uniform' here"
+                )
             try:
                 out = layer.output_shape(shape)
             except ValueError as error:
@@ -183,7 +189,15 @@ class ModelSpec:
             trainable, non_trainable = layer.params(shape)
             infos.append(
                 LayerInfo(
-                    offset + index, name, layer, shape, out, trainable, non_trainable, layer.macs(shape)
+                    offset + index,
+                    name,
+                    layer,
+                    shape,
+                    out,
+                    trainable,
+                    non_trainable,
+                    layer.macs(shape),
+                    frozen=not layer.trainable,
                 )
             )
             shape = out

@@ -35,12 +35,29 @@ class OptimizerConfig(_Config):
 
 
 class ScheduleConfig(_Config):
-    name: Literal["constant", "step", "cosine", "onecycle"] = "constant"
+    name: Literal["constant", "step", "cosine", "onecycle", "linear"] = "constant"
     step_epochs: int = Field(default=10, ge=1, description="'step': epochs between decays")
     gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="'step': factor per decay")
     warmup_fraction: float = Field(
-        default=0.25, gt=0.0, lt=1.0, description="'onecycle': share of steps rising"
+        default=0.25, gt=0.0, lt=1.0, description="'onecycle', 'linear': share of steps rising"
     )
+    initial_factor: float = Field(
+        default=0.04, ge=0.0, le=1.0, description="'linear': the rate at step 0, relative to lr"
+    )
+    final_factor: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="'linear': the rate at the last step, relative to lr"
+    )
+
+
+class EmaConfig(_Config):
+    """An exponential moving average of the weights (Keras' optimizer `use_ema`): after every step
+    ema = decay · ema + (1 − decay) · weights, over every float tensor of the model's state (the
+    BatchNorm statistics included). The EMA is what validation, the test and the run's weights
+    use. With `overwrite_every: k` the weights are replaced by the EMA every k steps (Keras'
+    `ema_overwrite_frequency`; Lookahead-like, as airbench does)."""
+
+    decay: float = Field(default=0.99, ge=0.0, lt=1.0, description="Keras' ema_momentum")
+    overwrite_every: int | None = Field(default=None, ge=1, description="Keras' ema_overwrite_frequency")
 
 
 class EarlyStopping(_Config):
@@ -60,12 +77,21 @@ class FinetuneConfig(_Config):
 
 
 class Augment(_Config):
-    """Random training-time changes, drawn per image (applied by capas.data.augment_batch)."""
+    """Random training-time changes on whole batches, drawn per image (applied by
+    capas.data.augment_batch).
+
+    `hflip: true` mirrors a random half of the images left-right at every epoch; `hflip:
+    alternate` is airbench's scheme: each image gets a random first choice, then is mirrored on
+    every other epoch, so that over two epochs the network sees every image both ways.
+    `crop_padding: p` translates by up to p pixels: a random crop of the image padded by p pixels,
+    with zeros (`crop_fill: zeros`) or with the mirrored border (`reflect`, airbench's).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    crop_padding: NonNegativeInt = 0  # random crop of the image zero-padded by this many pixels; 0 = off
-    hflip: bool = False  # mirror half of the images left-right
+    crop_padding: NonNegativeInt = 0  # random crop of the image padded by this many pixels; 0 = off
+    crop_fill: Literal["zeros", "reflect"] = "zeros"
+    hflip: bool | Literal["alternate"] = False
 
 
 class TrainConfig(_Config):
@@ -100,6 +126,13 @@ class TrainConfig(_Config):
     )
     max_samples: int | None = Field(default=None, ge=1, description="budget of training images seen")
     finetune: FinetuneConfig | None = None
+    ema: EmaConfig | None = None
+    tta: Literal["none", "flip", "flip_shift"] = Field(
+        default="none",
+        description="test-time augmentation in evaluation, prediction and serving: 'flip' averages the "
+        "logits of the image and its mirror; 'flip_shift' also those of both views shifted one pixel "
+        "up-left and down-right (6 forward passes, weighted as airbench: ½ unshifted, ¼ each shift)",
+    )
 
 
 class DataConfig(_Config):
