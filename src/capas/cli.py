@@ -103,7 +103,7 @@ def train(
     lr: float | None = None,
     momentum: float | None = None,
     weight_decay: float | None = None,
-    schedule: Annotated[str | None, typer.Option(help="constant, step, cosine or onecycle")] = None,
+    schedule: Annotated[str | None, typer.Option(help="constant, step, cosine, onecycle or linear")] = None,
     label_smoothing: float | None = None,
     patience: Annotated[
         int | None, typer.Option(help="early stopping on val_loss with this patience")
@@ -117,6 +117,10 @@ def train(
         int | None, typer.Option(help="train on a stratified subset of this many images")
     ] = None,
     max_seconds: Annotated[float | None, typer.Option(help="wall-clock budget for training")] = None,
+    tta: Annotated[
+        str | None,
+        typer.Option(help="test-time augmentation: none, flip or flip_shift (kept for predict and serve)"),
+    ] = None,
     nproc: Annotated[
         int, typer.Option(min=1, help="processes for one data-parallel run (DDP: gloo on CPU, nccl on GPUs)")
     ] = 1,
@@ -159,6 +163,7 @@ def train(
             max_seconds=max_seconds,
             deterministic=deterministic,
             threads=threads,
+            tta=tta,
         )
     )
     opt = dict(train_raw.get("optimizer") or {})
@@ -178,6 +183,11 @@ def train(
     main = distributed.env_rank() == 0  # under torchrun, rank 0 alone prints
     if main:
         console.print(f"training [bold]{model_spec.name}[/] on {data_cfg.name} -> {out}", highlight=False)
+        from capas.cpu import bfloat16_warning
+        from capas.inference import resolve_device
+
+        if warning := bfloat16_warning(resolve_device(train_cfg.device), train_cfg.precision):
+            errors.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     if distributed.launched():
         results = distributed.train_ranked(
             model_spec, data_cfg, train_cfg, out, callbacks=[RichProgress(console)], restart=restart
@@ -191,6 +201,20 @@ def train(
     if main:
         _print_test(results)
         console.print(f"run directory: {out}", highlight=False)
+
+
+@app.command()
+@friendly
+def info() -> None:
+    """Print the machine as capas records it in run directories: versions, cores, CPU fast paths, GPU."""
+    from capas.cpu import describe
+    from capas.runs import environment
+
+    env = environment()
+    for key, value in env.items():
+        if key != "cpu_features":
+            console.print(f"{key}: {value}", highlight=False)
+    console.print(describe(env["cpu_features"]), highlight=False)
 
 
 def _print_test(results: dict) -> None:

@@ -1,12 +1,14 @@
 """Running a model without gradients, the one way train, predict, serve and compress all do it:
-device choice, autocast, batch sizing, evaluation and its result."""
+device choice, autocast, batch sizing, test-time augmentation, evaluation and its result."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from capas.data import ArrayDataset, Preprocess, iterate_batches
@@ -73,6 +75,37 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
     return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
+TTA_MODES = ("none", "flip", "flip_shift")
+
+
+def _mirrored(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * model(x).float() + 0.5 * model(x.flip(3)).float()
+
+
+def tta_logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, C, H, W) inputs -> (B, classes) float logits averaged over the views `mode` names:
+    'none' the image; 'flip' it and its mirror; 'flip_shift' those two weighted ½, plus both
+    shifted one pixel up-left and down-right (border reflected), mirrored too, ¼ each."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {mode!r}; allowed: {', '.join(TTA_MODES)}")
+    if mode == "none":
+        return model(x).float()
+    logits = _mirrored(model, x)
+    if mode == "flip":
+        return logits
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect" if min(h, w) > 1 else "replicate")  # (B, C, H+2, W+2)
+    up_left = padded[..., :h, :w]  # content moves one pixel down-right
+    down_right = padded[..., 2:, 2:]  # content moves one pixel up-left
+    # the views keep the input's memory format (channels-last convolutions are the fast ones on the CPU)
+    fmt = (
+        torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    )
+    views = [view.contiguous(memory_format=fmt) for view in (up_left, down_right)]
+    shifted = 0.5 * _mirrored(model, views[0]) + 0.5 * _mirrored(model, views[1])
+    return 0.5 * logits + 0.5 * shifted
+
+
 @dataclass
 class Evaluation:
     """Loss, accuracy and every prediction of one model on one dataset."""
@@ -111,8 +144,10 @@ def evaluate(
     device: torch.device | str | None = None,
     channels_last: bool = False,
     precision: str = "float32",
+    tta: str = "none",
 ) -> Evaluation:
-    """Loss (cross-entropy on logits) and accuracy of `model` on a whole dataset.
+    """Loss (cross-entropy on logits) and accuracy of `model` on a whole dataset; with `tta`, on
+    logits averaged over test-time views (`tta_logits`).
 
     `device`: where the batches go; by default the model's own device (wherever `fit` left it).
     """
@@ -125,7 +160,7 @@ def evaluate(
         data, batch_size, preprocess=preprocess, device=device, channels_last=channels_last
     ):
         with autocast(device, precision):
-            logits = model(x).float()
+            logits = tta_logits(model, x, tta)
         total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         predictions.append(logits.argmax(1).cpu())
         labels.append(y.cpu())

@@ -9,7 +9,7 @@ import torch
 
 from capas.data import Splits, read_image, splits_for
 from capas.errors import CapasError
-from capas.inference import Evaluation, autocast, evaluate, model_device
+from capas.inference import Evaluation, autocast, evaluate, model_device, tta_logits
 from capas.runs import Run
 from capas.spec import DataConfig
 
@@ -27,13 +27,14 @@ class Prediction:
 
 @torch.no_grad()
 def predict(run: Run, images: list[torch.Tensor]) -> list[Prediction]:
-    """Class probabilities for decoded uint8 (C, H, W) images of any size, preprocessed as in training."""
+    """Class probabilities for decoded uint8 (C, H, W) images of any size, preprocessed as in training
+    and with the run's test-time augmentation."""
     if not images:
         return []
     device = model_device(run.model)
     batch = run.preprocess.each(images).to(device)  # (B, C, H, W)
     with autocast(device, run.precision):
-        probabilities = run.model.predict_proba(batch).float().cpu()
+        probabilities = torch.softmax(tta_logits(run.model, batch, run.tta), dim=1).cpu()
     return [Prediction(run.classes[int(p.argmax())], int(p.argmax()), p.tolist()) for p in probabilities]
 
 
@@ -62,5 +63,5 @@ def evaluate_run(run: Run, data: DataConfig | None = None) -> tuple[str, Evaluat
     splits = run_splits(run, data)
     device = model_device(run.model)
     return splits.info["dataset"], evaluate(
-        run.model, splits.test, run.preprocess, device, precision=run.precision
+        run.model, splits.test, run.preprocess, device, precision=run.precision, tta=run.tta
     )

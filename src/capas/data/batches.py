@@ -79,17 +79,35 @@ class Preprocess(BaseModel):
         return x
 
 
-def augment_batch(x: torch.Tensor, cfg: Augment, generator: torch.Generator) -> torch.Tensor:
+def _image_bits(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """One pseudo-random bit per dataset index, fixed for a seed (a 32-bit integer hash): the
+    per-image choice that alternating flips keep across epochs, without state to checkpoint."""
+    h = (index.long() + seed * 1_000_003) & 0xFFFFFFFF
+    for _ in range(2):  # products stay below 2**59: no int64 overflow
+        h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
+    return (((h >> 16) ^ h) & 1).bool()
+
+
+def augment_batch(
+    x: torch.Tensor,
+    cfg: Augment,
+    generator: torch.Generator,
+    index: torch.Tensor | None = None,
+    epoch: int = 0,
+    seed: int = 0,
+) -> torch.Tensor:
     """Random training-time changes as `cfg` says, drawn per image from `generator`.
 
     (N, C, H, W) float -> the same shape; random numbers come from `generator`'s device.
+    Alternating flips need the images' dataset `index` (N,), the `epoch` and the run's `seed`.
     """
     if not cfg.crop_padding and not cfg.hflip:
         return x  # nothing to do: any tensor passes (cached backbone features are (N, F))
     n, c, h, w = x.shape
     if cfg.crop_padding:
         p = cfg.crop_padding
-        padded = F.pad(x, (p, p, p, p))  # (N, C, H + 2p, W + 2p)
+        mode = "reflect" if cfg.crop_fill == "reflect" and p < min(h, w) else "constant"
+        padded = F.pad(x, (p, p, p, p), mode=mode)  # (N, C, H + 2p, W + 2p)
         # per-image offsets in 0..2p: offset p is the uncropped image
         offsets = torch.randint(0, 2 * p + 1, (2, n, 1), generator=generator, device=generator.device)
         dy, dx = offsets.to(x.device)
@@ -102,7 +120,12 @@ def augment_batch(x: torch.Tensor, cfg: Augment, generator: torch.Generator) -> 
             rows.view(n, 1, h, 1),
             cols.view(n, 1, 1, w),
         ]
-    if cfg.hflip:
+    if cfg.hflip == "alternate":
+        if index is None:
+            raise CapasError("augment.hflip 'alternate' needs the images' dataset indices")
+        flip = (_image_bits(index, seed) ^ bool(epoch % 2)).to(x.device)
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    elif cfg.hflip:
         flip = torch.rand(n, generator=generator, device=generator.device).to(x.device) < 0.5
         x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
     return x
@@ -127,8 +150,12 @@ def iterate_batches(
     drop_last: bool = False,
     device: torch.device | str = "cpu",
     channels_last: bool = False,
+    epoch: int = 0,
+    seed: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (float images (B, channels, H, W), int64 labels (B,)) on `device`, one pass over `data`.
+
+    Alternating flips (`augment.hflip: alternate`) follow the `epoch` and the run's `seed`.
 
     Shuffling and augmentation draw from `generator` (the global one when None). For the fastest
     GPU epochs pass `data.to(device)`: batches are then gathered on the GPU and nothing crosses the bus.
@@ -149,7 +176,7 @@ def iterate_batches(
         labels = data.labels[index].to(device, non_blocking=True)
         x = preprocess(images, channels_last)
         if augment is not None:
-            x = augment_batch(x, augment, generator)
+            x = augment_batch(x, augment, generator, index=index, epoch=epoch, seed=seed)
         if channels_last:  # augmentation may have changed the memory format
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, labels

@@ -34,8 +34,10 @@ from safetensors.torch import save_file
 
 import capas
 from capas import atomic
+from capas.cpu import cpu_features
 from capas.data import ArrayDataset, Preprocess
 from capas.errors import CapasError
+from capas.inference import TTA_MODES
 from capas.models import CapasNet, build_model
 from capas.models.weights import load_checked
 from capas.runs.reference import REFERENCE, save_reference
@@ -56,6 +58,7 @@ def environment() -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_features": cpu_features(),  # AVX-512, AVX512-BF16, AMX: what bfloat16 runs on
     }
 
 
@@ -84,6 +87,7 @@ class Run:
     preprocess: Preprocess
     classes: tuple[str, ...]
     precision: str = "float32"  # the training's precision (config.json), kept for prediction
+    tta: str = "none"  # the training's test-time augmentation (config.json), applied by predict and serve
 
     def read_json(self, name: str) -> dict | None:
         file = self.path / name
@@ -112,15 +116,18 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         precision = (config.get("train") or {}).get("precision", "float32")  # imported runs have no train
         if precision not in ("float32", "bfloat16"):
             raise ValueError(f"train.precision {precision!r} is not float32 or bfloat16")
+        tta = (config.get("train") or {}).get("tta", "none")
+        if tta not in TTA_MODES:
+            raise ValueError(f"train.tta {tta!r} is not one of {', '.join(TTA_MODES)}")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise CapasError(f"{path}: damaged model.json, preprocess.json or config.json ({error})") from None
     spec = ModelSpec.from_dict(spec_data, source=str(path / "model.json"))
     if runtime is not None:
         model = OnnxModel(path / runtime["model"], expect=(spec.input_shape, len(classes)))
-        return Run(path, spec, model, preprocess, classes)
+        return Run(path, spec, model, preprocess, classes, tta=tta)
     model = build_model(spec, pretrained=False)  # the run's weights replace any pretrained ones
     load_weights(path / "model.safetensors", model)
-    return Run(path, spec, model.to(device).eval(), preprocess, classes, precision)
+    return Run(path, spec, model.to(device).eval(), preprocess, classes, precision, tta)
 
 
 def write_run(

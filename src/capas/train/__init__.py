@@ -7,11 +7,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from capas.data import splits_for
 from capas.errors import CapasError
 from capas.inference import evaluate, resolve_device
 from capas.lock import exclusive
 from capas.models import build_model, preprocess_for
+from capas.models.init import WHITENING_IMAGES, fit_whitening, whitening_layers
 from capas.runs import write_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.spec.io import config_changes
@@ -102,6 +105,13 @@ def _train(
     preprocess = preprocess_for(spec)  # a backbone's own normalisation, saved with the run for serving
     model = build_model(spec, seed=cfg.seed)
     started = time.perf_counter()
+    # A whitening first layer is computed from training images (a resumed run recomputes the same
+    # kernels, then loads its checkpoint over them); the weights file then holds it for serving.
+    whitening = None
+    if whitening_layers(model):
+        sample = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(cfg.seed))
+        raw = splits.train.images[sample[:WHITENING_IMAGES]]
+        whitening = fit_whitening(model, (preprocess(part) for part in raw.split(256)))
     device = resolve_device(cfg.device)
     feature_cache = None
     if dist is None and features.applies(model, cfg):  # only the top trains: run it on features computed once
@@ -129,7 +139,7 @@ def _train(
             identity=identity,
         )
         test = (evaluate if dist is None else dist.evaluate)(
-            model, splits.test, preprocess, device, cfg.channels_last, cfg.precision
+            model, splits.test, preprocess, device, cfg.channels_last, cfg.precision, cfg.tta
         )
     test_results = {
         **test.test_results(classes),
@@ -150,6 +160,8 @@ def _train(
         "splits": splits.info,
         "device": str(device),
     }
+    if whitening is not None:
+        config["whitening"] = whitening
     if dist is not None and not dist.is_main:
         return test_results
     write_run(

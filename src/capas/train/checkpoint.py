@@ -57,11 +57,15 @@ def save_checkpoint(
     monitor: dict,
     best_weights: dict[str, torch.Tensor] | None,
     identity: dict | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> None:
+    """Everything a rerun needs to go on after `epoch` epochs; `ema` is the weight average, if any."""
     optim_tensors, optim_plain = _split_optimizer(optimizer.state_dict())
     tensors = {**_tensors("model.", model.state_dict()), **optim_tensors}
     if best_weights is not None:
         tensors.update(_tensors("best.", best_weights))
+    if ema is not None:
+        tensors.update(_tensors("ema.", ema))
     meta = {
         "epoch": epoch,
         "history": result.history,
@@ -82,6 +86,7 @@ class Resumed:
     images: int
     monitor: dict
     best_weights: dict[str, torch.Tensor] | None
+    ema: dict[str, torch.Tensor]  # the weight average (empty without one)
 
 
 def checkpoint_epoch(path: Path) -> int:
@@ -122,6 +127,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         _join_optimizer(tensors, meta["optimizer"])
     )  # moves state to the params' device
     best = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best.")} or None
+    ema = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}
     return Resumed(
-        meta["epoch"], meta["history"], meta["train_seconds"], meta["images"], meta["monitor"], best
+        meta["epoch"], meta["history"], meta["train_seconds"], meta["images"], meta["monitor"], best, ema
     )

@@ -81,6 +81,7 @@ class Distributed:
         device: torch.device | str = "cpu",
         channels_last: bool = False,
         precision: str = "float32",
+        tta: str = "none",
     ) -> Evaluation:
         """`evaluate` on a 1/world slice per rank, gathered: every rank gets the whole dataset's result."""
         n = len(data)
@@ -92,6 +93,7 @@ class Distributed:
             device,
             channels_last,
             precision,
+            tta,
         )
         largest = max(b - a for a, b in itertools.pairwise(bounds))
         # gloo and nccl gather equal sizes: pad each slice's (prediction, label) pairs to the largest

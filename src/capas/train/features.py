@@ -52,7 +52,7 @@ class Features:
 
 def applies(model: CapasNet, cfg: TrainConfig) -> bool:
     """Whether training can run on cached features: the whole backbone frozen and in inference mode,
-    no augmentation, no fine-tuning schedule."""
+    no augmentation (at training or test time), no fine-tuning schedule."""
     spec = model.spec
     return (
         model.backbone is not None
@@ -60,6 +60,7 @@ def applies(model: CapasNet, cfg: TrainConfig) -> bool:
         and spec.backbone.bn_frozen
         and cfg.augment.crop_padding == 0
         and not cfg.augment.hflip
+        and cfg.tta == "none"
         and cfg.finetune is None
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from capas.errors import CapasError
 from capas.inference import autocast, evaluate, resolve_device
 from capas.spec.train import EarlyStopping, OptimizerConfig, TrainConfig
 from capas.train.checkpoint import checkpoint_epoch, load_checkpoint, save_checkpoint
+from capas.train.ema import WeightAverage
 from capas.train.optim import lr_factor, make_optimizer, set_lr
 from capas.train.reproducible import reproducible
 
@@ -137,10 +139,13 @@ def _fit(
     monitor = _Monitor(cfg.early_stopping)
     result, best_state, start_epoch = FitResult(), None, 0
 
+    ema = WeightAverage(model, cfg.ema) if cfg.ema is not None else None
     if checkpoint is not None and (state := load_checkpoint(checkpoint, model, optimizer)) is not None:
         start_epoch, best_state = state.epoch, state.best_weights
         result.history, result.train_seconds, result.images = state.history, state.train_seconds, state.images
         monitor.load(state.monitor)
+        if ema is not None:
+            ema.load(state.ema)
     net = model if dist is None else dist.wrap(model)  # DDP averages gradients over the processes
     world = 1 if dist is None else dist.world
     evaluate_all = evaluate if dist is None else dist.evaluate
@@ -170,6 +175,8 @@ def _fit(
             generator=generator,
             device=device,
             channels_last=cfg.channels_last,
+            epoch=epoch,
+            seed=cfg.seed,
         ):
             n = len(y)  # the global batch: counts, budgets and callbacks see whole batches
             if dist is not None:
@@ -184,6 +191,8 @@ def _fit(
             # the mean over the global batch; DDP divides the summed gradients by `world`, hence the factor
             (loss * world / n).backward()
             optimizer.step()
+            if ema is not None:
+                ema.update(model, step + 1)
             # Running sums stay on the device: no host sync per step (a .item() here stalls a GPU).
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y).sum()
@@ -197,7 +206,14 @@ def _fit(
         if dist is not None:
             dist.sum(loss_sum, correct)  # this process' slices -> the whole epoch's
 
-        val_eval = evaluate_all(model, val, preprocess, device, cfg.channels_last, cfg.precision)
+        # with an EMA, the averaged weights are the model: validated, kept as the best, saved
+        with ema.applied(model) if ema is not None else contextlib.nullcontext():
+            val_eval = evaluate_all(model, val, preprocess, device, cfg.channels_last, cfg.precision)
+            improved = monitor.improved(
+                {"epoch": epoch + 1, "val_loss": val_eval.loss, "val_accuracy": val_eval.accuracy}
+            )
+            if improved and cfg.early_stopping is not None:
+                best_state = copy.deepcopy(model.state_dict())
         metrics = {
             "epoch": epoch + 1,
             "loss": loss_sum.item() / seen,
@@ -209,14 +225,20 @@ def _fit(
             "images_per_s": seen / (time.perf_counter() - started),
         }
         result.history.append(metrics)
-        if monitor.improved(metrics) and cfg.early_stopping is not None:
-            best_state = copy.deepcopy(model.state_dict())
         for cb in callbacks:
             cb.on_epoch_end(metrics)
         stop = _stop_reason(cfg, result, monitor)
         if checkpoint is not None and (dist is None or dist.is_main):
             save_checkpoint(
-                checkpoint, model, optimizer, epoch + 1, result, monitor.state(), best_state, identity
+                checkpoint,
+                model,
+                optimizer,
+                epoch + 1,
+                result,
+                monitor.state(),
+                best_state,
+                identity,
+                ema=None if ema is None else ema.tensors(),
             )
         if stop:
             result.stopped = stop
@@ -224,6 +246,8 @@ def _fit(
 
     if best_state is not None:
         model.load_state_dict(best_state)
+    elif ema is not None:
+        ema.copy_to(model)
     result.best_epoch = monitor.best_epoch
     for cb in callbacks:
         cb.on_fit_end(result)

@@ -59,6 +59,13 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps:
             if step < rise:
                 return 0.04 + 0.96 * step / rise
             return 0.5 * (1.0 + math.cos(math.pi * min((step - rise) / max(1, total_steps - rise), 1.0)))
+        case "linear":
+            # airbench's triangle: linear from initial_factor up to 1, then linear down to final_factor
+            rise = max(1, int(cfg.warmup_fraction * total_steps))
+            if step < rise:
+                return cfg.initial_factor + (1.0 - cfg.initial_factor) * step / rise
+            fall = min((step - rise) / max(1, total_steps - 1 - rise), 1.0)
+            return 1.0 + (cfg.final_factor - 1.0) * fall
     raise AssertionError(cfg.name)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from capas.inference import autocast, model_device
+from capas.inference import autocast, model_device, tta_logits
 from capas.runs import Run, input_statistics
 
 
@@ -189,7 +189,8 @@ class MicroBatcher:
         device = model_device(model)
         with torch.inference_mode(), autocast(device, self.run.precision):
             x = x.to(device)  # (B, C, H, W) float
-            probabilities = model.predict_proba(x).float().cpu()  # (B, classes)
+            # the run's test-time augmentation (train.tta in config.json): 1, 2 or 6 views per image
+            probabilities = torch.softmax(tta_logits(model, x, self.run.tta), dim=1).cpu()  # (B, classes)
             # Drift needs the penultimate features; a second partial pass on a few images per batch
             # keeps its cost bounded under load (drift_per_batch / max_batch of the model's work).
             sample = x[: self.drift_per_batch]

@@ -1,0 +1,64 @@
+"""What the CPU offers the training step: the instruction sets that make bfloat16 fast."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import torch
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@cache
+def cpu_flags(path: Path = CPUINFO) -> frozenset[str]:
+    """The first processor's flags from /proc/cpuinfo (empty where there is no such file)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):  # x86 says flags, ARM says Features
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_features(flags: frozenset[str] | None = None) -> dict:
+    """The CPU's vector extensions that matter for training, and whether bfloat16 is native.
+
+    oneDNN runs bfloat16 matrix products on AVX512-BF16 (VDPBF16PS) or AMX tiles; without either,
+    bfloat16 is emulated in float32 and usually slower than plain float32.
+    """
+    flags = cpu_flags() if flags is None else flags
+    features = {
+        "capability": torch.backends.cpu.get_cpu_capability(),  # the kernels PyTorch dispatches to
+        "avx512": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags and "amx_tile" in flags,
+        "arm_bf16": "bf16" in flags,  # Armv8.6 BFloat16 instructions
+    }
+    features["native_bfloat16"] = features["avx512_bf16"] or features["amx_bf16"] or features["arm_bf16"]
+    return features
+
+
+def bfloat16_warning(
+    device: torch.device | str, precision: str, flags: frozenset[str] | None = None
+) -> str | None:
+    """A sentence for a user who asks for bfloat16 on a CPU that would emulate it, else None."""
+    if precision != "bfloat16" or torch.device(device).type != "cpu":
+        return None
+    features = cpu_features(flags)
+    if features["native_bfloat16"]:
+        return None
+    return (
+        f"--precision bfloat16 on a CPU without native bfloat16 (no AVX512-BF16, AMX or Arm BF16; "
+        f"PyTorch dispatches {features['capability']}): bfloat16 is emulated and usually slower than "
+        "float32 here"
+    )
+
+
+def describe(features: dict) -> str:
+    """One line for people: the fast paths this CPU has."""
+    have = [name for name in ("avx512", "avx512_bf16", "amx_bf16", "arm_bf16") if features[name]]
+    bf16 = "native bfloat16" if features["native_bfloat16"] else "no native bfloat16 (use float32)"
+    return f"CPU: {', '.join(have) or 'no AVX-512'}; PyTorch kernels {features['capability']}; {bf16}"
