@@ -1,0 +1,350 @@
+"""The fast recipes' building blocks (issue #16), each on tiny data: patch-whitening and Dirac
+initialisation, frozen layers, BatchNorm without scale, the weight EMA, alternating flips,
+reflected translation, test-time augmentation, the linear schedule and the CPU's bfloat16 check."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from capas.cpu import bfloat16_warning, cpu_features, cpu_flags
+from capas.data import ArrayDataset, iterate_batches, splits_for
+from capas.data.batches import augment_batch, default_preprocess
+from capas.errors import CapasError
+from capas.inference import tta_logits
+from capas.layers import LAYERS
+from capas.models import build_model
+from capas.models.init import patch_whitening
+from capas.models.modules import build_module
+from capas.predict import evaluate_run, predict
+from capas.runs import load_run
+from capas.spec import Augment, DataConfig, ModelSpec, ScheduleConfig, TrainConfig
+from capas.spec.summary import summarize
+from capas.train import fit, train
+from capas.train.ema import WeightAverage
+from capas.train.optim import lr_factor
+
+WHITENED = {
+    "name": "whitened",
+    "input_shape": [28, 28, 1],
+    "layers": [
+        {"Conv2D": {"filters": 18, "kernel_size": 3, "kernel_initializer": "whitening", "trainable": False}},
+        {"Activation": {"activation": "gelu"}},
+        {"Conv2D": {"filters": 24, "kernel_size": 3, "padding": "same", "kernel_initializer": "dirac"}},
+        {"MaxPooling2D": {"pool_size": 2}},
+        {"BatchNormalization": {"momentum": 0.6, "scale": False}},
+        {"Activation": {"activation": "gelu"}},
+        "GlobalMaxPooling2D",
+        {"Dense": {"units": 10}},
+    ],
+}
+
+
+def _correlated_images(n: int = 64, seed: int = 0) -> torch.Tensor:
+    """Smooth random images: neighbouring pixels strongly correlated, as in photographs."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(n, 3, 20, 20, generator=g)
+    return torch.nn.functional.avg_pool2d(noise, 3, 1) * 2 + 0.1  # (n, 3, 18, 18)
+
+
+def test_patch_whitening_gives_patches_unit_variance_and_no_correlation():
+    images = _correlated_images()
+    kernels, bias, eigenvalues, count = patch_whitening(images.split(16), (2, 2), 24)
+    assert kernels.shape == (24, 3, 2, 2) and count == 64
+    assert (eigenvalues[:-1] >= eigenvalues[1:]).all()  # decreasing
+    out = torch.nn.functional.conv2d(images, kernels, bias)  # (n, 24, 17, 17)
+    first = out[:, :12].permute(1, 0, 2, 3).reshape(12, -1).double()  # the 12 directions
+    covariance = first @ first.T / first.shape[1]
+    # eps (5e-4 of the mean eigenvalue) shrinks each direction's variance slightly below 1
+    assert torch.allclose(covariance, torch.eye(12, dtype=torch.float64), atol=0.02)
+    assert out.mean(dim=(0, 2, 3)).abs().max() < 1e-3  # the bias centres the outputs
+    assert torch.allclose(kernels[12:], -kernels[:12])  # the rest are the negatives
+    # fewer filters than directions: the leading (largest-variance) ones
+    fewer, _, _, _ = patch_whitening([images], (2, 2), 5)
+    assert torch.allclose(fewer, kernels[:5], atol=1e-6)
+
+
+def test_whitening_is_for_the_first_layer_and_at_most_twice_the_patch():
+    too_many = {**WHITENED, "layers": [{"Conv2D": {**WHITENED["layers"][0]["Conv2D"], "filters": 19}}]}
+    with pytest.raises(CapasError, match="at most 2 × 3×3 × 1 channels = 18 filters"):
+        ModelSpec.from_dict({**too_many, "layers": [*too_many["layers"], "Flatten"]})
+    later = [{"Conv2D": {"filters": 4, "kernel_size": 3}}, WHITENED["layers"][0], "Flatten"]
+    with pytest.raises(CapasError, match=r"layer 1 \(Conv2D\): kernel_initializer 'whitening'.*first layer"):
+        ModelSpec.from_dict({**WHITENED, "layers": later})
+
+
+def test_dirac_convolution_passes_its_input_channels_through():
+    layer = LAYERS["Conv2D"](filters=6, kernel_size=3, padding="same", kernel_initializer="dirac")
+    x = torch.randn(2, 4, 7, 7)
+    y = build_module(layer, (7, 7, 4))(x)
+    assert torch.allclose(y[:, :4], x, atol=1e-6)  # identity for the first 4 filters
+    assert y[:, 4:].abs().sum() > 0  # the others keep glorot-uniform kernels
+
+
+def test_summary_counts_frozen_layers_and_batchnorm_without_scale():
+    spec = ModelSpec.from_dict(WHITENED)
+    rows = {r.name: r for r in summarize(spec).rows}
+    assert rows["conv2d"].frozen and not rows["conv2d_1"].frozen
+    assert rows["batch_normalization"].trainable == 24  # beta only
+    summary = summarize(spec)
+    whitening = 3 * 3 * 1 * 18 + 18
+    assert summary.non_trainable == whitening + 2 * 24  # the frozen conv + moving mean and variance
+    model = build_model(spec)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == summary.trainable
+    assert model.layers["batch_normalization"].weight is None
+
+
+@pytest.fixture(scope="module")
+def whitened_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "whitened"
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=100,
+        optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True},
+        schedule={"name": "linear", "warmup_fraction": 0.2},
+        augment={"hflip": "alternate", "crop_padding": 2, "crop_fill": "reflect"},
+        ema={"decay": 0.9},
+        tta="flip",
+        label_smoothing=0.2,
+    )
+    results = train(ModelSpec.from_dict(WHITENED), DataConfig(name="fashion-mnist", limit=1000), cfg, out)
+    return out, results
+
+
+def test_a_run_with_every_trick_records_them_and_serves_with_nothing_else(whitened_run):
+    out, results = whitened_run
+    assert results["test_accuracy"] > 0.2  # 10 classes: chance is 0.1 (2 epochs of 900 images)
+    config = json.loads((out / "config.json").read_text())
+    record = config["whitening"]
+    assert record["layer"] == "conv2d" and record["images"] == 1000 and len(record["eigenvalues"]) == 9
+    assert config["train"]["tta"] == "flip" and config["train"]["ema"]["decay"] == 0.9
+    run = load_run(out)
+    assert run.tta == "flip"
+    # the frozen whitening layer still holds the kernels computed from the training images
+    conv = run.model.layers["conv2d"].conv
+    spec = ModelSpec.from_dict(WHITENED)
+    splits = splits_for(DataConfig(name="fashion-mnist", limit=1000))
+    sample = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))
+    images = default_preprocess(spec.input_shape)(splits.train.images[sample])
+    kernels, bias, _, _ = patch_whitening([images], (3, 3), 18)
+    assert torch.allclose(conv.weight, kernels, atol=1e-5) and torch.allclose(conv.bias, bias, atol=1e-5)
+    # evaluation and prediction from the run directory apply its test-time augmentation
+    _, evaluation = evaluate_run(run)
+    assert evaluation.accuracy == pytest.approx(results["test_accuracy"])
+    raw = splits.test.images[:8]
+    probabilities = torch.tensor([p.probabilities for p in predict(run, list(raw))])
+    x = run.preprocess(raw)
+    with torch.no_grad():
+        flipped = 0.5 * run.model(x) + 0.5 * run.model(x.flip(3))
+        plain = run.model(x)
+    assert torch.allclose(probabilities, torch.softmax(flipped, 1), atol=1e-5)
+    assert not torch.allclose(probabilities, torch.softmax(plain, 1), atol=1e-5)
+
+
+def test_tta_averages_the_views_airbench_weighs():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    x = torch.randn(2, 1, 6, 6)
+    model(x)
+    assert torch.equal(tta_logits(model, x, "none"), model(x))
+    mirror = 0.5 * model(x) + 0.5 * model(x.flip(3))
+    assert torch.allclose(tta_logits(model, x, "flip"), mirror)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    views = [padded[..., :6, :6], padded[..., 2:, 2:]]
+    shifted = sum(0.25 * model(v) + 0.25 * model(v.flip(3)) for v in views)
+    assert torch.allclose(tta_logits(model, x, "flip_shift"), 0.5 * mirror + 0.5 * shifted, atol=1e-6)
+    with pytest.raises(ValueError, match="allowed: none, flip, flip_shift"):
+        tta_logits(model, x, "rotate")
+
+
+def test_alternating_flips_mirror_each_image_on_every_other_epoch():
+    cfg = Augment(hflip="alternate")
+    index = torch.arange(1000)
+    x = torch.arange(4.0).view(1, 1, 1, 4).expand(1000, 1, 1, 4)
+    g = torch.Generator()
+
+    def augment(x, g, **kw):
+        return augment_batch(x, cfg, g, **kw)
+
+    flipped = [(augment(x, g, index=index, epoch=e, seed=7)[:, 0, 0, 0] == 3).clone() for e in range(3)]
+    assert 400 < int(flipped[0].sum()) < 600  # a random half first
+    assert torch.equal(flipped[1], ~flipped[0])  # the other half next epoch: every image both ways
+    assert torch.equal(flipped[2], flipped[0])
+    # the first choice belongs to the image, not to its place in the batch
+    shuffled = torch.randperm(1000, generator=torch.Generator().manual_seed(1))
+    again = augment(x, g, index=shuffled, epoch=0, seed=7)[:, 0, 0, 0] == 3
+    assert torch.equal(again, flipped[0][shuffled])
+    other_seed = augment(x, g, index=index, epoch=0, seed=8)[:, 0, 0, 0] == 3
+    assert not torch.equal(other_seed, flipped[0])
+    with pytest.raises(CapasError, match="dataset indices"):
+        augment(x, g)
+
+
+def test_reflected_translation_fills_borders_with_the_image():
+    x = torch.arange(1.0, 26.0).view(1, 1, 5, 5).repeat(200, 1, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    zeros = augment_batch(x, Augment(crop_padding=2), g)
+    reflect = augment_batch(x, Augment(crop_padding=2, crop_fill="reflect"), g)
+    assert (zeros == 0).any() and not (reflect == 0).any()
+    moved = (reflect != x).flatten(1).any(1)
+    assert 0.7 < moved.float().mean() < 1.0  # 24 of the 25 offsets move the image
+    # every row of a translated image is a row of the reflected original
+    padded = torch.nn.functional.pad(x[:1], (2, 2, 2, 2), mode="reflect")[0, 0]
+    rows = {tuple(padded[r, c : c + 5].tolist()) for r in range(9) for c in range(5)}
+    assert all(tuple(row.tolist()) in rows for row in reflect[:20, 0].reshape(-1, 5))
+
+
+def test_iterate_batches_gives_alternating_flips_the_dataset_indices():
+    images = torch.zeros(10, 1, 1, 2, dtype=torch.uint8)
+    images[..., 1] = 255  # every image is [0, 255]
+    data = ArrayDataset(images, torch.zeros(10, dtype=torch.int64), ("a",))
+    pre = default_preprocess((1, 2, 1))
+
+    def first_pixels(epoch):
+        batches = iterate_batches(
+            data, 3, preprocess=pre, augment=Augment(hflip="alternate"), shuffle=True, epoch=epoch, seed=3
+        )
+        return torch.cat([x[:, 0, 0, 0] for x, _ in batches])
+
+    a, b = first_pixels(0), first_pixels(1)
+    assert a.sum() + b.sum() == 10  # each image mirrored in exactly one of the two epochs
+
+
+def _tiny_fit(cfg: TrainConfig, checkpoint=None):
+    spec = ModelSpec.from_dict({**WHITENED, "layers": WHITENED["layers"][2:]})
+    splits = splits_for(DataConfig(name="fashion-mnist", limit=300))
+    model = build_model(spec, seed=0)
+    fit(model, splits.train, splits.val, default_preprocess(spec.input_shape), cfg, checkpoint=checkpoint)
+    return model
+
+
+def test_weight_average_follows_the_keras_formula():
+    model = torch.nn.Linear(2, 1)
+    ema = WeightAverage(model, TrainConfig(ema={"decay": 0.9}).ema)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, 1)
+    assert torch.allclose(ema.state["weight"], 0.9 * start + 0.1 * (start + 1))
+    with ema.applied(model):
+        assert torch.allclose(model.weight, ema.state["weight"])
+    assert torch.allclose(model.weight, start + 1)  # the live weights come back
+    lookahead = WeightAverage(model, TrainConfig(ema={"decay": 0.5, "overwrite_every": 2}).ema)
+    lookahead.update(model, 1)
+    assert torch.allclose(model.weight, start + 1)
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    lookahead.update(model, 2)  # every 2nd step the average replaces the weights
+    assert torch.allclose(model.weight, 0.5 * (start + 1) + 0.5 * (start + 3))
+
+
+def test_ema_is_the_final_model_and_resumes_from_its_checkpoint(tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=64, ema={"decay": 0.95}, device="cpu")
+    whole = _tiny_fit(cfg)
+    plain = _tiny_fit(cfg.model_copy(update={"ema": None}))
+    assert not torch.allclose(whole.layers["dense"][0].weight, plain.layers["dense"][0].weight)
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    _tiny_fit(cfg.model_copy(update={"epochs": 1}), checkpoint)  # an interrupted run: 1 epoch saved
+    resumed = _tiny_fit(cfg, checkpoint)
+    for key, value in whole.state_dict().items():
+        assert torch.allclose(value, resumed.state_dict()[key], atol=1e-6), key
+
+
+def test_linear_schedule_is_airbenchs_triangle():
+    cfg = ScheduleConfig(name="linear", warmup_fraction=0.25, initial_factor=0.2, final_factor=0.07)
+    factors = [lr_factor(cfg, step, 10, 100) for step in range(100)]
+    assert factors[0] == pytest.approx(0.2) and factors[25] == pytest.approx(1.0)
+    assert factors[99] == pytest.approx(0.07)
+    assert max(factors) == pytest.approx(1.0)
+    assert all(a <= b for a, b in itertools.pairwise(factors[:26]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[25:]))
+
+
+def test_cpu_features_say_when_bfloat16_is_native(tmp_path):
+    sapphire = tmp_path / "cpuinfo"
+    sapphire.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    haswell = tmp_path / "cpuinfo-avx2"
+    haswell.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
+    fast = cpu_features(cpu_flags(sapphire))
+    assert fast["avx512_bf16"] and fast["amx_bf16"] and fast["native_bfloat16"]
+    slow = cpu_features(cpu_flags(haswell))
+    assert not slow["native_bfloat16"] and not slow["avx512"]
+    assert bfloat16_warning("cpu", "bfloat16", cpu_flags(haswell)) is not None
+    assert "emulated" in bfloat16_warning("cpu", "bfloat16", cpu_flags(haswell))
+    assert bfloat16_warning("cpu", "bfloat16", cpu_flags(sapphire)) is None
+    assert bfloat16_warning("cpu", "float32", cpu_flags(haswell)) is None
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_serve_applies_the_runs_test_time_augmentation(whitened_run, tmp_path):
+    import httpx
+
+    from serve_support import live_server, png
+
+    out, _ = whitened_run
+    run = load_run(out)
+    images = splits_for(DataConfig(name="fashion-mnist", limit=1000)).test.images[:3]
+    want = predict(run, list(images))  # with the run's flip TTA, checked above against the views
+    with live_server(run_dir=out, threads=1) as (url, _), httpx.Client(base_url=url, timeout=30) as client:
+        files = [("file", (f"{i}.png", png(image), "image/png")) for i, image in enumerate(images)]
+        got = client.post("/predict", files=files).json()["predictions"]
+    for prediction, served in zip(want, got, strict=True):
+        torch.testing.assert_close(
+            torch.tensor(served["probabilities"]), torch.tensor(prediction.probabilities), atol=1e-5, rtol=0
+        )
+
+
+@pytest.mark.parametrize(
+    ("spec", "config"),
+    [
+        ("recipes/fashion-mnist-fast.yaml", "recipes/fashion-mnist-fast.train.yaml"),
+        ("recipes/cifar10-airbench.yaml", "recipes/cifar10-airbench.train.yaml"),
+        ("transfer-efficientnet-lite0.yaml", "recipes/cifar10-transfer.train.yaml"),
+    ],
+)
+def test_the_presets_load(spec, config):
+    from pathlib import Path
+
+    from capas.spec import load_document, load_spec
+    from capas.spec.io import parse_config
+
+    examples = Path(__file__).parent.parent / "examples"
+    loaded = load_spec(examples / spec)
+    document = load_document(examples / config)
+    train_cfg = parse_config(TrainConfig, document["train"], config)
+    parse_config(DataConfig, document["data"], config)
+    assert train_cfg.ema is not None and train_cfg.tta != "none" and train_cfg.precision == "bfloat16"
+    if spec.startswith("recipes/cifar10-airbench"):
+        assert 118e6 < summarize(loaded).macs < 118.5e6  # airbench94's 118 M multiply-adds per image
+
+
+def test_the_tricks_study_removes_one_trick_per_variant():
+    from pathlib import Path
+
+    from capas.study.spec import load_study
+
+    study = load_study(Path(__file__).parent.parent / "examples" / "studies" / "tricks.yaml")
+    names = [v.name for v in study.variants]
+    assert names[0] == "fast-recipe" and {"no-whitening", "no-ema", "no-tta", "random-flips"} <= set(names)
+    base = study.base.model_spec.to_dict()["layers"][0]["Conv2D"]
+    unwhitened = next(v for v in study.variants if v.name == "no-whitening").model_spec
+    assert base["kernel_initializer"] == "whitening" and base["trainable"] is False
+    assert "kernel_initializer" not in unwhitened.to_dict()["layers"][0]["Conv2D"]
+
+
+def test_recipe_layers_go_to_keras_and_back(whitened_run, tmp_path):
+    from capas.interop.keras import import_keras, write_keras
+
+    run = load_run(whitened_run[0])
+    keras_file = write_keras(run.model, tmp_path / "whitened.keras")
+    _, imported = import_keras(keras_file, tmp_path / "back", classes=None, data="fashion-mnist")
+    layers = imported.spec.to_dict()["layers"]
+    assert layers[0]["Conv2D"]["trainable"] is False  # the frozen whitening layer stays frozen
+    assert layers[4]["BatchNormalization"]["scale"] is False
+    x = run.preprocess(splits_for(DataConfig(name="fashion-mnist", limit=1000)).test.images[:16])
+    with torch.no_grad():
+        torch.testing.assert_close(imported.model.eval()(x), run.model(x), atol=1e-5, rtol=1e-5)
