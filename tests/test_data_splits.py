@@ -57,6 +57,7 @@ def test_held_out_test_split(source):
         "val_fraction": 0.2,
         "test_fraction": 0.25,
         "limit": None,
+        "test_limit": None,
         "test_source": "held-out",
         "sizes": {"train": 66, "val": 16, "test": 28},
     }
@@ -81,11 +82,22 @@ def test_deterministic_for_a_seed(source):
 def test_limit_takes_stratified_subsets_of_the_full_splits(source):
     full = make_splits("with-test", seed=5)
     limited = make_splits("with-test", seed=5, limit=40)
-    assert limited.info["sizes"] == {"train": 40, "val": 4, "test": 8}
+    assert limited.info["sizes"] == {"train": 40, "val": 4, "test": 23}
     assert ids(limited.train) <= ids(full.train) and ids(limited.val) <= ids(full.val)
-    assert ids(limited.test) <= ids(full.test)
     assert_stratified(limited.train, torch.bincount(full.train.labels))
     assert make_splits("with-test", limit=10_000).info["sizes"] == full.info["sizes"]
+
+
+def test_limit_keeps_the_whole_test_split_unless_test_limit_says_otherwise(source):
+    full = make_splits("with-test", seed=5)
+    limited = make_splits("with-test", seed=5, limit=40)
+    assert ids(limited.test) == ids(full.test)  # the limit is on training images, not on the measurement
+    held_out = make_splits("no-test", seed=3, limit=20)
+    assert ids(held_out.test) == ids(make_splits("no-test", seed=3).test)
+    small = make_splits("with-test", seed=5, limit=40, test_limit=10)
+    assert small.info["sizes"]["test"] == 10 and small.info["test_limit"] == 10
+    assert ids(small.test) <= ids(full.test)
+    assert_stratified(small.test, torch.bincount(full.test.labels))
 
 
 def test_stratified_split_is_within_one_image_per_class():
@@ -103,6 +115,8 @@ def test_bad_fractions(source):
         make_splits("no-test", val_fraction=1.0)
     with pytest.raises(CapasError, match="limit"):
         make_splits("no-test", limit=0)
+    with pytest.raises(CapasError, match="test_limit must be a positive"):
+        make_splits("no-test", test_limit=0)
 
 
 @pytest.mark.skipif(
@@ -110,5 +124,5 @@ def test_bad_fractions(source):
 )
 def test_fashion_mnist_quick_run():
     s = make_splits("fashion-mnist", limit=1000)
-    assert s.info["sizes"] == {"train": 1000, "val": 100, "test": 200}
+    assert s.info["sizes"] == {"train": 1000, "val": 100, "test": 10_000}  # the whole official test split
     assert torch.bincount(s.train.labels).tolist() == [100] * 10
