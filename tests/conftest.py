@@ -42,7 +42,7 @@ def tiny_spec() -> ModelSpec:
 @pytest.fixture(scope="session")
 def tiny_data() -> DataConfig:
     """2,000 training images of the real Fashion-MNIST (Debian's dataset-fashion-mnist)."""
-    return DataConfig(name="fashion-mnist", limit=2000)
+    return DataConfig(name="fashion-mnist", limit=2000, test_limit=400)
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +84,7 @@ def _tiny_study(
             "name": "Flatten",
             "spec": spec,
             "train": {"epochs": 1, "batch_size": 64, **(train or {})},
-            "data": {"name": "fashion-mnist", "limit": 300, **(data or {})},
+            "data": {"name": "fashion-mnist", "limit": 300, "test_limit": 300, **(data or {})},
         },
         "seeds": 2,
         "variations": [

@@ -97,6 +97,8 @@ def test_train_evaluate_predict(tmp_path, tiny_run):
             "fashion-mnist",
             "--limit",
             "300",
+            "--test-limit",
+            "100",
             "--epochs",
             "1",
             "--optimizer",

@@ -48,7 +48,7 @@ def run_dir(tmp_path_factory) -> Path:
     spec = ModelSpec.from_dict(TINY)
     train(
         spec,
-        DataConfig(name="fashion-mnist", limit=2000),
+        DataConfig(name="fashion-mnist", limit=2000, test_limit=400),
         TrainConfig(epochs=1, batch_size=64, device="cpu"),
         out,
     )

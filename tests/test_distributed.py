@@ -20,7 +20,18 @@ from capas.train import train
 from capas.train.distributed import free_port
 
 # 600 images: the training split's last batch is partial, so the uneven split of a batch is covered too
-ARGS = ["--data", "fashion-mnist", "--limit", "600", "--epochs", "2", "--batch-size", "32"]
+ARGS = [
+    "--data",
+    "fashion-mnist",
+    "--limit",
+    "600",
+    "--test-limit",
+    "200",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "32",
+]
 ARGS += ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--device", "cpu", "--seed", "3"]
 
 
@@ -39,7 +50,9 @@ def single(tmp_path_factory, small_spec) -> Path:
     cfg = TrainConfig(
         epochs=2, batch_size=32, seed=3, device="cpu", optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9}
     )
-    train(ModelSpec.from_dict(small_spec), DataConfig(name="fashion-mnist", limit=600), cfg, out)
+    train(
+        ModelSpec.from_dict(small_spec), DataConfig(name="fashion-mnist", limit=600, test_limit=200), cfg, out
+    )
     return out
 
 

@@ -34,7 +34,7 @@ LIMIT_MB = 1.0
 @pytest.fixture(scope="module")
 def test_images():
     """400 real Fashion-MNIST test images and labels."""
-    test = make_splits("fashion-mnist", limit=2000).test
+    test = make_splits("fashion-mnist", limit=2000, test_limit=400).test
     return test.images, test.labels
 
 

@@ -22,7 +22,7 @@ def test_upload_on_the_index_page_shows_the_prediction(tiny_run, tmp_path):
     from playwright.sync_api import sync_playwright
 
     image = tmp_path / "coat.png"
-    image.write_bytes(png(make_splits("fashion-mnist", limit=2000).test.images[7]))
+    image.write_bytes(png(make_splits("fashion-mnist", limit=2000, test_limit=400).test.images[7]))
     run = load_run(tiny_run)
     expected = predict_files(run, [image])[0]
     with live_server(run_dir=tiny_run, token=TOKEN, threads=1) as (url, _), sync_playwright() as playwright:

@@ -21,7 +21,9 @@ WINDOW = 100
 
 @pytest.fixture(scope="module")
 def fashion_test():
-    return make_splits("fashion-mnist", limit=2000).test.images  # (400, 1, 28, 28), unseen in training
+    return make_splits(
+        "fashion-mnist", limit=2000, test_limit=400
+    ).test.images  # (400, 1, 28, 28), unseen in training
 
 
 @pytest.fixture(scope="module")

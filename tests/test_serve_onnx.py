@@ -18,7 +18,7 @@ def test_an_int8_run_serves_the_same_predictions_as_capas_predict(tiny_run, tmp_
         tiny_run, quantize="int8", out=tmp_path / "int8", repeats=Repeats(batch1=5, batch64=2)
     )
     run = load_run(out)
-    images = list(make_splits("fashion-mnist", limit=2000).test.images[:4])
+    images = list(make_splits("fashion-mnist", limit=2000, test_limit=400).test.images[:4])
     expected = predict(run, images)
     with live_server(run_dir=out, threads=1) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
         info = client.get("/info").json()

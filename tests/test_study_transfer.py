@@ -18,6 +18,7 @@ def test_frozen_layers_study_runs_and_reports_what_was_unfrozen(tmp_path):
     doc["base"]["spec"]["input_shape"] = [32, 32, 3]  # the smallest input EfficientNet-Lite0 takes: fast
     doc["base"]["train"]["epochs"] = 1
     doc["base"]["data"]["limit"] = 200
+    doc["base"]["data"]["test_limit"] = 40
     doc["seeds"] = 1
     doc["variations"][0]["alternatives"] = doc["variations"][0]["alternatives"][:2]  # top, block 7
     path = tmp_path / "frozen.yaml"

@@ -107,7 +107,7 @@ def test_batchnorm_in_the_frozen_part_stays_in_inference_mode(bn_frozen):
 
 
 def test_finetune_unfreezes_the_last_layers_with_a_smaller_rate_and_no_state_for_frozen(tmp_path):
-    splits = make_splits("fashion-mnist", limit=40)
+    splits = make_splits("fashion-mnist", limit=40, test_limit=10)
     spec = spec_with({"name": "resnet18", "weights": "none", "frozen": "all"})
     model = build_model(spec, seed=0)
     cfg = TrainConfig(
@@ -136,7 +136,10 @@ def test_finetune_unfreezes_the_last_layers_with_a_smaller_rate_and_no_state_for
 
 def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
     spec = spec_with({"name": "mobilenet_v3_small", "weights": "none"})
-    data, cfg = DataConfig(name="fashion-mnist", limit=60), TrainConfig(epochs=1, batch_size=30)
+    data, cfg = (
+        DataConfig(name="fashion-mnist", limit=60, test_limit=12),
+        TrainConfig(epochs=1, batch_size=30),
+    )
     first = train(spec, data, cfg, tmp_path / "a")
     assert first["feature_cache"]["cache"] == "written"
     files = sorted(cache.glob("features/*.safetensors"))
@@ -154,7 +157,7 @@ def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
 
 def test_bfloat16_features_are_cached_apart_and_close_to_float32(cache, tmp_path):
     spec = spec_with({"name": "efficientnet_lite0", "weights": "imagenet"}, layers=TOP)
-    data = DataConfig(name="fashion-mnist", limit=60)
+    data = DataConfig(name="fashion-mnist", limit=60, test_limit=12)
     for precision in ("float32", "bfloat16"):
         cfg = TrainConfig(epochs=1, batch_size=30, precision=precision)
         assert train(spec, data, cfg, tmp_path / precision)["feature_cache"]["cache"] == "written"
@@ -210,7 +213,7 @@ def test_a_run_directory_becomes_the_backbone_of_another_dataset(tmp_path):
     )
     train(
         small,
-        DataConfig(name="fashion-mnist", limit=60),
+        DataConfig(name="fashion-mnist", limit=60, test_limit=12),
         TrainConfig(epochs=1, batch_size=30),
         tmp_path / "src",
     )
@@ -229,7 +232,10 @@ def test_a_run_directory_becomes_the_backbone_of_another_dataset(tmp_path):
     source = load_run(tmp_path / "src").model
     assert torch.equal(model.backbone.conv2d[0].weight, source.layers["conv2d"][0].weight)
     result = train(
-        spec, DataConfig(name="digits", limit=100), TrainConfig(epochs=1, batch_size=50), tmp_path / "new"
+        spec,
+        DataConfig(name="digits", limit=100, test_limit=20),
+        TrainConfig(epochs=1, batch_size=50),
+        tmp_path / "new",
     )
     assert result["feature_cache"]["cache"] == "written"  # 8×8 digits resized to the run's 28×28
 
@@ -272,7 +278,7 @@ def test_finetune_without_a_backbone_is_refused(tmp_path):
     with pytest.raises(CapasError, match="finetune needs a spec with a backbone"):
         train(
             spec,
-            DataConfig(name="fashion-mnist", limit=20),
+            DataConfig(name="fashion-mnist", limit=20, test_limit=10),
             TrainConfig(finetune={"after_epochs": 1}),
             tmp_path,
         )

@@ -103,7 +103,10 @@ def train(
     lr: float | None = None,
     momentum: float | None = None,
     weight_decay: float | None = None,
-    schedule: Annotated[str | None, typer.Option(help="constant, step, cosine, onecycle or linear")] = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(help="constant, step, cosine, onecycle, linear or plateau (reduce on plateau)"),
+    ] = None,
     label_smoothing: float | None = None,
     patience: Annotated[
         int | None, typer.Option(help="early stopping on val_loss with this patience")
@@ -115,6 +118,9 @@ def train(
     ] = None,
     limit: Annotated[
         int | None, typer.Option(help="train on a stratified subset of this many images")
+    ] = None,
+    test_limit: Annotated[
+        int | None, typer.Option(help="test on a stratified subset of this many images (default: all)")
     ] = None,
     max_seconds: Annotated[float | None, typer.Option(help="wall-clock budget for training")] = None,
     tta: Annotated[
@@ -174,7 +180,7 @@ def train(
     if patience is not None:
         train_raw["early_stopping"] = {**(train_raw.get("early_stopping") or {}), "patience": patience}
     data_raw = dict(document.get("data") or {})
-    data_raw.update(_overrides(name=data, data_dir=data_dir, limit=limit))
+    data_raw.update(_overrides(name=data, data_dir=data_dir, limit=limit, test_limit=test_limit))
     train_cfg = parse_config(TrainConfig, train_raw, "training config")
     data_cfg = parse_config(DataConfig, data_raw, "data config")
     from capas.train import distributed

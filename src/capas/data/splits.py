@@ -86,6 +86,7 @@ def splits_for(data: DataConfig) -> Splits:
         test_fraction=data.test_fraction,
         seed=data.split_seed,
         limit=data.limit,
+        test_limit=data.test_limit,
     )
 
 

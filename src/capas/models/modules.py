@@ -188,10 +188,44 @@ def _spatial_dropout(layer: L.SpatialDropout2D, shape: Shape) -> nn.Module:
     return nn.Dropout2d(layer.rate)
 
 
+class _BiasedMovingVariance:
+    """Keras' moving variance: the running average of the *biased* batch variance (divided by n, as
+    keras.ops.moments computes it); PyTorch averages the unbiased one (divided by n − 1).
+
+    PyTorch's update is v' = (1 − f)·v + f·s²·n/(n − 1) with f the momentum (or 1/batches when
+    momentum is None); Keras' is v' = (1 − f)·v + f·s². PyTorch updates a copy here (autograd keeps
+    the buffer it was given), which is then corrected exactly into the layer's own buffer.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.track_running_stats):
+            return super().forward(x)
+        self._check_input_dim(x)
+        self.num_batches_tracked.add_(1)
+        f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        updated = self.running_var.clone()
+        out = nn.functional.batch_norm(
+            x, self.running_mean, updated, self.weight, self.bias, True, f, self.eps
+        )
+        n = x.numel() // x.shape[1]  # values per channel in the batch
+        with torch.no_grad():
+            kept = (1.0 - f) * self.running_var
+            self.running_var.copy_(kept + (updated - kept) * ((n - 1) / max(n, 1)))
+        return out
+
+
+class KerasBatchNorm2d(_BiasedMovingVariance, nn.BatchNorm2d):
+    """BatchNorm2d with Keras' moving variance."""
+
+
+class KerasBatchNorm1d(_BiasedMovingVariance, nn.BatchNorm1d):
+    """BatchNorm1d with Keras' moving variance."""
+
+
 @builds(L.BatchNormalization)
 def _batch_norm(layer: L.BatchNormalization, shape: Shape) -> nn.Module:
     # Keras' momentum weighs the old statistics; PyTorch's weighs the new batch.
-    kind = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
+    kind = KerasBatchNorm2d if len(shape) == 3 else KerasBatchNorm1d
     norm = kind(shape[-1], eps=layer.epsilon, momentum=1.0 - layer.momentum)
     # PyTorch's batch_norm takes weight=None as 1 and bias=None as 0
     if not layer.scale:

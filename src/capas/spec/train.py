@@ -13,6 +13,8 @@ class _Config(BaseModel):
 
 OPTIMIZER_DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3, "adadelta": 1e-3}
 """Keras 3's default learning rates (Keras 2 trained the seed's MNIST model with Adadelta at 1.0)."""
+OPTIMIZER_DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adam": 0.0, "adamw": 0.004, "rmsprop": 0.0, "adadelta": 0.0}
+"""Keras 3's default weight decay: 0.004 for AdamW, none for the others."""
 
 
 class OptimizerConfig(_Config):
@@ -20,7 +22,12 @@ class OptimizerConfig(_Config):
     lr: float | None = Field(default=None, gt=0.0, description="None: Keras' default for the optimizer")
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    weight_decay: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="decoupled, as Keras 3 applies it in every optimizer: w -= lr·weight_decay·w before "
+        "each step. None: Keras' default (0.004 for adamw, 0 for the others)",
+    )
     rho: float = Field(
         default=0.95, gt=0.0, lt=1.0, description="Adadelta's decay (RMSprop uses 0.9 as Keras)"
     )
@@ -33,9 +40,21 @@ class OptimizerConfig(_Config):
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else OPTIMIZER_DEFAULT_LR[self.name]
 
+    @property
+    def decay(self) -> float:
+        """The weight decay in effect: the configured one, else Keras' default for the optimizer."""
+        return (
+            self.weight_decay if self.weight_decay is not None else OPTIMIZER_DEFAULT_WEIGHT_DECAY[self.name]
+        )
+
 
 class ScheduleConfig(_Config):
-    name: Literal["constant", "step", "cosine", "onecycle", "linear"] = "constant"
+    """The learning rate over training. 'plateau' is Keras' ReduceLROnPlateau on val_loss: after
+    `patience` epochs without a val_loss below the best by more than `min_delta`, the rate is
+    multiplied by `factor`, down to `min_lr`; it follows the run however long it lasts, so it
+    suits early stopping (a cosine or one-cycle schedule ends at the `epochs` maximum instead)."""
+
+    name: Literal["constant", "step", "cosine", "onecycle", "linear", "plateau"] = "constant"
     step_epochs: int = Field(default=10, ge=1, description="'step': epochs between decays")
     gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="'step': factor per decay")
     warmup_fraction: float = Field(
@@ -47,6 +66,10 @@ class ScheduleConfig(_Config):
     final_factor: float = Field(
         default=0.0, ge=0.0, le=1.0, description="'linear': the rate at the last step, relative to lr"
     )
+    factor: float = Field(default=0.1, gt=0.0, lt=1.0, description="'plateau': factor per reduction")
+    patience: int = Field(default=10, ge=1, description="'plateau': epochs without improvement")
+    min_lr: float = Field(default=0.0, ge=0.0, description="'plateau': the lowest learning rate")
+    min_delta: float = Field(default=1e-4, ge=0.0, description="'plateau': the smallest improvement")
 
 
 class EmaConfig(_Config):
@@ -133,6 +156,12 @@ class TrainConfig(_Config):
         "logits of the image and its mirror; 'flip_shift' also those of both views shifted one pixel "
         "up-left and down-right (6 forward passes, weighted as airbench: ½ unshifted, ¼ each shift)",
     )
+    bn_recalibration: int = Field(
+        default=0,
+        ge=0,
+        description="before every evaluation, recompute BatchNormalization's running statistics as the "
+        "average over this many training batches (no augmentation); 0: off, Keras' moving averages",
+    )
 
 
 class DataConfig(_Config):
@@ -143,6 +172,13 @@ class DataConfig(_Config):
         default=0.2, gt=0.0, lt=1.0, description="held out when the data has no test split"
     )
     limit: int | None = Field(
-        default=None, ge=10, description="train on a stratified subset of this many images"
+        default=None,
+        ge=10,
+        description="train on a stratified subset of this many images (and validate on limit·val_fraction)",
+    )
+    test_limit: int | None = Field(
+        default=None,
+        ge=10,
+        description="test on a stratified subset of this many images; None: the whole test split",
     )
     split_seed: int = 0

@@ -92,7 +92,7 @@ class VariantResult:
     @property
     def stopped_early(self) -> str:
         """'0', or how many runs stopped before their last epoch and why (early stopping, a budget)."""
-        reasons = Counter(r["stopped"] for r in self.results.values() if r["stopped"] != "completed")
+        reasons = Counter(r["stopped"] for r in self.results.values() if r["stopped"] != "max epochs")
         return ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "0"
 
     @property

@@ -141,13 +141,18 @@ def _train(
         test = (evaluate if dist is None else dist.evaluate)(
             model, splits.test, preprocess, device, cfg.channels_last, cfg.precision, cfg.tta
         )
+    # Training cost includes everything the variant needs before it can train: with the feature
+    # cache, computing the training and validation features (a cache hit reports what they cost).
+    cache_seconds = feature_cache["compute_seconds"] if feature_cache is not None else 0.0
     test_results = {
         **test.test_results(classes),
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "stopped": result.stopped,
-        "train_seconds": result.train_seconds,
+        "train_seconds": result.train_seconds + cache_seconds,
         "images_per_s": result.images_per_second,
+        "bn_recalibration": cfg.bn_recalibration,
+        "bn_gap": result.bn_gap,
         "wall_seconds": time.perf_counter() - started,
         "val_loss": result.history[result.best_epoch - 1]["val_loss"] if result.best_epoch else None,
         "val_accuracy": result.history[result.best_epoch - 1]["val_accuracy"] if result.best_epoch else None,

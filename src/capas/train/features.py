@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -33,7 +33,7 @@ from capas.spec import DataConfig, TrainConfig
 from capas.spec.backbone import RUN
 from capas.train.loop import Callback, FitResult, fit
 
-CACHE_FORMAT = 2  # part of the key: bump it when feature computation changes
+CACHE_FORMAT = 3  # part of the key: bump it when feature computation changes
 PASS_THROUGH = {"Flatten", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "MaxPooling2D", "AveragePooling2D"}
 """Top layers without weights or randomness: cached together with the backbone."""
 
@@ -131,21 +131,27 @@ def cached(
     preprocess: Preprocess,
     device: torch.device,
     precision: str,
-) -> tuple[Features, bool]:
-    """One split's features from the cache (True) or computed and written to it (False)."""
+) -> tuple[Features, bool, float]:
+    """One split's features from the cache (True) or computed and written to it (False), and the
+    seconds computing them took (recorded in the file, so a cache hit still knows its cost)."""
     if path.is_file():
         try:
+            with safe_open(str(path), framework="pt") as file:
+                seconds = float((file.metadata() or {})["compute_seconds"])
             tensors = load_file(str(path))
             if torch.equal(tensors["labels"], data.labels.cpu()):
-                return Features(tensors["features"], data.labels, data.classes), True
-        except (SafetensorError, OSError, KeyError):
+                return Features(tensors["features"], data.labels, data.classes), True, seconds
+        except (SafetensorError, OSError, KeyError, ValueError):
             pass  # a damaged or foreign file: computed again and replaced below
     layers = list(model.layers.values())[: _prefix(model)]
+    started = time.perf_counter()
     features = compute(nn.Sequential(model.backbone, *layers), data, preprocess, device, precision)
+    seconds = time.perf_counter() - started
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"features": features.contiguous(), "labels": data.labels.cpu().contiguous()}
-    atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp)))
-    return Features(features, data.labels, data.classes), False
+    metadata = {"compute_seconds": repr(seconds)}
+    atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return Features(features, data.labels, data.classes), False, seconds
 
 
 def as_is(features: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -167,14 +173,19 @@ def fit_top(
 ) -> tuple[FitResult, Evaluation, dict]:
     """Train only the top on cached features; the model's top layers end with the trained weights.
 
-    Returns the fit result, the test evaluation and how the cache was used (hits, seconds).
+    Returns the fit result, the test evaluation and how the cache was used: "hit" or "written",
+    `seconds` this run spent on it (computing or reading), and `compute_seconds`, what computing
+    the training and validation features costs (measured when they were written). The latter is
+    part of the variant's training cost whether or not this run found them cached.
     """
     started = time.perf_counter()
-    parts, hits = {}, {}
+    parts, hits, compute_seconds = {}, {}, {}
     for split in ("train", "val", "test"):
         dataset = getattr(splits, split)
         path = cache_path(model, data, cfg, splits.info, split, preprocess)
-        parts[split], hits[split] = cached(model, dataset, path, preprocess, device, cfg.precision)
+        parts[split], hits[split], compute_seconds[split] = cached(
+            model, dataset, path, preprocess, device, cfg.precision
+        )
     seconds = time.perf_counter() - started
     top = nn.Sequential(*list(model.layers.values())[_prefix(model) :])
     # features are (N, F) or small maps: channels_last does not apply to them
@@ -190,5 +201,10 @@ def fit_top(
         identity=identity,
     )
     test = evaluate(top, parts["test"], as_is, device, precision=cfg.precision)
-    info = {"cache": "hit" if all(hits.values()) else "written", "seconds": seconds}
+    info = {
+        "cache": "hit" if all(hits.values()) else "written",
+        "seconds": seconds,
+        # the test split's features are evaluation, as the other variants' test pass is
+        "compute_seconds": compute_seconds["train"] + compute_seconds["val"],
+    }
     return result, test, info

@@ -16,9 +16,10 @@ from capas.data import ArrayDataset, Preprocess, iterate_batches
 from capas.errors import CapasError
 from capas.inference import autocast, evaluate, resolve_device
 from capas.spec.train import EarlyStopping, OptimizerConfig, TrainConfig
+from capas.train import batchnorm
 from capas.train.checkpoint import checkpoint_epoch, load_checkpoint, save_checkpoint
 from capas.train.ema import WeightAverage
-from capas.train.optim import lr_factor, make_optimizer, set_lr
+from capas.train.optim import Plateau, lr_factor, make_optimizer, set_lr
 from capas.train.reproducible import reproducible
 
 if TYPE_CHECKING:
@@ -43,9 +44,10 @@ class Callback:
 class FitResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0  # 1-based epoch whose weights the model holds at the end
-    stopped: str = "completed"  # or "early stopping", "time budget", "sample budget"
+    stopped: str = "max epochs"  # or "early stopping", "time budget", "sample budget"
     train_seconds: float = 0.0  # time in training steps only, without evaluation
     images: int = 0
+    bn_gap: dict | None = None  # batchnorm.mode_gap of the final weights (None: no BatchNorm trains)
 
     @property
     def images_per_second(self) -> float:
@@ -137,13 +139,15 @@ def _fit(
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     monitor = _Monitor(cfg.early_stopping)
+    plateau = Plateau(cfg.schedule, cfg.optimizer.learning_rate)
     result, best_state, start_epoch = FitResult(), None, 0
 
     ema = WeightAverage(model, cfg.ema) if cfg.ema is not None else None
     if checkpoint is not None and (state := load_checkpoint(checkpoint, model, optimizer)) is not None:
         start_epoch, best_state = state.epoch, state.best_weights
         result.history, result.train_seconds, result.images = state.history, state.train_seconds, state.images
-        monitor.load(state.monitor)
+        monitor.load(state.monitor["early_stopping"])
+        plateau.load(state.monitor["plateau"])
         if ema is not None:
             ema.load(state.ema)
     net = model if dist is None else dist.wrap(model)  # DDP averages gradients over the processes
@@ -181,7 +185,8 @@ def _fit(
             n = len(y)  # the global batch: counts, budgets and callbacks see whole batches
             if dist is not None:
                 x, y = dist.shard(x), dist.shard(y)
-            set_lr(optimizer, base_lrs, lr_factor(cfg.schedule, step, steps_per_epoch, total_steps))
+            factor = lr_factor(cfg.schedule, step, steps_per_epoch, total_steps) * plateau.scale
+            set_lr(optimizer, base_lrs, factor)
             with autocast(device, cfg.precision):
                 logits = net(x)
                 loss = nn.functional.cross_entropy(
@@ -205,6 +210,9 @@ def _fit(
         result.images += seen
         if dist is not None:
             dist.sum(loss_sum, correct)  # this process' slices -> the whole epoch's
+        if cfg.bn_recalibration:
+            # every rank recomputes the same statistics (same batches): no reduction needed
+            batchnorm.recalibrate(model, train, preprocess, cfg)
 
         # with an EMA, the averaged weights are the model: validated, kept as the best, saved
         with ema.applied(model) if ema is not None else contextlib.nullcontext():
@@ -225,6 +233,7 @@ def _fit(
             "images_per_s": seen / (time.perf_counter() - started),
         }
         result.history.append(metrics)
+        plateau.update(val_eval.loss)
         for cb in callbacks:
             cb.on_epoch_end(metrics)
         stop = _stop_reason(cfg, result, monitor)
@@ -235,7 +244,7 @@ def _fit(
                 optimizer,
                 epoch + 1,
                 result,
-                monitor.state(),
+                {"early_stopping": monitor.state(), "plateau": plateau.state()},
                 best_state,
                 identity,
                 ema=None if ema is None else ema.tensors(),
@@ -249,6 +258,7 @@ def _fit(
     elif ema is not None:
         ema.copy_to(model)
     result.best_epoch = monitor.best_epoch
+    result.bn_gap = batchnorm.mode_gap(model, train, preprocess, cfg)
     for cb in callbacks:
         cb.on_fit_end(result)
     return result

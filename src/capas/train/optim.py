@@ -1,4 +1,10 @@
-"""Optimizers and learning-rate schedules from the typed config."""
+"""Optimizers and learning-rate schedules from the typed config, with Keras 3's update rules.
+
+Keras 3 applies weight decay the same decoupled way in every optimizer, `w -= lr·wd·w` before the
+update (PyTorch's Adam, SGD and RMSprop add wd·w to the gradient instead), and its RMSprop divides
+by sqrt(v + ε) (PyTorch: sqrt(v) + ε). Both are reproduced here; the README's Keras section lists
+what still differs.
+"""
 
 from __future__ import annotations
 
@@ -23,31 +29,85 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+class KerasRMSprop(torch.optim.Optimizer):
+    """Keras 3's RMSprop: v = ρ·v + (1−ρ)·g²; Δ = lr·g / sqrt(v + ε); with momentum m = μ·m + Δ, w -= m.
+
+    PyTorch's RMSprop adds ε outside the square root; with Keras' ε = 1e-7 that is a 3,000× smaller
+    floor on the denominator, which changes steps wherever gradients are small.
+    """
+
+    def __init__(self, params, lr: float, rho: float = 0.9, momentum: float = 0.0, eps: float = 1e-7):
+        super().__init__(params, {"lr": lr, "rho": rho, "momentum": momentum, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, rho, mu, eps = group["lr"], group["rho"], group["momentum"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["velocity"] = torch.zeros_like(p)
+                    if mu > 0:
+                        state["momentum"] = torch.zeros_like(p)
+                velocity = state["velocity"]
+                velocity.mul_(rho).addcmul_(p.grad, p.grad, value=1 - rho)
+                increment = p.grad * lr / (velocity + eps).sqrt()
+                if mu > 0:
+                    buffer = state["momentum"]
+                    buffer.mul_(mu).add_(increment)
+                    p.sub_(buffer)
+                else:
+                    p.sub_(increment)
+        return loss
+
+
+def _decoupled_decay(weight_decay: float):
+    """A step pre-hook applying Keras' decay to every parameter with a gradient: w -= lr·wd·w."""
+
+    @torch.no_grad()
+    def hook(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.mul_(1.0 - group["lr"] * weight_decay)
+
+    return hook
+
+
 def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The configured optimizer over the trainable parameters, with Keras 3's decoupled weight decay."""
     groups = param_groups(model, cfg)
-    lr, wd = cfg.learning_rate, cfg.weight_decay
+    lr, wd = cfg.learning_rate, cfg.decay
     match cfg.name:
         case "sgd":
-            return torch.optim.SGD(
-                groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd
-            )
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
         case "adam":
-            return torch.optim.Adam(groups, lr=lr, eps=cfg.epsilon, weight_decay=wd)
+            optimizer = torch.optim.Adam(groups, lr=lr, eps=cfg.epsilon)
         case "adamw":
+            # PyTorch's AdamW decays exactly as Keras does (w *= 1 − lr·wd, before the Adam step)
             return torch.optim.AdamW(groups, lr=lr, eps=cfg.epsilon, weight_decay=wd)
         case "rmsprop":
-            return torch.optim.RMSprop(
-                groups, lr=lr, alpha=0.9, eps=cfg.epsilon, momentum=cfg.momentum, weight_decay=wd
-            )
+            optimizer = KerasRMSprop(groups, lr=lr, rho=0.9, momentum=cfg.momentum, eps=cfg.epsilon)
         case "adadelta":
-            return torch.optim.Adadelta(groups, lr=lr, rho=cfg.rho, eps=cfg.epsilon, weight_decay=wd)
-    raise AssertionError(cfg.name)
+            optimizer = torch.optim.Adadelta(groups, lr=lr, rho=cfg.rho, eps=cfg.epsilon)
+        case _:
+            raise AssertionError(cfg.name)
+    if wd:
+        optimizer.register_step_pre_hook(_decoupled_decay(wd))
+    return optimizer
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
-    """The learning rate at an optimizer step, relative to the configured rate."""
+    """The learning rate at an optimizer step, relative to the configured rate ('plateau': 1, the
+    reductions are `Plateau.scale`)."""
     match cfg.name:
-        case "constant":
+        case "constant" | "plateau":
             return 1.0
         case "step":
             return cfg.gamma ** (step // (cfg.step_epochs * steps_per_epoch))
@@ -67,6 +127,39 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps:
             fall = min((step - rise) / max(1, total_steps - 1 - rise), 1.0)
             return 1.0 + (cfg.final_factor - 1.0) * fall
     raise AssertionError(cfg.name)
+
+
+class Plateau:
+    """Keras' ReduceLROnPlateau on val_loss (mode min, cooldown 0): `scale` multiplies the rate.
+
+    A val_loss below best − min_delta is an improvement; after `patience` epochs without one, the
+    rate becomes max(rate·factor, min_lr) and the count starts again. Inactive for other schedules.
+    """
+
+    def __init__(self, cfg: ScheduleConfig, base_lr: float):
+        self.cfg, self.base_lr = cfg, base_lr
+        self.scale, self.best, self.wait = 1.0, math.inf, 0
+
+    def update(self, val_loss: float) -> None:
+        """After an epoch's validation."""
+        if self.cfg.name != "plateau":
+            return
+        if val_loss < self.best - self.cfg.min_delta:
+            self.best, self.wait = val_loss, 0
+            return
+        self.wait += 1
+        if self.wait >= self.cfg.patience:
+            lr = self.base_lr * self.scale
+            if lr > self.cfg.min_lr:
+                self.scale = max(lr * self.cfg.factor, self.cfg.min_lr) / self.base_lr
+            self.wait = 0
+
+    def state(self) -> dict:
+        return {"scale": self.scale, "best": None if math.isinf(self.best) else self.best, "wait": self.wait}
+
+    def load(self, state: dict) -> None:
+        self.scale, self.wait = state["scale"], state["wait"]
+        self.best = math.inf if state["best"] is None else state["best"]
 
 
 def set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> None:

@@ -62,5 +62,5 @@ class RichProgress(Callback):
 
     def on_fit_end(self, result: FitResult) -> None:
         self.progress.stop()
-        if result.stopped != "completed":
+        if result.stopped != "max epochs":
             self.console.print(f"stopped: {result.stopped}; keeping the weights of epoch {result.best_epoch}")

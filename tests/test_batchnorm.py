@@ -1,0 +1,72 @@
+"""BatchNormalization's running statistics: recalibration before evaluation, and the flag on a run whose
+evaluation-mode accuracy on training images falls far below its training-mode accuracy."""
+
+from __future__ import annotations
+
+import pytest
+
+from capas.data import default_preprocess, make_splits
+from capas.models import build_model
+from capas.spec import ModelSpec, TrainConfig
+from capas.train import evaluate, fit
+from capas.train.batchnorm import GAP_FLAG_PP, mode_gap, recalibrate
+
+# Keras momentum 0.999: the running statistics move 0.1% per batch, so after 38 batches they are
+# still mostly their initial 0 and 1 while the convolution's outputs are on another scale.
+LAGGING = {
+    "name": "lagging-bn",
+    "input_shape": [28, 28, 1],
+    "layers": [
+        {"Conv2D": {"filters": 8, "kernel_size": 3, "strides": 2}},
+        {"BatchNormalization": {"momentum": 0.999}},
+        {"Activation": {"activation": "relu"}},
+        "Flatten",
+        {"Dense": {"units": 10, "activation": "softmax"}},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return make_splits("fashion-mnist", limit=600, test_limit=400)
+
+
+def _fit(splits, batches: int):
+    spec = ModelSpec.from_dict(LAGGING)
+    preprocess = default_preprocess(spec.input_shape)
+    model = build_model(spec, seed=0)
+    cfg = TrainConfig(epochs=2, batch_size=32, optimizer={"lr": 0.003}, bn_recalibration=batches)
+    result = fit(model, splits.train, splits.val, preprocess, cfg)
+    return model, result, evaluate(model, splits.test, preprocess)
+
+
+def test_recalibration_repairs_lagging_statistics_and_the_gap_flags_the_lag(splits):
+    _, lagging, lagging_test = _fit(splits, 0)
+    _, recalibrated, recalibrated_test = _fit(splits, 10)
+    # training never reads the running statistics: both runs take the same steps
+    assert [m["loss"] for m in lagging.history] == [m["loss"] for m in recalibrated.history]
+    assert recalibrated_test.accuracy > lagging_test.accuracy + 0.10
+    assert recalibrated.history[-1]["val_accuracy"] > lagging.history[-1]["val_accuracy"] + 0.10
+    assert lagging.bn_gap["flagged"] and lagging.bn_gap["gap_pp"] > GAP_FLAG_PP
+    assert not recalibrated.bn_gap["flagged"] and abs(recalibrated.bn_gap["gap_pp"]) < 2.0
+    # same weights, same batches: training-mode accuracy does not depend on the running statistics
+    assert lagging.bn_gap["train_mode_accuracy"] == recalibrated.bn_gap["train_mode_accuracy"]
+
+
+def test_recalibration_uses_the_given_batches_and_leaves_models_without_batchnorm_alone(splits):
+    spec = ModelSpec.from_dict(LAGGING)
+    preprocess = default_preprocess(spec.input_shape)
+    model = build_model(spec, seed=0)
+    cfg = TrainConfig(batch_size=32, bn_recalibration=3)
+    assert recalibrate(model, splits.train, preprocess, cfg) == 3
+    bn = model.layers["batch_normalization"]
+    assert int(bn.num_batches_tracked) == 3 and bn.momentum == pytest.approx(0.001)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    model.eval()
+    gap = mode_gap(model, splits.train, preprocess, cfg)
+    assert gap["images"] == 600 and not model.training  # the model's mode is kept
+    assert all((before[k] == v).all() for k, v in bn.state_dict().items())  # measuring changes nothing
+    plain = ModelSpec.from_dict({**LAGGING, "layers": [LAGGING["layers"][0], *LAGGING["layers"][2:]]})
+    model = build_model(plain)
+    assert recalibrate(model, splits.train, preprocess, cfg) == 0
+    assert mode_gap(model, splits.train, preprocess, cfg) is None
