@@ -114,6 +114,7 @@ class StudyReport:
     seeds: tuple[int, ...]  # the seeds every figure rests on
     kind: str  # which comparison this is: equal budget or each variant at its own convergence
     test_size: int | None  # test images per run (None before any run finished)
+    replication: dict[str, dict] | None = None  # adaptive replication per variant (run.replication_status)
 
     @property
     def base(self) -> VariantResult:
@@ -268,11 +269,20 @@ def collect(study: Study, rows: dict[str, RunRow]) -> StudyReport:
     statuses = dict(Counter(r.status for r in by_key.values()))
     variants = [
         VariantResult(
-            v, summarize(v.model_spec), {s: classify(by_key.get((v.name, s)), s) for s in study.seeds}
+            v,
+            summarize(v.model_spec),
+            {
+                s: classify(by_key.get((v.name, s)), s)
+                for s in study.seeds
+                # adaptive replication: a seed a variant never needed is not a missing run
+                if study.replication is None or (v.name, s) in by_key
+            },
         )
         for v in study.variants
     ]
-    seeds = tuple(s for s in study.seeds if all(v.runs[s].status in WITH_FIGURES for v in variants))
+    seeds = tuple(
+        s for s in study.seeds if all(s in v.runs and v.runs[s].status in WITH_FIGURES for v in variants)
+    )
     variants = [replace(v, seeds=seeds) for v in variants]
     base = variants[0]
     comparisons = [

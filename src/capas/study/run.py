@@ -8,6 +8,7 @@ STUDY_DIR/
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 import traceback
@@ -35,8 +36,8 @@ from capas.spec.io import config_changes
 from capas.study.executors import Executor, RunTask, make_executor
 from capas.study.render import write_report
 from capas.study.report import StudyReport, collect
-from capas.study.spec import Study, config_hash, directory_name, load_study
-from capas.study.store import Store
+from capas.study.spec import Study, Variant, config_hash, directory_name, load_study
+from capas.study.store import RunRow, Store
 
 DATABASE = "study.sqlite"
 POLL_SECONDS = 0.2  # how often the driver collects progress events while runs train
@@ -71,12 +72,19 @@ def check_classes(study: Study) -> None:
             )
 
 
-def plan(study: Study, store: Store, directory: Path, console: Console) -> tuple[list[RunTask], int]:
-    """The runs still to do; finished runs are skipped, and a finished run whose config the study file
-    now changes is an error rather than a silent mix of old and new results."""
+def plan(
+    study: Study,
+    store: Store,
+    directory: Path,
+    console: Console,
+    runs: list[tuple[Variant, int]] | None = None,
+) -> tuple[list[RunTask], int]:
+    """The runs still to do of `runs` (default: the study's initial runs); finished runs are skipped,
+    and a finished run whose config the study file now changes is an error rather than a silent mix
+    of old and new results."""
     rows = store.runs()
     changed_done, todo, actions, done = [], [], [], 0
-    for variant, seed in study.runs():
+    for variant, seed in study.runs() if runs is None else runs:
         rid = run_id(variant.name, seed)
         config = variant.run_config(seed)
         digest = config_hash(config)
@@ -124,6 +132,51 @@ def plan(study: Study, store: Store, directory: Path, console: Console) -> tuple
     return todo, done
 
 
+def _tried(study: Study, rows: dict[str, RunRow]) -> dict[str, dict[int, float | None]]:
+    """Per variant, its seeds that finished (test accuracy) or failed (None)."""
+    names = {v.name for v in study.variants}
+    tried: dict[str, dict[int, float | None]] = {v.name: {} for v in study.variants}
+    for row in rows.values():
+        if row.variant in names and row.seed in study.seeds and row.status in ("done", "failed"):
+            value = row.result["test_accuracy"] if row.status == "done" else None
+            tried[row.variant][row.seed] = value
+    return tried
+
+
+def replication_status(study: Study, rows: dict[str, RunRow]) -> dict[str, dict]:
+    """Adaptive replication per variant (the base excluded): seeds run, the CI half-width of the
+    difference from the base in pp, and why it stopped (None: it still needs seeds)."""
+    from capas.study.stats import paired_comparison
+
+    tried = _tried(study, rows)
+    finished = {name: {s: v for s, v in seeds.items() if v is not None} for name, seeds in tried.items()}
+    base = finished[study.base.name]
+    status = {}
+    for variant in study.variants[1:]:
+        values = finished[variant.name]
+        half = 100 * paired_comparison(values, base).difference.half_width
+        status[variant.name] = {
+            "seeds": len(tried[variant.name]),
+            "half_width_pp": None if half != half else half,  # NaN: fewer than two shared seeds
+            "stopped": study.replication.decide(values, base, len(tried[variant.name])),
+        }
+    return status
+
+
+def next_runs(study: Study, rows: dict[str, RunRow]) -> list[tuple[Variant, int]]:
+    """The next round of adaptive replication: one more seed for each variant that needs one (its
+    lowest seed not yet tried), and those seeds for the base where it lacks them, for pairing."""
+    tried = _tried(study, rows)
+    runs, base_needs = [], set()
+    for variant, state in zip(study.variants[1:], replication_status(study, rows).values(), strict=True):
+        if state["stopped"] is None:
+            seed = next(s for s in study.seeds if s not in tried[variant.name])
+            runs.append((variant, seed))
+            base_needs.add(seed)
+    runs += [(study.base, seed) for seed in sorted(base_needs - set(tried[study.base.name]))]
+    return runs
+
+
 def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -139,9 +192,10 @@ def _progress(console: Console) -> Progress:
 def execute(
     tasks: list[RunTask], executor: Executor, store: Store, total: int, done: int, console: Console
 ) -> list[str]:
-    """Submit every task and record what comes back; returns the ids of failed runs."""
+    """Submit every task and record what comes back; returns the ids of failed runs. The caller
+    closes the executor (it may run several rounds of tasks)."""
     failed, finished = [], set()
-    with _progress(console) as progress, executor:
+    with _progress(console) as progress:
         overall = progress.add_task(
             "[bold]runs", total=total, completed=done, note=f"{executor.workers} worker(s)"
         )
@@ -233,27 +287,61 @@ def run_study(
         tasks, done = plan(study, store, directory, console)
         total = len(study.runs())
         console.print(
-            f"study [bold]{study.name}[/]: {len(study.variants)} variants × {len(study.seeds)} seeds = {total} runs"
+            f"study [bold]{study.name}[/]: {len(study.variants)} variants × {len(study.initial_seeds)} seeds = {total} runs"
             + (f", {done} already done" if done else "")
+            + (
+                f" (then up to {study.replication.max} seeds per variant, until the difference's 95% CI "
+                f"is within ±{study.replication.target_halfwidth_pp:g} pp)"
+                if study.replication
+                else ""
+            )
             + f" -> {directory}",
             highlight=False,
         )
-        failed = []
-        if tasks:
-            if executor is None:
-                executor = make_executor(
-                    workers,
-                    len(tasks),
-                    threads=max(v.train["threads"] or 1 for v in study.variants),
-                    cuda=any(resolve_device(v.train["device"]).type == "cuda" for v in study.variants),
-                )
-            elif not isinstance(executor, Executor):
-                executor = executor(len(tasks))
-            failed = execute(tasks, executor, store, total, done, console)
+        failed, trained = [], len(tasks)
+        made: list[Executor] = []  # made once there is something to run; closed at the end
+
+        def run(tasks: list[RunTask], total: int, done: int) -> None:
+            if not made:
+                if executor is None:
+                    made.append(
+                        make_executor(
+                            workers,
+                            len(tasks),
+                            threads=max(v.train["threads"] or 1 for v in study.variants),
+                            cuda=any(resolve_device(v.train["device"]).type == "cuda" for v in study.variants),
+                        )
+                    )
+                else:
+                    made.append(executor if isinstance(executor, Executor) else executor(len(tasks)))
+            failed.extend(execute(tasks, made[0], store, total, done, console))
+
+        try:
+            if tasks:
+                run(tasks, total, done)
+            while study.replication is not None:
+                store.set_meta("replication", replication_status(study, store.runs()))
+                more = next_runs(study, store.runs())
+                if not more:
+                    break
+                tasks, done = plan(study, store, directory, console, more)
+                trained += len(tasks)
+                if tasks:
+                    names = sorted({v.name for v, _ in more if v is not study.base})
+                    console.print(f"one more seed for {', '.join(names)}", highlight=False)
+                    run(tasks, len(more), done)
+        except BaseException:
+            for pool in made:
+                pool.close(cancel=True)
+            raise
+        for pool in made:
+            pool.close()
         report = collect(study, store.runs())
+        if study.replication is not None:
+            report = dataclasses.replace(report, replication=replication_status(study, store.runs()))
     markdown, page = write_report(report, directory)
     return StudyOutcome(
-        directory, report, markdown, page, len(tasks), done, failed, time.perf_counter() - started
+        directory, report, markdown, page, trained, done, failed, time.perf_counter() - started
     )
 
 

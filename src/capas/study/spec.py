@@ -8,7 +8,8 @@
                                         # its model.json, its recorded train and data as defaults
       train: {epochs: 3, batch_size: 128}
       data: {name: fashion-mnist, limit: 6000}
-    seeds: 3                            # or a list, e.g. [0, 1, 2]
+    seeds: 3                            # or a list, e.g. [0, 1, 2], or adaptive replication:
+                                        # {min: 3, max: 10, target_halfwidth_pp: 1.0}
     design: one-at-a-time               # or grid: every combination
     variations:
       - name: head
@@ -20,6 +21,12 @@ An alternative is a mapping of change kinds (the KINDS registry) to their argume
 each item in turn. Layers are referred to by their index or their name in the *base* spec, so
 changes from different variations compose in a grid. Every variant is validated (spec shapes,
 training config) before anything trains, and errors name the variation and alternative.
+
+Adaptive replication trains `min` seeds of every variant, then adds seeds to each variant whose 95%
+confidence interval of the test-accuracy difference from the base is wider than ±target_halfwidth_pp,
+until it is narrower or the variant has `max` seeds (the base trains each seed a variant needs for
+pairing). Studies recalibrate BatchNormalization statistics before every evaluation unless the
+training config sets `bn_recalibration` (STUDY_BN_RECALIBRATION batches).
 """
 
 from __future__ import annotations
@@ -43,6 +50,10 @@ DEFAULT_SEEDS = 3
 RUN_THREADS = 1
 """PyTorch threads per run unless base.train.threads says otherwise: the same in every run whatever the
 number of workers, since the weights depend on it (a layout-independent study must fix it)."""
+STUDY_BN_RECALIBRATION = 20
+"""Training batches that recalibrate BatchNormalization's statistics before each evaluation in a study
+(2,560 images at batch 128: the statistics' standard error is ~2% of a channel's spread)."""
+TARGET_REACHED, MAX_REACHED = "target reached", "max reached"
 
 
 @dataclass
@@ -264,19 +275,49 @@ class Variation:
 
 
 @dataclass(frozen=True)
+class Replication:
+    """Adaptive replication: seeds per variant between `min` and `max`, until the 95% CI of the
+    test-accuracy difference from the base is at most ±target_halfwidth_pp."""
+
+    min: int
+    max: int
+    target_halfwidth_pp: float
+
+    def decide(self, variant: dict[int, float], base: dict[int, float], tried: int) -> str | None:
+        """Why a variant needs no more seeds (TARGET_REACHED, MAX_REACHED), or None for one more.
+
+        `variant` and `base` map seeds to test accuracy (0..1) of finished runs; `tried` counts the
+        variant's seeds run so far, failed ones included (they count towards `max`)."""
+        from capas.study.stats import paired_comparison  # scipy: only once runs have finished
+
+        shared = set(variant) & set(base)
+        if len(shared) >= max(self.min, 2):
+            half_width = 100 * paired_comparison(variant, base).difference.half_width
+            if half_width <= self.target_halfwidth_pp:
+                return TARGET_REACHED
+        return MAX_REACHED if tried >= self.max else None
+
+
+@dataclass(frozen=True)
 class Study:
     name: str
     source: str
     design: str
-    seeds: tuple[int, ...]
+    seeds: tuple[int, ...]  # every seed a run may have (with replication: 0 .. max − 1)
     variants: tuple[Variant, ...]  # the base first
+    replication: Replication | None = None
 
     @property
     def base(self) -> Variant:
         return self.variants[0]
 
+    @property
+    def initial_seeds(self) -> tuple[int, ...]:
+        """The seeds every variant trains first (with replication, the first `min`)."""
+        return self.seeds[: self.replication.min] if self.replication else self.seeds
+
     def runs(self) -> list[tuple[Variant, int]]:
-        return [(variant, seed) for variant in self.variants for seed in self.seeds]
+        return [(variant, seed) for variant in self.variants for seed in self.initial_seeds]
 
 
 def config_hash(config: dict) -> str:
@@ -286,6 +327,25 @@ def config_hash(config: dict) -> str:
 def directory_name(name: str) -> str:
     """A variant name as a folder name: letters, digits, '.', '_', '-' and '+'."""
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-") or "variant"
+
+
+def _replication(value: dict, source: str) -> Replication:
+    keys = {"min", "max", "target_halfwidth_pp"}
+    if set(value) != keys:
+        raise CapasError(
+            f"{source}: adaptive 'seeds' needs exactly the keys min, max and target_halfwidth_pp "
+            f"(e.g. {{min: 3, max: 10, target_halfwidth_pp: 1.0}}), got {', '.join(map(str, value))}"
+        )
+    low, high, target = value["min"], value["max"], value["target_halfwidth_pp"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) or not 2 <= low <= high:
+        raise CapasError(
+            f"{source}: seeds.min and seeds.max must be integers with 2 <= min <= max, got {low!r} and {high!r}"
+        )
+    if isinstance(target, bool) or not isinstance(target, int | float) or not target > 0:
+        raise CapasError(
+            f"{source}: seeds.target_halfwidth_pp must be a positive number of percentage points, got {target!r}"
+        )
+    return Replication(low, high, float(target))
 
 
 def _seeds(value: Any, source: str) -> tuple[int, ...]:
@@ -447,9 +507,15 @@ def load_study(
         raise CapasError(
             f"{source}: unknown design {design!r}{closest(str(design), DESIGNS)}; allowed: {', '.join(DESIGNS)}"
         )
-    seed_list = _seeds(document.get("seeds", DEFAULT_SEEDS), source)
-    if seeds is not None:
-        seed_list = _seeds(seeds, "--seeds")
+    seeds_raw = document.get("seeds", DEFAULT_SEEDS)
+    replication = None
+    if isinstance(seeds_raw, dict):
+        replication = _replication(seeds_raw, source)
+        seed_list = tuple(range(replication.max))
+    else:
+        seed_list = _seeds(seeds_raw, source)
+    if seeds is not None:  # a fixed count from the command line replaces the file's seeds
+        seed_list, replication = _seeds(seeds, "--seeds"), None
 
     recorded: dict = {}
     if "run" in base:
@@ -460,6 +526,8 @@ def load_study(
         spec = {**spec, "input_shape": list(input_shape)}
     # A base run's recorded train and data configs are the defaults that base.train and base.data override.
     train = {**(recorded.get("train") or {}), **(base.get("train") or {})}
+    if "bn_recalibration" not in (base.get("train") or {}):  # the study's default, also over a base run's
+        train["bn_recalibration"] = STUDY_BN_RECALIBRATION
     data_raw = {**(recorded.get("data") or {}), **(base.get("data") or {})}
     if data is not None:
         data_raw["name"] = data
@@ -503,4 +571,11 @@ def load_study(
                 "give each alternative and the base a unique name"
             )
         seen[folder] = variant.name
-    return Study(name=name, source=source, design=design, seeds=seed_list, variants=tuple(variants))
+    return Study(
+        name=name,
+        source=source,
+        design=design,
+        seeds=seed_list,
+        variants=tuple(variants),
+        replication=replication,
+    )

@@ -255,6 +255,18 @@ def header_lines(report: StudyReport) -> list[str]:
             if left_out
             else ""
         ),
+        *(
+            [
+                f"Adaptive seeds ({study.replication.min} to {study.replication.max}, until the 95% CI of Δ test acc "
+                f"on the seeds shared with the base is within ±{study.replication.target_halfwidth_pp:g} pp): "
+                + "; ".join(
+                    f"{name} {r['seeds']} seeds ({r['stopped'] or 'unfinished'})"
+                    for name, r in report.replication.items()
+                )
+            ]
+            if study.replication and report.replication
+            else []
+        ),
         f"Accuracy and loss: mean ± half-width of the {CONFIDENCE:.0%} confidence interval over seeds (Student's t); "
         f"differences against the base: {TEST_NAME} (scipy.stats.ttest_rel), "
         f"p-values {ADJUSTMENT}-adjusted over the {len(report.variants) - 1} variants compared with the base",

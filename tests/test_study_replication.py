@@ -1,0 +1,154 @@
+"""Adaptive replication: seeds are added to a variant until the 95% CI of its test-accuracy difference
+from the base is within the target, or the variant reaches the maximum."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from rich.console import Console
+from scipy import stats as scipy_stats
+
+from capas.errors import CapasError
+from capas.study import load_study
+from capas.study.run import next_runs, replication_status, run_study
+from capas.study.spec import MAX_REACHED, TARGET_REACHED, Replication
+from capas.study.store import Store
+
+SPEC = {
+    "name": "small",
+    "input_shape": [28, 28, 1],
+    "layers": [
+        {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
+        {"MaxPooling2D": {"pool_size": 2}},
+        "Flatten",
+        {"Dense": {"units": 10, "activation": "softmax"}},
+    ],
+}
+
+
+def _doc(seeds) -> dict:
+    return {
+        "name": "adaptive",
+        "base": {
+            "name": "Flatten",
+            "spec": copy.deepcopy(SPEC),
+            "train": {"epochs": 1, "batch_size": 64},
+            "data": {"name": "fashion-mnist", "limit": 200, "test_limit": 200},
+        },
+        "seeds": seeds,
+        "variations": [
+            {
+                "name": "head",
+                "alternatives": [
+                    {"name": "GAP", "replace": {"layer": "flatten", "with": "GlobalAveragePooling2D"}},
+                    {"name": "lr", "train": {"optimizer.lr": 0.003}},
+                ],
+            }
+        ],
+    }
+
+
+def _write(tmp_path: Path, doc: dict) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _half_width_pp(diffs: list[float]) -> float:
+    d = np.asarray(diffs)
+    return 100 * scipy_stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+
+
+def test_the_decision_stops_at_the_first_seed_count_whose_interval_is_within_the_target():
+    rng = np.random.default_rng(0)
+    base_values = 0.80 + 0.01 * rng.standard_normal(10)
+    diffs = -0.03 + 0.012 * rng.standard_normal(10)  # Δ −3 pp, spread 1.2 pp between seeds
+    rule = Replication(min=3, max=10, target_halfwidth_pp=1.0)
+    expected = next(n for n in range(3, 11) if _half_width_pp(diffs[:n]) <= 1.0)
+    for n in range(1, 11):
+        base = {s: float(base_values[s]) for s in range(n)}
+        variant = {s: float(base_values[s] + diffs[s]) for s in range(n)}
+        decision = rule.decide(variant, base, tried=n)
+        if n < expected:
+            assert decision is None, n
+        else:
+            assert decision == TARGET_REACHED, n
+            break
+    assert 3 < expected < 10  # the synthetic case really needs more than min seeds, and stops before max
+    noisy = {s: float(base_values[s] + 0.1 * (-1) ** s) for s in range(10)}  # ±10 pp from seed to seed
+    assert rule.decide(noisy, {s: float(v) for s, v in enumerate(base_values)}, tried=9) is None
+    assert rule.decide(noisy, {s: float(v) for s, v in enumerate(base_values)}, tried=10) == MAX_REACHED
+    # fewer than min shared seeds never reaches the target, however narrow the interval
+    assert rule.decide({0: 0.5, 1: 0.5}, {0: 0.4, 1: 0.4}, tried=2) is None
+
+
+def _finish(store: Store, variant: str, seed: int, accuracy: float) -> None:
+    rid = f"{variant}/seed-{seed}"
+    store.add_run(rid, variant, seed, {}, "x")
+    store.finish(rid, {"test_accuracy": accuracy, "history": [], "wall_seconds": 0.0})
+
+
+def test_next_round_adds_a_seed_to_unfinished_variants_and_their_base_pairs(tmp_path):
+    study = load_study(_write(tmp_path, _doc({"min": 3, "max": 5, "target_halfwidth_pp": 1.0})))
+    assert study.initial_seeds == (0, 1, 2) and study.seeds == (0, 1, 2, 3, 4)
+    with Store(tmp_path / "study.sqlite") as store:
+        for seed, (base, gap, lr) in enumerate(
+            [(0.80, 0.70, 0.801), (0.82, 0.60, 0.821), (0.81, 0.75, 0.811)]
+        ):
+            _finish(store, "Flatten", seed, base)
+            _finish(store, "GAP", seed, gap)
+            _finish(store, "lr", seed, lr)
+        status = replication_status(study, store.runs())
+        assert status["lr"]["stopped"] == TARGET_REACHED and status["lr"]["half_width_pp"] < 1e-6
+        assert status["GAP"]["stopped"] is None and status["GAP"]["seeds"] == 3
+        more = next_runs(study, store.runs())
+        assert [(v.name, s) for v, s in more] == [("GAP", 3), ("Flatten", 3)]
+        _finish(store, "Flatten", 3, 0.80)
+        _finish(store, "GAP", 3, 0.50)
+        assert [(v.name, s) for v, s in next_runs(study, store.runs())] == [("GAP", 4), ("Flatten", 4)]
+        _finish(store, "Flatten", 4, 0.80)
+        _finish(store, "GAP", 4, 0.79)
+        assert next_runs(study, store.runs()) == []
+        assert replication_status(study, store.runs())["GAP"] == {
+            "seeds": 5,
+            "half_width_pp": pytest.approx(_half_width_pp([-0.10, -0.22, -0.06, -0.30, -0.01])),
+            "stopped": MAX_REACHED,
+        }
+
+
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [
+        ({"min": 3, "max": 10}, "exactly the keys min, max and target_halfwidth_pp"),
+        ({"min": 5, "max": 3, "target_halfwidth_pp": 1}, "2 <= min <= max"),
+        ({"min": 3, "max": 10, "target_halfwidth_pp": 0}, "positive number of percentage points"),
+    ],
+)
+def test_bad_adaptive_seeds_are_rejected(tmp_path, seeds, message):
+    with pytest.raises(CapasError, match=message):
+        load_study(_write(tmp_path, _doc(seeds)))
+
+
+def test_a_real_study_stops_each_variant_for_its_own_reason(tmp_path):
+    # lr: 0.003 instead of 0.001 after one epoch moves test accuracy by several pp from seed to seed
+    # (200 test images); a target of 100 pp is met at min, one of 0.01 pp never is
+    doc = _doc({"min": 2, "max": 3, "target_halfwidth_pp": 0.01})
+    doc["variations"][0]["alternatives"] = doc["variations"][0]["alternatives"][1:]
+    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115 (closed with the test)
+    outcome = run_study(_write(tmp_path, doc), out=tmp_path / "narrow", workers=1, console=console)
+    with Store(tmp_path / "narrow" / "study.sqlite") as store:
+        rows = store.runs()
+        recorded = store.get_meta("replication")
+    assert sorted(rows) == [f"{v}/seed-{s}" for v in ("Flatten", "lr") for s in range(3)]
+    assert recorded["lr"]["seeds"] == 3 and recorded["lr"]["stopped"] == MAX_REACHED
+    assert "lr 3 seeds (max reached)" in outcome.markdown.read_text()
+    doc["seeds"]["target_halfwidth_pp"] = 100.0
+    outcome = run_study(_write(tmp_path, doc), out=tmp_path / "wide", workers=1, console=console)
+    with Store(tmp_path / "wide" / "study.sqlite") as store:
+        assert sorted(store.runs()) == [f"{v}/seed-{s}" for v in ("Flatten", "lr") for s in range(2)]
+        wide = store.get_meta("replication")["lr"]
+    assert wide["seeds"] == 2 and wide["stopped"] == TARGET_REACHED and 0 < wide["half_width_pp"] <= 100
