@@ -16,6 +16,7 @@ from capas.predict import evaluate_run, predict
 from capas.runs import load_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.train import Callback, fit, train
+from capas.train.optim import Plateau
 
 
 def test_training_beats_chance_by_a_wide_margin(tiny_run):
@@ -24,6 +25,7 @@ def test_training_beats_chance_by_a_wide_margin(tiny_run):
     assert sum(map(sum, test["confusion_matrix"])) == 400  # test_limit
     metrics = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
+    assert test["stopped"] == "max epochs" and test["epochs_run"] == 2 and test["best_epoch"] == 2
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["splits"]["sizes"] == {"train": 2000, "val": 200, "test": 400}
     assert config["environment"]["torch"] == torch.__version__
@@ -135,6 +137,33 @@ def test_patience_stops_training_and_says_so():
     result = fit(build_model(spec), splits.train, splits.val, default_preprocess(spec.input_shape), cfg)
     assert result.stopped == "early stopping"
     assert len(result.history) == 2 and result.best_epoch == 1
+
+
+def test_reduce_on_plateau_lowers_the_rate_of_the_next_epochs_and_resumes(tmp_path):
+    spec, _, _ = _small()
+    schedule = {"name": "plateau", "factor": 0.5, "patience": 1, "min_delta": 0.0}
+    cfg = TrainConfig(epochs=5, batch_size=32, optimizer={"name": "sgd", "lr": 0.3}, schedule=schedule)
+    splits = make_splits("fashion-mnist", limit=300)
+    preprocess = default_preprocess(spec.input_shape)
+    result = fit(build_model(spec, seed=0), splits.train, splits.val, preprocess, cfg)
+    replay, expected = Plateau(cfg.schedule, 0.3), []
+    for m in result.history:
+        expected.append(0.3 * replay.scale)  # the rate an epoch trains at: set by the epochs before it
+        replay.update(m["val_loss"])
+    assert [m["lr"] for m in result.history] == pytest.approx(expected)
+    assert min(expected) < 0.3  # the case really reduces the rate
+    # interrupted after 3 epochs and resumed: the plateau's state comes back with the checkpoint
+    ck = tmp_path / "ck.safetensors"
+    fit(
+        build_model(spec, seed=0),
+        splits.train,
+        splits.val,
+        preprocess,
+        cfg.model_copy(update={"epochs": 3}),
+        checkpoint=ck,
+    )
+    resumed = fit(build_model(spec, seed=0), splits.train, splits.val, preprocess, cfg, checkpoint=ck)
+    assert [m["lr"] for m in resumed.history] == pytest.approx(expected)
 
 
 def test_sample_budget_stops_within_the_epoch():

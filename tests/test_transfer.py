@@ -147,6 +147,11 @@ def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
     second = train(spec, data, cfg, tmp_path / "b")
     assert second["feature_cache"]["cache"] == "hit"
     assert second["test_accuracy"] == first["test_accuracy"]
+    # the variant's training cost includes computing its features, also when another run paid for them
+    # (the top alone trains 60 feature vectors in milliseconds; the backbone's pass takes far longer)
+    cost = first["feature_cache"]["compute_seconds"]
+    assert cost > 0 and second["feature_cache"]["compute_seconds"] == cost
+    assert first["train_seconds"] > cost and second["train_seconds"] > cost
     augmented = train(
         spec, data, TrainConfig(epochs=1, batch_size=30, augment={"hflip": True}), tmp_path / "c"
     )
