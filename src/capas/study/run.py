@@ -309,7 +309,9 @@ def run_study(
                             workers,
                             len(tasks),
                             threads=max(v.train["threads"] or 1 for v in study.variants),
-                            cuda=any(resolve_device(v.train["device"]).type == "cuda" for v in study.variants),
+                            cuda=any(
+                                resolve_device(v.train["device"]).type == "cuda" for v in study.variants
+                            ),
                         )
                     )
                 else:
