@@ -97,13 +97,13 @@ def test_next_round_adds_a_seed_to_unfinished_variants_and_their_base_pairs(tmp_
     assert study.initial_seeds == (0, 1, 2) and study.seeds == (0, 1, 2, 3, 4)
     with Store(tmp_path / "study.sqlite") as store:
         for seed, (base, gap, lr) in enumerate(
-            [(0.80, 0.70, 0.801), (0.82, 0.60, 0.821), (0.81, 0.75, 0.811)]
+            [(0.80, 0.70, 0.801), (0.82, 0.60, 0.8215), (0.81, 0.75, 0.8105)]
         ):
             _finish(store, "Flatten", seed, base)
             _finish(store, "GAP", seed, gap)
             _finish(store, "lr", seed, lr)
         status = replication_status(study, store.runs())
-        assert status["lr"]["stopped"] == TARGET_REACHED and status["lr"]["half_width_pp"] < 1e-6
+        assert status["lr"]["stopped"] == TARGET_REACHED and status["lr"]["half_width_pp"] < 0.2
         assert status["GAP"]["stopped"] is None and status["GAP"]["seeds"] == 3
         more = next_runs(study, store.runs())
         assert [(v.name, s) for v, s in more] == [("GAP", 3), ("Flatten", 3)]

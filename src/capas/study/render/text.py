@@ -170,10 +170,14 @@ def per_seed_table(report: StudyReport) -> Table:
     """Test accuracy of every run, with what became of the runs that have none or a doubtful one."""
     rows = []
     for seed in report.study.seeds:
+        if not any(seed in r.runs for r in report.variants):
+            continue  # adaptive replication: a seed no variant needed
         cells = [str(seed) + ("" if seed in report.seeds else " (not in the figures)")]
         for result in report.variants:
-            outcome = result.runs[seed]
-            if outcome.result is not None:
+            outcome = result.runs.get(seed)
+            if outcome is None:
+                cells.append("not needed (adaptive seeds)")
+            elif outcome.result is not None:
                 cell = f"{100 * outcome.result['test_accuracy']:.2f}"
                 cells.append(cell if outcome.status == OK else f"{cell} ({outcome.status}: {outcome.detail})")
             else:
