@@ -467,7 +467,8 @@ def import_keras(
     )
     if data is None:
         console.print(
-            "no --data: evaluate and compress will need --data, and serve needs a drift reference (import with --data)",
+            "no --data: evaluate and compress will need --data, and serve runs with drift monitoring off "
+            "(import with --data for a drift reference)",
             highlight=False,
         )
 

@@ -534,7 +534,8 @@ def import_keras(
 
     `scale` is the model's input range for 0..255 pixels (SCALES; default 0..1, or what a first
     Rescaling layer says); `classes` a file of class names; `data` a dataset recorded for evaluate,
-    compress and studies, whose validation images become the drift reference that serve needs.
+    compress and studies, whose validation images become serve's drift reference (without it serve
+    runs with drift monitoring off).
     """
     if scale is not None and scale not in SCALES:
         raise CapasError(f"--scale: {scale!r} is not one of {', '.join(SCALES)}")

@@ -23,7 +23,7 @@ from capas.deploy.drift import DriftDetector
 from capas.deploy.serve.batching import MicroBatcher
 from capas.deploy.serve.deps import ServerState
 from capas.deploy.serve.middleware import BodyLimit, HostGuard, RequestMetrics, TokenGuard
-from capas.deploy.serve.monitor import Metrics, Monitor
+from capas.deploy.serve.monitor import NO_REFERENCE, Metrics, Monitor
 from capas.deploy.serve.routes import api, monitoring, pages
 from capas.deploy.serve.settings import ServeSettings
 from capas.errors import CapasError
@@ -134,20 +134,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
     import fastapi_offline
 
     run = load_run(settings.run_dir, device=resolve_device(settings.device))
-    reference = load_reference(run.path / REFERENCE)
-    width = _embedding_width(run)
-    if reference.embeddings.shape[1] != width:
-        raise CapasError(
-            f"{run.path / REFERENCE}: drift reference has {reference.embeddings.shape[1]} features per "
-            f"image but the model's embedding has {width}; it belongs to another model (retrain, or "
-            "restore the run's own reference)"
-        )
-    detector = DriftDetector(
-        reference,
-        alpha=settings.drift_alpha,
-        permutations=settings.drift_permutations,
-    )
-    metrics = Metrics(run.classes)
+    detector = _drift_detector(run, settings)
+    if detector is None:
+        log.warning("drift monitoring is off: %s", NO_REFERENCE)
+    metrics = Metrics(run.classes, drift=detector is not None)
     monitor = Monitor(
         run.classes,
         detector,
@@ -158,7 +148,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
         bucket_s=settings.bucket_s,
         history=settings.history,
     )
-    state = ServerState(settings, run, run_info(run, settings), metrics, monitor)
+    info = run_info(run, settings)
+    info["drift"] = (
+        {"enabled": True, "reference": len(detector.reference.embeddings)}
+        if detector is not None
+        else {"enabled": False, "reason": NO_REFERENCE}
+    )
+    state = ServerState(settings, run, info, metrics, monitor)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -168,21 +164,32 @@ def create_app(settings: ServeSettings) -> FastAPI:
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
             threads=settings.threads,
-            drift_per_batch=settings.drift_per_batch,
+            # No reference, no drift test: skip the embedding pass it would feed.
+            drift_per_batch=settings.drift_per_batch if detector is not None else 0,
             on_batch=metrics.batch_size.observe,
         )
         await batcher.start()
-        # One drift test before serving: its first run imports scipy and sets up its kernels, which
-        # took seconds and stalled the first minute's requests when it happened under load.
-        warm = reference.embeddings[: settings.drift_window], reference.input_stats[: settings.drift_window]
-        await run_in_threadpool(detector.test, *warm)
+        if detector is not None:
+            # One drift test before serving: its first run imports scipy and sets up its kernels, which
+            # took seconds and stalled the first minute's requests when it happened under load.
+            reference = detector.reference
+            warm = (
+                reference.embeddings[: settings.drift_window],
+                reference.input_stats[: settings.drift_window],
+            )
+            await run_in_threadpool(detector.test, *warm)
         state.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="capas-decode")
         state.batcher = batcher
-        drift_task = asyncio.create_task(_drift_loop(monitor, settings.drift_every_s))
+        drift_task = (
+            asyncio.create_task(_drift_loop(monitor, settings.drift_every_s))
+            if detector is not None
+            else None
+        )
         try:
             yield
         finally:
-            drift_task.cancel()
+            if drift_task is not None:
+                drift_task.cancel()
             state.batcher = None
             await batcher.stop()
             state.decoder.shutdown(wait=True)
@@ -216,6 +223,23 @@ def create_app(settings: ServeSettings) -> FastAPI:
         app.add_middleware(HostGuard, bound=settings.host)
     app.add_middleware(RequestMetrics, metrics=metrics, on_predict=monitor.record_latency)
     return app
+
+
+def _drift_detector(run: Run, settings: ServeSettings) -> DriftDetector | None:
+    """The drift test against the run's reference; None when the run has none (e.g. a Keras import
+    without --data). A reference that exists but is damaged or of another model is a CapasError."""
+    path = run.path / REFERENCE
+    if not path.exists():
+        return None
+    reference = load_reference(path)
+    width = _embedding_width(run)
+    if reference.embeddings.shape[1] != width:
+        raise CapasError(
+            f"{path}: drift reference has {reference.embeddings.shape[1]} features per "
+            f"image but the model's embedding has {width}; it belongs to another model (retrain, or "
+            "restore the run's own reference)"
+        )
+    return DriftDetector(reference, alpha=settings.drift_alpha, permutations=settings.drift_permutations)
 
 
 def _embedding_width(run: Run) -> int:

@@ -194,8 +194,9 @@ class MicroBatcher:
             # Drift needs the penultimate features; a second partial pass on a few images per batch
             # keeps its cost bounded under load (drift_per_batch / max_batch of the model's work).
             sample = x[: self.drift_per_batch]
-            embeddings = model.embed(sample).float().cpu() if len(sample) else torch.empty(0, 0)
-            return probabilities, embeddings, input_statistics(sample).cpu()
+            if not len(sample):  # drift off (no reference, or drift_per_batch 0): nothing to sample
+                return probabilities, torch.empty(0, 0), torch.empty(0, 2)
+            return probabilities, model.embed(sample).float().cpu(), input_statistics(sample).cpu()
 
 
 def _fail(request: _Request, error: Exception) -> None:

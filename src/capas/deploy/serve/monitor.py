@@ -24,12 +24,20 @@ from capas.deploy.drift import DriftDetector, DriftResult
 LATENCY_SAMPLES = 2000  # latencies kept per time window for its percentiles
 ACCURACY_WINDOW = 500  # the rolling accuracy is over the last this many feedbacks
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)  # seconds
+NO_REFERENCE = (
+    "the run has no drift reference (reference.safetensors); import with --data or train with capas "
+    "to get one"
+)
 
 
 class Metrics:
-    """The Prometheus metrics of one server, in its own registry (two apps in a process never collide)."""
+    """The Prometheus metrics of one server, in its own registry (two apps in a process never collide).
 
-    def __init__(self, classes: tuple[str, ...]):
+    Without drift monitoring the drift gauges are not registered at all (absent, as Prometheus does
+    for a feature that is off, so no alert on them can fire), and `capas_drift_enabled` is 0.
+    """
+
+    def __init__(self, classes: tuple[str, ...], *, drift: bool = True):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -68,15 +76,25 @@ class Metrics:
             f"accuracy over the last {ACCURACY_WINDOW} feedbacks (NaN before any)",
             registry=r,
         )
-        self.drift_statistic = Gauge(
-            "capas_drift_statistic", "MMD² of recent embeddings vs the reference", registry=r
-        )
-        self.drift_p_value = Gauge("capas_drift_p_value", "permutation p-value of the drift test", registry=r)
-        self.drift = Gauge(
-            "capas_drift_detected", "1 when the last drift test flagged drift, else 0", registry=r
-        )
-        for gauge in (self.accuracy, self.rolling_accuracy, self.drift_statistic, self.drift_p_value):
+        Gauge(
+            "capas_drift_enabled",
+            "1 when drift is monitored, 0 when the run has no drift reference",
+            registry=r,
+        ).set(int(drift))
+        for gauge in (self.accuracy, self.rolling_accuracy):
             gauge.set(float("nan"))
+        if drift:
+            self.drift_statistic = Gauge(
+                "capas_drift_statistic", "MMD² of recent embeddings vs the reference", registry=r
+            )
+            self.drift_p_value = Gauge(
+                "capas_drift_p_value", "permutation p-value of the drift test", registry=r
+            )
+            self.drift = Gauge(
+                "capas_drift_detected", "1 when the last drift test flagged drift, else 0", registry=r
+            )
+            self.drift_statistic.set(float("nan"))
+            self.drift_p_value.set(float("nan"))
         for label in classes:  # every class appears in /metrics from the start, at 0
             self.predictions.labels(label)
 
@@ -124,13 +142,14 @@ class Monitor:
     """The live state behind /feedback, /monitor, /drift and the Prometheus gauges.
 
     Recording happens on the event loop; the drift test runs on a worker thread, so the window of
-    recent embeddings and the time windows are guarded by one lock.
+    recent embeddings and the time windows are guarded by one lock. With no `detector` (the run has
+    no drift reference) drift is off: nothing is tested and /drift says why.
     """
 
     def __init__(
         self,
         classes: tuple[str, ...],
-        detector: DriftDetector,
+        detector: DriftDetector | None,
         metrics: Metrics,
         *,
         max_predictions: int,
@@ -226,6 +245,8 @@ class Monitor:
 
         Blocking (a permutation test): call it from a worker thread.
         """
+        if self.detector is None:
+            return None
         with self._drift_lock:
             with self._lock:
                 if len(self._embeddings) < self.drift_min or self._seen == self._tested_at:
@@ -243,6 +264,9 @@ class Monitor:
             return result
 
     def drift_status(self) -> dict:
+        """What /drift answers: whether drift is monitored, the test's state and its last result."""
+        if self.detector is None:
+            return {"enabled": False, "status": "off", "reason": NO_REFERENCE}
         with self._lock:
             collected = len(self._embeddings)
             result = self.last_drift
@@ -255,6 +279,7 @@ class Monitor:
         else:
             status = "drift" if result.drift else "ok"
         return {
+            "enabled": True,
             "status": status,
             "window": collected,
             "min_window": self.drift_min,

@@ -17,8 +17,14 @@ function draw(data) {
   const badge = byId("drift-status");
   badge.textContent = drift.status;
   badge.className = `badge ${drift.status === "ok" ? "ok" : drift.status === "drift" ? "drift" : ""}`;
+  // Without a drift reference there is nothing to chart: the sentence saying why replaces the chart.
+  byId("drift-off").hidden = drift.enabled;
+  byId("drift-off").textContent = drift.enabled ? "" : `Drift monitoring is off: ${drift.reason}.`;
+  byId("c-drift").hidden = byId("l-drift").hidden = !drift.enabled;
   const r = drift.result;
-  byId("drift-detail").textContent = r
+  byId("drift-detail").textContent = !drift.enabled
+    ? drift.reason
+    : r
     ? `MMD² ${r.statistic.toFixed(4)}, p = ${r.p_value.toFixed(4)} (alpha ${r.alpha}, ${r.window} recent inputs vs ` +
       `${r.reference} reference, ${r.permutations} permutations); pixel mean KS p = ` +
       `${r.input_stats.pixel_mean.p_value.toFixed(4)}, pixel std KS p = ${r.input_stats.pixel_std.p_value.toFixed(4)}`
@@ -35,6 +41,7 @@ function draw(data) {
     lat.map((p, i) => ({ name: p, values: w.map((x) => x.latency_ms[p]), color: PALETTE[i] })),
     { yFormat: (v) => v.toFixed(1) });
   legend(byId("l-latency"), lat, PALETTE);
+  if (!drift.enabled) return;
   lineChart(byId("c-drift"), times, [
     { name: "MMD²", values: w.map((x) => x.drift_statistic), color: PALETTE[3] },
     { name: "p-value", values: w.map((x) => x.drift_p_value), color: PALETTE[2] },
