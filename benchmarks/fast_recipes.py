@@ -64,16 +64,17 @@ def main() -> None:
     data = DataConfig.model_validate(document["data"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="capas-fast-") as tmp:
+        # the fast recipe first: its figures come out even if the long reference is cut short
+        for seed in range(args.seeds):
+            cfg = fast_cfg.model_copy(update={"seed": seed})
+            result = timed_run(FAST_SPEC, data, cfg, Path(tmp) / f"fast-{seed}")
+            rows.append(("fast recipe", seed, result))
         if not args.no_reference:
             keras_cfg = TrainConfig(
                 epochs=args.reference_epochs, batch_size=128, optimizer={"name": "adadelta", "lr": 1.0}
             )
             result = timed_run(KERAS_SPEC, data, keras_cfg, Path(tmp) / "keras")
             rows.append(("Keras' mnist_cnn recipe (capas)", 0, result))
-        for seed in range(args.seeds):
-            cfg = fast_cfg.model_copy(update={"seed": seed})
-            result = timed_run(FAST_SPEC, data, cfg, Path(tmp) / f"fast-{seed}")
-            rows.append(("fast recipe", seed, result))
 
     table = Table(title="Fashion-MNIST: test accuracy and wall time (spec to test result)")
     for column in ("recipe", "seed", "epochs", "test accuracy", "wall s", "training s", "train img/s"):
@@ -102,7 +103,7 @@ def main() -> None:
         highlight=False,
     )
     if not args.no_reference:
-        reference = rows[0][2]["wall"]
+        reference = rows[-1][2]["wall"]
         console.print(
             f"Keras' recipe in capas: {reference:.1f} s; the fast recipe takes "
             f"{statistics.median(wall) / reference:.3f} of it (target: at most 1/5 = 0.200 of Keras' own time)",
