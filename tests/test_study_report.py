@@ -30,7 +30,9 @@ SGD = {"name": "optimizer", "alternatives": [{"name": "sgd", "train": {"optimize
 TEST_IMAGES = 1000
 
 
-def synthetic(accuracy: float, val_losses=(0.9, 0.7, 0.8), loss: float = 0.5) -> dict:
+def synthetic(
+    accuracy: float, val_losses=(0.9, 0.7, 0.8), loss: float = 0.5, stopped: str = "max epochs"
+) -> dict:
     """A run's result with the given test accuracy; its best validation epoch is where val_losses is lowest."""
     history = [
         {"epoch": i + 1, "loss": loss, "accuracy": accuracy, "val_loss": v, "val_accuracy": accuracy}
@@ -43,7 +45,7 @@ def synthetic(accuracy: float, val_losses=(0.9, 0.7, 0.8), loss: float = 0.5) ->
         "test_loss": loss if math.isfinite(loss) else math.nan,
         "confusion_matrix": [[per_class if i == j else 0 for j in range(10)] for i in range(10)],
         "best_epoch": len(history),
-        "stopped": "completed",
+        "stopped": stopped,
         "train_seconds": 10.0,
         "images_per_s": 100.0,
         "val_loss": val_losses[-1],
@@ -98,6 +100,21 @@ def test_zero_variance_gives_no_interval_and_no_test():
     assert math.isnan(comparison.difference.low) and comparison.difference.mean == pytest.approx(0.03)
     assert comparison.differences == pytest.approx((0.03, 0.03, 0.03))
     assert math.isnan(mean_ci([0.5, 0.5, 0.5]).half_width) and mean_ci([0.5, 0.5, 0.5]).zero_variance
+
+
+def test_a_run_early_stopping_ended_is_converged_even_if_its_loss_crept_lower(tiny_study, study_file):
+    """Early stopping with min_delta ends a run whose loss still falls by less than min_delta per epoch:
+    converged by the stated criterion, so not flagged; the same history ended by the epoch budget is."""
+    study = load_study(study_file(tiny_study(seeds=2, variations=[HEAD])))
+    creeping = (0.9, 0.8, 0.7995, 0.7993)  # lowest at the last epoch, each step below min_delta
+    rows = {}
+    for variant in ("Flatten", "GAP", "GMP"):
+        for seed in (0, 1):
+            stopped = "max epochs" if (variant, seed) == ("GAP", 1) else "early stopping"
+            result = synthetic(0.8, val_losses=creeping, stopped=stopped)
+            rows[f"{variant}/seed-{seed}"] = row(variant, seed, result)
+    report = collect(study, rows)
+    assert [v.still_improving for v in report.variants] == [[], [1], []]
 
 
 def test_zero_variance_report_shows_per_seed_differences_not_p(report):
@@ -184,8 +201,8 @@ def test_header_states_the_comparison_kind_test_size_and_binomial_error(report, 
     )
     converging = tiny_study(train={"epochs": 30, "early_stopping": {"patience": 4}})
     assert comparison_kind(load_study(study_file(converging))) == (
-        "each variant trained to its own convergence: early stopping on val_loss (patience 4, "
-        "the best epoch's weights restored), at most 30 epochs"
+        "each variant trained to its own convergence: early stopping on val_loss (stopped after 4 epochs "
+        "without an improvement of at least 0, the best epoch's weights restored), at most 30 epochs"
     )
     mixed = tiny_study(variations=[{"name": "b", "alternatives": [{"name": "long", "train": {"epochs": 5}}]}])
     assert comparison_kind(load_study(study_file(mixed))).startswith(

@@ -97,12 +97,17 @@ class VariantResult:
 
     @property
     def still_improving(self) -> list[int]:
-        """Seeds whose best validation epoch is their last one: training stopped while it still helped."""
+        """Seeds that a budget (epochs, seconds, images) stopped while their best validation epoch was the
+        last one: training ended while it still helped. A run that early stopping ended has converged by
+        the criterion the report states (no improvement of at least min_delta for `patience` epochs),
+        even if the monitored value crept on by less than min_delta."""
         monitor = (self.variant.train.get("early_stopping") or {}).get("monitor", "val_loss")
         return [
             s
             for s, r in self.finished.items()
-            if r["history"] and _best_epoch(r["history"], monitor) == len(r["history"])
+            if r.get("stopped") != "early stopping"
+            and r["history"]
+            and _best_epoch(r["history"], monitor) == len(r["history"])
         ]
 
 
@@ -135,8 +140,8 @@ class StudyReport:
         improving = [r.name for r in self.variants if r.still_improving]
         if improving:
             lines.append(
-                f"Still improving at the budget: {', '.join(improving)} (best validation epoch = last epoch "
-                "in at least one seed). Their effects may shrink or grow with more training."
+                f"Still improving at the budget: {', '.join(improving)} (a budget ended training at the best "
+                "validation epoch in at least one seed). Their effects may shrink or grow with more training."
             )
         lines += [f"{r.name}: {note.text}" for r in self.variants for note in r.notes if note.warning]
         return lines
@@ -233,7 +238,8 @@ def training_kind(train: dict) -> str:
     stopping = train.get("early_stopping")
     if stopping:
         kind = (
-            f"to its own convergence: early stopping on {stopping['monitor']} (patience {stopping['patience']}, "
+            f"to its own convergence: early stopping on {stopping['monitor']} (stopped after "
+            f"{stopping['patience']} epochs without an improvement of at least {stopping.get('min_delta', 0):g}, "
             f"the best epoch's weights restored), at most {epochs_text(train['epochs'])}"
         )
     else:
