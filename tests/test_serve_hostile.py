@@ -368,3 +368,14 @@ def test_the_hostile_corpus_gets_the_expected_4xx_and_the_server_keeps_serving(t
                 json.loads(response.content)
             body, headers = hostile.multipart(("good.png", good_png))
             assert client.post("/predict", content=body, headers=headers).status_code == 200, case.name
+
+
+def test_the_server_caps_glibc_malloc_arenas():
+    """The soak's unbounded growth came from per-thread malloc arenas; on glibc the cap must take."""
+    import platform
+
+    from capas.deploy.serve.app import limit_malloc_arenas
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt's arena cap is glibc's")
+    assert limit_malloc_arenas() is True
