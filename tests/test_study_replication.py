@@ -3,12 +3,10 @@ from the base is within the target, or the variant reaches the maximum."""
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import pytest
-import yaml
 from rich.console import Console
 from scipy import stats as scipy_stats
 
@@ -18,44 +16,25 @@ from capas.study.run import next_runs, replication_status, run_study
 from capas.study.spec import MAX_REACHED, TARGET_REACHED, Replication
 from capas.study.store import Store
 
-SPEC = {
-    "name": "small",
-    "input_shape": [28, 28, 1],
-    "layers": [
-        {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
-        {"MaxPooling2D": {"pool_size": 2}},
-        "Flatten",
-        {"Dense": {"units": 10, "activation": "softmax"}},
+HEAD = {
+    "name": "head",
+    "alternatives": [
+        {"name": "GAP", "replace": {"layer": "flatten", "with": "GlobalAveragePooling2D"}},
+        {"name": "lr", "train": {"optimizer.lr": 0.003}},
     ],
 }
 
 
-def _doc(seeds) -> dict:
-    return {
-        "name": "adaptive",
-        "base": {
-            "name": "Flatten",
-            "spec": copy.deepcopy(SPEC),
-            "train": {"epochs": 1, "batch_size": 64},
-            "data": {"name": "fashion-mnist", "limit": 200, "test_limit": 200},
-        },
-        "seeds": seeds,
-        "variations": [
-            {
-                "name": "head",
-                "alternatives": [
-                    {"name": "GAP", "replace": {"layer": "flatten", "with": "GlobalAveragePooling2D"}},
-                    {"name": "lr", "train": {"optimizer.lr": 0.003}},
-                ],
-            }
-        ],
-    }
+@pytest.fixture
+def adaptive(tiny_study) -> Callable[[dict], dict]:
+    """The tiny study with two variants, 200 images, and the given `seeds:` setting."""
 
+    def make(seeds) -> dict:
+        return tiny_study(
+            name="adaptive", seeds=seeds, variations=[HEAD], data={"limit": 200, "test_limit": 200}
+        )
 
-def _write(tmp_path: Path, doc: dict) -> Path:
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+    return make
 
 
 def _half_width_pp(diffs: list[float]) -> float:
@@ -92,8 +71,8 @@ def _finish(store: Store, variant: str, seed: int, accuracy: float) -> None:
     store.finish(rid, {"test_accuracy": accuracy, "history": [], "wall_seconds": 0.0})
 
 
-def test_next_round_adds_a_seed_to_unfinished_variants_and_their_base_pairs(tmp_path):
-    study = load_study(_write(tmp_path, _doc({"min": 3, "max": 5, "target_halfwidth_pp": 1.0})))
+def test_next_round_adds_a_seed_to_unfinished_variants_and_their_base_pairs(tmp_path, adaptive, study_file):
+    study = load_study(study_file(adaptive({"min": 3, "max": 5, "target_halfwidth_pp": 1.0})))
     assert study.initial_seeds == (0, 1, 2) and study.seeds == (0, 1, 2, 3, 4)
     with Store(tmp_path / "study.sqlite") as store:
         for seed, (base, gap, lr) in enumerate(
@@ -128,18 +107,18 @@ def test_next_round_adds_a_seed_to_unfinished_variants_and_their_base_pairs(tmp_
         ({"min": 3, "max": 10, "target_halfwidth_pp": 0}, "positive number of percentage points"),
     ],
 )
-def test_bad_adaptive_seeds_are_rejected(tmp_path, seeds, message):
+def test_bad_adaptive_seeds_are_rejected(seeds, message, adaptive, study_file):
     with pytest.raises(CapasError, match=message):
-        load_study(_write(tmp_path, _doc(seeds)))
+        load_study(study_file(adaptive(seeds)))
 
 
-def test_a_real_study_stops_each_variant_for_its_own_reason(tmp_path):
+def test_a_real_study_stops_each_variant_for_its_own_reason(tmp_path, adaptive, study_file):
     # lr: 0.003 instead of 0.001 after one epoch moves test accuracy by several pp from seed to seed
     # (200 test images); a target of 100 pp is met at min, one of 0.01 pp never is
-    doc = _doc({"min": 2, "max": 3, "target_halfwidth_pp": 0.01})
+    doc = adaptive({"min": 2, "max": 3, "target_halfwidth_pp": 0.01})
     doc["variations"][0]["alternatives"] = doc["variations"][0]["alternatives"][1:]
     console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115 (closed with the test)
-    outcome = run_study(_write(tmp_path, doc), out=tmp_path / "narrow", workers=1, console=console)
+    outcome = run_study(study_file(doc), out=tmp_path / "narrow", workers=1, console=console)
     with Store(tmp_path / "narrow" / "study.sqlite") as store:
         rows = store.runs()
         recorded = store.get_meta("replication")
@@ -147,7 +126,7 @@ def test_a_real_study_stops_each_variant_for_its_own_reason(tmp_path):
     assert recorded["lr"]["seeds"] == 3 and recorded["lr"]["stopped"] == MAX_REACHED
     assert "lr 3 seeds (max reached)" in outcome.markdown.read_text()
     doc["seeds"]["target_halfwidth_pp"] = 100.0
-    outcome = run_study(_write(tmp_path, doc), out=tmp_path / "wide", workers=1, console=console)
+    outcome = run_study(study_file(doc), out=tmp_path / "wide", workers=1, console=console)
     with Store(tmp_path / "wide" / "study.sqlite") as store:
         assert sorted(store.runs()) == [f"{v}/seed-{s}" for v in ("Flatten", "lr") for s in range(2)]
         wide = store.get_meta("replication")["lr"]
