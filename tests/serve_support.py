@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import socket
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 
 import torch
@@ -50,17 +48,6 @@ def png(image: torch.Tensor) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
-    """A tiny PNG whose header claims width × height grey pixels (a decompression bomb)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    rows = zlib.compress(b"\x00" * (width + 1) * 64)  # a few rows of zeros; decoding would need 400 MB
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
 
 
 def noised(images: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:

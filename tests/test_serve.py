@@ -24,7 +24,8 @@ from capas.inference import resolve_device
 from capas.predict import predict_files
 from capas.runs import load_run
 from capas.spec.summary import summarize
-from serve_support import bomb_png, live_server, png
+from hostile import bomb_png
+from serve_support import live_server, png
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
