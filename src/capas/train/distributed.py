@@ -156,6 +156,9 @@ def process_group(device: str) -> Iterator[Distributed]:
     torch_dist.init_process_group("nccl" if cuda else "gloo")
     try:
         yield Distributed(rank, world, local_rank)
+        # Leave together: rank 0 still writes the run directory after training, and a rank that tore
+        # gloo down meanwhile was once killed by SIGABRT ("terminate called without an active exception").
+        torch_dist.barrier()
     finally:
         torch_dist.destroy_process_group()
 
