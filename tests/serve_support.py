@@ -15,18 +15,21 @@ from PIL import Image
 
 from capas.deploy.serve import create_app, make_settings
 from capas.deploy.serve.app import uvicorn_config
+from capas.deploy.serve.protocol import http_protocol
 
 
 @contextlib.contextmanager
-def live_server(**settings) -> Iterator[tuple[str, object]]:
-    """Serve with these settings on 127.0.0.1 (a free port) in a thread; yields (base URL, app)."""
+def live_server(parser: str | None = None, **settings) -> Iterator[tuple[str, object]]:
+    """Serve with these settings on 127.0.0.1 (a free port) in a thread; yields (base URL, app).
+    `parser` ("httptools", "h11") replaces the server's default HTTP parser."""
     options = make_settings(port=0, **settings)
     app = create_app(options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn_config(app, options, log_level="warning"))
+    overrides = {"http": http_protocol(options.header_timeout_s, parser)} if parser else {}
+    server = uvicorn.Server(uvicorn_config(app, options, log_level="warning", **overrides))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -179,6 +179,84 @@ def test_a_stalled_upload_gets_408_and_frees_the_connection(tiny_run):
         assert 0.8 < waited < 5
 
 
+def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 answer: (status, lower-case headers, body); status 0 if the server closed without one."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            assert not data, f"closed mid-answer: {data!r}"
+            return 0, {}, b""
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        assert chunk, "closed mid-body"
+        body += chunk
+    return int(status.split()[1]), headers, body
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_slow_headers_get_408_and_free_the_connection(tiny_run, parser):
+    """A slowloris client (a header byte every 0.3 s, never the blank line) is cut off after
+    header_timeout_s, a silent connection closed; slow but complete headers, and a kept-alive
+    connection idle for longer than header_timeout_s (but less than keep_alive_s), are served."""
+    timeout = 1.0
+    head = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    with live_server(run_dir=tiny_run, header_timeout_s=timeout, keep_alive_s=3.0, parser=parser) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+
+        def connect() -> socket.socket:
+            return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+        def slowloris():
+            with connect() as sock:
+                start = time.monotonic()
+                # a byte every 0.3 s: none arrives just as the server closes (that would reset the
+                # connection before its 408 is read)
+                assert not hostile.slowloris(sock, every=0.3, seconds=timeout + 2), "not cut off"
+                answer = read_answer(sock)
+                closed = sock.recv(1) == b""
+                return answer, closed, time.monotonic() - start
+
+        def silent():
+            with connect() as sock:
+                start = time.monotonic()
+                return read_answer(sock)[0], time.monotonic() - start
+
+        def slow_but_complete():
+            with connect() as sock:
+                start = time.monotonic()
+                assert hostile.trickle(sock, head, every=0.015), "cut off"
+                sent = time.monotonic() - start
+                return read_answer(sock)[0], sent
+
+        def kept_alive():
+            with connect() as sock:
+                sock.sendall(head)
+                first = read_answer(sock)[0]
+                time.sleep(1.5 * timeout)  # idle: keep_alive_s (3 s) governs, not header_timeout_s
+                sock.sendall(head)
+                return first, read_answer(sock)[0]
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(f) for f in (slowloris, silent, slow_but_complete, kept_alive)]
+            time.sleep(0.5)  # the slowloris client is mid-head: others are served meanwhile
+            assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+            (status, headers, body), closed, slow_waited = futures[0].result()
+            silent_status, silent_waited = futures[1].result()
+            complete_status, sent = futures[2].result()
+            assert futures[3].result() == (200, 200)
+    print(f"{parser}: slowloris cut off after {slow_waited:.2f} s, silent after {silent_waited:.2f} s")
+    assert status == 408 and headers["connection"] == "close" and closed
+    assert "CAPAS_HEADER_TIMEOUT_S" in json.loads(body)["detail"]
+    assert timeout * 0.9 < slow_waited < timeout + 1.5
+    assert silent_status == 0 and timeout * 0.9 < silent_waited < timeout + 1.5
+    assert complete_status == 200 and sent > timeout / 2  # its head arrived over more than half the limit
+
+
 def test_connections_beyond_the_limit_get_503(tiny_run):
     with live_server(run_dir=tiny_run, max_connections=4) as (url, _):
         port = int(url.rsplit(":", 1)[1])

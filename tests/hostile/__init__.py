@@ -3,7 +3,8 @@ here (small, deterministic, nothing committed as binary) and shared by the tests
 benchmarks/serve_soak.py.
 
 Each `Case` is one HTTP request and the statuses a healthy server may answer; none may be a 5xx.
-The images are also used alone (`images()`) by the decoder tests.
+The images are also used alone (`images()`) by the decoder tests. The slow-header client
+(`slowloris`) is no `Case`: it holds a socket of its own.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import select
+import socket
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -109,6 +112,25 @@ def images() -> dict[str, bytes]:
         "truncated.png": truncated_png(),
         "not-an-image.png": b"GIF89a? no: " + bytes(range(256)) * 4,
     }
+
+
+def trickle(sock: socket.socket, data: bytes, every: float) -> bool:
+    """Send `data` a byte at a time, `every` seconds apart; False as soon as the server answers or
+    closes the connection (the rest is not sent), True once all of it is sent."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one byte per segment, no Nagle wait
+    for i in range(len(data)):
+        if i and select.select([sock], [], [], every)[0]:  # readable: an answer, or the end
+            return False
+        sock.sendall(data[i : i + 1])
+    return True
+
+
+def slowloris(sock: socket.socket, every: float, seconds: float) -> bool:
+    """A slow-header client: a request line and a first header at once, then a byte of another
+    header every `every` seconds, never the blank line that would end the head. False as soon as
+    the server answers or closes; True if it still had not after `seconds`."""
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    return trickle(sock, (b"X-Slow: " + b"a" * 10_000)[: int(seconds / every) + 1], every)
 
 
 def multipart(*files: tuple[str, bytes]) -> tuple[bytes, dict[str, str]]:

@@ -257,11 +257,14 @@ def uvicorn_config(app: FastAPI, settings: ServeSettings, **overrides: object):
     """uvicorn's configuration for `app`: the connection limit and timeouts come from `settings`."""
     import uvicorn
 
+    from capas.deploy.serve.protocol import http_protocol
+
     return uvicorn.Config(
         app,
         **{
             "host": settings.host,
             "port": settings.port,
+            "http": http_protocol(settings.header_timeout_s),  # uvicorn does not time request heads
             # No access log: one line per request costs throughput; /metrics counts every request instead.
             "access_log": False,
             "log_level": "info",

@@ -53,6 +53,12 @@ class ServeOptions(BaseModel):
     read_timeout_s: float = Field(
         default=30.0, gt=0.0, description="a request body must arrive within this (else 408)"
     )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="a request's headers must arrive within this (else 408); a new connection that sends "
+        "nothing closes after it",
+    )
     keep_alive_s: float = Field(
         default=5.0, gt=0.0, description="idle keep-alive connections close after this"
     )

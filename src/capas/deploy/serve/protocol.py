@@ -1,0 +1,139 @@
+"""uvicorn's HTTP protocols with a time limit on the request head, against slowloris clients.
+
+The ASGI app sees a request only once its head (request line and headers) is complete, so neither
+BodyLimit's read timeout nor anything else in the app can stop a client that sends a header byte
+every few seconds and never the blank line that ends them; uvicorn times idle keep-alive
+connections but not heads. Such a client held its connection, one of CAPAS_MAX_CONNECTIONS, forever.
+
+When the clock runs:
+- on a new connection, from the moment it opens until its first request head is complete (uvicorn's
+  keep-alive timer starts only after a response, so a connection that never sends a byte was
+  held forever too);
+- on a kept-alive connection, from the first byte of the next request: the idle wait before it is
+  CAPAS_KEEP_ALIVE_S's, so neither timeout shortens the other.
+On expiry: 408 with `Connection: close` if part of a request has arrived, else the connection just
+closes. The answer is written straight to the socket: the parser has no request to answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Literal
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+class HeadTimeout:
+    """The timer and what its expiry does, over a uvicorn HTTP protocol (a mixin: the subclasses
+    below say when a head begins and ends, in their parser's terms)."""
+
+    header_timeout: float = 10.0  # seconds; http_protocol() makes a subclass with the setting's value
+
+    # from the uvicorn protocol this is mixed into
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    server_state: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_begun = False  # bytes of a request head have arrived, its end has not
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_complete()
+        super().connection_lost(exc)
+
+    def _start_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _head_begins(self, responding: bool = False) -> None:
+        """Bytes of a request head arrived. While a response is in progress (a pipelined request) the
+        clock starts only when it ends: a 408 must not be written into another answer."""
+        self._head_begun = True
+        if not responding:
+            self._start_head_timer()
+
+    def _head_complete(self) -> None:
+        self._head_begun = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_begun:
+            self.transport.write(self._timeout_answer())
+        self.transport.close()
+
+    def _timeout_answer(self) -> bytes:
+        detail = f"request headers: not received within {self.header_timeout:g} s (CAPAS_HEADER_TIMEOUT_S)"
+        body = json.dumps({"detail": detail}).encode()
+        headers = [
+            *self.server_state.default_headers,  # date, server
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+        return b"HTTP/1.1 408 Request Timeout\r\n" + lines + b"\r\n" + body
+
+
+class H11HeadTimeout(HeadTimeout, H11Protocol):
+    """h11 has no parser callbacks: its state says whether a head is pending. The client's state is
+    IDLE exactly while the server waits for a request head (h11 starts the next cycle only once the
+    response is complete), and bytes h11 holds unparsed then are the start of that head."""
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._check_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may parse a pipelined request h11 held back
+        self._check_head()
+
+    def _check_head(self) -> None:
+        if self.conn.their_state is not h11.IDLE:
+            self._head_complete()  # parsed (or refused with 400, or upgraded)
+        elif self.conn.trailing_data[0]:
+            self._head_begins()
+
+
+class HttpToolsHeadTimeout(HeadTimeout, HttpToolsProtocol):
+    """httptools parses as bytes arrive, pipelined requests included, and says when a request's
+    first byte (not counting blank lines) and its last header arrive."""
+
+    def _responding(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete  # the latest request's
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_begins(responding=self._responding())
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._head_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._head_begun and not self._responding():  # a pipelined head, still incomplete
+            self._start_head_timer()
+
+
+def http_protocol(
+    header_timeout: float, parser: Literal["httptools", "h11"] = "httptools"
+) -> type[asyncio.Protocol]:
+    """The class for uvicorn.Config(http=...): `parser`'s protocol, answering 408 to a request head
+    not complete within `header_timeout` seconds. httptools by default: it is what uvicorn's "auto"
+    picks when installed, and uvicorn[standard] (capas' serve extra) always installs it."""
+    base = {"httptools": HttpToolsHeadTimeout, "h11": H11HeadTimeout}[parser]
+    return type(base.__name__, (base,), {"header_timeout": header_timeout})
