@@ -12,6 +12,7 @@ from scipy import stats as scipy_stats
 
 from capas.errors import CapasError
 from capas.study import load_study
+from capas.study.report import collect
 from capas.study.run import next_runs, replication_status, run_study
 from capas.study.spec import MAX_REACHED, TARGET_REACHED, Replication
 from capas.study.store import Store
@@ -68,7 +69,9 @@ def test_the_decision_stops_at_the_first_seed_count_whose_interval_is_within_the
 def _finish(store: Store, variant: str, seed: int, accuracy: float) -> None:
     rid = f"{variant}/seed-{seed}"
     store.add_run(rid, variant, seed, {}, "x")
-    store.finish(rid, {"test_accuracy": accuracy, "history": [], "wall_seconds": 0.0})
+    matrix = [[100 if i == j else 0 for j in range(10)] for i in range(10)]  # 1,000 balanced test images
+    result = {"test_accuracy": accuracy, "test_loss": 1.0, "confusion_matrix": matrix, "history": []}
+    store.finish(rid, {**result, "wall_seconds": 0.0})
 
 
 def test_next_round_adds_a_seed_to_unfinished_variants_and_their_base_pairs(tmp_path, adaptive, study_file):
@@ -97,6 +100,18 @@ def test_next_round_adds_a_seed_to_unfinished_variants_and_their_base_pairs(tmp_
             "half_width_pp": pytest.approx(_half_width_pp([-0.10, -0.22, -0.06, -0.30, -0.01])),
             "stopped": MAX_REACHED,
         }
+        # the report's figures use every seed a variant shares with the base: the interval that stopped
+        # the replication is the one the report shows; the base's row rests on the seeds all finished
+        report = collect(study, store.runs())
+    by_name = {v.name: v for v in report.variants}
+    assert report.base.seeds == (0, 1, 2) and by_name["lr"].seeds == (0, 1, 2)
+    gap = by_name["GAP"]
+    assert gap.seeds == (0, 1, 2, 3, 4)
+    assert gap.comparison.differences == pytest.approx((-0.10, -0.22, -0.06, -0.30, -0.01))
+    assert 100 * gap.comparison.difference.half_width == pytest.approx(
+        _half_width_pp([-0.10, -0.22, -0.06, -0.30, -0.01])
+    )
+    assert gap.estimate("test_accuracy").n == 5
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,10 @@ lay these figures out.
 
 Which seeds a figure rests on: the seeds every variant finished (a diverged run counts: it is an
 outcome of its variant; a run that crashed has no figures). The table's means and the paired
-differences use the same seeds, so a variant's mean minus the base's mean is its Δ.
+differences use the same seeds, so a variant's mean minus the base's mean is its Δ. With adaptive
+replication the variants run different numbers of seeds: the base's row rests on the seeds every
+variant finished, and each variant's row and its Δ on every seed it shares with the base, so the
+seeds a variant was given for a narrower interval are in its figures.
 """
 
 from __future__ import annotations
@@ -59,10 +62,11 @@ class VariantResult:
     variant: Variant
     summary: Summary
     runs: dict[int, RunOutcome]  # every seed of the study
-    seeds: tuple[int, ...] = ()  # the seeds its figures rest on (the same for every variant)
+    seeds: tuple[int, ...] = ()  # the seeds its figures rest on (the same for every variant, unless adaptive)
     comparison: Comparison | None = None  # against the base on those seeds; None for the base
     p_adjusted: float = math.nan  # the comparison's p after Holm's adjustment over all variants
     notes: tuple[Note, ...] = field(default=())
+    adaptive: bool = False  # adaptive replication: its seeds are those it shares with the base
 
     @property
     def name(self) -> str:
@@ -116,7 +120,7 @@ class StudyReport:
     study: Study
     variants: list[VariantResult]
     statuses: dict[str, int]  # runs per status
-    seeds: tuple[int, ...]  # the seeds every figure rests on
+    seeds: tuple[int, ...]  # the seeds every variant finished: the base's figures (and all, unless adaptive)
     kind: str  # which comparison this is: equal budget or each variant at its own convergence
     test_size: int | None  # test images per run (None before any run finished)
     replication: dict[str, dict] | None = None  # adaptive replication per variant (run.replication_status)
@@ -218,9 +222,10 @@ def _failed_note(result: VariantResult) -> Note | None:
     if not missing:
         return None
     counts = Counter(o.status for o in missing)
+    where = "its comparison with the base" if result.adaptive else "every variant's figures"
     return Note(
         ", ".join(f"{n} {status}" for status, n in sorted(counts.items())),
-        f"no figures from {_seed_list(missing)}; that seed is left out of every variant's figures",
+        f"no figures from {_seed_list(missing)}; that seed is left out of {where}",
         warning=True,
     )
 
@@ -289,10 +294,22 @@ def collect(study: Study, rows: dict[str, RunRow]) -> StudyReport:
     seeds = tuple(
         s for s in study.seeds if all(s in v.runs and v.runs[s].status in WITH_FIGURES for v in variants)
     )
-    variants = [replace(v, seeds=seeds) for v in variants]
-    base = variants[0]
+    base = replace(variants[0], seeds=seeds)
+    if study.replication is None:
+        others = [replace(v, seeds=seeds) for v in variants[1:]]
+    else:  # each variant on every seed it shares with the base: its extra seeds narrow its interval
+        others = [
+            replace(
+                v,
+                seeds=tuple(s for s in study.seeds if s in v.finished and s in base.finished),
+                adaptive=True,
+            )
+            for v in variants[1:]
+        ]
+    variants = [base, *others]
     comparisons = [
-        paired_comparison(v.values("test_accuracy"), base.values("test_accuracy")) for v in variants[1:]
+        paired_comparison(v.values("test_accuracy"), replace(base, seeds=v.seeds).values("test_accuracy"))
+        for v in others
     ]
     adjusted = holm([c.p_value for c in comparisons])
     variants[1:] = [

@@ -172,7 +172,8 @@ def per_seed_table(report: StudyReport) -> Table:
     for seed in report.study.seeds:
         if not any(seed in r.runs for r in report.variants):
             continue  # adaptive replication: a seed no variant needed
-        cells = [str(seed) + ("" if seed in report.seeds else " (not in the figures)")]
+        in_figures = any(seed in r.seeds for r in report.variants)
+        cells = [str(seed) + ("" if in_figures else " (not in the figures)")]
         for result in report.variants:
             outcome = result.runs.get(seed)
             if outcome is None:
@@ -253,11 +254,17 @@ def header_lines(report: StudyReport) -> list[str]:
     lines += [
         f"Training (base): {epochs_text(base.train['epochs'])}, batch {base.train['batch_size']}, "
         f"{base.train['optimizer']['name']} lr {base.train['optimizer']['lr'] or 'default'}",
-        f"Runs: {statuses}; every figure rests on seeds {', '.join(map(str, report.seeds)) or 'none'}"
+        f"Runs: {statuses}; "
         + (
-            f" (left out: {', '.join(map(str, left_out))}, which not every variant finished)"
-            if left_out
-            else ""
+            f"the base's figures rest on seeds {', '.join(map(str, report.seeds)) or 'none'} (every variant "
+            "finished them), each variant's figures and its Δ on every seed it shares with the base (column seeds)"
+            if study.replication
+            else f"every figure rests on seeds {', '.join(map(str, report.seeds)) or 'none'}"
+            + (
+                f" (left out: {', '.join(map(str, left_out))}, which not every variant finished)"
+                if left_out
+                else ""
+            )
         ),
         *(
             [
