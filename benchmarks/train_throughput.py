@@ -1,4 +1,4 @@
-"""Training throughput of the 300,042-parameter seed-000 model at batch 128: capas against plain PyTorch.
+"""Training throughput of the 300,042-parameter seed-000 model at batch 128: capas against plain PyTorch and Keras.
 
 The plain loops are what a user writes by hand: the same architecture as nn.Sequential, float
 tensors already in memory, zero_grad/backward/step. capas' `fit` starts from uint8 images and does
@@ -6,21 +6,41 @@ its own batching and scaling. Repeats are interleaved so that a busy machine slo
 table shows medians. Achieved FLOP/s counts 3 × the forward multiply-adds (forward + backward) × 2
 FLOPs, as a fraction of a measured fp32 matmul peak.
 
-    python benchmarks/train_throughput.py [--batches 10] [--repeats 3]
+The Keras side is optional: where TensorFlow is importable, the same model built in Keras 3 on
+TensorFlow (Conv2D ×3, GlobalAveragePooling2D, Dense; its parameter count checked against capas')
+trains with `train_on_batch` on float32 tensors already in memory, batches sliced beforehand, Adam
+at 1e-3, in float32 and under the mixed_bfloat16 policy, its runs interleaved with the others;
+"capas ÷ Keras" compares capas' `fit` with Keras in the same precision. Keras runs in a process
+of its own that takes turns with this one. Each Keras run builds a fresh model; its first step
+(tf.function tracing) is timed apart, left out of images/s and printed below the table with capas'
+warm-up. Neither side's threads are set: the last line prints what each framework uses. Keep
+TensorFlow out of the test venv (Keras would switch backend); a separate one does:
+
+    python3 -m venv /work/tfvenv && /work/tfvenv/bin/pip install -c constraints.txt torch torchvision
+    /work/tfvenv/bin/pip install tensorflow-cpu && /work/tfvenv/bin/pip install -e .
+
+    python benchmarks/train_throughput.py [--batches 10] [--repeats 3] [--precisions float32 bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import multiprocessing
+import os
 import statistics
+import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from capas.cpu import cpu_features, describe
 from capas.data import ArrayDataset, default_preprocess, make_splits
 from capas.models import build_model
 from capas.runs import environment
@@ -29,8 +49,14 @@ from capas.spec.summary import summarize
 from capas.train import fit
 
 SPEC = Path(__file__).parent.parent / "examples" / "seed000-gap.yaml"
-CIFAR = Path(__file__).parent.parent.parent / "shared" / "datasets" / "cifar10-jpeg" / "train"
+# the machines' CIFAR-10 folder beside the checkout (or beside the folder holding a git worktree)
+CIFAR = next(
+    (found for parent in Path(__file__).resolve().parents[1:]
+     if (found := parent / "shared" / "datasets" / "cifar10-jpeg" / "train").is_dir()),
+    Path(__file__).parent.parent.parent / "shared" / "datasets" / "cifar10-jpeg" / "train",
+)  # fmt: skip
 BATCH = 128
+PRECISIONS = ("float32", "bfloat16")
 
 
 def plain_model() -> nn.Module:
@@ -57,11 +83,131 @@ def plain_loop(images: torch.Tensor, labels: torch.Tensor, channels_last: bool) 
     return len(images) / (time.perf_counter() - start)
 
 
-def capas_fit(train: ArrayDataset, val: ArrayDataset) -> float:
+def capas_fit(train: ArrayDataset, val: ArrayDataset, precision: str = "float32") -> float:
     spec = load_spec(SPEC)
-    result = fit(build_model(spec, seed=0), train, val, default_preprocess(spec.input_shape),
-                 TrainConfig(epochs=1, batch_size=BATCH, device="cpu"))  # fmt: skip
+    cfg = TrainConfig(epochs=1, batch_size=BATCH, device="cpu", precision=precision)
+    result = fit(build_model(spec, seed=0), train, val, default_preprocess(spec.input_shape), cfg)
     return result.images_per_second
+
+
+class KerasStep:
+    """The seed-000 model in Keras 3 on TensorFlow, trained step by step with `train_on_batch`.
+
+    It lives in the Keras process (keras_worker). The images become float32 NHWC tensors scaled to
+    0–1 once, and are cut into batches before any timing: the steps see ready tensors, as the plain
+    PyTorch loops do.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, jit_compile: bool):
+        # the comparison is with TensorFlow, whatever KERAS_BACKEND the shell sets
+        os.environ["KERAS_BACKEND"] = "tensorflow"
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ info lines, not errors
+        import keras
+        import tensorflow as tf
+
+        self.keras, self.tf, self.jit_compile = keras, tf, jit_compile
+        x = tf.convert_to_tensor(images.transpose(0, 2, 3, 1).astype("float32") / 255)  # (N, 32, 32, 3)
+        y = tf.convert_to_tensor(labels.astype("int32"))
+        self.batches = [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(images), BATCH)]
+        self.images = len(images)
+
+    def build(self, precision: str):
+        keras = self.keras
+        keras.backend.clear_session()
+        keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+        try:
+            model = keras.Sequential(
+                [
+                    keras.Input((32, 32, 3)),
+                    keras.layers.Conv2D(128, 3, activation="relu"),
+                    keras.layers.Conv2D(128, 3, activation="relu"),
+                    keras.layers.Conv2D(128, 3, activation="relu"),
+                    keras.layers.GlobalAveragePooling2D(),
+                    # float32 output, as Keras' mixed-precision guide asks (a 128×10 product)
+                    keras.layers.Dense(10, activation="softmax", dtype="float32"),
+                ]
+            )
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=1e-3),
+            loss="sparse_categorical_crossentropy",
+            jit_compile=True if self.jit_compile else "auto",  # auto: Keras' default, no XLA on a CPU
+        )
+        return model
+
+    def run(self, precision: str) -> tuple[float, float]:
+        """(images/s, seconds of the first steps): a fresh model's first step on each batch shape
+        traces and compiles its train function; those steps are timed apart, then every batch is."""
+        model = self.build(precision)
+        one_per_shape = {tuple(x.shape): (x, y) for x, y in self.batches}  # a short last batch retraces
+        start = time.perf_counter()
+        for x, y in one_per_shape.values():
+            model.train_on_batch(x, y)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        for x, y in self.batches:
+            model.train_on_batch(x, y)  # returns the loss as a NumPy value: each step ends here
+        return self.images / (time.perf_counter() - start), first
+
+    def describe(self) -> dict:
+        threading = self.tf.config.threading
+        onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset: TensorFlow's default, on for x86")
+        model = self.build("float32")
+        return {
+            "backend": self.keras.backend.backend(),
+            "params": model.count_params(),
+            "versions": f"TensorFlow {self.tf.__version__}, Keras {self.keras.__version__} "
+            f"(jit_compile resolved to {model.jit_compile})",
+            "threads": f"TensorFlow intra-op {threading.get_intra_op_parallelism_threads()}, inter-op "
+            f"{threading.get_inter_op_parallelism_threads()} (0: its default, one per schedulable CPU: "
+            f"{len(os.sched_getaffinity(0))}), TF_ENABLE_ONEDNN_OPTS {onednn}",
+        }
+
+
+def keras_worker(conn: Connection, images: np.ndarray, labels: np.ndarray, jit_compile: bool) -> None:
+    """The Keras process: it answers a precision with (images/s, first-step s) until it gets None."""
+    step = KerasStep(images, labels, jit_compile)
+    conn.send(step.describe())
+    while (precision := conn.recv()) is not None:
+        conn.send(step.run(precision))
+
+
+class KerasSide:
+    """Keras on TensorFlow in a process of its own, driven step by step from this one.
+
+    TensorFlow stays out of the process that trains with PyTorch: loaded together, importing triton
+    after TensorFlow's libraries crashed that process (torch.use_deterministic_algorithms, which
+    capas' fit calls, imports torch._inductor and with it triton). The two processes take turns:
+    while one trains, the other waits on the pipe, so neither framework's threads compete.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, jit_compile: bool):
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter, no torch state forked
+        self.conn, child = context.Pipe()
+        self.process = context.Process(
+            target=keras_worker, args=(child, images.numpy(), labels.numpy(), jit_compile), daemon=True
+        )
+        self.process.start()
+        child.close()
+        self.info = self._receive()
+        if self.info["backend"] != "tensorflow":
+            raise SystemExit(f"Keras runs on {self.info['backend']}, not TensorFlow")
+
+    def _receive(self):
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.process.join()
+            raise SystemExit(f"the Keras process died (exit code {self.process.exitcode})") from None
+
+    def run(self, precision: str) -> tuple[float, float]:
+        self.conn.send(precision)
+        return self._receive()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join()
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -76,45 +222,132 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     return best
 
 
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown CPU"
+    return next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=10, help="training batches of 128 per repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+        help="capas and Keras run in each; the plain PyTorch loops in float32 only",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data", default=None, help=f"capas dataset name (default: folder:{CIFAR} if there, else cifar10)"
+    )
+    parser.add_argument(
+        "--no-keras", action="store_true", help="leave Keras out even where TensorFlow is importable"
+    )
+    parser.add_argument(
+        "--keras-jit",
+        action="store_true",
+        help="Keras with jit_compile=True (XLA on the CPU; Keras' default leaves it off there)",
+    )
     args = parser.parse_args()
+    console = Console(width=None if sys.stdout.isatty() else 140)  # a log file gets unwrapped rows
 
-    data = f"folder:{CIFAR}" if CIFAR.is_dir() else "cifar10"
+    data = args.data or (f"folder:{CIFAR}" if CIFAR.is_dir() else "cifar10")
     splits = make_splits(data, limit=args.batches * BATCH, val_fraction=0.02)
     train, val = splits.train, splits.val
     floats = train.images.float() / 255  # the plain loops get their input ready-made
     labels = train.labels
 
-    runs: dict[str, list[float]] = {
-        "plain PyTorch (NCHW)": [],
-        "plain PyTorch (channels-last)": [],
-        "capas fit": [],
+    keras_side = None
+    keras_name = "Keras train_on_batch" + (" (XLA)" if args.keras_jit else "")
+    if args.no_keras:
+        console.print("Keras/TensorFlow: left out (--no-keras)", highlight=False)
+    elif importlib.util.find_spec("tensorflow") is None:
+        console.print(
+            "Keras/TensorFlow: not measured, tensorflow is not importable in this Python; a separate venv "
+            "with tensorflow-cpu runs it (see this script's docstring)",
+            highlight=False,
+        )
+    else:
+        keras_side = KerasSide(train.images, labels, args.keras_jit)
+        capas_params = sum(p.numel() for p in build_model(load_spec(SPEC), seed=0).parameters())
+        keras_params = keras_side.info["params"]
+        assert keras_params == capas_params, (
+            f"Keras model has {keras_params} parameters, capas' {capas_params}"
+        )
+
+    runs: dict[tuple[str, str], list[float]] = {
+        ("plain PyTorch (NCHW)", "float32"): [],
+        ("plain PyTorch (channels-last)", "float32"): [],
     }
-    capas_fit(train.subset(torch.arange(BATCH)), val)  # warm-up: first-call allocations, thread pools
+    for precision in args.precisions:
+        runs["capas fit", precision] = []
+        if keras_side is not None:
+            runs[keras_name, precision] = []
+    warmups: dict[tuple[str, str], list[float]] = {}
+    for precision in args.precisions:  # first-call allocations, thread pools, oneDNN kernels
+        start = time.perf_counter()
+        capas_fit(train.subset(torch.arange(BATCH)), val, precision)
+        warmups["capas fit", precision] = [time.perf_counter() - start]
     for _ in range(args.repeats):
-        runs["plain PyTorch (NCHW)"].append(plain_loop(floats, labels, channels_last=False))
-        runs["plain PyTorch (channels-last)"].append(plain_loop(floats, labels, channels_last=True))
-        runs["capas fit"].append(capas_fit(train, val))
+        for name, channels_last in (("plain PyTorch (NCHW)", False), ("plain PyTorch (channels-last)", True)):
+            runs[name, "float32"].append(plain_loop(floats, labels, channels_last))
+        for precision in args.precisions:
+            runs["capas fit", precision].append(capas_fit(train, val, precision))
+            if keras_side is not None:
+                speed, first = keras_side.run(precision)
+                runs[keras_name, precision].append(speed)
+                warmups.setdefault((keras_name, precision), []).append(first)
+
+    if keras_side is not None:
+        keras_side.close()
 
     macs = summarize(load_spec(SPEC)).macs
     peak = matmul_peak()
     env = environment()
     table = Table(title=f"Training throughput, seed-000 GAP model (300,042 params), batch {BATCH}, CPU")
-    for column in ("loop", "images/s (median)", "min–max", "GFLOP/s", "of matmul peak"):
-        table.add_column(column, justify="right" if column != "loop" else "left")
-    for name, values in runs.items():
+    columns = ["loop", "precision", "images/s (median)", "min–max", "GFLOP/s", "of fp32 matmul peak"]
+    if keras_side is not None:
+        columns.append("capas ÷ Keras")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("loop", "precision") else "right")
+    for (name, precision), values in runs.items():
         median = statistics.median(values)
         flops = median * macs * 3 * 2
-        table.add_row(name, f"{median:.1f}", f"{min(values):.1f}–{max(values):.1f}", f"{flops / 1e9:.1f}",
-                      f"{flops / peak:.0%}")  # fmt: skip
-    console = Console()
+        row = [name, precision, f"{median:.1f}", f"{min(values):.1f}–{max(values):.1f}", f"{flops / 1e9:.1f}",
+               f"{flops / peak:.0%}"]  # fmt: skip
+        if keras_side is not None:
+            keras = runs.get((keras_name, precision))
+            row.append(f"{median / statistics.median(keras):.2f}×" if name == "capas fit" and keras else "")
+        table.add_row(*row)
     console.print(table)
     console.print(
-        f"{args.repeats} repeats × {len(train)} images; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; "
-        f"torch {env['torch']}, {torch.get_num_threads()} threads, {env['processor']}, Python {env['python']}"
+        f"{args.repeats} repeats × {len(train)} images ({data}); fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; "
+        "bfloat16: capas autocasts the forward pass"
+        + (", Keras runs the mixed_bfloat16 policy" if keras_side is not None else ""),
+        highlight=False,
+    )
+    console.print(
+        "left out of images/s: "
+        + "; ".join(
+            f"{name} {precision} {'warm-up (1 batch, once)' if name == 'capas fit' else 'first step (tracing), median'} "
+            f"{statistics.median(seconds):.2f} s"
+            for (name, precision), seconds in warmups.items()
+        ),
+        highlight=False,
+    )
+    console.print(
+        f"{cpu_model()}; {describe(cpu_features())}; Python {env['python']}, capas {env['capas']}, "
+        f"torch {env['torch']}" + (f", {keras_side.info['versions']}" if keras_side is not None else ""),
+        highlight=False,
+    )
+    console.print(
+        f"threads (this script sets none): torch {torch.get_num_threads()} intra-op, "
+        f"{torch.get_num_interop_threads()} inter-op"
+        + (f"; {keras_side.info['threads']}" if keras_side is not None else ""),
+        highlight=False,
     )
 
 
