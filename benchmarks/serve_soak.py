@@ -24,7 +24,6 @@ import http.client
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -97,17 +96,6 @@ def good_requests(port: int, body: bytes, rate: float, start: float, stop: float
     }
 
 
-def abandon_upload(port: int, body: bytes) -> None:
-    """Send the headers and half the body, then hang up."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(
-            f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body[: len(body) // 2]
-        )
-        time.sleep(0.05)
-
-
 def hostile_requests(port: int, stop: float, every: float, good_body: bytes, once: bool = False) -> dict:
     """One hostile request every `every` seconds until `stop` (or one pass), cycling through the corpus."""
     cases = hostile.cases()
@@ -116,7 +104,9 @@ def hostile_requests(port: int, stop: float, every: float, good_body: bytes, onc
         if time.time() >= stop or (once and i > len(cases)):
             return outcome
         if i % (len(cases) + 1) == len(cases):
-            abandon_upload(port, good_body * 20)
+            hostile.abandon_upload(
+                port, good_body * 20, f"multipart/form-data; boundary={BOUNDARY}", wait=0.05
+            )
             outcome["abandoned"] += 1
         else:
             case = cases[i % (len(cases) + 1)]

@@ -15,6 +15,7 @@ import json
 import select
 import socket
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -131,6 +132,17 @@ def slowloris(sock: socket.socket, every: float, seconds: float) -> bool:
     the server answers or closes; True if it still had not after `seconds`."""
     sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     return trickle(sock, (b"X-Slow: " + b"a" * 10_000)[: int(seconds / every) + 1], every)
+
+
+def abandon_upload(port: int, body: bytes, content_type: str, wait: float) -> None:
+    """POST /predict with the head and half of `body`, wait `wait` seconds, then hang up."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[: len(body) // 2]
+        )
+        time.sleep(wait)
 
 
 def multipart(*files: tuple[str, bytes]) -> tuple[bytes, dict[str, str]]:
