@@ -8,7 +8,9 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 import torch
 import uvicorn
 from PIL import Image
@@ -16,6 +18,31 @@ from PIL import Image
 from capas.deploy.serve import create_app, make_settings
 from capas.deploy.serve.app import uvicorn_config
 from capas.deploy.serve.protocol import http_protocol
+
+CHROMIUM = Path("/usr/bin/chromium")
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's chromium (scripts/setup.sh installs it)"
+)
+
+
+@contextlib.contextmanager
+def browser_page() -> Iterator[tuple[object, list[str]]]:
+    """A page of headless Chromium (Playwright) and the list its script errors and console errors go to."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page()
+            problems: list[str] = []
+            page.on("pageerror", lambda error: problems.append(str(error)))
+            page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+            yield page, problems
+        finally:
+            browser.close()
 
 
 @contextlib.contextmanager

@@ -14,9 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from capas.data import make_splits
 from capas.deploy.serve.monitor import NO_REFERENCE
 from capas.runs import REFERENCE
-from serve_support import live_server, png
-
-CHROMIUM = Path("/usr/bin/chromium")
+from serve_support import browser_page, live_server, needs_chromium, png
 
 
 @pytest.fixture(scope="module")
@@ -89,23 +87,11 @@ def test_a_run_with_reference_reports_drift_enabled(tiny_run):
         assert "capas_drift_enabled 1.0" in metrics and "capas_drift_statistic" in metrics
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (scripts/setup.sh installs it)")
+@needs_chromium
 def test_the_monitor_page_shows_why_drift_is_off_instead_of_a_chart(bare_run):
-    from playwright.sync_api import sync_playwright
-
-    with live_server(run_dir=bare_run, threads=1) as (url, _), sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        try:
-            page = browser.new_page()
-            problems: list[str] = []
-            page.on("pageerror", lambda error: problems.append(str(error)))
-            page.goto(f"{url}/monitor")
-            page.wait_for_function("document.getElementById('drift-status').textContent === 'off'")
-            assert page.inner_text("#drift-off") == f"Drift monitoring is off: {NO_REFERENCE}."
-            assert not page.is_visible("#c-drift") and page.is_visible("#c-accuracy")
-            assert problems == []
-        finally:
-            browser.close()
+    with live_server(run_dir=bare_run, threads=1) as (url, _), browser_page() as (page, problems):
+        page.goto(f"{url}/monitor")
+        page.wait_for_function("document.getElementById('drift-status').textContent === 'off'")
+        assert page.inner_text("#drift-off") == f"Drift monitoring is off: {NO_REFERENCE}."
+        assert not page.is_visible("#c-drift") and page.is_visible("#c-accuracy")
+        assert problems == []
