@@ -35,19 +35,20 @@ COMPARED = [
 ]
 
 
-def _state(db: Path) -> tuple[int, int]:
-    """(runs done, epochs recorded for runs not yet done), read without writing."""
+def _state(out: Path) -> tuple[int, int]:
+    """(runs done, running runs with an epoch checkpoint on disk), read without writing. The loop records
+    an epoch in the store before it writes that epoch's checkpoint, so the store alone cannot say a
+    running run has something to resume from."""
+    db = out / "study.sqlite"
     if not db.exists():
         return 0, 0
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
             done = con.execute("SELECT count(*) FROM runs WHERE status = 'done'").fetchone()[0]
-            partial = con.execute(
-                "SELECT count(*) FROM epochs JOIN runs ON runs.id = epochs.run_id WHERE runs.status = 'running'"
-            ).fetchone()[0]
-        return done, partial
+            running = [r[0] for r in con.execute("SELECT id FROM runs WHERE status = 'running'")]
     except sqlite3.OperationalError:  # tables not created yet
         return 0, 0
+    return done, sum((out / "runs" / rid / "checkpoint.safetensors").exists() for rid in running)
 
 
 def _figures(outcome) -> list[list[str]]:
@@ -78,7 +79,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_report(tmp_path, tiny_study,
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and process.poll() is None:
-            done, partial = _state(out / "study.sqlite")
+            done, partial = _state(out)
             if done >= 1 and partial >= 1:
                 break
             time.sleep(0.05)
