@@ -57,6 +57,23 @@ def test_conv_output_sizes_follow_keras(size, kernel, stride, padding, expected)
     assert tuple(y.shape[2:]) == (expected, expected)
 
 
+@pytest.mark.parametrize(("size", "kernel", "stride"), [(8, 3, 1), (8, 5, 1), (8, 2, 1), (8, 3, 2), (7, 3, 2)])
+def test_same_convolution_pads_inside_when_symmetric_and_matches_tensorflows_padding(size, kernel, stride):
+    layer = LAYERS["Conv2D"](filters=2, kernel_size=kernel, strides=stride, padding="same")
+    module = build_module(layer, (size, size, 3))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, size, size)
+    conv = module.conv
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)  # TensorFlow: the extra pixel goes last
+    before = total // 2
+    expected = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, (before, total - before, before, total - before)), conv.weight, conv.bias, stride
+    )
+    assert torch.allclose(module(x), expected, atol=1e-6)
+    # symmetric padding is the convolution's own (no padded copy of the input), asymmetric a Pad2d before it
+    assert ("pad" in module._modules) == (total % 2 == 1)
+
+
 def test_same_max_pooling_ignores_padding_and_average_pooling_does_not_count_it():
     x = -torch.ones(1, 1, 3, 3)  # all negative: zero padding would leak into a max
     assert build_module(LAYERS["MaxPooling2D"](pool_size=2, padding="same"), (3, 3, 1))(x).max() == -1
