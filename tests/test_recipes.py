@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from capas.cpu import bfloat16_warning, cpu_features, cpu_flags
 from capas.data import ArrayDataset, iterate_batches, splits_for
@@ -21,11 +22,11 @@ from capas.models.init import patch_whitening
 from capas.models.modules import build_module
 from capas.predict import evaluate_run, predict
 from capas.runs import load_run
-from capas.spec import Augment, DataConfig, ModelSpec, ScheduleConfig, TrainConfig
+from capas.spec import Augment, DataConfig, ModelSpec, OptimizerConfig, ScheduleConfig, TrainConfig
 from capas.spec.summary import summarize
 from capas.train import fit, train
 from capas.train.ema import WeightAverage
-from capas.train.optim import lr_factor
+from capas.train.optim import lr_factor, make_optimizer
 
 WHITENED = {
     "name": "whitened",
@@ -228,18 +229,59 @@ def test_weight_average_follows_the_keras_formula():
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update(model, 1)
+    ema.update(model, 1, 10)
     assert torch.allclose(ema.state["weight"], 0.9 * start + 0.1 * (start + 1))
     with ema.applied(model):
         assert torch.allclose(model.weight, ema.state["weight"])
     assert torch.allclose(model.weight, start + 1)  # the live weights come back
     lookahead = WeightAverage(model, TrainConfig(ema={"decay": 0.5, "overwrite_every": 2}).ema)
-    lookahead.update(model, 1)
+    lookahead.update(model, 1, 10)
     assert torch.allclose(model.weight, start + 1)
     with torch.no_grad():
         model.weight.add_(2.0)
-    lookahead.update(model, 2)  # every 2nd step the average replaces the weights
+    lookahead.update(model, 2, 10)  # every 2nd step the average replaces the weights
     assert torch.allclose(model.weight, 0.5 * (start + 1) + 0.5 * (start + 3))
+
+
+def test_airbench_lookahead_ramps_its_decay_and_updates_every_few_steps():
+    model = torch.nn.Linear(2, 1)
+    cfg = TrainConfig(ema={"decay": 0.8, "every": 5, "overwrite_every": 5, "ramp": 3}).ema
+    lookahead = WeightAverage(model, cfg)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    for step in range(1, 5):  # between updates: nothing happens
+        lookahead.update(model, step, 10)
+    assert torch.allclose(lookahead.state["weight"], start)
+    assert torch.allclose(model.weight, start + 1)
+    lookahead.update(model, 5, 10)  # decay 0.8 · (5/10)^3 = 0.1
+    assert torch.allclose(lookahead.state["weight"], 0.1 * start + 0.9 * (start + 1))
+    assert torch.allclose(model.weight, lookahead.state["weight"])  # and put back
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = lookahead.state["weight"].clone()
+    lookahead.update(model, 10, 10)  # the full decay at the end
+    assert torch.allclose(lookahead.state["weight"], 0.8 * before + 0.2 * (before + 1))
+
+
+def test_ema_overwrite_must_fall_on_an_update():
+    with pytest.raises(ValidationError, match="overwrite_every"):
+        TrainConfig(ema={"every": 5, "overwrite_every": 7})
+
+
+def test_batchnorm_rate_scale_leaves_its_decay_per_step_alone():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    cfg = OptimizerConfig(name="sgd", lr=0.1, weight_decay=0.5, batchnorm_lr_scale=64)
+    optimizer = make_optimizer(model, cfg)
+    (norm,) = [g for g in optimizer.param_groups if any(p is model[1].bias for p in g["params"])]
+    assert norm["lr"] == pytest.approx(6.4) and len(norm["params"]) == 2  # BatchNorm's weight and bias
+    linear_before = model[0].weight.detach().clone()
+    bn_before = model[1].weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: only the decay moves the weights
+    optimizer.step()
+    assert torch.allclose(model[0].weight, linear_before * (1 - 0.1 * 0.5))
+    assert torch.allclose(model[1].weight, bn_before * (1 - 0.1 * 0.5))
 
 
 def test_ema_is_the_final_model_and_resumes_from_its_checkpoint(tmp_path):

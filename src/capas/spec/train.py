@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
 
 
 class _Config(BaseModel):
@@ -34,6 +34,12 @@ class OptimizerConfig(_Config):
     epsilon: float = Field(default=1e-7, gt=0.0, description="Keras' default, not PyTorch's 1e-8")
     backbone_lr_scale: float = Field(
         default=1.0, gt=0.0, le=1.0, description="learning rate of pretrained backbone layers relative to lr"
+    )
+    batchnorm_lr_scale: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="learning rate of the model's own BatchNormalization parameters relative to lr; their "
+        "weight decay per step stays lr·weight_decay (airbench's bias_scaler: 64)",
     )
 
     @property
@@ -77,10 +83,28 @@ class EmaConfig(_Config):
     ema = decay · ema + (1 − decay) · weights, over every float tensor of the model's state (the
     BatchNorm statistics included). The EMA is what validation, the test and the run's weights
     use. With `overwrite_every: k` the weights are replaced by the EMA every k steps (Keras'
-    `ema_overwrite_frequency`; Lookahead-like, as airbench does)."""
+    `ema_overwrite_frequency`; Lookahead-like). airbench's lookahead averages every 5 steps with a
+    decay that grows as the cube of training's progress and puts the average back each time:
+    `{decay: 0.7738, every: 5, overwrite_every: 5, ramp: 3}`."""
 
     decay: float = Field(default=0.99, ge=0.0, lt=1.0, description="Keras' ema_momentum")
     overwrite_every: int | None = Field(default=None, ge=1, description="Keras' ema_overwrite_frequency")
+    every: int = Field(default=1, ge=1, description="optimizer steps between updates of the average")
+    ramp: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="the decay at step t of T is decay·(t/T)^ramp: the average follows the weights "
+        "closely early on and smooths more as training ends (airbench: 3); 0: constant",
+    )
+
+    @model_validator(mode="after")
+    def _overwrite_on_updates(self) -> EmaConfig:
+        if self.overwrite_every is not None and self.overwrite_every % self.every:
+            raise ValueError(
+                f"ema.overwrite_every ({self.overwrite_every}) must be a multiple of ema.every ({self.every}): "
+                "the weights are replaced by the average on steps where it was just updated"
+            )
+        return self
 
 
 class EarlyStopping(_Config):

@@ -12,7 +12,7 @@ from capas.spec.train import EmaConfig
 
 
 class WeightAverage:
-    """ema ← decay · ema + (1 − decay) · weights after every optimizer step, over every float tensor
+    """ema ← decay · ema + (1 − decay) · weights after every `every` optimizer steps, over every float tensor
     of the model's state (BatchNorm's running statistics too, so that the averaged model's
     normalisation matches its averaged weights); counters such as num_batches_tracked stay live."""
 
@@ -21,13 +21,16 @@ class WeightAverage:
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """After optimizer step `step` (counted from 1): average; every `overwrite_every` steps,
-        also put the average back into the model (Lookahead-like)."""
+    def update(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """After optimizer step `step` of `total_steps` (counted from 1): every `every` steps,
+        average; every `overwrite_every` steps, also put the average back into the model."""
+        if step % self.cfg.every:
+            return
+        decay = self.cfg.decay * min(step / total_steps, 1.0) ** self.cfg.ramp
         live = model.state_dict()
         keys = list(self.state)
         # one fused pass over all tensors (no Python loop per tensor on the hot path)
-        torch._foreach_lerp_([self.state[k] for k in keys], [live[k] for k in keys], 1.0 - self.cfg.decay)
+        torch._foreach_lerp_([self.state[k] for k in keys], [live[k] for k in keys], 1.0 - decay)
         if self.cfg.overwrite_every and step % self.cfg.overwrite_every == 0:
             self.copy_to(model)
 

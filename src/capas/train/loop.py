@@ -197,7 +197,7 @@ def _fit(
             (loss * world / n).backward()
             optimizer.step()
             if ema is not None:
-                ema.update(model, step + 1)
+                ema.update(model, step + 1, total_steps)
             # Running sums stay on the device: no host sync per step (a .item() here stalls a GPU).
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y).sum()

@@ -17,15 +17,30 @@ from capas.spec.train import OptimizerConfig, ScheduleConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
-    """Trainable parameters only (frozen ones get no state and no decay); backbone layers at a scaled rate."""
+    """Trainable parameters only (frozen ones get no state and no decay); backbone layers at a scaled
+    rate; the model's own BatchNorm parameters at `batchnorm_lr_scale`, their decay per step unscaled
+    (`decay_scale`, read by the decay hook)."""
     lr = cfg.learning_rate
-    backbone, own = [], []
+    norms = {
+        id(p)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not name.startswith("backbone.")
+        for p in module.parameters(recurse=False)
+    }
+    backbone, norm, own = [], [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (backbone if name.startswith("backbone.") else own).append(param)
+            if name.startswith("backbone."):
+                backbone.append(param)
+            else:
+                (norm if id(param) in norms and cfg.batchnorm_lr_scale != 1.0 else own).append(param)
     groups = [{"params": own, "lr": lr}]
     if backbone:
         groups.append({"params": backbone, "lr": lr * cfg.backbone_lr_scale})
+    if norm:
+        groups.append(
+            {"params": norm, "lr": lr * cfg.batchnorm_lr_scale, "decay_scale": 1.0 / cfg.batchnorm_lr_scale}
+        )
     return [g for g in groups if g["params"]]
 
 
@@ -68,14 +83,16 @@ class KerasRMSprop(torch.optim.Optimizer):
 
 
 def _decoupled_decay(weight_decay: float):
-    """A step pre-hook applying Keras' decay to every parameter with a gradient: w -= lr·wd·w."""
+    """A step pre-hook applying Keras' decay to every parameter with a gradient: w -= lr·wd·w (a
+    group's `decay_scale` multiplies lr here: BatchNorm's scaled rate does not scale its decay)."""
 
     @torch.no_grad()
     def hook(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         for group in optimizer.param_groups:
+            rate = group["lr"] * group.get("decay_scale", 1.0)
             for p in group["params"]:
                 if p.grad is not None:
-                    p.mul_(1.0 - group["lr"] * weight_decay)
+                    p.mul_(1.0 - rate * weight_decay)
 
     return hook
 
