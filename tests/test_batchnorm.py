@@ -4,6 +4,7 @@ evaluation-mode accuracy on training images falls far below its training-mode ac
 from __future__ import annotations
 
 import pytest
+import torch
 
 from capas.data import default_preprocess, make_splits
 from capas.models import build_model
@@ -31,11 +32,11 @@ def splits():
     return make_splits("fashion-mnist", limit=600, test_limit=400)
 
 
-def _fit(splits, batches: int):
+def _fit(splits, batches: int, ema: dict | None = None):
     spec = ModelSpec.from_dict(LAGGING)
     preprocess = default_preprocess(spec.input_shape)
     model = build_model(spec, seed=0)
-    cfg = TrainConfig(epochs=2, batch_size=32, optimizer={"lr": 0.003}, bn_recalibration=batches)
+    cfg = TrainConfig(epochs=2, batch_size=32, optimizer={"lr": 0.003}, bn_recalibration=batches, ema=ema)
     result = fit(model, splits.train, splits.val, preprocess, cfg)
     return model, result, evaluate(model, splits.test, preprocess)
 
@@ -51,6 +52,22 @@ def test_recalibration_repairs_lagging_statistics_and_the_gap_flags_the_lag(spli
     assert not recalibrated.bn_gap["flagged"] and abs(recalibrated.bn_gap["gap_pp"]) < 2.0
     # same weights, same batches: training-mode accuracy does not depend on the running statistics
     assert lagging.bn_gap["train_mode_accuracy"] == recalibrated.bn_gap["train_mode_accuracy"]
+
+
+def test_with_an_ema_the_averaged_model_is_the_one_recalibrated(splits):
+    # the EMA's own running statistics are an average of lagging ones: recalibration must reach
+    # the model that is validated and kept, not only the live weights that the average replaces
+    model, lagging, lagging_test = _fit(splits, 0, ema={"decay": 0.9})
+    model, recalibrated, recalibrated_test = _fit(splits, 10, ema={"decay": 0.9})
+    assert recalibrated.history[-1]["val_accuracy"] > lagging.history[-1]["val_accuracy"] + 0.10
+    assert recalibrated_test.accuracy > lagging_test.accuracy + 0.10
+    # the kept model's statistics are those of its own weights
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    recalibrate(
+        model, splits.train, default_preprocess((28, 28, 1)), TrainConfig(batch_size=32, bn_recalibration=10)
+    )
+    assert torch.allclose(bn.running_mean, before)
 
 
 def test_recalibration_uses_the_given_batches_and_leaves_models_without_batchnorm_alone(splits):

@@ -57,7 +57,9 @@ def test_conv_output_sizes_follow_keras(size, kernel, stride, padding, expected)
     assert tuple(y.shape[2:]) == (expected, expected)
 
 
-@pytest.mark.parametrize(("size", "kernel", "stride"), [(8, 3, 1), (8, 5, 1), (8, 2, 1), (8, 3, 2), (7, 3, 2)])
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride"), [(8, 3, 1), (8, 5, 1), (8, 2, 1), (8, 3, 2), (7, 3, 2)]
+)
 def test_same_convolution_pads_inside_when_symmetric_and_matches_tensorflows_padding(size, kernel, stride):
     layer = LAYERS["Conv2D"](filters=2, kernel_size=kernel, strides=stride, padding="same")
     module = build_module(layer, (size, size, 3))
@@ -67,7 +69,10 @@ def test_same_convolution_pads_inside_when_symmetric_and_matches_tensorflows_pad
     total = max((-(-size // stride) - 1) * stride + kernel - size, 0)  # TensorFlow: the extra pixel goes last
     before = total // 2
     expected = torch.nn.functional.conv2d(
-        torch.nn.functional.pad(x, (before, total - before, before, total - before)), conv.weight, conv.bias, stride
+        torch.nn.functional.pad(x, (before, total - before, before, total - before)),
+        conv.weight,
+        conv.bias,
+        stride,
     )
     assert torch.allclose(module(x), expected, atol=1e-6)
     # symmetric padding is the convolution's own (no padded copy of the input), asymmetric a Pad2d before it

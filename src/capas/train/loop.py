@@ -210,12 +210,11 @@ def _fit(
         result.images += seen
         if dist is not None:
             dist.sum(loss_sum, correct)  # this process' slices -> the whole epoch's
-        if cfg.bn_recalibration:
-            # every rank recomputes the same statistics (same batches): no reduction needed
-            batchnorm.recalibrate(model, train, preprocess, cfg)
-
-        # with an EMA, the averaged weights are the model: validated, kept as the best, saved
+        # with an EMA, the averaged weights are the model: recalibrated, validated, kept as the best, saved
         with ema.applied(model) if ema is not None else contextlib.nullcontext():
+            if cfg.bn_recalibration:
+                # every rank recomputes the same statistics (same batches): no reduction needed
+                batchnorm.recalibrate(model, train, preprocess, cfg)
             val_eval = evaluate_all(model, val, preprocess, device, cfg.channels_last, cfg.precision)
             improved = monitor.improved(
                 {"epoch": epoch + 1, "val_loss": val_eval.loss, "val_accuracy": val_eval.accuracy}
@@ -257,6 +256,8 @@ def _fit(
         model.load_state_dict(best_state)
     elif ema is not None:
         ema.copy_to(model)
+        if cfg.bn_recalibration:  # the statistics the last validation used, not the average's own
+            batchnorm.recalibrate(model, train, preprocess, cfg)
     result.best_epoch = monitor.best_epoch
     result.bn_gap = batchnorm.mode_gap(model, train, preprocess, cfg)
     for cb in callbacks:
