@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from capas.study.render import HEADERS, table_rows
@@ -110,3 +111,72 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_report(tmp_path, tiny_study,
 
     clean = run_study(path, out=tmp_path / "clean", workers=2, console=console)
     assert _figures(resumed) == _figures(clean)
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is `pid`, from /proc (Linux)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_workers_die_with_a_killed_driver(tmp_path, tiny_study, study_file):
+    # only the driver is killed (not its process group): its training workers must not live on
+    path = study_file(
+        tiny_study(name="orphans", train={"epochs": 20, "batch_size": 32}, data={"limit": 1500})
+    )
+    out = tmp_path / "orphans"
+    command = [
+        sys.executable,
+        "-c",
+        "from capas.cli import app; app()",
+        "study",
+        str(path),
+        "--out",
+        str(out),
+    ]
+    command += ["--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    workers: set[int] = set()
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if (out / "runs").exists() and any((out / "runs").rglob("*.lock")):
+                workers = {pid for pid in _children(process.pid) if "spawn_main" in _cmdline(pid)}
+                if len(workers) == 2:
+                    break
+            time.sleep(0.05)
+        assert process.poll() is None and len(workers) == 2, "no two training workers seen"
+        process.kill()
+    finally:
+        process.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.05)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"workers {left} outlived the driver"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

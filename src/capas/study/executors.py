@@ -12,12 +12,15 @@ The contract every executor keeps (a Ray executor implements the same three meth
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import multiprocessing.sharedctypes
 import os
 import platform
 import queue
+import signal
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -187,12 +190,30 @@ class SequentialExecutor(Executor):
         self.pool.shutdown(wait=True, cancel_futures=cancel)
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
 _events: multiprocessing.queues.Queue | None = None  # a pool worker's event queue, set by _init_worker
 
 
+def _die_with(parent: int) -> None:
+    """On Linux, ask for SIGKILL when the driver dies, however it dies: a worker left behind would
+    keep training, holding its run directory's lock against the next `capas study`. (Elsewhere the
+    pool's own shutdown is what stops workers.)"""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        return  # not allowed here (a sandbox): the pool's shutdown still stops the workers
+    if os.getppid() != parent:  # the driver died before the request took effect
+        os._exit(1)
+
+
 def _init_worker(
-    events: multiprocessing.queues.Queue, threads: int, started: multiprocessing.sharedctypes.Synchronized
+    events: multiprocessing.queues.Queue,
+    threads: int,
+    started: multiprocessing.sharedctypes.Synchronized,
+    parent: int,
 ) -> None:
+    _die_with(parent)
     # One process per run: torch threads per worker share the cores without oversubscribing them
     # (a run's train.threads, which studies always set, replaces this while it trains).
     global _events
@@ -252,7 +273,7 @@ class PoolExecutor(Executor):
             max_workers=self.workers,
             mp_context=context,
             initializer=_init_worker,
-            initargs=(self.queue, self.threads, context.Value("i", 0)),
+            initargs=(self.queue, self.threads, context.Value("i", 0), os.getpid()),
         )
 
     def submit(self, task: dict) -> Future:
