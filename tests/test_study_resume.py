@@ -52,6 +52,12 @@ def _state(out: Path) -> tuple[int, int]:
     return done, sum((out / "runs" / rid / "checkpoint.safetensors").exists() for rid in running)
 
 
+def _study_command(path: Path, out: Path) -> list[str]:
+    """`capas study` with two pool workers, as its own process."""
+    cli = [sys.executable, "-c", "from capas.cli import app; app()"]
+    return [*cli, "study", str(path), "--out", str(out), "--workers", "2"]
+
+
 def _figures(outcome) -> list[list[str]]:
     keep = [HEADERS.index(h) for h in COMPARED]
     return [[row[i] for i in keep] for row in table_rows(outcome.report)]
@@ -61,17 +67,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_report(tmp_path, tiny_study,
     # 3 epochs on 1,500 images: runs long enough to be killed in the middle of one
     path = study_file(tiny_study(name="killed", train={"epochs": 3, "batch_size": 32}, data={"limit": 1500}))
     out = tmp_path / "killed"
-    command = [
-        sys.executable,
-        "-c",
-        "from capas.cli import app; app()",
-        "study",
-        str(path),
-        "--out",
-        str(out),
-        "--workers",
-        "2",
-    ]
+    command = _study_command(path, out)
     # its own process group: the kill takes the driver and its worker processes down together,
     # as a machine going down would
     process = subprocess.Popen(
@@ -142,16 +138,7 @@ def test_workers_die_with_a_killed_driver(tmp_path, tiny_study, study_file):
         tiny_study(name="orphans", train={"epochs": 20, "batch_size": 32}, data={"limit": 1500})
     )
     out = tmp_path / "orphans"
-    command = [
-        sys.executable,
-        "-c",
-        "from capas.cli import app; app()",
-        "study",
-        str(path),
-        "--out",
-        str(out),
-    ]
-    command += ["--workers", "2"]
+    command = _study_command(path, out)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     workers: set[int] = set()
