@@ -371,7 +371,13 @@ def test_the_tricks_study_removes_one_trick_per_variant():
 
     study = load_study(Path(__file__).parent.parent / "examples" / "studies" / "tricks.yaml")
     names = [v.name for v in study.variants]
-    assert names[0] == "fast-recipe" and {"no-whitening", "no-ema", "no-tta", "random-flips"} <= set(names)
+    assert names[0] == "fast-recipe"
+    assert {"no-whitening", "no-lookahead", "no-bias-scaler", "no-tta", "random-flips"} <= set(names)
+    by_name = {v.name: v.train for v in study.variants}
+    assert (
+        by_name["no-lookahead"]["ema"] is None
+        and by_name["no-bias-scaler"]["optimizer"]["batchnorm_lr_scale"] == 1
+    )
     base = study.base.model_spec.to_dict()["layers"][0]["Conv2D"]
     unwhitened = next(v for v in study.variants if v.name == "no-whitening").model_spec
     assert base["kernel_initializer"] == "whitening" and base["trainable"] is False
