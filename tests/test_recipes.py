@@ -269,9 +269,10 @@ def test_ema_overwrite_must_fall_on_an_update():
         TrainConfig(ema={"every": 5, "overwrite_every": 7})
 
 
-def test_batchnorm_rate_scale_leaves_its_decay_per_step_alone():
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_batchnorm_rate_scale_leaves_its_decay_per_step_alone(name):
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
-    cfg = OptimizerConfig(name="sgd", lr=0.1, weight_decay=0.5, batchnorm_lr_scale=64)
+    cfg = OptimizerConfig(name=name, lr=0.1, weight_decay=0.5, batchnorm_lr_scale=64)
     optimizer = make_optimizer(model, cfg)
     (norm,) = [g for g in optimizer.param_groups if any(p is model[1].bias for p in g["params"])]
     assert norm["lr"] == pytest.approx(6.4) and len(norm["params"]) == 2  # BatchNorm's weight and bias

@@ -95,7 +95,7 @@ def _padding_modules(shape: Shape, kernel, strides, padding: str, value: float =
     return OrderedDict(pad=Pad2d(pad_h, pad_w, value))
 
 
-def _conv_padding(shape: Shape, layer) -> tuple[OrderedDict, tuple[int, int]]:
+def _conv_padding(shape: Shape, layer: L.Conv2D) -> tuple[OrderedDict, tuple[int, int]]:
     """A convolution's 'same' padding: the convolution's own when it is symmetric (no padded copy
     of the input: 16% faster training of airbench's network on a CPU), else a Pad2d before it."""
     core = _padding_modules(shape, layer.kernel_size, layer.strides, layer.padding)

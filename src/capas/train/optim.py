@@ -107,8 +107,11 @@ def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimi
         case "adam":
             optimizer = torch.optim.Adam(groups, lr=lr, eps=cfg.epsilon)
         case "adamw":
-            # PyTorch's AdamW decays exactly as Keras does (w *= 1 − lr·wd, before the Adam step)
-            return torch.optim.AdamW(groups, lr=lr, eps=cfg.epsilon, weight_decay=wd)
+            # PyTorch's AdamW decays exactly as Keras does (w *= 1 − lr·wd, before the Adam step);
+            # a group's decay_scale keeps its per-step decay at the base rate's
+            for group in groups:
+                group["weight_decay"] = wd * group.pop("decay_scale", 1.0)
+            return torch.optim.AdamW(groups, lr=lr, eps=cfg.epsilon)
         case "rmsprop":
             optimizer = KerasRMSprop(groups, lr=lr, rho=0.9, momentum=cfg.momentum, eps=cfg.epsilon)
         case "adadelta":
