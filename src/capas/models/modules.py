@@ -97,7 +97,7 @@ def _padding_modules(shape: Shape, kernel, strides, padding: str, value: float =
 
 def _conv_padding(shape: Shape, layer: L.Conv2D) -> tuple[OrderedDict, tuple[int, int]]:
     """A convolution's 'same' padding: the convolution's own when it is symmetric (no padded copy
-    of the input: 16% faster training of airbench's network on a CPU), else a Pad2d before it."""
+    of the input per layer), else a Pad2d before it (TensorFlow puts the odd pixel last)."""
     core = _padding_modules(shape, layer.kernel_size, layer.strides, layer.padding)
     if "pad" in core:
         left, right, top, bottom = core["pad"].pad
