@@ -157,7 +157,11 @@ class _GlobalPool(nn.Module):
         self.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C)
-        return x.amax(dim=(2, 3)) if self.mode == "max" else x.mean(dim=(2, 3))
+        if self.mode == "avg":
+            return x.mean(dim=(2, 3))
+        # max with its indices, not amax: amax's backward finds the maximum again by equality, and a
+        # compiled backward that recomputes a bfloat16 input in float32 then matches nothing (0/0 = NaN)
+        return x.flatten(2).max(dim=2).values
 
 
 @builds(L.GlobalMaxPooling2D)

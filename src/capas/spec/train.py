@@ -168,6 +168,12 @@ class TrainConfig(_Config):
         description="PyTorch CPU threads for this run (the result depends on it: reductions split "
         "differently); None: PyTorch's default. Studies set 1 unless their file says otherwise",
     )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the training step (forward and backward; Inductor, which needs a C++ "
+        "compiler on a CPU): the first steps of each batch shape take seconds to compile; evaluation, "
+        "checkpoints and the saved model are the uncompiled model's",
+    )
     max_seconds: float | None = Field(
         default=None, gt=0.0, description="wall-clock budget; stops after the epoch"
     )

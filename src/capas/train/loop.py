@@ -150,7 +150,7 @@ def _fit(
         plateau.load(state.monitor["plateau"])
         if ema is not None:
             ema.load(state.ema)
-    net = model if dist is None else dist.wrap(model)  # DDP averages gradients over the processes
+    net = _training_net(model, dist, cfg)
     world = 1 if dist is None else dist.world
     evaluate_all = evaluate if dist is None else dist.evaluate
 
@@ -162,7 +162,7 @@ def _fit(
             _unfreeze(model, cfg)
             optimizer = make_optimizer(model, _optimizer_config(model, cfg))
             base_lrs = [group["lr"] for group in optimizer.param_groups]
-            net = model if dist is None else dist.wrap(model)  # DDP learns the new trainable set
+            net = _training_net(model, dist, cfg)  # DDP learns the new trainable set
         # Seeding per epoch makes a resumed run draw the same batches, crops and dropout masks.
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch)
@@ -263,6 +263,15 @@ def _fit(
     for cb in callbacks:
         cb.on_fit_end(result)
     return result
+
+
+def _training_net(model: nn.Module, dist: Distributed | None, cfg: TrainConfig) -> nn.Module:
+    """What the training steps call: the model, in DDP with several processes (it averages the
+    gradients), compiled with `cfg.compile`. Only the training forward and backward go through it:
+    evaluation, BatchNorm recalibration, checkpoints and the saved weights use `model` itself."""
+    net = model if dist is None else dist.wrap(model)
+    # one batch shape per run (plus the last, shorter batch): two static graphs beat a dynamic one
+    return torch.compile(net, dynamic=False) if cfg.compile else net
 
 
 def _unfreeze(model: nn.Module, cfg: TrainConfig) -> None:
