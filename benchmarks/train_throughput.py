@@ -10,7 +10,9 @@ The Keras side is optional: where TensorFlow is importable, the same model built
 TensorFlow (Conv2D ×3, GlobalAveragePooling2D, Dense; its parameter count checked against capas')
 trains with `train_on_batch` on float32 tensors already in memory, batches sliced beforehand, Adam
 at 1e-3, in float32 and under the mixed_bfloat16 policy, its runs interleaved with the others;
-"capas ÷ Keras" compares capas' `fit` with Keras in the same precision. Keras runs in a process
+"capas ÷ Keras" compares capas' `fit` with Keras in the same precision. capas also trains with
+`train.compile` (torch.compile of the training step): a fresh model compiles during its first
+epoch, so that fit trains two epochs and its second is timed, the first printed apart. Keras runs in a process
 of its own that takes turns with this one. Each Keras run builds a fresh model; its first step
 (tf.function tracing) is timed apart, left out of images/s and printed below the table with capas'
 warm-up. Neither side's threads are set: the last line prints what each framework uses. Keep
@@ -57,6 +59,8 @@ CIFAR = next(
 )  # fmt: skip
 BATCH = 128
 PRECISIONS = ("float32", "bfloat16")
+COMPILED = "capas fit, train.compile"
+WARMUPS = {"capas fit": "warm-up (1 batch, once)", COMPILED: "first epoch (compiling), median"}
 
 
 def plain_model() -> nn.Module:
@@ -83,11 +87,18 @@ def plain_loop(images: torch.Tensor, labels: torch.Tensor, channels_last: bool) 
     return len(images) / (time.perf_counter() - start)
 
 
-def capas_fit(train: ArrayDataset, val: ArrayDataset, precision: str = "float32") -> float:
+def capas_fit(
+    train: ArrayDataset, val: ArrayDataset, precision: str = "float32", compile: bool = False
+) -> tuple[float, float]:
+    """(images/s, seconds of the first epoch): compiled, a fresh model compiles in its first
+    epoch, so it trains two and the second is timed; eager, one."""
     spec = load_spec(SPEC)
-    cfg = TrainConfig(epochs=1, batch_size=BATCH, device="cpu", precision=precision)
+    cfg = TrainConfig(
+        epochs=2 if compile else 1, batch_size=BATCH, device="cpu", precision=precision, compile=compile
+    )
     result = fit(build_model(spec, seed=0), train, val, default_preprocess(spec.input_shape), cfg)
-    return result.images_per_second
+    timed = result.history[-1]
+    return timed["images_per_s"], result.history[0]["seconds"]
 
 
 class KerasStep:
@@ -284,6 +295,7 @@ def main() -> None:
     }
     for precision in args.precisions:
         runs["capas fit", precision] = []
+        runs[COMPILED, precision] = []
         if keras_side is not None:
             runs[keras_name, precision] = []
     warmups: dict[tuple[str, str], list[float]] = {}
@@ -295,7 +307,10 @@ def main() -> None:
         for name, channels_last in (("plain PyTorch (NCHW)", False), ("plain PyTorch (channels-last)", True)):
             runs[name, "float32"].append(plain_loop(floats, labels, channels_last))
         for precision in args.precisions:
-            runs["capas fit", precision].append(capas_fit(train, val, precision))
+            runs["capas fit", precision].append(capas_fit(train, val, precision)[0])
+            speed, first = capas_fit(train, val, precision, compile=True)
+            runs[COMPILED, precision].append(speed)
+            warmups.setdefault((COMPILED, precision), []).append(first)
             if keras_side is not None:
                 speed, first = keras_side.run(precision)
                 runs[keras_name, precision].append(speed)
@@ -320,7 +335,9 @@ def main() -> None:
                f"{flops / peak:.0%}"]  # fmt: skip
         if keras_side is not None:
             keras = runs.get((keras_name, precision))
-            row.append(f"{median / statistics.median(keras):.2f}×" if name == "capas fit" and keras else "")
+            row.append(
+                f"{median / statistics.median(keras):.2f}×" if name.startswith("capas") and keras else ""
+            )
         table.add_row(*row)
     console.print(table)
     console.print(
@@ -332,7 +349,7 @@ def main() -> None:
     console.print(
         "left out of images/s: "
         + "; ".join(
-            f"{name} {precision} {'warm-up (1 batch, once)' if name == 'capas fit' else 'first step (tracing), median'} "
+            f"{name} {precision} {WARMUPS.get(name, 'first step (tracing), median')} "
             f"{statistics.median(seconds):.2f} s"
             for (name, precision), seconds in warmups.items()
         ),
