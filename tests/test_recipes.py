@@ -199,6 +199,21 @@ def test_reflected_translation_fills_borders_with_the_image():
     assert all(tuple(row.tolist()) in rows for row in reflect[:20, 0].reshape(-1, 5))
 
 
+def test_cutout_blanks_one_square_per_image_clipped_at_the_borders():
+    x = torch.ones(500, 3, 8, 8)
+    out = augment_batch(x, Augment(cutout=4), torch.Generator().manual_seed(0))
+    blank = out == 0
+    assert torch.equal(blank[:, :1].expand_as(blank), blank)  # every channel alike
+    counts = blank[:, 0].flatten(1).sum(1)
+    assert counts.max() == 16 and counts.min() == 4  # a whole square inside, a quarter at a corner
+    assert (counts < 16).any()  # centres near the borders are clipped
+    for image in blank[:50, 0]:  # the blank pixels form one rectangle
+        rows, cols = image.any(1).nonzero().flatten(), image.any(0).nonzero().flatten()
+        assert image.sum() == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+    assert torch.equal(out[~blank], x[~blank])
+    assert not Augment(cutout=4).off and Augment().off
+
+
 def test_iterate_batches_gives_alternating_flips_the_dataset_indices():
     images = torch.zeros(10, 1, 1, 2, dtype=torch.uint8)
     images[..., 1] = 255  # every image is [0, 255]
@@ -368,6 +383,7 @@ def test_serve_applies_the_runs_test_time_augmentation(whitened_run, tmp_path):
     ("spec", "config"),
     [
         ("recipes/fashion-mnist-fast.yaml", "recipes/fashion-mnist-fast.train.yaml"),
+        ("recipes/fashion-mnist-95.yaml", "recipes/fashion-mnist-95.train.yaml"),
         ("recipes/cifar10-airbench.yaml", "recipes/cifar10-airbench.train.yaml"),
         ("transfer-efficientnet-lite0.yaml", "recipes/cifar10-transfer.train.yaml"),
     ],

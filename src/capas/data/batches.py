@@ -101,7 +101,7 @@ def augment_batch(
     (N, C, H, W) float -> the same shape; random numbers come from `generator`'s device.
     Alternating flips need the images' dataset `index` (N,), the `epoch` and the run's `seed`.
     """
-    if not cfg.crop_padding and not cfg.hflip:
+    if cfg.off:
         return x  # nothing to do: any tensor passes (cached backbone features are (N, F))
     n, c, h, w = x.shape
     if cfg.crop_padding:
@@ -128,6 +128,22 @@ def augment_batch(
     elif cfg.hflip:
         flip = torch.rand(n, generator=generator, device=generator.device).to(x.device) < 0.5
         x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    if cfg.cutout:
+        # DeVries & Taylor's cutout: a size × size square of zeros around a random centre anywhere in
+        # the image, clipped at its borders (so a centre near an edge blanks less)
+        centres = torch.stack(
+            [
+                torch.randint(0, h, (n,), generator=generator, device=generator.device),
+                torch.randint(0, w, (n,), generator=generator, device=generator.device),
+            ]
+        ).to(x.device)
+        top_left = centres - cfg.cutout // 2  # (2, N)
+        rows = torch.arange(h, device=x.device) - top_left[0].view(n, 1)  # (N, H): row - top
+        cols = torch.arange(w, device=x.device) - top_left[1].view(n, 1)
+        inside = ((rows >= 0) & (rows < cfg.cutout)).view(n, 1, h, 1) & (
+            (cols >= 0) & (cols < cfg.cutout)
+        ).view(n, 1, 1, w)
+        x = x.masked_fill(inside, 0.0)
     return x
 
 

@@ -132,6 +132,8 @@ class Augment(_Config):
     every other epoch, so that over two epochs the network sees every image both ways.
     `crop_padding: p` translates by up to p pixels: a random crop of the image padded by p pixels,
     with zeros (`crop_fill: zeros`) or with the mirrored border (`reflect`, airbench's).
+    `cutout: s` blanks an s × s square of each image to zero, centred anywhere in it and clipped at
+    its borders (DeVries & Taylor, 2017), after the translation and flips.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -139,6 +141,12 @@ class Augment(_Config):
     crop_padding: NonNegativeInt = 0  # random crop of the image padded by this many pixels; 0 = off
     crop_fill: Literal["zeros", "reflect"] = "zeros"
     hflip: bool | Literal["alternate"] = False
+    cutout: NonNegativeInt = 0  # side of the blanked square in pixels; 0 = off
+
+    @property
+    def off(self) -> bool:
+        """No augmentation at all: every epoch sees the same images."""
+        return not (self.crop_padding or self.hflip or self.cutout)
 
 
 class TrainConfig(_Config):

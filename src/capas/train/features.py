@@ -58,8 +58,7 @@ def applies(model: CapasNet, cfg: TrainConfig) -> bool:
         model.backbone is not None
         and model.frozen == len(model.backbone)
         and spec.backbone.bn_frozen
-        and cfg.augment.crop_padding == 0
-        and not cfg.augment.hflip
+        and cfg.augment.off
         and cfg.tta == "none"
         and cfg.finetune is None
     )
