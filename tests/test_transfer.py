@@ -106,6 +106,39 @@ def test_batchnorm_in_the_frozen_part_stays_in_inference_mode(bn_frozen):
     assert torch.equal(before, frozen_bn.running_mean) == bn_frozen
 
 
+def test_the_frozen_part_runs_in_slices_without_changing_outputs_or_gradients(monkeypatch):
+    import capas.models.build
+
+    spec = spec_with({"name": "mobilenet_v3_small", "weights": "none", "frozen": 4})
+    model = build_model(spec, seed=0).train()
+    x = torch.randn(10, 3, 32, 32)
+    calls = []
+    model.backbone[0].register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+
+    def step(values_per_slice: int):
+        monkeypatch.setattr(capas.models.build, "CPU_BATCH_VALUES", values_per_slice)
+        calls.clear()
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole, whole_grads = step(2**30)
+    assert calls == [10]
+    sliced, sliced_grads = step(3 * 32 * 32 * 3)  # 3 images per slice
+    assert calls == [3, 3, 3, 1]
+    torch.testing.assert_close(sliced, whole)
+    assert whole_grads.keys() == sliced_grads.keys() and whole_grads
+    # summed over differently sliced inputs, equal up to float rounding (some BatchNorm biases before
+    # another BatchNorm have gradients of rounding noise alone): measured against the largest gradient
+    scale = max(grad.abs().max().item() for grad in whole_grads.values())
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(sliced_grads[name], grad, rtol=0, atol=1e-5 * scale, msg=name)
+    model.backbone.train()  # bn_frozen off in effect: batch statistics, so the batch stays whole
+    step(3 * 32 * 32 * 3)
+    assert calls == [10]
+
+
 def test_finetune_unfreezes_the_last_layers_with_a_smaller_rate_and_no_state_for_frozen(tmp_path):
     splits = make_splits("fashion-mnist", limit=40, test_limit=10)
     spec = spec_with({"name": "resnet18", "weights": "none", "frozen": "all"})
