@@ -13,6 +13,7 @@ tensorflow-cpu (a separate environment, see the README) in the same run; without
 Keras' recipe itself (examples/keras-mnist.yaml), which is not Keras' time and is labelled so.
 
     python benchmarks/fast_recipes.py fashion-mnist [--seeds 3] [--keras-python .tfvenv/bin/python]
+    python benchmarks/fast_recipes.py fashion-mnist-wide [--seeds 3]
     python benchmarks/fast_recipes.py cifar10 [--seeds 3]
     python benchmarks/fast_recipes.py cifar10-transfer [--seeds 3]
 """
@@ -56,6 +57,12 @@ RECIPES = {
         EXAMPLES / "recipes/fashion-mnist-fast.train.yaml",
         0.925,
         None,
+    ),
+    "fashion-mnist-wide": Recipe(
+        EXAMPLES / "recipes/fashion-mnist-wide.yaml",
+        EXAMPLES / "recipes/fashion-mnist-wide.train.yaml",
+        0.95,
+        900.0,
     ),
     "cifar10": Recipe(
         EXAMPLES / "recipes/cifar10-airbench.yaml",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up shared by the README's two commands: Debian packages, a virtual environment, capas and its extras.
 #   bash scripts/setup.sh main   what the main job needs: the dataset, capas with the study extra
-#   bash scripts/setup.sh test   everything: also chromium for the browser tests, every extra, dev tools
+#   bash scripts/setup.sh test   everything: also chromium for the browser tests, g++ for train.compile
+#                                (Inductor compiles C++ on a CPU), every extra, dev tools
 # Idempotent: a second run only checks that everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 mode="${1:-test}"
 case "$mode" in
   main) apt_packages=(dataset-fashion-mnist); extras="study" ;;
-  test) apt_packages=(dataset-fashion-mnist chromium chromium-driver); extras="all,dev" ;;
+  test) apt_packages=(dataset-fashion-mnist chromium chromium-driver g++); extras="all,dev" ;;
   *) echo "usage: scripts/setup.sh main|test" >&2; exit 2 ;;
 esac
 

@@ -383,7 +383,7 @@ def test_serve_applies_the_runs_test_time_augmentation(whitened_run, tmp_path):
     ("spec", "config"),
     [
         ("recipes/fashion-mnist-fast.yaml", "recipes/fashion-mnist-fast.train.yaml"),
-        ("recipes/fashion-mnist-95.yaml", "recipes/fashion-mnist-95.train.yaml"),
+        ("recipes/fashion-mnist-wide.yaml", "recipes/fashion-mnist-wide.train.yaml"),
         ("recipes/cifar10-airbench.yaml", "recipes/cifar10-airbench.train.yaml"),
         ("transfer-efficientnet-lite0.yaml", "recipes/cifar10-transfer.train.yaml"),
     ],
