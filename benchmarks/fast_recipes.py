@@ -71,7 +71,7 @@ RECIPES = {
         900.0,
     ),
     "cifar10-transfer": Recipe(
-        EXAMPLES / "transfer-efficientnet-lite0.yaml",
+        EXAMPLES / "recipes/cifar10-transfer.yaml",
         EXAMPLES / "recipes/cifar10-transfer.train.yaml",
         0.90,
         900.0,
