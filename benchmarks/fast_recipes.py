@@ -113,6 +113,12 @@ def main() -> None:
     )
     parser.add_argument("recipe", choices=sorted(RECIPES))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds first-seed … first-seed + seeds − 1 (to add seeds later)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     parser.add_argument(
         "--keras-python", default=None, help="fashion-mnist: an interpreter with tensorflow-cpu"
@@ -133,7 +139,7 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory(prefix="capas-fast-") as tmp:
         # the recipe first: its figures come out even if the long reference is cut short
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             runs.append(
                 timed_run(recipe.spec, data, cfg.model_copy(update={"seed": seed}), Path(tmp) / str(seed))
             )
@@ -151,7 +157,7 @@ def main() -> None:
     table = Table(title=f"{args.recipe}: test accuracy and wall time (spec to test result)")
     for column in ("seed", "epochs", "test accuracy", "wall s", "training s", "train img/s"):
         table.add_column(column, justify="right")
-    for seed, r in enumerate(runs):
+    for seed, r in enumerate(runs, start=args.first_seed):
         table.add_row(
             str(seed), str(r["epochs_run"]), f"{100 * r['test_accuracy']:.2f}%", f"{r['wall']:.1f}",
             f"{r['train_seconds']:.1f}", f"{r['images_per_s']:,.0f}",
