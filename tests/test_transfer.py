@@ -107,7 +107,7 @@ def test_batchnorm_in_the_frozen_part_stays_in_inference_mode(bn_frozen):
 
 
 def test_the_frozen_part_runs_in_slices_without_changing_outputs_or_gradients(monkeypatch):
-    import capas.models.build
+    import capas.inference
 
     spec = spec_with({"name": "mobilenet_v3_small", "weights": "none", "frozen": 4})
     model = build_model(spec, seed=0).train()
@@ -116,7 +116,7 @@ def test_the_frozen_part_runs_in_slices_without_changing_outputs_or_gradients(mo
     model.backbone[0].register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
 
     def step(values_per_slice: int):
-        monkeypatch.setattr(capas.models.build, "CPU_BATCH_VALUES", values_per_slice)
+        monkeypatch.setattr(capas.inference, "CPU_BATCH_VALUES", values_per_slice)
         calls.clear()
         model.zero_grad()
         out = model(x)

@@ -61,8 +61,12 @@ def eval_batch_size(preprocess: Preprocess, device: torch.device | str) -> int:
     batches of 6 than of 512 on a 2-core CPU (benchmarks/transfer.py). Elsewhere EVAL_BATCH."""
     if torch.device(device).type != "cpu" or not isinstance(preprocess, Preprocess):
         return EVAL_BATCH
-    values = preprocess.channels * preprocess.size[0] * preprocess.size[1]
-    return max(1, min(EVAL_BATCH, CPU_BATCH_VALUES // values))
+    return min(EVAL_BATCH, cpu_slice(preprocess.channels * preprocess.size[0] * preprocess.size[1]))
+
+
+def cpu_slice(values_per_image: int) -> int:
+    """Images per CPU batch without gradients: about CPU_BATCH_VALUES input values, at least one."""
+    return max(1, CPU_BATCH_VALUES // max(1, values_per_image))
 
 
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:

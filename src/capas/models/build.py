@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capas.inference import CPU_BATCH_VALUES
+from capas.inference import cpu_slice
 from capas.models.backbones import Backbone, build_backbone
 from capas.models.modules import build_module
 from capas.spec.model import ModelSpec
@@ -78,13 +78,13 @@ class CapasNet(nn.Module):
 
     def _backbone(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's rows. On the CPU, the frozen rows in inference mode run without gradients
-        in slices of about CPU_BATCH_VALUES input values, whose activations stay in the caches (as
+        in slices of capas.inference.cpu_slice images, whose activations stay in the caches (as
         evaluation's batches do; benchmarks/transfer.py: EfficientNet-Lite0 at 160×160 in bfloat16 ran
         3.3× faster in batches of 13 than of 512). Nothing changes but the speed: those rows have no
         parameters to train and no batch statistics, and their input needs no gradient."""
         k = self.frozen
         frozen = self.backbone[:k]
-        chunk = max(1, CPU_BATCH_VALUES // max(1, x[0].numel()))
+        chunk = cpu_slice(x[0].numel())
         if (
             k == 0
             or x.device.type != "cpu"
