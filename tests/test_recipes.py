@@ -335,6 +335,15 @@ def test_a_compiled_step_trains_as_the_eager_one_and_shares_its_checkpoints(tmp_
     assert torch.allclose(outputs(resumed), eager, atol=atol)
 
 
+def test_compile_without_a_cpp_compiler_says_so_before_training(monkeypatch):
+    from torch._inductor import config
+
+    monkeypatch.setattr(config.cpp, "cxx", ("no-such-c++-compiler",))
+    cfg = TrainConfig(epochs=1, batch_size=64, device="cpu", compile=True)
+    with pytest.raises(CapasError, match=r"train\.compile.*C\+\+ compiler.*no-such-c\+\+-compiler"):
+        _tiny_fit(cfg)
+
+
 def test_linear_schedule_is_airbenchs_triangle():
     cfg = ScheduleConfig(name="linear", warmup_fraction=0.25, initial_factor=0.2, final_factor=0.07)
     factors = [lr_factor(cfg, step, 10, 100) for step in range(100)]

@@ -126,6 +126,8 @@ def _fit(
     identity: dict | None,
 ) -> FitResult:
     device = resolve_device(cfg.device)
+    if cfg.compile and device.type == "cpu":
+        _check_cpp_compiler()
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     if (
@@ -272,6 +274,23 @@ def _training_net(model: nn.Module, dist: Distributed | None, cfg: TrainConfig) 
     net = model if dist is None else dist.wrap(model)
     # one batch shape per run (plus the last, shorter batch): two static graphs beat a dynamic one
     return torch.compile(net, dynamic=False) if cfg.compile else net
+
+
+def _check_cpp_compiler() -> None:
+    """train.compile on a CPU: Inductor compiles C++, so say before training starts when it finds no
+    compiler (its own error comes from deep inside the first step)."""
+    from torch._inductor import config
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as error:  # Inductor's InvalidCxxCompiler, or whatever its search raises
+        tried = ", ".join(str(c) for c in config.cpp.cxx if c is not None)
+        raise CapasError(
+            f"train.compile: true needs a C++ compiler on a CPU and none was found (tried {tried}; set CXX "
+            "to name another): install one (e.g. apt-get install g++) or set "
+            "compile: false"
+        ) from error
 
 
 def _unfreeze(model: nn.Module, cfg: TrainConfig) -> None:
