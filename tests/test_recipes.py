@@ -22,9 +22,17 @@ from capas.models.init import patch_whitening
 from capas.models.modules import build_module
 from capas.predict import evaluate_run, predict
 from capas.runs import load_run
-from capas.spec import Augment, DataConfig, ModelSpec, OptimizerConfig, ScheduleConfig, TrainConfig
+from capas.spec import (
+    Augment,
+    DataConfig,
+    ModelSpec,
+    OptimizerConfig,
+    ProgressiveResizing,
+    ScheduleConfig,
+    TrainConfig,
+)
 from capas.spec.summary import summarize
-from capas.train import fit, train
+from capas.train import features, fit, resizing, train
 from capas.train.ema import WeightAverage
 from capas.train.optim import lr_factor, make_optimizer
 
@@ -342,6 +350,55 @@ def test_compile_without_a_cpp_compiler_says_so_before_training(monkeypatch):
     cfg = TrainConfig(epochs=1, batch_size=64, device="cpu", compile=True)
     with pytest.raises(CapasError, match=r"train\.compile.*C\+\+ compiler.*no-such-c\+\+-compiler"):
         _tiny_fit(cfg)
+
+
+def test_progressive_resizing_follows_composers_schedule():
+    cfg = ProgressiveResizing(initial_scale=0.5, delay_fraction=0.5, finetune_fraction=0.2, size_increment=4)
+    sides = [resizing.size(cfg, step, 100, (32, 32))[0] for step in range(100)]
+    assert set(sides[:50]) == {16}  # the first half at half the side
+    assert set(sides[80:]) == {32}  # the last fifth at full size
+    assert sides[50:80] == sorted(sides[50:80]) and len(set(sides[50:80])) == 4  # growing: 16, 20, 24, 28
+    assert all(side % 4 == 0 for side in sides)
+    # rounded down to whole increments, never below one increment nor above the input
+    assert resizing.size(cfg, 0, 100, (28, 30)) == (12, 12)
+    assert resizing.size(ProgressiveResizing(initial_scale=0.1), 0, 10, (28, 28)) == (4, 4)
+    with pytest.raises(ValidationError, match="delay_fraction \\+ finetune_fraction must be at most 1"):
+        TrainConfig(progressive_resizing={"delay_fraction": 0.6, "finetune_fraction": 0.5})
+
+
+def test_progressive_resizing_trains_on_small_images_and_evaluates_full_size():
+    seen = []
+    spec = ModelSpec.from_dict({**WHITENED, "layers": WHITENED["layers"][2:]})
+    model = build_model(spec, seed=0)
+    model.register_forward_pre_hook(lambda module, args: seen.append((module.training, args[0].shape[-2:])))
+    splits = splits_for(DataConfig(name="fashion-mnist", limit=300))
+    schedule = {"initial_scale": 0.5, "delay_fraction": 0.5, "finetune_fraction": 0.25}
+    cfg = TrainConfig(epochs=2, batch_size=64, device="cpu", progressive_resizing=schedule)
+    fit(model, splits.train, splits.val, default_preprocess(spec.input_shape), cfg)
+    training = [tuple(shape) for is_training, shape in seen if is_training]
+    # 2 epochs of 5 batches (300 training images): half the steps at 12×12 (14 rounded down to 4s),
+    # growing over the next quarter, the last quarter at 28×28
+    assert training == [(12, 12)] * 6 + [(16, 16), (24, 24), (28, 28), (28, 28)]
+    evaluated = [tuple(shape) for is_training, shape in seen if not is_training]
+    # before training, one forward pass checks that the network takes the smallest size; evaluation
+    # (validation each epoch, BatchNorm's mode gap) sees full-size images
+    assert evaluated[0] == (12, 12) and set(evaluated[1:]) == {(28, 28)}
+    assert not features.applies(model, cfg)
+
+
+def test_progressive_resizing_needs_a_network_that_takes_any_size():
+    flat = {**WHITENED, "layers": [*WHITENED["layers"][2:6], "Flatten", {"Dense": {"units": 10}}]}
+    spec = ModelSpec.from_dict(flat)
+    model = build_model(spec, seed=0)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    splits = splits_for(DataConfig(name="fashion-mnist", limit=300))
+    cfg = TrainConfig(epochs=1, batch_size=64, device="cpu", progressive_resizing={"initial_scale": 0.5})
+    with pytest.raises(
+        CapasError, match=r"train\.progressive_resizing: the network cannot take 12×12.*Flatten"
+    ):
+        fit(model, splits.train, splits.val, default_preprocess(spec.input_shape), cfg)
+    for key, value in model.state_dict().items():  # stopped before the first step
+        assert torch.equal(value, before[key]), key
 
 
 def test_linear_schedule_is_airbenchs_triangle():

@@ -12,6 +12,7 @@ from capas.spec.train import (
     EmaConfig,
     FinetuneConfig,
     OptimizerConfig,
+    ProgressiveResizing,
     ScheduleConfig,
     TrainConfig,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "LayerInfo",
     "ModelSpec",
     "OptimizerConfig",
+    "ProgressiveResizing",
     "ScheduleConfig",
     "TrainConfig",
     "load_document",

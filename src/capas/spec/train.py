@@ -149,6 +149,31 @@ class Augment(_Config):
         return not (self.crop_padding or self.hflip or self.cutout)
 
 
+class ProgressiveResizing(_Config):
+    """Train on smaller images first (fast.ai's progressive resizing, in MosaicML Composer's schedule):
+    the training batches are resized to `initial_scale` of the input for the first `delay_fraction`
+    of the steps, grow linearly to full size until the last `finetune_fraction`, which trains at
+    full size. Sides are rounded down to multiples of `size_increment` pixels (bilinear, antialiased
+    resizing of whole batches). Evaluation, BatchNorm recalibration and prediction see full-size
+    images. The network must take any input size: global pooling before its Dense layers, no
+    Flatten. With `compile: true` each size compiles once.
+    """
+
+    initial_scale: float = Field(default=0.5, gt=0.0, le=1.0, description="the first images' side, relative")
+    delay_fraction: float = Field(default=0.5, ge=0.0, lt=1.0, description="share of steps at initial_scale")
+    finetune_fraction: float = Field(default=0.2, ge=0.0, lt=1.0, description="share of steps at full size")
+    size_increment: int = Field(default=4, ge=1, description="sides are multiples of this many pixels")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> ProgressiveResizing:
+        if self.delay_fraction + self.finetune_fraction > 1.0:
+            raise ValueError(
+                f"delay_fraction + finetune_fraction must be at most 1 (they are {self.delay_fraction} "
+                f"+ {self.finetune_fraction}): the steps before growing and after it"
+            )
+        return self
+
+
 class TrainConfig(_Config):
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=128, ge=1)
@@ -187,6 +212,7 @@ class TrainConfig(_Config):
     )
     max_samples: int | None = Field(default=None, ge=1, description="budget of training images seen")
     finetune: FinetuneConfig | None = None
+    progressive_resizing: ProgressiveResizing | None = None
     ema: EmaConfig | None = None
     tta: Literal["none", "flip", "flip_shift"] = Field(
         default="none",

@@ -52,7 +52,7 @@ class Features:
 
 def applies(model: CapasNet, cfg: TrainConfig) -> bool:
     """Whether training can run on cached features: the whole backbone frozen and in inference mode,
-    no augmentation (at training or test time), no fine-tuning schedule."""
+    no augmentation (at training or test time), no fine-tuning schedule, no progressive resizing."""
     spec = model.spec
     return (
         model.backbone is not None
@@ -61,6 +61,7 @@ def applies(model: CapasNet, cfg: TrainConfig) -> bool:
         and cfg.augment.off
         and cfg.tta == "none"
         and cfg.finetune is None
+        and cfg.progressive_resizing is None
     )
 
 

@@ -16,7 +16,7 @@ from capas.data import ArrayDataset, Preprocess, iterate_batches
 from capas.errors import CapasError
 from capas.inference import autocast, evaluate, resolve_device
 from capas.spec.train import EarlyStopping, OptimizerConfig, TrainConfig
-from capas.train import batchnorm
+from capas.train import batchnorm, resizing
 from capas.train.checkpoint import checkpoint_epoch, load_checkpoint, save_checkpoint
 from capas.train.ema import WeightAverage
 from capas.train.optim import Plateau, lr_factor, make_optimizer, set_lr
@@ -152,6 +152,8 @@ def _fit(
         plateau.load(state.monitor["plateau"])
         if ema is not None:
             ema.load(state.ema)
+    if cfg.progressive_resizing is not None:
+        resizing.check_model(model, cfg.progressive_resizing, preprocess.size, preprocess.channels)
     net = _training_net(model, dist, cfg)
     world = 1 if dist is None else dist.world
     evaluate_all = evaluate if dist is None else dist.evaluate
@@ -187,6 +189,10 @@ def _fit(
             n = len(y)  # the global batch: counts, budgets and callbacks see whole batches
             if dist is not None:
                 x, y = dist.shard(x), dist.shard(y)
+            if cfg.progressive_resizing is not None:
+                x = resizing.resize(
+                    x, resizing.size(cfg.progressive_resizing, step, total_steps, preprocess.size)
+                )
             factor = lr_factor(cfg.schedule, step, steps_per_epoch, total_steps) * plateau.scale
             set_lr(optimizer, base_lrs, factor)
             with autocast(device, cfg.precision):
