@@ -32,7 +32,7 @@ from capas.spec import (
     TrainConfig,
 )
 from capas.spec.summary import summarize
-from capas.train import features, fit, resizing, train
+from capas.train import depthwise, features, fit, resizing, train
 from capas.train.ema import WeightAverage
 from capas.train.optim import lr_factor, make_optimizer
 
@@ -401,6 +401,49 @@ def test_progressive_resizing_needs_a_network_that_takes_any_size():
         assert torch.equal(value, before[key]), key
 
 
+def test_bfloat16_depthwise_convolutions_get_float32_gradients():
+    conv = torch.nn.Conv2d(6, 6, 5, stride=2, padding=2, groups=6)
+    plain = torch.nn.Conv2d(6, 4, 3)
+    x = torch.randn(4, 6, 9, 9).contiguous(memory_format=torch.channels_last).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16), depthwise.float32_backward():
+        y = conv(x)
+        other = plain(x)
+    assert type(y.grad_fn).__name__ == "_Conv2dBackward" and y.dtype == torch.bfloat16
+    assert type(other.grad_fn).__name__ == "ConvolutionBackward0"  # not depthwise: as it was
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    # what float32 computes from the same bfloat16 input, weights and output gradient
+    w32 = conv.weight.detach().bfloat16().float().requires_grad_()
+    b32 = conv.bias.detach().bfloat16().float().requires_grad_()
+    x32 = x.detach().float().requires_grad_()
+    torch.nn.functional.conv2d(x32, w32, b32, 2, 2, 1, 6).backward(grad.float())
+    assert x.grad.dtype == torch.bfloat16 and conv.weight.grad.dtype == torch.float32
+    assert torch.allclose(x.grad.float(), x32.grad, rtol=1e-2, atol=1e-2)
+    assert torch.allclose(conv.weight.grad, w32.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(conv.bias.grad, b32.grad, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16), depthwise.float32_backward(), torch.no_grad():
+        assert conv(x).grad_fn is None  # nothing to differentiate: nothing changes
+
+
+@pytest.mark.parametrize(
+    ("precision", "expected"), [("bfloat16", "_Conv2dBackward"), ("float32", "ConvolutionBackward0")]
+)
+def test_training_in_bfloat16_on_the_cpu_takes_depthwise_gradients_in_float32(precision, expected):
+    seen = []
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3),
+        torch.nn.Conv2d(8, 8, 3, groups=8),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 10),
+    )
+    net[1].register_forward_hook(lambda module, args, out: seen.append(type(out.grad_fn).__name__))
+    splits = splits_for(DataConfig(name="fashion-mnist", limit=200))
+    cfg = TrainConfig(epochs=1, batch_size=64, device="cpu", precision=precision)
+    fit(net, splits.train, splits.val, default_preprocess((28, 28, 1)), cfg)
+    assert expected in seen
+
+
 def test_linear_schedule_is_airbenchs_triangle():
     cfg = ScheduleConfig(name="linear", warmup_fraction=0.25, initial_factor=0.2, final_factor=0.07)
     factors = [lr_factor(cfg, step, 10, 100) for step in range(100)]
@@ -492,6 +535,21 @@ def test_the_tricks_study_removes_one_trick_per_variant():
     unwhitened = next(v for v in study.variants if v.name == "no-whitening").model_spec
     assert base["kernel_initializer"] == "whitening" and base["trainable"] is False
     assert "kernel_initializer" not in unwhitened.to_dict()["layers"][0]["Conv2D"]
+
+
+def test_the_progressive_resizing_study_changes_only_the_resizing_and_epochs():
+    from pathlib import Path
+
+    from capas.study.spec import load_study
+
+    study = load_study(Path(__file__).parent.parent / "examples" / "studies" / "progressive-resizing.yaml")
+    base, *variants = study.variants
+    assert base.train.get("progressive_resizing") is None
+    for variant in variants:
+        config = TrainConfig.model_validate(variant.train)
+        assert config.progressive_resizing is not None
+        changed = {k for k in variant.train if variant.train[k] != base.train.get(k)}
+        assert changed <= {"progressive_resizing", "epochs"}
 
 
 def test_recipe_layers_go_to_keras_and_back(whitened_run, tmp_path):

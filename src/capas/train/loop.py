@@ -16,7 +16,7 @@ from capas.data import ArrayDataset, Preprocess, iterate_batches
 from capas.errors import CapasError
 from capas.inference import autocast, evaluate, resolve_device
 from capas.spec.train import EarlyStopping, OptimizerConfig, TrainConfig
-from capas.train import batchnorm, resizing
+from capas.train import batchnorm, depthwise, resizing
 from capas.train.checkpoint import checkpoint_epoch, load_checkpoint, save_checkpoint
 from capas.train.ema import WeightAverage
 from capas.train.optim import Plateau, lr_factor, make_optimizer, set_lr
@@ -155,6 +155,8 @@ def _fit(
     if cfg.progressive_resizing is not None:
         resizing.check_model(model, cfg.progressive_resizing, preprocess.size, preprocess.channels)
     net = _training_net(model, dist, cfg)
+    # Inductor compiles its own backward: the mode would only stand in its way
+    float32_depthwise = device.type == "cpu" and cfg.precision == "bfloat16" and not cfg.compile
     world = 1 if dist is None else dist.world
     evaluate_all = evaluate if dist is None else dist.evaluate
 
@@ -195,7 +197,7 @@ def _fit(
                 )
             factor = lr_factor(cfg.schedule, step, steps_per_epoch, total_steps) * plateau.scale
             set_lr(optimizer, base_lrs, factor)
-            with autocast(device, cfg.precision):
+            with autocast(device, cfg.precision), depthwise.float32_backward(float32_depthwise):
                 logits = net(x)
                 loss = nn.functional.cross_entropy(
                     logits, y, label_smoothing=cfg.label_smoothing, reduction="sum"
