@@ -17,6 +17,7 @@ from capas.runs import load_run
 from capas.spec import BackboneConfig, DataConfig, ModelSpec, TrainConfig, load_spec
 from capas.spec.summary import summarize
 from capas.train import fit, train
+from capas.train.loop import Callback
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TOP = ["GlobalAveragePooling2D", {"Dense": {"units": 10, "activation": "softmax"}}]
@@ -137,6 +138,58 @@ def test_the_frozen_part_runs_in_slices_without_changing_outputs_or_gradients(mo
     model.backbone.train()  # bn_frozen off in effect: batch statistics, so the batch stays whole
     step(3 * 32 * 32 * 3)
     assert calls == [10]
+
+
+def test_compiled_frozen_rows_compute_what_the_eager_ones_do(monkeypatch):
+    import capas.inference
+
+    monkeypatch.setattr(capas.inference, "CPU_BATCH_VALUES", 3 * 32 * 32 * 3)  # 3 images per slice
+    spec = spec_with({"name": "mobilenet_v3_small", "weights": "none", "frozen": 4})
+    model = build_model(spec, seed=0).train()
+    x = torch.randn(9, 3, 32, 32)
+
+    def step():
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    eager, eager_grads = step()
+    model.compile_frozen(True)
+    compiled, compiled_grads = step()
+    assert list(model._compiled_frozen) == [4]  # the frozen rows ran compiled
+    # BatchNorm folded into the convolutions: equal up to float rounding
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    scale = max(grad.abs().max().item() for grad in eager_grads.values())
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=0, atol=1e-4 * scale, msg=name)
+    assert not any("_orig_mod" in key or "compiled" in key for key in model.state_dict())
+    model.set_frozen(2)  # fine-tuning's switch: the two rows left frozen compile anew
+    model.compile_frozen(False)
+    eager_two, _ = step()
+    model.compile_frozen(True)
+    compiled_two, _ = step()
+    assert list(model._compiled_frozen) == [2]
+    torch.testing.assert_close(compiled_two, eager_two, rtol=1e-4, atol=1e-4)
+
+
+def test_fit_compiles_the_frozen_rows_only_while_it_trains():
+    splits = make_splits("fashion-mnist", limit=40, test_limit=10)
+    spec = spec_with({"name": "mobilenet_v3_small", "weights": "none", "frozen": 4})
+    model = build_model(spec, seed=0)
+
+    class Watch(Callback):
+        def __init__(self):
+            self.compiled = []
+
+        def on_batch_end(self, images, loss, correct):
+            self.compiled.append(None if model._compiled_frozen is None else list(model._compiled_frozen))
+
+    watch = Watch()
+    cfg = TrainConfig(epochs=1, batch_size=20, compile="frozen", device="cpu")
+    fit(model, splits.train, splits.val, preprocess_for(spec), cfg, callbacks=[watch])
+    assert watch.compiled and all(keys == [4] for keys in watch.compiled)
+    assert model._compiled_frozen is None  # its constants are that training's weights: dropped
 
 
 def test_finetune_unfreezes_the_last_layers_with_a_smaller_rate_and_no_state_for_frozen(tmp_path):

@@ -201,11 +201,13 @@ class TrainConfig(_Config):
         description="PyTorch CPU threads for this run (the result depends on it: reductions split "
         "differently); None: PyTorch's default. Studies set 1 unless their file says otherwise",
     )
-    compile: bool = Field(
+    compile: bool | Literal["frozen"] = Field(
         default=False,
-        description="torch.compile the training step (forward and backward; Inductor, which needs a C++ "
-        "compiler on a CPU): the first steps of each batch shape take seconds to compile; evaluation, "
-        "checkpoints and the saved model are the uncompiled model's",
+        description="torch.compile (Inductor, which needs a C++ compiler on a CPU). true: the training step "
+        "(forward and backward), and a frozen backbone's rows as an inference graph with Inductor's "
+        "freezing (BatchNorm and activations folded into the convolutions); 'frozen': only the latter. "
+        "The first steps of each batch shape take seconds to compile; evaluation, checkpoints and the "
+        "saved model are the uncompiled model's",
     )
     max_seconds: float | None = Field(
         default=None, gt=0.0, description="wall-clock budget; stops after the epoch"

@@ -111,7 +111,11 @@ def fit(
     refuse to resume it under other settings.
     """
     with reproducible(cfg):
-        return _fit(model, train, val, preprocess, cfg, callbacks, checkpoint, dist, identity)
+        try:
+            return _fit(model, train, val, preprocess, cfg, callbacks, checkpoint, dist, identity)
+        finally:
+            if hasattr(model, "compile_frozen"):
+                model.compile_frozen(False)  # its constants are this training's weights
 
 
 def _fit(
@@ -155,8 +159,7 @@ def _fit(
     if cfg.progressive_resizing is not None:
         resizing.check_model(model, cfg.progressive_resizing, preprocess.size, preprocess.channels)
     net = _training_net(model, dist, cfg)
-    # Inductor compiles its own backward: the mode would only stand in its way
-    float32_depthwise = device.type == "cpu" and cfg.precision == "bfloat16" and not cfg.compile
+    float32_depthwise = device.type == "cpu" and cfg.precision == "bfloat16"
     world = 1 if dist is None else dist.world
     evaluate_all = evaluate if dist is None else dist.evaluate
 
@@ -278,10 +281,14 @@ def _fit(
 def _training_net(model: nn.Module, dist: Distributed | None, cfg: TrainConfig) -> nn.Module:
     """What the training steps call: the model, in DDP with several processes (it averages the
     gradients), compiled with `cfg.compile`. Only the training forward and backward go through it:
-    evaluation, BatchNorm recalibration, checkpoints and the saved weights use `model` itself."""
+    evaluation, BatchNorm recalibration, checkpoints and the saved weights use `model` itself.
+    Compiling (`true` or `'frozen'`) also compiles a frozen backbone's rows for inference
+    (CapasNet.compile_frozen)."""
+    if hasattr(model, "compile_frozen"):
+        model.compile_frozen(bool(cfg.compile))
     net = model if dist is None else dist.wrap(model)
     # one batch shape per run (plus the last, shorter batch): two static graphs beat a dynamic one
-    return torch.compile(net, dynamic=False) if cfg.compile else net
+    return torch.compile(net, dynamic=False) if cfg.compile is True else net
 
 
 def _check_cpp_compiler() -> None:
@@ -295,7 +302,7 @@ def _check_cpp_compiler() -> None:
     except Exception as error:  # Inductor's InvalidCxxCompiler, or whatever its search raises
         tried = ", ".join(str(c) for c in config.cpp.cxx if c is not None)
         raise CapasError(
-            f"train.compile: true needs a C++ compiler on a CPU and none was found (tried {tried}; set CXX "
+            f"train.compile needs a C++ compiler on a CPU and none was found (tried {tried}; set CXX "
             "to name another): install one (e.g. apt-get install g++) or set "
             "compile: false"
         ) from error
