@@ -1,0 +1,137 @@
+"""The CIFAR-10 transfer preset's training step on the CPU, eager against compiled, side by side.
+
+The network of examples/recipes/cifar10-transfer.yaml (EfficientNet-Lite0 with ImageNet weights at
+160×160, GlobalAveragePooling2D → Dropout → Dense(10)) trains through capas' `fit` in bfloat16 at
+batch 128 on real CIFAR-10 images, in its two phases: the top over the frozen backbone, and the
+last `--unfreeze` rows fine-tuned with the rest frozen. Each phase in four ways:
+
+- "bfloat16 depthwise backward": PyTorch's own bfloat16 backward of the depthwise convolutions
+  (capas.train.depthwise turned off in this process, for the comparison only);
+- "eager": capas' default, depthwise gradients in float32;
+- "compile: frozen": the frozen rows compiled as an inference graph with Inductor's freezing;
+- "compile: true": that and the training step compiled.
+
+Each run trains 2 epochs of `--batches` batches and times the second (the first compiles); images/s
+are medians over `--repeats` interleaved repeats, the first epoch's seconds printed apart.
+
+    python benchmarks/transfer_step.py [--batches 8] [--repeats 3] [--unfreeze 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+import capas.train.depthwise
+from capas.cpu import describe
+from capas.data import make_splits
+from capas.models import build_model, preprocess_for
+from capas.runs import environment
+from capas.spec import ModelSpec, TrainConfig, load_spec
+from capas.train import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg" / "train"
+SPEC = ROOT / "examples" / "recipes" / "cifar10-transfer.yaml"
+BATCH = 128
+WAYS = ("bfloat16 depthwise backward", "eager", "compile: frozen", "compile: true")
+
+
+def spec_for(frozen: int | str) -> ModelSpec:
+    document = load_spec(SPEC).to_dict()
+    document["backbone"]["frozen"] = frozen
+    return ModelSpec.from_dict(document)
+
+
+def run(spec: ModelSpec, splits, way: str) -> tuple[float, float]:
+    """(images/s of the second epoch, seconds of the first) for one fresh model trained one way."""
+    compile_setting = {"compile: frozen": "frozen", "compile: true": True}.get(way, False)
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=BATCH,
+        optimizer={"name": "adamw", "lr": 1e-3},
+        precision="bfloat16",
+        compile=compile_setting,
+        device="cpu",
+    )
+    patch = contextlib.nullcontext()
+    if way == "bfloat16 depthwise backward":
+        patch = _without_float32_depthwise()
+    with patch:
+        result = fit(build_model(spec, seed=0), splits.train, splits.val, preprocess_for(spec), cfg)
+    first, second = result.history
+    return second["images_per_s"], first["seconds"]
+
+
+@contextlib.contextmanager
+def _without_float32_depthwise():
+    original = capas.train.depthwise.float32_backward
+    capas.train.depthwise.float32_backward = lambda enabled=True: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        capas.train.depthwise.float32_backward = original
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=8, help="training batches of 128 per epoch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--unfreeze", type=int, default=4, help="rows fine-tuned in the second phase")
+    parser.add_argument("--data", default=f"folder:{CIFAR}")
+    args = parser.parse_args()
+    console = Console(width=None if sys.stdout.isatty() else 140)
+
+    splits = make_splits(args.data, limit=round(args.batches * BATCH / 0.98), val_fraction=0.02)
+    rows = len(build_model(spec_for("all"), seed=0, pretrained=False).backbone)
+    phases = {
+        "top over the frozen backbone": spec_for("all"),
+        f"last {args.unfreeze} rows fine-tuned": spec_for(rows - args.unfreeze),
+    }
+    speeds: dict[tuple[str, str], list[float]] = {(p, w): [] for p in phases for w in WAYS}
+    firsts: dict[tuple[str, str], list[float]] = {(p, w): [] for p in phases for w in WAYS}
+    for _ in range(args.repeats):
+        for phase, spec in phases.items():
+            for way in WAYS:
+                speed, first = run(spec, splits, way)
+                speeds[phase, way].append(speed)
+                firsts[phase, way].append(first)
+                console.print(
+                    f"{phase} · {way}: {speed:.1f} images/s (first epoch {first:.1f} s)", highlight=False
+                )
+
+    table = Table(
+        title=f"cifar10-transfer training step, bfloat16, batch {BATCH}, {len(splits.train)} images/epoch"
+    )
+    for column in ("phase", "way", "images/s (median)", "min–max", "× eager", "first epoch s (median)"):
+        table.add_column(column, justify="left" if column in ("phase", "way") else "right")
+    for phase in phases:
+        eager = statistics.median(speeds[phase, "eager"])
+        for way in WAYS:
+            values = speeds[phase, way]
+            median = statistics.median(values)
+            table.add_row(
+                phase,
+                way,
+                f"{median:.1f}",
+                f"{min(values):.1f}–{max(values):.1f}",
+                f"{median / eager:.2f}",
+                f"{statistics.median(firsts[phase, way]):.1f}",
+            )
+    console.print(table)
+    env = environment()
+    console.print(
+        f"machine: {env['processor']}, {env['cpu_count']} threads, torch {env['torch']}, python "
+        f"{env['python']}; {describe(env['cpu_features'])}; median of {args.repeats} repeats",
+        highlight=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
