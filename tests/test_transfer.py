@@ -173,23 +173,33 @@ def test_compiled_frozen_rows_compute_what_the_eager_ones_do(monkeypatch):
     torch.testing.assert_close(compiled_two, eager_two, rtol=1e-4, atol=1e-4)
 
 
-def test_fit_compiles_the_frozen_rows_only_while_it_trains():
+def test_fit_compiles_the_frozen_rows_only_while_it_trains(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    # Dynamo compiles one code object for a limited number of models per process, then runs eagerly:
+    # each training's graphs go when it ends, so that the next one compiles (a study trains many)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch.compiler.reset()  # what earlier tests compiled
     splits = make_splits("fashion-mnist", limit=40, test_limit=10)
     spec = spec_with({"name": "mobilenet_v3_small", "weights": "none", "frozen": 4})
-    model = build_model(spec, seed=0)
+    for seed in (0, 1):
+        model = build_model(spec, seed=seed)
 
-    class Watch(Callback):
-        def __init__(self):
-            self.compiled = []
+        class Watch(Callback):
+            def __init__(self, model):
+                self.model, self.compiled = model, []
 
-        def on_batch_end(self, images, loss, correct):
-            self.compiled.append(None if model._compiled_frozen is None else list(model._compiled_frozen))
+            def on_batch_end(self, images, loss, correct):
+                compiled = self.model._compiled_frozen
+                self.compiled.append(None if compiled is None else list(compiled))
 
-    watch = Watch()
-    cfg = TrainConfig(epochs=1, batch_size=20, compile="frozen", device="cpu")
-    fit(model, splits.train, splits.val, preprocess_for(spec), cfg, callbacks=[watch])
-    assert watch.compiled and all(keys == [4] for keys in watch.compiled)
-    assert model._compiled_frozen is None  # its constants are that training's weights: dropped
+        watch = Watch(model)
+        graphs = counters["stats"]["unique_graphs"]
+        cfg = TrainConfig(epochs=1, batch_size=20, compile="frozen", device="cpu")
+        fit(model, splits.train, splits.val, preprocess_for(spec), cfg, callbacks=[watch])
+        assert watch.compiled and all(keys == [4] for keys in watch.compiled)
+        assert counters["stats"]["unique_graphs"] > graphs, f"seed {seed}: nothing compiled"
+        assert model._compiled_frozen is None  # its constants are that training's weights: dropped
 
 
 def test_finetune_unfreezes_the_last_layers_with_a_smaller_rate_and_no_state_for_frozen(tmp_path):

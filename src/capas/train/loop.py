@@ -116,6 +116,12 @@ def fit(
         finally:
             if hasattr(model, "compile_frozen"):
                 model.compile_frozen(False)  # its constants are this training's weights
+            if cfg.compile:
+                # The graphs die with the training that compiled them: frozen rows' graphs hold their
+                # weights, and Dynamo compiles a code object for at most 8 models per process before
+                # running the next ones eagerly (a study worker trains many). Other compiled code in
+                # the process recompiles on its next call.
+                torch.compiler.reset()
 
 
 def _fit(
