@@ -9,7 +9,7 @@ last `--unfreeze` rows fine-tuned with the rest frozen. Each phase in four ways:
   (capas.train.depthwise turned off in this process, for the comparison only);
 - "eager": capas' default, depthwise gradients in float32;
 - "compile: frozen": the frozen rows compiled as an inference graph with Inductor's freezing;
-- "compile: true": that and the training step compiled.
+- "compile: true": that and the training step compiled (with PyTorch's bfloat16 depthwise backward).
 
 Each run trains 2 epochs of `--batches` batches and times the second (the first compiles); images/s
 are medians over `--repeats` interleaved repeats, the first epoch's seconds printed apart.

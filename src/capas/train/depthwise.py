@@ -1,12 +1,12 @@
 """Depthwise convolutions' backward pass in float32 while a CPU trains in bfloat16.
 
 PyTorch's CPU backward of a depthwise convolution (groups = input channels) in bfloat16 runs at a
-fraction of its float32 speed: EfficientNet-Lite0's 5×5 depthwise convolutions of 1,152 channels
-at 5×5 took 138 ms per batch of 128 in bfloat16 and 38 ms in float32 (channels-last, 2 cores;
-benchmarks/transfer_step.py measures the fine-tuning step with and without). The forward pass is as fast
-in bfloat16 and stays so; only the gradients are computed in float32 and rounded back to the
-dtypes they flow into. The training step turns it on with `float32_backward()`: evaluation, export
-and serving never see it.
+fraction of its float32 speed (in a profile of EfficientNet-Lite0's fine-tuning step, 5×5 depthwise
+convolutions of 1,152 channels at 5×5 took several times longer in bfloat16 than in float32;
+benchmarks/transfer_step.py measures the step with and without). The forward pass is as fast in
+bfloat16 and stays so; only the gradients are computed in float32 and rounded back to the dtypes
+they flow into. The training step turns it on with `float32_backward()` (not in a step compiled
+with `compile: true`); evaluation, export and serving never see it.
 """
 
 from __future__ import annotations

@@ -165,7 +165,9 @@ def _fit(
     if cfg.progressive_resizing is not None:
         resizing.check_model(model, cfg.progressive_resizing, preprocess.size, preprocess.channels)
     net = _training_net(model, dist, cfg)
-    float32_depthwise = device.type == "cpu" and cfg.precision == "bfloat16"
+    # not inside a compiled step: Dynamo compiles the mode's frames one by one (a recompile per call
+    # signature up to its limit) where the step breaks its graph for the frozen rows
+    float32_depthwise = device.type == "cpu" and cfg.precision == "bfloat16" and cfg.compile is not True
     world = 1 if dist is None else dist.world
     evaluate_all = evaluate if dist is None else dist.evaluate
 
