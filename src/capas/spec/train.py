@@ -205,7 +205,8 @@ class TrainConfig(_Config):
         default=False,
         description="torch.compile (Inductor, which needs a C++ compiler on a CPU). true: the training step "
         "(forward and backward), and a frozen backbone's rows as an inference graph with Inductor's "
-        "freezing (BatchNorm and activations folded into the convolutions); 'frozen': only the latter. "
+        "freezing (BatchNorm and activations folded into the convolutions); 'frozen': only the latter, "
+        "the faster of the two for a backbone (benchmarks/transfer_step.py). "
         "The first steps of each batch shape take seconds to compile; evaluation, checkpoints and the "
         "saved model are the uncompiled model's",
     )
