@@ -343,13 +343,18 @@ def test_a_compiled_step_trains_as_the_eager_one_and_shares_its_checkpoints(tmp_
     assert torch.allclose(outputs(resumed), eager, atol=atol)
 
 
-def test_compile_without_a_cpp_compiler_says_so_before_training(monkeypatch):
+def test_compile_without_a_cpp_compiler_says_so_before_training():
     from torch._inductor import config
 
-    monkeypatch.setattr(config.cpp, "cxx", ("no-such-c++-compiler",))
+    # Inductor's own patch: pytest's monkeypatch deletes the setting when it undoes (a later compile
+    # then fails on the missing key)
     cfg = TrainConfig(epochs=1, batch_size=64, device="cpu", compile=True)
-    with pytest.raises(CapasError, match=r"train\.compile.*C\+\+ compiler.*no-such-c\+\+-compiler"):
+    with (
+        config.patch({"cpp.cxx": ("no-such-c++-compiler",)}),
+        pytest.raises(CapasError, match=r"train\.compile.*C\+\+ compiler.*no-such-c\+\+-compiler"),
+    ):
         _tiny_fit(cfg)
+    assert config.cpp.cxx != ("no-such-c++-compiler",)
 
 
 def test_progressive_resizing_follows_composers_schedule():
