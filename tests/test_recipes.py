@@ -430,6 +430,14 @@ def test_bfloat16_depthwise_convolutions_get_float32_gradients():
         assert conv(x).grad_fn is None  # nothing to differentiate: nothing changes
 
 
+def test_only_networks_with_depthwise_convolutions_get_the_float32_mode():
+    plain = build_model(ModelSpec.from_dict({**WHITENED, "layers": WHITENED["layers"][2:]}), seed=0)
+    assert not depthwise.has_depthwise(plain)
+    grouped = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, groups=2))  # grouped, not depthwise
+    assert not depthwise.has_depthwise(grouped)
+    assert depthwise.has_depthwise(torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, groups=8)))
+
+
 @pytest.mark.parametrize(
     ("precision", "expected"), [("bfloat16", "_Conv2dBackward"), ("float32", "ConvolutionBackward0")]
 )

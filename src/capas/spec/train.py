@@ -156,7 +156,8 @@ class ProgressiveResizing(_Config):
     full size. Sides are rounded down to multiples of `size_increment` pixels (bilinear, antialiased
     resizing of whole batches). Evaluation, BatchNorm recalibration and prediction see full-size
     images. The network must take any input size: global pooling before its Dense layers, no
-    Flatten. With `compile: true` each size compiles once.
+    Flatten. With `compile: true` each size compiles anew, and Dynamo compiles at most 8 shapes of
+    one step before it runs the others uncompiled: a coarse `size_increment` keeps them few.
     """
 
     initial_scale: float = Field(default=0.5, gt=0.0, le=1.0, description="the first images' side, relative")

@@ -94,6 +94,14 @@ def _depthwise_call(x, weight, bias=None, stride=1, padding=0, dilation=1, group
     return x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups
 
 
+def has_depthwise(model: torch.nn.Module) -> bool:
+    """Whether `model` holds a depthwise convolution: elsewhere the mode would only add its Python
+    call to every operation of the step."""
+    return any(
+        isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules()
+    )
+
+
 @contextlib.contextmanager
 def float32_backward(enabled: bool = True) -> Iterator[None]:
     """While active, depthwise convolutions that run in bfloat16 on the CPU and need gradients compute

@@ -167,7 +167,12 @@ def _fit(
     net = _training_net(model, dist, cfg)
     # not inside a compiled step: Dynamo compiles the mode's frames one by one (a recompile per call
     # signature up to its limit) where the step breaks its graph for the frozen rows
-    float32_depthwise = device.type == "cpu" and cfg.precision == "bfloat16" and cfg.compile is not True
+    float32_depthwise = (
+        device.type == "cpu"
+        and cfg.precision == "bfloat16"
+        and cfg.compile is not True
+        and depthwise.has_depthwise(model)
+    )
     world = 1 if dist is None else dist.world
     evaluate_all = evaluate if dist is None else dist.evaluate
 
