@@ -87,3 +87,30 @@ def test_recalibration_uses_the_given_batches_and_leaves_models_without_batchnor
     model = build_model(plain)
     assert recalibrate(model, splits.train, preprocess, cfg) == 0
     assert mode_gap(model, splits.train, preprocess, cfg) is None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])  # fmt: skip
+def test_batchnorm_without_scale_trains_its_bias_on_every_device(device):
+    # airbench's BatchNorm (scale: false): on CUDA, batch_norm's backward without a weight returned an
+    # empty bias gradient and training stopped at its first step (found on an H200, PyTorch 2.11)
+    def norm_net(scale: bool) -> torch.nn.Module:
+        layers = [
+            {"Conv2D": {"filters": 4, "kernel_size": 3, "use_bias": False}},
+            {"BatchNormalization": {"scale": scale, "momentum": 0.6}},
+            "GlobalAveragePooling2D",
+            {"Dense": {"units": 2}},
+        ]
+        spec = ModelSpec.from_dict({"name": "norm", "input_shape": [8, 8, 3], "layers": layers})
+        return build_model(spec, seed=0).to(device).train()
+
+    x = torch.randn(6, 3, 8, 8, device=device)
+    grads = []
+    for scale in (False, True):  # a trainable gamma starts at 1: the same function, the same bias gradient
+        model = norm_net(scale)
+        norm = next(m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+        assert (norm.weight is None) == (not scale)
+        model(x).square().sum().backward()
+        assert norm.bias.grad is not None and norm.bias.grad.shape == (4,)
+        grads.append(norm.bias.grad)
+    torch.testing.assert_close(grads[0], grads[1])

@@ -221,9 +221,10 @@ class _BiasedMovingVariance:
         self.num_batches_tracked.add_(1)
         f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         updated = self.running_var.clone()
-        out = nn.functional.batch_norm(
-            x, self.running_mean, updated, self.weight, self.bias, True, f, self.eps
-        )
+        # `scale: false` with a bias: CUDA's batch_norm backward without a weight returns an empty
+        # bias gradient (PyTorch 2.11), so the fixed gamma of 1 is passed as a tensor
+        weight = self.weight if self.weight is not None or self.bias is None else torch.ones_like(self.bias)
+        out = nn.functional.batch_norm(x, self.running_mean, updated, weight, self.bias, True, f, self.eps)
         n = x.numel() // x.shape[1]  # values per channel in the batch
         with torch.no_grad():
             kept = (1.0 - f) * self.running_var
