@@ -101,17 +101,19 @@ def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimi
     """The configured optimizer over the trainable parameters, with Keras 3's decoupled weight decay."""
     groups = param_groups(model, cfg)
     lr, wd = cfg.learning_rate, cfg.decay
+    # on CUDA, PyTorch's fused kernels: one launch per step for all parameters
+    fused = {"fused": True} if all(p.is_cuda for g in groups for p in g["params"]) else {}
     match cfg.name:
         case "sgd":
-            optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fused)
         case "adam":
-            optimizer = torch.optim.Adam(groups, lr=lr, eps=cfg.epsilon)
+            optimizer = torch.optim.Adam(groups, lr=lr, eps=cfg.epsilon, **fused)
         case "adamw":
             # PyTorch's AdamW decays exactly as Keras does (w *= 1 − lr·wd, before the Adam step);
             # a group's decay_scale keeps its per-step decay at the base rate's
             for group in groups:
                 group["weight_decay"] = wd * group.pop("decay_scale", 1.0)
-            return torch.optim.AdamW(groups, lr=lr, eps=cfg.epsilon)
+            return torch.optim.AdamW(groups, lr=lr, eps=cfg.epsilon, **fused)
         case "rmsprop":
             optimizer = KerasRMSprop(groups, lr=lr, rho=0.9, momentum=cfg.momentum, eps=cfg.epsilon)
         case "adadelta":
