@@ -22,6 +22,18 @@ TensorFlow out of the test venv (Keras would switch backend); a separate one doe
     /work/tfvenv/bin/pip install tensorflow-cpu && /work/tfvenv/bin/pip install -e .
 
     python benchmarks/train_throughput.py [--batches 10] [--repeats 3] [--precisions float32 bfloat16]
+
+On a GPU (`--device cuda`) the comparison is the one issue #13 asks for, at batch 128 and 512 in
+both precisions: a plain eager loop and the same loop under torch.compile (float images already on
+the GPU, Adam, autocast for bfloat16) against capas' `fit` from uint8 images (deterministic, the
+default; nondeterministic; and with `train.compile`). Each capas row trains 3 epochs and takes the
+median of the last two (the first holds cuDNN's and the allocator's warm-up, or the compilation);
+each plain loop runs one epoch to warm up (compile) and two timed. GPU utilisation is NVML's
+busy fraction sampled every 20 ms over the timed part (capas: the whole fit, evaluation of its
+small validation split included). Two deterministic fits and two nondeterministic ones are
+compared weight for weight.
+
+    python benchmarks/train_throughput.py --device cuda [--images 20480] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import multiprocessing
 import os
 import statistics
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -44,6 +57,7 @@ from torch import nn
 
 from capas.cpu import cpu_features, describe
 from capas.data import ArrayDataset, default_preprocess, make_splits
+from capas.inference import resolve_device
 from capas.models import build_model
 from capas.runs import environment
 from capas.spec import TrainConfig, load_spec
@@ -85,6 +99,154 @@ def plain_loop(images: torch.Tensor, labels: torch.Tensor, channels_last: bool) 
         loss.backward()
         optimizer.step()
     return len(images) / (time.perf_counter() - start)
+
+
+class Utilisation:
+    """NVML's GPU busy fraction, sampled every 20 ms on a thread while the block runs (CUDA only)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.samples, self.done = device, [], threading.Event()
+
+    def __enter__(self) -> Utilisation:
+        if self.device.type == "cuda":
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.02):
+            self.samples.append(torch.cuda.utilization(self.device))
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        if self.device.type == "cuda":
+            self.thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.mean(self.samples) / 100 if self.samples else None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_gpu(
+    images: torch.Tensor, labels: torch.Tensor, batch: int, precision: str, compiled: bool
+) -> tuple[float, float | None, float]:
+    """(images/s, GPU utilisation, warm-up s) of the hand-written loop on the images' device: one
+    epoch to warm up (and compile), two timed."""
+    device = images.device
+    torch.manual_seed(0)
+    model = plain_model().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bfloat16"):
+            loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    if compiled:
+        step = torch.compile(step)
+
+    def epoch() -> None:
+        for i in range(0, len(images) - batch + 1, batch):  # whole batches: one compiled shape
+            step(images[i : i + batch], labels[i : i + batch])
+
+    start = time.perf_counter()
+    epoch()
+    synchronize(device)
+    warmup = time.perf_counter() - start
+    with Utilisation(device) as busy:
+        start = time.perf_counter()
+        epoch()
+        epoch()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    return 2 * (len(images) // batch * batch) / seconds, busy.mean, warmup
+
+
+def capas_gpu(
+    train: ArrayDataset, val: ArrayDataset, device: str, batch: int, precision: str, **settings
+) -> tuple[float, float | None, float, list[torch.Tensor]]:
+    """(images/s, GPU utilisation, first epoch s, final tensors) of capas' fit over 3 epochs; the
+    median of the last two epochs' rates."""
+    spec = load_spec(SPEC)
+    cfg = TrainConfig(epochs=3, batch_size=batch, device=device, precision=precision, **settings)
+    model = build_model(spec, seed=0)
+    with Utilisation(torch.device(device)) as busy:
+        result = fit(model, train, val, default_preprocess(spec.input_shape), cfg)
+    rate = statistics.median(epoch["images_per_s"] for epoch in result.history[1:])
+    return rate, busy.mean, result.history[0]["seconds"], [t.cpu() for t in model.state_dict().values()]
+
+
+def gpu_main(args: argparse.Namespace, console: Console) -> None:
+    """The accelerator comparison (module docstring)."""
+    device = resolve_device(args.device)
+    data = args.data or (f"folder:{CIFAR}" if CIFAR.is_dir() else "cifar10")
+    splits = make_splits(data, limit=args.images, val_fraction=0.02)
+    train, val = splits.train, splits.val
+    floats = (train.images.float() / 255).to(device)
+    labels = train.labels.to(device)
+    ways = {
+        "plain PyTorch": lambda b, p: plain_gpu(floats, labels, b, p, compiled=False),
+        "plain PyTorch + torch.compile": lambda b, p: plain_gpu(floats, labels, b, p, compiled=True),
+        "capas fit": lambda b, p: capas_gpu(train, val, args.device, b, p)[:3],
+        "capas fit, nondeterministic": lambda b, p: capas_gpu(train, val, args.device, b, p, deterministic=False)[:3],
+        COMPILED: lambda b, p: capas_gpu(train, val, args.device, b, p, compile=True)[:3],
+    }  # fmt: skip
+    runs: dict[tuple[str, int, str], list[tuple[float, float | None, float]]] = {}
+    for repeat in range(args.repeats):
+        for batch in args.batch_sizes:
+            for precision in args.precisions:
+                for name, way in ways.items():
+                    measured = way(batch, precision)
+                    runs.setdefault((name, batch, precision), []).append(measured)
+                    busy = "" if measured[1] is None else f", GPU busy {measured[1]:.0%}"
+                    console.print(
+                        f"repeat {repeat + 1}: {name}, batch {batch}, {precision}: {measured[0]:,.0f} img/s"
+                        f"{busy}, warm-up {measured[2]:.1f} s",
+                        highlight=False,
+                    )
+
+    table = Table(title=f"Training throughput, seed-000 GAP model (300,042 params), {device}")
+    for column in ("loop", "batch", "precision", "images/s (median)", "min–max", "GPU busy", "÷ compiled plain",
+                   "warm-up / first epoch s"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("loop", "precision") else "right")
+    for (name, batch, precision), measured in runs.items():
+        rates = [m[0] for m in measured]
+        busy = [m[1] for m in measured if m[1] is not None]
+        reference = statistics.median(m[0] for m in runs["plain PyTorch + torch.compile", batch, precision])
+        table.add_row(
+            name, str(batch), precision, f"{statistics.median(rates):,.0f}",
+            f"{min(rates):,.0f}–{max(rates):,.0f}", f"{statistics.median(busy):.0%}" if busy else "",
+            f"{statistics.median(rates) / reference:.2f}×", f"{statistics.median(m[2] for m in measured):.1f}",
+        )  # fmt: skip
+    console.print(table)
+
+    # reruns: deterministic fits must give the same weights; nondeterministic ones are shown as they come
+    batch, precision = args.batch_sizes[0], args.precisions[-1]
+    for deterministic in (True, False):
+        weights = [
+            capas_gpu(train, val, args.device, batch, precision, deterministic=deterministic)[3]
+            for _ in range(2)
+        ]
+        same = all(torch.equal(a, b) for a, b in zip(weights[0], weights[1], strict=True))
+        console.print(
+            f"two {'deterministic' if deterministic else 'nondeterministic'} fits (batch {batch}, {precision}): "
+            f"weights {'identical' if same else 'differ'}",
+            highlight=False,
+        )
+    env = environment()
+    console.print(
+        f"{args.repeats} repeats × {len(train)} images ({data}); {env['cuda'] or device}; "
+        f"Python {env['python']}, capas {env['capas']}, torch {env['torch']} (CUDA {torch.version.cuda}, "
+        f"cuDNN {torch.backends.cudnn.version()}); host {cpu_model()}, {os.cpu_count()} CPUs",
+        highlight=False,
+    )
 
 
 def capas_fit(
@@ -262,8 +424,16 @@ def main() -> None:
         action="store_true",
         help="Keras with jit_compile=True (XLA on the CPU; Keras' default leaves it off there)",
     )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (against Keras), or cuda/mps (against plain and compiled loops)"
+    )
+    parser.add_argument("--images", type=int, default=20_480, help="training images per run (--device cuda)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512], help="(--device cuda)")
     args = parser.parse_args()
-    console = Console(width=None if sys.stdout.isatty() else 140)  # a log file gets unwrapped rows
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a log file gets unwrapped rows
+    if args.device != "cpu":
+        gpu_main(args, console)
+        return
 
     data = args.data or (f"folder:{CIFAR}" if CIFAR.is_dir() else "cifar10")
     splits = make_splits(data, limit=args.batches * BATCH, val_fraction=0.02)
