@@ -74,7 +74,7 @@ def test_a_second_study_on_the_same_directory_is_refused_naming_the_first(tmp_pa
         "name": "busy",
         "base": {
             "spec": SPEC,
-            "train": {"epochs": 200, "batch_size": 32},
+            "train": {"epochs": 100000, "batch_size": 32},
             "data": {"name": "fashion-mnist", "limit": 1000},
         },
         "seeds": 1,
@@ -111,7 +111,7 @@ def test_a_second_train_into_the_same_run_directory_is_refused(tmp_path):
     spec.write_text(yaml.safe_dump(SPEC))
     out = tmp_path / "run"
     common = ["train", spec, "--data", "fashion-mnist", "--limit", "1000", "--out", out]
-    first = _start(*common, "--epochs", "200")
+    first = _start(*common, "--epochs", "100000")  # still training when the second starts, even on a GPU
     try:
         _holder(out, first)
         second = subprocess.run(

@@ -88,6 +88,7 @@ class Run:
     classes: tuple[str, ...]
     precision: str = "float32"  # the training's precision (config.json), kept for prediction
     tta: str = "none"  # the training's test-time augmentation (config.json), applied by predict and serve
+    channels_last: bool = False  # the training's memory format (config.json), which evaluate_run re-scores in
 
     def read_json(self, name: str) -> dict | None:
         file = self.path / name
@@ -117,6 +118,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         if precision not in ("float32", "bfloat16"):
             raise ValueError(f"train.precision {precision!r} is not float32 or bfloat16")
         tta = (config.get("train") or {}).get("tta", "none")
+        channels_last = bool((config.get("train") or {}).get("channels_last", False))
         if tta not in TTA_MODES:
             raise ValueError(f"train.tta {tta!r} is not one of {', '.join(TTA_MODES)}")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
@@ -127,7 +129,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         return Run(path, spec, model, preprocess, classes, tta=tta)
     model = build_model(spec, pretrained=False)  # the run's weights replace any pretrained ones
     load_weights(path / "model.safetensors", model)
-    return Run(path, spec, model.to(device).eval(), preprocess, classes, precision, tta)
+    return Run(path, spec, model.to(device).eval(), preprocess, classes, precision, tta, channels_last)
 
 
 def write_run(
