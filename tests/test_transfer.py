@@ -157,7 +157,7 @@ def test_compiled_frozen_rows_compute_what_the_eager_ones_do(monkeypatch):
     eager, eager_grads = step()
     model.compile_frozen(True)
     compiled, compiled_grads = step()
-    assert list(model._compiled_frozen) == [4]  # the frozen rows ran compiled
+    assert list(model._compiled_frozen) == [(0, 4)]  # the frozen rows ran compiled
     # BatchNorm folded into the convolutions: equal up to float rounding
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     scale = max(grad.abs().max().item() for grad in eager_grads.values())
@@ -169,16 +169,21 @@ def test_compiled_frozen_rows_compute_what_the_eager_ones_do(monkeypatch):
     eager_two, _ = step()
     model.compile_frozen(True)
     compiled_two, _ = step()
-    assert list(model._compiled_frozen) == [2]
+    assert list(model._compiled_frozen) == [(0, 2)]
     torch.testing.assert_close(compiled_two, eager_two, rtol=1e-4, atol=1e-4)
 
 
-def test_fit_compiles_the_frozen_rows_only_while_it_trains(monkeypatch):
+def test_fit_compiles_the_frozen_rows_only_while_it_trains():
+    # Dynamo compiles one code object for a limited number of models per process, then runs eagerly:
+    # each training's graphs go when it ends, so that the next one compiles (a study trains many).
+    # Dynamo's own patch: pytest's monkeypatch deletes a config entry when it undoes its change.
+    with torch._dynamo.config.patch(recompile_limit=1):
+        _two_compiled_trainings()
+
+
+def _two_compiled_trainings():
     from torch._dynamo.utils import counters
 
-    # Dynamo compiles one code object for a limited number of models per process, then runs eagerly:
-    # each training's graphs go when it ends, so that the next one compiles (a study trains many)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     torch.compiler.reset()  # what earlier tests compiled
     splits = make_splits("fashion-mnist", limit=40, test_limit=10)
     spec = spec_with({"name": "mobilenet_v3_small", "weights": "none", "frozen": 4})
@@ -197,7 +202,7 @@ def test_fit_compiles_the_frozen_rows_only_while_it_trains(monkeypatch):
         graphs = counters["stats"]["unique_graphs"]
         cfg = TrainConfig(epochs=1, batch_size=20, compile="frozen", device="cpu")
         fit(model, splits.train, splits.val, preprocess_for(spec), cfg, callbacks=[watch])
-        assert watch.compiled and all(keys == [4] for keys in watch.compiled)
+        assert watch.compiled and all(keys == [(0, 4)] for keys in watch.compiled)
         assert counters["stats"]["unique_graphs"] > graphs, f"seed {seed}: nothing compiled"
         assert model._compiled_frozen is None  # its constants are that training's weights: dropped
 
