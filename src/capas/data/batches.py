@@ -88,6 +88,25 @@ def _image_bits(index: torch.Tensor, seed: int) -> torch.Tensor:
     return (((h >> 16) ^ h) & 1).bool()
 
 
+def flips(
+    cfg: Augment,
+    n: int,
+    generator: torch.Generator,
+    index: torch.Tensor | None = None,
+    epoch: int = 0,
+    seed: int = 0,
+) -> torch.Tensor | None:
+    """Which of a batch's `n` images `cfg.hflip` mirrors (bool (N,), on the generator's device or the
+    index's), drawn as augment_batch draws them; None without flips."""
+    if cfg.hflip == "alternate":
+        if index is None:
+            raise CapasError("augment.hflip 'alternate' needs the images' dataset indices")
+        return _image_bits(index, seed) ^ bool(epoch % 2)
+    if cfg.hflip:
+        return torch.rand(n, generator=generator, device=generator.device) < 0.5
+    return None
+
+
 def augment_batch(
     x: torch.Tensor,
     cfg: Augment,
@@ -120,14 +139,8 @@ def augment_batch(
             rows.view(n, 1, h, 1),
             cols.view(n, 1, 1, w),
         ]
-    if cfg.hflip == "alternate":
-        if index is None:
-            raise CapasError("augment.hflip 'alternate' needs the images' dataset indices")
-        flip = (_image_bits(index, seed) ^ bool(epoch % 2)).to(x.device)
-        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-    elif cfg.hflip:
-        flip = torch.rand(n, generator=generator, device=generator.device).to(x.device) < 0.5
-        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    if (flip := flips(cfg, n, generator, index, epoch, seed)) is not None:
+        x = torch.where(flip.to(x.device).view(n, 1, 1, 1), x.flip(3), x)
     if cfg.cutout:
         # DeVries & Taylor's cutout: a size × size square of zeros around a random centre anywhere in
         # the image, clipped at its borders (so a centre near an edge blanks less)

@@ -47,8 +47,8 @@ class CapasNet(nn.Module):
             self.layers[info.name] = module
         # layers of the spec with `trainable: false`: their BatchNorm stays in inference mode, as Keras'
         self.fixed = [self.layers[info.name] for info in infos if not info.layer.trainable]
-        # compiled frozen rows by their count (compile_frozen); a plain dict: no state_dict entries
-        self._compiled_frozen: dict[int, nn.Module] | None = None
+        # compiled frozen rows by (first row, frozen count) (compile_frozen); a plain dict: no state_dict entries
+        self._compiled_frozen: dict[tuple[int, int], nn.Module] | None = None
 
         self.set_frozen(self.frozen)
 
@@ -56,7 +56,7 @@ class CapasNet(nn.Module):
         """While enabled, the frozen rows' no-gradient slices in training (see `_backbone`) run through
         torch.compile with Inductor's freezing: their weights become constants, BatchNorm is folded into
         the convolutions and the activations into them (benchmarks/transfer_step.py measures what it
-        buys). Compiled once per frozen-row count. Freezing copies the weights: `fit` enables it for
+        buys). Compiled once per first row and frozen-row count. Freezing copies the weights: `fit` enables it for
         `train.compile` and disables it when training ends, and nothing may load other weights into
         the model in between."""
         self._compiled_frozen = {} if enabled else None
@@ -80,32 +80,49 @@ class CapasNet(nn.Module):
             module.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) float -> (B, classes) logits
+    def forward(self, x: torch.Tensor, start_row: int = 0) -> torch.Tensor:
+        """(B, C, H, W) float -> (B, classes) logits. With `start_row`, `x` is what the backbone's rows
+        before it output (train.cache_frozen keeps that), and the network runs from that row on."""
         if self.backbone is not None:
-            x = self._backbone(x)  # (B, C', h, w) feature maps
+            x = self._backbone(x, start_row)  # (B, C', h, w) feature maps
         for layer in self.layers.values():
             x = layer(x)
         return x
 
-    def _backbone(self, x: torch.Tensor) -> torch.Tensor:
+    def _backbone(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """The backbone's rows. On the CPU, the frozen rows in inference mode run without gradients
         in slices of capas.inference.cpu_slice images, whose activations stay in the caches (as
         evaluation's batches do; benchmarks/transfer.py: EfficientNet-Lite0 at 160×160 in bfloat16 ran
         3.3× faster in batches of 13 than of 512); compiled (`compile_frozen`), on any device. Nothing
         changes but the speed: those rows have no parameters to train and no batch statistics, and
         their input needs no gradient."""
-        k = self.frozen
-        frozen = self.backbone[:k]
-        if k == 0 or x.requires_grad or any(module.training for row in frozen for module in row.modules()):
-            return self.backbone(x)
+        k, rows = self.frozen, self.backbone
+        frozen = rows[start:k]
+        if (
+            k <= start
+            or x.requires_grad
+            or any(module.training for row in frozen for module in row.modules())
+        ):
+            return rows[start:](x) if start else rows(x)
         chunk = cpu_slice(x[0].numel()) if x.device.type == "cpu" else len(x)
         if self._compiled_frozen is not None and self.training:
-            if k not in self._compiled_frozen:
-                self._compiled_frozen[k] = torch.compile(frozen, dynamic=False)
-            frozen = _Freezing(self._compiled_frozen[k])
+            if (start, k) not in self._compiled_frozen:
+                self._compiled_frozen[start, k] = torch.compile(frozen, dynamic=False)
+            frozen = _Freezing(self._compiled_frozen[start, k])
         elif len(x) <= chunk:
-            return self.backbone(x)
-        return self.backbone[k:](_no_grad_slices(frozen, x, chunk))
+            return rows[start:](x) if start else rows(x)
+        return rows[k:](_no_grad_slices(frozen, x, chunk))
+
+    @torch.no_grad()
+    def rows_output(self, x: torch.Tensor, stop: int, compiled: bool = True) -> torch.Tensor:
+        """The first `stop` backbone rows' output without gradients (train.cache_frozen's values);
+        `compiled`: through torch.compile with freezing while `compile_frozen` is on."""
+        rows = self.backbone[:stop]
+        if self._compiled_frozen is None or not compiled:
+            return rows(x)
+        if (0, stop) not in self._compiled_frozen:
+            self._compiled_frozen[0, stop] = torch.compile(rows, dynamic=False)
+        return _Freezing(self._compiled_frozen[0, stop])(x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The input of the last layer with weights (the classifier): the penultimate features (B, F)."""

@@ -211,6 +211,14 @@ class TrainConfig(_Config):
         "The first steps of each batch shape take seconds to compile; evaluation, checkpoints and the "
         "saved model are the uncompiled model's",
     )
+    cache_frozen: bool = Field(
+        default=False,
+        description="keep in memory the output of the backbone rows that stay frozen for the whole "
+        "training (after fine-tuning's unfreezing too), computed once per image (and once more for "
+        "its mirror image with flips) before the first epoch; each step then runs only the rows after "
+        "them. The same batches, flips and losses as without it. Needs a frozen backbone in "
+        "inference mode, flips as the only augmentation, no progressive resizing, one process",
+    )
     max_seconds: float | None = Field(
         default=None, gt=0.0, description="wall-clock budget; stops after the epoch"
     )

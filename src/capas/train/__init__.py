@@ -159,6 +159,8 @@ def _train(
     }
     if feature_cache is not None:
         test_results["feature_cache"] = feature_cache
+    if result.frozen_cache is not None:
+        test_results["frozen_cache"] = result.frozen_cache
     config = {
         "data": data.model_dump(mode="json"),
         "train": cfg.model_dump(mode="json"),

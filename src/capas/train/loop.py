@@ -16,7 +16,7 @@ from capas.data import ArrayDataset, Preprocess, iterate_batches
 from capas.errors import CapasError
 from capas.inference import autocast, evaluate, resolve_device
 from capas.spec.train import EarlyStopping, OptimizerConfig, TrainConfig
-from capas.train import batchnorm, depthwise, resizing
+from capas.train import batchnorm, depthwise, frozen_cache, resizing
 from capas.train.checkpoint import checkpoint_epoch, load_checkpoint, save_checkpoint
 from capas.train.ema import WeightAverage
 from capas.train.optim import Plateau, lr_factor, make_optimizer, set_lr
@@ -48,6 +48,9 @@ class FitResult:
     train_seconds: float = 0.0  # time in training steps only, without evaluation
     images: int = 0
     bn_gap: dict | None = None  # batchnorm.mode_gap of the final weights (None: no BatchNorm trains)
+    frozen_cache: dict | None = (
+        None  # train.cache_frozen: FrozenViews.record() (its seconds are in train_seconds)
+    )
 
     @property
     def images_per_second(self) -> float:
@@ -141,6 +144,11 @@ def _fit(
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     train, val = _resident(train, device), _resident(val, device)
+    cached_rows = None
+    if cfg.cache_frozen:
+        if dist is not None:
+            raise CapasError("train.cache_frozen trains in one process; set cache_frozen: false with several")
+        cached_rows = frozen_cache.frozen_rows(model, cfg)  # before a resumed fine-tuning unfreezes rows
     if (
         cfg.finetune is not None
         and checkpoint is not None
@@ -166,6 +174,23 @@ def _fit(
     if cfg.progressive_resizing is not None:
         resizing.check_model(model, cfg.progressive_resizing, preprocess.size, preprocess.channels)
     net = _training_net(model, dist, cfg)
+    views = val_views = None
+    if cached_rows is not None:  # computed again on resuming: the same values
+        views = frozen_cache.compute(
+            model,
+            cached_rows,
+            train,
+            preprocess,
+            cfg,
+            device,
+            mirrored=bool(cfg.augment.hflip),
+            compiled=True,
+        )
+        val_views = frozen_cache.compute(
+            model, cached_rows, val, preprocess, cfg, device, mirrored=False, compiled=False
+        )
+        result.train_seconds += views.seconds
+        result.frozen_cache = views.record()
     # not inside a compiled step: Dynamo compiles the mode's frames one by one (a recompile per call
     # signature up to its limit) where the step breaks its graph for the frozen rows
     float32_depthwise = (
@@ -193,18 +218,24 @@ def _fit(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen, step, started = 0, epoch * steps_per_epoch, time.perf_counter()
-        for x, y in iterate_batches(
-            train,
-            cfg.batch_size,
-            preprocess=preprocess,
-            augment=cfg.augment,
-            shuffle=True,
-            generator=generator,
-            device=device,
-            channels_last=cfg.channels_last,
-            epoch=epoch,
-            seed=cfg.seed,
-        ):
+        if views is not None:
+            batches = views.batches(
+                cfg.batch_size, cfg.augment, generator, device, cfg.channels_last, epoch, cfg.seed
+            )
+        else:
+            batches = iterate_batches(
+                train,
+                cfg.batch_size,
+                preprocess=preprocess,
+                augment=cfg.augment,
+                shuffle=True,
+                generator=generator,
+                device=device,
+                channels_last=cfg.channels_last,
+                epoch=epoch,
+                seed=cfg.seed,
+            )
+        for x, y in batches:
             n = len(y)  # the global batch: counts, budgets and callbacks see whole batches
             if dist is not None:
                 x, y = dist.shard(x), dist.shard(y)
@@ -215,7 +246,7 @@ def _fit(
             factor = lr_factor(cfg.schedule, step, steps_per_epoch, total_steps) * plateau.scale
             set_lr(optimizer, base_lrs, factor)
             with autocast(device, cfg.precision), depthwise.float32_backward(float32_depthwise):
-                logits = net(x)
+                logits = net(x) if views is None else net(x, start_row=views.rows)
                 loss = nn.functional.cross_entropy(
                     logits, y, label_smoothing=cfg.label_smoothing, reduction="sum"
                 )
@@ -242,7 +273,10 @@ def _fit(
             if cfg.bn_recalibration:
                 # every rank recomputes the same statistics (same batches): no reduction needed
                 batchnorm.recalibrate(model, train, preprocess, cfg)
-            val_eval = evaluate_all(model, val, preprocess, device, cfg.channels_last, cfg.precision)
+            if val_views is not None:
+                val_eval = val_views.evaluate(model, device, cfg.precision)
+            else:
+                val_eval = evaluate_all(model, val, preprocess, device, cfg.channels_last, cfg.precision)
             improved = monitor.improved(
                 {"epoch": epoch + 1, "val_loss": val_eval.loss, "val_accuracy": val_eval.accuracy}
             )
