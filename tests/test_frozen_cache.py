@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from capas.data import make_splits
 from capas.errors import CapasError
 from capas.models import build_model, preprocess_for
-from capas.spec import ModelSpec, TrainConfig
-from capas.train import fit, frozen_cache
+from capas.spec import DataConfig, ModelSpec, TrainConfig
+from capas.train import fit, frozen_cache, train
 
 TOP = ["GlobalAveragePooling2D", {"Dense": {"units": 10, "activation": "softmax"}}]
 BACKBONE = {"name": "mobilenet_v3_small", "weights": "none", "frozen": "all"}
@@ -84,7 +86,7 @@ def test_cached_rows_compile_with_the_frozen_rows(splits):
 
 
 @pytest.mark.parametrize(
-    ("backbone", "train", "words"),
+    ("backbone", "settings", "words"),
     [
         (BACKBONE, {"augment": {"crop_padding": 2}}, "augment.crop_padding"),
         (BACKBONE, {"augment": {"cutout": 4}}, "augment.cutout"),
@@ -95,7 +97,7 @@ def test_cached_rows_compile_with_the_frozen_rows(splits):
         (BACKBONE, {"progressive_resizing": {}}, "train.progressive_resizing"),
     ],
 )
-def test_what_the_cache_cannot_hold_is_refused_before_training(splits, backbone, train, words):
+def test_what_the_cache_cannot_hold_is_refused_before_training(splits, backbone, settings, words):
     if backbone is None:
         spec = ModelSpec.from_dict(
             {
@@ -108,7 +110,7 @@ def test_what_the_cache_cannot_hold_is_refused_before_training(splits, backbone,
         spec = spec_with(backbone)
     model = build_model(spec, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = TrainConfig(epochs=2, batch_size=16, cache_frozen=True, device="cpu", **train)
+    cfg = TrainConfig(epochs=2, batch_size=16, cache_frozen=True, device="cpu", **settings)
     with pytest.raises(CapasError, match=r"train\.cache_frozen") as error:
         fit(model, splits.train, splits.val, preprocess_for(spec), cfg)
     assert words in str(error.value)
@@ -124,3 +126,19 @@ def test_a_cache_larger_than_half_the_memory_is_refused(splits, monkeypatch):
         match=r"takes [\d.]+ MB for 60 images × 2 views, more than half the memory available \(0\.1 MB\)",
     ):
         fit(build_model(spec, seed=0), splits.train, splits.val, preprocess_for(spec), cfg)
+
+
+def test_runs_record_the_cache_and_leave_an_all_frozen_top_to_the_feature_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPAS_CACHE", str(tmp_path / "cache"))
+    spec, data = spec_with(), DataConfig(name="fashion-mnist", limit=60, test_limit=12)
+    # the whole backbone frozen, nothing augmented: the features on disk already hold what it would keep
+    plain = train(spec, data, TrainConfig(epochs=1, batch_size=30, cache_frozen=True), tmp_path / "a")
+    assert plain["feature_cache"]["cache"] == "written" and "frozen_cache" not in plain
+    cfg = TrainConfig(epochs=1, batch_size=30, cache_frozen=True, augment={"hflip": "alternate"})
+    flipped = train(spec, data, cfg, tmp_path / "b")
+    assert "feature_cache" not in flipped
+    assert flipped["frozen_cache"]["views"] == 2 and flipped["frozen_cache"]["rows"] == len(
+        build_model(spec).backbone
+    )
+    assert json.loads((tmp_path / "b" / "test.json").read_text())["frozen_cache"] == flipped["frozen_cache"]
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["train"]["cache_frozen"] is True

@@ -188,8 +188,9 @@ def fit_top(
         )
     seconds = time.perf_counter() - started
     top = nn.Sequential(*list(model.layers.values())[_prefix(model) :])
-    # features are (N, F) or small maps: channels_last does not apply to them
-    top_cfg = cfg.model_copy(update={"channels_last": False})
+    # features are (N, F) or small maps: channels_last does not apply to them; they are the whole
+    # frozen part's output already, which train.cache_frozen would keep in memory
+    top_cfg = cfg.model_copy(update={"channels_last": False, "cache_frozen": False})
     result = fit(
         top,
         parts["train"],
