@@ -107,7 +107,9 @@ def test_a_killed_ray_worker_is_retried_and_the_study_finishes(local_ray, tmp_pa
 
 
 def test_an_interrupted_driver_resumes_without_repeating_finished_runs(local_ray, tmp_path, study_path):
-    path, out = study_path(epochs=2), tmp_path / "study"
+    # runs of several epochs, so that the later ones are still training when the interrupt comes
+    # (with 2, one run of the whole suite saw run_study return before it)
+    path, out = study_path(epochs=6), tmp_path / "study"
     database = out / "study.sqlite"
 
     def interrupt_after_first_run() -> None:  # Ctrl-C, as soon as one run is recorded done
