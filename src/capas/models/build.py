@@ -47,7 +47,8 @@ class CapasNet(nn.Module):
             self.layers[info.name] = module
         # layers of the spec with `trainable: false`: their BatchNorm stays in inference mode, as Keras'
         self.fixed = [self.layers[info.name] for info in infos if not info.layer.trainable]
-        # compiled frozen rows by (first row, frozen count) (compile_frozen); a plain dict: no state_dict entries
+        # compiled slices of frozen rows by (first row, end row) (compile_frozen); a plain dict: no
+        # state_dict entries
         self._compiled_frozen: dict[tuple[int, int], nn.Module] | None = None
 
         self.set_frozen(self.frozen)
@@ -56,9 +57,9 @@ class CapasNet(nn.Module):
         """While enabled, the frozen rows' no-gradient slices in training (see `_backbone`) run through
         torch.compile with Inductor's freezing: their weights become constants, BatchNorm is folded into
         the convolutions and the activations into them (benchmarks/transfer_step.py measures what it
-        buys). Compiled once per first row and frozen-row count. Freezing copies the weights: `fit` enables it for
-        `train.compile` and disables it when training ends, and nothing may load other weights into
-        the model in between."""
+        buys). Compiled once per slice of rows (a new frozen count, or train.cache_frozen's rows).
+        Freezing copies the weights: `fit` enables it for `train.compile` and disables it when
+        training ends, and nothing may load other weights into the model in between."""
         self._compiled_frozen = {} if enabled else None
 
     def set_frozen(self, count: int) -> None:

@@ -48,9 +48,8 @@ class FitResult:
     train_seconds: float = 0.0  # time in training steps only, without evaluation
     images: int = 0
     bn_gap: dict | None = None  # batchnorm.mode_gap of the final weights (None: no BatchNorm trains)
-    frozen_cache: dict | None = (
-        None  # train.cache_frozen: FrozenViews.record() (its seconds are in train_seconds)
-    )
+    # train.cache_frozen: FrozenViews.record() (its seconds are in train_seconds)
+    frozen_cache: dict | None = None
 
     @property
     def images_per_second(self) -> float:
