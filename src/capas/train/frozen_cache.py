@@ -80,8 +80,11 @@ class FrozenViews:
 
     def evaluate(self, model: torch.nn.Module, device: torch.device, precision: str) -> Evaluation:
         """`evaluate` of the model from the first row not cached, on the first view of every image."""
-        data = _Views(self.values[:, 0], self.labels)
-        return evaluate(_FromRow(model, self.rows), data, _as_is, device, precision=precision)
+        # here, not at the top: capas.train.features imports the loop, which imports this module
+        from capas.train.features import Features, as_is
+
+        data = Features(self.values[:, 0], self.labels, ())
+        return evaluate(_FromRow(model, self.rows), data, as_is, device, precision=precision)
 
     def record(self) -> dict:
         """What the run records about the cache (test.json)."""
@@ -115,17 +118,6 @@ class FrozenViews:
             yield x, self.labels[index].to(device, non_blocking=True)
 
 
-@dataclass(frozen=True)
-class _Views:
-    """One view of every image, batched like images by `iterate_batches`."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
 class _FromRow(torch.nn.Module):
     """The model run from backbone row `rows` on: what evaluate calls on cached views."""
 
@@ -135,11 +127,6 @@ class _FromRow(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x, start_row=self.rows)
-
-
-def _as_is(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """The preprocessing of cached views: none."""
-    return x
 
 
 @torch.no_grad()
