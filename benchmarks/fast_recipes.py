@@ -16,6 +16,7 @@ Keras' recipe itself (examples/keras-mnist.yaml), which is not Keras' time and i
     python benchmarks/fast_recipes.py fashion-mnist-wide [--seeds 3]
     python benchmarks/fast_recipes.py cifar10 [--seeds 3]
     python benchmarks/fast_recipes.py cifar10-transfer [--seeds 3]
+    python benchmarks/fast_recipes.py cifar10 --device cuda [--seeds 3]
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda", "mps"], default=None, help="override the recipe's device"
+    )
+    parser.add_argument(
         "--keras-python", default=None, help="fashion-mnist: an interpreter with tensorflow-cpu"
     )
     parser.add_argument(
@@ -134,6 +138,8 @@ def main() -> None:
     cfg = TrainConfig.model_validate(document["train"])
     if args.epochs:
         cfg = cfg.model_copy(update={"epochs": args.epochs})
+    if args.device:
+        cfg = cfg.model_copy(update={"device": args.device})
     data = DataConfig.model_validate(document["data"])
     console = Console()
     runs = []
