@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from capas.cpu import kept_heap
 from capas.data import ArrayDataset, Preprocess, iterate_batches
 from capas.errors import CapasError
 from capas.inference import autocast, evaluate, resolve_device
@@ -112,7 +113,8 @@ def fit(
     (the run's spec, data and training configs) is saved in each checkpoint, so that `train` can
     refuse to resume it under other settings.
     """
-    with reproducible(cfg):
+    on_cpu = resolve_device(cfg.device).type == "cpu"
+    with reproducible(cfg), kept_heap() if on_cpu else contextlib.nullcontext():
         try:
             return _fit(model, train, val, preprocess, cfg, callbacks, checkpoint, dist, identity)
         finally:

@@ -27,6 +27,12 @@ def reproducible(cfg: TrainConfig) -> Iterator[None]:
     CUBLAS_WORKSPACE_CONFIG set before the process first calls it (PyTorch reads it once, when it
     sizes the workspace): this is entered before the model moves to the device, so a training process
     sets it in time. A value the user set is kept; an already initialised cuBLAS makes PyTorch warn.
+
+    PyTorch's deterministic mode also fills every new tensor's memory before an operation writes it
+    (torch.utils.deterministic.fill_uninitialized_memory), so that an operation that reads memory it
+    never wrote would still give the same result. capas turns that off while training: operations
+    write their outputs whole, the filling cost a tenth of a CPU training step (a pass over every
+    activation), and tests/test_reproducible.py checks that two trainings give identical weights.
     """
     saved = (
         torch.get_num_threads(),
@@ -34,6 +40,7 @@ def reproducible(cfg: TrainConfig) -> Iterator[None]:
         torch.is_deterministic_algorithms_warn_only_enabled(),
         torch.backends.cudnn.deterministic,
         torch.backends.cudnn.benchmark,
+        torch.utils.deterministic.fill_uninitialized_memory,
     )
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)  # per process: every thread of this process sees it
@@ -42,11 +49,13 @@ def reproducible(cfg: TrainConfig) -> Iterator[None]:
         torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = cfg.deterministic
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
-        threads, enabled, warn_only, cudnn_deterministic, benchmark = saved
+        threads, enabled, warn_only, cudnn_deterministic, benchmark, fill = saved
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
         torch.backends.cudnn.deterministic = cudnn_deterministic
         torch.backends.cudnn.benchmark = benchmark
+        torch.utils.deterministic.fill_uninitialized_memory = fill

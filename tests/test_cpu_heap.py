@@ -1,0 +1,86 @@
+"""capas.cpu.kept_heap: a training step's large tensors come from a heap that keeps freed memory."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+import pytest
+import torch
+
+from capas.cpu import kept_heap
+from capas.data import make_splits
+from capas.models import build_model, preprocess_for
+from capas.spec import ModelSpec, TrainConfig
+from capas.train import Callback, fit
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+
+BIG = 64 * 2**20 // 4  # float32 elements in 64 MiB: above glibc's largest mmap threshold (32 MiB)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _mapped_while_a_big_tensor_lives() -> bool:
+    """Whether a 64 MiB tensor got its own mapping: glibc's mapped bytes grew by at least its size
+    (other threads' small mappings meanwhile do not make it so)."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    before = libc.mallinfo2().hblkhd
+    big = torch.empty(BIG)
+    during = libc.mallinfo2().hblkhd
+    del big
+    return during - before >= BIG * 4
+
+
+def test_big_tensors_come_from_the_heap_inside_and_from_mappings_outside():
+    assert _mapped_while_a_big_tensor_lives()  # glibc's default: mmap, unmapped when freed
+    with kept_heap():
+        assert not _mapped_while_a_big_tensor_lives()
+    assert _mapped_while_a_big_tensor_lives()  # the defaults are back
+
+
+class _Mapped(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_batch_end(self, images, loss, correct):
+        self.seen.append(_mapped_while_a_big_tensor_lives())
+
+
+def test_fit_keeps_the_heap_while_it_trains_on_the_cpu():
+    splits = make_splits("fashion-mnist", limit=200)
+    spec = ModelSpec.from_dict(
+        {
+            "name": "tiny",
+            "input_shape": [28, 28, 1],
+            "layers": ["Flatten", {"Dense": {"units": 10, "activation": "softmax"}}],
+        }
+    )
+    watch = _Mapped()
+    fit(
+        build_model(spec),
+        splits.train,
+        splits.val,
+        preprocess_for(spec),
+        TrainConfig(epochs=1),
+        callbacks=[watch],
+    )
+    assert watch.seen and not any(watch.seen)
+    assert _mapped_while_a_big_tensor_lives()
