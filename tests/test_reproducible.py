@@ -3,8 +3,10 @@ training setting, resumes refused under other settings, worker counts, GPU count
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
+import capas.train.loop
 from capas.cli import app
 from capas.data import make_splits
 from capas.errors import CapasError
@@ -22,6 +25,7 @@ from capas.study.executors import default_workers, make_executor, ray_slots
 from capas.study.run import run_study
 from capas.study.store import Store
 from capas.train import Callback, distributed, fit, train
+from capas.train.reproducible import reproducible
 
 runner = CliRunner()
 
@@ -144,7 +148,8 @@ AIRBENCH_LIKE = {
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_two_deterministic_trainings_give_identical_weights(precision):
     """With new tensors left unfilled (above) and the heap kept (capas.cpu.kept_heap), a rerun of the
-    same training still ends bit for bit where the first did: no operation reads memory it did not write."""
+    same training still ends bit for bit where the first did, and where a training with both undone
+    (new tensors filled first, glibc's default heap) ends: no operation reads memory it did not write."""
     splits = make_splits("fashion-mnist", limit=1200)
     spec = ModelSpec.from_dict(AIRBENCH_LIKE)
     cfg = TrainConfig(
@@ -154,13 +159,26 @@ def test_two_deterministic_trainings_give_identical_weights(precision):
         augment={"hflip": "alternate", "crop_padding": 2, "crop_fill": "reflect"},
     )
     weights = []
-    for _ in range(2):
+    for as_before in (False, False, True):
         model = build_model(spec, seed=0)
-        fit(model, splits.train, splits.val, preprocess_for(spec), cfg)
+        with contextlib.ExitStack() as undone:
+            if as_before:
+                undone.enter_context(mock.patch.object(capas.train.loop, "kept_heap", contextlib.nullcontext))
+                undone.enter_context(mock.patch.object(capas.train.loop, "reproducible", _filling))
+            fit(model, splits.train, splits.val, preprocess_for(spec), cfg)
         weights.append(model.state_dict())
-    assert weights[0].keys() == weights[1].keys()
-    for name, value in weights[0].items():
-        assert torch.equal(value, weights[1][name]), name
+    for other in weights[1:]:
+        assert weights[0].keys() == other.keys()
+        for name, value in weights[0].items():
+            assert torch.equal(value, other[name]), name
+
+
+@contextlib.contextmanager
+def _filling(cfg):
+    """capas' reproducible() with deterministic mode's filling of new tensors back on."""
+    with reproducible(cfg):
+        torch.utils.deterministic.fill_uninitialized_memory = cfg.deterministic
+        yield
 
 
 def test_the_run_records_its_determinism_and_threads(tiny_run):
