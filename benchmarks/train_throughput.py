@@ -4,7 +4,8 @@ The plain loops are what a user writes by hand: the same architecture as nn.Sequ
 tensors already in memory, zero_grad/backward/step. capas' `fit` starts from uint8 images and does
 its own batching and scaling. Repeats are interleaved so that a busy machine slows all alike; the
 table shows medians. Achieved FLOP/s counts 3 × the forward multiply-adds (forward + backward) × 2
-FLOPs, as a fraction of a measured fp32 matmul peak.
+FLOPs, as a fraction of a measured matmul peak in the same precision (a 2048² product, the
+best of ten).
 
 The Keras side is optional: where TensorFlow is importable, the same model built in Keras 3 on
 TensorFlow (Conv2D ×3, GlobalAveragePooling2D, Dense; its parameter count checked against capas')
@@ -383,9 +384,10 @@ class KerasSide:
         self.process.join()
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Measured fp32 matmul FLOP/s (the best of a few repeats)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(precision: str, n: int = 2048, repeats: int = 10) -> float:
+    """Measured matmul FLOP/s in `precision` (the best of a few repeats)."""
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
     best = 0.0
     for _ in range(repeats):
@@ -490,10 +492,10 @@ def main() -> None:
         keras_side.close()
 
     macs = summarize(load_spec(SPEC)).macs
-    peak = matmul_peak()
+    peaks = {precision: matmul_peak(precision) for precision in args.precisions}
     env = environment()
     table = Table(title=f"Training throughput, seed-000 GAP model (300,042 params), batch {BATCH}, CPU")
-    columns = ["loop", "precision", "images/s (median)", "min–max", "GFLOP/s", "of fp32 matmul peak"]
+    columns = ["loop", "precision", "images/s (median)", "min–max", "GFLOP/s", "of matmul peak"]
     if keras_side is not None:
         columns.append("capas ÷ Keras")
     for column in columns:
@@ -502,7 +504,7 @@ def main() -> None:
         median = statistics.median(values)
         flops = median * macs * 3 * 2
         row = [name, precision, f"{median:.1f}", f"{min(values):.1f}–{max(values):.1f}", f"{flops / 1e9:.1f}",
-               f"{flops / peak:.0%}"]  # fmt: skip
+               f"{flops / peaks[precision]:.0%}"]  # fmt: skip
         if keras_side is not None:
             keras = runs.get((keras_name, precision))
             row.append(
@@ -511,7 +513,9 @@ def main() -> None:
         table.add_row(*row)
     console.print(table)
     console.print(
-        f"{args.repeats} repeats × {len(train)} images ({data}); fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; "
+        f"{args.repeats} repeats × {len(train)} images ({data}); matmul peak "
+        + ", ".join(f"{precision} {peak / 1e9:,.0f} GFLOP/s" for precision, peak in peaks.items())
+        + "; "
         "bfloat16: capas autocasts the forward pass"
         + (", Keras runs the mixed_bfloat16 policy" if keras_side is not None else ""),
         highlight=False,
