@@ -122,8 +122,13 @@ def test_an_interrupted_driver_resumes_without_repeating_finished_runs(
         os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(Store, "finish", finish_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run_study(path, out=out, executor=RayExecutor(), console=_quiet(tmp_path))
+    # Python's own Ctrl-C handler, whichever one a library imported by an earlier test left in place
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_study(path, out=out, executor=RayExecutor(), console=_quiet(tmp_path))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(Store, "finish", finish)
     with sqlite3.connect(database) as con:
         before = dict(con.execute("SELECT id, finished FROM runs WHERE status = 'done'").fetchall())
