@@ -15,6 +15,7 @@ Keras' recipe itself (examples/keras-mnist.yaml), which is not Keras' time and i
     python benchmarks/fast_recipes.py fashion-mnist [--seeds 3] [--keras-python .tfvenv/bin/python]
     python benchmarks/fast_recipes.py fashion-mnist-wide [--seeds 3]
     python benchmarks/fast_recipes.py cifar10 [--seeds 3]
+    python benchmarks/fast_recipes.py cifar10-45min [--seeds 3]
     python benchmarks/fast_recipes.py cifar10-transfer [--seeds 3]
     python benchmarks/fast_recipes.py cifar10 --device cuda [--seeds 3]
 """
@@ -70,6 +71,12 @@ RECIPES = {
         EXAMPLES / "recipes/cifar10-airbench.train.yaml",
         0.90,
         900.0,
+    ),
+    "cifar10-45min": Recipe(
+        EXAMPLES / "recipes/cifar10-airbench.yaml",
+        EXAMPLES / "recipes/cifar10-airbench-45min.train.yaml",
+        0.94,
+        2700.0,
     ),
     "cifar10-transfer": Recipe(
         EXAMPLES / "recipes/cifar10-transfer.yaml",

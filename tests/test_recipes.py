@@ -507,6 +507,7 @@ def test_serve_applies_the_runs_test_time_augmentation(whitened_run, tmp_path):
         ("recipes/fashion-mnist-fast.yaml", "recipes/fashion-mnist-fast.train.yaml"),
         ("recipes/fashion-mnist-wide.yaml", "recipes/fashion-mnist-wide.train.yaml"),
         ("recipes/cifar10-airbench.yaml", "recipes/cifar10-airbench.train.yaml"),
+        ("recipes/cifar10-airbench.yaml", "recipes/cifar10-airbench-45min.train.yaml"),
         ("recipes/cifar10-transfer.yaml", "recipes/cifar10-transfer.train.yaml"),
     ],
 )
