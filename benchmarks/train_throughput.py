@@ -22,7 +22,7 @@ TensorFlow out of the test venv (Keras would switch backend); a separate one doe
     python3 -m venv /work/tfvenv && /work/tfvenv/bin/pip install -c constraints.txt torch torchvision
     /work/tfvenv/bin/pip install tensorflow-cpu && /work/tfvenv/bin/pip install -e .
 
-    python benchmarks/train_throughput.py [--batches 10] [--repeats 3] [--precisions float32 bfloat16]
+    python benchmarks/train_throughput.py [--batches 10] [--repeats 3] [--precisions float32 bfloat16] [--profile]
 
 On a GPU (`--device cuda`) the comparison is the one issue #13 asks for, at batch 128 and 512 in
 both precisions: a plain eager loop and the same loop under torch.compile (float images already on
@@ -384,6 +384,30 @@ class KerasSide:
         self.process.join()
 
 
+def profile_fit(
+    train: ArrayDataset, val: ArrayDataset, precision: str, console: Console, rows: int = 8
+) -> None:
+    """Where capas' eager step spends its time: one `fit` epoch under torch.profiler, the operators with
+    the most self CPU time, per training batch and as a share of the profiled time (the epoch's
+    validation of its small split included)."""
+    capas_fit(train, val, precision)  # warm, as the timed runs are
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        speed, _ = capas_fit(train, val, precision)
+    ops = sorted(profiler.key_averages(), key=lambda op: op.self_cpu_time_total, reverse=True)
+    total = sum(op.self_cpu_time_total for op in ops)
+    batches = len(train) // BATCH
+    table = Table(
+        title=f"capas fit, {precision}: the operators with the most self CPU time ({speed:.0f} images/s profiled)"
+    )
+    for column in ("operator", "calls per batch", "ms per batch", "share"):
+        table.add_column(column, justify="left" if column == "operator" else "right")
+    for op in ops[:rows]:
+        table.add_row(op.key, f"{op.count / batches:g}", f"{op.self_cpu_time_total / 1e3 / batches:.1f}",
+                      f"{op.self_cpu_time_total / total:.1%}")  # fmt: skip
+    table.add_row("all operators", "", f"{total / 1e3 / batches:.1f}", "100%")
+    console.print(table)
+
+
 def matmul_peak(precision: str, n: int = 2048, repeats: int = 10) -> float:
     """Measured matmul FLOP/s in `precision` (the best of a few repeats)."""
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
@@ -428,6 +452,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--device", default="cpu", help="cpu (against Keras), or cuda/mps (against plain and compiled loops)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="then profile one capas fit epoch per precision (torch.profiler)",
     )
     parser.add_argument("--images", type=int, default=20_480, help="training images per run (--device cuda)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512], help="(--device cuda)")
@@ -540,6 +569,9 @@ def main() -> None:
         + (f"; {keras_side.info['threads']}" if keras_side is not None else ""),
         highlight=False,
     )
+    if args.profile:
+        for precision in args.precisions:
+            profile_fit(train, val, precision, console)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,21 @@ def test_same_max_pooling_ignores_padding_and_average_pooling_does_not_count_it(
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_global_max_pooling_on_a_cpu_gives_the_maximum_and_its_gradient_in_the_input_layout(dtype):
+    # ties included: bfloat16 maps of rounded values, the first maximum of each map gets the gradient
+    x = (torch.randn(4, 8, 5, 5) * 4).round().to(dtype).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = build_module(LAYERS["GlobalMaxPooling2D"](), (5, 5, 8))(x)
+    g = torch.randn(4, 8).to(dtype)
+    y.backward(g)
+    values, first = x.detach().flatten(2).max(dim=2)
+    assert torch.equal(y, values)
+    expected = torch.zeros(4, 8, 25, dtype=dtype).scatter_(2, first[..., None], g[..., None]).view(4, 8, 5, 5)
+    assert torch.equal(x.grad, expected)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_flatten_uses_keras_channel_last_order():
     x = torch.arange(2 * 2 * 3, dtype=torch.float32).view(1, 3, 2, 2)  # (B, C, H, W)
     y = build_module(LAYERS["Flatten"](), (2, 2, 3))(x)
