@@ -18,7 +18,7 @@ import argparse
 import contextlib
 import statistics
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -62,48 +62,52 @@ def filling(cfg: TrainConfig) -> Iterator[None]:
         yield
 
 
-def run(spec_path: Path, train: dict, splits, way: str) -> float:
+def second_epoch(spec_path: Path, train: dict, splits, patches: contextlib.AbstractContextManager) -> float:
+    """Images/s of the second of two `fit` epochs of a fresh model, `patches` in force while it trains."""
     spec = load_spec(spec_path)
     cfg = parse_config(TrainConfig, {**train, "epochs": 2}, "training config")
     model = build_model(spec, seed=0)
     preprocess = preprocess_for(spec)
     if whitening_layers(model):
         fit_whitening(model, (preprocess(part) for part in splits.train.images[:WHITENING_IMAGES].split(256)))
-    patches = contextlib.ExitStack()
-    if way in ("no filling only", "neither (before)"):
-        patches.enter_context(mock.patch.object(capas.train.loop, "kept_heap", contextlib.nullcontext))
-    if way in ("heap kept only", "neither (before)"):
-        patches.enter_context(mock.patch.object(capas.train.loop, "reproducible", filling))
     with patches:
         result = fit(model, splits.train, splits.val, preprocess, cfg)
     return result.history[1]["images_per_s"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def compare(
+    networks: dict[str, tuple[Path, dict, str]],
+    ways: tuple[str, ...],
+    patches: Callable[[str], contextlib.AbstractContextManager],
+    way_column: str,
+    description: str,
+) -> None:
+    """Train each network each way (`patches(way)` in force), repeats interleaved, and print the
+    medians with each way's ratio to the last one."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--batches", type=int, default=16, help="training batches per epoch")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     console = Console(width=None if sys.stdout.isatty() else 140)
-    speeds = {(net, way): [] for net in NETWORKS for way in WAYS}
+    speeds = {(net, way): [] for net in networks for way in ways}
     for _ in range(args.repeats):
-        for net, (spec_path, train, data) in NETWORKS.items():
+        for net, (spec_path, train, data) in networks.items():
             images = args.batches * train["batch_size"]
             splits = make_splits(data, limit=images + 256, val_fraction=256 / (images + 256))
-            for way in WAYS:
-                speed = run(spec_path, train, splits, way)
+            for way in ways:
+                speed = second_epoch(spec_path, train, splits, patches(way))
                 speeds[net, way].append(speed)
                 console.print(f"{net} · {way}: {speed:,.0f} images/s", highlight=False)
     table = Table(title=f"fit on a CPU, {args.batches} batches an epoch, second epoch")
-    for column in ("network", "way", "images/s (median)", "min–max", "× neither"):
-        table.add_column(column, justify="left" if column in ("network", "way") else "right")
-    for net in NETWORKS:
-        before = statistics.median(speeds[net, WAYS[-1]])
-        for way in WAYS:
+    for column in ("network", way_column, "images/s (median)", "min–max", f"× {ways[-1]}"):
+        table.add_column(column, justify="left" if column in ("network", way_column) else "right")
+    for net in networks:
+        last = statistics.median(speeds[net, ways[-1]])
+        for way in ways:
             values = speeds[net, way]
             median = statistics.median(values)
             table.add_row(
-                net, way, f"{median:,.0f}", f"{min(values):,.0f}–{max(values):,.0f}", f"{median / before:.2f}"
+                net, way, f"{median:,.0f}", f"{min(values):,.0f}–{max(values):,.0f}", f"{median / last:.2f}"
             )
     console.print(table)
     env = environment()
@@ -112,6 +116,20 @@ def main() -> None:
         f"{env['python']}; {describe(env['cpu_features'])}; median of {args.repeats} repeats",
         highlight=False,
     )
+
+
+def patches(way: str) -> contextlib.ExitStack:
+    """capas' `fit` as it is, or with the kept heap or the unfilled tensors taken out."""
+    stack = contextlib.ExitStack()
+    if way in ("no filling only", "neither (before)"):
+        stack.enter_context(mock.patch.object(capas.train.loop, "kept_heap", contextlib.nullcontext))
+    if way in ("heap kept only", "neither (before)"):
+        stack.enter_context(mock.patch.object(capas.train.loop, "reproducible", filling))
+    return stack
+
+
+def main() -> None:
+    compare(NETWORKS, WAYS, patches, "way", __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
