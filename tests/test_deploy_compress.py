@@ -256,10 +256,15 @@ def test_tampered_onnx_run_is_refused(run_dir, tmp_path):
     fails_cleanly(["evaluate", str(out)], "runtime.json")
 
 
-def test_unsupported_layer_for_structured_pruning(run_dir, tmp_path):
-    data = dict(
-        TINY, layers=[*TINY["layers"][:2], {"GroupNormalization": {"groups": 4}}, *TINY["layers"][2:]]
-    )
+@pytest.mark.parametrize(
+    ("layer", "named"),
+    [
+        ({"GroupNormalization": {"groups": 4}}, "GroupNormalization"),
+        ({"BatchNormalization": {"scale": False}}, "scale: false"),  # torch-pruning ranks by the scale
+    ],
+)
+def test_unsupported_layer_for_structured_pruning(run_dir, tmp_path, layer, named):
+    data = dict(TINY, layers=[*TINY["layers"][:2], layer, *TINY["layers"][2:]])
     spec = ModelSpec.from_dict(data)
     source = load_run(run_dir)
     grouped = tmp_path / "grouped"
@@ -274,7 +279,7 @@ def test_unsupported_layer_for_structured_pruning(run_dir, tmp_path):
         test=None,
     )
     before = hashes(grouped)
-    fails_cleanly(["compress", str(grouped), "--prune", "0.5"], "GroupNormalization", "--unstructured")
+    fails_cleanly(["compress", str(grouped), "--prune", "0.5"], named, "--unstructured")
     assert hashes(grouped) == before and not (tmp_path / "grouped-pruned50s").exists()
 
 

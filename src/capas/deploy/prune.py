@@ -52,6 +52,12 @@ def check_prunable(spec: ModelSpec, structured: bool) -> None:
                 f"layer {info.index} ({info.layer.type_name()} {info.name!r}): structured pruning does not support it; "
                 f"supported: {', '.join(supported)}; --unstructured works with any layer"
             )
+    for info in infos:
+        if info.layer.type_name() == "BatchNormalization" and not info.layer.scale:
+            raise CapasError(
+                f"layer {info.index} (BatchNormalization {info.name!r}): structured pruning ranks channels by "
+                "BatchNormalization's scale, and this one has none (scale: false); --unstructured works with it"
+            )
     for before, after in itertools.pairwise(infos):
         if before.layer.type_name() == "Flatten" and len(before.input_shape) == 3:
             following = next((i for i in infos[after.index :] if i.trainable + i.non_trainable), None)
