@@ -163,8 +163,9 @@ class _GlobalPool(nn.Module):
         # compiled backward that recomputes a bfloat16 input in float32 then matches nothing (0/0 = NaN)
         if x.device.type == "cpu":
             # keeps a channels-last input's layout in the gradient, where flatten(2) copies it to
-            # NCHW and the ReLU backward before it mixes layouts (benchmarks/global_max_pooling.py);
-            # not on CUDA, where its backward has no deterministic kernel
+            # NCHW and the layer before then mixes layouts in its backward (a ReLU's runs several
+            # times slower: benchmarks/global_max_pooling.py); not on CUDA, where its backward has
+            # no deterministic kernel
             return nn.functional.adaptive_max_pool2d(x, 1).flatten(1)
         return x.flatten(2).max(dim=2).values
 
