@@ -52,7 +52,6 @@ def check_prunable(spec: ModelSpec, structured: bool) -> None:
                 f"layer {info.index} ({info.layer.type_name()} {info.name!r}): structured pruning does not support it; "
                 f"supported: {', '.join(supported)}; --unstructured works with any layer"
             )
-    for info in infos:
         if info.layer.type_name() == "BatchNormalization" and not info.layer.scale:
             raise CapasError(
                 f"layer {info.index} (BatchNormalization {info.name!r}): structured pruning ranks channels by "
