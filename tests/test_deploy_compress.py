@@ -163,6 +163,49 @@ def test_structured_pruning_removes_exactly_the_channels_that_do_nothing():
     assert torch.allclose(pruned.eval()(x), expected, atol=1e-5)
 
 
+def test_structured_pruning_keeps_batchnorms_without_scale_or_offset_so():
+    """airbench's BatchNormalization (`scale: false`) and one with neither scale nor offset: channels
+    fed by all-zero filters go, the function stays, and the layers come back without the parameters."""
+    spec = ModelSpec.from_dict(
+        {
+            "name": "fixed-affine",
+            "input_shape": [12, 12, 1],
+            "layers": [
+                {"Conv2D": {"filters": 8, "kernel_size": 3, "padding": "same", "use_bias": False}},
+                {"BatchNormalization": {"scale": False, "momentum": 0.6}},
+                {"Activation": {"activation": "gelu"}},
+                {"Conv2D": {"filters": 16, "kernel_size": 3, "padding": "same", "use_bias": False}},
+                {"MaxPooling2D": {"pool_size": 2}},
+                {"BatchNormalization": {"scale": False, "center": False}},
+                {"Activation": {"activation": "relu"}},
+                "GlobalMaxPooling2D",
+                {"Dense": {"units": 10, "use_bias": False}},
+            ],
+        }
+    )
+    model = build_model(spec, seed=0)
+    layers = model.layers
+    conv1, conv2, head = layers["conv2d"].conv, layers["conv2d_1"].conv, layers["dense"].linear
+    norm1, norm2 = layers["batch_normalization"], layers["batch_normalization_1"]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        norm1.running_mean.uniform_(-1, 1), norm1.running_var.uniform_(0.5, 2)
+        norm2.running_mean.uniform_(-1, 1), norm2.running_var.uniform_(0.5, 2)
+        dead1, dead2 = [1, 4, 5, 6], list(range(0, 16, 2))
+        conv1.weight[dead1], conv2.weight[:, dead1] = 0, 0
+        conv2.weight[dead2], head.weight[:, dead2] = 0, 0
+    x = torch.randn(5, 1, 12, 12)
+    expected = model.eval()(x)
+    pruned, pruned_spec = _prune_structured(model, spec, 0.5, head)
+    assert [pruned_spec.layers[i].filters for i in (0, 3)] == [4, 8]
+    assert pruned_spec.layers[1].scale is False and pruned_spec.layers[5].center is False
+    norm1, norm2 = pruned.layers["batch_normalization"], pruned.layers["batch_normalization_1"]
+    assert norm1.weight is None and norm1.bias.shape == (4,) and norm2.weight is None and norm2.bias is None
+    assert norm1.running_mean.shape == (4,) and norm2.running_var.shape == (8,)
+    assert torch.allclose(pruned.eval()(x), expected, atol=1e-5)
+
+
 def test_structured_pruning_makes_a_smaller_run_that_summary_describes(run_dir, tmp_path):
     before = hashes(run_dir)
     out, comparison = compress_run(
@@ -177,6 +220,27 @@ def test_structured_pruning_makes_a_smaller_run_that_summary_describes(run_dir, 
     result = runner.invoke(app, ["summary", str(out)])
     assert result.exit_code == 0 and f"{pruned.parameters:,}" in result.output
     assert evaluate_run(load_run(out))[1].accuracy == pytest.approx(pruned.accuracy)
+
+
+@pytest.mark.parametrize("method", [{"prune": 0.5}, {"quantize": "int8"}])
+def test_compress_scores_every_model_as_evaluate_does(tmp_path, method):
+    """A bfloat16, channels-last run with flip TTA: the table's accuracies are those `capas evaluate`
+    gives the original and the compressed run (TTA applied to both, each in its own precision)."""
+    source = tmp_path / "tta"
+    train(
+        ModelSpec.from_dict(TINY),
+        DataConfig(name="fashion-mnist", limit=1000, test_limit=300),
+        TrainConfig(
+            epochs=1, batch_size=64, device="cpu", precision="bfloat16", channels_last=True, tta="flip"
+        ),
+        source,
+    )
+    out, comparison = compress_run(source, **method, finetune_epochs=1, out=tmp_path / "small", repeats=FAST)
+    original, compressed = comparison.measurements[0], comparison.measurements[-1]
+    assert original.accuracy == pytest.approx(evaluate_run(load_run(source))[1].accuracy)
+    assert compressed.accuracy == pytest.approx(evaluate_run(load_run(out))[1].accuracy)
+    if "quantize" in method:  # the float ONNX graph is scored with the same views
+        assert comparison.measurements[1].accuracy == pytest.approx(original.accuracy, abs=2 / 300)
 
 
 def test_unstructured_pruning_says_zeros_change_nothing_by_themselves(run_dir, tmp_path):
@@ -256,14 +320,8 @@ def test_tampered_onnx_run_is_refused(run_dir, tmp_path):
     fails_cleanly(["evaluate", str(out)], "runtime.json")
 
 
-@pytest.mark.parametrize(
-    ("layer", "named"),
-    [
-        ({"GroupNormalization": {"groups": 4}}, "GroupNormalization"),
-        ({"BatchNormalization": {"scale": False}}, "scale: false"),  # torch-pruning ranks by the scale
-    ],
-)
-def test_unsupported_layer_for_structured_pruning(run_dir, tmp_path, layer, named):
+def test_unsupported_layer_for_structured_pruning(run_dir, tmp_path):
+    layer, named = {"GroupNormalization": {"groups": 4}}, "GroupNormalization"
     data = dict(TINY, layers=[*TINY["layers"][:2], layer, *TINY["layers"][2:]])
     spec = ModelSpec.from_dict(data)
     source = load_run(run_dir)

@@ -154,8 +154,13 @@ def evaluate(
     logits averaged over test-time views (`tta_logits`).
 
     `device`: where the batches go; by default the model's own device (wherever `fit` left it).
+    `channels_last`: the batches' memory format, and the model's (it is converted): on a GPU, kernels for
+    another one round differently (an H200 re-scoring a bfloat16 run in NCHW moved one test image of
+    10,000, most likely for this reason).
     """
     device = model_device(model) if device is None else torch.device(device)
+    if channels_last and isinstance(model, nn.Module):
+        model.to(memory_format=torch.channels_last)
     was_training = model.training
     model.eval()
     total_loss, predictions, labels = 0.0, [], []

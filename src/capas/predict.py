@@ -62,10 +62,6 @@ def evaluate_run(run: Run, data: DataConfig | None = None) -> tuple[str, Evaluat
     returns the dataset's name with the evaluation."""
     splits = run_splits(run, data)
     device = model_device(run.model)
-    if run.channels_last and isinstance(run.model, torch.nn.Module):
-        # the training's memory format: on a GPU, kernels for another one round differently (an H200
-        # re-scoring a bfloat16 run in NCHW moved one test image of 10,000, most likely for this reason)
-        run.model.to(memory_format=torch.channels_last)
     return splits.info["dataset"], evaluate(
         run.model, splits.test, run.preprocess, device, run.channels_last, run.precision, run.tta
     )

@@ -58,7 +58,15 @@ def compress_run(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     parameters = sum(p.numel() for p in source.model.parameters())
-    candidates = [Candidate("original (PyTorch)", source.model, source.path / "model.safetensors")]
+    candidates = [
+        Candidate(
+            "original (PyTorch)",
+            source.model,
+            source.path / "model.safetensors",
+            precision=source.precision,
+            channels_last=source.channels_last,
+        )
+    ]
     with staging(out) as tmp, tempfile.TemporaryDirectory() as scratch:
         if quantize:
             # The float graph in the same runtime separates what int8 does from what ONNX Runtime does.
@@ -76,7 +84,7 @@ def compress_run(
         accuracy = compressed.read_json("test.json")["test_accuracy"]
         candidates.append(Candidate(name, compressed.model, weights, parameters, accuracy))
         comparison = Comparison(
-            method, measure(candidates, splits.test, source.preprocess, repeats), settings, notes
+            method, measure(candidates, splits.test, source.preprocess, repeats, source.tta), settings, notes
         )
         comparison.check_speed(int8=quantize is not None)
         atomic.write_json(tmp / "lineage.json", {**lineage, "settings": settings})

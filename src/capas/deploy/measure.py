@@ -76,12 +76,21 @@ class Candidate:
     weights: Path
     parameters: int | None = None
     accuracy: float | None = None  # test accuracy already measured on the same test split; None: measure it
+    precision: str = (
+        "float32"  # how a PyTorch model is evaluated: the precision and memory format it trained in
+    )
+    channels_last: bool = False
 
 
 def measure(
-    candidates: list[Candidate], test: ArrayDataset, preprocess: Preprocess, repeats: Repeats
+    candidates: list[Candidate],
+    test: ArrayDataset,
+    preprocess: Preprocess,
+    repeats: Repeats,
+    tta: str = "none",
 ) -> list[Measurement]:
-    """Size, parameters, latency at batch 1 and 64 on real test images, and test accuracy of each model."""
+    """Size, parameters, latency at batch 1 and 64 on real test images, and test accuracy of each model
+    with the run's test-time augmentation `tta` (as `capas evaluate`, `predict` and `serve` apply it)."""
     x = preprocess(test.images[:64])  # (64, C, H, W)
     models = [c.model if isinstance(c.model, OnnxModel) else c.model.cpu().eval() for c in candidates]
     batch1 = latencies(models, x[:1], repeats.batch1, repeats.warmup)
@@ -96,7 +105,10 @@ def measure(
             )
         accuracy = candidate.accuracy
         if accuracy is None:
-            accuracy = evaluate(model, test, preprocess, "cpu").accuracy
+            # after every latency: evaluating may convert the model to channels-last
+            accuracy = evaluate(
+                model, test, preprocess, "cpu", candidate.channels_last, candidate.precision, tta
+            ).accuracy
         measurements.append(
             Measurement(
                 candidate.name, candidate.weights.stat().st_size, parameters, nonzero, one, many, accuracy

@@ -52,11 +52,6 @@ def check_prunable(spec: ModelSpec, structured: bool) -> None:
                 f"layer {info.index} ({info.layer.type_name()} {info.name!r}): structured pruning does not support it; "
                 f"supported: {', '.join(supported)}; --unstructured works with any layer"
             )
-        if info.layer.type_name() == "BatchNormalization" and not info.layer.scale:
-            raise CapasError(
-                f"layer {info.index} (BatchNormalization {info.name!r}): structured pruning ranks channels by "
-                "BatchNormalization's scale, and this one has none (scale: false); --unstructured works with it"
-            )
     for before, after in itertools.pairwise(infos):
         if before.layer.type_name() == "Flatten" and len(before.input_shape) == 3:
             following = next((i for i in infos[after.index :] if i.trainable + i.non_trainable), None)
@@ -126,7 +121,9 @@ def prune_run(
         classes=source.classes,
         config=config,
         history=history,
-        test=evaluate(model, splits.test, source.preprocess).test_results(source.classes),
+        test=evaluate(
+            model, splits.test, source.preprocess, "cpu", source.channels_last, source.precision, source.tta
+        ).test_results(source.classes),
         reference=splits.val,
     )
     return settings, notes
@@ -151,7 +148,7 @@ def _prune_structured(
     import torch_pruning as tp
 
     height, width, channels = spec.input_shape
-    with _chw_flatten(model, spec):
+    with _chw_flatten(model, spec), _fixed_affine(model):
         pruner = tp.pruner.MagnitudePruner(
             model,
             example_inputs=torch.zeros(1, channels, height, width),
@@ -175,6 +172,29 @@ def _prune_structured(
     rebuilt = build_model(pruned)
     rebuilt.load_state_dict(model.state_dict())
     return rebuilt, pruned
+
+
+@contextlib.contextmanager
+def _fixed_affine(model: CapasNet) -> Iterator[None]:
+    """Give BatchNormalization layers without a scale or an offset (`scale`/`center: false`) their
+    fixed values as parameters while torch-pruning works, and take them away after.
+
+    torch-pruning cuts a BatchNorm's weight and bias together and ranks channels partly by the
+    weight; a fixed scale of 1 is what the layer computes, adds the same to every channel's score
+    and so leaves the ranking to the convolutions around it.
+    """
+    fixed = []
+    for norm in model.modules():
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            for name, fill in (("weight", torch.ones), ("bias", torch.zeros)):
+                if getattr(norm, name) is None:
+                    norm.register_parameter(name, nn.Parameter(fill(norm.num_features), requires_grad=False))
+                    fixed.append((norm, name))
+    try:
+        yield
+    finally:
+        for norm, name in fixed:
+            norm.register_parameter(name, None)
 
 
 @contextlib.contextmanager

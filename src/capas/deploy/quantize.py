@@ -115,7 +115,7 @@ def quantize_run(
         classes=source.classes,
         config=source.read_json("config.json") or {},
         history=None,
-        test=evaluate(model, splits.test, source.preprocess).test_results(source.classes),
+        test=evaluate(model, splits.test, source.preprocess, tta=source.tta).test_results(source.classes),
         # Drift monitoring of this run compares live int8 features with int8 reference features.
         reference=splits.val,
         summary_note=f"The float architecture this {kind} ONNX model was quantized from "
