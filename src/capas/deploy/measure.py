@@ -76,9 +76,8 @@ class Candidate:
     weights: Path
     parameters: int | None = None
     accuracy: float | None = None  # test accuracy already measured on the same test split; None: measure it
-    precision: str = (
-        "float32"  # how a PyTorch model is evaluated: the precision and memory format it trained in
-    )
+    # how a PyTorch model is evaluated: in the precision and memory format it was trained in
+    precision: str = "float32"
     channels_last: bool = False
 
 
