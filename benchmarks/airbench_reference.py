@@ -37,9 +37,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from capas.cpu import describe
 from capas.data import splits_for
-from capas.runs import environment
+from capas.runs import machine_line
 from capas.spec import DataConfig, TrainConfig, load_document
 
 RECIPE = Path(__file__).parent.parent / "examples/recipes/cifar10-airbench.train.yaml"
@@ -149,12 +148,7 @@ def main() -> None:
         f"{min(accuracy):.2f}–{max(accuracy):.2f}); data {data_seconds:.1f} s once; script {args.script}",
         highlight=False,
     )
-    env = environment()
-    console.print(
-        f"machine: {env['processor']}, {env['cpu_count']} threads, torch {env['torch']}, "
-        f"python {env['python']}; {describe(env['cpu_features'])}; bfloat16 autocast on the CPU",
-        highlight=False,
-    )
+    console.print(f"{machine_line()}; bfloat16 autocast on the CPU", highlight=False)
 
 
 if __name__ == "__main__":

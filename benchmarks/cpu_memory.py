@@ -28,11 +28,10 @@ from rich.table import Table
 from train_throughput import CIFAR  # this script's folder is on sys.path
 
 import capas.train.loop
-from capas.cpu import describe
 from capas.data import make_splits
 from capas.models import build_model, preprocess_for
 from capas.models.init import WHITENING_IMAGES, fit_whitening, whitening_layers
-from capas.runs import environment
+from capas.runs import machine_line
 from capas.spec import TrainConfig, load_document, load_spec
 from capas.spec.io import parse_config
 from capas.train import fit
@@ -110,12 +109,7 @@ def compare(
                 net, way, f"{median:,.0f}", f"{min(values):,.0f}–{max(values):,.0f}", f"{median / last:.2f}"
             )
     console.print(table)
-    env = environment()
-    console.print(
-        f"machine: {env['processor']}, {env['cpu_count']} threads, torch {env['torch']}, python "
-        f"{env['python']}; {describe(env['cpu_features'])}; median of {args.repeats} repeats",
-        highlight=False,
-    )
+    console.print(f"{machine_line()}; median of {args.repeats} repeats", highlight=False)
 
 
 def patches(way: str) -> contextlib.ExitStack:

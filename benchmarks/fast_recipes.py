@@ -10,9 +10,14 @@ how many seeds met the issue's accuracy target within its time budget.
 Fashion-MNIST's budget is a fifth of Keras' own mnist_cnn recipe's time to 92.5% on this machine:
 `--keras-python PYTHON` runs benchmarks/keras_mnist_cnn.py with an interpreter that has
 tensorflow-cpu (a separate environment, see the README) in the same run; without it, capas runs
-Keras' recipe itself (examples/keras-mnist.yaml), which is not Keras' time and is labelled so.
+Keras' recipe itself (examples/keras-mnist.yaml), which is not Keras' time and is labelled so;
+with both `--keras-python` and `--capas-keras-recipe`, both sides train Keras' recipe in the same
+run, and their epochs are compared (the same network, optimizer and batch size; Keras on all 60,000
+training images with a test pass each epoch, capas on the recipe's training split with a validation
+pass).
 
     python benchmarks/fast_recipes.py fashion-mnist [--seeds 3] [--keras-python .tfvenv/bin/python]
+    .tfvenv/bin/python benchmarks/fast_recipes.py fashion-mnist --keras-python .tfvenv/bin/python --capas-keras-recipe
     python benchmarks/fast_recipes.py fashion-mnist-wide [--seeds 3]
     python benchmarks/fast_recipes.py cifar10 [--seeds 3]
     python benchmarks/fast_recipes.py cifar10-45min [--seeds 3]
@@ -23,21 +28,19 @@ Keras' recipe itself (examples/keras-mnist.yaml), which is not Keras' time and i
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from capas.cpu import describe
-from capas.runs import environment
+from capas.runs import machine_line
 from capas.spec import DataConfig, TrainConfig, load_document, load_spec
 from capas.train import train
 
@@ -100,19 +103,21 @@ def timed_run(spec: Path, data: DataConfig, cfg: TrainConfig, out: Path) -> dict
     return results
 
 
-def keras_reference(python: str, epochs: int) -> tuple[str, float]:
-    """Keras' own recipe in another interpreter: its time to 92.5% (or to the end, if never reached)."""
+def keras_reference(python: str, epochs: int) -> tuple[str, float, list[float]]:
+    """Keras' own recipe in another interpreter: its time to 92.5% (or to the end, if never reached),
+    and the seconds each epoch took (with its test pass)."""
     script = Path(__file__).parent / "keras_mnist_cnn.py"
     done = subprocess.run(
         [python, str(script), "--epochs", str(epochs), "--json"], capture_output=True, text=True, check=True
     )
     print(done.stdout, end="", flush=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    ends = [0.0] + [row["seconds"] for row in result["epochs"]]
+    epoch_seconds = [b - a for a, b in itertools.pairwise(ends)]
+    name = f"Keras {result['keras']} ({result['backend']})"
     if result["reached_seconds"] is not None:
-        return f"Keras {result['keras']} ({result['backend']}), time to 92.5%", result["reached_seconds"]
-    return f"Keras {result['keras']} ({result['backend']}), 92.5% not reached: all {epochs} epochs", result[
-        "wall"
-    ]
+        return f"{name}, time to 92.5%", result["reached_seconds"], epoch_seconds
+    return f"{name}, 92.5% not reached: all {epochs} epochs", result["wall"], epoch_seconds
 
 
 def main() -> None:
@@ -138,6 +143,11 @@ def main() -> None:
         "--reference-epochs", type=int, default=12, help="fashion-mnist: Keras' recipe's epochs"
     )
     parser.add_argument("--no-reference", action="store_true", help="fashion-mnist: skip Keras' recipe")
+    parser.add_argument(
+        "--capas-keras-recipe",
+        action="store_true",
+        help="fashion-mnist, with --keras-python: capas trains Keras' recipe too, and the epochs are compared",
+    )
     args = parser.parse_args()
     recipe = RECIPES[args.recipe]
 
@@ -156,16 +166,23 @@ def main() -> None:
             runs.append(
                 timed_run(recipe.spec, data, cfg.model_copy(update={"seed": seed}), Path(tmp) / str(seed))
             )
-        reference = None
+        reference, keras_epochs, capas_epochs = None, None, None
         if recipe.budget is None and not args.no_reference:
             if args.keras_python:
-                reference = keras_reference(args.keras_python, args.reference_epochs)
-            else:
+                label, seconds, keras_epochs = keras_reference(args.keras_python, args.reference_epochs)
+                reference = (label, seconds)
+            if args.capas_keras_recipe or not args.keras_python:
                 keras_cfg = TrainConfig(
                     epochs=args.reference_epochs, batch_size=128, optimizer={"name": "adadelta", "lr": 1.0}
                 )
-                result = timed_run(EXAMPLES / "keras-mnist.yaml", data, keras_cfg, Path(tmp) / "keras")
-                reference = ("Keras' recipe run by capas (not Keras' own time)", result["wall"])
+                out = Path(tmp) / "keras"
+                result = timed_run(EXAMPLES / "keras-mnist.yaml", data, keras_cfg, out)
+                capas_epochs = [
+                    row["seconds"]
+                    for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                ]
+                if reference is None:
+                    reference = ("Keras' recipe run by capas (not Keras' own time)", result["wall"])
 
     table = Table(title=f"{args.recipe}: test accuracy and wall time (spec to test result)")
     for column in ("seed", "epochs", "test accuracy", "wall s", "training s", "train img/s"):
@@ -181,6 +198,17 @@ def main() -> None:
     wall = [r["wall"] for r in runs]
     sd = statistics.stdev(accuracy) if len(accuracy) > 1 else float("nan")
     budget = recipe.budget
+    if keras_epochs and capas_epochs:
+        trained = round(60_000 * (1 - data.val_fraction))  # Fashion-MNIST's training images less validation
+        keras_median, capas_median = statistics.median(keras_epochs), statistics.median(capas_epochs)
+        pace = (trained / capas_median) / (60_000 / keras_median)
+        console.print(
+            f"Keras' recipe, median epoch: Keras {keras_median:.1f} s for 60,000 images with a 10,000-image test "
+            f"pass ({min(keras_epochs):.1f}–{max(keras_epochs):.1f}); capas {capas_median:.1f} s for {trained:,} "
+            f"with a {60_000 - trained:,}-image validation pass ({min(capas_epochs):.1f}–{max(capas_epochs):.1f}); "
+            f"training images per second of epoch, capas ÷ Keras: {pace:.2f}×",
+            highlight=False,
+        )
     if reference is not None:
         label, seconds = reference
         budget = seconds / 5
@@ -197,13 +225,7 @@ def main() -> None:
         + f": met by {met} of {len(runs)} seeds",
         highlight=False,
     )
-    env = environment()
-    console.print(
-        f"machine: {env['processor']}, {env['cpu_count']} threads, torch {env['torch']}, "
-        f"python {env['python']}; {describe(env['cpu_features'])}; cuda: {env['cuda']}; "
-        f"threads {torch.get_num_threads()}, interop threads {torch.get_num_interop_threads()}; {sys.platform}",
-        highlight=False,
-    )
+    console.print(machine_line(), highlight=False)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from capas.cpu import cpu_features, describe
-from capas.runs import environment
+from capas.runs import machine_line
 from capas.study.report import StudyReport, VariantResult
 from capas.study.run import run_study
 from capas.study.stats import Comparison, paired_comparison
@@ -250,10 +249,7 @@ def main() -> None:
                 f"{100 * base.mean:.2f}% ({report.test_size:,} test images)",
                 highlight=False,
             )
-    env = environment()
-    print(
-        f"machine: {env['processor']}, {env['cpu_count']} threads; {describe(cpu_features())}; torch {env['torch']}"
-    )
+    print(machine_line())
     print()
     print("| seed | claim | " + " | ".join(f"{d}: measured | {d}: verdict" for d in datasets) + " |")
     print("|---|---|" + "---|---|" * len(datasets))

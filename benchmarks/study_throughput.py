@@ -23,7 +23,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from capas.runs import environment
+from capas.runs import machine_line
 from capas.study.executors import EXECUTORS, available_cores
 from capas.study.run import run_study
 
@@ -91,7 +91,6 @@ def main() -> None:
                     r.estimate("test_accuracy").mean for r in outcome.report.variants
                 )
                 console.print(f"{name} repeat {repeat + 1}: {outcome.seconds:.1f} s", highlight=False)
-    env = environment()
     table = Table(
         title=f"study throughput: {STUDY.name}{' (--quick)' if args.quick else ''}, {runs} runs, "
         f"median of {args.repeats}",
@@ -129,11 +128,7 @@ def main() -> None:
             f"plus {statistics.median(startup['ray']):.1f} s to start the Ray instance",
             highlight=False,
         )
-    console.print(
-        f"machine: {available_cores()} cores, {env['processor']}, torch {env['torch']}, "
-        f"python {env['python']}, capas {env['capas']}",
-        highlight=False,
-    )
+    console.print(f"{machine_line()}; {available_cores()} cores available to capas", highlight=False)
 
 
 if __name__ == "__main__":

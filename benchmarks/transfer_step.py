@@ -34,10 +34,9 @@ from rich.console import Console
 from rich.table import Table
 
 import capas.train.depthwise
-from capas.cpu import describe
 from capas.data import make_splits
 from capas.models import build_model, preprocess_for
-from capas.runs import environment
+from capas.runs import machine_line
 from capas.spec import ModelSpec, TrainConfig, load_spec
 from capas.train import fit
 
@@ -147,12 +146,7 @@ def main() -> None:
                 f"{statistics.median(caches[phase, way]):.1f}" if caches.get((phase, way)) else "",
             )
     console.print(table)
-    env = environment()
-    console.print(
-        f"machine: {env['processor']}, {env['cpu_count']} threads, torch {env['torch']}, python "
-        f"{env['python']}; {describe(env['cpu_features'])}; median of {args.repeats} repeats",
-        highlight=False,
-    )
+    console.print(f"{machine_line()}; median of {args.repeats} repeats", highlight=False)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,21 @@
 """Run directories: the one place that writes and reads them (weights, ONNX graphs, the drift
 reference), so that train, compress, predict, serve and studies agree on what a run holds.
 
-- directory: `write_run`, `load_run`, `Run`, `staging` (write beside, rename when complete), `environment`
+- directory: `write_run`, `load_run`, `Run`, `staging` (write beside, rename when complete), `environment`, `machine_line`
 - runtime: `OnnxModel`, an ONNX Runtime graph behind the interface of a `CapasNet`
 - reference: the drift reference (`save_reference`, `load_reference`, `input_statistics`)
 """
 
-from capas.runs.directory import Run, environment, load_run, load_weights, save_weights, staging, write_run
+from capas.runs.directory import (
+    Run,
+    environment,
+    load_run,
+    load_weights,
+    machine_line,
+    save_weights,
+    staging,
+    write_run,
+)
 from capas.runs.reference import (
     INPUT_STATS,
     REFERENCE,
@@ -31,6 +40,7 @@ __all__ = [
     "load_reference",
     "load_run",
     "load_weights",
+    "machine_line",
     "read_runtime",
     "save_reference",
     "save_weights",

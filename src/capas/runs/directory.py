@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 import capas
 from capas import atomic
-from capas.cpu import cpu_features
+from capas.cpu import cpu_features, describe
 from capas.data import ArrayDataset, Preprocess
 from capas.errors import CapasError
 from capas.inference import TTA_MODES
@@ -60,6 +60,16 @@ def environment() -> dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu_features": cpu_features(),  # AVX-512, AVX512-BF16, AMX: what bfloat16 runs on
     }
+
+
+def machine_line(env: dict | None = None) -> str:
+    """The line a benchmark prints under its table: machine, threads, versions, what bfloat16 runs on."""
+    env = env or environment()
+    return (
+        f"machine: {env['processor']}, {env['cpu_count']} threads ({torch.get_num_interop_threads()} interop), "
+        f"{platform.system()}; torch {env['torch']}, python {env['python']}, capas {env['capas']}; "
+        f"{describe(env['cpu_features'])}; cuda: {env['cuda'] or 'none'}"
+    )
 
 
 def save_weights(path: Path, model: torch.nn.Module) -> None:
