@@ -163,7 +163,7 @@ def test_structured_pruning_removes_exactly_the_channels_that_do_nothing():
     assert torch.allclose(pruned.eval()(x), expected, atol=1e-5)
 
 
-def test_structured_pruning_keeps_batchnorms_without_scale_or_offset_so():
+def test_structured_pruning_keeps_batchnorms_without_scale_or_offset_as_they_are():
     """airbench's BatchNormalization (`scale: false`) and one with neither scale nor offset: channels
     fed by all-zero filters go, the function stays, and the layers come back without the parameters."""
     spec = ModelSpec.from_dict(
