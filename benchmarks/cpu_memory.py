@@ -62,14 +62,16 @@ def filling(cfg: TrainConfig) -> Iterator[None]:
 
 
 def second_epoch(spec_path: Path, train: dict, splits, patches: contextlib.AbstractContextManager) -> float:
-    """Images/s of the second of two `fit` epochs of a fresh model, `patches` in force while it trains."""
+    """Images/s of the second of two `fit` epochs of a fresh model, `patches` in force while it is
+    built and trains."""
     spec = load_spec(spec_path)
     cfg = parse_config(TrainConfig, {**train, "epochs": 2}, "training config")
-    model = build_model(spec, seed=0)
-    preprocess = preprocess_for(spec)
-    if whitening_layers(model):
-        fit_whitening(model, (preprocess(part) for part in splits.train.images[:WHITENING_IMAGES].split(256)))
     with patches:
+        model = build_model(spec, seed=0)
+        preprocess = preprocess_for(spec)
+        if whitening_layers(model):
+            images = splits.train.images[:WHITENING_IMAGES]
+            fit_whitening(model, (preprocess(part) for part in images.split(256)))
         result = fit(model, splits.train, splits.val, preprocess, cfg)
     return result.history[1]["images_per_s"]
 

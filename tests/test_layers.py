@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
 from capas.layers import LAYERS
 from capas.layers.base import ACTIVATIONS
+from capas.models import build_model
 from capas.models.modules import ACTIVATIONS as MODULE_ACTIVATIONS
 from capas.models.modules import build_module
+from capas.spec import ModelSpec
 
 
 def test_every_registered_layer_has_an_example_and_an_activation_module():
@@ -101,6 +105,68 @@ def test_global_max_pooling_on_a_cpu_gives_the_maximum_and_its_gradient_in_the_i
     expected = torch.zeros(4, 8, 25, dtype=dtype).scatter_(2, first[..., None], g[..., None]).view(4, 8, 5, 5)
     assert torch.equal(x.grad, expected)
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_on_a_cpu_keeps_each_value_with_one_minus_rate_and_scales_it_once(dtype):
+    module = build_module(LAYERS["Dropout"](rate=0.25), (16, 16, 64))
+    x = (torch.randn(64, 64, 16, 16) + 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    torch.manual_seed(0)
+    y = module(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.002  # 1,048,576 draws: σ = 0.0004
+    # the kept values are x scaled by 1/(1 − rate), rounded once, as torch's own dropout rounds them
+    assert torch.equal(y[kept], (x.detach()[kept].float() * (1 / 0.75)).to(dtype))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, (kept * (1 / 0.75)).to(dtype))
+    torch.manual_seed(0)
+    assert torch.equal(module(x), y)  # the global generator draws the mask: seeded runs repeat
+    assert torch.equal(module.eval()(x), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_moved_after_max_pooling_computes_the_same_values_and_gradients(dtype):
+    """Conv2D(relu) → MaxPooling2D (padding same) and Activation(relu) → GlobalMaxPooling2D are built
+    with the ReLU after the pooling; values and gradients equal the network built in Keras' order,
+    exactly, on integer inputs and weights where maxima tie and whole windows are ≤ 0."""
+    spec = ModelSpec.from_dict(
+        {
+            "name": "relu-pool",
+            "input_shape": [9, 9, 2],
+            "layers": [
+                {"Conv2D": {"filters": 6, "kernel_size": 2, "activation": "relu"}},
+                {"MaxPooling2D": {"pool_size": 3, "strides": 2, "padding": "same"}},
+                {"Conv2D": {"filters": 5, "kernel_size": 2}},
+                {"Activation": {"activation": "relu"}},
+                "GlobalMaxPooling2D",
+                {"Dense": {"units": 3}},
+            ],
+        }
+    )
+    built = build_model(spec, seed=0)
+    with mock.patch("capas.models.build._relu_after_max_pooling"):
+        keras_order = build_model(spec, seed=0)
+    assert type(built.layers["max_pooling2d"][-1]) is torch.nn.ReLU and not hasattr(
+        built.layers["conv2d"], "act"
+    )
+    assert type(keras_order.layers["max_pooling2d"][-1]) is not torch.nn.ReLU
+    keras_order.load_state_dict(built.state_dict())  # the same keys: only parameter-free modules moved
+    with torch.no_grad():
+        for p in built.parameters():
+            p.copy_(torch.randint(-2, 3, p.shape))
+        keras_order.load_state_dict(built.state_dict())
+    x = torch.randint(-3, 4, (8, 2, 9, 9)).to(dtype)
+    outputs, grads = [], []
+    for model in (built, keras_order):
+        model.to(dtype)
+        y = model(x)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y).to(dtype))
+        outputs.append(y.detach())
+        grads.append([p.grad for p in model.parameters()])
+    assert torch.equal(*outputs)
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
 def test_flatten_uses_keras_channel_last_order():

@@ -201,9 +201,21 @@ def _dense(layer: L.Dense, shape: Shape) -> nn.Module:
     return _with_activation(OrderedDict(linear=linear), layer.activation)
 
 
+class _Dropout(nn.Dropout):
+    """nn.Dropout, with its mask drawn as `uniform >= rate` on a CPU, where PyTorch's `bernoulli_` (what
+    nn.Dropout draws with) is the slower draw (benchmarks/keras_recipe_step.py measures what it buys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.device.type != "cpu" or not 0 < self.p < 1:
+            return super().forward(x)
+        keep = torch.rand_like(x, dtype=torch.float32) >= self.p  # in x's memory format
+        # x·mask is exact and the scale is applied once, in float, as native_dropout computes it
+        return x.mul(keep).mul_(1 / (1 - self.p))
+
+
 @builds(L.Dropout)
 def _dropout(layer: L.Dropout, shape: Shape) -> nn.Module:
-    return nn.Dropout(layer.rate)
+    return _Dropout(layer.rate)
 
 
 @builds(L.SpatialDropout2D)
