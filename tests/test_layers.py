@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -128,9 +129,10 @@ def test_dropout_on_a_cpu_keeps_each_value_with_one_minus_rate_and_scales_it_onc
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_relu_moved_after_max_pooling_computes_the_same_values_and_gradients(dtype):
-    """Conv2D(relu) → MaxPooling2D (padding same) and Activation(relu) → GlobalMaxPooling2D are built
-    with the ReLU after the pooling; values and gradients equal the network built in Keras' order,
-    exactly, on integer inputs and weights where maxima tie and whole windows are ≤ 0."""
+    """Conv2D(relu) → MaxPooling2D (padding same) and Activation(relu) → GlobalMaxPooling2D: while
+    `relu_after_pooling` lasts the ReLU runs after the pooling, and values and gradients equal those
+    in the spec's order, exactly, on integer inputs and weights where maxima tie and whole windows
+    are ≤ 0; after it the layers are as built."""
     spec = ModelSpec.from_dict(
         {
             "name": "relu-pool",
@@ -145,28 +147,64 @@ def test_relu_moved_after_max_pooling_computes_the_same_values_and_gradients(dty
             ],
         }
     )
-    built = build_model(spec, seed=0)
-    with mock.patch("capas.models.build._relu_after_max_pooling"):
-        keras_order = build_model(spec, seed=0)
-    assert type(built.layers["max_pooling2d"][-1]) is torch.nn.ReLU and not hasattr(
-        built.layers["conv2d"], "act"
-    )
-    assert type(keras_order.layers["max_pooling2d"][-1]) is not torch.nn.ReLU
-    keras_order.load_state_dict(built.state_dict())  # the same keys: only parameter-free modules moved
+    model = build_model(spec, seed=0)
+    as_built = str(model)
     with torch.no_grad():
-        for p in built.parameters():
+        for p in model.parameters():
             p.copy_(torch.randint(-2, 3, p.shape))
-        keras_order.load_state_dict(built.state_dict())
+    model.to(dtype)
     x = torch.randint(-3, 4, (8, 2, 9, 9)).to(dtype)
+    g = torch.linspace(-1, 1, 24).view(8, 3).to(dtype)
     outputs, grads = [], []
-    for model in (built, keras_order):
-        model.to(dtype)
-        y = model(x)
-        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y).to(dtype))
+    for moved in (False, True):
+        model.zero_grad()
+        with model.relu_after_pooling() if moved else contextlib.nullcontext():
+            layers = model.layers
+            assert hasattr(layers["conv2d"], "act") is not moved
+            assert (type(layers["activation"]) is torch.nn.Identity) is moved
+            assert (type(layers["global_max_pooling2d"][-1]) is torch.nn.ReLU) if moved else True
+            y = model(x)
+            y.backward(g)
         outputs.append(y.detach())
-        grads.append([p.grad for p in model.parameters()])
+        grads.append([p.grad.clone() for p in model.parameters()])
     assert torch.equal(*outputs)
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    assert str(model) == as_built
+
+
+def test_fit_trains_with_relu_after_pooling_and_leaves_the_layers_as_built(tmp_path):
+    from capas.data import ArrayDataset
+    from capas.models import preprocess_for
+    from capas.spec import TrainConfig
+    from capas.train import fit
+
+    spec = ModelSpec.from_dict(
+        {
+            "name": "relu-pool-fit",
+            "input_shape": [8, 8, 1],
+            "layers": [
+                {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
+                {"MaxPooling2D": {"pool_size": 2}},
+                "Flatten",
+                {"Dense": {"units": 2}},
+            ],
+        }
+    )
+    model = build_model(spec, seed=0)
+    seen = []
+    original = type(model.layers["max_pooling2d"]).forward
+
+    def spy(self, x):
+        seen.append([type(m).__name__ for m in self])
+        return original(self, x)
+
+    data = ArrayDataset(
+        torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8), torch.arange(64) % 2, ("a", "b")
+    )
+    with mock.patch.object(type(model.layers["max_pooling2d"]), "forward", spy):
+        fit(model, data, data, preprocess_for(spec), TrainConfig(epochs=1, batch_size=32, device="cpu"))
+    assert ["Sequential", "ReLU"] in seen  # the pooling wrapped with the ReLU during training
+    assert hasattr(model.layers["conv2d"], "act") and len(model.layers["max_pooling2d"]) == 1
 
 
 def test_flatten_uses_keras_channel_last_order():

@@ -114,7 +114,8 @@ def fit(
     refuse to resume it under other settings.
     """
     on_cpu = resolve_device(cfg.device).type == "cpu"
-    with reproducible(cfg), kept_heap() if on_cpu else contextlib.nullcontext():
+    relu_after_pooling = getattr(model, "relu_after_pooling", contextlib.nullcontext)
+    with reproducible(cfg), kept_heap() if on_cpu else contextlib.nullcontext(), relu_after_pooling():
         try:
             return _fit(model, train, val, preprocess, cfg, callbacks, checkpoint, dist, identity)
         finally:
