@@ -1,7 +1,8 @@
 """Run directories: the one place that writes and reads them (weights, ONNX graphs, the drift
 reference), so that train, compress, predict, serve and studies agree on what a run holds.
 
-- directory: `write_run`, `load_run`, `Run`, `staging` (write beside, rename when complete), `environment`, `machine_line`
+- directory: `write_run`, `load_run`, `Run`, `staging` (write beside, rename when complete), `environment`,
+  `machine_line`
 - runtime: `OnnxModel`, an ONNX Runtime graph behind the interface of a `CapasNet`
 - reference: the drift reference (`save_reference`, `load_reference`, `input_statistics`)
 """

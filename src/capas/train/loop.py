@@ -109,9 +109,10 @@ def fit(
     With early stopping, the model ends with its best epoch's weights (also when the epochs run out
     before patience does); without it, with the last epoch's, as Keras does.
 
-    `cfg.threads` and `cfg.deterministic` apply while it trains (capas.train.reproducible). `identity`
-    (the run's spec, data and training configs) is saved in each checkpoint, so that `train` can
-    refuse to resume it under other settings.
+    While it trains, a ReLU that feeds max pooling runs after the pooling (CapasNet.relu_after_pooling:
+    exact, and faster), and `cfg.threads` and `cfg.deterministic` apply (capas.train.reproducible).
+    `identity` (the run's spec, data and training configs) is saved in each checkpoint, so that
+    `train` can refuse to resume it under other settings.
     """
     on_cpu = resolve_device(cfg.device).type == "cpu"
     relu_after_pooling = getattr(model, "relu_after_pooling", contextlib.nullcontext)
