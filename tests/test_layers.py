@@ -172,24 +172,13 @@ def test_relu_moved_after_max_pooling_computes_the_same_values_and_gradients(dty
     assert str(model) == as_built
 
 
-def test_fit_trains_with_relu_after_pooling_and_leaves_the_layers_as_built(tmp_path):
+def test_fit_trains_with_relu_after_pooling_and_leaves_the_layers_as_built(tiny_spec):
     from capas.data import ArrayDataset
     from capas.models import preprocess_for
     from capas.spec import TrainConfig
     from capas.train import fit
 
-    spec = ModelSpec.from_dict(
-        {
-            "name": "relu-pool-fit",
-            "input_shape": [8, 8, 1],
-            "layers": [
-                {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
-                {"MaxPooling2D": {"pool_size": 2}},
-                "Flatten",
-                {"Dense": {"units": 2}},
-            ],
-        }
-    )
+    spec = tiny_spec  # Conv2D(relu) → MaxPooling2D
     model = build_model(spec, seed=0)
     seen = []
     original = type(model.layers["max_pooling2d"]).forward
@@ -199,7 +188,7 @@ def test_fit_trains_with_relu_after_pooling_and_leaves_the_layers_as_built(tmp_p
         return original(self, x)
 
     data = ArrayDataset(
-        torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8), torch.arange(64) % 2, ("a", "b")
+        torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8), torch.arange(64) % 2, ("a", "b")
     )
     with mock.patch.object(type(model.layers["max_pooling2d"]), "forward", spy):
         fit(model, data, data, preprocess_for(spec), TrainConfig(epochs=1, batch_size=32, device="cpu"))
