@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,6 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from capas.cli import app
+from capas.inference import choose_precision
+from capas.runs import load_run
 from capas.spec import load_spec
 from capas.spec.summary import summarize
 
@@ -107,6 +110,8 @@ def test_train_evaluate_predict(tmp_path, tiny_run):
             "0.05",
             "--momentum",
             "0.9",
+            "--precision",
+            "auto",
             "--out",
             str(out),
         ],
@@ -114,6 +119,11 @@ def test_train_evaluate_predict(tmp_path, tiny_run):
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.output and "confusion matrix" in result.output
     assert '"name": "sgd"' in (out / "config.json").read_text()
+    chosen, why = choose_precision("auto", "cpu")  # bfloat16 on a CPU with AVX512-BF16 or AMX, else float32
+    assert f"precision auto: {chosen} ({why})" in " ".join(result.output.split())
+    assert json.loads((out / "config.json").read_text())["train"]["precision"] == chosen  # what it ran in
+    assert json.loads((out / "test.json").read_text())["precision"] == chosen
+    assert load_run(out).precision == chosen
 
     result = runner.invoke(app, ["evaluate", str(tiny_run)])
     assert result.exit_code == 0, result.output

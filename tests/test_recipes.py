@@ -11,11 +11,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from capas.cpu import bfloat16_warning, cpu_features, cpu_flags
+from capas.cpu import bfloat16_warning, cpu_features, cpu_flags, describe
 from capas.data import ArrayDataset, iterate_batches, splits_for
 from capas.data.batches import augment_batch, default_preprocess
 from capas.errors import CapasError
-from capas.inference import tta_logits
+from capas.inference import choose_precision, tta_logits
 from capas.layers import LAYERS
 from capas.models import build_model
 from capas.models.init import patch_whitening
@@ -481,6 +481,12 @@ def test_cpu_features_say_when_bfloat16_is_native(tmp_path):
     assert bfloat16_warning("cpu", "bfloat16", cpu_flags(sapphire)) is None
     assert bfloat16_warning("cpu", "float32", cpu_flags(haswell)) is None
     assert cpu_flags(tmp_path / "missing") == frozenset()
+    assert choose_precision("auto", "cpu", cpu_flags(sapphire))[0] == "bfloat16"
+    assert choose_precision("auto", "cpu", cpu_flags(haswell)) == ("float32", describe(slow))
+    assert choose_precision("bfloat16", "cpu", cpu_flags(haswell)) == ("bfloat16", "as asked")
+    assert choose_precision("float32", "cpu", cpu_flags(sapphire)) == ("float32", "as asked")
+    with pytest.raises(CapasError, match="'float16' is not one of auto, float32, bfloat16"):
+        choose_precision("float16", "cpu")
 
 
 def test_serve_applies_the_runs_test_time_augmentation(whitened_run, tmp_path):
@@ -522,7 +528,7 @@ def test_the_presets_load(spec, config):
     document = load_document(examples / config)
     train_cfg = parse_config(TrainConfig, document["train"], config)
     parse_config(DataConfig, document["data"], config)
-    assert train_cfg.tta != "none" and train_cfg.precision == "bfloat16"
+    assert train_cfg.tta != "none" and train_cfg.precision == "auto"  # bfloat16 where native
     if spec.startswith("recipes/cifar10-transfer"):
         assert loaded.backbone is not None and train_cfg.finetune is not None
     else:  # airbench's training: its lookahead

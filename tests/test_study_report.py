@@ -142,6 +142,21 @@ def test_failed_seed_is_left_out_of_every_variant_and_shown(report):
     )
 
 
+def test_seeds_of_one_variant_in_different_precisions_are_flagged(tiny_study, study_file):
+    study = load_study(study_file(tiny_study(seeds=2, variations=[HEAD])))
+    precisions = {"Flatten": ["bfloat16", "float32"], "GAP": ["float32", "float32"], "GMP": [None, None]}
+    rows = {
+        f"{variant}/seed-{seed}": row(variant, seed, {**synthetic(0.8), "precision": precision})
+        for variant, values in precisions.items()
+        for seed, precision in enumerate(values)
+    }
+    warnings = collect(study, rows).warnings
+    assert [w for w in warnings if "precisions" in w] == [
+        "Flatten: its seeds trained in different precisions (1 in bfloat16, 1 in float32; `precision: auto` "
+        "chooses per machine): its figures mix them. Set train.precision to compare like with like."
+    ]
+
+
 def test_diverged_seed_stays_in_the_figures_and_is_flagged(report):
     sgd = report.variants[3]
     assert sgd.runs[2].status == DIVERGED and sgd.runs[2].detail == "non-finite loss at epoch 1"

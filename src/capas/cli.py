@@ -114,7 +114,11 @@ def train(
     seed: int | None = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps")] = None,
     precision: Annotated[
-        str | None, typer.Option(help="float32, or bfloat16 (mixed precision: bfloat16 forward passes)")
+        str | None,
+        typer.Option(
+            help="float32, bfloat16 (mixed precision: bfloat16 forward passes), or auto (bfloat16 where "
+            "the device computes it natively, else float32)"
+        ),
     ] = None,
     limit: Annotated[
         int | None, typer.Option(help="train on a stratified subset of this many images")
@@ -190,9 +194,13 @@ def train(
     if main:
         console.print(f"training [bold]{model_spec.name}[/] on {data_cfg.name} -> {out}", highlight=False)
         from capas.cpu import bfloat16_warning
-        from capas.inference import resolve_device
+        from capas.inference import choose_precision, resolve_device
 
-        if warning := bfloat16_warning(resolve_device(train_cfg.device), train_cfg.precision):
+        run_device = resolve_device(train_cfg.device)
+        if train_cfg.precision == "auto":
+            chosen, why = choose_precision("auto", run_device)
+            console.print(f"precision auto: {chosen} ({why})", highlight=False)
+        if warning := bfloat16_warning(run_device, train_cfg.precision):
             errors.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     if distributed.launched():
         results = distributed.train_ranked(

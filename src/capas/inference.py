@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capas.cpu import cpu_features, describe
 from capas.data import ArrayDataset, Preprocess, iterate_batches
 from capas.errors import CapasError
 
@@ -43,6 +44,29 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise CapasError(f"device {name!r}: Apple's MPS is not available here; use auto or cpu")
     return device
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def choose_precision(
+    precision: str, device: torch.device | str, flags: frozenset[str] | None = None
+) -> tuple[str, str]:
+    """The precision to run in, and why: 'auto' is bfloat16 where `device` computes it natively (a CPU
+    with AVX512-BF16, AMX or Arm BF16; a CUDA GPU with bfloat16 units), else float32. A CPU without
+    them emulates bfloat16 (usually far slower than float32: README, Performance); the
+    others are taken as they are. `flags`: the CPU's (capas.cpu.cpu_flags), read here if None."""
+    if precision not in PRECISIONS:
+        raise CapasError(f"train.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision, "as asked"
+    device = torch.device(device)
+    if device.type == "cpu":
+        features = cpu_features(flags)
+        return ("bfloat16" if features["native_bfloat16"] else "float32"), describe(features)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bfloat16", f"{torch.cuda.get_device_name(device)} computes bfloat16"
+    return "float32", f"no native bfloat16 on {device.type}"
 
 
 def model_device(model) -> torch.device:

@@ -186,10 +186,12 @@ class TrainConfig(_Config):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     channels_last: bool = True
-    precision: Literal["float32", "bfloat16"] = Field(
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
         default="float32",
         description="bfloat16: mixed precision, forward passes autocast to bfloat16 (weights, gradients "
-        "and optimizer state stay float32), in training, evaluation, the feature cache and prediction",
+        "and optimizer state stay float32), in training, evaluation, the feature cache and prediction; "
+        "auto: bfloat16 where the device computes it natively (a CPU with AVX512-BF16, AMX or Arm BF16, "
+        "a CUDA GPU with bfloat16 units), else float32 — the run records the one it chose",
     )
     deterministic: bool = Field(
         default=True,

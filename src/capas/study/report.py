@@ -148,6 +148,15 @@ class StudyReport:
                 "validation epoch in at least one seed). Their effects may shrink or grow with more training."
             )
         lines += [f"{r.name}: {note.text}" for r in self.variants for note in r.notes if note.warning]
+        for r in self.variants:
+            precisions = Counter(result.get("precision") for result in r.results.values())
+            precisions.pop(None, None)  # runs from before test.json recorded it
+            if len(precisions) > 1:
+                counts = ", ".join(f"{n} in {p}" for p, n in sorted(precisions.items()))
+                lines.append(
+                    f"{r.name}: its seeds trained in different precisions ({counts}; `precision: auto` "
+                    "chooses per machine): its figures mix them. Set train.precision to compare like with like."
+                )
         return lines
 
 

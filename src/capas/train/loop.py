@@ -15,7 +15,7 @@ from torch import nn
 from capas.cpu import kept_heap
 from capas.data import ArrayDataset, Preprocess, iterate_batches
 from capas.errors import CapasError
-from capas.inference import autocast, evaluate, resolve_device
+from capas.inference import autocast, choose_precision, evaluate, resolve_device
 from capas.spec.train import EarlyStopping, OptimizerConfig, TrainConfig
 from capas.train import batchnorm, depthwise, frozen_cache, resizing
 from capas.train.checkpoint import checkpoint_epoch, load_checkpoint, save_checkpoint
@@ -89,6 +89,13 @@ class _Monitor:
         self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
 
 
+def with_precision(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with `precision: auto` replaced by the precision it means on `cfg.device` here."""
+    if cfg.precision != "auto":
+        return cfg
+    return cfg.model_copy(update={"precision": choose_precision("auto", resolve_device(cfg.device))[0]})
+
+
 def fit(
     model: nn.Module,
     train: ArrayDataset,
@@ -112,8 +119,10 @@ def fit(
     While it trains, a ReLU that feeds max pooling runs after the pooling (CapasNet.relu_after_pooling:
     exact, and faster), and `cfg.threads` and `cfg.deterministic` apply (capas.train.reproducible).
     `identity` (the run's spec, data and training configs) is saved in each checkpoint, so that
-    `train` can refuse to resume it under other settings.
+    `train` can refuse to resume it under other settings. `precision: auto` trains in the precision it
+    chooses here (capas.inference.choose_precision).
     """
+    cfg = with_precision(cfg)
     on_cpu = resolve_device(cfg.device).type == "cpu"
     relu_after_pooling = getattr(model, "relu_after_pooling", contextlib.nullcontext)
     with reproducible(cfg), kept_heap() if on_cpu else contextlib.nullcontext(), relu_after_pooling():
