@@ -80,8 +80,12 @@ def test_cached_rows_compile_with_the_frozen_rows(splits):
     # six frozen rows, three of them unfrozen after the first epoch: the cache holds rows 0-2, and
     # rows 3-5 run compiled while they stay frozen (short graphs: Inductor compiles each in seconds)
     backbone = {**BACKBONE, "frozen": 6}
+    from torch._dynamo.utils import counters
+
     _, plain_result, _ = _train(splits, False, "alternate", compile="frozen", backbone=backbone)
+    graphs = counters["stats"]["unique_graphs"]
     cached, cached_result, _ = _train(splits, True, "alternate", compile="frozen", backbone=backbone)
+    assert counters["stats"]["unique_graphs"] > graphs, "the cached training compiled nothing"
     assert cached_result.frozen_cache["rows"] == 3
     # BatchNorm folded into the convolutions in both: equal up to float rounding
     for a, b in zip(plain_result.history, cached_result.history, strict=True):
