@@ -213,6 +213,13 @@ class TrainConfig(_Config):
         "The first steps of each batch shape take seconds to compile; evaluation, checkpoints and the "
         "saved model are the uncompiled model's",
     )
+    winograd: bool = Field(
+        default=False,
+        description="compute the wide 3×3, stride-1 convolutions (at least 128 channels in and out, "
+        "outputs at least 8×8) of float32 training on a CPU by Winograd's F(4×4, 3×3): 4× fewer "
+        "multiply-adds, results equal to float32 rounding; the run records which layers. Not in "
+        "bfloat16 or on a GPU, where it changes nothing; evaluation and serving are unchanged",
+    )
     cache_frozen: bool = Field(
         default=False,
         description="keep in memory the output of the backbone rows that stay frozen for the whole "
@@ -240,6 +247,15 @@ class TrainConfig(_Config):
         description="before every evaluation, recompute BatchNormalization's running statistics as the "
         "average over this many training batches (no augmentation); 0: off, Keras' moving averages",
     )
+
+    @model_validator(mode="after")
+    def _winograd_uncompiled(self) -> TrainConfig:
+        if self.winograd and self.compile is True:
+            raise ValueError(
+                "winograd: true and compile: true cannot be combined: winograd replaces convolutions "
+                "in the eager step; set one of them"
+            )
+        return self
 
 
 class DataConfig(_Config):

@@ -164,6 +164,8 @@ def _train(
         test_results["feature_cache"] = feature_cache
     if result.frozen_cache is not None:
         test_results["frozen_cache"] = result.frozen_cache
+    if result.winograd is not None:
+        test_results["winograd"] = result.winograd  # the layers it computed: none in bfloat16 or on a GPU
     config = {
         "data": data.model_dump(mode="json"),
         "train": cfg.model_dump(mode="json"),

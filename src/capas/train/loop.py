@@ -17,7 +17,7 @@ from capas.data import ArrayDataset, Preprocess, iterate_batches
 from capas.errors import CapasError
 from capas.inference import autocast, choose_precision, evaluate, resolve_device
 from capas.spec.train import EarlyStopping, OptimizerConfig, TrainConfig
-from capas.train import batchnorm, depthwise, frozen_cache, resizing
+from capas.train import batchnorm, depthwise, frozen_cache, resizing, winograd
 from capas.train.checkpoint import checkpoint_epoch, load_checkpoint, save_checkpoint
 from capas.train.ema import WeightAverage
 from capas.train.optim import Plateau, lr_factor, make_optimizer, set_lr
@@ -51,6 +51,8 @@ class FitResult:
     bn_gap: dict | None = None  # batchnorm.mode_gap of the final weights (None: no BatchNorm trains)
     # train.cache_frozen: FrozenViews.record() (its seconds are in train_seconds)
     frozen_cache: dict | None = None
+    # train.winograd: the convolutions it computed (eligible ones of a float32 training on a CPU)
+    winograd: list[str] | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -211,6 +213,12 @@ def _fit(
         and cfg.compile is not True
         and depthwise.has_depthwise(model)
     )
+    # train.winograd computes float32 training on a CPU only; elsewhere it records that it computed nothing
+    wino = (
+        winograd.Convolutions(model)
+        if cfg.winograd and device.type == "cpu" and cfg.precision == "float32"
+        else None
+    )
     world = 1 if dist is None else dist.world
     evaluate_all = evaluate if dist is None else dist.evaluate
 
@@ -257,7 +265,11 @@ def _fit(
                 )
             factor = lr_factor(cfg.schedule, step, steps_per_epoch, total_steps) * plateau.scale
             set_lr(optimizer, base_lrs, factor)
-            with autocast(device, cfg.precision), depthwise.float32_backward(float32_depthwise):
+            with (
+                autocast(device, cfg.precision),
+                depthwise.float32_backward(float32_depthwise),
+                wino.active() if wino is not None else contextlib.nullcontext(),
+            ):
                 logits = net(x) if views is None else net(x, start_row=views.rows)
                 loss = nn.functional.cross_entropy(
                     logits, y, label_smoothing=cfg.label_smoothing, reduction="sum"
@@ -333,6 +345,8 @@ def _fit(
             batchnorm.recalibrate(model, train, preprocess, cfg)
     result.best_epoch = monitor.best_epoch
     result.bn_gap = batchnorm.mode_gap(model, train, preprocess, cfg)
+    if cfg.winograd:
+        result.winograd = [] if wino is None else wino.used()
     for cb in callbacks:
         cb.on_fit_end(result)
     return result

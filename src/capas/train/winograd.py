@@ -1,0 +1,217 @@
+"""Winograd convolution for the float32 training step on a CPU (`train.winograd`).
+
+A 3×3 convolution computed by Winograd's minimal filtering F(4×4, 3×3) (Lavin & Gray, "Fast
+Algorithms for Convolutional Neural Networks", 2015; one of cuDNN's and NNPACK's algorithms): each 6×6 tile
+of the input and the 3×3 filter are carried into a 6×6 domain where the convolution is 36
+independent matrix products (Cin → Cout per tile position), and 4×4 outputs come back per tile —
+36 multiply-adds where a direct convolution needs 144, 4× fewer. Its backward pass is the same
+three steps transposed: the gradients of the input and of the weights are two more batched matrix
+products in the tile domain. PyTorch's CPU convolutions (oneDNN) compute these directly.
+
+The transforms are products with the 36×36 and 16×36 Kronecker matrices of the 1-D ones, one pass
+over the data each (the 6×6 matrices one tile axis at a time, two passes, were slower on the
+2-core machine measured); with their copies they cost about half as much as the tile products, so
+they pay only where the convolution is wide (benchmarks/winograd.py, README Performance), hence
+`eligible`'s rule. The results differ from a direct convolution by float32 rounding in the
+transforms (relative error ~1e-6, tests/test_winograd.py). Only training uses it: evaluation,
+export and serving run the model's own convolutions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+# F(4×4, 3×3) with the interpolation points 0, ±1, ±2, ∞ (Lavin & Gray, section 4.2)
+_BT = torch.tensor(
+    [
+        [4, 0, -5, 0, 1, 0],
+        [0, -4, -4, 1, 1, 0],
+        [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 2, -1, -2, 1, 0],
+        [0, 4, 0, -5, 0, 1],
+    ],
+    dtype=torch.float64,
+)
+_G = torch.tensor(
+    [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ],
+    dtype=torch.float64,
+)
+_AT = torch.tensor(
+    [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+    dtype=torch.float64,
+)
+_BB = torch.kron(_BT, _BT)  # (36, 36): a 6×6 tile, flattened, into the Winograd domain
+_AA = torch.kron(_AT, _AT)  # (16, 36): the domain's 36 products back to a 4×4 output tile
+
+# Where it pays (benchmarks/winograd.py, batch 128, on a 2-core AVX2 CPU, 2026-11-27): from 128
+# channels in and out it ran 1.57–2.48× as fast as the direct convolution at every output side from
+# 8 to 28; at 64 channels 0.75–0.88× up to 16×16 (1.28× at 28×28). Smaller outputs were not measured.
+MIN_CHANNELS = 128
+MIN_SIDE = 8
+
+
+def _tiles(x: torch.Tensor, th: int, tw: int) -> torch.Tensor:
+    """(6, 6, N, th, tw, C) view of the overlapping 6×6 tiles, stride 4, of x (N, 4th+2, 4tw+2, C)."""
+    n, _, _, c = x.shape
+    sn, sh, sw, sc = x.stride()
+    return x.as_strided((6, 6, n, th, tw, c), (sh, sw, sn, 4 * sh, 4 * sw, sc))
+
+
+class _Winograd(torch.autograd.Function):
+    """A 3×3, stride-1 convolution of an NHWC tensor, zero-padded by (ph, pw), without bias."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+        n, h, w, c = x.shape
+        k = weight.shape[0]
+        ho, wo = h + 2 * ph - 2, w + 2 * pw - 2
+        th, tw = -(-ho // 4), -(-wo // 4)
+        # the padding, and more zeros up to whole tiles, whose extra outputs are computed and dropped
+        extra_h, extra_w = 4 * th + 2 - h - ph, 4 * tw + 2 - w - pw
+        if ph or pw or extra_h or extra_w:
+            x = F.pad(x, (0, 0, pw, extra_w, ph, extra_h))
+        x = x.contiguous()
+        p = n * th * tw
+        v = torch.mm(_BB.to(x.dtype), _tiles(x, th, tw).reshape(36, p * c)).view(36, p, c)
+        g = _G.to(weight.dtype)
+        u = torch.einsum("ia,kcab,jb->ijck", g, weight, g).reshape(36, c, k)
+        m = torch.bmm(v, u).view(36, p * k)
+        y = torch.mm(_AA.to(m.dtype), m).view(4, 4, n, th, tw, k)
+        ctx.save_for_backward(v, u)
+        ctx.dims = (n, h, w, c, k, th, tw, ph, pw)
+        return y.permute(2, 3, 0, 4, 1, 5).reshape(n, 4 * th, 4 * tw, k)[:, :ho, :wo]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        v, u = ctx.saved_tensors
+        n, h, w, c, k, th, tw, ph, pw = ctx.dims
+        p = n * th * tw
+        # the gradient in output-tile layout (4, 4, N·th·tw·K), zero for the dropped outputs
+        if grad.shape[1] != 4 * th or grad.shape[2] != 4 * tw:
+            grad = F.pad(grad, (0, 0, 0, 4 * tw - grad.shape[2], 0, 4 * th - grad.shape[1]))
+        tiled = grad.reshape(n, th, 4, tw, 4, k).permute(2, 4, 0, 1, 3, 5).reshape(16, p * k)
+        dm = torch.mm(_AA.t().to(grad.dtype), tiled).view(36, p, k)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dv = torch.bmm(dm, u.transpose(1, 2)).view(36, p * c)
+            dtiles = torch.mm(_BB.t().to(dv.dtype), dv).view(6, 6, n, th, tw, c)
+            padded = grad.new_zeros(n, 4 * th + 2, 4 * tw + 2, c)
+            for a in range(6):  # the tiles overlap by 2: their gradients add up
+                for b in range(6):
+                    padded[:, a : a + 4 * th - 3 : 4, b : b + 4 * tw - 3 : 4] += dtiles[a, b]
+            dx = padded[:, ph : ph + h, pw : pw + w]
+        if ctx.needs_input_grad[1]:
+            du = torch.bmm(v.transpose(1, 2), dm).view(6, 6, c, k)
+            g = _G.to(du.dtype)
+            dw = torch.einsum("ia,ijck,jb->kcab", g, du, g)
+        return dx, dw, None, None
+
+
+def conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding=0
+) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, stride=1, padding=padding) for a 3×3 weight, by F(4×4, 3×3).
+
+    x is NCHW (channels-last strides keep the NHWC work free of copies); padding an int, a pair,
+    'valid' or 'same'."""
+    if padding == "same":
+        padding = 1
+    elif padding == "valid":
+        padding = 0
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    y = _Winograd.apply(x.permute(0, 2, 3, 1), weight, ph, pw).permute(0, 3, 1, 2)
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+
+def eligible(module: nn.Module) -> bool:
+    """Whether `module` is a Conv2d whose training `Convolutions` may compute by F(4×4, 3×3): 3×3,
+    stride 1, no dilation or groups, zero padding, and wide enough to pay (MIN_CHANNELS); its output
+    side (MIN_SIDE) is checked per call."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (3, 3)
+        and module.stride == (1, 1)
+        and module.dilation == (1, 1)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and module.in_channels >= MIN_CHANNELS
+        and module.out_channels >= MIN_CHANNELS
+    )
+
+
+def _eligible_names(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """`model`'s eligible convolutions, named as a user knows them: in a capas network by its spec's
+    layer names (a backbone's convolutions under the backbone layer's name), else by module path."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleDict):
+        return [(name, module) for name, module in model.named_modules() if eligible(module)]
+    named = []
+    for layer_name, layer in layers.items():
+        inner = [(name, module) for name, module in layer.named_modules() if eligible(module)]
+        one = len(inner) == 1 and inner[0][0] in ("", "conv")  # a Conv2D layer
+        named += [(layer_name if one else f"{layer_name}.{name}", module) for name, module in inner]
+    return named
+
+
+class Convolutions:
+    """One training's Winograd convolutions: `active()` around each step's forward pass computes
+    its eligible calls by F(4×4, 3×3) where they train in float32 on the CPU and their outputs are
+    at least MIN_SIDE on a side; every other call runs as it is. `used()` names the layers it
+    computed."""
+
+    def __init__(self, model: nn.Module):
+        named = _eligible_names(model)
+        self._names = {id(module.weight): name for name, module in named}
+        self._order = [name for name, _ in named]
+        self._used: set[str] = set()
+
+    def active(self) -> TorchFunctionMode:
+        return _WinogradMode(self)
+
+    def used(self) -> list[str]:
+        return [name for name in self._order if name in self._used]
+
+
+class _WinogradMode(TorchFunctionMode):
+    def __init__(self, convolutions: Convolutions):
+        super().__init__()
+        self.convolutions = convolutions
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv2d:
+            call = self._call(*args, **kwargs)
+            if call is not None:
+                return conv2d(*call)
+        return func(*args, **kwargs)
+
+    def _call(self, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        """conv2d's arguments when this call is one of the eligible convolutions, training in float32
+        on the CPU with outputs of at least MIN_SIDE; else None (it runs as it is)."""
+        name = self.convolutions._names.get(id(weight))
+        if (
+            name is None
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or x.dim() != 4
+            or torch.is_autocast_enabled("cpu")
+            or not torch.is_grad_enabled()
+        ):
+            return None
+        pad = 1 if padding == "same" else 0 if padding == "valid" else padding
+        ph, pw = (pad, pad) if isinstance(pad, int) else pad
+        if min(x.shape[2] + 2 * ph, x.shape[3] + 2 * pw) - 2 < MIN_SIDE:
+            return None
+        self.convolutions._used.add(name)
+        return x, weight, bias, (ph, pw)

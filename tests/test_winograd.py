@@ -1,0 +1,174 @@
+"""train.winograd: F(4×4, 3×3) convolutions in float32 CPU training, against PyTorch's own."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch.nn import functional as F
+
+from capas.spec import DataConfig, ModelSpec, TrainConfig
+from capas.train import fit, train
+from capas.train.winograd import Convolutions, conv2d
+
+
+def _grads(conv, x, w, b, grad, **kwargs):
+    x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+    y = conv(x, w, b, **kwargs)
+    return (y, *torch.autograd.grad(y, (x, w, b), grad))
+
+
+@pytest.mark.parametrize(
+    ("side", "padding"), [(6, 0), (9, 0), (12, 1), (13, "same"), (7, "valid"), (10, (1, 0))]
+)
+def test_forward_and_gradients_are_the_convolutions(side, padding):
+    """In float64 the transforms are exact to rounding: output, input, weight and bias gradients
+    equal F.conv2d's, whole tiles or not, padded or not."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, side, side + 3, dtype=torch.float64).to(memory_format=torch.channels_last)
+    w = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    y = F.conv2d(x, w, b, padding=padding)
+    grad = torch.randn_like(y)
+    expected = _grads(F.conv2d, x, w, b, grad, padding=padding)
+    got = _grads(conv2d, x, w, b, grad, padding=padding)
+    for e, g in zip(expected, got, strict=True):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_error_is_float32_rounding_at_128_channels():
+    torch.manual_seed(0)
+    x = torch.randn(2, 128, 14, 14).to(memory_format=torch.channels_last)
+    w = torch.randn(128, 128, 3, 3) * 0.05
+    b = torch.zeros(128)
+    y = F.conv2d(x.double(), w.double(), padding=1)
+    grad = torch.randn_like(y)
+    exact = _grads(F.conv2d, x.double(), w.double(), b.double(), grad, padding=1)
+    got = _grads(conv2d, x, w, b, grad.float(), padding=1)
+    for e, g in zip(exact[:3], got[:3], strict=True):
+        assert (g.double() - e).norm() / e.norm() < 1e-5
+
+
+def _net(channels=128):
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, channels, 3, padding=1),
+        torch.nn.Conv2d(channels, channels, 3, padding=1),  # eligible at 128
+        torch.nn.Conv2d(channels, channels, 3, stride=2),  # strided: never
+        torch.nn.Conv2d(channels, channels, 3, dilation=2),  # dilated: never
+    )
+
+
+def _backward_names(net, x, enabled=True):
+    names = []
+    with Convolutions(net).active() if enabled else contextlib.nullcontext():
+        y = x
+        for layer in net:
+            y = layer(y)
+            names.append(type(y.grad_fn).__name__)
+    return names
+
+
+def test_the_mode_computes_the_eligible_calls_that_train_in_float32():
+    torch.manual_seed(0)
+    net = _net()
+    x = torch.randn(2, 1, 16, 16)
+    assert _backward_names(net, x)[1] == "AddBackward0"  # the Winograd product, then its bias
+    assert "AddBackward0" not in _backward_names(net, x, enabled=False)
+    small = torch.randn(2, 1, 7, 7)  # outputs under 8×8: direct
+    assert _backward_names(net[:2], small)[1] == "ConvolutionBackward0"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _backward_names(net, x)[1] == "ConvolutionBackward0"
+    with torch.no_grad(), Convolutions(net).active():
+        y = net[1](net[0](x))
+    torch.testing.assert_close(y, net[1](net[0](x)), rtol=1e-4, atol=1e-4)
+
+
+def test_only_wide_stride_one_3x3_convolutions_are_computed_and_recorded():
+    torch.manual_seed(0)
+    net, other = _net(), _net()
+    convolutions = Convolutions(net)
+    with convolutions.active():
+        other(torch.randn(2, 1, 16, 16))  # another network's weights: not this training's
+        assert convolutions.used() == []
+        net(torch.randn(2, 1, 16, 16))
+    assert convolutions.used() == ["1"]  # not the strided, dilated or one-channel ones
+    narrow = _net(64)  # narrower: direct convolution is faster (benchmarks/winograd.py)
+    convolutions = Convolutions(narrow)
+    with convolutions.active():
+        narrow(torch.randn(2, 1, 16, 16))
+    assert convolutions.used() == []
+
+
+WIDE = {
+    "name": "wide",
+    "input_shape": [14, 14, 1],
+    "layers": [
+        {"Conv2D": {"filters": 128, "kernel_size": 3, "padding": "same", "activation": "relu"}},
+        {
+            "Conv2D": {
+                "name": "wide",
+                "filters": 128,
+                "kernel_size": 3,
+                "padding": "same",
+                "activation": "relu",
+            }
+        },
+        "GlobalAveragePooling2D",
+        {"Dense": {"units": 10, "activation": "softmax"}},
+    ],
+}
+
+
+def test_training_with_winograd_follows_the_direct_training_and_records_its_layers(tmp_path):
+    data = DataConfig(name="digits", limit=300, test_limit=100, val_fraction=0.2)
+    cfg = dict(epochs=2, batch_size=50, optimizer={"lr": 3e-3}, precision="float32")
+    direct = train(ModelSpec.from_dict(WIDE), data, TrainConfig(**cfg), tmp_path / "direct")
+    wino = train(ModelSpec.from_dict(WIDE), data, TrainConfig(**cfg, winograd=True), tmp_path / "wino")
+    again = train(ModelSpec.from_dict(WIDE), data, TrainConfig(**cfg, winograd=True), tmp_path / "again")
+    assert wino["winograd"] == ["wide"]  # the spec's name: its first convolution has one channel in
+    assert "winograd" not in direct
+    assert wino["test_loss"] == pytest.approx(direct["test_loss"], rel=1e-3)
+    assert wino["test_loss"] != direct["test_loss"]  # really another computation
+    assert again["test_loss"] == wino["test_loss"]  # and a deterministic one
+
+
+def test_bfloat16_training_records_that_winograd_computed_nothing():
+    from capas.data import default_preprocess, make_splits
+    from capas.models import build_model
+
+    spec = ModelSpec.from_dict(WIDE)
+    splits = make_splits("digits", limit=100)
+    cfg = TrainConfig(epochs=1, batch_size=50, precision="bfloat16", winograd=True)
+    result = fit(build_model(spec), splits.train, splits.val, default_preprocess(spec.input_shape), cfg)
+    assert result.winograd == []
+
+
+def test_winograd_and_a_compiled_step_are_refused_together():
+    with pytest.raises(ValidationError, match="winograd: true and compile: true"):
+        TrainConfig(winograd=True, compile=True)
+    TrainConfig(winograd=True, compile="frozen")  # a frozen backbone's graph is inference: fine
+
+
+def test_the_command_line_option_trains_with_it_and_warns_where_it_computes_nothing(tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from capas.cli import app
+
+    spec = tmp_path / "wide.yaml"
+    spec.write_text(yaml.safe_dump(WIDE))
+    common = ["train", str(spec), "--data", "digits", "--limit", "200", "--epochs", "1", "--winograd"]
+    runner = CliRunner()
+    result = runner.invoke(app, [*common, "--precision", "float32", "--out", str(tmp_path / "f32")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "f32" / "test.json").read_text())["winograd"] == ["wide"]
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["train"]["winograd"] is True
+    result = runner.invoke(app, [*common, "--precision", "bfloat16", "--out", str(tmp_path / "bf16")])
+    assert result.exit_code == 0, result.output
+    assert "winograd computes float32 training on a CPU" in " ".join(result.output.split())
+    assert json.loads((tmp_path / "bf16" / "test.json").read_text())["winograd"] == []
