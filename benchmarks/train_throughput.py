@@ -13,7 +13,8 @@ trains with `train_on_batch` on float32 tensors already in memory, batches slice
 at 1e-3, in float32 and under the mixed_bfloat16 policy, its runs interleaved with the others;
 "capas ÷ Keras" compares capas' `fit` with Keras in the same precision. capas also trains with
 `train.compile` (torch.compile of the training step): a fresh model compiles during its first
-epoch, so that fit trains two epochs and its second is timed, the first printed apart. Keras runs in a process
+epoch, so that fit trains two epochs and its second is timed, the first printed apart; and in
+float32 with `train.winograd` (its two 128-channel convolutions by Winograd's F(4×4, 3×3)). Keras runs in a process
 of its own that takes turns with this one. Each Keras run builds a fresh model; its first step
 (tf.function tracing) is timed apart, left out of images/s and printed below the table with capas'
 warm-up. Neither side's threads are set: the last line prints what each framework uses. Keep
@@ -75,6 +76,7 @@ CIFAR = next(
 BATCH = 128
 PRECISIONS = ("float32", "bfloat16")
 COMPILED = "capas fit, train.compile"
+WINOGRAD = "capas fit, train.winograd"  # float32 only: it changes nothing in bfloat16
 WARMUPS = {"capas fit": "warm-up (1 batch, once)", COMPILED: "first epoch (compiling), median"}
 
 
@@ -251,13 +253,22 @@ def gpu_main(args: argparse.Namespace, console: Console) -> None:
 
 
 def capas_fit(
-    train: ArrayDataset, val: ArrayDataset, precision: str = "float32", compile: bool = False
+    train: ArrayDataset,
+    val: ArrayDataset,
+    precision: str = "float32",
+    compile: bool = False,
+    winograd: bool = False,
 ) -> tuple[float, float]:
     """(images/s, seconds of the first epoch): compiled, a fresh model compiles in its first
     epoch, so it trains two and the second is timed; eager, one."""
     spec = load_spec(SPEC)
     cfg = TrainConfig(
-        epochs=2 if compile else 1, batch_size=BATCH, device="cpu", precision=precision, compile=compile
+        epochs=2 if compile else 1,
+        batch_size=BATCH,
+        device="cpu",
+        precision=precision,
+        compile=compile,
+        winograd=winograd,
     )
     result = fit(build_model(spec, seed=0), train, val, default_preprocess(spec.input_shape), cfg)
     timed = result.history[-1]
@@ -497,6 +508,8 @@ def main() -> None:
     for precision in args.precisions:
         runs["capas fit", precision] = []
         runs[COMPILED, precision] = []
+        if precision == "float32":
+            runs[WINOGRAD, precision] = []
         if keras_side is not None:
             runs[keras_name, precision] = []
     warmups: dict[tuple[str, str], list[float]] = {}
@@ -512,6 +525,8 @@ def main() -> None:
             speed, first = capas_fit(train, val, precision, compile=True)
             runs[COMPILED, precision].append(speed)
             warmups.setdefault((COMPILED, precision), []).append(first)
+            if precision == "float32":
+                runs[WINOGRAD, precision].append(capas_fit(train, val, precision, winograd=True)[0])
             if keras_side is not None:
                 speed, first = keras_side.run(precision)
                 runs[keras_name, precision].append(speed)

@@ -1,0 +1,77 @@
+"""Where Winograd's F(4×4, 3×3) beats PyTorch's direct convolution in a float32 CPU training step.
+
+One 3×3, stride-1, 'same' convolution's forward and backward pass (gradients of input and weights),
+channels-last, inside capas' kept heap as `fit` runs it: F.conv2d (oneDNN) against
+capas.train.winograd.conv2d, side by side for each shape, repeats interleaved, median milliseconds.
+The grid spans the widths and sides of the networks capas trains (the seed models' 128-channel
+convolutions at 26–30 pixels, VGG's 64–512 channels); `winograd.eligible` uses the shapes where it
+wins (MIN_CHANNELS, MIN_SIDE).
+
+    python benchmarks/winograd.py [--batch 128] [--repeats 5] [--channels 64 128 256] [--sides 8 12 16 28]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.nn import functional as F
+from train_throughput import cpu_model  # this script's folder is on sys.path
+
+from capas.cpu import cpu_features, describe, kept_heap
+from capas.runs import environment
+from capas.train.winograd import conv2d
+
+
+def step(conv, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> float:
+    start = time.perf_counter()
+    torch.autograd.grad(conv(x, w, None, padding=1), (x, w), grad)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--sides", type=int, nargs="+", default=[8, 12, 16, 28])
+    args = parser.parse_args()
+    console = Console()
+    table = Table(title=f"3×3 convolution, forward + backward, float32, batch {args.batch}, channels-last")
+    for column in ("channels in → out", "side", "direct ms", "Winograd ms", "direct ÷ Winograd"):
+        table.add_column(column, justify="right")
+    torch.manual_seed(0)
+    with kept_heap():
+        for channels in args.channels:
+            for side in args.sides:
+                x = torch.randn(args.batch, channels, side, side).to(memory_format=torch.channels_last)
+                x.requires_grad_(True)
+                w = (torch.randn(channels, channels, 3, 3) * 0.05).requires_grad_(True)
+                grad = torch.randn(args.batch, channels, side, side).to(memory_format=torch.channels_last)
+                times = {F.conv2d: [], conv2d: []}
+                for conv in times:  # warm-up: oneDNN's kernels, the heap's growth
+                    step(conv, x, w, grad)
+                for _ in range(args.repeats):
+                    for conv in times:
+                        times[conv].append(step(conv, x, w, grad))
+                direct, wino = (statistics.median(t) * 1000 for t in times.values())
+                table.add_row(
+                    f"{channels} → {channels}", f"{side}×{side}", f"{direct:.1f}", f"{wino:.1f}",
+                    f"{direct / wino:.2f}×",
+                )  # fmt: skip
+    console.print(table)
+    env = environment()
+    console.print(
+        f"median of {args.repeats} interleaved repeats; {cpu_model()}; {describe(cpu_features())}; "
+        f"Python {env['python']}, capas {env['capas']}, torch {env['torch']}, "
+        f"{torch.get_num_threads()} threads",
+        highlight=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
