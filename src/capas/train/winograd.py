@@ -56,7 +56,8 @@ _AA = torch.kron(_AT, _AT)  # (16, 36): the domain's 36 products back to a 4×4 
 
 # Where it pays (benchmarks/winograd.py, batch 128, on a 2-core AVX2 CPU, 2026-11-27): from 128
 # channels in and out it ran 1.57–2.48× as fast as the direct convolution at every output side from
-# 8 to 28; at 64 channels 0.75–0.88× up to 16×16 (1.28× at 28×28). Smaller outputs were not measured.
+# 8 to 28; at 64 channels 0.75–0.88× up to 16×16 (1.28× at 28×28); below 8×8 (4, 6, 7) 0.70–0.96× at
+# 128 channels and 0.96–1.30× at 256.
 MIN_CHANNELS = 128
 MIN_SIDE = 8
 
