@@ -15,6 +15,7 @@ from rich.table import Table
 from capas.deploy.serve.options import ServeOptions
 from capas.deploy.settings import COMPRESS, CompressSettings
 from capas.errors import CapasError
+from capas.spec.train import TrainConfig
 
 app = typer.Typer(
     help="capas: build convolutional networks from Keras' layers, train them, and measure what each layer does.",
@@ -147,9 +148,7 @@ def train(
     winograd: Annotated[
         bool | None,
         typer.Option(
-            "--winograd/--no-winograd",
-            help="Winograd F(4×4, 3×3) for wide 3×3 convolutions in float32 CPU training (4× fewer "
-            "multiply-adds; default: off)",
+            "--winograd/--no-winograd", help=_setting_help(TrainConfig, "winograd", show_default=False)
         ),
     ] = None,
     restart: Annotated[
@@ -160,7 +159,7 @@ def train(
 
     Under torchrun, each process trains its share of every batch and rank 0 writes the run directory.
     """
-    from capas.spec import DataConfig, TrainConfig, load_document, load_spec
+    from capas.spec import DataConfig, load_document, load_spec
     from capas.spec.io import parse_config
     from capas.train import RichProgress
     from capas.train import train as train_run
