@@ -119,6 +119,12 @@ class _Winograd(torch.autograd.Function):
         return dx, dw, None, None
 
 
+def _padding(padding) -> tuple[int, int]:
+    """conv2d's padding (an int, a pair, 'valid' or 'same') of a 3×3, stride-1 convolution as (ph, pw)."""
+    padding = {"same": 1, "valid": 0}.get(padding, padding) if isinstance(padding, str) else padding
+    return (padding, padding) if isinstance(padding, int) else tuple(padding)
+
+
 def conv2d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding=0
 ) -> torch.Tensor:
@@ -126,11 +132,7 @@ def conv2d(
 
     x is NCHW (channels-last strides keep the NHWC work free of copies); padding an int, a pair,
     'valid' or 'same'."""
-    if padding == "same":
-        padding = 1
-    elif padding == "valid":
-        padding = 0
-    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    ph, pw = _padding(padding)
     y = _Winograd.apply(x.permute(0, 2, 3, 1), weight, ph, pw).permute(0, 3, 1, 2)
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
@@ -210,9 +212,8 @@ class _WinogradMode(TorchFunctionMode):
             or not torch.is_grad_enabled()
         ):
             return None
-        pad = 1 if padding == "same" else 0 if padding == "valid" else padding
-        ph, pw = (pad, pad) if isinstance(pad, int) else pad
+        ph, pw = _padding(padding)
         if min(x.shape[2] + 2 * ph, x.shape[3] + 2 * pw) - 2 < MIN_SIDE:
             return None
         self.convolutions._used.add(name)
-        return x, weight, bias, (ph, pw)
+        return x, weight, bias, padding
