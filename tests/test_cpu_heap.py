@@ -38,15 +38,21 @@ class _MallInfo2(ctypes.Structure):
 
 
 def _mapped_while_a_big_tensor_lives() -> bool:
-    """Whether a 64 MiB tensor got its own mapping: glibc's mapped bytes grew by at least its size
-    (other threads' small mappings meanwhile do not make it so)."""
+    """Whether a big tensor got its own mapping: glibc's mapped bytes grew by at least its size
+    (other threads' small mappings meanwhile do not make it so).
+
+    The tensor is 64 MiB more than all the free memory in the heap, so that no free chunk can hold
+    it: glibc serves a request from a free chunk before it considers mmap, and a kept heap leaves
+    such chunks behind (this function's own earlier tensors among them) wherever later allocations
+    keep them from the top that malloc_trim hands back."""
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = _MallInfo2
-    before = libc.mallinfo2().hblkhd
-    big = torch.empty(BIG)
+    info = libc.mallinfo2()
+    elements = max(BIG, (info.fordblks + 64 * 2**20) // 4)
+    big = torch.empty(elements)
     during = libc.mallinfo2().hblkhd
     del big
-    return during - before >= BIG * 4
+    return during - info.hblkhd >= elements * 4
 
 
 def test_big_tensors_come_from_the_heap_inside_and_from_mappings_outside():
