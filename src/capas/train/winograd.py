@@ -9,8 +9,10 @@ three steps transposed: the gradients of the input and of the weights are two mo
 products in the tile domain. PyTorch's CPU convolutions (oneDNN) compute these directly.
 
 The transforms are products with the 36×36 and 16×36 Kronecker matrices of the 1-D ones, one pass
-over the data each (the 6×6 matrices one tile axis at a time, two passes, were slower on the
-2-core machine measured); with their copies they cost about half as much as the tile products, so
+over the data each, batched over the tiles: the Winograd-domain tensors are tile-major (tiles, 36,
+channels). On the 2-core machine measured that ran faster than one product over a (36,
+tiles·channels) layout, and the 6×6 matrices one tile axis at a time (two passes) were slower
+than both. With their copies the transforms cost about half as much as the tile products, so
 they pay only where the convolution is wide (benchmarks/winograd.py, README Performance), hence
 `eligible`'s rule. The results differ from a direct convolution by float32 rounding in the
 transforms (relative error ~1e-6, tests/test_winograd.py). Only training uses it: evaluation,
@@ -62,18 +64,15 @@ MIN_CHANNELS = 128
 MIN_SIDE = 8
 
 
-def _tiles(x: torch.Tensor, th: int, tw: int) -> torch.Tensor:
-    """(6, 6, N, th, tw, C) view of the overlapping 6×6 tiles, stride 4, of x (N, 4th+2, 4tw+2, C)."""
-    n, _, _, c = x.shape
-    sn, sh, sw, sc = x.stride()
-    return x.as_strided((6, 6, n, th, tw, c), (sh, sw, sn, 4 * sh, 4 * sw, sc))
-
-
 class _Winograd(torch.autograd.Function):
-    """A 3×3, stride-1 convolution of an NHWC tensor, zero-padded by (ph, pw), without bias."""
+    """A 3×3, stride-1 convolution of an NHWC tensor, zero-padded by (ph, pw), with an optional bias.
+
+    The Winograd-domain tensors are tile-major, (tiles, 36, channels): each transform is then a
+    batch of small products with a Kronecker matrix, and each tile position's channel product one
+    strided matrix product."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    def forward(ctx, x, weight, bias, ph: int, pw: int) -> torch.Tensor:
         n, h, w, c = x.shape
         k = weight.shape[0]
         ho, wo = h + 2 * ph - 2, w + 2 * pw - 2
@@ -84,39 +83,55 @@ class _Winograd(torch.autograd.Function):
             x = F.pad(x, (0, 0, pw, extra_w, ph, extra_h))
         x = x.contiguous()
         p = n * th * tw
-        v = torch.mm(_BB.to(x.dtype), _tiles(x, th, tw).reshape(36, p * c)).view(36, p, c)
+        sn, sh, sw, sc = x.stride()
+        # the overlapping 6×6 tiles, stride 4, as (N·th·tw, 36, C)
+        tiles = x.as_strided((n, th, tw, 6, 6, c), (sn, 4 * sh, 4 * sw, sh, sw, sc)).reshape(p, 36, c)
+        v = torch.matmul(_BB.to(x.dtype), tiles)
         g = _G.to(weight.dtype)
         u = torch.einsum("ia,kcab,jb->ijck", g, weight, g).reshape(36, c, k)
-        m = torch.bmm(v, u).view(36, p * k)
-        y = torch.mm(_AA.to(m.dtype), m).view(4, 4, n, th, tw, k)
+        m = torch.bmm(v.transpose(0, 1), u)  # (36, tiles, K)
+        y = torch.matmul(_AA.to(m.dtype), m.transpose(0, 1))  # (tiles, 16, K)
+        y = y.view(n, th, tw, 4, 4, k).permute(0, 1, 3, 2, 4, 5)
+        out = x.new_empty(n, 4 * th, 4 * tw, k)
+        if bias is None:
+            out.view(n, th, 4, tw, 4, k).copy_(y)
+        else:
+            torch.add(y, bias, out=out.view(n, th, 4, tw, 4, k))
         ctx.save_for_backward(v, u)
         ctx.dims = (n, h, w, c, k, th, tw, ph, pw)
-        return y.permute(2, 3, 0, 4, 1, 5).reshape(n, 4 * th, 4 * tw, k)[:, :ho, :wo]
+        return out[:, :ho, :wo]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         v, u = ctx.saved_tensors
         n, h, w, c, k, th, tw, ph, pw = ctx.dims
         p = n * th * tw
-        # the gradient in output-tile layout (4, 4, N·th·tw·K), zero for the dropped outputs
+        db = grad.sum((0, 1, 2)) if ctx.needs_input_grad[2] else None
+        # the gradient in output-tile layout (N·th·tw, 16, K), zero for the dropped outputs
         if grad.shape[1] != 4 * th or grad.shape[2] != 4 * tw:
             grad = F.pad(grad, (0, 0, 0, 4 * tw - grad.shape[2], 0, 4 * th - grad.shape[1]))
-        tiled = grad.reshape(n, th, 4, tw, 4, k).permute(2, 4, 0, 1, 3, 5).reshape(16, p * k)
-        dm = torch.mm(_AA.t().to(grad.dtype), tiled).view(36, p, k)
+        tiled = grad.reshape(n, th, 4, tw, 4, k).permute(0, 1, 3, 2, 4, 5).reshape(p, 16, k)
+        dm = torch.matmul(_AA.t().to(grad.dtype), tiled)  # (tiles, 36, K)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dv = torch.bmm(dm, u.transpose(1, 2)).view(36, p * c)
-            dtiles = torch.mm(_BB.t().to(dv.dtype), dv).view(6, 6, n, th, tw, c)
-            padded = grad.new_zeros(n, 4 * th + 2, 4 * tw + 2, c)
-            for a in range(6):  # the tiles overlap by 2: their gradients add up
-                for b in range(6):
-                    padded[:, a : a + 4 * th - 3 : 4, b : b + 4 * tw - 3 : 4] += dtiles[a, b]
-            dx = padded[:, ph : ph + h, pw : pw + w]
+            dv = torch.bmm(dm.transpose(0, 1), u.transpose(1, 2))  # (36, tiles, C)
+            dt = torch.matmul(_BB.t().to(dv.dtype), dv.transpose(0, 1))
+            dt = dt.view(n, th, tw, 6, 6, c).permute(0, 1, 3, 2, 4, 5)  # (N, th, 6, tw, 6, C)
+            # tile (i, j)'s position (a, b) is row 4i + a, column 4j + b of the padded input:
+            # positions 0–3 cover it once, 4–5 overlap the next tile's 0–1, and their gradients add up
+            padded = grad.new_empty(n, th + 1, 4, tw + 1, 4, c)
+            padded[:, th].zero_()
+            padded[:, :th, :, tw].zero_()
+            padded[:, :th, :, :tw].copy_(dt[:, :, :4, :, :4])
+            padded[:, 1:, :2, :tw] += dt[:, :, 4:, :, :4]
+            padded[:, :th, :, 1:, :2] += dt[:, :, :4, :, 4:]
+            padded[:, 1:, :2, 1:, :2] += dt[:, :, 4:, :, 4:]
+            dx = padded.view(n, 4 * th + 4, 4 * tw + 4, c)[:, ph : ph + h, pw : pw + w]
         if ctx.needs_input_grad[1]:
-            du = torch.bmm(v.transpose(1, 2), dm).view(6, 6, c, k)
+            du = torch.bmm(v.permute(1, 2, 0), dm.transpose(0, 1)).view(6, 6, c, k)
             g = _G.to(du.dtype)
             dw = torch.einsum("ia,ijck,jb->kcab", g, du, g)
-        return dx, dw, None, None
+        return dx, dw, db, None, None
 
 
 def _padding(padding) -> tuple[int, int]:
@@ -133,8 +148,7 @@ def conv2d(
     x is NCHW (channels-last strides keep the NHWC work free of copies); padding an int, a pair,
     'valid' or 'same'."""
     ph, pw = _padding(padding)
-    y = _Winograd.apply(x.permute(0, 2, 3, 1), weight, ph, pw).permute(0, 3, 1, 2)
-    return y if bias is None else y + bias.view(1, -1, 1, 1)
+    return _Winograd.apply(x.permute(0, 2, 3, 1), weight, bias, ph, pw).permute(0, 3, 1, 2)
 
 
 def eligible(module: nn.Module) -> bool:
