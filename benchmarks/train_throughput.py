@@ -559,7 +559,8 @@ def main() -> None:
     console.print(
         f"{args.repeats} repeats × {len(train)} images ({data}); matmul peak "
         + ", ".join(f"{precision} {peak / 1e9:,.0f} GFLOP/s" for precision, peak in peaks.items())
-        + "; "
+        + "; GFLOP/s counts the direct convolutions' multiply-adds (train.winograd does 4× fewer in "
+        "its layers: its figure is the direct-equivalent rate); "
         "bfloat16: capas autocasts the forward pass"
         + (", Keras runs the mixed_bfloat16 policy" if keras_side is not None else ""),
         highlight=False,
