@@ -4,10 +4,11 @@ One 3×3, stride-1, 'same' convolution's forward and backward pass (gradients of
 channels-last, inside capas' kept heap as `fit` runs it: F.conv2d (oneDNN) against
 capas.train.winograd.conv2d, side by side for each shape, repeats interleaved, median milliseconds.
 The grid spans the widths and sides of the networks capas trains (the seed models' 128-channel
-convolutions at 26–30 pixels, VGG's 64–512 channels); `winograd.eligible` uses the shapes where it
-wins (MIN_CHANNELS, MIN_SIDE).
+convolutions at 26–30 pixels, VGG's 64–512 channels, airbench's 256 at 7×7 and 3×3, sides that fill
+whole 4×4 output tiles and sides that do not); `winograd.pays` uses the shapes where it wins, and
+the last column says whether it does.
 
-    python benchmarks/winograd.py [--batch 128] [--repeats 5] [--channels 64 128 256] [--sides 8 12 16 28]
+    python benchmarks/winograd.py [--batch 128] [--repeats 5] [--channels 64 128 256] [--sides 3 4 7 8 9 12 13 16 28]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from train_throughput import cpu_model  # this script's folder is on sys.path
 
 from capas.cpu import cpu_features, describe, kept_heap
 from capas.runs import environment
-from capas.train.winograd import conv2d
+from capas.train.winograd import conv2d, pays
 
 
 def step(conv, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> float:
@@ -38,11 +39,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256])
-    parser.add_argument("--sides", type=int, nargs="+", default=[8, 12, 16, 28])
+    parser.add_argument("--sides", type=int, nargs="+", default=[3, 4, 7, 8, 9, 12, 13, 16, 28])
     args = parser.parse_args()
     console = Console()
     table = Table(title=f"3×3 convolution, forward + backward, float32, batch {args.batch}, channels-last")
-    for column in ("channels in → out", "side", "direct ms", "Winograd ms", "direct ÷ Winograd"):
+    columns = ("channels in → out", "side", "direct ms", "Winograd ms", "direct ÷ Winograd", "capas uses it")
+    for column in columns:
         table.add_column(column, justify="right")
     torch.manual_seed(0)
     with kept_heap():
@@ -61,7 +63,7 @@ def main() -> None:
                 direct, wino = (statistics.median(t) * 1000 for t in times.values())
                 table.add_row(
                     f"{channels} → {channels}", f"{side}×{side}", f"{direct:.1f}", f"{wino:.1f}",
-                    f"{direct / wino:.2f}×",
+                    f"{direct / wino:.2f}×", "yes" if pays(channels, side, side) else "no",
                 )  # fmt: skip
     console.print(table)
     env = environment()

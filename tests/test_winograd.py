@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.train import fit, train
-from capas.train.winograd import Convolutions, conv2d
+from capas.train.winograd import Convolutions, conv2d, pays
 
 
 def _grads(conv, x, w, b, grad, **kwargs):
@@ -95,7 +95,7 @@ def test_the_mode_computes_the_eligible_calls_that_train_in_float32():
     x = torch.randn(2, 1, 16, 16)
     assert _backward_names(net, x)[1] == "_WinogradBackward"
     assert _backward_names(net, x, enabled=False)[1] == "ConvolutionBackward0"
-    small = torch.randn(2, 1, 7, 7)  # outputs under 8×8: direct
+    small = torch.randn(2, 1, 7, 7)  # 7×7 outputs, 77% of 8×8 tiles: direct at 128 channels
     assert _backward_names(net[:2], small)[1] == "ConvolutionBackward0"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _backward_names(net, x)[1] == "ConvolutionBackward0"
@@ -120,9 +120,25 @@ def test_only_wide_stride_one_3x3_convolutions_are_computed_and_recorded():
     assert convolutions.used() == []
 
 
+@pytest.mark.parametrize(
+    ("channels", "side", "expected"),
+    [
+        (128, 4, True), (128, 8, True), (128, 11, True), (128, 26, True), (128, 28, True),
+        (128, 7, False), (128, 9, False), (128, 13, False), (128, 3, False),
+        (256, 7, True), (256, 10, True), (256, 13, True),
+        (256, 3, False), (256, 5, False), (256, 6, False), (256, 9, False), (64, 16, False),
+    ],
+)  # fmt: skip
+def test_it_pays_where_enough_of_its_tiles_outputs_are_kept(channels, side, expected):
+    """benchmarks/winograd.py: a 128-channel convolution lost or drew at 7×7, 9×9 and 13×13 (56–77%
+    of the 4×4 tiles' outputs kept), a 256-channel one won at 7×7 and 13×13, drew at 6×6 and 9×9
+    (56%); 3×3 and 5×5 lost at both."""
+    assert pays(channels, side, side) is expected
+
+
 WIDE = {
     "name": "wide",
-    "input_shape": [14, 14, 1],
+    "input_shape": [12, 12, 1],  # whole 4×4 tiles: where it pays at 128 channels
     "layers": [
         {"Conv2D": {"filters": 128, "kernel_size": 3, "padding": "same", "activation": "relu"}},
         {

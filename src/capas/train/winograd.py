@@ -56,12 +56,26 @@ _AT = torch.tensor(
 _BB = torch.kron(_BT, _BT)  # (36, 36): a 6×6 tile, flattened, into the Winograd domain
 _AA = torch.kron(_AT, _AT)  # (16, 36): the domain's 36 products back to a 4×4 output tile
 
-# Where it pays (benchmarks/winograd.py, batch 128, on a 2-core AVX2 CPU, 2026-11-27): from 128
-# channels in and out it ran 1.57–2.48× as fast as the direct convolution at every output side from
-# 8 to 28; at 64 channels 0.75–0.88× up to 16×16 (1.28× at 28×28); below 8×8 (4, 6, 7) 0.70–0.96× at
-# 128 channels and 0.96–1.30× at 256.
+# Where it pays (benchmarks/winograd.py, batch 128, a 2-core AVX2 CPU, 2026-11-27): outputs come in
+# whole 4×4 tiles, so a convolution costs about what its output rounded up to multiples of 4 would.
+# With every output kept it ran 1.2–1.7× as fast as the direct convolution at 128 channels from 8×8
+# to 28×28, 1.8–2.3× at 256 (1.1–1.5× at 4×4 for both), 0.86–1.05× at 64. Where fewer are kept, at
+# 128 channels it lost or drew (7×7, 9×9, 13×13, 56–77% kept: 0.75–1.17×); at 256 it won where
+# 66–77% were kept (7×7, 10×10, 13×13: 1.41–1.56×) and drew at 56% (6×6, 9×9: 0.98–1.17×). 3×3 and
+# 5×5 outputs lost at both.
 MIN_CHANNELS = 128
-MIN_SIDE = 8
+MIN_SIDE = 4
+# the least share of the computed outputs a convolution must keep, by its narrower channel count
+MIN_KEPT = ((256, 0.6), (MIN_CHANNELS, 0.8))
+
+
+def pays(channels: int, ho: int, wo: int) -> bool:
+    """Whether F(4×4, 3×3) is expected to be faster than the direct convolution for `channels` (the
+    fewer of input and output) and an (ho, wo) output, by the measurements above."""
+    if channels < MIN_CHANNELS or min(ho, wo) < MIN_SIDE:
+        return False
+    kept = ho * wo / (16 * -(-ho // 4) * -(-wo // 4))
+    return kept >= next(least for width, least in MIN_KEPT if channels >= width)
 
 
 class _Winograd(torch.autograd.Function):
@@ -154,7 +168,7 @@ def conv2d(
 def eligible(module: nn.Module) -> bool:
     """Whether `module` is a Conv2d whose training `Convolutions` may compute by F(4×4, 3×3): 3×3,
     stride 1, no dilation or groups, zero padding, and wide enough to pay (MIN_CHANNELS); its output
-    side (MIN_SIDE) is checked per call."""
+    size is checked per call (`pays`)."""
     return (
         isinstance(module, nn.Conv2d)
         and module.kernel_size == (3, 3)
@@ -184,7 +198,7 @@ def _eligible_names(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
 class Convolutions:
     """One training's Winograd convolutions: `active()` around each step's forward pass computes
     its eligible calls by F(4×4, 3×3) where they train in float32 on the CPU and their outputs are
-    at least MIN_SIDE on a side; every other call runs as it is. `used()` names the layers it
+    sized so that it pays (`pays`); every other call runs as it is. `used()` names the layers it
     computed."""
 
     def __init__(self, model: nn.Module):
@@ -215,7 +229,7 @@ class _WinogradMode(TorchFunctionMode):
 
     def _call(self, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         """conv2d's arguments when this call is one of the eligible convolutions, training in float32
-        on the CPU with outputs of at least MIN_SIDE; else None (it runs as it is)."""
+        on the CPU with an output size where it pays; else None (it runs as it is)."""
         name = self.convolutions._names.get(id(weight))
         if (
             name is None
@@ -227,7 +241,7 @@ class _WinogradMode(TorchFunctionMode):
         ):
             return None
         ph, pw = _padding(padding)
-        if min(x.shape[2] + 2 * ph, x.shape[3] + 2 * pw) - 2 < MIN_SIDE:
+        if not pays(min(weight.shape[:2]), x.shape[2] + 2 * ph - 2, x.shape[3] + 2 * pw - 2):
             return None
         self.convolutions._used.add(name)
         return x, weight, bias, padding
