@@ -216,7 +216,8 @@ class TrainConfig(_Config):
     winograd: bool = Field(
         default=False,
         description="compute the wide 3×3, stride-1 convolutions (at least 128 channels in and out, "
-        "outputs at least 8×8) of float32 training on a CPU by Winograd's F(4×4, 3×3): 4× fewer "
+        "outputs at least 4×4 that fill its 4×4 tiles well enough to pay: capas.train.winograd.pays) "
+        "of float32 training on a CPU by Winograd's F(4×4, 3×3): 4× fewer "
         "multiply-adds, results equal to float32 rounding; the run records which layers. Not in "
         "bfloat16 or on a GPU, where it changes nothing; evaluation and serving are unchanged",
     )
