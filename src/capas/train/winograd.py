@@ -11,12 +11,12 @@ products in the tile domain. PyTorch's CPU convolutions (oneDNN) compute these d
 The transforms are products with the 36×36 and 16×36 Kronecker matrices of the 1-D ones, one pass
 over the data each, batched over the tiles: the Winograd-domain tensors are tile-major (tiles, 36,
 channels). On the 2-core machine measured that ran faster than one product over a (36,
-tiles·channels) layout, and the 6×6 matrices one tile axis at a time (two passes) were slower
-than both. With their copies the transforms cost about half as much as the tile products, so
-they pay only where the convolution is wide (benchmarks/winograd.py, README Performance), hence
-`eligible`'s rule. The results differ from a direct convolution by float32 rounding in the
-transforms (relative error ~1e-6, tests/test_winograd.py). Only training uses it: evaluation,
-export and serving run the model's own convolutions.
+tiles·channels) layout, and the 6×6 matrices one tile axis at a time (two passes) were slower than
+both. With their copies the transforms cost about half as much as the tile products, so they pay
+only where the convolution is wide and its output fills the 4×4 tiles (benchmarks/winograd.py,
+README Performance), hence the rules of `eligible` and `pays`. The results differ from a direct
+convolution by float32 rounding in the transforms (relative error ~1e-6, tests/test_winograd.py).
+Only training uses it: evaluation, export and serving run the model's own convolutions.
 """
 
 from __future__ import annotations
