@@ -158,7 +158,7 @@ WIDE = {
 
 def test_training_with_winograd_follows_the_direct_training_and_records_its_layers(tmp_path):
     data = DataConfig(name="digits", limit=300, test_limit=100, val_fraction=0.2)
-    cfg = dict(epochs=2, batch_size=50, optimizer={"lr": 3e-3}, precision="float32")
+    cfg = dict(epochs=2, batch_size=50, optimizer={"lr": 3e-3}, precision="float32", device="cpu")
     direct = train(ModelSpec.from_dict(WIDE), data, TrainConfig(**cfg), tmp_path / "direct")
     wino = train(ModelSpec.from_dict(WIDE), data, TrainConfig(**cfg, winograd=True), tmp_path / "wino")
     again = train(ModelSpec.from_dict(WIDE), data, TrainConfig(**cfg, winograd=True), tmp_path / "again")
@@ -175,7 +175,7 @@ def test_bfloat16_training_records_that_winograd_computed_nothing():
 
     spec = ModelSpec.from_dict(WIDE)
     splits = make_splits("digits", limit=100)
-    cfg = TrainConfig(epochs=1, batch_size=50, precision="bfloat16", winograd=True)
+    cfg = TrainConfig(epochs=1, batch_size=50, precision="bfloat16", winograd=True, device="cpu")
     result = fit(build_model(spec), splits.train, splits.val, default_preprocess(spec.input_shape), cfg)
     assert result.winograd == []
 
@@ -196,7 +196,9 @@ def test_the_command_line_option_trains_with_it_and_warns_where_it_computes_noth
 
     spec = tmp_path / "wide.yaml"
     spec.write_text(yaml.safe_dump(WIDE))
+    # Winograd is a CPU computation: on a GPU machine the default device would be CUDA
     common = ["train", str(spec), "--data", "digits", "--limit", "200", "--epochs", "1", "--winograd"]
+    common += ["--device", "cpu"]
     runner = CliRunner()
     result = runner.invoke(app, [*common, "--precision", "float32", "--out", str(tmp_path / "f32")])
     assert result.exit_code == 0, result.output
