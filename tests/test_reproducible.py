@@ -150,7 +150,7 @@ def test_two_deterministic_trainings_give_identical_weights(precision):
     """With new tensors left unfilled (above) and the heap kept (capas.cpu.kept_heap), a rerun of the
     same training still ends bit for bit where the first did, and where a training with both undone
     (new tensors filled first, glibc's default heap) ends: no operation reads memory it did not write."""
-    splits = make_splits("fashion-mnist", limit=1200)
+    splits = make_splits("fashion-mnist", limit=600)
     spec = ModelSpec.from_dict(AIRBENCH_LIKE)
     cfg = TrainConfig(
         epochs=2,
