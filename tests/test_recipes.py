@@ -511,6 +511,7 @@ def test_serve_applies_the_runs_test_time_augmentation(whitened_run, tmp_path):
     ("spec", "config"),
     [
         ("recipes/fashion-mnist-fast.yaml", "recipes/fashion-mnist-fast.train.yaml"),
+        ("recipes/fashion-mnist-lean.yaml", "recipes/fashion-mnist-lean.train.yaml"),
         ("recipes/fashion-mnist-wide.yaml", "recipes/fashion-mnist-wide.train.yaml"),
         ("recipes/cifar10-airbench.yaml", "recipes/cifar10-airbench.train.yaml"),
         ("recipes/cifar10-airbench.yaml", "recipes/cifar10-airbench-45min.train.yaml"),
@@ -535,6 +536,30 @@ def test_the_presets_load(spec, config):
         assert train_cfg.ema is not None
     if spec.startswith("recipes/cifar10-airbench"):
         assert 118e6 < summarize(loaded).macs < 118.5e6  # airbench94's 118 M multiply-adds per image
+
+
+def test_the_lean_recipe_is_the_fast_one_narrower_without_translations():
+    from pathlib import Path
+
+    from capas.spec import load_document, load_spec
+
+    recipes = Path(__file__).parent.parent / "examples" / "recipes"
+    fast, lean = (
+        load_spec(recipes / f"fashion-mnist-{n}.yaml").to_dict()["layers"] for n in ("fast", "lean")
+    )
+    widths = {32: 24, 64: 48, 128: 96}
+    assert len(fast) == len(lean)
+    for a, b in zip(fast, lean, strict=True):
+        if isinstance(a, dict) and "Conv2D" in a and a["Conv2D"]["name"] != "whiten":
+            a = {"Conv2D": {**a["Conv2D"], "filters": widths[a["Conv2D"]["filters"]]}}
+        assert a == b
+    fast_cfg, lean_cfg = (
+        load_document(recipes / f"fashion-mnist-{n}.train.yaml")["train"] for n in ("fast", "lean")
+    )
+    assert lean_cfg["augment"] == {"hflip": "alternate"} and lean_cfg["batch_size"] == 256
+    assert lean_cfg["optimizer"] == {**fast_cfg["optimizer"], "lr": fast_cfg["optimizer"]["lr"] / 2}
+    same = ("schedule", "label_smoothing", "ema", "tta", "precision")
+    assert {k: lean_cfg[k] for k in same} == {k: fast_cfg[k] for k in same}
 
 
 def test_the_tricks_study_removes_one_trick_per_variant():
