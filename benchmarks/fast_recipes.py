@@ -7,7 +7,8 @@ of an image folder is warm after the first run; the first run says how long it t
 summary gives mean ± standard deviation and min–max over the seeds, as airbench reports them, and
 how many seeds met the issue's accuracy target within its time budget.
 
-Fashion-MNIST's budget is a fifth of Keras' own mnist_cnn recipe's time to 92.5% on this machine:
+Several recipes run one after another, each over its seeds; the Fashion-MNIST ones share one
+reference. Fashion-MNIST's budget is a fifth of Keras' own mnist_cnn recipe's time to 92.5% on this machine:
 `--keras-python PYTHON` runs benchmarks/keras_mnist_cnn.py with an interpreter that has
 tensorflow-cpu (a separate environment, see the README) in the same run; without it, capas runs
 Keras' recipe itself (examples/keras-mnist.yaml), which is not Keras' time and is labelled so;
@@ -17,6 +18,7 @@ training images with a test pass each epoch, capas on the recipe's training spli
 pass).
 
     python benchmarks/fast_recipes.py fashion-mnist [--seeds 3] [--keras-python .tfvenv/bin/python]
+    python benchmarks/fast_recipes.py fashion-mnist fashion-mnist-lean --keras-python .tfvenv/bin/python
     .tfvenv/bin/python benchmarks/fast_recipes.py fashion-mnist --keras-python .tfvenv/bin/python --capas-keras-recipe
     python benchmarks/fast_recipes.py fashion-mnist-wide [--seeds 3]
     python benchmarks/fast_recipes.py cifar10 [--seeds 3]
@@ -60,6 +62,12 @@ RECIPES = {
     "fashion-mnist": Recipe(
         EXAMPLES / "recipes/fashion-mnist-fast.yaml",
         EXAMPLES / "recipes/fashion-mnist-fast.train.yaml",
+        0.925,
+        None,
+    ),
+    "fashion-mnist-lean": Recipe(
+        EXAMPLES / "recipes/fashion-mnist-lean.yaml",
+        EXAMPLES / "recipes/fashion-mnist-lean.train.yaml",
         0.925,
         None,
     ),
@@ -120,11 +128,58 @@ def keras_reference(python: str, epochs: int) -> tuple[str, float, list[float]]:
     return f"{name}, 92.5% not reached: all {epochs} epochs", result["wall"], epoch_seconds
 
 
+def run_seeds(recipe: Recipe, args: argparse.Namespace, tmp: Path) -> tuple[DataConfig, list[dict]]:
+    """The recipe's training config (with the command line's overrides) and one run per seed."""
+    document = load_document(recipe.config)
+    cfg = TrainConfig.model_validate(document["train"])
+    if args.epochs:
+        cfg = cfg.model_copy(update={"epochs": args.epochs})
+    if args.device:
+        cfg = cfg.model_copy(update={"device": args.device})
+    data = DataConfig.model_validate(document["data"])
+    runs = [
+        timed_run(
+            recipe.spec, data, cfg.model_copy(update={"seed": seed}), tmp / f"{recipe.spec.stem}-{seed}"
+        )
+        for seed in range(args.first_seed, args.first_seed + args.seeds)
+    ]
+    return data, runs
+
+
+def report(
+    console: Console, name: str, recipe: Recipe, runs: list[dict], first_seed: int, budget: float | None
+):
+    table = Table(title=f"{name}: test accuracy and wall time (spec to test result)")
+    for column in ("seed", "epochs", "test accuracy", "wall s", "training s", "train img/s"):
+        table.add_column(column, justify="right")
+    for seed, r in enumerate(runs, start=first_seed):
+        table.add_row(
+            str(seed), str(r["epochs_run"]), f"{100 * r['test_accuracy']:.2f}%", f"{r['wall']:.1f}",
+            f"{r['train_seconds']:.1f}", f"{r['images_per_s']:,.0f}",
+        )  # fmt: skip
+    console.print(table)
+    accuracy = [100 * r["test_accuracy"] for r in runs]
+    wall = [r["wall"] for r in runs]
+    sd = statistics.stdev(accuracy) if len(accuracy) > 1 else float("nan")
+    met = sum(
+        a >= 100 * recipe.target and (budget is None or w <= budget)
+        for a, w in zip(accuracy, wall, strict=True)
+    )
+    console.print(
+        f"{name} over {len(runs)} seeds: test accuracy {statistics.mean(accuracy):.2f} ± {sd:.2f}% "
+        f"(min–max {min(accuracy):.2f}–{max(accuracy):.2f}); wall time median {statistics.median(wall):.1f} s "
+        f"(min–max {min(wall):.1f}–{max(wall):.1f}); target {100 * recipe.target:.1f}% within "
+        + (f"{budget:.1f} s" if budget is not None else "a fifth of Keras' time (no reference run)")
+        + f": met by {met} of {len(runs)} seeds",
+        highlight=False,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("recipe", choices=sorted(RECIPES))
+    parser.add_argument("recipes", nargs="+", choices=sorted(RECIPES), metavar="RECIPE")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
         "--first-seed",
@@ -132,9 +187,9 @@ def main() -> None:
         default=0,
         help="seeds first-seed … first-seed + seeds − 1 (to add seeds later)",
     )
-    parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    parser.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
     parser.add_argument(
-        "--device", choices=["auto", "cpu", "cuda", "mps"], default=None, help="override the recipe's device"
+        "--device", choices=["auto", "cpu", "cuda", "mps"], default=None, help="override the recipes' device"
     )
     parser.add_argument(
         "--keras-python", default=None, help="fashion-mnist: an interpreter with tensorflow-cpu"
@@ -149,25 +204,18 @@ def main() -> None:
         help="fashion-mnist, with --keras-python: capas trains Keras' recipe too, and the epochs are compared",
     )
     args = parser.parse_args()
-    recipe = RECIPES[args.recipe]
+    names = list(dict.fromkeys(args.recipes))
 
-    document = load_document(recipe.config)
-    cfg = TrainConfig.model_validate(document["train"])
-    if args.epochs:
-        cfg = cfg.model_copy(update={"epochs": args.epochs})
-    if args.device:
-        cfg = cfg.model_copy(update={"device": args.device})
-    data = DataConfig.model_validate(document["data"])
     console = Console()
-    runs = []
+    results = {}
     with tempfile.TemporaryDirectory(prefix="capas-fast-") as tmp:
-        # the recipe first: its figures come out even if the long reference is cut short
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            runs.append(
-                timed_run(recipe.spec, data, cfg.model_copy(update={"seed": seed}), Path(tmp) / str(seed))
-            )
+        # the recipes first: their figures come out even if the long reference is cut short
+        for name in names:
+            results[name] = run_seeds(RECIPES[name], args, Path(tmp))
         reference, keras_epochs, capas_epochs = None, None, None
-        if recipe.budget is None and not args.no_reference:
+        relative = [name for name in names if RECIPES[name].budget is None]
+        data = results[relative[0]][0] if relative else None
+        if data is not None and not args.no_reference:
             if args.keras_python:
                 label, seconds, keras_epochs = keras_reference(args.keras_python, args.reference_epochs)
                 reference = (label, seconds)
@@ -184,20 +232,7 @@ def main() -> None:
                 if reference is None:
                     reference = ("Keras' recipe run by capas (not Keras' own time)", result["wall"])
 
-    table = Table(title=f"{args.recipe}: test accuracy and wall time (spec to test result)")
-    for column in ("seed", "epochs", "test accuracy", "wall s", "training s", "train img/s"):
-        table.add_column(column, justify="right")
-    for seed, r in enumerate(runs, start=args.first_seed):
-        table.add_row(
-            str(seed), str(r["epochs_run"]), f"{100 * r['test_accuracy']:.2f}%", f"{r['wall']:.1f}",
-            f"{r['train_seconds']:.1f}", f"{r['images_per_s']:,.0f}",
-        )  # fmt: skip
-    console.print(table)
-
-    accuracy = [100 * r["test_accuracy"] for r in runs]
-    wall = [r["wall"] for r in runs]
-    sd = statistics.stdev(accuracy) if len(accuracy) > 1 else float("nan")
-    budget = recipe.budget
+    relative_budget = None
     if keras_epochs and capas_epochs:
         trained = round(60_000 * (1 - data.val_fraction))  # Fashion-MNIST's training images less validation
         keras_median, capas_median = statistics.median(keras_epochs), statistics.median(capas_epochs)
@@ -211,20 +246,14 @@ def main() -> None:
         )
     if reference is not None:
         label, seconds = reference
-        budget = seconds / 5
-        console.print(f"reference: {label}: {seconds:.1f} s; budget a fifth: {budget:.1f} s", highlight=False)
-    met = sum(
-        a >= 100 * recipe.target and (budget is None or w <= budget)
-        for a, w in zip(accuracy, wall, strict=True)
-    )
-    console.print(
-        f"{args.recipe} over {len(runs)} seeds: test accuracy {statistics.mean(accuracy):.2f} ± {sd:.2f}% "
-        f"(min–max {min(accuracy):.2f}–{max(accuracy):.2f}); wall time median {statistics.median(wall):.1f} s "
-        f"(min–max {min(wall):.1f}–{max(wall):.1f}); target {100 * recipe.target:.1f}% within "
-        + (f"{budget:.1f} s" if budget is not None else "a fifth of Keras' time (no reference run)")
-        + f": met by {met} of {len(runs)} seeds",
-        highlight=False,
-    )
+        relative_budget = seconds / 5
+        console.print(
+            f"reference: {label}: {seconds:.1f} s; budget a fifth: {relative_budget:.1f} s", highlight=False
+        )
+    for name in names:
+        recipe = RECIPES[name]
+        budget = relative_budget if recipe.budget is None else recipe.budget
+        report(console, name, recipe, results[name][1], args.first_seed, budget)
     console.print(machine_line(), highlight=False)
 
 
