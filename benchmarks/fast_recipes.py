@@ -148,7 +148,8 @@ def run_seeds(recipe: Recipe, args: argparse.Namespace, tmp: Path) -> tuple[Data
 
 def report(
     console: Console, name: str, recipe: Recipe, runs: list[dict], first_seed: int, budget: float | None
-):
+) -> None:
+    """The seeds' table and the summary line: mean ± sd, min–max, and how many met the target."""
     table = Table(title=f"{name}: test accuracy and wall time (spec to test result)")
     for column in ("seed", "epochs", "test accuracy", "wall s", "training s", "train img/s"):
         table.add_column(column, justify="right")
