@@ -75,9 +75,7 @@ def run(spec: ModelSpec, splits, way: str, unfreeze: int | None) -> tuple[float,
     )
     patch = contextlib.nullcontext()
     if way == "bfloat16 depthwise backward":  # the mode off, for this comparison only
-        patch = mock.patch.object(
-            capas.train.depthwise, "float32_backward", lambda enabled: contextlib.nullcontext()
-        )
+        patch = mock.patch.object(capas.train.depthwise, "backward", lambda enabled: contextlib.nullcontext())
     with patch:
         result = fit(build_model(spec, seed=0), splits.train, splits.val, preprocess_for(spec), cfg)
     first, second = result.history

@@ -410,7 +410,7 @@ def test_bfloat16_depthwise_convolutions_get_float32_gradients():
     conv = torch.nn.Conv2d(6, 6, 5, stride=2, padding=2, groups=6)
     plain = torch.nn.Conv2d(6, 4, 3)
     x = torch.randn(4, 6, 9, 9).contiguous(memory_format=torch.channels_last).bfloat16().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16), depthwise.float32_backward():
+    with torch.autocast("cpu", dtype=torch.bfloat16), depthwise.backward():
         y = conv(x)
         other = plain(x)
     assert type(y.grad_fn).__name__ == "_Conv2dBackward" and y.dtype == torch.bfloat16
@@ -426,11 +426,31 @@ def test_bfloat16_depthwise_convolutions_get_float32_gradients():
     assert torch.allclose(x.grad.float(), x32.grad, rtol=1e-2, atol=1e-2)
     assert torch.allclose(conv.weight.grad, w32.grad, rtol=1e-5, atol=1e-5)
     assert torch.allclose(conv.bias.grad, b32.grad, rtol=1e-5, atol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16), depthwise.float32_backward(), torch.no_grad():
+    with torch.autocast("cpu", dtype=torch.bfloat16), depthwise.backward(), torch.no_grad():
         assert conv(x).grad_fn is None  # nothing to differentiate: nothing changes
 
 
-def test_only_networks_with_depthwise_convolutions_get_the_float32_mode():
+def test_depthwise_weight_gradients_on_maps_smaller_than_the_kernel_are_computed_on_grown_maps():
+    conv = torch.nn.Conv2d(6, 6, 5, padding=2, groups=6)  # a 5×5 kernel on 3×4 maps
+    x = torch.randn(4, 6, 3, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with depthwise.backward():
+        y = conv(x)
+        same = conv(torch.randn(4, 6, 5, 5))  # maps of the kernel's size: oneDNN's fast path, as it was
+        one = conv(torch.randn(4, 6, 1, 1))  # 1×1: growing would not pay
+        strided = torch.nn.functional.conv2d(x, conv.weight, None, 2, 2, 1, 6)  # stride 2: as it was
+    assert type(y.grad_fn).__name__ == "_Conv2dBackward"
+    for other in (same, one, strided):
+        assert type(other.grad_fn).__name__ == "ConvolutionBackward0"
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    w, b, x0 = (t.detach().clone().requires_grad_() for t in (conv.weight, conv.bias, x))
+    torch.nn.functional.conv2d(x0, w, b, 1, 2, 1, 6).backward(grad)  # PyTorch's own backward
+    assert torch.allclose(conv.weight.grad, w.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(conv.bias.grad, b.grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(x.grad, x0.grad)  # the input gradient is PyTorch's, unchanged
+
+
+def test_only_networks_with_depthwise_convolutions_get_the_mode():
     plain = build_model(ModelSpec.from_dict({**WHITENED, "layers": WHITENED["layers"][2:]}), seed=0)
     assert not depthwise.has_depthwise(plain)
     grouped = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, groups=2))  # grouped, not depthwise

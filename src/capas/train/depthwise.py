@@ -1,12 +1,21 @@
-"""Depthwise convolutions' backward pass in float32 while a CPU trains in bfloat16.
+"""Depthwise convolutions' backward pass on the CPU, where PyTorch's own is slow.
 
-PyTorch's CPU backward of a depthwise convolution (groups = input channels) in bfloat16 runs at a
-fraction of its float32 speed (in a profile of EfficientNet-Lite0's fine-tuning step, 5×5 depthwise
-convolutions of 1,152 channels at 5×5 took several times longer in bfloat16 than in float32;
-benchmarks/transfer_step.py measures the step with and without). The forward pass is as fast in
-bfloat16 and stays so; only the gradients are computed in float32 and rounded back to the dtypes
-they flow into. The training step turns it on with `float32_backward()` (not in a step compiled
-with `compile: true`); evaluation, export and serving never see it.
+Two cases, each measured (benchmarks/transfer_step.py, benchmarks/depthwise.py):
+
+- In bfloat16, PyTorch's CPU backward of a depthwise convolution (groups = input channels) runs at a
+  fraction of its float32 speed (in a profile of EfficientNet-Lite0's fine-tuning step, 5×5 depthwise
+  convolutions of 1,152 channels at 5×5 took several times longer in bfloat16 than in float32). The
+  forward pass is as fast in bfloat16 and stays so; only the gradients are computed in float32 and
+  rounded back to the dtypes they flow into.
+- In any precision, the weight gradient of a depthwise convolution whose feature map is smaller than
+  its kernel (a 5×5 kernel on a 4×4 map: EfficientNet's last stages on small images) takes oneDNN's
+  slow path, several times longer than on a map of the kernel's size. So the map and its gradient
+  are grown with zeros to the kernel's size first (stride 1, no dilation, sides of 2 or more; a 1×1
+  map grown to 5×5 computed 25× the products and was slower). The zeros add nothing to any sum:
+  the weight gradient is the same but for the order of float32 additions.
+
+The training step turns it on with `backward()` (not in a step compiled with `compile: true`) for a
+network with depthwise convolutions on the CPU; evaluation, export and serving never see it.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 
 class _Conv2d(torch.autograd.Function):
-    """F.conv2d forward as called; its backward in float32."""
+    """F.conv2d forward as called; its backward in float32, the weight gradient on grown maps."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
@@ -34,14 +43,16 @@ class _Conv2d(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
-        grad32 = grad.float()
+        grad32, x32, w32 = grad.float(), x.float(), weight.float()
         if memory_format is not None:
             grad32 = grad32.contiguous(memory_format=memory_format)
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        growth = _growth(x.shape, weight.shape, stride, dilation)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
         gx, gw, gb = torch.ops.aten.convolution_backward(
             grad32,
-            x.float(),
-            weight.float(),
+            x32,
+            w32,
             [weight.shape[0]] if ctx.has_bias else None,
             stride,
             padding,
@@ -49,8 +60,10 @@ class _Conv2d(torch.autograd.Function):
             False,
             [0, 0],
             groups,
-            mask,
+            [need_x, need_w and growth is None, need_b],
         )
+        if need_w and growth is not None:
+            gw = _grown_weight_grad(grad32, x32, w32, padding, groups, growth, memory_format)
         return (
             None if gx is None else gx.to(x.dtype),
             None if gw is None else gw.to(weight.dtype),
@@ -62,11 +75,43 @@ class _Conv2d(torch.autograd.Function):
         )
 
 
+def _growth(
+    x_shape: torch.Size, w_shape: torch.Size, stride: list[int], dilation: list[int]
+) -> tuple[int, int] | None:
+    """Rows and columns of zeros that bring a map smaller than its kernel to the kernel's size, or None
+    where oneDNN's weight gradient is already on its fast path (or growing would not pay, or not be exact)."""
+    if stride != [1, 1] or dilation != [1, 1]:
+        return None
+    grow = [k - side if 2 <= side < k else 0 for side, k in zip(x_shape[-2:], w_shape[-2:], strict=True)]
+    return None if grow == [0, 0] else (grow[0], grow[1])
+
+
+def _grown_weight_grad(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    padding: list[int],
+    groups: int,
+    growth: tuple[int, int],
+    memory_format: torch.memory_format | None,
+) -> torch.Tensor:
+    """The weight gradient of a stride-1 convolution computed on `x` and `grad` with `growth` rows
+    and columns of zeros added below and to the right: the output grows by as much, and every added
+    term of the gradient's sums multiplies a zero of the map or of its gradient."""
+    rows, cols = growth
+    x, grad = F.pad(x, (0, cols, 0, rows)), F.pad(grad, (0, cols, 0, rows))
+    if memory_format is not None:
+        x, grad = x.contiguous(memory_format=memory_format), grad.contiguous(memory_format=memory_format)
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, None, [1, 1], padding, [1, 1], False, [0, 0], groups, [False, True, False]
+    )[1]
+
+
 def _pair(value) -> list[int]:
     return [value, value] if isinstance(value, int) else list(value)
 
 
-class _Float32DepthwiseBackward(TorchFunctionMode):
+class _DepthwiseBackward(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.conv2d:
@@ -77,8 +122,9 @@ class _Float32DepthwiseBackward(TorchFunctionMode):
 
 
 def _depthwise_call(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """The arguments for _Conv2d when this call is a bfloat16 depthwise convolution on the CPU that
-    needs gradients; else None (the call runs as it is)."""
+    """The arguments for _Conv2d when this call is a depthwise convolution on the CPU that needs
+    gradients, in bfloat16 or with a weight gradient on a map smaller than its kernel; else None
+    (the call runs as it is)."""
     if (
         groups == 1
         or isinstance(padding, str)  # 'same'/'valid': left to F.conv2d, which pads as it needs
@@ -87,11 +133,15 @@ def _depthwise_call(x, weight, bias=None, stride=1, padding=0, dilation=1, group
         or groups != x.shape[1]
         or not torch.is_grad_enabled()
         or not (x.requires_grad or weight.requires_grad)
-        or torch.bfloat16
-        not in (x.dtype, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
     ):
         return None
-    return x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups
+    call = x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups
+    bfloat16 = torch.bfloat16 in (
+        x.dtype,
+        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
+    )
+    small_map = weight.requires_grad and _growth(x.shape, weight.shape, call[3], call[5]) is not None
+    return call if bfloat16 or small_map else None
 
 
 def has_depthwise(model: torch.nn.Module) -> bool:
@@ -103,8 +153,9 @@ def has_depthwise(model: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def float32_backward(enabled: bool = True) -> Iterator[None]:
-    """While active, depthwise convolutions that run in bfloat16 on the CPU and need gradients compute
-    those gradients in float32 (module forward passes inside it build the graph that way)."""
-    with _Float32DepthwiseBackward() if enabled else contextlib.nullcontext():
+def backward(enabled: bool = True) -> Iterator[None]:
+    """While active, depthwise convolutions on the CPU that need gradients compute them as the module
+    says (float32 for bfloat16; grown maps for weight gradients on maps smaller than the kernel);
+    module forward passes inside it build the graph that way."""
+    with _DepthwiseBackward() if enabled else contextlib.nullcontext():
         yield

@@ -205,14 +205,10 @@ def _fit(
         )
         result.train_seconds += views.seconds
         result.frozen_cache = views.record()
-    # not inside a compiled step: Dynamo compiles the mode's frames one by one (a recompile per call
+    # depthwise convolutions' CPU backward (capas.train.depthwise: float32 gradients for bfloat16, weight
+    # gradients on maps grown to the kernel's size); not inside a compiled step: Dynamo compiles the mode's frames one by one (a recompile per call
     # signature up to its limit) where the step breaks its graph for the frozen rows
-    float32_depthwise = (
-        device.type == "cpu"
-        and cfg.precision == "bfloat16"
-        and cfg.compile is not True
-        and depthwise.has_depthwise(model)
-    )
+    cpu_depthwise = device.type == "cpu" and cfg.compile is not True and depthwise.has_depthwise(model)
     # train.winograd computes float32 training on a CPU only; elsewhere it records that it computed nothing
     wino = (
         winograd.Convolutions(model)
@@ -267,7 +263,7 @@ def _fit(
             set_lr(optimizer, base_lrs, factor)
             with (
                 autocast(device, cfg.precision),
-                depthwise.float32_backward(float32_depthwise),
+                depthwise.backward(cpu_depthwise),
                 wino.active() if wino is not None else contextlib.nullcontext(),
             ):
                 logits = net(x) if views is None else net(x, start_row=views.rows)
