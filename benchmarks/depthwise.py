@@ -1,0 +1,186 @@
+"""Depthwise weight gradients on maps smaller than their kernel: PyTorch's own against grown maps.
+
+oneDNN's CPU weight gradient of a depthwise convolution takes a slow path where the feature map is
+smaller than the kernel, as in EfficientNet-Lite0's last stages on small images. capas.train.depthwise
+grows such maps with zeros to the kernel's size first. Two measurements, side by side in one process:
+
+1. each depthwise convolution of EfficientNet-Lite0 at `--size` whose map is smaller than its kernel:
+   its weight gradient at batch `--batch`, channels-last, in float32, PyTorch's own against on grown
+   maps (median of `--repeats` interleaved repeats of `--calls` calls each);
+2. the training step of examples/studies/frozen-layers.yaml's network (EfficientNet-Lite0 at 64×64,
+   GlobalAveragePooling2D, Dense(10); seed 003's question) with its backbone's last blocks trainable,
+   through capas' `fit` in float32 on CIFAR-10 images: 2 epochs of `--batches` batches, the second
+   timed, with maps grown and without (the growth turned off in this process, for the comparison only).
+
+    python benchmarks/depthwise.py [--size 64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import capas.train.depthwise
+from capas.data import make_splits
+from capas.models import build_model, preprocess_for
+from capas.runs import machine_line
+from capas.spec import ModelSpec, TrainConfig, load_document
+from capas.train import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg" / "train"
+STUDY = ROOT / "examples" / "studies" / "frozen-layers.yaml"
+WAYS = ("PyTorch's own", "grown maps")
+FROZEN = {"block6-unfrozen": 12, "block5-unfrozen": 9, "none-frozen": "none"}
+
+
+def study_spec(size: int, frozen: int | str) -> ModelSpec:
+    document = load_document(STUDY)["base"]["spec"]
+    document["input_shape"] = [size, size, 3]
+    document["backbone"]["frozen"] = frozen
+    return ModelSpec.from_dict(document)
+
+
+def small_map_convolutions(size: int) -> list[tuple[str, torch.Size, torch.nn.Conv2d]]:
+    """(name, input shape at batch 1, module) of the network's depthwise convolutions that get grown maps."""
+    model = build_model(study_spec(size, "all"), seed=0, pretrained=False)
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and module.groups == module.in_channels > 1:
+            module.register_forward_hook(
+                lambda m, args, out, name=name: found.append((name, args[0].shape, m))
+            )
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, size, size))
+    return [
+        (name, shape, m)
+        for name, shape, m in found
+        if capas.train.depthwise._growth(shape, m.weight.shape, list(m.stride), list(m.dilation)) is not None
+    ]
+
+
+def weight_grad(module: torch.nn.Conv2d, x: torch.Tensor, grad: torch.Tensor, grown: bool) -> torch.Tensor:
+    padding, groups = list(module.padding), module.groups
+    if grown:
+        growth = capas.train.depthwise._growth(x.shape, module.weight.shape, [1, 1], [1, 1])
+        return capas.train.depthwise._grown_weight_grad(
+            grad, x, module.weight, padding, groups, growth, torch.channels_last
+        )
+    return torch.ops.aten.convolution_backward(
+        grad, x, module.weight, None, [1, 1], padding, [1, 1], False, [0, 0], groups, [False, True, False]
+    )[1]
+
+
+def time_convolutions(console: Console, args: argparse.Namespace) -> None:
+    rows = []
+    for name, shape, module in small_map_convolutions(args.size):
+        x = torch.randn(args.batch, *shape[1:]).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            grad = torch.randn_like(module(x)).contiguous(memory_format=torch.channels_last)
+        own = weight_grad(module, x, grad, False)
+        error = (weight_grad(module, x, grad, True) - own).abs().max() / own.abs().max()
+        times = {way: [] for way in WAYS}
+        for _ in range(args.repeats):
+            for way in WAYS:
+                start = time.perf_counter()
+                for _ in range(args.calls):
+                    weight_grad(module, x, grad, way == "grown maps")
+                times[way].append((time.perf_counter() - start) / args.calls * 1000)
+        own, grown = (statistics.median(times[way]) for way in WAYS)
+        rows.append((name, shape, module, own, grown, error.item()))
+    table = Table(
+        title=f"depthwise weight gradients, EfficientNet-Lite0 at {args.size}×{args.size}, batch {args.batch}, "
+        "float32, channels-last: ms per call"
+    )
+    for column in (
+        "convolution",
+        "map",
+        "kernel",
+        "channels",
+        *WAYS,
+        "speed-up",
+        "largest difference ÷ largest value",
+    ):
+        table.add_column(column, justify="left" if column == "convolution" else "right")
+    for name, shape, module, own, grown, error in rows:
+        kernel = "×".join(map(str, module.kernel_size))
+        table.add_row(
+            name, f"{shape[2]}×{shape[3]}", kernel, str(shape[1]), f"{own:.1f}", f"{grown:.1f}",
+            f"{own / grown:.2f}×", f"{error:.1e}",
+        )  # fmt: skip
+    console.print(table)
+
+
+def fit_speed(spec: ModelSpec, splits, grown: bool, batch: int) -> float:
+    """Training images/s of the second of two epochs of a fresh model, in float32 on the CPU."""
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=batch,
+        optimizer={"name": "adam", "lr": 1e-3, "backbone_lr_scale": 0.1},
+        device="cpu",
+    )
+    patch = contextlib.nullcontext()
+    if not grown:  # the growth off, for this comparison only
+        patch = mock.patch.object(capas.train.depthwise, "_growth", lambda *args: None)
+    with patch:
+        result = fit(build_model(spec, seed=0), splits.train, splits.val, preprocess_for(spec), cfg)
+    return result.history[1]["images_per_s"]
+
+
+def time_training(console: Console, args: argparse.Namespace) -> None:
+    batch = load_document(STUDY)["base"]["train"]["batch_size"]
+    splits = make_splits(args.data, limit=round(args.batches * batch / 0.98), val_fraction=0.02)
+    speeds = {(variant, way): [] for variant in FROZEN for way in WAYS}
+    for _ in range(args.repeats):
+        for variant, frozen in FROZEN.items():
+            for way in WAYS:
+                speed = fit_speed(study_spec(64, frozen), splits, way == "grown maps", batch)
+                speeds[variant, way].append(speed)
+                console.print(f"{variant} · {way}: {speed:.1f} images/s", highlight=False)
+    table = Table(
+        title=f"frozen-layers study's network (64×64), float32 training, batch {batch}, "
+        f"{len(splits.train)} images/epoch: images/s of the second epoch"
+    )
+    for column in ("variant", *(f"{way} (median)" for way in WAYS), "min–max, grown", "grown ÷ own"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for variant in FROZEN:
+        own, grown = (statistics.median(speeds[variant, way]) for way in WAYS)
+        values = speeds[variant, "grown maps"]
+        table.add_row(
+            variant,
+            f"{own:.1f}",
+            f"{grown:.1f}",
+            f"{min(values):.1f}–{max(values):.1f}",
+            f"{grown / own:.2f}×",
+        )
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--size", type=int, default=64, help="the network's input side for the per-convolution table"
+    )
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=16, help="training batches per epoch")
+    parser.add_argument("--data", default=f"folder:{CIFAR}")
+    args = parser.parse_args()
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    time_convolutions(console, args)
+    time_training(console, args)
+    console.print(f"{machine_line()}; median of {args.repeats} repeats", highlight=False)
+
+
+if __name__ == "__main__":
+    main()
