@@ -64,16 +64,16 @@ def small_map_convolutions(size: int) -> list[tuple[str, torch.Size, torch.nn.Co
     return [
         (name, shape, m)
         for name, shape, m in found
-        if capas.train.depthwise._growth(shape, m.weight.shape, list(m.stride), list(m.dilation)) is not None
+        if capas.train.depthwise.growth(shape, m.weight.shape, list(m.stride), list(m.dilation)) is not None
     ]
 
 
 def weight_grad(module: torch.nn.Conv2d, x: torch.Tensor, grad: torch.Tensor, grown: bool) -> torch.Tensor:
     padding, groups = list(module.padding), module.groups
     if grown:
-        growth = capas.train.depthwise._growth(x.shape, module.weight.shape, [1, 1], [1, 1])
-        return capas.train.depthwise._grown_weight_grad(
-            grad, x, module.weight, padding, groups, growth, torch.channels_last
+        grow = capas.train.depthwise.growth(x.shape, module.weight.shape, [1, 1], [1, 1])
+        return capas.train.depthwise.grown_weight_grad(
+            grad, x, module.weight, padding, groups, grow, torch.channels_last
         )
     return torch.ops.aten.convolution_backward(
         grad, x, module.weight, None, [1, 1], padding, [1, 1], False, [0, 0], groups, [False, True, False]
@@ -130,7 +130,7 @@ def fit_speed(spec: ModelSpec, splits, grown: bool, batch: int) -> float:
     )
     patch = contextlib.nullcontext()
     if not grown:  # the growth off, for this comparison only
-        patch = mock.patch.object(capas.train.depthwise, "_growth", lambda *args: None)
+        patch = mock.patch.object(capas.train.depthwise, "growth", lambda *args: None)
     with patch:
         result = fit(build_model(spec, seed=0), splits.train, splits.val, preprocess_for(spec), cfg)
     return result.history[1]["images_per_s"]

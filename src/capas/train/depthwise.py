@@ -46,7 +46,7 @@ class _Conv2d(torch.autograd.Function):
         grad32, x32, w32 = grad.float(), x.float(), weight.float()
         if memory_format is not None:
             grad32 = grad32.contiguous(memory_format=memory_format)
-        growth = _growth(x.shape, weight.shape, stride, dilation)
+        grow = growth(x.shape, weight.shape, stride, dilation)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         gx, gw, gb = torch.ops.aten.convolution_backward(
@@ -60,10 +60,10 @@ class _Conv2d(torch.autograd.Function):
             False,
             [0, 0],
             groups,
-            [need_x, need_w and growth is None, need_b],
+            [need_x, need_w and grow is None, need_b],
         )
-        if need_w and growth is not None:
-            gw = _grown_weight_grad(grad32, x32, w32, padding, groups, growth, memory_format)
+        if need_w and grow is not None:
+            gw = grown_weight_grad(grad32, x32, w32, padding, groups, grow, memory_format)
         return (
             None if gx is None else gx.to(x.dtype),
             None if gw is None else gw.to(weight.dtype),
@@ -75,7 +75,7 @@ class _Conv2d(torch.autograd.Function):
         )
 
 
-def _growth(
+def growth(
     x_shape: torch.Size, w_shape: torch.Size, stride: list[int], dilation: list[int]
 ) -> tuple[int, int] | None:
     """Rows and columns of zeros that bring a map smaller than its kernel to the kernel's size, or None
@@ -86,19 +86,19 @@ def _growth(
     return None if grow == [0, 0] else (grow[0], grow[1])
 
 
-def _grown_weight_grad(
+def grown_weight_grad(
     grad: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
     padding: list[int],
     groups: int,
-    growth: tuple[int, int],
+    grow: tuple[int, int],
     memory_format: torch.memory_format | None,
 ) -> torch.Tensor:
-    """The weight gradient of a stride-1 convolution computed on `x` and `grad` with `growth` rows
+    """The weight gradient of a stride-1 convolution computed on `x` and `grad` with `grow` rows
     and columns of zeros added below and to the right: the output grows by as much, and every added
     term of the gradient's sums multiplies a zero of the map or of its gradient."""
-    rows, cols = growth
+    rows, cols = grow
     x, grad = F.pad(x, (0, cols, 0, rows)), F.pad(grad, (0, cols, 0, rows))
     if memory_format is not None:
         x, grad = x.contiguous(memory_format=memory_format), grad.contiguous(memory_format=memory_format)
@@ -140,7 +140,7 @@ def _depthwise_call(x, weight, bias=None, stride=1, padding=0, dilation=1, group
         x.dtype,
         torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
     )
-    small_map = weight.requires_grad and _growth(x.shape, weight.shape, call[3], call[5]) is not None
+    small_map = weight.requires_grad and growth(x.shape, weight.shape, call[3], call[5]) is not None
     return call if bfloat16 or small_map else None
 
 
