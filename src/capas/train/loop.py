@@ -205,9 +205,10 @@ def _fit(
         )
         result.train_seconds += views.seconds
         result.frozen_cache = views.record()
-    # depthwise convolutions' CPU backward (capas.train.depthwise: float32 gradients for bfloat16, weight
-    # gradients on maps grown to the kernel's size); not inside a compiled step: Dynamo compiles the mode's frames one by one (a recompile per call
-    # signature up to its limit) where the step breaks its graph for the frozen rows
+    # depthwise convolutions' CPU backward (capas.train.depthwise: float32 gradients for bfloat16,
+    # weight gradients on maps grown to the kernel's size); not inside a compiled step: Dynamo compiles
+    # the mode's frames one by one (a recompile per call signature up to its limit) where the step
+    # breaks its graph for the frozen rows
     cpu_depthwise = device.type == "cpu" and cfg.compile is not True and depthwise.has_depthwise(model)
     # train.winograd computes float32 training on a CPU only; elsewhere it records that it computed nothing
     wino = (
