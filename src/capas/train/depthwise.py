@@ -135,13 +135,15 @@ def _depthwise_call(x, weight, bias=None, stride=1, padding=0, dilation=1, group
         or not (x.requires_grad or weight.requires_grad)
     ):
         return None
-    call = x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups
+    stride, dilation = _pair(stride), _pair(dilation)
     bfloat16 = torch.bfloat16 in (
         x.dtype,
         torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
     )
-    small_map = weight.requires_grad and growth(x.shape, weight.shape, call[3], call[5]) is not None
-    return call if bfloat16 or small_map else None
+    small_map = weight.requires_grad and growth(x.shape, weight.shape, stride, dilation) is not None
+    if not (bfloat16 or small_map):
+        return None
+    return x, weight, bias, stride, _pair(padding), dilation, groups
 
 
 def has_depthwise(model: torch.nn.Module) -> bool:
