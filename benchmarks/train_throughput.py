@@ -14,7 +14,8 @@ at 1e-3, in float32 and under the mixed_bfloat16 policy, its runs interleaved wi
 "capas ÷ Keras" compares capas' `fit` with Keras in the same precision. capas also trains with
 `train.compile` (torch.compile of the training step): a fresh model compiles during its first
 epoch, so that fit trains two epochs and its second is timed, the first printed apart; and in
-float32 with `train.winograd` (its two 128-channel convolutions by Winograd's F(4×4, 3×3)). Keras runs in a process
+float32 with the other `train.winograd` than its default `auto` resolves to on this CPU (its two
+128-channel convolutions by Winograd's F(4×4, 3×3), or not: capas.train.winograd.auto). Keras runs in a process
 of its own that takes turns with this one. Each Keras run builds a fresh model; its first step
 (tf.function tracing) is timed apart, left out of images/s and printed below the table with capas'
 warm-up. Neither side's threads are set: the last line prints what each framework uses. Keep
@@ -64,7 +65,7 @@ from capas.models import build_model
 from capas.runs import environment
 from capas.spec import TrainConfig, load_spec
 from capas.spec.summary import summarize
-from capas.train import fit
+from capas.train import fit, winograd
 
 SPEC = Path(__file__).parent.parent / "examples" / "seed000-gap.yaml"
 # the machines' CIFAR-10 folder beside the checkout (or beside the folder holding a git worktree)
@@ -76,7 +77,9 @@ CIFAR = next(
 BATCH = 128
 PRECISIONS = ("float32", "bfloat16")
 COMPILED = "capas fit, train.compile"
-WINOGRAD = "capas fit, train.winograd"  # float32 only: it changes nothing in bfloat16
+# float32 only (it changes nothing in bfloat16): the winograd setting that `auto` does not choose here
+OTHER_WINOGRAD = not winograd.auto(torch.device("cpu"), "float32", False)
+WINOGRAD = f"capas fit, winograd: {str(OTHER_WINOGRAD).lower()}"
 WARMUPS = {"capas fit": "warm-up (1 batch, once)", COMPILED: "first epoch (compiling), median"}
 
 
@@ -257,7 +260,7 @@ def capas_fit(
     val: ArrayDataset,
     precision: str = "float32",
     compile: bool = False,
-    winograd: bool = False,
+    winograd: bool | str = "auto",
 ) -> tuple[float, float]:
     """(images/s, seconds of the first epoch): compiled, a fresh model compiles in its first
     epoch, so it trains two and the second is timed; eager, one."""
@@ -526,7 +529,7 @@ def main() -> None:
             runs[COMPILED, precision].append(speed)
             warmups.setdefault((COMPILED, precision), []).append(first)
             if precision == "float32":
-                runs[WINOGRAD, precision].append(capas_fit(train, val, precision, winograd=True)[0])
+                runs[WINOGRAD, precision].append(capas_fit(train, val, precision, winograd=OTHER_WINOGRAD)[0])
             if keras_side is not None:
                 speed, first = keras_side.run(precision)
                 runs[keras_name, precision].append(speed)

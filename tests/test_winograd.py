@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from torch.nn import functional as F
 
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.train import fit, train
-from capas.train.winograd import Convolutions, conv2d, pays
+from capas.train.loop import resolved
+from capas.train.winograd import Convolutions, auto, conv2d, pays
 
 
 def _grads(conv, x, w, b, grad, **kwargs):
@@ -159,7 +161,7 @@ WIDE = {
 def test_training_with_winograd_follows_the_direct_training_and_records_its_layers(tmp_path):
     data = DataConfig(name="digits", limit=300, test_limit=100, val_fraction=0.2)
     cfg = dict(epochs=2, batch_size=50, optimizer={"lr": 3e-3}, precision="float32", device="cpu")
-    direct = train(ModelSpec.from_dict(WIDE), data, TrainConfig(**cfg), tmp_path / "direct")
+    direct = train(ModelSpec.from_dict(WIDE), data, TrainConfig(**cfg, winograd=False), tmp_path / "direct")
     wino = train(ModelSpec.from_dict(WIDE), data, TrainConfig(**cfg, winograd=True), tmp_path / "wino")
     again = train(ModelSpec.from_dict(WIDE), data, TrainConfig(**cfg, winograd=True), tmp_path / "again")
     assert wino["winograd"] == ["wide"]  # the spec's name: its first convolution has one channel in
@@ -184,11 +186,48 @@ def test_winograd_and_a_compiled_step_are_refused_together():
     with pytest.raises(ValidationError, match="winograd: true and compile: true"):
         TrainConfig(winograd=True, compile=True)
     TrainConfig(winograd=True, compile="frozen")  # a frozen backbone's graph is inference: fine
+    assert resolved(TrainConfig(compile=True, precision="float32", device="cpu")).winograd is False
+
+
+AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl"}
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "compile", "flags", "expected"),
+    [
+        ("cpu", "float32", False, AVX2, True),  # where benchmarks/ measured it to pay
+        ("cpu", "float32", "frozen", AVX2, True),  # an inference graph of a frozen backbone only
+        ("cpu", "float32", True, AVX2, False),  # a compiled step it cannot enter
+        ("cpu", "bfloat16", False, AVX2, False),  # it computes nothing in bfloat16
+        ("cpu", "float32", False, AVX512, False),  # not measured in float32 on AVX-512
+        ("cpu", "float32", False, frozenset({"fp", "asimd", "bf16"}), False),  # Arm: not measured
+        ("meta", "float32", False, AVX2, False),  # not a CPU
+    ],
+)  # fmt: skip
+def test_auto_is_on_for_float32_training_on_cpus_with_avx2_and_without_avx512(
+    device, precision, compile, flags, expected
+):
+    assert auto(torch.device(device), precision, compile, flags) is expected
+
+
+@pytest.mark.parametrize(("flags", "computed"), [(AVX2, ["wide"]), (AVX512, None)])
+def test_the_default_trains_with_winograd_where_auto_resolves_on_and_records_it(
+    tmp_path, monkeypatch, flags, computed
+):
+    from capas import cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
+    cfg = TrainConfig(epochs=1, batch_size=50, precision="float32", device="cpu")
+    assert cfg.winograd == "auto"
+    data = DataConfig(name="digits", limit=150, test_limit=50, val_fraction=0.2)
+    results = train(ModelSpec.from_dict(WIDE), data, cfg, tmp_path / "run")
+    assert results.get("winograd") == computed
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["winograd"] is (computed is not None)  # as it resolved on this machine
 
 
 def test_the_command_line_option_trains_with_it_and_warns_where_it_computes_nothing(tmp_path):
-    import json
-
     import yaml
     from typer.testing import CliRunner
 

@@ -203,13 +203,20 @@ def train(
         console.print(f"training [bold]{model_spec.name}[/] on {data_cfg.name} -> {out}", highlight=False)
         from capas.cpu import bfloat16_warning
         from capas.inference import choose_precision, resolve_device
+        from capas.train import winograd
 
         run_device = resolve_device(train_cfg.device)
         chosen = train_cfg.precision
         if train_cfg.precision == "auto":
             chosen, why = choose_precision("auto", run_device)
             console.print(f"precision auto: {chosen} ({why})", highlight=False)
-        if train_cfg.winograd and (run_device.type != "cpu" or chosen != "float32"):
+        if train_cfg.winograd == "auto" and winograd.auto(run_device, chosen, train_cfg.compile):
+            console.print(
+                "winograd auto: on for the wide 3×3 convolutions where it pays (float32 on a CPU with "
+                "AVX2, without AVX-512)",
+                highlight=False,
+            )
+        if train_cfg.winograd is True and (run_device.type != "cpu" or chosen != "float32"):
             errors.print(
                 f"[bold yellow]warning:[/] winograd computes float32 training on a CPU; this run trains in "
                 f"{chosen} on {run_device.type}, where it changes nothing",

@@ -37,6 +37,7 @@ def cpu_features(flags: frozenset[str] | None = None) -> dict:
     flags = cpu_flags() if flags is None else flags
     features = {
         "capability": torch.backends.cpu.get_cpu_capability(),  # the kernels PyTorch dispatches to
+        "avx2": "avx2" in flags,
         "avx512": "avx512f" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags and "amx_tile" in flags,

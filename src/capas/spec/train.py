@@ -213,13 +213,15 @@ class TrainConfig(_Config):
         "The first steps of each batch shape take seconds to compile; evaluation, checkpoints and the "
         "saved model are the uncompiled model's",
     )
-    winograd: bool = Field(
-        default=False,
+    winograd: bool | Literal["auto"] = Field(
+        default="auto",
         description="compute the wide 3×3, stride-1 convolutions (at least 128 channels in and out, "
         "outputs at least 4×4 that fill its 4×4 tiles well enough to pay: capas.train.winograd.pays) "
         "of float32 training on a CPU by Winograd's F(4×4, 3×3): 4× fewer "
         "multiply-adds, results equal to float32 rounding; the run records which layers. Not in "
-        "bfloat16 or on a GPU, where it changes nothing; evaluation and serving are unchanged",
+        "bfloat16 or on a GPU, where it changes nothing; evaluation and serving are unchanged. "
+        "'auto': on where it was measured to pay, float32 training on an x86 CPU with AVX2 and "
+        "without AVX-512 (capas.train.winograd.auto), and not with compile: true",
     )
     cache_frozen: bool = Field(
         default=False,
@@ -251,7 +253,7 @@ class TrainConfig(_Config):
 
     @model_validator(mode="after")
     def _winograd_uncompiled(self) -> TrainConfig:
-        if self.winograd and self.compile is True:
+        if self.winograd is True and self.compile is True:
             raise ValueError(
                 "winograd: true and compile: true cannot be combined: winograd replaces convolutions "
                 "in the eager step; set one of them"

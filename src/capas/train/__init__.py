@@ -20,7 +20,7 @@ from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.spec.io import config_changes
 from capas.train import features
 from capas.train.checkpoint import checkpoint_identity
-from capas.train.loop import Callback, FitResult, fit, with_precision
+from capas.train.loop import Callback, FitResult, fit, resolved
 from capas.train.progress import RichProgress
 from capas.train.reproducible import reproducible
 
@@ -53,14 +53,14 @@ def train(
 
     Rerunning with the same `out` after an interruption resumes from the last epoch checkpoint, if
     the spec, data and training configs are the ones it was made with (else a CapasError names the
-    differences; `precision: auto` counts as the precision it chooses on this machine, which the run
-    records); `restart` discards the checkpoint and starts over. The directory is locked while
-    this runs (capas.lock): a second process training into it is refused.
+    differences; `precision: auto` and `winograd: auto` count as what they resolve to on this
+    machine, which the run records); `restart` discards the checkpoint and starts over. The
+    directory is locked while this runs (capas.lock): a second process training into it is refused.
     With `dist`, this process is one rank of a data-parallel run (capas.train.distributed): every
     rank returns the test results, rank 0 alone writes (and locks) `out`.
     """
     out = Path(out)
-    cfg = with_precision(cfg)
+    cfg = resolved(cfg)
     if cfg.finetune is not None and spec.backbone is None:
         raise CapasError(f"{spec.name}: train.finetune needs a spec with a backbone")
     splits = splits_for(data)

@@ -91,11 +91,15 @@ class _Monitor:
         self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
 
 
-def with_precision(cfg: TrainConfig) -> TrainConfig:
-    """`cfg` with `precision: auto` replaced by the precision it means on `cfg.device` here."""
-    if cfg.precision != "auto":
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its `auto` settings replaced by what they mean on `cfg.device` here: `precision`
+    (capas.inference.choose_precision), then `winograd` (capas.train.winograd.auto)."""
+    if cfg.precision != "auto" and cfg.winograd != "auto":
         return cfg
-    return cfg.model_copy(update={"precision": choose_precision("auto", resolve_device(cfg.device))[0]})
+    device = resolve_device(cfg.device)
+    precision = cfg.precision if cfg.precision != "auto" else choose_precision("auto", device)[0]
+    use = cfg.winograd if cfg.winograd != "auto" else winograd.auto(device, precision, cfg.compile)
+    return cfg.model_copy(update={"precision": precision, "winograd": use})
 
 
 def fit(
@@ -121,10 +125,10 @@ def fit(
     While it trains, a ReLU that feeds max pooling runs after the pooling (CapasNet.relu_after_pooling:
     exact, and faster), and `cfg.threads` and `cfg.deterministic` apply (capas.train.reproducible).
     `identity` (the run's spec, data and training configs) is saved in each checkpoint, so that
-    `train` can refuse to resume it under other settings. `precision: auto` trains in the precision it
-    chooses here (capas.inference.choose_precision).
+    `train` can refuse to resume it under other settings. `precision: auto` and `winograd: auto` train
+    as they resolve here (`resolved`).
     """
-    cfg = with_precision(cfg)
+    cfg = resolved(cfg)
     on_cpu = resolve_device(cfg.device).type == "cpu"
     relu_after_pooling = getattr(model, "relu_after_pooling", contextlib.nullcontext)
     with reproducible(cfg), kept_heap() if on_cpu else contextlib.nullcontext(), relu_after_pooling():
@@ -210,7 +214,8 @@ def _fit(
     # the mode's frames one by one (a recompile per call signature up to its limit) where the step
     # breaks its graph for the frozen rows
     cpu_depthwise = device.type == "cpu" and cfg.compile is not True and depthwise.has_depthwise(model)
-    # train.winograd computes float32 training on a CPU only; elsewhere it records that it computed nothing
+    # train.winograd computes float32 training on a CPU only; asked for elsewhere, it records that it
+    # computed nothing
     wino = (
         winograd.Convolutions(model)
         if cfg.winograd and device.type == "cpu" and cfg.precision == "float32"

@@ -26,6 +26,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from capas.cpu import cpu_features
+
 # F(4×4, 3×3) with the interpolation points 0, ±1, ±2, ∞ (Lavin & Gray, section 4.2)
 _BT = torch.tensor(
     [
@@ -76,6 +78,20 @@ def pays(channels: int, ho: int, wo: int) -> bool:
         return False
     kept = ho * wo / (16 * -(-ho // 4) * -(-wo // 4))
     return kept >= next(least for width, least in MIN_KEPT if channels >= width)
+
+
+def auto(
+    device: torch.device, precision: str, compile: bool | str, flags: frozenset[str] | None = None
+) -> bool:
+    """What `train.winograd: auto` means for a training on `device` in `precision` (resolved, not
+    'auto'): on for float32 on an x86 CPU with AVX2 and without AVX-512, the kind of CPU its
+    benchmarks measured (README Performance: the seed-000 step 1.5× as fast); off elsewhere — in
+    bfloat16 and on a GPU it would compute nothing, in float32 on AVX-512 it was not measured — and
+    with `compile: true`, whose step it cannot enter. `flags`: the CPU's (capas.cpu.cpu_flags)."""
+    if device.type != "cpu" or precision != "float32" or compile is True:
+        return False
+    features = cpu_features(flags)
+    return features["avx2"] and not features["avx512"]
 
 
 class _Winograd(torch.autograd.Function):
