@@ -9,6 +9,9 @@ whole 4×4 output tiles and sides that do not); `winograd.pays` uses the shapes 
 the last column says whether it does.
 
     python benchmarks/winograd.py [--batch 128] [--repeats 5] [--channels 64 128 256] [--sides 3 4 7 8 9 12 13 16 28]
+                                  [--threads N]
+
+`--threads 1` measures it as a study's workers train (one thread each unless the study says otherwise).
 """
 
 from __future__ import annotations
@@ -40,7 +43,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--sides", type=int, nargs="+", default=[3, 4, 7, 8, 9, 12, 13, 16, 28])
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: PyTorch's, all cores)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     console = Console()
     table = Table(title=f"3×3 convolution, forward + backward, float32, batch {args.batch}, channels-last")
     columns = ("channels in → out", "side", "direct ms", "Winograd ms", "direct ÷ Winograd", "capas uses it")
