@@ -220,7 +220,7 @@ class TrainConfig(_Config):
         "of float32 training on a CPU by Winograd's F(4×4, 3×3): 4× fewer "
         "multiply-adds, results equal to float32 rounding; the run records which layers. Not in "
         "bfloat16 or on a GPU, where it changes nothing; evaluation and serving are unchanged. "
-        "'auto': on where it was measured to pay, float32 training on an x86 CPU with AVX2 and "
+        "'auto', the default: on where it was measured to pay, float32 training on an x86 CPU with AVX2 and "
         "without AVX-512 (capas.train.winograd.auto), and not with compile: true",
     )
     cache_frozen: bool = Field(
