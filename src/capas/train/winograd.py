@@ -85,7 +85,7 @@ def auto(
 ) -> bool:
     """What `train.winograd: auto` means for a training on `device` in `precision` (resolved, not
     'auto'): on for float32 on an x86 CPU with AVX2 and without AVX-512, the kind of CPU its
-    benchmarks measured (README Performance: the seed-000 step 1.5× as fast); off elsewhere — in
+    benchmarks measured (README Performance: the seed-000 step 1.6–1.7× its direct one); off elsewhere — in
     bfloat16 and on a GPU it would compute nothing, in float32 on AVX-512 it was not measured — and
     with `compile: true`, whose step it cannot enter. `flags`: the CPU's (capas.cpu.cpu_flags)."""
     if device.type != "cpu" or precision != "float32" or compile is True:
