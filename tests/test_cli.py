@@ -77,6 +77,31 @@ def test_bad_spec_exits_2_with_one_message_and_no_traceback(tmp_path):
     )
 
 
+@pytest.mark.parametrize(("key", "allowed"), [("winograd", "'auto'"), ("compile", "'frozen'")])
+def test_a_setting_of_several_kinds_gets_one_message_with_what_each_allows(tmp_path, key, allowed):
+    """winograd is true, false or 'auto': pydantic reports each kind apart (as `winograd.bool`…);
+    the user reads one keyword and everything it takes."""
+    config = tmp_path / "train.yaml"
+    config.write_text(f"train:\n  {key}: maybe\n")
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(EXAMPLES / "seed000-gap.yaml"),
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())
+    assert f"training config: keyword '{key}': Input should be a valid boolean" in message
+    assert f"or {allowed} (given 'maybe')" in message
+    assert "bool" not in message.replace("boolean", "")
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_spec_file_is_named():
     result = runner.invoke(app, ["summary", "nowhere.yaml"])
     assert result.exit_code == 2

@@ -35,18 +35,34 @@ def load_document(path: str | Path) -> Any:
         raise CapasError(f"{path}: invalid YAML{where}: {problem}") from None
 
 
+# pydantic's location parts that name a member of a union (`bool`, `literal['auto']`), not a keyword
+_SCALAR_TAGS = {"bool", "int", "float", "str", "none"}
+
+
+def _union_member(part: object) -> bool:
+    return isinstance(part, str) and (part in _SCALAR_TAGS or any(c in part for c in "[("))
+
+
 def describe_validation(error: ValidationError) -> str:
-    """pydantic's errors as one line per keyword: what was given and what is allowed."""
+    """pydantic's errors as one line per keyword: what was given and what is allowed; a value that
+    may be of several kinds (a union) gets one line whose requirements are joined by "or"."""
+    found: dict[object, tuple[str, str, list[str], object]] = {}  # (keyword, kind, messages, given)
+    for index, item in enumerate(error.errors()):
+        keyword = ".".join(str(p) for p in item["loc"] if not _union_member(p)) or "keywords"
+        union = any(_union_member(p) for p in item["loc"])
+        _, _, messages, _ = found.setdefault(
+            keyword if union else index, (keyword, item["type"], [], item.get("input"))
+        )
+        messages.append(item["msg"].removeprefix("Value error, "))
     parts = []
-    for item in error.errors():
-        keyword = ".".join(str(p) for p in item["loc"]) or "keywords"
-        if item["type"] == "missing":
+    for keyword, kind, messages, given in found.values():
+        if kind == "missing":
             parts.append(f"keyword {keyword!r} is required")
-        elif item["type"] == "extra_forbidden":
+        elif kind == "extra_forbidden":
             parts.append(f"unknown keyword {keyword!r}")
         else:
-            message = item["msg"].removeprefix("Value error, ")
-            parts.append(f"keyword {keyword!r}: {message} (given {item.get('input')!r})")
+            allowed = " or ".join([messages[0], *(m.removeprefix("Input should be ") for m in messages[1:])])
+            parts.append(f"keyword {keyword!r}: {allowed} (given {given!r})")
     return "; ".join(parts)
 
 
