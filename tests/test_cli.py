@@ -102,6 +102,25 @@ def test_a_setting_of_several_kinds_gets_one_message_with_what_each_allows(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+def test_an_unknown_nested_keyword_named_like_a_type_is_named_in_full(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("train:\n  optimizer: {name: sgd, bool: 1}\n")
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(EXAMPLES / "seed000-gap.yaml"),
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "unknown keyword 'optimizer.bool'" in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_spec_file_is_named():
     result = runner.invoke(app, ["summary", "nowhere.yaml"])
     assert result.exit_code == 2

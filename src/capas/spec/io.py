@@ -48,8 +48,10 @@ def describe_validation(error: ValidationError) -> str:
     may be of several kinds (a union) gets one line whose requirements are joined by "or"."""
     found: dict[object, tuple[str, str, list[str], object]] = {}  # (keyword, kind, messages, given)
     for index, item in enumerate(error.errors()):
-        keyword = ".".join(str(p) for p in item["loc"] if not _union_member(p)) or "keywords"
-        union = any(_union_member(p) for p in item["loc"])
+        # an unknown or missing keyword's location is the user's own keys (one may be called `bool`)
+        named = item["type"] in ("extra_forbidden", "missing")
+        keyword = ".".join(str(p) for p in item["loc"] if named or not _union_member(p)) or "keywords"
+        union = not named and any(_union_member(p) for p in item["loc"])
         _, _, messages, _ = found.setdefault(
             keyword if union else index, (keyword, item["type"], [], item.get("input"))
         )
