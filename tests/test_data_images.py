@@ -66,3 +66,15 @@ def test_pixel_limit_is_checked_before_decoding():
         read_image(hostile.bomb_png(), name="bomb.png")
     with pytest.raises(CapasError, match="4000×4000 pixels is more than the 1,000,000 allowed"):
         read_image(hostile.palette_png(), max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("name", sorted(hostile.REFUSED))
+def test_bad_files_are_refused_with_their_name_and_what_is_wrong(name):
+    data = hostile.images()[name]
+    with pytest.raises(CapasError, match=f"{name}: .*{hostile.REFUSED[name]}") as refused:
+        read_image(data, name=name)
+    assert "object at 0x" not in str(refused.value)  # no Python object in the message
+    if "format" in hostile.REFUSED[name]:
+        assert "PNG, JPEG" in str(refused.value)  # says what it reads
+        with pytest.raises(CapasError, match=name):
+            image_size(data, name=name)

@@ -100,6 +100,24 @@ def truncated_png() -> bytes:
     return palette_png(64)[:200]
 
 
+def tiff_undefined_offsets() -> bytes:
+    """A TIFF whose StripOffsets tag says its type is UNDEFINED (7) instead of LONG: Pillow then
+    reads the offsets as bytes and fails with a TypeError, not one of its usual decoding errors."""
+    data = bytearray(_save(Image.linear_gradient("L").resize((28, 28)), "TIFF"))
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for entry in range(ifd + 2, ifd + 2 + 12 * struct.unpack_from("<H", data, ifd)[0], 12):
+        if struct.unpack_from("<H", data, entry)[0] == 273:  # StripOffsets
+            struct.pack_into("<H", data, entry + 2, 7)
+    return bytes(data)
+
+
+def blp_unknown_encoding() -> bytes:
+    """A BLP texture (a format capas does not read) whose encoding byte is unknown to Pillow too."""
+    data = bytearray(_save(Image.linear_gradient("L").resize((28, 28)).convert("P"), "BLP"))
+    data[8] = 127
+    return bytes(data)
+
+
 def images() -> dict[str, bytes]:
     """Image files a decoder must handle (or refuse clearly), by name."""
     return {
@@ -112,7 +130,20 @@ def images() -> dict[str, bytes]:
         "exif-rotated.jpg": exif_rotated_jpeg(),
         "truncated.png": truncated_png(),
         "not-an-image.png": b"GIF89a? no: " + bytes(range(256)) * 4,
+        "undefined-offsets.tiff": tiff_undefined_offsets(),
+        "unknown-encoding.blp": blp_unknown_encoding(),
+        "postscript.eps": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
     }
+
+
+REFUSED = {  # the images() a decoder must refuse: what capas' message says about each
+    "bomb-20000x20000.png": "pixels",
+    "truncated.png": "damaged or truncated image",
+    "not-an-image.png": "not a readable image in a format capas reads",
+    "undefined-offsets.tiff": "damaged or truncated image",
+    "unknown-encoding.blp": "not a readable image in a format capas reads",
+    "postscript.eps": "not a readable image in a format capas reads",  # Pillow would run Ghostscript
+}
 
 
 def trickle(sock: socket.socket, data: bytes, every: float) -> bool:
@@ -167,11 +198,7 @@ def cases(max_body_bytes: int = 10_000_000) -> list[Case]:
     files = images()
     out = []
     for name, data in files.items():
-        expect = {
-            "bomb-20000x20000.png": (422,),
-            "truncated.png": (422,),
-            "not-an-image.png": (422,),
-        }.get(name, (200,))
+        expect = (422,) if name in REFUSED else (200,)
         body, headers = multipart((name, data))
         out.append(Case(f"predict {name}", "POST", "/predict", body, headers, expect))
     body, headers = multipart(*[(f"p{i}.png", files["palette-4000x4000.png"]) for i in range(8)])

@@ -14,7 +14,9 @@ How image modes become 8-bit pixels (the rules a user can rely on):
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,10 @@ from PIL import Image, UnidentifiedImageError
 
 from capas.errors import CapasError
 
+# The formats capas decodes: Pillow's other plugins (EPS runs Ghostscript; AVIF, BLP, DDS, SPIDER…
+# fail on damaged files in ways of their own) stay out of reach of a served request. JPEG includes
+# the multi-picture JPEGs of phone cameras (Pillow's MPO); PPM covers PBM, PGM and PPM.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
 BACKGROUND = 255  # the grey level (and RGB value) transparent pixels are composited on: white
 ORIENTATION = 0x0112  # the EXIF tag
@@ -56,14 +62,9 @@ def image_size(source: Path | bytes, *, name: str | None = None) -> tuple[int, i
     """(height, width) of an image as it will be decoded (EXIF orientation applied), from its header
     alone: no pixel is decoded, so budgets can be checked before any memory is spent."""
     label = _label(source, name)
-    try:
-        with Image.open(io.BytesIO(_raw(source, label))) as image:
-            width, height = image.size
-            rotated = image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
-    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise CapasError(f"{label}: not a readable image ({error})") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise CapasError(f"{label}: damaged or truncated image ({error})") from None
+    with _decoding(label), Image.open(io.BytesIO(_raw(source, label)), formats=FORMATS) as image:
+        width, height = image.size
+        rotated = image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
     return (width, height) if rotated else (height, width)
 
 
@@ -84,31 +85,46 @@ def read_image(
     """
     label = _label(source, name)
     raw = _raw(source, label)
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise CapasError(f"{label}: {width}×{height} pixels is more than the {max_pixels:,} allowed")
-            orientation = image.getexif().get(ORIENTATION, 1)
-            if size is not None and orientation in (5, 6, 7, 8):
-                size = (size[1], size[0])  # the stored image is rotated a quarter turn
-            if size is not None and image.format == "JPEG":
-                factor = _factor(image.size, size)
-                if factor > 1:  # decode at 1/2, 1/4 or 1/8 scale: never at full size
-                    image.draft(image.mode, (width // factor, height // factor))
-            image.load()
-            image = _eight_bit(image)  # L, LA, RGB or RGBA
-            if size is not None and (factor := _factor(image.size, size)) > 1:
-                image = image.reduce(factor)  # box average of factor × factor pixels
-            if orientation in UPRIGHT:
-                image = image.transpose(UPRIGHT[orientation])
-            array = _composite(image)  # (H, W) or (H, W, 3) uint8
-    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise CapasError(f"{label}: not a readable image ({error})") from None
-    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data
-        raise CapasError(f"{label}: damaged or truncated image ({error})") from None
+    with _decoding(label), Image.open(io.BytesIO(raw), formats=FORMATS) as image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise CapasError(f"{label}: {width}×{height} pixels is more than the {max_pixels:,} allowed")
+        orientation = image.getexif().get(ORIENTATION, 1)
+        if size is not None and orientation in (5, 6, 7, 8):
+            size = (size[1], size[0])  # the stored image is rotated a quarter turn
+        if size is not None and image.format == "JPEG":
+            factor = _factor(image.size, size)
+            if factor > 1:  # decode at 1/2, 1/4 or 1/8 scale: never at full size
+                image.draft(image.mode, (width // factor, height // factor))
+        image.load()
+        image = _eight_bit(image)  # L, LA, RGB or RGBA
+        if size is not None and (factor := _factor(image.size, size)) > 1:
+            image = image.reduce(factor)  # box average of factor × factor pixels
+        if orientation in UPRIGHT:
+            image = image.transpose(UPRIGHT[orientation])
+        array = _composite(image)  # (H, W) or (H, W, 3) uint8
     tensor = torch.from_numpy(array)
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+@contextlib.contextmanager
+def _decoding(label: str) -> Iterator[None]:
+    """Any failure to decode the file -> one CapasError naming it. The file is untrusted input and
+    Pillow's plugins fail on damaged data with whatever their parsing meets (OSError, SyntaxError,
+    ValueError, but also RuntimeError, NotImplementedError, struct.error, IndexError…): none of it
+    is capas' bug, all of it is the file's."""
+    try:
+        yield
+    except (CapasError, MemoryError):
+        raise
+    except UnidentifiedImageError:  # its message names a BytesIO object, not the file
+        raise CapasError(
+            f"{label}: not a readable image in a format capas reads ({', '.join(FORMATS)})"
+        ) from None
+    except Image.DecompressionBombError as error:
+        raise CapasError(f"{label}: not a readable image ({error})") from None
+    except Exception as error:  # truncated or corrupt data
+        raise CapasError(f"{label}: damaged or truncated image ({error or type(error).__name__})") from None
 
 
 def _factor(actual: tuple[int, int], target: tuple[int, int]) -> int:
