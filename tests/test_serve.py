@@ -437,3 +437,7 @@ def test_cli_refuses_a_bad_run_directory(tmp_path: Path):
     assert "not a run directory" in result.output
     result = CliRunner().invoke(cli, ["serve", str(tmp_path), "--max-batch", "0"])
     assert result.exit_code == 2 and "max_batch" in result.output
+    for option in ("--max-body-mb", "--max-wait-ms"):
+        for value in ("inf", "nan"):  # 'inf' MB was an OverflowError's traceback
+            result = CliRunner().invoke(cli, ["serve", str(tmp_path), option, value])
+            assert result.exit_code == 2 and "finite number" in result.output, (option, value, result.output)

@@ -257,6 +257,26 @@ def test_slow_headers_get_408_and_free_the_connection(tiny_run, parser):
     assert complete_status == 200 and sent > timeout / 2  # its head arrived over more than half the limit
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_an_oversized_request_head_is_cut_off(tiny_run, parser):
+    """A header streamed past max_header_kb gets 431 (h11's own limit: uvicorn's 400) and the
+    connection closes: the server reads no more of it, so it cannot keep the event loop busy (a
+    90 MB header stalled every client for 11 s). A head within the limit is served."""
+    with live_server(run_dir=tiny_run, max_header_kb=16, parser=parser) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Pad: ")
+            assert not hostile.trickle(sock, b"a" * 4_000_000, every=0.01, size=4096), "not cut off"
+            status, headers, body = read_answer(sock)
+            assert sock.recv(1) == b""  # closed
+        assert httpx.get(f"{url}/health", headers={"X-Pad": "a" * 8_000}, timeout=5).status_code == 200
+    if parser == "httptools":
+        assert status == 431 and "CAPAS_MAX_HEADER_KB" in json.loads(body)["detail"], (status, body)
+        assert headers["connection"] == "close"
+    else:
+        assert status == 400, (status, body)
+
+
 def test_connections_beyond_the_limit_get_503(tiny_run):
     with live_server(run_dir=tiny_run, max_connections=4) as (url, _):
         port = int(url.rsplit(":", 1)[1])

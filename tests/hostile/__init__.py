@@ -146,14 +146,14 @@ REFUSED = {  # the images() a decoder must refuse: what capas' message says abou
 }
 
 
-def trickle(sock: socket.socket, data: bytes, every: float) -> bool:
-    """Send `data` a byte at a time, `every` seconds apart; False as soon as the server answers or
-    closes the connection (the rest is not sent), True once all of it is sent."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one byte per segment, no Nagle wait
-    for i in range(len(data)):
+def trickle(sock: socket.socket, data: bytes, every: float, size: int = 1) -> bool:
+    """Send `data` `size` bytes at a time, `every` seconds apart; False as soon as the server answers
+    or closes the connection (the rest is not sent), True once all of it is sent."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one piece per segment, no Nagle wait
+    for i in range(0, len(data), size):
         if i and select.select([sock], [], [], every)[0]:  # readable: an answer, or the end
             return False
-        sock.sendall(data[i : i + 1])
+        sock.sendall(data[i : i + size])
     return True
 
 

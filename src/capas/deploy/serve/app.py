@@ -264,7 +264,9 @@ def uvicorn_config(app: FastAPI, settings: ServeSettings, **overrides: object):
         **{
             "host": settings.host,
             "port": settings.port,
-            "http": http_protocol(settings.header_timeout_s),  # uvicorn does not time request heads
+            # uvicorn neither times request heads nor limits their size with httptools
+            "http": http_protocol(settings.header_timeout_s, settings.max_header_kb * 1024),
+            "h11_max_incomplete_event_size": settings.max_header_kb * 1024,
             # No access log: one line per request costs throughput; /metrics counts every request instead.
             "access_log": False,
             "log_level": "info",

@@ -18,7 +18,7 @@ class ServeOptions(BaseModel):
     """Everything `capas serve` can be told but the run directory, with the defaults and descriptions
     the CLI's help shows (pydantic only: the CLI reads them without loading the server)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # 'inf' MB is no limit
 
     host: str = Field(default="127.0.0.1", description="address to bind (127.0.0.1: this machine only)")
     port: int = Field(default=8000, ge=0, le=65535, description="port")
@@ -58,6 +58,9 @@ class ServeOptions(BaseModel):
         gt=0.0,
         description="a request's headers must arrive within this (else 408); a new connection that sends "
         "nothing closes after it",
+    )
+    max_header_kb: int = Field(
+        default=64, ge=1, le=1024, description="a request's line and headers at most, in KiB (else 431)"
     )
     keep_alive_s: float = Field(
         default=5.0, gt=0.0, description="idle keep-alive connections close after this"

@@ -1,4 +1,4 @@
-"""uvicorn's HTTP protocols with a time limit on the request head, against slowloris clients.
+"""uvicorn's HTTP protocols with a time and a size limit on the request head.
 
 The ASGI app sees a request only once its head (request line and headers) is complete, so neither
 BodyLimit's read timeout nor anything else in the app can stop a client that sends a header byte
@@ -13,6 +13,12 @@ When the clock runs:
   CAPAS_KEEP_ALIVE_S's, so neither timeout shortens the other.
 On expiry: 408 with `Connection: close` if part of a request has arrived, else the connection just
 closes. The answer is written straight to the socket: the parser has no request to answer.
+
+Size: uvicorn's httptools protocol takes request heads of any size, and httptools' cost grows faster
+than linearly with a header's length: one client streaming a 90 MB header kept the event loop, and
+every other client, waiting for about 11 s. Past CAPAS_MAX_HEADER_KB the answer is 431 and the
+connection closes, the rest unread. h11 has a limit of its own, given the same value (uvicorn
+answers 400 past it).
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
-class HeadTimeout:
+class HeadLimits:
     """The timer and what its expiry does, over a uvicorn HTTP protocol (a mixin: the subclasses
     below say when a head begins and ends, in their parser's terms)."""
 
-    header_timeout: float = 10.0  # seconds; http_protocol() makes a subclass with the setting's value
+    # http_protocol() makes a subclass with the settings' values
+    header_timeout: float = 10.0  # seconds
+    max_header_bytes: int = 65_536
 
     # from the uvicorn protocol this is mixed into
     loop: asyncio.AbstractEventLoop
@@ -41,6 +49,7 @@ class HeadTimeout:
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_begun = False  # bytes of a request head have arrived, its end has not
+        self._head_bytes = 0  # bytes received since then (httptools), the first read's excepted
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
@@ -63,6 +72,7 @@ class HeadTimeout:
 
     def _head_complete(self) -> None:
         self._head_begun = False
+        self._head_bytes = 0
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -72,11 +82,11 @@ class HeadTimeout:
         if self.transport.is_closing():
             return
         if self._head_begun:
-            self.transport.write(self._timeout_answer())
+            detail = f"request headers: not received within {self.header_timeout:g} s (CAPAS_HEADER_TIMEOUT_S)"
+            self.transport.write(self._answer(b"408 Request Timeout", detail))
         self.transport.close()
 
-    def _timeout_answer(self) -> bytes:
-        detail = f"request headers: not received within {self.header_timeout:g} s (CAPAS_HEADER_TIMEOUT_S)"
+    def _answer(self, status: bytes, detail: str) -> bytes:
         body = json.dumps({"detail": detail}).encode()
         headers = [
             *self.server_state.default_headers,  # date, server
@@ -85,10 +95,10 @@ class HeadTimeout:
             (b"connection", b"close"),
         ]
         lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
-        return b"HTTP/1.1 408 Request Timeout\r\n" + lines + b"\r\n" + body
+        return b"HTTP/1.1 " + status + b"\r\n" + lines + b"\r\n" + body
 
 
-class H11HeadTimeout(HeadTimeout, H11Protocol):
+class H11HeadLimits(HeadLimits, H11Protocol):
     """h11 has no parser callbacks: its state says whether a head is pending. The client's state is
     IDLE exactly while the server waits for a request head (h11 starts the next cycle only once the
     response is complete), and bytes h11 holds unparsed then are the start of that head."""
@@ -108,9 +118,29 @@ class H11HeadTimeout(HeadTimeout, H11Protocol):
             self._head_begins()
 
 
-class HttpToolsHeadTimeout(HeadTimeout, HttpToolsProtocol):
+class HttpToolsHeadLimits(HeadLimits, HttpToolsProtocol):
     """httptools parses as bytes arrive, pipelined requests included, and says when a request's
     first byte (not counting blank lines) and its last header arrive."""
+
+    def data_received(self, data: bytes) -> None:
+        # Counted before httptools sees them: the read that begins a head (at most the event loop's
+        # read size, 256 KiB) is parsed whole, every later one only while the head stays in bounds.
+        if self._head_begun:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes:
+                self._head_too_large()
+                return
+        super().data_received(data)
+
+    def _head_too_large(self) -> None:
+        self._head_complete()
+        if not self.transport.is_closing():
+            if not self._responding():  # never written into another request's answer
+                detail = (
+                    f"request headers: more than {self.max_header_bytes // 1024} KiB (CAPAS_MAX_HEADER_KB)"
+                )
+                self.transport.write(self._answer(b"431 Request Header Fields Too Large", detail))
+            self.transport.close()
 
     def _responding(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete  # the latest request's
@@ -130,10 +160,13 @@ class HttpToolsHeadTimeout(HeadTimeout, HttpToolsProtocol):
 
 
 def http_protocol(
-    header_timeout: float, parser: Literal["httptools", "h11"] = "httptools"
+    header_timeout: float, max_header_bytes: int, parser: Literal["httptools", "h11"] = "httptools"
 ) -> type[asyncio.Protocol]:
     """The class for uvicorn.Config(http=...): `parser`'s protocol, answering 408 to a request head
-    not complete within `header_timeout` seconds. httptools by default: it is what uvicorn's "auto"
-    picks when installed, and uvicorn[standard] (capas' serve extra) always installs it."""
-    base = {"httptools": HttpToolsHeadTimeout, "h11": H11HeadTimeout}[parser]
-    return type(base.__name__, (base,), {"header_timeout": header_timeout})
+    not complete within `header_timeout` seconds and (httptools) 431 to one over `max_header_bytes`;
+    h11's own limit is uvicorn.Config's h11_max_incomplete_event_size. httptools by default: it is
+    what uvicorn's "auto" picks when installed, and uvicorn[standard] (capas' serve extra) always
+    installs it."""
+    base = {"httptools": HttpToolsHeadLimits, "h11": H11HeadLimits}[parser]
+    limits = {"header_timeout": header_timeout, "max_header_bytes": max_header_bytes}
+    return type(base.__name__, (base,), limits)
