@@ -366,6 +366,44 @@ def test_one_bad_request_in_a_batch_fails_only_itself(tiny_run):
     assert sizes == [1, 1, 1]  # the batch of four failed (not counted), then each ran alone
 
 
+def test_no_forward_pass_exceeds_max_batch(tiny_run):
+    """A request of 10 images with max_batch 4 is run in slices, and requests that would overflow a
+    batch wait for the next one; each image still gets its own probabilities."""
+    from capas.deploy.serve.batching import MicroBatcher
+
+    run = load_run(tiny_run)
+    images = run.preprocess.each(list(make_splits("fashion-mnist", limit=2000).test.images[:15]))
+
+    async def scenario():
+        sizes = []
+        batcher = MicroBatcher(
+            run,
+            max_batch=4,
+            max_wait_ms=200,
+            max_queue=64,
+            threads=1,
+            drift_per_batch=2,
+            on_batch=sizes.append,
+        )
+        await batcher.start()
+        sizes.clear()  # the warm-up's passes
+        try:
+            with batcher.receiving():
+                tasks = [
+                    asyncio.create_task(batcher.predict(x)) for x in (images[:10], images[10:13], images[13:])
+                ]
+                await asyncio.sleep(0.05)
+            return await asyncio.gather(*tasks), sizes
+        finally:
+            await batcher.stop()
+
+    outputs, sizes = asyncio.run(scenario())
+    assert max(sizes) <= 4 and sum(sizes) == 15, sizes
+    got = torch.cat([output.probabilities for output in outputs])
+    assert torch.allclose(got, run.model.predict_proba(images), atol=1e-5)
+    assert len(outputs[0].embeddings) == len(outputs[0].input_stats) <= 10
+
+
 # 5 (image modes through the server) -------------------------------------------------------------
 
 

@@ -3,7 +3,9 @@
 Requests put their preprocessed images (model-sized float tensors: decoding and resizing happen
 per request, before this module, so a batch never holds a full-size image) on an asyncio queue and
 await a future. One task takes the first waiting request, then whatever else is queued, and waits
-at most `max_wait_ms` for more until `max_batch` images are gathered; the batch is concatenated
+at most `max_wait_ms` for more while fewer than `max_batch` images are gathered (a request with
+more images than `max_batch` is queued in slices of at most `max_batch`, and a request that would
+overflow a batch opens the next one: no forward pass exceeds `max_batch`); the batch is concatenated
 and run through the model on one dedicated thread (so the event loop keeps accepting and parsing
 requests meanwhile), under `torch.inference_mode`, and each request gets its rows back. While a
 forward pass runs, new requests queue up, so under load batches fill by themselves. The wait is
@@ -37,7 +39,7 @@ class Output:
     """Model outputs for the images of one request."""
 
     probabilities: torch.Tensor  # (n, classes)
-    embeddings: torch.Tensor  # (e, F) for the first e <= n images: the ones sampled for drift
+    embeddings: torch.Tensor  # (e, F) for e <= n of the images: the ones sampled for drift
     input_stats: torch.Tensor  # (e, 2)
 
 
@@ -71,6 +73,7 @@ class MicroBatcher:
         self.arriving = 0  # requests being read or decoded that will join a batch soon (see `receiving`)
         self.queued = 0  # images waiting in the queue
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._next: _Request | None = None  # taken from the queue, too large for the batch it met
         # One thread runs every forward pass: the model is shared, never copied per request, and
         # PyTorch's own intra-op threads (`threads`) parallelise inside the pass.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capas-model")
@@ -119,10 +122,19 @@ class MicroBatcher:
         `Overloaded` if the queue cannot take them."""
         if self.queued + len(inputs) > self.max_queue:
             raise Overloaded(f"{self.queued} images are waiting for the model (at most {self.max_queue})")
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        slices = [_Request(part, loop.create_future()) for part in inputs.split(self.max_batch)]
         self.queued += len(inputs)
-        self._queue.put_nowait(_Request(inputs, future))
-        return await future
+        for request in slices:
+            self._queue.put_nowait(request)
+        if len(slices) == 1:
+            return await slices[0].future
+        outputs = await asyncio.gather(*(request.future for request in slices))
+        return Output(
+            torch.cat([o.probabilities for o in outputs]),
+            torch.cat([o.embeddings for o in outputs]),
+            torch.cat([o.input_stats for o in outputs]),
+        )
 
     def _take(self, request: _Request) -> _Request:
         self.queued -= len(request.inputs)
@@ -130,8 +142,9 @@ class MicroBatcher:
 
     async def _collect(self) -> list[_Request]:
         loop = asyncio.get_running_loop()
-        batch = [self._take(await self._queue.get())]
-        size = len(batch[0].inputs)
+        first, self._next = self._next or await self._queue.get(), None
+        batch = [self._take(first)]
+        size = len(first.inputs)
         deadline = loop.time() + self.max_wait
         while size < self.max_batch:
             if self._queue.empty():
@@ -144,6 +157,9 @@ class MicroBatcher:
                     break
             else:
                 request = self._queue.get_nowait()
+            if size + len(request.inputs) > self.max_batch:
+                self._next = request  # it opens the next batch
+                break
             batch.append(self._take(request))
             size += len(request.inputs)
         return batch
