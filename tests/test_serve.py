@@ -27,7 +27,7 @@ from capas.spec.summary import summarize
 from hostile import bomb_png
 from serve_support import live_server, png
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret token; with=odd,chars"  # none of which a cookie value may hold
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LIMIT_MB = 1.0
 
@@ -282,8 +282,20 @@ def test_token_guards_every_route_but_health(server):
         # a page opened with ?token= sets a cookie that authorises the page's own requests
         page = anonymous.get("/", params={"token": TOKEN})
         assert page.status_code == 200 and "<html" in page.text
+        assert TOKEN not in page.headers["set-cookie"]  # a digest of it
         assert anonymous.get("/static/index.js").status_code == 200
         assert anonymous.get("/info").status_code == 200
+    # another site's cookie with a name Python's SimpleCookie refuses was a 500 on every route
+    odd = {**AUTH, "Cookie": "a(b=1; capas_token=nonsense"}
+    assert httpx.get(f"{server}/info", headers=odd, timeout=30).status_code == 200
+    assert httpx.get(f"{server}/info", headers={"Cookie": "a(b=1"}, timeout=30).status_code == 401
+    # answered by the middleware before routing, still counted under their routes
+    with httpx.Client(base_url=server, headers=AUTH, timeout=30) as client:
+        samples = metric_samples(client)
+    assert samples[("capas_requests_total", (("method", "GET"), ("route", "/info"), ("status", "401")))] >= 3
+    assert (
+        samples[("capas_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "401")))] >= 1
+    )
 
 
 def test_info(client, tiny_run):

@@ -223,7 +223,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         app.add_middleware(TokenGuard, token=settings.token.get_secret_value())
     else:
         app.add_middleware(HostGuard, bound=settings.host)
-    app.add_middleware(RequestMetrics, metrics=metrics, on_predict=monitor.record_latency)
+    # FastAPI keeps included routers whole in app.routes: their routes are listed from the routers
+    routes = [*api.router.routes, *monitoring.router.routes, *pages.router.routes, *app.routes]
+    app.add_middleware(RequestMetrics, metrics=metrics, on_predict=monitor.record_latency, routes=routes)
     return app
 
 

@@ -12,11 +12,12 @@ import hmac
 import ipaddress
 import json
 import time
-from collections.abc import Callable
-from http.cookies import SimpleCookie
+from collections.abc import Callable, Sequence
 from urllib.parse import parse_qs
 
 from fastapi import HTTPException
+from starlette.requests import cookie_parser
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from capas.deploy.serve.monitor import Metrics
@@ -41,17 +42,28 @@ async def send_json(send: Send, status: int, detail: str, headers: list[tuple[by
     await send({"type": "http.response.body", "body": body})
 
 
-def route_label(scope: Scope) -> str:
-    """The route's path template (bounded cardinality), not the raw path."""
+def route_label(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
+    """The route's path template (bounded cardinality), not the raw path. A request refused before
+    routing (401, 413, 421) is labelled with the route its path matches among `routes`."""
     route = scope.get("route")
+    if route is None:
+        matching = (r for r in routes if getattr(r, "path", None) and r.matches(scope)[0] is not Match.NONE)
+        route = next(matching, None)
     return getattr(route, "path", None) or "unmatched"
 
 
 class RequestMetrics:
-    """Counts requests by route, method and status and times them; `on_predict` gets /predict latencies."""
+    """Counts requests by route, method and status and times them; `on_predict` gets /predict latencies.
+    `routes` (the app's) label the requests that middleware answers before the router sees them."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, on_predict: Callable[[float], None]):
-        self.app, self.metrics, self.on_predict = app, metrics, on_predict
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        on_predict: Callable[[float], None],
+        routes: Sequence[BaseRoute] = (),
+    ):
+        self.app, self.metrics, self.on_predict, self.routes = app, metrics, on_predict, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,7 +81,7 @@ class RequestMetrics:
             await self.app(scope, receive, record_status)
         finally:
             seconds = time.perf_counter() - started
-            route = route_label(scope)
+            route = route_label(scope, self.routes)
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(seconds)
             if route == "/predict" and status == 200:
@@ -80,14 +92,18 @@ class TokenGuard:
     """Every route but /health needs the token: `Authorization: Bearer TOKEN`, the cookie, or `?token=`.
 
     A page opened as /?token=TOKEN sets an HttpOnly cookie, so its scripts, stylesheets and API
-    calls are authorised without the token appearing in the page.
+    calls are authorised without the token appearing in the page. The cookie holds a digest of the
+    token, not the token: a cookie value cannot hold every character a token may have (a space or
+    a ';' ended it), and the browser never stores the token itself.
     """
 
     def __init__(self, app: ASGIApp, token: str):
         self.app, self.token = app, token.encode()
+        self.cookie = hmac.new(self.token, b"capas serve cookie", "sha256").hexdigest().encode()
 
-    def _matches(self, candidate: str | None) -> bool:
-        return candidate is not None and hmac.compare_digest(candidate.encode(), self.token)
+    @staticmethod
+    def _matches(candidate: str | None, secret: bytes) -> bool:
+        return candidate is not None and hmac.compare_digest(candidate.encode(), secret)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -95,11 +111,13 @@ class TokenGuard:
         headers = dict(scope["headers"])
         authorization = headers.get(b"authorization", b"").decode("latin-1")
         bearer = authorization[7:] if authorization[:7].lower() == "bearer " else None
-        cookie = SimpleCookie(headers.get(b"cookie", b"").decode("latin-1"))
+        # Starlette's lenient parser: another site's cookie with a name Python's SimpleCookie calls
+        # illegal ('a(b') made every request a 500
+        cookie = cookie_parser(headers.get(b"cookie", b"").decode("latin-1")).get(COOKIE)
         query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [None])[0]
-        if self._matches(bearer) or (COOKIE in cookie and self._matches(cookie[COOKIE].value)):
+        if self._matches(bearer, self.token) or self._matches(cookie, self.cookie):
             return await self.app(scope, receive, send)
-        if not self._matches(query):
+        if not self._matches(query, self.token):
             return await send_json(
                 send,
                 401,
@@ -110,7 +128,7 @@ class TokenGuard:
 
         async def set_cookie(message: Message) -> None:
             if message["type"] == "http.response.start":
-                cookie_header = f"{COOKIE}={self.token.decode()}; HttpOnly; SameSite=Strict; Path=/"
+                cookie_header = f"{COOKIE}={self.cookie.decode()}; HttpOnly; SameSite=Strict; Path=/"
                 message = {
                     **message,
                     "headers": [*message.get("headers", []), (b"set-cookie", cookie_header.encode())],

@@ -82,7 +82,9 @@ class HeadLimits:
         if self.transport.is_closing():
             return
         if self._head_begun:
-            detail = f"request headers: not received within {self.header_timeout:g} s (CAPAS_HEADER_TIMEOUT_S)"
+            detail = (
+                f"request headers: not received within {self.header_timeout:g} s (CAPAS_HEADER_TIMEOUT_S)"
+            )
             self.transport.write(self._answer(b"408 Request Timeout", detail))
         self.transport.close()
 
