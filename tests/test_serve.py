@@ -175,7 +175,7 @@ BAD_REQUESTS = {
             "/predict", content=_part("x") + b"1\r\n--xyz--\r\n", headers={"content-type": MULTIPART}
         ),
         400,
-        ["no file part"],
+        ["no complete file part"],
     ),
     "body over the limit": (lambda c, im: post_files(c, os.urandom(int(LIMIT_MB * 1e6) + 1000)), 413, ["MB"]),
     "chunked body over the limit": (
@@ -230,8 +230,49 @@ BAD_REQUESTS = {
     ),
     "feedback malformed JSON": (
         lambda c, im: c.post("/feedback", content=b"{id", headers={"content-type": "application/json"}),
+        400,
+        ["body: malformed JSON", '"label"'],
+    ),
+    "feedback not UTF-8": (
+        lambda c, im: c.post(
+            "/feedback", content=b'{"id": "\xff"}', headers={"content-type": "application/json"}
+        ),
+        400,
+        ["body: malformed JSON"],
+    ),
+    "feedback form-encoded (curl -d without a content type)": (
+        lambda c, im: c.post(
+            "/feedback",
+            content=b'{"id": "x", "label": 1}',
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        ),
+        415,
+        ["application/x-www-form-urlencoded", "application/json"],
+    ),
+    "feedback label true": (
+        lambda c, im: c.post("/feedback", json={"id": _predict_id(c, im), "label": True}),
         422,
-        ["json"],
+        ["label"],
+    ),
+    "feedback misspelt field": (
+        lambda c, im: c.post("/feedback", json={"id": _predict_id(c, im), "label": 1, "lable": 8}),
+        422,
+        ["lable"],
+    ),
+    "feedback body over 4 KB": (
+        lambda c, im: c.post("/feedback", json={"id": "x", "label": 1, "pad": [{}] * 10_000}),
+        413,
+        ["4,096 bytes"],
+    ),
+    "predict 9 files, at most 8": (
+        lambda c, im: post_files(c, *[png(im[0])] * 9),
+        413,
+        ["at most 8 per request"],
+    ),
+    "predict 9 base64 images, at most 8": (
+        lambda c, im: c.post("/predict", json={"images": [""] * 9}),
+        413,
+        ["9 images, at most 8 per request"],
     ),
     "unknown route": (lambda c, im: c.get("/nope"), 404, ["Not Found"]),
 }
@@ -322,6 +363,11 @@ def test_pages_and_docs(client):
         "multipart/form-data",
         "application/json",
     }
+    feedback = schema["paths"]["/feedback"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(feedback["properties"]) == {"id", "label"}
+    for path in ("/", "/monitor", "/docs", "/info", "/health", "/metrics", "/monitor/data", "/drift"):
+        head = client.head(path)  # as uptime checks probe: GET's status and headers, no body
+        assert head.status_code == 200 and head.content == b"", path
 
 
 def test_feedback_gives_live_accuracy_and_metrics(client, test_images):

@@ -210,14 +210,14 @@ def cases(max_body_bytes: int = 10_000_000) -> list[Case]:
     json_headers = {"Content-Type": "application/json"}
     out += [
         Case("predict nested JSON 100k deep", "POST", "/predict", nested_json(), json_headers, (400,)),
-        Case("feedback nested JSON 100k deep", "POST", "/feedback", nested_json(), json_headers, (400, 422)),
+        Case("feedback nested JSON 100k deep", "POST", "/feedback", nested_json(), json_headers, (413,)),
         Case(
             "feedback with a 9 MB id",
             "POST",
             "/feedback",
             json.dumps({"id": "x" * 9_000_000, "label": 0}).encode(),
             json_headers,
-            (422,),
+            (413,),
         ),
         Case(
             "predict malformed base64",

@@ -24,7 +24,7 @@ import capas
 from capas.deploy.drift import DriftDetector
 from capas.deploy.serve.batching import MicroBatcher
 from capas.deploy.serve.deps import ServerState
-from capas.deploy.serve.middleware import BodyLimit, HostGuard, RequestMetrics, TokenGuard
+from capas.deploy.serve.middleware import BodyLimit, HeadAsGet, HostGuard, RequestMetrics, TokenGuard
 from capas.deploy.serve.monitor import NO_REFERENCE, Metrics, Monitor
 from capas.deploy.serve.routes import api, monitoring, pages
 from capas.deploy.serve.settings import ServeSettings
@@ -115,13 +115,8 @@ async def _client_closed(request: Request, error: ClientDisconnect) -> Response:
 
 
 async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field; unlike FastAPI's default, the offending input is never echoed back
-    (a 9 MB id would come back as 9 MB)."""
-    problems = "; ".join(
-        f"{'.'.join(str(part) for part in e['loc'] if part != 'body') or 'body'}: {e['msg']}"
-        for e in error.errors()
-    )
-    return JSONResponse({"detail": problems}, status_code=422)
+    """422 naming each bad field; unlike FastAPI's default, the offending input is never echoed back."""
+    return JSONResponse({"detail": api.validation_detail(error.errors())}, status_code=422)
 
 
 async def _internal_error(request: Request, error: Exception) -> JSONResponse:
@@ -218,6 +213,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.add_exception_handler(ClientDisconnect, _client_closed)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     # The last added is the outermost: metrics see every answer, including 401, 413 and 421.
+    app.add_middleware(HeadAsGet)
     app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 1e6), timeout=settings.read_timeout_s)
     if settings.token is not None:
         app.add_middleware(TokenGuard, token=settings.token.get_secret_value())

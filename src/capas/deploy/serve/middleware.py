@@ -1,4 +1,5 @@
-"""ASGI middleware: request metrics, the bearer token or the Host check, the body size and time limits.
+"""ASGI middleware: request metrics, the bearer token or the Host check, the body size and time limits,
+HEAD answered as GET.
 
 Plain ASGI classes rather than `BaseHTTPMiddleware`, which adds a task and a memory stream per
 request. The token is checked here and not in a route dependency because it must also cover what
@@ -229,3 +230,22 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+class HeadAsGet:
+    """HEAD is answered wherever GET is, with GET's status and headers and no body (RFC 9110 §9.1:
+    uptime checks and load balancers probe with it); FastAPI's GET routes answer it 405."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, without_body)

@@ -13,8 +13,9 @@ from typing import Annotated
 import torch
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from capas.data import Preprocess, image_size, read_image
 from capas.deploy.serve.batching import Overloaded
@@ -26,6 +27,8 @@ from capas.errors import CapasError, closest
 router = APIRouter()
 
 MAX_ID_CHARS = 64  # prediction ids are 32 hex characters; longer ones are refused, never echoed
+FEEDBACK_MAX_BYTES = 4096  # a feedback body is {"id": 32 hex characters, "label": a class}: ~100 bytes
+FEEDBACK_SHAPE = '{"id": "<prediction id>", "label": <class index or name>}'
 RETRY_AFTER_S = 1  # what an overloaded server tells clients to wait
 DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
 ERROR = {
@@ -86,8 +89,11 @@ class PredictResponse(BaseModel):
 
 
 class FeedbackIn(BaseModel):
-    id: str = Field(max_length=MAX_ID_CHARS, description="a prediction id returned by /predict")
-    label: int | str = Field(description="the true class: its name or its index")
+    # strict: true is not class 1, and a misspelt field is an error rather than ignored
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictStr = Field(max_length=MAX_ID_CHARS, description="a prediction id returned by /predict")
+    label: StrictInt | StrictStr = Field(description="the true class: its name or its index")
 
 
 class FeedbackOut(BaseModel):
@@ -101,8 +107,33 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def validation_detail(errors: list[dict]) -> str:
+    """pydantic's errors as one line naming each bad field; the offending input is never echoed back
+    (a 9 MB id would come back as 9 MB)."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in e['loc'] if part != 'body') or 'body'}: {e['msg']}" for e in errors
+    )
+
+
+def _json(body: bytes, shape: str) -> object:
+    """A request body parsed as JSON, or a 400 naming the body and the shape expected."""
+    if not body:
+        raise HTTPException(400, f"body: empty; send JSON {shape}")
+    try:
+        return json.loads(body)
+    except ValueError as error:  # invalid UTF-8 included
+        raise HTTPException(400, f"body: malformed JSON ({error}); send {shape}") from None
+    except RecursionError:  # thousands of nested [ or {: no request needs that
+        raise HTTPException(400, "body: JSON nested too deeply") from None
+
+
 async def _multipart_parts(request: Request, settings: ServeSettings) -> list[tuple[str, bytes]]:
-    form = await request.form(max_files=settings.max_images, max_fields=settings.max_images)
+    try:
+        form = await request.form(max_files=settings.max_images, max_fields=settings.max_images)
+    except StarletteHTTPException as error:  # Starlette's words for its limit: say it as /predict does
+        if "Too many files" in str(error.detail):
+            raise _too_many(f"more than {settings.max_images}", settings) from None
+        raise
     try:
         parts = [
             (f"file {value.filename!r} (field {key!r})", await value.read())
@@ -113,24 +144,24 @@ async def _multipart_parts(request: Request, settings: ServeSettings) -> list[tu
         await form.close()
     if not parts:
         raise HTTPException(
-            400, "multipart body: no file part; send each image as a file field (curl -F file=@x.png)"
+            400,
+            "multipart body: no complete file part; send each image as a file field (curl -F "
+            "file=@x.png), the body ending with its closing boundary",
         )
     return parts
 
 
-async def _json_parts(request: Request) -> list[tuple[str, bytes]]:
-    body = await request.body()
-    if not body:
-        raise HTTPException(400, 'body: empty; send JSON {"images": ["<base64>", …]}')
-    try:
-        data = json.loads(body)
-    except ValueError as error:
-        raise HTTPException(400, f"body: malformed JSON ({error})") from None
-    except RecursionError:  # thousands of nested [ or {: no request needs that
-        raise HTTPException(400, "body: JSON nested too deeply") from None
+def _too_many(count: str, settings: ServeSettings) -> HTTPException:
+    return HTTPException(413, f"body: {count} images, at most {settings.max_images} per request")
+
+
+async def _json_parts(request: Request, settings: ServeSettings) -> list[tuple[str, bytes]]:
+    data = _json(await request.body(), '{"images": ["<base64>", …]}')
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list) or not images or not all(isinstance(item, str) for item in images):
         raise HTTPException(422, 'body: expected {"images": ["<base64>", …]} with at least one base64 string')
+    if len(images) > settings.max_images:  # before decoding any: 3 M empty strings took 3 s to decode
+        raise _too_many(str(len(images)), settings)
     parts = []
     for position, text in enumerate(images):
         try:
@@ -150,7 +181,7 @@ async def _request_parts(request: Request, settings: ServeSettings) -> list[tupl
     if media == "multipart/form-data":
         parts = await _multipart_parts(request, settings)
     elif media == "application/json":
-        parts = await _json_parts(request)
+        parts = await _json_parts(request, settings)
     else:
         raise HTTPException(
             415,
@@ -158,7 +189,7 @@ async def _request_parts(request: Request, settings: ServeSettings) -> list[tupl
             'or application/json {"images": ["<base64>", …]}',
         )
     if len(parts) > settings.max_images:
-        raise HTTPException(413, f"body: {len(parts)} images, at most {settings.max_images} per request")
+        raise _too_many(str(len(parts)), settings)
     return parts
 
 
@@ -263,9 +294,42 @@ def _class_index(label: int | str, classes: tuple[str, ...]) -> int:
     return classes.index(label)
 
 
-@router.post("/feedback", response_model=FeedbackOut, responses={404: ERROR, 422: ERROR})
-async def feedback(body: FeedbackIn, state: State) -> FeedbackOut:
+async def _feedback_body(request: Request) -> FeedbackIn:
+    """The body read as /predict reads its own: the media type, a small size limit (checked as it
+    streams in), JSON, then the fields, each refusal naming the part that was wrong."""
+    media = _media_type(request)
+    if media != "application/json":
+        raise HTTPException(
+            415, f"content type {media or '(none)'!r}: send application/json {FEEDBACK_SHAPE}"
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > FEEDBACK_MAX_BYTES:
+            raise HTTPException(413, f"body: more than {FEEDBACK_MAX_BYTES:,} bytes; send {FEEDBACK_SHAPE}")
+    data = _json(bytes(body), FEEDBACK_SHAPE)
+    if not isinstance(data, dict):
+        raise HTTPException(422, f"body: expected {FEEDBACK_SHAPE}")
+    try:
+        return FeedbackIn.model_validate(data)
+    except ValidationError as error:
+        raise HTTPException(422, validation_detail(error.errors())) from None
+
+
+@router.post(
+    "/feedback",
+    response_model=FeedbackOut,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": FeedbackIn.model_json_schema()}},
+        }
+    },
+    responses={400: ERROR, 404: ERROR, 413: ERROR, 415: ERROR, 422: ERROR},
+)
+async def feedback(request: Request, state: State) -> FeedbackOut:
     """Tell the server the true class of an earlier prediction; it feeds the live accuracy."""
+    body = await _feedback_body(request)
     label = _class_index(body.label, state.run.classes)
     monitor = state.monitor
     try:
