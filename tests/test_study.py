@@ -254,3 +254,20 @@ def test_study_runs_writes_report_and_skips_finished_runs(tmp_path, study_doc, s
     doc["base"]["train"]["epochs"] = 2
     with pytest.raises(CapasError, match=r"changed since these runs finished.*train.epochs: 1 -> 2"):
         run_study(study_file(doc), out=out, workers=1, console=console)
+
+    # The store deleted, the run directories left: they are read back only under their own settings
+    # (they were taken as finished runs of the 2-epoch study, whose report then claimed 2 epochs).
+    for file in out.glob("study.sqlite*"):
+        file.unlink()
+    with pytest.raises(
+        CapasError, match=r"changed since these runs finished.*GAP/seed-1 \(train.epochs: 1 -> 2"
+    ):
+        run_study(study_file(doc), out=out, workers=1, console=console)
+    if (out / "study.sqlite").exists():
+        with Store(out / "study.sqlite") as store:
+            assert not store.runs()  # refused before any row was written
+    doc["base"]["train"]["epochs"] = 1
+    rebuilt = run_study(study_file(doc), out=out, workers=1, console=console)
+    assert rebuilt.failed == [] and (out / "runs" / "GAP" / "seed-1" / "test.json").is_file()
+    with Store(out / "study.sqlite") as store:
+        assert store.runs()["GAP/seed-1"].result["test_accuracy"] == result["test_accuracy"]  # read back

@@ -9,6 +9,7 @@ STUDY_DIR/
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 import traceback
@@ -32,12 +33,14 @@ from capas.data import load_dataset
 from capas.errors import CapasError
 from capas.inference import resolve_device
 from capas.lock import exclusive
+from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.spec.io import config_changes
 from capas.study.executors import Executor, RunTask, make_executor
 from capas.study.render import write_report
 from capas.study.report import StudyReport, collect
 from capas.study.spec import Study, Variant, config_hash, directory_name, load_study
 from capas.study.store import RunRow, Store
+from capas.train import CHECKPOINT
 
 DATABASE = "study.sqlite"
 POLL_SECONDS = 0.2  # how often the driver collects progress events while runs train
@@ -81,7 +84,8 @@ def plan(
 ) -> tuple[list[RunTask], int]:
     """The runs still to do of `runs` (default: the study's initial runs); finished runs are skipped,
     and a finished run whose config the study file now changes is an error rather than a silent mix
-    of old and new results."""
+    of old and new results — in the store, or in a run directory the store does not know of (its
+    rows deleted, or left by another study in the same --out)."""
     rows = store.runs()
     changed_done, todo, actions, done = [], [], [], 0
     for variant, seed in study.runs() if runs is None else runs:
@@ -102,6 +106,9 @@ def plan(
             continue
         else:
             actions.append(("resume", rid, variant, seed, config, digest))
+    for action, rid, _, _, config, _ in actions:
+        if action != "restart" and (what := _finished_otherwise(directory / "runs" / rid, config)):
+            changed_done.append(f"{rid} ({'; '.join(what[:4])})")
     if changed_done:
         raise CapasError(
             f"{study.source} changed since these runs finished in {directory}: {', '.join(changed_done)}. "
@@ -130,6 +137,31 @@ def plan(
             )
         )
     return todo, done
+
+
+def _finished_otherwise(out: Path, config: dict) -> list[str]:
+    """How the finished run in `out` (test.json written, no checkpoint: `execute_run` would read it
+    back instead of training) was made otherwise than `config` says; empty if it was not, or if
+    `out` holds no finished run. Settings left to `auto` are not compared with what they resolved to
+    (another machine may resolve them otherwise)."""
+    if not (out / "test.json").is_file() or (out / CHECKPOINT).exists():
+        return []
+    try:
+        made = {
+            "spec": json.loads((out / "model.json").read_text()),
+            **{key: json.loads((out / "config.json").read_text())[key] for key in ("data", "train")},
+        }
+    except (OSError, ValueError, KeyError) as error:
+        return [f"its model.json or config.json cannot be read ({error})"]
+    asked = {
+        "spec": ModelSpec.from_dict(config["spec"]).to_dict(),
+        "data": DataConfig.model_validate(config["data"]).model_dump(mode="json"),
+        "train": TrainConfig.model_validate(config["train"]).model_dump(mode="json"),
+    }
+    for key, value in asked["train"].items():
+        if value == "auto" and isinstance(made["train"], dict):
+            made["train"][key] = "auto"
+    return config_changes(made, asked)
 
 
 def _tried(study: Study, rows: dict[str, RunRow]) -> dict[str, dict[int, float | None]]:
