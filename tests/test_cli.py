@@ -213,3 +213,13 @@ def test_option_help_takes_defaults_from_the_settings_not_from_copies():
     result = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
     max_batch = ServeSettings.model_fields["max_batch"]  # the settings the server runs with
     assert f"{max_batch.description} (default {max_batch.default})" in " ".join(result.output.split())
+
+
+def test_a_seed_beyond_what_torch_takes_is_refused_naming_it(tmp_path):
+    """A seed past 2**32 - 1 was an overflow's traceback from torch.manual_seed."""
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app, ["train", str(EXAMPLES / "seed000-gap.yaml"), "--seed", str(2**64), "--out", str(out)]
+    )
+    assert result.exit_code == 2 and "keyword 'seed'" in result.output and "4294967295" in result.output
+    assert not out.exists()

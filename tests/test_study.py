@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 from pathlib import Path
 
@@ -114,6 +115,31 @@ def test_bad_study_files_are_rejected_naming_the_variation(alternative, message,
     doc = study_doc(variations=[{"name": "v", "alternatives": [{"name": "a", **alternative}]}])
     with pytest.raises(CapasError, match=message):
         load_study(study_file(doc))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"base": "trian"}, r"unknown key 'base.trian' \(did you mean 'train'\?\)"),
+        (
+            {"variation": "alternative"},
+            r"variation 'head': unknown key 'alternative' \(did you mean 'alternatives'\?\)",
+        ),
+        ({"seeds": [0, 2**32]}, r"'seeds' must be .* integers from 0 to 4,294,967,295"),
+        ({"seeds": 10**20}, r"'seeds' must be"),  # was an OverflowError from SQLite, a study folder left
+    ],
+)
+def test_misspelt_keys_and_seeds_out_of_range_are_named(change, message, study_doc, study_file, tmp_path):
+    doc = study_doc()
+    if "base" in change:
+        doc["base"][change["base"]] = {}
+    if "variation" in change:
+        doc["variations"][0][change["variation"]] = doc["variations"][0].pop("alternatives")
+    if "seeds" in change:
+        doc["seeds"] = change["seeds"]
+    with pytest.raises(CapasError, match=message), open(os.devnull, "w") as quiet:
+        run_study(study_file(doc), out=tmp_path / "out", workers=1, console=Console(file=quiet))
+    assert not (tmp_path / "out").exists()
 
 
 def test_duplicate_variant_names_are_rejected(study_doc, study_file):

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
 
+MAX_SEED = 2**32 - 1  # the largest seed a run takes (numpy's and torch's seeds both hold it)
+
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -183,7 +185,8 @@ class TrainConfig(_Config):
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     early_stopping: EarlyStopping | None = None
     augment: Augment = Augment()
-    seed: int = 0
+    # per-epoch seeds are derived as seed × 100,003 + epoch and must fit torch's 64-bit seeds
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     channels_last: bool = True
     precision: Literal["auto", "float32", "bfloat16"] = Field(
@@ -278,4 +281,4 @@ class DataConfig(_Config):
         ge=10,
         description="test on a stratified subset of this many images; None: the whole test split",
     )
-    split_seed: int = 0
+    split_seed: int = Field(default=0, ge=0, le=MAX_SEED)

@@ -44,6 +44,7 @@ from typing import Any
 from capas.errors import CapasError, closest
 from capas.spec import DataConfig, ModelSpec, TrainConfig, load_document, parse_layer
 from capas.spec.io import parse_config
+from capas.spec.train import MAX_SEED
 
 DESIGNS = ("one-at-a-time", "grid")
 DEFAULT_SEEDS = 3
@@ -349,17 +350,18 @@ def _replication(value: dict, source: str) -> Replication:
 
 
 def _seeds(value: Any, source: str) -> tuple[int, ...]:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SEED + 1:
         return tuple(range(value))
     if (
         isinstance(value, list)
         and value
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED for v in value)
         and len(set(value)) == len(value)
     ):
         return tuple(value)
     raise CapasError(
-        f"{source}: 'seeds' must be a count (e.g. 3) or a list of distinct non-negative integers, got {value!r}"
+        f"{source}: 'seeds' must be a count (e.g. 3) or a list of distinct integers from 0 to {MAX_SEED:,}, "
+        f"got {value!r}"
     )
 
 
@@ -373,12 +375,21 @@ def _variations(raw: Any, source: str) -> tuple[Variation, ...]:
     out = []
     for i, item in enumerate(raw):
         where = f"{source}: variation {i}"
-        if not isinstance(item, dict) or set(item) - {"name", "alternatives"} or "alternatives" not in item:
+        if not isinstance(item, dict):
             raise CapasError(f"{where}: expected a mapping with 'name' and 'alternatives', got {item!r}")
         name = item.get("name", f"variation-{i}")
         if not isinstance(name, str) or not name:
             raise CapasError(f"{where}: 'name' must be a non-empty string, got {name!r}")
         where = f"{source}: variation {name!r}"
+        if unknown := sorted(set(item) - {"name", "alternatives"}):
+            raise CapasError(
+                f"{where}: unknown key {unknown[0]!r}{closest(str(unknown[0]), ['name', 'alternatives'])}; "
+                "allowed: name, alternatives"
+            )
+        if "alternatives" not in item:
+            raise CapasError(
+                f"{where}: 'alternatives' is missing (a list of alternatives, each a mapping of changes)"
+            )
         alternatives = item["alternatives"]
         if not isinstance(alternatives, list) or not alternatives:
             raise CapasError(f"{where}: 'alternatives' must be a non-empty list")
@@ -494,7 +505,12 @@ def load_study(
         raise CapasError(f"{source}: 'name' must be a non-empty string, got {name!r}")
     base = document.get("base")
     base_keys = {"name", "spec", "run", "train", "data"}
-    if not isinstance(base, dict) or ("spec" in base) == ("run" in base) or set(base) - base_keys:
+    if isinstance(base, dict) and (unknown := sorted(set(base) - base_keys)):
+        raise CapasError(
+            f"{source}: unknown key 'base.{unknown[0]}'{closest(str(unknown[0]), base_keys)}; "
+            f"allowed: {', '.join(sorted(base_keys))}"
+        )
+    if not isinstance(base, dict) or ("spec" in base) == ("run" in base):
         raise CapasError(
             f"{source}: 'base' must be a mapping with 'spec' (a spec) or 'run' (a run directory, e.g. one "
             "made by capas import-keras), and optionally name, train and data"
