@@ -147,6 +147,12 @@ BAD = [
     ({"layers": [{"Conv2D": {"filters": 8}}]}, ["layer 0 (Conv2D)", "'kernel_size' is required"]),
     ({"layers": [{"Dense": {"units": 3}, "Flatten": None}]}, ["layer 0", "one-key mapping"]),
     ({"layer": []}, ["unknown key 'layer'", "did you mean 'layers'"]),
+    # a '.' was a KeyError from torch when training (module names), a '/' a Keras export Keras refuses
+    (
+        {"layers": [{"Flatten": {"name": "flat.a"}}, {"Dense": {"units": 10}}]},
+        ["layer 0 (Flatten)", "'flat.a'", "may not contain '.' or '/'"],
+    ),
+    ({"layers": ["Flatten", {"Dense": {"units": 10, "name": "out/1"}}]}, ["layer 1 (Dense)", "'out/1'"]),
 ]
 
 
@@ -166,6 +172,16 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
     path.write_text("name: x\ninput_shape: [28, 28, 1\nlayers:\n  - Flatten\n")
     with pytest.raises(CapasError, match=r"broken.yaml: invalid YAML at line \d+"):
         load_spec(path)
+
+
+@pytest.mark.parametrize("name", ["model.keras", "spec.yaml"])
+def test_a_binary_file_is_not_a_spec(tmp_path, name):
+    """A binary file (a Keras model given to `capas summary`) was a UnicodeDecodeError's traceback."""
+    path = tmp_path / name
+    path.write_bytes(b"PK\x03\x04\xff\xfe" + bytes(range(256)))
+    with pytest.raises(CapasError, match=f"{name}: not a YAML or JSON document") as error:
+        load_spec(path)
+    assert ("import-keras" in str(error.value)) == name.endswith(".keras")
 
 
 def test_spec_round_trips_through_its_dict():

@@ -18,8 +18,16 @@ def load_document(path: str | Path) -> Any:
     """A YAML or JSON file as plain Python data; a missing file or a syntax error is a CapasError."""
     path = Path(path)
     if not path.is_file():
-        raise CapasError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+        raise CapasError(f"{path}: {'a directory, not a file' if path.is_dir() else 'no such file'}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        hint = (
+            "; a Keras model is imported with capas import-keras" if path.suffix in (".keras", ".h5") else ""
+        )
+        raise CapasError(f"{path}: not a YAML or JSON document (not UTF-8 text){hint}") from None
+    except OSError as error:
+        raise CapasError(f"{path}: cannot read ({error.strerror or error})") from None
     try:
         if path.suffix == ".json":
             return json.loads(text)

@@ -203,6 +203,13 @@ class ModelSpec:
             shape = out
         names = [info.name for info in infos]
         for info in infos:
+            # a name keys the layer's module and weights ('.' separates module paths) and names
+            # the layer in an exported Keras file (which refuses '/')
+            if bad := sorted(set(info.name) & set("./")):
+                raise CapasError(
+                    f"layer {info.index - offset} ({info.layer.type_name()}): the name {info.name!r} "
+                    f"contains {' and '.join(map(repr, bad))}; layer names may not contain '.' or '/'"
+                )
             if names.count(info.name) > 1:
                 raise CapasError(
                     f"layer {info.index - offset} ({info.layer.type_name()}): the name {info.name!r} is used twice; "
