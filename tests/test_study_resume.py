@@ -109,6 +109,53 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_report(tmp_path, tiny_study,
     assert _figures(resumed) == _figures(clean)
 
 
+def _statuses(out: Path) -> dict[str, str]:
+    """Each run's status, read without writing; empty before the store has its tables."""
+    if not (out / "study.sqlite").exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{out / 'study.sqlite'}?mode=ro", uri=True) as con:
+            return dict(con.execute("SELECT id, status FROM runs").fetchall())
+    except sqlite3.OperationalError:  # tables not created yet
+        return {}
+
+
+def test_ctrl_c_stops_a_worker_pool_at_once(tmp_path, tiny_study, study_file):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) with two workers: the driver exits
+    within seconds and no run that had not started is trained (queued runs were trained to the end
+    after the interrupt, 22 s of work the user had cancelled)."""
+    path = study_file(
+        tiny_study(name="ctrl-c", train={"epochs": 3, "batch_size": 32}, data={"limit": 1500}, seeds=4)
+    )
+    out = tmp_path / "ctrl-c"
+    process = subprocess.Popen(
+        _study_command(path, out),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if "running" in _statuses(out).values():
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the study finished before it could be interrupted"
+        waiting = [rid for rid, status in _statuses(out).items() if status == "pending"]
+        os.killpg(process.pid, signal.SIGINT)
+        interrupted = time.monotonic()
+        process.wait(30)
+        stopped_after = time.monotonic() - interrupted
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130 and stopped_after < 10, (process.returncode, stopped_after)
+    assert waiting, "no run was waiting"
+    trained_anyway = [rid for rid in waiting if (out / "runs" / rid / "test.json").exists()]
+    assert not trained_anyway
+
+
 def _children(pid: int) -> set[int]:
     """Processes whose parent is `pid`, from /proc (Linux)."""
     found = set()

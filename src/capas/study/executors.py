@@ -214,6 +214,9 @@ def _init_worker(
     parent: int,
 ) -> None:
     _die_with(parent)
+    # Ctrl-C reaches the whole process group: the driver handles it (close(cancel=True) stops the
+    # workers); a worker that took it as its run's exception went on to train the next queued run.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One process per run: torch threads per worker share the cores without oversubscribing them
     # (a run's train.threads, which studies always set, replaces this while it trains).
     global _events
@@ -283,7 +286,18 @@ class PoolExecutor(Executor):
         return _drain(self.queue)
 
     def close(self, cancel: bool = False) -> None:
-        self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+        if not cancel:
+            self.pool.shutdown(wait=True)
+            return
+        # Runs already handed to a worker cannot be cancelled, only stopped: the workers are
+        # terminated (each run resumes from its last epoch's checkpoint when the study is rerun).
+        # Python 3.14's ProcessPoolExecutor.terminate_workers() does this; 3.11 keeps them private.
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(10)
 
 
 def ray_executor(workers: int | None = None, **options) -> Executor:
