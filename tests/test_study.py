@@ -108,6 +108,9 @@ def test_change_kinds_refer_to_base_layers_by_index_or_name(study_doc, study_fil
             r"variant 'a' \(v: a\): train: unknown key 'epoch' \(did you mean 'epochs'\?\)",
         ),
         ({"shuffle": True}, r"variation 'v', alternative 'a': unknown change 'shuffle'"),
+        # the base's own value, once written out and once the default: nothing to compare
+        ({"keywords": {"conv2d": {"filters": 4}}}, r"variant 'a' trains exactly as 'Flatten'"),
+        ({"keywords": {"conv2d": {"padding": "valid"}}}, r"variant 'a' trains exactly as 'Flatten'"),
         ({"remove": "flatten"}, r"variant 'a' \(v: a\): .*needs a flat vector"),
     ],
 )

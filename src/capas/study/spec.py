@@ -481,6 +481,27 @@ def _resolve(base: Draft, choices: list[tuple[Variation, Alternative]], name: st
     )
 
 
+def _refuse_identical(variants: list[Variant], source: str) -> None:
+    """Two variants that train the same runs would spend their compute twice and report a difference
+    of exactly nothing: an alternative that sets what the base already has, or two alternatives
+    (or grid combinations) that come to the same settings."""
+    trained: dict[str, str] = {}
+    for variant in variants:
+        resolved = {
+            "spec": variant.model_spec.to_dict(),
+            "train": TrainConfig.model_validate(variant.train).model_dump(mode="json"),
+            "data": DataConfig.model_validate(variant.data).model_dump(mode="json"),
+            "extras": variant.extras,
+        }
+        digest = config_hash(resolved)
+        if digest in trained:
+            raise CapasError(
+                f"{source}: variant {variant.name!r} trains exactly as {trained[digest]!r} (the same model, "
+                "training and data): change something, or leave it out"
+            )
+        trained[digest] = variant.name
+
+
 def load_study(
     path: str | Path,
     *,
@@ -587,6 +608,7 @@ def load_study(
                 "give each alternative and the base a unique name"
             )
         seen[folder] = variant.name
+    _refuse_identical(variants, source)
     return Study(
         name=name,
         source=source,
