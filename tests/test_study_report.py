@@ -14,7 +14,7 @@ from scipy import stats as scipy_stats
 from capas.study import load_study
 from capas.study.render import print_report, table_rows, terminal_table, write_report
 from capas.study.render.text import HEADERS, document, header_lines, sentence
-from capas.study.report import DIVERGED, FAILED, collect, comparison_kind
+from capas.study.report import DIVERGED, FAILED, StudyReport, collect, comparison_kind
 from capas.study.run import run_study
 from capas.study.stats import holm, mean_ci, paired_comparison
 from capas.study.store import RunRow, Store
@@ -56,6 +56,18 @@ def synthetic(
 def row(variant: str, seed: int, result: dict | None, error: str | None = None) -> RunRow:
     status = "done" if result is not None else "failed"
     return RunRow(f"{variant}/seed-{seed}", variant, seed, status, {}, "", 1, 0.0, 1.0, 1.0, result, error)
+
+
+def report_of(study, accuracies: dict[str, list], **synthetic_args) -> StudyReport:
+    """The report of `study` whose runs have these test accuracies by seed (None: the run crashed)."""
+    rows = {
+        f"{variant}/seed-{seed}": row(
+            variant, seed, None if accuracy is None else synthetic(accuracy, **synthetic_args)
+        )
+        for variant, values in accuracies.items()
+        for seed, accuracy in enumerate(values)
+    }
+    return collect(study, rows)
 
 
 @pytest.fixture
@@ -121,24 +133,30 @@ def test_zero_variance_report_shows_per_seed_differences_not_p(report):
     gmp = report.variants[2]
     text = sentence(report, gmp)
     assert "the variance of the differences could not be estimated" in text
-    assert "per seed: +3.0, +3.0, +3.0 pp" in text and "p <" not in text and "p =" not in text
+    assert "per seed: +3.0, +3.0, +3.0, +3.0 pp" in text and "p <" not in text and "p =" not in text
     cells = dict(zip(HEADERS, table_rows(report)[2], strict=True))
     assert cells["Δ test acc pp (95% CI)"] == "+3.0 (no spread)" and cells["p"] == cells["p (Holm)"] == "—"
 
 
-def test_failed_seed_is_left_out_of_every_variant_and_shown(report):
-    assert report.seeds == (0, 2, 3)  # sgd has no figures for seed 1
+def test_failed_seed_is_left_out_of_its_variants_comparison_and_shown(report):
+    assert report.seeds == (0, 2, 3)  # sgd has no figures for seed 1: the base's row leaves it out
     sgd = report.variants[3]
     assert sgd.runs[1].status == FAILED and sgd.runs[1].detail == "RuntimeError: out of memory"
-    assert all(set(v.results) == {0, 2, 3} for v in report.variants)
+    # every other variant is compared with the base on all 4 seeds, sgd on the 3 it finished
+    assert [tuple(v.results) for v in report.variants] == [(0, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3), (0, 2, 3)]
     assert "1 failed" in [note.flag for note in sgd.notes]
-    assert any("no figures from seed 1 (RuntimeError: out of memory)" in w for w in report.warnings)
+    assert (
+        "sgd: no figures from seed 1 (RuntimeError: out of memory); that seed is left out of its comparison "
+        "with the base" in report.warnings
+    )
     doc = document(report, [])
     seed1 = doc.per_seed.rows[1]
-    assert seed1[0] == "1 (not in the figures)" and seed1[4] == "failed: RuntimeError: out of memory"
-    assert seed1[1] == "82.00"  # the base's seed 1 is shown, though no figure uses it
-    assert "every figure rests on seeds 0, 2, 3 (left out: 1, which not every variant finished)" in "\n".join(
-        doc.header
+    assert seed1[0] == "1" and seed1[4] == "failed: RuntimeError: out of memory"
+    assert seed1[1] == "82.00"
+    assert (
+        "the base's figures rest on seeds 0, 2, 3 (every variant with a finished run finished them), each "
+        "variant's figures and its Δ on every seed it shares with the base (column seeds)"
+        in "\n".join(doc.header)
     )
 
 
@@ -168,16 +186,37 @@ def test_diverged_seed_stays_in_the_figures_and_is_flagged(report):
     assert "10.00 (diverged: non-finite loss at epoch 1)" in document(report, []).per_seed.rows[2][4]
 
 
-def test_table_means_and_differences_rest_on_the_same_seeds(report):
+def test_a_variant_that_finished_no_seed_leaves_the_other_comparisons_standing(tiny_study, study_file):
+    study = load_study(study_file(tiny_study(seeds=3, variations=[HEAD])))
+    base, gmp = [0.80, 0.81, 0.82], [0.70, 0.72, 0.71]
+    report = report_of(study, {"Flatten": base, "GAP": [None] * 3, "GMP": gmp})
+    assert report.seeds == (0, 1, 2) and report.variants[2].seeds == (0, 1, 2)
+    comparison = report.variants[2].comparison
+    assert comparison.difference.mean == pytest.approx(-0.10)
+    assert comparison.p_value == pytest.approx(scipy_stats.ttest_rel(gmp, base).pvalue)
+    rows = table_rows(report)
+    assert rows[0][HEADERS.index("seeds")] == "3" and rows[1][HEADERS.index("seeds")] == "0 of 3"
+    gap = sentence(report, report.variants[1])
+    assert "no comparison: it finished no seed" in gap and "no seed finished for both" not in gap
+    assert "test accuracy −10.0 pp (95% CI −12.5 to −7.5, p = 0.0033; 3 shared seeds)" in sentence(
+        report, report.variants[2]
+    )
+    header = "\n".join(header_lines(report))
+    assert "every figure rests on seeds 0, 1, 2; GAP finished no seed: no figures, no comparison" in header
+
+
+def test_a_variants_row_and_its_difference_rest_on_the_seeds_it_shares_with_the_base(report):
     rows = table_rows(report)
     column = {h: i for i, h in enumerate(HEADERS)}
-    base_mean = float(rows[0][column["test acc %"]].split(" ± ")[0])
+    base = report.base
     for result, cells in zip(report.variants[1:], rows[1:], strict=True):
+        shared = tuple(s for s in base.finished if s in result.finished)
+        assert result.comparison.seeds == result.seeds == shared
         mean = float(cells[column["test acc %"]].split(" ± ")[0])
         delta = float(cells[column["Δ test acc pp (95% CI)"]].split()[0].replace("\N{MINUS SIGN}", "-"))
+        base_mean = 100 * np.mean([base.finished[s]["test_accuracy"] for s in shared])
         assert mean - base_mean == pytest.approx(delta, abs=0.011)
-        assert result.comparison.seeds == report.seeds
-    assert rows[3][column["seeds"]] == "3 of 4"
+    assert [r[column["seeds"]] for r in rows] == ["3 of 4", "4", "4", "3 of 4"]
 
 
 def test_holm_adjusted_p_values_are_beside_the_raw_ones_and_in_the_sentence(report):
@@ -277,7 +316,8 @@ def test_tiny_real_study_reports_a_diverged_variant_and_a_failed_run(tmp_path, t
         store.fail("GAP/seed-1", "Traceback (most recent call last):\nValueError: boom")
         failed = collect(report.study, store.runs())
     assert failed.seeds == (0,) and failed.variants[1].runs[1].status == FAILED
+    assert failed.variants[2].seeds == (0, 1)  # GAP's lost seed stays in the diverging variant's comparison
     markdown, _ = write_report(failed, out)
     text = markdown.read_text()
-    assert "| 1 (not in the figures) |" in text and "failed: ValueError: boom" in text
+    assert "| 1 | " in text and "failed: ValueError: boom" in text
     assert "test accuracy" in text and "one shared seed: no confidence interval or test" in text

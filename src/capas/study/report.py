@@ -3,12 +3,12 @@ alone (so a resumed study reports the same figures), and the architecture diff b
 variant. The renderers in capas.study.render (Markdown, one HTML template, the terminal table) only
 lay these figures out.
 
-Which seeds a figure rests on: the seeds every variant finished (a diverged run counts: it is an
-outcome of its variant; a run that crashed has no figures). The table's means and the paired
-differences use the same seeds, so a variant's mean minus the base's mean is its Δ. With adaptive
-replication the variants run different numbers of seeds: the base's row rests on the seeds every
-variant finished, and each variant's row and its Δ on every seed it shares with the base, so the
-seeds a variant was given for a narrower interval are in its figures.
+Which seeds a figure rests on (a diverged run counts: it is an outcome of its variant; a run that
+crashed has no figures): each variant's row and its Δ on every seed it and the base both finished, so
+a seed another variant lost stays in its comparison, and with adaptive replication the seeds a
+variant was given for a narrower interval are in its figures. The base's row rests on the seeds
+every variant with a finished run shares with it; when no run crashed and the seeds were not
+adaptive, that is every variant's seeds, and a variant's mean minus the base's mean is its Δ.
 """
 
 from __future__ import annotations
@@ -62,11 +62,10 @@ class VariantResult:
     variant: Variant
     summary: Summary
     runs: dict[int, RunOutcome]  # every seed of the study
-    seeds: tuple[int, ...] = ()  # the seeds its figures rest on (the same for every variant, unless adaptive)
+    seeds: tuple[int, ...] = ()  # the seeds its figures rest on: those it shares with the base
     comparison: Comparison | None = None  # against the base on those seeds; None for the base
     p_adjusted: float = math.nan  # the comparison's p after Holm's adjustment over all variants
     notes: tuple[Note, ...] = field(default=())
-    adaptive: bool = False  # adaptive replication: its seeds are those it shares with the base
 
     @property
     def name(self) -> str:
@@ -120,7 +119,7 @@ class StudyReport:
     study: Study
     variants: list[VariantResult]
     statuses: dict[str, int]  # runs per status
-    seeds: tuple[int, ...]  # the seeds every variant finished: the base's figures (and all, unless adaptive)
+    seeds: tuple[int, ...]  # the base's figures: the seeds it shares with every variant that finished any
     kind: str  # which comparison this is: equal budget or each variant at its own convergence
     test_size: int | None  # test images per run (None before any run finished)
     replication: dict[str, dict] | None = None  # adaptive replication per variant (run.replication_status)
@@ -231,12 +230,14 @@ def _failed_note(result: VariantResult) -> Note | None:
     if not missing:
         return None
     counts = Counter(o.status for o in missing)
-    where = "its comparison with the base" if result.adaptive else "every variant's figures"
-    return Note(
-        ", ".join(f"{n} {status}" for status, n in sorted(counts.items())),
-        f"no figures from {_seed_list(missing)}; that seed is left out of {where}",
-        warning=True,
-    )
+    text = f"no figures from {_seed_list(missing)}"
+    if result.finished:  # one with no finished seed has no figures at all: its sentence says so
+        text += ("; that seed is" if len(missing) == 1 else "; those seeds are") + (
+            " left out of every comparison"
+            if result.comparison is None
+            else " left out of its comparison with the base"
+        )
+    return Note(", ".join(f"{n} {status}" for status, n in sorted(counts.items())), text, warning=True)
 
 
 # Each rule turns what a variant's runs recorded into a Note (or None); renderers show notes generically.
@@ -300,21 +301,18 @@ def collect(study: Study, rows: dict[str, RunRow]) -> StudyReport:
         )
         for v in study.variants
     ]
-    seeds = tuple(
-        s for s in study.seeds if all(s in v.runs and v.runs[s].status in WITH_FIGURES for v in variants)
+    # A variant that finished no seed has nothing to pair: were it counted, no seed would be left.
+    finishers = [v.finished for v in variants if v.finished]
+    base = replace(
+        variants[0],
+        seeds=tuple(s for s in study.seeds if s in variants[0].finished and all(s in f for f in finishers)),
     )
-    base = replace(variants[0], seeds=seeds)
-    if study.replication is None:
-        others = [replace(v, seeds=seeds) for v in variants[1:]]
-    else:  # each variant on every seed it shares with the base: its extra seeds narrow its interval
-        others = [
-            replace(
-                v,
-                seeds=tuple(s for s in study.seeds if s in v.finished and s in base.finished),
-                adaptive=True,
-            )
-            for v in variants[1:]
-        ]
+    # each variant on every seed it shares with the base (the paired test's seeds): a seed another
+    # variant lost stays in, and adaptive replication's extra seeds narrow its interval
+    others = [
+        replace(v, seeds=tuple(s for s in study.seeds if s in v.finished and s in variants[0].finished))
+        for v in variants[1:]
+    ]
     variants = [base, *others]
     comparisons = [
         paired_comparison(v.values("test_accuracy"), replace(base, seeds=v.seeds).values("test_accuracy"))
@@ -328,7 +326,7 @@ def collect(study: Study, rows: dict[str, RunRow]) -> StudyReport:
     variants = [replace(v, notes=tuple(n for rule in NOTES if (n := rule(v)) is not None)) for v in variants]
     sizes = {images_tested(r) for v in variants for r in v.finished.values()}
     return StudyReport(
-        study, variants, statuses, seeds, comparison_kind(study), max(sizes) if sizes else None
+        study, variants, statuses, base.seeds, comparison_kind(study), max(sizes) if sizes else None
     )
 
 

@@ -194,7 +194,11 @@ def _accuracy_phrase(report: StudyReport, result: VariantResult) -> str:
     comparison = result.comparison
     d = comparison.difference
     if d.n == 0:
-        return "no seed finished for both, nothing to compare yet"
+        if not report.base.finished:
+            return "no comparison: the base finished no seed"
+        if not result.finished:
+            return "no comparison: it finished no seed"
+        return "no comparison: it and the base finished no seed in common"
     on = f"{d.n} shared seed{'s' if d.n != 1 else ''}"
     if d.n == 1:
         return f"test accuracy {signed(100 * d.mean)} pp (one shared seed: no confidence interval or test)"
@@ -239,7 +243,25 @@ def header_lines(report: StudyReport) -> list[str]:
     study, base = report.study, report.base.variant
     env = environment()
     statuses = ", ".join(f"{n} {status}" for status, n in sorted(report.statuses.items()))
-    left_out = [s for s in study.seeds if s not in report.seeds]
+    # seeds with a run that the base's figures leave out (adaptive replication's unneeded seeds have none)
+    left_out = [s for s in study.seeds if s not in report.seeds and any(s in r.runs for r in report.variants)]
+    seeds = ", ".join(map(str, report.seeds))
+    if not report.base.finished:
+        figures = "no figures: the base finished no seed, and every figure rests on seeds shared with it"
+    elif all(r.seeds == report.seeds for r in report.variants if r.finished):
+        figures = f"every figure rests on seeds {seeds}" + (
+            f" (left out: {', '.join(map(str, left_out))}, which not every variant finished)"
+            if left_out
+            else ""
+        )
+    else:
+        figures = (
+            f"the base's figures rest on seeds {seeds} (every variant with a finished run finished them), "
+            "each variant's figures and its Δ on every seed it shares with the base (column seeds)"
+        )
+    unfinished = [r.name for r in report.variants[1:] if not r.finished]
+    if unfinished and report.base.finished:
+        figures += f"; {', '.join(unfinished)} finished no seed: no figures, no comparison"
     lines = [
         f"Study file: {study.source}; design: {study.design}; seeds: {', '.join(map(str, study.seeds))}",
         f"Comparison: {report.kind}",
@@ -254,18 +276,7 @@ def header_lines(report: StudyReport) -> list[str]:
     lines += [
         f"Training (base): {epochs_text(base.train['epochs'])}, batch {base.train['batch_size']}, "
         f"{base.train['optimizer']['name']} lr {base.train['optimizer']['lr'] or 'default'}",
-        f"Runs: {statuses}; "
-        + (
-            f"the base's figures rest on seeds {', '.join(map(str, report.seeds)) or 'none'} (every variant "
-            "finished them), each variant's figures and its Δ on every seed it shares with the base (column seeds)"
-            if study.replication
-            else f"every figure rests on seeds {', '.join(map(str, report.seeds)) or 'none'}"
-            + (
-                f" (left out: {', '.join(map(str, left_out))}, which not every variant finished)"
-                if left_out
-                else ""
-            )
-        ),
+        f"Runs: {statuses}; {figures}",
         *(
             [
                 f"Adaptive seeds ({study.replication.min} to {study.replication.max}, until the 95% CI of Δ test acc "
