@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import numpy as np
 import pytest
@@ -158,6 +159,25 @@ def test_failed_seed_is_left_out_of_its_variants_comparison_and_shown(report):
         "variant's figures and its Δ on every seed it shares with the base (column seeds)"
         in "\n".join(doc.header)
     )
+
+
+@pytest.mark.parametrize("failed", ["Flatten", "GAP"])
+def test_no_nan_is_printed_when_a_variant_finished_no_seed(failed, tiny_study, study_file):
+    study = load_study(study_file(tiny_study(seeds=3)))
+    report = report_of(
+        study, {"Flatten": [0.80, 0.81, 0.82], "GAP": [0.70, 0.71, 0.72]} | {failed: [None] * 3}
+    )
+    text = "\n".join(
+        [*header_lines(report), *map(" ".join, table_rows(report)), sentence(report, report.variants[1])]
+    )
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE)
+    assert "Test set: 1,000 images per run" in text
+    if failed == "Flatten":  # the standard error is taken at the base's accuracy: there is none
+        assert "binomial" not in text
+        assert (
+            "no figures: the base finished no seed" in text
+            and "no comparison: the base finished no seed" in text
+        )
 
 
 def test_seeds_of_one_variant_in_different_precisions_are_flagged(tiny_study, study_file):

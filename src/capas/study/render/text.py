@@ -269,10 +269,13 @@ def header_lines(report: StudyReport) -> list[str]:
     ]
     if report.test_size:
         accuracy = report.base.estimate("test_accuracy").mean
-        lines.append(
-            f"Test set: {report.test_size:,} images per run; the binomial standard error of one test accuracy "
-            f"at that size is ±{100 * report.test_se:.1f} pp (at the base's {100 * accuracy:.1f}%)"
-        )
+        line = f"Test set: {report.test_size:,} images per run"
+        if math.isfinite(report.test_se):  # taken at the base's accuracy: none without a finished base run
+            line += (
+                f"; the binomial standard error of one test accuracy at that size is ±{100 * report.test_se:.1f} pp "
+                f"(at the base's {100 * accuracy:.1f}%)"
+            )
+        lines.append(line)
     lines += [
         f"Training (base): {epochs_text(base.train['epochs'])}, batch {base.train['batch_size']}, "
         f"{base.train['optimizer']['name']} lr {base.train['optimizer']['lr'] or 'default'}",
