@@ -202,7 +202,14 @@ def test_diverged_seed_stays_in_the_figures_and_is_flagged(report):
     assert sgd.estimate("test_accuracy").mean == pytest.approx(np.mean([0.78, 0.10, 0.80]))
     assert sgd.estimate("test_accuracy").n == 3 and sgd.estimate("test_loss").n == 2  # NaN loss: no mean
     text = sentence(report, sgd)
-    assert "3 shared seeds" in text and "1 of 4 seeds diverged, kept in the figures: seed 2" in text
+    assert "3 shared seeds" in text and (
+        "1 of 4 seeds diverged, kept in the accuracy figures, its non-finite losses left out of the loss means "
+        "(each says how many seeds it rests on): seed 2" in text
+    )
+    # the loss cells say they rest on 2 of the 3 seeds in the figures; the accuracy cell on all 3
+    cells = dict(zip(HEADERS, table_rows(report)[3], strict=True))
+    assert cells["test loss"] == "0.5000 (2 of 3 seeds)" and cells["val loss"] == "0.8000 (2 of 3 seeds)"
+    assert "seeds)" not in cells["test acc %"] and cells["seeds"] == "3 of 4"
     assert "10.00 (diverged: non-finite loss at epoch 1)" in document(report, []).per_seed.rows[2][4]
 
 
@@ -320,8 +327,8 @@ def test_tiny_real_study_reports_a_diverged_variant_and_a_failed_run(tmp_path, t
     markdown = outcome.markdown.read_text()
     assert markdown.splitlines()[2].startswith("> **Warning:** Still improving at the budget: Flatten, GAP")
     assert (
-        "diverging: 2 of 2 seeds diverged, kept in the figures: seed 0 (non-finite loss at epoch 1)"
-        in markdown
+        "diverging: 2 of 2 seeds diverged, kept in the accuracy figures, its non-finite losses left out of the "
+        "loss means (each says how many seeds it rests on): seed 0 (non-finite loss at epoch 1)" in markdown
     )
     assert "Comparison: every variant trained to an equal training budget: 1 epoch," in markdown
     page = outcome.html.read_text()

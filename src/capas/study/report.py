@@ -218,9 +218,17 @@ def _diverged_note(result: VariantResult) -> Note | None:
     if not bad:
         return None
     kinds = "/".join(sorted({o.status for o in bad}))
+    # a diverged loss is NaN: it cannot count in a mean, so those cells say how many seeds they rest on
+    dropped = any(result.estimate(key).n < len(result.results) for key in ("val_loss", "test_loss"))
+    kept = (
+        "kept in the accuracy figures, its non-finite losses left out of the loss means (each says how many "
+        "seeds it rests on)"
+        if dropped
+        else "kept in the figures"
+    )
     return Note(
         f"{len(bad)} {kinds}",
-        f"{len(bad)} of {len(result.runs)} seeds {kinds}, kept in the figures: {_seed_list(bad)}",
+        f"{len(bad)} of {len(result.runs)} seeds {kinds}, {kept}: {_seed_list(bad)}",
         warning=True,
     )
 

@@ -106,6 +106,15 @@ def per_seed_differences(comparison: Comparison) -> str:
     return ", ".join(f"{signed(100 * d)}" for d in comparison.differences)
 
 
+def figure_cell(result: VariantResult, key: str, scale: float = 1.0, digits: int = 2) -> str:
+    """mean ± CI of `key` over the variant's seeds; when some seeds have no finite value (a diverged
+    run's NaN loss), the cell says how many it rests on."""
+    estimate = result.estimate(key)
+    cell = mean_pm(estimate, scale, digits)
+    seeds = len(result.results)
+    return cell if estimate.n == seeds else f"{cell} ({estimate.n} of {seeds} seeds)"
+
+
 def seeds_cell(report: StudyReport, result: VariantResult) -> str:
     """Seeds in the figures, with what became of the others."""
     n = len(result.results)
@@ -139,7 +148,7 @@ HEADERS = (
 
 
 def table_rows(report: StudyReport) -> list[list[str]]:
-    """One row per variant; accuracy and loss as mean ± the 95% CI's half-width over the report's seeds."""
+    """One row per variant; accuracy and loss as mean ± the 95% CI's half-width over its seeds."""
     rows = []
     for result in report.variants:
         comparison = result.comparison
@@ -148,13 +157,13 @@ def table_rows(report: StudyReport) -> list[list[str]]:
                 result.name + (" (base)" if comparison is None else ""),
                 f"{result.summary.total:,}",
                 f"{result.summary.macs:,}",
-                mean_pm(result.estimate("val_accuracy"), 100),
-                mean_pm(result.estimate("val_loss"), 1, 4),
-                mean_pm(result.estimate("test_accuracy"), 100),
-                mean_pm(result.estimate("test_loss"), 1, 4),
-                mean_pm(result.estimate("best_epoch"), 1, 1),
-                mean_pm(result.estimate("train_seconds"), 1, 1),
-                mean_pm(result.estimate("images_per_s"), 1, 0),
+                figure_cell(result, "val_accuracy", 100),
+                figure_cell(result, "val_loss", 1, 4),
+                figure_cell(result, "test_accuracy", 100),
+                figure_cell(result, "test_loss", 1, 4),
+                figure_cell(result, "best_epoch", 1, 1),
+                figure_cell(result, "train_seconds", 1, 1),
+                figure_cell(result, "images_per_s", 1, 0),
                 difference(comparison),
                 _p_cell(comparison.p_value if comparison else math.nan, comparison),
                 _p_cell(result.p_adjusted, comparison),
