@@ -259,6 +259,39 @@ def test_holm_adjusted_p_values_are_beside_the_raw_ones_and_in_the_sentence(repo
     )
 
 
+def test_runs_early_stopping_did_not_end_are_flagged_not_converged(tiny_study, study_file):
+    """With early stopping configured, a run the epoch ceiling ended one epoch after its best epoch (1 of
+    3 patience epochs used) has not met the stated criterion, though its best epoch is not its last."""
+    stopping = {"epochs": 5, "early_stopping": {"patience": 3, "min_delta": 0.002}}
+    study = load_study(study_file(tiny_study(seeds=2, train=stopping, variations=[HEAD])))
+    history = (0.9, 0.7, 0.6, 0.5, 0.52)
+    rows = {}
+    for variant, stopped in (("Flatten", "early stopping"), ("GAP", "max epochs"), ("GMP", "time budget")):
+        for seed in (0, 1):
+            result = synthetic(0.8 - seed / 100, val_losses=history, stopped=stopped)
+            rows[f"{variant}/seed-{seed}"] = row(variant, seed, result)
+    report = collect(study, rows)
+    assert [r.not_converged for r in report.variants] == [[], [0, 1], [0, 1]]
+    assert [r.still_improving for r in report.variants] == [[], [], []]
+    assert (
+        "GAP: not converged in 2 of 2 seeds: max epochs ended training before early stopping's criterion "
+        "(3 epochs without an improvement of at least 0.002 in val_loss) was met, so the effect is not "
+        "measured at convergence" in report.warnings
+    )
+    assert any(w.startswith("GMP: not converged in 2 of 2 seeds: time budget ended") for w in report.warnings)
+    assert [table_rows(report)[i][HEADERS.index("notes")] for i in range(3)] == [
+        "",
+        "not converged",
+        "not converged",
+    ]
+    header = "\n".join(header_lines(report))
+    assert "trained to its own convergence" not in header
+    assert (
+        "Comparison: each variant trained towards its own convergence: early stopping on val_loss" in header
+        and "at most 5 epochs; convergence not reached in every run by GAP, GMP (see the warnings)" in header
+    )
+
+
 def test_still_improving_variants_are_flagged_in_table_sentence_and_top(report):
     gap = report.variants[1]
     assert gap.still_improving == [0] and [r.still_improving for r in report.variants[2:]] == [[], []]

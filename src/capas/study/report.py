@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import zip_longest
 
@@ -113,6 +113,15 @@ class VariantResult:
             and _best_epoch(r["history"], monitor) == len(r["history"])
         ]
 
+    @property
+    def not_converged(self) -> list[int]:
+        """With early stopping configured, seeds that something else ended (the epoch ceiling, a time or
+        sample budget) before its criterion was met: whatever their best epoch, they did not converge
+        by the criterion the report states."""
+        if not self.variant.train.get("early_stopping"):
+            return []
+        return [s for s, r in self.finished.items() if r.get("stopped") != "early stopping"]
+
 
 @dataclass(frozen=True)
 class StudyReport:
@@ -138,7 +147,7 @@ class StudyReport:
 
     @property
     def warnings(self) -> list[str]:
-        """What a reader must know before any figure: still-improving variants, runs left out."""
+        """What a reader must know before any figure: still-improving or unconverged variants, runs left out."""
         lines = []
         improving = [r.name for r in self.variants if r.still_improving]
         if improving:
@@ -213,6 +222,22 @@ def _still_improving_note(result: VariantResult) -> Note | None:
     return Note("still improving", f"still improving at the budget in {of}: the effect may shrink or grow")
 
 
+def _not_converged_note(result: VariantResult) -> Note | None:
+    seeds = result.not_converged
+    if not seeds:
+        return None
+    stopping = result.variant.train["early_stopping"]
+    ended = " or ".join(sorted({result.finished[s]["stopped"] for s in seeds}))
+    return Note(
+        "not converged",
+        f"not converged in {len(seeds)} of {len(result.finished)} seeds: {ended} ended training before "
+        f"early stopping's criterion ({stopping['patience']} epochs without an improvement of at least "
+        f"{stopping.get('min_delta', 0):g} in {stopping['monitor']}) was met, so the effect is not measured "
+        "at convergence",
+        warning=True,
+    )
+
+
 def _diverged_note(result: VariantResult) -> Note | None:
     bad = result.outcomes(DIVERGED, AT_CHANCE)
     if not bad:
@@ -249,7 +274,15 @@ def _failed_note(result: VariantResult) -> Note | None:
 
 
 # Each rule turns what a variant's runs recorded into a Note (or None); renderers show notes generically.
-NOTES: list[Callable[[VariantResult], Note | None]] = [_still_improving_note, _diverged_note, _failed_note]
+NOTES: list[Callable[[VariantResult], Note | None]] = [
+    _still_improving_note,
+    _not_converged_note,
+    _diverged_note,
+    _failed_note,
+]
+
+
+CONVERGENCE = "to its own convergence"  # how training_kind describes a variant with early stopping
 
 
 def epochs_text(n: int) -> str:
@@ -261,7 +294,7 @@ def training_kind(train: dict) -> str:
     stopping = train.get("early_stopping")
     if stopping:
         kind = (
-            f"to its own convergence: early stopping on {stopping['monitor']} (stopped after "
+            f"{CONVERGENCE}: early stopping on {stopping['monitor']} (stopped after "
             f"{stopping['patience']} epochs without an improvement of at least {stopping.get('min_delta', 0):g}, "
             f"the best epoch's weights restored), at most {epochs_text(train['epochs'])}"
         )
@@ -276,19 +309,28 @@ def training_kind(train: dict) -> str:
     return kind
 
 
-def comparison_kind(study: Study) -> str:
-    """Which comparison the study makes: each variant at its own convergence, or at an equal budget."""
+def comparison_kind(study: Study, not_converged: Sequence[str] = ()) -> str:
+    """Which comparison the study makes: each variant at its own convergence, or at an equal budget.
+
+    `not_converged` names the variants with early stopping of which a run did not meet its criterion:
+    convergence is then what they trained towards, not what they reached."""
     kinds: dict[str, list[str]] = {}
     for variant in study.variants:
         kinds.setdefault(training_kind(variant.train), []).append(variant.name)
     if len(kinds) == 1:
         kind = next(iter(kinds))
-        if kind.startswith("to its own"):
+        if not kind.startswith(CONVERGENCE):
+            return f"every variant trained to {kind} (the effect at this budget, not at convergence)"
+        if not not_converged:
             return f"each variant trained {kind}"
-        return f"every variant trained to {kind} (the effect at this budget, not at convergence)"
-    return "mixed, the variants train differently: " + "; ".join(
-        f"{', '.join(names)}: {kind}" for kind, names in kinds.items()
-    )
+        text = f"each variant trained towards its own convergence{kind.removeprefix(CONVERGENCE)}"
+    else:
+        text = "mixed, the variants train differently: " + "; ".join(
+            f"{', '.join(names)}: {kind}" for kind, names in kinds.items()
+        )
+    if not_converged:
+        text += f"; convergence not reached in every run by {', '.join(not_converged)} (see the warnings)"
+    return text
 
 
 def collect(study: Study, rows: dict[str, RunRow]) -> StudyReport:
@@ -333,9 +375,8 @@ def collect(study: Study, rows: dict[str, RunRow]) -> StudyReport:
     ]
     variants = [replace(v, notes=tuple(n for rule in NOTES if (n := rule(v)) is not None)) for v in variants]
     sizes = {images_tested(r) for v in variants for r in v.finished.values()}
-    return StudyReport(
-        study, variants, statuses, base.seeds, comparison_kind(study), max(sizes) if sizes else None
-    )
+    kind = comparison_kind(study, [v.name for v in variants if v.not_converged])
+    return StudyReport(study, variants, statuses, base.seeds, kind, max(sizes) if sizes else None)
 
 
 @dataclass(frozen=True)
