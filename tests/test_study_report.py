@@ -14,7 +14,7 @@ from scipy import stats as scipy_stats
 
 from capas.study import load_study
 from capas.study.render import print_report, table_rows, terminal_table, write_report
-from capas.study.render.text import HEADERS, document, header_lines, sentence
+from capas.study.render.text import HEADERS, document, header_lines, num, p_text, sentence
 from capas.study.report import DIVERGED, FAILED, StudyReport, collect, comparison_kind
 from capas.study.run import run_study
 from capas.study.stats import holm, mean_ci, paired_comparison
@@ -256,6 +256,30 @@ def test_holm_adjusted_p_values_are_beside_the_raw_ones_and_in_the_sentence(repo
     assert (cells["p"], cells["p (Holm)"]) == (f"{raw[0]:.2g}", f"{gap.p_adjusted:.2g}")
     assert f"p = {gap.p_adjusted:.2g} Holm-adjusted for 2 variants, raw p = {raw[0]:.2g}" in sentence(
         report, gap
+    )
+
+
+def test_p_values_near_alpha_show_their_side_and_no_bound_reads_minus_zero(tiny_study, study_file):
+    assert [p_text(p) for p in (0.0497, 0.0502, 0.05, 0.049999, 0.022, 0.0067, 0.5)] == [
+        "p = 0.0497",
+        "p = 0.0502",
+        "p = 0.05",
+        "p = 0.049999",
+        "p = 0.022",
+        "p = 0.0067",
+        "p = 0.5",
+    ]
+    assert [num(v) for v in (-0.04, 0.004, -2.45, -1e-9, 0.0)] == ["−0.04", "0.004", "−2.5", "0.0", "0.0"]
+    study = load_study(study_file(tiny_study(seeds=3)))
+    base = [0.80, 0.82, 0.81]
+    below = report_of(study, {"Flatten": base, "GAP": [0.772, 0.793, 0.798]})  # p = 0.0497
+    above = report_of(study, {"Flatten": base, "GAP": [0.770, 0.790, 0.797]})  # p = 0.0502
+    assert "test accuracy −2.2 pp (95% CI −4.5 to −0.01, p = 0.0497; 3 shared seeds)" in sentence(
+        below, below.variants[1]
+    )
+    assert (
+        "no significant difference in test accuracy (−2.4 pp, 95% CI −4.9 to 0.005, p = 0.0502;"
+        in sentence(above, above.variants[1])
     )
 
 

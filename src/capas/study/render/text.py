@@ -19,6 +19,7 @@ from capas.study.report import (
 )
 from capas.study.stats import (
     ADJUSTMENT,
+    ALPHA,
     CONFIDENCE,
     TEST_NAME,
     Comparison,
@@ -72,13 +73,26 @@ def signed(value: float, digits: int = 1) -> str:
 
 
 def num(value: float, digits: int = 1) -> str:
-    return f"{value:.{digits}f}".replace("-", MINUS)
+    """`value` with `digits` decimals, or up to 3 more when it would round to zero: an interval's bound
+    near 0 shows on which side it lies (never as "−0.0")."""
+    for shown in range(digits, digits + 4):
+        if round(value, shown) != 0:
+            return f"{value:.{shown}f}".replace("-", MINUS)
+    return f"{0:.{digits}f}"
 
 
 def p_text(value: float) -> str:
+    """Two significant digits, more where two would print ALPHA or put p on the wrong side of it
+    (0.0497 and 0.0502 both round to 0.05, one significant and one not)."""
     if math.isnan(value):
         return "—"
-    return "p < 0.001" if value < 0.001 else f"p = {value:.2g}"
+    if value < 0.001:
+        return "p < 0.001"
+    for digits in range(2, 17):
+        shown = f"{value:.{digits}g}"
+        if (float(shown) < ALPHA) == (value < ALPHA) and (float(shown) != ALPHA or value == ALPHA):
+            break
+    return f"p = {shown}"
 
 
 def mean_pm(estimate: Estimate, scale: float = 1.0, digits: int = 2) -> str:
@@ -222,7 +236,7 @@ def _accuracy_phrase(report: StudyReport, result: VariantResult) -> str:
     if tested > 1:
         p += f" {ADJUSTMENT}-adjusted for {tested} variants, raw {p_text(comparison.p_value)}"
     detail = f"95% CI {num(100 * d.low)} to {num(100 * d.high)}, {p}; {on}"
-    if result.p_adjusted < 0.05:
+    if result.p_adjusted < ALPHA:
         return f"test accuracy {signed(100 * d.mean)} pp ({detail})"
     return f"no significant difference in test accuracy ({signed(100 * d.mean)} pp, {detail})"
 
@@ -374,7 +388,7 @@ def compression_sentence(result: VariantResult) -> str:
             f"test accuracy {signed(100 * d.mean)} pp in every one of {d.n} seeds (per seed: "
             f"{per_seed_differences(comparison)} pp): the variance could not be estimated, no interval or test"
         )
-    elif comparison.p_value < 0.05:
+    elif comparison.p_value < ALPHA:
         accuracy = f"test accuracy {signed(100 * d.mean)} pp (95% CI {num(100 * d.low)} to {num(100 * d.high)}, {p_text(comparison.p_value)}; {d.n} seeds)"
     else:
         accuracy = f"no significant change in test accuracy ({signed(100 * d.mean)} pp, {p_text(comparison.p_value)}; {d.n} seeds)"
