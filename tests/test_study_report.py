@@ -257,6 +257,11 @@ def test_holm_adjusted_p_values_are_beside_the_raw_ones_and_in_the_sentence(repo
     assert f"p = {gap.p_adjusted:.2g} Holm-adjusted for 2 variants, raw p = {raw[0]:.2g}" in sentence(
         report, gap
     )
+    # the family is the 2 variants tested, not the 3 compared: GMP moved by the same 3 pp in every seed
+    assert (
+        "p-values Holm-adjusted over the 2 variants tested (no test: GMP, the same difference in every seed)"
+        in "\n".join(header_lines(report))
+    )
 
 
 def test_p_values_near_alpha_show_their_side_and_no_bound_reads_minus_zero(tiny_study, study_file):
@@ -281,6 +286,17 @@ def test_p_values_near_alpha_show_their_side_and_no_bound_reads_minus_zero(tiny_
         "no significant difference in test accuracy (−2.4 pp, 95% CI −4.9 to 0.005, p = 0.0502;"
         in sentence(above, above.variants[1])
     )
+
+
+def test_a_lone_tested_variant_is_said_to_need_no_adjustment(tiny_study, study_file):
+    study = load_study(study_file(tiny_study(seeds=3, variations=[HEAD])))
+    report = report_of(
+        study, {"Flatten": [0.80, 0.82, 0.81], "GAP": [0.77, 0.80, 0.775], "GMP": [0.83, 0.85, 0.84]}
+    )
+    header = "\n".join(header_lines(report))
+    assert "one variant tested (GAP): its p needs no adjustment (no test: GMP, the same difference" in header
+    assert "Holm-adjusted over" not in header
+    assert [r.name for r in report.tested] == ["GAP"]
 
 
 def test_runs_early_stopping_did_not_end_are_flagged_not_converged(tiny_study, study_file):

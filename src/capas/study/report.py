@@ -64,7 +64,7 @@ class VariantResult:
     runs: dict[int, RunOutcome]  # every seed of the study
     seeds: tuple[int, ...] = ()  # the seeds its figures rest on: those it shares with the base
     comparison: Comparison | None = None  # against the base on those seeds; None for the base
-    p_adjusted: float = math.nan  # the comparison's p after Holm's adjustment over all variants
+    p_adjusted: float = math.nan  # the comparison's p after Holm's adjustment over the variants tested
     notes: tuple[Note, ...] = field(default=())
 
     @property
@@ -144,6 +144,11 @@ class StudyReport:
         return (
             binomial_se(accuracy, self.test_size) if self.test_size and math.isfinite(accuracy) else math.nan
         )
+
+    @property
+    def tested(self) -> list[VariantResult]:
+        """The variants with a test against the base: Holm's family."""
+        return [r for r in self.variants[1:] if not math.isnan(r.p_adjusted)]
 
     @property
     def warnings(self) -> list[str]:

@@ -213,6 +213,15 @@ def per_seed_table(report: StudyReport) -> Table:
 # --- plain sentences ---------------------------------------------------------------------------
 
 
+def _no_test(comparison: Comparison) -> str:
+    """Why a comparison has no test (it has at most one shared seed, or no spread)."""
+    if comparison.difference.n == 0:
+        return "no shared seed"
+    if comparison.difference.n == 1:
+        return "one shared seed"
+    return "the same difference in every seed"
+
+
 def _accuracy_phrase(report: StudyReport, result: VariantResult) -> str:
     comparison = result.comparison
     d = comparison.difference
@@ -231,7 +240,7 @@ def _accuracy_phrase(report: StudyReport, result: VariantResult) -> str:
             f"(per seed: {per_seed_differences(comparison)} pp): the variance of the differences could not "
             "be estimated, so there is no confidence interval or test"
         )
-    tested = sum(1 for r in report.variants[1:] if not math.isnan(r.p_adjusted))
+    tested = len(report.tested)
     p = p_text(result.p_adjusted)
     if tested > 1:
         p += f" {ADJUSTMENT}-adjusted for {tested} variants, raw {p_text(comparison.p_value)}"
@@ -285,6 +294,15 @@ def header_lines(report: StudyReport) -> list[str]:
     unfinished = [r.name for r in report.variants[1:] if not r.finished]
     if unfinished and report.base.finished:
         figures += f"; {', '.join(unfinished)} finished no seed: no figures, no comparison"
+    tested, untested = report.tested, [r for r in report.variants[1:] if math.isnan(r.p_adjusted)]
+    if len(tested) > 1:
+        family = f"p-values {ADJUSTMENT}-adjusted over the {len(tested)} variants tested"
+    elif tested:
+        family = f"one variant tested ({tested[0].name}): its p needs no adjustment"
+    else:
+        family = "no variant could be tested"
+    if untested:
+        family += f" (no test: {'; '.join(f'{r.name}, {_no_test(r.comparison)}' for r in untested)})"
     lines = [
         f"Study file: {study.source}; design: {study.design}; seeds: {', '.join(map(str, study.seeds))}",
         f"Comparison: {report.kind}",
@@ -316,8 +334,7 @@ def header_lines(report: StudyReport) -> list[str]:
             else []
         ),
         f"Accuracy and loss: mean ± half-width of the {CONFIDENCE:.0%} confidence interval over seeds (Student's t); "
-        f"differences against the base: {TEST_NAME} (scipy.stats.ttest_rel), "
-        f"p-values {ADJUSTMENT}-adjusted over the {len(report.variants) - 1} variants compared with the base",
+        f"differences against the base: {TEST_NAME} (scipy.stats.ttest_rel), {family}",
         f"Machine: {env['processor']}, {env['cpu_count']} threads, torch {env['torch']}, capas {env['capas']}, "
         f"python {env['python']}" + (f", {env['cuda']}" if env["cuda"] else ""),
     ]
