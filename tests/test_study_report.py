@@ -264,6 +264,22 @@ def test_holm_adjusted_p_values_are_beside_the_raw_ones_and_in_the_sentence(repo
     )
 
 
+def test_an_unadjusted_interval_that_excludes_zero_is_labelled_beside_a_holm_decision(tiny_study, study_file):
+    """Raw p 0.026 and 0.049, Holm-adjusted 0.052 for both: 'no significant difference' after the
+    adjustment, beside the raw test's interval, which excludes 0 (scipy: −3.30 to −0.56 pp)."""
+    study = load_study(study_file(tiny_study(seeds=3, variations=[HEAD])))
+    base, gap = [0.80, 0.82, 0.81], [0.781, 0.795, 0.796]
+    report = report_of(study, {"Flatten": base, "GAP": gap, "GMP": [0.767, 0.805, 0.775]})
+    assert report.variants[1].comparison.p_value == pytest.approx(scipy_stats.ttest_rel(gap, base).pvalue)
+    assert report.variants[1].p_adjusted == pytest.approx(0.052, abs=5e-4)
+    assert (
+        "no significant difference in test accuracy after Holm's adjustment (−1.9 pp, unadjusted 95% CI −3.3 "
+        "to −0.6, p = 0.052 Holm-adjusted for 2 variants, raw p = 0.026; 3 shared seeds)"
+        in sentence(report, report.variants[1])
+    )
+    assert "the 95% confidence intervals of the differences are unadjusted" in "\n".join(header_lines(report))
+
+
 def test_p_values_near_alpha_show_their_side_and_no_bound_reads_minus_zero(tiny_study, study_file):
     assert [p_text(p) for p in (0.0497, 0.0502, 0.05, 0.049999, 0.022, 0.0067, 0.5)] == [
         "p = 0.0497",
@@ -378,7 +394,9 @@ def test_terminal_table_fits_80_columns_without_cutting_numbers(report):
     for cells in rows:  # each row on one line, its numbers whole
         line = next(line for line in text.splitlines() if line.startswith(cells[0]))
         assert all(cells[i] in line for i in shown)
-    assert "not shown at this width" in text and "a: still improving" in text
+    caption = " ".join(text.split())  # rich wraps the caption between words
+    assert "not shown at this width" in caption and "a: still improving" in caption
+    assert "95% CI over seeds (unadjusted for Δ)" in caption
     wide = _printed(terminal_table(report, 250), 250)
     assert "not shown at this width" not in wide and "mult-adds" in wide
     narrow = _printed(

@@ -241,13 +241,17 @@ def _accuracy_phrase(report: StudyReport, result: VariantResult) -> str:
             "be estimated, so there is no confidence interval or test"
         )
     tested = len(report.tested)
-    p = p_text(result.p_adjusted)
+    p, interval, after = p_text(result.p_adjusted), "95% CI", ""
     if tested > 1:
+        # The interval is the raw test's (it excludes 0 exactly when the raw p is below ALPHA); the
+        # decision is Holm's. Both are named, so an interval that excludes 0 beside "no significant
+        # difference" reads as what it is.
         p += f" {ADJUSTMENT}-adjusted for {tested} variants, raw {p_text(comparison.p_value)}"
-    detail = f"95% CI {num(100 * d.low)} to {num(100 * d.high)}, {p}; {on}"
+        interval, after = "unadjusted 95% CI", f" after {ADJUSTMENT}'s adjustment"
+    detail = f"{interval} {num(100 * d.low)} to {num(100 * d.high)}, {p}; {on}"
     if result.p_adjusted < ALPHA:
         return f"test accuracy {signed(100 * d.mean)} pp ({detail})"
-    return f"no significant difference in test accuracy ({signed(100 * d.mean)} pp, {detail})"
+    return f"no significant difference in test accuracy{after} ({signed(100 * d.mean)} pp, {detail})"
 
 
 def sentence(report: StudyReport, result: VariantResult) -> str:
@@ -303,6 +307,11 @@ def header_lines(report: StudyReport) -> list[str]:
         family = "no variant could be tested"
     if untested:
         family += f" (no test: {'; '.join(f'{r.name}, {_no_test(r.comparison)}' for r in untested)})"
+    if len(tested) > 1:
+        family += (
+            f"; the {CONFIDENCE:.0%} confidence intervals of the differences are unadjusted (one that excludes 0 "
+            f"can miss the {ADJUSTMENT}-adjusted threshold)"
+        )
     lines = [
         f"Study file: {study.source}; design: {study.design}; seeds: {', '.join(map(str, study.seeds))}",
         f"Comparison: {report.kind}",
