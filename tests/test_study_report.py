@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ from scipy import stats as scipy_stats
 
 from capas.study import load_study
 from capas.study.render import print_report, table_rows, terminal_table, write_report
-from capas.study.render.text import HEADERS, document, header_lines, sentence
-from capas.study.report import DIVERGED, FAILED, collect, comparison_kind
+from capas.study.render.text import HEADERS, document, header_lines, num, p_text, sentence
+from capas.study.report import DIVERGED, FAILED, StudyReport, collect, comparison_kind
 from capas.study.run import run_study
 from capas.study.stats import holm, mean_ci, paired_comparison
 from capas.study.store import RunRow, Store
@@ -56,6 +57,18 @@ def synthetic(
 def row(variant: str, seed: int, result: dict | None, error: str | None = None) -> RunRow:
     status = "done" if result is not None else "failed"
     return RunRow(f"{variant}/seed-{seed}", variant, seed, status, {}, "", 1, 0.0, 1.0, 1.0, result, error)
+
+
+def report_of(study, accuracies: dict[str, list], **synthetic_args) -> StudyReport:
+    """The report of `study` whose runs have these test accuracies by seed (None: the run crashed)."""
+    rows = {
+        f"{variant}/seed-{seed}": row(
+            variant, seed, None if accuracy is None else synthetic(accuracy, **synthetic_args)
+        )
+        for variant, values in accuracies.items()
+        for seed, accuracy in enumerate(values)
+    }
+    return collect(study, rows)
 
 
 @pytest.fixture
@@ -121,25 +134,50 @@ def test_zero_variance_report_shows_per_seed_differences_not_p(report):
     gmp = report.variants[2]
     text = sentence(report, gmp)
     assert "the variance of the differences could not be estimated" in text
-    assert "per seed: +3.0, +3.0, +3.0 pp" in text and "p <" not in text and "p =" not in text
+    assert "per seed: +3.0, +3.0, +3.0, +3.0 pp" in text and "p <" not in text and "p =" not in text
     cells = dict(zip(HEADERS, table_rows(report)[2], strict=True))
     assert cells["Δ test acc pp (95% CI)"] == "+3.0 (no spread)" and cells["p"] == cells["p (Holm)"] == "—"
 
 
-def test_failed_seed_is_left_out_of_every_variant_and_shown(report):
-    assert report.seeds == (0, 2, 3)  # sgd has no figures for seed 1
+def test_failed_seed_is_left_out_of_its_variants_comparison_and_shown(report):
+    assert report.seeds == (0, 2, 3)  # sgd has no figures for seed 1: the base's row leaves it out
     sgd = report.variants[3]
     assert sgd.runs[1].status == FAILED and sgd.runs[1].detail == "RuntimeError: out of memory"
-    assert all(set(v.results) == {0, 2, 3} for v in report.variants)
+    # every other variant is compared with the base on all 4 seeds, sgd on the 3 it finished
+    assert [tuple(v.results) for v in report.variants] == [(0, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3), (0, 2, 3)]
     assert "1 failed" in [note.flag for note in sgd.notes]
-    assert any("no figures from seed 1 (RuntimeError: out of memory)" in w for w in report.warnings)
+    assert (
+        "sgd: no figures from seed 1 (RuntimeError: out of memory); that seed is left out of its comparison "
+        "with the base" in report.warnings
+    )
     doc = document(report, [])
     seed1 = doc.per_seed.rows[1]
-    assert seed1[0] == "1 (not in the figures)" and seed1[4] == "failed: RuntimeError: out of memory"
-    assert seed1[1] == "82.00"  # the base's seed 1 is shown, though no figure uses it
-    assert "every figure rests on seeds 0, 2, 3 (left out: 1, which not every variant finished)" in "\n".join(
-        doc.header
+    assert seed1[0] == "1" and seed1[4] == "failed: RuntimeError: out of memory"
+    assert seed1[1] == "82.00"
+    assert (
+        "the base's figures rest on seeds 0, 2, 3 (every variant with a finished run finished them), each "
+        "variant's figures and its Δ on every seed it shares with the base (column seeds)"
+        in "\n".join(doc.header)
     )
+
+
+@pytest.mark.parametrize("failed", ["Flatten", "GAP"])
+def test_no_nan_is_printed_when_a_variant_finished_no_seed(failed, tiny_study, study_file):
+    study = load_study(study_file(tiny_study(seeds=3)))
+    report = report_of(
+        study, {"Flatten": [0.80, 0.81, 0.82], "GAP": [0.70, 0.71, 0.72]} | {failed: [None] * 3}
+    )
+    text = "\n".join(
+        [*header_lines(report), *map(" ".join, table_rows(report)), sentence(report, report.variants[1])]
+    )
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE)
+    assert "Test set: 1,000 images per run" in text
+    if failed == "Flatten":  # the standard error is taken at the base's accuracy: there is none
+        assert "binomial" not in text
+        assert (
+            "no figures: the base finished no seed" in text
+            and "no comparison: the base finished no seed" in text
+        )
 
 
 def test_seeds_of_one_variant_in_different_precisions_are_flagged(tiny_study, study_file):
@@ -164,20 +202,48 @@ def test_diverged_seed_stays_in_the_figures_and_is_flagged(report):
     assert sgd.estimate("test_accuracy").mean == pytest.approx(np.mean([0.78, 0.10, 0.80]))
     assert sgd.estimate("test_accuracy").n == 3 and sgd.estimate("test_loss").n == 2  # NaN loss: no mean
     text = sentence(report, sgd)
-    assert "3 shared seeds" in text and "1 of 4 seeds diverged, kept in the figures: seed 2" in text
+    assert "3 shared seeds" in text and (
+        "1 of 4 seeds diverged, kept in the accuracy figures, its non-finite losses left out of the loss means "
+        "(each says how many seeds it rests on): seed 2" in text
+    )
+    # the loss cells say they rest on 2 of the 3 seeds in the figures; the accuracy cell on all 3
+    cells = dict(zip(HEADERS, table_rows(report)[3], strict=True))
+    assert cells["test loss"] == "0.5000 (2 of 3 seeds)" and cells["val loss"] == "0.8000 (2 of 3 seeds)"
+    assert "seeds)" not in cells["test acc %"] and cells["seeds"] == "3 of 4"
     assert "10.00 (diverged: non-finite loss at epoch 1)" in document(report, []).per_seed.rows[2][4]
 
 
-def test_table_means_and_differences_rest_on_the_same_seeds(report):
+def test_a_variant_that_finished_no_seed_leaves_the_other_comparisons_standing(tiny_study, study_file):
+    study = load_study(study_file(tiny_study(seeds=3, variations=[HEAD])))
+    base, gmp = [0.80, 0.81, 0.82], [0.70, 0.72, 0.71]
+    report = report_of(study, {"Flatten": base, "GAP": [None] * 3, "GMP": gmp})
+    assert report.seeds == (0, 1, 2) and report.variants[2].seeds == (0, 1, 2)
+    comparison = report.variants[2].comparison
+    assert comparison.difference.mean == pytest.approx(-0.10)
+    assert comparison.p_value == pytest.approx(scipy_stats.ttest_rel(gmp, base).pvalue)
+    rows = table_rows(report)
+    assert rows[0][HEADERS.index("seeds")] == "3" and rows[1][HEADERS.index("seeds")] == "0 of 3"
+    gap = sentence(report, report.variants[1])
+    assert "no comparison: it finished no seed" in gap and "no seed finished for both" not in gap
+    assert "test accuracy −10.0 pp (95% CI −12.5 to −7.5, p = 0.0033; 3 shared seeds)" in sentence(
+        report, report.variants[2]
+    )
+    header = "\n".join(header_lines(report))
+    assert "every figure rests on seeds 0, 1, 2; GAP finished no seed: no figures, no comparison" in header
+
+
+def test_a_variants_row_and_its_difference_rest_on_the_seeds_it_shares_with_the_base(report):
     rows = table_rows(report)
     column = {h: i for i, h in enumerate(HEADERS)}
-    base_mean = float(rows[0][column["test acc %"]].split(" ± ")[0])
+    base = report.base
     for result, cells in zip(report.variants[1:], rows[1:], strict=True):
+        shared = tuple(s for s in base.finished if s in result.finished)
+        assert result.comparison.seeds == result.seeds == shared
         mean = float(cells[column["test acc %"]].split(" ± ")[0])
         delta = float(cells[column["Δ test acc pp (95% CI)"]].split()[0].replace("\N{MINUS SIGN}", "-"))
+        base_mean = 100 * np.mean([base.finished[s]["test_accuracy"] for s in shared])
         assert mean - base_mean == pytest.approx(delta, abs=0.011)
-        assert result.comparison.seeds == report.seeds
-    assert rows[3][column["seeds"]] == "3 of 4"
+    assert [r[column["seeds"]] for r in rows] == ["3 of 4", "4", "4", "3 of 4"]
 
 
 def test_holm_adjusted_p_values_are_beside_the_raw_ones_and_in_the_sentence(report):
@@ -190,6 +256,95 @@ def test_holm_adjusted_p_values_are_beside_the_raw_ones_and_in_the_sentence(repo
     assert (cells["p"], cells["p (Holm)"]) == (f"{raw[0]:.2g}", f"{gap.p_adjusted:.2g}")
     assert f"p = {gap.p_adjusted:.2g} Holm-adjusted for 2 variants, raw p = {raw[0]:.2g}" in sentence(
         report, gap
+    )
+    # the family is the 2 variants tested, not the 3 compared: GMP moved by the same 3 pp in every seed
+    assert (
+        "p-values Holm-adjusted over the 2 variants tested (no test: GMP, the same difference in every seed)"
+        in "\n".join(header_lines(report))
+    )
+
+
+def test_an_unadjusted_interval_that_excludes_zero_is_labelled_beside_a_holm_decision(tiny_study, study_file):
+    """Raw p 0.026 and 0.049, Holm-adjusted 0.052 for both: 'no significant difference' after the
+    adjustment, beside the raw test's interval, which excludes 0 (scipy: −3.30 to −0.56 pp)."""
+    study = load_study(study_file(tiny_study(seeds=3, variations=[HEAD])))
+    base, gap = [0.80, 0.82, 0.81], [0.781, 0.795, 0.796]
+    report = report_of(study, {"Flatten": base, "GAP": gap, "GMP": [0.767, 0.805, 0.775]})
+    assert report.variants[1].comparison.p_value == pytest.approx(scipy_stats.ttest_rel(gap, base).pvalue)
+    assert report.variants[1].p_adjusted == pytest.approx(0.052, abs=5e-4)
+    assert (
+        "no significant difference in test accuracy after Holm's adjustment (−1.9 pp, unadjusted 95% CI −3.3 "
+        "to −0.6, p = 0.052 Holm-adjusted for 2 variants, raw p = 0.026; 3 shared seeds)"
+        in sentence(report, report.variants[1])
+    )
+    assert "the 95% confidence intervals of the differences are unadjusted" in "\n".join(header_lines(report))
+
+
+def test_p_values_near_alpha_show_their_side_and_no_bound_reads_minus_zero(tiny_study, study_file):
+    assert [p_text(p) for p in (0.0497, 0.0502, 0.05, 0.049999, 0.022, 0.0067, 0.5)] == [
+        "p = 0.0497",
+        "p = 0.0502",
+        "p = 0.05",
+        "p = 0.049999",
+        "p = 0.022",
+        "p = 0.0067",
+        "p = 0.5",
+    ]
+    assert [num(v) for v in (-0.04, 0.004, -2.45, -1e-9, 0.0)] == ["−0.04", "0.004", "−2.5", "0.0", "0.0"]
+    study = load_study(study_file(tiny_study(seeds=3)))
+    base = [0.80, 0.82, 0.81]
+    below = report_of(study, {"Flatten": base, "GAP": [0.772, 0.793, 0.798]})  # p = 0.0497
+    above = report_of(study, {"Flatten": base, "GAP": [0.770, 0.790, 0.797]})  # p = 0.0502
+    assert "test accuracy −2.2 pp (95% CI −4.5 to −0.01, p = 0.0497; 3 shared seeds)" in sentence(
+        below, below.variants[1]
+    )
+    assert (
+        "no significant difference in test accuracy (−2.4 pp, 95% CI −4.9 to 0.005, p = 0.0502;"
+        in sentence(above, above.variants[1])
+    )
+
+
+def test_a_lone_tested_variant_is_said_to_need_no_adjustment(tiny_study, study_file):
+    study = load_study(study_file(tiny_study(seeds=3, variations=[HEAD])))
+    report = report_of(
+        study, {"Flatten": [0.80, 0.82, 0.81], "GAP": [0.77, 0.80, 0.775], "GMP": [0.83, 0.85, 0.84]}
+    )
+    header = "\n".join(header_lines(report))
+    assert "one variant tested (GAP): its p needs no adjustment (no test: GMP, the same difference" in header
+    assert "Holm-adjusted over" not in header
+    assert [r.name for r in report.tested] == ["GAP"]
+
+
+def test_runs_early_stopping_did_not_end_are_flagged_not_converged(tiny_study, study_file):
+    """With early stopping configured, a run the epoch ceiling ended one epoch after its best epoch (1 of
+    3 patience epochs used) has not met the stated criterion, though its best epoch is not its last."""
+    stopping = {"epochs": 5, "early_stopping": {"patience": 3, "min_delta": 0.002}}
+    study = load_study(study_file(tiny_study(seeds=2, train=stopping, variations=[HEAD])))
+    history = (0.9, 0.7, 0.6, 0.5, 0.52)
+    rows = {}
+    for variant, stopped in (("Flatten", "early stopping"), ("GAP", "max epochs"), ("GMP", "time budget")):
+        for seed in (0, 1):
+            result = synthetic(0.8 - seed / 100, val_losses=history, stopped=stopped)
+            rows[f"{variant}/seed-{seed}"] = row(variant, seed, result)
+    report = collect(study, rows)
+    assert [r.not_converged for r in report.variants] == [[], [0, 1], [0, 1]]
+    assert [r.still_improving for r in report.variants] == [[], [], []]
+    assert (
+        "GAP: not converged in 2 of 2 seeds: max epochs ended training before early stopping's criterion "
+        "(3 epochs without an improvement of at least 0.002 in val_loss) was met, so the effect is not "
+        "measured at convergence" in report.warnings
+    )
+    assert any(w.startswith("GMP: not converged in 2 of 2 seeds: time budget ended") for w in report.warnings)
+    assert [table_rows(report)[i][HEADERS.index("notes")] for i in range(3)] == [
+        "",
+        "not converged",
+        "not converged",
+    ]
+    header = "\n".join(header_lines(report))
+    assert "trained to its own convergence" not in header
+    assert (
+        "Comparison: each variant trained towards its own convergence: early stopping on val_loss" in header
+        and "at most 5 epochs; convergence not reached in every run by GAP, GMP (see the warnings)" in header
     )
 
 
@@ -239,7 +394,9 @@ def test_terminal_table_fits_80_columns_without_cutting_numbers(report):
     for cells in rows:  # each row on one line, its numbers whole
         line = next(line for line in text.splitlines() if line.startswith(cells[0]))
         assert all(cells[i] in line for i in shown)
-    assert "not shown at this width" in text and "a: still improving" in text
+    caption = " ".join(text.split())  # rich wraps the caption between words
+    assert "not shown at this width" in caption and "a: still improving" in caption
+    assert "95% CI over seeds (unadjusted for Δ)" in caption
     wide = _printed(terminal_table(report, 250), 250)
     assert "not shown at this width" not in wide and "mult-adds" in wide
     narrow = _printed(
@@ -261,8 +418,8 @@ def test_tiny_real_study_reports_a_diverged_variant_and_a_failed_run(tmp_path, t
     markdown = outcome.markdown.read_text()
     assert markdown.splitlines()[2].startswith("> **Warning:** Still improving at the budget: Flatten, GAP")
     assert (
-        "diverging: 2 of 2 seeds diverged, kept in the figures: seed 0 (non-finite loss at epoch 1)"
-        in markdown
+        "diverging: 2 of 2 seeds diverged, kept in the accuracy figures, its non-finite losses left out of the "
+        "loss means (each says how many seeds it rests on): seed 0 (non-finite loss at epoch 1)" in markdown
     )
     assert "Comparison: every variant trained to an equal training budget: 1 epoch," in markdown
     page = outcome.html.read_text()
@@ -277,7 +434,8 @@ def test_tiny_real_study_reports_a_diverged_variant_and_a_failed_run(tmp_path, t
         store.fail("GAP/seed-1", "Traceback (most recent call last):\nValueError: boom")
         failed = collect(report.study, store.runs())
     assert failed.seeds == (0,) and failed.variants[1].runs[1].status == FAILED
+    assert failed.variants[2].seeds == (0, 1)  # GAP's lost seed stays in the diverging variant's comparison
     markdown, _ = write_report(failed, out)
     text = markdown.read_text()
-    assert "| 1 (not in the figures) |" in text and "failed: ValueError: boom" in text
+    assert "| 1 | " in text and "failed: ValueError: boom" in text
     assert "test accuracy" in text and "one shared seed: no confidence interval or test" in text

@@ -3,19 +3,19 @@ alone (so a resumed study reports the same figures), and the architecture diff b
 variant. The renderers in capas.study.render (Markdown, one HTML template, the terminal table) only
 lay these figures out.
 
-Which seeds a figure rests on: the seeds every variant finished (a diverged run counts: it is an
-outcome of its variant; a run that crashed has no figures). The table's means and the paired
-differences use the same seeds, so a variant's mean minus the base's mean is its Δ. With adaptive
-replication the variants run different numbers of seeds: the base's row rests on the seeds every
-variant finished, and each variant's row and its Δ on every seed it shares with the base, so the
-seeds a variant was given for a narrower interval are in its figures.
+Which seeds a figure rests on (a diverged run counts: it is an outcome of its variant; a run that
+crashed has no figures): each variant's row and its Δ on every seed it and the base both finished, so
+a seed another variant lost stays in its comparison, and with adaptive replication the seeds a
+variant was given for a narrower interval are in its figures. The base's row rests on the seeds
+every variant with a finished run shares with it; when no run crashed and the seeds were not
+adaptive, that is every variant's seeds, and a variant's mean minus the base's mean is its Δ.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import zip_longest
 
@@ -62,11 +62,10 @@ class VariantResult:
     variant: Variant
     summary: Summary
     runs: dict[int, RunOutcome]  # every seed of the study
-    seeds: tuple[int, ...] = ()  # the seeds its figures rest on (the same for every variant, unless adaptive)
+    seeds: tuple[int, ...] = ()  # the seeds its figures rest on: those it shares with the base
     comparison: Comparison | None = None  # against the base on those seeds; None for the base
-    p_adjusted: float = math.nan  # the comparison's p after Holm's adjustment over all variants
+    p_adjusted: float = math.nan  # the comparison's p after Holm's adjustment over the variants tested
     notes: tuple[Note, ...] = field(default=())
-    adaptive: bool = False  # adaptive replication: its seeds are those it shares with the base
 
     @property
     def name(self) -> str:
@@ -114,13 +113,22 @@ class VariantResult:
             and _best_epoch(r["history"], monitor) == len(r["history"])
         ]
 
+    @property
+    def not_converged(self) -> list[int]:
+        """With early stopping configured, seeds that something else ended (the epoch ceiling, a time or
+        sample budget) before its criterion was met: whatever their best epoch, they did not converge
+        by the criterion the report states."""
+        if not self.variant.train.get("early_stopping"):
+            return []
+        return [s for s, r in self.finished.items() if r.get("stopped") != "early stopping"]
+
 
 @dataclass(frozen=True)
 class StudyReport:
     study: Study
     variants: list[VariantResult]
     statuses: dict[str, int]  # runs per status
-    seeds: tuple[int, ...]  # the seeds every variant finished: the base's figures (and all, unless adaptive)
+    seeds: tuple[int, ...]  # the base's figures: the seeds it shares with every variant that finished any
     kind: str  # which comparison this is: equal budget or each variant at its own convergence
     test_size: int | None  # test images per run (None before any run finished)
     replication: dict[str, dict] | None = None  # adaptive replication per variant (run.replication_status)
@@ -138,8 +146,13 @@ class StudyReport:
         )
 
     @property
+    def tested(self) -> list[VariantResult]:
+        """The variants with a test against the base: Holm's family."""
+        return [r for r in self.variants[1:] if not math.isnan(r.p_adjusted)]
+
+    @property
     def warnings(self) -> list[str]:
-        """What a reader must know before any figure: still-improving variants, runs left out."""
+        """What a reader must know before any figure: still-improving or unconverged variants, runs left out."""
         lines = []
         improving = [r.name for r in self.variants if r.still_improving]
         if improving:
@@ -214,14 +227,38 @@ def _still_improving_note(result: VariantResult) -> Note | None:
     return Note("still improving", f"still improving at the budget in {of}: the effect may shrink or grow")
 
 
+def _not_converged_note(result: VariantResult) -> Note | None:
+    seeds = result.not_converged
+    if not seeds:
+        return None
+    stopping = result.variant.train["early_stopping"]
+    ended = " or ".join(sorted({result.finished[s]["stopped"] for s in seeds}))
+    return Note(
+        "not converged",
+        f"not converged in {len(seeds)} of {len(result.finished)} seeds: {ended} ended training before "
+        f"early stopping's criterion ({stopping['patience']} epochs without an improvement of at least "
+        f"{stopping.get('min_delta', 0):g} in {stopping['monitor']}) was met, so the effect is not measured "
+        "at convergence",
+        warning=True,
+    )
+
+
 def _diverged_note(result: VariantResult) -> Note | None:
     bad = result.outcomes(DIVERGED, AT_CHANCE)
     if not bad:
         return None
     kinds = "/".join(sorted({o.status for o in bad}))
+    # a diverged loss is NaN: it cannot count in a mean, so those cells say how many seeds they rest on
+    dropped = any(result.estimate(key).n < len(result.results) for key in ("val_loss", "test_loss"))
+    kept = (
+        "kept in the accuracy figures, its non-finite losses left out of the loss means (each says how many "
+        "seeds it rests on)"
+        if dropped
+        else "kept in the figures"
+    )
     return Note(
         f"{len(bad)} {kinds}",
-        f"{len(bad)} of {len(result.runs)} seeds {kinds}, kept in the figures: {_seed_list(bad)}",
+        f"{len(bad)} of {len(result.runs)} seeds {kinds}, {kept}: {_seed_list(bad)}",
         warning=True,
     )
 
@@ -231,16 +268,26 @@ def _failed_note(result: VariantResult) -> Note | None:
     if not missing:
         return None
     counts = Counter(o.status for o in missing)
-    where = "its comparison with the base" if result.adaptive else "every variant's figures"
-    return Note(
-        ", ".join(f"{n} {status}" for status, n in sorted(counts.items())),
-        f"no figures from {_seed_list(missing)}; that seed is left out of {where}",
-        warning=True,
-    )
+    text = f"no figures from {_seed_list(missing)}"
+    if result.finished:  # one with no finished seed has no figures at all: its sentence says so
+        text += ("; that seed is" if len(missing) == 1 else "; those seeds are") + (
+            " left out of every comparison"
+            if result.comparison is None
+            else " left out of its comparison with the base"
+        )
+    return Note(", ".join(f"{n} {status}" for status, n in sorted(counts.items())), text, warning=True)
 
 
 # Each rule turns what a variant's runs recorded into a Note (or None); renderers show notes generically.
-NOTES: list[Callable[[VariantResult], Note | None]] = [_still_improving_note, _diverged_note, _failed_note]
+NOTES: list[Callable[[VariantResult], Note | None]] = [
+    _still_improving_note,
+    _not_converged_note,
+    _diverged_note,
+    _failed_note,
+]
+
+
+CONVERGENCE = "to its own convergence"  # how training_kind describes a variant with early stopping
 
 
 def epochs_text(n: int) -> str:
@@ -252,7 +299,7 @@ def training_kind(train: dict) -> str:
     stopping = train.get("early_stopping")
     if stopping:
         kind = (
-            f"to its own convergence: early stopping on {stopping['monitor']} (stopped after "
+            f"{CONVERGENCE}: early stopping on {stopping['monitor']} (stopped after "
             f"{stopping['patience']} epochs without an improvement of at least {stopping.get('min_delta', 0):g}, "
             f"the best epoch's weights restored), at most {epochs_text(train['epochs'])}"
         )
@@ -267,19 +314,28 @@ def training_kind(train: dict) -> str:
     return kind
 
 
-def comparison_kind(study: Study) -> str:
-    """Which comparison the study makes: each variant at its own convergence, or at an equal budget."""
+def comparison_kind(study: Study, not_converged: Sequence[str] = ()) -> str:
+    """Which comparison the study makes: each variant at its own convergence, or at an equal budget.
+
+    `not_converged` names the variants with early stopping of which a run did not meet its criterion:
+    convergence is then what they trained towards, not what they reached."""
     kinds: dict[str, list[str]] = {}
     for variant in study.variants:
         kinds.setdefault(training_kind(variant.train), []).append(variant.name)
     if len(kinds) == 1:
         kind = next(iter(kinds))
-        if kind.startswith("to its own"):
+        if not kind.startswith(CONVERGENCE):
+            return f"every variant trained to {kind} (the effect at this budget, not at convergence)"
+        if not not_converged:
             return f"each variant trained {kind}"
-        return f"every variant trained to {kind} (the effect at this budget, not at convergence)"
-    return "mixed, the variants train differently: " + "; ".join(
-        f"{', '.join(names)}: {kind}" for kind, names in kinds.items()
-    )
+        text = f"each variant trained towards its own convergence{kind.removeprefix(CONVERGENCE)}"
+    else:
+        text = "mixed, the variants train differently: " + "; ".join(
+            f"{', '.join(names)}: {kind}" for kind, names in kinds.items()
+        )
+    if not_converged:
+        text += f"; convergence not reached in every run by {', '.join(not_converged)} (see the warnings)"
+    return text
 
 
 def collect(study: Study, rows: dict[str, RunRow]) -> StudyReport:
@@ -300,21 +356,18 @@ def collect(study: Study, rows: dict[str, RunRow]) -> StudyReport:
         )
         for v in study.variants
     ]
-    seeds = tuple(
-        s for s in study.seeds if all(s in v.runs and v.runs[s].status in WITH_FIGURES for v in variants)
+    # A variant that finished no seed has nothing to pair: were it counted, no seed would be left.
+    finishers = [v.finished for v in variants if v.finished]
+    base = replace(
+        variants[0],
+        seeds=tuple(s for s in study.seeds if s in variants[0].finished and all(s in f for f in finishers)),
     )
-    base = replace(variants[0], seeds=seeds)
-    if study.replication is None:
-        others = [replace(v, seeds=seeds) for v in variants[1:]]
-    else:  # each variant on every seed it shares with the base: its extra seeds narrow its interval
-        others = [
-            replace(
-                v,
-                seeds=tuple(s for s in study.seeds if s in v.finished and s in base.finished),
-                adaptive=True,
-            )
-            for v in variants[1:]
-        ]
+    # each variant on every seed it shares with the base (the paired test's seeds): a seed another
+    # variant lost stays in, and adaptive replication's extra seeds narrow its interval
+    others = [
+        replace(v, seeds=tuple(s for s in study.seeds if s in v.finished and s in variants[0].finished))
+        for v in variants[1:]
+    ]
     variants = [base, *others]
     comparisons = [
         paired_comparison(v.values("test_accuracy"), replace(base, seeds=v.seeds).values("test_accuracy"))
@@ -327,9 +380,8 @@ def collect(study: Study, rows: dict[str, RunRow]) -> StudyReport:
     ]
     variants = [replace(v, notes=tuple(n for rule in NOTES if (n := rule(v)) is not None)) for v in variants]
     sizes = {images_tested(r) for v in variants for r in v.finished.values()}
-    return StudyReport(
-        study, variants, statuses, seeds, comparison_kind(study), max(sizes) if sizes else None
-    )
+    kind = comparison_kind(study, [v.name for v in variants if v.not_converged])
+    return StudyReport(study, variants, statuses, base.seeds, kind, max(sizes) if sizes else None)
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,9 @@ def terminal_table(report: StudyReport, width: int = 80, console: Console | None
             keep.append(i)
     keep.sort()
     left_out = [COLUMNS[i][1] for i in range(len(COLUMNS)) if i not in keep]
-    caption = f"mean ± {CONFIDENCE:.0%} CI over seeds; p: {TEST_NAME}, {ADJUSTMENT}-adjusted"
+    caption = (
+        f"mean ± {CONFIDENCE:.0%} CI over seeds (unadjusted for Δ); p: {TEST_NAME}, {ADJUSTMENT}-adjusted"
+    )
     if legend and COLUMNS.index(("notes", "notes")) in keep:
         caption += f"; notes: {'; '.join(legend)}"
     if left_out:

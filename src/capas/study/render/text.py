@@ -19,6 +19,7 @@ from capas.study.report import (
 )
 from capas.study.stats import (
     ADJUSTMENT,
+    ALPHA,
     CONFIDENCE,
     TEST_NAME,
     Comparison,
@@ -72,13 +73,26 @@ def signed(value: float, digits: int = 1) -> str:
 
 
 def num(value: float, digits: int = 1) -> str:
-    return f"{value:.{digits}f}".replace("-", MINUS)
+    """`value` with `digits` decimals, or up to 3 more when it would round to zero: an interval's bound
+    near 0 shows on which side it lies (never as "−0.0")."""
+    for shown in range(digits, digits + 4):
+        if round(value, shown) != 0:
+            return f"{value:.{shown}f}".replace("-", MINUS)
+    return f"{0:.{digits}f}"
 
 
 def p_text(value: float) -> str:
+    """Two significant digits, more where two would print ALPHA or put p on the wrong side of it
+    (0.0497 and 0.0502 both round to 0.05, one significant and one not)."""
     if math.isnan(value):
         return "—"
-    return "p < 0.001" if value < 0.001 else f"p = {value:.2g}"
+    if value < 0.001:
+        return "p < 0.001"
+    for digits in range(2, 17):
+        shown = f"{value:.{digits}g}"
+        if (float(shown) < ALPHA) == (value < ALPHA) and (float(shown) != ALPHA or value == ALPHA):
+            break
+    return f"p = {shown}"
 
 
 def mean_pm(estimate: Estimate, scale: float = 1.0, digits: int = 2) -> str:
@@ -104,6 +118,15 @@ def difference(comparison: Comparison | None) -> str:
 
 def per_seed_differences(comparison: Comparison) -> str:
     return ", ".join(f"{signed(100 * d)}" for d in comparison.differences)
+
+
+def figure_cell(result: VariantResult, key: str, scale: float = 1.0, digits: int = 2) -> str:
+    """mean ± CI of `key` over the variant's seeds; when some seeds have no finite value (a diverged
+    run's NaN loss), the cell says how many it rests on."""
+    estimate = result.estimate(key)
+    cell = mean_pm(estimate, scale, digits)
+    seeds = len(result.results)
+    return cell if estimate.n == seeds else f"{cell} ({estimate.n} of {seeds} seeds)"
 
 
 def seeds_cell(report: StudyReport, result: VariantResult) -> str:
@@ -139,7 +162,7 @@ HEADERS = (
 
 
 def table_rows(report: StudyReport) -> list[list[str]]:
-    """One row per variant; accuracy and loss as mean ± the 95% CI's half-width over the report's seeds."""
+    """One row per variant; accuracy and loss as mean ± the 95% CI's half-width over its seeds."""
     rows = []
     for result in report.variants:
         comparison = result.comparison
@@ -148,13 +171,13 @@ def table_rows(report: StudyReport) -> list[list[str]]:
                 result.name + (" (base)" if comparison is None else ""),
                 f"{result.summary.total:,}",
                 f"{result.summary.macs:,}",
-                mean_pm(result.estimate("val_accuracy"), 100),
-                mean_pm(result.estimate("val_loss"), 1, 4),
-                mean_pm(result.estimate("test_accuracy"), 100),
-                mean_pm(result.estimate("test_loss"), 1, 4),
-                mean_pm(result.estimate("best_epoch"), 1, 1),
-                mean_pm(result.estimate("train_seconds"), 1, 1),
-                mean_pm(result.estimate("images_per_s"), 1, 0),
+                figure_cell(result, "val_accuracy", 100),
+                figure_cell(result, "val_loss", 1, 4),
+                figure_cell(result, "test_accuracy", 100),
+                figure_cell(result, "test_loss", 1, 4),
+                figure_cell(result, "best_epoch", 1, 1),
+                figure_cell(result, "train_seconds", 1, 1),
+                figure_cell(result, "images_per_s", 1, 0),
                 difference(comparison),
                 _p_cell(comparison.p_value if comparison else math.nan, comparison),
                 _p_cell(result.p_adjusted, comparison),
@@ -190,11 +213,24 @@ def per_seed_table(report: StudyReport) -> Table:
 # --- plain sentences ---------------------------------------------------------------------------
 
 
+def _no_test(comparison: Comparison) -> str:
+    """Why a comparison has no test (it has at most one shared seed, or no spread)."""
+    if comparison.difference.n == 0:
+        return "no shared seed"
+    if comparison.difference.n == 1:
+        return "one shared seed"
+    return "the same difference in every seed"
+
+
 def _accuracy_phrase(report: StudyReport, result: VariantResult) -> str:
     comparison = result.comparison
     d = comparison.difference
     if d.n == 0:
-        return "no seed finished for both, nothing to compare yet"
+        if not report.base.finished:
+            return "no comparison: the base finished no seed"
+        if not result.finished:
+            return "no comparison: it finished no seed"
+        return "no comparison: it and the base finished no seed in common"
     on = f"{d.n} shared seed{'s' if d.n != 1 else ''}"
     if d.n == 1:
         return f"test accuracy {signed(100 * d.mean)} pp (one shared seed: no confidence interval or test)"
@@ -204,14 +240,18 @@ def _accuracy_phrase(report: StudyReport, result: VariantResult) -> str:
             f"(per seed: {per_seed_differences(comparison)} pp): the variance of the differences could not "
             "be estimated, so there is no confidence interval or test"
         )
-    tested = sum(1 for r in report.variants[1:] if not math.isnan(r.p_adjusted))
-    p = p_text(result.p_adjusted)
+    tested = len(report.tested)
+    p, interval, after = p_text(result.p_adjusted), "95% CI", ""
     if tested > 1:
+        # The interval is the raw test's (it excludes 0 exactly when the raw p is below ALPHA); the
+        # decision is Holm's. Both are named, so an interval that excludes 0 beside "no significant
+        # difference" reads as what it is.
         p += f" {ADJUSTMENT}-adjusted for {tested} variants, raw {p_text(comparison.p_value)}"
-    detail = f"95% CI {num(100 * d.low)} to {num(100 * d.high)}, {p}; {on}"
-    if result.p_adjusted < 0.05:
+        interval, after = "unadjusted 95% CI", f" after {ADJUSTMENT}'s adjustment"
+    detail = f"{interval} {num(100 * d.low)} to {num(100 * d.high)}, {p}; {on}"
+    if result.p_adjusted < ALPHA:
         return f"test accuracy {signed(100 * d.mean)} pp ({detail})"
-    return f"no significant difference in test accuracy ({signed(100 * d.mean)} pp, {detail})"
+    return f"no significant difference in test accuracy{after} ({signed(100 * d.mean)} pp, {detail})"
 
 
 def sentence(report: StudyReport, result: VariantResult) -> str:
@@ -239,7 +279,39 @@ def header_lines(report: StudyReport) -> list[str]:
     study, base = report.study, report.base.variant
     env = environment()
     statuses = ", ".join(f"{n} {status}" for status, n in sorted(report.statuses.items()))
-    left_out = [s for s in study.seeds if s not in report.seeds]
+    # seeds with a run that the base's figures leave out (adaptive replication's unneeded seeds have none)
+    left_out = [s for s in study.seeds if s not in report.seeds and any(s in r.runs for r in report.variants)]
+    seeds = ", ".join(map(str, report.seeds))
+    if not report.base.finished:
+        figures = "no figures: the base finished no seed, and every figure rests on seeds shared with it"
+    elif all(r.seeds == report.seeds for r in report.variants if r.finished):
+        figures = f"every figure rests on seeds {seeds}" + (
+            f" (left out: {', '.join(map(str, left_out))}, which not every variant finished)"
+            if left_out
+            else ""
+        )
+    else:
+        figures = (
+            f"the base's figures rest on seeds {seeds} (every variant with a finished run finished them), "
+            "each variant's figures and its Δ on every seed it shares with the base (column seeds)"
+        )
+    unfinished = [r.name for r in report.variants[1:] if not r.finished]
+    if unfinished and report.base.finished:
+        figures += f"; {', '.join(unfinished)} finished no seed: no figures, no comparison"
+    tested, untested = report.tested, [r for r in report.variants[1:] if math.isnan(r.p_adjusted)]
+    if len(tested) > 1:
+        family = f"p-values {ADJUSTMENT}-adjusted over the {len(tested)} variants tested"
+    elif tested:
+        family = f"one variant tested ({tested[0].name}): its p needs no adjustment"
+    else:
+        family = "no variant could be tested"
+    if untested:
+        family += f" (no test: {'; '.join(f'{r.name}, {_no_test(r.comparison)}' for r in untested)})"
+    if len(tested) > 1:
+        family += (
+            f"; the {CONFIDENCE:.0%} confidence intervals of the differences are unadjusted (one that excludes 0 "
+            f"can miss the {ADJUSTMENT}-adjusted threshold)"
+        )
     lines = [
         f"Study file: {study.source}; design: {study.design}; seeds: {', '.join(map(str, study.seeds))}",
         f"Comparison: {report.kind}",
@@ -247,25 +319,17 @@ def header_lines(report: StudyReport) -> list[str]:
     ]
     if report.test_size:
         accuracy = report.base.estimate("test_accuracy").mean
-        lines.append(
-            f"Test set: {report.test_size:,} images per run; the binomial standard error of one test accuracy "
-            f"at that size is ±{100 * report.test_se:.1f} pp (at the base's {100 * accuracy:.1f}%)"
-        )
+        line = f"Test set: {report.test_size:,} images per run"
+        if math.isfinite(report.test_se):  # taken at the base's accuracy: none without a finished base run
+            line += (
+                f"; the binomial standard error of one test accuracy at that size is ±{100 * report.test_se:.1f} pp "
+                f"(at the base's {100 * accuracy:.1f}%)"
+            )
+        lines.append(line)
     lines += [
         f"Training (base): {epochs_text(base.train['epochs'])}, batch {base.train['batch_size']}, "
         f"{base.train['optimizer']['name']} lr {base.train['optimizer']['lr'] or 'default'}",
-        f"Runs: {statuses}; "
-        + (
-            f"the base's figures rest on seeds {', '.join(map(str, report.seeds)) or 'none'} (every variant "
-            "finished them), each variant's figures and its Δ on every seed it shares with the base (column seeds)"
-            if study.replication
-            else f"every figure rests on seeds {', '.join(map(str, report.seeds)) or 'none'}"
-            + (
-                f" (left out: {', '.join(map(str, left_out))}, which not every variant finished)"
-                if left_out
-                else ""
-            )
-        ),
+        f"Runs: {statuses}; {figures}",
         *(
             [
                 f"Adaptive seeds ({study.replication.min} to {study.replication.max}, until the 95% CI of Δ test acc "
@@ -279,8 +343,7 @@ def header_lines(report: StudyReport) -> list[str]:
             else []
         ),
         f"Accuracy and loss: mean ± half-width of the {CONFIDENCE:.0%} confidence interval over seeds (Student's t); "
-        f"differences against the base: {TEST_NAME} (scipy.stats.ttest_rel), "
-        f"p-values {ADJUSTMENT}-adjusted over the {len(report.variants) - 1} variants compared with the base",
+        f"differences against the base: {TEST_NAME} (scipy.stats.ttest_rel), {family}",
         f"Machine: {env['processor']}, {env['cpu_count']} threads, torch {env['torch']}, capas {env['capas']}, "
         f"python {env['python']}" + (f", {env['cuda']}" if env["cuda"] else ""),
     ]
@@ -351,7 +414,7 @@ def compression_sentence(result: VariantResult) -> str:
             f"test accuracy {signed(100 * d.mean)} pp in every one of {d.n} seeds (per seed: "
             f"{per_seed_differences(comparison)} pp): the variance could not be estimated, no interval or test"
         )
-    elif comparison.p_value < 0.05:
+    elif comparison.p_value < ALPHA:
         accuracy = f"test accuracy {signed(100 * d.mean)} pp (95% CI {num(100 * d.low)} to {num(100 * d.high)}, {p_text(comparison.p_value)}; {d.n} seeds)"
     else:
         accuracy = f"no significant change in test accuracy ({signed(100 * d.mean)} pp, {p_text(comparison.p_value)}; {d.n} seeds)"
