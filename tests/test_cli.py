@@ -223,3 +223,57 @@ def test_a_seed_beyond_what_torch_takes_is_refused_naming_it(tmp_path):
     )
     assert result.exit_code == 2 and "keyword 'seed'" in result.output and "4294967295" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "options", "message"),
+    [
+        ("train: 5\n", [], "train must be a mapping"),
+        ("data: digits\n", [], "data must be a mapping"),
+        (
+            "train:\n  optimizer: adam\n",
+            [],
+            "train.optimizer must be a mapping such as {name: adam}, got 'adam'",
+        ),
+        ("train:\n  schedule: cosine\n", ["--schedule", "step"], "train.schedule must be a mapping"),
+        ("train:\n  early_stopping: 3\n", ["--patience", "2"], "train.early_stopping must be a mapping"),
+        # a typo trained ten epochs of the defaults and exited 0
+        ("trian:\n  epochs: 1\n", [], "unknown section 'trian' (did you mean 'train'?)"),
+    ],
+)
+def test_a_config_section_that_is_not_a_mapping_or_unknown_is_named(tmp_path, config, options, message):
+    path = tmp_path / "train.yaml"
+    path.write_text(config)
+    out = tmp_path / "run"
+    command = [
+        "train",
+        str(EXAMPLES / "seed000-gap.yaml"),
+        "--config",
+        str(path),
+        "--out",
+        str(out),
+        *options,
+    ]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for out, message in (
+        (tmp_path / "afile", "a file, not a folder"),
+        (tmp_path / "afile" / "sub", "cannot create"),
+    ):
+        command = [
+            "train",
+            str(EXAMPLES / "seed000-gap.yaml"),
+            "--data",
+            "digits",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+        ]
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output

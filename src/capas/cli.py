@@ -14,7 +14,7 @@ from rich.table import Table
 
 from capas.deploy.serve.options import ServeOptions
 from capas.deploy.settings import COMPRESS, CompressSettings
-from capas.errors import CapasError
+from capas.errors import CapasError, closest
 from capas.spec.train import TrainConfig
 
 app = typer.Typer(
@@ -82,6 +82,15 @@ def _setting_help(settings: type[BaseModel], name: str, show_default: bool = Tru
     else:
         default = f"{field.default:g}" if isinstance(field.default, float) else field.default
     return f"{text} (default {default})"
+
+
+def _section(value: object, where: str, config: Path | None, example: str = "a mapping of keywords") -> dict:
+    """A section of a --config file as a fresh dict (absent: empty); anything else is the file's error."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CapasError(f"{config}: {where} must be a mapping such as {example}, got {value!r}")
+    return dict(value)
 
 
 def _overrides(**values: Any) -> dict:
@@ -168,7 +177,12 @@ def train(
     document = load_document(config) if config else {}
     if not isinstance(document, dict):
         raise CapasError(f"{config}: expected a mapping with `train:` and `data:` sections")
-    train_raw = dict(document.get("train") or {})
+    if unknown := sorted(set(map(str, document)) - {"train", "data"}):  # a typo trained on defaults
+        raise CapasError(
+            f"{config}: unknown section {unknown[0]!r}{closest(unknown[0], ['train', 'data'])}; "
+            "allowed: train, data (a model spec is the first argument, not --config)"
+        )
+    train_raw = _section(document.get("train"), "train", config)
     train_raw.update(
         _overrides(
             epochs=epochs,
@@ -184,14 +198,18 @@ def train(
             winograd=winograd,
         )
     )
-    opt = dict(train_raw.get("optimizer") or {})
+    opt = _section(train_raw.get("optimizer"), "train.optimizer", config, example="{name: adam}")
     opt.update(_overrides(name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay))
     train_raw["optimizer"] = opt
     if schedule is not None:
-        train_raw["schedule"] = {**(train_raw.get("schedule") or {}), "name": schedule}
+        current = _section(train_raw.get("schedule"), "train.schedule", config, example="{name: cosine}")
+        train_raw["schedule"] = {**current, "name": schedule}
     if patience is not None:
-        train_raw["early_stopping"] = {**(train_raw.get("early_stopping") or {}), "patience": patience}
-    data_raw = dict(document.get("data") or {})
+        current = _section(
+            train_raw.get("early_stopping"), "train.early_stopping", config, example="{patience: 3}"
+        )
+        train_raw["early_stopping"] = {**current, "patience": patience}
+    data_raw = _section(document.get("data"), "data", config)
     data_raw.update(_overrides(name=data, data_dir=data_dir, limit=limit, test_limit=test_limit))
     train_cfg = parse_config(TrainConfig, train_raw, "training config")
     data_cfg = parse_config(DataConfig, data_raw, "data config")

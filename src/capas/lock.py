@@ -43,7 +43,12 @@ def exclusive(directory: str | Path, what: str) -> Iterator[None]:
     `what` names the directory in the message ("study directory", "run directory").
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise CapasError(f"{directory}: a file, not a folder; the {what} must be a folder") from None
+    except OSError as error:  # under a file, read-only, /proc…
+        raise CapasError(f"{directory}: cannot create the {what} ({error.strerror or error})") from None
     if fcntl is None:
         yield
         return
