@@ -277,3 +277,17 @@ def test_out_that_is_a_file_is_named(tmp_path):
         ]
         result = runner.invoke(app, command)
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
+def test_a_model_too_large_for_memory_is_one_line(tmp_path):
+    """A batch larger than any address space (128 × 400,000² × 3 floats): an allocator's traceback before."""
+    spec = tmp_path / "huge.yaml"
+    spec.write_text(
+        "name: huge\ninput_shape: [400000, 400000, 3]\n"
+        "layers: [{Conv2D: {filters: 2, kernel_size: 3}}, GlobalAveragePooling2D, {Dense: {units: 10}}]\n"
+    )
+    command = ["train", str(spec), "--data", "digits", "--epochs", "1", "--out", str(tmp_path / "run")]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 2 and "out of memory" in result.output and "batch size" in result.output, (
+        result.output
+    )

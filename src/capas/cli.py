@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,6 +42,21 @@ def friendly(command):
         except KeyboardInterrupt:
             errors.print("interrupted; finished work is kept, rerun the same command to resume")
             raise typer.Exit(130) from None
+        except (MemoryError, RuntimeError) as error:
+            # a spec or batch too large for this machine: torch's allocators raise RuntimeErrors
+            # (torch.OutOfMemoryError on a GPU, "can't allocate memory" on a CPU)
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if not isinstance(error, MemoryError) and not re.search(
+                r"out of memory|can't allocate memory", first
+            ):
+                raise
+            errors.print(
+                f"[bold red]error:[/] out of memory ({escape(first[:300])}); lower the batch size, the "
+                "input size or the model's width",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2) from None
 
     return wrapper
 
