@@ -77,3 +77,40 @@ def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(RuntimeError):
         atomic.write_with(path, broken)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_retraining_that_crashes_while_writing_leaves_the_old_run_whole(tmp_path, monkeypatch):
+    """The new run is written beside the old one and swapped in whole: a crash after the new
+    model.json left it beside the old weights (neither run loaded)."""
+    from capas.runs import load_run
+    from capas.spec import DataConfig, ModelSpec, TrainConfig
+    from capas.train import train
+
+    spec = ModelSpec.from_dict(
+        {
+            "name": "d",
+            "input_shape": [8, 8, 1],
+            "layers": ["Flatten", {"Dense": {"units": 10, "activation": "softmax"}}],
+        }
+    )
+    wide = ModelSpec.from_dict(
+        {**spec.to_dict(), "layers": ["Flatten", {"Dense": {"units": 16}}, {"Dense": {"units": 10}}]}
+    )
+    data, cfg, out = DataConfig(name="digits"), TrainConfig(epochs=1, threads=1), tmp_path / "run"
+    before = train(spec, data, cfg, out)["test_accuracy"]
+    written = atomic.write_json
+
+    def crash_after_model_json(path, *args, **kwargs):
+        written(path, *args, **kwargs)
+        if path.name == "model.json":
+            raise KeyboardInterrupt  # as Ctrl-C there would
+
+    monkeypatch.setattr(atomic, "write_json", crash_after_model_json)
+    with pytest.raises(KeyboardInterrupt):
+        train(wide, data, cfg, out)
+    monkeypatch.undo()
+    run = load_run(out)  # the old run, whole
+    assert run.spec.to_dict() == spec.to_dict() and run.read_json("test.json")["test_accuracy"] == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing left beside it
+    train(wide, data, cfg, out)
+    assert load_run(out).spec.to_dict() == wide.to_dict()

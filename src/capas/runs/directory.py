@@ -186,14 +186,25 @@ def write_run(
 
 @contextlib.contextmanager
 def staging(out: Path) -> Iterator[Path]:
-    """A hidden folder beside `out`, renamed onto it when complete: a crash never leaves half a run."""
+    """A hidden folder beside `out`, renamed onto it when complete: a crash never leaves half a run.
+
+    An `out` that exists (a run being retrained: its old run, its lock and checkpoint) stays whole
+    until the new run is: it is renamed aside, the new folder onto `out`, then the old one deleted.
+    A crash between the two renames leaves no `out` but both runs whole beside it, as .NAME.*
+    folders; never a folder that mixes files of two runs."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~atomic.umask())  # mkdtemp makes 0700 folders; give the permissions mkdir would
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old)  # onto the empty folder mkdtemp made: a unique name, atomically
         os.rename(tmp, out)
-        atomic.sync_folder(out.parent)  # the files inside were flushed as written; this keeps the rename
+        atomic.sync_folder(out.parent)  # the files inside were flushed as written; this keeps the renames
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

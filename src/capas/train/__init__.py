@@ -15,7 +15,7 @@ from capas.inference import evaluate, resolve_device
 from capas.lock import exclusive
 from capas.models import build_model, preprocess_for
 from capas.models.init import WHITENING_IMAGES, fit_whitening, whitening_layers
-from capas.runs import write_run
+from capas.runs import staging, write_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.spec.io import config_changes
 from capas.train import features
@@ -176,17 +176,20 @@ def _train(
         config["whitening"] = whitening
     if dist is not None and not dist.is_main:
         return test_results
-    write_run(
-        out,
-        spec=spec,
-        model=model.cpu(),
-        preprocess=preprocess,
-        classes=classes,
-        config=config,
-        history=result.history,
-        test=test_results,
-        reference=splits.val,
-        precision=cfg.precision,
-    )
+    # Written beside `out` and swapped in whole: retraining into a finished run's folder never
+    # leaves the new model.json beside the old weights after a crash.
+    with staging(out) as staged:
+        write_run(
+            staged,
+            spec=spec,
+            model=model.cpu(),
+            preprocess=preprocess,
+            classes=classes,
+            config=config,
+            history=result.history,
+            test=test_results,
+            reference=splits.val,
+            precision=cfg.precision,
+        )
     checkpoint.unlink(missing_ok=True)  # the run is complete; its weights are in model.safetensors
     return test_results
