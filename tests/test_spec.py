@@ -205,3 +205,24 @@ def test_spec_summary_and_cli_do_not_import_torch_or_extras():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_key_repeated_in_yaml_is_named_with_its_line(tmp_path):
+    """The second input_shape silently replaced the first."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(
+        "name: x\ninput_shape: [8, 8, 1]\nlayers: [Flatten, {Dense: {units: 10}}]\ninput_shape: [32, 32, 3]\n"
+    )
+    with pytest.raises(CapasError, match=r"twice.yaml: invalid YAML at line 4.*'input_shape' appears twice"):
+        load_spec(path)
+
+
+def test_a_rule_across_keywords_is_reported_without_a_made_up_keyword():
+    from capas.spec import TrainConfig
+    from capas.spec.io import parse_config
+
+    with pytest.raises(CapasError) as error:
+        parse_config(TrainConfig, {"winograd": True, "compile": True}, "training config")
+    message = str(error.value)
+    assert message.startswith("training config: winograd: true and compile: true cannot be combined"), message
+    assert "'keywords'" not in message and "given" not in message

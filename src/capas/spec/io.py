@@ -14,6 +14,21 @@ from capas.errors import CapasError, closest
 T = TypeVar("T", bound=BaseModel)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key repeated in one mapping (the last would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_document(path: str | Path) -> Any:
     """A YAML or JSON file as plain Python data; a missing file or a syntax error is a CapasError."""
     path = Path(path)
@@ -31,7 +46,7 @@ def load_document(path: str | Path) -> Any:
     try:
         if path.suffix == ".json":
             return json.loads(text)
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
     except json.JSONDecodeError as error:
         raise CapasError(
             f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
@@ -58,7 +73,7 @@ def describe_validation(error: ValidationError) -> str:
     for index, item in enumerate(error.errors()):
         # an unknown or missing keyword's location is the user's own keys (one may be called `bool`)
         named = item["type"] in ("extra_forbidden", "missing")
-        keyword = ".".join(str(p) for p in item["loc"] if named or not _union_member(p)) or "keywords"
+        keyword = ".".join(str(p) for p in item["loc"] if named or not _union_member(p))
         union = not named and any(_union_member(p) for p in item["loc"])
         _, _, messages, _ = found.setdefault(
             keyword if union else index, (keyword, item["type"], [], item.get("input"))
@@ -70,6 +85,8 @@ def describe_validation(error: ValidationError) -> str:
             parts.append(f"keyword {keyword!r} is required")
         elif kind == "extra_forbidden":
             parts.append(f"unknown keyword {keyword!r}")
+        elif not keyword:  # a rule across keywords (a model validator): its message names them
+            parts.append("; ".join(messages))
         else:
             allowed = " or ".join([messages[0], *(m.removeprefix("Input should be ") for m in messages[1:])])
             parts.append(f"keyword {keyword!r}: {allowed} (given {given!r})")
