@@ -23,10 +23,12 @@ from typer.testing import CliRunner
 from capas.cli import app
 from capas.data import splits_for
 from capas.errors import CapasError
-from capas.interop.keras import export_keras, import_keras
+from capas.interop.keras import export_keras, import_keras, write_keras
+from capas.layers import LAYERS
+from capas.models import build_model
 from capas.predict import evaluate_run, predict_files
 from capas.runs import load_run
-from capas.spec import DataConfig
+from capas.spec import DataConfig, ModelSpec
 from capas.spec.summary import summarize
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras"
@@ -134,6 +136,27 @@ def test_a_trained_run_exports_to_keras_with_its_outputs(tmp_path, tiny_run, ima
     assert result.exit_code == 0, result.output
     reloaded = keras.saving.load_model(tmp_path / "tiny.keras", compile=False)
     assert np.abs(keras_proba(reloaded, images) - capas_proba(tiny_run, images)).max() < ATOL
+
+
+def example_spec(kind: str) -> ModelSpec:
+    """A model of one registered layer type with its registry example (behind a Flatten when the
+    example takes vectors: capas models take images)."""
+    keywords, shape = LAYERS[kind].example
+    layers = [{kind: keywords}]
+    if len(shape) == 1:
+        shape, layers = (1, shape[0], 1), ["Flatten", *layers]
+    return ModelSpec.from_dict({"name": f"only_{kind.lower()}", "input_shape": list(shape), "layers": layers})
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_every_layer_type_exports_to_a_file_keras_loads_with_the_same_outputs(tmp_path, kind):
+    model = build_model(example_spec(kind), seed=0, pretrained=False).eval()
+    reloaded = keras.saving.load_model(write_keras(model, tmp_path / "one.keras"), compile=False)
+    x = torch.rand(3, *model.spec.input_shape)  # (B, H, W, C), Keras' layout
+    want = model.predict_proba(x.permute(0, 3, 1, 2)) if kind == "Softmax" else model(x.permute(0, 3, 1, 2))
+    want = want.permute(0, 2, 3, 1) if want.dim() == 4 else want
+    got = keras.ops.convert_to_numpy(reloaded(x.numpy(), training=False))
+    assert np.abs(got - want.detach().numpy()).max() < ATOL
 
 
 def test_first_rescaling_layer_becomes_the_preprocessing(tmp_path, images):

@@ -88,6 +88,9 @@ IGNORED = {
 # Kernel layouts: Keras' array -> PyTorch's tensor, for the first weight of these layer types.
 TO_TORCH = {"Conv2D": (3, 2, 0, 1), "Dense": (1, 0)}
 TO_KERAS = {"Conv2D": (2, 3, 1, 0), "Dense": (1, 0)}
+# Layer types whose Keras config has no `trainable`: their __init__ takes no **kwargs, so Keras refuses
+# to load a config that has one (they have no weights to freeze).
+WITHOUT_TRAINABLE = {"SpatialDropout2D"}
 
 
 def keras_snake(name: str) -> str:
@@ -632,15 +635,16 @@ def keras_config(spec: ModelSpec) -> dict:
         # every keyword, defaults included: some of capas' defaults are required arguments in Keras
         # kernel_initializer too is left out: the trained weights come with the file, and capas'
         # data-dependent starts ('whitening', 'dirac') are no Keras initializer names
+        kind = info.layer.type_name()
+        left_out = {"name", "kernel_initializer"} | ({"trainable"} if kind in WITHOUT_TRAINABLE else set())
         keywords = {
-            k: _keras_value(v)
-            for k, v in info.layer.model_dump(mode="json", exclude={"name", "kernel_initializer"}).items()
+            k: _keras_value(v) for k, v in info.layer.model_dump(mode="json", exclude=left_out).items()
         }
         layers.append(
             {
                 "module": "keras.layers",
-                "class_name": info.layer.type_name(),
-                "config": {"name": info.name, "trainable": True, "dtype": "float32", **keywords},
+                "class_name": kind,
+                "config": {"name": info.name, "dtype": "float32", **keywords},
                 "registered_name": None,
                 "build_config": {"input_shape": [None, *info.input_shape]},
             }
