@@ -174,6 +174,42 @@ def test_first_rescaling_layer_becomes_the_preprocessing(tmp_path, images):
     assert load_run(run).preprocess.mean == (0.5,)
 
 
+def test_a_later_rescaling_imports_as_a_capas_layer(tmp_path, images):
+    """The fast recipes' logits × 1/9, as Keras writes it; a per-channel one is refused in one line."""
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu", name="features"),
+            keras.layers.Flatten(name="flat"),
+            keras.layers.Dense(10, name="logits"),
+            keras.layers.Rescaling(1 / 9, offset=0.5, name="temperature"),
+            keras.layers.Softmax(name="proba"),
+        ]
+    )
+    model.save(tmp_path / "temperature.keras")
+    run, imported = import_keras(tmp_path / "temperature.keras", tmp_path / "run")
+    assert imported.spec.to_dict()["layers"][3] == {
+        "Rescaling": {"scale": pytest.approx(1 / 9), "offset": 0.5, "name": "temperature"}
+    }
+    assert np.abs(capas_proba(run, images) - keras_proba(model, images)).max() < ATOL
+    per_channel = keras.Sequential(
+        [
+            keras.Input((28, 28, 3)),
+            keras.layers.Conv2D(2, 3, name="c"),
+            keras.layers.Rescaling([0.5, 2.0], name="r"),
+        ]
+    )
+    per_channel.save(tmp_path / "per_channel.keras")
+    result = runner.invoke(
+        app, ["import-keras", str(tmp_path / "per_channel.keras"), "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2, result.output
+    assert " ".join(result.output.split()).count("(Rescaling)") == 1
+    assert "a per-channel scale or offset is imported only on a first Rescaling" in " ".join(
+        result.output.split()
+    )
+
+
 def test_imported_run_evaluates_predicts_serves_compresses_and_bases_a_study(tmp_path, test_split):
     from capas.deploy.compress import compress_run
     from capas.study.spec import load_study

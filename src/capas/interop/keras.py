@@ -57,6 +57,7 @@ KEPT = {
     "Activation": ("activation",),
     "ReLU": ("max_value", "negative_slope"),
     "Softmax": ("axis",),
+    "Rescaling": ("scale", "offset"),  # a first one becomes the preprocessing instead (convert)
 }
 # Keywords capas lacks, accepted at the values that compute what capas computes.
 FIXED = {
@@ -332,9 +333,17 @@ def _translate(
     name = config.get("name")
     where = f"layer {index} {name!r} ({kind})"
     if kind not in KEPT:
-        supported = ", ".join(sorted({*KEPT, "Rescaling (first layer)"}))
-        return None, [f"{where}: unsupported layer type; capas imports {supported}"], []
+        return None, [f"{where}: unsupported layer type; capas imports {', '.join(sorted(KEPT))}"], []
     problems, notes, keywords = [], [], {"name": name}
+    if kind == "Rescaling" and any(isinstance(config.get(k), list) for k in ("scale", "offset")):
+        return (
+            None,
+            [
+                f"{where}: a per-channel scale or offset is imported only on a first Rescaling (it becomes "
+                "the run's preprocessing); a later Rescaling takes one number each"
+            ],
+            [],
+        )
     for key, value in config.items():
         if key in IGNORED or key.endswith("_initializer"):
             continue
@@ -430,12 +439,6 @@ def convert(keras_file: KerasFile) -> Imported:
                 shape = parse_layer(index, item).output_shape(shape) if shape is not None else None
             except (ValueError, CapasError):
                 shape = None
-    for index, layer in enumerate(body):
-        if layer.get("class_name") == "Rescaling" and index >= start:
-            problems.append(
-                f"layer {index} {layer['config'].get('name')!r} (Rescaling): only a first Rescaling layer is "
-                "supported (it becomes the run's preprocessing)"
-            )
     if problems:
         raise CapasError(f"{source}: cannot import:\n  " + "\n  ".join(dict.fromkeys(problems)))
     name = (
