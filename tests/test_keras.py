@@ -21,7 +21,7 @@ import yaml
 from typer.testing import CliRunner
 
 from capas.cli import app
-from capas.data import splits_for
+from capas.data import Preprocess, splits_for
 from capas.errors import CapasError
 from capas.interop.keras import export_keras, import_keras, write_keras
 from capas.layers import LAYERS
@@ -70,6 +70,11 @@ def load_keras(model: str, fmt: str) -> keras.Model:
 
 def keras_proba(model: keras.Model, images: torch.Tensor) -> np.ndarray:
     return keras.ops.convert_to_numpy(model(keras_input(images), training=False))
+
+
+def exported_proba(model: keras.Model, images: torch.Tensor) -> np.ndarray:
+    """An exported model's outputs: it takes 0..255 pixels, channels last (its first layer rescales)."""
+    return keras.ops.convert_to_numpy(model(keras_input(images) * 255.0, training=False))
 
 
 def capas_proba(run_dir: Path, images: torch.Tensor) -> np.ndarray:
@@ -126,7 +131,7 @@ def test_export_round_trip_gives_keras_the_same_outputs(tmp_path, images, model)
     exported = export_keras(run, tmp_path / "back.keras")
     reloaded = keras.saving.load_model(exported, compile=False)
     want = keras_proba(load_keras(model, "keras"), images)
-    assert np.abs(keras_proba(reloaded, images) - want).max() < ATOL
+    assert np.abs(exported_proba(reloaded, images) - want).max() < ATOL
     assert reloaded.count_params() == summarize(load_run(run).spec).total
 
 
@@ -135,7 +140,40 @@ def test_a_trained_run_exports_to_keras_with_its_outputs(tmp_path, tiny_run, ima
     result = runner.invoke(app, ["export", str(tiny_run), "--keras", "--out", str(tmp_path / "tiny.keras")])
     assert result.exit_code == 0, result.output
     reloaded = keras.saving.load_model(tmp_path / "tiny.keras", compile=False)
-    assert np.abs(keras_proba(reloaded, images) - capas_proba(tiny_run, images)).max() < ATOL
+    assert np.abs(exported_proba(reloaded, images) - capas_proba(tiny_run, images)).max() < ATOL
+
+
+@pytest.mark.parametrize("mean", [None, (0.5,)])
+def test_a_first_rescaling_and_the_preprocessing_survive_export_and_import(tmp_path, images, mean):
+    """A spec that starts with Rescaling, with the default preprocessing or another: the exported file
+    takes 0..255 pixels and rescales them first, and importing it gives back the run's spec,
+    preprocessing and outputs."""
+    spec = ModelSpec.from_dict(
+        {
+            "name": "rescaled",
+            "input_shape": [28, 28, 1],
+            "layers": [
+                {"Rescaling": {"scale": 2.0, "offset": -1.0}},
+                {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
+                "Flatten",
+                {"Dense": {"units": 10, "activation": "softmax"}},
+            ],
+        }
+    )
+    keras_file = tmp_path / "source.keras"
+    preprocess = Preprocess(size=(28, 28), channels=1, mean=mean, std=mean)  # 0..1, or -1..1
+    write_keras(build_model(spec, seed=0, pretrained=False), keras_file, preprocess)
+    run = load_run(import_keras(keras_file, tmp_path / "run")[0])
+    assert run.spec.layers[0] == spec.layers[0].model_copy(update={"name": "rescaling"})
+    assert run.preprocess == preprocess
+    exported = export_keras(run.path, tmp_path / "out.keras")
+    back = load_run(import_keras(exported, tmp_path / "back")[0])
+    assert back.spec == run.spec
+    assert back.preprocess == run.preprocess
+    want = capas_proba(run.path, images)
+    assert np.abs(capas_proba(back.path, images) - want).max() < ATOL
+    reloaded = keras.saving.load_model(exported, compile=False)
+    assert np.abs(exported_proba(reloaded, images) - want).max() < ATOL
 
 
 def example_spec(kind: str) -> ModelSpec:
@@ -155,7 +193,7 @@ def test_every_layer_type_exports_to_a_file_keras_loads_with_the_same_outputs(tm
     x = torch.rand(3, *model.spec.input_shape)  # (B, H, W, C), Keras' layout
     want = model.predict_proba(x.permute(0, 3, 1, 2)) if kind == "Softmax" else model(x.permute(0, 3, 1, 2))
     want = want.permute(0, 2, 3, 1) if want.dim() == 4 else want
-    got = keras.ops.convert_to_numpy(reloaded(x.numpy(), training=False))
+    got = keras.ops.convert_to_numpy(reloaded(x.numpy() * 255, training=False))  # it takes 0..255 pixels
     assert np.abs(got - want.detach().numpy()).max() < ATOL
 
 

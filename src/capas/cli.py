@@ -439,7 +439,7 @@ def export(
     ] = None,
 ) -> None:
     """Export a run's model to ONNX (dynamic batch; outputs logits and embedding; checked against PyTorch)
-    or to a Keras 3 .keras file (its inputs preprocessed as the run's preprocess.json says)."""
+    or to a Keras 3 .keras file (it takes 0..255 pixels; a first Rescaling scales them as preprocess.json says)."""
     if onnx == keras:
         raise CapasError("choose one format: --onnx or --keras")
     if keras:

@@ -562,6 +562,8 @@ def import_keras(
         )
     if imported.rescaling is not None:
         mean, std = imported.rescaling
+        if set(mean) == {0.0} and set(std) == {1.0}:  # Rescaling(1/255): pixels / 255, the default
+            mean = std = None
     else:
         m, s = SCALES[scale or "0..1"]
         mean, std = (None, None) if (m, s) == (0.0, 1.0) else ((m,) * channels, (s,) * channels)
@@ -624,15 +626,51 @@ def _keras_value(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def keras_config(spec: ModelSpec) -> dict:
-    """The Keras 3 config of a spec: a Sequential model with an InputLayer and the spec's layers."""
+def _input_name(spec: ModelSpec) -> str:
+    """The name of the exported model's first Rescaling (the preprocessing): one no spec layer has."""
+    taken = {info.name for info in spec.layer_infos()}
+    name, count = "preprocessing", 0
+    while name in taken:
+        count += 1
+        name = f"preprocessing_{count}"
+    return name
+
+
+def _input_rescaling(spec: ModelSpec, preprocess: Preprocess | None) -> dict:
+    """The preprocessing after resizing as a Keras Rescaling of 0..255 pixels: (x/255 − mean)/std is
+    x·scale + offset with scale = 1/(255·std), offset = −mean/std; per channel where they differ.
+    Without `preprocess`, or one without mean and std: pixels / 255."""
+    channels = spec.input_shape[-1]
+    mean = (preprocess and preprocess.mean) or (0.0,) * channels
+    std = (preprocess and preprocess.std) or (1.0,) * channels
+    scale = [1 / (255 * s) for s in std]
+    offset = [-m / s for m, s in zip(mean, std, strict=True)]
+    return {
+        "module": "keras.layers",
+        "class_name": "Rescaling",
+        "config": {
+            "name": _input_name(spec),
+            "trainable": True,
+            "dtype": "float32",
+            "scale": scale[0] if len(set(scale)) == 1 else scale,
+            "offset": offset[0] if len(set(offset)) == 1 else offset,
+        },
+        "registered_name": None,
+        "build_config": {"input_shape": [None, *spec.input_shape]},
+    }
+
+
+def keras_config(spec: ModelSpec, preprocess: Preprocess | None = None) -> dict:
+    """The Keras 3 config of a spec: a Sequential model with an InputLayer, a Rescaling that does what
+    `preprocess` does to 0..255 pixels, and the spec's layers."""
     layers = [
         {
             "module": "keras.layers",
             "class_name": "InputLayer",
             "config": {"batch_shape": [None, *spec.input_shape], "dtype": "float32", "name": "input_layer"},
             "registered_name": None,
-        }
+        },
+        _input_rescaling(spec, preprocess),
     ]
     for info in spec.layer_infos():
         # every keyword, defaults included: some of capas' defaults are required arguments in Keras
@@ -662,11 +700,14 @@ def keras_config(spec: ModelSpec) -> dict:
 
 
 def keras_weights(model: CapasNet) -> dict[str, list[np.ndarray]]:
-    """Each layer's weights in Keras' layouts and order, keyed by Keras 3's weight-file group."""
+    """Each layer's weights in Keras' layouts and order, keyed by Keras 3's weight-file group, the
+    preprocessing's Rescaling (no weights) first."""
     state = model.state_dict()
     infos = model.spec.layer_infos()
-    paths = _keras_paths([{"class_name": info.layer.type_name()} for info in infos])
-    out = {}
+    first, *paths = _keras_paths(
+        [{"class_name": "Rescaling"}, *({"class_name": i.layer.type_name()} for i in infos)]
+    )
+    out: dict[str, list[np.ndarray]] = {first: []}
     for info, path in zip(infos, paths, strict=True):
         kind = info.layer.type_name()
         arrays = [
@@ -680,16 +721,22 @@ def keras_weights(model: CapasNet) -> dict[str, list[np.ndarray]]:
     return out
 
 
-def write_keras(model: CapasNet, path: str | Path) -> Path:
-    """Write `model` as a Keras 3 `.keras` file (config.json, metadata.json, model.weights.h5); atomic."""
+def write_keras(model: CapasNet, path: str | Path, preprocess: Preprocess | None = None) -> Path:
+    """Write `model` as a Keras 3 `.keras` file (config.json, metadata.json, model.weights.h5); atomic.
+
+    The Keras model takes 0..255 pixels (resized, channels last): its first layer, a Rescaling, does
+    what `preprocess` does after resizing (default: pixels / 255). import-keras reads that Rescaling
+    back as the run's preprocessing, so the round trip computes the same outputs.
+    """
     h5py = _h5()
     spec = model.spec
+    names = [_input_name(spec), *(info.name for info in spec.layer_infos())]
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as file:
         file.create_group("layers")
-        for (group, arrays), info in zip(keras_weights(model).items(), spec.layer_infos(), strict=True):
+        for (group, arrays), name in zip(keras_weights(model).items(), names, strict=True):
             variables = file.create_group(f"{group}/vars")
-            variables.attrs["name"] = info.name
+            variables.attrs["name"] = name
             for i, array in enumerate(arrays):
                 variables.create_dataset(str(i), data=array)
         file.create_group("vars").attrs["name"] = spec.name
@@ -701,7 +748,7 @@ def write_keras(model: CapasNet, path: str | Path) -> Path:
     def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w") as archive:
             archive.writestr("metadata.json", json.dumps(metadata))
-            archive.writestr("config.json", json.dumps(keras_config(spec)))
+            archive.writestr("config.json", json.dumps(keras_config(spec, preprocess)))
             archive.writestr("model.weights.h5", buffer.getvalue())
 
     return atomic.write_with(path, write)
@@ -710,7 +757,8 @@ def write_keras(model: CapasNet, path: str | Path) -> Path:
 def export_keras(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write a run's model as a `.keras` file (default RUN/model.keras).
 
-    The Keras model takes inputs preprocessed as preprocess.json says (resized, scaled), channels last.
+    The Keras model takes 0..255 pixels resized to the run's input size, channels last; its first
+    layer, a Rescaling, scales them as preprocess.json says.
     """
     run = load_run(run_dir)
     if not isinstance(run.model, CapasNet):
@@ -720,4 +768,4 @@ def export_keras(run_dir: str | Path, out: str | Path | None = None) -> Path:
             f"{run.path}: the model has a {run.spec.backbone.name} backbone, which has no Keras layers in capas; "
             "only models of capas' own layers export to Keras"
         )
-    return write_keras(run.model, Path(out) if out is not None else run.path / "model.keras")
+    return write_keras(run.model, Path(out) if out is not None else run.path / "model.keras", run.preprocess)
