@@ -330,6 +330,33 @@ def write_unsupported(tmp_path: Path) -> Path:
     return tmp_path / "unsupported.keras"
 
 
+def patched(tmp_path: Path, member: str, data: bytes) -> Path:
+    """flat.keras with one member of the archive replaced by `data`."""
+    import zipfile
+
+    out = tmp_path / f"bad_{member.split('.')[0]}.keras"
+    with zipfile.ZipFile(FIXTURES / "flat.keras") as source, zipfile.ZipFile(out, "w") as archive:
+        for name in source.namelist():
+            archive.writestr(name, data if name == member else source.read(name))
+    return out
+
+
+def write_list_metadata(tmp_path: Path) -> Path:
+    return patched(tmp_path, "metadata.json", b"[]")
+
+
+def write_number_layers(tmp_path: Path) -> Path:
+    return patched(tmp_path, "config.json", b'{"class_name": "Sequential", "config": {"layers": [1, 2]}}')
+
+
+def write_layer_without_config(tmp_path: Path) -> Path:
+    return patched(
+        tmp_path,
+        "config.json",
+        b'{"class_name": "Functional", "config": {"layers": [{"class_name": "Conv2D"}]}}',
+    )
+
+
 def write_misfit(tmp_path: Path) -> list[str]:
     return [str(FIXTURES / "flat.json"), "--weights", str(FIXTURES / "batchnorm.weights.h5")]
 
@@ -348,6 +375,9 @@ def write_misfit(tmp_path: Path) -> list[str]:
             "layer 0 'dilated' (Conv2D): dilation_rate=[2, 2] is not supported; capas computes dilation_rate=1 or (1, 1)",
         ),
         (write_misfit, "the weights do not fit the architecture"),
+        (write_list_metadata, "bad_metadata.keras: not a readable Keras file (metadata.json holds a list"),
+        (write_number_layers, "bad_config.keras: not a Keras model config (its layer 0 is 1,"),
+        (write_layer_without_config, 'not a Keras model config (its layer 0 is {"class_name": "Conv2D"},'),
     ],
 )
 def test_bad_input_is_one_message_and_nothing_written(tmp_path, make, message):

@@ -182,6 +182,8 @@ def read_keras(path: str | Path, weights: str | Path | None = None) -> KerasFile
             with zipfile.ZipFile(path) as archive:
                 config = json.loads(archive.read("config.json"))
                 metadata = json.loads(archive.read("metadata.json"))
+                if not isinstance(metadata, dict):
+                    raise ValueError(f"metadata.json holds a {type(metadata).__name__}, not a JSON object")
                 with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as file:
                     arrays = _read_v3_weights(file)
             return KerasFile(str(path), ".keras", config, arrays, True, metadata.get("keras_version"))
@@ -277,18 +279,37 @@ def _chain(config: dict, source: str) -> list[dict]:
     return chain
 
 
+def _check_layers(layers: list, source: str) -> list[dict]:
+    """`layers`, each checked to be what Keras writes: a mapping with a class_name and a config
+    mapping that has the layer's name (a hand-edited or damaged file is one message, not a KeyError)."""
+    for index, layer in enumerate(layers):
+        named = isinstance(layer, dict) and isinstance(layer.get("class_name"), str)
+        config = layer.get("config") if named else None
+        if not (isinstance(config, dict) and isinstance(config.get("name"), str)):
+            raise CapasError(
+                f"{source}: not a Keras model config (its layer {index} is {json.dumps(layer)[:80]}, not a mapping "
+                "with a class_name and a config with a name)"
+            )
+    return layers
+
+
 def _model_layers(document: Any, source: str) -> list[dict]:
     """The model's layers in order, the InputLayer first when the config has one."""
     if not isinstance(document, dict) or "class_name" not in document:
         raise CapasError(f"{source}: not a Keras model config (no class_name)")
     kind, config = document["class_name"], document.get("config")
     if kind == "Sequential":
-        layers = config if isinstance(config, list) else (config or {}).get("layers")
+        layers = (
+            config if isinstance(config, list) else config.get("layers") if isinstance(config, dict) else None
+        )
         if not isinstance(layers, list) or not layers:
             raise CapasError(f"{source}: a Sequential model without layers")
-        return layers
+        return _check_layers(layers, source)
     if kind in ("Functional", "Model"):
-        return _chain(config or {}, source)
+        if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
+            raise CapasError(f"{source}: not a Keras model config (a {kind} model without a list of layers)")
+        _check_layers(config["layers"], source)
+        return _chain(config, source)
     raise CapasError(
         f"{source}: a {kind!r} model; capas imports Sequential models and functional models that are one chain"
     )
@@ -304,7 +325,7 @@ def _input_shape(layers: list[dict], source: str) -> tuple[int, ...]:
         raise CapasError(
             f"{source}: the model records no input shape (build it with keras.Input((H, W, C)) before saving)"
         )
-    shape = list(shape)[1:]
+    shape = list(shape)[1:] if isinstance(shape, list | tuple) else [shape]
     if len(shape) != 3 or not all(isinstance(v, int) and v >= 1 for v in shape):
         raise CapasError(
             f"{source}: input shape {shape} is not a fixed (height, width, channels); capas models take "
