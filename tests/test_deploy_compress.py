@@ -360,3 +360,24 @@ def test_a_study_can_list_compression_as_a_change(run_dir, tmp_path):
         Path(metrics["run"]).name == "variant-dynamic"
         and load_run(metrics["run"]).classes == load_run(run_dir).classes
     )
+
+
+@pytest.mark.parametrize("fmt", ["--onnx", "--keras"])
+def test_export_out_that_cannot_be_a_file_is_refused_before_any_work(run_dir, tmp_path, fmt):
+    before = hashes(run_dir)
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    name = "model.onnx" if fmt == "--onnx" else "model.keras"
+    for out, words in [
+        (tmp_path, ("--out", "is a directory", name)),
+        (tmp_path / "notes.txt" / name, ("--out", "notes.txt is not a folder")),
+    ]:
+        result = fails_cleanly(["export", str(run_dir), fmt, "--out", str(out)], *words)
+        assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no temporary left behind
+    assert hashes(run_dir) == before
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux' /proc, where no file can be made")
+@pytest.mark.parametrize("fmt", ["--onnx", "--keras"])
+def test_export_to_a_folder_that_refuses_files_is_one_message(run_dir, fmt):
+    fails_cleanly(["export", str(run_dir), fmt, "--out", "/proc/capas-model"], "/proc/capas-model")

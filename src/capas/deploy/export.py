@@ -70,6 +70,8 @@ def export_onnx(model: CapasNet, path: str | Path) -> Path:
         return atomic.write_with(path, write)
     except onnx.checker.ValidationError as error:
         raise CapasError(f"{spec.name}: the exported ONNX graph fails onnx's checker: {error}") from None
+    except OSError as error:  # a full disk, a folder that refuses the file
+        raise CapasError(f"{path}: cannot write it ({error.strerror or error})") from None
 
 
 @dataclass
@@ -121,6 +123,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> ExportResu
     """
     from capas.runs import OnnxModel
 
+    if out is not None:
+        atomic.check_file_target(Path(out), "--out", "model.onnx")
     run = load_run(run_dir)
     if not isinstance(run.model, CapasNet):
         raise CapasError(

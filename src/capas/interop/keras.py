@@ -772,7 +772,10 @@ def write_keras(model: CapasNet, path: str | Path, preprocess: Preprocess | None
             archive.writestr("config.json", json.dumps(keras_config(spec, preprocess)))
             archive.writestr("model.weights.h5", buffer.getvalue())
 
-    return atomic.write_with(path, write)
+    try:
+        return atomic.write_with(path, write)
+    except OSError as error:  # a full disk, a folder that refuses the file
+        raise CapasError(f"{path}: cannot write it ({error.strerror or error})") from None
 
 
 def export_keras(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -781,6 +784,8 @@ def export_keras(run_dir: str | Path, out: str | Path | None = None) -> Path:
     The Keras model takes 0..255 pixels resized to the run's input size, channels last; its first
     layer, a Rescaling, scales them as preprocess.json says.
     """
+    if out is not None:
+        atomic.check_file_target(Path(out), "--out", "model.keras")
     run = load_run(run_dir)
     if not isinstance(run.model, CapasNet):
         raise CapasError(f"{run.path}: an ONNX run ({run.model.path.name}); export its float source instead")
