@@ -474,3 +474,31 @@ def test_functional_chain_imports_and_training_only_keywords_are_noted(tmp_path,
     assert imported.notes == [
         "layer 0 'conv2d' (Conv2D): kernel_regularizer ignored (it acts during Keras' training only)"
     ]
+
+
+def test_a_run_imported_without_data_compresses_and_exports_with_data(tmp_path, test_split):
+    """Its classes are the placeholders 0..9: --data names the dataset for compress and export --onnx
+    (neither had the option the import's message pointed to) and for evaluate."""
+    from capas.deploy.compress import compress_run
+    from capas.deploy.measure import Repeats
+
+    run = do_import("flat", "keras", tmp_path / "run")
+    result = runner.invoke(app, ["export", str(run), "--onnx"])
+    assert result.exit_code == 2 and "records no dataset; name one with --data" in result.output
+    result = runner.invoke(app, ["export", str(run), "--onnx", "--data", "fashion-mnist"])
+    assert result.exit_code == 0, result.output
+    assert (run / "model.onnx").is_file()
+    result = runner.invoke(app, ["export", str(run), "--keras", "--data", "fashion-mnist"])
+    assert result.exit_code == 2 and "--data goes with --onnx" in result.output
+    _, evaluation = evaluate_run(load_run(run), DataConfig(name="fashion-mnist"))
+    assert evaluation.accuracy > 0.5
+    out, _ = compress_run(
+        run,
+        quantize="dynamic",
+        out=tmp_path / "dynamic",
+        repeats=Repeats(batch1=3, batch64=1, warmup=1),
+        data=DataConfig(name="fashion-mnist"),
+    )
+    assert (out / "model.onnx").is_file()
+    result = runner.invoke(app, ["compress", "--help"])
+    assert "--data" in result.output

@@ -20,6 +20,7 @@ from capas.errors import CapasError
 from capas.models import CapasNet
 from capas.predict import run_splits
 from capas.runs import load_run
+from capas.spec import DataConfig
 
 OPSET = 18
 ATOL = RTOL = 1e-4  # parity: |onnx - torch| <= ATOL + RTOL * |torch|, elementwise, on logits and embeddings
@@ -115,8 +116,11 @@ class ExportResult:
         return {"path": str(self.path), "bytes": self.bytes, "parity": asdict(self.parity)}
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None) -> ExportResult:
-    """Export a run directory's model to ONNX (default RUN/model.onnx) and check it on the run's test images.
+def export_run(
+    run_dir: str | Path, out: str | Path | None = None, data: DataConfig | None = None
+) -> ExportResult:
+    """Export a run directory's model to ONNX (default RUN/model.onnx) and check it on the test images of
+    the run's dataset (or of `data`).
 
     A result outside the tolerance is an error, and the file is removed: an export that changes the
     predictions is not an export.
@@ -131,7 +135,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> ExportResu
             f"{run.path}: already an ONNX run ({run.model.path.name}); export its float source instead"
         )
     out = Path(out) if out is not None else run.path / "model.onnx"
-    images = run_splits(run).test.images[:PARITY_IMAGES]
+    images = run_splits(run, data).test.images[:PARITY_IMAGES]
     export_onnx(run.model, out)
     check = parity(run.model, OnnxModel(out), images, run.preprocess)
     if not check.within_tolerance:
