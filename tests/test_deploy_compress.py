@@ -360,3 +360,61 @@ def test_a_study_can_list_compression_as_a_change(run_dir, tmp_path):
         Path(metrics["run"]).name == "variant-dynamic"
         and load_run(metrics["run"]).classes == load_run(run_dir).classes
     )
+
+
+@pytest.mark.parametrize("fmt", ["--onnx", "--keras"])
+def test_export_out_that_cannot_be_a_file_is_refused_before_any_work(run_dir, tmp_path, fmt):
+    before = hashes(run_dir)
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    name = "model.onnx" if fmt == "--onnx" else "model.keras"
+    for out, words in [
+        (tmp_path, ("--out", "is a directory", name)),
+        (tmp_path / "notes.txt" / name, ("--out", "notes.txt is not a folder")),
+    ]:
+        result = fails_cleanly(["export", str(run_dir), fmt, "--out", str(out)], *words)
+        assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no temporary left behind
+    assert hashes(run_dir) == before
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux' /proc, where no file can be made")
+@pytest.mark.parametrize("fmt", ["--onnx", "--keras"])
+def test_export_to_a_folder_that_refuses_files_is_one_message(run_dir, fmt):
+    fails_cleanly(["export", str(run_dir), fmt, "--out", "/proc/capas-model"], "/proc/capas-model")
+
+
+PRUNABLE = {
+    "name": "p",
+    "input_shape": [12, 12, 1],
+    "layers": [
+        {"Conv2D": {"filters": 8, "kernel_size": 3, "activation": "relu"}},
+        {"Conv2D": {"filters": 32, "kernel_size": 3, "activation": "relu"}},
+        "Flatten",
+        {"Dense": {"units": 16}},
+        {"Dense": {"units": 4}},
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("amount", "channels"),
+    [(0.5, "4/16/8/4"), (0.85, "1/5/2/4"), (0.9, "1/3/2/4"), (0.95, "1/2/1/4"), (0.99, "1/1/1/4")],
+)
+def test_structured_pruning_rounds_each_layer_and_keeps_one_channel(amount, channels):
+    """torch-pruning skipped a layer whose kept count rounded down to 0: at 0.9 the 8-filter layer
+    stayed whole, at 0.99 nothing was pruned."""
+    from capas.deploy.prune import _channels, _classifier
+
+    spec = ModelSpec.from_dict(PRUNABLE)
+    model = build_model(spec, seed=0)
+    _, pruned_spec = _prune_structured(model, spec, amount, _classifier(model))
+    assert _channels(pruned_spec) == channels
+
+
+def test_structured_pruning_that_would_remove_nothing_is_refused():
+    from capas.deploy.prune import _classifier
+
+    spec = ModelSpec.from_dict(PRUNABLE)
+    model = build_model(spec, seed=0)
+    with pytest.raises(CapasError, match=r"--prune 0.01: removes no channel.*8/32/16/4"):
+        _prune_structured(model, spec, 0.01, _classifier(model))

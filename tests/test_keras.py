@@ -21,12 +21,14 @@ import yaml
 from typer.testing import CliRunner
 
 from capas.cli import app
-from capas.data import splits_for
+from capas.data import Preprocess, splits_for
 from capas.errors import CapasError
-from capas.interop.keras import export_keras, import_keras
+from capas.interop.keras import export_keras, import_keras, write_keras
+from capas.layers import LAYERS
+from capas.models import build_model
 from capas.predict import evaluate_run, predict_files
 from capas.runs import load_run
-from capas.spec import DataConfig
+from capas.spec import DataConfig, ModelSpec
 from capas.spec.summary import summarize
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras"
@@ -68,6 +70,11 @@ def load_keras(model: str, fmt: str) -> keras.Model:
 
 def keras_proba(model: keras.Model, images: torch.Tensor) -> np.ndarray:
     return keras.ops.convert_to_numpy(model(keras_input(images), training=False))
+
+
+def exported_proba(model: keras.Model, images: torch.Tensor) -> np.ndarray:
+    """An exported model's outputs: it takes 0..255 pixels, channels last (its first layer rescales)."""
+    return keras.ops.convert_to_numpy(model(keras_input(images) * 255.0, training=False))
 
 
 def capas_proba(run_dir: Path, images: torch.Tensor) -> np.ndarray:
@@ -124,7 +131,7 @@ def test_export_round_trip_gives_keras_the_same_outputs(tmp_path, images, model)
     exported = export_keras(run, tmp_path / "back.keras")
     reloaded = keras.saving.load_model(exported, compile=False)
     want = keras_proba(load_keras(model, "keras"), images)
-    assert np.abs(keras_proba(reloaded, images) - want).max() < ATOL
+    assert np.abs(exported_proba(reloaded, images) - want).max() < ATOL
     assert reloaded.count_params() == summarize(load_run(run).spec).total
 
 
@@ -133,7 +140,61 @@ def test_a_trained_run_exports_to_keras_with_its_outputs(tmp_path, tiny_run, ima
     result = runner.invoke(app, ["export", str(tiny_run), "--keras", "--out", str(tmp_path / "tiny.keras")])
     assert result.exit_code == 0, result.output
     reloaded = keras.saving.load_model(tmp_path / "tiny.keras", compile=False)
-    assert np.abs(keras_proba(reloaded, images) - capas_proba(tiny_run, images)).max() < ATOL
+    assert np.abs(exported_proba(reloaded, images) - capas_proba(tiny_run, images)).max() < ATOL
+
+
+@pytest.mark.parametrize("mean", [None, (0.5,)])
+def test_a_first_rescaling_and_the_preprocessing_survive_export_and_import(tmp_path, images, mean):
+    """A spec that starts with Rescaling, with the default preprocessing or another: the exported file
+    takes 0..255 pixels and rescales them first, and importing it gives back the run's spec,
+    preprocessing and outputs."""
+    spec = ModelSpec.from_dict(
+        {
+            "name": "rescaled",
+            "input_shape": [28, 28, 1],
+            "layers": [
+                {"Rescaling": {"scale": 2.0, "offset": -1.0}},
+                {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
+                "Flatten",
+                {"Dense": {"units": 10, "activation": "softmax"}},
+            ],
+        }
+    )
+    keras_file = tmp_path / "source.keras"
+    preprocess = Preprocess(size=(28, 28), channels=1, mean=mean, std=mean)  # 0..1, or -1..1
+    write_keras(build_model(spec, seed=0, pretrained=False), keras_file, preprocess)
+    run = load_run(import_keras(keras_file, tmp_path / "run")[0])
+    assert run.spec.layers[0] == spec.layers[0].model_copy(update={"name": "rescaling"})
+    assert run.preprocess == preprocess
+    exported = export_keras(run.path, tmp_path / "out.keras")
+    back = load_run(import_keras(exported, tmp_path / "back")[0])
+    assert back.spec == run.spec
+    assert back.preprocess == run.preprocess
+    want = capas_proba(run.path, images)
+    assert np.abs(capas_proba(back.path, images) - want).max() < ATOL
+    reloaded = keras.saving.load_model(exported, compile=False)
+    assert np.abs(exported_proba(reloaded, images) - want).max() < ATOL
+
+
+def example_spec(kind: str) -> ModelSpec:
+    """A model of one registered layer type with its registry example (behind a Flatten when the
+    example takes vectors: capas models take images)."""
+    keywords, shape = LAYERS[kind].example
+    layers = [{kind: keywords}]
+    if len(shape) == 1:
+        shape, layers = (1, shape[0], 1), ["Flatten", *layers]
+    return ModelSpec.from_dict({"name": f"only_{kind.lower()}", "input_shape": list(shape), "layers": layers})
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_every_layer_type_exports_to_a_file_keras_loads_with_the_same_outputs(tmp_path, kind):
+    model = build_model(example_spec(kind), seed=0, pretrained=False).eval()
+    reloaded = keras.saving.load_model(write_keras(model, tmp_path / "one.keras"), compile=False)
+    x = torch.rand(3, *model.spec.input_shape)  # (B, H, W, C), Keras' layout
+    want = model.predict_proba(x.permute(0, 3, 1, 2)) if kind == "Softmax" else model(x.permute(0, 3, 1, 2))
+    want = want.permute(0, 2, 3, 1) if want.dim() == 4 else want
+    got = keras.ops.convert_to_numpy(reloaded(x.numpy() * 255, training=False))  # it takes 0..255 pixels
+    assert np.abs(got - want.detach().numpy()).max() < ATOL
 
 
 def test_first_rescaling_layer_becomes_the_preprocessing(tmp_path, images):
@@ -149,6 +210,42 @@ def test_first_rescaling_layer_becomes_the_preprocessing(tmp_path, images):
     want = keras.ops.convert_to_numpy(model(raw))
     assert np.abs(capas_proba(run, images) - want).max() < ATOL
     assert load_run(run).preprocess.mean == (0.5,)
+
+
+def test_a_later_rescaling_imports_as_a_capas_layer(tmp_path, images):
+    """The fast recipes' logits × 1/9, as Keras writes it; a per-channel one is refused in one line."""
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu", name="features"),
+            keras.layers.Flatten(name="flat"),
+            keras.layers.Dense(10, name="logits"),
+            keras.layers.Rescaling(1 / 9, offset=0.5, name="temperature"),
+            keras.layers.Softmax(name="proba"),
+        ]
+    )
+    model.save(tmp_path / "temperature.keras")
+    run, imported = import_keras(tmp_path / "temperature.keras", tmp_path / "run")
+    assert imported.spec.to_dict()["layers"][3] == {
+        "Rescaling": {"scale": pytest.approx(1 / 9), "offset": 0.5, "name": "temperature"}
+    }
+    assert np.abs(capas_proba(run, images) - keras_proba(model, images)).max() < ATOL
+    per_channel = keras.Sequential(
+        [
+            keras.Input((28, 28, 3)),
+            keras.layers.Conv2D(2, 3, name="c"),
+            keras.layers.Rescaling([0.5, 2.0], name="r"),
+        ]
+    )
+    per_channel.save(tmp_path / "per_channel.keras")
+    result = runner.invoke(
+        app, ["import-keras", str(tmp_path / "per_channel.keras"), "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2, result.output
+    assert " ".join(result.output.split()).count("(Rescaling)") == 1
+    assert "a per-channel scale or offset is imported only on a first Rescaling" in " ".join(
+        result.output.split()
+    )
 
 
 def test_imported_run_evaluates_predicts_serves_compresses_and_bases_a_study(tmp_path, test_split):
@@ -233,6 +330,33 @@ def write_unsupported(tmp_path: Path) -> Path:
     return tmp_path / "unsupported.keras"
 
 
+def patched(tmp_path: Path, member: str, data: bytes) -> Path:
+    """flat.keras with one member of the archive replaced by `data`."""
+    import zipfile
+
+    out = tmp_path / f"bad_{member.split('.')[0]}.keras"
+    with zipfile.ZipFile(FIXTURES / "flat.keras") as source, zipfile.ZipFile(out, "w") as archive:
+        for name in source.namelist():
+            archive.writestr(name, data if name == member else source.read(name))
+    return out
+
+
+def write_list_metadata(tmp_path: Path) -> Path:
+    return patched(tmp_path, "metadata.json", b"[]")
+
+
+def write_number_layers(tmp_path: Path) -> Path:
+    return patched(tmp_path, "config.json", b'{"class_name": "Sequential", "config": {"layers": [1, 2]}}')
+
+
+def write_layer_without_config(tmp_path: Path) -> Path:
+    return patched(
+        tmp_path,
+        "config.json",
+        b'{"class_name": "Functional", "config": {"layers": [{"class_name": "Conv2D"}]}}',
+    )
+
+
 def write_misfit(tmp_path: Path) -> list[str]:
     return [str(FIXTURES / "flat.json"), "--weights", str(FIXTURES / "batchnorm.weights.h5")]
 
@@ -251,6 +375,9 @@ def write_misfit(tmp_path: Path) -> list[str]:
             "layer 0 'dilated' (Conv2D): dilation_rate=[2, 2] is not supported; capas computes dilation_rate=1 or (1, 1)",
         ),
         (write_misfit, "the weights do not fit the architecture"),
+        (write_list_metadata, "bad_metadata.keras: not a readable Keras file (metadata.json holds a list"),
+        (write_number_layers, "bad_config.keras: not a Keras model config (its layer 0 is 1,"),
+        (write_layer_without_config, 'not a Keras model config (its layer 0 is {"class_name": "Conv2D"},'),
     ],
 )
 def test_bad_input_is_one_message_and_nothing_written(tmp_path, make, message):
@@ -347,3 +474,31 @@ def test_functional_chain_imports_and_training_only_keywords_are_noted(tmp_path,
     assert imported.notes == [
         "layer 0 'conv2d' (Conv2D): kernel_regularizer ignored (it acts during Keras' training only)"
     ]
+
+
+def test_a_run_imported_without_data_compresses_and_exports_with_data(tmp_path, test_split):
+    """Its classes are the placeholders 0..9: --data names the dataset for compress and export --onnx
+    (neither had the option the import's message pointed to) and for evaluate."""
+    from capas.deploy.compress import compress_run
+    from capas.deploy.measure import Repeats
+
+    run = do_import("flat", "keras", tmp_path / "run")
+    result = runner.invoke(app, ["export", str(run), "--onnx"])
+    assert result.exit_code == 2 and "records no dataset; name one with --data" in result.output
+    result = runner.invoke(app, ["export", str(run), "--onnx", "--data", "fashion-mnist"])
+    assert result.exit_code == 0, result.output
+    assert (run / "model.onnx").is_file()
+    result = runner.invoke(app, ["export", str(run), "--keras", "--data", "fashion-mnist"])
+    assert result.exit_code == 2 and "--data goes with --onnx" in result.output
+    _, evaluation = evaluate_run(load_run(run), DataConfig(name="fashion-mnist"))
+    assert evaluation.accuracy > 0.5
+    out, _ = compress_run(
+        run,
+        quantize="dynamic",
+        out=tmp_path / "dynamic",
+        repeats=Repeats(batch1=3, batch64=1, warmup=1),
+        data=DataConfig(name="fashion-mnist"),
+    )
+    assert (out / "model.onnx").is_file()
+    result = runner.invoke(app, ["compress", "--help"])
+    assert "--data" in result.output

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from capas.errors import CapasError
+
 
 def umask() -> int:
     """The process' umask (read without changing it for longer than a call)."""
@@ -60,6 +62,21 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
         raise
     sync_folder(path.parent)
     return path
+
+
+def check_file_target(path: Path, what: str, example: str) -> None:
+    """Refuse, before any work is done, a `path` that write_with cannot put a file at: a directory, or a
+    path under something that is not a writable folder. `what` names the path for the user (an option
+    such as --out); `example` is a file name to suggest inside a directory."""
+    if path.is_dir():
+        raise CapasError(f"{what} {path}: is a directory; give a file path (e.g. {path / example})")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the nearest folder that exists: write_with makes the ones below it
+    if not folder.is_dir():
+        raise CapasError(f"{what} {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK):
+        raise CapasError(f"{what} {path}: cannot write in {folder} (permission denied)")
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

@@ -471,11 +471,18 @@ def export(
     out: Annotated[
         Path | None, typer.Option(help="where to write it (default RUN/model.onnx or RUN/model.keras)")
     ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="with --onnx: the dataset whose test images check it (default: the run's)"),
+    ] = None,
+    data_dir: Annotated[str | None, typer.Option(help="where to look for dataset files first")] = None,
 ) -> None:
     """Export a run's model to ONNX (dynamic batch; outputs logits and embedding; checked against PyTorch)
-    or to a Keras 3 .keras file (its inputs preprocessed as the run's preprocess.json says)."""
+    or to a Keras 3 .keras file (it takes 0..255 pixels; a first Rescaling scales them as preprocess.json says)."""
     if onnx == keras:
         raise CapasError("choose one format: --onnx or --keras")
+    if keras and data is not None:
+        raise CapasError("--data goes with --onnx (its parity check); --keras uses no dataset")
     if keras:
         from capas.interop.keras import export_keras
 
@@ -483,8 +490,9 @@ def export(
         console.print(f"wrote {path} ({path.stat().st_size / 1e6:.3f} MB)", highlight=False)
         return
     from capas.deploy.export import export_run
+    from capas.spec import DataConfig
 
-    result = export_run(run, out)
+    result = export_run(run, out, DataConfig(name=data, data_dir=data_dir) if data else None)
     check = result.parity
     console.print(
         f"wrote {result.path} ({result.bytes / 1e6:.3f} MB); ONNX Runtime vs PyTorch on {check.images} test images: "
@@ -531,7 +539,8 @@ def import_keras(
     )
     if data is None:
         console.print(
-            "no --data: evaluate and compress will need --data, and serve runs with drift monitoring off "
+            "no --data: evaluate, compress and export --onnx will need --data, and serve runs with drift "
+            "monitoring off "
             "(import with --data for a drift reference)",
             highlight=False,
         )
@@ -548,12 +557,24 @@ def compress(
         int, typer.Option(help=_setting_help(CompressSettings, "finetune_epochs", show_default=False))
     ] = COMPRESS.finetune_epochs,
     out: Annotated[Path | None, typer.Option(help="new run directory (default: beside RUN)")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="the dataset to calibrate, fine-tune and measure on (default: the run's)"),
+    ] = None,
+    data_dir: Annotated[str | None, typer.Option(help="where to look for dataset files first")] = None,
 ) -> None:
     """Quantize or prune a run into a new run directory; prints size, latency and accuracy beside the original's."""
     from capas.deploy.compress import compress_run
+    from capas.spec import DataConfig
 
     path, comparison = compress_run(
-        run, quantize=quantize, prune=prune, structured=structured, finetune_epochs=finetune_epochs, out=out
+        run,
+        quantize=quantize,
+        prune=prune,
+        structured=structured,
+        finetune_epochs=finetune_epochs,
+        out=out,
+        data=DataConfig(name=data, data_dir=data_dir) if data else None,
     )
     table = Table(*comparison.header(), title=f"{comparison.method} (this CPU)", title_justify="left")
     for row in comparison.rows():

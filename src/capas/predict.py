@@ -43,14 +43,19 @@ def predict_files(run: Run, paths: list[str | Path]) -> list[Prediction]:
 
 
 def run_splits(run: Run, data: DataConfig | None = None) -> Splits:
-    """The splits of the run's own data config (from config.json), or of `data`, checked against its classes."""
+    """The splits of the run's own data config (from config.json), or of `data`, checked against its classes.
+
+    A run whose classes are the placeholders 0, 1, …, K−1 (a Keras import without --data or --classes)
+    takes any dataset of K classes, its outputs in the dataset's class order.
+    """
     if data is None:
         recorded = run.read_json("config.json") or {}
         if "data" not in recorded:
-            raise CapasError(f"{run.path}: config.json records no dataset; name one (--data)")
+            raise CapasError(f"{run.path}: config.json records no dataset; name one with --data")
         data = DataConfig.model_validate(recorded["data"])
     splits = splits_for(data)
-    if splits.test.classes != run.classes:
+    placeholders = tuple(str(i) for i in range(len(splits.test.classes)))
+    if splits.test.classes != run.classes and run.classes != placeholders:
         raise CapasError(
             f"{data.name} has classes {list(splits.test.classes)} but the run was trained on {list(run.classes)}"
         )

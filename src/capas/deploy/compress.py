@@ -22,6 +22,7 @@ from capas.errors import CapasError
 from capas.models import CapasNet
 from capas.predict import run_splits
 from capas.runs import OnnxModel, environment, load_run, staging
+from capas.spec import DataConfig
 
 
 def compress_run(
@@ -34,8 +35,11 @@ def compress_run(
     out: str | Path | None = None,
     calibration_images: int = COMPRESS.calibration_images,
     repeats: Repeats | None = None,
+    data: DataConfig | None = None,
 ) -> tuple[Path, Comparison]:
-    """Compress a run directory into a new one (default: beside it) and measure both; the source is only read."""
+    """Compress a run directory into a new one (default: beside it) and measure both; the source is only read.
+
+    Calibration, fine-tuning and the measurements use the run's recorded dataset, or `data`."""
     repeats = repeats or Repeats()
     check_method(quantize, prune, finetune_epochs)
     source = load_run(run_dir)
@@ -49,7 +53,7 @@ def compress_run(
     out = Path(out) if out is not None else default_out(source.path, quantize, prune, structured)
     if out.exists():
         raise CapasError(f"{out}: already exists; pass --out to write elsewhere or remove it")
-    splits = run_splits(source)
+    splits = run_splits(source, data)
     lineage = {
         "source": str(source.path.resolve()),
         "source_model_sha256": hashlib.sha256((source.path / "model.safetensors").read_bytes()).hexdigest(),

@@ -20,6 +20,7 @@ from capas.errors import CapasError
 from capas.models import CapasNet
 from capas.predict import run_splits
 from capas.runs import load_run
+from capas.spec import DataConfig
 
 OPSET = 18
 ATOL = RTOL = 1e-4  # parity: |onnx - torch| <= ATOL + RTOL * |torch|, elementwise, on logits and embeddings
@@ -70,6 +71,8 @@ def export_onnx(model: CapasNet, path: str | Path) -> Path:
         return atomic.write_with(path, write)
     except onnx.checker.ValidationError as error:
         raise CapasError(f"{spec.name}: the exported ONNX graph fails onnx's checker: {error}") from None
+    except OSError as error:  # a full disk, a folder that refuses the file
+        raise CapasError(f"{path}: cannot write it ({error.strerror or error})") from None
 
 
 @dataclass
@@ -113,21 +116,26 @@ class ExportResult:
         return {"path": str(self.path), "bytes": self.bytes, "parity": asdict(self.parity)}
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None) -> ExportResult:
-    """Export a run directory's model to ONNX (default RUN/model.onnx) and check it on the run's test images.
+def export_run(
+    run_dir: str | Path, out: str | Path | None = None, data: DataConfig | None = None
+) -> ExportResult:
+    """Export a run directory's model to ONNX (default RUN/model.onnx) and check it on the test images of
+    the run's dataset (or of `data`).
 
     A result outside the tolerance is an error, and the file is removed: an export that changes the
     predictions is not an export.
     """
     from capas.runs import OnnxModel
 
+    if out is not None:
+        atomic.check_file_target(Path(out), "--out", "model.onnx")
     run = load_run(run_dir)
     if not isinstance(run.model, CapasNet):
         raise CapasError(
             f"{run.path}: already an ONNX run ({run.model.path.name}); export its float source instead"
         )
     out = Path(out) if out is not None else run.path / "model.onnx"
-    images = run_splits(run).test.images[:PARITY_IMAGES]
+    images = run_splits(run, data).test.images[:PARITY_IMAGES]
     export_onnx(run.model, out)
     check = parity(run.model, OnnxModel(out), images, run.preprocess)
     if not check.within_tolerance:

@@ -72,7 +72,7 @@ def prune_run(
     if structured:
         model, spec = _prune_structured(model, source.spec, amount, classifier)
         notes = [
-            f"structured: {_channels(source.spec)} -> {_channels(spec)} (filters/units), the classifier kept whole"
+            f"structured: {_channels(source.spec)} -> {_channels(spec)} (filters/units), each layer rounded to whole channels and keeping at least one, the classifier kept whole"
         ]
     else:
         spec = source.spec
@@ -144,16 +144,24 @@ def _channels(spec: ModelSpec) -> str:
 def _prune_structured(
     model: CapasNet, spec: ModelSpec, amount: float, classifier: nn.Module
 ) -> tuple[CapasNet, ModelSpec]:
-    """Remove `amount` of every layer's channels/units with torch-pruning; returns the rebuilt model and its spec."""
+    """Remove `amount` of every layer's channels/units with torch-pruning, rounded to the nearest
+    channel and keeping at least one; returns the rebuilt model and its spec."""
     import torch_pruning as tp
 
     height, width, channels = spec.input_shape
+    ratios = _layer_ratios(model, spec, amount, classifier)
+    if not any(ratios.values()):
+        raise CapasError(
+            f"--prune {amount}: removes no channel: rounded to whole channels, every layer keeps all of its "
+            f"{_channels(spec)} (filters/units); prune a larger fraction"
+        )
     with _chw_flatten(model, spec), _fixed_affine(model):
         pruner = tp.pruner.MagnitudePruner(
             model,
             example_inputs=torch.zeros(1, channels, height, width),
             importance=tp.importance.MagnitudeImportance(p=1),
             pruning_ratio=amount,
+            pruning_ratio_dict=ratios,
             ignored_layers=[classifier],
         )
         pruner.step()
@@ -172,6 +180,28 @@ def _prune_structured(
     rebuilt = build_model(pruned)
     rebuilt.load_state_dict(model.state_dict())
     return rebuilt, pruned
+
+
+def _layer_ratios(
+    model: CapasNet, spec: ModelSpec, amount: float, classifier: nn.Module
+) -> dict[nn.Module, float]:
+    """Each trainable Conv2D/Dense layer's pruning ratio for torch-pruning, which removes
+    n − int(n·(1 − ratio)) of n channels and skips a layer whose count would reach 0 (at --prune 0.99
+    it pruned nothing in layers under 100 channels): the ratio that keeps round(n·(1 − amount))
+    channels, at least 1."""
+    ratios = {}
+    for info in spec.layer_infos():
+        kind, module = info.layer.type_name(), model.layers[info.name]
+        if kind not in ("Conv2D", "Dense") or not info.layer.trainable:
+            continue
+        weights, count = (
+            (module.conv, info.layer.filters) if kind == "Conv2D" else (module.linear, info.layer.units)
+        )
+        if weights is classifier:
+            continue
+        keep = min(count, max(1, round(count * (1 - amount))))
+        ratios[weights] = max(0.0, 1 - (keep + 0.5) / count)  # int(count · (keep + 0.5)/count) == keep
+    return ratios
 
 
 @contextlib.contextmanager

@@ -57,6 +57,7 @@ KEPT = {
     "Activation": ("activation",),
     "ReLU": ("max_value", "negative_slope"),
     "Softmax": ("axis",),
+    "Rescaling": ("scale", "offset"),  # a first one becomes the preprocessing instead (convert)
 }
 # Keywords capas lacks, accepted at the values that compute what capas computes.
 FIXED = {
@@ -88,6 +89,9 @@ IGNORED = {
 # Kernel layouts: Keras' array -> PyTorch's tensor, for the first weight of these layer types.
 TO_TORCH = {"Conv2D": (3, 2, 0, 1), "Dense": (1, 0)}
 TO_KERAS = {"Conv2D": (2, 3, 1, 0), "Dense": (1, 0)}
+# Layer types whose Keras config has no `trainable`: their __init__ takes no **kwargs, so Keras refuses
+# to load a config that has one (they have no weights to freeze).
+WITHOUT_TRAINABLE = {"SpatialDropout2D"}
 
 
 def keras_snake(name: str) -> str:
@@ -178,6 +182,8 @@ def read_keras(path: str | Path, weights: str | Path | None = None) -> KerasFile
             with zipfile.ZipFile(path) as archive:
                 config = json.loads(archive.read("config.json"))
                 metadata = json.loads(archive.read("metadata.json"))
+                if not isinstance(metadata, dict):
+                    raise ValueError(f"metadata.json holds a {type(metadata).__name__}, not a JSON object")
                 with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as file:
                     arrays = _read_v3_weights(file)
             return KerasFile(str(path), ".keras", config, arrays, True, metadata.get("keras_version"))
@@ -273,18 +279,37 @@ def _chain(config: dict, source: str) -> list[dict]:
     return chain
 
 
+def _check_layers(layers: list, source: str) -> list[dict]:
+    """`layers`, each checked to be what Keras writes: a mapping with a class_name and a config
+    mapping that has the layer's name (a hand-edited or damaged file is one message, not a KeyError)."""
+    for index, layer in enumerate(layers):
+        named = isinstance(layer, dict) and isinstance(layer.get("class_name"), str)
+        config = layer.get("config") if named else None
+        if not (isinstance(config, dict) and isinstance(config.get("name"), str)):
+            raise CapasError(
+                f"{source}: not a Keras model config (its layer {index} is {json.dumps(layer)[:80]}, not a mapping "
+                "with a class_name and a config with a name)"
+            )
+    return layers
+
+
 def _model_layers(document: Any, source: str) -> list[dict]:
     """The model's layers in order, the InputLayer first when the config has one."""
     if not isinstance(document, dict) or "class_name" not in document:
         raise CapasError(f"{source}: not a Keras model config (no class_name)")
     kind, config = document["class_name"], document.get("config")
     if kind == "Sequential":
-        layers = config if isinstance(config, list) else (config or {}).get("layers")
+        layers = (
+            config if isinstance(config, list) else config.get("layers") if isinstance(config, dict) else None
+        )
         if not isinstance(layers, list) or not layers:
             raise CapasError(f"{source}: a Sequential model without layers")
-        return layers
+        return _check_layers(layers, source)
     if kind in ("Functional", "Model"):
-        return _chain(config or {}, source)
+        if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
+            raise CapasError(f"{source}: not a Keras model config (a {kind} model without a list of layers)")
+        _check_layers(config["layers"], source)
+        return _chain(config, source)
     raise CapasError(
         f"{source}: a {kind!r} model; capas imports Sequential models and functional models that are one chain"
     )
@@ -300,7 +325,7 @@ def _input_shape(layers: list[dict], source: str) -> tuple[int, ...]:
         raise CapasError(
             f"{source}: the model records no input shape (build it with keras.Input((H, W, C)) before saving)"
         )
-    shape = list(shape)[1:]
+    shape = list(shape)[1:] if isinstance(shape, list | tuple) else [shape]
     if len(shape) != 3 or not all(isinstance(v, int) and v >= 1 for v in shape):
         raise CapasError(
             f"{source}: input shape {shape} is not a fixed (height, width, channels); capas models take "
@@ -329,9 +354,17 @@ def _translate(
     name = config.get("name")
     where = f"layer {index} {name!r} ({kind})"
     if kind not in KEPT:
-        supported = ", ".join(sorted({*KEPT, "Rescaling (first layer)"}))
-        return None, [f"{where}: unsupported layer type; capas imports {supported}"], []
+        return None, [f"{where}: unsupported layer type; capas imports {', '.join(sorted(KEPT))}"], []
     problems, notes, keywords = [], [], {"name": name}
+    if kind == "Rescaling" and any(isinstance(config.get(k), list) for k in ("scale", "offset")):
+        return (
+            None,
+            [
+                f"{where}: a per-channel scale or offset is imported only on a first Rescaling (it becomes "
+                "the run's preprocessing); a later Rescaling takes one number each"
+            ],
+            [],
+        )
     for key, value in config.items():
         if key in IGNORED or key.endswith("_initializer"):
             continue
@@ -427,12 +460,6 @@ def convert(keras_file: KerasFile) -> Imported:
                 shape = parse_layer(index, item).output_shape(shape) if shape is not None else None
             except (ValueError, CapasError):
                 shape = None
-    for index, layer in enumerate(body):
-        if layer.get("class_name") == "Rescaling" and index >= start:
-            problems.append(
-                f"layer {index} {layer['config'].get('name')!r} (Rescaling): only a first Rescaling layer is "
-                "supported (it becomes the run's preprocessing)"
-            )
     if problems:
         raise CapasError(f"{source}: cannot import:\n  " + "\n  ".join(dict.fromkeys(problems)))
     name = (
@@ -556,6 +583,8 @@ def import_keras(
         )
     if imported.rescaling is not None:
         mean, std = imported.rescaling
+        if set(mean) == {0.0} and set(std) == {1.0}:  # Rescaling(1/255): pixels / 255, the default
+            mean = std = None
     else:
         m, s = SCALES[scale or "0..1"]
         mean, std = (None, None) if (m, s) == (0.0, 1.0) else ((m,) * channels, (s,) * channels)
@@ -618,29 +647,66 @@ def _keras_value(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def keras_config(spec: ModelSpec) -> dict:
-    """The Keras 3 config of a spec: a Sequential model with an InputLayer and the spec's layers."""
+def _input_name(spec: ModelSpec) -> str:
+    """The name of the exported model's first Rescaling (the preprocessing): one no spec layer has."""
+    taken = {info.name for info in spec.layer_infos()}
+    name, count = "preprocessing", 0
+    while name in taken:
+        count += 1
+        name = f"preprocessing_{count}"
+    return name
+
+
+def _input_rescaling(spec: ModelSpec, preprocess: Preprocess | None) -> dict:
+    """The preprocessing after resizing as a Keras Rescaling of 0..255 pixels: (x/255 − mean)/std is
+    x·scale + offset with scale = 1/(255·std), offset = −mean/std; per channel where they differ.
+    Without `preprocess`, or one without mean and std: pixels / 255."""
+    channels = spec.input_shape[-1]
+    mean = (preprocess and preprocess.mean) or (0.0,) * channels
+    std = (preprocess and preprocess.std) or (1.0,) * channels
+    scale = [1 / (255 * s) for s in std]
+    offset = [-m / s for m, s in zip(mean, std, strict=True)]
+    return {
+        "module": "keras.layers",
+        "class_name": "Rescaling",
+        "config": {
+            "name": _input_name(spec),
+            "trainable": True,
+            "dtype": "float32",
+            "scale": scale[0] if len(set(scale)) == 1 else scale,
+            "offset": offset[0] if len(set(offset)) == 1 else offset,
+        },
+        "registered_name": None,
+        "build_config": {"input_shape": [None, *spec.input_shape]},
+    }
+
+
+def keras_config(spec: ModelSpec, preprocess: Preprocess | None = None) -> dict:
+    """The Keras 3 config of a spec: a Sequential model with an InputLayer, a Rescaling that does what
+    `preprocess` does to 0..255 pixels, and the spec's layers."""
     layers = [
         {
             "module": "keras.layers",
             "class_name": "InputLayer",
             "config": {"batch_shape": [None, *spec.input_shape], "dtype": "float32", "name": "input_layer"},
             "registered_name": None,
-        }
+        },
+        _input_rescaling(spec, preprocess),
     ]
     for info in spec.layer_infos():
         # every keyword, defaults included: some of capas' defaults are required arguments in Keras
         # kernel_initializer too is left out: the trained weights come with the file, and capas'
         # data-dependent starts ('whitening', 'dirac') are no Keras initializer names
+        kind = info.layer.type_name()
+        left_out = {"name", "kernel_initializer"} | ({"trainable"} if kind in WITHOUT_TRAINABLE else set())
         keywords = {
-            k: _keras_value(v)
-            for k, v in info.layer.model_dump(mode="json", exclude={"name", "kernel_initializer"}).items()
+            k: _keras_value(v) for k, v in info.layer.model_dump(mode="json", exclude=left_out).items()
         }
         layers.append(
             {
                 "module": "keras.layers",
-                "class_name": info.layer.type_name(),
-                "config": {"name": info.name, "trainable": True, "dtype": "float32", **keywords},
+                "class_name": kind,
+                "config": {"name": info.name, "dtype": "float32", **keywords},
                 "registered_name": None,
                 "build_config": {"input_shape": [None, *info.input_shape]},
             }
@@ -655,11 +721,14 @@ def keras_config(spec: ModelSpec) -> dict:
 
 
 def keras_weights(model: CapasNet) -> dict[str, list[np.ndarray]]:
-    """Each layer's weights in Keras' layouts and order, keyed by Keras 3's weight-file group."""
+    """Each layer's weights in Keras' layouts and order, keyed by Keras 3's weight-file group, the
+    preprocessing's Rescaling (no weights) first."""
     state = model.state_dict()
     infos = model.spec.layer_infos()
-    paths = _keras_paths([{"class_name": info.layer.type_name()} for info in infos])
-    out = {}
+    first, *paths = _keras_paths(
+        [{"class_name": "Rescaling"}, *({"class_name": i.layer.type_name()} for i in infos)]
+    )
+    out: dict[str, list[np.ndarray]] = {first: []}
     for info, path in zip(infos, paths, strict=True):
         kind = info.layer.type_name()
         arrays = [
@@ -673,16 +742,22 @@ def keras_weights(model: CapasNet) -> dict[str, list[np.ndarray]]:
     return out
 
 
-def write_keras(model: CapasNet, path: str | Path) -> Path:
-    """Write `model` as a Keras 3 `.keras` file (config.json, metadata.json, model.weights.h5); atomic."""
+def write_keras(model: CapasNet, path: str | Path, preprocess: Preprocess | None = None) -> Path:
+    """Write `model` as a Keras 3 `.keras` file (config.json, metadata.json, model.weights.h5); atomic.
+
+    The Keras model takes 0..255 pixels (resized, channels last): its first layer, a Rescaling, does
+    what `preprocess` does after resizing (default: pixels / 255). import-keras reads that Rescaling
+    back as the run's preprocessing, so the round trip computes the same outputs.
+    """
     h5py = _h5()
     spec = model.spec
+    names = [_input_name(spec), *(info.name for info in spec.layer_infos())]
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as file:
         file.create_group("layers")
-        for (group, arrays), info in zip(keras_weights(model).items(), spec.layer_infos(), strict=True):
+        for (group, arrays), name in zip(keras_weights(model).items(), names, strict=True):
             variables = file.create_group(f"{group}/vars")
-            variables.attrs["name"] = info.name
+            variables.attrs["name"] = name
             for i, array in enumerate(arrays):
                 variables.create_dataset(str(i), data=array)
         file.create_group("vars").attrs["name"] = spec.name
@@ -694,17 +769,23 @@ def write_keras(model: CapasNet, path: str | Path) -> Path:
     def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w") as archive:
             archive.writestr("metadata.json", json.dumps(metadata))
-            archive.writestr("config.json", json.dumps(keras_config(spec)))
+            archive.writestr("config.json", json.dumps(keras_config(spec, preprocess)))
             archive.writestr("model.weights.h5", buffer.getvalue())
 
-    return atomic.write_with(path, write)
+    try:
+        return atomic.write_with(path, write)
+    except OSError as error:  # a full disk, a folder that refuses the file
+        raise CapasError(f"{path}: cannot write it ({error.strerror or error})") from None
 
 
 def export_keras(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write a run's model as a `.keras` file (default RUN/model.keras).
 
-    The Keras model takes inputs preprocessed as preprocess.json says (resized, scaled), channels last.
+    The Keras model takes 0..255 pixels resized to the run's input size, channels last; its first
+    layer, a Rescaling, scales them as preprocess.json says.
     """
+    if out is not None:
+        atomic.check_file_target(Path(out), "--out", "model.keras")
     run = load_run(run_dir)
     if not isinstance(run.model, CapasNet):
         raise CapasError(f"{run.path}: an ONNX run ({run.model.path.name}); export its float source instead")
@@ -713,4 +794,4 @@ def export_keras(run_dir: str | Path, out: str | Path | None = None) -> Path:
             f"{run.path}: the model has a {run.spec.backbone.name} backbone, which has no Keras layers in capas; "
             "only models of capas' own layers export to Keras"
         )
-    return write_keras(run.model, Path(out) if out is not None else run.path / "model.keras")
+    return write_keras(run.model, Path(out) if out is not None else run.path / "model.keras", run.preprocess)
