@@ -291,3 +291,21 @@ def test_a_model_too_large_for_memory_is_one_line(tmp_path):
     assert result.exit_code == 2 and "out of memory" in result.output and "batch size" in result.output, (
         result.output
     )
+
+
+def test_evaluate_names_a_damaged_or_missing_data_config(tiny_run, tmp_path):
+    """An invalid `data` in config.json was pydantic's traceback; a missing config.json was said to
+    record no dataset."""
+    import json
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_run, damaged)
+    config = json.loads((damaged / "config.json").read_text())
+    config["data"]["limit"] = 3
+    (damaged / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["evaluate", str(damaged)])
+    assert result.exit_code == 2 and "config.json: data: keyword 'limit'" in " ".join(result.output.split())
+    (damaged / "config.json").unlink()
+    result = runner.invoke(app, ["evaluate", str(damaged)])
+    assert result.exit_code == 2 and "config.json is missing" in result.output and "--data" in result.output

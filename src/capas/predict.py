@@ -12,6 +12,7 @@ from capas.errors import CapasError
 from capas.inference import Evaluation, autocast, evaluate, model_device, tta_logits
 from capas.runs import Run
 from capas.spec import DataConfig
+from capas.spec.io import parse_config
 
 
 @dataclass
@@ -49,10 +50,14 @@ def run_splits(run: Run, data: DataConfig | None = None) -> Splits:
     takes any dataset of K classes, its outputs in the dataset's class order.
     """
     if data is None:
+        if not (run.path / "config.json").is_file():
+            raise CapasError(
+                f"{run.path}: config.json is missing, so no dataset is recorded; name one with --data"
+            )
         recorded = run.read_json("config.json") or {}
         if "data" not in recorded:
             raise CapasError(f"{run.path}: config.json records no dataset; name one with --data")
-        data = DataConfig.model_validate(recorded["data"])
+        data = parse_config(DataConfig, recorded["data"], f"{run.path / 'config.json'}: data")
     splits = splits_for(data)
     placeholders = tuple(str(i) for i in range(len(splits.test.classes)))
     if splits.test.classes != run.classes and run.classes != placeholders:
