@@ -99,12 +99,14 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
 def test_sizes_must_agree(tmp_path):
     write(tmp_path / "a" / "small.png", pixels(0, "RGB", (8, 8)))
     write(tmp_path / "a" / "big.png", pixels(0, "RGB", (9, 8)))
+    write(tmp_path / "b" / "other.png", pixels(1, "RGB", (8, 8)))
     with pytest.raises(CapasError, match=r"differ in size .*8x9: .*a/big.png; 8x8: .*a/small.png"):
         load_dataset(f"folder:{tmp_path}")
 
 
 def test_corrupt_image_is_named(tmp_path):
     write(tmp_path / "a" / "good.png", pixels(0, "RGB"))
+    write(tmp_path / "b" / "good.png", pixels(1, "RGB"))
     (tmp_path / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(CapasError, match=r"cannot decode image .*a/bad.jpg"):
         load_dataset(f"folder:{tmp_path}")
@@ -115,9 +117,15 @@ def test_missing_or_empty_folders(tmp_path):
         load_dataset(f"folder:{tmp_path / 'nope'}")
     with pytest.raises(CapasError, match="has no class folders"):
         load_dataset(f"folder:{tmp_path}")
-    (tmp_path / "a").mkdir()
-    with pytest.raises(CapasError, match=r"class folder .*a holds no images"):
+    write(tmp_path / "a" / "x.png", pixels(1, "L"))
+    # one class trained to accuracy 1.0: the folder given was almost surely one level too deep
+    with pytest.raises(CapasError, match=r"a single class folder 'a'.*did you mean its parent"):
         load_dataset(f"folder:{tmp_path}")
+    (tmp_path / "b").mkdir()
+    with pytest.raises(CapasError, match=r"class folder .*b holds no images"):
+        load_dataset(f"folder:{tmp_path}")
+    with pytest.raises(CapasError, match=r"'folder:' needs a path"):  # '' read the current folder
+        load_dataset("folder:")
 
 
 @pytest.mark.slow
@@ -149,6 +157,7 @@ def test_a_16_bit_png_in_a_folder_is_scaled_like_everywhere_else(tmp_path):
 
 def test_a_symlink_leaving_the_folder_is_refused(tmp_path):
     write(tmp_path / "data" / "a" / "x.png", pixels(0, "L"))
+    write(tmp_path / "data" / "c" / "w.png", pixels(2, "L"))
     outside = write(tmp_path / "elsewhere" / "secret.png", pixels(1, "L"))
     (tmp_path / "data" / "a" / "y.png").symlink_to(outside)
     with pytest.raises(CapasError, match=r"a/y.png is a symbolic link to .*elsewhere/secret.png, outside"):
@@ -160,7 +169,7 @@ def test_a_symlink_leaving_the_folder_is_refused(tmp_path):
     (tmp_path / "data" / "b").unlink()
     (tmp_path / "data" / "a" / "z.png").symlink_to(tmp_path / "data" / "a" / "x.png")  # inside: fine
     data, _ = load_dataset(f"folder:{tmp_path / 'data'}")
-    assert len(data) == 2
+    assert len(data) == 3
 
 
 def test_huge_images_are_refused_from_the_header(tmp_path):

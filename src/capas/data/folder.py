@@ -54,6 +54,11 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int, int]], list
     classes = tuple(sorted(e.name for e in folders))
     if not classes:
         raise CapasError(f"image folder {root} has no class folders: expected {root}/<class>/<image>")
+    if len(classes) == 1:  # trains to accuracy 1.0: almost surely one level too deep
+        raise CapasError(
+            f"image folder {root} has a single class folder {classes[0]!r}: a classifier needs two or "
+            f"more ({root}/<class>/<image>); did you mean its parent, {root.parent}?"
+        )
     files, labels = [], []
     for label, name in enumerate(classes):
         with os.scandir(root / name) as entries:

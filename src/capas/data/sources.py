@@ -23,6 +23,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> tuple[ArrayDa
     `folder:PATH` loads `PATH/<class>/<image>` instead.
     """
     if name.startswith("folder:"):
+        if not name.removeprefix("folder:").strip():  # '' would read the current folder
+            raise CapasError("dataset 'folder:' needs a path: folder:PATH, with PATH/<class>/<image>")
         return load_folder(name.removeprefix("folder:")), None
     if name in SOURCES:
         return load_idx(name, data_dir)
