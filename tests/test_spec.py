@@ -179,6 +179,25 @@ def test_layer_names_that_are_module_attributes_are_refused(name):
         _spec({"Flatten": {"name": name}}, {"Dense": {"units": 10}})
 
 
+@pytest.mark.parametrize("name", [".", "..", "/tmp/escaped", "../x", "a/b/c", "a\\b", "nul\x00", "tab\there"])
+def test_a_name_that_is_not_one_folder_name_is_refused(name):
+    """`name` is the default run folder runs/<name>: '.' wrote a run into runs/ itself, '/abs' and
+    '../x' outside it, 'a/b/c' into nested folders."""
+    data = {"name": name, "input_shape": [8, 8, 1], "layers": ["Flatten", {"Dense": {"units": 10}}]}
+    with pytest.raises(CapasError, match=r"spec: 'name' is the run folder runs/<name>") as error:
+        ModelSpec.from_dict(data)
+    assert repr(name) in str(error.value)
+
+
+def test_a_name_may_hold_spaces_dots_and_unicode():
+    data = {
+        "name": "wide net v1.2 (β)",
+        "input_shape": [8, 8, 1],
+        "layers": ["Flatten", {"Dense": {"units": 3}}],
+    }
+    assert ModelSpec.from_dict(data).name == "wide net v1.2 (β)"
+
+
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("name: x\ninput_shape: [28, 28, 1\nlayers:\n  - Flatten\n")

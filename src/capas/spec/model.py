@@ -161,6 +161,14 @@ class ModelSpec:
         name = data.get("name", "model")
         if not isinstance(name, str) or not name:
             raise CapasError(f"{source}: 'name' must be a non-empty string, got {name!r}")
+        # `capas train` writes the run into runs/<name> unless told otherwise: '.', '..' or a separator
+        # ('/', or Windows' '\') put it beside or outside runs/; control characters make a folder
+        # name that shells mangle
+        if name in (".", "..") or any(c in "/\\" or not c.isprintable() for c in name):
+            raise CapasError(
+                f"{source}: 'name' is the run folder runs/<name>, so it must be one folder name: "
+                f"not '.' or '..', without '/', '\\' or control characters (got {name!r})"
+            )
         if "input_shape" not in data:
             raise CapasError(
                 f"{source}: 'input_shape' is missing; write it as Keras does, [height, width, channels], e.g. [28, 28, 1]"
