@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -221,6 +222,43 @@ def test_tampered_run_directories_are_named(tiny_run, tmp_path):
     (broken / "preprocess.json").unlink()
     with pytest.raises(CapasError, match=r"missing preprocess\.json"):
         load_run(broken)
+
+
+def _tampered(tiny_run, tmp_path, name, change):
+    """A copy of the tiny run whose JSON file `name` went through `change` (a function of its data)."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    data = json.loads((broken / name).read_text())
+    change(data)
+    (broken / name).write_text(json.dumps(data))
+    return broken
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda d: d.update(classes=["a", "b", "c"]), ["3 class names", "10 outputs"]),
+        (lambda d: d.update(classes=[str(i) for i in range(12)]), ["12 class names", "10 outputs"]),
+        (
+            lambda d: d.update(classes="0123456789"),
+            ["'classes' must be a list of class names", "'0123456789'"],
+        ),
+        (lambda d: d.update(classes=list(range(10))), ["'classes' must be a list of class names"]),
+        (lambda d: d["preprocess"].update(channels=3), ["channels 3", "input_shape [28, 28, 1]"]),
+        (lambda d: d["preprocess"].update(size=[16, 16]), ["size [16, 16]", "input_shape [28, 28, 1]"]),
+    ],
+    ids=["too-few", "too-many", "a-string", "numbers", "channels", "size"],
+)
+def test_preprocess_json_that_does_not_fit_model_json_is_named(tiny_run, tmp_path, change, words):
+    """Class names that were not one per output made predict fail with an IndexError (or split a
+    string into characters); a size or channel count other than the model's, a RuntimeError in it."""
+    broken = _tampered(tiny_run, tmp_path, "preprocess.json", change)
+    with pytest.raises(CapasError, match=f"^{re.escape(str(broken))}/preprocess\\.json: ") as error:
+        load_run(broken)
+    for word in words:
+        assert word in str(error.value)
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):

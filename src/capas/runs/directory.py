@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import platform
+import reprlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -105,6 +106,31 @@ class Run:
         return json.loads(file.read_text()) if file.exists() else None
 
 
+def _check_preprocess(
+    file: Path, spec: ModelSpec, preprocess: Preprocess, classes: object
+) -> tuple[str, ...]:
+    """The class names of preprocess.json, checked against model.json with its preprocessing: one
+    name per output, and the input size and channels the model takes."""
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+        raise CapasError(
+            f"{file}: 'classes' must be a list of class names (strings), one per output of the model, "
+            f"got {reprlib.repr(classes)}"
+        )
+    if spec.output_shape != (len(classes),):
+        outputs = spec.output_shape[0] if len(spec.output_shape) == 1 else spec.output_shape
+        raise CapasError(
+            f"{file}: {len(classes)} class names for a model with {outputs} outputs (model.json); "
+            "'classes' needs one name per output"
+        )
+    height, width, channels = spec.input_shape
+    if preprocess.size != (height, width) or preprocess.channels != channels:
+        raise CapasError(
+            f"{file}: size {list(preprocess.size)} and channels {preprocess.channels} do not match "
+            f"model.json's input_shape {list(spec.input_shape)}; they must be its [height, width] and channels"
+        )
+    return tuple(classes)
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     """Load a run directory; an incomplete or tampered directory is a CapasError that names the problem.
 
@@ -122,7 +148,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         spec_data = json.loads((path / "model.json").read_text())
         meta = json.loads((path / "preprocess.json").read_text())
         preprocess = Preprocess.model_validate(meta["preprocess"])
-        classes = tuple(meta["classes"])
+        classes = meta["classes"]
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         precision = (config.get("train") or {}).get("precision", "float32")  # imported runs have no train
         if precision not in ("float32", "bfloat16"):
@@ -134,6 +160,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise CapasError(f"{path}: damaged model.json, preprocess.json or config.json ({error})") from None
     spec = ModelSpec.from_dict(spec_data, source=str(path / "model.json"))
+    classes = _check_preprocess(path / "preprocess.json", spec, preprocess, classes)
     if runtime is not None:
         model = OnnxModel(path / runtime["model"], expect=(spec.input_shape, len(classes)))
         return Run(path, spec, model, preprocess, classes, tta=tta)
