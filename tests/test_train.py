@@ -261,6 +261,53 @@ def test_preprocess_json_that_does_not_fit_model_json_is_named(tiny_run, tmp_pat
         assert word in str(error.value)
 
 
+def _conv_filters(data, filters):
+    data["layers"][0]["Conv2D"]["filters"] = filters
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "words"),
+    [
+        ("config.json", "truncate", ["invalid JSON at line"]),
+        ("model.json", "truncate", ["invalid JSON at line"]),
+        ("preprocess.json", "truncate", ["invalid JSON at line"]),
+        ("model.json", lambda d: _conv_filters(d, -8), ["layer 0 (Conv2D)", "'filters'"]),
+        ("preprocess.json", lambda d: d["preprocess"].update(channels=5), ["'channels'", "1 or 3", "5"]),
+        ("preprocess.json", lambda d: d.pop("classes"), ["'classes'"]),
+        ("preprocess.json", lambda d: d.update(preprocess=[28, 28]), ["preprocess", "mapping"]),
+        ("config.json", lambda d: d["train"].update(precision="float16"), ["train.precision", "'float16'"]),
+        ("config.json", lambda d: d["train"].update(tta=["flip"]), ["train.tta", "['flip']"]),
+        ("config.json", lambda d: d.update(train=5), ["'train'", "mapping"]),
+    ],
+    ids=[
+        "config-truncated",
+        "model-truncated",
+        "preprocess-truncated",
+        "model-negative-filters",
+        "preprocess-channels-5",
+        "preprocess-no-classes",
+        "preprocess-not-a-mapping",
+        "config-precision",
+        "config-tta-list",
+        "config-train-not-a-mapping",
+    ],
+)
+def test_a_damaged_run_file_is_named_in_one_line(tiny_run, tmp_path, name, change, words):
+    """The message said 'damaged model.json, preprocess.json or config.json', or pasted pydantic's
+    multi-line text with its URL, or (model.json) named the layer but not the file."""
+    if change == "truncate":
+        broken = _tampered(tiny_run, tmp_path, name, lambda d: None)
+        (broken / name).write_text((broken / name).read_text()[:50])
+    else:
+        broken = _tampered(tiny_run, tmp_path, name, change)
+    with pytest.raises(CapasError, match=f"^{re.escape(str(broken / name))}: ") as error:
+        load_run(broken)
+    message = str(error.value)
+    assert "\n" not in message and "pydantic" not in message, message
+    for word in words:
+        assert word in message, message
+
+
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     from capas.atomic import write_with
 
