@@ -68,7 +68,8 @@ class Layer(BaseModel):
     module is built by capas.models.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # a NaN or infinite keyword (`scale: .nan`, YAML's spelling) trains a model of NaNs
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str | None = None
     """Keras' optional layer name; defaults to the snake-case type name with a counter."""
