@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from capas.models import build_model
 from capas.predict import evaluate_run, predict
 from capas.runs import load_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
+from capas.spec.io import parse_config
+from capas.spec.train import FinetuneConfig, _Config
 from capas.train import Callback, fit, train
 from capas.train.optim import Plateau
 
@@ -306,6 +309,36 @@ def test_a_damaged_run_file_is_named_in_one_line(tiny_run, tmp_path, name, chang
     assert "\n" not in message and "pydantic" not in message, message
     for word in words:
         assert word in message, message
+
+
+CONFIG_FLOATS = [
+    (cls, keyword)
+    for cls in _Config.__subclasses__()
+    for keyword, field in cls.model_fields.items()
+    if float in (field.annotation, *typing.get_args(field.annotation))
+]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    ("cls", "keyword"), CONFIG_FLOATS, ids=[f"{cls.__name__}.{keyword}" for cls, keyword in CONFIG_FLOATS]
+)
+def test_every_config_float_must_be_finite(cls, keyword, value):
+    """`--lr inf` trained to a loss of NaN and wrote a run of NaN weights, with exit code 0."""
+    required = {"after_epochs": 1} if cls is FinetuneConfig else {}
+    with pytest.raises(CapasError, match=f"^train: keyword '{keyword}': Input should be a finite number"):
+        parse_config(cls, {**required, keyword: value}, "train")
+
+
+def test_nested_config_floats_and_threads_are_bounded():
+    with pytest.raises(
+        CapasError, match=r"keyword 'optimizer\.lr': Input should be a finite number \(given inf\)"
+    ):
+        parse_config(TrainConfig, {"optimizer": {"lr": float("inf")}}, "train")
+    # 100,000 threads: PyTorch took them, then no thread could be started ("can't start new thread")
+    with pytest.raises(CapasError, match=r"keyword 'threads': Input should be less than or equal to 1024"):
+        parse_config(TrainConfig, {"threads": 100_000}, "train")
+    assert parse_config(TrainConfig, {"threads": 1024}, "train").threads == 1024
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):

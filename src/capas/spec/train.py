@@ -10,7 +10,8 @@ MAX_SEED = 2**32 - 1  # the largest seed a run takes (numpy's and torch's seeds 
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN or infinity in any float (`--lr inf`, YAML's `.nan`) trains to NaN weights
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 OPTIMIZER_DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3, "adadelta": 1e-3}
@@ -204,6 +205,10 @@ class TrainConfig(_Config):
     threads: int | None = Field(
         default=None,
         ge=1,
+        # each thread is an OS thread: 100,000 of them left none to start ("can't start new
+        # thread"). Fixed rather than the cores of this machine, so that a config recorded on a
+        # larger one still loads here; 1024 is more than the hardware threads of any CPU server
+        le=1024,
         description="PyTorch CPU threads for this run (the result depends on it: reductions split "
         "differently); None: PyTorch's default. Studies set 1 unless their file says otherwise",
     )
