@@ -234,3 +234,21 @@ def test_every_float_keyword_must_be_finite(name, keyword, value):
         CapasError, match=f"^layer 0 \\({name}\\): keyword '{keyword}': Input should be a finite number"
     ):
         parse_layer(0, {name: {**keywords, keyword: value}})
+
+
+@pytest.mark.parametrize(
+    ("name", "keywords"),
+    [
+        ("Dense", {"units": True}),
+        ("Conv2D", {"filters": True, "kernel_size": 3}),
+        ("Conv2D", {"filters": 4, "kernel_size": [True, 3]}),
+        ("MaxPooling2D", {"strides": [2, True]}),
+        ("GroupNormalization", {"groups": True}),
+    ],
+)
+def test_a_boolean_is_not_a_count(name, keywords):
+    """pydantic takes true for 1: `units: true` was a one-unit Dense."""
+    with pytest.raises(
+        CapasError, match=f"^layer 0 \\({name}\\): keyword '.*': Input should be a whole number"
+    ):
+        parse_layer(0, {name: keywords})

@@ -341,6 +341,31 @@ def test_nested_config_floats_and_threads_are_bounded():
     assert parse_config(TrainConfig, {"threads": 1024}, "train").threads == 1024
 
 
+@pytest.mark.parametrize(
+    ("cls", "keywords"),
+    [
+        (TrainConfig, {"epochs": True}),
+        (TrainConfig, {"batch_size": True}),
+        (TrainConfig, {"seed": False}),
+        (TrainConfig, {"threads": True}),
+        (TrainConfig, {"max_samples": True}),
+        (TrainConfig, {"bn_recalibration": True}),
+        (TrainConfig, {"schedule": {"step_epochs": True}}),
+        (TrainConfig, {"early_stopping": {"patience": True}}),
+        (TrainConfig, {"ema": {"every": True}}),
+        (TrainConfig, {"augment": {"cutout": True}}),
+        (TrainConfig, {"finetune": {"after_epochs": True}}),
+        (TrainConfig, {"progressive_resizing": {"size_increment": True}}),
+        (DataConfig, {"limit": True}),
+        (DataConfig, {"split_seed": True}),
+    ],
+)
+def test_a_boolean_is_not_a_count_in_configs(cls, keywords):
+    """`epochs: true` trained one epoch: pydantic takes true for 1."""
+    with pytest.raises(CapasError, match="Input should be a whole number, not true or false"):
+        parse_config(cls, keywords, "config")
+
+
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     from capas.atomic import write_with
 
