@@ -30,6 +30,8 @@ def source(monkeypatch):
     datasets = {
         "with-test": (indexed(COUNTS), indexed([10, 6, 4, 2, 1], offset=1000)),
         "no-test": (indexed(COUNTS), None),
+        "two-images": (indexed([1, 1]), None),
+        "two-and-test": (indexed([1, 1]), indexed([1, 1], offset=1000)),
     }
     monkeypatch.setattr(splits, "load_dataset", lambda name, data_dir: datasets[name])
 
@@ -117,6 +119,26 @@ def test_bad_fractions(source):
         make_splits("no-test", limit=0)
     with pytest.raises(CapasError, match="test_limit must be a positive"):
         make_splits("no-test", test_limit=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "words"),
+    [
+        (
+            "two-images",
+            {},
+            ["2 images", "train 2, validation 0, test 0", "val_fraction 0.1, test_fraction 0.2"],
+        ),
+        ("two-and-test", {"val_fraction": 0.9}, ["train 0, validation 2, test 2", "val_fraction 0.9"]),
+        ("with-test", {"limit": 3}, ["train 3, validation 0, test 23", "limit 3"]),
+    ],
+)
+def test_a_dataset_too_small_for_its_splits_is_refused(source, name, options, words):
+    """An empty validation split trained, then crashed on torch.cat() after the first epoch."""
+    with pytest.raises(CapasError, match=f"^{name}: ") as error:
+        make_splits(name, **options)
+    for word in words:
+        assert word in str(error.value), str(error.value)
 
 
 @pytest.mark.skipif(

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import typing
 from unittest import mock
 
 import pytest
 import torch
 
+from capas.errors import CapasError
 from capas.layers import LAYERS
 from capas.layers.base import ACTIVATIONS
 from capas.models import build_model
 from capas.models.modules import ACTIVATIONS as MODULE_ACTIVATIONS
 from capas.models.modules import build_module
 from capas.spec import ModelSpec
+from capas.spec.model import parse_layer
 
 
 def test_every_registered_layer_has_an_example_and_an_activation_module():
@@ -211,3 +214,41 @@ def test_group_normalization_with_one_group_per_channel_is_instance_normalizatio
     x = torch.randn(2, 4, 5, 5) * 3 + 1
     y = build_module(LAYERS["GroupNormalization"](groups=4), (5, 5, 4))(x)
     assert torch.allclose(y.mean((2, 3)), torch.zeros(2, 4), atol=1e-5)
+
+
+FLOAT_KEYWORDS = [
+    (name, keyword)
+    for name, cls in sorted(LAYERS.items())
+    for keyword, field in cls.model_fields.items()
+    if float in (field.annotation, *typing.get_args(field.annotation))
+]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize(("name", "keyword"), FLOAT_KEYWORDS)
+def test_every_float_keyword_must_be_finite(name, keyword, value):
+    """`Rescaling: {scale: .nan}` or `BatchNormalization: {epsilon: .inf}` passed the summary and
+    trained a model of NaNs."""
+    keywords, _ = LAYERS[name].example
+    with pytest.raises(
+        CapasError, match=f"^layer 0 \\({name}\\): keyword '{keyword}': Input should be a finite number"
+    ):
+        parse_layer(0, {name: {**keywords, keyword: value}})
+
+
+@pytest.mark.parametrize(
+    ("name", "keywords"),
+    [
+        ("Dense", {"units": True}),
+        ("Conv2D", {"filters": True, "kernel_size": 3}),
+        ("Conv2D", {"filters": 4, "kernel_size": [True, 3]}),
+        ("MaxPooling2D", {"strides": [2, True]}),
+        ("GroupNormalization", {"groups": True}),
+    ],
+)
+def test_a_boolean_is_not_a_count(name, keywords):
+    """pydantic takes true for 1: `units: true` was a one-unit Dense."""
+    with pytest.raises(
+        CapasError, match=f"^layer 0 \\({name}\\): keyword '.*': Input should be a whole number"
+    ):
+        parse_layer(0, {name: keywords})

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from capas.errors import CapasError
 from capas.models import build_model
@@ -165,6 +167,35 @@ def test_bad_specs_name_the_problem(change, needles):
         ModelSpec.from_dict(data)
     for needle in needles:
         assert needle in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("name", sorted(set(dir(torch.nn.ModuleDict())) | {"_anything"}))
+def test_layer_names_that_are_module_attributes_are_refused(name):
+    """The built layers are kept in an nn.ModuleDict by name: a name that is one of its attributes
+    ('training', 'forward', 'keys', ...) passed the summary, then training stopped on torch's KeyError."""
+    with pytest.raises(
+        CapasError, match=f"layer 0 \\(Flatten\\): the name {re.escape(repr(name))} is reserved"
+    ):
+        _spec({"Flatten": {"name": name}}, {"Dense": {"units": 10}})
+
+
+@pytest.mark.parametrize("name", [".", "..", "/tmp/escaped", "../x", "a/b/c", "a\\b", "nul\x00", "tab\there"])
+def test_a_name_that_is_not_one_folder_name_is_refused(name):
+    """`name` is the default run folder runs/<name>: '.' wrote a run into runs/ itself, '/abs' and
+    '../x' outside it, 'a/b/c' into nested folders."""
+    data = {"name": name, "input_shape": [8, 8, 1], "layers": ["Flatten", {"Dense": {"units": 10}}]}
+    with pytest.raises(CapasError, match=r"spec: 'name' is the run folder runs/<name>") as error:
+        ModelSpec.from_dict(data)
+    assert repr(name) in str(error.value)
+
+
+def test_a_name_may_hold_spaces_dots_and_unicode():
+    data = {
+        "name": "wide net v1.2 (β)",
+        "input_shape": [8, 8, 1],
+        "layers": ["Flatten", {"Dense": {"units": 3}}],
+    }
+    assert ModelSpec.from_dict(data).name == "wide net v1.2 (β)"
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):

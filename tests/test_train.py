@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import typing
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ from capas.models import build_model
 from capas.predict import evaluate_run, predict
 from capas.runs import load_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
+from capas.spec.io import parse_config
+from capas.spec.train import FinetuneConfig, _Config
 from capas.train import Callback, fit, train
 from capas.train.optim import Plateau
 
@@ -221,6 +225,145 @@ def test_tampered_run_directories_are_named(tiny_run, tmp_path):
     (broken / "preprocess.json").unlink()
     with pytest.raises(CapasError, match=r"missing preprocess\.json"):
         load_run(broken)
+
+
+def _tampered(tiny_run, tmp_path, name, change):
+    """A copy of the tiny run whose JSON file `name` went through `change` (a function of its data)."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    data = json.loads((broken / name).read_text())
+    change(data)
+    (broken / name).write_text(json.dumps(data))
+    return broken
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda d: d.update(classes=["a", "b", "c"]), ["3 class names", "10 outputs"]),
+        (lambda d: d.update(classes=[str(i) for i in range(12)]), ["12 class names", "10 outputs"]),
+        (
+            lambda d: d.update(classes="0123456789"),
+            ["'classes' must be a list of class names", "'0123456789'"],
+        ),
+        (lambda d: d.update(classes=list(range(10))), ["'classes' must be a list of class names"]),
+        (lambda d: d["preprocess"].update(channels=3), ["channels 3", "input_shape [28, 28, 1]"]),
+        (lambda d: d["preprocess"].update(size=[16, 16]), ["size [16, 16]", "input_shape [28, 28, 1]"]),
+    ],
+    ids=["too-few", "too-many", "a-string", "numbers", "channels", "size"],
+)
+def test_preprocess_json_that_does_not_fit_model_json_is_named(tiny_run, tmp_path, change, words):
+    """Class names that were not one per output made predict fail with an IndexError (or split a
+    string into characters); a size or channel count other than the model's, a RuntimeError in it."""
+    broken = _tampered(tiny_run, tmp_path, "preprocess.json", change)
+    with pytest.raises(CapasError, match=f"^{re.escape(str(broken))}/preprocess\\.json: ") as error:
+        load_run(broken)
+    for word in words:
+        assert word in str(error.value)
+
+
+def _conv_filters(data, filters):
+    data["layers"][0]["Conv2D"]["filters"] = filters
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "words"),
+    [
+        ("config.json", "truncate", ["invalid JSON at line"]),
+        ("model.json", "truncate", ["invalid JSON at line"]),
+        ("preprocess.json", "truncate", ["invalid JSON at line"]),
+        ("model.json", lambda d: _conv_filters(d, -8), ["layer 0 (Conv2D)", "'filters'"]),
+        ("preprocess.json", lambda d: d["preprocess"].update(channels=5), ["'channels'", "1 or 3", "5"]),
+        ("preprocess.json", lambda d: d.pop("classes"), ["'classes'"]),
+        ("preprocess.json", lambda d: d.update(preprocess=[28, 28]), ["preprocess", "mapping"]),
+        ("config.json", lambda d: d["train"].update(precision="float16"), ["train.precision", "'float16'"]),
+        ("config.json", lambda d: d["train"].update(tta=["flip"]), ["train.tta", "['flip']"]),
+        ("config.json", lambda d: d.update(train=5), ["'train'", "mapping"]),
+    ],
+    ids=[
+        "config-truncated",
+        "model-truncated",
+        "preprocess-truncated",
+        "model-negative-filters",
+        "preprocess-channels-5",
+        "preprocess-no-classes",
+        "preprocess-not-a-mapping",
+        "config-precision",
+        "config-tta-list",
+        "config-train-not-a-mapping",
+    ],
+)
+def test_a_damaged_run_file_is_named_in_one_line(tiny_run, tmp_path, name, change, words):
+    """The message said 'damaged model.json, preprocess.json or config.json', or pasted pydantic's
+    multi-line text with its URL, or (model.json) named the layer but not the file."""
+    if change == "truncate":
+        broken = _tampered(tiny_run, tmp_path, name, lambda d: None)
+        (broken / name).write_text((broken / name).read_text()[:50])
+    else:
+        broken = _tampered(tiny_run, tmp_path, name, change)
+    with pytest.raises(CapasError, match=f"^{re.escape(str(broken / name))}: ") as error:
+        load_run(broken)
+    message = str(error.value)
+    assert "\n" not in message and "pydantic" not in message, message
+    for word in words:
+        assert word in message, message
+
+
+CONFIG_FLOATS = [
+    (cls, keyword)
+    for cls in _Config.__subclasses__()
+    for keyword, field in cls.model_fields.items()
+    if float in (field.annotation, *typing.get_args(field.annotation))
+]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    ("cls", "keyword"), CONFIG_FLOATS, ids=[f"{cls.__name__}.{keyword}" for cls, keyword in CONFIG_FLOATS]
+)
+def test_every_config_float_must_be_finite(cls, keyword, value):
+    """`--lr inf` trained to a loss of NaN and wrote a run of NaN weights, with exit code 0."""
+    required = {"after_epochs": 1} if cls is FinetuneConfig else {}
+    with pytest.raises(CapasError, match=f"^train: keyword '{keyword}': Input should be a finite number"):
+        parse_config(cls, {**required, keyword: value}, "train")
+
+
+def test_nested_config_floats_and_threads_are_bounded():
+    with pytest.raises(
+        CapasError, match=r"keyword 'optimizer\.lr': Input should be a finite number \(given inf\)"
+    ):
+        parse_config(TrainConfig, {"optimizer": {"lr": float("inf")}}, "train")
+    # 100,000 threads: PyTorch took them, then no thread could be started ("can't start new thread")
+    with pytest.raises(CapasError, match=r"keyword 'threads': Input should be less than or equal to 1024"):
+        parse_config(TrainConfig, {"threads": 100_000}, "train")
+    assert parse_config(TrainConfig, {"threads": 1024}, "train").threads == 1024
+
+
+@pytest.mark.parametrize(
+    ("cls", "keywords"),
+    [
+        (TrainConfig, {"epochs": True}),
+        (TrainConfig, {"batch_size": True}),
+        (TrainConfig, {"seed": False}),
+        (TrainConfig, {"threads": True}),
+        (TrainConfig, {"max_samples": True}),
+        (TrainConfig, {"bn_recalibration": True}),
+        (TrainConfig, {"schedule": {"step_epochs": True}}),
+        (TrainConfig, {"early_stopping": {"patience": True}}),
+        (TrainConfig, {"ema": {"every": True}}),
+        (TrainConfig, {"augment": {"cutout": True}}),
+        (TrainConfig, {"finetune": {"after_epochs": True}}),
+        (TrainConfig, {"progressive_resizing": {"size_increment": True}}),
+        (DataConfig, {"limit": True}),
+        (DataConfig, {"split_seed": True}),
+    ],
+)
+def test_a_boolean_is_not_a_count_in_configs(cls, keywords):
+    """`epochs: true` trained one epoch: pydantic takes true for 1."""
+    with pytest.raises(CapasError, match="Input should be a whole number, not true or false"):
+        parse_config(cls, keywords, "config")
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):

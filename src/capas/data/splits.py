@@ -54,6 +54,7 @@ def make_splits(
         if value is not None and value < 1:
             raise CapasError(f"{key} must be a positive number of images, got {value}")
     data, test = load_dataset(name, data_dir)
+    total = len(data) + (0 if test is None else len(test))
     generator = torch.Generator().manual_seed(seed)
     test_source = "official" if test is not None else "held-out"
     if test is None:
@@ -64,6 +65,19 @@ def make_splits(
         val = stratified_split(val, min(round(limit * val_fraction), len(val)), generator)[0]
     if test_limit is not None:
         test = stratified_split(test, min(test_limit, len(test)), generator)[0]
+    sizes = {"train": len(train), "validation": len(val), "test": len(test)}
+    if not all(sizes.values()):
+        # an empty split fails late: after an epoch of training (validation) or at its end (test)
+        settings = [f"val_fraction {val_fraction}"]
+        settings += [f"test_fraction {test_fraction}"] if test_source == "held-out" else []
+        settings += [
+            f"{key} {value}" for key, value in (("limit", limit), ("test_limit", test_limit)) if value
+        ]
+        raise CapasError(
+            f"{name}: {total} images leave a split empty: "
+            f"{', '.join(f'{split} {size}' for split, size in sizes.items())} ({', '.join(settings)}); "
+            "every split needs at least one image: add images, or change the fractions or limits"
+        )
     info = {
         "dataset": name,
         "seed": seed,

@@ -26,7 +26,17 @@ def _pair(value: object) -> object:
     return value
 
 
-Pair = Annotated[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]], BeforeValidator(_pair)]
+def _not_bool(value: object) -> object:
+    """pydantic takes true and false for the ints 1 and 0: `units: true` was a one-unit Dense."""
+    if isinstance(value, bool):
+        raise ValueError("Input should be a whole number, not true or false")
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_not_bool)]
+"""A whole number that a boolean is not (for counts, sizes and seeds in layers and configs)."""
+
+Pair = Annotated[tuple[Annotated[Count, Field(ge=1)], Annotated[Count, Field(ge=1)]], BeforeValidator(_pair)]
 
 ACTIVATIONS = (
     "linear",
@@ -68,7 +78,8 @@ class Layer(BaseModel):
     module is built by capas.models.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # a NaN or infinite keyword (`scale: .nan`, YAML's spelling) trains a model of NaNs
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str | None = None
     """Keras' optional layer name; defaults to the snake-case type name with a counter."""

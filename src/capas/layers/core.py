@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
-from capas.layers.base import Layer, Pair, Shape, check_activation, conv_output, register
+from capas.layers.base import Count, Layer, Pair, Shape, check_activation, conv_output, register
 
 ActivationName = Annotated[str | None, AfterValidator(check_activation)]
 Padding = Literal["valid", "same"]
@@ -48,7 +48,7 @@ class Conv2D(Layer):
         {"filters": 6, "kernel_size": 3, "strides": 2, "padding": "same", "activation": "relu"},
         (9, 7, 4),
     )
-    filters: int = Field(ge=1)
+    filters: Count = Field(ge=1)
     kernel_size: Pair
     strides: Pair = (1, 1)
     padding: Padding = "valid"
@@ -138,7 +138,7 @@ class Dense(Layer):
     takes = "flat"
     structured_pruning = True
     example = ({"units": 7, "activation": "gelu"}, (12,))
-    units: int = Field(ge=1)
+    units: Count = Field(ge=1)
     activation: ActivationName = None
     use_bias: bool = True
 
@@ -218,7 +218,7 @@ class LayerNormalization(Layer):
 @register
 class GroupNormalization(Layer):
     example = ({"groups": 2}, (5, 5, 4))
-    groups: int = Field(default=32, ge=1)
+    groups: Count = Field(default=32, ge=1)
     epsilon: float = Field(default=1e-3, gt=0.0)
 
     def output_shape(self, shape: Shape) -> Shape:

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import platform
+import reprlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ from capas.models.weights import load_checked
 from capas.runs.reference import REFERENCE, save_reference
 from capas.runs.runtime import RUNTIME, OnnxModel, read_runtime
 from capas.spec import ModelSpec
+from capas.spec.io import load_document, parse_config
 from capas.spec.summary import summarize
 
 REQUIRED = ("model.json", "model.safetensors", "preprocess.json")
@@ -105,8 +107,71 @@ class Run:
         return json.loads(file.read_text()) if file.exists() else None
 
 
+def _json_object(file: Path) -> dict:
+    """A JSON file of a run directory that holds an object; anything else is a CapasError naming it."""
+    data = load_document(file)
+    if not isinstance(data, dict):
+        raise CapasError(f"{file}: damaged, expected a JSON object, got {reprlib.repr(data)}")
+    return data
+
+
+def _read_spec(file: Path) -> ModelSpec:
+    """model.json; every message names the file."""
+    try:
+        return ModelSpec.from_dict(load_document(file), source=str(file))
+    except CapasError as error:
+        # from_dict names its source before the document's own keys but not before a layer's
+        # message ("layer 0 (Conv2D): …"), which study messages embed as it is
+        message = str(error)
+        raise CapasError(message if message.startswith(f"{file}: ") else f"{file}: {message}") from None
+
+
+def _read_preprocess(file: Path, spec: ModelSpec) -> tuple[Preprocess, tuple[str, ...]]:
+    """preprocess.json, checked against model.json: one class name per output, and the input size
+    and channels the model takes."""
+    meta = _json_object(file)
+    preprocess = parse_config(Preprocess, meta.get("preprocess"), f"{file}: preprocess")
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+        raise CapasError(
+            f"{file}: 'classes' must be a list of class names (strings), one per output of the model, "
+            f"got {reprlib.repr(classes)}"
+        )
+    if spec.output_shape != (len(classes),):
+        outputs = spec.output_shape[0] if len(spec.output_shape) == 1 else spec.output_shape
+        raise CapasError(
+            f"{file}: {len(classes)} class names for a model with {outputs} outputs (model.json); "
+            "'classes' needs one name per output"
+        )
+    height, width, channels = spec.input_shape
+    if preprocess.size != (height, width) or preprocess.channels != channels:
+        raise CapasError(
+            f"{file}: size {list(preprocess.size)} and channels {preprocess.channels} do not match "
+            f"model.json's input_shape {list(spec.input_shape)}; they must be its [height, width] and channels"
+        )
+    return preprocess, tuple(classes)
+
+
+def _read_inference(file: Path) -> tuple[str, str, bool]:
+    """(precision, tta, channels_last) of the training that config.json records, which prediction
+    repeats; without the file or its train section (an imported run): float32, no TTA."""
+    train = (_json_object(file).get("train") if file.is_file() else None) or {}
+    if not isinstance(train, dict):
+        raise CapasError(
+            f"{file}: 'train' must be a mapping (the training config), got {reprlib.repr(train)}"
+        )
+    precision = train.get("precision", "float32")
+    if precision not in ("float32", "bfloat16"):
+        raise CapasError(f"{file}: train.precision {reprlib.repr(precision)} is not float32 or bfloat16")
+    tta = train.get("tta", "none")
+    if tta not in TTA_MODES:
+        raise CapasError(f"{file}: train.tta {reprlib.repr(tta)} is not one of {', '.join(TTA_MODES)}")
+    return precision, tta, bool(train.get("channels_last", False))
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
-    """Load a run directory; an incomplete or tampered directory is a CapasError that names the problem.
+    """Load a run directory; an incomplete or tampered directory is a CapasError that names the problem
+    and the file that holds it.
 
     A run declaring an ONNX model in runtime.json loads as an `OnnxModel`, on the CPU whatever `device`.
     """
@@ -118,22 +183,9 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     missing = [name for name in required if not (path / name).is_file()]
     if missing:
         raise CapasError(f"{path}: incomplete run directory, missing {', '.join(missing)}")
-    try:
-        spec_data = json.loads((path / "model.json").read_text())
-        meta = json.loads((path / "preprocess.json").read_text())
-        preprocess = Preprocess.model_validate(meta["preprocess"])
-        classes = tuple(meta["classes"])
-        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        precision = (config.get("train") or {}).get("precision", "float32")  # imported runs have no train
-        if precision not in ("float32", "bfloat16"):
-            raise ValueError(f"train.precision {precision!r} is not float32 or bfloat16")
-        tta = (config.get("train") or {}).get("tta", "none")
-        channels_last = bool((config.get("train") or {}).get("channels_last", False))
-        if tta not in TTA_MODES:
-            raise ValueError(f"train.tta {tta!r} is not one of {', '.join(TTA_MODES)}")
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CapasError(f"{path}: damaged model.json, preprocess.json or config.json ({error})") from None
-    spec = ModelSpec.from_dict(spec_data, source=str(path / "model.json"))
+    spec = _read_spec(path / "model.json")
+    preprocess, classes = _read_preprocess(path / "preprocess.json", spec)
+    precision, tta, channels_last = _read_inference(path / "config.json")
     if runtime is not None:
         model = OnnxModel(path / runtime["model"], expect=(spec.input_shape, len(classes)))
         return Run(path, spec, model, preprocess, classes, tta=tta)

@@ -13,6 +13,75 @@ from capas.layers import LAYERS, Layer, Shape
 from capas.spec.backbone import BackboneConfig
 from capas.spec.io import describe_validation, parse_config
 
+# The public attributes of torch's nn.ModuleDict, which keeps the built layers by name: a layer
+# named like one of them cannot be added to it (nor one named like its private attributes, which all
+# start with '_'). Listed here because the spec stays torch-free; tests/test_spec.py checks the list
+# against the installed torch.
+MODULE_ATTRIBUTES = frozenset(
+    [
+        "T_destination",
+        "add_module",
+        "apply",
+        "bfloat16",
+        "buffers",
+        "call_super_init",
+        "children",
+        "clear",
+        "compile",
+        "cpu",
+        "cuda",
+        "double",
+        "dump_patches",
+        "eval",
+        "extra_repr",
+        "float",
+        "forward",
+        "get_buffer",
+        "get_extra_state",
+        "get_parameter",
+        "get_submodule",
+        "half",
+        "ipu",
+        "items",
+        "keys",
+        "load_state_dict",
+        "modules",
+        "mtia",
+        "named_buffers",
+        "named_children",
+        "named_modules",
+        "named_parameters",
+        "parameters",
+        "pop",
+        "register_backward_hook",
+        "register_buffer",
+        "register_forward_hook",
+        "register_forward_pre_hook",
+        "register_full_backward_hook",
+        "register_full_backward_pre_hook",
+        "register_load_state_dict_post_hook",
+        "register_load_state_dict_pre_hook",
+        "register_module",
+        "register_parameter",
+        "register_state_dict_post_hook",
+        "register_state_dict_pre_hook",
+        "requires_grad_",
+        "set_extra_state",
+        "set_submodule",
+        "share_memory",
+        "state_dict",
+        "to",
+        "to_empty",
+        "train",
+        "training",
+        "type",
+        "update",
+        "values",
+        "xpu",
+        "zero_grad",
+    ]
+)
+
 
 def _snake(name: str) -> str:
     """Keras' automatic layer names: Conv2D -> conv2d, GlobalAveragePooling2D -> global_average_pooling2d."""
@@ -92,6 +161,14 @@ class ModelSpec:
         name = data.get("name", "model")
         if not isinstance(name, str) or not name:
             raise CapasError(f"{source}: 'name' must be a non-empty string, got {name!r}")
+        # `capas train` writes the run into runs/<name> unless told otherwise: '.', '..' or a separator
+        # ('/', or Windows' '\') put it beside or outside runs/; control characters make a folder
+        # name that shells mangle
+        if name in (".", "..") or any(c in "/\\" or not c.isprintable() for c in name):
+            raise CapasError(
+                f"{source}: 'name' is the run folder runs/<name>, so it must be one folder name: "
+                f"not '.' or '..', without '/', '\\' or control characters (got {name!r})"
+            )
         if "input_shape" not in data:
             raise CapasError(
                 f"{source}: 'input_shape' is missing; write it as Keras does, [height, width, channels], e.g. [28, 28, 1]"
@@ -209,6 +286,13 @@ class ModelSpec:
                 raise CapasError(
                     f"layer {info.index - offset} ({info.layer.type_name()}): the name {info.name!r} "
                     f"contains {' and '.join(map(repr, bad))}; layer names may not contain '.' or '/'"
+                )
+            if info.name.startswith("_") or info.name in MODULE_ATTRIBUTES:
+                raise CapasError(
+                    f"layer {info.index - offset} ({info.layer.type_name()}): the name {info.name!r} is reserved: "
+                    "PyTorch's nn.ModuleDict, which holds the layers by name, has attributes such as "
+                    "'training', 'forward' and 'keys'; layer names may not start with '_' nor name one of "
+                    "its attributes, choose another"
                 )
             if names.count(info.name) > 1:
                 raise CapasError(

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from capas.layers.base import Count
 
 MAX_SEED = 2**32 - 1  # the largest seed a run takes (numpy's and torch's seeds both hold it)
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN or infinity in any float (`--lr inf`, YAML's `.nan`) trains to NaN weights
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 OPTIMIZER_DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3, "adadelta": 1e-3}
@@ -63,7 +66,7 @@ class ScheduleConfig(_Config):
     suits early stopping (a cosine or one-cycle schedule ends at the `epochs` maximum instead)."""
 
     name: Literal["constant", "step", "cosine", "onecycle", "linear", "plateau"] = "constant"
-    step_epochs: int = Field(default=10, ge=1, description="'step': epochs between decays")
+    step_epochs: Count = Field(default=10, ge=1, description="'step': epochs between decays")
     gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="'step': factor per decay")
     warmup_fraction: float = Field(
         default=0.25, gt=0.0, lt=1.0, description="'onecycle', 'linear': share of steps rising"
@@ -75,7 +78,7 @@ class ScheduleConfig(_Config):
         default=0.0, ge=0.0, le=1.0, description="'linear': the rate at the last step, relative to lr"
     )
     factor: float = Field(default=0.1, gt=0.0, lt=1.0, description="'plateau': factor per reduction")
-    patience: int = Field(default=10, ge=1, description="'plateau': epochs without improvement")
+    patience: Count = Field(default=10, ge=1, description="'plateau': epochs without improvement")
     min_lr: float = Field(default=0.0, ge=0.0, description="'plateau': the lowest learning rate")
     min_delta: float = Field(default=1e-4, ge=0.0, description="'plateau': the smallest improvement")
 
@@ -90,8 +93,8 @@ class EmaConfig(_Config):
     `{decay: 0.7738, every: 5, overwrite_every: 5, ramp: 3}`."""
 
     decay: float = Field(default=0.99, ge=0.0, lt=1.0, description="Keras' ema_momentum")
-    overwrite_every: int | None = Field(default=None, ge=1, description="Keras' ema_overwrite_frequency")
-    every: int = Field(default=1, ge=1, description="optimizer steps between updates of the average")
+    overwrite_every: Count | None = Field(default=None, ge=1, description="Keras' ema_overwrite_frequency")
+    every: Count = Field(default=1, ge=1, description="optimizer steps between updates of the average")
     ramp: float = Field(
         default=0.0,
         ge=0.0,
@@ -111,7 +114,7 @@ class EmaConfig(_Config):
 
 class EarlyStopping(_Config):
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
-    patience: int = Field(default=3, ge=1)
+    patience: Count = Field(default=3, ge=1)
     min_delta: float = Field(default=0.0, ge=0.0)
 
 
@@ -120,8 +123,8 @@ class FinetuneConfig(_Config):
     unfreeze the last `unfreeze` backbone layers (or all) and go on at a smaller backbone rate.
     The optimizer is rebuilt at the switch, so frozen parameters never hold optimizer state."""
 
-    after_epochs: int = Field(ge=1)
-    unfreeze: Literal["all"] | Annotated[int, Field(ge=1)] = "all"
+    after_epochs: Count = Field(ge=1)
+    unfreeze: Literal["all"] | Annotated[Count, Field(ge=1)] = "all"
     backbone_lr_scale: float = Field(default=0.1, gt=0.0, le=1.0, description="backbone rate relative to lr")
 
 
@@ -140,10 +143,11 @@ class Augment(_Config):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    crop_padding: NonNegativeInt = 0  # random crop of the image padded by this many pixels; 0 = off
+    # random crop of the image padded by this many pixels; 0 = off
+    crop_padding: Count = Field(default=0, ge=0)
     crop_fill: Literal["zeros", "reflect"] = "zeros"
     hflip: bool | Literal["alternate"] = False
-    cutout: NonNegativeInt = 0  # side of the blanked square in pixels; 0 = off
+    cutout: Count = Field(default=0, ge=0)  # side of the blanked square in pixels; 0 = off
 
     @property
     def off(self) -> bool:
@@ -165,7 +169,7 @@ class ProgressiveResizing(_Config):
     initial_scale: float = Field(default=0.5, gt=0.0, le=1.0, description="the first images' side, relative")
     delay_fraction: float = Field(default=0.5, ge=0.0, lt=1.0, description="share of steps at initial_scale")
     finetune_fraction: float = Field(default=0.2, ge=0.0, lt=1.0, description="share of steps at full size")
-    size_increment: int = Field(default=4, ge=1, description="sides are multiples of this many pixels")
+    size_increment: Count = Field(default=4, ge=1, description="sides are multiples of this many pixels")
 
     @model_validator(mode="after")
     def _fractions(self) -> ProgressiveResizing:
@@ -178,15 +182,15 @@ class ProgressiveResizing(_Config):
 
 
 class TrainConfig(_Config):
-    epochs: int = Field(default=10, ge=1)
-    batch_size: int = Field(default=128, ge=1)
+    epochs: Count = Field(default=10, ge=1)
+    batch_size: Count = Field(default=128, ge=1)
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     early_stopping: EarlyStopping | None = None
     augment: Augment = Augment()
     # per-epoch seeds are derived as seed × 100,003 + epoch and must fit torch's 64-bit seeds
-    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    seed: Count = Field(default=0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     channels_last: bool = True
     precision: Literal["auto", "float32", "bfloat16"] = Field(
@@ -201,9 +205,13 @@ class TrainConfig(_Config):
         description="deterministic algorithms (cuDNN, cuBLAS and torch's own), so that a rerun of the "
         "same command gives the same weights on a GPU too; off: PyTorch's fastest choices",
     )
-    threads: int | None = Field(
+    threads: Count | None = Field(
         default=None,
         ge=1,
+        # each thread is an OS thread: 100,000 of them left none to start ("can't start new
+        # thread"). Fixed rather than the cores of this machine, so that a config recorded on a
+        # larger one still loads here; 1024 is more than the hardware threads of any CPU server
+        le=1024,
         description="PyTorch CPU threads for this run (the result depends on it: reductions split "
         "differently); None: PyTorch's default. Studies set 1 unless their file says otherwise",
     )
@@ -237,7 +245,7 @@ class TrainConfig(_Config):
     max_seconds: float | None = Field(
         default=None, gt=0.0, description="wall-clock budget; stops after the epoch"
     )
-    max_samples: int | None = Field(default=None, ge=1, description="budget of training images seen")
+    max_samples: Count | None = Field(default=None, ge=1, description="budget of training images seen")
     finetune: FinetuneConfig | None = None
     progressive_resizing: ProgressiveResizing | None = None
     ema: EmaConfig | None = None
@@ -247,7 +255,7 @@ class TrainConfig(_Config):
         "logits of the image and its mirror; 'flip_shift' also those of both views shifted one pixel "
         "up-left and down-right (6 forward passes, weighted as airbench: ½ unshifted, ¼ each shift)",
     )
-    bn_recalibration: int = Field(
+    bn_recalibration: Count = Field(
         default=0,
         ge=0,
         description="before every evaluation, recompute BatchNormalization's running statistics as the "
@@ -271,14 +279,14 @@ class DataConfig(_Config):
     test_fraction: float = Field(
         default=0.2, gt=0.0, lt=1.0, description="held out when the data has no test split"
     )
-    limit: int | None = Field(
+    limit: Count | None = Field(
         default=None,
         ge=10,
         description="train on a stratified subset of this many images (and validate on limit·val_fraction)",
     )
-    test_limit: int | None = Field(
+    test_limit: Count | None = Field(
         default=None,
         ge=10,
         description="test on a stratified subset of this many images; None: the whole test split",
     )
-    split_seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    split_seed: Count = Field(default=0, ge=0, le=MAX_SEED)
