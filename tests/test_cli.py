@@ -77,23 +77,26 @@ def test_bad_spec_exits_2_with_one_message_and_no_traceback(tmp_path):
     )
 
 
+def train_with_config(tmp_path: Path, config: str, *options: str):
+    """`capas train` of the seed-000 spec with this --config text, into tmp_path/run."""
+    path = tmp_path / "train.yaml"
+    path.write_text(config)
+    command = [
+        "train",
+        str(EXAMPLES / "seed000-gap.yaml"),
+        "--config",
+        str(path),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    return runner.invoke(app, [*command, *options])
+
+
 @pytest.mark.parametrize(("key", "allowed"), [("winograd", "'auto'"), ("compile", "'frozen'")])
 def test_a_setting_of_several_kinds_gets_one_message_with_what_each_allows(tmp_path, key, allowed):
     """winograd is true, false or 'auto': pydantic reports each kind apart (as `winograd.bool`…);
     the user reads one keyword and everything it takes."""
-    config = tmp_path / "train.yaml"
-    config.write_text(f"train:\n  {key}: maybe\n")
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            str(EXAMPLES / "seed000-gap.yaml"),
-            "--config",
-            str(config),
-            "--out",
-            str(tmp_path / "run"),
-        ],
-    )
+    result = train_with_config(tmp_path, f"train:\n  {key}: maybe\n")
     assert result.exit_code == 2
     message = " ".join(result.output.split())
     assert f"training config: keyword '{key}': Input should be a valid boolean" in message
@@ -103,19 +106,7 @@ def test_a_setting_of_several_kinds_gets_one_message_with_what_each_allows(tmp_p
 
 
 def test_an_unknown_nested_keyword_named_like_a_type_is_named_in_full(tmp_path):
-    config = tmp_path / "train.yaml"
-    config.write_text("train:\n  optimizer: {name: sgd, bool: 1}\n")
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            str(EXAMPLES / "seed000-gap.yaml"),
-            "--config",
-            str(config),
-            "--out",
-            str(tmp_path / "run"),
-        ],
-    )
+    result = train_with_config(tmp_path, "train:\n  optimizer: {name: sgd, bool: 1}\n")
     assert result.exit_code == 2
     assert "unknown keyword 'optimizer.bool'" in " ".join(result.output.split())
     assert not (tmp_path / "run").exists()
@@ -242,19 +233,8 @@ def test_a_seed_beyond_what_torch_takes_is_refused_naming_it(tmp_path):
     ],
 )
 def test_a_config_section_that_is_not_a_mapping_or_unknown_is_named(tmp_path, config, options, message):
-    path = tmp_path / "train.yaml"
-    path.write_text(config)
     out = tmp_path / "run"
-    command = [
-        "train",
-        str(EXAMPLES / "seed000-gap.yaml"),
-        "--config",
-        str(path),
-        "--out",
-        str(out),
-        *options,
-    ]
-    result = runner.invoke(app, command)
+    result = train_with_config(tmp_path, config, *options)
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
     assert not out.exists()
 
