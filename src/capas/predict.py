@@ -50,11 +50,11 @@ def run_splits(run: Run, data: DataConfig | None = None) -> Splits:
     takes any dataset of K classes, its outputs in the dataset's class order.
     """
     if data is None:
-        if not (run.path / "config.json").is_file():
+        recorded = run.read_json("config.json")
+        if recorded is None:
             raise CapasError(
                 f"{run.path}: config.json is missing, so no dataset is recorded; name one with --data"
             )
-        recorded = run.read_json("config.json") or {}
         if "data" not in recorded:
             raise CapasError(f"{run.path}: config.json records no dataset; name one with --data")
         data = parse_config(DataConfig, recorded["data"], f"{run.path / 'config.json'}: data")
