@@ -277,6 +277,19 @@ def test_a_model_too_large_for_memory_is_one_line(tmp_path):
     assert "Traceback" not in output
 
 
+def test_evaluate_data_dir_applies_to_the_recorded_dataset(tiny_run, tmp_path):
+    """--data-dir without --data was ignored: the run's own dataset is now looked for there first."""
+    import shutil
+
+    for path in Path("/usr/share/datasets/fashion-mnist").glob("*.gz"):
+        shutil.copy(path, tmp_path / path.name)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"")  # damaged: the error must name this copy
+    result = runner.invoke(app, ["evaluate", str(tiny_run), "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and str(tmp_path / "t10k-labels-idx1-ubyte.gz") in " ".join(
+        result.output.split()
+    )
+
+
 def test_evaluate_names_a_damaged_or_missing_data_config(tiny_run, tmp_path):
     """An invalid `data` in config.json was pydantic's traceback; a missing config.json was said to
     record no dataset."""

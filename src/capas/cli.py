@@ -313,7 +313,7 @@ def _print_confusion(classes: list[str], matrix: list[list[int]]) -> None:
 def evaluate(
     run: RunArg,
     data: Annotated[str | None, typer.Option(help="evaluate on this dataset's test split instead")] = None,
-    data_dir: str | None = None,
+    data_dir: Annotated[str | None, typer.Option(help="where to look for dataset files first")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Evaluate a run directory on the test split of its dataset (or of --data)."""
@@ -324,7 +324,7 @@ def evaluate(
 
     loaded = load_run(run, device=resolve_device(device))
     data_cfg = DataConfig(name=data, data_dir=data_dir) if data else None
-    used, result = evaluate_run(loaded, data_cfg)
+    used, result = evaluate_run(loaded, data_cfg, data_dir)
     console.print(
         f"{used}: test accuracy {result.accuracy:.4f}  test loss {result.loss:.4f}  ({len(result.labels)} images)",
         highlight=False,

@@ -43,8 +43,9 @@ def predict_files(run: Run, paths: list[str | Path]) -> list[Prediction]:
     return predict(run, [read_image(Path(p), size=run.preprocess.size) for p in paths])
 
 
-def run_splits(run: Run, data: DataConfig | None = None) -> Splits:
+def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = None) -> Splits:
     """The splits of the run's own data config (from config.json), or of `data`, checked against its classes.
+    `data_dir` replaces the recorded config's folder for the dataset's files (a run moved to another machine).
 
     A run whose classes are the placeholders 0, 1, …, K−1 (a Keras import without --data or --classes)
     takes any dataset of K classes, its outputs in the dataset's class order.
@@ -58,6 +59,8 @@ def run_splits(run: Run, data: DataConfig | None = None) -> Splits:
         if "data" not in recorded:
             raise CapasError(f"{run.path}: config.json records no dataset; name one with --data")
         data = parse_config(DataConfig, recorded["data"], f"{run.path / 'config.json'}: data")
+        if data_dir is not None:
+            data = data.model_copy(update={"data_dir": data_dir})
     splits = splits_for(data)
     placeholders = tuple(str(i) for i in range(len(splits.test.classes)))
     if splits.test.classes != run.classes and run.classes != placeholders:
@@ -67,10 +70,12 @@ def run_splits(run: Run, data: DataConfig | None = None) -> Splits:
     return splits
 
 
-def evaluate_run(run: Run, data: DataConfig | None = None) -> tuple[str, Evaluation]:
-    """Test loss and accuracy of a run on the test split of its own data config, or of `data`;
-    returns the dataset's name with the evaluation."""
-    splits = run_splits(run, data)
+def evaluate_run(
+    run: Run, data: DataConfig | None = None, data_dir: str | None = None
+) -> tuple[str, Evaluation]:
+    """Test loss and accuracy of a run on the test split of its own data config (its files looked for
+    in `data_dir` if given), or of `data`; returns the dataset's name with the evaluation."""
+    splits = run_splits(run, data, data_dir)
     device = model_device(run.model)
     return splits.info["dataset"], evaluate(
         run.model, splits.test, run.preprocess, device, run.channels_last, run.precision, run.tta
