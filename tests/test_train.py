@@ -341,6 +341,32 @@ def test_nested_config_floats_and_threads_are_bounded():
     assert parse_config(TrainConfig, {"threads": 1024}, "train").threads == 1024
 
 
+def test_rates_are_bounded_so_the_optimizer_step_stays_a_float32(tmp_path):
+    """`--lr 1e308` was PyTorch's "value cannot be converted to type float without overflow"
+    traceback in Adam's first step; the ceiling's largest combination trains (to whatever loss)."""
+    from capas.spec.train import MAX_RATE
+
+    with pytest.raises(
+        CapasError, match=r"keyword 'optimizer\.lr': Input should be less than or equal to 1000000"
+    ):
+        parse_config(TrainConfig, {"optimizer": {"lr": 1e308}}, "train")
+    spec = ModelSpec.from_dict(
+        {
+            "input_shape": [8, 8, 1],
+            "layers": [
+                {"Conv2D": {"filters": 2, "kernel_size": 3}},
+                "BatchNormalization",
+                "Flatten",
+                {"Dense": {"units": 10, "activation": "softmax"}},
+            ],
+        }
+    )
+    for name in ("adam", "adamw", "sgd", "rmsprop", "adadelta"):
+        optimizer = {"name": name, "lr": MAX_RATE, "weight_decay": MAX_RATE, "batchnorm_lr_scale": MAX_RATE}
+        config = TrainConfig(epochs=1, batch_size=32, optimizer=optimizer, threads=1)
+        train(spec, DataConfig(name="digits", limit=100, test_limit=50), config, tmp_path / name)
+
+
 @pytest.mark.parametrize(
     ("cls", "keywords"),
     [

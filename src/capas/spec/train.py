@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from capas.layers.base import Count
 
 MAX_SEED = 2**32 - 1  # the largest seed a run takes (numpy's and torch's seeds both hold it)
+MAX_RATE = 1e6
+"""The ceiling of learning rates, their scales and weight decay: far above any that trains, low enough
+that every product an optimizer step forms (Adam's lr/(1−β₁ᵗ), lr·scale·weight decay) stays a float32
+(`--lr 1e308` was PyTorch's overflow traceback in the first step)."""
 
 
 class _Config(BaseModel):
@@ -24,12 +28,15 @@ OPTIMIZER_DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adam": 0.0, "adamw": 0.004, "rmsp
 
 class OptimizerConfig(_Config):
     name: Literal["sgd", "adam", "adamw", "rmsprop", "adadelta"] = "adam"
-    lr: float | None = Field(default=None, gt=0.0, description="None: Keras' default for the optimizer")
+    lr: float | None = Field(
+        default=None, gt=0.0, le=MAX_RATE, description="None: Keras' default for the optimizer"
+    )
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: float | None = Field(
         default=None,
         ge=0.0,
+        le=MAX_RATE,
         description="decoupled, as Keras 3 applies it in every optimizer: w -= lr·weight_decay·w before "
         "each step. None: Keras' default (0.004 for adamw, 0 for the others)",
     )
@@ -43,6 +50,7 @@ class OptimizerConfig(_Config):
     batchnorm_lr_scale: float = Field(
         default=1.0,
         gt=0.0,
+        le=MAX_RATE,
         description="learning rate of the model's own BatchNormalization parameters relative to lr; their "
         "weight decay per step stays lr·weight_decay (airbench's bias_scaler: 64)",
     )
@@ -79,7 +87,7 @@ class ScheduleConfig(_Config):
     )
     factor: float = Field(default=0.1, gt=0.0, lt=1.0, description="'plateau': factor per reduction")
     patience: Count = Field(default=10, ge=1, description="'plateau': epochs without improvement")
-    min_lr: float = Field(default=0.0, ge=0.0, description="'plateau': the lowest learning rate")
+    min_lr: float = Field(default=0.0, ge=0.0, le=MAX_RATE, description="'plateau': the lowest learning rate")
     min_delta: float = Field(default=1e-4, ge=0.0, description="'plateau': the smallest improvement")
 
 
