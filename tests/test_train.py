@@ -344,10 +344,11 @@ def test_nested_config_floats_and_threads_are_bounded():
 def test_rates_are_bounded_so_the_optimizer_step_stays_a_float32(tmp_path):
     """`--lr 1e308` was PyTorch's "value cannot be converted to type float without overflow"
     traceback in Adam's first step; the ceiling's largest combination trains (to whatever loss)."""
-    from capas.spec.train import MAX_RATE
+    from capas.spec.train import MAX_FACTOR, MAX_LR
 
     with pytest.raises(
-        CapasError, match=r"keyword 'optimizer\.lr': Input should be less than or equal to 1000000"
+        CapasError,
+        match=r"keyword 'optimizer\.lr': Input should be at most 1e\+30, where an optimizer step stays a float32",
     ):
         parse_config(TrainConfig, {"optimizer": {"lr": 1e308}}, "train")
     spec = ModelSpec.from_dict(
@@ -362,7 +363,7 @@ def test_rates_are_bounded_so_the_optimizer_step_stays_a_float32(tmp_path):
         }
     )
     for name in ("adam", "adamw", "sgd", "rmsprop", "adadelta"):
-        optimizer = {"name": name, "lr": MAX_RATE, "weight_decay": MAX_RATE, "batchnorm_lr_scale": MAX_RATE}
+        optimizer = {"name": name, "lr": MAX_LR, "weight_decay": MAX_FACTOR, "batchnorm_lr_scale": MAX_FACTOR}
         config = TrainConfig(epochs=1, batch_size=32, optimizer=optimizer, threads=1)
         train(spec, DataConfig(name="digits", limit=100, test_limit=50), config, tmp_path / name)
 

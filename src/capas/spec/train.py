@@ -4,15 +4,25 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from capas.layers.base import Count
 
 MAX_SEED = 2**32 - 1  # the largest seed a run takes (numpy's and torch's seeds both hold it)
-MAX_RATE = 1e6
-"""The ceiling of learning rates, their scales and weight decay: far above any that trains, low enough
-that every product an optimizer step forms (Adam's lr/(1−β₁ᵗ), lr·scale·weight decay) stays a float32
-(`--lr 1e308` was PyTorch's overflow traceback in the first step)."""
+MAX_LR, MAX_FACTOR = 1e30, 1e3
+"""Ceilings of learning rates (MAX_LR) and of what multiplies them (weight decay, batchnorm_lr_scale:
+MAX_FACTOR): far above any that trains, low enough that every scalar an optimizer step forms
+(Adam's lr·scale/(1−β₁ᵗ), lr·scale·weight decay) stays a float32 (`--lr 1e308` was PyTorch's
+overflow traceback in the first step)."""
+
+
+def _at_most_max_lr(value: float) -> float:
+    if value > MAX_LR:  # pydantic's `le` would print the ceiling with all 31 digits
+        raise ValueError(f"Input should be at most {MAX_LR:g}, where an optimizer step stays a float32")
+    return value
+
+
+Rate = Annotated[float, AfterValidator(_at_most_max_lr)]
 
 
 class _Config(BaseModel):
@@ -28,15 +38,13 @@ OPTIMIZER_DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adam": 0.0, "adamw": 0.004, "rmsp
 
 class OptimizerConfig(_Config):
     name: Literal["sgd", "adam", "adamw", "rmsprop", "adadelta"] = "adam"
-    lr: float | None = Field(
-        default=None, gt=0.0, le=MAX_RATE, description="None: Keras' default for the optimizer"
-    )
+    lr: Rate | None = Field(default=None, gt=0.0, description="None: Keras' default for the optimizer")
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: float | None = Field(
         default=None,
         ge=0.0,
-        le=MAX_RATE,
+        le=MAX_FACTOR,
         description="decoupled, as Keras 3 applies it in every optimizer: w -= lr·weight_decay·w before "
         "each step. None: Keras' default (0.004 for adamw, 0 for the others)",
     )
@@ -50,7 +58,7 @@ class OptimizerConfig(_Config):
     batchnorm_lr_scale: float = Field(
         default=1.0,
         gt=0.0,
-        le=MAX_RATE,
+        le=MAX_FACTOR,
         description="learning rate of the model's own BatchNormalization parameters relative to lr; their "
         "weight decay per step stays lr·weight_decay (airbench's bias_scaler: 64)",
     )
@@ -87,7 +95,7 @@ class ScheduleConfig(_Config):
     )
     factor: float = Field(default=0.1, gt=0.0, lt=1.0, description="'plateau': factor per reduction")
     patience: Count = Field(default=10, ge=1, description="'plateau': epochs without improvement")
-    min_lr: float = Field(default=0.0, ge=0.0, le=MAX_RATE, description="'plateau': the lowest learning rate")
+    min_lr: Rate = Field(default=0.0, ge=0.0, description="'plateau': the lowest learning rate")
     min_delta: float = Field(default=1e-4, ge=0.0, description="'plateau': the smallest improvement")
 
 
