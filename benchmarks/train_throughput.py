@@ -58,7 +58,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from capas.cpu import cpu_features, describe
+from capas.cpu import cpu_features, cpu_model, describe
 from capas.data import ArrayDataset, default_preprocess, make_splits
 from capas.inference import resolve_device
 from capas.models import build_model
@@ -433,16 +433,6 @@ def matmul_peak(precision: str, n: int = 2048, repeats: int = 10) -> float:
         a @ b
         best = max(best, 2 * n**3 / (time.perf_counter() - start))
     return best
-
-
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "unknown CPU"
-    return next(
-        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU"
-    )
 
 
 def main() -> None:

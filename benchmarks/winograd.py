@@ -24,9 +24,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch.nn import functional as F
-from train_throughput import cpu_model  # this script's folder is on sys.path
 
-from capas.cpu import cpu_features, describe, kept_heap
+from capas.cpu import cpu_features, cpu_model, describe, kept_heap
 from capas.runs import environment
 from capas.train.winograd import conv2d, pays
 

@@ -13,6 +13,7 @@ import pytest
 from rich.console import Console
 from scipy import stats as scipy_stats
 
+from capas.cpu import cpu_model
 from capas.errors import CapasError
 from capas.spec import ModelSpec
 from capas.spec.summary import summarize
@@ -266,6 +267,9 @@ def test_study_runs_writes_report_and_skips_finished_runs(tmp_path, study_doc, s
     md = (out / "report.md").read_text()
     assert "GAP instead of Flatten: 6,720 fewer parameters" in md and "paired t-test" in md
     assert "| replaced | flatten (Flatten)" in md and "train.optimizer.name: 'adam' → 'sgd'" in md
+    # where the runs trained, as the workers recorded it (it was the rendering process' torch threads)
+    threads = result["worker"]["threads"]
+    assert f"Machine: {cpu_model()}, {threads} thread{'s' if threads != 1 else ''} per run, torch" in md
     assert rows["budget/seed-0"].result["stopped"] == "sample budget" and "| 2 sample budget |" in md
     page = (out / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 4 and "<script" not in page

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import platform
 from collections.abc import Iterator
 from functools import cache
@@ -26,6 +27,25 @@ def cpu_flags(path: Path = CPUINFO) -> frozenset[str]:
         if line.startswith(("flags", "Features")):  # x86 says flags, ARM says Features
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+@cache
+def cpu_model(path: Path = CPUINFO) -> str:
+    """The processor's name from /proc/cpuinfo ("AMD EPYC"), else what the platform says ("x86_64")."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        lines = []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    return name or platform.processor() or platform.machine()
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, as a container or taskset limits it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows
+        return os.cpu_count() or 1
 
 
 def cpu_features(flags: frozenset[str] | None = None) -> dict:

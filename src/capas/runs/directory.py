@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 import capas
 from capas import atomic
-from capas.cpu import cpu_features, describe
+from capas.cpu import available_cores, cpu_features, cpu_model, describe
 from capas.data import ArrayDataset, Preprocess
 from capas.errors import CapasError
 from capas.inference import TTA_MODES
@@ -57,8 +57,9 @@ def environment() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": torch.get_num_threads(),
+        "processor": cpu_model(),
+        "cpu_count": available_cores(),
+        "threads": torch.get_num_threads(),  # PyTorch's intra-op threads in this process
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu_features": cpu_features(),  # AVX-512, AVX512-BF16, AMX: what bfloat16 runs on
     }
@@ -68,7 +69,8 @@ def machine_line(env: dict | None = None) -> str:
     """The line a benchmark prints under its table: machine, threads, versions, what bfloat16 runs on."""
     env = env or environment()
     return (
-        f"machine: {env['processor']}, {env['cpu_count']} threads ({torch.get_num_interop_threads()} interop), "
+        f"machine: {env['processor']}, {env['cpu_count']} cores, {env['threads']} threads "
+        f"({torch.get_num_interop_threads()} interop), "
         f"{platform.system()}; torch {env['torch']}, python {env['python']}, capas {env['capas']}; "
         f"{describe(env['cpu_features'])}; cuda: {env['cuda'] or 'none'}"
     )

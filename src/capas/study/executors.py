@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+import capas
+from capas.cpu import available_cores, cpu_model
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.study.spec import KINDS
 from capas.train import CHECKPOINT, Callback, train
@@ -116,10 +118,16 @@ def execute_run(task: dict, send: Send | None = None) -> dict:
         after = KINDS[key].after_train
         if after is not None:
             result[key] = after(out, args)
-    result["worker"] = {
+    device = json.loads((out / "config.json").read_text())["device"]
+    result["worker"] = {  # where the run trained: the report's machine line and time figures rest on it
         "host": platform.node(),
+        "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
         "pid": os.getpid(),
+        "processor": cpu_model(),
         "threads": task["train"].get("threads") or torch.get_num_threads(),
+        "torch": torch.__version__,
+        "capas": capas.__version__,
+        "python": platform.python_version(),
         "seconds": time.perf_counter() - started,
     }
     return result
@@ -231,13 +239,6 @@ def _init_worker(
 
 def _pool_run(task: dict) -> dict:
     return execute_run(task, _events.put)
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows
-        return os.cpu_count() or 1
 
 
 def default_workers(

@@ -25,8 +25,9 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from capas import atomic
+from capas.cpu import available_cores
 from capas.errors import CapasError
-from capas.study.executors import Executor, available_cores, execute_run, ray_slots
+from capas.study.executors import Executor, execute_run, ray_slots
 
 try:
     import ray

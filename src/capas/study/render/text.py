@@ -4,9 +4,9 @@ header, gathered in a Document that the Markdown renderer and the HTML template 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
-from capas.runs import environment
 from capas.study.report import (
     DIFF_HEADERS,
     OK,
@@ -275,9 +275,25 @@ def sentence(report: StudyReport, result: VariantResult) -> str:
     return f"{result.name} instead of {base.name}: " + "; ".join(parts) + "."
 
 
+def machine_line(report: StudyReport) -> str:
+    """Where the finished runs trained, as each recorded it (a Ray cluster's runs may differ)."""
+    machines = Counter(
+        (
+            f"{w['processor']}{', ' + w['gpu'] if w['gpu'] else ''}, {w['threads']} thread{'s' if w['threads'] != 1 else ''} per run, "
+            f"torch {w['torch']}, capas {w['capas']}, python {w['python']}"
+            if "processor" in (w := result.get("worker", {}))
+            else "not recorded (runs from an older capas)"
+        )
+        for variant in report.variants
+        for result in variant.finished.values()
+    )
+    if len(machines) <= 1:
+        return f"Machine: {next(iter(machines), 'no finished run')}"
+    return "Machines: " + "; ".join(f"{m} ({n} runs)" for m, n in machines.most_common())
+
+
 def header_lines(report: StudyReport) -> list[str]:
     study, base = report.study, report.base.variant
-    env = environment()
     statuses = ", ".join(f"{n} {status}" for status, n in sorted(report.statuses.items()))
     # seeds with a run that the base's figures leave out (adaptive replication's unneeded seeds have none)
     left_out = [s for s in study.seeds if s not in report.seeds and any(s in r.runs for r in report.variants)]
@@ -344,8 +360,7 @@ def header_lines(report: StudyReport) -> list[str]:
         ),
         f"Accuracy and loss: mean ± half-width of the {CONFIDENCE:.0%} confidence interval over seeds (Student's t); "
         f"differences against the base: {TEST_NAME} (scipy.stats.ttest_rel), {family}",
-        f"Machine: {env['processor']}, {env['cpu_count']} threads, torch {env['torch']}, capas {env['capas']}, "
-        f"python {env['python']}" + (f", {env['cuda']}" if env["cuda"] else ""),
+        machine_line(report),
     ]
     return lines
 
