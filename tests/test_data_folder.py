@@ -172,6 +172,17 @@ def test_a_symlink_leaving_the_folder_is_refused(tmp_path):
     assert len(data) == 3
 
 
+@pytest.mark.parametrize("name", ["a/lost.png", "a/loop.png", "b"])
+def test_a_symlink_that_leads_nowhere_is_named(tmp_path, name):
+    """A dangling image link vanished from the dataset unsaid; a link loop was an OSError traceback."""
+    write(tmp_path / "a" / "x.png", pixels(0, "L"))
+    write(tmp_path / "c" / "w.png", pixels(1, "L"))
+    link = tmp_path / name
+    link.symlink_to(link if "loop" in name else tmp_path / "missing")
+    with pytest.raises(CapasError, match=f"{link} is a symbolic link that leads nowhere"):
+        load_dataset(f"folder:{tmp_path}")
+
+
 def test_huge_images_are_refused_from_the_header(tmp_path):
     write(tmp_path / "a" / "x.png", pixels(0, "L", (5000, 4000)))  # 20 M pixels
     write(tmp_path / "b" / "y.png", pixels(0, "L"))

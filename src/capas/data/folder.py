@@ -28,9 +28,9 @@ def load_folder(path: str | Path) -> ArrayDataset:
     Images are decoded by `read_image` (capas.data.images: the decoder predict and serve use) and
     kept as one channel when every image is gray (R = G = B). They must all have one size, checked
     from the headers before any image is decoded: resizing belongs to `Preprocess`, which applies
-    it to batches. A symbolic link that leads outside `path` is refused. The cache is keyed by a
-    fingerprint of the folder's real path and each file's relative path, size and modification
-    time, so adding, removing or editing a file decodes the folder again.
+    it to batches. A symbolic link that leads outside `path`, or nowhere, is refused. The cache is
+    keyed by a fingerprint of the folder's real path and each file's relative path, size and
+    modification time, so adding, removing or editing a file decodes the folder again.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -48,7 +48,7 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int, int]], list
     """(class names, [(relative path, size, mtime_ns)], labels) for the images under `root`."""
     real_root = root.resolve()
     with os.scandir(root) as entries:
-        folders = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+        folders = [e for e in entries if not e.name.startswith(".") and _followed(e).is_dir()]
     for entry in folders:
         _inside(real_root, entry)
     classes = tuple(sorted(e.name for e in folders))
@@ -74,7 +74,21 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int, int]], list
 
 
 def _is_image(entry: os.DirEntry) -> bool:
-    return entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(SUFFIXES)
+    name = entry.name
+    return not name.startswith(".") and name.lower().endswith(SUFFIXES) and _followed(entry).is_file()
+
+
+def _followed(entry: os.DirEntry) -> os.DirEntry:
+    """`entry`, refused if it is a symbolic link that leads nowhere (its target missing, or a loop):
+    the class or image it stands for would otherwise vanish from the dataset unsaid, or fail as an
+    OSError."""
+    try:
+        entry.stat()
+    except OSError as err:
+        raise CapasError(
+            f"{entry.path} is a symbolic link that leads nowhere ({err.strerror}): remove it or correct it"
+        ) from None
+    return entry
 
 
 def _inside(real_root: Path, entry: os.DirEntry) -> None:
