@@ -96,6 +96,24 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
         load_dataset(f"folder:{tmp_path / 'imgs'}")
 
 
+def test_swapping_two_files_of_one_size_and_time_is_seen(tmp_path):
+    """Two images of one size and modification time (as tar, cp -p or rsync -a leave them) swapped
+    between classes kept the fingerprint: the cache gave the old images under the old labels."""
+    a, b = (
+        write(tmp_path / "data" / c / "0.png", np.full((4, 4), 10 + 10 * i, np.uint8))
+        for i, c in enumerate("ab")
+    )
+    assert a.stat().st_size == b.stat().st_size
+    for path in (a, b):
+        os.utime(path, ns=(10**18, 10**18))
+    before, _ = load_dataset(f"folder:{tmp_path / 'data'}")
+    a.rename(tmp_path / "swap.png")
+    b.rename(a)
+    (tmp_path / "swap.png").rename(b)
+    after, _ = load_dataset(f"folder:{tmp_path / 'data'}")
+    assert before.images[:, 0, 0, 0].tolist() == [10, 20] and after.images[:, 0, 0, 0].tolist() == [20, 10]
+
+
 def test_sizes_must_agree(tmp_path):
     write(tmp_path / "a" / "small.png", pixels(0, "RGB", (8, 8)))
     write(tmp_path / "a" / "big.png", pixels(0, "RGB", (9, 8)))

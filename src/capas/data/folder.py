@@ -29,8 +29,10 @@ def load_folder(path: str | Path) -> ArrayDataset:
     kept as one channel when every image is gray (R = G = B). They must all have one size, checked
     from the headers before any image is decoded: resizing belongs to `Preprocess`, which applies
     it to batches. A symbolic link that leads outside `path`, or nowhere, is refused. The cache is
-    keyed by a fingerprint of the folder's real path and each file's relative path, size and
-    modification time, so adding, removing or editing a file decodes the folder again.
+    keyed by a fingerprint of the folder's real path and each file's relative path, size,
+    modification and change times and inode, so adding, removing, editing or renaming a file
+    decodes the folder again (the change time, which no tool sets back, catches a file swapped
+    with another of its size and modification time, as tar, cp -p or rsync -a leave them).
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -39,13 +41,14 @@ def load_folder(path: str | Path) -> ArrayDataset:
     cache = cache_root() / "folders" / f"{_fingerprint(root, files)}.npz"
     if cache.is_file():
         return _load_cache(cache)
-    dataset = _decode(root, [rel for rel, _, _ in files], labels, classes)
+    dataset = _decode(root, [rel for rel, _ in files], labels, classes)
     _save_cache(cache, dataset)
     return dataset
 
 
-def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int, int]], list[int]]:
-    """(class names, [(relative path, size, mtime_ns)], labels) for the images under `root`."""
+def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, tuple[int, ...]]], list[int]]:
+    """(class names, [(relative path, (size, mtime_ns, ctime_ns, inode))], labels) for the images
+    under `root`."""
     real_root = root.resolve()
     with os.scandir(root) as entries:
         folders = [e for e in entries if not e.name.startswith(".") and _followed(e).is_dir()]
@@ -68,7 +71,8 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int, int]], list
         for entry in images:
             _inside(real_root, entry)
             stat = entry.stat()
-            files.append((f"{name}/{entry.name}", stat.st_size, stat.st_mtime_ns))
+            stamp = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+            files.append((f"{name}/{entry.name}", stamp))
         labels += [label] * len(images)
     return classes, files, labels
 
@@ -101,10 +105,10 @@ def _inside(real_root: Path, entry: os.DirEntry) -> None:
         )
 
 
-def _fingerprint(root: Path, files: list[tuple[str, int, int]]) -> str:
+def _fingerprint(root: Path, files: list[tuple[str, tuple[int, ...]]]) -> str:
     digest = hashlib.sha256(f"capas-folder-cache {CACHE_FORMAT}\n{root.resolve()}\n".encode())
-    for rel, size, mtime_ns in files:
-        digest.update(f"{rel}\t{size}\t{mtime_ns}\n".encode())
+    for rel, stamp in files:
+        digest.update(f"{rel}\t{stamp}\n".encode())
     return digest.hexdigest()[:32]
 
 
