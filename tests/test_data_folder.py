@@ -114,6 +114,18 @@ def test_swapping_two_files_of_one_size_and_time_is_seen(tmp_path):
     assert before.images[:, 0, 0, 0].tolist() == [10, 20] and after.images[:, 0, 0, 0].tolist() == [20, 10]
 
 
+def test_a_folder_inside_a_class_is_refused(tmp_path):
+    """Images in a class's sub-folder (which Keras' and torchvision's folder readers include) were
+    left out of the dataset without a word."""
+    write(tmp_path / "a" / "x.png", pixels(0, "L"))
+    write(tmp_path / "a" / "2019" / "y.png", pixels(1, "L"))
+    write(tmp_path / "b" / "z.png", pixels(2, "L"))
+    with pytest.raises(
+        CapasError, match=r"class folder .*/a holds a folder, '2019', whose images would be left out"
+    ):
+        load_dataset(f"folder:{tmp_path}")
+
+
 def test_sizes_must_agree(tmp_path):
     write(tmp_path / "a" / "small.png", pixels(0, "RGB", (8, 8)))
     write(tmp_path / "a" / "big.png", pixels(0, "RGB", (9, 8)))

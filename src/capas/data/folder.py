@@ -23,7 +23,7 @@ MAX_PIXELS = 16_000_000  # per training image, checked from the header before de
 
 
 def load_folder(path: str | Path) -> ArrayDataset:
-    """Every image under `path/<class>/`, classes in name order; decoded on first use, then cached.
+    """Every image in `path/<class>/`, classes in name order; decoded on first use, then cached.
 
     Images are decoded by `read_image` (capas.data.images: the decoder predict and serve use) and
     kept as one channel when every image is gray (R = G = B). They must all have one size, checked
@@ -65,7 +65,14 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, tuple[int, ...]]
     files, labels = [], []
     for label, name in enumerate(classes):
         with os.scandir(root / name) as entries:
-            images = sorted((e for e in entries if _is_image(e)), key=lambda e: e.name)
+            entries = sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+        if nested := next((e for e in entries if _followed(e).is_dir()), None):
+            raise CapasError(
+                f"class folder {root / name} holds a folder, {nested.name!r}, whose images would be left "
+                f"out: capas reads {root}/<class>/<image> only; move them up into {root / name}, or the "
+                f"folder out of {root}"
+            )
+        images = [e for e in entries if _is_image(e)]
         if not images:
             raise CapasError(f"class folder {root / name} holds no images ({', '.join(SUFFIXES)})")
         for entry in images:
@@ -78,8 +85,7 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, tuple[int, ...]]
 
 
 def _is_image(entry: os.DirEntry) -> bool:
-    name = entry.name
-    return not name.startswith(".") and name.lower().endswith(SUFFIXES) and _followed(entry).is_file()
+    return entry.name.lower().endswith(SUFFIXES) and entry.is_file()
 
 
 def _followed(entry: os.DirEntry) -> os.DirEntry:
