@@ -132,9 +132,12 @@ def _decode(root: Path, rels: list[str], labels: list[int], classes: tuple[str, 
                 "for a training image"
             )
         first_of_size.setdefault((height, width), rel)
-    if len(first_of_size) > 1:
-        examples = "; ".join(f"{h}x{w}: {root / rel}" for (h, w), rel in first_of_size.items())
-        raise CapasError(f"images in {root} differ in size (H x W: {examples}); all must share one size")
+    if len(first_of_size) > 1:  # a folder of photos can hold thousands of sizes: three make the point
+        examples = "; ".join(f"{h}x{w}: {root / rel}" for (h, w), rel in list(first_of_size.items())[:3])
+        raise CapasError(
+            f"images in {root} differ in size: {len(first_of_size)} sizes (H x W), e.g. {examples}; all "
+            "must share one size (capas resizes batches to the model's input, not the files)"
+        )
     # One image at a time: decoding threads were measured no faster.
     images = []
     for rel in rels:
