@@ -126,6 +126,20 @@ def test_a_folder_inside_a_class_is_refused(tmp_path):
         load_dataset(f"folder:{tmp_path}")
 
 
+def test_every_format_the_decoder_reads_is_in_the_dataset(tmp_path):
+    """README: training folders, predict and serve share one decoder for PNG, JPEG, GIF, BMP, TIFF,
+    WebP and PBM/PGM/PPM; a folder took .jpg, .jpeg, .png and .webp files only and left the others
+    out without a word."""
+    suffixes = ["png", "jpg", "gif", "bmp", "tif", "tiff", "webp", "ppm", "pgm", "PBM"]
+    for name in "ab":
+        (tmp_path / name).mkdir()
+        for i, suffix in enumerate(suffixes):
+            image = Image.fromarray(pixels(i, "RGB", (8, 8)))
+            (image.convert("1") if suffix == "PBM" else image).save(tmp_path / name / f"{i}.{suffix}")
+    data, _ = load_dataset(f"folder:{tmp_path}")
+    assert len(data) == 2 * len(suffixes)
+
+
 def test_sizes_must_agree(tmp_path):
     write(tmp_path / "a" / "small.png", pixels(0, "RGB", (8, 8)))
     write(tmp_path / "a" / "big.png", pixels(0, "RGB", (9, 8)))

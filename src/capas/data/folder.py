@@ -17,7 +17,8 @@ from capas.data.download import cache_root
 from capas.data.images import image_size, read_image
 from capas.errors import CapasError
 
-SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# the file names of the formats read_image decodes (images.FORMATS): any other file is not an image
+SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pbm", ".pgm", ".ppm")
 CACHE_FORMAT = 2  # part of the fingerprint: bump it when decoding changes, to ignore old caches
 MAX_PIXELS = 16_000_000  # per training image, checked from the header before decoding
 
