@@ -67,11 +67,9 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
             data = data.model_copy(update={"data_dir": data_dir})
     splits = splits_for(data)
     tested = (recorded or {}).get("splits") or {}
-    if (
-        _recipe(tested) == _recipe(splits.info)
-        and "sha256" in tested
-        and tested["sha256"]["test"] != splits.info["sha256"]["test"]
-    ):
+    if _recipe(tested) == _recipe(splits.info) and any(
+        key in tested and tested[key]["test"] != splits.info[key]["test"] for key in ("sizes", "sha256")
+    ):  # runs made before the digests were recorded are checked by their test split's size
         raise CapasError(
             f"{data.name}: its test split is no longer the one {run.path} was tested on (the dataset's "
             "files changed since training: added, removed or edited images, or another copy); it may "

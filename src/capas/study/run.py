@@ -184,7 +184,7 @@ def _data_changed(study: Study, rows: dict[str, RunRow], directory: Path) -> lis
         key = json.dumps(row.config["data"], sort_keys=True)
         if key not in now:
             now[key] = splits_for(DataConfig.model_validate(row.config["data"])).info
-        if "sha256" in made and made["sha256"] != now[key]["sha256"]:
+        if any(part in made and made[part] != now[key][part] for part in ("sizes", "sha256")):
             sizes = config_changes(made["sizes"], now[key]["sizes"])
             changed.append(f"{rid} ({'; '.join(sizes) if sizes else 'as many images, other ones'})")
     return changed
