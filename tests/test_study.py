@@ -145,6 +145,14 @@ def test_misspelt_keys_and_seeds_out_of_range_are_named(change, message, study_d
     assert not (tmp_path / "out").exists()
 
 
+def test_a_variant_whose_input_capas_cannot_feed_is_refused_before_training(tmp_path, tiny_study, study_file):
+    """--input-shape 28,28,4 passed validation; every run then failed with the same error, and the
+    study wrote a report of failures (README: every variant is validated before anything trains)."""
+    with pytest.raises(CapasError, match=r"variant 'Flatten': input shape \(28, 28, 4\): .* 1 or 3 channels"):
+        run_study(study_file(tiny_study()), out=tmp_path / "out", workers=1, input_shape=[28, 28, 4])
+    assert not (tmp_path / "out").exists()
+
+
 def test_duplicate_variant_names_are_rejected(study_doc, study_file):
     alt = {"name": "Flatten", "train": {"batch_size": 32}}
     with pytest.raises(CapasError, match="variant name 'Flatten' is used twice"):

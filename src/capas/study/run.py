@@ -29,7 +29,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from capas.data import load_dataset, splits_for
+from capas.data import default_preprocess, load_dataset, splits_for
 from capas.errors import CapasError
 from capas.inference import resolve_device
 from capas.lock import exclusive
@@ -63,10 +63,15 @@ def run_id(variant_name: str, seed: int) -> str:
 
 
 def check_classes(study: Study) -> None:
-    """Every variant must end in as many units as the dataset has classes: checked before any training."""
+    """Every variant must take images capas can feed it (1 or 3 channels) and end in as many units as
+    the dataset has classes: checked before any training."""
     data = study.base.data
     classes = load_dataset(data["name"], data["data_dir"])[0].classes
     for variant in study.variants:
+        try:
+            default_preprocess(variant.model_spec.input_shape)
+        except CapasError as err:
+            raise CapasError(f"{study.source}: variant {variant.name!r}: {err}") from None
         units = variant.model_spec.output_shape
         if units != (len(classes),):
             raise CapasError(
