@@ -140,6 +140,23 @@ def test_every_format_the_decoder_reads_is_in_the_dataset(tmp_path):
     assert len(data) == 2 * len(suffixes)
 
 
+def test_an_unreadable_class_folder_is_named(tmp_path, monkeypatch):
+    """A class folder capas may not read was a PermissionError traceback. (Root reads any folder, so
+    the denial chmod 0 gives another user is what os.scandir answers here.)"""
+    write(tmp_path / "data" / "a" / "x.png", pixels(0, "L"))
+    write(tmp_path / "data" / "b" / "y.png", pixels(1, "L"))
+    scandir = os.scandir
+
+    def denied(path):
+        if Path(path) == tmp_path / "data" / "b":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(CapasError, match=r"cannot read the folder .*data/b \(Permission denied\)"):
+        load_dataset(f"folder:{tmp_path / 'data'}")
+
+
 def test_sizes_must_agree(tmp_path):
     write(tmp_path / "a" / "small.png", pixels(0, "RGB", (8, 8)))
     write(tmp_path / "a" / "big.png", pixels(0, "RGB", (9, 8)))

@@ -51,11 +51,10 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, tuple[int, ...]]
     """(class names, [(relative path, (size, mtime_ns, ctime_ns, inode))], labels) for the images
     under `root`."""
     real_root = root.resolve()
-    with os.scandir(root) as entries:
-        folders = [e for e in entries if not e.name.startswith(".") and _followed(e).is_dir()]
+    folders = [e for e in _listing(root) if _followed(e).is_dir()]
     for entry in folders:
         _inside(real_root, entry)
-    classes = tuple(sorted(e.name for e in folders))
+    classes = tuple(e.name for e in folders)  # in name order, as _listing gives them
     if not classes:
         raise CapasError(f"image folder {root} has no class folders: expected {root}/<class>/<image>")
     if len(classes) == 1:  # trains to accuracy 1.0: almost surely one level too deep
@@ -65,8 +64,7 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, tuple[int, ...]]
         )
     files, labels = [], []
     for label, name in enumerate(classes):
-        with os.scandir(root / name) as entries:
-            entries = sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+        entries = _listing(root / name)
         if nested := next((e for e in entries if _followed(e).is_dir()), None):
             raise CapasError(
                 f"class folder {root / name} holds a folder, {nested.name!r}, whose images would be left "
@@ -83,6 +81,15 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, tuple[int, ...]]
             files.append((f"{name}/{entry.name}", stamp))
         labels += [label] * len(images)
     return classes, files, labels
+
+
+def _listing(folder: Path) -> list[os.DirEntry]:
+    """The entries of `folder` but its hidden ones (.DS_Store, ._photo.jpg…), in name order."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as err:
+        raise CapasError(f"cannot read the folder {folder} ({err.strerror})") from None
 
 
 def _is_image(entry: os.DirEntry) -> bool:
