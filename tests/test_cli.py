@@ -306,3 +306,35 @@ def test_evaluate_names_a_damaged_or_missing_data_config(tiny_run, tmp_path):
     (damaged / "config.json").unlink()
     result = runner.invoke(app, ["evaluate", str(damaged)])
     assert result.exit_code == 2 and "config.json is missing" in result.output and "--data" in result.output
+
+
+def test_evaluate_refuses_a_folder_whose_test_split_changed(tmp_path):
+    """An image folder that gained images after training was split again and its new 'test' split,
+    partly training images, scored as a test accuracy; the run's recorded test digest now refuses it."""
+    import numpy as np
+    from PIL import Image
+
+    for label, name in enumerate("abc"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = np.full((8, 8), 40 * label + i, np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: folder\ninput_shape: [8, 8, 1]\nlayers:\n  - Flatten\n"
+        "  - Dense: {units: 3, activation: softmax}\n"
+    )
+    run, data = tmp_path / "run", f"folder:{tmp_path / 'data'}"
+    train = ["train", str(spec), "--data", data, "--epochs", "1", "--threads", "1", "--out", str(run)]
+    assert runner.invoke(app, train).exit_code == 0
+    assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0
+    for i in range(5):  # 35 images: a held-out test split of 7, not 6
+        Image.fromarray(np.full((8, 8), 200 + i, np.uint8)).save(tmp_path / "data" / "a" / f"new{i}.png")
+    for command in (["evaluate", str(run)], ["evaluate", str(run), "--data", data]):
+        result = runner.invoke(app, command)
+        output = " ".join(result.output.split())
+        assert result.exit_code == 2 and "no longer the one" in output and "trained on" in output, output
+    config = json.loads((run / "config.json").read_text())
+    del config["splits"]["sha256"]  # a run made before the digests were recorded: its test split's size tells
+    (run / "config.json").write_text(json.dumps(config))
+    assert "no longer the one" in runner.invoke(app, ["evaluate", str(run)]).output

@@ -96,12 +96,80 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
         load_dataset(f"folder:{tmp_path / 'imgs'}")
 
 
+def test_swapping_two_files_of_one_size_and_time_is_seen(tmp_path):
+    """Two images of one size and modification time (as tar, cp -p or rsync -a leave them) swapped
+    between classes kept the fingerprint: the cache gave the old images under the old labels."""
+    a, b = (
+        write(tmp_path / "data" / c / "0.png", np.full((4, 4), 10 + 10 * i, np.uint8))
+        for i, c in enumerate("ab")
+    )
+    assert a.stat().st_size == b.stat().st_size
+    for path in (a, b):
+        os.utime(path, ns=(10**18, 10**18))
+    before, _ = load_dataset(f"folder:{tmp_path / 'data'}")
+    a.rename(tmp_path / "swap.png")
+    b.rename(a)
+    (tmp_path / "swap.png").rename(b)
+    after, _ = load_dataset(f"folder:{tmp_path / 'data'}")
+    assert before.images[:, 0, 0, 0].tolist() == [10, 20] and after.images[:, 0, 0, 0].tolist() == [20, 10]
+
+
+def test_a_folder_inside_a_class_is_refused(tmp_path):
+    """Images in a class's sub-folder (which Keras' and torchvision's folder readers include) were
+    left out of the dataset without a word."""
+    write(tmp_path / "a" / "x.png", pixels(0, "L"))
+    write(tmp_path / "a" / "2019" / "y.png", pixels(1, "L"))
+    write(tmp_path / "b" / "z.png", pixels(2, "L"))
+    with pytest.raises(
+        CapasError, match=r"class folder .*/a holds a folder, '2019', whose images would be left out"
+    ):
+        load_dataset(f"folder:{tmp_path}")
+
+
+def test_every_format_the_decoder_reads_is_in_the_dataset(tmp_path):
+    """README: training folders, predict and serve share one decoder for PNG, JPEG, GIF, BMP, TIFF,
+    WebP and PBM/PGM/PPM; a folder took .jpg, .jpeg, .png and .webp files only and left the others
+    out without a word."""
+    suffixes = ["png", "jpg", "gif", "bmp", "tif", "tiff", "webp", "ppm", "pgm", "PBM"]
+    for name in "ab":
+        (tmp_path / name).mkdir()
+        for i, suffix in enumerate(suffixes):
+            image = Image.fromarray(pixels(i, "RGB", (8, 8)))
+            (image.convert("1") if suffix == "PBM" else image).save(tmp_path / name / f"{i}.{suffix}")
+    data, _ = load_dataset(f"folder:{tmp_path}")
+    assert len(data) == 2 * len(suffixes)
+
+
+def test_an_unreadable_class_folder_is_named(tmp_path, monkeypatch):
+    """A class folder capas may not read was a PermissionError traceback. (Root reads any folder, so
+    the denial chmod 0 gives another user is what os.scandir answers here.)"""
+    write(tmp_path / "data" / "a" / "x.png", pixels(0, "L"))
+    write(tmp_path / "data" / "b" / "y.png", pixels(1, "L"))
+    scandir = os.scandir
+
+    def denied(path):
+        if Path(path) == tmp_path / "data" / "b":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(CapasError, match=r"cannot read the folder .*data/b \(Permission denied\)"):
+        load_dataset(f"folder:{tmp_path / 'data'}")
+
+
 def test_sizes_must_agree(tmp_path):
     write(tmp_path / "a" / "small.png", pixels(0, "RGB", (8, 8)))
     write(tmp_path / "a" / "big.png", pixels(0, "RGB", (9, 8)))
     write(tmp_path / "b" / "other.png", pixels(1, "RGB", (8, 8)))
-    with pytest.raises(CapasError, match=r"differ in size .*8x9: .*a/big.png; 8x8: .*a/small.png"):
+    with pytest.raises(
+        CapasError, match=r"differ in size: 2 sizes \(H x W\), e.g. 8x9: .*a/big.png; 8x8: .*a/small.png"
+    ):
         load_dataset(f"folder:{tmp_path}")
+    for i in range(100):  # a folder of photos: the message names three sizes, not every one
+        write(tmp_path / "b" / f"{i}.png", pixels(i, "RGB", (10 + i, 8)))
+    with pytest.raises(CapasError, match=r"102 sizes") as error:
+        load_dataset(f"folder:{tmp_path}")
+    assert len(str(error.value)) < 500
 
 
 def test_corrupt_image_is_named(tmp_path):
@@ -170,6 +238,17 @@ def test_a_symlink_leaving_the_folder_is_refused(tmp_path):
     (tmp_path / "data" / "a" / "z.png").symlink_to(tmp_path / "data" / "a" / "x.png")  # inside: fine
     data, _ = load_dataset(f"folder:{tmp_path / 'data'}")
     assert len(data) == 3
+
+
+@pytest.mark.parametrize("name", ["a/lost.png", "a/loop.png", "b"])
+def test_a_symlink_that_leads_nowhere_is_named(tmp_path, name):
+    """A dangling image link vanished from the dataset unsaid; a link loop was an OSError traceback."""
+    write(tmp_path / "a" / "x.png", pixels(0, "L"))
+    write(tmp_path / "c" / "w.png", pixels(1, "L"))
+    link = tmp_path / name
+    link.symlink_to(link if "loop" in name else tmp_path / "missing")
+    with pytest.raises(CapasError, match=f"{link} is a symbolic link that leads nowhere"):
+        load_dataset(f"folder:{tmp_path}")
 
 
 def test_huge_images_are_refused_from_the_header(tmp_path):

@@ -62,6 +62,11 @@ def test_held_out_test_split(source):
         "test_limit": None,
         "test_source": "held-out",
         "sizes": {"train": 66, "val": 16, "test": 28},
+        "sha256": {
+            "train": splits.digest(s.train),
+            "val": splits.digest(s.val),
+            "test": splits.digest(s.test),
+        },
     }
     json.dumps(s.info)
 

@@ -146,6 +146,14 @@ def test_misspelt_keys_and_seeds_out_of_range_are_named(change, message, study_d
     assert not (tmp_path / "out").exists()
 
 
+def test_a_variant_whose_input_capas_cannot_feed_is_refused_before_training(tmp_path, tiny_study, study_file):
+    """--input-shape 28,28,4 passed validation; every run then failed with the same error, and the
+    study wrote a report of failures (README: every variant is validated before anything trains)."""
+    with pytest.raises(CapasError, match=r"variant 'Flatten': input shape \(28, 28, 4\): .* 1 or 3 channels"):
+        run_study(study_file(tiny_study()), out=tmp_path / "out", workers=1, input_shape=[28, 28, 4])
+    assert not (tmp_path / "out").exists()
+
+
 def test_duplicate_variant_names_are_rejected(study_doc, study_file):
     alt = {"name": "Flatten", "train": {"batch_size": 32}}
     with pytest.raises(CapasError, match="variant name 'Flatten' is used twice"):
@@ -304,3 +312,33 @@ def test_study_runs_writes_report_and_skips_finished_runs(tmp_path, study_doc, s
     assert rebuilt.failed == [] and (out / "runs" / "GAP" / "seed-1" / "test.json").is_file()
     with Store(out / "study.sqlite") as store:
         assert store.runs()["GAP/seed-1"].result["test_accuracy"] == result["test_accuracy"]  # read back
+
+
+def test_a_study_refuses_to_add_runs_on_a_folder_that_changed(tmp_path, tiny_study, study_file):
+    """A folder that gained images between two `capas study` calls gave the new seeds other splits
+    than the finished ones, and the report paired them under "the same splits for every run"."""
+    from PIL import Image
+
+    def images(count: int) -> None:
+        for label, name in enumerate("abc"):
+            (tmp_path / "data" / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = np.full((8, 8), 40 * label + i, np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
+
+    images(10)
+    data = {"name": f"folder:{tmp_path / 'data'}", "limit": None, "test_limit": None}
+    doc = tiny_study(layers=["Flatten", {"Dense": {"units": 3, "activation": "softmax"}}], data=data, seeds=1)
+    doc["base"]["spec"]["input_shape"] = [8, 8, 1]
+    with open(os.devnull, "w") as quiet:
+        console = Console(file=quiet)
+        assert run_study(study_file(doc), out=tmp_path / "out", workers=1, console=console).failed == []
+        images(12)
+        doc["seeds"] = 2
+        made = tmp_path / "out" / "runs" / "Flatten" / "seed-0" / "config.json"
+        config = json.loads(made.read_text())
+        del config["splits"]["sha256"]  # a run made before the digests were recorded: its sizes tell
+        made.write_text(json.dumps(config))
+        message = r"the dataset changed since these runs finished .*Flatten/seed-0 \(test: 6 -> 7.*GAP/seed-0 \(test"
+        with pytest.raises(CapasError, match=message):
+            run_study(study_file(doc), out=tmp_path / "out", workers=1, console=console)

@@ -112,6 +112,33 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert [m["epoch"] for m in history] == [1, 2, 3]
 
 
+def test_a_run_does_not_resume_on_a_folder_that_changed(tmp_path):
+    """An image folder that gained images after the interruption was split again and the run
+    resumed on it: images of its first epochs could land in the new test split."""
+    import numpy as np
+    from PIL import Image
+
+    for label, name in enumerate("abc"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(np.full((8, 8), 40 * label + i, np.uint8)).save(
+                tmp_path / "data" / name / f"{i}.png"
+            )
+    spec = ModelSpec.from_dict(
+        {
+            "name": "f",
+            "input_shape": [8, 8, 1],
+            "layers": ["Flatten", {"Dense": {"units": 3, "activation": "softmax"}}],
+        }
+    )
+    data, cfg = DataConfig(name=f"folder:{tmp_path / 'data'}"), TrainConfig(epochs=3, batch_size=8)
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, data, cfg, tmp_path / "run", callbacks=[_Crash(epoch=2)])
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "data" / "a" / "new.png")
+    with pytest.raises(CapasError, match=r"other settings \(splits.sha256.test: "):
+        train(spec, data, cfg, tmp_path / "run")
+
+
 def test_early_stopping_keeps_the_best_epoch_weights():
     spec, _, _ = _small()
     cfg = TrainConfig(

@@ -49,9 +49,13 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
 
     A run whose classes are the placeholders 0, 1, …, K−1 (a Keras import without --data or --classes)
     takes any dataset of K classes, its outputs in the dataset's class order.
+
+    The same dataset split the same way must give the test images the run was tested on (config.json
+    records their digest): if its files changed since (added, removed, edited, or another copy of
+    the folder), the new test split may hold images the model trained on, and is refused.
     """
+    recorded = run.read_json("config.json")
     if data is None:
-        recorded = run.read_json("config.json")
         if recorded is None:
             raise CapasError(
                 f"{run.path}: config.json is missing, so no dataset is recorded; name one with --data"
@@ -62,12 +66,27 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
         if data_dir is not None:
             data = data.model_copy(update={"data_dir": data_dir})
     splits = splits_for(data)
+    tested = (recorded or {}).get("splits") or {}
+    if _recipe(tested) == _recipe(splits.info) and any(
+        key in tested and tested[key]["test"] != splits.info[key]["test"] for key in ("sizes", "sha256")
+    ):  # runs made before the digests were recorded are checked by their test split's size
+        raise CapasError(
+            f"{data.name}: its test split is no longer the one {run.path} was tested on (the dataset's "
+            "files changed since training: added, removed or edited images, or another copy); it may "
+            "now hold images the model trained on. Restore the files, or put new images in a folder "
+            "of their own and name it with --data"
+        )
     placeholders = tuple(str(i) for i in range(len(splits.test.classes)))
     if splits.test.classes != run.classes and run.classes != placeholders:
         raise CapasError(
             f"{data.name} has classes {list(splits.test.classes)} but the run was trained on {list(run.classes)}"
         )
     return splits
+
+
+def _recipe(info: dict) -> dict:
+    """How splits were cut (dataset, seed, fractions, limits), without what they hold."""
+    return {key: value for key, value in info.items() if key not in ("sizes", "sha256")}
 
 
 def evaluate_run(

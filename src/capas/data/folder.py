@@ -17,20 +17,23 @@ from capas.data.download import cache_root
 from capas.data.images import image_size, read_image
 from capas.errors import CapasError
 
-SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# the file names of the formats read_image decodes (images.FORMATS): any other file is not an image
+SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pbm", ".pgm", ".ppm")
 CACHE_FORMAT = 2  # part of the fingerprint: bump it when decoding changes, to ignore old caches
 MAX_PIXELS = 16_000_000  # per training image, checked from the header before decoding
 
 
 def load_folder(path: str | Path) -> ArrayDataset:
-    """Every image under `path/<class>/`, classes in name order; decoded on first use, then cached.
+    """Every image in `path/<class>/`, classes in name order; decoded on first use, then cached.
 
     Images are decoded by `read_image` (capas.data.images: the decoder predict and serve use) and
     kept as one channel when every image is gray (R = G = B). They must all have one size, checked
     from the headers before any image is decoded: resizing belongs to `Preprocess`, which applies
-    it to batches. A symbolic link that leads outside `path` is refused. The cache is keyed by a
-    fingerprint of the folder's real path and each file's relative path, size and modification
-    time, so adding, removing or editing a file decodes the folder again.
+    it to batches. A symbolic link that leads outside `path`, or nowhere, is refused. The cache is
+    keyed by a fingerprint of the folder's real path and each file's relative path, size,
+    modification and change times and inode, so adding, removing, editing or renaming a file
+    decodes the folder again (the change time, which no tool sets back, catches a file swapped
+    with another of its size and modification time, as tar, cp -p or rsync -a leave them).
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -39,19 +42,19 @@ def load_folder(path: str | Path) -> ArrayDataset:
     cache = cache_root() / "folders" / f"{_fingerprint(root, files)}.npz"
     if cache.is_file():
         return _load_cache(cache)
-    dataset = _decode(root, [rel for rel, _, _ in files], labels, classes)
+    dataset = _decode(root, [rel for rel, _ in files], labels, classes)
     _save_cache(cache, dataset)
     return dataset
 
 
-def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int, int]], list[int]]:
-    """(class names, [(relative path, size, mtime_ns)], labels) for the images under `root`."""
+def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, tuple[int, ...]]], list[int]]:
+    """(class names, [(relative path, (size, mtime_ns, ctime_ns, inode))], labels) for the images
+    under `root`."""
     real_root = root.resolve()
-    with os.scandir(root) as entries:
-        folders = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+    folders = [e for e in _listing(root) if _followed(e).is_dir()]
     for entry in folders:
         _inside(real_root, entry)
-    classes = tuple(sorted(e.name for e in folders))
+    classes = tuple(e.name for e in folders)  # in name order, as _listing gives them
     if not classes:
         raise CapasError(f"image folder {root} has no class folders: expected {root}/<class>/<image>")
     if len(classes) == 1:  # trains to accuracy 1.0: almost surely one level too deep
@@ -61,20 +64,49 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int, int]], list
         )
     files, labels = [], []
     for label, name in enumerate(classes):
-        with os.scandir(root / name) as entries:
-            images = sorted((e for e in entries if _is_image(e)), key=lambda e: e.name)
+        entries = _listing(root / name)
+        if nested := next((e for e in entries if _followed(e).is_dir()), None):
+            raise CapasError(
+                f"class folder {root / name} holds a folder, {nested.name!r}, whose images would be left "
+                f"out: capas reads {root}/<class>/<image> only; move them up into {root / name}, or the "
+                f"folder out of {root}"
+            )
+        images = [e for e in entries if _is_image(e)]
         if not images:
             raise CapasError(f"class folder {root / name} holds no images ({', '.join(SUFFIXES)})")
         for entry in images:
             _inside(real_root, entry)
             stat = entry.stat()
-            files.append((f"{name}/{entry.name}", stat.st_size, stat.st_mtime_ns))
+            stamp = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+            files.append((f"{name}/{entry.name}", stamp))
         labels += [label] * len(images)
     return classes, files, labels
 
 
+def _listing(folder: Path) -> list[os.DirEntry]:
+    """The entries of `folder` but its hidden ones (.DS_Store, ._photo.jpg…), in name order."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as err:
+        raise CapasError(f"cannot read the folder {folder} ({err.strerror})") from None
+
+
 def _is_image(entry: os.DirEntry) -> bool:
-    return entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(SUFFIXES)
+    return entry.name.lower().endswith(SUFFIXES) and entry.is_file()
+
+
+def _followed(entry: os.DirEntry) -> os.DirEntry:
+    """`entry`, refused if it is a symbolic link that leads nowhere (its target missing, or a loop):
+    the class or image it stands for would otherwise vanish from the dataset unsaid, or fail as an
+    OSError."""
+    try:
+        entry.stat()
+    except OSError as err:
+        raise CapasError(
+            f"{entry.path} is a symbolic link that leads nowhere ({err.strerror}): remove it or correct it"
+        ) from None
+    return entry
 
 
 def _inside(real_root: Path, entry: os.DirEntry) -> None:
@@ -87,10 +119,10 @@ def _inside(real_root: Path, entry: os.DirEntry) -> None:
         )
 
 
-def _fingerprint(root: Path, files: list[tuple[str, int, int]]) -> str:
+def _fingerprint(root: Path, files: list[tuple[str, tuple[int, ...]]]) -> str:
     digest = hashlib.sha256(f"capas-folder-cache {CACHE_FORMAT}\n{root.resolve()}\n".encode())
-    for rel, size, mtime_ns in files:
-        digest.update(f"{rel}\t{size}\t{mtime_ns}\n".encode())
+    for rel, stamp in files:
+        digest.update(f"{rel}\t{stamp}\n".encode())
     return digest.hexdigest()[:32]
 
 
@@ -108,9 +140,12 @@ def _decode(root: Path, rels: list[str], labels: list[int], classes: tuple[str, 
                 "for a training image"
             )
         first_of_size.setdefault((height, width), rel)
-    if len(first_of_size) > 1:
-        examples = "; ".join(f"{h}x{w}: {root / rel}" for (h, w), rel in first_of_size.items())
-        raise CapasError(f"images in {root} differ in size (H x W: {examples}); all must share one size")
+    if len(first_of_size) > 1:  # a folder of photos can hold thousands of sizes: three make the point
+        examples = "; ".join(f"{h}x{w}: {root / rel}" for (h, w), rel in list(first_of_size.items())[:3])
+        raise CapasError(
+            f"images in {root} differ in size: {len(first_of_size)} sizes (H x W), e.g. {examples}; all "
+            "must share one size (capas resizes batches to the model's input, not the files)"
+        )
     # One image at a time: decoding threads were measured no faster.
     images = []
     for rel in rels:

@@ -29,7 +29,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from capas.data import load_dataset
+from capas.data import default_preprocess, load_dataset, splits_for
 from capas.errors import CapasError
 from capas.inference import resolve_device
 from capas.lock import exclusive
@@ -63,10 +63,15 @@ def run_id(variant_name: str, seed: int) -> str:
 
 
 def check_classes(study: Study) -> None:
-    """Every variant must end in as many units as the dataset has classes: checked before any training."""
+    """Every variant must take images capas can feed it (1 or 3 channels) and end in as many units as
+    the dataset has classes: checked before any training."""
     data = study.base.data
     classes = load_dataset(data["name"], data["data_dir"])[0].classes
     for variant in study.variants:
+        try:
+            default_preprocess(variant.model_spec.input_shape)
+        except CapasError as err:
+            raise CapasError(f"{study.source}: variant {variant.name!r}: {err}") from None
         units = variant.model_spec.output_shape
         if units != (len(classes),):
             raise CapasError(
@@ -115,6 +120,12 @@ def plan(
             "Their results would mix with the new settings; use another --out directory, or delete those runs' "
             "folders and rows to retrain them."
         )
+    if actions and (changed_data := _data_changed(study, rows, directory)):
+        raise CapasError(
+            f"the dataset changed since these runs finished in {directory}: {', '.join(changed_data)}. "
+            "Runs trained now would be tested on other images than theirs, and the report would pair "
+            "them as one study; use another --out directory, or restore the dataset's files."
+        )
     for action, rid, variant, seed, config, digest in actions:
         out = directory / "runs" / rid
         if action == "restart":
@@ -162,6 +173,26 @@ def _finished_otherwise(out: Path, config: dict) -> list[str]:
         if value == "auto" and isinstance(made["train"], dict):
             made["train"][key] = "auto"
     return config_changes(made, asked)
+
+
+def _data_changed(study: Study, rows: dict[str, RunRow], directory: Path) -> list[str]:
+    """The study's finished runs whose splits (config.json: sizes and digests) the dataset, as it is
+    now, no longer gives: a folder that gained, lost or changed images since."""
+    names, now, changed = {v.name for v in study.variants}, {}, []
+    for rid, row in rows.items():
+        if row.variant not in names or row.status != "done":
+            continue
+        try:
+            made = json.loads((directory / "runs" / rid / "config.json").read_text())["splits"]
+        except (OSError, ValueError, KeyError):
+            continue
+        key = json.dumps(row.config["data"], sort_keys=True)
+        if key not in now:
+            now[key] = splits_for(DataConfig.model_validate(row.config["data"])).info
+        if any(part in made and made[part] != now[key][part] for part in ("sizes", "sha256")):
+            sizes = config_changes(made["sizes"], now[key]["sizes"])
+            changed.append(f"{rid} ({'; '.join(sizes) if sizes else 'as many images, other ones'})")
+    return changed
 
 
 def _tried(study: Study, rows: dict[str, RunRow]) -> dict[str, dict[int, float | None]]:

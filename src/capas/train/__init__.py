@@ -91,6 +91,7 @@ def _train(
         "spec": spec.to_dict(),
         "data": data.model_dump(mode="json"),
         "train": cfg.model_dump(mode="json"),
+        "splits": splits.info,  # what the data held: a folder that changed since would split otherwise
     }
     checkpoint = out / CHECKPOINT
     if restart and (dist is None or dist.is_main):
