@@ -179,6 +179,32 @@ def test_sample_budget_stops_within_the_epoch():
     assert result.images == 300 and len(result.history) == 1
 
 
+@pytest.mark.parametrize(
+    ("train", "stopped"),
+    [
+        ({"early_stopping": {"monitor": "val_accuracy", "patience": 1, "min_delta": 0.5}}, "early stopping"),
+        ({"max_samples": 300}, "sample budget"),
+    ],
+)
+def test_a_run_that_stopped_resumes_stopped(tmp_path, train, stopped):
+    """Killed after the checkpoint of the epoch that stopped it (while testing or writing the run), a
+    rerun trains no further: the same epochs, images and weights as the run that was not killed."""
+    spec, _, _ = _small()
+    splits = make_splits("fashion-mnist", limit=300)
+    preprocess = default_preprocess(spec.input_shape)
+    cfg = TrainConfig(epochs=5, batch_size=50, optimizer={"lr": 0.05}, **train)
+    ck = tmp_path / "ck.safetensors"
+    first = build_model(spec, seed=0)
+    result = fit(first, splits.train, splits.val, preprocess, cfg, checkpoint=ck)
+    assert result.stopped == stopped and len(result.history) < cfg.epochs
+    again = build_model(spec, seed=0)
+    resumed = fit(again, splits.train, splits.val, preprocess, cfg, checkpoint=ck)
+    assert resumed.stopped == stopped and resumed.history == result.history
+    assert (resumed.images, resumed.best_epoch) == (result.images, result.best_epoch)
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop", "adadelta"])
 @pytest.mark.parametrize("schedule", ["constant", "step", "cosine", "onecycle", "plateau"])
 def test_every_optimizer_and_schedule_trains(optimizer, schedule):

@@ -189,6 +189,10 @@ def _fit(
         plateau.load(state.monitor["plateau"])
         if ema is not None:
             ema.load(state.ema)
+        # a run killed after the checkpoint of the epoch that stopped it (while testing or writing the
+        # run directory) stays stopped: it trains no epoch that the uninterrupted run did not
+        if (stop := _stop_reason(cfg, result, monitor)) is not None:
+            result.stopped, start_epoch = stop, cfg.epochs
     if cfg.progressive_resizing is not None:
         resizing.check_model(model, cfg.progressive_resizing, preprocess.size, preprocess.channels)
     net = _training_net(model, dist, cfg)
