@@ -294,6 +294,20 @@ def _conv_filters(data, filters):
     data["layers"][0]["Conv2D"]["filters"] = filters
 
 
+def test_a_folder_that_is_not_a_run_is_refused_as_out(tmp_path):
+    """Training replaces its run directory whole: a folder of other files (a dataset, a home folder)
+    given as out is refused before anything is deleted."""
+    spec, data, cfg = _small()
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "thesis.txt").write_text("years of work")
+    with pytest.raises(
+        CapasError, match=r"mine: a folder that is not a run directory \(it holds sub, thesis.txt\)"
+    ):
+        train(spec, data, cfg, folder)
+    assert (folder / "thesis.txt").read_text() == "years of work" and (folder / "sub").is_dir()
+
+
 @pytest.mark.parametrize(
     ("name", "change", "words"),
     [
