@@ -179,6 +179,18 @@ def test_sample_budget_stops_within_the_epoch():
     assert result.images == 300 and len(result.history) == 1
 
 
+def test_epoch_images_per_second_is_training_throughput():
+    """metrics.jsonl's images_per_s counts the training steps' time, as test.json's does; the epoch's
+    seconds include its validation (here on 20× as many images as it trains on)."""
+    spec, _, _ = _small()
+    splits = make_splits("fashion-mnist", limit=100, test_limit=2000)
+    cfg = TrainConfig(epochs=1, batch_size=50)
+    result = fit(build_model(spec), splits.train, splits.test, default_preprocess(spec.input_shape), cfg)
+    (epoch,) = result.history
+    assert epoch["images_per_s"] == pytest.approx(result.images_per_second)
+    assert epoch["seconds"] > result.train_seconds
+
+
 @pytest.mark.parametrize(
     ("train", "stopped"),
     [
