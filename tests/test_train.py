@@ -217,6 +217,16 @@ def test_a_run_that_stopped_resumes_stopped(tmp_path, train, stopped):
         assert torch.equal(tensor, again.state_dict()[name]), name
 
 
+def test_time_budget_stops_within_the_epoch():
+    """max_seconds counts the training steps and stops at the step that reaches it, not after the epoch."""
+    spec, _, _ = _small()
+    splits = make_splits("fashion-mnist", limit=600)
+    cfg = TrainConfig(epochs=5, batch_size=50, max_seconds=1e-9)
+    result = fit(build_model(spec), splits.train, splits.val, default_preprocess(spec.input_shape), cfg)
+    assert result.stopped == "time budget"
+    assert result.images == 50 and len(result.history) == 1
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop", "adadelta"])
 @pytest.mark.parametrize("schedule", ["constant", "step", "cosine", "onecycle", "plateau"])
 def test_every_optimizer_and_schedule_trains(optimizer, schedule):

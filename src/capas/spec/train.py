@@ -259,7 +259,10 @@ class TrainConfig(_Config):
         "inference mode, flips as the only augmentation, no progressive resizing, one process",
     )
     max_seconds: float | None = Field(
-        default=None, gt=0.0, description="wall-clock budget; stops after the epoch"
+        default=None,
+        gt=0.0,
+        description="budget of seconds in training steps (validation not counted); training stops at the "
+        "step that reaches it, within its epoch, which is then validated",
     )
     max_samples: Count | None = Field(default=None, ge=1, description="budget of training images seen")
     finetune: FinetuneConfig | None = None
