@@ -191,6 +191,16 @@ def test_epoch_images_per_second_is_training_throughput():
     assert epoch["seconds"] > result.train_seconds
 
 
+class _Starts(Callback):
+    """The epoch each fit started from."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_fit_start(self, epochs, steps_per_epoch, start_epoch):
+        self.epochs.append(start_epoch)
+
+
 @pytest.mark.parametrize(
     ("train", "stopped"),
     [
@@ -209,8 +219,9 @@ def test_a_run_that_stopped_resumes_stopped(tmp_path, train, stopped):
     first = build_model(spec, seed=0)
     result = fit(first, splits.train, splits.val, preprocess, cfg, checkpoint=ck)
     assert result.stopped == stopped and len(result.history) < cfg.epochs
-    again = build_model(spec, seed=0)
-    resumed = fit(again, splits.train, splits.val, preprocess, cfg, checkpoint=ck)
+    again, starts = build_model(spec, seed=0), _Starts()
+    resumed = fit(again, splits.train, splits.val, preprocess, cfg, checkpoint=ck, callbacks=[starts])
+    assert starts.epochs == [len(result.history)]  # "resuming from the checkpoint of epoch 2"
     assert resumed.stopped == stopped and resumed.history == result.history
     assert (resumed.images, resumed.best_epoch) == (result.images, result.best_epoch)
     for name, tensor in first.state_dict().items():

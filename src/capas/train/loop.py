@@ -179,7 +179,7 @@ def _fit(
     total_steps = steps_per_epoch * cfg.epochs
     monitor = _Monitor(cfg.early_stopping)
     plateau = Plateau(cfg.schedule, cfg.optimizer.learning_rate)
-    result, best_state, start_epoch = FitResult(), None, 0
+    result, best_state, start_epoch, end_epoch = FitResult(), None, 0, cfg.epochs
 
     ema = WeightAverage(model, cfg.ema) if cfg.ema is not None else None
     if checkpoint is not None and (state := load_checkpoint(checkpoint, model, optimizer)) is not None:
@@ -192,7 +192,7 @@ def _fit(
         # a run killed after the checkpoint of the epoch that stopped it (while testing or writing the
         # run directory) stays stopped: it trains no epoch that the uninterrupted run did not
         if (stop := _stop_reason(cfg, result, monitor)) is not None:
-            result.stopped, start_epoch = stop, cfg.epochs
+            result.stopped, end_epoch = stop, start_epoch
     if cfg.progressive_resizing is not None:
         resizing.check_model(model, cfg.progressive_resizing, preprocess.size, preprocess.channels)
     net = _training_net(model, dist, cfg)
@@ -230,7 +230,7 @@ def _fit(
 
     for cb in callbacks:
         cb.on_fit_start(cfg.epochs, steps_per_epoch, start_epoch)
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, end_epoch):
         if cfg.finetune is not None and epoch == cfg.finetune.after_epochs:
             # fine-tuning starts: a new optimizer over the now-trainable parameters, backbone at a smaller rate
             _unfreeze(model, cfg)
