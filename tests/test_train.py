@@ -327,6 +327,30 @@ def _conv_filters(data, filters):
     data["layers"][0]["Conv2D"]["filters"] = filters
 
 
+def test_a_checkpoint_of_another_model_is_named_in_one_line(tmp_path):
+    """A checkpoint without recorded settings (an older capas, fit called directly) that holds another
+    architecture is a CapasError naming the file and the mismatch, not load_state_dict's traceback."""
+    spec, _, cfg = _small()
+    splits = make_splits("fashion-mnist", limit=100)
+    preprocess = default_preprocess(spec.input_shape)
+    ck = tmp_path / "ck.safetensors"
+    fit(
+        build_model(spec),
+        splits.train,
+        splits.val,
+        preprocess,
+        cfg.model_copy(update={"epochs": 1}),
+        checkpoint=ck,
+    )
+    wider = spec.to_dict()
+    _conv_filters(wider, 8)
+    other = build_model(ModelSpec.from_dict(wider))
+    with pytest.raises(
+        CapasError, match=r"ck.safetensors: the checkpoint holds another model .*wrong shapes"
+    ):
+        fit(other, splits.train, splits.val, preprocess, cfg, checkpoint=ck)
+
+
 def test_a_folder_that_is_not_a_run_is_refused_as_out(tmp_path):
     """Training replaces its run directory whole: a folder of other files (a dataset, a home folder)
     given as out is refused before anything is deleted."""
