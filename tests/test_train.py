@@ -191,6 +191,17 @@ def test_epoch_images_per_second_is_training_throughput():
     assert epoch["seconds"] > result.train_seconds
 
 
+def test_label_smoothing_is_in_the_training_loss_only():
+    """As the README says: the smoothed loss trains; val_loss is plain cross-entropy."""
+    spec, _, _ = _small()
+    splits = make_splits("fashion-mnist", limit=100)
+    preprocess = default_preprocess(spec.input_shape)
+    model = build_model(spec)
+    cfg = TrainConfig(epochs=1, batch_size=50, label_smoothing=0.5)
+    result = fit(model, splits.train, splits.val, preprocess, cfg)
+    assert result.history[0]["val_loss"] == pytest.approx(evaluate(model, splits.val, preprocess).loss)
+
+
 class _Starts(Callback):
     """The epoch each fit started from."""
 

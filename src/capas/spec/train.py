@@ -202,7 +202,13 @@ class TrainConfig(_Config):
     batch_size: Count = Field(default=128, ge=1)
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="in the training loss only: val_loss and test_loss are plain cross-entropy (Keras "
+        "validates with the smoothed loss)",
+    )
     early_stopping: EarlyStopping | None = None
     augment: Augment = Augment()
     # per-epoch seeds are derived as seed × 100,003 + epoch and must fit torch's 64-bit seeds
