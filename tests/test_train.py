@@ -477,6 +477,21 @@ def test_rates_are_bounded_so_the_optimizer_step_stays_a_float32(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("optimizer", "words"),
+    [
+        ({"name": "sgd", "nesterov": True}, "nesterov needs name: sgd and a momentum above 0"),
+        ({"name": "adam", "nesterov": True, "momentum": 0.9}, "adam has no momentum setting"),
+        ({"name": "adadelta", "momentum": 0.5}, "momentum (0.5) is for sgd and rmsprop"),
+    ],
+)
+def test_momentum_settings_an_optimizer_does_not_take_are_refused(optimizer, words):
+    """Nesterov without momentum was torch.optim.SGD's ValueError from inside training (a traceback
+    after the data had loaded); a momentum for Adam or Adadelta was silently ignored."""
+    with pytest.raises(CapasError, match=re.escape(words)):
+        parse_config(TrainConfig, {"optimizer": optimizer}, "training config")
+
+
+@pytest.mark.parametrize(
     ("cls", "keywords"),
     [
         (TrainConfig, {"epochs": True}),

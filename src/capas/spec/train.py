@@ -63,6 +63,19 @@ class OptimizerConfig(_Config):
         "weight decay per step stays lr·weight_decay (airbench's bias_scaler: 64)",
     )
 
+    @model_validator(mode="after")
+    def _momentum_where_it_applies(self) -> OptimizerConfig:
+        # Keras' Adam, AdamW and Adadelta take no momentum; nesterov is SGD's look-ahead along it
+        if self.momentum and self.name not in ("sgd", "rmsprop"):
+            raise ValueError(
+                f"momentum ({self.momentum}) is for sgd and rmsprop; {self.name} has no momentum setting"
+            )
+        if self.nesterov and not (self.name == "sgd" and self.momentum):
+            raise ValueError(
+                f"nesterov needs name: sgd and a momentum above 0 (got {self.name}, momentum {self.momentum})"
+            )
+        return self
+
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else OPTIMIZER_DEFAULT_LR[self.name]
