@@ -362,6 +362,17 @@ def test_a_checkpoint_of_another_model_is_named_in_one_line(tmp_path):
         fit(other, splits.train, splits.val, preprocess, cfg, checkpoint=ck)
 
 
+def test_out_may_be_a_link_to_the_run_directory(tmp_path):
+    """A symbolic link as out trains into the folder it points to; finishing the run raised
+    IsADirectoryError (the link renamed onto a folder) after the whole training, and lost it."""
+    spec, data, cfg = _small()
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "latest").symlink_to(tmp_path / "disk")
+    train(spec, data, cfg.model_copy(update={"epochs": 1}), tmp_path / "latest")
+    assert (tmp_path / "latest").is_symlink() and (tmp_path / "disk" / "model.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "latest"]  # nothing left beside
+
+
 def test_a_folder_that_is_not_a_run_is_refused_as_out(tmp_path):
     """Training replaces its run directory whole: a folder of other files (a dataset, a home folder)
     given as out is refused before anything is deleted."""
