@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import typing
@@ -12,7 +13,7 @@ import torch
 from capas.atomic import write_text
 from capas.data import default_preprocess, iterate_batches, make_splits
 from capas.errors import CapasError
-from capas.inference import evaluate, model_device
+from capas.inference import eval_batch_size, evaluate, model_device
 from capas.models import build_model
 from capas.predict import evaluate_run, predict
 from capas.runs import load_run
@@ -50,6 +51,31 @@ def test_run_directory_loads_back_with_the_same_predictions(tiny_run):
     splits = make_splits("fashion-mnist", limit=2000, test_limit=400)
     images = list(splits.test.images[:5])
     assert [p.index for p in predict(run, images)] == evaluation.predictions[:5].tolist()
+
+
+class _BatchSizes(torch.nn.Module):
+    """A run's model, noting the size of every batch it is called on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.sizes = model, []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        return self.model(x)
+
+
+def test_predict_runs_many_images_in_evaluation_batches(tiny_run):
+    """capas predict on thousands of files ran them as one batch (out of memory for large inputs)."""
+    run = load_run(tiny_run)
+    images = list(make_splits("fashion-mnist", limit=600).train.images)
+    alone = predict(run, images[:3])
+    counted = dataclasses.replace(run, model=_BatchSizes(run.model))
+    predictions = predict(counted, images)
+    size = eval_batch_size(run.preprocess, model_device(run.model))
+    assert counted.model.sizes == [size, len(images) - size]
+    assert [p.index for p in predictions[:3]] == [p.index for p in alone]
+    assert predict(run, []) == []
 
 
 def _small(seed=0, **train):
