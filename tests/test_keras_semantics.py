@@ -1,6 +1,6 @@
 """Keras 3's update rules, pinned against their formulas: decoupled weight decay in every optimizer,
 AdamW's default decay, RMSprop's ε inside the square root, BatchNormalization's biased moving
-variance, and ReduceLROnPlateau."""
+variance, and ReduceLROnPlateau; and SGD's momentum under a changing rate, where capas is PyTorch."""
 
 from __future__ import annotations
 
@@ -49,6 +49,23 @@ def test_sgd_with_momentum_decays_weights_apart_from_the_gradient():
         coupled.w.grad = torch.tensor(g, dtype=torch.float64)
         torch_sgd.step()
     assert not torch.allclose(coupled.w.detach(), w, atol=1e-3)
+
+
+def test_sgd_momentum_scales_the_accumulated_gradients_by_the_current_rate():
+    """The difference from Keras the README lists: at a constant rate SGD's momentum steps are
+    Keras' (above); when the rate changes, the whole momentum moves at the new rate (PyTorch's
+    buffer of gradients), where Keras' momentum of lr·g keeps the older rates."""
+    w0, grads, mu, rates = [1.0], [[1.0], [1.0]], 0.9, [0.1, 0.01]
+    model = _Weights(w0)
+    optimizer = make_optimizer(model, OptimizerConfig(name="sgd", lr=rates[0], momentum=mu, weight_decay=0))
+    for g, lr in zip(grads, rates, strict=True):
+        optimizer.param_groups[0]["lr"] = lr  # as the schedules set it before every step
+        model.w.grad = torch.tensor(g, dtype=torch.float64)
+        optimizer.step()
+    buffer = mu * 1.0 + 1.0  # PyTorch: b = μ·b + g, w -= lr·b
+    assert model.w.item() == pytest.approx(1.0 - 0.1 * 1.0 - 0.01 * buffer, abs=1e-12)
+    keras_m = mu * (-0.1 * 1.0) - 0.01 * 1.0  # Keras: m = μ·m − lr·g, w += m
+    assert model.w.item() != pytest.approx(1.0 - 0.1 + keras_m, abs=1e-3)
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import typing
@@ -12,7 +13,7 @@ import torch
 from capas.atomic import write_text
 from capas.data import default_preprocess, iterate_batches, make_splits
 from capas.errors import CapasError
-from capas.inference import evaluate, model_device
+from capas.inference import eval_batch_size, evaluate, model_device
 from capas.models import build_model
 from capas.predict import evaluate_run, predict
 from capas.runs import load_run
@@ -50,6 +51,31 @@ def test_run_directory_loads_back_with_the_same_predictions(tiny_run):
     splits = make_splits("fashion-mnist", limit=2000, test_limit=400)
     images = list(splits.test.images[:5])
     assert [p.index for p in predict(run, images)] == evaluation.predictions[:5].tolist()
+
+
+class _BatchSizes(torch.nn.Module):
+    """A run's model, noting the size of every batch it is called on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.sizes = model, []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        return self.model(x)
+
+
+def test_predict_runs_many_images_in_evaluation_batches(tiny_run):
+    """capas predict on thousands of files ran them as one batch (out of memory for large inputs)."""
+    run = load_run(tiny_run)
+    images = list(make_splits("fashion-mnist", limit=600).train.images)
+    alone = predict(run, images[:3])
+    counted = dataclasses.replace(run, model=_BatchSizes(run.model))
+    predictions = predict(counted, images)
+    size = eval_batch_size(run.preprocess, model_device(run.model))
+    assert counted.model.sizes == [size, len(images) - size]
+    assert [p.index for p in predictions[:3]] == [p.index for p in alone]
+    assert predict(run, []) == []
 
 
 def _small(seed=0, **train):
@@ -206,6 +232,76 @@ def test_sample_budget_stops_within_the_epoch():
     assert result.images == 300 and len(result.history) == 1
 
 
+def test_epoch_images_per_second_is_training_throughput():
+    """metrics.jsonl's images_per_s counts the training steps' time, as test.json's does; the epoch's
+    seconds include its validation (here on 20× as many images as it trains on)."""
+    spec, _, _ = _small()
+    splits = make_splits("fashion-mnist", limit=100, test_limit=2000)
+    cfg = TrainConfig(epochs=1, batch_size=50)
+    result = fit(build_model(spec), splits.train, splits.test, default_preprocess(spec.input_shape), cfg)
+    (epoch,) = result.history
+    assert epoch["images_per_s"] == pytest.approx(result.images_per_second)
+    assert epoch["seconds"] > result.train_seconds
+
+
+def test_label_smoothing_is_in_the_training_loss_only():
+    """As the README says: the smoothed loss trains; val_loss is plain cross-entropy."""
+    spec, _, _ = _small()
+    splits = make_splits("fashion-mnist", limit=100)
+    preprocess = default_preprocess(spec.input_shape)
+    model = build_model(spec)
+    cfg = TrainConfig(epochs=1, batch_size=50, label_smoothing=0.5)
+    result = fit(model, splits.train, splits.val, preprocess, cfg)
+    assert result.history[0]["val_loss"] == pytest.approx(evaluate(model, splits.val, preprocess).loss)
+
+
+class _Starts(Callback):
+    """The epoch each fit started from."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_fit_start(self, epochs, steps_per_epoch, start_epoch):
+        self.epochs.append(start_epoch)
+
+
+@pytest.mark.parametrize(
+    ("train", "stopped"),
+    [
+        ({"early_stopping": {"monitor": "val_accuracy", "patience": 1, "min_delta": 0.5}}, "early stopping"),
+        ({"max_samples": 300}, "sample budget"),
+    ],
+)
+def test_a_run_that_stopped_resumes_stopped(tmp_path, train, stopped):
+    """Killed after the checkpoint of the epoch that stopped it (while testing or writing the run), a
+    rerun trains no further: the same epochs, images and weights as the run that was not killed."""
+    spec, _, _ = _small()
+    splits = make_splits("fashion-mnist", limit=300)
+    preprocess = default_preprocess(spec.input_shape)
+    cfg = TrainConfig(epochs=5, batch_size=50, optimizer={"lr": 0.05}, **train)
+    ck = tmp_path / "ck.safetensors"
+    first = build_model(spec, seed=0)
+    result = fit(first, splits.train, splits.val, preprocess, cfg, checkpoint=ck)
+    assert result.stopped == stopped and len(result.history) < cfg.epochs
+    again, starts = build_model(spec, seed=0), _Starts()
+    resumed = fit(again, splits.train, splits.val, preprocess, cfg, checkpoint=ck, callbacks=[starts])
+    assert starts.epochs == [len(result.history)]  # "resuming from the checkpoint of epoch 2"
+    assert resumed.stopped == stopped and resumed.history == result.history
+    assert (resumed.images, resumed.best_epoch) == (result.images, result.best_epoch)
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+
+
+def test_time_budget_stops_within_the_epoch():
+    """max_seconds counts the training steps and stops at the step that reaches it, not after the epoch."""
+    spec, _, _ = _small()
+    splits = make_splits("fashion-mnist", limit=600)
+    cfg = TrainConfig(epochs=5, batch_size=50, max_seconds=1e-9)
+    result = fit(build_model(spec), splits.train, splits.val, default_preprocess(spec.input_shape), cfg)
+    assert result.stopped == "time budget"
+    assert result.images == 50 and len(result.history) == 1
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop", "adadelta"])
 @pytest.mark.parametrize("schedule", ["constant", "step", "cosine", "onecycle", "plateau"])
 def test_every_optimizer_and_schedule_trains(optimizer, schedule):
@@ -293,6 +389,55 @@ def test_preprocess_json_that_does_not_fit_model_json_is_named(tiny_run, tmp_pat
 
 def _conv_filters(data, filters):
     data["layers"][0]["Conv2D"]["filters"] = filters
+
+
+def test_a_checkpoint_of_another_model_is_named_in_one_line(tmp_path):
+    """A checkpoint without recorded settings (an older capas, fit called directly) that holds another
+    architecture is a CapasError naming the file and the mismatch, not load_state_dict's traceback."""
+    spec, _, cfg = _small()
+    splits = make_splits("fashion-mnist", limit=100)
+    preprocess = default_preprocess(spec.input_shape)
+    ck = tmp_path / "ck.safetensors"
+    fit(
+        build_model(spec),
+        splits.train,
+        splits.val,
+        preprocess,
+        cfg.model_copy(update={"epochs": 1}),
+        checkpoint=ck,
+    )
+    wider = spec.to_dict()
+    _conv_filters(wider, 8)
+    other = build_model(ModelSpec.from_dict(wider))
+    with pytest.raises(
+        CapasError, match=r"ck.safetensors: the checkpoint holds another model .*wrong shapes"
+    ):
+        fit(other, splits.train, splits.val, preprocess, cfg, checkpoint=ck)
+
+
+def test_out_may_be_a_link_to_the_run_directory(tmp_path):
+    """A symbolic link as out trains into the folder it points to; finishing the run raised
+    IsADirectoryError (the link renamed onto a folder) after the whole training, and lost it."""
+    spec, data, cfg = _small()
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "latest").symlink_to(tmp_path / "disk")
+    train(spec, data, cfg.model_copy(update={"epochs": 1}), tmp_path / "latest")
+    assert (tmp_path / "latest").is_symlink() and (tmp_path / "disk" / "model.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "latest"]  # nothing left beside
+
+
+def test_a_folder_that_is_not_a_run_is_refused_as_out(tmp_path):
+    """Training replaces its run directory whole: a folder of other files (a dataset, a home folder)
+    given as out is refused before anything is deleted."""
+    spec, data, cfg = _small()
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "thesis.txt").write_text("years of work")
+    with pytest.raises(
+        CapasError, match=r"mine: a folder that is not a run directory \(it holds sub, thesis.txt\)"
+    ):
+        train(spec, data, cfg, folder)
+    assert (folder / "thesis.txt").read_text() == "years of work" and (folder / "sub").is_dir()
 
 
 @pytest.mark.parametrize(
@@ -393,6 +538,21 @@ def test_rates_are_bounded_so_the_optimizer_step_stays_a_float32(tmp_path):
         optimizer = {"name": name, "lr": MAX_LR, "weight_decay": MAX_FACTOR, "batchnorm_lr_scale": MAX_FACTOR}
         config = TrainConfig(epochs=1, batch_size=32, optimizer=optimizer, threads=1)
         train(spec, DataConfig(name="digits", limit=100, test_limit=50), config, tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "words"),
+    [
+        ({"name": "sgd", "nesterov": True}, "nesterov needs name: sgd and a momentum above 0"),
+        ({"name": "adam", "nesterov": True, "momentum": 0.9}, "adam has no momentum setting"),
+        ({"name": "adadelta", "momentum": 0.5}, "momentum (0.5) is for sgd and rmsprop"),
+    ],
+)
+def test_momentum_settings_an_optimizer_does_not_take_are_refused(optimizer, words):
+    """Nesterov without momentum was torch.optim.SGD's ValueError from inside training (a traceback
+    after the data had loaded); a momentum for Adam or Adadelta was silently ignored."""
+    with pytest.raises(CapasError, match=re.escape(words)):
+        parse_config(TrainConfig, {"optimizer": optimizer}, "training config")
 
 
 @pytest.mark.parametrize(

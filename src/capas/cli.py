@@ -152,7 +152,9 @@ def train(
     test_limit: Annotated[
         int | None, typer.Option(help="test on a stratified subset of this many images (default: all)")
     ] = None,
-    max_seconds: Annotated[float | None, typer.Option(help="wall-clock budget for training")] = None,
+    max_seconds: Annotated[
+        float | None, typer.Option(help="budget of seconds in training steps; stops within the epoch")
+    ] = None,
     tta: Annotated[
         str | None,
         typer.Option(help="test-time augmentation: none, flip or flip_shift (kept for predict and serve)"),

@@ -9,7 +9,7 @@ import torch
 
 from capas.data import Splits, read_image, splits_for
 from capas.errors import CapasError
-from capas.inference import Evaluation, autocast, evaluate, model_device, tta_logits
+from capas.inference import Evaluation, autocast, eval_batch_size, evaluate, model_device, tta_logits
 from capas.runs import Run
 from capas.spec import DataConfig
 from capas.spec.io import parse_config
@@ -29,14 +29,19 @@ class Prediction:
 @torch.no_grad()
 def predict(run: Run, images: list[torch.Tensor]) -> list[Prediction]:
     """Class probabilities for decoded uint8 (C, H, W) images of any size, preprocessed as in training
-    and with the run's test-time augmentation."""
-    if not images:
-        return []
+    and with the run's test-time augmentation, in evaluation's batches (`eval_batch_size`: thousands
+    of files in one batch ran out of memory)."""
     device = model_device(run.model)
-    batch = run.preprocess.each(images).to(device)  # (B, C, H, W)
-    with autocast(device, run.precision):
-        probabilities = torch.softmax(tta_logits(run.model, batch, run.tta), dim=1).cpu()
-    return [Prediction(run.classes[int(p.argmax())], int(p.argmax()), p.tolist()) for p in probabilities]
+    size = eval_batch_size(run.preprocess, device)
+    predictions = []
+    for start in range(0, len(images), size):
+        batch = run.preprocess.each(images[start : start + size]).to(device)  # (B, C, H, W)
+        with autocast(device, run.precision):
+            probabilities = torch.softmax(tta_logits(run.model, batch, run.tta), dim=1).cpu()
+        predictions += [
+            Prediction(run.classes[int(p.argmax())], int(p.argmax()), p.tolist()) for p in probabilities
+        ]
+    return predictions
 
 
 def predict_files(run: Run, paths: list[str | Path]) -> list[Prediction]:

@@ -245,7 +245,9 @@ def staging(out: Path) -> Iterator[Path]:
     An `out` that exists (a run being retrained: its old run, its lock and checkpoint) stays whole
     until the new run is: it is renamed aside, the new folder onto `out`, then the old one deleted.
     A crash between the two renames leaves no `out` but both runs whole beside it, as .NAME.*
-    folders; never a folder that mixes files of two runs."""
+    folders; never a folder that mixes files of two runs. An `out` that is a symbolic link is the
+    folder it points to: that is replaced, and the link keeps pointing at the run."""
+    out = out.resolve()  # a link itself cannot be renamed onto mkdtemp's folder
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

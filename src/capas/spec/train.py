@@ -63,6 +63,19 @@ class OptimizerConfig(_Config):
         "weight decay per step stays lr·weight_decay (airbench's bias_scaler: 64)",
     )
 
+    @model_validator(mode="after")
+    def _momentum_where_it_applies(self) -> OptimizerConfig:
+        # Keras' Adam, AdamW and Adadelta take no momentum; nesterov is SGD's look-ahead along it
+        if self.momentum and self.name not in ("sgd", "rmsprop"):
+            raise ValueError(
+                f"momentum ({self.momentum}) is for sgd and rmsprop; {self.name} has no momentum setting"
+            )
+        if self.nesterov and not (self.name == "sgd" and self.momentum):
+            raise ValueError(
+                f"nesterov needs name: sgd and a momentum above 0 (got {self.name}, momentum {self.momentum})"
+            )
+        return self
+
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else OPTIMIZER_DEFAULT_LR[self.name]
@@ -202,7 +215,13 @@ class TrainConfig(_Config):
     batch_size: Count = Field(default=128, ge=1)
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="in the training loss only: val_loss and test_loss are plain cross-entropy (Keras "
+        "validates with the smoothed loss)",
+    )
     early_stopping: EarlyStopping | None = None
     augment: Augment = Augment()
     # per-epoch seeds are derived as seed × 100,003 + epoch and must fit torch's 64-bit seeds
@@ -259,7 +278,10 @@ class TrainConfig(_Config):
         "inference mode, flips as the only augmentation, no progressive resizing, one process",
     )
     max_seconds: float | None = Field(
-        default=None, gt=0.0, description="wall-clock budget; stops after the epoch"
+        default=None,
+        gt=0.0,
+        description="budget of seconds in training steps (validation not counted); training stops at the "
+        "step that reaches it, within its epoch, which is then validated",
     )
     max_samples: Count | None = Field(default=None, ge=1, description="budget of training images seen")
     finetune: FinetuneConfig | None = None

@@ -12,7 +12,7 @@ import torch
 from capas.data import splits_for
 from capas.errors import CapasError
 from capas.inference import evaluate, resolve_device
-from capas.lock import exclusive
+from capas.lock import LOCK, exclusive
 from capas.models import build_model, preprocess_for
 from capas.models.init import WHITENING_IMAGES, fit_whitening, whitening_layers
 from capas.runs import staging, write_run
@@ -56,10 +56,14 @@ def train(
     differences; `precision: auto` and `winograd: auto` count as what they resolve to on this
     machine, which the run records); `restart` discards the checkpoint and starts over. The
     directory is locked while this runs (capas.lock): a second process training into it is refused.
+    The finished run replaces `out` whole, so an `out` folder that holds anything but a run (finished
+    or not) is refused before training.
     With `dist`, this process is one rank of a data-parallel run (capas.train.distributed): every
     rank returns the test results, rank 0 alone writes (and locks) `out`.
     """
     out = Path(out)
+    if dist is None or dist.is_main:
+        _check_out(out)
     cfg = resolved(cfg)
     if cfg.finetune is not None and spec.backbone is None:
         raise CapasError(f"{spec.name}: train.finetune needs a spec with a backbone")
@@ -74,6 +78,20 @@ def train(
     main = dist is None or dist.is_main
     with exclusive(out, "run directory") if main else contextlib.nullcontext(), reproducible(cfg):
         return _train(spec, data, cfg, out, splits, callbacks, dist, restart)
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an `out` folder that holds other things than a run: the finished run replaces the folder
+    whole (capas.runs.staging), which would delete them. A run (model.json), an unfinished one (its
+    checkpoint or lock) and an empty folder are taken."""
+    if not out.is_dir() or any((out / name).exists() for name in ("model.json", CHECKPOINT, LOCK)):
+        return
+    if names := sorted(entry.name for entry in out.iterdir()):
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise CapasError(
+            f"{out}: a folder that is not a run directory (it holds {shown}); the finished run "
+            "replaces the folder whole and would delete them: choose another --out, or empty the folder"
+        )
 
 
 def _train(

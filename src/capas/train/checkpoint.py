@@ -18,6 +18,7 @@ from torch import nn
 
 from capas import atomic
 from capas.errors import CapasError
+from capas.models.weights import load_checked
 
 if TYPE_CHECKING:
     from capas.train.loop import FitResult
@@ -122,7 +123,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     except (SafetensorError, OSError, KeyError, ValueError) as error:
         raise CapasError(f"{path}: damaged checkpoint ({error}); delete it to start this run over") from None
     device = next(model.parameters()).device
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    # a checkpoint without recorded settings (an older capas, `fit` called directly) may hold another model
+    load_checked(
+        model,
+        {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+        f"{path}: the checkpoint holds another model (delete it, or rerun with --restart, to start over)",
+    )
     optimizer.load_state_dict(
         _join_optimizer(tensors, meta["optimizer"])
     )  # moves state to the params' device

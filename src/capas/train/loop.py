@@ -179,7 +179,7 @@ def _fit(
     total_steps = steps_per_epoch * cfg.epochs
     monitor = _Monitor(cfg.early_stopping)
     plateau = Plateau(cfg.schedule, cfg.optimizer.learning_rate)
-    result, best_state, start_epoch = FitResult(), None, 0
+    result, best_state, start_epoch, end_epoch = FitResult(), None, 0, cfg.epochs
 
     ema = WeightAverage(model, cfg.ema) if cfg.ema is not None else None
     if checkpoint is not None and (state := load_checkpoint(checkpoint, model, optimizer)) is not None:
@@ -189,6 +189,10 @@ def _fit(
         plateau.load(state.monitor["plateau"])
         if ema is not None:
             ema.load(state.ema)
+        # a run killed after the checkpoint of the epoch that stopped it (while testing or writing the
+        # run directory) stays stopped: it trains no epoch that the uninterrupted run did not
+        if (stop := _stop_reason(cfg, result, monitor)) is not None:
+            result.stopped, end_epoch = stop, start_epoch
     if cfg.progressive_resizing is not None:
         resizing.check_model(model, cfg.progressive_resizing, preprocess.size, preprocess.channels)
     net = _training_net(model, dist, cfg)
@@ -226,7 +230,7 @@ def _fit(
 
     for cb in callbacks:
         cb.on_fit_start(cfg.epochs, steps_per_epoch, start_epoch)
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, end_epoch):
         if cfg.finetune is not None and epoch == cfg.finetune.after_epochs:
             # fine-tuning starts: a new optimizer over the now-trainable parameters, backbone at a smaller rate
             _unfreeze(model, cfg)
@@ -290,7 +294,8 @@ def _fit(
                 cb.on_batch_end(n, loss_sum * world, correct * world)
             if _over_budget(cfg, result, seen, started):
                 break
-        result.train_seconds += time.perf_counter() - started
+        train_time = time.perf_counter() - started  # the steps alone: validation comes below
+        result.train_seconds += train_time
         result.images += seen
         if dist is not None:
             dist.sum(loss_sum, correct)  # this process' slices -> the whole epoch's
@@ -315,8 +320,8 @@ def _fit(
             "val_loss": val_eval.loss,
             "val_accuracy": val_eval.accuracy,
             "lr": optimizer.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - started,
-            "images_per_s": seen / (time.perf_counter() - started),
+            "seconds": time.perf_counter() - started,  # the whole epoch, its validation included
+            "images_per_s": seen / train_time,  # training throughput, as test.json's
         }
         result.history.append(metrics)
         plateau.update(val_eval.loss)
