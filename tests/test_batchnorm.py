@@ -3,6 +3,8 @@ evaluation-mode accuracy on training images falls far below its training-mode ac
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -114,3 +116,34 @@ def test_batchnorm_without_scale_trains_its_bias_on_every_device(device):
         assert norm.bias.grad is not None and norm.bias.grad.shape == (4,)
         grads.append(norm.bias.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_one_value_per_channel_trains_as_in_keras(flatten):
+    """A last training batch of one image after Dense or global pooling was PyTorch's "Expected more
+    than 1 value per channel when training" traceback; Keras normalizes the value to 0 (biased variance
+    0), gives beta, and moves its moving statistics toward (the value, 0)."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+
+    layers = [{"BatchNormalization": {"momentum": 0.9}}]  # after Flatten: BatchNorm1d, else BatchNorm2d
+    spec = ModelSpec.from_dict(
+        {"input_shape": [1, 1, 4], "layers": ["Flatten", *layers] if flatten else layers}
+    )
+    model = build_model(spec, seed=0).train()
+    bn = list(model.layers.values())[-1]
+    with torch.no_grad():
+        bn.bias.fill_(0.5)
+    x = torch.arange(1.0, 5.0).reshape(1, 4, 1, 1)
+    out = model(x)
+    out.sum().backward()
+    layer = keras.layers.BatchNormalization(momentum=0.9, beta_initializer=keras.initializers.Constant(0.5))
+    expected = keras.ops.convert_to_numpy(layer(x.reshape(1, 1, 1, 4).numpy(), training=True))
+
+    def numpy(tensor) -> torch.Tensor:
+        return torch.as_tensor(keras.ops.convert_to_numpy(tensor))
+
+    assert torch.allclose(out.flatten(), torch.as_tensor(expected).flatten())
+    assert torch.allclose(bn.running_mean, numpy(layer.moving_mean))
+    assert torch.allclose(bn.running_var, numpy(layer.moving_variance))
+    assert torch.equal(bn.bias.grad, torch.ones(4)) and torch.equal(bn.weight.grad, torch.zeros(4))

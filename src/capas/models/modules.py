@@ -238,16 +238,31 @@ class _BiasedMovingVariance:
         self._check_input_dim(x)
         self.num_batches_tracked.add_(1)
         f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        n = x.numel() // x.shape[1]  # values per channel in the batch
+        if n == 1:
+            return self._one_value(x, f)
         updated = self.running_var.clone()
         # `scale: false` with a bias: CUDA's batch_norm backward without a weight returns an empty
         # bias gradient (PyTorch 2.11), so the fixed gamma of 1 is passed as a tensor
         weight = self.weight if self.weight is not None or self.bias is None else torch.ones_like(self.bias)
         out = nn.functional.batch_norm(x, self.running_mean, updated, weight, self.bias, True, f, self.eps)
-        n = x.numel() // x.shape[1]  # values per channel in the batch
         with torch.no_grad():
             kept = (1.0 - f) * self.running_var
-            self.running_var.copy_(kept + (updated - kept) * ((n - 1) / max(n, 1)))
+            self.running_var.copy_(kept + (updated - kept) * ((n - 1) / n))
         return out
+
+    def _one_value(self, x: torch.Tensor, f: float) -> torch.Tensor:
+        """One value per channel (a last batch of one image after Dense or global pooling), which
+        PyTorch's batch_norm refuses: as in Keras, it is its own mean, its biased variance is 0, so it
+        normalizes to 0 (with no gradient through it) and the layer gives beta."""
+        with torch.no_grad():
+            self.running_mean.mul_(1.0 - f).add_(x.reshape(-1), alpha=f)
+            self.running_var.mul_(1.0 - f)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        out = x - x
+        if self.weight is not None:
+            out = out * self.weight.view(shape)
+        return out if self.bias is None else out + self.bias.view(shape)
 
 
 class KerasBatchNorm2d(_BiasedMovingVariance, nn.BatchNorm2d):
