@@ -51,6 +51,7 @@ def test_unreachable_url(tmp_path):
 def test_search_order(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPAS_DATA", str(tmp_path / "env"))
     monkeypatch.setenv("CAPAS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "arg").mkdir()
     assert search_dirs("mnist", tmp_path / "arg") == [
         tmp_path / "arg" / "mnist",
         tmp_path / "arg",

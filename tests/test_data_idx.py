@@ -116,11 +116,21 @@ def test_download_into_cache(tmp_path, monkeypatch):
 def test_missing_dataset_says_where_it_looked(tmp_path, monkeypatch):
     source = dataclasses.replace(idx.SOURCES["mnist"], url=(tmp_path / "nowhere").as_uri() + "/")
     monkeypatch.setitem(idx.SOURCES, "mnist", source)
+    (tmp_path / "data").mkdir()
     with pytest.raises(CapasError) as caught:
         load_dataset("mnist", tmp_path / "data")
     message = str(caught.value)
     assert str(tmp_path / "data" / "mnist") in message and str(tmp_path / "cache" / "mnist") in message
     assert "could not download" in message and "place train-images-idx3-ubyte" in message
+
+
+def test_a_data_dir_that_is_no_folder_is_refused(tmp_path):
+    """A misspelt --data-dir was passed over for Debian's copy (or a download), the run recording it."""
+    for name in ("fashion-mnist", "cifar10"):
+        with pytest.raises(
+            CapasError, match=rf"^data_dir \(--data-dir\) {tmp_path / 'typo'}: no such folder$"
+        ):
+            load_dataset(name, tmp_path / "typo")
 
 
 def test_unknown_name_suggests_the_closest():

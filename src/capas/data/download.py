@@ -21,6 +21,9 @@ def cache_root() -> Path:
 def search_dirs(name: str, data_dir: str | Path | None) -> list[Path]:
     """Folders to look for dataset `name` in, in order: `data_dir`, then `$CAPAS_DATA` (each as
     `<dir>/<name>/` and `<dir>/` itself), then the download cache."""
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        # looked past, it would leave the run on other files than the ones the user named
+        raise CapasError(f"data_dir (--data-dir) {data_dir}: no such folder")
     dirs = []
     for base in (data_dir, os.environ.get("CAPAS_DATA")):
         if base:
