@@ -356,6 +356,8 @@ def test_a_run_directory_becomes_the_backbone_of_another_dataset(tmp_path):
         ),
         ({"name": "vgg16", "frozen": 19}, (48, 48, 3), "19 is more than the 18 layers of vgg16"),
         ({"name": "vgg16", "frozen": -1}, (48, 48, 3), "keyword 'frozen'"),
+        # `frozen: true` was one layer (pydantic reads true as 1), the rest of the backbone trained
+        ({"name": "vgg16", "frozen": True}, (48, 48, 3), "not true or false (given True)"),
         ({"name": "vgg16", "frozn": 1}, (48, 48, 3), "unknown key 'frozn' (did you mean 'frozen'?)"),
         ({"name": "vgg16"}, (16, 16, 3), "smaller than it accepts; use at least 32×32"),
         ({"name": "resnet18"}, (32, 32, 1), "needs 3 channels"),
