@@ -15,6 +15,7 @@ from capas.models import build_backbone, build_model, preprocess_for
 from capas.models.backbones import IMAGENET_MEAN, lookup
 from capas.runs import load_run
 from capas.spec import BackboneConfig, DataConfig, ModelSpec, TrainConfig, load_spec
+from capas.spec.io import parse_config
 from capas.spec.summary import summarize
 from capas.train import fit, train
 from capas.train.loop import Callback
@@ -390,6 +391,13 @@ def test_finetune_without_a_backbone_is_refused(tmp_path):
             TrainConfig(finetune={"after_epochs": 1}),
             tmp_path,
         )
+
+
+def test_finetune_that_would_never_start_is_refused():
+    """`after_epochs: 3` with `epochs: 3` trained the top only, and the run recorded a fine-tuning."""
+    with pytest.raises(CapasError, match=r"finetune.after_epochs \(3\) must be less than epochs \(3\)"):
+        parse_config(TrainConfig, {"epochs": 3, "finetune": {"after_epochs": 3}}, "train")
+    assert parse_config(TrainConfig, {"epochs": 4, "finetune": {"after_epochs": 3}}, "train").finetune
 
 
 def test_the_offline_efficientnet_example_is_valid():

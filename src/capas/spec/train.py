@@ -269,6 +269,11 @@ class TrainConfig(_Config):
                 "winograd: true and compile: true cannot be combined: winograd replaces convolutions "
                 "in the eager step; set one of them"
             )
+        if self.finetune is not None and self.finetune.after_epochs >= self.epochs:
+            raise ValueError(
+                f"finetune.after_epochs ({self.finetune.after_epochs}) must be less than epochs "
+                f"({self.epochs}): fine-tuning starts after that many epochs, so it would never start"
+            )
         return self
 
 
