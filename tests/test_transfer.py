@@ -305,6 +305,18 @@ def test_offline_imagenet_download_names_the_file_to_place(tmp_path, monkeypatch
         assert (tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth").is_file()
 
 
+def test_a_corrupt_file_in_the_hub_cache_is_named_not_a_traceback(tmp_path, monkeypatch):
+    """The file offline users are told to place: a truncated or wrong one raised UnpicklingError."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("CAPAS_WEIGHTS", raising=False)
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"not weights" * 100)
+    with pytest.raises(CapasError, match="cannot read its ImageNet weights from") as caught:
+        build_backbone(BackboneConfig(name="resnet18", weights="imagenet"))
+    assert str(cached) in str(caught.value) and "delete that file" in str(caught.value)
+
+
 def test_a_run_directory_becomes_the_backbone_of_another_dataset(tmp_path):
     small = ModelSpec.from_dict(
         {

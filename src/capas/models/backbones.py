@@ -124,6 +124,11 @@ def _torchvision_imagenet(weights_name: str, backbone: str) -> Callable[[nn.Modu
                 f"{filename} (from {weights.url}) at {cached}, or save it as $CAPAS_WEIGHTS/{backbone}.pth, "
                 f"or give its path as backbone.weights"
             ) from None
+        except Exception as error:  # torch raises several types for a corrupt or truncated cached file
+            raise CapasError(
+                f"backbone {backbone}: cannot read its ImageNet weights from {cached} ({error}); delete that "
+                f"file to download it again, or replace it with {filename} from {weights.url}"
+            ) from None
         load_into(model, state, str(cached), backbone)
 
     return load
