@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -17,6 +18,7 @@ from rich.console import Console
 
 ray = pytest.importorskip("ray")
 
+from capas.errors import CapasError  # noqa: E402
 from capas.runs import load_run  # noqa: E402
 from capas.study.executors import PoolExecutor, RunTask  # noqa: E402
 from capas.study.ray_executor import PROBE, RayExecutor, _deliver, _worker_run  # noqa: E402
@@ -43,6 +45,19 @@ def study_path(tiny_study, study_file):
 
 def _quiet(folder: Path) -> Console:
     return Console(file=open(folder / "log.txt", "a"))
+
+
+def test_an_address_nothing_answers_on_is_refused_at_once():
+    """Ray retried such an address for minutes (13.7 for 127.0.0.1:1), a warning every few seconds. First in the
+    module: with a Ray instance already started in this process, the executor uses it and no address."""
+    assert not ray.is_initialized()
+    with socket.socket() as closed:  # a port that was free a moment ago: nothing listens on it
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(CapasError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+        RayExecutor(address=f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 5 and not ray.is_initialized()
 
 
 def test_ray_study_matches_the_local_pool(local_ray, tmp_path, study_path):
