@@ -236,6 +236,21 @@ def test_finetune_unfreezes_the_last_layers_with_a_smaller_rate_and_no_state_for
     assert len(states) == held
 
 
+def test_a_fine_tuned_run_says_which_layers_it_unfroze_above_its_summary(tmp_path):
+    """summary.txt showed the unfrozen layers as frozen, and only the top as trainable."""
+    spec = spec_with({"name": "mobilenet_v3_small", "weights": "none", "frozen": "all"})
+    cfg = TrainConfig(epochs=2, batch_size=20, finetune={"after_epochs": 1, "unfreeze": 2}, device="cpu")
+    train(spec, DataConfig(name="digits", limit=40, test_limit=10), cfg, tmp_path / "run")
+    rows = summarize(spec).rows
+    unfrozen = sum(r.trainable for r in rows[len(rows) - 4 : len(rows) - 2])  # the backbone's last two
+    note = (tmp_path / "run" / "summary.txt").read_text().splitlines()[0]
+    assert note == (
+        f"Fine-tuned: after epoch 1, backbone layers 11-12 ({rows[11].name} to {rows[12].name}) were "
+        f"unfrozen and trained too, at 0.1× the learning rate: {unfrozen:,} more trainable parameters "
+        "than the table counts, which shows how training started."
+    )
+
+
 def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
     spec = spec_with({"name": "mobilenet_v3_small", "weights": "none"})
     data, cfg = (
