@@ -5,9 +5,11 @@ without repeating finished runs, and a worker that cannot see the driver's disk 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sqlite3
+import tempfile
 import threading
 import time
 from concurrent.futures import Future
@@ -58,6 +60,24 @@ def test_an_address_nothing_answers_on_is_refused_at_once():
     with pytest.raises(CapasError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
         RayExecutor(address=f"127.0.0.1:{port}")
     assert time.monotonic() - started < 5 and not ray.is_initialized()
+
+
+def test_without_an_address_a_new_local_instance_starts_beside_a_recorded_cluster(monkeypatch):
+    """`ray start` records its cluster in Ray's temporary folder, and ray.init without an address
+    joins it, refusing num_cpus: "capas study --executor ray" failed on the machine of a `ray start
+    --head`, or of one that was killed. Also before the module's Ray instance starts."""
+    assert not ray.is_initialized()
+    folder = Path(tempfile.mkdtemp(prefix="capas-ray-", dir="/tmp"))  # short: Ray's socket paths live in it
+    monkeypatch.setenv("RAY_TMPDIR", str(folder))
+    (folder / "ray").mkdir()
+    (folder / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")  # a cluster that has since died
+    try:
+        executor = RayExecutor(1)
+        assert executor.owned and executor.workers == 1
+        executor.close()
+        assert not ray.is_initialized()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_ray_study_matches_the_local_pool(local_ray, tmp_path, study_path):

@@ -132,9 +132,15 @@ class RayExecutor(Executor):
         self.owned = not ray.is_initialized()
         if self.owned:
             try:
-                if address is None:  # a local instance with `workers` CPUs (default: all of this machine's)
+                if address is None:
+                    # a new local instance with `workers` CPUs (default: all of this machine's); "local":
+                    # not the cluster that a `ray start` on this machine recorded in /tmp/ray, which
+                    # ray.init joins by default (and then refuses num_cpus)
                     ray.init(
-                        num_cpus=workers or available_cores(), include_dashboard=False, log_to_driver=False
+                        address="local",
+                        num_cpus=workers or available_cores(),
+                        include_dashboard=False,
+                        log_to_driver=False,
                     )
                 else:
                     _check_reachable(address)
