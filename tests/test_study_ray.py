@@ -34,7 +34,8 @@ RUNS = 4  # 2 variants × 2 seeds
 @pytest.fixture(scope="module")
 def local_ray():
     """One Ray instance for the module: starting one costs seconds."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a new instance, not a cluster that a `ray start` on this machine recorded
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
