@@ -120,7 +120,7 @@ class EarlyStopping(_Config):
 
 class FinetuneConfig(_Config):
     """Train the top with the backbone as frozen as the spec says for `after_epochs` epochs, then
-    unfreeze the last `unfreeze` backbone layers (or all) and go on at a smaller backbone rate.
+    unfreeze the last `unfreeze` frozen backbone layers (or all) and go on at a smaller backbone rate.
     The optimizer is rebuilt at the switch, so frozen parameters never hold optimizer state."""
 
     after_epochs: Count = Field(ge=1)
