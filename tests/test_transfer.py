@@ -374,6 +374,15 @@ def test_a_run_directory_becomes_the_backbone_of_another_dataset(tmp_path):
     assert result["feature_cache"]["cache"] == "written"  # 8×8 digits resized to the run's 28×28
 
 
+def test_a_run_with_nothing_before_its_classifier_is_refused_as_a_backbone(tmp_path):
+    """A run whose first layer is its classifier left an empty backbone: an IndexError traceback."""
+    layers = [{"Conv2D": {"filters": 10, "kernel_size": 8}}, "Flatten"]
+    source = ModelSpec.from_dict({"name": "conv", "input_shape": [8, 8, 1], "layers": layers})
+    train(source, DataConfig(name="digits", limit=40, test_limit=10), TrainConfig(epochs=1), tmp_path / "src")
+    with pytest.raises(CapasError, match="no layer comes before its classifier"):
+        spec_with({"name": "run", "weights": str(tmp_path / "src")}, (8, 8, 1), ["Flatten", TOP[1]])
+
+
 @pytest.mark.parametrize(
     ("backbone", "input_shape", "message"),
     [

@@ -320,9 +320,14 @@ def _run_rows(cfg: BackboneConfig) -> tuple[list[tuple[str, str, nn.Module]], di
         for name, module in (model.backbone.named_children() if model.backbone else [])
     ]
     modules = list(model.layers.items())
-    last = max(i for i, (_, m) in enumerate(modules) if next(m.parameters(), None) is not None)
+    last = max((i for i, (_, m) in enumerate(modules) if next(m.parameters(), None) is not None), default=0)
     infos = run.spec.layer_infos()[len(rows) :]
     rows += [(name, infos[i].layer.type_name(), module) for i, (name, module) in enumerate(modules[:last])]
+    if not rows:
+        raise CapasError(
+            f"backbone run {cfg.weights}: no layer comes before its classifier (its last layer with "
+            "weights), so it has nothing to reuse; use a run with layers before its classifier"
+        )
     return rows, {"input_shape": run.spec.input_shape, "mean": run.preprocess.mean, "std": run.preprocess.std}
 
 
