@@ -332,6 +332,27 @@ def test_a_corrupt_file_in_the_hub_cache_is_named_not_a_traceback(tmp_path, monk
     assert str(cached) in str(caught.value) and "delete that file" in str(caught.value)
 
 
+def test_a_pickle_in_the_hub_cache_runs_no_code(tmp_path, monkeypatch):
+    """torch.hub unpickles its cached files whole unless told weights_only: a file placed there by
+    hand (capas' offline advice) ran its code while the backbone was built."""
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("CAPAS_WEIGHTS", raising=False)
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save({"conv1.weight": torch.zeros(1), "payload": Payload()}, cached)
+    with pytest.raises(
+        CapasError, match=r"cannot read its ImageNet weights .*\(WeightsUnpickler error: "
+    ) as caught:
+        build_backbone(BackboneConfig(name="resnet18", weights="imagenet"))
+    assert not marker.exists() and "\n" not in str(caught.value)
+
+
 def test_a_run_directory_becomes_the_backbone_of_another_dataset(tmp_path):
     small = ModelSpec.from_dict(
         {
