@@ -130,6 +130,28 @@ def test_batch_normalization_moving_variance_is_keras_biased_average():
     assert torch.allclose(bn.running_var, (biased + 4 * biased) / 2, rtol=1e-5)
 
 
+def test_trainable_false_keeps_batch_normalization_in_inference_mode_and_dropout_dropping():
+    """Keras: a frozen BatchNormalization normalises with its moving statistics in training; a frozen
+    Dropout (no weights to freeze) still drops. capas turned the frozen Dropout off."""
+    spec = ModelSpec.from_dict(
+        {
+            "name": "frozen",
+            "input_shape": [2, 2, 3],
+            "layers": [
+                {"BatchNormalization": {"trainable": False}},
+                "Flatten",
+                {"Dropout": {"rate": 0.5, "trainable": False}},
+            ],
+        }
+    )
+    model = build_model(spec, seed=0).train()
+    assert not model.layers["batch_normalization"].training and model.layers["dropout"].training
+    y = model(torch.ones(1, 3, 2, 2))
+    # moving mean 0, variance 1: x / sqrt(1 + 0.001), then each value dropped or scaled by 2
+    kept = 2 / (1 + 1e-3) ** 0.5
+    assert (y == 0).any() and torch.allclose(y[y != 0], torch.full_like(y[y != 0], kept))
+
+
 def test_reduce_on_plateau_follows_keras():
     cfg = ScheduleConfig(name="plateau", factor=0.5, patience=2, min_lr=0.02, min_delta=0.01)
     plateau = Plateau(cfg, base_lr=0.1)

@@ -5,8 +5,11 @@ without repeating finished runs, and a worker that cannot see the driver's disk 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import sqlite3
+import tempfile
 import threading
 import time
 from concurrent.futures import Future
@@ -17,6 +20,7 @@ from rich.console import Console
 
 ray = pytest.importorskip("ray")
 
+from capas.errors import CapasError  # noqa: E402
 from capas.runs import load_run  # noqa: E402
 from capas.study.executors import PoolExecutor, RunTask  # noqa: E402
 from capas.study.ray_executor import PROBE, RayExecutor, _deliver, _worker_run  # noqa: E402
@@ -30,7 +34,8 @@ RUNS = 4  # 2 variants × 2 seeds
 @pytest.fixture(scope="module")
 def local_ray():
     """One Ray instance for the module: starting one costs seconds."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a new instance, not a cluster that a `ray start` on this machine recorded
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -43,6 +48,37 @@ def study_path(tiny_study, study_file):
 
 def _quiet(folder: Path) -> Console:
     return Console(file=open(folder / "log.txt", "a"))
+
+
+def test_an_address_nothing_answers_on_is_refused_at_once():
+    """Ray retried such an address for minutes (13.7 for 127.0.0.1:1), a warning every few seconds. First in the
+    module: with a Ray instance already started in this process, the executor uses it and no address."""
+    assert not ray.is_initialized()
+    with socket.socket() as closed:  # a port that was free a moment ago: nothing listens on it
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(CapasError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+        RayExecutor(address=f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 5 and not ray.is_initialized()
+
+
+def test_without_an_address_a_new_local_instance_starts_beside_a_recorded_cluster(monkeypatch):
+    """`ray start` records its cluster in Ray's temporary folder, and ray.init without an address
+    joins it, refusing num_cpus: "capas study --executor ray" failed on the machine of a `ray start
+    --head`, or of one that was killed. Also before the module's Ray instance starts."""
+    assert not ray.is_initialized()
+    folder = Path(tempfile.mkdtemp(prefix="capas-ray-", dir="/tmp"))  # short: Ray's socket paths live in it
+    monkeypatch.setenv("RAY_TMPDIR", str(folder))
+    (folder / "ray").mkdir()
+    (folder / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")  # a cluster that has since died
+    try:
+        executor = RayExecutor(1)
+        assert executor.owned and executor.workers == 1
+        executor.close()
+        assert not ray.is_initialized()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_ray_study_matches_the_local_pool(local_ray, tmp_path, study_path):

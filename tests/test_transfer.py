@@ -15,6 +15,7 @@ from capas.models import build_backbone, build_model, preprocess_for
 from capas.models.backbones import IMAGENET_MEAN, lookup
 from capas.runs import load_run
 from capas.spec import BackboneConfig, DataConfig, ModelSpec, TrainConfig, load_spec
+from capas.spec.io import parse_config
 from capas.spec.summary import summarize
 from capas.train import fit, train
 from capas.train.loop import Callback
@@ -235,6 +236,21 @@ def test_finetune_unfreezes_the_last_layers_with_a_smaller_rate_and_no_state_for
     assert len(states) == held
 
 
+def test_a_fine_tuned_run_says_which_layers_it_unfroze_above_its_summary(tmp_path):
+    """summary.txt showed the unfrozen layers as frozen, and only the top as trainable."""
+    spec = spec_with({"name": "mobilenet_v3_small", "weights": "none", "frozen": "all"})
+    cfg = TrainConfig(epochs=2, batch_size=20, finetune={"after_epochs": 1, "unfreeze": 2}, device="cpu")
+    train(spec, DataConfig(name="digits", limit=40, test_limit=10), cfg, tmp_path / "run")
+    rows = summarize(spec).rows
+    unfrozen = sum(r.trainable for r in rows[len(rows) - 4 : len(rows) - 2])  # the backbone's last two
+    note = (tmp_path / "run" / "summary.txt").read_text().splitlines()[0]
+    assert note == (
+        f"Fine-tuned: after epoch 1, backbone layers 11-12 ({rows[11].name} to {rows[12].name}) were "
+        f"unfrozen and trained too, at 0.1× the learning rate: {unfrozen:,} more trainable parameters "
+        "than the table counts, which shows how training started."
+    )
+
+
 def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
     spec = spec_with({"name": "mobilenet_v3_small", "weights": "none"})
     data, cfg = (
@@ -304,6 +320,39 @@ def test_offline_imagenet_download_names_the_file_to_place(tmp_path, monkeypatch
         assert (tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth").is_file()
 
 
+def test_a_corrupt_file_in_the_hub_cache_is_named_not_a_traceback(tmp_path, monkeypatch):
+    """The file offline users are told to place: a truncated or wrong one raised UnpicklingError."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("CAPAS_WEIGHTS", raising=False)
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"not weights" * 100)
+    with pytest.raises(CapasError, match="cannot read its ImageNet weights from") as caught:
+        build_backbone(BackboneConfig(name="resnet18", weights="imagenet"))
+    assert str(cached) in str(caught.value) and "delete that file" in str(caught.value)
+
+
+def test_a_pickle_in_the_hub_cache_runs_no_code(tmp_path, monkeypatch):
+    """torch.hub unpickles its cached files whole unless told weights_only: a file placed there by
+    hand (capas' offline advice) ran its code while the backbone was built."""
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("CAPAS_WEIGHTS", raising=False)
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save({"conv1.weight": torch.zeros(1), "payload": Payload()}, cached)
+    with pytest.raises(
+        CapasError, match=r"cannot read its ImageNet weights .*\(WeightsUnpickler error: "
+    ) as caught:
+        build_backbone(BackboneConfig(name="resnet18", weights="imagenet"))
+    assert not marker.exists() and "\n" not in str(caught.value)
+
+
 def test_a_run_directory_becomes_the_backbone_of_another_dataset(tmp_path):
     small = ModelSpec.from_dict(
         {
@@ -346,6 +395,15 @@ def test_a_run_directory_becomes_the_backbone_of_another_dataset(tmp_path):
     assert result["feature_cache"]["cache"] == "written"  # 8×8 digits resized to the run's 28×28
 
 
+def test_a_run_with_nothing_before_its_classifier_is_refused_as_a_backbone(tmp_path):
+    """A run whose first layer is its classifier left an empty backbone: an IndexError traceback."""
+    layers = [{"Conv2D": {"filters": 10, "kernel_size": 8}}, "Flatten"]
+    source = ModelSpec.from_dict({"name": "conv", "input_shape": [8, 8, 1], "layers": layers})
+    train(source, DataConfig(name="digits", limit=40, test_limit=10), TrainConfig(epochs=1), tmp_path / "src")
+    with pytest.raises(CapasError, match="no layer comes before its classifier"):
+        spec_with({"name": "run", "weights": str(tmp_path / "src")}, (8, 8, 1), ["Flatten", TOP[1]])
+
+
 @pytest.mark.parametrize(
     ("backbone", "input_shape", "message"),
     [
@@ -356,6 +414,8 @@ def test_a_run_directory_becomes_the_backbone_of_another_dataset(tmp_path):
         ),
         ({"name": "vgg16", "frozen": 19}, (48, 48, 3), "19 is more than the 18 layers of vgg16"),
         ({"name": "vgg16", "frozen": -1}, (48, 48, 3), "keyword 'frozen'"),
+        # `frozen: true` was one layer (pydantic reads true as 1), the rest of the backbone trained
+        ({"name": "vgg16", "frozen": True}, (48, 48, 3), "not true or false (given True)"),
         ({"name": "vgg16", "frozn": 1}, (48, 48, 3), "unknown key 'frozn' (did you mean 'frozen'?)"),
         ({"name": "vgg16"}, (16, 16, 3), "smaller than it accepts; use at least 32×32"),
         ({"name": "resnet18"}, (32, 32, 1), "needs 3 channels"),
@@ -388,6 +448,13 @@ def test_finetune_without_a_backbone_is_refused(tmp_path):
             TrainConfig(finetune={"after_epochs": 1}),
             tmp_path,
         )
+
+
+def test_finetune_that_would_never_start_is_refused():
+    """`after_epochs: 3` with `epochs: 3` trained the top only, and the run recorded a fine-tuning."""
+    with pytest.raises(CapasError, match=r"finetune.after_epochs \(3\) must be less than epochs \(3\)"):
+        parse_config(TrainConfig, {"epochs": 3, "finetune": {"after_epochs": 3}}, "train")
+    assert parse_config(TrainConfig, {"epochs": 4, "finetune": {"after_epochs": 3}}, "train").finetune
 
 
 def test_the_offline_efficientnet_example_is_valid():

@@ -87,6 +87,14 @@ def lookup(name: str) -> BackboneDef:
 # ---- weights ---------------------------------------------------------------------------------------
 
 
+def _load_failure(error: Exception) -> str:
+    """Why torch.load refused a file, in one line: for a file holding more than tensors, the line that
+    names what (torch's message around it explains how to unpickle it anyway)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    unsafe = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    return (unsafe or lines or [type(error).__name__])[0]
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict from a .safetensors or .pth file (never unpickling code: weights_only=True)."""
     if not path.is_file():
@@ -98,7 +106,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for unreadable or unsafe files
-        raise CapasError(f"backbone.weights: {path}: not a readable weights file ({error})") from None
+        raise CapasError(
+            f"backbone.weights: {path}: not a readable weights file ({_load_failure(error)})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CapasError(f"backbone.weights: {path}: expected a state_dict (names -> tensors)")
     return state
@@ -117,12 +127,20 @@ def _torchvision_imagenet(weights_name: str, backbone: str) -> Callable[[nn.Modu
         filename = weights.url.rsplit("/", 1)[-1]
         cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
         try:
-            state = weights.get_state_dict(progress=False, check_hash=True)
+            # weights_only: the hub cache holds files users place by hand (offline); torch.hub unpickles
+            # them whole by default, running any code in them
+            state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
         except OSError as error:  # URLError is an OSError: no network
             raise CapasError(
                 f"backbone {backbone}: cannot download its ImageNet weights ({error}). Offline, place the file "
                 f"{filename} (from {weights.url}) at {cached}, or save it as $CAPAS_WEIGHTS/{backbone}.pth, "
                 f"or give its path as backbone.weights"
+            ) from None
+        except Exception as error:  # torch raises several types for a corrupt or truncated cached file
+            raise CapasError(
+                f"backbone {backbone}: cannot read its ImageNet weights from {cached} ({_load_failure(error)}); "
+                "delete that "
+                f"file to download it again, or replace it with {filename} from {weights.url}"
             ) from None
         load_into(model, state, str(cached), backbone)
 
@@ -315,9 +333,14 @@ def _run_rows(cfg: BackboneConfig) -> tuple[list[tuple[str, str, nn.Module]], di
         for name, module in (model.backbone.named_children() if model.backbone else [])
     ]
     modules = list(model.layers.items())
-    last = max(i for i, (_, m) in enumerate(modules) if next(m.parameters(), None) is not None)
+    last = max((i for i, (_, m) in enumerate(modules) if next(m.parameters(), None) is not None), default=0)
     infos = run.spec.layer_infos()[len(rows) :]
     rows += [(name, infos[i].layer.type_name(), module) for i, (name, module) in enumerate(modules[:last])]
+    if not rows:
+        raise CapasError(
+            f"backbone run {cfg.weights}: no layer comes before its classifier (its last layer with "
+            "weights), so it has nothing to reuse; use a run with layers before its classifier"
+        )
     return rows, {"input_shape": run.spec.input_shape, "mean": run.preprocess.mean, "std": run.preprocess.std}
 
 

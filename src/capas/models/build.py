@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from capas.inference import cpu_slice
+from capas.layers.core import BatchNormalization
 from capas.models.backbones import Backbone, build_backbone
 from capas.models.modules import build_module
 from capas.spec.model import ModelSpec
@@ -64,8 +65,13 @@ class CapasNet(nn.Module):
                 module.requires_grad_(False)
             self.layers[info.name] = module
         self._relu_pools = _relu_before_max_pooling(self.layers, infos)
-        # layers of the spec with `trainable: false`: their BatchNorm stays in inference mode, as Keras'
-        self.fixed = [self.layers[info.name] for info in infos if not info.layer.trainable]
+        # BatchNormalization layers of the spec with `trainable: false` stay in inference mode, as Keras';
+        # a frozen Dropout still drops in training, as Keras' does (it has no weights to freeze)
+        self.fixed = [
+            self.layers[info.name]
+            for info in infos
+            if not info.layer.trainable and isinstance(info.layer, BatchNormalization)
+        ]
         # compiled slices of frozen rows by (first row, end row) (compile_frozen); a plain dict: no
         # state_dict entries
         self._compiled_frozen: dict[tuple[int, int], nn.Module] | None = None
@@ -123,7 +129,7 @@ class CapasNet(nn.Module):
     def train(self, mode: bool = True) -> CapasNet:
         """As nn.Module.train, but frozen backbone layers stay in inference mode when `bn_frozen`
         (their BatchNorm layers keep using and keeping their ImageNet running statistics), and so do
-        the spec's layers with `trainable: false`."""
+        the spec's BatchNormalization layers with `trainable: false`."""
         super().train(mode)
         if self.backbone is not None and self.spec.backbone.bn_frozen:
             for row in list(self.backbone)[: self.frozen]:

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from capas.layers.base import Count
+
 RUN = "run"  # the backbone name that takes an earlier capas run's layers
 
 
@@ -25,7 +27,7 @@ class BackboneConfig(BaseModel):
 
     name: str
     weights: str = "imagenet"
-    frozen: Literal["all", "none"] | int = "all"
+    frozen: Literal["all", "none"] | Count = "all"
     bn_frozen: bool = True
 
     @field_validator("frozen")

@@ -149,7 +149,7 @@ class EarlyStopping(_Config):
 
 class FinetuneConfig(_Config):
     """Train the top with the backbone as frozen as the spec says for `after_epochs` epochs, then
-    unfreeze the last `unfreeze` backbone layers (or all) and go on at a smaller backbone rate.
+    unfreeze the last `unfreeze` frozen backbone layers (or all) and go on at a smaller backbone rate.
     The optimizer is rebuilt at the switch, so frozen parameters never hold optimizer state."""
 
     after_epochs: Count = Field(ge=1)
@@ -306,6 +306,11 @@ class TrainConfig(_Config):
             raise ValueError(
                 "winograd: true and compile: true cannot be combined: winograd replaces convolutions "
                 "in the eager step; set one of them"
+            )
+        if self.finetune is not None and self.finetune.after_epochs >= self.epochs:
+            raise ValueError(
+                f"finetune.after_epochs ({self.finetune.after_epochs}) must be less than epochs "
+                f"({self.epochs}): fine-tuning starts after that many epochs, so it would never start"
             )
         return self
 

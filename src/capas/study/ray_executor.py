@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import socket
 import tempfile
 from concurrent.futures import Future
 from pathlib import Path
@@ -39,6 +40,7 @@ except ImportError:  # the optional extra; RayExecutor says how to install it
 # in each run directory while its task is out: tells a worker that it sees the driver's disk
 PROBE = ".capas-driver"
 MAX_RETRIES = 2  # re-executions of a run whose worker process died
+CONNECT_SECONDS = 10  # to reach a cluster's HEAD:PORT before Ray is asked to join it
 
 
 def _worker_run(task: dict, events: Queue, token: str, threads: int) -> dict:
@@ -84,6 +86,21 @@ def _deliver(ray_future: Future, future: Future, out: Path) -> None:
     future.set_result(result)
 
 
+def _check_reachable(address: str) -> None:
+    """Refuse a HEAD:PORT that nothing answers on: Ray itself retries such an address for minutes,
+    logging a warning every few seconds, before it gives up."""
+    host, sep, port = address.split("://")[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return  # 'auto' and other forms that Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as error:
+        raise CapasError(
+            f"cannot reach the Ray cluster at {address} ({error}): start it there with "
+            f"`ray start --head --port={port}`, or leave out --address for a local Ray instance"
+        ) from None
+
+
 def require_ray() -> None:
     """A clear error, before any work, when the optional Ray extra is not installed."""
     if ray is None:
@@ -116,11 +133,18 @@ class RayExecutor(Executor):
         self.owned = not ray.is_initialized()
         if self.owned:
             try:
-                if address is None:  # a local instance with `workers` CPUs (default: all of this machine's)
+                if address is None:
+                    # a new local instance with `workers` CPUs (default: all of this machine's); "local":
+                    # not the cluster that a `ray start` on this machine recorded in /tmp/ray, which
+                    # ray.init joins by default (and then refuses num_cpus)
                     ray.init(
-                        num_cpus=workers or available_cores(), include_dashboard=False, log_to_driver=False
+                        address="local",
+                        num_cpus=workers or available_cores(),
+                        include_dashboard=False,
+                        log_to_driver=False,
                     )
                 else:
+                    _check_reachable(address)
                     ray.init(address=address, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as error:
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"

@@ -34,6 +34,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from capas.data.splits import Splits
+    from capas.models import CapasNet
     from capas.train.distributed import Distributed
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -209,6 +210,24 @@ def _train(
             test=test_results,
             reference=splits.val,
             precision=cfg.precision,
+            summary_note=_finetune_note(spec, model, cfg),
         )
     checkpoint.unlink(missing_ok=True)  # the run is complete; its weights are in model.safetensors
     return test_results
+
+
+def _finetune_note(spec: ModelSpec, model: CapasNet, cfg: TrainConfig) -> str:
+    """What summary.txt says above its table when fine-tuning unfroze backbone layers: the table is
+    the spec's, which shows them frozen, as they were when training started."""
+    if cfg.finetune is None or model.backbone is None:
+        return ""
+    infos = spec.layer_infos()
+    rows = [info for info in infos[model.frozen : len(model.backbone)] if info.frozen]
+    if not rows:
+        return ""
+    return (
+        f"Fine-tuned: after epoch {cfg.finetune.after_epochs}, backbone layers {rows[0].index}-{rows[-1].index} "
+        f"({rows[0].name} to {rows[-1].name}) were unfrozen and trained too, at {cfg.finetune.backbone_lr_scale:g}× "
+        f"the learning rate: {sum(r.trainable for r in rows):,} more trainable parameters than the table "
+        "counts, which shows how training started.\n"
+    )
