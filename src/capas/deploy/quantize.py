@@ -41,8 +41,10 @@ def quantize_run(
 
     with tempfile.TemporaryDirectory() as scratch:
         ready = Path(scratch) / "ready.onnx"
-        # Shape inference and the graph fusions ORT recommends before quantizing.
-        quant_pre_process(str(float_path), str(ready))
+        # ONNX's shape inference and the graph fusions ORT recommends before quantizing. ORT's symbolic
+        # shape inference is skipped: it is for transformers, adds nothing here (the same int8 graph for
+        # models without it) and fails on opset 18's ReduceMax (GlobalMaxPooling2D) with a TypeError.
+        quant_pre_process(str(float_path), str(ready), skip_symbolic_shape=True)
         if kind == "int8":
             # Without VNNI, x86 int8 dot products (VPMADDUBSW) can saturate; 7-bit weights avoid it there.
             reduce_range = not vnni()
@@ -147,7 +149,7 @@ def _gemm_to_matmul(path: Path) -> Path:
     model = onnx.load(str(path))
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
-    nodes = []
+    nodes, transposed = [], set()
     for node in graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         plain = (
@@ -159,6 +161,7 @@ def _gemm_to_matmul(path: Path) -> Path:
         w = numpy_helper.to_array(weights[node.input[1]])
         if attrs.get("transB", 0):
             weights[node.input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.T), node.input[1]))
+            transposed.add(node.input[1])
         product = node.output[0] + "_matmul" if len(node.input) > 2 else node.output[0]
         nodes.append(
             onnx.helper.make_node(
@@ -173,6 +176,10 @@ def _gemm_to_matmul(path: Path) -> Path:
             )
     del graph.node[:]
     graph.node.extend(nodes)
+    # a transposed weight's recorded shape is stale: onnx's checker would compare it with the new one
+    shapes = [v for v in graph.value_info if v.name not in transposed]
+    del graph.value_info[:]
+    graph.value_info.extend(shapes)
     onnx.checker.check_model(model)
     rewritten = path.with_name("matmul.onnx")
     onnx.save(model, str(rewritten))
