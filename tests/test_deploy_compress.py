@@ -14,9 +14,10 @@ import torch
 from typer.testing import CliRunner
 
 from capas.cli import app
+from capas.data import ArrayDataset, Preprocess
 from capas.deploy.compress import compress_run
 from capas.deploy.export import ATOL, export_run
-from capas.deploy.measure import Repeats
+from capas.deploy.measure import Candidate, Repeats, measure
 from capas.deploy.prune import _prune_structured
 from capas.errors import CapasError
 from capas.models import build_model
@@ -270,6 +271,35 @@ def test_compress_scores_every_model_as_evaluate_does(tmp_path, method):
     if "quantize" in method:  # the float ONNX graph is scored with the same views, in float32
         in_float32 = evaluate_run(dataclasses.replace(load_run(source), precision="float32"))[1].accuracy
         assert comparison.measurements[1].accuracy == pytest.approx(in_float32, abs=1 / 300)
+
+
+def test_nonzero_weights_count_the_parameters_only(tmp_path):
+    """BatchNormalization's running statistics are buffers, not weights: the table said 75,370 nonzero
+    weights of 75,354 parameters."""
+    spec = ModelSpec.from_dict(
+        {
+            "name": "bn",
+            "input_shape": [8, 8, 1],
+            "layers": [
+                {"Conv2D": {"filters": 4, "kernel_size": 3}},
+                "BatchNormalization",
+                "Flatten",
+                {"Dense": {"units": 3}},
+            ],
+        }
+    )
+    model = build_model(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)
+    model.layers["batch_normalization"].running_mean.fill_(0.1)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"0")
+    test = ArrayDataset(
+        torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), ("a", "b", "c")
+    )
+    (measured,) = measure([Candidate("bn", model, weights)], test, Preprocess(size=(8, 8), channels=1), FAST)
+    assert measured.nonzero == measured.parameters == 4 * 9 + 4 + 2 * 4 + 6 * 6 * 4 * 3 + 3
 
 
 def test_unstructured_pruning_says_zeros_change_nothing_by_themselves(run_dir, tmp_path):

@@ -99,9 +99,8 @@ def measure(
         parameters, nonzero = candidate.parameters, None
         if not isinstance(model, OnnxModel):
             parameters = sum(p.numel() for p in model.parameters())
-            nonzero = sum(
-                int(t.count_nonzero()) for t in model.state_dict().values() if t.is_floating_point()
-            )
+            # of the same tensors: BatchNormalization's running statistics are not weights
+            nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
         accuracy = candidate.accuracy
         if accuracy is None:
             # after every latency: evaluating may convert the model to channels-last
