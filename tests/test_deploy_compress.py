@@ -347,6 +347,16 @@ def test_method_choice_is_checked(run_dir, tmp_path):
     fails_cleanly(["compress", str(run_dir), "--prune", "0.5", "--out", str(taken)], "already exists")
 
 
+def test_compress_out_under_a_file_is_one_message(run_dir, tmp_path):
+    (tmp_path / "file").write_text("")
+    fails_cleanly(
+        ["compress", str(run_dir), "--prune", "0.5", "--out", str(tmp_path / "file" / "small")],
+        "cannot create the run directory",
+        "file",
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
 def test_tampered_run_directories_are_refused_and_left_alone(run_dir, tmp_path):
     truncated = tmp_path / "truncated"
     shutil.copytree(run_dir, truncated)

@@ -244,8 +244,13 @@ def staging(out: Path) -> Iterator[Path]:
     until the new run is: it is renamed aside, the new folder onto `out`, then the old one deleted.
     A crash between the two renames leaves no `out` but both runs whole beside it, as .NAME.*
     folders; never a folder that mixes files of two runs."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as error:  # a file where a folder should be, a read-only folder, /proc…
+        raise CapasError(
+            f"{out}: cannot create the run directory ({error.strerror or error}: {error.filename})"
+        ) from None
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~atomic.umask())  # mkdtemp makes 0700 folders; give the permissions mkdir would
