@@ -478,6 +478,19 @@ def test_structured_pruning_rounds_each_layer_and_keeps_one_channel(amount, chan
     assert _channels(pruned_spec) == channels
 
 
+def test_structured_pruning_keeps_frozen_layers_whole():
+    """A frozen layer after the first was cut by --prune itself: 8 -> 4 filters at 0.5."""
+    from capas.deploy.prune import _channels, _classifier
+
+    layers = list(PRUNABLE["layers"])
+    layers[1] = {"Conv2D": {"filters": 32, "kernel_size": 3, "activation": "relu", "trainable": False}}
+    spec = ModelSpec.from_dict({**PRUNABLE, "layers": layers})
+    model = build_model(spec, seed=0)
+    _, pruned_spec = _prune_structured(model, spec, 0.5, _classifier(model))
+    assert _channels(pruned_spec) == "4/32/8/4"
+    assert not pruned_spec.layers[1].trainable
+
+
 def test_structured_pruning_that_would_remove_nothing_is_refused():
     from capas.deploy.prune import _classifier
 

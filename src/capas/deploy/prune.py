@@ -185,19 +185,22 @@ def _prune_structured(
 def _layer_ratios(
     model: CapasNet, spec: ModelSpec, amount: float, classifier: nn.Module
 ) -> dict[nn.Module, float]:
-    """Each trainable Conv2D/Dense layer's pruning ratio for torch-pruning, which removes
-    n − int(n·(1 − ratio)) of n channels and skips a layer whose count would reach 0 (at --prune 0.99
-    it pruned nothing in layers under 100 channels): the ratio that keeps round(n·(1 − amount))
-    channels, at least 1."""
+    """Each Conv2D/Dense layer's pruning ratio for torch-pruning, which removes n − int(n·(1 − ratio))
+    of n channels and skips a layer whose count would reach 0 (at --prune 0.99 it pruned nothing in
+    layers under 100 channels): the ratio that keeps round(n·(1 − amount)) channels, at least 1; 0 for
+    a frozen layer (torch-pruning cuts a layer it is given no ratio for by `amount`)."""
     ratios = {}
     for info in spec.layer_infos():
         kind, module = info.layer.type_name(), model.layers[info.name]
-        if kind not in ("Conv2D", "Dense") or not info.layer.trainable:
+        if kind not in ("Conv2D", "Dense"):
             continue
         weights, count = (
             (module.conv, info.layer.filters) if kind == "Conv2D" else (module.linear, info.layer.units)
         )
         if weights is classifier:
+            continue
+        if not info.layer.trainable:
+            ratios[weights] = 0.0  # kept whole
             continue
         keep = min(count, max(1, round(count * (1 - amount))))
         ratios[weights] = max(0.0, 1 - (keep + 0.5) / count)  # int(count · (keep + 0.5)/count) == keep
