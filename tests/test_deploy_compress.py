@@ -94,6 +94,27 @@ def test_export_onnx_matches_pytorch_with_dynamic_batch(run_dir, tmp_path):
     assert check.within_tolerance and check.images == 256 and check.max_abs_logits < ATOL
 
 
+def test_export_onnx_of_a_run_with_a_backbone(run_dir, tmp_path):
+    """The exported graph left the backbone out: export and int8 failed with a matmul shape RuntimeError."""
+    spec = ModelSpec.from_dict(
+        {
+            "name": "top",
+            "input_shape": [28, 28, 1],
+            "backbone": {"name": "run", "weights": str(run_dir)},
+            "layers": [{"Dense": {"name": "top", "units": 10, "activation": "softmax"}}],
+        }
+    )
+    source = tmp_path / "transfer"
+    train(
+        spec,
+        DataConfig(name="fashion-mnist", limit=300, test_limit=100),
+        TrainConfig(epochs=1, device="cpu"),
+        source,
+    )
+    check = export_run(source, tmp_path / "model.onnx").parity
+    assert check.within_tolerance and check.agreement == 1.0
+
+
 def test_int8_is_a_run_directory_that_evaluate_predict_and_summary_accept(run_dir, tmp_path):
     before = hashes(run_dir)
     out, comparison = compress_run(run_dir, quantize="int8", out=tmp_path / "int8", repeats=FAST)
