@@ -323,6 +323,20 @@ def test_nonzero_weights_count_the_parameters_only(tmp_path):
     assert measured.nonzero == measured.parameters == 4 * 9 + 4 + 2 * 4 + 6 * 6 * 4 * 3 + 3
 
 
+def test_batch_64_latency_is_timed_on_64_images_from_a_small_test_split(tmp_path):
+    """With fewer than 64 test images, 'batch 64' was timed on as many as there were."""
+    model = build_model(ModelSpec.from_dict({**PRUNABLE, "input_shape": [8, 8, 1]}))
+    batches = []
+    model.register_forward_pre_hook(lambda module, inputs: batches.append(len(inputs[0])))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"0")
+    test = ArrayDataset(
+        torch.zeros(20, 1, 8, 8, dtype=torch.uint8), torch.zeros(20, dtype=torch.int64), tuple("abcd")
+    )
+    measure([Candidate("m", model, weights, accuracy=1.0)], test, Preprocess(size=(8, 8), channels=1), FAST)
+    assert sorted(set(batches)) == [1, 64]
+
+
 def test_unstructured_pruning_says_zeros_change_nothing_by_themselves(run_dir, tmp_path):
     out = tmp_path / "sparse"
     result = runner.invoke(
