@@ -382,6 +382,26 @@ def test_method_choice_is_checked(run_dir, tmp_path):
     fails_cleanly(["compress", str(run_dir), "--prune", "0.5", "--out", str(taken)], "already exists")
 
 
+def test_compress_with_data_records_the_dataset_it_tested_on(run_dir, tmp_path):
+    """With --data, the new run's config.json kept the source's dataset (here 400 test images), so
+    `capas evaluate` of it disagreed with its own test.json (measured on the 200 of --data)."""
+    data = DataConfig(name="fashion-mnist", limit=1000, test_limit=200)
+    out, _ = compress_run(
+        run_dir,
+        prune=0.5,
+        structured=False,
+        finetune_epochs=0,
+        out=tmp_path / "small",
+        data=data,
+        repeats=FAST,
+    )
+    run = load_run(out)
+    assert run.read_json("config.json")["data"] == data.model_dump(mode="json")
+    _, evaluation = evaluate_run(run)
+    assert len(evaluation.labels) == 200
+    assert evaluation.accuracy == pytest.approx(run.read_json("test.json")["test_accuracy"])
+
+
 def test_compress_out_under_a_file_is_one_message(run_dir, tmp_path):
     (tmp_path / "file").write_text("")
     fails_cleanly(

@@ -63,9 +63,10 @@ def check_prunable(spec: ModelSpec, structured: bool) -> None:
 
 
 def prune_run(
-    source: Run, splits: Splits, out: Path, amount: float, structured: bool, epochs: int
+    source: Run, splits: Splits, config: dict, out: Path, amount: float, structured: bool, epochs: int
 ) -> tuple[dict, list[str]]:
-    """Prune a copy of the source model, fine-tune it, and write it as a run directory; returns settings and notes."""
+    """Prune a copy of the source model, fine-tune it, and write it as a run directory (with `config`,
+    the source's config.json naming the dataset of `splits`); returns settings and notes."""
     model = build_model(source.spec)
     model.load_state_dict(source.model.state_dict())
     classifier = _classifier(model)
@@ -83,10 +84,9 @@ def prune_run(
         ]
         for module, name in targets:
             torch.nn.utils.prune.l1_unstructured(module, name, amount)  # masks stay on during fine-tuning
-    recorded = source.read_json("config.json") or {}
     # Fine-tuning reuses the source run's training config, for `epochs` epochs and without its budgets.
     cfg = (
-        TrainConfig.model_validate(recorded.get("train", {})).model_copy(
+        TrainConfig.model_validate(config.get("train", {})).model_copy(
             update={"epochs": epochs, "max_seconds": None, "max_samples": None}
         )
         if epochs
@@ -112,7 +112,7 @@ def prune_run(
         "scope": "per layer, every Conv2D/Dense except the classifier",
         "finetune": cfg.model_dump(mode="json") if cfg else None,
     }
-    config = {**recorded, "train": cfg.model_dump(mode="json") if cfg else recorded.get("train")}
+    config = {**config, "train": cfg.model_dump(mode="json") if cfg else config.get("train")}
     write_run(
         out,
         spec=spec,

@@ -25,10 +25,10 @@ CALIBRATION_BATCH = 64  # images per calibration batch
 
 
 def quantize_run(
-    source: Run, splits: Splits, float_path: Path, out: Path, kind: str, images: int
+    source: Run, splits: Splits, config: dict, float_path: Path, out: Path, kind: str, images: int
 ) -> tuple[dict, list[str]]:
-    """Quantize the float graph into out/model.onnx and write the run directory around it; returns
-    settings and notes."""
+    """Quantize the float graph into out/model.onnx and write the run directory around it (with
+    `config`, the source's config.json naming the dataset of `splits`); returns settings and notes."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -115,7 +115,7 @@ def quantize_run(
         model=model,
         preprocess=source.preprocess,
         classes=source.classes,
-        config=source.read_json("config.json") or {},
+        config=config,
         history=None,
         test=evaluate(model, splits.test, source.preprocess, tta=source.tta).test_results(source.classes),
         # Drift monitoring of this run compares live int8 features with int8 reference features.
