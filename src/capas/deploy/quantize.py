@@ -48,17 +48,17 @@ def quantize_run(
         if kind == "int8":
             # Without VNNI, x86 int8 dot products (VPMADDUBSW) can saturate; 7-bit weights avoid it there.
             reduce_range = not vnni()
+            generator = torch.Generator().manual_seed(0)
+            index = torch.randperm(len(splits.train), generator=generator)[:images]  # fewer in a small split
             settings = {
                 "format": "QDQ",
                 "calibration": "MinMax",
-                "calibration_images": images,
+                "calibration_images": len(index),
                 "activations": "uint8",
                 "weights": "int8 per-channel",
                 "reduce_range": reduce_range,
                 "calibration_split": "train",
             }
-            generator = torch.Generator().manual_seed(0)
-            index = torch.randperm(len(splits.train), generator=generator)[:images]
             x = source.preprocess(splits.train.images[index]).numpy()  # (N, C, H, W) float32
 
             class Calibration(CalibrationDataReader):
