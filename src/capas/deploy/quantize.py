@@ -46,6 +46,7 @@ def quantize_run(
         # models without it) and fails on opset 18's ReduceMax (GlobalMaxPooling2D) with a TypeError.
         quant_pre_process(str(float_path), str(ready), skip_symbolic_shape=True)
         if kind == "int8":
+            ready = _pad_into_max_pool(ready)
             # Without VNNI, x86 int8 dot products (VPMADDUBSW) can saturate; 7-bit weights avoid it there.
             reduce_range = not vnni()
             generator = torch.Generator().manual_seed(0)
@@ -139,6 +140,67 @@ def _count_ops(path: Path) -> str:
         f"{ops.count('Conv')} Conv and {ops.count('Gemm')} Gemm nodes between {ops.count('QuantizeLinear')} "
         f"QuantizeLinear and {ops.count('DequantizeLinear')} DequantizeLinear nodes (run as int8 kernels)"
     )
+
+
+def _pad_into_max_pool(path: Path) -> Path:
+    """Fold each Pad(constant −∞) → MaxPool pair (MaxPooling2D with padding 'same') into the MaxPool's
+    own pads, which never win the maximum either: the same function, without a tensor holding −∞,
+    whose calibrated range made its int8 scale NaN (the model then scored at chance)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    folded = []
+    for pad in graph.node:
+        if pad.op_type != "Pad" or len(pad.input) != 3 or pad.input[2] not in constants:
+            continue
+        users = consumers.get(pad.output[0], [])
+        value, pads = constants[pad.input[2]], constants.get(pad.input[1])
+        mode = next(
+            (onnx.helper.get_attribute_value(a) for a in pad.attribute if a.name == "mode"), b"constant"
+        )
+        if (
+            mode != b"constant"
+            or not np.isneginf(value).all()
+            or pads is None
+            or pads.shape != (8,)
+            or pads[[0, 1, 4, 5]].any()  # batch and channel axes
+            or [user.op_type for user in users] != ["MaxPool"]
+        ):
+            continue
+        pool = users[0]
+        own = next(a for a in pool.attribute if a.name == "pads")
+        top, left, bottom, right = (int(v) for v in onnx.helper.get_attribute_value(own))
+        pool.attribute.remove(own)
+        pool.attribute.append(
+            onnx.helper.make_attribute(
+                "pads", [top + int(pads[2]), left + int(pads[3]), bottom + int(pads[6]), right + int(pads[7])]
+            )
+        )
+        pool.input[0] = pad.input[0]
+        folded.append(pad)
+    if not folded:
+        return path
+    for pad in folded:
+        graph.node.remove(pad)
+    gone = {pad.output[0] for pad in folded}
+    shapes = [v for v in graph.value_info if v.name not in gone]
+    del graph.value_info[:]
+    graph.value_info.extend(shapes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]  # not the pads and −∞ constants
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    rewritten = path.with_name("maxpool.onnx")
+    onnx.save(model, str(rewritten))
+    return rewritten
 
 
 def _gemm_to_matmul(path: Path) -> Path:
