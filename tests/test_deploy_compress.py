@@ -156,10 +156,9 @@ def test_dynamic_quantization_leaves_convolutions_float(run_dir, tmp_path):
     assert abs(comparison.measurements[-1].accuracy - comparison.measurements[0].accuracy) < 0.03
 
 
-@pytest.mark.parametrize("quantize", ["int8", "dynamic"])
-def test_quantizing_global_max_pooling(tmp_path, quantize):
-    """GlobalMaxPooling2D exports as opset 18's ReduceMax, whose axes ORT's symbolic shape inference
-    could not read: quantizing the seed-000 GMP model or the fashion-mnist recipes was a TypeError."""
+@pytest.fixture(scope="module")
+def gmp_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "gmp"
     spec = ModelSpec.from_dict(
         {
             "name": "gmp",
@@ -171,14 +170,20 @@ def test_quantizing_global_max_pooling(tmp_path, quantize):
             ],
         }
     )
-    source = tmp_path / "gmp"
     train(
         spec,
         DataConfig(name="fashion-mnist", limit=300, test_limit=100),
         TrainConfig(epochs=1, device="cpu"),
-        source,
+        out,
     )
-    out, comparison = compress_run(source, quantize=quantize, out=tmp_path / "q", repeats=FAST)
+    return out
+
+
+@pytest.mark.parametrize("quantize", ["int8", "dynamic"])
+def test_quantizing_global_max_pooling(gmp_run, tmp_path, quantize):
+    """GlobalMaxPooling2D exports as opset 18's ReduceMax, whose axes ORT's symbolic shape inference
+    could not read: quantizing the seed-000 GMP model or the fashion-mnist recipes was a TypeError."""
+    out, comparison = compress_run(gmp_run, quantize=quantize, out=tmp_path / "q", repeats=FAST)
     assert abs(comparison.measurements[-1].accuracy - comparison.measurements[0].accuracy) < 0.05
     if quantize == "int8":  # the whole training split, fewer than 512 (it was recorded as 512 all the same)
         assert comparison.settings["calibration_images"] == 300
