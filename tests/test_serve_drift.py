@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 
@@ -92,6 +93,45 @@ def test_damaged_reference_is_a_clear_error(tmp_path):
     (tmp_path / "reference.safetensors").write_bytes(b"garbage")
     with pytest.raises(CapasError, match="unreadable drift reference"):
         load_reference(tmp_path / "reference.safetensors")
+
+
+def test_drift_samples_the_whole_batch(tiny_run):
+    """Only the first drift_per_batch images of a forward pass fed drift: a request of 8 usual
+    images followed by 24 inverted ones looked in-distribution. Each request gets back its own
+    sampled images' features."""
+    from capas.deploy.serve.batching import MicroBatcher
+
+    run = load_run(tiny_run)
+    first, rest = torch.zeros(8, 1, 28, 28), torch.ones(24, 1, 28, 28)  # input means 0 and 1
+    other = torch.full((32, 1, 28, 28), 0.5)
+
+    async def scenario():
+        batcher = MicroBatcher(
+            run,
+            max_batch=64,
+            max_wait_ms=200,
+            max_queue=64,
+            threads=1,
+            drift_per_batch=8,
+            on_batch=lambda n: None,
+        )
+        await batcher.start()
+        try:
+            with batcher.receiving():  # one more request is on its way: both share one forward pass
+                tasks = [asyncio.create_task(batcher.predict(x)) for x in (torch.cat([first, rest]), other)]
+                await asyncio.sleep(0.05)
+            return await asyncio.gather(*tasks)
+        finally:
+            await batcher.stop()
+
+    ours, theirs = asyncio.run(scenario())
+    assert len(ours.input_stats) + len(theirs.input_stats) == 8
+    assert 1.0 in set(ours.input_stats[:, 0].tolist()) <= {0.0, 1.0}  # not only its first images
+    assert set(theirs.input_stats[:, 0].tolist()) <= {0.5}
+    with torch.inference_mode():
+        for stats, embedding in zip(ours.input_stats, ours.embeddings, strict=True):
+            image = first[:1] if stats[0] == 0 else rest[:1]
+            assert torch.allclose(embedding, run.model.embed(image)[0], atol=1e-5)
 
 
 def _send(client: httpx.Client, images: torch.Tensor) -> None:

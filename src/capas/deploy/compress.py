@@ -54,6 +54,10 @@ def compress_run(
     if out.exists():
         raise CapasError(f"{out}: already exists; pass --out to write elsewhere or remove it")
     splits = run_splits(source, data)
+    # the new run's config: the source's, with the dataset it was calibrated or fine-tuned and tested on
+    config = source.read_json("config.json") or {}
+    if data is not None:
+        config = {**config, "data": data.model_dump(mode="json")}
     lineage = {
         "source": str(source.path.resolve()),
         "source_model_sha256": hashlib.sha256((source.path / "model.safetensors").read_bytes()).hexdigest(),
@@ -78,10 +82,12 @@ def compress_run(
             candidates.append(
                 Candidate("float32 (ONNX Runtime)", OnnxModel(float_path), float_path, parameters)
             )
-            settings, notes = quantize_run(source, splits, float_path, tmp, quantize, calibration_images)
+            settings, notes = quantize_run(
+                source, splits, config, float_path, tmp, quantize, calibration_images
+            )
             name, weights = f"{quantize} (ONNX Runtime)", tmp / "model.onnx"
         else:
-            settings, notes = prune_run(source, splits, tmp, prune, structured, finetune_epochs)
+            settings, notes = prune_run(source, splits, config, tmp, prune, structured, finetune_epochs)
             name, weights = "pruned (PyTorch)", tmp / "model.safetensors"
         compressed = load_run(tmp)
         # its test accuracy was measured once, on the same test split, when its run directory was written

@@ -34,7 +34,9 @@ class _WithEmbedding(nn.Module):
         super().__init__()
         modules = list(model.layers.values())
         last = max(i for i, m in enumerate(modules) if next(m.parameters(), None) is not None)
-        self.features, self.head = nn.Sequential(*modules[:last]), nn.Sequential(*modules[last:])
+        backbone = [model.backbone] if model.backbone is not None else []  # (B, C, H, W) -> (B, C', h, w)
+        self.features = nn.Sequential(*backbone, *modules[:last])
+        self.head = nn.Sequential(*modules[last:])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features(x)

@@ -90,7 +90,7 @@ def measure(
 ) -> list[Measurement]:
     """Size, parameters, latency at batch 1 and 64 on real test images, and test accuracy of each model
     with the run's test-time augmentation `tta` (as `capas evaluate`, `predict` and `serve` apply it)."""
-    x = preprocess(test.images[:64])  # (64, C, H, W)
+    x = preprocess(test.images[torch.arange(64) % len(test)])  # (64, C, H, W), a small test split repeated
     models = [c.model if isinstance(c.model, OnnxModel) else c.model.cpu().eval() for c in candidates]
     batch1 = latencies(models, x[:1], repeats.batch1, repeats.warmup)
     batch64 = latencies(models, x, repeats.batch64, repeats.warmup)
@@ -99,9 +99,8 @@ def measure(
         parameters, nonzero = candidate.parameters, None
         if not isinstance(model, OnnxModel):
             parameters = sum(p.numel() for p in model.parameters())
-            nonzero = sum(
-                int(t.count_nonzero()) for t in model.state_dict().values() if t.is_floating_point()
-            )
+            # of the same tensors: BatchNormalization's running statistics are not weights
+            nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
         accuracy = candidate.accuracy
         if accuracy is None:
             # after every latency: evaluating may convert the model to channels-last

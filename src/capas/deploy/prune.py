@@ -63,9 +63,10 @@ def check_prunable(spec: ModelSpec, structured: bool) -> None:
 
 
 def prune_run(
-    source: Run, splits: Splits, out: Path, amount: float, structured: bool, epochs: int
+    source: Run, splits: Splits, config: dict, out: Path, amount: float, structured: bool, epochs: int
 ) -> tuple[dict, list[str]]:
-    """Prune a copy of the source model, fine-tune it, and write it as a run directory; returns settings and notes."""
+    """Prune a copy of the source model, fine-tune it, and write it as a run directory (with `config`,
+    the source's config.json naming the dataset of `splits`); returns settings and notes."""
     model = build_model(source.spec)
     model.load_state_dict(source.model.state_dict())
     classifier = _classifier(model)
@@ -83,10 +84,9 @@ def prune_run(
         ]
         for module, name in targets:
             torch.nn.utils.prune.l1_unstructured(module, name, amount)  # masks stay on during fine-tuning
-    recorded = source.read_json("config.json") or {}
     # Fine-tuning reuses the source run's training config, for `epochs` epochs and without its budgets.
     cfg = (
-        TrainConfig.model_validate(recorded.get("train", {})).model_copy(
+        TrainConfig.model_validate(config.get("train", {})).model_copy(
             update={"epochs": epochs, "max_seconds": None, "max_samples": None}
         )
         if epochs
@@ -112,7 +112,7 @@ def prune_run(
         "scope": "per layer, every Conv2D/Dense except the classifier",
         "finetune": cfg.model_dump(mode="json") if cfg else None,
     }
-    config = {**recorded, "train": cfg.model_dump(mode="json") if cfg else recorded.get("train")}
+    config = {**config, "train": cfg.model_dump(mode="json") if cfg else config.get("train")}
     write_run(
         out,
         spec=spec,
@@ -185,19 +185,22 @@ def _prune_structured(
 def _layer_ratios(
     model: CapasNet, spec: ModelSpec, amount: float, classifier: nn.Module
 ) -> dict[nn.Module, float]:
-    """Each trainable Conv2D/Dense layer's pruning ratio for torch-pruning, which removes
-    n − int(n·(1 − ratio)) of n channels and skips a layer whose count would reach 0 (at --prune 0.99
-    it pruned nothing in layers under 100 channels): the ratio that keeps round(n·(1 − amount))
-    channels, at least 1."""
+    """Each Conv2D/Dense layer's pruning ratio for torch-pruning, which removes n − int(n·(1 − ratio))
+    of n channels and skips a layer whose count would reach 0 (at --prune 0.99 it pruned nothing in
+    layers under 100 channels): the ratio that keeps round(n·(1 − amount)) channels, at least 1; 0 for
+    a frozen layer (torch-pruning cuts a layer it is given no ratio for by `amount`)."""
     ratios = {}
     for info in spec.layer_infos():
         kind, module = info.layer.type_name(), model.layers[info.name]
-        if kind not in ("Conv2D", "Dense") or not info.layer.trainable:
+        if kind not in ("Conv2D", "Dense"):
             continue
         weights, count = (
             (module.conv, info.layer.filters) if kind == "Conv2D" else (module.linear, info.layer.units)
         )
         if weights is classifier:
+            continue
+        if not info.layer.trainable:
+            ratios[weights] = 0.0  # kept whole
             continue
         keep = min(count, max(1, round(count * (1 - amount))))
         ratios[weights] = max(0.0, 1 - (keep + 0.5) / count)  # int(count · (keep + 0.5)/count) == keep

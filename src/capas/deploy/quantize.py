@@ -25,10 +25,10 @@ CALIBRATION_BATCH = 64  # images per calibration batch
 
 
 def quantize_run(
-    source: Run, splits: Splits, float_path: Path, out: Path, kind: str, images: int
+    source: Run, splits: Splits, config: dict, float_path: Path, out: Path, kind: str, images: int
 ) -> tuple[dict, list[str]]:
-    """Quantize the float graph into out/model.onnx and write the run directory around it; returns
-    settings and notes."""
+    """Quantize the float graph into out/model.onnx and write the run directory around it (with
+    `config`, the source's config.json naming the dataset of `splits`); returns settings and notes."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -41,22 +41,25 @@ def quantize_run(
 
     with tempfile.TemporaryDirectory() as scratch:
         ready = Path(scratch) / "ready.onnx"
-        # Shape inference and the graph fusions ORT recommends before quantizing.
-        quant_pre_process(str(float_path), str(ready))
+        # ONNX's shape inference and the graph fusions ORT recommends before quantizing. ORT's symbolic
+        # shape inference is skipped: it is for transformers, adds nothing here (the same int8 graph for
+        # models without it) and fails on opset 18's ReduceMax (GlobalMaxPooling2D) with a TypeError.
+        quant_pre_process(str(float_path), str(ready), skip_symbolic_shape=True)
         if kind == "int8":
+            ready = _pad_into_max_pool(ready)
             # Without VNNI, x86 int8 dot products (VPMADDUBSW) can saturate; 7-bit weights avoid it there.
             reduce_range = not vnni()
+            generator = torch.Generator().manual_seed(0)
+            index = torch.randperm(len(splits.train), generator=generator)[:images]  # fewer in a small split
             settings = {
                 "format": "QDQ",
                 "calibration": "MinMax",
-                "calibration_images": images,
+                "calibration_images": len(index),
                 "activations": "uint8",
                 "weights": "int8 per-channel",
                 "reduce_range": reduce_range,
                 "calibration_split": "train",
             }
-            generator = torch.Generator().manual_seed(0)
-            index = torch.randperm(len(splits.train), generator=generator)[:images]
             x = source.preprocess(splits.train.images[index]).numpy()  # (N, C, H, W) float32
 
             class Calibration(CalibrationDataReader):
@@ -113,7 +116,7 @@ def quantize_run(
         model=model,
         preprocess=source.preprocess,
         classes=source.classes,
-        config=source.read_json("config.json") or {},
+        config=config,
         history=None,
         test=evaluate(model, splits.test, source.preprocess, tta=source.tta).test_results(source.classes),
         # Drift monitoring of this run compares live int8 features with int8 reference features.
@@ -139,6 +142,67 @@ def _count_ops(path: Path) -> str:
     )
 
 
+def _pad_into_max_pool(path: Path) -> Path:
+    """Fold each Pad(constant −∞) → MaxPool pair (MaxPooling2D with padding 'same') into the MaxPool's
+    own pads, which never win the maximum either: the same function, without a tensor holding −∞,
+    whose calibrated range made its int8 scale NaN (the model then scored at chance)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    folded = []
+    for pad in graph.node:
+        if pad.op_type != "Pad" or len(pad.input) != 3 or pad.input[2] not in constants:
+            continue
+        users = consumers.get(pad.output[0], [])
+        value, pads = constants[pad.input[2]], constants.get(pad.input[1])
+        mode = next(
+            (onnx.helper.get_attribute_value(a) for a in pad.attribute if a.name == "mode"), b"constant"
+        )
+        if (
+            mode != b"constant"
+            or not np.isneginf(value).all()
+            or pads is None
+            or pads.shape != (8,)
+            or pads[[0, 1, 4, 5]].any()  # batch and channel axes
+            or [user.op_type for user in users] != ["MaxPool"]
+        ):
+            continue
+        pool = users[0]
+        own = next(a for a in pool.attribute if a.name == "pads")
+        top, left, bottom, right = (int(v) for v in onnx.helper.get_attribute_value(own))
+        pool.attribute.remove(own)
+        pool.attribute.append(
+            onnx.helper.make_attribute(
+                "pads", [top + int(pads[2]), left + int(pads[3]), bottom + int(pads[6]), right + int(pads[7])]
+            )
+        )
+        pool.input[0] = pad.input[0]
+        folded.append(pad)
+    if not folded:
+        return path
+    for pad in folded:
+        graph.node.remove(pad)
+    gone = {pad.output[0] for pad in folded}
+    shapes = [v for v in graph.value_info if v.name not in gone]
+    del graph.value_info[:]
+    graph.value_info.extend(shapes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]  # not the pads and −∞ constants
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    rewritten = path.with_name("maxpool.onnx")
+    onnx.save(model, str(rewritten))
+    return rewritten
+
+
 def _gemm_to_matmul(path: Path) -> Path:
     """Rewrite Gemm(x, W, b) with transB=1 as MatMul(x, Wᵀ) + b: ORT's dynamic quantizer handles MatMul, not Gemm."""
     import onnx
@@ -147,7 +211,7 @@ def _gemm_to_matmul(path: Path) -> Path:
     model = onnx.load(str(path))
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
-    nodes = []
+    nodes, transposed = [], set()
     for node in graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         plain = (
@@ -159,6 +223,7 @@ def _gemm_to_matmul(path: Path) -> Path:
         w = numpy_helper.to_array(weights[node.input[1]])
         if attrs.get("transB", 0):
             weights[node.input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.T), node.input[1]))
+            transposed.add(node.input[1])
         product = node.output[0] + "_matmul" if len(node.input) > 2 else node.output[0]
         nodes.append(
             onnx.helper.make_node(
@@ -173,6 +238,10 @@ def _gemm_to_matmul(path: Path) -> Path:
             )
     del graph.node[:]
     graph.node.extend(nodes)
+    # a transposed weight's recorded shape is stale: onnx's checker would compare it with the new one
+    shapes = [v for v in graph.value_info if v.name not in transposed]
+    del graph.value_info[:]
+    graph.value_info.extend(shapes)
     onnx.checker.check_model(model)
     rewritten = path.with_name("matmul.onnx")
     onnx.save(model, str(rewritten))

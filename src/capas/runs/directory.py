@@ -248,8 +248,13 @@ def staging(out: Path) -> Iterator[Path]:
     folders; never a folder that mixes files of two runs. An `out` that is a symbolic link is the
     folder it points to: that is replaced, and the link keeps pointing at the run."""
     out = out.resolve()  # a link itself cannot be renamed onto mkdtemp's folder
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as error:  # a file where a folder should be, a read-only folder, /proc…
+        raise CapasError(
+            f"{out}: cannot create the run directory ({error.strerror or error}: {error.filename})"
+        ) from None
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~atomic.umask())  # mkdtemp makes 0700 folders; give the permissions mkdir would

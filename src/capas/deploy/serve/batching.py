@@ -78,6 +78,7 @@ class MicroBatcher:
         # PyTorch's own intra-op threads (`threads`) parallelise inside the pass.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capas-model")
         self._task: asyncio.Task | None = None
+        self._sampling = torch.Generator().manual_seed(0)  # which images of a batch feed drift
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -182,25 +183,23 @@ class MicroBatcher:
 
     async def _run(self, batch: list[_Request]) -> None:
         x = torch.cat([request.inputs for request in batch]) if len(batch) > 1 else batch[0].inputs
-        probabilities, embeddings, stats = await asyncio.get_running_loop().run_in_executor(
+        probabilities, sampled, embeddings, stats = await asyncio.get_running_loop().run_in_executor(
             self._executor, self._forward, x
         )
         self.on_batch(len(x))
         start = 0
         for request in batch:
             n = len(request.inputs)
-            sampled = max(0, min(n, len(embeddings) - start))
+            mine = (sampled >= start) & (sampled < start + n)  # this request's sampled images
             if not request.future.done():  # a client that went away cancelled its future
                 request.future.set_result(
-                    Output(
-                        probabilities[start : start + n],
-                        embeddings[start : start + sampled],
-                        stats[start : start + sampled],
-                    )
+                    Output(probabilities[start : start + n], embeddings[mine], stats[mine])
                 )
             start += n
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Probabilities (B, classes), and the batch positions (e,) of the images sampled for drift
+        with their embeddings (e, F) and input statistics (e, 2)."""
         model = self.run.model
         device = model_device(model)
         with torch.inference_mode(), autocast(device, self.run.precision):
@@ -208,11 +207,14 @@ class MicroBatcher:
             # the run's test-time augmentation (train.tta in config.json): 1, 2 or 6 views per image
             probabilities = torch.softmax(tta_logits(model, x, self.run.tta), dim=1).cpu()  # (B, classes)
             # Drift needs the penultimate features; a second partial pass on a few images per batch
-            # keeps its cost bounded under load (drift_per_batch / max_batch of the model's work).
-            sample = x[: self.drift_per_batch]
-            if not len(sample):  # drift off (no reference, or drift_per_batch 0): nothing to sample
-                return probabilities, torch.empty(0, 0), torch.empty(0, 2)
-            return probabilities, model.embed(sample).float().cpu(), input_statistics(sample).cpu()
+            # keeps its cost bounded under load (drift_per_batch / max_batch of the model's work). They
+            # are drawn at random from the whole batch: the first few of it left every later image of a
+            # large request unseen by drift.
+            sampled = torch.randperm(len(x), generator=self._sampling)[: self.drift_per_batch].sort().values
+            if not len(sampled):  # drift off (no reference, or drift_per_batch 0): nothing to sample
+                return probabilities, sampled, torch.empty(0, 0), torch.empty(0, 2)
+            sample = x[sampled.to(device)]
+            return probabilities, sampled, model.embed(sample).float().cpu(), input_statistics(sample).cpu()
 
 
 def _fail(request: _Request, error: Exception) -> None:
