@@ -91,7 +91,7 @@ def test_ray_study_matches_the_local_pool(local_ray, tmp_path, study_path):
         assert {row.status for row in rows.values()} == {"done"}
         assert all(len(store.epochs(rid)) == 1 for rid in rows)  # epoch events reached the driver
     assert {row.result["worker"]["storage"] for row in rows.values()} == {"shared"}
-    assert not list((tmp_path / "ray").rglob(PROBE))
+    assert not list((tmp_path / "ray").rglob(f"*{PROBE}"))
     assert (tmp_path / "ray" / "report.md").read_text().count("GAP") >= 1
 
     pool = run_study(path, out=tmp_path / "pool", executor=PoolExecutor(2), console=_quiet(tmp_path))

@@ -37,8 +37,16 @@ try:
 except ImportError:  # the optional extra; RayExecutor says how to install it
     ray = None
 
-# in each run directory while its task is out: tells a worker that it sees the driver's disk
+# beside each run directory while its task is out: tells a worker that it sees the driver's disk (not
+# inside: training refuses a folder that holds anything but a run, which it replaces whole)
 PROBE = ".capas-driver"
+
+
+def probe_path(out: Path) -> Path:
+    """runs/<variant>/.seed-<k>.capas-driver for the run directory runs/<variant>/seed-<k>."""
+    return out.with_name(f".{out.name}{PROBE}")
+
+
 MAX_RETRIES = 2  # re-executions of a run whose worker process died
 CONNECT_SECONDS = 10  # to reach a cluster's HEAD:PORT before Ray is asked to join it
 
@@ -49,7 +57,7 @@ def _worker_run(task: dict, events: Queue, token: str, threads: int) -> dict:
 
     torch.set_num_threads(threads)  # the task's CPU request: runs packed on a node do not oversubscribe it
     out = Path(task["out"])
-    probe = out / PROBE
+    probe = probe_path(out)
     if probe.is_file() and probe.read_text() == token:
         result = execute_run(task, events.put)
         result["worker"]["storage"] = "shared"
@@ -79,7 +87,7 @@ def _deliver(ray_future: Future, future: Future, out: Path) -> None:
     try:
         for name, data in result.pop("files", {}).items():
             atomic.write_with(out / name, lambda tmp, data=data: tmp.write_bytes(data))
-        (out / PROBE).unlink(missing_ok=True)
+        probe_path(out).unlink(missing_ok=True)
     except OSError as error:
         future.set_exception(CapasError(f"{out}: cannot write the run's files sent by its worker ({error})"))
         return
@@ -170,7 +178,7 @@ class RayExecutor(Executor):
 
     def submit(self, task: dict) -> Future:
         out = Path(task["out"])
-        atomic.write_text(out / PROBE, self.token)
+        atomic.write_text(probe_path(out), self.token)
         ref = self.remote.remote(task, self.queue, self.token, self.threads)
         self.refs.append(ref)
         future: Future = Future()
