@@ -442,6 +442,18 @@ def test_compress_out_under_a_file_is_one_message(run_dir, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
+@pytest.mark.parametrize("flag", [["--unstructured"], ["--structured"], ["--finetune-epochs", "3"]])
+def test_pruning_options_with_quantize_are_refused(run_dir, tmp_path, flag):
+    """--quantize int8 --finetune-epochs 3 (or --unstructured) quantized as if the option were not there."""
+    out = tmp_path / "int8"
+    fails_cleanly(
+        ["compress", str(run_dir), "--quantize", "int8", *flag, "--out", str(out)],
+        "--prune's options",
+        flag[0],
+    )
+    assert not out.exists()
+
+
 def test_tampered_run_directories_are_refused_and_left_alone(run_dir, tmp_path):
     truncated = tmp_path / "truncated"
     shutil.copytree(run_dir, truncated)

@@ -554,10 +554,12 @@ def compress(
     run: RunArg,
     quantize: Annotated[str | None, typer.Option(help="int8 (static, calibrated) or dynamic")] = None,
     prune: Annotated[float | None, typer.Option(help="fraction of channels or weights to remove")] = None,
-    structured: Annotated[bool, typer.Option("--structured/--unstructured", help="pruning kind")] = True,
+    structured: Annotated[
+        bool | None, typer.Option("--structured/--unstructured", help="pruning kind (default: structured)")
+    ] = None,
     finetune_epochs: Annotated[
-        int, typer.Option(help=_setting_help(CompressSettings, "finetune_epochs", show_default=False))
-    ] = COMPRESS.finetune_epochs,
+        int | None, typer.Option(help=_setting_help(CompressSettings, "finetune_epochs"))
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="new run directory (default: beside RUN)")] = None,
     data: Annotated[
         str | None,
@@ -569,12 +571,16 @@ def compress(
     from capas.deploy.compress import compress_run
     from capas.spec import DataConfig
 
+    if quantize and (structured is not None or finetune_epochs is not None):  # they were ignored
+        raise CapasError(
+            "--structured/--unstructured and --finetune-epochs are --prune's options; --quantize takes neither"
+        )
     path, comparison = compress_run(
         run,
         quantize=quantize,
         prune=prune,
-        structured=structured,
-        finetune_epochs=finetune_epochs,
+        structured=structured is not False,
+        finetune_epochs=COMPRESS.finetune_epochs if finetune_epochs is None else finetune_epochs,
         out=out,
         data=DataConfig(name=data, data_dir=data_dir) if data else None,
     )
