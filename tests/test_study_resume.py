@@ -133,6 +133,8 @@ def test_ctrl_c_stops_a_worker_pool_at_once(tmp_path, tiny_study, study_file):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        # as from a terminal: a test session started in the background by a script inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     try:
