@@ -189,18 +189,11 @@ def _pad_into_max_pool(path: Path) -> Path:
         return path
     for pad in folded:
         graph.node.remove(pad)
-    gone = {pad.output[0] for pad in folded}
-    shapes = [v for v in graph.value_info if v.name not in gone]
-    del graph.value_info[:]
-    graph.value_info.extend(shapes)
     used = {name for node in graph.node for name in node.input}
     kept = [init for init in graph.initializer if init.name in used]  # not the pads and −∞ constants
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    onnx.checker.check_model(model)
-    rewritten = path.with_name("maxpool.onnx")
-    onnx.save(model, str(rewritten))
-    return rewritten
+    return _save_rewritten(model, path.with_name("maxpool.onnx"), stale={pad.output[0] for pad in folded})
 
 
 def _gemm_to_matmul(path: Path) -> Path:
@@ -238,11 +231,17 @@ def _gemm_to_matmul(path: Path) -> Path:
             )
     del graph.node[:]
     graph.node.extend(nodes)
-    # a transposed weight's recorded shape is stale: onnx's checker would compare it with the new one
-    shapes = [v for v in graph.value_info if v.name not in transposed]
-    del graph.value_info[:]
-    graph.value_info.extend(shapes)
+    return _save_rewritten(model, path.with_name("matmul.onnx"), stale=transposed)
+
+
+def _save_rewritten(model, path: Path, stale: set[str]) -> Path:
+    """Save a rewritten graph to `path` once onnx's checker passes it, without the recorded shapes of
+    the `stale` values (removed, or transposed: the checker would compare them with the new ones)."""
+    import onnx
+
+    shapes = [v for v in model.graph.value_info if v.name not in stale]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(shapes)
     onnx.checker.check_model(model)
-    rewritten = path.with_name("matmul.onnx")
-    onnx.save(model, str(rewritten))
-    return rewritten
+    onnx.save(model, str(path))
+    return path
