@@ -85,3 +85,18 @@ def noised(images: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(images.shape, generator=generator) * sigma
     return (images.float() + noise).clamp(0, 255).to(torch.uint8)
+
+
+def micro_batcher(run, max_batch: int, drift_per_batch: int = 8, on_batch=lambda n: None):
+    """The server's MicroBatcher for a run, with the batching tests' queue, wait and one thread."""
+    from capas.deploy.serve.batching import MicroBatcher
+
+    return MicroBatcher(
+        run,
+        max_batch=max_batch,
+        max_wait_ms=200,
+        max_queue=64,
+        threads=1,
+        drift_per_batch=drift_per_batch,
+        on_batch=on_batch,
+    )

@@ -14,7 +14,7 @@ from capas.data import load_dataset, make_splits, read_image
 from capas.deploy.drift import DriftDetector
 from capas.errors import CapasError
 from capas.runs import REFERENCE, input_statistics, load_reference, load_run
-from serve_support import live_server, noised, png
+from serve_support import live_server, micro_batcher, noised, png
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg" / "train"
 WINDOW = 100
@@ -99,22 +99,12 @@ def test_drift_samples_the_whole_batch(tiny_run):
     """Only the first drift_per_batch images of a forward pass fed drift: a request of 8 usual
     images followed by 24 inverted ones looked in-distribution. Each request gets back its own
     sampled images' features."""
-    from capas.deploy.serve.batching import MicroBatcher
-
     run = load_run(tiny_run)
     first, rest = torch.zeros(8, 1, 28, 28), torch.ones(24, 1, 28, 28)  # input means 0 and 1
     other = torch.full((32, 1, 28, 28), 0.5)
 
     async def scenario():
-        batcher = MicroBatcher(
-            run,
-            max_batch=64,
-            max_wait_ms=200,
-            max_queue=64,
-            threads=1,
-            drift_per_batch=8,
-            on_batch=lambda n: None,
-        )
+        batcher = micro_batcher(run, 64)
         await batcher.start()
         try:
             with batcher.receiving():  # one more request is on its way: both share one forward pass

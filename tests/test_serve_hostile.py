@@ -27,7 +27,7 @@ import hostile
 from capas.cli import app as cli
 from capas.data import make_splits
 from capas.runs import REFERENCE, load_run
-from serve_support import live_server, png
+from serve_support import live_server, micro_batcher, png
 
 
 @pytest.fixture(scope="module")
@@ -328,22 +328,12 @@ def test_a_client_leaving_mid_upload_logs_no_traceback_and_is_not_a_500(tiny_run
 
 def test_one_bad_request_in_a_batch_fails_only_itself(tiny_run):
     """Four requests batched into one forward pass, one of them with inputs the model cannot take."""
-    from capas.deploy.serve.batching import MicroBatcher
-
     run = load_run(tiny_run)
     good = run.preprocess.each(list(make_splits("fashion-mnist", limit=2000).test.images[:3]))
     bad = torch.zeros(1, 2, 28, 28)  # two channels: the first convolution refuses it
 
     async def scenario():
-        batcher = MicroBatcher(
-            run,
-            max_batch=32,
-            max_wait_ms=200,
-            max_queue=64,
-            threads=1,
-            drift_per_batch=8,
-            on_batch=lambda n: None,
-        )
+        batcher = micro_batcher(run, 32)
         await batcher.start()
         sizes = []
         batcher.on_batch = sizes.append
@@ -369,22 +359,12 @@ def test_one_bad_request_in_a_batch_fails_only_itself(tiny_run):
 def test_no_forward_pass_exceeds_max_batch(tiny_run):
     """A request of 10 images with max_batch 4 is run in slices, and requests that would overflow a
     batch wait for the next one; each image still gets its own probabilities."""
-    from capas.deploy.serve.batching import MicroBatcher
-
     run = load_run(tiny_run)
     images = run.preprocess.each(list(make_splits("fashion-mnist", limit=2000).test.images[:15]))
 
     async def scenario():
         sizes = []
-        batcher = MicroBatcher(
-            run,
-            max_batch=4,
-            max_wait_ms=200,
-            max_queue=64,
-            threads=1,
-            drift_per_batch=2,
-            on_batch=sizes.append,
-        )
+        batcher = micro_batcher(run, 4, drift_per_batch=2, on_batch=sizes.append)
         await batcher.start()
         sizes.clear()  # the warm-up's passes
         try:
