@@ -111,6 +111,9 @@ def test_download_into_cache(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "cache" / "mnist").iterdir()) == sorted(
         f"{s}.gz" for s in idx.STEMS
     )
+    # a download interrupted after some of the files is completed, not refused
+    (tmp_path / "cache" / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    assert len(load_dataset("mnist")[1]) == 10
 
 
 def test_missing_dataset_says_where_it_looked(tmp_path, monkeypatch):
@@ -171,3 +174,26 @@ def test_digits_needs_scikit_learn():
     train, test = load_dataset("digits")
     assert test is None
     assert train.images.shape == (1797, 1, 8, 8) and int(train.images.max()) == 255
+
+
+def test_a_folder_with_some_of_the_files_is_named(tmp_path):
+    """With one file missing the folder was passed over for Debian's copy, the run recording it."""
+    write_mnist(tmp_path / "data")
+    (tmp_path / "data" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(CapasError, match=r"holds only some of the IDX files: t10k-labels-idx1-ubyte missing"):
+        load_dataset("fashion-mnist", tmp_path / "data")
+
+
+@pytest.mark.parametrize(
+    ("stem", "array", "code", "message"),
+    [
+        ("train-labels-idx1-ubyte", np.arange(20, dtype=np.float32) % 10, 0x0D, "expected integer labels"),
+        ("train-images-idx3-ubyte", np.zeros((20, 0, 28), np.uint8), 0x08, r"expected uint8 images"),
+        ("t10k-images-idx3-ubyte", np.zeros((10, 32, 32), np.uint8), 0x08, r"test images are \(32, 32\)"),
+    ],
+)
+def test_hand_made_files_that_cannot_be_mnist_are_refused(tmp_path, stem, array, code, message):
+    write_mnist(tmp_path)
+    write_idx(tmp_path / f"{stem}.gz", array, code)
+    with pytest.raises(CapasError, match=message):
+        load_dataset("mnist", tmp_path)

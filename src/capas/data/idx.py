@@ -102,22 +102,35 @@ def load_idx(name: str, data_dir: str | Path | None = None) -> tuple[ArrayDatase
     dirs = search_dirs(name, data_dir)
     if source.system_dir is not None:
         dirs.insert(-1, source.system_dir)  # before the download cache
-    files = next((found for d in dirs if (found := _find(d))), None) or _download(source, dirs)
-    return (
-        _dataset(files[TRAIN_IMAGES], files[TRAIN_LABELS], source.classes),
-        _dataset(files[TEST_IMAGES], files[TEST_LABELS], source.classes),
-    )
+    # the download cache comes last and is _download's to complete
+    files = next((found for d in dirs[:-1] if (found := _find(d))), None) or _download(source, dirs)
+    train = _dataset(files[TRAIN_IMAGES], files[TRAIN_LABELS], source.classes)
+    test = _dataset(files[TEST_IMAGES], files[TEST_LABELS], source.classes)
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise CapasError(
+            f"{files[TEST_IMAGES]}: test images are {tuple(test.images.shape[2:])} pixels, "
+            f"the training images {tuple(train.images.shape[2:])}"
+        )
+    return train, test
 
 
 def _find(directory: Path) -> dict[str, Path] | None:
-    """The four IDX files in `directory` (plain or .gz), or None unless all four are there."""
-    found = {}
-    for stem in STEMS:
-        path = next((p for p in (directory / stem, directory / f"{stem}.gz") if p.is_file()), None)
-        if path is None:
-            return None
-        found[stem] = path
-    return found
+    """The four IDX files in `directory` (plain or .gz), None when it holds none of them.
+
+    A folder with only some of them is an error: passed over, the run would train on another copy
+    found later in the search order.
+    """
+    found = {
+        stem: path
+        for stem in STEMS
+        if (path := next((p for p in (directory / stem, directory / f"{stem}.gz") if p.is_file()), None))
+    }
+    if found and len(found) < len(STEMS):
+        missing = ", ".join(stem for stem in STEMS if stem not in found)
+        raise CapasError(
+            f"{directory} holds only some of the IDX files: {missing} missing (each optionally .gz)"
+        )
+    return found or None
 
 
 def _download(source: IdxSource, looked: list[Path]) -> dict[str, Path]:
@@ -138,8 +151,10 @@ def _download(source: IdxSource, looked: list[Path]) -> dict[str, Path]:
 
 def _dataset(images_path: Path, labels_path: Path, classes: tuple[str, ...]) -> ArrayDataset:
     images, labels = read_idx(images_path), read_idx(labels_path)
-    if images.dtype != np.uint8 or images.ndim != 3:
+    if images.dtype != np.uint8 or images.ndim != 3 or 0 in images.shape[1:]:
         raise CapasError(f"{images_path}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+    if labels.dtype.kind not in "iu":
+        raise CapasError(f"{labels_path}: expected integer labels, got {labels.dtype}")
     if labels.ndim != 1 or len(labels) != len(images):
         raise CapasError(f"{labels_path}: expected {len(images)} labels, got an array shaped {labels.shape}")
     if labels.size and not 0 <= labels.min() <= labels.max() < len(classes):
