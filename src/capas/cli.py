@@ -75,6 +75,7 @@ def summary(spec: SpecArg) -> None:
     from capas.spec import load_spec
     from capas.spec.summary import summarize
 
+    written = ""  # a run's summary.txt
     if spec.is_dir():
         if (spec / "runtime.json").is_file():  # an int8 ONNX run: its model.json is the float architecture
             console.print(
@@ -82,8 +83,15 @@ def summary(spec: SpecArg) -> None:
                 "it was quantized from (same layers, shapes and parameter counts)",
                 highlight=False,
             )
+        written = (spec / "summary.txt").read_text() if (spec / "summary.txt").is_file() else ""
         spec = spec / "model.json"
-    summarize(load_spec(spec)).print(console)
+    table = summarize(load_spec(spec))
+    if written.endswith(table.text()) and written != table.text():
+        # what the run wrote above its table, e.g. the layers fine-tuning unfroze
+        console.print(
+            written[: -len(table.text())].rstrip("\n"), highlight=False, markup=False, soft_wrap=True
+        )
+    table.print(console)
 
 
 def _setting_help(settings: type[BaseModel], name: str, show_default: bool = True) -> str:
