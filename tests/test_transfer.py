@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from typer.testing import CliRunner
 
+from capas.cli import app
 from capas.data import make_splits
 from capas.errors import CapasError
 from capas.models import build_backbone, build_model, preprocess_for
@@ -249,6 +251,9 @@ def test_a_fine_tuned_run_says_which_layers_it_unfroze_above_its_summary(tmp_pat
         f"unfrozen and trained too, at 0.1× the learning rate: {unfrozen:,} more trainable parameters "
         "than the table counts, which shows how training started."
     )
+    # `capas summary RUN_DIR` says it too (it printed the table alone)
+    shown = CliRunner().invoke(app, ["summary", str(tmp_path / "run")], terminal_width=200)
+    assert shown.exit_code == 0 and shown.output.startswith(note + "\n"), shown.output
 
 
 def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):

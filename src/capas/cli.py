@@ -82,7 +82,16 @@ def summary(spec: SpecArg) -> None:
                 "it was quantized from (same layers, shapes and parameter counts)",
                 highlight=False,
             )
-        spec = spec / "model.json"
+        run, spec = spec, spec / "model.json"
+        table = summarize(load_spec(spec))
+        written = run / "summary.txt"
+        text = written.read_text() if written.is_file() else ""
+        if text.endswith(table.text()) and (note := text[: -len(table.text())]):
+            console.print(
+                note.rstrip("\n"), highlight=False, markup=False, soft_wrap=True
+            )  # e.g. what fine-tuning unfroze
+        table.print(console)
+        return
     summarize(load_spec(spec)).print(console)
 
 
