@@ -330,6 +330,39 @@ def write_unsupported(tmp_path: Path) -> Path:
     return tmp_path / "unsupported.keras"
 
 
+def write_binary(tmp_path: Path) -> Path:
+    """A binary classifier as Keras users write it: one sigmoid probability."""
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1, activation="sigmoid", name="p"),
+        ]
+    )
+    model.save(tmp_path / "binary.keras")
+    return tmp_path / "binary.keras"
+
+
+def write_multilabel(tmp_path: Path) -> Path:
+    """Independent probabilities per class, the sigmoid in a layer of its own."""
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+            keras.layers.Activation("sigmoid", name="labels"),
+        ]
+    )
+    model.save(tmp_path / "multilabel.keras")
+    return tmp_path / "multilabel.keras"
+
+
+def write_one_logit(tmp_path: Path) -> Path:
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(1)])
+    model.save(tmp_path / "logit.keras")
+    return tmp_path / "logit.keras"
+
+
 def patched(tmp_path: Path, member: str, data: bytes) -> Path:
     """flat.keras with one member of the archive replaced by `data`."""
     import zipfile
@@ -375,6 +408,12 @@ def write_misfit(tmp_path: Path) -> list[str]:
             "layer 0 'dilated' (Conv2D): dilation_rate=[2, 2] is not supported; capas computes dilation_rate=1 or (1, 1)",
         ),
         (write_misfit, "the weights do not fit the architecture"),
+        (write_binary, "binary.keras: its last layer 'p' (Dense) ends in a sigmoid"),
+        (write_multilabel, "multilabel.keras: its last layer 'labels' (Activation) ends in a sigmoid"),
+        (
+            write_one_logit,
+            "logit.keras: the model outputs 1 value; capas classifiers output one score per class",
+        ),
         (write_list_metadata, "bad_metadata.keras: not a readable Keras file (metadata.json holds a list"),
         (write_number_layers, "bad_config.keras: not a Keras model config (its layer 0 is 1,"),
         (write_layer_without_config, 'not a Keras model config (its layer 0 is {"class_name": "Conv2D"},'),

@@ -594,6 +594,20 @@ def import_keras(
         raise CapasError(
             f"{keras_file.source}: the output has shape {outputs}; capas classifiers output one vector"
         )
+    last = spec.layer_infos()[-1]
+    if getattr(last.layer, "activation", None) in ("sigmoid", "hard_sigmoid"):
+        # capas reads outputs as class scores through a softmax: sigmoid probabilities would be
+        # reported as the softmax of them, a single one as class 0 at 100%
+        raise CapasError(
+            f"{keras_file.source}: its last layer {last.name!r} ({last.layer.type_name()}) ends in a sigmoid: "
+            "independent probabilities (a binary or multi-label classifier); capas classifiers end in a "
+            "softmax over the classes, or in their logits"
+        )
+    if outputs[0] < 2:
+        raise CapasError(
+            f"{keras_file.source}: the model outputs {outputs[0]} value; capas classifiers output one score per "
+            "class, at least 2"
+        )
     data_cfg = DataConfig(name=data, data_dir=data_dir) if data is not None else None
     splits = splits_for(data_cfg) if data_cfg is not None else None
     if classes is not None:
