@@ -316,6 +316,14 @@ def write_branches(tmp_path: Path) -> Path:
     return tmp_path / "branches.keras"
 
 
+def write_monte_carlo(tmp_path: Path) -> Path:
+    """Monte Carlo dropout: Keras drops at prediction time too, capas' inference would not."""
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Dropout(0.5, name="mc")(keras.layers.Flatten()(inputs), training=True)
+    keras.Model(inputs, keras.layers.Dense(3)(x)).save(tmp_path / "mc.keras")
+    return tmp_path / "mc.keras"
+
+
 def write_unsupported(tmp_path: Path) -> Path:
     model = keras.Sequential(
         [
@@ -408,6 +416,7 @@ def write_misfit(tmp_path: Path) -> list[str]:
             "layer 0 'dilated' (Conv2D): dilation_rate=[2, 2] is not supported; capas computes dilation_rate=1 or (1, 1)",
         ),
         (write_misfit, "the weights do not fit the architecture"),
+        (write_monte_carlo, "mc.keras: layer 'mc' (Dropout) is called with training=True"),
         (write_binary, "binary.keras: its last layer 'p' (Dense) ends in a sigmoid"),
         (write_multilabel, "multilabel.keras: its last layer 'labels' (Activation) ends in a sigmoid"),
         (

@@ -237,6 +237,19 @@ def _histories(node: Any) -> list[str]:
     return []
 
 
+def _training_call(node: Any) -> bool:
+    """Whether a functional layer's inbound node calls it with training=True (Keras 3: the node's kwargs;
+    Keras 2: each input's fourth item)."""
+    if isinstance(node, dict):
+        return (node.get("kwargs") or {}).get("training") is True
+    if isinstance(node, list):
+        return any(
+            isinstance(i, list) and len(i) >= 4 and isinstance(i[3], dict) and i[3].get("training") is True
+            for i in node
+        )
+    return False
+
+
 def _chain(config: dict, source: str) -> list[dict]:
     """The layers of a functional model in order, when they form a single chain; branches are refused."""
     layers = config.get("layers") or []
@@ -251,6 +264,12 @@ def _chain(config: dict, source: str) -> list[dict]:
                 f"{source}: a functional model with branches: layer {name!r} ({layer['class_name']}) takes "
                 f"{len(inputs)} inputs ({', '.join(map(repr, inputs))}); capas imports Sequential models and "
                 "functional models that are one chain of layers"
+            )
+        if any(_training_call(node) for node in nodes):
+            raise CapasError(
+                f"{source}: layer {name!r} ({layer['class_name']}) is called with training=True, so Keras computes "
+                "it as in training when predicting too (Monte Carlo dropout, batch statistics); capas predicts "
+                "in inference mode"
             )
         for i in inputs:
             feeds.setdefault(i, []).append(name)
