@@ -449,6 +449,32 @@ def test_every_unsupported_layer_and_keyword_is_named_with_its_position(tmp_path
     assert "'frozen'" not in text  # trainable=False imports as a frozen capas layer
 
 
+def test_frozen_layers_and_batchnorm_without_center_or_scale_import_as_keras_computes(tmp_path):
+    """README: `trainable=False` imports frozen, BatchNormalization's center/scale=False import."""
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 1)),
+            keras.layers.Conv2D(3, 3, trainable=False),
+            keras.layers.BatchNormalization(center=False, epsilon=0.1, momentum=0.5),
+            keras.layers.BatchNormalization(scale=False, trainable=False),
+            keras.layers.Flatten(),
+            keras.layers.Dense(4),
+        ]
+    )
+    for layer in model.layers[1:3]:  # moving statistics other than 0 and 1
+        layer.set_weights([w + np.float32(0.5) for w in layer.get_weights()])
+    model.save(tmp_path / "frozen.keras")
+    run = load_run(import_keras(tmp_path / "frozen.keras", tmp_path / "run")[0])
+    x = np.random.default_rng(0).random((3, 6, 6, 1), dtype=np.float32)
+    got = run.model(torch.from_numpy(x).permute(0, 3, 1, 2)).detach().numpy()
+    assert np.abs(got - keras.ops.convert_to_numpy(model(x, training=False))).max() < ATOL
+    summary = summarize(run.spec)
+    assert (summary.trainable, summary.non_trainable) == (
+        sum(int(np.prod(w.shape)) for w in model.trainable_weights),
+        sum(int(np.prod(w.shape)) for w in model.non_trainable_weights),
+    )
+
+
 def test_import_options_are_checked(tmp_path):
     keras_file = str(FIXTURES / "flat.keras")
     names = tmp_path / "names.txt"
