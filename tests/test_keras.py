@@ -489,6 +489,10 @@ def test_import_options_are_checked(tmp_path):
         assert not (tmp_path / "out").exists()
     result = runner.invoke(app, ["import-keras", str(FIXTURES / "flat.json"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--weights model.weights.h5" in result.output
+    # an --out that cannot be made: one line, not a traceback
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["import-keras", keras_file, "--out", str(tmp_path / "file" / "run")])
+    assert result.exit_code == 2 and "cannot create the run directory" in result.output, result.output
     # an existing run directory is never overwritten
     shutil.copytree(do_import("flat", "keras", tmp_path / "run"), tmp_path / "kept")
     result = runner.invoke(app, ["import-keras", keras_file, "--out", str(tmp_path / "kept")])

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,7 +29,7 @@ from capas import atomic
 from capas.data import Preprocess, splits_for
 from capas.errors import CapasError
 from capas.models import CapasNet, build_model
-from capas.runs import load_run, write_run
+from capas.runs import load_run, staging, write_run
 from capas.spec import DataConfig, ModelSpec, parse_layer
 
 SCALES = {"0..1": (0.0, 1.0), "0..255": (0.0, 1 / 255), "-1..1": (0.5, 0.5)}
@@ -647,9 +644,7 @@ def import_keras(
     }
     if data_cfg is not None:
         config["data"] = data_cfg.model_dump(mode="json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging(out) as tmp:  # the whole directory appears at once
         write_run(
             tmp,
             spec=spec,
@@ -661,14 +656,6 @@ def import_keras(
             test=None,
             reference=splits.val if splits is not None else None,
         )
-        if out.is_dir():
-            out.rmdir()  # empty, checked above
-        os.chmod(tmp, 0o777 & ~atomic.umask())  # mkdtemp makes 0700 folders; give the permissions mkdir would
-        os.replace(tmp, out)  # the whole directory appears at once
-        atomic.sync_folder(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out, imported
 
 
