@@ -489,6 +489,20 @@ def test_import_options_are_checked(tmp_path):
         assert not (tmp_path / "out").exists()
     result = runner.invoke(app, ["import-keras", str(FIXTURES / "flat.json"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--weights model.weights.h5" in result.output
+    # a --classes file that is not text
+    (tmp_path / "names.bin").write_bytes(b"\xff\xfe\x00a\nb\n")
+    result = runner.invoke(
+        app,
+        [
+            "import-keras",
+            keras_file,
+            "--out",
+            str(tmp_path / "out"),
+            "--classes",
+            str(tmp_path / "names.bin"),
+        ],
+    )
+    assert result.exit_code == 2 and "names.bin: not UTF-8 text" in result.output, result.output
     # an --out that cannot be made: one line, not a traceback
     (tmp_path / "file").write_text("x")
     result = runner.invoke(app, ["import-keras", keras_file, "--out", str(tmp_path / "file" / "run")])

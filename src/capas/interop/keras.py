@@ -557,7 +557,13 @@ def read_classes(path: str | Path) -> tuple[str, ...]:
     path = Path(path)
     if not path.is_file():
         raise CapasError(f"--classes: {path}: no such file")
-    names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CapasError(f"--classes: {path}: not UTF-8 text; give the class names one a line") from None
+    except OSError as error:
+        raise CapasError(f"--classes: {path}: cannot read ({error.strerror or error})") from None
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
     if len(set(names)) != len(names):
         raise CapasError(f"--classes: {path}: class names repeat")
     return names
