@@ -143,6 +143,15 @@ def test_a_trained_run_exports_to_keras_with_its_outputs(tmp_path, tiny_run, ima
     assert np.abs(exported_proba(reloaded, images) - capas_proba(tiny_run, images)).max() < ATOL
 
 
+def test_export_to_a_path_without_the_keras_extension_is_refused(tmp_path, tiny_run):
+    """Keras' load_model and import-keras tell a file's format by its extension: a .keras zip named
+    model.h5 is read as a legacy HDF5 file and fails to load."""
+    result = runner.invoke(app, ["export", str(tiny_run), "--keras", "--out", str(tmp_path / "model.h5")])
+    assert result.exit_code == 2, result.output
+    assert "must end in .keras" in " ".join(result.output.split())
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("mean", [None, (0.5,)])
 def test_a_first_rescaling_and_the_preprocessing_survive_export_and_import(tmp_path, images, mean):
     """A spec that starts with Rescaling, with the default preprocessing or another: the exported file

@@ -812,6 +812,11 @@ def export_keras(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """
     if out is not None:
         atomic.check_file_target(Path(out), "--out", "model.keras")
+        if Path(out).suffix != ".keras":  # Keras' load_model reads a .h5 as legacy HDF5, refuses others
+            raise CapasError(
+                f"--out {out}: a Keras 3 file must end in .keras (keras.saving.load_model and capas "
+                f"import-keras tell its format by the extension), e.g. {Path(out).with_suffix('.keras')}"
+            )
     run = load_run(run_dir)
     if not isinstance(run.model, CapasNet):
         raise CapasError(f"{run.path}: an ONNX run ({run.model.path.name}); export its float source instead")
