@@ -562,6 +562,21 @@ def test_json_with_a_legacy_weights_only_h5(tmp_path, images):
     assert np.abs(capas_proba(run, images) - keras_proba(original, images)).max() < ATOL
 
 
+def test_keras2_hard_sigmoid_is_refused(tmp_path):
+    """Keras 2's hard_sigmoid is clip(0.2·x + 0.5, 0, 1), Keras 3's (capas') relu6(x + 3) / 6: a Keras 2
+    architecture using it is refused, the same one from Keras 3 imports."""
+    config = json.loads((FIXTURES / "flat.json").read_text())
+    config["config"]["layers"][1]["config"]["activation"] = "hard_sigmoid"  # the Conv2D
+    weights = FIXTURES / "flat.weights.h5"
+    (tmp_path / "keras3.json").write_text(json.dumps(config))
+    import_keras(tmp_path / "keras3.json", tmp_path / "run", weights=weights)
+    (tmp_path / "keras2.json").write_text(json.dumps({**config, "keras_version": "2.13.1"}))
+    with pytest.raises(
+        CapasError, match=r"layer 0 'conv2d' \(Conv2D\): activation 'hard_sigmoid' from Keras 2.13.1"
+    ):
+        import_keras(tmp_path / "keras2.json", tmp_path / "run2", weights=weights)
+
+
 def test_functional_chain_imports_and_training_only_keywords_are_noted(tmp_path, images):
     trained = load_keras("flat", "keras")
     inputs = keras.Input((28, 28, 1))

@@ -197,7 +197,8 @@ def read_keras(path: str | Path, weights: str | Path | None = None) -> KerasFile
                 arrays, by_path = _weights_file(weights)
             except (OSError, KeyError, ValueError) as error:
                 raise CapasError(f"{weights}: not a readable Keras weights file ({error})") from None
-            return KerasFile(f"{path} + {weights}", "json + weights", config, arrays, by_path)
+            version = config.get("keras_version") if isinstance(config, dict) else None  # Keras 2 writes it
+            return KerasFile(f"{path} + {weights}", "json + weights", config, arrays, by_path, version)
         if path.suffix in (".h5", ".hdf5"):
             with h5py.File(path, "r") as file:
                 if "model_config" not in file.attrs:
@@ -465,8 +466,15 @@ def convert(keras_file: KerasFile) -> Imported:
         start = 1
     items, problems, notes, kept = [], [], [], []
     shape: tuple[int, ...] | None = input_shape
+    version = str(keras_file.keras_version)
     for index, layer in enumerate(body[start:], start):
         item, found, noted = _translate(index, layer, shape)
+        if version[:2] in ("1.", "2.") and (layer.get("config") or {}).get("activation") == "hard_sigmoid":
+            found.append(
+                f"layer {index} {layer['config'].get('name')!r} ({layer.get('class_name')}): activation "
+                f"'hard_sigmoid' from Keras {version} is clip(0.2·x + 0.5, 0, 1); capas computes Keras 3's "
+                "relu6(x + 3) / 6"
+            )
         problems += found
         notes += noted
         if item is not None:
