@@ -463,11 +463,11 @@ def test_frozen_layers_and_batchnorm_without_center_or_scale_import_as_keras_com
     model = keras.Sequential(
         [
             keras.Input((6, 6, 1)),
-            keras.layers.Conv2D(3, 3, trainable=False),
-            keras.layers.BatchNormalization(center=False, epsilon=0.1, momentum=0.5),
-            keras.layers.BatchNormalization(scale=False, trainable=False),
-            keras.layers.Flatten(),
-            keras.layers.Dense(4),
+            keras.layers.Conv2D(3, 3, trainable=False, name="frozen"),
+            keras.layers.BatchNormalization(center=False, epsilon=0.1, momentum=0.5, name="bn"),
+            keras.layers.BatchNormalization(scale=False, trainable=False, name="frozen_bn"),
+            keras.layers.Flatten(name="flat"),
+            keras.layers.Dense(4, name="head"),
         ]
     )
     for layer in model.layers[1:3]:  # moving statistics other than 0 and 1
