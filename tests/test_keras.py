@@ -143,6 +143,15 @@ def test_a_trained_run_exports_to_keras_with_its_outputs(tmp_path, tiny_run, ima
     assert np.abs(exported_proba(reloaded, images) - capas_proba(tiny_run, images)).max() < ATOL
 
 
+def test_export_to_a_path_without_the_keras_extension_is_refused(tmp_path, tiny_run):
+    """Keras' load_model and import-keras tell a file's format by its extension: a .keras zip named
+    model.h5 is read as a legacy HDF5 file and fails to load."""
+    result = runner.invoke(app, ["export", str(tiny_run), "--keras", "--out", str(tmp_path / "model.h5")])
+    assert result.exit_code == 2, result.output
+    assert "must end in .keras" in " ".join(result.output.split())
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("mean", [None, (0.5,)])
 def test_a_first_rescaling_and_the_preprocessing_survive_export_and_import(tmp_path, images, mean):
     """A spec that starts with Rescaling, with the default preprocessing or another: the exported file
@@ -316,6 +325,14 @@ def write_branches(tmp_path: Path) -> Path:
     return tmp_path / "branches.keras"
 
 
+def write_monte_carlo(tmp_path: Path) -> Path:
+    """Monte Carlo dropout: Keras drops at prediction time too, capas' inference would not."""
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Dropout(0.5, name="mc")(keras.layers.Flatten()(inputs), training=True)
+    keras.Model(inputs, keras.layers.Dense(3)(x)).save(tmp_path / "mc.keras")
+    return tmp_path / "mc.keras"
+
+
 def write_unsupported(tmp_path: Path) -> Path:
     model = keras.Sequential(
         [
@@ -328,6 +345,39 @@ def write_unsupported(tmp_path: Path) -> Path:
     )
     model.save(tmp_path / "unsupported.keras")
     return tmp_path / "unsupported.keras"
+
+
+def write_binary(tmp_path: Path) -> Path:
+    """A binary classifier as Keras users write it: one sigmoid probability."""
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1, activation="sigmoid", name="p"),
+        ]
+    )
+    model.save(tmp_path / "binary.keras")
+    return tmp_path / "binary.keras"
+
+
+def write_multilabel(tmp_path: Path) -> Path:
+    """Independent probabilities per class, the sigmoid in a layer of its own."""
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+            keras.layers.Activation("sigmoid", name="labels"),
+        ]
+    )
+    model.save(tmp_path / "multilabel.keras")
+    return tmp_path / "multilabel.keras"
+
+
+def write_one_logit(tmp_path: Path) -> Path:
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(1)])
+    model.save(tmp_path / "logit.keras")
+    return tmp_path / "logit.keras"
 
 
 def patched(tmp_path: Path, member: str, data: bytes) -> Path:
@@ -375,6 +425,13 @@ def write_misfit(tmp_path: Path) -> list[str]:
             "layer 0 'dilated' (Conv2D): dilation_rate=[2, 2] is not supported; capas computes dilation_rate=1 or (1, 1)",
         ),
         (write_misfit, "the weights do not fit the architecture"),
+        (write_monte_carlo, "mc.keras: layer 'mc' (Dropout) is called with training=True"),
+        (write_binary, "binary.keras: its last layer 'p' (Dense) ends in a sigmoid"),
+        (write_multilabel, "multilabel.keras: its last layer 'labels' (Activation) ends in a sigmoid"),
+        (
+            write_one_logit,
+            "logit.keras: the model outputs 1 value; capas classifiers output one score per class",
+        ),
         (write_list_metadata, "bad_metadata.keras: not a readable Keras file (metadata.json holds a list"),
         (write_number_layers, "bad_config.keras: not a Keras model config (its layer 0 is 1,"),
         (write_layer_without_config, 'not a Keras model config (its layer 0 is {"class_name": "Conv2D"},'),
@@ -401,6 +458,32 @@ def test_every_unsupported_layer_and_keyword_is_named_with_its_position(tmp_path
     assert "'frozen'" not in text  # trainable=False imports as a frozen capas layer
 
 
+def test_frozen_layers_and_batchnorm_without_center_or_scale_import_as_keras_computes(tmp_path):
+    """README: `trainable=False` imports frozen, BatchNormalization's center/scale=False import."""
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 1)),
+            keras.layers.Conv2D(3, 3, trainable=False, name="frozen"),
+            keras.layers.BatchNormalization(center=False, epsilon=0.1, momentum=0.5, name="bn"),
+            keras.layers.BatchNormalization(scale=False, trainable=False, name="frozen_bn"),
+            keras.layers.Flatten(name="flat"),
+            keras.layers.Dense(4, name="head"),
+        ]
+    )
+    for layer in model.layers[1:3]:  # moving statistics other than 0 and 1
+        layer.set_weights([w + np.float32(0.5) for w in layer.get_weights()])
+    model.save(tmp_path / "frozen.keras")
+    run = load_run(import_keras(tmp_path / "frozen.keras", tmp_path / "run")[0])
+    x = np.random.default_rng(0).random((3, 6, 6, 1), dtype=np.float32)
+    got = run.model(torch.from_numpy(x).permute(0, 3, 1, 2)).detach().numpy()
+    assert np.abs(got - keras.ops.convert_to_numpy(model(x, training=False))).max() < ATOL
+    summary = summarize(run.spec)
+    assert (summary.trainable, summary.non_trainable) == (
+        sum(int(np.prod(w.shape)) for w in model.trainable_weights),
+        sum(int(np.prod(w.shape)) for w in model.non_trainable_weights),
+    )
+
+
 def test_import_options_are_checked(tmp_path):
     keras_file = str(FIXTURES / "flat.keras")
     names = tmp_path / "names.txt"
@@ -415,6 +498,24 @@ def test_import_options_are_checked(tmp_path):
         assert not (tmp_path / "out").exists()
     result = runner.invoke(app, ["import-keras", str(FIXTURES / "flat.json"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--weights model.weights.h5" in result.output
+    # a --classes file that is not text
+    (tmp_path / "names.bin").write_bytes(b"\xff\xfe\x00a\nb\n")
+    result = runner.invoke(
+        app,
+        [
+            "import-keras",
+            keras_file,
+            "--out",
+            str(tmp_path / "out"),
+            "--classes",
+            str(tmp_path / "names.bin"),
+        ],
+    )
+    assert result.exit_code == 2 and "names.bin: not UTF-8 text" in result.output, result.output
+    # an --out that cannot be made: one line, not a traceback
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["import-keras", keras_file, "--out", str(tmp_path / "file" / "run")])
+    assert result.exit_code == 2 and "cannot create the run directory" in result.output, result.output
     # an existing run directory is never overwritten
     shutil.copytree(do_import("flat", "keras", tmp_path / "run"), tmp_path / "kept")
     result = runner.invoke(app, ["import-keras", keras_file, "--out", str(tmp_path / "kept")])
@@ -459,6 +560,21 @@ def test_json_with_a_legacy_weights_only_h5(tmp_path, images):
     (tmp_path / "keras2.json").write_text(json.dumps(keras2))
     run = import_keras(tmp_path / "keras2.json", tmp_path / "run2", weights=tmp_path / "model.h5")[0]
     assert np.abs(capas_proba(run, images) - keras_proba(original, images)).max() < ATOL
+
+
+def test_keras2_hard_sigmoid_is_refused(tmp_path):
+    """Keras 2's hard_sigmoid is clip(0.2·x + 0.5, 0, 1), Keras 3's (capas') relu6(x + 3) / 6: a Keras 2
+    architecture using it is refused, the same one from Keras 3 imports."""
+    config = json.loads((FIXTURES / "flat.json").read_text())
+    config["config"]["layers"][1]["config"]["activation"] = "hard_sigmoid"  # the Conv2D
+    weights = FIXTURES / "flat.weights.h5"
+    (tmp_path / "keras3.json").write_text(json.dumps(config))
+    import_keras(tmp_path / "keras3.json", tmp_path / "run", weights=weights)
+    (tmp_path / "keras2.json").write_text(json.dumps({**config, "keras_version": "2.13.1"}))
+    with pytest.raises(
+        CapasError, match=r"layer 0 'conv2d' \(Conv2D\): activation 'hard_sigmoid' from Keras 2.13.1"
+    ):
+        import_keras(tmp_path / "keras2.json", tmp_path / "run2", weights=weights)
 
 
 def test_functional_chain_imports_and_training_only_keywords_are_noted(tmp_path, images):

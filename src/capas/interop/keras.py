@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,7 +29,7 @@ from capas import atomic
 from capas.data import Preprocess, splits_for
 from capas.errors import CapasError
 from capas.models import CapasNet, build_model
-from capas.runs import load_run, write_run
+from capas.runs import load_run, staging, write_run
 from capas.spec import DataConfig, ModelSpec, parse_layer
 
 SCALES = {"0..1": (0.0, 1.0), "0..255": (0.0, 1 / 255), "-1..1": (0.5, 0.5)}
@@ -200,7 +197,8 @@ def read_keras(path: str | Path, weights: str | Path | None = None) -> KerasFile
                 arrays, by_path = _weights_file(weights)
             except (OSError, KeyError, ValueError) as error:
                 raise CapasError(f"{weights}: not a readable Keras weights file ({error})") from None
-            return KerasFile(f"{path} + {weights}", "json + weights", config, arrays, by_path)
+            version = config.get("keras_version") if isinstance(config, dict) else None  # Keras 2 writes it
+            return KerasFile(f"{path} + {weights}", "json + weights", config, arrays, by_path, version)
         if path.suffix in (".h5", ".hdf5"):
             with h5py.File(path, "r") as file:
                 if "model_config" not in file.attrs:
@@ -237,6 +235,19 @@ def _histories(node: Any) -> list[str]:
     return []
 
 
+def _training_call(node: Any) -> bool:
+    """Whether a functional layer's inbound node calls it with training=True (Keras 3: the node's kwargs;
+    Keras 2: each input's fourth item)."""
+    if isinstance(node, dict):
+        return (node.get("kwargs") or {}).get("training") is True
+    if isinstance(node, list):
+        return any(
+            isinstance(i, list) and len(i) >= 4 and isinstance(i[3], dict) and i[3].get("training") is True
+            for i in node
+        )
+    return False
+
+
 def _chain(config: dict, source: str) -> list[dict]:
     """The layers of a functional model in order, when they form a single chain; branches are refused."""
     layers = config.get("layers") or []
@@ -251,6 +262,12 @@ def _chain(config: dict, source: str) -> list[dict]:
                 f"{source}: a functional model with branches: layer {name!r} ({layer['class_name']}) takes "
                 f"{len(inputs)} inputs ({', '.join(map(repr, inputs))}); capas imports Sequential models and "
                 "functional models that are one chain of layers"
+            )
+        if any(_training_call(node) for node in nodes):
+            raise CapasError(
+                f"{source}: layer {name!r} ({layer['class_name']}) is called with training=True, so Keras computes "
+                "it as in training when predicting too (Monte Carlo dropout, batch statistics); capas predicts "
+                "in inference mode"
             )
         for i in inputs:
             feeds.setdefault(i, []).append(name)
@@ -449,8 +466,15 @@ def convert(keras_file: KerasFile) -> Imported:
         start = 1
     items, problems, notes, kept = [], [], [], []
     shape: tuple[int, ...] | None = input_shape
+    version = str(keras_file.keras_version)
     for index, layer in enumerate(body[start:], start):
         item, found, noted = _translate(index, layer, shape)
+        if version[:2] in ("1.", "2.") and (layer.get("config") or {}).get("activation") == "hard_sigmoid":
+            found.append(
+                f"layer {index} {layer['config'].get('name')!r} ({layer.get('class_name')}): activation "
+                f"'hard_sigmoid' from Keras {version} is clip(0.2·x + 0.5, 0, 1); capas computes Keras 3's "
+                "relu6(x + 3) / 6"
+            )
         problems += found
         notes += noted
         if item is not None:
@@ -541,7 +565,13 @@ def read_classes(path: str | Path) -> tuple[str, ...]:
     path = Path(path)
     if not path.is_file():
         raise CapasError(f"--classes: {path}: no such file")
-    names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CapasError(f"--classes: {path}: not UTF-8 text; give the class names one a line") from None
+    except OSError as error:
+        raise CapasError(f"--classes: {path}: cannot read ({error.strerror or error})") from None
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
     if len(set(names)) != len(names):
         raise CapasError(f"--classes: {path}: class names repeat")
     return names
@@ -594,6 +624,20 @@ def import_keras(
         raise CapasError(
             f"{keras_file.source}: the output has shape {outputs}; capas classifiers output one vector"
         )
+    last = spec.layer_infos()[-1]
+    if getattr(last.layer, "activation", None) in ("sigmoid", "hard_sigmoid"):
+        # capas reads outputs as class scores through a softmax: sigmoid probabilities would be
+        # reported as the softmax of them, a single one as class 0 at 100%
+        raise CapasError(
+            f"{keras_file.source}: its last layer {last.name!r} ({last.layer.type_name()}) ends in a sigmoid: "
+            "independent probabilities (a binary or multi-label classifier); capas classifiers end in a "
+            "softmax over the classes, or in their logits"
+        )
+    if outputs[0] < 2:
+        raise CapasError(
+            f"{keras_file.source}: the model outputs {outputs[0]} value; capas classifiers output one score per "
+            "class, at least 2"
+        )
     data_cfg = DataConfig(name=data, data_dir=data_dir) if data is not None else None
     splits = splits_for(data_cfg) if data_cfg is not None else None
     if classes is not None:
@@ -614,9 +658,7 @@ def import_keras(
     }
     if data_cfg is not None:
         config["data"] = data_cfg.model_dump(mode="json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging(out) as tmp:  # the whole directory appears at once
         write_run(
             tmp,
             spec=spec,
@@ -628,14 +670,6 @@ def import_keras(
             test=None,
             reference=splits.val if splits is not None else None,
         )
-        if out.is_dir():
-            out.rmdir()  # empty, checked above
-        os.chmod(tmp, 0o777 & ~atomic.umask())  # mkdtemp makes 0700 folders; give the permissions mkdir would
-        os.replace(tmp, out)  # the whole directory appears at once
-        atomic.sync_folder(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out, imported
 
 
@@ -786,6 +820,11 @@ def export_keras(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """
     if out is not None:
         atomic.check_file_target(Path(out), "--out", "model.keras")
+        if Path(out).suffix != ".keras":  # Keras' load_model reads a .h5 as legacy HDF5, refuses others
+            raise CapasError(
+                f"--out {out}: a Keras 3 file must end in .keras (keras.saving.load_model and capas "
+                f"import-keras tell its format by the extension), e.g. {Path(out).with_suffix('.keras')}"
+            )
     run = load_run(run_dir)
     if not isinstance(run.model, CapasNet):
         raise CapasError(f"{run.path}: an ONNX run ({run.model.path.name}); export its float source instead")
