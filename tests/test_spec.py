@@ -100,6 +100,30 @@ def test_final_softmax_is_applied_by_predict_proba_not_forward():
     assert torch.allclose(model.predict_proba(x), torch.softmax(logits, 1))
 
 
+@pytest.mark.parametrize("dropout", ["Dropout", "SpatialDropout2D"])
+def test_a_softmax_followed_only_by_dropout_is_refused(dropout):
+    """Its probabilities were taken for logits: predict_proba gave Keras' [0.986 0.006 0.008] as
+    [0.571 0.214 0.215], and training took the cross-entropy of a softmax of them."""
+    last = {
+        "Dropout": ["Flatten", {"Dense": {"units": 3, "activation": "softmax"}}, {"Dropout": {"rate": 0.5}}]
+    }
+    layers = {
+        "Dropout": last["Dropout"],
+        "SpatialDropout2D": [
+            {"Conv2D": {"filters": 3, "kernel_size": 2}},
+            "Softmax",
+            {dropout: {"rate": 0.5}},
+        ],
+    }[dropout]
+    with pytest.raises(
+        CapasError, match=rf"^layer 1 \(\w+\) applies a softmax and only {dropout} follows it"
+    ):
+        build_model(_spec(*layers, shape=(2, 2, 1)))
+    build_model(
+        _spec(*layers[:-1], {"Dense": {"units": 3}} if dropout == "Dropout" else "Flatten", shape=(2, 2, 1))
+    )
+
+
 BAD = [
     (
         {"layers": [{"Conv2d": {"filters": 8, "kernel_size": 3}}]},

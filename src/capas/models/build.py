@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from capas.errors import CapasError
 from capas.inference import cpu_slice
-from capas.layers.core import BatchNormalization
+from capas.layers.core import BatchNormalization, Dropout, Layer
 from capas.models.backbones import Backbone, build_backbone
 from capas.models.modules import build_module
 from capas.spec.model import ModelSpec
@@ -30,9 +31,25 @@ def _relu_before_max_pooling(layers: nn.ModuleDict, infos: list) -> list[tuple[s
     return pairs
 
 
+def _softmax(layer: Layer) -> bool:
+    return layer.type_name() == "Softmax" or getattr(layer, "activation", None) == "softmax"
+
+
 def _ends_in_softmax(spec: ModelSpec) -> bool:
-    last = spec.layers[-1]
-    return last.type_name() == "Softmax" or getattr(last, "activation", None) == "softmax"
+    """Whether the last layer applies a softmax. One followed only by Dropout is refused: the network
+    would output probabilities where capas takes logits (its predictions a softmax of them)."""
+    *before, last = spec.layers
+    if isinstance(last, Dropout):  # SpatialDropout2D too
+        softmax = next(
+            (i for i in range(len(before) - 1, -1, -1) if not isinstance(before[i], Dropout)), None
+        )
+        if softmax is not None and _softmax(before[softmax]):
+            raise CapasError(
+                f"layer {softmax} ({before[softmax].type_name()}) applies a softmax and only {last.type_name()} "
+                "follows it: capas trains on the logits before a final softmax and applies it when predicting; "
+                "put the Dropout before that layer"
+            )
+    return _softmax(last)
 
 
 class CapasNet(nn.Module):
