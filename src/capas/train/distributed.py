@@ -83,7 +83,11 @@ class Distributed:
         precision: str = "float32",
         tta: str = "none",
     ) -> Evaluation:
-        """`evaluate` on a 1/world slice per rank, gathered: every rank gets the whole dataset's result."""
+        """`evaluate` on a 1/world slice per rank, gathered: every rank gets the whole dataset's result.
+        Every rank evaluates rank 0's model, the one it saves: on the CPU each rank's BatchNorm
+        statistics moved with its own share of the batches, so they are broadcast first."""
+        for buffer in model.buffers():
+            torch_dist.broadcast(buffer, 0)
         n = len(data)
         bounds = [n * r // self.world for r in range(self.world + 1)]
         part = evaluate(
