@@ -188,7 +188,7 @@ def wide_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("frozen", ["all"])
+@pytest.mark.parametrize("frozen", ["all", 0])
 def test_runs_with_a_backbone_name_the_layers_it_computed_as_the_summary_does(wide_run, tmp_path, frozen):
     """A trainable backbone's eligible convolutions are computed too (they were not), and the top
     that the feature cache trains alone (the whole backbone frozen) recorded its layer as '0.conv'."""
