@@ -18,11 +18,12 @@ from typer.testing import CliRunner
 
 from capas.cli import app
 from capas.data import default_preprocess, make_splits
+from capas.errors import CapasError
 from capas.inference import evaluate
 from capas.models import build_model
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.train import train
-from capas.train.distributed import Distributed, free_port
+from capas.train.distributed import Distributed, check, free_port
 
 # 600 images: the training split's last batch is partial, so the uneven split of a batch is covered too
 ARGS = [
@@ -124,6 +125,13 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(spec_file, tm
     assert result.exit_code == 2
     assert "batch_size 33 does not split over 2 processes" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_the_frozen_rows_cache_is_refused_before_the_processes_start():
+    """It was refused by each process once both had started (a minute here), then "training process
+    1 exited with status 1"; now as the batch size is, before any starts."""
+    with pytest.raises(CapasError, match=r"train\.cache_frozen trains in one process"):
+        check(TrainConfig(cache_frozen=True), 2)
 
 
 BATCHNORM = {

@@ -137,6 +137,8 @@ def check(cfg: TrainConfig, world: int) -> None:
         raise CapasError(
             "train.max_seconds is not supported over several processes: use epochs or max_samples"
         )
+    if cfg.cache_frozen:
+        raise CapasError("train.cache_frozen trains in one process; set cache_frozen: false with several")
 
 
 def check_gpus(processes: int, how: str) -> None:
