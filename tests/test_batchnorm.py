@@ -147,3 +147,24 @@ def test_one_value_per_channel_trains_as_in_keras(flatten):
     assert torch.allclose(bn.running_mean, tensor(layer.moving_mean.value))
     assert torch.allclose(bn.running_var, tensor(layer.moving_variance.value))
     assert torch.equal(bn.bias.grad, torch.ones(4)) and torch.equal(bn.weight.grad, torch.zeros(4))
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_an_empty_batch_trains_through_and_moves_no_statistic(flatten):
+    """With --nproc 2, a last training batch of one image leaves rank 0 an empty share: that was a
+    ZeroDivisionError in the moving variance's correction. Its BatchNorm still takes part in the
+    graph (DDP waits for every parameter's gradient), with zero gradients."""
+    layers = [{"BatchNormalization": {"momentum": 0.9}}]
+    spec = ModelSpec.from_dict(
+        {"input_shape": [2, 2, 4], "layers": ["Flatten", *layers] if flatten else layers}
+    )
+    model = build_model(spec, seed=0).train()
+    bn = list(model.layers.values())[-1]
+    out = model(torch.zeros(0, 4, 2, 2))
+    assert out.shape[0] == 0
+    out.sum().backward()
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+    assert torch.equal(bn.bias.grad, torch.zeros_like(bn.bias)) and torch.equal(
+        bn.weight.grad, torch.zeros_like(bn.weight)
+    )

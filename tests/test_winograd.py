@@ -171,6 +171,43 @@ def test_training_with_winograd_follows_the_direct_training_and_records_its_laye
     assert again["test_loss"] == wino["test_loss"]  # and a deterministic one
 
 
+@pytest.fixture(scope="module")
+def wide_run(tmp_path_factory):
+    """A run whose layers before its classifier, a backbone for the next tests, end in 128 channels
+    at 12×12: one convolution from 1 channel, one eligible."""
+    out = tmp_path_factory.mktemp("wide") / "run"
+    layers = [
+        {"Conv2D": {"name": "widen", "filters": 128, "kernel_size": 1}},
+        {"Conv2D": {"name": "body", "filters": 128, "kernel_size": 3, "padding": "same"}},
+        {"Conv2D": {"filters": 10, "kernel_size": 12}},  # the classifier
+        "Flatten",
+    ]
+    spec = ModelSpec.from_dict({"name": "src", "input_shape": [12, 12, 1], "layers": layers})
+    data = DataConfig(name="digits", limit=60, test_limit=20)
+    train(spec, data, TrainConfig(epochs=1, batch_size=30, winograd=False, device="cpu"), out)
+    return out
+
+
+@pytest.mark.parametrize("frozen", ["all", 0])
+def test_runs_with_a_backbone_name_the_layers_it_computed_as_the_summary_does(wide_run, tmp_path, frozen):
+    """A trainable backbone's eligible convolutions are computed too (they were not), and the top
+    that the feature cache trains alone (the whole backbone frozen) recorded its layer as '0.conv'."""
+    top = {"Conv2D": {"name": "head", "filters": 128, "kernel_size": 3, "padding": "same"}}
+    spec = ModelSpec.from_dict(
+        {
+            "name": "reuse",
+            "input_shape": [12, 12, 1],
+            "backbone": {"name": "run", "weights": str(wide_run), "frozen": frozen},
+            "layers": [top, "GlobalAveragePooling2D", {"Dense": {"units": 10, "activation": "softmax"}}],
+        }
+    )
+    data = DataConfig(name="digits", limit=60, test_limit=20)
+    cfg = TrainConfig(epochs=1, batch_size=30, precision="float32", winograd=True, device="cpu")
+    results = train(spec, data, cfg, tmp_path / "run")
+    assert ("feature_cache" in results) is (frozen == "all")
+    assert results["winograd"] == (["head"] if frozen == "all" else ["body", "head"])
+
+
 def test_bfloat16_training_records_that_winograd_computed_nothing():
     from capas.data import default_preprocess, make_splits
     from capas.models import build_model

@@ -233,7 +233,9 @@ class _BiasedMovingVariance:
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.track_running_stats):
+        # an empty batch (a process' share of a last batch smaller than --nproc) is PyTorch's: it
+        # normalizes nothing and moves no statistic
+        if not (self.training and self.track_running_stats) or x.numel() == 0:
             return super().forward(x)
         self._check_input_dim(x)
         self.num_batches_tracked.add_(1)

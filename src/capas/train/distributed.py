@@ -83,23 +83,30 @@ class Distributed:
         precision: str = "float32",
         tta: str = "none",
     ) -> Evaluation:
-        """`evaluate` on a 1/world slice per rank, gathered: every rank gets the whole dataset's result."""
+        """`evaluate` on a 1/world slice per rank, gathered: every rank gets the whole dataset's result.
+        Every rank evaluates rank 0's model, the one it saves: on the CPU each rank's BatchNorm
+        statistics moved with its own share of the batches, so they are broadcast first."""
+        for buffer in model.buffers():
+            torch_dist.broadcast(buffer, 0)
         n = len(data)
         bounds = [n * r // self.world for r in range(self.world + 1)]
-        part = evaluate(
-            model,
-            data.subset(torch.arange(bounds[self.rank], bounds[self.rank + 1])),
-            preprocess,
-            device,
-            channels_last,
-            precision,
-            tta,
-        )
+        first, end = bounds[self.rank], bounds[self.rank + 1]
         largest = max(b - a for a, b in itertools.pairwise(bounds))
         # gloo and nccl gather equal sizes: pad each slice's (prediction, label) pairs to the largest
         mine = torch.full((largest, 2), -1, dtype=torch.int64)
-        mine[: len(part.labels)] = torch.stack([part.predictions, part.labels], 1)
-        loss = torch.tensor([part.loss * len(part.labels)], dtype=torch.float64)
+        loss = torch.zeros(1, dtype=torch.float64)
+        if end > first:  # with fewer images than processes, some ranks have none
+            part = evaluate(
+                model,
+                data.subset(torch.arange(first, end)),
+                preprocess,
+                device,
+                channels_last,
+                precision,
+                tta,
+            )
+            mine[: len(part.labels)] = torch.stack([part.predictions, part.labels], 1)
+            loss += part.loss * len(part.labels)
         backend_device = resolve_device("cuda") if torch_dist.get_backend() == "nccl" else torch.device("cpu")
         mine, loss = mine.to(backend_device), loss.to(backend_device)
         slices = [torch.empty_like(mine) for _ in range(self.world)]
@@ -133,6 +140,8 @@ def check(cfg: TrainConfig, world: int) -> None:
         raise CapasError(
             "train.max_seconds is not supported over several processes: use epochs or max_samples"
         )
+    if cfg.cache_frozen:
+        raise CapasError("train.cache_frozen trains in one process; set cache_frozen: false with several")
 
 
 def check_gpus(processes: int, how: str) -> None:

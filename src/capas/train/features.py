@@ -159,6 +159,20 @@ def as_is(features: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     return features
 
 
+class _Top(nn.Module):
+    """The layers after the cached ones, held by their spec names as CapasNet holds them (the
+    training records its Winograd convolutions by these names)."""
+
+    def __init__(self, layers: list[tuple[str, nn.Module]]):
+        super().__init__()
+        self.layers = nn.ModuleDict(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers.values():
+            x = layer(x)
+        return x
+
+
 def fit_top(
     model: CapasNet,
     splits: Splits,
@@ -187,7 +201,7 @@ def fit_top(
             model, dataset, path, preprocess, device, cfg.precision
         )
     seconds = time.perf_counter() - started
-    top = nn.Sequential(*list(model.layers.values())[_prefix(model) :])
+    top = _Top(list(model.layers.items())[_prefix(model) :])
     # features are (N, F) or small maps: channels_last does not apply to them; they are the whole
     # frozen part's output already, which train.cache_frozen would keep in memory
     top_cfg = cfg.model_copy(update={"channels_last": False, "cache_frozen": False})

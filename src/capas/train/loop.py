@@ -163,9 +163,7 @@ def _fit(
     model.to(device, memory_format=memory_format)
     train, val = _resident(train, device), _resident(val, device)
     cached_rows = None
-    if cfg.cache_frozen:
-        if dist is not None:
-            raise CapasError("train.cache_frozen trains in one process; set cache_frozen: false with several")
+    if cfg.cache_frozen:  # one process only (capas.train.distributed.check)
         cached_rows = frozen_cache.frozen_rows(model, cfg)  # before a resumed fine-tuning unfreezes rows
     if (
         cfg.finetune is not None

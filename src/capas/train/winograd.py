@@ -198,13 +198,16 @@ def eligible(module: nn.Module) -> bool:
 
 
 def _eligible_names(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
-    """`model`'s eligible convolutions, named as a user knows them: in a capas network by its spec's
-    layer names (a backbone's convolutions under the backbone layer's name), else by module path."""
+    """`model`'s eligible convolutions, named as a user knows them: in a capas network by the names
+    of its summary's rows (a convolution inside a backbone row under the row's name), else by module
+    path."""
     layers = getattr(model, "layers", None)
     if not isinstance(layers, nn.ModuleDict):
         return [(name, module) for name, module in model.named_modules() if eligible(module)]
+    backbone = getattr(model, "backbone", None)
+    rows = [] if backbone is None else list(backbone.named_children())
     named = []
-    for layer_name, layer in layers.items():
+    for layer_name, layer in [*rows, *layers.items()]:
         inner = [(name, module) for name, module in layer.named_modules() if eligible(module)]
         one = len(inner) == 1 and inner[0][0] in ("", "conv")  # a Conv2D layer
         named += [(layer_name if one else f"{layer_name}.{name}", module) for name, module in inner]
