@@ -338,3 +338,20 @@ def test_evaluate_refuses_a_folder_whose_test_split_changed(tmp_path):
     del config["splits"]["sha256"]  # a run made before the digests were recorded: its test split's size tells
     (run / "config.json").write_text(json.dumps(config))
     assert "no longer the one" in runner.invoke(app, ["evaluate", str(run)]).output
+
+
+@pytest.mark.parametrize("out", ["", "."])
+def test_out_that_is_the_current_folder_is_refused(tmp_path, monkeypatch, out):
+    """The finished run replaces its folder whole: trained into the current folder (`--out "$UNSET"`
+    is `--out ""`, which is "."), it left the user's shell in a deleted folder that looked empty."""
+    spec = tmp_path / "small.yaml"
+    spec.write_text(
+        "name: small\ninput_shape: [8, 8, 1]\nlayers:\n  - Flatten\n  - Dense: {units: 10, activation: softmax}\n"
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, ["train", str(spec), "--data", "digits", "--epochs", "1", "--out", out])
+    assert result.exit_code == 2
+    assert ".: the current folder" in " ".join(result.output.split())
+    assert work.is_dir() and not any(work.iterdir())
