@@ -355,3 +355,16 @@ def test_out_that_is_the_current_folder_is_refused(tmp_path, monkeypatch, out):
     assert result.exit_code == 2
     assert ".: the current folder" in " ".join(result.output.split())
     assert work.is_dir() and not any(work.iterdir())
+
+
+@pytest.mark.parametrize(
+    "options", [["--address", "head:6379"], ["--cpus-per-run", "2"], ["--gpus-per-run", "1"]]
+)
+def test_ray_options_without_the_ray_executor_are_refused(tmp_path, tiny_study, study_file, options):
+    """They only mean something to Ray: a local study ignored --cpus-per-run and --gpus-per-run and
+    trained as if they had not been given."""
+    study = study_file(tiny_study(seeds=1))
+    result = runner.invoke(app, ["study", str(study), "--out", str(tmp_path / "study"), *options])
+    assert result.exit_code == 2
+    assert f"{options[0]} goes with --executor ray" in " ".join(result.output.split())
+    assert not (tmp_path / "study").exists()
