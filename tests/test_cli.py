@@ -368,3 +368,13 @@ def test_ray_options_without_the_ray_executor_are_refused(tmp_path, tiny_study, 
     assert result.exit_code == 2
     assert f"{options[0]} goes with --executor ray" in " ".join(result.output.split())
     assert not (tmp_path / "study").exists()
+
+
+def test_a_keras_export_not_named_dot_keras_is_refused(tiny_run, tmp_path):
+    """keras.saving.load_model takes a Keras 3 file only by a name ending in .keras: an export to
+    model.zip was written, and Keras then refused it as 'File format not supported'."""
+    out = tmp_path / "model.zip"
+    result = runner.invoke(app, ["export", str(tiny_run), "--keras", "--out", str(out)])
+    assert result.exit_code == 2
+    assert f"--out {out}: a Keras 3 file's name must end in .keras" in " ".join(result.output.split())
+    assert not out.exists()

@@ -786,6 +786,11 @@ def export_keras(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """
     if out is not None:
         atomic.check_file_target(Path(out), "--out", "model.keras")
+        if Path(out).suffix != ".keras":  # keras.saving.load_model refuses any other name
+            raise CapasError(
+                f"--out {out}: a Keras 3 file's name must end in .keras (keras.saving.load_model "
+                f"refuses others), e.g. {Path(out).with_suffix('.keras')}"
+            )
     run = load_run(run_dir)
     if not isinstance(run.model, CapasNet):
         raise CapasError(f"{run.path}: an ONNX run ({run.model.path.name}); export its float source instead")
