@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 
 mode="${1:-test}"
 case "$mode" in
-  main) apt_packages=(dataset-fashion-mnist); extras="study" ;;
-  test) apt_packages=(dataset-fashion-mnist chromium chromium-driver g++); extras="all,dev" ;;
+  main) apt_packages=(python3-venv dataset-fashion-mnist); extras="study" ;;
+  test) apt_packages=(python3-venv dataset-fashion-mnist chromium chromium-driver g++); extras="all,dev" ;;
   *) echo "usage: scripts/setup.sh main|test" >&2; exit 2 ;;
 esac
 
@@ -24,7 +24,8 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if [ ! -x .venv/bin/python ]; then
+# Debian's python3 has no ensurepip (python3-venv): a venv made without it has bin/python and no pip
+if [ ! -x .venv/bin/pip ]; then
   python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip
 fi

@@ -338,3 +338,33 @@ def test_evaluate_refuses_a_folder_whose_test_split_changed(tmp_path):
     del config["splits"]["sha256"]  # a run made before the digests were recorded: its test split's size tells
     (run / "config.json").write_text(json.dumps(config))
     assert "no longer the one" in runner.invoke(app, ["evaluate", str(run)]).output
+
+
+@pytest.mark.parametrize("out", ["", "."])
+def test_out_that_is_the_current_folder_is_refused(tmp_path, monkeypatch, out):
+    """The finished run replaces its folder whole: trained into the current folder (`--out "$UNSET"`
+    is `--out ""`, which is "."), it left the user's shell in a deleted folder that looked empty."""
+    spec = tmp_path / "small.yaml"
+    spec.write_text(
+        "name: small\ninput_shape: [8, 8, 1]\nlayers:\n  - Flatten\n  - Dense: {units: 10, activation: softmax}\n"
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, ["train", str(spec), "--data", "digits", "--epochs", "1", "--out", out])
+    assert result.exit_code == 2
+    assert ".: the current folder" in " ".join(result.output.split())
+    assert work.is_dir() and not any(work.iterdir())
+
+
+@pytest.mark.parametrize(
+    "options", [["--address", "head:6379"], ["--cpus-per-run", "2"], ["--gpus-per-run", "1"]]
+)
+def test_ray_options_without_the_ray_executor_are_refused(tmp_path, tiny_study, study_file, options):
+    """They only mean something to Ray: a local study ignored --cpus-per-run and --gpus-per-run and
+    trained as if they had not been given."""
+    study = study_file(tiny_study(seeds=1))
+    result = runner.invoke(app, ["study", str(study), "--out", str(tmp_path / "study"), *options])
+    assert result.exit_code == 2
+    assert f"{options[0]} goes with --executor ray" in " ".join(result.output.split())
+    assert not (tmp_path / "study").exists()

@@ -499,3 +499,14 @@ def test_cli_refuses_a_bad_run_directory(tmp_path: Path):
         for value in ("inf", "nan"):  # 'inf' MB was an OverflowError's traceback
             result = CliRunner().invoke(cli, ["serve", str(tmp_path), option, value])
             assert result.exit_code == 2 and "finite number" in result.output, (option, value, result.output)
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_an_empty_token_is_refused(tmp_path: Path, monkeypatch, how):
+    """An empty token is no secret: the cookie it sets is an HMAC under the empty key, which anyone can
+    compute, and a token turns the Host check off. `CAPAS_TOKEN=` (set, but empty) is how one comes."""
+    if how == "environment":
+        monkeypatch.setenv("CAPAS_TOKEN", "")
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path), *(["--token", ""] if how == "option" else [])])
+    assert result.exit_code == 2
+    assert "serve settings: token: an empty token would let anyone in" in " ".join(result.output.split())

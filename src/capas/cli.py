@@ -364,6 +364,7 @@ def predict(
 @app.command()
 @friendly
 def study(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="study file (YAML): base, variations, design, seeds")],
     workers: Annotated[
         int | None,
@@ -404,8 +405,14 @@ def study(
             )
     elif executor != "local":
         raise CapasError(f"--executor: {executor!r} is not one of local, ray")
-    elif address is not None:
-        raise CapasError("--address joins a Ray cluster: add --executor ray")
+    elif given := [  # options the local executor would ignore
+        name
+        for name in ("address", "cpus_per_run", "gpus_per_run")
+        if ctx.get_parameter_source(name).name != "DEFAULT"  # typer's own click: compare by name
+    ]:
+        raise CapasError(
+            f"--{given[0].replace('_', '-')} goes with --executor ray; the local executor takes --workers"
+        )
 
     shape = None
     if input_shape is not None:

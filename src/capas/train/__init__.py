@@ -84,7 +84,13 @@ def train(
 def _check_out(out: Path) -> None:
     """Refuse an `out` folder that holds other things than a run: the finished run replaces the folder
     whole (capas.runs.staging), which would delete them. A run (model.json), an unfinished one (its
-    checkpoint or lock) and an empty folder are taken."""
+    checkpoint or lock) and an empty folder are taken; the current folder is not (its replacement would
+    leave the shell in a deleted folder)."""
+    if out.resolve() == Path.cwd().resolve():
+        raise CapasError(
+            f"{out}: the current folder; the finished run replaces its folder whole: choose another "
+            "--out, such as runs/<name>"
+        )
     if not out.is_dir() or any((out / name).exists() for name in ("model.json", CHECKPOINT, LOCK)):
         return
     if names := sorted(entry.name for entry in out.iterdir()):

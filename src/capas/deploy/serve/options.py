@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 
 def default_threads() -> int:
@@ -89,3 +89,12 @@ class ServeOptions(BaseModel):
     history: int = Field(
         default=360, ge=1, description="time windows kept for the charts (360 × 10 s: an hour)"
     )
+
+    @field_validator("token")
+    @classmethod
+    def _token_is_a_secret(cls, token: SecretStr | None) -> SecretStr | None:
+        # an empty token would let anyone in: its cookie is an HMAC under the empty key, and a token
+        # turns the Host check off; `CAPAS_TOKEN=` (set but empty) is the usual way to get one
+        if token is not None and not token.get_secret_value():
+            raise ValueError("an empty token would let anyone in; give a token, or unset CAPAS_TOKEN")
+        return token

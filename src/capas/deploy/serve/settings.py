@@ -25,7 +25,8 @@ def make_settings(**values: object) -> ServeSettings:
         settings = ServeSettings(**values)
     except ValidationError as error:
         problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in error.errors()
         )
         raise CapasError(f"serve settings: {problems}") from None
     if settings.drift_min > settings.drift_window:
