@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -51,3 +52,25 @@ def test_fast_recipes_without_a_reference_does_not_call_the_target_met(accuracie
     assert "met by" not in line
     reached = sum(a >= 0.925 for a in accuracies)
     assert f"92.5% reached by {reached} of 3 seeds; the time not judged (no reference run)" in line
+
+
+def keras_reference(tmp_path: Path, reached: float | None) -> tuple[str, float, list[float]]:
+    """fast_recipes' reading of keras_mnist_cnn.py's JSON line, from an interpreter that prints one:
+    Keras' 3 epochs ended 20, 41 and 60 s into training, 63 s after the script began."""
+    line = {
+        "keras": "3.15.1", "backend": "tensorflow", "wall": 63.0, "reached_seconds": reached,
+        "epochs": [{"epoch": e, "seconds": s, "accuracy": 0.9} for e, s in ((1, 20.0), (2, 41.0), (3, 60.0))],
+    }  # fmt: skip
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\necho '{json.dumps(line)}'\n")
+    python.chmod(0o755)
+    return script("fast_recipes").keras_reference(str(python), 3)
+
+
+def test_fast_recipes_budget_is_a_fifth_of_keras_training_time(tmp_path):
+    """Keras' time to 92.5% counts from the start of training; when it never gets there, the reference
+    is its training time too (all its epochs), not the script's wall time with the data's loading."""
+    label, seconds, epochs = keras_reference(tmp_path, 41.0)
+    assert (label, seconds, epochs) == ("Keras 3.15.1 (tensorflow), time to 92.5%", 41.0, [20.0, 21.0, 19.0])
+    label, seconds, _ = keras_reference(tmp_path, None)
+    assert (label, seconds) == ("Keras 3.15.1 (tensorflow), 92.5% not reached: all 3 epochs", 60.0)
