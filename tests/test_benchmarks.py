@@ -74,3 +74,11 @@ def test_fast_recipes_budget_is_a_fifth_of_keras_training_time(tmp_path):
     assert (label, seconds, epochs) == ("Keras 3.15.1 (tensorflow), time to 92.5%", 41.0, [20.0, 21.0, 19.0])
     label, seconds, _ = keras_reference(tmp_path, None)
     assert (label, seconds) == ("Keras 3.15.1 (tensorflow), 92.5% not reached: all 3 epochs", 60.0)
+
+
+def test_summary_time_names_the_processor_it_timed_on():
+    """platform.processor() is empty on Linux: the line said 'x86_64, 2 cores, -'."""
+    from capas.cpu import cpu_features, cpu_model, describe
+
+    line = script("summary_time").machine()
+    assert cpu_model() in line and describe(cpu_features()) in line
