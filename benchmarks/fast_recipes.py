@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -210,6 +211,10 @@ def main() -> None:
         help="fashion-mnist, with --keras-python: capas trains Keras' recipe too, and the epochs are compared",
     )
     args = parser.parse_args()
+    if args.keras_python and shutil.which(args.keras_python) is None:  # before the recipes' minutes
+        parser.error(
+            f"--keras-python: {args.keras_python} is not an executable (an interpreter with tensorflow)"
+        )
     names = list(dict.fromkeys(args.recipes))
 
     console = Console()

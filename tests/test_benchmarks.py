@@ -102,3 +102,19 @@ def test_train_throughput_tables_bfloat16_alone(monkeypatch, capsys):
     assert f"{50.0 * macs / 1e11:.0%}" in out  # plain PyTorch, float32
     assert f"{100.0 * macs / 4e11:.0%}" in out  # capas fit, bfloat16
     assert "matmul peak float32 100 GFLOP/s, bfloat16 400 GFLOP/s" in out
+
+
+def test_fast_recipes_refuses_a_missing_keras_interpreter_before_training(monkeypatch, capsys, tmp_path):
+    """A mistyped --keras-python was a FileNotFoundError traceback after every recipe had trained."""
+    fast_recipes = script("fast_recipes")
+
+    def train_first(*args):
+        raise AssertionError("trained before checking --keras-python")
+
+    monkeypatch.setattr(fast_recipes, "run_seeds", train_first)
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    monkeypatch.setattr(sys, "argv", ["fast_recipes.py", "fashion-mnist", "--keras-python", str(missing)])
+    with pytest.raises(SystemExit) as stopped:
+        fast_recipes.main()
+    assert stopped.value.code == 2
+    assert f"--keras-python: {missing} is not an executable" in capsys.readouterr().err
