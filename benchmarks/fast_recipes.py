@@ -35,6 +35,7 @@ import json
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -112,14 +113,22 @@ def timed_run(spec: Path, data: DataConfig, cfg: TrainConfig, out: Path) -> dict
     return results
 
 
-def keras_reference(python: str, epochs: int) -> tuple[str, float, list[float]]:
+def keras_reference(python: str, epochs: int) -> tuple[str, float, list[float]] | None:
     """Keras' own recipe in another interpreter: its training time to 92.5% (or to the end of its last
-    epoch, if never reached), and the seconds each epoch took (with its test pass)."""
+    epoch, if never reached), and the seconds each epoch took (with its test pass); None, its error
+    printed, if it fails (the recipes' figures, measured first, still come out)."""
     script = Path(__file__).parent / "keras_mnist_cnn.py"
     done = subprocess.run(
-        [python, str(script), "--epochs", str(epochs), "--json"], capture_output=True, text=True, check=True
+        [python, str(script), "--epochs", str(epochs), "--json"], capture_output=True, text=True
     )
     print(done.stdout, end="", flush=True)
+    if done.returncode != 0:
+        print(
+            f"Keras' recipe failed (exit status {done.returncode}):\n{done.stderr}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
     result = json.loads(done.stdout.strip().splitlines()[-1])
     ends = [0.0] + [row["seconds"] for row in result["epochs"]]
     epoch_seconds = [b - a for a, b in itertools.pairwise(ends)]
@@ -227,8 +236,8 @@ def main() -> None:
         relative = [name for name in names if RECIPES[name].budget is None]
         data = results[relative[0]][0] if relative else None
         if data is not None and not args.no_reference:
-            if args.keras_python:
-                label, seconds, keras_epochs = keras_reference(args.keras_python, args.reference_epochs)
+            if args.keras_python and (keras := keras_reference(args.keras_python, args.reference_epochs)):
+                label, seconds, keras_epochs = keras
                 reference = (label, seconds)
             if args.capas_keras_recipe or not args.keras_python:
                 keras_cfg = TrainConfig(
