@@ -139,3 +139,22 @@ def test_fast_recipes_reports_the_recipes_when_keras_fails(monkeypatch, capsys, 
     out, err = capsys.readouterr()
     assert "Keras' recipe failed (exit status 1):\nModuleNotFoundError: No module named keras" in err
     assert "92.5% reached by 1 of 1 seeds; the time not judged (no reference run)" in " ".join(out.split())
+
+
+def test_transfer_titles_the_threads_it_ran_with(monkeypatch, capsys, tmp_path):
+    """The backbone's throughput table said '2 threads' whatever torch used. The measurements are
+    replaced by fixed figures (and the feature cache it empties by a temporary folder)."""
+    import torch
+
+    transfer = script("transfer")
+    result = {"test_accuracy": 0.5, "confusion_matrix": [[1, 1], [1, 1]]}
+    monkeypatch.setattr(transfer, "throughput", lambda sizes, repeats: [])
+    monkeypatch.setattr(transfer, "make_splits", lambda *args, **kwargs: None)
+    monkeypatch.setattr(transfer, "cache_root", lambda: tmp_path)
+    monkeypatch.setattr(transfer, "timed", lambda *args: (10.0, result))
+    monkeypatch.setattr(sys, "argv", ["transfer.py", "--quick"])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    transfer.main()
+    assert "EfficientNet-Lite0 forward pass, eval mode, 3 threads" in " ".join(
+        capsys.readouterr().out.split()
+    )
