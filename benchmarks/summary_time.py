@@ -58,16 +58,23 @@ def version(name: str) -> str:
         return "-"
 
 
+def machine() -> str:
+    """The machine and the versions the timings depend on (the processor's name from /proc/cpuinfo)."""
+    from capas.cpu import cpu_features, cpu_model, describe  # torch, in this process only
+
+    return (
+        f"machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {describe(cpu_features())}; "
+        f"python {platform.python_version()}, torch {version('torch')}, pydantic {version('pydantic')}, "
+        f"rich {version('rich')}, typer {version('typer')}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "COLUMNS": "120"}
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or '-'}; "
-        f"python {platform.python_version()}, torch {version('torch')}, pydantic {version('pydantic')}, "
-        f"rich {version('rich')}, typer {version('typer')}"
-    )
+    print(machine())
     print(f"{'spec':<24} {'median s':>9} {'fastest s':>10} {'repeats':>8}  torch imported")
     for name in SPECS:
         spec = ROOT / "examples" / name

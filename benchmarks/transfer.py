@@ -185,7 +185,9 @@ def main() -> None:
                 rows[first + 1]["speedup"] = rows[first]["seconds"] / rows[first + 1]["seconds"]
 
     console = Console()
-    table = Table(title="EfficientNet-Lite0 forward pass, eval mode, 2 threads (images/s)")
+    table = Table(
+        title=f"EfficientNet-Lite0 forward pass, eval mode, {torch.get_num_threads()} threads (images/s)"
+    )
     for column in ("input", "precision", "batch", "images/s"):
         table.add_column(column)
     for row in speed:

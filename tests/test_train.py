@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from capas.atomic import write_text
-from capas.data import default_preprocess, iterate_batches, make_splits
+from capas.data import ArrayDataset, default_preprocess, iterate_batches, make_splits
 from capas.errors import CapasError
 from capas.inference import eval_batch_size, evaluate, model_device
 from capas.models import build_model
@@ -679,3 +679,20 @@ def test_fused_optimizers_only_where_the_parameters_are_on_cuda():
             optimizer = make_optimizer(model.to("cuda"), OptimizerConfig(name=name))
             assert optimizer.defaults["fused"], name
             model.to("cpu")
+
+
+def test_evaluate_gives_accuracy_as_the_exact_fraction_of_images_right():
+    """19 of 20 right is 0.95, not float32's 0.94999998808: a recipe at exactly its 95% target (9,500 of
+    10,000) must compare as reaching it, and test.json should record the fraction, not its rounding."""
+
+    class FirstPixel(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 2, 2) -> (B, 2) logits
+            return torch.stack([1 - x[:, 0, 0, 0], x[:, 0, 0, 0]], 1)
+
+    labels = torch.tensor([1] * 10 + [0] * 10)
+    images = (labels * 255).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+    labels[0] = 0  # the one image the model gets wrong
+    data = ArrayDataset(images, labels, ("0", "1"))
+    evaluation = evaluate(FirstPixel(), data, default_preprocess((2, 2, 1)), "cpu")
+    assert evaluation.accuracy == 19 / 20
+    assert evaluation.test_results(["0", "1"])["per_class_accuracy"] == {"0": 10 / 11, "1": 1.0}

@@ -139,9 +139,13 @@ class Evaluation:
     """Loss, accuracy and every prediction of one model on one dataset."""
 
     loss: float
-    accuracy: float
     predictions: torch.Tensor  # (N,) int64
     labels: torch.Tensor  # (N,) int64
+
+    @property
+    def accuracy(self) -> float:
+        """The fraction right, exact (float32's mean makes 9,500 of 10,000 0.94999998808)."""
+        return int((self.predictions == self.labels).sum()) / len(self.labels)
 
     def confusion(self, classes: int) -> torch.Tensor:
         """(true, predicted) counts."""
@@ -151,7 +155,7 @@ class Evaluation:
 
     def per_class_accuracy(self, classes: int) -> list[float]:
         matrix = self.confusion(classes)
-        return (matrix.diag() / matrix.sum(1).clamp(min=1)).tolist()
+        return (matrix.diag().double() / matrix.sum(1).clamp(min=1)).tolist()
 
     def test_results(self, classes: tuple[str, ...] | list[str]) -> dict:
         """The test figures of a run directory's test.json (training adds its own beside them)."""
@@ -199,6 +203,4 @@ def evaluate(
         labels.append(y.cpu())
     model.train(was_training)
     predictions, labels = torch.cat(predictions), torch.cat(labels)
-    return Evaluation(
-        total_loss / len(labels), (predictions == labels).float().mean().item(), predictions, labels
-    )
+    return Evaluation(total_loss / len(labels), predictions, labels)
