@@ -292,6 +292,8 @@ def _fit(
                 cb.on_batch_end(n, loss_sum * world, correct * world)
             if _over_budget(cfg, result, seen, started):
                 break
+        if device.type == "cuda":  # the steps still queued on the GPU belong to the training time
+            torch.cuda.synchronize(device)
         train_time = time.perf_counter() - started  # the steps alone: validation comes below
         result.train_seconds += train_time
         result.images += seen
