@@ -158,3 +158,34 @@ def test_transfer_titles_the_threads_it_ran_with(monkeypatch, capsys, tmp_path):
     assert "EfficientNet-Lite0 forward pass, eval mode, 3 threads" in " ".join(
         capsys.readouterr().out.split()
     )
+
+
+def test_serve_load_counts_failed_requests_as_errors_not_as_requests_served():
+    """serve.py's clients added a latency for every request, a 500 included: a server shedding load
+    was credited with its failures as throughput."""
+    import http.server
+    import queue
+    import threading
+    import time
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        results, now = queue.Queue(), time.time()
+        script("serve")._client_process(server.server_port, b"x", 1, now, now, now + 0.3, results)
+        latencies, errors = results.get(timeout=5)
+    finally:
+        server.shutdown()
+    assert latencies == [] and errors > 0
