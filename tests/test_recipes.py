@@ -113,8 +113,10 @@ def test_whitening_is_for_the_first_layer_and_at_most_twice_the_patch():
         ModelSpec.from_dict({**WHITENED, "layers": later})
 
 
-def test_dirac_convolution_passes_its_input_channels_through():
-    layer = LAYERS["Conv2D"](filters=6, kernel_size=3, padding="same", kernel_initializer="dirac")
+@pytest.mark.parametrize("kernel", [3, 2, 4])
+def test_dirac_convolution_passes_its_input_channels_through(kernel):
+    # even kernels too: 'same' pads their odd pixel last (TensorFlow), so no shift by a pixel
+    layer = LAYERS["Conv2D"](filters=6, kernel_size=kernel, padding="same", kernel_initializer="dirac")
     x = torch.randn(2, 4, 7, 7)
     y = build_module(layer, (7, 7, 4))(x)
     assert torch.allclose(y[:, :4], x, atol=1e-6)  # identity for the first 4 filters
