@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -18,7 +19,7 @@ from capas.errors import CapasError
 from capas.inference import choose_precision, tta_logits
 from capas.layers import LAYERS
 from capas.models import build_model
-from capas.models.init import patch_whitening
+from capas.models.init import fit_whitening, patch_whitening
 from capas.models.modules import build_module
 from capas.predict import evaluate_run, predict
 from capas.runs import load_run
@@ -61,7 +62,7 @@ def _correlated_images(n: int = 64, seed: int = 0) -> torch.Tensor:
 
 def test_patch_whitening_gives_patches_unit_variance_and_no_correlation():
     images = _correlated_images()
-    kernels, bias, eigenvalues, count = patch_whitening(images.split(16), (2, 2), 24)
+    kernels, bias, eigenvalues, _, count = patch_whitening(images.split(16), (2, 2), 24)
     assert kernels.shape == (24, 3, 2, 2) and count == 64
     assert (eigenvalues[:-1] >= eigenvalues[1:]).all()  # decreasing
     out = torch.nn.functional.conv2d(images, kernels, bias)  # (n, 24, 17, 17)
@@ -72,8 +73,35 @@ def test_patch_whitening_gives_patches_unit_variance_and_no_correlation():
     assert out.mean(dim=(0, 2, 3)).abs().max() < 1e-3  # the bias centres the outputs
     assert torch.allclose(kernels[12:], -kernels[:12])  # the rest are the negatives
     # fewer filters than directions: the leading (largest-variance) ones
-    fewer, _, _, _ = patch_whitening([images], (2, 2), 5)
+    fewer, *_ = patch_whitening([images], (2, 2), 5)
     assert torch.allclose(fewer, kernels[:5], atol=1e-6)
+
+
+def test_the_recorded_whitening_is_numpys_and_reproduces_the_kernels():
+    images = _correlated_images()  # (64, 3, 18, 18)
+    spec = ModelSpec.from_dict(
+        {
+            "name": "w",
+            "input_shape": [18, 18, 3],
+            "layers": [
+                {"Conv2D": {"filters": 12, "kernel_size": 2, "kernel_initializer": "whitening"}},
+                "Flatten",
+                {"Dense": {"units": 2}},
+            ],
+        }
+    )
+    model = build_model(spec, seed=0)
+    record = fit_whitening(model, images.split(16))
+    # numpy's reference: every 2×2 patch in the kernel's (C, kh, kw) order, its covariance, eigh
+    windows = np.lib.stride_tricks.sliding_window_view(images.double().numpy(), (2, 2), axis=(2, 3))
+    patches = windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, 12)  # (n·17·17, 12)
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(patches, rowvar=False, bias=True))
+    eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
+    assert np.allclose(record["eigenvalues"], eigenvalues, rtol=1e-4, atol=1e-8)
+    # each kernel is ± its direction scaled by 1/sqrt(eigenvalue + the eps the run records)
+    kernels = model.layers["conv2d"].conv.weight.detach().double().reshape(12, 12).numpy()
+    gains = np.abs(np.sum(kernels * eigenvectors.T, axis=1))
+    assert np.allclose(gains, 1 / np.sqrt(eigenvalues + record["eps"]), rtol=1e-3)
 
 
 def test_whitening_is_for_the_first_layer_and_at_most_twice_the_patch():
@@ -85,8 +113,10 @@ def test_whitening_is_for_the_first_layer_and_at_most_twice_the_patch():
         ModelSpec.from_dict({**WHITENED, "layers": later})
 
 
-def test_dirac_convolution_passes_its_input_channels_through():
-    layer = LAYERS["Conv2D"](filters=6, kernel_size=3, padding="same", kernel_initializer="dirac")
+@pytest.mark.parametrize("kernel", [3, 2, 4])
+def test_dirac_convolution_passes_its_input_channels_through(kernel):
+    # even kernels too: 'same' pads their odd pixel last (TensorFlow), so no shift by a pixel
+    layer = LAYERS["Conv2D"](filters=6, kernel_size=kernel, padding="same", kernel_initializer="dirac")
     x = torch.randn(2, 4, 7, 7)
     y = build_module(layer, (7, 7, 4))(x)
     assert torch.allclose(y[:, :4], x, atol=1e-6)  # identity for the first 4 filters
@@ -139,7 +169,7 @@ def test_a_run_with_every_trick_records_them_and_serves_with_nothing_else(whiten
     splits = splits_for(DataConfig(name="fashion-mnist", limit=1000))
     sample = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))
     images = default_preprocess(spec.input_shape)(splits.train.images[sample])
-    kernels, bias, _, _ = patch_whitening([images], (3, 3), 18)
+    kernels, bias, *_ = patch_whitening([images], (3, 3), 18)
     assert torch.allclose(conv.weight, kernels, atol=1e-5) and torch.allclose(conv.bias, bias, atol=1e-5)
     # evaluation and prediction from the run directory apply its test-time augmentation
     _, evaluation = evaluate_run(run)

@@ -36,11 +36,12 @@ def whitening_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
 
 def patch_whitening(
     batches: Iterable[torch.Tensor], kernel: tuple[int, int], filters: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int]:
     """Whitening kernels from batches of preprocessed images (B, C, H, W) float: the (filters, C,
     kh, kw) weights, the biases that centre the outputs (filters,), the eigenvalues in decreasing
-    order, and the number of images seen. Batches keep the patches small (32×32×3 images with 2×2
-    kernels: 92 KB of float64 patches per image)."""
+    order, the eps added to them (WHITENING_EPS × their mean), and the number of images seen.
+    Batches keep the patches small (32×32×3 images with 2×2 kernels: 92 KB of float64 patches per
+    image)."""
     kh, kw = kernel
     count, images, total, outer = 0, 0, 0.0, 0.0
     for part in batches:
@@ -61,16 +62,17 @@ def patch_whitening(
     directions = (eigenvectors / torch.sqrt(eigenvalues + eps)).T  # (D, D): row i is direction i, scaled
     kernels = torch.cat([directions, -directions])[:filters]  # (filters, D)
     bias = -(kernels @ mean)  # the mean patch maps to zero
-    return kernels.reshape(filters, c, kh, kw).float(), bias.float(), eigenvalues.float(), images
+    return kernels.reshape(filters, c, kh, kw).float(), bias.float(), eigenvalues.float(), float(eps), images
 
 
 @torch.no_grad()
 def fit_whitening(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict | None:
     """Set the whitening convolution of `model` (the first layer, if its spec asks for one) from
     batches of preprocessed training images (B, C, H, W); returns what to record in the run
-    (layer, images used, eps, eigenvalues), or None when the model has no whitening layer."""
+    (layer, images used, the eps added to the eigenvalues, eigenvalues), or None when the model has
+    no whitening layer."""
     for name, conv in whitening_layers(model):
-        kernels, bias, eigenvalues, images = patch_whitening(
+        kernels, bias, eigenvalues, eps, images = patch_whitening(
             (b.float().cpu() for b in batches), conv.kernel_size, conv.out_channels
         )
         conv.weight.copy_(kernels.to(conv.weight.device))
@@ -79,7 +81,7 @@ def fit_whitening(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict | N
         return {
             "layer": name,
             "images": images,
-            "eps": WHITENING_EPS,
+            "eps": eps,  # the one added to the eigenvalues below
             "eigenvalues": [round(v, 8) for v in eigenvalues.tolist()],
         }
     return None

@@ -114,8 +114,13 @@ def _conv2d(layer: L.Conv2D, shape: Shape) -> nn.Module:
     )
     nn.init.xavier_uniform_(conv.weight)  # Keras' glorot_uniform kernel, zero bias
     if layer.kernel_initializer == "dirac":
+        # filter i copies input channel i from the tap 'same' puts on the output pixel: the middle of
+        # an odd kernel, the one before it in an even one (the odd pixel is padded last), not
+        # torch's dirac_ tap (kh // 2), which shifts by a pixel with an even kernel
+        n, (kh, kw) = min(layer.filters, shape[2]), layer.kernel_size
         with torch.no_grad():
-            nn.init.dirac_(conv.weight[: shape[2]])  # filter i copies input channel i
+            conv.weight[:n].zero_()
+            conv.weight[range(n), range(n), (kh - 1) // 2, (kw - 1) // 2] = 1.0
     # 'whitening' needs training images: capas.models.init.fit_whitening fills it before training
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
