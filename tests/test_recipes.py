@@ -317,6 +317,19 @@ def test_airbench_lookahead_ramps_its_decay_and_updates_every_few_steps():
     assert torch.allclose(lookahead.state["weight"], 0.8 * before + 0.2 * (before + 1))
 
 
+def test_an_ema_that_would_never_be_taken_is_refused():
+    """With fewer optimizer steps than ema.every, the run validated, tested and saved its starting weights."""
+    steps = -(-300 // 64)  # --limit 300 trains on 300 images
+    cfg = TrainConfig(epochs=1, batch_size=64, ema={"every": steps + 1}, device="cpu")
+    with pytest.raises(
+        CapasError, match=rf"^ema.every is {steps + 1} optimizer steps, and this training takes {steps} "
+    ):
+        _tiny_fit(cfg)
+    _tiny_fit(
+        TrainConfig(epochs=1, batch_size=64, ema={"every": steps}, device="cpu")
+    )  # taken at the last step
+
+
 def test_ema_overwrite_must_fall_on_an_update():
     with pytest.raises(ValidationError, match="overwrite_every"):
         TrainConfig(ema={"every": 5, "overwrite_every": 7})

@@ -175,6 +175,12 @@ def _fit(
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
+    if cfg.ema is not None and cfg.ema.every > total_steps:
+        raise CapasError(
+            f"ema.every is {cfg.ema.every} optimizer steps, and this training takes {total_steps} "
+            f"({cfg.epochs} epochs of {steps_per_epoch}): the average would never be taken, and the run "
+            "would validate, test and save its starting weights; lower ema.every or train longer"
+        )
     monitor = _Monitor(cfg.early_stopping)
     plateau = Plateau(cfg.schedule, cfg.optimizer.learning_rate)
     result, best_state, start_epoch, end_epoch = FitResult(), None, 0, cfg.epochs
