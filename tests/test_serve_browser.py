@@ -46,6 +46,23 @@ def test_upload_on_the_index_page_shows_the_prediction(tiny_run, tmp_path):
         assert problems == []
 
 
+def test_an_answer_without_json_is_shown_not_left_predicting(tiny_run, tmp_path):
+    """uvicorn answers 503 in plain text when every connection is taken: the page said "predicting…"
+    forever (its script failed parsing the answer as JSON)."""
+    image = tmp_path / "x.png"
+    image.write_bytes(png(make_splits("fashion-mnist", limit=2000, test_limit=400).test.images[0]))
+    with live_server(run_dir=tiny_run, threads=1) as (url, _), browser_page() as (page, _problems):
+        page.route(
+            "**/predict",
+            lambda route: route.fulfill(status=503, body="Service Unavailable", content_type="text/plain"),
+        )
+        page.goto(url)
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#results .error", timeout=5000)
+        assert page.inner_text("#results .error") == "error 503: Service Unavailable"
+        assert page.locator("#feedback").is_hidden()
+
+
 def test_volume_bars_read_true_on_their_labelled_axis():
     """A bar of 4 predictions must reach the gridline labelled 4 (the labels were rounded from
     gridlines at 4.4, 3.3, …, so it read as 3.6)."""
