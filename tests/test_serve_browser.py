@@ -63,6 +63,17 @@ def test_an_answer_without_json_is_shown_not_left_predicting(tiny_run, tmp_path)
         assert page.locator("#feedback").is_hidden()
 
 
+def test_the_monitor_page_says_when_its_figures_stop_being_current(tiny_run):
+    """When the server stops answering, the page kept showing its last figures as if live."""
+    with browser_page() as (page, _problems):
+        with live_server(run_dir=tiny_run, threads=1) as (url, _):
+            page.goto(f"{url}/monitor")
+            page.wait_for_function("document.getElementById('window-note').textContent !== ''")
+            assert page.locator("#stale").is_hidden()
+        page.wait_for_selector("#stale", state="visible", timeout=10000)
+        assert page.inner_text("#stale").startswith("Not updated since ")
+
+
 def test_volume_bars_read_true_on_their_labelled_axis():
     """A bar of 4 predictions must reach the gridline labelled 4 (the labels were rounded from
     gridlines at 4.4, 3.3, …, so it read as 3.6)."""
