@@ -412,7 +412,7 @@ def test_feedback_gives_live_accuracy_and_metrics(client, test_images):
     refused = ("capas_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "415")))
     assert client.post("/predict", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
     assert metric_samples(client)[refused] == samples.get(refused, 0) + 1
-    assert after["windows"][-1]["latency_ms"]["p99"] > 0
+    assert max(w["latency_ms"]["p99"] or 0 for w in after["windows"]) > 0  # the last may be a new, quiet one
 
 
 def test_load_on_loopback_has_no_errors(server, test_images):

@@ -1,8 +1,11 @@
-"""The index page in a real browser (Debian's Chromium driven by Playwright): upload, see the prediction."""
+"""The pages in a real browser (Debian's Chromium driven by Playwright): upload, see the prediction; the charts."""
 
 from __future__ import annotations
 
+import pytest
+
 from capas.data import make_splits
+from capas.deploy.serve.routes.pages import STATIC
 from capas.predict import predict_files
 from capas.runs import load_run
 from serve_support import browser_page, live_server, needs_chromium, png
@@ -41,3 +44,56 @@ def test_upload_on_the_index_page_shows_the_prediction(tiny_run, tmp_path):
         assert page.inner_text("#t-accuracy") == "100.0%"
         assert page.inner_text("#drift-status").startswith("collecting")
         assert problems == []
+
+
+def test_an_answer_without_json_is_shown_not_left_predicting(tiny_run, tmp_path):
+    """uvicorn answers 503 in plain text when every connection is taken: the page said "predicting…"
+    forever (its script failed parsing the answer as JSON)."""
+    image = tmp_path / "x.png"
+    image.write_bytes(png(make_splits("fashion-mnist", limit=2000, test_limit=400).test.images[0]))
+    with live_server(run_dir=tiny_run, threads=1) as (url, _), browser_page() as (page, _problems):
+        page.route(
+            "**/predict",
+            lambda route: route.fulfill(status=503, body="Service Unavailable", content_type="text/plain"),
+        )
+        page.goto(url)
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#results .error", timeout=5000)
+        assert page.inner_text("#results .error") == "error 503: Service Unavailable"
+        assert page.locator("#feedback").is_hidden()
+
+
+def test_the_monitor_page_says_when_its_figures_stop_being_current(tiny_run):
+    """When the server stops answering, the page kept showing its last figures as if live."""
+    with browser_page() as (page, _problems):
+        with live_server(run_dir=tiny_run, threads=1) as (url, _):
+            page.goto(f"{url}/monitor")
+            page.wait_for_function("document.getElementById('window-note').textContent !== ''")
+            assert page.locator("#stale").is_hidden()
+        page.wait_for_selector("#stale", state="visible", timeout=10000)
+        assert page.inner_text("#stale").startswith("Not updated since ")
+
+
+def test_volume_bars_read_true_on_their_labelled_axis():
+    """A bar of 4 predictions must reach the gridline labelled 4 (the labels were rounded from
+    gridlines at 4.4, 3.3, …, so it read as 3.6)."""
+    with browser_page() as (page, problems):
+        page.set_content('<canvas id="c" style="width:400px;height:200px"></canvas>')
+        page.add_script_tag(path=str(STATIC / "charts.js"))
+        drawn = page.evaluate(
+            """() => {
+              const texts = [], rects = [];
+              const proto = CanvasRenderingContext2D.prototype;
+              const fillText = proto.fillText, fillRect = proto.fillRect;
+              proto.fillText = function (text, x, y) { texts.push([text, y]); return fillText.apply(this, arguments); };
+              proto.fillRect = function (x, y, w, h) { rects.push([y, h]); return fillRect.apply(this, arguments); };
+              stackedBars(document.getElementById("c"), [0, 10, 20], [[4], [1], [7]], ["#000"]);
+              return { texts, rects };
+            }"""
+        )
+        assert problems == []
+    gridlines = [(float(text), y) for text, y in drawn["texts"] if text.replace(".", "").isdigit()]
+    (top_value, top_y), (bottom_value, bottom_y) = gridlines[0], gridlines[-1]
+    per_pixel = (top_value - bottom_value) / (bottom_y - top_y)
+    bars = [bottom_value + (bottom_y - 4 - y) * per_pixel for y, _ in drawn["rects"]]  # labels sit 4 px low
+    assert bars == pytest.approx([4, 1, 7])

@@ -152,4 +152,5 @@ def test_server_flags_drift_only_after_shifted_traffic(tiny_run, fashion_test):
         assert "capas_drift_detected 1.0" in metrics
         assert f"capas_drift_p_value {status['result']['p_value']}" in metrics
         windows = client.get("/monitor/data").json()["windows"]
-        assert windows[-1]["drift_p_value"] == status["result"]["p_value"]
+        tested = [w["drift_p_value"] for w in windows if w["drift_p_value"] is not None]
+        assert tested[-1] == status["result"]["p_value"]  # the last window may be a new, quiet one

@@ -183,10 +183,17 @@ class Monitor:
         self._random = random.Random(0)
 
     def _window(self) -> _Window:
+        """The current time window, after empty ones for every window that passed without activity:
+        the charts draw one point per window, so a quiet spell must show as zeros, not vanish."""
         now = self.clock()
         start = now - now % self.bucket_s
-        if not self._windows or self._windows[-1].start != start:
-            self._windows.append(_Window(start, len(self.classes)))
+        if self._windows and self._windows[-1].start == start:
+            return self._windows[-1]
+        if self._windows:  # the quiet windows in between, as many as the history keeps
+            skipped = round((start - self._windows[-1].start) / self.bucket_s) - 1
+            quiet = range(min(skipped, self._windows.maxlen - 1), 0, -1)
+            self._windows.extend(_Window(start - k * self.bucket_s, len(self.classes)) for k in quiet)
+        self._windows.append(_Window(start, len(self.classes)))
         return self._windows[-1]
 
     def record_predictions(
@@ -289,6 +296,7 @@ class Monitor:
     def snapshot(self) -> dict:
         """All the monitor page draws, as JSON."""
         with self._lock:
+            self._window()  # the windows up to now, the quiet ones since the last activity included
             windows = [w.to_dict() for w in self._windows]
             total = self.predictions
             shares = [count / total if total else 0.0 for count in self.class_totals]

@@ -65,7 +65,8 @@ function lineChart(canvas, times, series, { yMax = null, yFormat = (v) => v.toFi
 /** stacks: one array per time of values per series (already shares or counts). */
 function stackedBars(canvas, times, stacks, colors, { yMax = null, yFormat = (v) => v.toFixed(0) } = {}) {
   const g = setup(canvas);
-  const top = yMax ?? Math.max(1, ...stacks.map((s) => s.reduce((a, b) => a + b, 0))) * 1.1;
+  // counts: a multiple of 4, so each of the 4 gridlines falls on the whole number its label shows
+  const top = yMax ?? 4 * Math.ceil(Math.max(1, ...stacks.map((s) => s.reduce((a, b) => a + b, 0))) / 4);
   axes(g, times, top, yFormat);
   const slot = (g.width - g.pad.l - g.pad.r) / Math.max(1, times.length);
   stacks.forEach((values, i) => {

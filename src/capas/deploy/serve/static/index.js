@@ -28,17 +28,28 @@ function showResults(prediction) {
   $("results").replaceChildren(title, ...rows);
 }
 
+/** The answer to a call as {ok, data}; {ok: false, data: {detail}} when the server is unreachable or
+answers without JSON (uvicorn's own 503 when every connection is taken), so the page never hangs. */
+async function call(url, options) {
+  try {
+    const response = await fetch(url, options);
+    const data = await response.json().catch(() => ({ detail: response.statusText || "no JSON answer" }));
+    return { ok: response.ok, data: response.ok ? data : { detail: `error ${response.status}: ${data.detail}` } };
+  } catch (error) {
+    return { ok: false, data: { detail: `no answer from the server (${error.message})` } };
+  }
+}
+
 async function predict(file) {
   $("result").hidden = false;
   $("preview").src = URL.createObjectURL(file);
   $("results").textContent = "predicting…";
   const body = new FormData();
   body.append("file", file);
-  const response = await fetch("/predict", { method: "POST", body });
-  const data = await response.json();
-  if (!response.ok) {
+  const { ok, data } = await call("/predict", { method: "POST", body });
+  if (!ok) {
     $("results").innerHTML = `<p class="error"></p>`;
-    $("results").firstChild.textContent = `error ${response.status}: ${data.detail}`;
+    $("results").firstChild.textContent = data.detail;
     $("feedback").hidden = true;
     return;
   }
@@ -51,14 +62,13 @@ async function predict(file) {
 }
 
 async function sendFeedback() {
-  const response = await fetch("/feedback", {
+  const { ok, data } = await call("/feedback", {
     method: "POST", headers: { "content-type": "application/json" },
     body: JSON.stringify({ id: lastId, label: Number($("truth").value) }),
   });
-  const data = await response.json();
-  $("feedback-status").textContent = response.ok
+  $("feedback-status").textContent = ok
     ? `thanks: live accuracy ${(data.accuracy * 100).toFixed(1)}% over ${data.feedback} feedbacks`
-    : `error: ${data.detail}`;
+    : data.detail;
 }
 
 $("file").addEventListener("change", (e) => e.target.files[0] && predict(e.target.files[0]));

@@ -49,10 +49,20 @@ function draw(data) {
   legend(byId("l-drift"), ["MMD²", "p-value"], [PALETTE[3], PALETTE[2]]);
 }
 
+let updated = null; // when the figures shown were last fetched
+
 async function refresh() {
   try {
     const response = await fetch("/monitor/data");
-    if (response.ok) draw(await response.json());
+    if (!response.ok) throw new Error(`error ${response.status}`);
+    draw(await response.json());
+    updated = new Date();
+    byId("stale").hidden = true;
+  } catch (error) {
+    // The figures on the page are no longer current: say so, rather than show them as live.
+    byId("stale").hidden = false;
+    byId("stale").textContent = `Not updated since ${updated ? updated.toLocaleTimeString() : "the page opened"}: ` +
+      `the server did not answer (${error.message}).`;
   } finally {
     setTimeout(refresh, 2000);
   }

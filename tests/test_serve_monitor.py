@@ -1,0 +1,61 @@
+"""The monitor's figures against what was sent, on a clock the test moves."""
+
+from __future__ import annotations
+
+import torch
+
+from capas.deploy.serve.monitor import Metrics, Monitor
+
+CLASSES = ("a", "b")
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def monitor(clock: Clock, history: int = 360) -> Monitor:
+    return Monitor(
+        CLASSES,
+        None,
+        Metrics(CLASSES, drift=False),
+        max_predictions=100,
+        drift_window=200,
+        drift_min=50,
+        bucket_s=10.0,
+        history=history,
+        clock=clock,
+    )
+
+
+def predict(m: Monitor, ids: list[str], index: int = 0) -> None:
+    m.record_predictions(ids, [index] * len(ids), torch.empty(0, 0), torch.empty(0, 2))
+
+
+def test_quiet_windows_are_charted_as_empty_up_to_now():
+    """The page draws one point per window: a window without traffic must be there with 0 predictions,
+    not skipped (an outage drew as steady traffic), and the windows run up to now."""
+    clock = Clock()
+    m = monitor(clock)
+    predict(m, ["x", "y"])
+    clock.now += 30  # three windows later
+    predict(m, ["z"])
+    clock.now += 25
+    windows = m.snapshot()["windows"]
+    assert [w["t"] for w in windows] == [1000.0 + 10 * i for i in range(6)]
+    assert [w["predictions"] for w in windows] == [2, 0, 0, 1, 0, 0]
+    assert windows[1]["accuracy"] is None and windows[1]["latency_ms"]["p50"] is None
+
+
+def test_a_long_silence_keeps_history_windows_ending_now():
+    clock = Clock()
+    m = monitor(clock, history=4)
+    predict(m, ["x"])
+    clock.now += 1000
+    predict(m, ["y"])
+    windows = m.snapshot()["windows"]
+    assert [w["t"] for w in windows] == [1970.0, 1980.0, 1990.0, 2000.0]
+    assert [w["predictions"] for w in windows] == [0, 0, 0, 1]
