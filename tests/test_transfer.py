@@ -11,8 +11,9 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from capas.cli import app
-from capas.data import make_splits
+from capas.data import make_splits, splits_for
 from capas.errors import CapasError
+from capas.inference import evaluate
 from capas.models import build_backbone, build_model, preprocess_for
 from capas.models.backbones import IMAGENET_MEAN, lookup
 from capas.runs import load_run
@@ -280,6 +281,19 @@ def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
     assert "feature_cache" not in augmented  # augmentation changes features every epoch: no cache
     run = load_run(tmp_path / "a")
     assert run.preprocess.mean == IMAGENET_MEAN and run.preprocess.channels == 3  # serving normalises too
+
+
+def test_a_randomly_initialised_backbone_caches_its_features_per_seed(cache, tmp_path):
+    """With `weights: none` the seed makes the backbone: another seed's cached features trained a top
+    for a backbone the run directory does not hold, and the run reported that top's accuracy."""
+    spec = spec_with({"name": "resnet18", "weights": "none"})
+    data = DataConfig(name="fashion-mnist", limit=60, test_limit=12)
+    train(spec, data, TrainConfig(epochs=1, batch_size=30, seed=0), tmp_path / "a")
+    second = train(spec, data, TrainConfig(epochs=1, batch_size=30, seed=1), tmp_path / "b")
+    assert second["feature_cache"]["cache"] == "written"
+    run = load_run(tmp_path / "b")
+    saved = evaluate(run.model, splits_for(data).test, run.preprocess)
+    assert saved.loss == pytest.approx(second["test_loss"], rel=1e-4)
 
 
 def test_bfloat16_features_are_cached_apart_and_close_to_float32(cache, tmp_path):
