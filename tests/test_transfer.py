@@ -320,6 +320,24 @@ def test_weights_from_a_local_file_load_exactly(tmp_path):
     assert torch.equal(backbone.conv5_block2.bn2.running_var, state["layer4.1.bn2.running_var"])
 
 
+def test_a_run_started_from_a_weights_file_loads_without_that_file(tmp_path):
+    """model.json names the file the backbone started from; the run's own weights replace it, yet
+    loading the run (evaluate, serve) required the file to still be where training found it."""
+    torchvision = pytest.importorskip("torchvision")
+    weights = tmp_path / "mobilenet_v3_small.pth"
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), weights)
+    spec = spec_with({"name": "mobilenet_v3_small", "weights": str(weights), "frozen": 10})
+    data = DataConfig(name="fashion-mnist", limit=40, test_limit=10)
+    result = train(spec, data, TrainConfig(epochs=1, batch_size=20), tmp_path / "run")
+    weights.unlink()
+    run = load_run(tmp_path / "run")
+    assert run.spec.backbone.weights == str(weights)  # where it started, as recorded
+    saved = evaluate(run.model, splits_for(data).test, run.preprocess)
+    assert saved.loss == pytest.approx(result["test_loss"], rel=1e-4)
+    shown = CliRunner().invoke(app, ["summary", str(tmp_path / "run")], terminal_width=200)
+    assert shown.exit_code == 0 and "Total params" in shown.output, shown.output
+
+
 def test_capas_weights_folder_serves_imagenet_offline(tmp_path, monkeypatch):
     torchvision = pytest.importorskip("torchvision")
     state = torchvision.models.mobilenet_v3_small().state_dict()
