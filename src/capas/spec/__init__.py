@@ -18,9 +18,9 @@ from capas.spec.train import (
 )
 
 
-def load_spec(path: str | Path) -> ModelSpec:
-    """Load and validate a model spec from a YAML or JSON file."""
-    return ModelSpec.from_dict(load_document(path), source=str(path))
+def load_spec(path: str | Path, saved: bool = False) -> ModelSpec:
+    """Load and validate a model spec from a YAML or JSON file (`saved`: a run directory's model.json)."""
+    return ModelSpec.from_dict(load_document(path), source=str(path), saved=saved)
 
 
 __all__ = [

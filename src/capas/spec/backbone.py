@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 from capas.layers.base import Count
 
@@ -38,7 +38,9 @@ class BackboneConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _weights(self) -> BackboneConfig:
+    def _weights(self, info: ValidationInfo) -> BackboneConfig:
+        if (info.context or {}).get("saved") and self.name != RUN:
+            return self  # a run directory's model.json: its own weights replace the file it started from
         if self.name == RUN:
             if not Path(self.weights).is_dir():
                 raise ValueError(

@@ -93,8 +93,9 @@ def describe_validation(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_config(cls: type[T], data: Any, source: str) -> T:
-    """Validate a mapping into a typed config; unknown keys get the closest valid name."""
+def parse_config(cls: type[T], data: Any, source: str, context: dict | None = None) -> T:
+    """Validate a mapping into a typed config; unknown keys get the closest valid name. `context`
+    goes to the config's validators (pydantic's validation context)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -105,7 +106,7 @@ def parse_config(cls: type[T], data: Any, source: str) -> T:
                 f"{source}: unknown key {key!r}{closest(str(key), cls.model_fields)}; allowed: {', '.join(cls.model_fields)}"
             )
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data, context=context)
     except ValidationError as error:
         raise CapasError(f"{source}: {describe_validation(error)}") from None
 

@@ -146,8 +146,9 @@ class ModelSpec:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "spec") -> ModelSpec:
-        """Validate a loaded YAML/JSON document; every problem is a CapasError naming what to fix."""
+    def from_dict(cls, data: Any, source: str = "spec", saved: bool = False) -> ModelSpec:
+        """Validate a loaded YAML/JSON document; every problem is a CapasError naming what to fix.
+        `saved`: a run directory's model.json, whose backbone weights file need not exist any more."""
         if not isinstance(data, dict):
             raise CapasError(
                 f"{source}: expected a mapping with name, input_shape and layers, got {type(data).__name__}"
@@ -192,7 +193,7 @@ class ModelSpec:
             layers=tuple(parse_layer(i, item) for i, item in enumerate(layers)),
             backbone=None
             if data.get("backbone") is None
-            else parse_config(BackboneConfig, data["backbone"], f"{source}: backbone"),
+            else parse_config(BackboneConfig, data["backbone"], f"{source}: backbone", {"saved": saved}),
         )
         spec.layer_infos()  # shape inference: collapsing shapes and misplaced layers fail here
         return spec

@@ -75,11 +75,14 @@ def _prefix(model: CapasNet) -> int:
     return count
 
 
-def _weights_id(model: CapasNet) -> dict:
-    """What identifies the backbone's weights: the name, or a file's path, size and modification time."""
+def _weights_id(model: CapasNet, seed: int) -> dict:
+    """What identifies the backbone's weights: `imagenet`, `none` with the seed that drew them, or a
+    file's path, size and modification time."""
     cfg = model.spec.backbone
-    if cfg.weights in ("imagenet", "none"):
+    if cfg.weights == "imagenet":
         return {"weights": cfg.weights}
+    if cfg.weights == "none":
+        return {"weights": cfg.weights, "seed": seed}
     path = Path(cfg.weights) / "model.safetensors" if cfg.name == RUN else Path(cfg.weights)
     stat = path.stat()
     return {"weights": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -98,7 +101,7 @@ def cache_path(
     key = {
         "format": CACHE_FORMAT,
         "backbone": model.spec.backbone.model_dump(mode="json", exclude={"frozen"}),
-        **_weights_id(model),
+        **_weights_id(model, cfg.seed),
         "layers": model.spec.to_dict()["layers"][: _prefix(model)],
         "preprocess": preprocess.model_dump(mode="json"),
         "precision": cfg.precision,
