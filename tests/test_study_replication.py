@@ -3,6 +3,7 @@ from the base is within the target, or the variant reaches the maximum."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -12,7 +13,8 @@ from scipy import stats as scipy_stats
 
 from capas.errors import CapasError
 from capas.study import load_study
-from capas.study.report import collect
+from capas.study.render.text import header_lines, seeds_cell
+from capas.study.report import StudyReport, collect
 from capas.study.run import next_runs, replication_status, run_study
 from capas.study.spec import MAX_REACHED, TARGET_REACHED, Replication
 from capas.study.store import Store
@@ -146,3 +148,26 @@ def test_a_real_study_stops_each_variant_for_its_own_reason(tmp_path, adaptive, 
         assert sorted(store.runs()) == [f"{v}/seed-{s}" for v in ("Flatten", "lr") for s in range(2)]
         wide = store.get_meta("replication")["lr"]
     assert wide["seeds"] == 2 and wide["stopped"] == TARGET_REACHED and 0 < wide["half_width_pp"] <= 100
+
+
+def _met_at_min(tmp_path, adaptive, study_file) -> StudyReport:
+    """The report of an adaptive study (2 to 5 seeds) whose variants all meet the target at 2 seeds."""
+    study = load_study(study_file(adaptive({"min": 2, "max": 5, "target_halfwidth_pp": 50.0})))
+    with Store(tmp_path / "study.sqlite") as store:
+        for seed, (base, gap, lr) in enumerate([(0.80, 0.70, 0.81), (0.82, 0.71, 0.825)]):
+            _finish(store, "Flatten", seed, base)
+            _finish(store, "GAP", seed, gap)
+            _finish(store, "lr", seed, lr)
+        assert next_runs(study, store.runs()) == []
+        return dataclasses.replace(
+            collect(study, store.runs()), replication=replication_status(study, store.runs())
+        )
+
+
+def test_the_header_names_the_seeds_that_ran_not_those_replication_could_have_added(
+    tmp_path, adaptive, study_file
+):
+    report = _met_at_min(tmp_path, adaptive, study_file)
+    assert header_lines(report)[0].endswith("seeds: 0, 1")
+    # every variant's figures rest on all the seeds it ran: none is "2 of 5"
+    assert [seeds_cell(v) for v in report.variants] == ["2", "2", "2"]
