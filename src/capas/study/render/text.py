@@ -356,6 +356,10 @@ def header_lines(report: StudyReport) -> list[str]:
                     f"{name} {r['seeds']} seeds ({r['stopped'] or 'unfinished'})"
                     for name, r in report.replication.items()
                 )
+                + ". Their intervals and p-values are computed as if each variant's number of seeds had been "
+                "fixed in advance; since replication stops once an interval is narrow, they are somewhat "
+                f"optimistic (an interval covers the true difference less often than {CONFIDENCE:.0%}, and a "
+                f"variant without any effect is found significant in more than {ALPHA:.0%} of studies)"
             ]
             if study.replication and report.replication
             else []
