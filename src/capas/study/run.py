@@ -404,6 +404,8 @@ def run_study(
         report = collect(study, store.runs())
         if study.replication is not None:
             report = dataclasses.replace(report, replication=replication_status(study, store.runs()))
+        # also with fixed seeds: an earlier adaptive invocation's status no longer describes the study
+        store.set_meta("replication", report.replication)
     markdown, page = write_report(report, directory)
     return StudyOutcome(
         directory, report, markdown, page, trained, done, failed, time.perf_counter() - started
