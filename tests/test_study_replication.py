@@ -197,3 +197,24 @@ def test_a_fixed_seed_rerun_leaves_no_adaptive_status_in_the_store(tmp_path, ada
     with Store(tmp_path / "s" / "study.sqlite") as store:
         assert store.get_meta("study")["seeds"] == [0]
         assert store.get_meta("replication") is None
+
+
+def test_a_round_cut_short_pairs_the_seeds_it_left_unpaired_before_deciding_on_more(
+    tmp_path, adaptive, study_file
+):
+    # killed in the round that gave GAP and the base seed 3: GAP's run finished, the base's did not.
+    # The rerun must train the base's seed 3 and decide on 4 shared seeds, as the uninterrupted study
+    # did; not give GAP seed 4 and leave its seed 3 unpaired (and the base's 'not run') for good.
+    study = load_study(study_file(adaptive({"min": 3, "max": 5, "target_halfwidth_pp": 1.0})))
+    with Store(tmp_path / "study.sqlite") as store:
+        for seed, (base, gap, lr) in enumerate(
+            [(0.80, 0.70, 0.801), (0.82, 0.60, 0.8215), (0.81, 0.75, 0.8105)]
+        ):
+            _finish(store, "Flatten", seed, base)
+            _finish(store, "GAP", seed, gap)
+            _finish(store, "lr", seed, lr)
+        _finish(store, "GAP", 3, 0.50)
+        store.add_run("Flatten/seed-3", "Flatten", 3, {}, "x")  # pending: interrupted
+        assert [(v.name, s) for v, s in next_runs(study, store.runs())] == [("Flatten", 3)]
+        _finish(store, "Flatten", 3, 0.80)
+        assert [(v.name, s) for v, s in next_runs(study, store.runs())] == [("GAP", 4), ("Flatten", 4)]
