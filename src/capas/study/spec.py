@@ -202,6 +202,10 @@ def _set_dotted(target: dict, path: str, value: Any, kind_name: str) -> None:
 def _train(draft: Draft, args: Any) -> None:
     """train: {dotted.key: value}, e.g. {optimizer.name: sgd, optimizer.lr: 0.01, batch_size: 64}"""
     for path, value in _mapping(args, "train", "dotted training keys").items():
+        if path == "seed":  # run_config sets each run's seed: a variant's own would be dropped unseen
+            raise CapasError(
+                "train: 'seed' cannot be varied: every variant trains the study's seeds (set them with 'seeds')"
+            )
         _set_dotted(draft.train, path, value, "train")
 
 
