@@ -142,6 +142,11 @@ def test_a_real_study_stops_each_variant_for_its_own_reason(tmp_path, adaptive, 
     assert sorted(rows) == [f"{v}/seed-{s}" for v in ("Flatten", "lr") for s in range(3)]
     assert recorded["lr"]["seeds"] == 3 and recorded["lr"]["stopped"] == MAX_REACHED
     assert "lr 3 seeds (max reached)" in outcome.markdown.read_text()
+    # --seeds 2 reuses seeds 0 and 1: the store must not go on saying that lr ran 3 seeds and why it stopped
+    outcome = run_study(study_file(doc), out=tmp_path / "narrow", workers=1, seeds=2, console=console)
+    assert outcome.trained == 0
+    with Store(tmp_path / "narrow" / "study.sqlite") as store:
+        assert store.get_meta("study")["seeds"] == [0, 1] and store.get_meta("replication") is None
     doc["seeds"]["target_halfwidth_pp"] = 100.0
     outcome = run_study(study_file(doc), out=tmp_path / "wide", workers=1, console=console)
     with Store(tmp_path / "wide" / "study.sqlite") as store:
@@ -182,21 +187,6 @@ def test_the_header_says_the_intervals_ignore_that_the_seed_count_was_chosen_on_
     line = next(line for line in header_lines(report) if line.startswith("Adaptive seeds"))
     assert "as if each variant's number of seeds had been fixed in advance" in line
     assert "less often than 95%" in line
-
-
-def test_a_fixed_seed_rerun_leaves_no_adaptive_status_in_the_store(tmp_path, adaptive, study_file):
-    doc = adaptive({"min": 2, "max": 2, "target_halfwidth_pp": 100.0})
-    doc["variations"][0]["alternatives"] = doc["variations"][0]["alternatives"][1:]
-    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115 (closed with the test)
-    run_study(study_file(doc), out=tmp_path / "s", workers=1, console=console)
-    with Store(tmp_path / "s" / "study.sqlite") as store:
-        assert store.get_meta("replication")["lr"]["seeds"] == 2
-    # --seeds 1 reuses seed 0: the store must not go on saying that lr ran 2 seeds and why it stopped
-    outcome = run_study(study_file(doc), out=tmp_path / "s", workers=1, seeds=1, console=console)
-    assert outcome.trained == 0
-    with Store(tmp_path / "s" / "study.sqlite") as store:
-        assert store.get_meta("study")["seeds"] == [0]
-        assert store.get_meta("replication") is None
 
 
 def test_a_round_cut_short_pairs_the_seeds_it_left_unpaired_before_deciding_on_more(
