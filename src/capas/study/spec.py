@@ -346,6 +346,10 @@ def _replication(value: dict, source: str) -> Replication:
         raise CapasError(
             f"{source}: seeds.min and seeds.max must be integers with 2 <= min <= max, got {low!r} and {high!r}"
         )
+    if high > MAX_SEED + 1:  # the seeds are 0 .. max − 1
+        raise CapasError(
+            f"{source}: seeds.max must be at most {MAX_SEED + 1:,} (seeds 0 to {MAX_SEED:,}), got {high!r}"
+        )
     if isinstance(target, bool) or not isinstance(target, int | float) or not target > 0:
         raise CapasError(
             f"{source}: seeds.target_halfwidth_pp must be a positive number of percentage points, got {target!r}"
