@@ -109,6 +109,11 @@ def test_change_kinds_refer_to_base_layers_by_index_or_name(study_doc, study_fil
             r"variant 'a' \(v: a\): train: unknown key 'epoch' \(did you mean 'epochs'\?\)",
         ),
         ({"shuffle": True}, r"variation 'v', alternative 'a': unknown change 'shuffle'"),
+        # each run's seed is the study's: a variant's own would be replaced, and it would train as the base
+        (
+            {"train": {"seed": 7}},
+            r"variation 'v', alternative 'a': train: 'seed' cannot be varied: every variant trains the study's seeds",
+        ),
         # the base's own value, once written out and once the default: nothing to compare
         ({"keywords": {"conv2d": {"filters": 4}}}, r"variant 'a' trains exactly as 'Flatten'"),
         ({"keywords": {"conv2d": {"padding": "valid"}}}, r"variant 'a' trains exactly as 'Flatten'"),

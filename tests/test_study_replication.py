@@ -3,6 +3,7 @@ from the base is within the target, or the variant reaches the maximum."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -12,7 +13,8 @@ from scipy import stats as scipy_stats
 
 from capas.errors import CapasError
 from capas.study import load_study
-from capas.study.report import collect
+from capas.study.render.text import header_lines, seeds_cell
+from capas.study.report import StudyReport, collect
 from capas.study.run import next_runs, replication_status, run_study
 from capas.study.spec import MAX_REACHED, TARGET_REACHED, Replication
 from capas.study.store import Store
@@ -120,6 +122,8 @@ def test_next_round_adds_a_seed_to_unfinished_variants_and_their_base_pairs(tmp_
         ({"min": 3, "max": 10}, "exactly the keys min, max and target_halfwidth_pp"),
         ({"min": 5, "max": 3, "target_halfwidth_pp": 1}, "2 <= min <= max"),
         ({"min": 3, "max": 10, "target_halfwidth_pp": 0}, "positive number of percentage points"),
+        # seeds 0 .. max − 1 must be seeds: was an OverflowError traceback from tuple(range(max))
+        ({"min": 3, "max": 10**20, "target_halfwidth_pp": 1}, r"seeds.max .* at most 4,294,967,296"),
     ],
 )
 def test_bad_adaptive_seeds_are_rejected(seeds, message, adaptive, study_file):
@@ -140,9 +144,69 @@ def test_a_real_study_stops_each_variant_for_its_own_reason(tmp_path, adaptive, 
     assert sorted(rows) == [f"{v}/seed-{s}" for v in ("Flatten", "lr") for s in range(3)]
     assert recorded["lr"]["seeds"] == 3 and recorded["lr"]["stopped"] == MAX_REACHED
     assert "lr 3 seeds (max reached)" in outcome.markdown.read_text()
+    # --seeds 2 reuses seeds 0 and 1: the store must not go on saying that lr ran 3 seeds and why it stopped
+    outcome = run_study(study_file(doc), out=tmp_path / "narrow", workers=1, seeds=2, console=console)
+    assert outcome.trained == 0
+    with Store(tmp_path / "narrow" / "study.sqlite") as store:
+        assert store.get_meta("study")["seeds"] == [0, 1] and store.get_meta("replication") is None
     doc["seeds"]["target_halfwidth_pp"] = 100.0
     outcome = run_study(study_file(doc), out=tmp_path / "wide", workers=1, console=console)
     with Store(tmp_path / "wide" / "study.sqlite") as store:
         assert sorted(store.runs()) == [f"{v}/seed-{s}" for v in ("Flatten", "lr") for s in range(2)]
         wide = store.get_meta("replication")["lr"]
     assert wide["seeds"] == 2 and wide["stopped"] == TARGET_REACHED and 0 < wide["half_width_pp"] <= 100
+
+
+def _met_at_min(tmp_path, adaptive, study_file) -> StudyReport:
+    """The report of an adaptive study (2 to 5 seeds) whose variants all meet the target at 2 seeds."""
+    study = load_study(study_file(adaptive({"min": 2, "max": 5, "target_halfwidth_pp": 50.0})))
+    with Store(tmp_path / "study.sqlite") as store:
+        for seed, (base, gap, lr) in enumerate([(0.80, 0.70, 0.81), (0.82, 0.71, 0.825)]):
+            _finish(store, "Flatten", seed, base)
+            _finish(store, "GAP", seed, gap)
+            _finish(store, "lr", seed, lr)
+        assert next_runs(study, store.runs()) == []
+        return dataclasses.replace(
+            collect(study, store.runs()), replication=replication_status(study, store.runs())
+        )
+
+
+def test_the_header_names_the_seeds_that_ran_not_those_replication_could_have_added(
+    tmp_path, adaptive, study_file
+):
+    report = _met_at_min(tmp_path, adaptive, study_file)
+    assert header_lines(report)[0].endswith("seeds: 0, 1")
+    # every variant's figures rest on all the seeds it ran: none is "2 of 5"
+    assert [seeds_cell(v) for v in report.variants] == ["2", "2", "2"]
+
+
+def test_the_header_says_the_intervals_ignore_that_the_seed_count_was_chosen_on_them(
+    tmp_path, adaptive, study_file
+):
+    # stopping once the interval is narrow selects seeds whose differences happen to agree: an
+    # interval computed as for a fixed count covers the true difference less often than it says
+    report = _met_at_min(tmp_path, adaptive, study_file)
+    line = next(line for line in header_lines(report) if line.startswith("Adaptive seeds"))
+    assert "as if each variant's number of seeds had been fixed in advance" in line
+    assert "less often than 95%" in line
+
+
+def test_a_round_cut_short_pairs_the_seeds_it_left_unpaired_before_deciding_on_more(
+    tmp_path, adaptive, study_file
+):
+    # killed in the round that gave GAP and the base seed 3: GAP's run finished, the base's did not.
+    # The rerun must train the base's seed 3 and decide on 4 shared seeds, as the uninterrupted study
+    # did; not give GAP seed 4 and leave its seed 3 unpaired (and the base's 'not run') for good.
+    study = load_study(study_file(adaptive({"min": 3, "max": 5, "target_halfwidth_pp": 1.0})))
+    with Store(tmp_path / "study.sqlite") as store:
+        for seed, (base, gap, lr) in enumerate(
+            [(0.80, 0.70, 0.801), (0.82, 0.60, 0.8215), (0.81, 0.75, 0.8105)]
+        ):
+            _finish(store, "Flatten", seed, base)
+            _finish(store, "GAP", seed, gap)
+            _finish(store, "lr", seed, lr)
+        _finish(store, "GAP", 3, 0.50)
+        store.add_run("Flatten/seed-3", "Flatten", 3, {}, "x")  # pending: interrupted
+        assert [(v.name, s) for v, s in next_runs(study, store.runs())] == [("Flatten", 3)]
+        _finish(store, "Flatten", 3, 0.80)
+        assert [(v.name, s) for v, s in next_runs(study, store.runs())] == [("GAP", 4), ("Flatten", 4)]

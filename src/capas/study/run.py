@@ -228,8 +228,14 @@ def replication_status(study: Study, rows: dict[str, RunRow]) -> dict[str, dict]
 
 def next_runs(study: Study, rows: dict[str, RunRow]) -> list[tuple[Variant, int]]:
     """The next round of adaptive replication: one more seed for each variant that needs one (its
-    lowest seed not yet tried), and those seeds for the base where it lacks them, for pairing."""
+    lowest seed not yet tried), and those seeds for the base where it lacks them, for pairing.
+
+    A round cut short (the driver killed) can leave a variant's seed without the base's: that seed is
+    trained first, alone, so that every decision rests on the pairs an uninterrupted study had."""
     tried = _tried(study, rows)
+    unpaired = {s for v in study.variants[1:] for s in tried[v.name]} - set(tried[study.base.name])
+    if unpaired:
+        return [(study.base, seed) for seed in sorted(unpaired)]
     runs, base_needs = [], set()
     for variant, state in zip(study.variants[1:], replication_status(study, rows).values(), strict=True):
         if state["stopped"] is None:
@@ -393,7 +399,12 @@ def run_study(
                 trained += len(tasks)
                 if tasks:
                     names = sorted({v.name for v, _ in more if v is not study.base})
-                    console.print(f"one more seed for {', '.join(names)}", highlight=False)
+                    console.print(
+                        f"one more seed for {', '.join(names)}"
+                        if names
+                        else f"{study.base.name}: the seeds of the round cut short, for pairing",
+                        highlight=False,
+                    )
                     run(tasks, len(more), done)
         except BaseException:
             for pool in made:
@@ -404,6 +415,8 @@ def run_study(
         report = collect(study, store.runs())
         if study.replication is not None:
             report = dataclasses.replace(report, replication=replication_status(study, store.runs()))
+        # also with fixed seeds: an earlier adaptive invocation's status no longer describes the study
+        store.set_meta("replication", report.replication)
     markdown, page = write_report(report, directory)
     return StudyOutcome(
         directory, report, markdown, page, trained, done, failed, time.perf_counter() - started

@@ -202,6 +202,10 @@ def _set_dotted(target: dict, path: str, value: Any, kind_name: str) -> None:
 def _train(draft: Draft, args: Any) -> None:
     """train: {dotted.key: value}, e.g. {optimizer.name: sgd, optimizer.lr: 0.01, batch_size: 64}"""
     for path, value in _mapping(args, "train", "dotted training keys").items():
+        if path == "seed":  # run_config sets each run's seed: a variant's own would be dropped unseen
+            raise CapasError(
+                "train: 'seed' cannot be varied: every variant trains the study's seeds (set them with 'seeds')"
+            )
         _set_dotted(draft.train, path, value, "train")
 
 
@@ -341,6 +345,10 @@ def _replication(value: dict, source: str) -> Replication:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) or not 2 <= low <= high:
         raise CapasError(
             f"{source}: seeds.min and seeds.max must be integers with 2 <= min <= max, got {low!r} and {high!r}"
+        )
+    if high > MAX_SEED + 1:  # the seeds are 0 .. max − 1
+        raise CapasError(
+            f"{source}: seeds.max must be at most {MAX_SEED + 1:,} (seeds 0 to {MAX_SEED:,}), got {high!r}"
         )
     if isinstance(target, bool) or not isinstance(target, int | float) or not target > 0:
         raise CapasError(

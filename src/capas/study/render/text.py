@@ -129,10 +129,11 @@ def figure_cell(result: VariantResult, key: str, scale: float = 1.0, digits: int
     return cell if estimate.n == seeds else f"{cell} ({estimate.n} of {seeds} seeds)"
 
 
-def seeds_cell(report: StudyReport, result: VariantResult) -> str:
-    """Seeds in the figures, with what became of the others."""
+def seeds_cell(result: VariantResult) -> str:
+    """Seeds in the figures, of the seeds it has a run of (every seed of the study, but those adaptive
+    replication never gave it)."""
     n = len(result.results)
-    return str(n) if n == len(report.study.seeds) else f"{n} of {len(report.study.seeds)}"
+    return str(n) if n == len(result.runs) else f"{n} of {len(result.runs)}"
 
 
 def _p_cell(value: float, comparison: Comparison | None) -> str:
@@ -181,7 +182,7 @@ def table_rows(report: StudyReport) -> list[list[str]]:
                 difference(comparison),
                 _p_cell(comparison.p_value if comparison else math.nan, comparison),
                 _p_cell(result.p_adjusted, comparison),
-                seeds_cell(report, result),
+                seeds_cell(result),
                 result.stopped_early,
                 "; ".join(note.flag for note in result.notes),
             ]
@@ -295,8 +296,9 @@ def machine_line(report: StudyReport) -> str:
 def header_lines(report: StudyReport) -> list[str]:
     study, base = report.study, report.base.variant
     statuses = ", ".join(f"{n} {status}" for status, n in sorted(report.statuses.items()))
-    # seeds with a run that the base's figures leave out (adaptive replication's unneeded seeds have none)
-    left_out = [s for s in study.seeds if s not in report.seeds and any(s in r.runs for r in report.variants)]
+    # the study's seeds, less those adaptive replication never needed (no variant has a run of them)
+    planned = [s for s in study.seeds if any(s in r.runs for r in report.variants)]
+    left_out = [s for s in planned if s not in report.seeds]
     seeds = ", ".join(map(str, report.seeds))
     if not report.base.finished:
         figures = "no figures: the base finished no seed, and every figure rests on seeds shared with it"
@@ -329,7 +331,7 @@ def header_lines(report: StudyReport) -> list[str]:
             f"can miss the {ADJUSTMENT}-adjusted threshold)"
         )
     lines = [
-        f"Study file: {study.source}; design: {study.design}; seeds: {', '.join(map(str, study.seeds))}",
+        f"Study file: {study.source}; design: {study.design}; seeds: {', '.join(map(str, planned))}",
         f"Comparison: {report.kind}",
         f"Data: {base.data['name']} (limit {base.data['limit']}, split seed {base.data['split_seed']}, the same splits for every run)",
     ]
@@ -354,6 +356,10 @@ def header_lines(report: StudyReport) -> list[str]:
                     f"{name} {r['seeds']} seeds ({r['stopped'] or 'unfinished'})"
                     for name, r in report.replication.items()
                 )
+                + ". Their intervals and p-values are computed as if each variant's number of seeds had been "
+                "fixed in advance; since replication stops once an interval is narrow, they are somewhat "
+                f"optimistic (an interval covers the true difference less often than {CONFIDENCE:.0%}, and a "
+                f"variant without any effect is found significant in more than {ALPHA:.0%} of studies)"
             ]
             if study.replication and report.replication
             else []
