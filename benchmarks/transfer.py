@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -132,9 +133,16 @@ def main() -> None:
     rows = []
     # decode the image folder once, outside every timing (it is cached under $CAPAS_CACHE)
     make_splits(data.name, val_fraction=data.val_fraction, test_fraction=data.test_fraction, limit=limit)
-    features = cache_root() / "features"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        # the runs' features go to a cache of their own, emptied before each repeat; the user's cache
+        # (its decoded folders and downloads lent by links) keeps its features
+        own, features = tmp / "cache", tmp / "cache" / "features"
+        own.mkdir()
+        for entry in cache_root().iterdir() if cache_root().is_dir() else ():
+            if entry.name != "features":
+                (own / entry.name).symlink_to(entry)
+        os.environ["CAPAS_CACHE"] = str(own)
         for size in resolutions:
             compare = size == resolutions[0]
             cold, warm, tuned, scratch = [], [], [], []
