@@ -368,3 +368,25 @@ def test_ray_options_without_the_ray_executor_are_refused(tmp_path, tiny_study, 
     assert result.exit_code == 2
     assert f"{options[0]} goes with --executor ray" in " ".join(result.output.split())
     assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "said"), [("train", "rerun the same command to resume"), ("compress", "nothing was written")]
+)
+def test_ctrl_c_says_resume_only_where_a_rerun_resumes(capsys, name, said):
+    """Every command said 'rerun the same command to resume'; compress, export and the others start over."""
+    import typer
+
+    from capas.cli import friendly
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    interrupted.__name__ = name
+    with pytest.raises(typer.Exit) as stopped:
+        friendly(interrupted)()
+    assert stopped.value.exit_code == 130
+    assert (
+        capsys.readouterr().err.strip()
+        == f"interrupted; {'finished work is kept, ' * (name == 'train')}{said}"
+    )

@@ -40,7 +40,10 @@ def friendly(command):
             errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            errors.print("interrupted; finished work is kept, rerun the same command to resume")
+            if command.__name__ in ("train", "study"):  # they keep checkpoints and finished runs
+                errors.print("interrupted; finished work is kept, rerun the same command to resume")
+            else:  # the others write their outputs whole or not at all
+                errors.print("interrupted; nothing was written")
             raise typer.Exit(130) from None
         except (MemoryError, RuntimeError) as error:
             # a spec or batch too large for this machine: torch's allocators raise RuntimeErrors
