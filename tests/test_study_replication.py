@@ -76,16 +76,19 @@ def _finish(store: Store, variant: str, seed: int, accuracy: float) -> None:
     store.finish(rid, {**result, "wall_seconds": 0.0})
 
 
+def _first_round(store: Store) -> None:
+    """Seeds 0-2 of the base (Flatten), a variant far from it (GAP) and one close to it (lr)."""
+    for seed, (base, gap, lr) in enumerate([(0.80, 0.70, 0.801), (0.82, 0.60, 0.8215), (0.81, 0.75, 0.8105)]):
+        _finish(store, "Flatten", seed, base)
+        _finish(store, "GAP", seed, gap)
+        _finish(store, "lr", seed, lr)
+
+
 def test_next_round_adds_a_seed_to_unfinished_variants_and_their_base_pairs(tmp_path, adaptive, study_file):
     study = load_study(study_file(adaptive({"min": 3, "max": 5, "target_halfwidth_pp": 1.0})))
     assert study.initial_seeds == (0, 1, 2) and study.seeds == (0, 1, 2, 3, 4)
     with Store(tmp_path / "study.sqlite") as store:
-        for seed, (base, gap, lr) in enumerate(
-            [(0.80, 0.70, 0.801), (0.82, 0.60, 0.8215), (0.81, 0.75, 0.8105)]
-        ):
-            _finish(store, "Flatten", seed, base)
-            _finish(store, "GAP", seed, gap)
-            _finish(store, "lr", seed, lr)
+        _first_round(store)
         status = replication_status(study, store.runs())
         assert status["lr"]["stopped"] == TARGET_REACHED and status["lr"]["half_width_pp"] < 0.2
         assert status["GAP"]["stopped"] is None and status["GAP"]["seeds"] == 3
@@ -199,12 +202,7 @@ def test_a_round_cut_short_pairs_the_seeds_it_left_unpaired_before_deciding_on_m
     # did; not give GAP seed 4 and leave its seed 3 unpaired (and the base's 'not run') for good.
     study = load_study(study_file(adaptive({"min": 3, "max": 5, "target_halfwidth_pp": 1.0})))
     with Store(tmp_path / "study.sqlite") as store:
-        for seed, (base, gap, lr) in enumerate(
-            [(0.80, 0.70, 0.801), (0.82, 0.60, 0.8215), (0.81, 0.75, 0.8105)]
-        ):
-            _finish(store, "Flatten", seed, base)
-            _finish(store, "GAP", seed, gap)
-            _finish(store, "lr", seed, lr)
+        _first_round(store)
         _finish(store, "GAP", 3, 0.50)
         store.add_run("Flatten/seed-3", "Flatten", 3, {}, "x")  # pending: interrupted
         assert [(v.name, s) for v, s in next_runs(study, store.runs())] == [("Flatten", 3)]
