@@ -4,6 +4,7 @@ from the base is within the target, or the variant reaches the maximum."""
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Callable
 
 import numpy as np
@@ -13,6 +14,7 @@ from scipy import stats as scipy_stats
 
 from capas.errors import CapasError
 from capas.study import load_study
+from capas.study.render import print_report
 from capas.study.render.text import header_lines, seeds_cell
 from capas.study.report import StudyReport, collect
 from capas.study.run import next_runs, replication_status, run_study
@@ -72,7 +74,13 @@ def _finish(store: Store, variant: str, seed: int, accuracy: float) -> None:
     rid = f"{variant}/seed-{seed}"
     store.add_run(rid, variant, seed, {}, "x")
     matrix = [[100 if i == j else 0 for j in range(10)] for i in range(10)]  # 1,000 balanced test images
-    result = {"test_accuracy": accuracy, "test_loss": 1.0, "confusion_matrix": matrix, "history": []}
+    result = {
+        "test_accuracy": accuracy,
+        "test_loss": 1.0,
+        "confusion_matrix": matrix,
+        "history": [],
+        "stopped": "max epochs",
+    }
     store.finish(rid, {**result, "wall_seconds": 0.0})
 
 
@@ -192,6 +200,19 @@ def test_the_header_says_the_intervals_ignore_that_the_seed_count_was_chosen_on_
     line = next(line for line in header_lines(report) if line.startswith("Adaptive seeds"))
     assert "as if each variant's number of seeds had been fixed in advance" in line
     assert "less often than 95%" in line
+
+
+def test_the_terminal_says_the_seeds_were_adaptive_and_what_that_does_to_the_intervals(
+    tmp_path, adaptive, study_file
+):
+    # `capas study` prints the table and the sentences: its reader must learn there, not only in
+    # report.md, that the intervals do not allow for the seed count having been chosen on them
+    report = _met_at_min(tmp_path, adaptive, study_file)
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    print_report(report, console)
+    printed = " ".join(console.file.getvalue().split())
+    assert "Adaptive seeds (2 to 5," in printed and "GAP 2 seeds (target reached)" in printed
+    assert "somewhat optimistic" in printed
 
 
 def test_a_round_cut_short_pairs_the_seeds_it_left_unpaired_before_deciding_on_more(

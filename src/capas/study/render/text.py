@@ -293,6 +293,26 @@ def machine_line(report: StudyReport) -> str:
     return "Machines: " + "; ".join(f"{m} ({n} runs)" for m, n in machines.most_common())
 
 
+def adaptive_line(report: StudyReport) -> str | None:
+    """How many seeds adaptive replication gave each variant and why it stopped, with what that does
+    to the intervals; None when the seeds were fixed."""
+    study = report.study
+    if not (study.replication and report.replication):
+        return None
+    return (
+        f"Adaptive seeds ({study.replication.min} to {study.replication.max}, until the 95% CI of Δ test acc "
+        f"on the seeds shared with the base is within ±{study.replication.target_halfwidth_pp:g} pp): "
+        + "; ".join(
+            f"{name} {r['seeds']} seeds ({r['stopped'] or 'unfinished'})"
+            for name, r in report.replication.items()
+        )
+        + ". Their intervals and p-values are computed as if each variant's number of seeds had been "
+        "fixed in advance; since replication stops once an interval is narrow, they are somewhat "
+        f"optimistic (an interval covers the true difference less often than {CONFIDENCE:.0%}, and a "
+        f"variant without any effect is found significant in more than {ALPHA:.0%} of studies)"
+    )
+
+
 def header_lines(report: StudyReport) -> list[str]:
     study, base = report.study, report.base.variant
     statuses = ", ".join(f"{n} {status}" for status, n in sorted(report.statuses.items()))
@@ -348,22 +368,7 @@ def header_lines(report: StudyReport) -> list[str]:
         f"Training (base): {epochs_text(base.train['epochs'])}, batch {base.train['batch_size']}, "
         f"{base.train['optimizer']['name']} lr {base.train['optimizer']['lr'] or 'default'}",
         f"Runs: {statuses}; {figures}",
-        *(
-            [
-                f"Adaptive seeds ({study.replication.min} to {study.replication.max}, until the 95% CI of Δ test acc "
-                f"on the seeds shared with the base is within ±{study.replication.target_halfwidth_pp:g} pp): "
-                + "; ".join(
-                    f"{name} {r['seeds']} seeds ({r['stopped'] or 'unfinished'})"
-                    for name, r in report.replication.items()
-                )
-                + ". Their intervals and p-values are computed as if each variant's number of seeds had been "
-                "fixed in advance; since replication stops once an interval is narrow, they are somewhat "
-                f"optimistic (an interval covers the true difference less often than {CONFIDENCE:.0%}, and a "
-                f"variant without any effect is found significant in more than {ALPHA:.0%} of studies)"
-            ]
-            if study.replication and report.replication
-            else []
-        ),
+        *filter(None, [adaptive_line(report)]),
         f"Accuracy and loss: mean ± half-width of the {CONFIDENCE:.0%} confidence interval over seeds (Student's t); "
         f"differences against the base: {TEST_NAME} (scipy.stats.ttest_rel), {family}",
         machine_line(report),
