@@ -501,6 +501,15 @@ def test_cli_refuses_a_bad_run_directory(tmp_path: Path):
             assert result.exit_code == 2 and "finite number" in result.output, (option, value, result.output)
 
 
+def test_a_queue_smaller_than_a_request_is_refused(tmp_path: Path, monkeypatch):
+    """With CAPAS_MAX_QUEUE under max_images, a request of more images than the queue holds was
+    answered 503 'server busy: 0 images are waiting …; retry later' however often it was retried."""
+    monkeypatch.setenv("CAPAS_MAX_QUEUE", "4")
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "max_images (64) cannot exceed max_queue (4)" in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize("how", ["option", "environment"])
 def test_an_empty_token_is_refused(tmp_path: Path, monkeypatch, how):
     """An empty token is no secret: the cookie it sets is an HMAC under the empty key, which anyone can

@@ -146,7 +146,9 @@ def test_health_answers_while_large_pixel_images_decode(tiny_run):
 
 def test_a_full_queue_answers_503_with_retry_after(tiny_run, good_png):
     body, headers = hostile.multipart(*[(f"{i}.png", good_png) for i in range(4)])
-    with live_server(run_dir=tiny_run, threads=1, max_batch=1, max_queue=4, decode_threads=4) as (url, _):
+    with live_server(
+        run_dir=tiny_run, threads=1, max_batch=1, max_queue=4, max_images=4, decode_threads=4
+    ) as (url, _):
 
         def client_loop(_):
             got = []

@@ -33,4 +33,10 @@ def make_settings(**values: object) -> ServeSettings:
         raise CapasError(
             f"drift_min ({settings.drift_min}) cannot exceed drift_window ({settings.drift_window})"
         )
+    if settings.max_images > settings.max_queue:  # such a request could never be queued: 503 forever
+        raise CapasError(
+            f"max_images ({settings.max_images}) cannot exceed max_queue ({settings.max_queue}): a request "
+            "of more images than the queue holds could never be answered; lower CAPAS_MAX_IMAGES or raise "
+            "CAPAS_MAX_QUEUE"
+        )
     return settings
