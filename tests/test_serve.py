@@ -177,6 +177,25 @@ BAD_REQUESTS = {
         400,
         ["no complete file part"],
     ),
+    "multipart without a boundary": (
+        lambda c, im: c.post("/predict", content=b"abc", headers={"content-type": "multipart/form-data"}),
+        400,
+        ["multipart body", "boundary", "curl -F file=@x.png"],
+    ),
+    "multipart not matching its boundary": (
+        lambda c, im: c.post("/predict", content=b"--abc\r\nxx", headers={"content-type": MULTIPART}),
+        400,
+        ["multipart body", "curl -F file=@x.png"],
+    ),
+    "multipart part without a name": (
+        lambda c, im: c.post(
+            "/predict",
+            content=b"--xyz\r\nX: y\r\n\r\nabc\r\n--xyz--\r\n",
+            headers={"content-type": MULTIPART},
+        ),
+        400,
+        ["multipart body", "name", "curl -F file=@x.png"],
+    ),
     "body over the limit": (lambda c, im: post_files(c, os.urandom(int(LIMIT_MB * 1e6) + 1000)), 413, ["MB"]),
     "chunked body over the limit": (
         lambda c, im: c.post(

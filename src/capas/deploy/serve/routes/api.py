@@ -28,6 +28,7 @@ router = APIRouter()
 
 MAX_ID_CHARS = 64  # prediction ids are 32 hex characters; longer ones are refused, never echoed
 FEEDBACK_MAX_BYTES = 4096  # a feedback body is {"id": 32 hex characters, "label": a class}: ~100 bytes
+SEND_FILES = "send each image as a file field (curl -F file=@x.png)"
 FEEDBACK_SHAPE = '{"id": "<prediction id>", "label": <class index or name>}'
 RETRY_AFTER_S = 1  # what an overloaded server tells clients to wait
 DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
@@ -130,10 +131,12 @@ def _json(body: bytes, shape: str) -> object:
 async def _multipart_parts(request: Request, settings: ServeSettings) -> list[tuple[str, bytes]]:
     try:
         form = await request.form(max_files=settings.max_images, max_fields=settings.max_images)
-    except StarletteHTTPException as error:  # Starlette's words for its limit: say it as /predict does
+    except StarletteHTTPException as error:  # Starlette's words for its limits and for bad multipart
         if "Too many files" in str(error.detail):
             raise _too_many(f"more than {settings.max_images}", settings) from None
-        raise
+        if error.status_code != 400:  # BodyLimit's 413 or 408, raised as the body streams in
+            raise
+        raise HTTPException(400, f"multipart body: {str(error.detail).rstrip('.')}; {SEND_FILES}") from None
     try:
         parts = [
             (f"file {value.filename!r} (field {key!r})", await value.read())
@@ -145,8 +148,7 @@ async def _multipart_parts(request: Request, settings: ServeSettings) -> list[tu
     if not parts:
         raise HTTPException(
             400,
-            "multipart body: no complete file part; send each image as a file field (curl -F "
-            "file=@x.png), the body ending with its closing boundary",
+            f"multipart body: no complete file part; {SEND_FILES}, the body ending with its closing boundary",
         )
     return parts
 
