@@ -46,6 +46,21 @@ def test_upload_on_the_index_page_shows_the_prediction(tiny_run, tmp_path):
         assert problems == []
 
 
+def test_the_index_page_states_the_servers_image_limits(tiny_run):
+    """It said "any size": an image over max_pixels (a 48 MP photo under the default 16 M) or a file
+    over max_body_mb is refused."""
+    with (
+        live_server(run_dir=tiny_run, threads=1, max_pixels=2_500_000, max_body_mb=0.5) as (url, _),
+        browser_page() as (page, problems),
+    ):
+        page.goto(url)
+        page.wait_for_function("document.getElementById('expects').textContent !== ''")
+        assert page.inner_text("#expects") == (
+            "up to 2.5 megapixels and 0.5 MB; resized to 28×28, grey, as in training"
+        )
+        assert problems == []
+
+
 def test_an_answer_without_json_is_shown_not_left_predicting(tiny_run, tmp_path):
     """uvicorn answers 503 in plain text when every connection is taken: the page said "predicting…"
     forever (its script failed parsing the answer as JSON)."""
