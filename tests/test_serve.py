@@ -520,6 +520,21 @@ def test_cli_refuses_a_bad_run_directory(tmp_path: Path):
             assert result.exit_code == 2 and "finite number" in result.output, (option, value, result.output)
 
 
+def test_an_address_it_cannot_listen_on_is_one_line_naming_the_options(tiny_run):
+    """A port in use was uvicorn's log lines after the model had loaded and warmed up, exit status 3;
+    an unknown host was '[Errno -2] Name or service not known', naming neither the host nor --host."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, ["serve", str(tiny_run), "--port", str(port)])
+    assert result.exit_code == 2, result.output
+    assert f"cannot listen on 127.0.0.1:{port} (--host, --port): Address already in use" in result.output
+    result = CliRunner().invoke(cli, ["serve", str(tiny_run), "--host", "no-such-host.invalid"])
+    assert result.exit_code == 2, result.output
+    assert "cannot listen on no-such-host.invalid:8000 (--host, --port)" in result.output
+
+
 def test_a_queue_smaller_than_a_request_is_refused(tmp_path: Path, monkeypatch):
     """With CAPAS_MAX_QUEUE under max_images, a request of more images than the queue holds was
     answered 503 'server busy: 0 images are waiting …; retry later' however often it was retried."""

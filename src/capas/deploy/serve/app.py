@@ -8,6 +8,7 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -296,10 +297,31 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     return mallopt(M_ARENA_MAX, arenas) == 1
 
 
+def check_address(host: str, port: int) -> None:
+    """CapasError naming --host and --port if the server cannot listen there. Checked before the model
+    loads: uvicorn binds only once the app has started, then logs the OSError and exits with status 3."""
+    try:
+        # the addresses asyncio's create_server binds ('' is every interface), with its SO_REUSEADDR
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family this machine lacks (IPv6): create_server skips it too
+                continue
+            with sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+    except OSError as error:  # socket.gaierror (an unknown host) included
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise CapasError(f"cannot listen on {where} (--host, --port): {error.strerror}") from None
+
+
 def serve(settings: ServeSettings) -> None:
     """Serve the run directory until interrupted (Ctrl-C)."""
     import uvicorn
 
+    check_address(settings.host, settings.port)
     limit_malloc_arenas()
     server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after a clean shutdown
