@@ -217,6 +217,13 @@ BAD_REQUESTS = {
         ["malformed JSON"],
     ),
     "JSON of the wrong shape": (lambda c, im: c.post("/predict", json={"image": "abc"}), 422, ["images"]),
+    "JSON with top_k in the body, not the query": (
+        lambda c, im: c.post(
+            "/predict", json={"images": [base64.b64encode(png(im[0])).decode()], "top_k": 1}
+        ),
+        422,
+        ["unknown field 'top_k'", "/predict?top_k="],
+    ),
     "malformed base64": (
         lambda c, im: c.post("/predict", json={"images": ["iVBOR!!not base64"]}),
         400,

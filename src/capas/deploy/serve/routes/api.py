@@ -28,6 +28,7 @@ router = APIRouter()
 
 MAX_ID_CHARS = 64  # prediction ids are 32 hex characters; longer ones are refused, never echoed
 FEEDBACK_MAX_BYTES = 4096  # a feedback body is {"id": 32 hex characters, "label": a class}: ~100 bytes
+IMAGES_SHAPE = '{"images": ["<base64>", …]}'
 SEND_FILES = "send each image as a file field (curl -F file=@x.png)"
 FEEDBACK_SHAPE = '{"id": "<prediction id>", "label": <class index or name>}'
 RETRY_AFTER_S = 1  # what an overloaded server tells clients to wait
@@ -56,6 +57,7 @@ PREDICT_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["images"],
+                    "additionalProperties": False,
                     "properties": {
                         "images": {
                             "type": "array",
@@ -158,10 +160,16 @@ def _too_many(count: str, settings: ServeSettings) -> HTTPException:
 
 
 async def _json_parts(request: Request, settings: ServeSettings) -> list[tuple[str, bytes]]:
-    data = _json(await request.body(), '{"images": ["<base64>", …]}')
+    data = _json(await request.body(), IMAGES_SHAPE)
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list) or not images or not all(isinstance(item, str) for item in images):
-        raise HTTPException(422, 'body: expected {"images": ["<base64>", …]} with at least one base64 string')
+        raise HTTPException(422, f"body: expected {IMAGES_SHAPE} with at least one base64 string")
+    if unknown := [key for key in data if key != "images"]:  # ignored, a misplaced top_k went unnoticed
+        raise HTTPException(
+            422,
+            f"body: unknown field {unknown[0][:MAX_ID_CHARS]!r}; send {IMAGES_SHAPE} (options are query "
+            "parameters: /predict?top_k=3)",
+        )
     if len(images) > settings.max_images:  # before decoding any: 3 M empty strings took 3 s to decode
         raise _too_many(str(len(images)), settings)
     parts = []
@@ -188,7 +196,7 @@ async def _request_parts(request: Request, settings: ServeSettings) -> list[tupl
         raise HTTPException(
             415,
             f"content type {media or '(none)'!r}: send multipart/form-data with image files, "
-            'or application/json {"images": ["<base64>", …]}',
+            f"or application/json {IMAGES_SHAPE}",
         )
     if len(parts) > settings.max_images:
         raise _too_many(str(len(parts)), settings)
