@@ -365,6 +365,16 @@ def test_token_guards_every_route_but_health(server):
     )
 
 
+def test_a_base64_token_opens_the_page_as_typed(tiny_run):
+    """`openssl rand -base64 24` makes tokens with '+': /?token=T typed into a browser's address bar
+    was a 401, its '+' read as a space (form encoding)."""
+    token = "q+Vx/7k+Lw=="
+    with live_server(run_dir=tiny_run, token=token, threads=1) as (url, _):
+        assert httpx.get(f"{url}/info?token={token}", timeout=30).status_code == 200  # as typed
+        assert httpx.get(f"{url}/info", params={"token": token}, timeout=30).status_code == 200  # encoded
+        assert httpx.get(f"{url}/info?token=q Vx/7k Lw==", timeout=30).status_code == 401
+
+
 def test_info(client, tiny_run):
     info = client.get("/info").json()
     run = load_run(tiny_run)

@@ -14,7 +14,7 @@ import ipaddress
 import json
 import time
 from collections.abc import Callable, Sequence
-from urllib.parse import parse_qs
+from urllib.parse import unquote, unquote_plus
 
 from fastapi import HTTPException
 from starlette.requests import cookie_parser
@@ -89,6 +89,16 @@ class RequestMetrics:
                 self.on_predict(seconds)
 
 
+def _query_tokens(query: str) -> set[str]:
+    """The `token` values of a query string, each read both ways a '+' is meant: a space (form
+    encoding, as HTTP clients send it) and a '+' (typed into a browser's address bar, as base64 tokens
+    have them)."""
+    values = (
+        value for name, _, value in (part.partition("=") for part in query.split("&")) if name == "token"
+    )
+    return {decoded for value in values for decoded in (unquote_plus(value), unquote(value))}
+
+
 class TokenGuard:
     """Every route but /health needs the token: `Authorization: Bearer TOKEN`, the cookie, or `?token=`.
 
@@ -115,10 +125,10 @@ class TokenGuard:
         # Starlette's lenient parser: another site's cookie with a name Python's SimpleCookie calls
         # illegal ('a(b') made every request a 500
         cookie = cookie_parser(headers.get(b"cookie", b"").decode("latin-1")).get(COOKIE)
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [None])[0]
+        query = _query_tokens(scope.get("query_string", b"").decode("latin-1"))
         if self._matches(bearer, self.token) or self._matches(cookie, self.cookie):
             return await self.app(scope, receive, send)
-        if not self._matches(query, self.token):
+        if not any(self._matches(candidate, self.token) for candidate in query):
             return await send_json(
                 send,
                 401,
