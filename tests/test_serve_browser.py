@@ -47,10 +47,12 @@ def test_upload_on_the_index_page_shows_the_prediction(tiny_run, tmp_path):
 
 
 def test_the_index_page_states_the_servers_image_limits(tiny_run):
-    """It said "any size": an image over max_pixels (a 48 MP photo under the default 16 M) or a file
-    over max_body_mb is refused."""
+    """It said "any size": an image over max_pixels or max_request_pixels (a 48 MP photo under the
+    default 16 M) or a file over max_body_mb is refused."""
     with (
-        live_server(run_dir=tiny_run, threads=1, max_pixels=2_500_000, max_body_mb=0.5) as (url, _),
+        live_server(
+            run_dir=tiny_run, threads=1, max_pixels=4_000_000, max_request_pixels=2_500_000, max_body_mb=0.5
+        ) as (url, _),
         browser_page() as (page, problems),
     ):
         page.goto(url)

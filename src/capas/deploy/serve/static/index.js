@@ -7,8 +7,9 @@ async function loadInfo() {
   const info = await (await fetch("/info")).json();
   $("model").textContent = `${info.model} (${info.parameters.toLocaleString()} parameters)`;
   const [h, w, c] = info.input_shape;
-  const { max_pixels, max_body_mb } = info.serving; // larger images or files are refused
-  $("expects").textContent = `up to ${(max_pixels / 1e6).toLocaleString("en")} megapixels and ${max_body_mb} MB; ` +
+  const { max_pixels, max_request_pixels, max_body_mb } = info.serving; // larger images or files are refused
+  const megapixels = Math.min(max_pixels, max_request_pixels) / 1e6;
+  $("expects").textContent = `up to ${megapixels.toLocaleString("en")} megapixels and ${max_body_mb} MB; ` +
     `resized to ${h}×${w}, ${c === 1 ? "grey" : "colour"}, as in training`;
   $("truth").replaceChildren(...info.classes.map((name, i) => new Option(name, i)));
 }
