@@ -62,7 +62,7 @@ PREDICT_BODY = {
                         "images": {
                             "type": "array",
                             "items": {"type": "string", "format": "byte"},
-                            "description": "base64-encoded image files (a data: URL prefix is allowed)",
+                            "description": "base64-encoded image files (a data: URL prefix and line breaks are allowed)",
                         }
                     },
                 }
@@ -174,10 +174,10 @@ async def _json_parts(request: Request, settings: ServeSettings) -> list[tuple[s
         raise _too_many(str(len(images)), settings)
     parts = []
     for position, text in enumerate(images):
+        # without its line breaks: `base64 x.png` and MIME wrap base64 every 76 characters
+        text = "".join(DATA_URL.sub("", text, count=1).split())
         try:
-            parts.append(
-                (f"images[{position}]", base64.b64decode(DATA_URL.sub("", text, count=1), validate=True))
-            )
+            parts.append((f"images[{position}]", base64.b64decode(text, validate=True)))
         except (binascii.Error, ValueError) as error:
             raise HTTPException(400, f"images[{position}]: malformed base64 ({error})") from None
     return parts
