@@ -376,6 +376,18 @@ def test_a_base64_token_opens_the_page_as_typed(tiny_run):
         assert httpx.get(f"{url}/info?token=q Vx/7k Lw==", timeout=30).status_code == 401
 
 
+def test_a_non_ascii_token_is_accepted_in_the_authorization_header(tiny_run):
+    """The header was read as Latin-1 and compared as UTF-8: a token with 'ä' was a 401 however sent
+    (curl -H 'Authorization: Bearer pässwört' sends its UTF-8 bytes)."""
+    token = "pässwört"
+    with live_server(run_dir=tiny_run, token=token, threads=1) as (url, _):
+        header = {"Authorization": f"Bearer {token}".encode()}
+        assert httpx.get(f"{url}/info", headers=header, timeout=30).status_code == 200
+        assert (
+            httpx.get(f"{url}/info", headers={"Authorization": b"Bearer p\xe4ssw\xf6rt"}).status_code == 401
+        )
+
+
 def test_info(client, tiny_run):
     info = client.get("/info").json()
     run = load_run(tiny_run)

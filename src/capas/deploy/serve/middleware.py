@@ -120,7 +120,8 @@ class TokenGuard:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        # as UTF-8, the token's encoding here and in clients (curl sends a non-ASCII token's UTF-8 bytes)
+        authorization = headers.get(b"authorization", b"").decode("utf-8", "replace")
         bearer = authorization[7:] if authorization[:7].lower() == "bearer " else None
         # Starlette's lenient parser: another site's cookie with a name Python's SimpleCookie calls
         # illegal ('a(b') made every request a 500
