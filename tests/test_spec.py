@@ -56,6 +56,27 @@ def test_keras_layer_names_and_counts_per_layer():
     assert rows[0].macs == 26 * 26 * 3 * 3 * 1 * 32
 
 
+def test_a_named_layer_takes_no_number_from_keras_automatic_names():
+    """Keras numbers only the layers it names itself: after a Conv2D named 'first', the next Conv2D
+    is 'conv2d' in Keras' summary (capas said 'conv2d_1')."""
+    spec = _spec(
+        {"Conv2D": {"filters": 4, "kernel_size": 3, "name": "first"}},
+        {"Conv2D": {"filters": 4, "kernel_size": 3}},
+        {"Conv2D": {"filters": 4, "kernel_size": 3}},
+        "Flatten",
+        {"Dense": {"units": 3, "name": "dense_top"}},
+        {"Dense": {"units": 3}},
+    )
+    assert [r.name for r in summarize(spec).rows] == [
+        "first",
+        "conv2d",
+        "conv2d_1",
+        "flatten",
+        "dense_top",
+        "dense",
+    ]
+
+
 def _spec(*layers, shape=(32, 32, 3)):
     return ModelSpec.from_dict({"name": "t", "input_shape": list(shape), "layers": list(layers)})
 

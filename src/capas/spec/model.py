@@ -260,10 +260,12 @@ class ModelSpec:
                 out = layer.output_shape(shape)
             except ValueError as error:
                 raise CapasError(f"{where}: {error}") from None
-            base = _snake(type_name)
-            seen = counts.get(base, 0)
-            counts[base] = seen + 1
-            name = layer.name or (base if seen == 0 else f"{base}_{seen}")
+            name = layer.name
+            if not name:  # Keras numbers the layers it names itself: a named layer takes no number
+                base = _snake(type_name)
+                seen = counts.get(base, 0)
+                counts[base] = seen + 1
+                name = base if seen == 0 else f"{base}_{seen}"
             trainable, non_trainable = layer.params(shape)
             infos.append(
                 LayerInfo(
