@@ -163,6 +163,19 @@ BAD = [
         ["layer 0 (Conv2D)", "'filters'", "greater than or equal to 1"],
     ),
     ({"layers": ["Flatten", {"Dropout": {"rate": 1.5}}]}, ["layer 1 (Dropout)", "'rate'", "1.5"]),
+    # YAML's yes/on: a BatchNormalization whose statistics never moved (momentum 1.0), rate: no
+    (
+        {"layers": [{"BatchNormalization": {"momentum": True}}, "Flatten"]},
+        ["layer 0 (BatchNormalization)", "'momentum'", "not true or false"],
+    ),
+    (
+        {"layers": [{"Dropout": {"rate": False}}, "Flatten"]},
+        ["layer 0 (Dropout)", "'rate'", "not true or false"],
+    ),
+    (
+        {"layers": [{"Rescaling": {"scale": True}}, "Flatten"]},
+        ["layer 0 (Rescaling)", "'scale'", "not true or false"],
+    ),
     (
         {"layers": [{"Conv2D": {"filters": 8, "kernel_size": 3, "padding": "full"}}]},
         ["layer 0 (Conv2D)", "'padding'", "'valid'", "'same'"],

@@ -580,6 +580,31 @@ def test_a_boolean_is_not_a_count_in_configs(cls, keywords):
         parse_config(cls, keywords, "config")
 
 
+@pytest.mark.parametrize(
+    ("cls", "keywords", "keyword"),
+    [
+        (TrainConfig, {"optimizer": {"lr": True}}, "optimizer.lr"),
+        (TrainConfig, {"optimizer": {"weight_decay": True}}, "optimizer.weight_decay"),
+        (TrainConfig, {"label_smoothing": False}, "label_smoothing"),
+        (TrainConfig, {"max_seconds": True}, "max_seconds"),
+        (TrainConfig, {"schedule": {"name": "step", "gamma": True}}, "schedule.gamma"),
+        (TrainConfig, {"ema": {"decay": False}}, "ema.decay"),
+        (TrainConfig, {"early_stopping": {"min_delta": True}}, "early_stopping.min_delta"),
+        (
+            TrainConfig,
+            {"progressive_resizing": {"initial_scale": True}},
+            "progressive_resizing.initial_scale",
+        ),
+        (DataConfig, {"val_fraction": True}, "val_fraction"),
+    ],
+)
+def test_a_boolean_is_not_a_number_in_configs(cls, keywords, keyword):
+    """YAML's yes/no/on/off are booleans, which pydantic took for 1.0 and 0.0: `lr: yes` trained at
+    a learning rate of 1, `max_seconds: on` stopped after one second."""
+    with pytest.raises(CapasError, match=f"keyword '{keyword}': Input should be a number, not true or false"):
+        parse_config(cls, keywords, "config")
+
+
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     from capas.atomic import write_with
 

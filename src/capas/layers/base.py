@@ -26,15 +26,23 @@ def _pair(value: object) -> object:
     return value
 
 
-def _not_bool(value: object) -> object:
-    """pydantic takes true and false for the ints 1 and 0: `units: true` was a one-unit Dense."""
-    if isinstance(value, bool):
-        raise ValueError("Input should be a whole number, not true or false")
-    return value
+def _not_bool(kind: str):
+    """pydantic takes true and false for the numbers 1 and 0: `units: true` was a one-unit Dense,
+    `momentum: yes` (YAML's true) a BatchNormalization whose statistics never moved."""
+
+    def check(value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError(f"Input should be {kind}, not true or false")
+        return value
+
+    return BeforeValidator(check)
 
 
-Count = Annotated[int, BeforeValidator(_not_bool)]
+Count = Annotated[int, _not_bool("a whole number")]
 """A whole number that a boolean is not (for counts, sizes and seeds in layers and configs)."""
+
+Real = Annotated[float, _not_bool("a number")]
+"""A number that a boolean is not (for rates, factors and sizes in layers and configs)."""
 
 Pair = Annotated[tuple[Annotated[Count, Field(ge=1)], Annotated[Count, Field(ge=1)]], BeforeValidator(_pair)]
 
