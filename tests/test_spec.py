@@ -315,3 +315,30 @@ def test_a_rule_across_keywords_is_reported_without_a_made_up_keyword():
     message = str(error.value)
     assert message.startswith("training config: winograd: true and compile: true cannot be combined"), message
     assert "'keywords'" not in message and "given" not in message
+
+
+def test_yaml_merge_keys_load_and_may_be_overridden(tmp_path):
+    """`<<: *anchor` (YAML's merge key) was refused as invalid YAML ("could not determine a
+    constructor"); a key beside the merge overrides the merged one, and is no repeat."""
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        "name: x\ninput_shape: [8, 8, 1]\nlayers:\n"
+        "  - Conv2D: &conv {filters: 2, kernel_size: 3, activation: relu}\n"
+        "  - Conv2D: {<<: *conv, filters: 4}\n"
+        "  - Flatten\n"
+    )
+    spec = load_spec(path)
+    assert [(layer.filters, layer.activation) for layer in spec.layers[:2]] == [(2, "relu"), (4, "relu")]
+    path.write_text(
+        "name: x\ninput_shape: [8, 8, 1]\nlayers: [{Flatten: {<<: {name: a}, name: b, name: c}}]\n"
+    )
+    with pytest.raises(CapasError, match=r"merge.yaml: invalid YAML at line 3.*'name' appears twice"):
+        load_spec(path)
+
+
+def test_a_list_as_a_yaml_key_is_one_message(tmp_path):
+    """`? [1, 2]` as a key was a TypeError's traceback (unhashable type)."""
+    path = tmp_path / "odd.yaml"
+    path.write_text("input_shape: [8, 8, 1]\n? [1, 2]\n: x\nlayers: [Flatten]\n")
+    with pytest.raises(CapasError, match=r"odd.yaml: invalid YAML at line 2.*unhashable key"):
+        load_spec(path)

@@ -15,18 +15,28 @@ T = TypeVar("T", bound=BaseModel)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key repeated in one mapping (the last would silently win)."""
+    """YAML's safe loader, refusing a key repeated in one mapping (the last would silently win).
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    Checked as each mapping is read, before merge keys (`<<: *defaults`) copy keys into it: a key
+    written beside a merge overrides the merged one, as YAML says."""
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=True)
-            if key in seen:
+            try:
+                repeated = key in seen
+            except TypeError:  # a list or mapping as a key: the constructor refuses it with its line
+                continue
+            if repeated:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
                 )
             seen.add(key)
-        return super().construct_mapping(node, deep)
+        return node
 
 
 def load_document(path: str | Path) -> Any:
