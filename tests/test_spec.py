@@ -317,6 +317,19 @@ def test_a_rule_across_keywords_is_reported_without_a_made_up_keyword():
     assert "'keywords'" not in message and "given" not in message
 
 
+def test_a_key_repeated_in_json_is_refused(tmp_path):
+    """In a JSON spec the second `layers` silently replaced the first (YAML's repeat was refused)."""
+    path = tmp_path / "twice.json"
+    path.write_text(
+        '{"name": "x", "input_shape": [8, 8, 1], "layers": ["Flatten", {"Dense": {"units": 10}}],'
+        ' "layers": [{"Dense": {"units": 3}}]}'
+    )
+    with pytest.raises(
+        CapasError, match=r"twice.json: invalid JSON: key 'layers' appears twice in one object"
+    ):
+        load_spec(path)
+
+
 def test_yaml_merge_keys_load_and_may_be_overridden(tmp_path):
     """`<<: *anchor` (YAML's merge key) was refused as invalid YAML ("could not determine a
     constructor"); a key beside the merge overrides the merged one, and is no repeat."""

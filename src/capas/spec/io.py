@@ -39,6 +39,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return node
 
 
+def _unique_keys(pairs: list[tuple[str, Any]], path: Path) -> dict:
+    """A JSON object, refusing a key repeated in it (the last would silently win, as in YAML)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise CapasError(f"{path}: invalid JSON: key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
 def load_document(path: str | Path) -> Any:
     """A YAML or JSON file as plain Python data; a missing file or a syntax error is a CapasError."""
     path = Path(path)
@@ -55,7 +65,7 @@ def load_document(path: str | Path) -> Any:
         raise CapasError(f"{path}: cannot read ({error.strerror or error})") from None
     try:
         if path.suffix == ".json":
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, path))
         return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
     except json.JSONDecodeError as error:
         raise CapasError(
