@@ -605,6 +605,31 @@ def test_a_boolean_is_not_a_number_in_configs(cls, keywords, keyword):
         parse_config(cls, keywords, "config")
 
 
+@pytest.mark.parametrize(
+    ("keywords", "expected"),
+    [
+        (
+            {"optimizer": {"nme": "sgd"}},
+            "unknown keyword 'optimizer.nme' (did you mean 'name'?); allowed: name, lr, momentum,",
+        ),
+        (
+            {"early_stopping": {"patiense": 2}},
+            "unknown keyword 'early_stopping.patiense' (did you mean 'patience'?); allowed: monitor, patience, min_delta",
+        ),
+        (
+            {"augment": {"flip": True}},
+            "unknown keyword 'augment.flip' (did you mean 'hflip'?); allowed: crop_padding,",
+        ),
+    ],
+)
+def test_an_unknown_nested_keyword_gets_the_closest_and_the_allowed_names(keywords, expected):
+    """A typo at the top of a config named the closest and allowed keys, one inside `optimizer:` or
+    `early_stopping:` only itself."""
+    with pytest.raises(CapasError) as error:
+        parse_config(TrainConfig, keywords, "training config")
+    assert expected in str(error.value)
+
+
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     from capas.atomic import write_with
 

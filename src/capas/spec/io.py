@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -86,9 +86,24 @@ def _union_member(part: object) -> bool:
     return isinstance(part, str) and (part in _SCALAR_TAGS or any(c in part for c in "[("))
 
 
-def describe_validation(error: ValidationError) -> str:
+def _fields_at(model: type[BaseModel], location: tuple) -> dict | None:
+    """The keywords of the config nested at `location` in `model` (None where there is none)."""
+    for part in location:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        kinds = get_args(field.annotation) or (field.annotation,)  # `EmaConfig | None`: its members
+        nested = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model.model_fields
+
+
+def describe_validation(error: ValidationError, model: type[BaseModel] | None = None) -> str:
     """pydantic's errors as one line per keyword: what was given and what is allowed; a value that
-    may be of several kinds (a union) gets one line whose requirements are joined by "or"."""
+    may be of several kinds (a union) gets one line whose requirements are joined by "or". With the
+    validated `model`, an unknown keyword in a nested config gets its closest and allowed names."""
     found: dict[object, tuple[str, str, list[str], object]] = {}  # (keyword, kind, messages, given)
     for index, item in enumerate(error.errors()):
         # an unknown or missing keyword's location is the user's own keys (one may be called `bool`)
@@ -104,7 +119,10 @@ def describe_validation(error: ValidationError) -> str:
         if kind == "missing":
             parts.append(f"keyword {keyword!r} is required")
         elif kind == "extra_forbidden":
-            parts.append(f"unknown keyword {keyword!r}")
+            *parent, name = keyword.split(".")
+            fields = _fields_at(model, tuple(parent)) if model is not None else None
+            allowed = f"{closest(name, fields)}; allowed: {', '.join(fields)}" if fields else ""
+            parts.append(f"unknown keyword {keyword!r}{allowed}")
         elif not keyword:  # a rule across keywords (a model validator): its message names them
             parts.append("; ".join(messages))
         else:
@@ -128,7 +146,7 @@ def parse_config(cls: type[T], data: Any, source: str, context: dict | None = No
     try:
         return cls.model_validate(data, context=context)
     except ValidationError as error:
-        raise CapasError(f"{source}: {describe_validation(error)}") from None
+        raise CapasError(f"{source}: {describe_validation(error, cls)}") from None
 
 
 def flat_items(data: Any, prefix: str = "") -> dict[str, Any]:
