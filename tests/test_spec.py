@@ -77,6 +77,14 @@ def test_a_named_layer_takes_no_number_from_keras_automatic_names():
     ]
 
 
+def test_a_name_taken_by_a_keras_automatic_name_is_refused_as_keras_does():
+    """Keras refuses Sequential([Dense(name='dense'), Dense()]): the second is named 'dense' too."""
+    with pytest.raises(
+        CapasError, match=r"the name 'dense' is used twice.*a layer without a name gets Keras'"
+    ):
+        _spec("Flatten", {"Dense": {"units": 3, "name": "dense"}}, {"Dense": {"units": 2}})
+
+
 def _spec(*layers, shape=(32, 32, 3)):
     return ModelSpec.from_dict({"name": "t", "input_shape": list(shape), "layers": list(layers)})
 

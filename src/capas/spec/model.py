@@ -298,9 +298,12 @@ class ModelSpec:
                     "its attributes, choose another"
                 )
             if names.count(info.name) > 1:
+                automatic = any(not i.layer.name for i in infos[offset:] if i.name == info.name)
                 raise CapasError(
                     f"layer {info.index - offset} ({info.layer.type_name()}): the name {info.name!r} is used twice; "
                     "layer names must be unique"
+                    + ", and a layer without a name gets Keras' (conv2d, conv2d_1, ... for Conv2D)"
+                    * automatic
                 )
         return infos
 
