@@ -259,6 +259,27 @@ def test_out_that_is_a_file_is_named(tmp_path):
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
 
 
+@pytest.mark.parametrize("shape", ["32,32", "32,32,0", "32;32;3", "32,32,3,1"])
+def test_a_study_input_shape_that_is_not_three_sizes_names_the_option(tmp_path, shape):
+    """`--input-shape 32,32` was blamed on the study file ("base.spec: 'input_shape' must be ...")."""
+    result = runner.invoke(
+        app,
+        [
+            "study",
+            str(EXAMPLES / "studies" / "global-pooling.yaml"),
+            "--input-shape",
+            shape,
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
+    message = " ".join(result.output.split())
+    assert (
+        result.exit_code == 2 and "--input-shape: expected height,width,channels such as 32,32,3" in message
+    )
+    assert f"got {shape!r}" in message and not (tmp_path / "s").exists()
+
+
 def test_a_model_too_large_for_memory_is_one_line(tmp_path):
     """A batch larger than any address space (128 × 400,000² × 3 floats): an allocator's traceback before."""
     spec = tmp_path / "huge.yaml"

@@ -423,9 +423,12 @@ def study(
         try:
             shape = [int(v) for v in input_shape.split(",")]
         except ValueError:
+            shape = []
+        if len(shape) != 3 or min(shape) < 1:  # not the study file's input_shape: name the option
             raise CapasError(
-                f"--input-shape: expected height,width,channels such as 32,32,3, got {input_shape!r}"
-            ) from None
+                f"--input-shape: expected height,width,channels such as 32,32,3 (three positive whole "
+                f"numbers), got {input_shape!r}"
+            )
     outcome = run_study(
         file, out=out, workers=workers, data=data, seeds=seeds, input_shape=shape, executor=make
     )
