@@ -215,6 +215,10 @@ BAD = [
     ({"layers": [{"Conv2D": {"filters": 8}}]}, ["layer 0 (Conv2D)", "'kernel_size' is required"]),
     ({"layers": [{"Dense": {"units": 3}, "Flatten": None}]}, ["layer 0", "one-key mapping"]),
     ({"layer": []}, ["unknown key 'layer'", "did you mean 'layers'"]),
+    (
+        {"train": {"epochs": 3}},
+        ["unknown key 'train'", "a training config, with train: and data:, goes to --config"],
+    ),
     # a '.' was a KeyError from torch when training (module names), a '/' a Keras export Keras refuses
     (
         {"layers": [{"Flatten": {"name": "flat.a"}}, {"Dense": {"units": 10}}]},

@@ -156,8 +156,12 @@ class ModelSpec:
         allowed = {"name", "input_shape", "layers", "backbone"}
         for key in data:
             if key not in allowed:
+                hint = " (a training config, with train: and data:, goes to --config)" * (
+                    key in ("train", "data")
+                )
                 raise CapasError(
-                    f"{source}: unknown key {key!r}{closest(str(key), allowed)}; allowed: {', '.join(sorted(allowed))}"
+                    f"{source}: unknown key {key!r}{closest(str(key), allowed)}; allowed: "
+                    f"{', '.join(sorted(allowed))}{hint}"
                 )
         name = data.get("name", "model")
         if not isinstance(name, str) or not name:
