@@ -219,8 +219,9 @@ def test_a_seed_beyond_what_torch_takes_is_refused_naming_it(tmp_path):
 @pytest.mark.parametrize(
     ("config", "options", "message"),
     [
-        ("train: 5\n", [], "train must be a mapping"),
-        ("data: digits\n", [], "data must be a mapping"),
+        # "such as a mapping of keywords" before
+        ("train: 5\n", [], "train must be a mapping such as {epochs: 10}, got 5"),
+        ("data: digits\n", [], "data must be a mapping such as {name: digits}, got 'digits'"),
         (
             "train:\n  optimizer: adam\n",
             [],

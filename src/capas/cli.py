@@ -112,7 +112,7 @@ def _setting_help(settings: type[BaseModel], name: str, show_default: bool = Tru
     return f"{text} (default {default})"
 
 
-def _section(value: object, where: str, config: Path | None, example: str = "a mapping of keywords") -> dict:
+def _section(value: object, where: str, config: Path | None, example: str) -> dict:
     """A section of a --config file as a fresh dict (absent: empty); anything else is the file's error."""
     if value is None:
         return {}
@@ -212,7 +212,7 @@ def train(
             f"{config}: unknown section {unknown[0]!r}{closest(unknown[0], ['train', 'data'])}; "
             "allowed: train, data (a model spec is the first argument, not --config)"
         )
-    train_raw = _section(document.get("train"), "train", config)
+    train_raw = _section(document.get("train"), "train", config, example="{epochs: 10}")
     train_raw.update(
         _overrides(
             epochs=epochs,
@@ -239,7 +239,7 @@ def train(
             train_raw.get("early_stopping"), "train.early_stopping", config, example="{patience: 3}"
         )
         train_raw["early_stopping"] = {**current, "patience": patience}
-    data_raw = _section(document.get("data"), "data", config)
+    data_raw = _section(document.get("data"), "data", config, example="{name: digits}")
     data_raw.update(_overrides(name=data, data_dir=data_dir, limit=limit, test_limit=test_limit))
     train_cfg = parse_config(TrainConfig, train_raw, "training config")
     data_cfg = parse_config(DataConfig, data_raw, "data config")
