@@ -367,3 +367,11 @@ def test_a_list_as_a_yaml_key_is_one_message(tmp_path):
     path.write_text("input_shape: [8, 8, 1]\n? [1, 2]\n: x\nlayers: [Flatten]\n")
     with pytest.raises(CapasError, match=r"odd.yaml: invalid YAML at line 2.*unhashable key"):
         load_spec(path)
+
+
+def test_a_json_spec_with_a_byte_order_mark_loads(tmp_path):
+    """A JSON spec saved by a Windows editor (UTF-8 with a BOM) was "invalid JSON ... Unexpected UTF-8
+    BOM"; the same YAML loaded."""
+    path = tmp_path / "bom.json"
+    path.write_bytes(b'\xef\xbb\xbf{"name": "b", "input_shape": [8, 8, 1], "layers": ["Flatten"]}')
+    assert load_spec(path).name == "b"

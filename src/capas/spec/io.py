@@ -55,7 +55,7 @@ def load_document(path: str | Path) -> Any:
     if not path.is_file():
         raise CapasError(f"{path}: {'a directory, not a file' if path.is_dir() else 'no such file'}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is no content
     except UnicodeDecodeError:
         hint = (
             "; a Keras model is imported with capas import-keras" if path.suffix in (".keras", ".h5") else ""
