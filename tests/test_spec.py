@@ -215,6 +215,11 @@ BAD = [
     ({"layers": [{"Conv2D": {"filters": 8}}]}, ["layer 0 (Conv2D)", "'kernel_size' is required"]),
     ({"layers": [{"Dense": {"units": 3}, "Flatten": None}]}, ["layer 0", "one-key mapping"]),
     ({"layer": []}, ["unknown key 'layer'", "did you mean 'layers'"]),
+    # "Input should be a valid tuple": an int is what Keras users write
+    (
+        {"layers": [{"Conv2D": {"filters": 2, "kernel_size": "3"}}]},
+        ["layer 0 (Conv2D)", "'kernel_size': Input should be a whole number or [height, width] (given '3')"],
+    ),
     (
         {"train": {"epochs": 3}},
         ["unknown key 'train'", "a training config, with train: and data:, goes to --config"],

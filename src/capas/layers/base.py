@@ -23,6 +23,8 @@ def _pair(value: object) -> object:
     """Keras accepts 3 or [3, 3] for a 2-D size; normalise to a 2-tuple."""
     if isinstance(value, int) and not isinstance(value, bool):
         return (value, value)
+    if not isinstance(value, list | tuple):  # pydantic's own message would ask for "a valid tuple"
+        raise ValueError("Input should be a whole number or [height, width]")
     return value
 
 
