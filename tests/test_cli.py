@@ -219,8 +219,9 @@ def test_a_seed_beyond_what_torch_takes_is_refused_naming_it(tmp_path):
 @pytest.mark.parametrize(
     ("config", "options", "message"),
     [
-        ("train: 5\n", [], "train must be a mapping"),
-        ("data: digits\n", [], "data must be a mapping"),
+        # "such as a mapping of keywords" before
+        ("train: 5\n", [], "train must be a mapping such as {epochs: 10}, got 5"),
+        ("data: digits\n", [], "data must be a mapping such as {name: digits}, got 'digits'"),
         (
             "train:\n  optimizer: adam\n",
             [],
@@ -257,6 +258,27 @@ def test_out_that_is_a_file_is_named(tmp_path):
         ]
         result = runner.invoke(app, command)
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.parametrize("shape", ["32,32", "32,32,0", "32;32;3", "32,32,3,1"])
+def test_a_study_input_shape_that_is_not_three_sizes_names_the_option(tmp_path, shape):
+    """`--input-shape 32,32` was blamed on the study file ("base.spec: 'input_shape' must be ...")."""
+    result = runner.invoke(
+        app,
+        [
+            "study",
+            str(EXAMPLES / "studies" / "global-pooling.yaml"),
+            "--input-shape",
+            shape,
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
+    message = " ".join(result.output.split())
+    assert (
+        result.exit_code == 2 and "--input-shape: expected height,width,channels such as 32,32,3" in message
+    )
+    assert f"got {shape!r}" in message and not (tmp_path / "s").exists()
 
 
 def test_a_model_too_large_for_memory_is_one_line(tmp_path):

@@ -56,6 +56,35 @@ def test_keras_layer_names_and_counts_per_layer():
     assert rows[0].macs == 26 * 26 * 3 * 3 * 1 * 32
 
 
+def test_a_named_layer_takes_no_number_from_keras_automatic_names():
+    """Keras numbers only the layers it names itself: after a Conv2D named 'first', the next Conv2D
+    is 'conv2d' in Keras' summary (capas said 'conv2d_1')."""
+    spec = _spec(
+        {"Conv2D": {"filters": 4, "kernel_size": 3, "name": "first"}},
+        {"Conv2D": {"filters": 4, "kernel_size": 3}},
+        {"Conv2D": {"filters": 4, "kernel_size": 3}},
+        "Flatten",
+        {"Dense": {"units": 3, "name": "dense_top"}},
+        {"Dense": {"units": 3}},
+    )
+    assert [r.name for r in summarize(spec).rows] == [
+        "first",
+        "conv2d",
+        "conv2d_1",
+        "flatten",
+        "dense_top",
+        "dense",
+    ]
+
+
+def test_a_name_taken_by_a_keras_automatic_name_is_refused_as_keras_does():
+    """Keras refuses Sequential([Dense(name='dense'), Dense()]): the second is named 'dense' too."""
+    with pytest.raises(
+        CapasError, match=r"the name 'dense' is used twice.*a layer without a name gets Keras'"
+    ):
+        _spec("Flatten", {"Dense": {"units": 3, "name": "dense"}}, {"Dense": {"units": 2}})
+
+
 def _spec(*layers, shape=(32, 32, 3)):
     return ModelSpec.from_dict({"name": "t", "input_shape": list(shape), "layers": list(layers)})
 
@@ -142,6 +171,19 @@ BAD = [
         ["layer 0 (Conv2D)", "'filters'", "greater than or equal to 1"],
     ),
     ({"layers": ["Flatten", {"Dropout": {"rate": 1.5}}]}, ["layer 1 (Dropout)", "'rate'", "1.5"]),
+    # YAML's yes/on: a BatchNormalization whose statistics never moved (momentum 1.0), rate: no
+    (
+        {"layers": [{"BatchNormalization": {"momentum": True}}, "Flatten"]},
+        ["layer 0 (BatchNormalization)", "'momentum'", "not true or false"],
+    ),
+    (
+        {"layers": [{"Dropout": {"rate": False}}, "Flatten"]},
+        ["layer 0 (Dropout)", "'rate'", "not true or false"],
+    ),
+    (
+        {"layers": [{"Rescaling": {"scale": True}}, "Flatten"]},
+        ["layer 0 (Rescaling)", "'scale'", "not true or false"],
+    ),
     (
         {"layers": [{"Conv2D": {"filters": 8, "kernel_size": 3, "padding": "full"}}]},
         ["layer 0 (Conv2D)", "'padding'", "'valid'", "'same'"],
@@ -173,6 +215,15 @@ BAD = [
     ({"layers": [{"Conv2D": {"filters": 8}}]}, ["layer 0 (Conv2D)", "'kernel_size' is required"]),
     ({"layers": [{"Dense": {"units": 3}, "Flatten": None}]}, ["layer 0", "one-key mapping"]),
     ({"layer": []}, ["unknown key 'layer'", "did you mean 'layers'"]),
+    # "Input should be a valid tuple": an int is what Keras users write
+    (
+        {"layers": [{"Conv2D": {"filters": 2, "kernel_size": "3"}}]},
+        ["layer 0 (Conv2D)", "'kernel_size': Input should be a whole number or [height, width] (given '3')"],
+    ),
+    (
+        {"train": {"epochs": 3}},
+        ["unknown key 'train'", "a training config, with train: and data:, goes to --config"],
+    ),
     # a '.' was a KeyError from torch when training (module names), a '/' a Keras export Keras refuses
     (
         {"layers": [{"Flatten": {"name": "flat.a"}}, {"Dense": {"units": 10}}]},
@@ -281,3 +332,51 @@ def test_a_rule_across_keywords_is_reported_without_a_made_up_keyword():
     message = str(error.value)
     assert message.startswith("training config: winograd: true and compile: true cannot be combined"), message
     assert "'keywords'" not in message and "given" not in message
+
+
+def test_a_key_repeated_in_json_is_refused(tmp_path):
+    """In a JSON spec the second `layers` silently replaced the first (YAML's repeat was refused)."""
+    path = tmp_path / "twice.json"
+    path.write_text(
+        '{"name": "x", "input_shape": [8, 8, 1], "layers": ["Flatten", {"Dense": {"units": 10}}],'
+        ' "layers": [{"Dense": {"units": 3}}]}'
+    )
+    with pytest.raises(
+        CapasError, match=r"twice.json: invalid JSON: key 'layers' appears twice in one object"
+    ):
+        load_spec(path)
+
+
+def test_yaml_merge_keys_load_and_may_be_overridden(tmp_path):
+    """`<<: *anchor` (YAML's merge key) was refused as invalid YAML ("could not determine a
+    constructor"); a key beside the merge overrides the merged one, and is no repeat."""
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        "name: x\ninput_shape: [8, 8, 1]\nlayers:\n"
+        "  - Conv2D: &conv {filters: 2, kernel_size: 3, activation: relu}\n"
+        "  - Conv2D: {<<: *conv, filters: 4}\n"
+        "  - Flatten\n"
+    )
+    spec = load_spec(path)
+    assert [(layer.filters, layer.activation) for layer in spec.layers[:2]] == [(2, "relu"), (4, "relu")]
+    path.write_text(
+        "name: x\ninput_shape: [8, 8, 1]\nlayers: [{Flatten: {<<: {name: a}, name: b, name: c}}]\n"
+    )
+    with pytest.raises(CapasError, match=r"merge.yaml: invalid YAML at line 3.*'name' appears twice"):
+        load_spec(path)
+
+
+def test_a_list_as_a_yaml_key_is_one_message(tmp_path):
+    """`? [1, 2]` as a key was a TypeError's traceback (unhashable type)."""
+    path = tmp_path / "odd.yaml"
+    path.write_text("input_shape: [8, 8, 1]\n? [1, 2]\n: x\nlayers: [Flatten]\n")
+    with pytest.raises(CapasError, match=r"odd.yaml: invalid YAML at line 2.*unhashable key"):
+        load_spec(path)
+
+
+def test_a_json_spec_with_a_byte_order_mark_loads(tmp_path):
+    """A JSON spec saved by a Windows editor (UTF-8 with a BOM) was "invalid JSON ... Unexpected UTF-8
+    BOM"; the same YAML loaded."""
+    path = tmp_path / "bom.json"
+    path.write_bytes(b'\xef\xbb\xbf{"name": "b", "input_shape": [8, 8, 1], "layers": ["Flatten"]}')
+    assert load_spec(path).name == "b"

@@ -332,6 +332,23 @@ def test_a_model_whose_output_does_not_fit_the_classes_is_refused(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    "last",
+    [{"Dense": {"units": 10, "activation": "sigmoid"}}, {"Activation": {"activation": "hard_sigmoid"}}],
+)
+def test_a_model_that_ends_in_a_sigmoid_is_refused(tmp_path, last):
+    """Dense(10, sigmoid) trained with its sigmoids taken as logits (1 epoch on digits: 15% test
+    accuracy, 88% with softmax) and predicted softmax(sigmoid) probabilities, at most 0.23; the Keras
+    import refuses such models for the same reason."""
+    layers = ["Flatten", {"Dense": {"units": 10}}, last] if "Activation" in last else ["Flatten", last]
+    spec = ModelSpec.from_dict({"name": "sig", "input_shape": [28, 28, 1], "layers": layers})
+    with pytest.raises(
+        CapasError, match=r"sig: the last layer \((Dense|Activation)\) ends in a (hard_)?sigmoid"
+    ):
+        train(spec, DataConfig(limit=100), TrainConfig(epochs=1), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
 def test_tampered_run_directories_are_named(tiny_run, tmp_path):
     import shutil
 
@@ -578,6 +595,56 @@ def test_a_boolean_is_not_a_count_in_configs(cls, keywords):
     """`epochs: true` trained one epoch: pydantic takes true for 1."""
     with pytest.raises(CapasError, match="Input should be a whole number, not true or false"):
         parse_config(cls, keywords, "config")
+
+
+@pytest.mark.parametrize(
+    ("cls", "keywords", "keyword"),
+    [
+        (TrainConfig, {"optimizer": {"lr": True}}, "optimizer.lr"),
+        (TrainConfig, {"optimizer": {"weight_decay": True}}, "optimizer.weight_decay"),
+        (TrainConfig, {"label_smoothing": False}, "label_smoothing"),
+        (TrainConfig, {"max_seconds": True}, "max_seconds"),
+        (TrainConfig, {"schedule": {"name": "step", "gamma": True}}, "schedule.gamma"),
+        (TrainConfig, {"ema": {"decay": False}}, "ema.decay"),
+        (TrainConfig, {"early_stopping": {"min_delta": True}}, "early_stopping.min_delta"),
+        (
+            TrainConfig,
+            {"progressive_resizing": {"initial_scale": True}},
+            "progressive_resizing.initial_scale",
+        ),
+        (DataConfig, {"val_fraction": True}, "val_fraction"),
+    ],
+)
+def test_a_boolean_is_not_a_number_in_configs(cls, keywords, keyword):
+    """YAML's yes/no/on/off are booleans, which pydantic took for 1.0 and 0.0: `lr: yes` trained at
+    a learning rate of 1, `max_seconds: on` stopped after one second."""
+    with pytest.raises(CapasError, match=f"keyword '{keyword}': Input should be a number, not true or false"):
+        parse_config(cls, keywords, "config")
+
+
+@pytest.mark.parametrize(
+    ("keywords", "expected"),
+    [
+        (
+            {"optimizer": {"nme": "sgd"}},
+            "unknown keyword 'optimizer.nme' (did you mean 'name'?); allowed: name, lr, momentum,",
+        ),
+        (
+            {"early_stopping": {"patiense": 2}},
+            "unknown keyword 'early_stopping.patiense' (did you mean 'patience'?); allowed: monitor, patience, min_delta",
+        ),
+        (
+            {"augment": {"flip": True}},
+            "unknown keyword 'augment.flip' (did you mean 'hflip'?); allowed: crop_padding,",
+        ),
+    ],
+)
+def test_an_unknown_nested_keyword_gets_the_closest_and_the_allowed_names(keywords, expected):
+    """A typo at the top of a config named the closest and allowed keys, one inside `optimizer:` or
+    `early_stopping:` only itself."""
+    with pytest.raises(CapasError) as error:
+        parse_config(TrainConfig, keywords, "training config")
+    assert expected in str(error.value)
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):

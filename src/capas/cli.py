@@ -112,7 +112,7 @@ def _setting_help(settings: type[BaseModel], name: str, show_default: bool = Tru
     return f"{text} (default {default})"
 
 
-def _section(value: object, where: str, config: Path | None, example: str = "a mapping of keywords") -> dict:
+def _section(value: object, where: str, config: Path | None, example: str) -> dict:
     """A section of a --config file as a fresh dict (absent: empty); anything else is the file's error."""
     if value is None:
         return {}
@@ -212,7 +212,7 @@ def train(
             f"{config}: unknown section {unknown[0]!r}{closest(unknown[0], ['train', 'data'])}; "
             "allowed: train, data (a model spec is the first argument, not --config)"
         )
-    train_raw = _section(document.get("train"), "train", config)
+    train_raw = _section(document.get("train"), "train", config, example="{epochs: 10}")
     train_raw.update(
         _overrides(
             epochs=epochs,
@@ -239,7 +239,7 @@ def train(
             train_raw.get("early_stopping"), "train.early_stopping", config, example="{patience: 3}"
         )
         train_raw["early_stopping"] = {**current, "patience": patience}
-    data_raw = _section(document.get("data"), "data", config)
+    data_raw = _section(document.get("data"), "data", config, example="{name: digits}")
     data_raw.update(_overrides(name=data, data_dir=data_dir, limit=limit, test_limit=test_limit))
     train_cfg = parse_config(TrainConfig, train_raw, "training config")
     data_cfg = parse_config(DataConfig, data_raw, "data config")
@@ -423,9 +423,12 @@ def study(
         try:
             shape = [int(v) for v in input_shape.split(",")]
         except ValueError:
+            shape = []
+        if len(shape) != 3 or min(shape) < 1:  # not the study file's input_shape: name the option
             raise CapasError(
-                f"--input-shape: expected height,width,channels such as 32,32,3, got {input_shape!r}"
-            ) from None
+                f"--input-shape: expected height,width,channels such as 32,32,3 (three positive whole "
+                f"numbers), got {input_shape!r}"
+            )
     outcome = run_study(
         file, out=out, workers=workers, data=data, seeds=seeds, input_shape=shape, executor=make
     )

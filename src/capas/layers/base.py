@@ -23,18 +23,28 @@ def _pair(value: object) -> object:
     """Keras accepts 3 or [3, 3] for a 2-D size; normalise to a 2-tuple."""
     if isinstance(value, int) and not isinstance(value, bool):
         return (value, value)
+    if not isinstance(value, list | tuple):  # pydantic's own message would ask for "a valid tuple"
+        raise ValueError("Input should be a whole number or [height, width]")
     return value
 
 
-def _not_bool(value: object) -> object:
-    """pydantic takes true and false for the ints 1 and 0: `units: true` was a one-unit Dense."""
-    if isinstance(value, bool):
-        raise ValueError("Input should be a whole number, not true or false")
-    return value
+def _not_bool(kind: str):
+    """pydantic takes true and false for the numbers 1 and 0: `units: true` was a one-unit Dense,
+    `momentum: yes` (YAML's true) a BatchNormalization whose statistics never moved."""
+
+    def check(value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError(f"Input should be {kind}, not true or false")
+        return value
+
+    return BeforeValidator(check)
 
 
-Count = Annotated[int, BeforeValidator(_not_bool)]
+Count = Annotated[int, _not_bool("a whole number")]
 """A whole number that a boolean is not (for counts, sizes and seeds in layers and configs)."""
+
+Real = Annotated[float, _not_bool("a number")]
+"""A number that a boolean is not (for rates, factors and sizes in layers and configs)."""
 
 Pair = Annotated[tuple[Annotated[Count, Field(ge=1)], Annotated[Count, Field(ge=1)]], BeforeValidator(_pair)]
 

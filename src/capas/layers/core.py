@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
-from capas.layers.base import Count, Layer, Pair, Shape, check_activation, conv_output, register
+from capas.layers.base import Count, Layer, Pair, Real, Shape, check_activation, conv_output, register
 
 ActivationName = Annotated[str | None, AfterValidator(check_activation)]
 Padding = Literal["valid", "same"]
@@ -160,7 +160,7 @@ class Dense(Layer):
 class Dropout(Layer):
     structured_pruning = True
     example = ({"rate": 0.5}, (5, 5, 4))
-    rate: float = Field(ge=0.0, lt=1.0)
+    rate: Real = Field(ge=0.0, lt=1.0)
 
 
 @register
@@ -180,8 +180,8 @@ class BatchNormalization(Layer):
 
     structured_pruning = True
     example = ({}, (5, 5, 4))
-    momentum: float = Field(default=0.99, ge=0.0, le=1.0)
-    epsilon: float = Field(default=1e-3, gt=0.0)
+    momentum: Real = Field(default=0.99, ge=0.0, le=1.0)
+    epsilon: Real = Field(default=1e-3, gt=0.0)
     center: bool = True
     scale: bool = True
 
@@ -203,7 +203,7 @@ class LayerNormalization(Layer):
     """Normalises over the channel axis, as Keras does by default."""
 
     example = ({}, (5, 5, 4))
-    epsilon: float = Field(default=1e-3, gt=0.0)
+    epsilon: Real = Field(default=1e-3, gt=0.0)
 
     def params(self, shape: Shape) -> tuple[int, int]:
         return 2 * shape[-1], 0
@@ -219,7 +219,7 @@ class LayerNormalization(Layer):
 class GroupNormalization(Layer):
     example = ({"groups": 2}, (5, 5, 4))
     groups: Count = Field(default=32, ge=1)
-    epsilon: float = Field(default=1e-3, gt=0.0)
+    epsilon: Real = Field(default=1e-3, gt=0.0)
 
     def output_shape(self, shape: Shape) -> Shape:
         channels = shape[-1]
@@ -246,8 +246,8 @@ class Activation(Layer):
 class ReLU(Layer):
     structured_pruning = True
     example = ({"max_value": 6.0}, (5, 5, 4))
-    max_value: float | None = Field(default=None, gt=0.0)
-    negative_slope: float = Field(default=0.0, ge=0.0)
+    max_value: Real | None = Field(default=None, gt=0.0)
+    negative_slope: Real = Field(default=0.0, ge=0.0)
 
 
 @register
@@ -257,8 +257,8 @@ class Rescaling(Layer):
 
     structured_pruning = True
     example = ({"scale": 1 / 9, "offset": 0.5}, (5, 5, 4))
-    scale: float
-    offset: float = 0.0
+    scale: Real
+    offset: Real = 0.0
 
     def macs(self, shape: Shape) -> int:
         return _elements(shape)

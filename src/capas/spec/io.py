@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -15,18 +15,38 @@ T = TypeVar("T", bound=BaseModel)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key repeated in one mapping (the last would silently win)."""
+    """YAML's safe loader, refusing a key repeated in one mapping (the last would silently win).
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    Checked as each mapping is read, before merge keys (`<<: *defaults`) copy keys into it: a key
+    written beside a merge overrides the merged one, as YAML says."""
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=True)
-            if key in seen:
+            try:
+                repeated = key in seen
+            except TypeError:  # a list or mapping as a key: the constructor refuses it with its line
+                continue
+            if repeated:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
                 )
             seen.add(key)
-        return super().construct_mapping(node, deep)
+        return node
+
+
+def _unique_keys(pairs: list[tuple[str, Any]], path: Path) -> dict:
+    """A JSON object, refusing a key repeated in it (the last would silently win, as in YAML)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise CapasError(f"{path}: invalid JSON: key {key!r} appears twice in one object")
+        out[key] = value
+    return out
 
 
 def load_document(path: str | Path) -> Any:
@@ -35,7 +55,7 @@ def load_document(path: str | Path) -> Any:
     if not path.is_file():
         raise CapasError(f"{path}: {'a directory, not a file' if path.is_dir() else 'no such file'}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is no content
     except UnicodeDecodeError:
         hint = (
             "; a Keras model is imported with capas import-keras" if path.suffix in (".keras", ".h5") else ""
@@ -45,7 +65,7 @@ def load_document(path: str | Path) -> Any:
         raise CapasError(f"{path}: cannot read ({error.strerror or error})") from None
     try:
         if path.suffix == ".json":
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, path))
         return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
     except json.JSONDecodeError as error:
         raise CapasError(
@@ -66,9 +86,24 @@ def _union_member(part: object) -> bool:
     return isinstance(part, str) and (part in _SCALAR_TAGS or any(c in part for c in "[("))
 
 
-def describe_validation(error: ValidationError) -> str:
+def _fields_at(model: type[BaseModel], location: tuple) -> dict | None:
+    """The keywords of the config nested at `location` in `model` (None where there is none)."""
+    for part in location:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        kinds = get_args(field.annotation) or (field.annotation,)  # `EmaConfig | None`: its members
+        nested = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model.model_fields
+
+
+def describe_validation(error: ValidationError, model: type[BaseModel] | None = None) -> str:
     """pydantic's errors as one line per keyword: what was given and what is allowed; a value that
-    may be of several kinds (a union) gets one line whose requirements are joined by "or"."""
+    may be of several kinds (a union) gets one line whose requirements are joined by "or". With the
+    validated `model`, an unknown keyword in a nested config gets its closest and allowed names."""
     found: dict[object, tuple[str, str, list[str], object]] = {}  # (keyword, kind, messages, given)
     for index, item in enumerate(error.errors()):
         # an unknown or missing keyword's location is the user's own keys (one may be called `bool`)
@@ -84,7 +119,10 @@ def describe_validation(error: ValidationError) -> str:
         if kind == "missing":
             parts.append(f"keyword {keyword!r} is required")
         elif kind == "extra_forbidden":
-            parts.append(f"unknown keyword {keyword!r}")
+            *parent, name = keyword.split(".")
+            fields = _fields_at(model, tuple(parent)) if model is not None else None
+            allowed = f"{closest(name, fields)}; allowed: {', '.join(fields)}" if fields else ""
+            parts.append(f"unknown keyword {keyword!r}{allowed}")
         elif not keyword:  # a rule across keywords (a model validator): its message names them
             parts.append("; ".join(messages))
         else:
@@ -108,7 +146,7 @@ def parse_config(cls: type[T], data: Any, source: str, context: dict | None = No
     try:
         return cls.model_validate(data, context=context)
     except ValidationError as error:
-        raise CapasError(f"{source}: {describe_validation(error)}") from None
+        raise CapasError(f"{source}: {describe_validation(error, cls)}") from None
 
 
 def flat_items(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -156,8 +156,12 @@ class ModelSpec:
         allowed = {"name", "input_shape", "layers", "backbone"}
         for key in data:
             if key not in allowed:
+                hint = " (a training config, with train: and data:, goes to --config)" * (
+                    key in ("train", "data")
+                )
                 raise CapasError(
-                    f"{source}: unknown key {key!r}{closest(str(key), allowed)}; allowed: {', '.join(sorted(allowed))}"
+                    f"{source}: unknown key {key!r}{closest(str(key), allowed)}; allowed: "
+                    f"{', '.join(sorted(allowed))}{hint}"
                 )
         name = data.get("name", "model")
         if not isinstance(name, str) or not name:
@@ -260,10 +264,12 @@ class ModelSpec:
                 out = layer.output_shape(shape)
             except ValueError as error:
                 raise CapasError(f"{where}: {error}") from None
-            base = _snake(type_name)
-            seen = counts.get(base, 0)
-            counts[base] = seen + 1
-            name = layer.name or (base if seen == 0 else f"{base}_{seen}")
+            name = layer.name
+            if not name:  # Keras numbers the layers it names itself: a named layer takes no number
+                base = _snake(type_name)
+                seen = counts.get(base, 0)
+                counts[base] = seen + 1
+                name = base if seen == 0 else f"{base}_{seen}"
             trainable, non_trainable = layer.params(shape)
             infos.append(
                 LayerInfo(
@@ -296,9 +302,12 @@ class ModelSpec:
                     "its attributes, choose another"
                 )
             if names.count(info.name) > 1:
+                automatic = any(not i.layer.name for i in infos[offset:] if i.name == info.name)
                 raise CapasError(
                     f"layer {info.index - offset} ({info.layer.type_name()}): the name {info.name!r} is used twice; "
                     "layer names must be unique"
+                    + ", and a layer without a name gets Keras' (conv2d, conv2d_1, ... for Conv2D)"
+                    * automatic
                 )
         return infos
 

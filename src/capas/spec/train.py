@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from capas.layers.base import Count
+from capas.layers.base import Count, Real
 
 MAX_SEED = 2**32 - 1  # the largest seed a run takes (numpy's and torch's seeds both hold it)
 MAX_LR, MAX_FACTOR = 1e30, 1e3
@@ -22,7 +22,7 @@ def _at_most_max_lr(value: float) -> float:
     return value
 
 
-Rate = Annotated[float, AfterValidator(_at_most_max_lr)]
+Rate = Annotated[Real, AfterValidator(_at_most_max_lr)]
 
 
 class _Config(BaseModel):
@@ -39,23 +39,23 @@ OPTIMIZER_DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adam": 0.0, "adamw": 0.004, "rmsp
 class OptimizerConfig(_Config):
     name: Literal["sgd", "adam", "adamw", "rmsprop", "adadelta"] = "adam"
     lr: Rate | None = Field(default=None, gt=0.0, description="None: Keras' default for the optimizer")
-    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    momentum: Real = Field(default=0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
-    weight_decay: float | None = Field(
+    weight_decay: Real | None = Field(
         default=None,
         ge=0.0,
         le=MAX_FACTOR,
         description="decoupled, as Keras 3 applies it in every optimizer: w -= lr·weight_decay·w before "
         "each step. None: Keras' default (0.004 for adamw, 0 for the others)",
     )
-    rho: float = Field(
+    rho: Real = Field(
         default=0.95, gt=0.0, lt=1.0, description="Adadelta's decay (RMSprop uses 0.9 as Keras)"
     )
-    epsilon: float = Field(default=1e-7, gt=0.0, description="Keras' default, not PyTorch's 1e-8")
-    backbone_lr_scale: float = Field(
+    epsilon: Real = Field(default=1e-7, gt=0.0, description="Keras' default, not PyTorch's 1e-8")
+    backbone_lr_scale: Real = Field(
         default=1.0, gt=0.0, le=1.0, description="learning rate of pretrained backbone layers relative to lr"
     )
-    batchnorm_lr_scale: float = Field(
+    batchnorm_lr_scale: Real = Field(
         default=1.0,
         gt=0.0,
         le=MAX_FACTOR,
@@ -96,20 +96,20 @@ class ScheduleConfig(_Config):
 
     name: Literal["constant", "step", "cosine", "onecycle", "linear", "plateau"] = "constant"
     step_epochs: Count = Field(default=10, ge=1, description="'step': epochs between decays")
-    gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="'step': factor per decay")
-    warmup_fraction: float = Field(
+    gamma: Real = Field(default=0.1, gt=0.0, le=1.0, description="'step': factor per decay")
+    warmup_fraction: Real = Field(
         default=0.25, gt=0.0, lt=1.0, description="'onecycle', 'linear': share of steps rising"
     )
-    initial_factor: float = Field(
+    initial_factor: Real = Field(
         default=0.04, ge=0.0, le=1.0, description="'linear': the rate at step 0, relative to lr"
     )
-    final_factor: float = Field(
+    final_factor: Real = Field(
         default=0.0, ge=0.0, le=1.0, description="'linear': the rate at the last step, relative to lr"
     )
-    factor: float = Field(default=0.1, gt=0.0, lt=1.0, description="'plateau': factor per reduction")
+    factor: Real = Field(default=0.1, gt=0.0, lt=1.0, description="'plateau': factor per reduction")
     patience: Count = Field(default=10, ge=1, description="'plateau': epochs without improvement")
     min_lr: Rate = Field(default=0.0, ge=0.0, description="'plateau': the lowest learning rate")
-    min_delta: float = Field(default=1e-4, ge=0.0, description="'plateau': the smallest improvement")
+    min_delta: Real = Field(default=1e-4, ge=0.0, description="'plateau': the smallest improvement")
 
 
 class EmaConfig(_Config):
@@ -121,10 +121,10 @@ class EmaConfig(_Config):
     decay that grows as the cube of training's progress and puts the average back each time:
     `{decay: 0.7738, every: 5, overwrite_every: 5, ramp: 3}`."""
 
-    decay: float = Field(default=0.99, ge=0.0, lt=1.0, description="Keras' ema_momentum")
+    decay: Real = Field(default=0.99, ge=0.0, lt=1.0, description="Keras' ema_momentum")
     overwrite_every: Count | None = Field(default=None, ge=1, description="Keras' ema_overwrite_frequency")
     every: Count = Field(default=1, ge=1, description="optimizer steps between updates of the average")
-    ramp: float = Field(
+    ramp: Real = Field(
         default=0.0,
         ge=0.0,
         description="the decay at step t of T is decay·(t/T)^ramp: the average follows the weights "
@@ -144,7 +144,7 @@ class EmaConfig(_Config):
 class EarlyStopping(_Config):
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
     patience: Count = Field(default=3, ge=1)
-    min_delta: float = Field(default=0.0, ge=0.0)
+    min_delta: Real = Field(default=0.0, ge=0.0)
 
 
 class FinetuneConfig(_Config):
@@ -154,7 +154,7 @@ class FinetuneConfig(_Config):
 
     after_epochs: Count = Field(ge=1)
     unfreeze: Literal["all"] | Annotated[Count, Field(ge=1)] = "all"
-    backbone_lr_scale: float = Field(default=0.1, gt=0.0, le=1.0, description="backbone rate relative to lr")
+    backbone_lr_scale: Real = Field(default=0.1, gt=0.0, le=1.0, description="backbone rate relative to lr")
 
 
 class Augment(_Config):
@@ -195,9 +195,9 @@ class ProgressiveResizing(_Config):
     one step before it runs the others uncompiled: a coarse `size_increment` keeps them few.
     """
 
-    initial_scale: float = Field(default=0.5, gt=0.0, le=1.0, description="the first images' side, relative")
-    delay_fraction: float = Field(default=0.5, ge=0.0, lt=1.0, description="share of steps at initial_scale")
-    finetune_fraction: float = Field(default=0.2, ge=0.0, lt=1.0, description="share of steps at full size")
+    initial_scale: Real = Field(default=0.5, gt=0.0, le=1.0, description="the first images' side, relative")
+    delay_fraction: Real = Field(default=0.5, ge=0.0, lt=1.0, description="share of steps at initial_scale")
+    finetune_fraction: Real = Field(default=0.2, ge=0.0, lt=1.0, description="share of steps at full size")
     size_increment: Count = Field(default=4, ge=1, description="sides are multiples of this many pixels")
 
     @model_validator(mode="after")
@@ -215,7 +215,7 @@ class TrainConfig(_Config):
     batch_size: Count = Field(default=128, ge=1)
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
-    label_smoothing: float = Field(
+    label_smoothing: Real = Field(
         default=0.0,
         ge=0.0,
         lt=1.0,
@@ -277,7 +277,7 @@ class TrainConfig(_Config):
         "them. The same batches, flips and losses as without it. Needs a frozen backbone in "
         "inference mode, flips as the only augmentation, no progressive resizing, one process",
     )
-    max_seconds: float | None = Field(
+    max_seconds: Real | None = Field(
         default=None,
         gt=0.0,
         description="budget of seconds in training steps (validation not counted); training stops at the "
@@ -318,8 +318,8 @@ class TrainConfig(_Config):
 class DataConfig(_Config):
     name: str = "fashion-mnist"
     data_dir: str | None = None
-    val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
-    test_fraction: float = Field(
+    val_fraction: Real = Field(default=0.1, gt=0.0, lt=1.0)
+    test_fraction: Real = Field(
         default=0.2, gt=0.0, lt=1.0, description="held out when the data has no test split"
     )
     limit: Count | None = Field(

@@ -68,6 +68,15 @@ def train(
     cfg = resolved(cfg)
     if cfg.finetune is not None and spec.backbone is None:
         raise CapasError(f"{spec.name}: train.finetune needs a spec with a backbone")
+    last = spec.layers[-1]
+    if getattr(last, "activation", None) in ("sigmoid", "hard_sigmoid"):
+        # the loss takes the outputs as logits and predictions apply a softmax to them: sigmoid
+        # outputs would train slowly and be reported squashed (at most e/(e + 9) = 0.23 with 10 classes)
+        raise CapasError(
+            f"{spec.name}: the last layer ({last.type_name()}) ends in a {last.activation}, the output of a "
+            "binary or multi-label classifier; capas trains classifiers with a softmax over the classes: "
+            "end with activation: softmax (or none, the logits)"
+        )
     splits = splits_for(data)
     classes = splits.train.classes
     units = spec.output_shape
