@@ -390,3 +390,30 @@ def test_ctrl_c_says_resume_only_where_a_rerun_resumes(capsys, name, said):
         capsys.readouterr().err.strip()
         == f"interrupted; {'finished work is kept, ' * (name == 'train')}{said}"
     )
+
+
+def test_class_names_and_paths_print_as_written_not_as_markup(tmp_path):
+    """Class names are folder names and paths are the user's: '[bold]' vanished from predict's and
+    evaluate's output as rich markup, and a path holding '[/]' crashed predict with a MarkupError."""
+    import numpy as np
+    from PIL import Image
+
+    for label, name in enumerate(["[bold]", "b"]):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((8, 8), 100 * label + i, np.uint8)).save(
+                tmp_path / "data" / name / f"{i}.png"
+            )
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: marks\ninput_shape: [8, 8, 1]\nlayers:\n  - Flatten\n  - Dense: {units: 2}\n")
+    run = tmp_path / "run"
+    train = ["train", str(spec), "--data", f"folder:{tmp_path / 'data'}", "--epochs", "1", "--threads", "1"]
+    assert runner.invoke(app, [*train, "--out", str(run)]).exit_code == 0
+    result = runner.invoke(app, ["evaluate", str(run)])
+    assert result.exit_code == 0 and "0 [bold]" in result.output, result.output
+    (tmp_path / "x[").mkdir()
+    image = tmp_path / "x[/]y.png"  # the folder 'x[' and the file ']y.png'
+    image.write_bytes((tmp_path / "data" / "[bold]" / "0.png").read_bytes())
+    result = runner.invoke(app, ["predict", str(run), str(image), "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"{image}: " in result.output and "[bold] 0." in result.output and "b 0." in result.output
