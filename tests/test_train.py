@@ -696,3 +696,35 @@ def test_evaluate_gives_accuracy_as_the_exact_fraction_of_images_right():
     evaluation = evaluate(FirstPixel(), data, default_preprocess((2, 2, 1)), "cpu")
     assert evaluation.accuracy == 19 / 20
     assert evaluation.test_results(["0", "1"])["per_class_accuracy"] == {"0": 10 / 11, "1": 1.0}
+
+
+def test_predict_files_gives_the_probabilities_evaluation_gives_the_same_files(tmp_path):
+    """An image folder of 40×40 photos for an 8×8 model: predict decoded each file shrunk (a box
+    reduction, JPEG's DCT scaling) where training and evaluate resize the full-size image, so
+    the same file got other probabilities ("preprocessed exactly as in training")."""
+    from PIL import Image
+
+    from capas.data.folder import load_folder
+    from capas.inference import tta_logits
+    from capas.predict import predict_files
+
+    generator = torch.Generator().manual_seed(0)
+    files = []
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8, generator=generator).numpy()
+            files.append(tmp_path / "data" / name / f"{i}.{'jpg' if i % 2 else 'png'}")
+            Image.fromarray(pixels).save(files[-1])
+    spec = ModelSpec.from_dict(
+        {"name": "shrink", "input_shape": [8, 8, 3], "layers": ["Flatten", {"Dense": {"units": 2}}]}
+    )
+    data = DataConfig(name=f"folder:{tmp_path / 'data'}")
+    train(spec, data, TrainConfig(epochs=1, threads=1), tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    dataset = load_folder(tmp_path / "data")  # what training and evaluate read, in file-name order
+    (x, _), *_ = iterate_batches(dataset, len(dataset), preprocess=run.preprocess)
+    with torch.no_grad():
+        expected = torch.softmax(tta_logits(run.model, x, run.tta), dim=1)
+    got = torch.tensor([p.probabilities for p in predict_files(run, sorted(files))])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

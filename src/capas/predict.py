@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +28,17 @@ class Prediction:
 
 
 @torch.no_grad()
-def predict(run: Run, images: list[torch.Tensor]) -> list[Prediction]:
+def predict(run: Run, images: Iterable[torch.Tensor]) -> list[Prediction]:
     """Class probabilities for decoded uint8 (C, H, W) images of any size, preprocessed as in training
     and with the run's test-time augmentation, in evaluation's batches (`eval_batch_size`: thousands
-    of files in one batch ran out of memory)."""
+    of files in one batch ran out of memory). Each image is preprocessed as it comes, so that only
+    inputs of the model's size are kept, however large the images (`predict_files` decodes one at a time)."""
     device = model_device(run.model)
+    inputs = [run.preprocess(image.unsqueeze(0)) for image in images]  # each (1, C, H, W)
     size = eval_batch_size(run.preprocess, device)
     predictions = []
-    for start in range(0, len(images), size):
-        batch = run.preprocess.each(images[start : start + size]).to(device)  # (B, C, H, W)
+    for start in range(0, len(inputs), size):
+        batch = torch.cat(inputs[start : start + size]).to(device)  # (B, C, H, W)
         with autocast(device, run.precision):
             probabilities = torch.softmax(tta_logits(run.model, batch, run.tta), dim=1).cpu()
         predictions += [
@@ -45,7 +48,9 @@ def predict(run: Run, images: list[torch.Tensor]) -> list[Prediction]:
 
 
 def predict_files(run: Run, paths: list[str | Path]) -> list[Prediction]:
-    return predict(run, [read_image(Path(p), size=run.preprocess.size) for p in paths])
+    """`predict` on image files, each decoded whole as training decodes a folder's images: a file
+    shrunk while it decodes (as `capas serve` does, to bound a request's memory) has other pixels."""
+    return predict(run, (read_image(Path(p)) for p in paths))
 
 
 def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = None) -> Splits:
