@@ -728,3 +728,15 @@ def test_predict_files_gives_the_probabilities_evaluation_gives_the_same_files(t
         expected = torch.softmax(tta_logits(run.model, x, run.tta), dim=1)
     got = torch.tensor([p.probabilities for p in predict_files(run, sorted(files))])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_a_run_trained_on_digits_refuses_a_dataset_of_other_classes(tmp_path):
+    """Digits' (and MNIST's) class names are 0..9, which were taken for the placeholders of a Keras
+    import without class names: a digit classifier was scored on Fashion-MNIST's clothes."""
+    spec = ModelSpec.from_dict(
+        {"name": "digits", "input_shape": [8, 8, 1], "layers": ["Flatten", {"Dense": {"units": 10}}]}
+    )
+    train(spec, DataConfig(name="digits"), TrainConfig(epochs=1, threads=1), tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    with pytest.raises(CapasError, match=r"fashion-mnist has classes \['T-shirt/top'.* trained on \['0'"):
+        evaluate_run(run, DataConfig(name="fashion-mnist"))

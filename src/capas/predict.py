@@ -58,7 +58,8 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
     `data_dir` replaces the recorded config's folder for the dataset's files (a run moved to another machine).
 
     A run whose classes are the placeholders 0, 1, …, K−1 (a Keras import without --data or --classes)
-    takes any dataset of K classes, its outputs in the dataset's class order.
+    takes any dataset of K classes, its outputs in the dataset's class order; a trained run's classes
+    0, 1, …, 9 are its dataset's names (digits), and take only datasets of those classes.
 
     The same dataset split the same way must give the test images the run was tested on (config.json
     records their digest): if its files changed since (added, removed, edited, or another copy of
@@ -87,7 +88,9 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
             "of their own and name it with --data"
         )
     placeholders = tuple(str(i) for i in range(len(splits.test.classes)))
-    if splits.test.classes != run.classes and run.classes != placeholders:
+    # a trained run (it records its splits) has its dataset's class names, which are 0..9 for MNIST's digits
+    unnamed = run.classes == placeholders and "splits" not in (recorded or {})
+    if splits.test.classes != run.classes and not unnamed:
         raise CapasError(
             f"{data.name} has classes {list(splits.test.classes)} but the run was trained on {list(run.classes)}"
         )
