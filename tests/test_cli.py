@@ -308,6 +308,20 @@ def test_evaluate_names_a_damaged_or_missing_data_config(tiny_run, tmp_path):
     assert result.exit_code == 2 and "config.json is missing" in result.output and "--data" in result.output
 
 
+@pytest.mark.parametrize("edit", ["x", {"sizes": [1]}, {"sha256": {"train": "0"}}])
+def test_evaluate_names_damaged_splits_in_config(tiny_run, tmp_path, edit):
+    """A hand-edited `splits` in config.json was an AttributeError, TypeError or KeyError traceback."""
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_run, damaged)
+    config = json.loads((damaged / "config.json").read_text())
+    splits = {**config["splits"], **edit} if isinstance(edit, dict) else edit
+    (damaged / "config.json").write_text(json.dumps({**config, "splits": splits}))
+    result = runner.invoke(app, ["evaluate", str(damaged)])
+    assert result.exit_code == 2 and "config.json: splits" in " ".join(result.output.split()), result.output
+
+
 def test_evaluate_refuses_a_folder_whose_test_split_changed(tmp_path):
     """An image folder that gained images after training was split again and its new 'test' split,
     partly training images, scored as a test accuracy; the run's recorded test digest now refuses it."""

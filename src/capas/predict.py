@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,14 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
             data = data.model_copy(update={"data_dir": data_dir})
     splits = splits_for(data)
     tested = (recorded or {}).get("splits") or {}
+    if not isinstance(tested, dict) or any(
+        not isinstance(tested.get(key, {}), dict) or (key in tested and "test" not in tested[key])
+        for key in ("sizes", "sha256")
+    ):
+        raise CapasError(
+            f"{run.path / 'config.json'}: splits: damaged, expected a mapping whose sizes and sha256 map "
+            f"each split (train, val, test) to its figure, got {reprlib.repr(tested)}"
+        )
     if _recipe(tested) == _recipe(splits.info) and any(
         key in tested and tested[key]["test"] != splits.info[key]["test"] for key in ("sizes", "sha256")
     ):  # runs made before the digests were recorded are checked by their test split's size
