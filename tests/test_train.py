@@ -740,3 +740,21 @@ def test_a_run_trained_on_digits_refuses_a_dataset_of_other_classes(tmp_path):
     run = load_run(tmp_path / "run")
     with pytest.raises(CapasError, match=r"fashion-mnist has classes \['T-shirt/top'.* trained on \['0'"):
         evaluate_run(run, DataConfig(name="fashion-mnist"))
+
+
+def test_a_class_without_test_images_has_no_per_class_accuracy():
+    """A class absent from the test split (a rare class of a folder, a small --test-limit) was recorded
+    in test.json with accuracy 0.0, as if every one of its images had been missed."""
+
+    class FirstPixel(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 2, 2) -> (B, 3) logits
+            return torch.stack([1 - x[:, 0, 0, 0], x[:, 0, 0, 0], torch.zeros(len(x))], 1)
+
+    labels = torch.tensor([0, 0, 1, 1])
+    images = (labels * 255).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+    evaluation = evaluate(
+        FirstPixel(), ArrayDataset(images, labels, ("a", "b", "c")), default_preprocess((2, 2, 1))
+    )
+    results = evaluation.test_results(["a", "b", "c"])
+    assert results["per_class_accuracy"] == {"a": 1.0, "b": 1.0, "c": None}
+    assert results["confusion_matrix"] == [[2, 0, 0], [0, 2, 0], [0, 0, 0]]
