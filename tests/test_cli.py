@@ -431,3 +431,15 @@ def test_class_names_and_paths_print_as_written_not_as_markup(tmp_path):
     result = runner.invoke(app, ["predict", str(run), str(image), "--top-k", "2"])
     assert result.exit_code == 0, result.output
     assert f"{image}: " in result.output and "[bold] 0." in result.output and "b 0." in result.output
+
+
+def test_summary_of_a_run_with_a_damaged_summary_txt_prints_the_table(tiny_run, tmp_path):
+    """summary.txt only adds a note above the table, which model.json gives: bytes that are not UTF-8
+    in it were a UnicodeDecodeError traceback."""
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_run, damaged)
+    (damaged / "summary.txt").write_bytes(b"\xff\xfe\x00")
+    result = runner.invoke(app, ["summary", str(damaged)])
+    assert result.exit_code == 0 and "Total params" in result.output, result.output

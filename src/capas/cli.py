@@ -87,7 +87,8 @@ def summary(spec: SpecArg) -> None:
                 "it was quantized from (same layers, shapes and parameter counts)",
                 highlight=False,
             )
-        written = (spec / "summary.txt").read_text() if (spec / "summary.txt").is_file() else ""
+        note = spec / "summary.txt"  # what the run wrote above its table; damaged bytes match no table
+        written = note.read_text(errors="replace") if note.is_file() else ""
         spec = spec / "model.json"
     table = summarize(load_spec(spec, saved=saved))
     if written.endswith(table.text()) and written != table.text():
