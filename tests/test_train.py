@@ -15,7 +15,7 @@ from capas.data import ArrayDataset, default_preprocess, iterate_batches, make_s
 from capas.errors import CapasError
 from capas.inference import eval_batch_size, evaluate, model_device
 from capas.models import build_model
-from capas.predict import evaluate_run, predict
+from capas.predict import evaluate_run, predict, run_splits
 from capas.runs import load_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.spec.io import parse_config
@@ -758,3 +758,29 @@ def test_a_class_without_test_images_has_no_per_class_accuracy():
     results = evaluation.test_results(["a", "b", "c"])
     assert results["per_class_accuracy"] == {"a": 1.0, "b": 1.0, "c": None}
     assert results["confusion_matrix"] == [[2, 0, 0], [0, 2, 0], [0, 0, 0]]
+
+
+def test_evaluate_on_the_recorded_folder_named_again_holds_out_the_same_test_images(tmp_path):
+    """A run trained with its own test_fraction and split_seed, evaluated with --data naming its folder,
+    was scored on the default held-out split: images it had trained on, reported as test accuracy."""
+    from PIL import Image
+
+    for label, name in enumerate("ab"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(torch.full((4, 4), 20 * i + label, dtype=torch.uint8).numpy()).save(
+                tmp_path / "data" / name / f"{i}.png"
+            )
+    spec = ModelSpec.from_dict(
+        {"name": "held", "input_shape": [4, 4, 1], "layers": ["Flatten", {"Dense": {"units": 2}}]}
+    )
+    folder = f"folder:{tmp_path / 'data'}"
+    train(
+        spec,
+        DataConfig(name=folder, test_fraction=0.5, split_seed=3),
+        TrainConfig(epochs=1),
+        tmp_path / "run",
+    )
+    run = load_run(tmp_path / "run")
+    tested = json.loads((tmp_path / "run" / "config.json").read_text())["splits"]["sha256"]["test"]
+    assert run_splits(run, DataConfig(name=folder)).info["sha256"]["test"] == tested

@@ -62,11 +62,14 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
     takes any dataset of K classes, its outputs in the dataset's class order; a trained run's classes
     0, 1, …, 9 are its dataset's names (digits), and take only datasets of those classes.
 
-    The same dataset split the same way must give the test images the run was tested on (config.json
-    records their digest): if its files changed since (added, removed, edited, or another copy of
-    the folder), the new test split may hold images the model trained on, and is refused.
+    `data` naming the run's own dataset keeps its recorded split_seed and test_fraction, which choose
+    the images a held-out test split holds. The same dataset split the same way must give the test
+    images the run was tested on (config.json records their digest): if its files changed since
+    (added, removed, edited, or another copy of the folder), the new test split may hold images the
+    model trained on, and is refused.
     """
     recorded = run.read_json("config.json")
+    recorded_data = (recorded or {}).get("data")
     if data is None:
         if recorded is None:
             raise CapasError(
@@ -74,9 +77,14 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
             )
         if "data" not in recorded:
             raise CapasError(f"{run.path}: config.json records no dataset; name one with --data")
-        data = parse_config(DataConfig, recorded["data"], f"{run.path / 'config.json'}: data")
+        data = parse_config(DataConfig, recorded_data, f"{run.path / 'config.json'}: data")
         if data_dir is not None:
             data = data.model_copy(update={"data_dir": data_dir})
+    elif isinstance(recorded_data, dict) and recorded_data.get("name") == data.name:
+        # the recorded dataset named again: hold out the test split training held out, not another
+        # one (the default split_seed and test_fraction would test on images the model trained on)
+        own = parse_config(DataConfig, recorded_data, f"{run.path / 'config.json'}: data")
+        data = data.model_copy(update={"split_seed": own.split_seed, "test_fraction": own.test_fraction})
     splits = splits_for(data)
     tested = (recorded or {}).get("splits") or {}
     if not isinstance(tested, dict) or any(
