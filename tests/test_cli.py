@@ -61,6 +61,18 @@ def test_summary_keeps_keras_table_when_wide():
     assert "115,605,504" in output and "Mult-adds" in output
 
 
+def test_summary_prints_model_and_layer_names_as_written(tmp_path):
+    """The wide table read names as rich markup: a model '[bold]x' printed (and went into a run's
+    summary.txt) as 'x', a layer '[red]f' as 'f'."""
+    spec = tmp_path / "marks.yaml"
+    spec.write_text(
+        'name: "[bold]x"\ninput_shape: [8, 8, 1]\nlayers:\n  - Flatten: {name: "[red]f"}\n  - Dense: {units: 2}\n'
+    )
+    output = _summary_process(spec, 160)
+    assert 'Model: "[bold]x"' in output and "[red]f (Flatten)" in output, output
+    assert 'Model: "[bold]x"' in summarize(load_spec(spec)).text()
+
+
 def test_bad_spec_exits_2_with_one_message_and_no_traceback(tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text(
