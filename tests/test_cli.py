@@ -61,6 +61,18 @@ def test_summary_keeps_keras_table_when_wide():
     assert "115,605,504" in output and "Mult-adds" in output
 
 
+def test_summary_prints_model_and_layer_names_as_written(tmp_path):
+    """The wide table read names as rich markup: a model '[bold]x' printed (and went into a run's
+    summary.txt) as 'x', a layer '[red]f' as 'f'."""
+    spec = tmp_path / "marks.yaml"
+    spec.write_text(
+        'name: "[bold]x"\ninput_shape: [8, 8, 1]\nlayers:\n  - Flatten: {name: "[red]f"}\n  - Dense: {units: 2}\n'
+    )
+    output = _summary_process(spec, 160)
+    assert 'Model: "[bold]x"' in output and "[red]f (Flatten)" in output, output
+    assert 'Model: "[bold]x"' in summarize(load_spec(spec)).text()
+
+
 def test_bad_spec_exits_2_with_one_message_and_no_traceback(tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text(
@@ -330,6 +342,20 @@ def test_evaluate_names_a_damaged_or_missing_data_config(tiny_run, tmp_path):
     assert result.exit_code == 2 and "config.json is missing" in result.output and "--data" in result.output
 
 
+@pytest.mark.parametrize("edit", ["x", {"sizes": [1]}, {"sha256": {"train": "0"}}])
+def test_evaluate_names_damaged_splits_in_config(tiny_run, tmp_path, edit):
+    """A hand-edited `splits` in config.json was an AttributeError, TypeError or KeyError traceback."""
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_run, damaged)
+    config = json.loads((damaged / "config.json").read_text())
+    splits = {**config["splits"], **edit} if isinstance(edit, dict) else edit
+    (damaged / "config.json").write_text(json.dumps({**config, "splits": splits}))
+    result = runner.invoke(app, ["evaluate", str(damaged)])
+    assert result.exit_code == 2 and "config.json: splits" in " ".join(result.output.split()), result.output
+
+
 def test_evaluate_refuses_a_folder_whose_test_split_changed(tmp_path):
     """An image folder that gained images after training was split again and its new 'test' split,
     partly training images, scored as a test accuracy; the run's recorded test digest now refuses it."""
@@ -412,3 +438,42 @@ def test_ctrl_c_says_resume_only_where_a_rerun_resumes(capsys, name, said):
         capsys.readouterr().err.strip()
         == f"interrupted; {'finished work is kept, ' * (name == 'train')}{said}"
     )
+
+
+def test_class_names_and_paths_print_as_written_not_as_markup(tmp_path):
+    """Class names are folder names and paths are the user's: '[bold]' vanished from predict's and
+    evaluate's output as rich markup, and a path holding '[/]' crashed predict with a MarkupError."""
+    import numpy as np
+    from PIL import Image
+
+    for label, name in enumerate(["[bold]", "b"]):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((8, 8), 100 * label + i, np.uint8)).save(
+                tmp_path / "data" / name / f"{i}.png"
+            )
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: marks\ninput_shape: [8, 8, 1]\nlayers:\n  - Flatten\n  - Dense: {units: 2}\n")
+    run = tmp_path / "run"
+    train = ["train", str(spec), "--data", f"folder:{tmp_path / 'data'}", "--epochs", "1", "--threads", "1"]
+    assert runner.invoke(app, [*train, "--out", str(run)]).exit_code == 0
+    result = runner.invoke(app, ["evaluate", str(run)])
+    assert result.exit_code == 0 and "0 [bold]" in result.output, result.output
+    (tmp_path / "x[").mkdir()
+    image = tmp_path / "x[/]y.png"  # the folder 'x[' and the file ']y.png'
+    image.write_bytes((tmp_path / "data" / "[bold]" / "0.png").read_bytes())
+    result = runner.invoke(app, ["predict", str(run), str(image), "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"{image}: " in result.output and "[bold] 0." in result.output and "b 0." in result.output
+
+
+def test_summary_of_a_run_with_a_damaged_summary_txt_prints_the_table(tiny_run, tmp_path):
+    """summary.txt only adds a note above the table, which model.json gives: bytes that are not UTF-8
+    in it were a UnicodeDecodeError traceback."""
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_run, damaged)
+    (damaged / "summary.txt").write_bytes(b"\xff\xfe\x00")
+    result = runner.invoke(app, ["summary", str(damaged)])
+    assert result.exit_code == 0 and "Total params" in result.output, result.output

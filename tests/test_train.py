@@ -15,7 +15,7 @@ from capas.data import ArrayDataset, default_preprocess, iterate_batches, make_s
 from capas.errors import CapasError
 from capas.inference import eval_batch_size, evaluate, model_device
 from capas.models import build_model
-from capas.predict import evaluate_run, predict
+from capas.predict import evaluate_run, predict, run_splits
 from capas.runs import load_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.spec.io import parse_config
@@ -763,3 +763,91 @@ def test_evaluate_gives_accuracy_as_the_exact_fraction_of_images_right():
     evaluation = evaluate(FirstPixel(), data, default_preprocess((2, 2, 1)), "cpu")
     assert evaluation.accuracy == 19 / 20
     assert evaluation.test_results(["0", "1"])["per_class_accuracy"] == {"0": 10 / 11, "1": 1.0}
+
+
+def test_predict_files_gives_the_probabilities_evaluation_gives_the_same_files(tmp_path):
+    """An image folder of 40×40 photos for an 8×8 model: predict decoded each file shrunk (a box
+    reduction, JPEG's DCT scaling) where training and evaluate resize the full-size image, so
+    the same file got other probabilities ("preprocessed exactly as in training")."""
+    from PIL import Image
+
+    from capas.data.folder import load_folder
+    from capas.inference import tta_logits
+    from capas.predict import predict_files
+
+    generator = torch.Generator().manual_seed(0)
+    files = []
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8, generator=generator).numpy()
+            files.append(tmp_path / "data" / name / f"{i}.{'jpg' if i % 2 else 'png'}")
+            Image.fromarray(pixels).save(files[-1])
+    spec = ModelSpec.from_dict(
+        {"name": "shrink", "input_shape": [8, 8, 3], "layers": ["Flatten", {"Dense": {"units": 2}}]}
+    )
+    data = DataConfig(name=f"folder:{tmp_path / 'data'}")
+    train(spec, data, TrainConfig(epochs=1, threads=1), tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    dataset = load_folder(tmp_path / "data")  # what training and evaluate read, in file-name order
+    (x, _), *_ = iterate_batches(dataset, len(dataset), preprocess=run.preprocess)
+    with torch.no_grad():
+        expected = torch.softmax(tta_logits(run.model, x, run.tta), dim=1)
+    got = torch.tensor([p.probabilities for p in predict_files(run, sorted(files))])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_a_run_trained_on_digits_refuses_a_dataset_of_other_classes(tmp_path):
+    """Digits' (and MNIST's) class names are 0..9, which were taken for the placeholders of a Keras
+    import without class names: a digit classifier was scored on Fashion-MNIST's clothes."""
+    spec = ModelSpec.from_dict(
+        {"name": "digits", "input_shape": [8, 8, 1], "layers": ["Flatten", {"Dense": {"units": 10}}]}
+    )
+    train(spec, DataConfig(name="digits"), TrainConfig(epochs=1, threads=1), tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    with pytest.raises(CapasError, match=r"fashion-mnist has classes \['T-shirt/top'.* trained on \['0'"):
+        evaluate_run(run, DataConfig(name="fashion-mnist"))
+
+
+def test_a_class_without_test_images_has_no_per_class_accuracy():
+    """A class absent from the test split (a rare class of a folder, a small --test-limit) was recorded
+    in test.json with accuracy 0.0, as if every one of its images had been missed."""
+
+    class FirstPixel(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 2, 2) -> (B, 3) logits
+            return torch.stack([1 - x[:, 0, 0, 0], x[:, 0, 0, 0], torch.zeros(len(x))], 1)
+
+    labels = torch.tensor([0, 0, 1, 1])
+    images = (labels * 255).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+    evaluation = evaluate(
+        FirstPixel(), ArrayDataset(images, labels, ("a", "b", "c")), default_preprocess((2, 2, 1))
+    )
+    results = evaluation.test_results(["a", "b", "c"])
+    assert results["per_class_accuracy"] == {"a": 1.0, "b": 1.0, "c": None}
+    assert results["confusion_matrix"] == [[2, 0, 0], [0, 2, 0], [0, 0, 0]]
+
+
+def test_evaluate_on_the_recorded_folder_named_again_holds_out_the_same_test_images(tmp_path):
+    """A run trained with its own test_fraction and split_seed, evaluated with --data naming its folder,
+    was scored on the default held-out split: images it had trained on, reported as test accuracy."""
+    from PIL import Image
+
+    for label, name in enumerate("ab"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(torch.full((4, 4), 20 * i + label, dtype=torch.uint8).numpy()).save(
+                tmp_path / "data" / name / f"{i}.png"
+            )
+    spec = ModelSpec.from_dict(
+        {"name": "held", "input_shape": [4, 4, 1], "layers": ["Flatten", {"Dense": {"units": 2}}]}
+    )
+    folder = f"folder:{tmp_path / 'data'}"
+    train(
+        spec,
+        DataConfig(name=folder, test_fraction=0.5, split_seed=3),
+        TrainConfig(epochs=1),
+        tmp_path / "run",
+    )
+    run = load_run(tmp_path / "run")
+    tested = json.loads((tmp_path / "run" / "config.json").read_text())["splits"]["sha256"]["test"]
+    assert run_splits(run, DataConfig(name=folder)).info["sha256"]["test"] == tested

@@ -87,7 +87,8 @@ def summary(spec: SpecArg) -> None:
                 "it was quantized from (same layers, shapes and parameter counts)",
                 highlight=False,
             )
-        written = (spec / "summary.txt").read_text() if (spec / "summary.txt").is_file() else ""
+        note = spec / "summary.txt"  # what the run wrote above its table; damaged bytes match no table
+        written = note.read_text(errors="replace") if note.is_file() else ""
         spec = spec / "model.json"
     table = summarize(load_spec(spec, saved=saved))
     if written.endswith(table.text()) and written != table.text():
@@ -317,7 +318,7 @@ def _print_confusion(classes: list[str], matrix: list[list[int]]) -> None:
         table.add_column(str(index), justify="right")
     for index, (name, row) in enumerate(zip(classes, matrix, strict=True)):
         table.add_row(
-            f"{index} {name}", *(f"[bold]{v}[/]" if i == index else str(v) for i, v in enumerate(row))
+            f"{index} {escape(name)}", *(f"[bold]{v}[/]" if i == index else str(v) for i, v in enumerate(row))
         )
     console.print(table)
 
@@ -340,7 +341,7 @@ def evaluate(
     data_cfg = DataConfig(name=data, data_dir=data_dir) if data else None
     used, result = evaluate_run(loaded, data_cfg, data_dir)
     console.print(
-        f"{used}: test accuracy {result.accuracy:.4f}  test loss {result.loss:.4f}  ({len(result.labels)} images)",
+        f"{escape(used)}: test accuracy {result.accuracy:.4f}  test loss {result.loss:.4f}  ({len(result.labels)} images)",
         highlight=False,
     )
     _print_confusion(list(loaded.classes), result.confusion(len(loaded.classes)).tolist())
@@ -362,7 +363,11 @@ def predict(
     loaded = load_run(run, device=resolve_device(device))
     for path, prediction in zip(images, predict_files(loaded, images), strict=True):
         top = ", ".join(f"{label} {p:.3f}" for label, p in prediction.top(loaded.classes, top_k))
-        console.print(f"{path}: [bold]{prediction.label}[/]  ({top})", highlight=False, soft_wrap=True)
+        console.print(
+            f"{escape(str(path))}: [bold]{escape(prediction.label)}[/]  ({escape(top)})",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()

@@ -153,9 +153,12 @@ class Evaluation:
             classes, classes
         )
 
-    def per_class_accuracy(self, classes: int) -> list[float]:
+    def per_class_accuracy(self, classes: int) -> list[float | None]:
+        """The fraction right of each class's images; None for a class without images (not 0.0)."""
         matrix = self.confusion(classes)
-        return (matrix.diag().double() / matrix.sum(1).clamp(min=1)).tolist()
+        return [
+            int(right) / int(n) if n else None for right, n in zip(matrix.diag(), matrix.sum(1), strict=True)
+        ]
 
     def test_results(self, classes: tuple[str, ...] | list[str]) -> dict:
         """The test figures of a run directory's test.json (training adds its own beside them)."""

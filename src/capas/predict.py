@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import reprlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +29,17 @@ class Prediction:
 
 
 @torch.no_grad()
-def predict(run: Run, images: list[torch.Tensor]) -> list[Prediction]:
+def predict(run: Run, images: Iterable[torch.Tensor]) -> list[Prediction]:
     """Class probabilities for decoded uint8 (C, H, W) images of any size, preprocessed as in training
     and with the run's test-time augmentation, in evaluation's batches (`eval_batch_size`: thousands
-    of files in one batch ran out of memory)."""
+    of files in one batch ran out of memory). Each image is preprocessed as it comes, so that only
+    inputs of the model's size are kept, however large the images (`predict_files` decodes one at a time)."""
     device = model_device(run.model)
+    inputs = [run.preprocess(image.unsqueeze(0)) for image in images]  # each (1, C, H, W)
     size = eval_batch_size(run.preprocess, device)
     predictions = []
-    for start in range(0, len(images), size):
-        batch = run.preprocess.each(images[start : start + size]).to(device)  # (B, C, H, W)
+    for start in range(0, len(inputs), size):
+        batch = torch.cat(inputs[start : start + size]).to(device)  # (B, C, H, W)
         with autocast(device, run.precision):
             probabilities = torch.softmax(tta_logits(run.model, batch, run.tta), dim=1).cpu()
         predictions += [
@@ -45,7 +49,9 @@ def predict(run: Run, images: list[torch.Tensor]) -> list[Prediction]:
 
 
 def predict_files(run: Run, paths: list[str | Path]) -> list[Prediction]:
-    return predict(run, [read_image(Path(p), size=run.preprocess.size) for p in paths])
+    """`predict` on image files, each decoded whole as training decodes a folder's images: a file
+    shrunk while it decodes (as `capas serve` does, to bound a request's memory) has other pixels."""
+    return predict(run, (read_image(Path(p)) for p in paths))
 
 
 def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = None) -> Splits:
@@ -53,13 +59,17 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
     `data_dir` replaces the recorded config's folder for the dataset's files (a run moved to another machine).
 
     A run whose classes are the placeholders 0, 1, …, K−1 (a Keras import without --data or --classes)
-    takes any dataset of K classes, its outputs in the dataset's class order.
+    takes any dataset of K classes, its outputs in the dataset's class order; a trained run's classes
+    0, 1, …, 9 are its dataset's names (digits), and take only datasets of those classes.
 
-    The same dataset split the same way must give the test images the run was tested on (config.json
-    records their digest): if its files changed since (added, removed, edited, or another copy of
-    the folder), the new test split may hold images the model trained on, and is refused.
+    `data` naming the run's own dataset keeps its recorded split_seed and test_fraction, which choose
+    the images a held-out test split holds. The same dataset split the same way must give the test
+    images the run was tested on (config.json records their digest): if its files changed since
+    (added, removed, edited, or another copy of the folder), the new test split may hold images the
+    model trained on, and is refused.
     """
     recorded = run.read_json("config.json")
+    recorded_data = (recorded or {}).get("data")
     if data is None:
         if recorded is None:
             raise CapasError(
@@ -67,11 +77,24 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
             )
         if "data" not in recorded:
             raise CapasError(f"{run.path}: config.json records no dataset; name one with --data")
-        data = parse_config(DataConfig, recorded["data"], f"{run.path / 'config.json'}: data")
+        data = parse_config(DataConfig, recorded_data, f"{run.path / 'config.json'}: data")
         if data_dir is not None:
             data = data.model_copy(update={"data_dir": data_dir})
+    elif isinstance(recorded_data, dict) and recorded_data.get("name") == data.name:
+        # the recorded dataset named again: hold out the test split training held out, not another
+        # one (the default split_seed and test_fraction would test on images the model trained on)
+        own = parse_config(DataConfig, recorded_data, f"{run.path / 'config.json'}: data")
+        data = data.model_copy(update={"split_seed": own.split_seed, "test_fraction": own.test_fraction})
     splits = splits_for(data)
     tested = (recorded or {}).get("splits") or {}
+    if not isinstance(tested, dict) or any(
+        not isinstance(tested.get(key, {}), dict) or (key in tested and "test" not in tested[key])
+        for key in ("sizes", "sha256")
+    ):
+        raise CapasError(
+            f"{run.path / 'config.json'}: splits: damaged, expected a mapping whose sizes and sha256 map "
+            f"each split (train, val, test) to its figure, got {reprlib.repr(tested)}"
+        )
     if _recipe(tested) == _recipe(splits.info) and any(
         key in tested and tested[key]["test"] != splits.info[key]["test"] for key in ("sizes", "sha256")
     ):  # runs made before the digests were recorded are checked by their test split's size
@@ -82,7 +105,9 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
             "of their own and name it with --data"
         )
     placeholders = tuple(str(i) for i in range(len(splits.test.classes)))
-    if splits.test.classes != run.classes and run.classes != placeholders:
+    # a trained run (it records its splits) has its dataset's class names, which are 0..9 for MNIST's digits
+    unnamed = run.classes == placeholders and "splits" not in (recorded or {})
+    if splits.test.classes != run.classes and not unnamed:
         raise CapasError(
             f"{data.name} has classes {list(splits.test.classes)} but the run was trained on {list(run.classes)}"
         )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from capas.spec.model import LayerInfo, ModelSpec
@@ -59,7 +60,8 @@ class Summary:
         return cells
 
     def table(self) -> Table:
-        table = Table(title=f'Model: "{self.name}"', box=box.HEAVY_HEAD, title_justify="left")
+        # names are the user's, printed as written: '[bold]' is not markup here
+        table = Table(title=f'Model: "{escape(self.name)}"', box=box.HEAVY_HEAD, title_justify="left")
         table.add_column("#", justify="right")
         table.add_column("Layer (type)", no_wrap=True)
         table.add_column("Output Shape", no_wrap=True)
@@ -67,7 +69,7 @@ class Summary:
         table.add_column("Trainable")
         table.add_column("Mult-adds", justify="right")
         for index, name, kind, shape, params, state, macs in self._cells():
-            table.add_row(index, f"{name} ({kind})", shape, params, state, macs)
+            table.add_row(index, f"{escape(name)} ({kind})", shape, params, state, macs)
         return table
 
     def compact(self, width: int) -> str:

@@ -84,6 +84,13 @@ def accuracy_against(report: StudyReport, key: str, label: str, log: bool) -> by
     return _png(figure)
 
 
+def _mean_percent(accuracies: list[float | None]) -> float:
+    """The mean in %, over the seeds whose test split held the class (None: none of its images); NaN, no
+    bar, if none did."""
+    held = [a for a in accuracies if a is not None]
+    return float(np.mean(held)) * 100 if held else float("nan")
+
+
 def per_class(report: StudyReport) -> bytes:
     done = [r for r in report.variants if r.results]
     classes = list(next(iter(done[0].results.values()))["per_class_accuracy"]) if done else []
@@ -92,7 +99,7 @@ def per_class(report: StudyReport) -> bytes:
     width = 0.8 / max(len(done), 1)
     for i, (result, color) in enumerate(zip(done, _colors(len(done)), strict=True)):
         means = [
-            np.mean([r["per_class_accuracy"][c] for r in result.results.values()]) * 100 for c in classes
+            _mean_percent([r["per_class_accuracy"][c] for r in result.results.values()]) for c in classes
         ]
         ax.bar(
             np.arange(len(classes)) + i * width - 0.4 + width / 2,
