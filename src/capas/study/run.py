@@ -93,16 +93,22 @@ def plan(
     rows deleted, or left by another study in the same --out)."""
     rows = store.runs()
     changed_done, todo, actions, done = [], [], [], 0
+    # every finished run the report and adaptive replication read, planned now or not (an earlier
+    # invocation's seeds beyond this round's, e.g. of a fixed seed list before `seeds: {min, max}`)
+    variants = {v.name: v for v in study.variants}
+    for rid, row in rows.items():
+        if row.status == "done" and row.variant in variants and row.seed in study.seeds:
+            config = variants[row.variant].run_config(row.seed)
+            if row.config_hash != config_hash(config):
+                changed_done.append(f"{rid} ({'; '.join(config_changes(row.config, config)[:4])})")
     for variant, seed in study.runs() if runs is None else runs:
         rid = run_id(variant.name, seed)
         config = variant.run_config(seed)
         digest = config_hash(config)
         row = rows.get(rid)
         if row is not None and row.config_hash != digest:
-            what = config_changes(row.config, config)
             if row.status == "done":
-                changed_done.append(f"{rid} ({'; '.join(what[:4])})")
-                continue
+                continue  # named above
             actions.append(("restart", rid, variant, seed, config, digest))
         elif row is None:
             actions.append(("add", rid, variant, seed, config, digest))
