@@ -247,3 +247,21 @@ def test_a_seed_beyond_min_finished_under_other_settings_is_refused_not_reported
         run_study(study_file(doc), out=tmp_path / "out", workers=1, console=console)
     with Store(tmp_path / "out" / "study.sqlite") as store:
         assert sorted(store.runs()) == ["Flatten/seed-2", "GAP/seed-2"]  # refused before any row was added
+
+
+def test_a_rerun_retries_a_failed_run_of_a_later_round(tmp_path, adaptive, study_file):
+    # GAP's seed 2 (its second round) failed: its run directory's place held a file. `capas study`
+    # said "rerun the same command to retry them"; the rerun counted the seed as tried and kept it failed.
+    doc = adaptive({"min": 2, "max": 3, "target_halfwidth_pp": 0.01})
+    doc["variations"][0]["alternatives"] = doc["variations"][0]["alternatives"][:1]
+    out = tmp_path / "out"
+    (out / "runs" / "GAP").mkdir(parents=True)
+    (out / "runs" / "GAP" / "seed-2").write_text("in the way")
+    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115 (closed with the test)
+    assert run_study(study_file(doc), out=out, workers=1, console=console).failed == ["GAP/seed-2"]
+    (out / "runs" / "GAP" / "seed-2").unlink()
+    outcome = run_study(study_file(doc), out=out, workers=1, console=console)
+    assert (outcome.trained, outcome.failed) == (1, [])
+    with Store(out / "study.sqlite") as store:
+        assert {row.status for row in store.runs().values()} == {"done"}
+    assert "no figures from seed 2" not in outcome.markdown.read_text()

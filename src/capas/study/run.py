@@ -359,7 +359,18 @@ def run_study(
                 "variants": [v.name for v in study.variants],
             },
         )
-        tasks, done = plan(study, store, directory, console)
+        variants = {v.name: v for v in study.variants}
+        # a rerun retries every failed run: plan takes the first round's, these are adaptive rounds'
+        # (replication counts a failed seed as tried and would never train it again)
+        retry = [
+            (variants[row.variant], row.seed)
+            for row in store.runs().values()
+            if row.status == "failed"
+            and row.variant in variants
+            and row.seed in study.seeds
+            and row.seed not in study.initial_seeds
+        ]
+        tasks, done = plan(study, store, directory, console, study.runs() + retry)
         total = len(study.runs())
         console.print(
             f"study [bold]{study.name}[/]: {len(study.variants)} variants × {len(study.initial_seeds)} seeds = {total} runs"
@@ -395,7 +406,7 @@ def run_study(
 
         try:
             if tasks:
-                run(tasks, total, done)
+                run(tasks, total + len(retry), done)
             while study.replication is not None:
                 store.set_meta("replication", replication_status(study, store.runs()))
                 more = next_runs(study, store.runs())
