@@ -208,6 +208,18 @@ def test_store_is_a_wal_sqlite_file_that_survives_reopening(tmp_path):
         Store(tmp_path / "bad.sqlite")
 
 
+def test_a_store_damaged_inside_is_refused_when_opened_not_with_a_traceback_later(tmp_path):
+    path = tmp_path / "study.sqlite"
+    with Store(path) as store:
+        for i in range(100):  # the runs table over a dozen pages
+            store.add_run(f"a/seed-{i}", "a", i, {"spec": "x" * 500}, "h")
+    data = bytearray(path.read_bytes())
+    data[4096 * 10 : 4096 * 11] = b"\xff" * 4096  # a page of the runs table: opening does not read it
+    path.write_bytes(bytes(data))
+    with pytest.raises(CapasError, match=r"study.sqlite: not a readable study database .*delete it"):
+        Store(path).runs()
+
+
 def test_parameter_formulas_give_keras_counts():
     spec = ModelSpec.from_dict(
         {
