@@ -247,6 +247,7 @@ def test_a_seed_beyond_min_finished_under_other_settings_is_refused_not_reported
         run_study(study_file(doc), out=tmp_path / "out", workers=1, console=console)
     with Store(tmp_path / "out" / "study.sqlite") as store:
         assert sorted(store.runs()) == ["Flatten/seed-2", "GAP/seed-2"]  # refused before any row was added
+        assert store.get_meta("study")["seeds"] == [2]  # the store still describes the study it holds
 
 
 def test_a_rerun_retries_a_failed_run_of_a_later_round(tmp_path, adaptive, study_file):

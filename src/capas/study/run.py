@@ -349,16 +349,6 @@ def run_study(
     directory = Path(out) if out is not None else Path("studies") / directory_name(study.name)
     # one driver per study directory: a second one would restart runs the first is training
     with exclusive(directory, "study directory"), Store(directory / DATABASE) as store:
-        store.set_meta(
-            "study",
-            {
-                "name": study.name,
-                "source": study.source,
-                "design": study.design,
-                "seeds": list(study.seeds),
-                "variants": [v.name for v in study.variants],
-            },
-        )
         variants = {v.name: v for v in study.variants}
         # a rerun retries every failed run: plan takes the first round's, these are adaptive rounds'
         # (replication counts a failed seed as tried and would never train it again)
@@ -371,6 +361,17 @@ def run_study(
             and row.seed not in study.initial_seeds
         ]
         tasks, done = plan(study, store, directory, console, study.runs() + retry)
+        # once planned: a study refused for its changes must not become the store's description
+        store.set_meta(
+            "study",
+            {
+                "name": study.name,
+                "source": study.source,
+                "design": study.design,
+                "seeds": list(study.seeds),
+                "variants": [v.name for v in study.variants],
+            },
+        )
         total = len(study.runs())
         console.print(
             f"study [bold]{study.name}[/]: {len(study.variants)} variants × {len(study.initial_seeds)} seeds = {total} runs"
