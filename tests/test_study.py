@@ -359,3 +359,17 @@ def test_a_study_refuses_to_add_runs_on_a_folder_that_changed(tmp_path, tiny_stu
         message = r"the dataset changed since these runs finished .*Flatten/seed-0 \(test: 6 -> 7.*GAP/seed-0 \(test"
         with pytest.raises(CapasError, match=message):
             run_study(study_file(doc), out=tmp_path / "out", workers=1, console=console)
+
+
+def test_a_variant_renamed_to_a_name_with_the_same_folder_keeps_its_runs(tmp_path, tiny_study, study_file):
+    # 'GAP pool' and 'GAP-pool' share the folder runs/GAP-pool: plan found the finished runs by folder
+    # and skipped them, the report looked them up by name and said "it finished no seed" (an adaptive
+    # study asked for the same seeds again and again, for ever)
+    doc = tiny_study(seeds=1)
+    doc["variations"][0]["alternatives"][0]["name"] = "GAP pool"
+    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115
+    run_study(study_file(doc), out=tmp_path / "out", workers=1, console=console)
+    doc["variations"][0]["alternatives"][0]["name"] = "GAP-pool"
+    outcome = run_study(study_file(doc), out=tmp_path / "out", workers=1, console=console)
+    assert (outcome.trained, outcome.skipped) == (0, 2)
+    assert [sorted(v.finished) for v in outcome.report.variants] == [[0], [0]]

@@ -91,6 +91,17 @@ def plan(
     and a finished run whose config the study file now changes is an error rather than a silent mix
     of old and new results — in the store, or in a run directory the store does not know of (its
     rows deleted, or left by another study in the same --out)."""
+    folders = {directory_name(v.name): v for v in study.variants}
+    for rid, row in store.runs().items():
+        # a variant renamed to a name with the same folder ('GAP pool' -> 'GAP-pool') keeps its runs
+        # under its new name: the report and replication find them by name, plan by folder
+        variant = folders.get(rid.rsplit("/", 1)[0])
+        if (
+            variant is not None
+            and row.variant != variant.name
+            and row.config_hash == config_hash(variant.run_config(row.seed))
+        ):
+            store.rename(rid, variant.name)
     rows = store.runs()
     changed_done, todo, actions, done = [], [], [], 0
     # every finished run the report and adaptive replication read, planned now or not (an earlier

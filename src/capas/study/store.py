@@ -134,6 +134,10 @@ class Store:
             (time.time(), error, run_id),
         )
 
+    def rename(self, run_id: str, variant: str) -> None:
+        """Record a run under its variant's new name (one that gives the same folder)."""
+        self.db.execute("UPDATE runs SET variant = ? WHERE id = ?", (variant, run_id))
+
     def reset(self, run_id: str) -> None:
         """Back to pending (an interrupted or failed run, to be resumed)."""
         self.db.execute("UPDATE runs SET status = 'pending' WHERE id = ?", (run_id,))
