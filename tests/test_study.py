@@ -208,6 +208,18 @@ def test_store_is_a_wal_sqlite_file_that_survives_reopening(tmp_path):
         Store(tmp_path / "bad.sqlite")
 
 
+def test_a_store_damaged_inside_is_refused_when_opened_not_with_a_traceback_later(tmp_path):
+    path = tmp_path / "study.sqlite"
+    with Store(path) as store:
+        for i in range(100):  # the runs table over a dozen pages
+            store.add_run(f"a/seed-{i}", "a", i, {"spec": "x" * 500}, "h")
+    data = bytearray(path.read_bytes())
+    data[4096 * 10 : 4096 * 11] = b"\xff" * 4096  # a page of the runs table: opening does not read it
+    path.write_bytes(bytes(data))
+    with pytest.raises(CapasError, match=r"study.sqlite: not a readable study database .*delete it"):
+        Store(path).runs()
+
+
 def test_parameter_formulas_give_keras_counts():
     spec = ModelSpec.from_dict(
         {
@@ -347,3 +359,17 @@ def test_a_study_refuses_to_add_runs_on_a_folder_that_changed(tmp_path, tiny_stu
         message = r"the dataset changed since these runs finished .*Flatten/seed-0 \(test: 6 -> 7.*GAP/seed-0 \(test"
         with pytest.raises(CapasError, match=message):
             run_study(study_file(doc), out=tmp_path / "out", workers=1, console=console)
+
+
+def test_a_variant_renamed_to_a_name_with_the_same_folder_keeps_its_runs(tmp_path, tiny_study, study_file):
+    # 'GAP pool' and 'GAP-pool' share the folder runs/GAP-pool: plan found the finished runs by folder
+    # and skipped them, the report looked them up by name and said "it finished no seed" (an adaptive
+    # study asked for the same seeds again and again, for ever)
+    doc = tiny_study(seeds=1)
+    doc["variations"][0]["alternatives"][0]["name"] = "GAP pool"
+    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115
+    run_study(study_file(doc), out=tmp_path / "out", workers=1, console=console)
+    doc["variations"][0]["alternatives"][0]["name"] = "GAP-pool"
+    outcome = run_study(study_file(doc), out=tmp_path / "out", workers=1, console=console)
+    assert (outcome.trained, outcome.skipped) == (0, 2)
+    assert [sorted(v.finished) for v in outcome.report.variants] == [[0], [0]]

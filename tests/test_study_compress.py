@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 
 from rich.console import Console
 
@@ -51,3 +53,35 @@ def test_an_int8_variant_is_reported_beside_its_float_model_and_survives_a_rerun
     again = run_study(path, out=out, workers=1, console=console)
     assert again.failed == [] and again.trained == 1
     assert again.markdown.read_text() == markdown
+
+
+def test_a_compressed_run_of_earlier_weights_is_made_again_not_read_back(tmp_path, tiny_study, study_file):
+    # The study file changed (2 epochs instead of 1) and the run folders were deleted to retrain them, as
+    # capas' refusal says; the int8 folder beside the run, made from the 1-epoch weights, was left.
+    # It was read back: the report compared the 2-epoch float model with the 1-epoch model's int8 figures.
+    compression = {
+        "name": "compression",
+        "alternatives": [{"name": "int8", "compress": {"quantize": "int8"}}],
+    }
+    doc = tiny_study(name="compress", variations=[compression], seeds=1)
+    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115
+    out = tmp_path / "out"
+    assert run_study(study_file(doc), out=out, workers=1, console=console).failed == []
+    doc["base"]["train"]["epochs"] = 2
+    for path in [
+        *out.glob("study.sqlite*"),
+        out / "runs" / "Flatten" / "seed-0",
+        out / "runs" / "int8" / "seed-0",
+    ]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert run_study(study_file(doc), out=out, workers=1, console=console).failed == []
+    compressed = out / "runs" / "int8" / "seed-0-int8"
+    lineage = json.loads((compressed / "lineage.json").read_text())
+    weights = (out / "runs" / "int8" / "seed-0" / "model.safetensors").read_bytes()
+    assert lineage["source_model_sha256"] == hashlib.sha256(weights).hexdigest()
+    with Store(out / "study.sqlite") as store:
+        result = store.runs()["int8/seed-0"].result
+    assert (
+        result["compress"]["test_accuracy"]
+        == json.loads((compressed / "test.json").read_text())["test_accuracy"]
+    )

@@ -229,3 +229,40 @@ def test_a_round_cut_short_pairs_the_seeds_it_left_unpaired_before_deciding_on_m
         assert [(v.name, s) for v, s in next_runs(study, store.runs())] == [("Flatten", 3)]
         _finish(store, "Flatten", 3, 0.80)
         assert [(v.name, s) for v, s in next_runs(study, store.runs())] == [("GAP", 4), ("Flatten", 4)]
+
+
+def test_a_seed_beyond_min_finished_under_other_settings_is_refused_not_reported(
+    tmp_path, adaptive, study_file
+):
+    # GAP's seed 2 finished as GlobalAveragePooling2D under a fixed seed list; GAP then became
+    # GlobalMaxPooling2D with adaptive seeds 0 to 2: replication counted that seed as tried and the
+    # report rested GAP's figures on it, never comparing its settings (only seeds 0 and 1 are planned)
+    doc = adaptive([2])
+    doc["variations"][0]["alternatives"] = doc["variations"][0]["alternatives"][:1]
+    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115 (closed with the test)
+    run_study(study_file(doc), out=tmp_path / "out", workers=1, console=console)
+    doc["seeds"] = {"min": 2, "max": 3, "target_halfwidth_pp": 1.0}
+    doc["variations"][0]["alternatives"][0]["replace"]["with"] = "GlobalMaxPooling2D"
+    with pytest.raises(CapasError, match=r"changed since these runs finished.*GAP/seed-2 \(spec.layers"):
+        run_study(study_file(doc), out=tmp_path / "out", workers=1, console=console)
+    with Store(tmp_path / "out" / "study.sqlite") as store:
+        assert sorted(store.runs()) == ["Flatten/seed-2", "GAP/seed-2"]  # refused before any row was added
+        assert store.get_meta("study")["seeds"] == [2]  # the store still describes the study it holds
+
+
+def test_a_rerun_retries_a_failed_run_of_a_later_round(tmp_path, adaptive, study_file):
+    # GAP's seed 2 (its second round) failed: its run directory's place held a file. `capas study`
+    # said "rerun the same command to retry them"; the rerun counted the seed as tried and kept it failed.
+    doc = adaptive({"min": 2, "max": 3, "target_halfwidth_pp": 0.01})
+    doc["variations"][0]["alternatives"] = doc["variations"][0]["alternatives"][:1]
+    out = tmp_path / "out"
+    (out / "runs" / "GAP").mkdir(parents=True)
+    (out / "runs" / "GAP" / "seed-2").write_text("in the way")
+    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115 (closed with the test)
+    assert run_study(study_file(doc), out=out, workers=1, console=console).failed == ["GAP/seed-2"]
+    (out / "runs" / "GAP" / "seed-2").unlink()
+    outcome = run_study(study_file(doc), out=out, workers=1, console=console)
+    assert (outcome.trained, outcome.failed) == (1, [])
+    with Store(out / "study.sqlite") as store:
+        assert {row.status for row in store.runs().values()} == {"done"}
+    assert "no figures from seed 2" not in outcome.markdown.read_text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def compress_run(
         config = {**config, "data": data.model_dump(mode="json")}
     lineage = {
         "source": str(source.path.resolve()),
-        "source_model_sha256": hashlib.sha256((source.path / "model.safetensors").read_bytes()).hexdigest(),
+        "source_model_sha256": _weights_sha256(source.path),
         "method": method,
         "capas": capas.__version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -127,16 +128,27 @@ def default_out(run_dir: Path, quantize: str | None, prune: float | None, struct
     return run_dir.with_name(f"{run_dir.name}-{suffix}")
 
 
+def _weights_sha256(run_dir: Path) -> str:
+    """The digest of a run's weights, which a compressed run's lineage.json records as its source's."""
+    return hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
+
+
 def compress_for_study(run_dir: Path, args: dict) -> dict:
     """Compress a study's freshly trained run (beside it) and return the figures its report compares.
 
-    A compressed run already complete beside it (the study was interrupted after compressing) is
-    read back rather than made again.
+    A compressed run of these weights already complete beside it (the study was interrupted after
+    compressing) is read back rather than made again; one made from other weights (the run was
+    trained again since, with other settings) is replaced.
     """
     out = default_out(run_dir, args.get("quantize"), args.get("prune"), args.get("structured", True))
+    recorded = None
     if (out / "compress.json").is_file():
-        recorded = json.loads((out / "compress.json").read_text())
-    else:
+        lineage = json.loads((out / "lineage.json").read_text())
+        if lineage["source_model_sha256"] == _weights_sha256(run_dir):
+            recorded = json.loads((out / "compress.json").read_text())
+        else:
+            shutil.rmtree(out)
+    if recorded is None:
         out, comparison = compress_run(run_dir, **args, out=out, repeats=Repeats(batch1=50, batch64=10))
         recorded = comparison.to_dict()
     original, compressed = recorded["measurements"][0], recorded["measurements"][-1]

@@ -91,18 +91,35 @@ def plan(
     and a finished run whose config the study file now changes is an error rather than a silent mix
     of old and new results — in the store, or in a run directory the store does not know of (its
     rows deleted, or left by another study in the same --out)."""
+    folders = {directory_name(v.name): v for v in study.variants}
+    for rid, row in store.runs().items():
+        # a variant renamed to a name with the same folder ('GAP pool' -> 'GAP-pool') keeps its runs
+        # under its new name: the report and replication find them by name, plan by folder
+        variant = folders.get(rid.rsplit("/", 1)[0])
+        if (
+            variant is not None
+            and row.variant != variant.name
+            and row.config_hash == config_hash(variant.run_config(row.seed))
+        ):
+            store.rename(rid, variant.name)
     rows = store.runs()
     changed_done, todo, actions, done = [], [], [], 0
+    # every finished run the report and adaptive replication read, planned now or not (an earlier
+    # invocation's seeds beyond this round's, e.g. of a fixed seed list before `seeds: {min, max}`)
+    variants = {v.name: v for v in study.variants}
+    for rid, row in rows.items():
+        if row.status == "done" and row.variant in variants and row.seed in study.seeds:
+            config = variants[row.variant].run_config(row.seed)
+            if row.config_hash != config_hash(config):
+                changed_done.append(f"{rid} ({'; '.join(config_changes(row.config, config)[:4])})")
     for variant, seed in study.runs() if runs is None else runs:
         rid = run_id(variant.name, seed)
         config = variant.run_config(seed)
         digest = config_hash(config)
         row = rows.get(rid)
         if row is not None and row.config_hash != digest:
-            what = config_changes(row.config, config)
             if row.status == "done":
-                changed_done.append(f"{rid} ({'; '.join(what[:4])})")
-                continue
+                continue  # named above
             actions.append(("restart", rid, variant, seed, config, digest))
         elif row is None:
             actions.append(("add", rid, variant, seed, config, digest))
@@ -343,6 +360,19 @@ def run_study(
     directory = Path(out) if out is not None else Path("studies") / directory_name(study.name)
     # one driver per study directory: a second one would restart runs the first is training
     with exclusive(directory, "study directory"), Store(directory / DATABASE) as store:
+        variants = {v.name: v for v in study.variants}
+        # a rerun retries every failed run: plan takes the first round's, these are adaptive rounds'
+        # (replication counts a failed seed as tried and would never train it again)
+        retry = [
+            (variants[row.variant], row.seed)
+            for row in store.runs().values()
+            if row.status == "failed"
+            and row.variant in variants
+            and row.seed in study.seeds
+            and row.seed not in study.initial_seeds
+        ]
+        tasks, done = plan(study, store, directory, console, study.runs() + retry)
+        # once planned: a study refused for its changes must not become the store's description
         store.set_meta(
             "study",
             {
@@ -353,7 +383,6 @@ def run_study(
                 "variants": [v.name for v in study.variants],
             },
         )
-        tasks, done = plan(study, store, directory, console)
         total = len(study.runs())
         console.print(
             f"study [bold]{study.name}[/]: {len(study.variants)} variants × {len(study.initial_seeds)} seeds = {total} runs"
@@ -389,7 +418,7 @@ def run_study(
 
         try:
             if tasks:
-                run(tasks, total, done)
+                run(tasks, total + len(retry), done)
             while study.replication is not None:
                 store.set_meta("replication", replication_status(study, store.runs()))
                 more = next_runs(study, store.runs())

@@ -69,9 +69,13 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable against process kills
             self.db.executescript(SCHEMA)
+            # damage in a page that opening does not read would otherwise surface later, as a traceback
+            if (check := self.db.execute("PRAGMA quick_check(1)").fetchone()[0]) != "ok":
+                raise sqlite3.DatabaseError(check.replace("\n", " "))
         except sqlite3.DatabaseError as error:
             raise CapasError(
-                f"{self.path}: not a readable study database ({error}); use another --out directory"
+                f"{self.path}: not a readable study database ({error}); delete it and its -wal and -shm "
+                "files (finished runs are read back from their run directories), or use another --out directory"
             ) from None
 
     def close(self) -> None:
@@ -129,6 +133,10 @@ class Store:
             "UPDATE runs SET status = 'failed', finished = ?, error = ? WHERE id = ?",
             (time.time(), error, run_id),
         )
+
+    def rename(self, run_id: str, variant: str) -> None:
+        """Record a run under its variant's new name (one that gives the same folder)."""
+        self.db.execute("UPDATE runs SET variant = ? WHERE id = ?", (variant, run_id))
 
     def reset(self, run_id: str) -> None:
         """Back to pending (an interrupted or failed run, to be resumed)."""
