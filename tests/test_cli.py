@@ -454,9 +454,10 @@ def test_class_names_and_paths_print_as_written_not_as_markup(tmp_path):
             )
     spec = tmp_path / "spec.yaml"
     spec.write_text("name: marks\ninput_shape: [8, 8, 1]\nlayers:\n  - Flatten\n  - Dense: {units: 2}\n")
-    run = tmp_path / "run"
+    run = tmp_path / "run[/]"  # train printed its run directory as markup: a traceback once trained
     train = ["train", str(spec), "--data", f"folder:{tmp_path / 'data'}", "--epochs", "1", "--threads", "1"]
-    assert runner.invoke(app, [*train, "--out", str(run)]).exit_code == 0
+    result = runner.invoke(app, [*train, "--out", str(run)])
+    assert result.exit_code == 0 and f"directory:{run}" in "".join(result.output.split()), result.output
     result = runner.invoke(app, ["evaluate", str(run)])
     assert result.exit_code == 0 and "0 [bold]" in result.output, result.output
     (tmp_path / "x[").mkdir()

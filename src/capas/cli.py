@@ -86,6 +86,7 @@ def summary(spec: SpecArg) -> None:
                 f"{spec} runs an ONNX Runtime graph with int8 weights; below is the float architecture "
                 "it was quantized from (same layers, shapes and parameter counts)",
                 highlight=False,
+                markup=False,
             )
         note = spec / "summary.txt"  # what the run wrote above its table; damaged bytes match no table
         written = note.read_text(errors="replace") if note.is_file() else ""
@@ -249,7 +250,10 @@ def train(
     out = out or Path("runs") / model_spec.name
     main = distributed.env_rank() == 0  # under torchrun, rank 0 alone prints
     if main:
-        console.print(f"training [bold]{model_spec.name}[/] on {data_cfg.name} -> {out}", highlight=False)
+        console.print(
+            f"training [bold]{escape(model_spec.name)}[/] on {escape(data_cfg.name)} -> {escape(str(out))}",
+            highlight=False,
+        )
         from capas.cpu import bfloat16_warning
         from capas.inference import choose_precision, resolve_device
         from capas.train import winograd
@@ -285,7 +289,7 @@ def train(
         )
     if main:
         _print_test(results)
-        console.print(f"run directory: {out}", highlight=False)
+        console.print(f"run directory: {out}", highlight=False, markup=False)
 
 
 @app.command()
@@ -438,7 +442,11 @@ def study(
         file, out=out, workers=workers, data=data, seeds=seeds, input_shape=shape, executor=make
     )
     print_report(outcome.report, console)
-    console.print(f"report: {outcome.markdown} and {outcome.html} ({outcome.seconds:.0f} s)", highlight=False)
+    console.print(
+        f"report: {outcome.markdown} and {outcome.html} ({outcome.seconds:.0f} s)",
+        highlight=False,
+        markup=False,
+    )
     if outcome.failed:
         raise CapasError(
             f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}; rerun the same command to retry them"
@@ -516,7 +524,7 @@ def export(
         from capas.interop.keras import export_keras
 
         path = export_keras(run, out)
-        console.print(f"wrote {path} ({path.stat().st_size / 1e6:.3f} MB)", highlight=False)
+        console.print(f"wrote {path} ({path.stat().st_size / 1e6:.3f} MB)", highlight=False, markup=False)
         return
     from capas.deploy.export import export_run
     from capas.spec import DataConfig
@@ -528,6 +536,7 @@ def export(
         f"max |Δ| logits {check.max_abs_logits:.1e}, embedding {check.max_abs_embedding:.1e} "
         f"(tolerance atol={check.atol}, rtol={check.rtol}), same class for {check.agreement:.1%}",
         highlight=False,
+        markup=False,
     )
 
 
@@ -565,6 +574,7 @@ def import_keras(
     console.print(
         f"imported {len(imported.spec.layers)} layers, {summary.total:,} parameters -> run directory: {written}",
         highlight=False,
+        markup=False,
     )
     if data is None:
         console.print(
@@ -616,10 +626,12 @@ def compress(
         table.add_row(*row)
     console.print(table)
     for note in comparison.notes:
-        console.print(note, highlight=False)
+        console.print(note, highlight=False, markup=False)
     for warning in comparison.warnings:
-        errors.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
-    console.print(f"run directory: {path} (compress.md, compress.json, lineage.json)", highlight=False)
+        errors.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
+    console.print(
+        f"run directory: {path} (compress.md, compress.json, lineage.json)", highlight=False, markup=False
+    )
 
 
 def main() -> None:
