@@ -197,3 +197,14 @@ def test_hand_made_files_that_cannot_be_mnist_are_refused(tmp_path, stem, array,
     write_idx(tmp_path / f"{stem}.gz", array, code)
     with pytest.raises(CapasError, match=message):
         load_dataset("mnist", tmp_path)
+
+
+def test_files_placed_in_the_cache_as_the_message_says_are_read(tmp_path, monkeypatch):
+    # offline, the error says to place the files (each optionally .gz) in the cache folder: plain ones too
+    source = dataclasses.replace(idx.SOURCES["mnist"], url=(tmp_path / "nowhere").as_uri() + "/")
+    monkeypatch.setitem(idx.SOURCES, "mnist", source)
+    with pytest.raises(CapasError, match=f"optionally .gz\\) in {tmp_path / 'cache' / 'mnist'}"):
+        load_dataset("mnist")
+    write_mnist(tmp_path / "cache" / "mnist", n_train=6, gz=False)
+    train, test = load_dataset("mnist")
+    assert (len(train), len(test)) == (6, 10)

@@ -134,11 +134,16 @@ def _find(directory: Path) -> dict[str, Path] | None:
 
 
 def _download(source: IdxSource, looked: list[Path]) -> dict[str, Path]:
+    """The four files in the cache folder, downloading each it lacks (plain or .gz: one placed there
+    by hand, as the error below says to, is read as it is)."""
     target = cache_root() / source.name
+    files: dict[str, Path] = {}
     try:
         for stem, md5 in source.md5.items():
-            if not (target / f"{stem}.gz").is_file():
-                download(f"{source.url}{stem}.gz", target / f"{stem}.gz", digest=md5, algorithm="md5")
+            placed = (p for p in (target / stem, target / f"{stem}.gz") if p.is_file())
+            files[stem] = next(placed, None) or download(
+                f"{source.url}{stem}.gz", target / f"{stem}.gz", digest=md5, algorithm="md5"
+            )
     except CapasError as err:
         raise CapasError(
             f"dataset {source.name!r} not found; looked in {', '.join(map(str, looked))}, "
@@ -146,7 +151,7 @@ def _download(source: IdxSource, looked: list[Path]) -> dict[str, Path]:
             f"{', '.join(STEMS)} (each optionally .gz) in {target} or in a folder given as data_dir "
             "or $CAPAS_DATA"
         ) from err
-    return {stem: target / f"{stem}.gz" for stem in STEMS}
+    return files
 
 
 def _dataset(images_path: Path, labels_path: Path, classes: tuple[str, ...]) -> ArrayDataset:
