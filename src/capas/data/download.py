@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import urllib.request
 from pathlib import Path
@@ -63,6 +64,8 @@ def download(url: str, dest: Path, *, digest: str, algorithm: str = "sha256", ti
 
     try:
         atomic.write_with(dest, fetch)
-    except OSError as err:  # urllib's URLError is an OSError too
+    # urllib's URLError is an OSError too; a connection cut inside a chunked response is an
+    # http.client.IncompleteRead, which is not
+    except (OSError, http.client.HTTPException) as err:
         raise CapasError(f"could not download {url}: {err}") from err
     return dest
