@@ -115,7 +115,11 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
 
 
 def _recipe(info: dict) -> dict:
-    """How splits were cut (dataset, seed, fractions, limits), without what they hold."""
+    """What chose a test split's images: the dataset, seed and test_fraction (a held-out test split
+    is drawn first, so val_fraction and limit don't change it); a test_limit subset is drawn last,
+    from the same generator, so with one every setting counts."""
+    if info.get("test_limit") is None:
+        return {key: info.get(key) for key in ("dataset", "seed", "test_fraction", "test_source")}
     return {key: value for key, value in info.items() if key not in ("sizes", "sha256")}
 
 
