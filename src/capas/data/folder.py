@@ -120,9 +120,10 @@ def _inside(real_root: Path, entry: os.DirEntry) -> None:
 
 
 def _fingerprint(root: Path, files: list[tuple[str, tuple[int, ...]]]) -> str:
-    digest = hashlib.sha256(f"capas-folder-cache {CACHE_FORMAT}\n{root.resolve()}\n".encode())
+    # os.fsencode: the bytes of the names as on disk, which need not be UTF-8 (a zip made on Windows)
+    digest = hashlib.sha256(os.fsencode(f"capas-folder-cache {CACHE_FORMAT}\n{root.resolve()}\n"))
     for rel, stamp in files:
-        digest.update(f"{rel}\t{stamp}\n".encode())
+        digest.update(os.fsencode(f"{rel}\t{stamp}\n"))
     return digest.hexdigest()[:32]
 
 
