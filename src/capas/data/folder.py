@@ -19,7 +19,7 @@ from capas.errors import CapasError
 
 # the file names of the formats read_image decodes (images.FORMATS): any other file is not an image
 SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pbm", ".pgm", ".ppm")
-CACHE_FORMAT = 2  # part of the fingerprint: bump it when decoding changes, to ignore old caches
+CACHE_FORMAT = 3  # part of the fingerprint: bump it when decoding changes, to ignore old caches
 MAX_PIXELS = 16_000_000  # per training image, checked from the header before decoding
 
 
