@@ -77,10 +77,16 @@ def test_search_order(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPAS_DATA", str(tmp_path / "env"))
     monkeypatch.setenv("CAPAS_CACHE", str(tmp_path / "cache"))
     (tmp_path / "arg").mkdir()
-    assert search_dirs("mnist", tmp_path / "arg") == [
+    assert search_dirs("cifar10", tmp_path / "arg") == [
+        tmp_path / "arg" / "cifar10",
+        tmp_path / "arg",
+        tmp_path / "env" / "cifar10",
+        tmp_path / "env",
+        tmp_path / "cache" / "cifar10",
+    ]
+    assert search_dirs("mnist", tmp_path / "arg", shared_root=False) == [
         tmp_path / "arg" / "mnist",
         tmp_path / "arg",
         tmp_path / "env" / "mnist",
-        tmp_path / "env",
         tmp_path / "cache" / "mnist",
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -99,7 +100,7 @@ def read_idx(path: Path) -> np.ndarray:
 def load_idx(name: str, data_dir: str | Path | None = None) -> tuple[ArrayDataset, ArrayDataset]:
     """(train, test) of an IDX dataset in `SOURCES`, found locally or downloaded into the cache."""
     source = SOURCES[name]
-    dirs = search_dirs(name, data_dir)
+    dirs = search_dirs(name, data_dir, shared_root=False)  # MNIST's and Fashion-MNIST's files share names
     if source.system_dir is not None:
         dirs.insert(-1, source.system_dir)  # before the download cache
     # the download cache comes last and is _download's to complete
@@ -148,8 +149,8 @@ def _download(source: IdxSource, looked: list[Path]) -> dict[str, Path]:
         raise CapasError(
             f"dataset {source.name!r} not found; looked in {', '.join(map(str, looked))}, "
             f"then tried to download it: {err}. To get it, {source.install_hint}place "
-            f"{', '.join(STEMS)} (each optionally .gz) in {target} or in a folder given as data_dir "
-            "or $CAPAS_DATA"
+            f"{', '.join(STEMS)} (each optionally .gz) in {target}, in a folder given as data_dir, or "
+            f"in {Path(os.environ.get('CAPAS_DATA') or '$CAPAS_DATA').expanduser() / source.name}"
         ) from err
     return files
 
