@@ -356,9 +356,11 @@ def test_evaluate_names_damaged_splits_in_config(tiny_run, tmp_path, edit):
     assert result.exit_code == 2 and "config.json: splits" in " ".join(result.output.split()), result.output
 
 
-def test_evaluate_refuses_a_folder_whose_test_split_changed(tmp_path):
+@pytest.mark.parametrize("limit", [[], ["--limit", "10"]])
+def test_evaluate_refuses_a_folder_whose_test_split_changed(tmp_path, limit):
     """An image folder that gained images after training was split again and its new 'test' split,
-    partly training images, scored as a test accuracy; the run's recorded test digest now refuses it."""
+    partly training images, scored as a test accuracy; the run's recorded test digest now refuses it.
+    With --data, also for a run trained with a limit: the held-out test split doesn't depend on it."""
     import numpy as np
     from PIL import Image
 
@@ -373,9 +375,10 @@ def test_evaluate_refuses_a_folder_whose_test_split_changed(tmp_path):
         "  - Dense: {units: 3, activation: softmax}\n"
     )
     run, data = tmp_path / "run", f"folder:{tmp_path / 'data'}"
-    train = ["train", str(spec), "--data", data, "--epochs", "1", "--threads", "1", "--out", str(run)]
+    train = ["train", str(spec), "--data", data, "--epochs", "1", "--threads", "1", "--out", str(run), *limit]
     assert runner.invoke(app, train).exit_code == 0
     assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0
+    assert runner.invoke(app, ["evaluate", str(run), "--data", data]).exit_code == 0
     for i in range(5):  # 35 images: a held-out test split of 7, not 6
         Image.fromarray(np.full((8, 8), 200 + i, np.uint8)).save(tmp_path / "data" / "a" / f"new{i}.png")
     for command in (["evaluate", str(run)], ["evaluate", str(run), "--data", data]):

@@ -1,6 +1,8 @@
 """The checksummed, atomic download, exercised on local files through file:// URLs."""
 
 import hashlib
+import socket
+import threading
 
 import pytest
 
@@ -48,14 +50,43 @@ def test_unreachable_url(tmp_path):
     assert list(dest.parent.iterdir()) == []
 
 
+def test_a_connection_cut_mid_chunk_is_one_error(tmp_path):
+    # a server sending chunked transfer encoding that hangs up mid-chunk: http.client raises
+    # IncompleteRead, which is no OSError
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n10\r\n0123"
+            )
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    dest = tmp_path / "cache" / "blob.bin"
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/blob.bin"
+    with server, pytest.raises(CapasError, match=f"could not download {url}.*IncompleteRead"):
+        download(url, dest, digest="0" * 64, timeout_s=5)
+    thread.join()
+    assert list(dest.parent.iterdir()) == []
+
+
 def test_search_order(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPAS_DATA", str(tmp_path / "env"))
     monkeypatch.setenv("CAPAS_CACHE", str(tmp_path / "cache"))
     (tmp_path / "arg").mkdir()
-    assert search_dirs("mnist", tmp_path / "arg") == [
+    assert search_dirs("cifar10", tmp_path / "arg") == [
+        tmp_path / "arg" / "cifar10",
+        tmp_path / "arg",
+        tmp_path / "env" / "cifar10",
+        tmp_path / "env",
+        tmp_path / "cache" / "cifar10",
+    ]
+    assert search_dirs("mnist", tmp_path / "arg", shared_root=False) == [
         tmp_path / "arg" / "mnist",
         tmp_path / "arg",
         tmp_path / "env" / "mnist",
-        tmp_path / "env",
         tmp_path / "cache" / "mnist",
     ]

@@ -114,6 +114,16 @@ def test_swapping_two_files_of_one_size_and_time_is_seen(tmp_path):
     assert before.images[:, 0, 0, 0].tolist() == [10, 20] and after.images[:, 0, 0, 0].tolist() == [20, 10]
 
 
+def test_file_names_that_are_not_utf8_are_read(tmp_path):
+    """A zip made on Windows can leave Latin-1 names (b'caf\\xe9.png'): the cache fingerprint hashed
+    the names as UTF-8 and failed with a UnicodeEncodeError traceback."""
+    write(tmp_path / "a" / "0.png", pixels(0, "L"))
+    write(tmp_path / "b" / "0.png", pixels(1, "L"))
+    os.rename(os.fsencode(tmp_path / "a" / "0.png"), os.fsencode(tmp_path / "a") + b"/caf\xe9.png")
+    data, _ = load_dataset(f"folder:{tmp_path}")
+    assert len(data) == 2 and data.classes == ("a", "b")
+
+
 def test_a_folder_inside_a_class_is_refused(tmp_path):
     """Images in a class's sub-folder (which Keras' and torchvision's folder readers include) were
     left out of the dataset without a word."""

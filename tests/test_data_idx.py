@@ -93,6 +93,21 @@ def test_data_dir_comes_before_capas_data(tmp_path, monkeypatch):
     assert len(load_dataset("mnist")[0]) == 4
 
 
+def test_idx_files_at_the_root_of_capas_data_are_no_dataset_in_particular(tmp_path, monkeypatch):
+    """MNIST and Fashion-MNIST files have the same names: with one of them directly in $CAPAS_DATA
+    (a folder of datasets, unlike --data-dir, which names one), asking for the other trained on it
+    under the other's class names."""
+    write_mnist(tmp_path / "env", n_train=3)
+    monkeypatch.setenv("CAPAS_DATA", str(tmp_path / "env"))
+    source = dataclasses.replace(idx.SOURCES["mnist"], url=(tmp_path / "nowhere").as_uri() + "/")
+    monkeypatch.setitem(idx.SOURCES, "mnist", source)
+    with pytest.raises(
+        CapasError, match=f"in a folder given as data_dir, or in {tmp_path / 'env' / 'mnist'}"
+    ):
+        load_dataset("mnist")
+    assert len(load_dataset("mnist", tmp_path / "env")[0]) == 3  # --data-dir names the files' folder
+
+
 def test_labels_must_match_images(tmp_path):
     write_mnist(tmp_path)
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(7, np.uint8))
@@ -197,3 +212,14 @@ def test_hand_made_files_that_cannot_be_mnist_are_refused(tmp_path, stem, array,
     write_idx(tmp_path / f"{stem}.gz", array, code)
     with pytest.raises(CapasError, match=message):
         load_dataset("mnist", tmp_path)
+
+
+def test_files_placed_in_the_cache_as_the_message_says_are_read(tmp_path, monkeypatch):
+    # offline, the error says to place the files (each optionally .gz) in the cache folder: plain ones too
+    source = dataclasses.replace(idx.SOURCES["mnist"], url=(tmp_path / "nowhere").as_uri() + "/")
+    monkeypatch.setitem(idx.SOURCES, "mnist", source)
+    with pytest.raises(CapasError, match=f"optionally .gz\\) in {tmp_path / 'cache' / 'mnist'}"):
+        load_dataset("mnist")
+    write_mnist(tmp_path / "cache" / "mnist", n_train=6, gz=False)
+    train, test = load_dataset("mnist")
+    assert (len(train), len(test)) == (6, 10)

@@ -30,6 +30,16 @@ def test_32_bit_values_outside_16_bits_are_stretched():
     assert read_image(buffer.getvalue())[0, 0].tolist() == [0, 0, 255]
 
 
+@pytest.mark.parametrize("maxval", [65535, 4095])
+def test_a_16_bit_pgm_is_scaled_as_16_bit_however_dark(maxval):
+    """Pillow opens a PGM deeper than 8 bits as a 32-bit integer image ('I') on its 0..65535 scale:
+    a dark one (every value within 0..255) was kept as 8-bit values, about 257 times too bright."""
+    values = np.array([[0, maxval // 256, maxval // 2, maxval]], ">u2")
+    pgm = f"P5\n4 1\n{maxval}\n".encode() + values.tobytes()
+    assert read_image(pgm)[0, 0].tolist() == [0, 1, 127, 255]
+    assert read_image(pgm.replace(values.tobytes(), (values // 256).astype(">u2").tobytes()))[0, 0].max() <= 1
+
+
 def test_exif_orientation_is_applied():
     image = read_image(hostile.images()["exif-rotated.jpg"])  # stored 40 wide × 20 high, left half white
     assert image.shape == (1, 40, 20)  # upright: 20 wide × 40 high, the white half on top

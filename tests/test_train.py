@@ -827,9 +827,11 @@ def test_a_class_without_test_images_has_no_per_class_accuracy():
     assert results["confusion_matrix"] == [[2, 0, 0], [0, 2, 0], [0, 0, 0]]
 
 
-def test_evaluate_on_the_recorded_folder_named_again_holds_out_the_same_test_images(tmp_path):
+@pytest.mark.parametrize("spelling", ["", "/", "/../data"])
+def test_evaluate_on_the_recorded_folder_named_again_holds_out_the_same_test_images(tmp_path, spelling):
     """A run trained with its own test_fraction and split_seed, evaluated with --data naming its folder,
-    was scored on the default held-out split: images it had trained on, reported as test accuracy."""
+    was scored on the default held-out split: images it had trained on, reported as test accuracy.
+    Also when --data spells the folder's path otherwise (folder:data/, as shell completion leaves it)."""
     from PIL import Image
 
     for label, name in enumerate("ab"):
@@ -850,4 +852,4 @@ def test_evaluate_on_the_recorded_folder_named_again_holds_out_the_same_test_ima
     )
     run = load_run(tmp_path / "run")
     tested = json.loads((tmp_path / "run" / "config.json").read_text())["splits"]["sha256"]["test"]
-    assert run_splits(run, DataConfig(name=folder)).info["sha256"]["test"] == tested
+    assert run_splits(run, DataConfig(name=folder + spelling)).info["sha256"]["test"] == tested

@@ -80,11 +80,14 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
         data = parse_config(DataConfig, recorded_data, f"{run.path / 'config.json'}: data")
         if data_dir is not None:
             data = data.model_copy(update={"data_dir": data_dir})
-    elif isinstance(recorded_data, dict) and recorded_data.get("name") == data.name:
+    elif isinstance(recorded_data, dict) and _same_dataset(recorded_data.get("name"), data.name):
         # the recorded dataset named again: hold out the test split training held out, not another
-        # one (the default split_seed and test_fraction would test on images the model trained on)
+        # one (the default split_seed and test_fraction would test on images the model trained on),
+        # under its recorded name, which the test digest check below compares
         own = parse_config(DataConfig, recorded_data, f"{run.path / 'config.json'}: data")
-        data = data.model_copy(update={"split_seed": own.split_seed, "test_fraction": own.test_fraction})
+        data = data.model_copy(
+            update={"name": own.name, "split_seed": own.split_seed, "test_fraction": own.test_fraction}
+        )
     splits = splits_for(data)
     tested = (recorded or {}).get("splits") or {}
     if not isinstance(tested, dict) or any(
@@ -114,8 +117,21 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
     return splits
 
 
+def _same_dataset(recorded: object, name: str) -> bool:
+    """Whether dataset `name` is the `recorded` one: a folder by the path it leads to, however it is
+    spelt (folder:data/, folder:./data and its absolute path for folder:data)."""
+    if not isinstance(recorded, str) or not recorded.startswith("folder:") or not name.startswith("folder:"):
+        return recorded == name
+    paths = [n.removeprefix("folder:") for n in (recorded, name)]
+    return all(p.strip() for p in paths) and len({Path(p).expanduser().resolve() for p in paths}) == 1
+
+
 def _recipe(info: dict) -> dict:
-    """How splits were cut (dataset, seed, fractions, limits), without what they hold."""
+    """What chose a test split's images: the dataset, seed and test_fraction (a held-out test split
+    is drawn first, so val_fraction and limit don't change it); a test_limit subset is drawn last,
+    from the same generator, so with one every setting counts."""
+    if info.get("test_limit") is None:
+        return {key: info.get(key) for key in ("dataset", "seed", "test_fraction", "test_source")}
     return {key: value for key, value in info.items() if key not in ("sizes", "sha256")}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import urllib.request
 from pathlib import Path
@@ -18,17 +19,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("CAPAS_CACHE") or "~/.cache/capas").expanduser()
 
 
-def search_dirs(name: str, data_dir: str | Path | None) -> list[Path]:
+def search_dirs(name: str, data_dir: str | Path | None, *, shared_root: bool = True) -> list[Path]:
     """Folders to look for dataset `name` in, in order: `data_dir`, then `$CAPAS_DATA` (each as
-    `<dir>/<name>/` and `<dir>/` itself), then the download cache."""
+    `<dir>/<name>/` and `<dir>/` itself), then the download cache.
+
+    shared_root=False leaves out `$CAPAS_DATA` itself, for datasets whose files have another's names
+    (MNIST's and Fashion-MNIST's): in a folder of datasets, only `<name>/` says which one they are."""
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
         # looked past, it would leave the run on other files than the ones the user named
         raise CapasError(f"data_dir (--data-dir) {data_dir}: no such folder")
     dirs = []
-    for base in (data_dir, os.environ.get("CAPAS_DATA")):
+    for base, root in ((data_dir, True), (os.environ.get("CAPAS_DATA"), shared_root)):
         if base:
             base = Path(base).expanduser()
-            dirs += [base / name, base]
+            dirs += [base / name, base] if root else [base / name]
     return [*dirs, cache_root() / name]
 
 
@@ -63,6 +67,8 @@ def download(url: str, dest: Path, *, digest: str, algorithm: str = "sha256", ti
 
     try:
         atomic.write_with(dest, fetch)
-    except OSError as err:  # urllib's URLError is an OSError too
+    # urllib's URLError is an OSError too; a connection cut inside a chunked response is an
+    # http.client.IncompleteRead, which is not
+    except (OSError, http.client.HTTPException) as err:
         raise CapasError(f"could not download {url}: {err}") from err
     return dest

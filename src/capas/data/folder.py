@@ -19,7 +19,7 @@ from capas.errors import CapasError
 
 # the file names of the formats read_image decodes (images.FORMATS): any other file is not an image
 SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pbm", ".pgm", ".ppm")
-CACHE_FORMAT = 2  # part of the fingerprint: bump it when decoding changes, to ignore old caches
+CACHE_FORMAT = 3  # part of the fingerprint: bump it when decoding changes, to ignore old caches
 MAX_PIXELS = 16_000_000  # per training image, checked from the header before decoding
 
 
@@ -120,9 +120,10 @@ def _inside(real_root: Path, entry: os.DirEntry) -> None:
 
 
 def _fingerprint(root: Path, files: list[tuple[str, tuple[int, ...]]]) -> str:
-    digest = hashlib.sha256(f"capas-folder-cache {CACHE_FORMAT}\n{root.resolve()}\n".encode())
+    # os.fsencode: the bytes of the names as on disk, which need not be UTF-8 (a zip made on Windows)
+    digest = hashlib.sha256(os.fsencode(f"capas-folder-cache {CACHE_FORMAT}\n{root.resolve()}\n"))
     for rel, stamp in files:
-        digest.update(f"{rel}\t{stamp}\n".encode())
+        digest.update(os.fsencode(f"{rel}\t{stamp}\n"))
     return digest.hexdigest()[:32]
 
 

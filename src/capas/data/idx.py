@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -99,7 +100,7 @@ def read_idx(path: Path) -> np.ndarray:
 def load_idx(name: str, data_dir: str | Path | None = None) -> tuple[ArrayDataset, ArrayDataset]:
     """(train, test) of an IDX dataset in `SOURCES`, found locally or downloaded into the cache."""
     source = SOURCES[name]
-    dirs = search_dirs(name, data_dir)
+    dirs = search_dirs(name, data_dir, shared_root=False)  # MNIST's and Fashion-MNIST's files share names
     if source.system_dir is not None:
         dirs.insert(-1, source.system_dir)  # before the download cache
     # the download cache comes last and is _download's to complete
@@ -134,19 +135,24 @@ def _find(directory: Path) -> dict[str, Path] | None:
 
 
 def _download(source: IdxSource, looked: list[Path]) -> dict[str, Path]:
+    """The four files in the cache folder, downloading each it lacks (plain or .gz: one placed there
+    by hand, as the error below says to, is read as it is)."""
     target = cache_root() / source.name
+    files: dict[str, Path] = {}
     try:
         for stem, md5 in source.md5.items():
-            if not (target / f"{stem}.gz").is_file():
-                download(f"{source.url}{stem}.gz", target / f"{stem}.gz", digest=md5, algorithm="md5")
+            placed = (p for p in (target / stem, target / f"{stem}.gz") if p.is_file())
+            files[stem] = next(placed, None) or download(
+                f"{source.url}{stem}.gz", target / f"{stem}.gz", digest=md5, algorithm="md5"
+            )
     except CapasError as err:
         raise CapasError(
             f"dataset {source.name!r} not found; looked in {', '.join(map(str, looked))}, "
             f"then tried to download it: {err}. To get it, {source.install_hint}place "
-            f"{', '.join(STEMS)} (each optionally .gz) in {target} or in a folder given as data_dir "
-            "or $CAPAS_DATA"
+            f"{', '.join(STEMS)} (each optionally .gz) in {target}, in a folder given as data_dir, or "
+            f"in {Path(os.environ.get('CAPAS_DATA') or '$CAPAS_DATA').expanduser() / source.name}"
         ) from err
-    return {stem: target / f"{stem}.gz" for stem in STEMS}
+    return files
 
 
 def _dataset(images_path: Path, labels_path: Path, classes: tuple[str, ...]) -> ArrayDataset:

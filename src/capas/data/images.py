@@ -3,7 +3,7 @@ uint8 (C, H, W) tensors here, so a model sees the same pixels wherever its image
 
 How image modes become 8-bit pixels (the rules a user can rely on):
 - EXIF orientation is applied (a phone photo taken upright is upright), as image viewers do.
-- 16-bit images (PNG, TIFF) are scaled from 0..65535 to 0..255 (value × 255 / 65535, rounded).
+- 16-bit images (PNG, TIFF, and PGM deeper than 8 bits) are scaled from 0..65535 to 0..255 (value × 255 / 65535, rounded).
 - 32-bit integer images: values already within 0..255 are kept; within 0..65535 they are scaled as
   16-bit; otherwise the image's own minimum..maximum is stretched to 0..255.
 - 32-bit float images: values within 0..1 are scaled by 255; within 0..255 kept; otherwise the
@@ -141,7 +141,8 @@ def _eight_bit(image: Image.Image) -> Image.Image:
         return image.convert("L")
     if mode == "P":
         return image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if mode.startswith("I;16"):
+    # Pillow opens a PGM deeper than 8 bits as "I", on the 0..65535 scale whatever its maxval
+    if mode.startswith("I;16") or (mode == "I" and image.format == "PPM"):
         values = np.asarray(image).astype(np.uint32)  # 0..65535
         return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
     if mode in ("I", "F"):
