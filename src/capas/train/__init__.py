@@ -225,16 +225,17 @@ def _train(
             test=test_results,
             reference=splits.val,
             precision=cfg.precision,
-            summary_note=_finetune_note(spec, model, cfg),
+            summary_note=_finetune_note(spec, model, cfg, result.best_epoch),
         )
     checkpoint.unlink(missing_ok=True)  # the run is complete; its weights are in model.safetensors
     return test_results
 
 
-def _finetune_note(spec: ModelSpec, model: CapasNet, cfg: TrainConfig) -> str:
-    """What summary.txt says above its table when fine-tuning unfroze backbone layers: the table is
-    the spec's, which shows them frozen, as they were when training started."""
-    if cfg.finetune is None or model.backbone is None:
+def _finetune_note(spec: ModelSpec, model: CapasNet, cfg: TrainConfig, best_epoch: int) -> str:
+    """What summary.txt says above its table when the saved weights are of an epoch after fine-tuning
+    unfroze backbone layers: the table is the spec's, which shows them frozen, as they were when
+    training started (early stopping may keep an epoch from before the switch: then it holds)."""
+    if cfg.finetune is None or model.backbone is None or best_epoch <= cfg.finetune.after_epochs:
         return ""
     infos = spec.layer_infos()
     rows = [info for info in infos[model.frozen : len(model.backbone)] if info.frozen]
