@@ -563,11 +563,15 @@ def test_rates_are_bounded_so_the_optimizer_step_stays_a_float32(tmp_path):
         ({"name": "sgd", "nesterov": True}, "nesterov needs name: sgd and a momentum above 0"),
         ({"name": "adam", "nesterov": True, "momentum": 0.9}, "adam has no momentum setting"),
         ({"name": "adadelta", "momentum": 0.5}, "momentum (0.5) is for sgd and rmsprop"),
+        ({"name": "rmsprop", "rho": 0.5}, "rho (0.5) is Adadelta's decay; rmsprop keeps Keras' rho 0.9"),
+        ({"name": "adam", "rho": 0.5}, "rho (0.5) is Adadelta's decay; adam does not take it"),
+        ({"name": "sgd", "epsilon": 0.5}, "epsilon (0.5) is for adam, adamw, rmsprop and adadelta"),
     ],
 )
-def test_momentum_settings_an_optimizer_does_not_take_are_refused(optimizer, words):
+def test_settings_an_optimizer_does_not_take_are_refused(optimizer, words):
     """Nesterov without momentum was torch.optim.SGD's ValueError from inside training (a traceback
-    after the data had loaded); a momentum for Adam or Adadelta was silently ignored."""
+    after the data had loaded); a momentum for Adam or Adadelta, a rho for RMSprop or Adam and an
+    epsilon for SGD were silently ignored, and config.json recorded them as if they had trained."""
     with pytest.raises(CapasError, match=re.escape(words)):
         parse_config(TrainConfig, {"optimizer": optimizer}, "training config")
 
