@@ -184,6 +184,7 @@ def _fit(
     monitor = _Monitor(cfg.early_stopping)
     plateau = Plateau(cfg.schedule, cfg.optimizer.learning_rate)
     result, best_state, start_epoch, end_epoch = FitResult(), None, 0, cfg.epochs
+    computed = []  # the convolutions train.winograd computed in the epochs of the checkpoint
 
     ema = WeightAverage(model, cfg.ema) if cfg.ema is not None else None
     if checkpoint is not None and (state := load_checkpoint(checkpoint, model, optimizer)) is not None:
@@ -193,6 +194,7 @@ def _fit(
         plateau.load(state.monitor["plateau"])
         if ema is not None:
             ema.load(state.ema)
+        computed = state.winograd
         # a run killed after the checkpoint of the epoch that stopped it (while testing or writing the
         # run directory) stays stopped: it trains no epoch that the uninterrupted run did not
         if (stop := _stop_reason(cfg, result, monitor)) is not None:
@@ -225,7 +227,7 @@ def _fit(
     # train.winograd computes float32 training on a CPU only; asked for elsewhere, it records that it
     # computed nothing
     wino = (
-        winograd.Convolutions(model)
+        winograd.Convolutions(model, computed)
         if cfg.winograd and device.type == "cpu" and cfg.precision == "float32"
         else None
     )
@@ -345,6 +347,7 @@ def _fit(
                 best_state,
                 identity,
                 ema=None if ema is None else ema.tensors(),
+                winograd=None if wino is None else wino.used(),
             )
         if stop:
             result.stopped = stop
