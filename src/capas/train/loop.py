@@ -165,13 +165,14 @@ def _fit(
     cached_rows = None
     if cfg.cache_frozen:  # one process only (capas.train.distributed.check)
         cached_rows = frozen_cache.frozen_rows(model, cfg)  # before a resumed fine-tuning unfreezes rows
-    if (
+    tuning = (
         cfg.finetune is not None
         and checkpoint is not None
         and checkpoint_epoch(checkpoint) > cfg.finetune.after_epochs
-    ):
+    )
+    if tuning:
         _unfreeze(model, cfg)  # resuming after the switch: the saved optimizer holds the unfrozen layers
-    optimizer = make_optimizer(model, _optimizer_config(model, cfg))
+    optimizer = make_optimizer(model, _optimizer_config(cfg, tuning))
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -240,7 +241,7 @@ def _fit(
         if cfg.finetune is not None and epoch == cfg.finetune.after_epochs:
             # fine-tuning starts: a new optimizer over the now-trainable parameters, backbone at a smaller rate
             _unfreeze(model, cfg)
-            optimizer = make_optimizer(model, _optimizer_config(model, cfg))
+            optimizer = make_optimizer(model, _optimizer_config(cfg, tuning=True))
             base_lrs = [group["lr"] for group in optimizer.param_groups]
             net = _training_net(model, dist, cfg)  # DDP learns the new trainable set
         # Seeding per epoch makes a resumed run draw the same batches, crops and dropout masks.
@@ -418,11 +419,9 @@ def _unfreeze(model: nn.Module, cfg: TrainConfig) -> None:
     model.set_frozen(0 if unfreeze == "all" else max(0, model.frozen - unfreeze))
 
 
-def _optimizer_config(model: nn.Module, cfg: TrainConfig) -> OptimizerConfig:
-    """The optimizer settings; once fine-tuning has unfrozen backbone layers, at its backbone rate."""
-    tuning = cfg.finetune is not None and any(
-        p.requires_grad for p in getattr(model, "backbone", nn.Identity()).parameters()
-    )
+def _optimizer_config(cfg: TrainConfig, tuning: bool) -> OptimizerConfig:
+    """The optimizer settings; once fine-tuning has unfrozen backbone layers (`tuning`), the backbone
+    at its rate (before, the layers the spec leaves trainable train at the optimizer's)."""
     if not tuning:
         return cfg.optimizer
     return cfg.optimizer.model_copy(update={"backbone_lr_scale": cfg.finetune.backbone_lr_scale})
