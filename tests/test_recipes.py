@@ -410,6 +410,11 @@ def test_progressive_resizing_follows_composers_schedule():
     # rounded down to whole increments, never below one increment nor above the input
     assert resizing.size(cfg, 0, 100, (28, 30)) == (12, 12)
     assert resizing.size(ProgressiveResizing(initial_scale=0.1), 0, 10, (28, 28)) == (4, 4)
+    # the full-size steps train at the size evaluation sees, a multiple of the increment or not (28
+    # with increments of 8 trained its last fifth at 24×24, a 28×30 input at 28×28)
+    coarse = ProgressiveResizing(size_increment=8)
+    assert [resizing.size(coarse, step, 100, (28, 28))[0] for step in (60, 75, 99)] == [16, 24, 28]
+    assert resizing.size(cfg, 99, 100, (28, 30)) == (28, 30)
     with pytest.raises(ValidationError, match="delay_fraction \\+ finetune_fraction must be at most 1"):
         TrainConfig(progressive_resizing={"delay_fraction": 0.6, "finetune_fraction": 0.5})
 

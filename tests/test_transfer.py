@@ -258,6 +258,86 @@ def test_a_fine_tuned_run_says_which_layers_it_unfroze_above_its_summary(tmp_pat
     assert shown.exit_code == 0 and shown.output.startswith(note + "\n"), shown.output
 
 
+def test_a_fine_tuned_run_that_kept_an_epoch_before_unfreezing_says_nothing_of_it(tmp_path):
+    """Early stopping kept epoch 1's weights, from before fine-tuning unfroze the backbone; summary.txt
+    said the backbone layers were unfrozen and trained, of weights that hold them as they started."""
+    tiny = {
+        "name": "tiny",
+        "input_shape": [8, 8, 1],
+        "layers": [
+            {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
+            "Flatten",
+            {"Dense": {"units": 10, "activation": "softmax"}},
+        ],
+    }
+    data = DataConfig(name="digits", limit=300, test_limit=50)
+    train(ModelSpec.from_dict(tiny), data, TrainConfig(epochs=1, batch_size=32, device="cpu"), tmp_path / "a")
+    spec = ModelSpec.from_dict(
+        {
+            "name": "ft",
+            "input_shape": [8, 8, 1],
+            "backbone": {"name": "run", "weights": str(tmp_path / "a")},
+            "layers": [{"Dense": {"units": 10, "activation": "softmax"}}],
+        }
+    )
+    cfg = TrainConfig(
+        epochs=4,
+        batch_size=32,
+        device="cpu",
+        # val_loss 1.82 after epoch 1, the top alone; 2.27 once the backbone trains at this rate too
+        optimizer={"name": "sgd", "lr": 0.5},
+        early_stopping={"patience": 1},
+        finetune={"after_epochs": 1, "backbone_lr_scale": 1.0},
+    )
+    test = train(spec, data, cfg, tmp_path / "b")
+    assert test["best_epoch"] == 1 and test["epochs_run"] > 1
+    assert torch.equal(
+        load_run(tmp_path / "b").model.backbone.state_dict()["conv2d.conv.weight"],
+        load_run(tmp_path / "a").model.state_dict()["layers.conv2d.conv.weight"],
+    )
+    assert (tmp_path / "b" / "summary.txt").read_text().startswith('Model: "ft"')
+
+
+def test_before_fine_tuning_the_trainable_backbone_layers_train_at_the_optimizers_backbone_rate(tmp_path):
+    """With fine-tuning configured, the backbone layers that the spec leaves trainable (frozen: N)
+    trained from the first step at fine-tuning's rate, meant for after the switch, and never at
+    optimizer.backbone_lr_scale."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    layers = [
+        {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
+        {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
+        "Flatten",
+        {"Dense": {"units": 10, "activation": "softmax"}},
+    ]
+    data = DataConfig(name="digits", limit=100, test_limit=20)
+    source = ModelSpec.from_dict({"name": "src", "input_shape": [8, 8, 1], "layers": layers})
+    train(source, data, TrainConfig(epochs=1, batch_size=50, device="cpu"), tmp_path / "src")
+    spec = ModelSpec.from_dict(
+        {
+            "name": "ft",
+            "input_shape": [8, 8, 1],
+            "backbone": {"name": "run", "weights": str(tmp_path / "src"), "frozen": 1},
+            "layers": [{"Dense": {"units": 10, "activation": "softmax"}}],
+        }
+    )
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=100,
+        device="cpu",
+        optimizer={"lr": 1.0, "backbone_lr_scale": 0.5},
+        finetune={"after_epochs": 1, "backbone_lr_scale": 0.1},
+    )
+    splits = splits_for(data)
+    rates = []
+    hook = register_optimizer_step_pre_hook(lambda opt, *_: rates.append([g["lr"] for g in opt.param_groups]))
+    try:
+        fit(build_model(spec), splits.train, splits.val, preprocess_for(spec), cfg)
+    finally:
+        hook.remove()
+    assert rates == [[1.0, 0.5], [1.0, 0.1]]  # one step per epoch: top, backbone
+
+
 def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
     spec = spec_with({"name": "mobilenet_v3_small", "weights": "none"})
     data, cfg = (

@@ -171,6 +171,22 @@ def test_training_with_winograd_follows_the_direct_training_and_records_its_laye
     assert again["test_loss"] == wino["test_loss"]  # and a deterministic one
 
 
+def test_a_run_resumed_after_its_last_checkpoint_records_the_layers_its_training_computed(tmp_path):
+    """Killed after the checkpoint of its last epoch (while testing or writing the run directory), the
+    rerun trains no step: its test.json said winograd: [] of weights trained with it."""
+    from capas.data import default_preprocess, make_splits
+    from capas.models import build_model
+
+    spec = ModelSpec.from_dict(WIDE)
+    splits = make_splits("digits", limit=100)
+    preprocess = default_preprocess(spec.input_shape)
+    cfg = TrainConfig(epochs=1, batch_size=50, precision="float32", winograd=True, device="cpu")
+    ck = tmp_path / "ck.safetensors"
+    first = fit(build_model(spec), splits.train, splits.val, preprocess, cfg, checkpoint=ck)
+    again = fit(build_model(spec), splits.train, splits.val, preprocess, cfg, checkpoint=ck)
+    assert first.winograd == again.winograd == ["wide"]
+
+
 @pytest.fixture(scope="module")
 def wide_run(tmp_path_factory):
     """A run whose layers before its classifier, a backbone for the next tests, end in 128 channels

@@ -64,7 +64,7 @@ class OptimizerConfig(_Config):
     )
 
     @model_validator(mode="after")
-    def _momentum_where_it_applies(self) -> OptimizerConfig:
+    def _settings_where_they_apply(self) -> OptimizerConfig:
         # Keras' Adam, AdamW and Adadelta take no momentum; nesterov is SGD's look-ahead along it
         if self.momentum and self.name not in ("sgd", "rmsprop"):
             raise ValueError(
@@ -73,6 +73,14 @@ class OptimizerConfig(_Config):
         if self.nesterov and not (self.name == "sgd" and self.momentum):
             raise ValueError(
                 f"nesterov needs name: sgd and a momentum above 0 (got {self.name}, momentum {self.momentum})"
+            )
+        # a value another optimizer does not read would be recorded in config.json as if it had trained
+        if self.rho != type(self).model_fields["rho"].default and self.name != "adadelta":
+            kept = "keeps Keras' rho 0.9" if self.name == "rmsprop" else "does not take it"
+            raise ValueError(f"rho ({self.rho}) is Adadelta's decay; {self.name} {kept}")
+        if self.epsilon != type(self).model_fields["epsilon"].default and self.name == "sgd":
+            raise ValueError(
+                f"epsilon ({self.epsilon}) is for adam, adamw, rmsprop and adadelta; sgd has none"
             )
         return self
 

@@ -12,6 +12,7 @@ import torch
 from capas.data import splits_for
 from capas.errors import CapasError
 from capas.inference import evaluate, resolve_device
+from capas.layers.core import Dropout
 from capas.lock import LOCK, exclusive
 from capas.models import build_model, preprocess_for
 from capas.models.init import WHITENING_IMAGES, fit_whitening, whitening_layers
@@ -68,7 +69,8 @@ def train(
     cfg = resolved(cfg)
     if cfg.finetune is not None and spec.backbone is None:
         raise CapasError(f"{spec.name}: train.finetune needs a spec with a backbone")
-    last = spec.layers[-1]
+    # the last layer that computes: Dropout (SpatialDropout2D too) is an identity when predicting
+    last = next((layer for layer in reversed(spec.layers) if not isinstance(layer, Dropout)), spec.layers[-1])
     if getattr(last, "activation", None) in ("sigmoid", "hard_sigmoid"):
         # the loss takes the outputs as logits and predictions apply a softmax to them: sigmoid
         # outputs would train slowly and be reported squashed (at most e/(e + 9) = 0.23 with 10 classes)
@@ -225,16 +227,17 @@ def _train(
             test=test_results,
             reference=splits.val,
             precision=cfg.precision,
-            summary_note=_finetune_note(spec, model, cfg),
+            summary_note=_finetune_note(spec, model, cfg, result.best_epoch),
         )
     checkpoint.unlink(missing_ok=True)  # the run is complete; its weights are in model.safetensors
     return test_results
 
 
-def _finetune_note(spec: ModelSpec, model: CapasNet, cfg: TrainConfig) -> str:
-    """What summary.txt says above its table when fine-tuning unfroze backbone layers: the table is
-    the spec's, which shows them frozen, as they were when training started."""
-    if cfg.finetune is None or model.backbone is None:
+def _finetune_note(spec: ModelSpec, model: CapasNet, cfg: TrainConfig, best_epoch: int) -> str:
+    """What summary.txt says above its table when the saved weights are of an epoch after fine-tuning
+    unfroze backbone layers: the table is the spec's, which shows them frozen, as they were when
+    training started (early stopping may keep an epoch from before the switch: then it holds)."""
+    if cfg.finetune is None or model.backbone is None or best_epoch <= cfg.finetune.after_epochs:
         return ""
     infos = spec.layer_infos()
     rows = [info for info in infos[model.frozen : len(model.backbone)] if info.frozen]

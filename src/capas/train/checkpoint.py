@@ -59,8 +59,10 @@ def save_checkpoint(
     best_weights: dict[str, torch.Tensor] | None,
     identity: dict | None = None,
     ema: dict[str, torch.Tensor] | None = None,
+    winograd: list[str] | None = None,
 ) -> None:
-    """Everything a rerun needs to go on after `epoch` epochs; `ema` is the weight average, if any."""
+    """Everything a rerun needs to go on after `epoch` epochs; `ema` is the weight average, if any;
+    `winograd`, the convolutions train.winograd computed so far."""
     optim_tensors, optim_plain = _split_optimizer(optimizer.state_dict())
     tensors = {**_tensors("model.", model.state_dict()), **optim_tensors}
     if best_weights is not None:
@@ -75,6 +77,7 @@ def save_checkpoint(
         "monitor": monitor,
         "optimizer": optim_plain,
         "identity": identity,
+        "winograd": winograd or [],
     }
     atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"capas": json.dumps(meta)}))
 
@@ -88,6 +91,7 @@ class Resumed:
     monitor: dict
     best_weights: dict[str, torch.Tensor] | None
     ema: dict[str, torch.Tensor]  # the weight average (empty without one)
+    winograd: list[str]  # the convolutions train.winograd computed before the checkpoint
 
 
 def checkpoint_epoch(path: Path) -> int:
@@ -135,5 +139,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     best = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best.")} or None
     ema = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}
     return Resumed(
-        meta["epoch"], meta["history"], meta["train_seconds"], meta["images"], meta["monitor"], best, ema
+        meta["epoch"],
+        meta["history"],
+        meta["train_seconds"],
+        meta["images"],
+        meta["monitor"],
+        best,
+        ema,
+        meta.get("winograd", []),  # not recorded by an older capas
     )

@@ -165,13 +165,14 @@ def _fit(
     cached_rows = None
     if cfg.cache_frozen:  # one process only (capas.train.distributed.check)
         cached_rows = frozen_cache.frozen_rows(model, cfg)  # before a resumed fine-tuning unfreezes rows
-    if (
+    tuning = (
         cfg.finetune is not None
         and checkpoint is not None
         and checkpoint_epoch(checkpoint) > cfg.finetune.after_epochs
-    ):
+    )
+    if tuning:
         _unfreeze(model, cfg)  # resuming after the switch: the saved optimizer holds the unfrozen layers
-    optimizer = make_optimizer(model, _optimizer_config(model, cfg))
+    optimizer = make_optimizer(model, _optimizer_config(cfg, tuning))
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -184,6 +185,7 @@ def _fit(
     monitor = _Monitor(cfg.early_stopping)
     plateau = Plateau(cfg.schedule, cfg.optimizer.learning_rate)
     result, best_state, start_epoch, end_epoch = FitResult(), None, 0, cfg.epochs
+    computed = []  # the convolutions train.winograd computed in the epochs of the checkpoint
 
     ema = WeightAverage(model, cfg.ema) if cfg.ema is not None else None
     if checkpoint is not None and (state := load_checkpoint(checkpoint, model, optimizer)) is not None:
@@ -193,6 +195,7 @@ def _fit(
         plateau.load(state.monitor["plateau"])
         if ema is not None:
             ema.load(state.ema)
+        computed = state.winograd
         # a run killed after the checkpoint of the epoch that stopped it (while testing or writing the
         # run directory) stays stopped: it trains no epoch that the uninterrupted run did not
         if (stop := _stop_reason(cfg, result, monitor)) is not None:
@@ -225,7 +228,7 @@ def _fit(
     # train.winograd computes float32 training on a CPU only; asked for elsewhere, it records that it
     # computed nothing
     wino = (
-        winograd.Convolutions(model)
+        winograd.Convolutions(model, computed)
         if cfg.winograd and device.type == "cpu" and cfg.precision == "float32"
         else None
     )
@@ -238,7 +241,7 @@ def _fit(
         if cfg.finetune is not None and epoch == cfg.finetune.after_epochs:
             # fine-tuning starts: a new optimizer over the now-trainable parameters, backbone at a smaller rate
             _unfreeze(model, cfg)
-            optimizer = make_optimizer(model, _optimizer_config(model, cfg))
+            optimizer = make_optimizer(model, _optimizer_config(cfg, tuning=True))
             base_lrs = [group["lr"] for group in optimizer.param_groups]
             net = _training_net(model, dist, cfg)  # DDP learns the new trainable set
         # Seeding per epoch makes a resumed run draw the same batches, crops and dropout masks.
@@ -345,6 +348,7 @@ def _fit(
                 best_state,
                 identity,
                 ema=None if ema is None else ema.tensors(),
+                winograd=None if wino is None else wino.used(),
             )
         if stop:
             result.stopped = stop
@@ -415,11 +419,9 @@ def _unfreeze(model: nn.Module, cfg: TrainConfig) -> None:
     model.set_frozen(0 if unfreeze == "all" else max(0, model.frozen - unfreeze))
 
 
-def _optimizer_config(model: nn.Module, cfg: TrainConfig) -> OptimizerConfig:
-    """The optimizer settings; once fine-tuning has unfrozen backbone layers, at its backbone rate."""
-    tuning = cfg.finetune is not None and any(
-        p.requires_grad for p in getattr(model, "backbone", nn.Identity()).parameters()
-    )
+def _optimizer_config(cfg: TrainConfig, tuning: bool) -> OptimizerConfig:
+    """The optimizer settings; once fine-tuning has unfrozen backbone layers (`tuning`), the backbone
+    at its rate (before, the layers the spec leaves trainable train at the optimizer's)."""
     if not tuning:
         return cfg.optimizer
     return cfg.optimizer.model_copy(update={"backbone_lr_scale": cfg.finetune.backbone_lr_scale})

@@ -25,8 +25,11 @@ def scale(cfg: ProgressiveResizing, step: int, total_steps: int) -> float:
 
 def size(cfg: ProgressiveResizing, step: int, total_steps: int, full: tuple[int, int]) -> tuple[int, int]:
     """(height, width) at `step`: the scaled sides rounded down to multiples of size_increment, at
-    least one increment and at most the full size."""
+    least one increment and at most the full size; the full-size steps at the full size itself (the
+    size evaluation sees), whether or not it is a multiple."""
     s = scale(cfg, step, total_steps)
+    if s >= 1.0:
+        return full
     inc = cfg.size_increment
     return tuple(min(side, max(inc, int(s * side) // inc * inc)) for side in full)
 

@@ -21,6 +21,8 @@ Only training uses it: evaluation, export and serving run the model's own convol
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -220,11 +222,11 @@ class Convolutions:
     sized so that it pays (`pays`); every other call runs as it is. `used()` names the layers it
     computed."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, used: Iterable[str] = ()):
         named = _eligible_names(model)
         self._names = {id(module.weight): name for name, module in named}
         self._order = [name for name, _ in named]
-        self._used: set[str] = set()
+        self._used: set[str] = set(used)  # a resumed training's: computed before its checkpoint
 
     def active(self) -> TorchFunctionMode:
         return _WinogradMode(self)
