@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from capas.cli import app
-from capas.data import ArrayDataset, Preprocess
+from capas.data import ArrayDataset, Preprocess, splits_for
 from capas.deploy.compress import compress_run
 from capas.deploy.export import ATOL, export_run
 from capas.deploy.measure import Candidate, Repeats, measure
@@ -413,8 +413,8 @@ def test_method_choice_is_checked(run_dir, tmp_path):
 
 
 def test_compress_with_data_records_the_dataset_it_tested_on(run_dir, tmp_path):
-    """With --data, the new run's config.json kept the source's dataset (here 400 test images), so
-    `capas evaluate` of it disagreed with its own test.json (measured on the 200 of --data)."""
+    """With --data, the new run's config.json kept the source's dataset and splits (here 400 test
+    images), so `capas evaluate` of it disagreed with its own test.json (measured on the 200 of --data)."""
     data = DataConfig(name="fashion-mnist", limit=1000, test_limit=200)
     out, _ = compress_run(
         run_dir,
@@ -426,7 +426,10 @@ def test_compress_with_data_records_the_dataset_it_tested_on(run_dir, tmp_path):
         repeats=FAST,
     )
     run = load_run(out)
-    assert run.read_json("config.json")["data"] == data.model_dump(mode="json")
+    config = run.read_json("config.json")
+    assert config["data"] == data.model_dump(mode="json")
+    # and the splits it holds (config.json and serve's /info said the source's: 400 test images)
+    assert config["splits"] == splits_for(data).info and config["splits"]["sizes"]["test"] == 200
     _, evaluation = evaluate_run(run)
     assert len(evaluation.labels) == 200
     assert evaluation.accuracy == pytest.approx(run.read_json("test.json")["test_accuracy"])

@@ -54,10 +54,10 @@ def compress_run(
     if out.exists():
         raise CapasError(f"{out}: already exists; pass --out to write elsewhere or remove it")
     splits = run_splits(source, data)
-    # the new run's config: the source's, with the dataset it was calibrated or fine-tuned and tested on
-    config = source.read_json("config.json") or {}
+    # the new run's config: the source's, with the dataset and splits it was calibrated or fine-tuned and tested on
+    config = {**(source.read_json("config.json") or {}), "splits": splits.info}
     if data is not None:
-        config = {**config, "data": data.model_dump(mode="json")}
+        config["data"] = data.model_dump(mode="json")
     lineage = {
         "source": str(source.path.resolve()),
         "source_model_sha256": hashlib.sha256((source.path / "model.safetensors").read_bytes()).hexdigest(),
