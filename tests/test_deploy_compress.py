@@ -598,3 +598,31 @@ def test_structured_pruning_that_would_remove_nothing_is_refused():
     model = build_model(spec, seed=0)
     with pytest.raises(CapasError, match=r"--prune 0.01: removes no channel.*8/32/16/4"):
         _prune_structured(model, spec, 0.01, _classifier(model))
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs dataset-fashion-mnist"
+)
+def test_compress_and_export_look_for_the_recorded_dataset_in_data_dir(run_dir, tmp_path):
+    """A run whose recorded data_dir has moved: --data-dir without --data was ignored by compress and
+    export (`data_dir (--data-dir) …: no such folder`), though evaluate takes it; --data instead lost
+    the run's limits (tested on another test split)."""
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["data"]["data_dir"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(config))
+    files = tmp_path / "files"
+    files.mkdir()
+    for path in Path("/usr/share/datasets/fashion-mnist").glob("*.gz"):
+        (files / path.name).symlink_to(path)
+    result = runner.invoke(app, ["export", str(moved), "--onnx", "--data-dir", str(files)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "small"
+    result = runner.invoke(
+        app, ["compress", str(moved), "--quantize", "dynamic", "--data-dir", str(files), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["data"] == {**config["data"], "data_dir": str(files)}  # the run's limits kept
+    assert sum(map(sum, json.loads((out / "test.json").read_text())["confusion_matrix"])) == 400

@@ -516,7 +516,7 @@ def export(
     from capas.deploy.export import export_run
     from capas.spec import DataConfig
 
-    result = export_run(run, out, DataConfig(name=data, data_dir=data_dir) if data else None)
+    result = export_run(run, out, DataConfig(name=data, data_dir=data_dir) if data else None, data_dir)
     check = result.parity
     console.print(
         f"wrote {result.path} ({result.bytes / 1e6:.3f} MB); ONNX Runtime vs PyTorch on {check.images} test images: "
@@ -605,6 +605,7 @@ def compress(
         finetune_epochs=COMPRESS.finetune_epochs if finetune_epochs is None else finetune_epochs,
         out=out,
         data=DataConfig(name=data, data_dir=data_dir) if data else None,
+        data_dir=data_dir,
     )
     table = Table(*comparison.header(), title=f"{comparison.method} (this CPU)", title_justify="left")
     for row in comparison.rows():

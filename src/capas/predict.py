@@ -48,9 +48,24 @@ def predict_files(run: Run, paths: list[str | Path]) -> list[Prediction]:
     return predict(run, [read_image(Path(p), size=run.preprocess.size) for p in paths])
 
 
+def run_data(run: Run, data: DataConfig | None = None, data_dir: str | None = None) -> DataConfig:
+    """`data`, or else the run's own data config (from config.json), its files looked for in `data_dir`
+    if given (a run moved to another machine)."""
+    if data is not None:
+        return data
+    recorded = run.read_json("config.json")
+    if recorded is None:
+        raise CapasError(
+            f"{run.path}: config.json is missing, so no dataset is recorded; name one with --data"
+        )
+    if "data" not in recorded:
+        raise CapasError(f"{run.path}: config.json records no dataset; name one with --data")
+    data = parse_config(DataConfig, recorded["data"], f"{run.path / 'config.json'}: data")
+    return data if data_dir is None else data.model_copy(update={"data_dir": data_dir})
+
+
 def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = None) -> Splits:
-    """The splits of the run's own data config (from config.json), or of `data`, checked against its classes.
-    `data_dir` replaces the recorded config's folder for the dataset's files (a run moved to another machine).
+    """The splits of `run_data(run, data, data_dir)`, checked against the run's classes.
 
     A run whose classes are the placeholders 0, 1, …, K−1 (a Keras import without --data or --classes)
     takes any dataset of K classes, its outputs in the dataset's class order.
@@ -60,16 +75,7 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
     the folder), the new test split may hold images the model trained on, and is refused.
     """
     recorded = run.read_json("config.json")
-    if data is None:
-        if recorded is None:
-            raise CapasError(
-                f"{run.path}: config.json is missing, so no dataset is recorded; name one with --data"
-            )
-        if "data" not in recorded:
-            raise CapasError(f"{run.path}: config.json records no dataset; name one with --data")
-        data = parse_config(DataConfig, recorded["data"], f"{run.path / 'config.json'}: data")
-        if data_dir is not None:
-            data = data.model_copy(update={"data_dir": data_dir})
+    data = run_data(run, data, data_dir)
     splits = splits_for(data)
     tested = (recorded or {}).get("splits") or {}
     if _recipe(tested) == _recipe(splits.info) and any(
