@@ -154,6 +154,10 @@ def test_dynamic_quantization_leaves_convolutions_float(run_dir, tmp_path):
     assert ops.count("Conv") == 2 and ops.count("MatMulInteger") == 2
     assert "convolutions were left in float32" in comparison.notes[0]
     assert abs(comparison.measurements[-1].accuracy - comparison.measurements[0].accuracy) < 0.03
+    # summary said the graph had int8 weights, its convolutions' among them
+    result = runner.invoke(app, ["summary", str(out)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "convolutions float32" in said and "with int8 weights" not in said
 
 
 @pytest.fixture(scope="module")

@@ -81,9 +81,11 @@ def summary(spec: SpecArg) -> None:
     written = ""  # a run's summary.txt
     saved = spec.is_dir()
     if saved:
-        if (spec / "runtime.json").is_file():  # an int8 ONNX run: its model.json is the float architecture
+        if (
+            spec / "runtime.json"
+        ).is_file():  # a quantized ONNX run: its model.json is the float architecture
             console.print(
-                f"{spec} runs an ONNX Runtime graph with int8 weights; below is the float architecture "
+                f"{spec} runs a quantized ONNX Runtime graph; below is the float architecture "
                 "it was quantized from (same layers, shapes and parameter counts)",
                 highlight=False,
             )

@@ -20,7 +20,11 @@ from capas.deploy.measure import vnni
 from capas.inference import evaluate
 from capas.runs import OnnxModel, Run, write_run
 
-QUANTIZE = ("int8", "dynamic")
+QUANTIZED = {  # each method, and what it makes int8, in words
+    "int8": "weights int8, activations uint8",
+    "dynamic": "Dense weights int8, their inputs quantized per batch at run time; convolutions float32",
+}
+QUANTIZE = tuple(QUANTIZED)
 CALIBRATION_BATCH = 64  # images per calibration batch
 
 
@@ -121,8 +125,7 @@ def quantize_run(
         test=evaluate(model, splits.test, source.preprocess, tta=source.tta).test_results(source.classes),
         # Drift monitoring of this run compares live int8 features with int8 reference features.
         reference=splits.val,
-        summary_note=f"The float architecture this {kind} ONNX model was quantized from "
-        "(weights int8, activations quantized):\n",
+        summary_note=f"The float architecture this {kind} ONNX model was quantized from ({QUANTIZED[kind]}):\n",
     )
     return settings, notes
 
