@@ -630,3 +630,13 @@ def test_compress_and_export_look_for_the_recorded_dataset_in_data_dir(run_dir, 
     recorded = json.loads((out / "config.json").read_text())
     assert recorded["data"] == {**config["data"], "data_dir": str(files)}  # the run's limits kept
     assert sum(map(sum, json.loads((out / "test.json").read_text())["confusion_matrix"])) == 400
+
+
+def test_export_keras_refuses_data_dir(run_dir, tmp_path):
+    """--keras uses no dataset: --data-dir was ignored without a word (--data was refused)."""
+    fails_cleanly(
+        ["export", str(run_dir), "--keras", "--data-dir", str(tmp_path), "--out", str(tmp_path / "m.keras")],
+        "--data-dir",
+        "--onnx",
+    )
+    assert not (tmp_path / "m.keras").exists()

@@ -507,8 +507,8 @@ def export(
     or to a Keras 3 .keras file (it takes 0..255 pixels; a first Rescaling scales them as preprocess.json says)."""
     if onnx == keras:
         raise CapasError("choose one format: --onnx or --keras")
-    if keras and data is not None:
-        raise CapasError("--data goes with --onnx (its parity check); --keras uses no dataset")
+    if keras and (data is not None or data_dir is not None):
+        raise CapasError("--data and --data-dir go with --onnx (its parity check); --keras uses no dataset")
     if keras:
         from capas.interop.keras import export_keras
 
