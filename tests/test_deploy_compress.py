@@ -21,8 +21,9 @@ from capas.deploy.measure import Candidate, Repeats, measure
 from capas.deploy.prune import _prune_structured
 from capas.errors import CapasError
 from capas.models import build_model
-from capas.predict import evaluate_run, predict
+from capas.predict import evaluate_run, predict, run_splits
 from capas.runs import OnnxModel, load_run, write_run
+from capas.runs.reference import load_reference, save_reference
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.train import train
 
@@ -326,6 +327,15 @@ def test_compress_scores_every_model_as_evaluate_does(tmp_path, method):
     if "quantize" in method:  # the float ONNX graph is scored with the same views, in float32
         in_float32 = evaluate_run(dataclasses.replace(load_run(source), precision="float32"))[1].accuracy
         assert comparison.measurements[1].accuracy == pytest.approx(in_float32, abs=1 / 300)
+    else:  # its drift reference in the precision serve computes its features in (it was float32)
+        pruned = load_run(out)
+        save_reference(
+            tmp_path / "bf16.safetensors", pruned.model, run_splits(pruned).val, pruned.preprocess, "bfloat16"
+        )
+        assert torch.equal(
+            load_reference(out / "reference.safetensors").embeddings,
+            load_reference(tmp_path / "bf16.safetensors").embeddings,
+        )
 
 
 def test_nonzero_weights_count_the_parameters_only(tmp_path):

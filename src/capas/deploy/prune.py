@@ -125,6 +125,7 @@ def prune_run(
             model, splits.test, source.preprocess, "cpu", source.channels_last, source.precision, source.tta
         ).test_results(source.classes),
         reference=splits.val,
+        precision=source.precision,  # serve computes its features in it
     )
     return settings, notes
 
