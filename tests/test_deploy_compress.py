@@ -650,3 +650,32 @@ def test_export_keras_refuses_data_dir(run_dir, tmp_path):
         "--onnx",
     )
     assert not (tmp_path / "m.keras").exists()
+
+
+def test_dynamic_quantization_of_a_model_without_dense_layers_is_refused(tmp_path):
+    """It quantized nothing, and the note said the graph's Conv nodes ran 'as int8 kernels'."""
+    spec = ModelSpec.from_dict(
+        {
+            "name": "all-conv",
+            "input_shape": [28, 28, 1],
+            "layers": [
+                {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
+                {"Conv2D": {"filters": 10, "kernel_size": 1}},
+                "GlobalAveragePooling2D",
+            ],
+        }
+    )
+    source, data = tmp_path / "source", DataConfig(name="fashion-mnist", limit=300, test_limit=100)
+    write_run(
+        source,
+        spec=spec,
+        model=build_model(spec),
+        preprocess=Preprocess(size=(28, 28), channels=1),
+        classes=splits_for(data).test.classes,
+        config={"data": data.model_dump(mode="json")},
+        history=None,
+        test=None,
+    )
+    out = tmp_path / "dynamic"
+    fails_cleanly(["compress", str(source), "--quantize", "dynamic", "--out", str(out)], "Dense", "int8")
+    assert not out.exists()

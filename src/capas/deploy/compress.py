@@ -16,7 +16,7 @@ from capas import atomic
 from capas.deploy.export import export_onnx
 from capas.deploy.measure import Candidate, Comparison, Repeats, measure
 from capas.deploy.prune import check_prunable, prune_run
-from capas.deploy.quantize import QUANTIZE, quantize_run
+from capas.deploy.quantize import QUANTIZE, check_quantizable, quantize_run
 from capas.deploy.settings import COMPRESS
 from capas.errors import CapasError
 from capas.models import CapasNet
@@ -49,6 +49,7 @@ def compress_run(
         raise CapasError(f"{source.path}: already an ONNX Runtime run; compress its float source instead")
     if quantize:
         method = f"quantize-{quantize}"
+        check_quantizable(source.spec, quantize)
     else:
         method = f"prune-{'structured' if structured else 'unstructured'}"
         check_prunable(source.spec, structured)

@@ -17,8 +17,10 @@ import torch
 from capas import atomic
 from capas.data import Splits
 from capas.deploy.measure import vnni
+from capas.errors import CapasError
 from capas.inference import evaluate
 from capas.runs import OnnxModel, Run, write_run
+from capas.spec import ModelSpec
 
 QUANTIZED = {  # each method, and what it makes int8, in words
     "int8": "weights int8, activations uint8",
@@ -26,6 +28,15 @@ QUANTIZED = {  # each method, and what it makes int8, in words
 }
 QUANTIZE = tuple(QUANTIZED)
 CALIBRATION_BATCH = 64  # images per calibration batch
+
+
+def check_quantizable(spec: ModelSpec, kind: str) -> None:
+    """Refuse a method that would quantize nothing, before any work is done."""
+    if kind == "dynamic" and not any(layer.type_name() == "Dense" for layer in spec.layers):
+        raise CapasError(
+            f"{spec.name}: --quantize dynamic quantizes Dense layers only, and it has none; "
+            "--quantize int8 quantizes its convolutions"
+        )
 
 
 def quantize_run(
