@@ -679,3 +679,16 @@ def test_dynamic_quantization_of_a_model_without_dense_layers_is_refused(tmp_pat
     out = tmp_path / "dynamic"
     fails_cleanly(["compress", str(source), "--quantize", "dynamic", "--out", str(out)], "Dense", "int8")
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_pruning_a_run_trained_on_a_gpu_fine_tunes_on_this_machine(run_dir, tmp_path):
+    """A run trained with --device cuda, pruned on a CPU-only machine: fine-tuning failed with 'device
+    'cuda': no CUDA GPU is available here; use auto or cpu', an option compress does not have."""
+    moved = tmp_path / "gpu"
+    shutil.copytree(run_dir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["train"]["device"] = "cuda"
+    (moved / "config.json").write_text(json.dumps(config))
+    out, _ = compress_run(moved, prune=0.5, finetune_epochs=1, out=tmp_path / "pruned", repeats=FAST)
+    assert json.loads((out / "config.json").read_text())["train"]["device"] == "auto"
