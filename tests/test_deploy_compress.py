@@ -692,3 +692,21 @@ def test_pruning_a_run_trained_on_a_gpu_fine_tunes_on_this_machine(run_dir, tmp_
     (moved / "config.json").write_text(json.dumps(config))
     out, _ = compress_run(moved, prune=0.5, finetune_epochs=1, out=tmp_path / "pruned", repeats=FAST)
     assert json.loads((out / "config.json").read_text())["train"]["device"] == "auto"
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ({"quantize": "int8", "finetune_epochs": 3}, "quantize takes neither"),
+        ({"quantize": "int8", "structured": False}, "quantize takes neither"),
+        ({"prune": 0.5, "structured": "no"}, "structured must be true or false"),
+    ],
+)
+def test_a_study_refuses_compress_options_that_would_be_ignored(args, words):
+    """As `capas compress` refuses them: a study quantized as if they were not there, and took the
+    string 'no' for structured pruning."""
+    from capas.study.spec import KINDS, Draft
+
+    draft = Draft(spec={}, layers=[], train={}, data={}, base_names=[])
+    with pytest.raises(CapasError, match=words):
+        KINDS["compress"].apply(draft, args)
