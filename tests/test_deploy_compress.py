@@ -14,15 +14,16 @@ import torch
 from typer.testing import CliRunner
 
 from capas.cli import app
-from capas.data import ArrayDataset, Preprocess
+from capas.data import ArrayDataset, Preprocess, splits_for
 from capas.deploy.compress import compress_run
 from capas.deploy.export import ATOL, export_run
 from capas.deploy.measure import Candidate, Repeats, measure
 from capas.deploy.prune import _prune_structured
 from capas.errors import CapasError
 from capas.models import build_model
-from capas.predict import evaluate_run, predict
+from capas.predict import evaluate_run, predict, run_splits
 from capas.runs import OnnxModel, load_run, write_run
+from capas.runs.reference import load_reference, save_reference
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.train import train
 
@@ -154,6 +155,10 @@ def test_dynamic_quantization_leaves_convolutions_float(run_dir, tmp_path):
     assert ops.count("Conv") == 2 and ops.count("MatMulInteger") == 2
     assert "convolutions were left in float32" in comparison.notes[0]
     assert abs(comparison.measurements[-1].accuracy - comparison.measurements[0].accuracy) < 0.03
+    # summary said the graph had int8 weights, its convolutions' among them
+    result = runner.invoke(app, ["summary", str(out)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "convolutions float32" in said and "with int8 weights" not in said
 
 
 @pytest.fixture(scope="module")
@@ -322,6 +327,15 @@ def test_compress_scores_every_model_as_evaluate_does(tmp_path, method):
     if "quantize" in method:  # the float ONNX graph is scored with the same views, in float32
         in_float32 = evaluate_run(dataclasses.replace(load_run(source), precision="float32"))[1].accuracy
         assert comparison.measurements[1].accuracy == pytest.approx(in_float32, abs=1 / 300)
+    else:  # its drift reference in the precision serve computes its features in (it was float32)
+        pruned = load_run(out)
+        save_reference(
+            tmp_path / "bf16.safetensors", pruned.model, run_splits(pruned).val, pruned.preprocess, "bfloat16"
+        )
+        assert torch.equal(
+            load_reference(out / "reference.safetensors").embeddings,
+            load_reference(tmp_path / "bf16.safetensors").embeddings,
+        )
 
 
 def test_nonzero_weights_count_the_parameters_only(tmp_path):
@@ -413,8 +427,8 @@ def test_method_choice_is_checked(run_dir, tmp_path):
 
 
 def test_compress_with_data_records_the_dataset_it_tested_on(run_dir, tmp_path):
-    """With --data, the new run's config.json kept the source's dataset (here 400 test images), so
-    `capas evaluate` of it disagreed with its own test.json (measured on the 200 of --data)."""
+    """With --data, the new run's config.json kept the source's dataset and splits (here 400 test
+    images), so `capas evaluate` of it disagreed with its own test.json (measured on the 200 of --data)."""
     data = DataConfig(name="fashion-mnist", limit=1000, test_limit=200)
     out, _ = compress_run(
         run_dir,
@@ -426,7 +440,10 @@ def test_compress_with_data_records_the_dataset_it_tested_on(run_dir, tmp_path):
         repeats=FAST,
     )
     run = load_run(out)
-    assert run.read_json("config.json")["data"] == data.model_dump(mode="json")
+    config = run.read_json("config.json")
+    assert config["data"] == data.model_dump(mode="json")
+    # and the splits it holds (config.json and serve's /info said the source's: 400 test images)
+    assert config["splits"] == splits_for(data).info and config["splits"]["sizes"]["test"] == 200
     _, evaluation = evaluate_run(run)
     assert len(evaluation.labels) == 200
     assert evaluation.accuracy == pytest.approx(run.read_json("test.json")["test_accuracy"])
@@ -595,3 +612,101 @@ def test_structured_pruning_that_would_remove_nothing_is_refused():
     model = build_model(spec, seed=0)
     with pytest.raises(CapasError, match=r"--prune 0.01: removes no channel.*8/32/16/4"):
         _prune_structured(model, spec, 0.01, _classifier(model))
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs dataset-fashion-mnist"
+)
+def test_compress_and_export_look_for_the_recorded_dataset_in_data_dir(run_dir, tmp_path):
+    """A run whose recorded data_dir has moved: --data-dir without --data was ignored by compress and
+    export (`data_dir (--data-dir) …: no such folder`), though evaluate takes it; --data instead lost
+    the run's limits (tested on another test split)."""
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["data"]["data_dir"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(config))
+    files = tmp_path / "files"
+    files.mkdir()
+    for path in Path("/usr/share/datasets/fashion-mnist").glob("*.gz"):
+        (files / path.name).symlink_to(path)
+    result = runner.invoke(app, ["export", str(moved), "--onnx", "--data-dir", str(files)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "small"
+    result = runner.invoke(
+        app, ["compress", str(moved), "--quantize", "dynamic", "--data-dir", str(files), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["data"] == {**config["data"], "data_dir": str(files)}  # the run's limits kept
+    assert sum(map(sum, json.loads((out / "test.json").read_text())["confusion_matrix"])) == 400
+
+
+def test_export_keras_refuses_data_dir(run_dir, tmp_path):
+    """--keras uses no dataset: --data-dir was ignored without a word (--data was refused)."""
+    fails_cleanly(
+        ["export", str(run_dir), "--keras", "--data-dir", str(tmp_path), "--out", str(tmp_path / "m.keras")],
+        "--data-dir",
+        "--onnx",
+    )
+    assert not (tmp_path / "m.keras").exists()
+
+
+def test_dynamic_quantization_of_a_model_without_dense_layers_is_refused(tmp_path):
+    """It quantized nothing, and the note said the graph's Conv nodes ran 'as int8 kernels'."""
+    spec = ModelSpec.from_dict(
+        {
+            "name": "all-conv",
+            "input_shape": [28, 28, 1],
+            "layers": [
+                {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
+                {"Conv2D": {"filters": 10, "kernel_size": 1}},
+                "GlobalAveragePooling2D",
+            ],
+        }
+    )
+    source, data = tmp_path / "source", DataConfig(name="fashion-mnist", limit=300, test_limit=100)
+    write_run(
+        source,
+        spec=spec,
+        model=build_model(spec),
+        preprocess=Preprocess(size=(28, 28), channels=1),
+        classes=splits_for(data).test.classes,
+        config={"data": data.model_dump(mode="json")},
+        history=None,
+        test=None,
+    )
+    out = tmp_path / "dynamic"
+    fails_cleanly(["compress", str(source), "--quantize", "dynamic", "--out", str(out)], "Dense", "int8")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_pruning_a_run_trained_on_a_gpu_fine_tunes_on_this_machine(run_dir, tmp_path):
+    """A run trained with --device cuda, pruned on a CPU-only machine: fine-tuning failed with 'device
+    'cuda': no CUDA GPU is available here; use auto or cpu', an option compress does not have."""
+    moved = tmp_path / "gpu"
+    shutil.copytree(run_dir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["train"]["device"] = "cuda"
+    (moved / "config.json").write_text(json.dumps(config))
+    out, _ = compress_run(moved, prune=0.5, finetune_epochs=1, out=tmp_path / "pruned", repeats=FAST)
+    assert json.loads((out / "config.json").read_text())["train"]["device"] == "auto"
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ({"quantize": "int8", "finetune_epochs": 3}, "quantize takes neither"),
+        ({"quantize": "int8", "structured": False}, "quantize takes neither"),
+        ({"prune": 0.5, "structured": "no"}, "structured must be true or false"),
+    ],
+)
+def test_a_study_refuses_compress_options_that_would_be_ignored(args, words):
+    """As `capas compress` refuses them: a study quantized as if they were not there, and took the
+    string 'no' for structured pruning."""
+    from capas.study.spec import KINDS, Draft
+
+    draft = Draft(spec={}, layers=[], train={}, data={}, base_names=[])
+    with pytest.raises(CapasError, match=words):
+        KINDS["compress"].apply(draft, args)

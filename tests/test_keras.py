@@ -605,7 +605,7 @@ def test_a_run_imported_without_data_compresses_and_exports_with_data(tmp_path, 
     assert result.exit_code == 0, result.output
     assert (run / "model.onnx").is_file()
     result = runner.invoke(app, ["export", str(run), "--keras", "--data", "fashion-mnist"])
-    assert result.exit_code == 2 and "--data goes with --onnx" in result.output
+    assert result.exit_code == 2 and "--data and --data-dir go with --onnx" in " ".join(result.output.split())
     _, evaluation = evaluate_run(load_run(run), DataConfig(name="fashion-mnist"))
     assert evaluation.accuracy > 0.5
     out, _ = compress_run(

@@ -81,9 +81,11 @@ def summary(spec: SpecArg) -> None:
     written = ""  # a run's summary.txt
     saved = spec.is_dir()
     if saved:
-        if (spec / "runtime.json").is_file():  # an int8 ONNX run: its model.json is the float architecture
+        if (
+            spec / "runtime.json"
+        ).is_file():  # a quantized ONNX run: its model.json is the float architecture
             console.print(
-                f"{spec} runs an ONNX Runtime graph with int8 weights; below is the float architecture "
+                f"{spec} runs a quantized ONNX Runtime graph; below is the float architecture "
                 "it was quantized from (same layers, shapes and parameter counts)",
                 highlight=False,
                 markup=False,
@@ -518,8 +520,8 @@ def export(
     or to a Keras 3 .keras file (it takes 0..255 pixels; a first Rescaling scales them as preprocess.json says)."""
     if onnx == keras:
         raise CapasError("choose one format: --onnx or --keras")
-    if keras and data is not None:
-        raise CapasError("--data goes with --onnx (its parity check); --keras uses no dataset")
+    if keras and (data is not None or data_dir is not None):
+        raise CapasError("--data and --data-dir go with --onnx (its parity check); --keras uses no dataset")
     if keras:
         from capas.interop.keras import export_keras
 
@@ -529,7 +531,7 @@ def export(
     from capas.deploy.export import export_run
     from capas.spec import DataConfig
 
-    result = export_run(run, out, DataConfig(name=data, data_dir=data_dir) if data else None)
+    result = export_run(run, out, DataConfig(name=data, data_dir=data_dir) if data else None, data_dir)
     check = result.parity
     console.print(
         f"wrote {result.path} ({result.bytes / 1e6:.3f} MB); ONNX Runtime vs PyTorch on {check.images} test images: "
@@ -620,6 +622,7 @@ def compress(
         finetune_epochs=COMPRESS.finetune_epochs if finetune_epochs is None else finetune_epochs,
         out=out,
         data=DataConfig(name=data, data_dir=data_dir) if data else None,
+        data_dir=data_dir,
     )
     table = Table(*comparison.header(), title=f"{comparison.method} (this CPU)", title_justify="left")
     for row in comparison.rows():

@@ -54,40 +54,44 @@ def predict_files(run: Run, paths: list[str | Path]) -> list[Prediction]:
     return predict(run, (read_image(Path(p)) for p in paths))
 
 
+def run_data(run: Run, data: DataConfig | None = None, data_dir: str | None = None) -> DataConfig:
+    """The run's own data config (from config.json), its files looked for in `data_dir` if given (a run
+    moved to another machine); or `data`, which, naming the run's own dataset, keeps its recorded
+    split_seed and test_fraction: they choose the images a held-out test split holds, and the default
+    ones would test on images the model trained on."""
+    recorded = run.read_json("config.json")
+    recorded_data = (recorded or {}).get("data")
+    if data is not None:
+        if isinstance(recorded_data, dict) and _same_dataset(recorded_data.get("name"), data.name):
+            # under its recorded name, which run_splits' test digest check compares
+            own = parse_config(DataConfig, recorded_data, f"{run.path / 'config.json'}: data")
+            data = data.model_copy(
+                update={"name": own.name, "split_seed": own.split_seed, "test_fraction": own.test_fraction}
+            )
+        return data
+    if recorded is None:
+        raise CapasError(
+            f"{run.path}: config.json is missing, so no dataset is recorded; name one with --data"
+        )
+    if "data" not in recorded:
+        raise CapasError(f"{run.path}: config.json records no dataset; name one with --data")
+    data = parse_config(DataConfig, recorded_data, f"{run.path / 'config.json'}: data")
+    return data if data_dir is None else data.model_copy(update={"data_dir": data_dir})
+
+
 def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = None) -> Splits:
-    """The splits of the run's own data config (from config.json), or of `data`, checked against its classes.
-    `data_dir` replaces the recorded config's folder for the dataset's files (a run moved to another machine).
+    """The splits of `run_data(run, data, data_dir)`, checked against the run's classes.
 
     A run whose classes are the placeholders 0, 1, …, K−1 (a Keras import without --data or --classes)
     takes any dataset of K classes, its outputs in the dataset's class order; a trained run's classes
     0, 1, …, 9 are its dataset's names (digits), and take only datasets of those classes.
 
-    `data` naming the run's own dataset keeps its recorded split_seed and test_fraction, which choose
-    the images a held-out test split holds. The same dataset split the same way must give the test
-    images the run was tested on (config.json records their digest): if its files changed since
-    (added, removed, edited, or another copy of the folder), the new test split may hold images the
-    model trained on, and is refused.
+    The same dataset split the same way must give the test images the run was tested on (config.json
+    records their digest): if its files changed since (added, removed, edited, or another copy of the
+    folder), the new test split may hold images the model trained on, and is refused.
     """
     recorded = run.read_json("config.json")
-    recorded_data = (recorded or {}).get("data")
-    if data is None:
-        if recorded is None:
-            raise CapasError(
-                f"{run.path}: config.json is missing, so no dataset is recorded; name one with --data"
-            )
-        if "data" not in recorded:
-            raise CapasError(f"{run.path}: config.json records no dataset; name one with --data")
-        data = parse_config(DataConfig, recorded_data, f"{run.path / 'config.json'}: data")
-        if data_dir is not None:
-            data = data.model_copy(update={"data_dir": data_dir})
-    elif isinstance(recorded_data, dict) and _same_dataset(recorded_data.get("name"), data.name):
-        # the recorded dataset named again: hold out the test split training held out, not another
-        # one (the default split_seed and test_fraction would test on images the model trained on),
-        # under its recorded name, which the test digest check below compares
-        own = parse_config(DataConfig, recorded_data, f"{run.path / 'config.json'}: data")
-        data = data.model_copy(
-            update={"name": own.name, "split_seed": own.split_seed, "test_fraction": own.test_fraction}
-        )
+    data = run_data(run, data, data_dir)
     splits = splits_for(data)
     tested = (recorded or {}).get("splits") or {}
     if not isinstance(tested, dict) or any(

@@ -17,11 +17,11 @@ from capas import atomic
 from capas.deploy.export import export_onnx
 from capas.deploy.measure import Candidate, Comparison, Repeats, measure
 from capas.deploy.prune import check_prunable, prune_run
-from capas.deploy.quantize import QUANTIZE, quantize_run
+from capas.deploy.quantize import QUANTIZE, check_quantizable, quantize_run
 from capas.deploy.settings import COMPRESS
 from capas.errors import CapasError
 from capas.models import CapasNet
-from capas.predict import run_splits
+from capas.predict import run_data, run_splits
 from capas.runs import OnnxModel, environment, load_run, staging
 from capas.spec import DataConfig
 
@@ -37,10 +37,12 @@ def compress_run(
     calibration_images: int = COMPRESS.calibration_images,
     repeats: Repeats | None = None,
     data: DataConfig | None = None,
+    data_dir: str | None = None,
 ) -> tuple[Path, Comparison]:
     """Compress a run directory into a new one (default: beside it) and measure both; the source is only read.
 
-    Calibration, fine-tuning and the measurements use the run's recorded dataset, or `data`."""
+    Calibration, fine-tuning and the measurements use the run's recorded dataset (its files looked for
+    in `data_dir` if given), or `data`."""
     repeats = repeats or Repeats()
     check_method(quantize, prune, finetune_epochs)
     source = load_run(run_dir)
@@ -48,17 +50,21 @@ def compress_run(
         raise CapasError(f"{source.path}: already an ONNX Runtime run; compress its float source instead")
     if quantize:
         method = f"quantize-{quantize}"
+        check_quantizable(source.spec, quantize)
     else:
         method = f"prune-{'structured' if structured else 'unstructured'}"
         check_prunable(source.spec, structured)
     out = Path(out) if out is not None else default_out(source.path, quantize, prune, structured)
     if out.exists():
         raise CapasError(f"{out}: already exists; pass --out to write elsewhere or remove it")
+    data = run_data(source, data, data_dir)
     splits = run_splits(source, data)
-    # the new run's config: the source's, with the dataset it was calibrated or fine-tuned and tested on
-    config = source.read_json("config.json") or {}
-    if data is not None:
-        config = {**config, "data": data.model_dump(mode="json")}
+    # the new run's config: the source's, with the dataset and splits it was calibrated or fine-tuned and tested on
+    config = {
+        **(source.read_json("config.json") or {}),
+        "data": data.model_dump(mode="json"),
+        "splits": splits.info,
+    }
     lineage = {
         "source": str(source.path.resolve()),
         "source_model_sha256": _weights_sha256(source.path),

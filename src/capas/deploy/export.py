@@ -119,10 +119,13 @@ class ExportResult:
 
 
 def export_run(
-    run_dir: str | Path, out: str | Path | None = None, data: DataConfig | None = None
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    data: DataConfig | None = None,
+    data_dir: str | None = None,
 ) -> ExportResult:
     """Export a run directory's model to ONNX (default RUN/model.onnx) and check it on the test images of
-    the run's dataset (or of `data`).
+    the run's dataset (its files looked for in `data_dir` if given), or of `data`.
 
     A result outside the tolerance is an error, and the file is removed: an export that changes the
     predictions is not an export.
@@ -137,7 +140,7 @@ def export_run(
             f"{run.path}: already an ONNX run ({run.model.path.name}); export its float source instead"
         )
     out = Path(out) if out is not None else run.path / "model.onnx"
-    images = run_splits(run, data).test.images[:PARITY_IMAGES]
+    images = run_splits(run, data, data_dir).test.images[:PARITY_IMAGES]
     export_onnx(run.model, out)
     check = parity(run.model, OnnxModel(out), images, run.preprocess)
     if not check.within_tolerance:

@@ -84,10 +84,11 @@ def prune_run(
         ]
         for module, name in targets:
             torch.nn.utils.prune.l1_unstructured(module, name, amount)  # masks stay on during fine-tuning
-    # Fine-tuning reuses the source run's training config, for `epochs` epochs and without its budgets.
+    # Fine-tuning reuses the source run's training config, for `epochs` epochs and without its budgets,
+    # on this machine's device (the recorded one, e.g. cuda, may not be here).
     cfg = (
         TrainConfig.model_validate(config.get("train", {})).model_copy(
-            update={"epochs": epochs, "max_seconds": None, "max_samples": None}
+            update={"epochs": epochs, "max_seconds": None, "max_samples": None, "device": "auto"}
         )
         if epochs
         else None
@@ -125,6 +126,7 @@ def prune_run(
             model, splits.test, source.preprocess, "cpu", source.channels_last, source.precision, source.tta
         ).test_results(source.classes),
         reference=splits.val,
+        precision=source.precision,  # serve computes its features in it
     )
     return settings, notes
 

@@ -17,11 +17,26 @@ import torch
 from capas import atomic
 from capas.data import Splits
 from capas.deploy.measure import vnni
+from capas.errors import CapasError
 from capas.inference import evaluate
 from capas.runs import OnnxModel, Run, write_run
+from capas.spec import ModelSpec
 
-QUANTIZE = ("int8", "dynamic")
+QUANTIZED = {  # each method, and what it makes int8, in words
+    "int8": "weights int8, activations uint8",
+    "dynamic": "Dense weights int8, their inputs quantized per batch at run time; convolutions float32",
+}
+QUANTIZE = tuple(QUANTIZED)
 CALIBRATION_BATCH = 64  # images per calibration batch
+
+
+def check_quantizable(spec: ModelSpec, kind: str) -> None:
+    """Refuse a method that would quantize nothing, before any work is done."""
+    if kind == "dynamic" and not any(layer.type_name() == "Dense" for layer in spec.layers):
+        raise CapasError(
+            f"{spec.name}: --quantize dynamic quantizes Dense layers only, and it has none; "
+            "--quantize int8 quantizes its convolutions"
+        )
 
 
 def quantize_run(
@@ -121,8 +136,7 @@ def quantize_run(
         test=evaluate(model, splits.test, source.preprocess, tta=source.tta).test_results(source.classes),
         # Drift monitoring of this run compares live int8 features with int8 reference features.
         reference=splits.val,
-        summary_note=f"The float architecture this {kind} ONNX model was quantized from "
-        "(weights int8, activations quantized):\n",
+        summary_note=f"The float architecture this {kind} ONNX model was quantized from ({QUANTIZED[kind]}):\n",
     )
     return settings, notes
 

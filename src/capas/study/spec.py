@@ -238,6 +238,12 @@ def _compress(draft: Draft, args: Any) -> None:
             f"compress: unknown key(s) {', '.join(map(str, unknown))}; allowed: quantize, prune, structured, finetune_epochs"
         )
     check_method(args.get("quantize"), args.get("prune"), args.get("finetune_epochs", 0))
+    if args.get("quantize") is not None and {"structured", "finetune_epochs"} & set(args):
+        raise CapasError(
+            "compress: structured and finetune_epochs are prune's options; quantize takes neither"
+        )
+    if not isinstance(args.get("structured", True), bool):
+        raise CapasError(f"compress: structured must be true or false, got {args['structured']!r}")
     draft.extras["compress"] = dict(args)
 
 
