@@ -3,6 +3,7 @@ launched with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and wi
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,6 +82,8 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     assert test["test_loss"] == pytest.approx(expected_test["test_loss"], rel=1e-4)
     assert test["confusion_matrix"] == expected_test["confusion_matrix"]
     assert not (run / "checkpoint.safetensors").exists()
+    configs = [json.loads((path / "config.json").read_text()) for path in (run, reference)]
+    assert [config["processes"] for config in configs] == [2, 1]  # how each was trained
 
 
 def test_two_processes_under_torchrun_environment_match_one(spec_file, single, tmp_path):

@@ -121,11 +121,15 @@ def _train(
     restart: bool,
 ) -> dict:
     classes = splits.train.classes
+    # the processes that share every batch (--nproc, torchrun): the weights depend on them (on the CPU
+    # each normalises BatchNorm over its own share; the gradients' sums round otherwise)
+    processes = 1 if dist is None else dist.world
     identity = {
         "spec": spec.to_dict(),
         "data": data.model_dump(mode="json"),
         "train": cfg.model_dump(mode="json"),
         "splits": splits.info,  # what the data held: a folder that changed since would split otherwise
+        "processes": processes,
     }
     checkpoint = out / CHECKPOINT
     if restart and (dist is None or dist.is_main):
@@ -206,6 +210,7 @@ def _train(
         "train": cfg.model_dump(mode="json"),
         "splits": splits.info,
         "device": str(device),
+        "processes": processes,
     }
     if whitening is not None:
         config["whitening"] = whitening
