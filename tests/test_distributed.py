@@ -130,6 +130,16 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(spec_file, tm
     assert not (tmp_path / "x").exists()
 
 
+def test_an_out_folder_that_is_not_a_run_is_refused_before_the_processes_start(spec_file, tmp_path):
+    """Rank 0 refused it once both processes had started (17 s here), followed by PyTorch's
+    "Terminating process … via signal SIGTERM" and "error: training process 0 exited with status 1"."""
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["train", str(spec_file), *ARGS, "--nproc", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.count("error") == 1 and "not a run directory (it holds notes.txt)" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_the_frozen_rows_cache_is_refused_before_the_processes_start():
     """It was refused by each process once both had started (a minute here), then "training process
     1 exited with status 1"; now as the batch size is, before any starts."""

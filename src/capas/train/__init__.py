@@ -64,7 +64,7 @@ def train(
     """
     out = Path(out)
     if dist is None or dist.is_main:
-        _check_out(out)
+        check_out(out)
     cfg = resolved(cfg)
     if cfg.finetune is not None and spec.backbone is None:
         raise CapasError(f"{spec.name}: train.finetune needs a spec with a backbone")
@@ -90,7 +90,7 @@ def train(
         return _train(spec, data, cfg, out, splits, callbacks, dist, restart)
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: Path) -> None:
     """Refuse an `out` folder that holds other things than a run: the finished run replaces the folder
     whole (capas.runs.staging), which would delete them. A run (model.json), an unfinished one (its
     checkpoint or lock) and an empty folder are taken; the current folder is not (its replacement would

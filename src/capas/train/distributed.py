@@ -242,7 +242,10 @@ def launch(
 ) -> dict:
     """Train one run over `nproc` processes on this machine (one per GPU with device cuda); returns rank 0's
     test results, read from the run directory it wrote."""
+    from capas.train import check_out
+
     check(cfg, nproc)
+    check_out(Path(out))  # rank 0 checks it again, but only once every process has started
     if resolve_device(cfg.device).type == "cuda":
         check_gpus(nproc, f"--nproc {nproc}")
     cores = os.cpu_count() or 1
