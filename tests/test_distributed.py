@@ -3,6 +3,7 @@ launched with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and wi
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from capas.errors import CapasError
 from capas.inference import evaluate
 from capas.models import build_model
 from capas.spec import DataConfig, ModelSpec, TrainConfig
-from capas.train import train
+from capas.train import fit, train
 from capas.train.distributed import Distributed, check, free_port
 
 # 600 images: the training split's last batch is partial, so the uneven split of a batch is covered too
@@ -81,6 +82,8 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     assert test["test_loss"] == pytest.approx(expected_test["test_loss"], rel=1e-4)
     assert test["confusion_matrix"] == expected_test["confusion_matrix"]
     assert not (run / "checkpoint.safetensors").exists()
+    configs = [json.loads((path / "config.json").read_text()) for path in (run, reference)]
+    assert [config["processes"] for config in configs] == [2, 1]  # how each was trained
 
 
 def test_two_processes_under_torchrun_environment_match_one(spec_file, single, tmp_path):
@@ -125,6 +128,16 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(spec_file, tm
     assert result.exit_code == 2
     assert "batch_size 33 does not split over 2 processes" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_an_out_folder_that_is_not_a_run_is_refused_before_the_processes_start(spec_file, tmp_path):
+    """Rank 0 refused it once both processes had started (17 s here), followed by PyTorch's
+    "Terminating process … via signal SIGTERM" and "error: training process 0 exited with status 1"."""
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["train", str(spec_file), *ARGS, "--nproc", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.count("error") == 1 and "not a run directory (it holds notes.txt)" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_the_frozen_rows_cache_is_refused_before_the_processes_start():
@@ -173,3 +186,51 @@ def test_the_processes_evaluate_the_model_rank_0_saves(tmp_path):
         for rank in range(2):
             loss = float((tmp_path / f"{name}-{rank}.txt").read_text())
             assert loss == pytest.approx(saved.loss, rel=1e-6), (name, rank)
+
+
+DROPOUT = {
+    "name": "drop",
+    "input_shape": [8, 8, 1],
+    "layers": [
+        {"Dropout": {"rate": 0.5}},
+        "Flatten",
+        {"Dense": {"units": 10, "activation": "softmax"}},
+    ],
+}
+
+
+def _dropout_rank(rank: int, port: int, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    spec = ModelSpec.from_dict(DROPOUT)
+    model = build_model(spec, seed=0)
+    kept = []  # per step: this rank's share of the batch, and which of its values the Dropout kept
+    model.layers["dropout"].register_forward_hook(
+        lambda module, inputs, output: kept.append((inputs[0] != 0, output != 0)) if module.training else None
+    )
+    splits = make_splits("digits", limit=64)
+    cfg = TrainConfig(epochs=1, batch_size=16, device="cpu", threads=1)
+    fit(
+        model,
+        splits.train,
+        splits.val,
+        default_preprocess(spec.input_shape),
+        cfg,
+        dist=Distributed(rank, 2, rank),
+    )
+    torch.save(kept, out / f"kept-{rank}.pt")
+    torch_dist.destroy_process_group()
+
+
+def test_each_process_draws_its_own_dropout_masks(tmp_path):
+    """Every process seeded the global generator alike, so the k-th image of rank 1's share got the
+    mask of the k-th image of rank 0's: half the masks of every batch were copies (here 100% of the
+    values both kept or both dropped, where independent masks agree on half)."""
+    mp.start_processes(_dropout_rank, args=(free_port(), tmp_path), nprocs=2, start_method="spawn")
+    first, second = (torch.load(tmp_path / f"kept-{rank}.pt") for rank in range(2))
+    assert len(first) == len(second) == 4
+    for (nonzero_0, kept_0), (nonzero_1, kept_1) in zip(first, second, strict=True):
+        both = nonzero_0 & nonzero_1  # where the input is zero, the output is zero whatever the mask
+        agree = (kept_0 == kept_1)[both].float().mean().item()
+        assert 0.3 < agree < 0.7, agree

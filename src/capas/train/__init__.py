@@ -65,7 +65,7 @@ def train(
     """
     out = Path(out)
     if dist is None or dist.is_main:
-        _check_out(out)
+        check_out(out)
     cfg = resolved(cfg)
     if cfg.finetune is not None and spec.backbone is None:
         raise CapasError(f"{spec.name}: train.finetune needs a spec with a backbone")
@@ -92,7 +92,7 @@ def train(
         return _train(spec, data, cfg, out, splits, callbacks, dist, restart)
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: Path) -> None:
     """Refuse an `out` folder that holds other things than a run: the finished run replaces the folder
     whole (capas.runs.staging), which would delete them. A run (model.json), an unfinished one (its
     checkpoint or lock) and an empty folder are taken; the current folder is not (its replacement would
@@ -123,11 +123,15 @@ def _train(
     restart: bool,
 ) -> dict:
     classes = splits.train.classes
+    # the processes that share every batch (--nproc, torchrun): the weights depend on them (on the CPU
+    # each normalises BatchNorm over its own share; the gradients' sums round otherwise)
+    processes = 1 if dist is None else dist.world
     identity = {
         "spec": spec.to_dict(),
         "data": data.model_dump(mode="json"),
         "train": cfg.model_dump(mode="json"),
         "splits": splits.info,  # what the data held: a folder that changed since would split otherwise
+        "processes": processes,
     }
     checkpoint = out / CHECKPOINT
     if restart and (dist is None or dist.is_main):
@@ -208,6 +212,7 @@ def _train(
         "train": cfg.model_dump(mode="json"),
         "splits": splits.info,
         "device": str(device),
+        "processes": processes,
     }
     if whitening is not None:
         config["whitening"] = whitening

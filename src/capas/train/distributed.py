@@ -2,7 +2,7 @@
 
 Every rank draws the same shuffled order and the same augmentation from the same generator, preprocesses
 the whole global batch (cheap whole-batch tensor operations) and keeps its contiguous slice of it; DDP
-averages the gradients. The loss of each slice is scaled so that the averaged gradient is the mean over
+averages the gradients. The layers' own draws (Dropout masks) come from a stream per rank. The loss of each slice is scaled so that the averaged gradient is the mean over
 the global batch, as in one process with the same `batch_size`: results match a single process up to
 float rounding. Validation and test are sharded and reduced, so every rank makes the same early-stopping
 decision. Only rank 0 writes the run directory and checkpoints, and shows the progress bar.
@@ -242,7 +242,10 @@ def launch(
 ) -> dict:
     """Train one run over `nproc` processes on this machine (one per GPU with device cuda); returns rank 0's
     test results, read from the run directory it wrote."""
+    from capas.train import check_out
+
     check(cfg, nproc)
+    check_out(Path(out))  # rank 0 checks it again, but only once every process has started
     if resolve_device(cfg.device).type == "cuda":
         check_gpus(nproc, f"--nproc {nproc}")
     cores = os.cpu_count() or 1

@@ -244,9 +244,13 @@ def _fit(
             optimizer = make_optimizer(model, _optimizer_config(cfg, tuning=True))
             base_lrs = [group["lr"] for group in optimizer.param_groups]
             net = _training_net(model, dist, cfg)  # DDP learns the new trainable set
-        # Seeding per epoch makes a resumed run draw the same batches, crops and dropout masks.
+        # Seeding per epoch makes a resumed run draw the same batches, crops and dropout masks. Every
+        # process draws the batches and crops alike (each keeps its share of them); the layers' own
+        # draws (Dropout masks) are per process, or the k-th image of each share would get the same
+        # mask. The CPU generator keeps a seed's low 32 bits: the processes' seeds are 2**20 apart,
+        # more epochs than a run trains.
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch + (0 if dist is None else dist.rank) * 2**20)
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
