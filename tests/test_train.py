@@ -138,6 +138,26 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert [m["epoch"] for m in history] == [1, 2, 3]
 
 
+def test_a_checkpoint_from_before_the_process_count_was_recorded_resumes(tmp_path):
+    """Checkpoints written before their identity held `processes` (a study interrupted before an
+    upgrade) resume as one process' run, not refused as 'made with other settings'."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    spec, data, cfg = _small(seed=3)
+    reference = train(spec, data, cfg, tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, data, cfg, tmp_path / "cut", callbacks=[_Crash(epoch=3)])
+    checkpoint = tmp_path / "cut" / "checkpoint.safetensors"
+    with safe_open(str(checkpoint), framework="pt") as file:
+        meta = json.loads(file.metadata()["capas"])
+    del meta["identity"]["processes"]
+    save_file(load_file(str(checkpoint)), str(checkpoint), metadata={"capas": json.dumps(meta)})
+    resumed = train(spec, data, cfg, tmp_path / "cut")
+    assert resumed["confusion_matrix"] == reference["confusion_matrix"]
+    assert resumed["test_loss"] == reference["test_loss"]
+
+
 def test_a_run_does_not_resume_on_a_folder_that_changed(tmp_path):
     """An image folder that gained images after the interruption was split again and the run
     resumed on it: images of its first epochs could land in the new test split."""
