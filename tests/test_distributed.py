@@ -111,6 +111,7 @@ def test_two_processes_under_torchrun_environment_match_one(spec_file, single, t
     _assert_same_run(out, single)
 
 
+@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_nproc_2_spawns_the_processes_itself(spec_file, single, tmp_path):
     out = tmp_path / "nproc"
     done = subprocess.run(

@@ -69,6 +69,7 @@ def _refused(result: subprocess.CompletedProcess, first: subprocess.Popen, what:
     return message
 
 
+@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_a_second_study_on_the_same_directory_is_refused_naming_the_first(tmp_path):
     doc = {
         "name": "busy",

@@ -142,6 +142,7 @@ def test_bad_adaptive_seeds_are_rejected(seeds, message, adaptive, study_file):
         load_study(study_file(adaptive(seeds)))
 
 
+@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_a_real_study_stops_each_variant_for_its_own_reason(tmp_path, adaptive, study_file):
     # lr: 0.003 instead of 0.001 after one epoch moves test accuracy by several pp from seed to seed
     # (200 test images); a target of 100 pp is met at min, one of 0.01 pp never is

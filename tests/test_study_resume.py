@@ -180,6 +180,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
 def test_workers_die_with_a_killed_driver(tmp_path, tiny_study, study_file):
     # only the driver is killed (not its process group): its training workers must not live on
