@@ -174,6 +174,7 @@ def _evaluate_rank(rank: int, port: int, out: Path) -> None:
     torch_dist.destroy_process_group()
 
 
+@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_the_processes_evaluate_the_model_rank_0_saves(tmp_path):
     """Validation and test are sharded: each rank scored its half with its own BatchNorm statistics,
     so test.json's loss and accuracy (2.1506, 22.56% in a 2-process run) were not those of the saved

@@ -120,6 +120,7 @@ def _statuses(out: Path) -> dict[str, str]:
         return {}
 
 
+@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_ctrl_c_stops_a_worker_pool_at_once(tmp_path, tiny_study, study_file):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) with two workers: the driver exits
     within seconds and no run that had not started is trained (queued runs were trained to the end
