@@ -230,7 +230,7 @@ def test_each_process_draws_its_own_dropout_masks(tmp_path):
     mask of the k-th image of rank 0's: half the masks of every batch were copies (here 100% of the
     values both kept or both dropped, where independent masks agree on half)."""
     mp.start_processes(_dropout_rank, args=(free_port(), tmp_path), nprocs=2, start_method="spawn")
-    first, second = (torch.load(tmp_path / f"kept-{rank}.pt") for rank in range(2))
+    first, second = (torch.load(tmp_path / f"kept-{rank}.pt", weights_only=True) for rank in range(2))
     assert len(first) == len(second) == 4
     for (nonzero_0, kept_0), (nonzero_1, kept_1) in zip(first, second, strict=True):
         both = nonzero_0 & nonzero_1  # where the input is zero, the output is zero whatever the mask
