@@ -408,11 +408,12 @@ def test_terminal_table_fits_80_columns_without_cutting_numbers(report):
 
 def test_tiny_real_study_reports_a_diverged_variant_and_a_failed_run(tmp_path, tiny_study, study_file):
     diverging = {"name": "lr", "alternatives": [{"name": "diverging", "train": {"optimizer.lr": 1e30}}]}
-    doc = tiny_study(variations=[*tiny_study()["variations"], diverging])
+    # a name with brackets is printed as written, not read as rich markup ('[/]' raised MarkupError)
+    doc = tiny_study(name="tiny [/]", variations=[*tiny_study()["variations"], diverging])
     out = tmp_path / "out"
     console = Console(file=io.StringIO(), width=80, color_system=None)
     outcome = run_study(study_file(doc), out=out, workers=1, console=console)
-    assert outcome.failed == []
+    assert outcome.failed == [] and "study tiny [/]: 3 variants" in console.file.getvalue()
     report = outcome.report
     assert [o.status for o in report.variants[2].runs.values()] == [DIVERGED, DIVERGED]
     markdown = outcome.markdown.read_text()
@@ -439,3 +440,27 @@ def test_tiny_real_study_reports_a_diverged_variant_and_a_failed_run(tmp_path, t
     text = markdown.read_text()
     assert "| 1 | " in text and "failed: ValueError: boom" in text
     assert "test accuracy" in text and "one shared seed: no confidence interval or test" in text
+
+
+def test_the_terminal_shows_variant_names_as_written(tiny_study, study_file):
+    """Brackets in a variant's name are text, not rich markup: '[bn]' was dropped and
+    '[/]' raised a MarkupError after every run had trained."""
+    names = {
+        "name": "head",
+        "alternatives": [
+            {"name": "GAP [bn]", "replace": {"layer": "flatten", "with": "GlobalAveragePooling2D"}}
+        ],
+    }
+    study = load_study(
+        study_file(tiny_study(variations=[names], base={**tiny_study()["base"], "name": "Flatten [/]"}))
+    )
+    report = report_of(study, {"Flatten [/]": [0.80, 0.82], "GAP [bn]": [0.70, None]})
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    print_report(report, console)
+    printed = console.file.getvalue()
+    assert (
+        "GAP [bn] instead of Flatten [/]:" in printed
+        and "warning: GAP [bn]: no figures from seed 1" in printed
+    )
+    rows = [line for line in printed.splitlines() if line.startswith(("Flatten [/] (base) ", "GAP [bn] "))]
+    assert len(rows) == 2

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -320,7 +321,7 @@ def execute(
                 except CapasError as error:
                     store.fail(rid, str(error))
                     failed.append(rid)
-                    console.print(f"[red]{rid} failed:[/] {error}", highlight=False)
+                    console.print(f"[red]{rid} failed:[/] {escape(str(error))}", highlight=False)
                 except BrokenProcessPool:
                     raise CapasError(
                         "a worker process died (out of memory or killed); finished runs are kept, "
@@ -329,7 +330,9 @@ def execute(
                 except Exception as error:  # a bug or a resource problem in one run must not lose the others
                     store.fail(rid, "".join(traceback.format_exception(error)))
                     failed.append(rid)
-                    console.print(f"[red]{rid} failed:[/] {type(error).__name__}: {error}", highlight=False)
+                    console.print(
+                        f"[red]{rid} failed:[/] {type(error).__name__}: {escape(str(error))}", highlight=False
+                    )
                 else:
                     store.finish(rid, result)
                 progress.advance(overall)
@@ -385,7 +388,7 @@ def run_study(
         )
         total = len(study.runs())
         console.print(
-            f"study [bold]{study.name}[/]: {len(study.variants)} variants × {len(study.initial_seeds)} seeds = {total} runs"
+            f"study [bold]{escape(study.name)}[/]: {len(study.variants)} variants × {len(study.initial_seeds)} seeds = {total} runs"
             + (f", {done} already done" if done else "")
             + (
                 f" (then up to {study.replication.max} seeds per variant, until the difference's 95% CI "
@@ -433,6 +436,7 @@ def run_study(
                         if names
                         else f"{study.base.name}: the seeds of the round cut short, for pairing",
                         highlight=False,
+                        markup=False,
                     )
                     run(tasks, len(more), done)
         except BaseException:

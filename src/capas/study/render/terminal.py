@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from rich import box
 from rich.console import Console, Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -54,7 +55,7 @@ def _table(report: StudyReport, rows: list[list[str]], keep: list[int]) -> Table
         table.add_column(header, justify="left" if i == 0 else "right", no_wrap=True)
     index = [HEADERS.index(COLUMNS[i][0]) for i in keep]
     for row in rows:
-        table.add_row(*(row[j] for j in index))
+        table.add_row(*(escape(row[j]) for j in index))  # names and errors are text, not markup
     return table
 
 
@@ -104,9 +105,9 @@ def print_report(report: StudyReport, console: Console) -> None:
     """Warnings first, then the table fitted to the console, then one sentence per variant, and how
     adaptive seeds were chosen (which the intervals do not allow for)."""
     for line in report.warnings:
-        console.print(f"[bold yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+        console.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
     console.print(terminal_table(report, console.width, console))
     for result in report.variants[1:]:
-        console.print(f"- {sentence(report, result)}", highlight=False, soft_wrap=True)
+        console.print(f"- {sentence(report, result)}", highlight=False, markup=False, soft_wrap=True)
     if line := adaptive_line(report):
-        console.print(line, highlight=False, soft_wrap=True)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
