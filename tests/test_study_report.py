@@ -14,6 +14,7 @@ from scipy import stats as scipy_stats
 
 from capas.study import load_study
 from capas.study.render import print_report, table_rows, terminal_table, write_report
+from capas.study.render.markdown import markdown
 from capas.study.render.text import HEADERS, document, header_lines, num, p_text, sentence
 from capas.study.report import DIVERGED, FAILED, StudyReport, collect, comparison_kind
 from capas.study.run import run_study
@@ -464,3 +465,19 @@ def test_the_terminal_shows_variant_names_as_written(tiny_study, study_file):
     )
     rows = [line for line in printed.splitlines() if line.startswith(("Flatten [/] (base) ", "GAP [bn] "))]
     assert len(rows) == 2
+
+
+def test_markdown_tables_keep_their_columns_with_a_pipe_in_a_variant_name(tiny_study, study_file):
+    names = {
+        "name": "head",
+        "alternatives": [
+            {"name": "GAP | x", "replace": {"layer": "flatten", "with": "GlobalAveragePooling2D"}}
+        ],
+    }
+    study = load_study(study_file(tiny_study(variations=[names])))
+    text = markdown(document(report_of(study, {"Flatten": [0.80, 0.82], "GAP | x": [0.70, 0.72]}), []))
+    per_seed = text.split("## Per seed")[1].split("##")[0]
+    lines = [line for line in per_seed.splitlines() if line.startswith("|")]
+    # the per-seed table's header names the variants: an unescaped '|' added a column to it only
+    assert [len(re.split(r"(?<!\\)\|", line)) for line in lines] == [5] * 4
+    assert "| GAP \\| x test acc % |" in lines[0]

@@ -9,7 +9,10 @@ def _table(table: Table) -> str:
     def clean(cell: str) -> str:
         return cell.replace("|", "\\|")
 
-    lines = ["| " + " | ".join(table.headers) + " |", "|" + "|".join("---" for _ in table.headers) + "|"]
+    lines = [
+        "| " + " | ".join(clean(h) for h in table.headers) + " |",
+        "|" + "|".join("---" for _ in table.headers) + "|",
+    ]
     lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in table.rows]
     return "\n".join(lines)
 
