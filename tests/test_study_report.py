@@ -481,3 +481,23 @@ def test_markdown_tables_keep_their_columns_with_a_pipe_in_a_variant_name(tiny_s
     # the per-seed table's header names the variants: an unescaped '|' added a column to it only
     assert [len(re.split(r"(?<!\\)\|", line)) for line in lines] == [5] * 4
     assert "| GAP \\| x test acc % |" in lines[0]
+
+
+def test_training_time_is_compared_on_the_seeds_of_the_variants_difference(tiny_study, study_file):
+    """GMP lost seed 1, so the base's row rests on seeds 0 and 2; GAP's Δ, and its training time
+    against the base's, on all three (it took exactly as long as the base in each)."""
+    study = load_study(study_file(tiny_study(seeds=3, variations=[HEAD])))
+    seconds = [10.0, 40.0, 10.0]
+    rows = {}
+    for variant, accuracies in {
+        "Flatten": [0.80, 0.82, 0.81],
+        "GAP": [0.70, 0.73, 0.71],
+        "GMP": [0.8, None, 0.8],
+    }.items():
+        for seed, accuracy in enumerate(accuracies):
+            result = None if accuracy is None else {**synthetic(accuracy), "train_seconds": seconds[seed]}
+            rows[f"{variant}/seed-{seed}"] = row(variant, seed, result)
+    report = collect(study, rows)
+    assert report.seeds == (0, 2) and report.variants[1].seeds == (0, 1, 2)
+    text = sentence(report, report.variants[1])
+    assert "3 shared seeds" in text and "training time ±0%" in text

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from capas.study.report import (
     DIFF_HEADERS,
@@ -269,7 +269,9 @@ def sentence(report: StudyReport, result: VariantResult) -> str:
         parts.append(f"{result.summary.trainable:,} trainable instead of {base.summary.trainable:,}")
     parts.append(_accuracy_phrase(report, result))
     if result.comparison.difference.n >= 2:
-        base_time, time = base.estimate("train_seconds").mean, result.estimate("train_seconds").mean
+        # on the seeds of its Δ: the base's row may rest on fewer (those every variant finished)
+        base_time = replace(base, seeds=result.seeds).estimate("train_seconds").mean
+        time = result.estimate("train_seconds").mean
         if base_time > 0:
             parts.append(f"training time {signed(100 * (time - base_time) / base_time, 0)}%")
     parts += [note.text for note in result.notes]
