@@ -501,3 +501,11 @@ def test_training_time_is_compared_on_the_seeds_of_the_variants_difference(tiny_
     assert report.seeds == (0, 2) and report.variants[1].seeds == (0, 1, 2)
     text = sentence(report, report.variants[1])
     assert "3 shared seeds" in text and "training time ±0%" in text
+
+
+def test_best_epoch_without_early_stopping_is_the_lowest_validation_loss(report):
+    """Without early stopping a run keeps its last epoch's weights, which test.json calls best_epoch (3
+    here); the report's best epoch is the one its still-improving flag reads: lowest val_loss, epoch 2."""
+    cells = [dict(zip(HEADERS, r, strict=True))["best epoch"] for r in table_rows(report)]
+    assert cells[0] == "2.0" and cells[1].startswith("2.2 ± ") and cells[2] == "2.0"
+    assert report.base.still_improving == [] and report.variants[1].still_improving == [0]

@@ -83,6 +83,13 @@ class VariantResult:
         return {s: finished[s] for s in self.seeds if s in finished}
 
     def values(self, key: str) -> dict[int, float]:
+        if key == "best_epoch" and not self.variant.train.get("early_stopping"):
+            # such a run keeps its last epoch's weights, which its best_epoch names: its best validation
+            # epoch is the one still_improving reads (NaN when no validation loss was finite)
+            return {
+                seed: float(_best_epoch(r["history"], "val_loss") or math.nan)
+                for seed, r in self.results.items()
+            }
         return {seed: float(r[key]) for seed, r in self.results.items() if r.get(key) is not None}
 
     def estimate(self, key: str) -> Estimate:
