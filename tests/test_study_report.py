@@ -13,6 +13,7 @@ from rich.console import Console
 from scipy import stats as scipy_stats
 
 from capas.study import load_study
+from capas.study.plots import plots
 from capas.study.render import print_report, table_rows, terminal_table, write_report
 from capas.study.render.markdown import markdown
 from capas.study.render.text import HEADERS, document, header_lines, num, p_text, sentence
@@ -509,3 +510,24 @@ def test_best_epoch_without_early_stopping_is_the_lowest_validation_loss(report)
     cells = [dict(zip(HEADERS, r, strict=True))["best epoch"] for r in table_rows(report)]
     assert cells[0] == "2.0" and cells[1].startswith("2.2 ± ") and cells[2] == "2.0"
     assert report.base.still_improving == [] and report.variants[1].still_improving == [0]
+
+
+def test_plots_draw_a_dollar_in_a_name_as_text(tiny_study, study_file):
+    """matplotlib reads text between two '$' as mathtext: 'GAP $_$' raised a ValueError before
+    report.md was written."""
+    names = {
+        "name": "head",
+        "alternatives": [
+            {"name": "GAP $_$", "replace": {"layer": "flatten", "with": "GlobalAveragePooling2D"}}
+        ],
+    }
+    study = load_study(study_file(tiny_study(variations=[names])))
+    rows = {
+        f"{variant}/seed-{seed}": row(
+            variant, seed, {**synthetic(0.8 - seed / 10), "per_class_accuracy": {"$x$": 0.5, "y": None}}
+        )
+        for variant in ("Flatten", "GAP $_$")
+        for seed in (0, 1)
+    }
+    images = plots(collect(study, rows))
+    assert all(png.startswith(b"\x89PNG") for _, png in images.values())

@@ -19,6 +19,11 @@ def _colors(n: int) -> list:
     return [colormaps["tab10"](i % 10) for i in range(n)]
 
 
+def _text(name: str) -> str:
+    """A variant's or class's name as matplotlib draws it literally (text between two '$' is mathtext)."""
+    return name.replace("$", r"\$")
+
+
 def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -49,7 +54,7 @@ def learning_curves(report: StudyReport) -> bytes:
         for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
             for prefix, style in (("", "--"), ("val_", "-")):
                 epochs, mean, low, high = _curves([[m[prefix + metric] for m in h] for h in histories])
-                label = f"{result.name} ({'validation' if prefix else 'training'})"
+                label = f"{_text(result.name)} ({'validation' if prefix else 'training'})"
                 ax.plot(epochs, mean, style, color=color, label=label)
                 ax.fill_between(epochs, low, high, color=color, alpha=0.15 if prefix else 0.07, linewidth=0)
     for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
@@ -73,7 +78,13 @@ def accuracy_against(report: StudyReport, key: str, label: str, log: bool) -> by
         x = result.summary.total if key == "params" else result.estimate(key).mean
         error = 0 if math.isnan(accuracy.half_width) else 100 * accuracy.half_width
         ax.errorbar(
-            [x], [100 * accuracy.mean], yerr=[error], fmt="o", color=color, capsize=4, label=result.name
+            [x],
+            [100 * accuracy.mean],
+            yerr=[error],
+            fmt="o",
+            color=color,
+            capsize=4,
+            label=_text(result.name),
         )
     if log:
         ax.set_xscale("log")
@@ -106,9 +117,9 @@ def per_class(report: StudyReport) -> bytes:
             means,
             width,
             color=color,
-            label=result.name,
+            label=_text(result.name),
         )
-    ax.set_xticks(np.arange(len(classes)), classes, rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(np.arange(len(classes)), [_text(c) for c in classes], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("test accuracy % (mean over seeds)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
