@@ -531,3 +531,24 @@ def test_plots_draw_a_dollar_in_a_name_as_text(tiny_study, study_file):
     }
     images = plots(collect(study, rows))
     assert all(png.startswith(b"\x89PNG") for _, png in images.values())
+
+
+def test_markdown_shows_html_in_a_name_or_an_error_as_text(tiny_study, study_file):
+    """report.html escapes what comes from users' files and runs; report.md let a Markdown viewer render
+    it as HTML ('GAP <b>x</b>' in bold, a failed run's '<lambda>' vanished as an unknown element)."""
+    names = {
+        "name": "head",
+        "alternatives": [
+            {"name": "GAP <b>x</b>", "replace": {"layer": "flatten", "with": "GlobalAveragePooling2D"}}
+        ],
+    }
+    study = load_study(study_file(tiny_study(variations=[names])))
+    rows = {
+        "Flatten/seed-0": row("Flatten", 0, synthetic(0.8)),
+        "Flatten/seed-1": row("Flatten", 1, None, "Traceback ...\nTypeError: <lambda>() takes 0 arguments"),
+        "GAP <b>x</b>/seed-0": row("GAP <b>x</b>", 0, synthetic(0.7)),
+        "GAP <b>x</b>/seed-1": row("GAP <b>x</b>", 1, synthetic(0.7)),
+    }
+    text = markdown(document(collect(study, rows), []))
+    assert "### GAP \\<b>x\\</b>" in text and "TypeError: \\<lambda>() takes" in text
+    assert not re.search(r"(?<!\\)<[A-Za-z/!?]", text)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from capas.study.render.text import Document, Table
+
+# '<' opening what a Markdown viewer renders as an HTML tag, comment or declaration: variant names and
+# errors come from users' files and runs (report.html escapes them alike)
+HTML_START = re.compile(r"<(?=[A-Za-z/!?])")
 
 
 def _table(table: Table) -> str:
@@ -47,4 +53,4 @@ def markdown(doc: Document) -> str:
         parts += [f"- {line}" for line in diff.settings] + ([""] if diff.settings else [])
         if diff.table is None and not diff.settings:
             parts += ["No difference in layers or settings.", ""]
-    return "\n".join(parts)
+    return HTML_START.sub(r"\\<", "\n".join(parts))
