@@ -552,3 +552,33 @@ def test_markdown_shows_html_in_a_name_or_an_error_as_text(tiny_study, study_fil
     text = markdown(document(collect(study, rows), []))
     assert "### GAP \\<b>x\\</b>" in text and "TypeError: \\<lambda>() takes" in text
     assert not re.search(r"(?<!\\)<[A-Za-z/!?]", text)
+
+
+INT8 = {"name": "q", "alternatives": [{"name": "int8", "compress": {"quantize": "int8"}}]}
+
+
+def compressed_report(tiny_study, study_file, size_ratio: float) -> StudyReport:
+    """Flatten and its int8 variant over 3 seeds; the int8 models' size ratio (float bytes / int8 bytes)."""
+    study = load_study(study_file(tiny_study(seeds=3, variations=[INT8])))
+    rows = {}
+    for seed, accuracy in enumerate((0.80, 0.82, 0.81)):
+        rows[f"Flatten/seed-{seed}"] = row("Flatten", seed, synthetic(accuracy))
+        compress = {
+            "method": "quantize-int8",
+            "test_accuracy": accuracy + 0.001 * seed,
+            "size_ratio": size_ratio,
+            "speedup_batch1": 2.0,
+            "speedup_batch64": 2.0,
+        }
+        rows[f"int8/seed-{seed}"] = row("int8", seed, {**synthetic(accuracy), "compress": compress})
+    return collect(study, rows)
+
+
+def test_a_compressed_model_larger_than_its_float_model_is_called_larger(tiny_study, study_file):
+    """A tiny model's int8 ONNX file (graph and scales) can outweigh its float weights: 0.90 is not 'smaller'."""
+    doc = document(compressed_report(tiny_study, study_file, 12256 / 13594), [])
+    assert doc.compression_sentences[0].startswith(
+        "int8, compressed against its own float model: 1.11× larger, 2.00× faster at batch 1;"
+    )
+    doc = document(compressed_report(tiny_study, study_file, 4.0), [])
+    assert "its own float model: 4.00× smaller, 2.00× faster" in doc.compression_sentences[0]

@@ -434,6 +434,7 @@ def compression_sentence(result: VariantResult) -> str:
     d = comparison.difference
     ratio = mean_ci([c["size_ratio"] for c in compressed.values()]).mean
     fast1 = mean_ci([c["speedup_batch1"] for c in compressed.values()]).mean
+    size = f"{ratio:.2f}× smaller" if ratio >= 1 else f"{1 / ratio:.2f}× larger"
     speed = f"{fast1:.2f}× faster" if fast1 >= 1 else f"{1 / fast1:.2f}× slower"
     if d.n < 2:
         accuracy = f"test accuracy {signed(100 * d.mean)} pp (one seed: no confidence interval or test)"
@@ -446,7 +447,7 @@ def compression_sentence(result: VariantResult) -> str:
         accuracy = f"test accuracy {signed(100 * d.mean)} pp (95% CI {num(100 * d.low)} to {num(100 * d.high)}, {p_text(comparison.p_value)}; {d.n} seeds)"
     else:
         accuracy = f"no significant change in test accuracy ({signed(100 * d.mean)} pp, {p_text(comparison.p_value)}; {d.n} seeds)"
-    return f"{result.name}, compressed against its own float model: {ratio:.2f}× smaller, {speed} at batch 1; {accuracy}."
+    return f"{result.name}, compressed against its own float model: {size}, {speed} at batch 1; {accuracy}."
 
 
 # --- the whole document ------------------------------------------------------------------------
