@@ -582,3 +582,16 @@ def test_a_compressed_model_larger_than_its_float_model_is_called_larger(tiny_st
     )
     doc = document(compressed_report(tiny_study, study_file, 4.0), [])
     assert "its own float model: 4.00× smaller, 2.00× faster" in doc.compression_sentences[0]
+
+
+def test_a_compressed_variants_row_and_sentence_say_they_are_its_float_models(tiny_study, study_file):
+    """int8's row is the float model it compressed, trained as the base: its '±0.0 pp' is not int8's."""
+    report = compressed_report(tiny_study, study_file, 4.0)
+    int8 = report.variants[1]
+    assert dict(zip(HEADERS, table_rows(report)[1], strict=True))["notes"] == "float model"
+    assert sentence(report, int8).endswith(
+        "; its figures are its float model's, before compression (the compressed model against it: below)."
+    )
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    print_report(report, console)  # the terminal's sentences include the compressed model's
+    assert "int8, compressed against its own float model: 4.00× smaller" in console.file.getvalue()

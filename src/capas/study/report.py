@@ -285,8 +285,18 @@ def _failed_note(result: VariantResult) -> Note | None:
     return Note(", ".join(f"{n} {status}" for status, n in sorted(counts.items())), text, warning=True)
 
 
+def _compressed_note(result: VariantResult) -> Note | None:
+    if "compress" not in result.variant.extras:
+        return None
+    return Note(
+        "float model",
+        "its figures are its float model's, before compression (the compressed model against it: below)",
+    )
+
+
 # Each rule turns what a variant's runs recorded into a Note (or None); renderers show notes generically.
 NOTES: list[Callable[[VariantResult], Note | None]] = [
+    _compressed_note,
     _still_improving_note,
     _not_converged_note,
     _diverged_note,

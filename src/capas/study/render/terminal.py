@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from capas.study.render.text import HEADERS, adaptive_line, sentence, table_rows
+from capas.study.render.text import HEADERS, adaptive_line, document, sentence, table_rows
 from capas.study.report import StudyReport
 from capas.study.stats import ADJUSTMENT, CONFIDENCE, TEST_NAME
 
@@ -102,12 +102,14 @@ def _compact(report: StudyReport, rows: list[list[str]]) -> Group:
 
 
 def print_report(report: StudyReport, console: Console) -> None:
-    """Warnings first, then the table fitted to the console, then one sentence per variant, and how
-    adaptive seeds were chosen (which the intervals do not allow for)."""
+    """Warnings first, then the table fitted to the console, then one sentence per variant and per
+    compressed model, and how adaptive seeds were chosen (which the intervals do not allow for)."""
     for line in report.warnings:
         console.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
     console.print(terminal_table(report, console.width, console))
     for result in report.variants[1:]:
         console.print(f"- {sentence(report, result)}", highlight=False, markup=False, soft_wrap=True)
+    for line in document(report, []).compression_sentences:
+        console.print(f"- {line}", highlight=False, markup=False, soft_wrap=True)
     if line := adaptive_line(report):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
