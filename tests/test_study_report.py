@@ -595,3 +595,9 @@ def test_a_compressed_variants_row_and_sentence_say_they_are_its_float_models(ti
     console = Console(file=io.StringIO(), width=200, color_system=None)
     print_report(report, console)  # the terminal's sentences include the compressed model's
     assert "int8, compressed against its own float model: 4.00× smaller" in console.file.getvalue()
+
+
+def test_a_settings_diff_names_only_what_changed(tiny_study, study_file):
+    """The base's empty extras ({}) and a variant's compress extras once gave 'extras.: {} → None' too."""
+    diff = document(compressed_report(tiny_study, study_file, 4.0), []).diffs[0]
+    assert diff.table is None and diff.settings == ["extras.compress.quantize: None → 'int8'"]

@@ -504,7 +504,8 @@ def setting_changes(base: Variant, variant: Variant) -> list[str]:
         ),
         ("extras", base.extras, variant.extras),
     ):
-        old_flat, new_flat = flat_items(old), flat_items(new)
+        # an empty section (the base's extras) has no settings, not one named '' whose value is {}
+        old_flat, new_flat = (flat_items(values) if values else {} for values in (old, new))
         for key in sorted(set(old_flat) | set(new_flat)):
             if old_flat.get(key) != new_flat.get(key):
                 lines.append(f"{section}.{key}: {old_flat.get(key)!r} → {new_flat.get(key)!r}")
