@@ -16,7 +16,7 @@ from capas.study import load_study
 from capas.study.plots import plots
 from capas.study.render import print_report, table_rows, terminal_table, write_report
 from capas.study.render.markdown import markdown
-from capas.study.render.text import HEADERS, document, header_lines, num, p_text, sentence
+from capas.study.render.text import HEADERS, document, header_lines, num, p_text, sentence, signed
 from capas.study.report import DIVERGED, FAILED, StudyReport, collect, comparison_kind
 from capas.study.run import run_study
 from capas.study.stats import holm, mean_ci, paired_comparison
@@ -601,3 +601,20 @@ def test_a_settings_diff_names_only_what_changed(tiny_study, study_file):
     """The base's empty extras ({}) and a variant's compress extras once gave 'extras.: {} → None' too."""
     diff = document(compressed_report(tiny_study, study_file, 4.0), []).diffs[0]
     assert diff.table is None and diff.settings == ["extras.compress.quantize: None → 'int8'"]
+
+
+def test_a_significant_difference_below_a_tenth_of_a_point_keeps_its_sign(tiny_study, study_file):
+    """−0.02, −0.03 and −0.04 pp in the three seeds (2 to 4 images in 10,000) is significant: it read
+    'test accuracy ±0.0 pp' beside its interval, a difference without a sign."""
+    study = load_study(study_file(tiny_study(seeds=3)))
+    report = report_of(study, {"Flatten": [0.80, 0.82, 0.81], "GAP": [0.7998, 0.8197, 0.8096]})
+    text = sentence(report, report.variants[1])
+    assert "test accuracy −0.03 pp (95% CI −0.1 to −0.01, p = 0.035; 3 shared seeds)" in text
+    assert "per seed" not in text and [signed(v) for v in (0.0, 1e-17, -2.45, 0.04)] == [
+        "±0.0",
+        "±0.0",
+        "−2.5",
+        "+0.04",
+    ]
+    cells = dict(zip(HEADERS, table_rows(report)[1], strict=True))
+    assert cells["Δ test acc pp (95% CI)"] == "−0.03 (−0.1 to −0.01)"

@@ -66,10 +66,12 @@ class Document:
 
 
 def signed(value: float, digits: int = 1) -> str:
-    value = round(value, digits)
-    if value == 0:  # a change that rounds to nothing has no sign (and never shows "−0")
-        return f"±{0:.{digits}f}"
-    return f"{value:+.{digits}f}".replace("-", MINUS)
+    """`value` as num() shows it, with its sign: a change below the last digit keeps its side (−0.03, not
+    ±0.0, beside an interval that excludes 0); one that rounds to nothing has none (never "−0")."""
+    shown = num(value, digits)
+    if shown == num(0.0, digits):
+        return f"±{shown}"
+    return shown if shown.startswith(MINUS) else f"+{shown}"
 
 
 def num(value: float, digits: int = 1) -> str:
