@@ -339,7 +339,9 @@ def test_before_fine_tuning_the_trainable_backbone_layers_train_at_the_optimizer
 
 
 def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
-    spec = spec_with({"name": "mobilenet_v3_small", "weights": "none"})
+    # the top's frozen BatchNormalization stays in inference mode on the features, as on images
+    layers = ["GlobalAveragePooling2D", {"BatchNormalization": {"trainable": False}}, TOP[1]]
+    spec = spec_with({"name": "mobilenet_v3_small", "weights": "none"}, layers=layers)
     data, cfg = (
         DataConfig(name="fashion-mnist", limit=60, test_limit=12),
         TrainConfig(epochs=1, batch_size=30),
@@ -362,6 +364,9 @@ def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
     assert "feature_cache" not in augmented  # augmentation changes features every epoch: no cache
     run = load_run(tmp_path / "a")
     assert run.preprocess.mean == IMAGENET_MEAN and run.preprocess.channels == 3  # serving normalises too
+    norm = run.model.layers["batch_normalization"]  # the top trained alone kept its statistics
+    assert torch.equal(norm.running_mean, torch.zeros(576)) and torch.equal(norm.running_var, torch.ones(576))
+    assert first["bn_gap"] is None  # no BatchNormalization trains
 
 
 def test_a_randomly_initialised_backbone_caches_its_features_per_seed(cache, tmp_path):
