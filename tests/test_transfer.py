@@ -524,6 +524,7 @@ def test_a_run_directory_becomes_the_backbone_of_another_dataset(tmp_path):
                 {"Conv2D": {"filters": 8, "kernel_size": 3, "activation": "relu"}},
                 "MaxPooling2D",
                 "Flatten",
+                {"Dense": {"units": 16, "activation": "relu"}},
                 {"Dense": {"units": 10, "activation": "softmax"}},
             ],
         }
@@ -543,8 +544,9 @@ def test_a_run_directory_becomes_the_backbone_of_another_dataset(tmp_path):
         }
     )
     summary = summarize(spec)
-    assert [r.name for r in summary.rows] == ["conv2d", "max_pooling2d", "flatten", "dense"]
-    assert summary.trainable == 13 * 13 * 8 * 10 + 10
+    # the new Dense's automatic name skips the backbone rows' names (it was refused as a second 'dense')
+    assert [r.name for r in summary.rows] == ["conv2d", "max_pooling2d", "flatten", "dense", "dense_1"]
+    assert summary.trainable == 16 * 10 + 10
     model = build_model(spec)
     source = load_run(tmp_path / "src").model
     assert torch.equal(model.backbone.conv2d[0].weight, source.layers["conv2d"][0].weight)

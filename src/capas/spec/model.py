@@ -241,6 +241,7 @@ class ModelSpec:
                 )
             shape = rows[-1].output_shape
         offset = len(infos)  # error messages keep the index within `layers:`, the summary numbers all rows
+        taken = {info.name for info in infos}
         for index, layer in enumerate(self.layers):
             type_name = layer.type_name()
             where = f"layer {index} ({type_name})"
@@ -268,8 +269,12 @@ class ModelSpec:
             if not name:  # Keras numbers the layers it names itself: a named layer takes no number
                 base = _snake(type_name)
                 seen = counts.get(base, 0)
-                counts[base] = seen + 1
                 name = base if seen == 0 else f"{base}_{seen}"
+                # nor one of the backbone's rows (an earlier run's layers are named as Keras names them)
+                while name in taken:
+                    seen += 1
+                    name = f"{base}_{seen}"
+                counts[base] = seen + 1
             trainable, non_trainable = layer.params(shape)
             infos.append(
                 LayerInfo(
