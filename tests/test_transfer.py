@@ -547,6 +547,11 @@ def test_a_run_directory_becomes_the_backbone_of_another_dataset(tmp_path):
     # the new Dense's automatic name skips the backbone rows' names (it was refused as a second 'dense')
     assert [r.name for r in summary.rows] == ["conv2d", "max_pooling2d", "flatten", "dense", "dense_1"]
     assert summary.trainable == 16 * 10 + 10
+    named = {**spec.to_dict(), "layers": [{"Dense": {"units": 10, "activation": "softmax", "name": "dense"}}]}
+    with pytest.raises(
+        CapasError, match=r"^layer 0 \(Dense\): the name 'dense' is used twice.*the backbone's layer 3"
+    ):
+        ModelSpec.from_dict(named)  # the top's index, not the backbone row's (it said 'layer -1')
     model = build_model(spec)
     source = load_run(tmp_path / "src").model
     assert torch.equal(model.backbone.conv2d[0].weight, source.layers["conv2d"][0].weight)

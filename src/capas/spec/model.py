@@ -291,7 +291,7 @@ class ModelSpec:
             )
             shape = out
         names = [info.name for info in infos]
-        for info in infos:
+        for info in infos[offset:]:  # the backbone's rows are named by the library or an earlier run
             # a name keys the layer's module and weights ('.' separates module paths) and names
             # the layer in an exported Keras file (which refuses '/')
             if bad := sorted(set(info.name) & set("./")):
@@ -313,6 +313,7 @@ class ModelSpec:
                     "layer names must be unique"
                     + ", and a layer without a name gets Keras' (conv2d, conv2d_1, ... for Conv2D)"
                     * automatic
+                    + (f"; it is the backbone's layer {names.index(info.name)}" if info.name in taken else "")
                 )
         return infos
 
