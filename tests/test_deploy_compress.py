@@ -382,12 +382,19 @@ def test_batch_64_latency_is_timed_on_64_images_from_a_small_test_split(tmp_path
 
 
 def test_unstructured_pruning_says_zeros_change_nothing_by_themselves(run_dir, tmp_path):
+    # a `trainable: false` layer lost half its weights to --unstructured (fine-tuning cannot train them
+    # back), where --structured keeps it whole
+    source = tmp_path / "frozen"
+    shutil.copytree(run_dir, source)
+    spec = json.loads((source / "model.json").read_text())
+    spec["layers"][0]["Conv2D"]["trainable"] = False
+    (source / "model.json").write_text(json.dumps(spec))
     out = tmp_path / "sparse"
     result = runner.invoke(
         app,
         [
             "compress",
-            str(run_dir),
+            str(source),
             "--prune",
             "0.5",
             "--unstructured",
@@ -404,6 +411,10 @@ def test_unstructured_pruning_says_zeros_change_nothing_by_themselves(run_dir, t
     assert 0.45 < 1 - pruned["nonzero"] / original["nonzero"] < 0.55  # the classifier's 330 weights are kept
     assert "no smaller" in data["notes"][0] and "no smaller" in (out / "compress.md").read_text()
     assert load_run(out).model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+    pruned_layers, source_layers = load_run(out).model.layers, load_run(source).model.layers
+    assert torch.equal(pruned_layers["conv2d"].conv.weight, source_layers["conv2d"].conv.weight)
+    assert (pruned_layers["conv2d_1"].conv.weight == 0).float().mean() == 0.5
+    assert "frozen layers kept whole" in data["notes"][0] and "frozen layers" in data["settings"]["scope"]
 
 
 @pytest.mark.parametrize("amount", ["0", "1", "1.5", "-0.2"])
@@ -603,6 +614,17 @@ def test_structured_pruning_keeps_frozen_layers_whole():
     _, pruned_spec = _prune_structured(model, spec, 0.5, _classifier(model))
     assert _channels(pruned_spec) == "4/32/8/4"
     assert not pruned_spec.layers[1].trainable
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_pruning_a_model_whose_only_prunable_layers_are_frozen_is_refused(structured):
+    from capas.deploy.prune import check_prunable
+
+    layers = [{"Conv2D": {"filters": 8, "kernel_size": 3, "trainable": False}}, "Flatten", TINY["layers"][-1]]
+    with pytest.raises(
+        CapasError, match="nothing to prune: every Conv2D/Dense layer but the classifier is frozen"
+    ):
+        check_prunable(ModelSpec.from_dict({**TINY, "layers": layers}), structured)
 
 
 def test_structured_pruning_that_would_remove_nothing_is_refused():

@@ -373,6 +373,16 @@ def test_a_model_that_ends_in_a_sigmoid_is_refused(tmp_path, tail):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_model_with_nothing_to_train_is_refused(tmp_path):
+    """Every layer with weights `trainable: false`: PyTorch's 'optimizer got an empty parameter list'
+    traceback once the data had loaded."""
+    dense = {"Dense": {"units": 10, "activation": "softmax", "trainable": False}}
+    spec = ModelSpec.from_dict({"name": "still", "input_shape": [28, 28, 1], "layers": ["Flatten", dense]})
+    with pytest.raises(CapasError, match=r"^still: nothing to train: no layer has trainable weights"):
+        train(spec, DataConfig(limit=100), TrainConfig(epochs=1), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
 def test_tampered_run_directories_are_named(tiny_run, tmp_path):
     import shutil
 

@@ -339,7 +339,9 @@ def test_before_fine_tuning_the_trainable_backbone_layers_train_at_the_optimizer
 
 
 def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
-    spec = spec_with({"name": "mobilenet_v3_small", "weights": "none"})
+    # the top's frozen BatchNormalization stays in inference mode on the features, as on images
+    layers = ["GlobalAveragePooling2D", {"BatchNormalization": {"trainable": False}}, TOP[1]]
+    spec = spec_with({"name": "mobilenet_v3_small", "weights": "none"}, layers=layers)
     data, cfg = (
         DataConfig(name="fashion-mnist", limit=60, test_limit=12),
         TrainConfig(epochs=1, batch_size=30),
@@ -362,6 +364,9 @@ def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
     assert "feature_cache" not in augmented  # augmentation changes features every epoch: no cache
     run = load_run(tmp_path / "a")
     assert run.preprocess.mean == IMAGENET_MEAN and run.preprocess.channels == 3  # serving normalises too
+    norm = run.model.layers["batch_normalization"]  # the top trained alone kept its statistics
+    assert torch.equal(norm.running_mean, torch.zeros(576)) and torch.equal(norm.running_var, torch.ones(576))
+    assert first["bn_gap"] is None  # no BatchNormalization trains
 
 
 def test_a_randomly_initialised_backbone_caches_its_features_per_seed(cache, tmp_path):
@@ -519,6 +524,7 @@ def test_a_run_directory_becomes_the_backbone_of_another_dataset(tmp_path):
                 {"Conv2D": {"filters": 8, "kernel_size": 3, "activation": "relu"}},
                 "MaxPooling2D",
                 "Flatten",
+                {"Dense": {"units": 16, "activation": "relu"}},
                 {"Dense": {"units": 10, "activation": "softmax"}},
             ],
         }
@@ -538,8 +544,14 @@ def test_a_run_directory_becomes_the_backbone_of_another_dataset(tmp_path):
         }
     )
     summary = summarize(spec)
-    assert [r.name for r in summary.rows] == ["conv2d", "max_pooling2d", "flatten", "dense"]
-    assert summary.trainable == 13 * 13 * 8 * 10 + 10
+    # the new Dense's automatic name skips the backbone rows' names (it was refused as a second 'dense')
+    assert [r.name for r in summary.rows] == ["conv2d", "max_pooling2d", "flatten", "dense", "dense_1"]
+    assert summary.trainable == 16 * 10 + 10
+    named = {**spec.to_dict(), "layers": [{"Dense": {"units": 10, "activation": "softmax", "name": "dense"}}]}
+    with pytest.raises(
+        CapasError, match=r"^layer 0 \(Dense\): the name 'dense' is used twice.*the backbone's layer 3"
+    ):
+        ModelSpec.from_dict(named)  # the top's index, not the backbone row's (it said 'layer -1')
     model = build_model(spec)
     source = load_run(tmp_path / "src").model
     assert torch.equal(model.backbone.conv2d[0].weight, source.layers["conv2d"][0].weight)

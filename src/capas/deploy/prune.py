@@ -43,6 +43,11 @@ def check_prunable(spec: ModelSpec, structured: bool) -> None:
         raise CapasError(
             f"{spec.name}: nothing to prune: the only Conv2D/Dense layer is the classifier, which is kept whole"
         )
+    if all(info.frozen for info in weighted[:-1]):
+        raise CapasError(
+            f"{spec.name}: nothing to prune: every Conv2D/Dense layer but the classifier is frozen "
+            "(trainable: false), and frozen layers are kept whole, as the classifier is"
+        )
     if not structured:
         return
     for info in infos:
@@ -77,10 +82,12 @@ def prune_run(
         ]
     else:
         spec = source.spec
+        # frozen layers (`trainable: false`) are kept whole, as structured pruning keeps them: fine-tuning
+        # could not train their remaining weights around the zeros
         targets = [
             (m, "weight")
             for m in model.modules()
-            if isinstance(m, nn.Conv2d | nn.Linear) and m is not classifier
+            if isinstance(m, nn.Conv2d | nn.Linear) and m is not classifier and m.weight.requires_grad
         ]
         for module, name in targets:
             torch.nn.utils.prune.l1_unstructured(module, name, amount)  # masks stay on during fine-tuning
@@ -102,7 +109,7 @@ def prune_run(
         total = sum(m.weight.numel() for m, _ in targets)
         notes = [
             f"unstructured: {zeros:,} of {total:,} Conv2D/Dense weights ({zeros / total:.1%}) are zero, the classifier "
-            "kept whole. The zeros sit in dense tensors: by themselves they make the file no smaller and inference "
+            "and frozen layers kept whole. The zeros sit in dense tensors: by themselves they make the file no smaller and inference "
             "no faster (see the table); that needs sparse storage or sparse kernels, or structured pruning"
         ]
     settings = {
@@ -110,7 +117,7 @@ def prune_run(
         "structured": structured,
         "importance": "L1 magnitude",
         "finetune_epochs": epochs,
-        "scope": "per layer, every Conv2D/Dense except the classifier",
+        "scope": "per layer, every Conv2D/Dense except the classifier and frozen layers",
         "finetune": cfg.model_dump(mode="json") if cfg else None,
     }
     config = {**config, "train": cfg.model_dump(mode="json") if cfg else config.get("train")}

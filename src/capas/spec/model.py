@@ -241,6 +241,7 @@ class ModelSpec:
                 )
             shape = rows[-1].output_shape
         offset = len(infos)  # error messages keep the index within `layers:`, the summary numbers all rows
+        taken = {info.name for info in infos}
         for index, layer in enumerate(self.layers):
             type_name = layer.type_name()
             where = f"layer {index} ({type_name})"
@@ -268,8 +269,12 @@ class ModelSpec:
             if not name:  # Keras numbers the layers it names itself: a named layer takes no number
                 base = _snake(type_name)
                 seen = counts.get(base, 0)
-                counts[base] = seen + 1
                 name = base if seen == 0 else f"{base}_{seen}"
+                # nor one of the backbone's rows (an earlier run's layers are named as Keras names them)
+                while name in taken:
+                    seen += 1
+                    name = f"{base}_{seen}"
+                counts[base] = seen + 1
             trainable, non_trainable = layer.params(shape)
             infos.append(
                 LayerInfo(
@@ -286,7 +291,7 @@ class ModelSpec:
             )
             shape = out
         names = [info.name for info in infos]
-        for info in infos:
+        for info in infos[offset:]:  # the backbone's rows are named by the library or an earlier run
             # a name keys the layer's module and weights ('.' separates module paths) and names
             # the layer in an exported Keras file (which refuses '/')
             if bad := sorted(set(info.name) & set("./")):
@@ -308,6 +313,7 @@ class ModelSpec:
                     "layer names must be unique"
                     + ", and a layer without a name gets Keras' (conv2d, conv2d_1, ... for Conv2D)"
                     * automatic
+                    + (f"; it is the backbone's layer {names.index(info.name)}" if info.name in taken else "")
                 )
         return infos
 

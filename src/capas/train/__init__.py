@@ -79,6 +79,12 @@ def train(
             "binary or multi-label classifier; capas trains classifiers with a softmax over the classes: "
             "end with activation: softmax (or none, the logits)"
         )
+    if not any(info.trainable for info in spec.layer_infos() if not info.frozen):
+        raise CapasError(
+            f"{spec.name}: nothing to train: no layer has trainable weights (layers with trainable: false "
+            "and the backbone's frozen layers keep theirs, also before train.finetune unfreezes any); "
+            "make a layer trainable"
+        )
     splits = splits_for(data)
     classes = splits.train.classes
     units = spec.output_shape

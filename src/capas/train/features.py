@@ -164,11 +164,19 @@ def as_is(features: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 
 class _Top(nn.Module):
     """The layers after the cached ones, held by their spec names as CapasNet holds them (the
-    training records its Winograd convolutions by these names)."""
+    training records its Winograd convolutions by these names); the spec's BatchNormalization layers
+    with `trainable: false` (CapasNet.fixed) stay in inference mode, as in CapasNet.train."""
 
-    def __init__(self, layers: list[tuple[str, nn.Module]]):
+    def __init__(self, layers: list[tuple[str, nn.Module]], fixed: list[nn.Module]):
         super().__init__()
         self.layers = nn.ModuleDict(layers)
+        self.fixed = fixed
+
+    def train(self, mode: bool = True) -> _Top:
+        super().train(mode)
+        for module in self.fixed:
+            module.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers.values():
@@ -204,7 +212,7 @@ def fit_top(
             model, dataset, path, preprocess, device, cfg.precision
         )
     seconds = time.perf_counter() - started
-    top = _Top(list(model.layers.items())[_prefix(model) :])
+    top = _Top(list(model.layers.items())[_prefix(model) :], model.fixed)
     # features are (N, F) or small maps: channels_last does not apply to them; they are the whole
     # frozen part's output already, which train.cache_frozen would keep in memory
     top_cfg = cfg.model_copy(update={"channels_last": False, "cache_frozen": False})
