@@ -619,6 +619,20 @@ def test_finetune_without_a_backbone_is_refused(tmp_path):
         )
 
 
+@pytest.mark.parametrize("frozen", ["none", 0])
+def test_finetune_of_a_backbone_with_nothing_frozen_is_refused(tmp_path, frozen):
+    spec = ModelSpec.from_dict(
+        {
+            "name": "open",
+            "input_shape": [32, 32, 3],
+            "backbone": {"name": "resnet18", "weights": "none", "frozen": frozen},
+            "layers": ["GlobalAveragePooling2D", {"Dense": {"units": 10, "activation": "softmax"}}],
+        }
+    )
+    with pytest.raises(CapasError, match=f"backbone.frozen is {frozen!r}: freeze some"):
+        train(spec, DataConfig(name="digits"), TrainConfig(epochs=2, finetune={"after_epochs": 1}), tmp_path)
+
+
 def test_finetune_that_would_never_start_is_refused():
     """`after_epochs: 3` with `epochs: 3` trained the top only, and the run recorded a fine-tuning."""
     with pytest.raises(CapasError, match=r"finetune.after_epochs \(3\) must be less than epochs \(3\)"):

@@ -69,6 +69,12 @@ def train(
     cfg = resolved(cfg)
     if cfg.finetune is not None and spec.backbone is None:
         raise CapasError(f"{spec.name}: train.finetune needs a spec with a backbone")
+    if cfg.finetune is not None and spec.backbone.frozen in ("none", 0):
+        # the switch would unfreeze nothing: the run would only restart its optimizer at a new rate
+        raise CapasError(
+            f"{spec.name}: train.finetune unfreezes frozen backbone layers, and backbone.frozen is "
+            f"{spec.backbone.frozen!r}: freeze some (backbone.frozen: all or a number) or leave finetune out"
+        )
     # the last layer that computes: Dropout (SpatialDropout2D too) is an identity when predicting
     last = next((layer for layer in reversed(spec.layers) if not isinstance(layer, Dropout)), spec.layers[-1])
     if getattr(last, "activation", None) in ("sigmoid", "hard_sigmoid"):
