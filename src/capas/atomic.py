@@ -3,14 +3,19 @@ or a power loss leaves either the old file or the new one, never half a file or 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from capas.errors import CapasError
+
+# what a destination that cannot take the file says: the user's to fix (free space, another folder)
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def umask() -> int:
@@ -57,11 +62,21 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
         os.chmod(tmp, 0o666 & ~umask())
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if (code := _errno(error)) in FULL:
+            raise CapasError(f"{path}: cannot write it ({os.strerror(code)})") from None
         raise
     sync_folder(path.parent)
     return path
+
+
+def _errno(error: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's, or the one safetensors' Rust I/O errors quote."""
+    if isinstance(error, OSError):
+        return error.errno
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    return int(found[1]) if found else None
 
 
 def check_file_target(path: Path, what: str, example: str) -> None:

@@ -189,5 +189,5 @@ def _save_cache(cache: Path, dataset: ArrayDataset) -> None:
 
     try:
         atomic.write_with(cache, write)
-    except OSError as err:
+    except (OSError, CapasError) as err:  # CapasError: a full disk
         warnings.warn(f"could not cache the decoded images at {cache}: {err}", stacklevel=3)
