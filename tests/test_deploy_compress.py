@@ -710,3 +710,17 @@ def test_a_study_refuses_compress_options_that_would_be_ignored(args, words):
     draft = Draft(spec={}, layers=[], train={}, data={}, base_names=[])
     with pytest.raises(CapasError, match=words):
         KINDS["compress"].apply(draft, args)
+
+
+def test_the_default_out_of_a_run_named_by_dot_or_dot_dot_lies_beside_it(tmp_path, monkeypatch):
+    """`capas compress .` from inside a run was a ValueError traceback ('.' has an empty name);
+    `compress ..` named the new run '..-int8' inside the current folder."""
+    from capas.deploy.compress import default_out
+
+    (tmp_path / "run" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "run")
+    assert default_out(Path("."), None, 0.5, True) == tmp_path / "run-pruned50s"
+    monkeypatch.chdir(tmp_path / "run" / "sub")
+    assert default_out(Path(".."), "int8", None, True) == tmp_path / "run-int8"
+    assert default_out(Path("../sub/.."), "int8", None, True) == tmp_path / "run-int8"
+    assert default_out(Path("../sub"), "int8", None, True) == Path("../sub-int8")  # named: kept as given

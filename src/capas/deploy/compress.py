@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -131,6 +132,8 @@ def check_method(
 def default_out(run_dir: Path, quantize: str | None, prune: float | None, structured: bool) -> Path:
     """Where a compressed run goes unless told: beside its source, named by the method."""
     suffix = quantize or f"pruned{round(prune * 100)}{'s' if structured else 'u'}"
+    if run_dir.name in ("", ".."):  # '.', '..', 'runs/..': the folder they stand for, links kept
+        run_dir = Path(os.path.abspath(run_dir))
     return run_dir.with_name(f"{run_dir.name}-{suffix}")
 
 
