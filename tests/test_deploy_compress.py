@@ -724,3 +724,16 @@ def test_the_default_out_of_a_run_named_by_dot_or_dot_dot_lies_beside_it(tmp_pat
     assert default_out(Path(".."), "int8", None, True) == tmp_path / "run-int8"
     assert default_out(Path("../sub/.."), "int8", None, True) == tmp_path / "run-int8"
     assert default_out(Path("../sub"), "int8", None, True) == Path("../sub-int8")  # named: kept as given
+
+
+def test_export_onnx_out_must_end_in_onnx(run_dir, tmp_path):
+    """--out RUN/model.safetensors replaced the run's weights with the ONNX graph: the run no longer loaded."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = hashes(run)
+    fails_cleanly(
+        ["export", str(run), "--onnx", "--out", str(run / "model.safetensors")],
+        "must end in .onnx",
+        str(run / "model.onnx"),
+    )
+    assert hashes(run) == before
