@@ -234,6 +234,14 @@ def test_a_disk_that_refuses_writes_does_not_call_a_whole_store_damaged(tmp_path
     ):
         Store(path)
     assert "delete" not in str(error.value)
+    # and one that fills up while the study runs: sqlite3.OperationalError, a traceback
+    with (
+        pytest.raises(CapasError, match=r"study.sqlite: cannot write the study database \(disk I/O error\)"),
+        Store(path) as store,
+        files_up_to_4k(),
+    ):
+        store.add_run("b/seed-0", "b", 0, {"spec": "y" * 8000}, "h")
+    assert set(Store(path).runs()) == {f"a/seed-{i}" for i in range(20)}
 
 
 def test_parameter_formulas_give_keras_counts():

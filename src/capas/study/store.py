@@ -93,8 +93,13 @@ class Store:
     def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
         self.close()
+        if isinstance(error, sqlite3.OperationalError):  # a disk that filled up while the study ran
+            raise CapasError(
+                f"{self.path}: cannot write the study database ({error}); the runs it recorded are kept: "
+                "free space on its disk, then rerun the same command to go on"
+            ) from None
 
     def get_meta(self, key: str) -> Any:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
