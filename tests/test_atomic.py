@@ -135,3 +135,17 @@ def test_a_file_the_disk_cannot_take_is_one_line_naming_it(tmp_path, files_up_to
     ):
         atomic.write_with(path, writer)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["r" * 250, "é" * 127])  # 250 and 254 bytes: names a folder may hold
+def test_a_long_name_is_written_and_replaced(tmp_path, name):
+    """A run directory named with 250 characters failed after the whole training: its hidden staging
+    folder, '.NAME.' and 8 random characters, was too long a name (ENAMETOOLONG)."""
+    from capas.runs import staging
+
+    for text in ("first", "second"):  # the second time, the old run is renamed aside first
+        with staging(tmp_path / name) as tmp:
+            atomic.write_text(tmp / "a.txt", text)
+        atomic.write_text(tmp_path / "file" / name, text)
+    assert (tmp_path / name / "a.txt").read_text() == (tmp_path / "file" / name).read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["file", name])

@@ -44,6 +44,14 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def hidden_prefix(name: str) -> str:
+    """'.NAME.', the start of a temporary file's or folder's name beside NAME: cut to 200 bytes, so that
+    mkstemp's random part and a suffix still fit in the 255 bytes a file name may take."""
+    while len(os.fsencode(name)) > 200:
+        name = name[:-1]
+    return f".{name}."
+
+
 def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
     """Call `writer(tmp_path)`, flush the file to disk, rename it onto `path`, then flush the folder.
 
@@ -53,7 +61,7 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=hidden_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:

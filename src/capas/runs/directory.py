@@ -250,7 +250,7 @@ def staging(out: Path) -> Iterator[Path]:
     out = out.resolve()  # a link itself cannot be renamed onto mkdtemp's folder
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=atomic.hidden_prefix(out.name), dir=out.parent))
     except OSError as error:  # a file where a folder should be, a read-only folder, /proc…
         raise CapasError(
             f"{out}: cannot create the run directory ({error.strerror or error}: {error.filename})"
@@ -260,7 +260,7 @@ def staging(out: Path) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~atomic.umask())  # mkdtemp makes 0700 folders; give the permissions mkdir would
         old = None
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=atomic.hidden_prefix(out.name) + "old-", dir=out.parent))
             os.rename(out, old)  # onto the empty folder mkdtemp made: a unique name, atomically
         os.rename(tmp, out)
         atomic.sync_folder(out.parent)  # the files inside were flushed as written; this keeps the renames
