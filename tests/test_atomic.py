@@ -149,3 +149,23 @@ def test_a_long_name_is_written_and_replaced(tmp_path, name):
         atomic.write_text(tmp_path / "file" / name, text)
     assert (tmp_path / name / "a.txt").read_text() == (tmp_path / "file" / name).read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["file", name])
+
+
+def test_a_run_another_command_put_at_out_meanwhile_is_kept(tmp_path):
+    """compress --out X while `capas train --out X` started: whichever finished last deleted the
+    other's run, and both said they had written X."""
+    from capas.errors import CapasError
+    from capas.runs import staging
+
+    out = tmp_path / "run"
+    with (
+        pytest.raises(CapasError, match=r"run: appeared while this command ran .* nothing was written"),
+        staging(out, replace=False) as tmp,
+    ):
+        atomic.write_text(tmp / "model.json", "mine")
+        atomic.write_text(out / "model.json", "theirs")  # the other command, meanwhile
+    assert (out / "model.json").read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["run"]
+    (out / "model.json").unlink()
+    with staging(out, replace=False) as tmp:  # an empty folder is taken (import-keras accepts one)
+        atomic.write_text(tmp / "model.json", "mine")
+    assert (out / "model.json").read_text() == "mine"

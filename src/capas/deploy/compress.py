@@ -83,7 +83,7 @@ def compress_run(
             channels_last=source.channels_last,
         )
     ]
-    with staging(out) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with staging(out, replace=False) as tmp, tempfile.TemporaryDirectory() as scratch:
         if quantize:
             # The float graph in the same runtime separates what int8 does from what ONNX Runtime does.
             float_path = export_onnx(source.model, Path(scratch) / "float.onnx")
