@@ -737,3 +737,11 @@ def test_export_onnx_out_must_end_in_onnx(run_dir, tmp_path):
         str(run / "model.onnx"),
     )
     assert hashes(run) == before
+
+
+def test_compress_onto_an_existing_out_says_what_to_change(run_dir, tmp_path):
+    """With --out given, the refusal said "pass --out to write elsewhere"."""
+    fails_cleanly(
+        ["compress", str(run_dir), "--prune", "0.5", "--out", str(run_dir)],
+        "already exists; choose another --out or remove it",
+    )

@@ -55,9 +55,10 @@ def compress_run(
     else:
         method = f"prune-{'structured' if structured else 'unstructured'}"
         check_prunable(source.spec, structured)
+    where = "choose another --out" if out is not None else "pass --out to write elsewhere"
     out = Path(out) if out is not None else default_out(source.path, quantize, prune, structured)
     if out.exists():
-        raise CapasError(f"{out}: already exists; pass --out to write elsewhere or remove it")
+        raise CapasError(f"{out}: already exists; {where} or remove it")
     data = run_data(source, data, data_dir)
     splits = run_splits(source, data)
     # the new run's config: the source's, with the dataset and splits it was calibrated or fine-tuned and tested on
