@@ -4,6 +4,7 @@ study (a factory of study documents and the file writer every study test uses)."
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import os
 import shutil
@@ -122,3 +123,24 @@ def study_file(tmp_path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def files_up_to_4k() -> Callable[[], contextlib.AbstractContextManager]:
+    """A context in which writes past 4 KiB fail with EFBIG (RLIMIT_FSIZE), as they fail with ENOSPC
+    on a full disk."""
+    resource = pytest.importorskip("resource")
+    import signal
+
+    @contextlib.contextmanager
+    def limited():
+        previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, previous_handler)
+
+    return limited

@@ -114,3 +114,58 @@ def test_retraining_that_crashes_while_writing_leaves_the_old_run_whole(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing left beside it
     train(wide, data, cfg, out)
     assert load_run(out).spec.to_dict() == wide.to_dict()
+
+
+@pytest.mark.parametrize("library", ["python", "safetensors"])
+def test_a_file_the_disk_cannot_take_is_one_line_naming_it(tmp_path, files_up_to_4k, library):
+    """It was an OSError, or safetensors' own error, traceback and all."""
+    from capas.errors import CapasError
+
+    path = atomic.write_text(tmp_path / "w.safetensors", "old")
+
+    def writer(tmp):
+        if library == "python":
+            tmp.write_bytes(bytes(8192))
+        else:
+            save_file({"a": torch.zeros(2048)}, str(tmp))
+
+    with (
+        files_up_to_4k(),
+        pytest.raises(CapasError, match=r"w\.safetensors: cannot write it \(File too large\)$"),
+    ):
+        atomic.write_with(path, writer)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["r" * 250, "é" * 127])  # 250 and 254 bytes: names a folder may hold
+def test_a_long_name_is_written_and_replaced(tmp_path, name):
+    """A run directory named with 250 characters failed after the whole training: its hidden staging
+    folder, '.NAME.' and 8 random characters, was too long a name (ENAMETOOLONG)."""
+    from capas.runs import staging
+
+    for text in ("first", "second"):  # the second time, the old run is renamed aside first
+        with staging(tmp_path / name) as tmp:
+            atomic.write_text(tmp / "a.txt", text)
+        atomic.write_text(tmp_path / "file" / name, text)
+    assert (tmp_path / name / "a.txt").read_text() == (tmp_path / "file" / name).read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["file", name])
+
+
+def test_a_run_another_command_put_at_out_meanwhile_is_kept(tmp_path):
+    """compress --out X while `capas train --out X` started: whichever finished last deleted the
+    other's run, and both said they had written X."""
+    from capas.errors import CapasError
+    from capas.runs import staging
+
+    out = tmp_path / "run"
+    with (
+        pytest.raises(CapasError, match=r"run: appeared while this command ran .* nothing was written"),
+        staging(out, replace=False) as tmp,
+    ):
+        atomic.write_text(tmp / "model.json", "mine")
+        atomic.write_text(out / "model.json", "theirs")  # the other command, meanwhile
+    assert (out / "model.json").read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["run"]
+    (out / "model.json").unlink()
+    with staging(out, replace=False) as tmp:  # an empty folder is taken (import-keras accepts one)
+        atomic.write_text(tmp / "model.json", "mine")
+    assert (out / "model.json").read_text() == "mine"

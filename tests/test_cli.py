@@ -130,6 +130,20 @@ def test_missing_spec_file_is_named():
     assert "nowhere.yaml: no such file" in result.output
 
 
+@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="needs /dev/fd, as a shell's <(…) does")
+def test_a_spec_read_from_a_pipe_is_read():
+    """`capas summary <(sed … spec.yaml)` said "/dev/fd/63: no such file"."""
+    read, write = os.pipe()
+    os.write(write, (EXAMPLES / "seed000-gap.yaml").read_bytes())
+    os.close(write)
+    try:
+        result = runner.invoke(app, ["summary", f"/dev/fd/{read}"])
+    finally:
+        os.close(read)
+    assert result.exit_code == 0, result.output
+    assert "300,042" in result.output
+
+
 def test_train_evaluate_predict(tmp_path, tiny_run):
     spec = tmp_path / "small.yaml"
     spec.write_text(

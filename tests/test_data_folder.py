@@ -261,6 +261,16 @@ def test_a_symlink_that_leads_nowhere_is_named(tmp_path, name):
         load_dataset(f"folder:{tmp_path}")
 
 
+def test_a_file_removed_while_the_folder_is_read_is_not_called_a_link(tmp_path):
+    """An image deleted between the folder's listing and its stat was "a symbolic link that leads nowhere"."""
+    write(tmp_path / "a" / "x.png", pixels(0, "L"))
+    with os.scandir(tmp_path / "a") as entries:
+        (entry,) = list(entries)
+    (tmp_path / "a" / "x.png").unlink()  # as another process would, while capas reads the folder
+    with pytest.raises(CapasError, match=f"{entry.path} disappeared while capas read the folder"):
+        folder._followed(entry)
+
+
 def test_huge_images_are_refused_from_the_header(tmp_path):
     write(tmp_path / "a" / "x.png", pixels(0, "L", (5000, 4000)))  # 20 M pixels
     write(tmp_path / "b" / "y.png", pixels(0, "L"))

@@ -732,3 +732,38 @@ def test_a_study_refuses_compress_options_that_would_be_ignored(args, words):
     draft = Draft(spec={}, layers=[], train={}, data={}, base_names=[])
     with pytest.raises(CapasError, match=words):
         KINDS["compress"].apply(draft, args)
+
+
+def test_the_default_out_of_a_run_named_by_dot_or_dot_dot_lies_beside_it(tmp_path, monkeypatch):
+    """`capas compress .` from inside a run was a ValueError traceback ('.' has an empty name);
+    `compress ..` named the new run '..-int8' inside the current folder."""
+    from capas.deploy.compress import default_out
+
+    (tmp_path / "run" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "run")
+    assert default_out(Path("."), None, 0.5, True) == tmp_path / "run-pruned50s"
+    monkeypatch.chdir(tmp_path / "run" / "sub")
+    assert default_out(Path(".."), "int8", None, True) == tmp_path / "run-int8"
+    assert default_out(Path("../sub/.."), "int8", None, True) == tmp_path / "run-int8"
+    assert default_out(Path("../sub"), "int8", None, True) == Path("../sub-int8")  # named: kept as given
+
+
+def test_export_onnx_out_must_end_in_onnx(run_dir, tmp_path):
+    """--out RUN/model.safetensors replaced the run's weights with the ONNX graph: the run no longer loaded."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = hashes(run)
+    fails_cleanly(
+        ["export", str(run), "--onnx", "--out", str(run / "model.safetensors")],
+        "must end in .onnx",
+        str(run / "model.onnx"),
+    )
+    assert hashes(run) == before
+
+
+def test_compress_onto_an_existing_out_says_what_to_change(run_dir, tmp_path):
+    """With --out given, the refusal said "pass --out to write elsewhere"."""
+    fails_cleanly(
+        ["compress", str(run_dir), "--prune", "0.5", "--out", str(run_dir)],
+        "already exists; choose another --out or remove it",
+    )

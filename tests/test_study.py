@@ -220,6 +220,30 @@ def test_a_store_damaged_inside_is_refused_when_opened_not_with_a_traceback_late
         Store(path).runs()
 
 
+def test_a_disk_that_refuses_writes_does_not_call_a_whole_store_damaged(tmp_path, files_up_to_4k):
+    """A full disk at the study's reopening said "not a readable study database …; delete it"."""
+    path = tmp_path / "study.sqlite"
+    with Store(path) as store:
+        for i in range(20):  # 40 KiB: past the 4 KiB writes are limited to
+            store.add_run(f"a/seed-{i}", "a", i, {"spec": "x" * 500}, "h")
+    with (
+        files_up_to_4k(),
+        pytest.raises(
+            CapasError, match=r"study.sqlite: cannot open the study database \(disk I/O error\)"
+        ) as error,
+    ):
+        Store(path)
+    assert "delete" not in str(error.value)
+    # and one that fills up while the study runs: sqlite3.OperationalError, a traceback
+    with (
+        pytest.raises(CapasError, match=r"study.sqlite: cannot write the study database \(disk I/O error\)"),
+        Store(path) as store,
+        files_up_to_4k(),
+    ):
+        store.add_run("b/seed-0", "b", 0, {"spec": "y" * 8000}, "h")
+    assert set(Store(path).runs()) == {f"a/seed-{i}" for i in range(20)}
+
+
 def test_parameter_formulas_give_keras_counts():
     spec = ModelSpec.from_dict(
         {

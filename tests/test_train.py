@@ -491,6 +491,19 @@ def test_a_folder_that_is_not_a_run_is_refused_as_out(tmp_path):
     assert (folder / "thesis.txt").read_text() == "years of work" and (folder / "sub").is_dir()
 
 
+@pytest.mark.parametrize("inside", ["runs/r1", "c0/r1", "c0"])
+def test_out_inside_the_image_folder_it_trains_on_is_refused(tmp_path, inside):
+    """The run became a class folder (or a folder inside one) of its own dataset: training passed, and
+    evaluate, a retraining and every later use of the folder were refused."""
+    spec, _, cfg = _small()
+    (tmp_path / "images" / "c0").mkdir(parents=True)
+    with pytest.raises(CapasError, match=r"inside the image folder .*images it trains on"):
+        train(spec, DataConfig(name=f"folder:{tmp_path / 'images'}"), cfg, tmp_path / "images" / inside)
+    assert [p.name for p in (tmp_path / "images").iterdir()] == ["c0"] and not any(
+        (tmp_path / "images" / "c0").iterdir()
+    )
+
+
 @pytest.mark.parametrize(
     ("name", "change", "words"),
     [

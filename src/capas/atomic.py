@@ -3,14 +3,19 @@ or a power loss leaves either the old file or the new one, never half a file or 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from capas.errors import CapasError
+
+# what a destination that cannot take the file says: the user's to fix (free space, another folder)
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def umask() -> int:
@@ -39,6 +44,14 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def hidden_prefix(name: str) -> str:
+    """'.NAME.', the start of a temporary file's or folder's name beside NAME: cut to 200 bytes, so that
+    mkstemp's random part and a suffix still fit in the 255 bytes a file name may take."""
+    while len(os.fsencode(name)) > 200:
+        name = name[:-1]
+    return f".{name}."
+
+
 def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
     """Call `writer(tmp_path)`, flush the file to disk, rename it onto `path`, then flush the folder.
 
@@ -48,7 +61,7 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=hidden_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -57,11 +70,21 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
         os.chmod(tmp, 0o666 & ~umask())
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if (code := _errno(error)) in FULL:
+            raise CapasError(f"{path}: cannot write it ({os.strerror(code)})") from None
         raise
     sync_folder(path.parent)
     return path
+
+
+def _errno(error: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's, or the one safetensors' Rust I/O errors quote."""
+    if isinstance(error, OSError):
+        return error.errno
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    return int(found[1]) if found else None
 
 
 def check_file_target(path: Path, what: str, example: str) -> None:

@@ -103,6 +103,11 @@ def _followed(entry: os.DirEntry) -> os.DirEntry:
     try:
         entry.stat()
     except OSError as err:
+        if not entry.is_symlink():  # a file removed between the listing and now
+            raise CapasError(
+                f"{entry.path} disappeared while capas read the folder ({err.strerror}): rerun once "
+                "nothing writes to the folder"
+            ) from None
         raise CapasError(
             f"{entry.path} is a symbolic link that leads nowhere ({err.strerror}): remove it or correct it"
         ) from None
@@ -189,5 +194,5 @@ def _save_cache(cache: Path, dataset: ArrayDataset) -> None:
 
     try:
         atomic.write_with(cache, write)
-    except OSError as err:
+    except (OSError, CapasError) as err:  # CapasError: a full disk
         warnings.warn(f"could not cache the decoded images at {cache}: {err}", stacklevel=3)

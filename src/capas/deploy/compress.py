@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,9 +55,10 @@ def compress_run(
     else:
         method = f"prune-{'structured' if structured else 'unstructured'}"
         check_prunable(source.spec, structured)
+    where = "choose another --out" if out is not None else "pass --out to write elsewhere"
     out = Path(out) if out is not None else default_out(source.path, quantize, prune, structured)
     if out.exists():
-        raise CapasError(f"{out}: already exists; pass --out to write elsewhere or remove it")
+        raise CapasError(f"{out}: already exists; {where} or remove it")
     data = run_data(source, data, data_dir)
     splits = run_splits(source, data)
     # the new run's config: the source's, with the dataset and splits it was calibrated or fine-tuned and tested on
@@ -82,7 +84,7 @@ def compress_run(
             channels_last=source.channels_last,
         )
     ]
-    with staging(out) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with staging(out, replace=False) as tmp, tempfile.TemporaryDirectory() as scratch:
         if quantize:
             # The float graph in the same runtime separates what int8 does from what ONNX Runtime does.
             float_path = export_onnx(source.model, Path(scratch) / "float.onnx")
@@ -131,6 +133,8 @@ def check_method(
 def default_out(run_dir: Path, quantize: str | None, prune: float | None, structured: bool) -> Path:
     """Where a compressed run goes unless told: beside its source, named by the method."""
     suffix = quantize or f"pruned{round(prune * 100)}{'s' if structured else 'u'}"
+    if run_dir.name in ("", ".."):  # '.', '..', 'runs/..': the folder they stand for, links kept
+        run_dir = Path(os.path.abspath(run_dir))
     return run_dir.with_name(f"{run_dir.name}-{suffix}")
 
 

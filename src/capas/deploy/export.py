@@ -134,6 +134,10 @@ def export_run(
 
     if out is not None:
         atomic.check_file_target(Path(out), "--out", "model.onnx")
+        if Path(out).suffix != ".onnx":  # RUN/model.safetensors, a typo, replaced the run's own weights
+            raise CapasError(
+                f"--out {out}: an ONNX file must end in .onnx, e.g. {Path(out).with_suffix('.onnx')}"
+            )
     run = load_run(run_dir)
     if not isinstance(run.model, CapasNet):
         raise CapasError(

@@ -658,7 +658,7 @@ def import_keras(
     }
     if data_cfg is not None:
         config["data"] = data_cfg.model_dump(mode="json")
-    with staging(out) as tmp:  # the whole directory appears at once
+    with staging(out, replace=False) as tmp:  # the whole directory appears at once
         write_run(
             tmp,
             spec=spec,

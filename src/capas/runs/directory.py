@@ -19,6 +19,7 @@ float architecture the graph was quantized from.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
@@ -239,18 +240,21 @@ def write_run(
 
 
 @contextlib.contextmanager
-def staging(out: Path) -> Iterator[Path]:
+def staging(out: Path, replace: bool = True) -> Iterator[Path]:
     """A hidden folder beside `out`, renamed onto it when complete: a crash never leaves half a run.
 
     An `out` that exists (a run being retrained: its old run, its lock and checkpoint) stays whole
     until the new run is: it is renamed aside, the new folder onto `out`, then the old one deleted.
     A crash between the two renames leaves no `out` but both runs whole beside it, as .NAME.*
     folders; never a folder that mixes files of two runs. An `out` that is a symbolic link is the
-    folder it points to: that is replaced, and the link keeps pointing at the run."""
+    folder it points to: that is replaced, and the link keeps pointing at the run.
+
+    `replace=False` (compress, import-keras: their `out` did not exist when they started) keeps a
+    folder that another command put at `out` meanwhile, and discards the new run with a CapasError."""
     out = out.resolve()  # a link itself cannot be renamed onto mkdtemp's folder
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=atomic.hidden_prefix(out.name), dir=out.parent))
     except OSError as error:  # a file where a folder should be, a read-only folder, /proc…
         raise CapasError(
             f"{out}: cannot create the run directory ({error.strerror or error}: {error.filename})"
@@ -259,10 +263,18 @@ def staging(out: Path) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o777 & ~atomic.umask())  # mkdtemp makes 0700 folders; give the permissions mkdir would
         old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        if replace and out.exists():
+            old = Path(tempfile.mkdtemp(prefix=atomic.hidden_prefix(out.name) + "old-", dir=out.parent))
             os.rename(out, old)  # onto the empty folder mkdtemp made: a unique name, atomically
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)  # onto nothing or an empty folder; anything else fails, atomically
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            raise CapasError(
+                f"{out}: appeared while this command ran (another command writing it?) and is left as it "
+                "is; nothing was written: rerun with another --out"
+            ) from None
         atomic.sync_folder(out.parent)  # the files inside were flushed as written; this keeps the renames
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

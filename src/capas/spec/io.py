@@ -52,7 +52,7 @@ def _unique_keys(pairs: list[tuple[str, Any]], path: Path) -> dict:
 def load_document(path: str | Path) -> Any:
     """A YAML or JSON file as plain Python data; a missing file or a syntax error is a CapasError."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir() or not path.exists():  # a pipe is read: a shell's <(…) gives one
         raise CapasError(f"{path}: {'a directory, not a file' if path.is_dir() else 'no such file'}")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is no content

@@ -88,7 +88,7 @@ def _deliver(ray_future: Future, future: Future, out: Path) -> None:
         for name, data in result.pop("files", {}).items():
             atomic.write_with(out / name, lambda tmp, data=data: tmp.write_bytes(data))
         probe_path(out).unlink(missing_ok=True)
-    except OSError as error:
+    except (OSError, CapasError) as error:  # CapasError: a full disk
         future.set_exception(CapasError(f"{out}: cannot write the run's files sent by its worker ({error})"))
         return
     future.set_result(result)

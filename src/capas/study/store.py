@@ -73,6 +73,15 @@ class Store:
             if (check := self.db.execute("PRAGMA quick_check(1)").fetchone()[0]) != "ok":
                 raise sqlite3.DatabaseError(check.replace("\n", " "))
         except sqlite3.DatabaseError as error:
+            # the primary result code; quick_check's finding (raised above) has none: damage
+            if getattr(error, "sqlite_errorcode", sqlite3.SQLITE_CORRUPT) & 0xFF not in (
+                sqlite3.SQLITE_CORRUPT,
+                sqlite3.SQLITE_NOTADB,
+            ):  # a full disk, a read-only folder: the database may be whole, and deleting it loses records
+                raise CapasError(
+                    f"{self.path}: cannot open the study database ({error}): free space on its disk or make "
+                    "its folder writable, or use another --out directory"
+                ) from None
             raise CapasError(
                 f"{self.path}: not a readable study database ({error}); delete it and its -wal and -shm "
                 "files (finished runs are read back from their run directories), or use another --out directory"
@@ -84,8 +93,13 @@ class Store:
     def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
         self.close()
+        if isinstance(error, sqlite3.OperationalError):  # a disk that filled up while the study ran
+            raise CapasError(
+                f"{self.path}: cannot write the study database ({error}); the runs it recorded are kept: "
+                "free space on its disk, then rerun the same command to go on"
+            ) from None
 
     def get_meta(self, key: str) -> Any:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

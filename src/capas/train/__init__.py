@@ -66,6 +66,13 @@ def train(
     out = Path(out)
     if dist is None or dist.is_main:
         check_out(out)
+    if data.name.startswith("folder:") and out.resolve().is_relative_to(
+        images := Path(data.name.removeprefix("folder:")).expanduser().resolve()
+    ):  # the run would become a class of its own dataset, or a folder inside one: both then refused
+        raise CapasError(
+            f"{out}: inside the image folder {images} it trains on, whose <class>/<image> layout the run "
+            "directory would break: choose an --out outside it"
+        )
     cfg = resolved(cfg)
     if cfg.finetune is not None and spec.backbone is None:
         raise CapasError(f"{spec.name}: train.finetune needs a spec with a backbone")
