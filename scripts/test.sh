@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite: set up, then run pytest (slow checks are excluded; they run in benchmarks/).
+# The test suite: set up, then ruff and pytest (slow checks are excluded; `bash scripts/test.sh -m slow` runs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test

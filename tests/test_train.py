@@ -846,6 +846,9 @@ def test_predict_files_gives_the_probabilities_evaluation_gives_the_same_files(t
         expected = torch.softmax(tta_logits(run.model, x, run.tta), dim=1)
     got = torch.tensor([p.probabilities for p in predict_files(run, sorted(files))])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # one path, not a list of them: it was read as the files 'https://rp2.alfred511.top/huggingface/', 't', 'm', 'p'…
+    with pytest.raises(CapasError, match=r"paths: a list of image files.*got one path"):
+        predict_files(run, str(files[0]))
 
 
 def test_a_run_trained_on_digits_refuses_a_dataset_of_other_classes(tmp_path):
@@ -904,3 +907,25 @@ def test_evaluate_on_the_recorded_folder_named_again_holds_out_the_same_test_ima
     run = load_run(tmp_path / "run")
     tested = json.loads((tmp_path / "run" / "config.json").read_text())["splits"]["sha256"]["test"]
     assert run_splits(run, DataConfig(name=folder + spelling)).info["sha256"]["test"] == tested
+
+
+@pytest.mark.parametrize(
+    ("position", "wrong", "says"),
+    [
+        (0, "examples/keras-mnist.yaml", r"spec: expected a ModelSpec \(load_spec\(path\)\)"),
+        (1, "digits", r"data: expected a DataConfig \(DataConfig\(name=\.\.\.\)\), got str 'digits'"),
+        (2, {"epochs": 1}, r"cfg: expected a TrainConfig \(TrainConfig\(epochs=\.\.\.\)\)"),
+    ],
+    ids=["spec", "data", "cfg"],
+)
+def test_train_names_an_argument_of_the_wrong_type(tmp_path, position, wrong, says):
+    """The library's train() given a path, a dataset name or a dict where its typed configs go failed
+    deep inside with "'str' object has no attribute 'name'"."""
+    spec = ModelSpec.from_dict(
+        {"name": "t", "input_shape": [8, 8, 1], "layers": ["Flatten", {"Dense": {"units": 10}}]}
+    )
+    arguments = [spec, DataConfig(name="digits"), TrainConfig(epochs=1, threads=1)]
+    arguments[position] = wrong
+    with pytest.raises(CapasError, match=says):
+        train(*arguments, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -63,6 +63,15 @@ def train(
     With `dist`, this process is one rank of a data-parallel run (capas.train.distributed): every
     rank returns the test results, rank 0 alone writes (and locks) `out`.
     """
+    for name, value, kind, made in (
+        ("spec", spec, ModelSpec, "load_spec(path)"),
+        ("data", data, DataConfig, "DataConfig(name=...)"),
+        ("cfg", cfg, TrainConfig, "TrainConfig(epochs=...)"),
+    ):
+        if not isinstance(value, kind):  # a path, a dataset name or a dict fails deep inside otherwise
+            raise CapasError(
+                f"train(): {name}: expected a {kind.__name__} ({made}), got {type(value).__name__} {value!r}"
+            )
     out = Path(out)
     if dist is None or dist.is_main:
         check_out(out)
