@@ -1,6 +1,7 @@
 """The one image decoder (capas.data.images): modes, EXIF orientation, alpha, shrinking while decoding."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +77,13 @@ def test_pixel_limit_is_checked_before_decoding():
         read_image(hostile.bomb_png(), name="bomb.png")
     with pytest.raises(CapasError, match="4000×4000 pixels is more than the 1,000,000 allowed"):
         read_image(hostile.palette_png(), max_pixels=1_000_000)
+
+
+def test_a_file_that_never_ends_is_refused_after_the_byte_limit(monkeypatch):
+    """`capas predict RUN /dev/zero` read until memory ran out."""
+    monkeypatch.setattr("capas.data.images.MAX_BYTES", 2**20)
+    with pytest.raises(CapasError, match="/dev/zero: more than 1 MiB, larger than any image"):
+        read_image(Path("/dev/zero"))
 
 
 @pytest.mark.parametrize("name", sorted(hostile.REFUSED))

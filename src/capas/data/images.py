@@ -30,6 +30,9 @@ from capas.errors import CapasError
 # the multi-picture JPEGs of phone cameras (Pillow's MPO); PPM covers PBM, PGM and PPM.
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
+# larger files are refused unread past this: more than any image of MAX_PIXELS needs, uncompressed
+# at 16 bits in four channels; a device or pipe that never ends (/dev/zero) stops here
+MAX_BYTES = 512 * 2**20
 BACKGROUND = 255  # the grey level (and RGB value) transparent pixels are composited on: white
 ORIENTATION = 0x0112  # the EXIF tag
 # EXIF orientation -> the transpose that makes the image upright (as PIL.ImageOps.exif_transpose)
@@ -46,9 +49,15 @@ UPRIGHT = {
 
 def _raw(source: Path | bytes, label: str) -> bytes:
     try:
-        raw = source.read_bytes() if isinstance(source, Path) else source
+        if isinstance(source, Path):
+            with source.open("rb") as file:
+                raw = file.read(MAX_BYTES + 1)
+        else:
+            raw = source
     except OSError as error:
         raise CapasError(f"{label}: cannot read ({error.strerror or error})") from None
+    if len(raw) > MAX_BYTES:
+        raise CapasError(f"{label}: more than {MAX_BYTES // 2**20} MiB, larger than any image capas decodes")
     if not raw:
         raise CapasError(f"{label}: empty file, not an image")
     return raw
