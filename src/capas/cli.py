@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +17,7 @@ from rich.table import Table
 from capas.deploy.serve.options import ServeOptions
 from capas.deploy.settings import COMPRESS, CompressSettings
 from capas.errors import CapasError, closest
-from capas.spec.train import TrainConfig
+from capas.spec.train import TrainConfig, best_epoch
 
 app = typer.Typer(
     help="capas: build convolutional networks from Keras' layers, train them, and measure what each layer does.",
@@ -290,7 +291,18 @@ def train(
             model_spec, data_cfg, train_cfg, out, callbacks=[RichProgress(console)], restart=restart
         )
     if main:
-        _print_test(results)
+        ended = f"best epoch {results['best_epoch']}, {results['stopped']}"
+        if train_cfg.early_stopping is None:
+            # the run keeps its last epoch's weights, which test.json's best_epoch names; its best epoch
+            # is the one of the lowest val_loss, as a study report says
+            history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            lowest = best_epoch(history, "val_loss")
+            if lowest != results["best_epoch"]:
+                best = f"best epoch {lowest} by val_loss" if lowest else "no finite val_loss"
+                ended = (
+                    f"{best}, {results['stopped']}: the weights are the last epoch's, {results['best_epoch']}"
+                )
+        _print_test(results, ended)
         console.print(f"run directory: {out}", highlight=False, markup=False)
 
 
@@ -308,10 +320,9 @@ def info() -> None:
     console.print(describe(env["cpu_features"]), highlight=False)
 
 
-def _print_test(results: dict) -> None:
+def _print_test(results: dict, ended: str) -> None:
     console.print(
-        f"test accuracy {results['test_accuracy']:.4f}  test loss {results['test_loss']:.4f}  "
-        f"(best epoch {results['best_epoch']}, {results['stopped']})",
+        f"test accuracy {results['test_accuracy']:.4f}  test loss {results['test_loss']:.4f}  ({ended})",
         highlight=False,
     )
     _print_confusion(results["classes"], results["confusion_matrix"])
