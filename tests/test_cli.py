@@ -343,7 +343,7 @@ def test_evaluate_names_damaged_splits_in_config(tiny_run, tmp_path, edit):
 
 
 @pytest.mark.parametrize("limit", [[], ["--limit", "10"]])
-def test_evaluate_refuses_a_folder_whose_test_split_changed(tmp_path, limit):
+def test_evaluate_refuses_a_folder_whose_test_split_changed(tmp_path, monkeypatch, limit):
     """An image folder that gained images after training was split again and its new 'test' split,
     partly training images, scored as a test accuracy; the run's recorded test digest now refuses it.
     With --data, also for a run trained with a limit: the held-out test split doesn't depend on it."""
@@ -365,6 +365,13 @@ def test_evaluate_refuses_a_folder_whose_test_split_changed(tmp_path, limit):
     assert runner.invoke(app, train).exit_code == 0
     assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0
     assert runner.invoke(app, ["evaluate", str(run), "--data", data]).exit_code == 0
+    # a cache that cannot be written: capas' warning in one line, as the commands' own, not with its
+    # source file and line
+    (tmp_path / "cache").write_text("a file, not a folder")
+    monkeypatch.setenv("CAPAS_CACHE", str(tmp_path / "cache"))
+    result = runner.invoke(app, ["evaluate", str(run)])
+    assert result.exit_code == 0 and "warning: could not cache the decoded images at" in result.output
+    assert "UserWarning" not in result.output and ".py:" not in result.output
     for i in range(5):  # 35 images: a held-out test split of 7, not 6
         Image.fromarray(np.full((8, 8), 200 + i, np.uint8)).save(tmp_path / "data" / "a" / f"new{i}.png")
     for command in (["evaluate", str(run)], ["evaluate", str(run), "--data", data]):

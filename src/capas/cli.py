@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,13 +30,25 @@ console = Console()
 errors = Console(stderr=True)
 
 
+def _show_warning(default, message, category, filename, lineno, file=None, line=None) -> None:
+    """capas' own warnings (a folder's decoded images that could not be cached) as one line, as the
+    commands' other warnings, not as Python shows them: with capas' file, line number and source line.
+    Other libraries' warnings keep Python's format."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        errors.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        default(message, category, filename, lineno, file, line)
+
+
 def friendly(command):
     """User mistakes (CapasError) print one clear message and exit with status 2, never a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+                return command(*args, **kwargs)
         except CapasError as error:
             # escaped: messages quote user input and commands such as pip install 'capas[ray]'
             errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
