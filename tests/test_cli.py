@@ -462,6 +462,9 @@ def test_class_names_and_paths_print_as_written_not_as_markup(tmp_path):
     result = runner.invoke(app, ["predict", str(run), str(image), "--top-k", "2"])
     assert result.exit_code == 0, result.output
     assert f"{image}: " in result.output and "[bold] 0." in result.output and "b 0." in result.output
+    # serve's warning quotes --host: '[fe80::1]' vanished from it as a rich tag
+    result = runner.invoke(app, ["serve", str(run), "--host", "[fe80::1]", "--port", "1"])
+    assert "serving on [fe80::1] without a token" in " ".join(result.output.split()), result.output
 
 
 def test_summary_of_a_run_with_a_damaged_summary_txt_prints_the_table(tiny_run, tmp_path):

@@ -518,7 +518,8 @@ def serve(
     )
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.token is None:
         errors.print(
-            f"warning: serving on {settings.host} without a token: anyone who can reach it can use it"
+            f"warning: serving on {settings.host} without a token: anyone who can reach it can use it",
+            markup=False,
         )
     serve_run(settings)
 
