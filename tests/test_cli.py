@@ -147,38 +147,24 @@ def test_a_spec_read_from_a_pipe_is_read():
 def test_train_evaluate_predict(tmp_path, tiny_run):
     spec = tmp_path / "small.yaml"
     spec.write_text(
-        "name: small\ninput_shape: [28, 28, 1]\nlayers:\n"
-        "  - Conv2D: {filters: 4, kernel_size: 3, strides: 2, activation: relu}\n  - Flatten\n"
+        "name: small\ninput_shape: [8, 8, 1]\nlayers:\n"
+        "  - Conv2D: {filters: 4, kernel_size: 3, activation: relu}\n  - Flatten\n"
         "  - Dense: {units: 10, activation: softmax}\n"
     )
     out = tmp_path / "run"
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            str(spec),
-            "--data",
-            "fashion-mnist",
-            "--limit",
-            "300",
-            "--test-limit",
-            "100",
-            "--epochs",
-            "1",
-            "--optimizer",
-            "sgd",
-            "--lr",
-            "0.05",
-            "--momentum",
-            "0.9",
-            "--precision",
-            "auto",
-            "--out",
-            str(out),
-        ],
-    )
+    options = ["--data", "digits", "--epochs", "3", "--optimizer", "sgd", "--lr", "3", "--threads", "1"]
+    result = runner.invoke(app, ["train", str(spec), *options, "--precision", "auto", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.output and "confusion matrix" in result.output
+    # without early stopping the run keeps its last epoch's weights, which test.json's best_epoch
+    # names; the best epoch printed is the one of the lowest val_loss (2 here, in float32), as in a
+    # study report, and the weights are not claimed to be its
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lowest = min(range(3), key=lambda i: history[i]["val_loss"]) + 1
+    assert json.loads((out / "test.json").read_text())["best_epoch"] == 3
+    ended = "" if lowest == 3 else " by val_loss"
+    ended += ", max epochs" + ("" if lowest == 3 else ": the weights are the last epoch's, 3")
+    assert f"(best epoch {lowest}{ended})" in " ".join(result.output.split())
     assert '"name": "sgd"' in (out / "config.json").read_text()
     chosen, why = choose_precision("auto", "cpu")  # bfloat16 on a CPU with AVX512-BF16 or AMX, else float32
     assert f"precision auto: {chosen} ({why})" in " ".join(result.output.split())
@@ -371,7 +357,7 @@ def test_evaluate_names_damaged_splits_in_config(tiny_run, tmp_path, edit):
 
 
 @pytest.mark.parametrize("limit", [[], ["--limit", "10"]])
-def test_evaluate_refuses_a_folder_whose_test_split_changed(tmp_path, limit):
+def test_evaluate_refuses_a_folder_whose_test_split_changed(tmp_path, monkeypatch, limit):
     """An image folder that gained images after training was split again and its new 'test' split,
     partly training images, scored as a test accuracy; the run's recorded test digest now refuses it.
     With --data, also for a run trained with a limit: the held-out test split doesn't depend on it."""
@@ -393,6 +379,13 @@ def test_evaluate_refuses_a_folder_whose_test_split_changed(tmp_path, limit):
     assert runner.invoke(app, train).exit_code == 0
     assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0
     assert runner.invoke(app, ["evaluate", str(run), "--data", data]).exit_code == 0
+    # a cache that cannot be written: capas' warning in one line, as the commands' own, not with its
+    # source file and line
+    (tmp_path / "cache").write_text("a file, not a folder")
+    monkeypatch.setenv("CAPAS_CACHE", str(tmp_path / "cache"))
+    result = runner.invoke(app, ["evaluate", str(run)])
+    assert result.exit_code == 0 and "warning: could not cache the decoded images at" in result.output
+    assert "UserWarning" not in result.output and ".py:" not in result.output
     for i in range(5):  # 35 images: a held-out test split of 7, not 6
         Image.fromarray(np.full((8, 8), 200 + i, np.uint8)).save(tmp_path / "data" / "a" / f"new{i}.png")
     for command in (["evaluate", str(run)], ["evaluate", str(run), "--data", data]):
@@ -483,6 +476,9 @@ def test_class_names_and_paths_print_as_written_not_as_markup(tmp_path):
     result = runner.invoke(app, ["predict", str(run), str(image), "--top-k", "2"])
     assert result.exit_code == 0, result.output
     assert f"{image}: " in result.output and "[bold] 0." in result.output and "b 0." in result.output
+    # serve's warning quotes --host: '[fe80::1]' vanished from it as a rich tag
+    result = runner.invoke(app, ["serve", str(run), "--host", "[fe80::1]", "--port", "1"])
+    assert "serving on [fe80::1] without a token" in " ".join(result.output.split()), result.output
 
 
 def test_summary_of_a_run_with_a_damaged_summary_txt_prints_the_table(tiny_run, tmp_path):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import re
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +18,7 @@ from rich.table import Table
 from capas.deploy.serve.options import ServeOptions
 from capas.deploy.settings import COMPRESS, CompressSettings
 from capas.errors import CapasError, closest
-from capas.spec.train import TrainConfig
+from capas.spec.train import TrainConfig, best_epoch
 
 app = typer.Typer(
     help="capas: build convolutional networks from Keras' layers, train them, and measure what each layer does.",
@@ -28,13 +30,25 @@ console = Console()
 errors = Console(stderr=True)
 
 
+def _show_warning(default, message, category, filename, lineno, file=None, line=None) -> None:
+    """capas' own warnings (a folder's decoded images that could not be cached) as one line, as the
+    commands' other warnings, not as Python shows them: with capas' file, line number and source line.
+    Other libraries' warnings keep Python's format."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        errors.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        default(message, category, filename, lineno, file, line)
+
+
 def friendly(command):
     """User mistakes (CapasError) print one clear message and exit with status 2, never a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+                return command(*args, **kwargs)
         except CapasError as error:
             # escaped: messages quote user input and commands such as pip install 'capas[ray]'
             errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
@@ -290,7 +304,18 @@ def train(
             model_spec, data_cfg, train_cfg, out, callbacks=[RichProgress(console)], restart=restart
         )
     if main:
-        _print_test(results)
+        ended = f"best epoch {results['best_epoch']}, {results['stopped']}"
+        if train_cfg.early_stopping is None:
+            # the run keeps its last epoch's weights, which test.json's best_epoch names; its best epoch
+            # is the one of the lowest val_loss, as a study report says
+            history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            lowest = best_epoch(history, "val_loss")
+            if lowest != results["best_epoch"]:
+                best = f"best epoch {lowest} by val_loss" if lowest else "no finite val_loss"
+                ended = (
+                    f"{best}, {results['stopped']}: the weights are the last epoch's, {results['best_epoch']}"
+                )
+        _print_test(results, ended)
         console.print(f"run directory: {out}", highlight=False, markup=False)
 
 
@@ -308,10 +333,9 @@ def info() -> None:
     console.print(describe(env["cpu_features"]), highlight=False)
 
 
-def _print_test(results: dict) -> None:
+def _print_test(results: dict, ended: str) -> None:
     console.print(
-        f"test accuracy {results['test_accuracy']:.4f}  test loss {results['test_loss']:.4f}  "
-        f"(best epoch {results['best_epoch']}, {results['stopped']})",
+        f"test accuracy {results['test_accuracy']:.4f}  test loss {results['test_loss']:.4f}  ({ended})",
         highlight=False,
     )
     _print_confusion(results["classes"], results["confusion_matrix"])
@@ -494,7 +518,8 @@ def serve(
     )
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.token is None:
         errors.print(
-            f"warning: serving on {settings.host} without a token: anyone who can reach it can use it"
+            f"warning: serving on {settings.host} without a token: anyone who can reach it can use it",
+            markup=False,
         )
     serve_run(settings)
 

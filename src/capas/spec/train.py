@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -153,6 +154,16 @@ class EarlyStopping(_Config):
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
     patience: Count = Field(default=3, ge=1)
     min_delta: Real = Field(default=0.0, ge=0.0)
+
+
+def best_epoch(history: list[dict], monitor: str) -> int:
+    """1-based epoch of a run's history (metrics.jsonl) with the best finite value of `monitor` (lower
+    loss, higher accuracy); 0 if none."""
+    sign = 1.0 if monitor.endswith("loss") else -1.0
+    scored = [
+        (sign * m[monitor], i + 1) for i, m in enumerate(history) if math.isfinite(m.get(monitor, math.nan))
+    ]
+    return min(scored)[1] if scored else 0
 
 
 class FinetuneConfig(_Config):

@@ -22,6 +22,7 @@ from itertools import zip_longest
 from capas.spec import LayerInfo
 from capas.spec.io import flat_items
 from capas.spec.summary import Summary, summarize
+from capas.spec.train import best_epoch
 from capas.study.spec import Study, Variant
 from capas.study.stats import Comparison, Estimate, binomial_se, holm, mean_ci, paired_comparison
 from capas.study.store import RunRow
@@ -87,7 +88,7 @@ class VariantResult:
             # such a run keeps its last epoch's weights, which its best_epoch names: its best validation
             # epoch is the one still_improving reads (NaN when no validation loss was finite)
             return {
-                seed: float(_best_epoch(r["history"], "val_loss") or math.nan)
+                seed: float(best_epoch(r["history"], "val_loss") or math.nan)
                 for seed, r in self.results.items()
             }
         return {seed: float(r[key]) for seed, r in self.results.items() if r.get(key) is not None}
@@ -117,7 +118,7 @@ class VariantResult:
             for s, r in self.finished.items()
             if r.get("stopped") != "early stopping"
             and r["history"]
-            and _best_epoch(r["history"], monitor) == len(r["history"])
+            and best_epoch(r["history"], monitor) == len(r["history"])
         ]
 
     @property
@@ -178,15 +179,6 @@ class StudyReport:
                     "chooses per machine): its figures mix them. Set train.precision to compare like with like."
                 )
         return lines
-
-
-def _best_epoch(history: list[dict], monitor: str) -> int:
-    """1-based epoch with the best finite value of `monitor` (lower loss, higher accuracy); 0 if none."""
-    sign = 1.0 if monitor.endswith("loss") else -1.0
-    scored = [
-        (sign * m[monitor], i + 1) for i, m in enumerate(history) if math.isfinite(m.get(monitor, math.nan))
-    ]
-    return min(scored)[1] if scored else 0
 
 
 def images_tested(result: dict) -> int:
