@@ -16,6 +16,7 @@ import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from scipy.stats import binomtest
 from typer.testing import CliRunner
 
 from capas.cli import app as cli
@@ -438,12 +439,16 @@ def test_feedback_gives_live_accuracy_and_metrics(client, test_images):
         assert response.status_code == 200
         assert response.json()["correct"] == (prediction["index"] == int(labels[i]))
         correct += prediction["index"] == int(labels[i])
+    n, accuracy_ci = response.json()["feedback"], response.json()["accuracy_ci"]
+    wilson = binomtest(round(response.json()["accuracy"] * n), n).proportion_ci(0.95, method="wilson")
+    assert accuracy_ci == pytest.approx([wilson.low, wilson.high])
     after = client.get("/monitor/data").json()
     totals = after["totals"]
     assert totals["feedback"] == before["feedback"] + 20
     assert totals["predictions"] == before["predictions"] + 20
     right_before = round((before["accuracy"] or 0) * before["feedback"])
     assert totals["accuracy"] == pytest.approx((right_before + correct) / totals["feedback"])
+    assert totals["accuracy_ci"] == pytest.approx(accuracy_ci)
     assert sum(w["feedback"] for w in after["windows"]) == totals["feedback"]
     assert sum(totals["class_shares"].values()) == pytest.approx(1)
 
