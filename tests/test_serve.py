@@ -589,3 +589,12 @@ def test_an_empty_token_is_refused(tmp_path: Path, monkeypatch, how):
     result = CliRunner().invoke(cli, ["serve", str(tmp_path), *(["--token", ""] if how == "option" else [])])
     assert result.exit_code == 2
     assert "serve settings: token: an empty token would let anyone in" in " ".join(result.output.split())
+
+
+def test_no_drift_sampling_is_refused(tmp_path: Path, monkeypatch):
+    """CAPAS_DRIFT_PER_BATCH=0 fed drift nothing: /drift said 'collecting (0/50 inputs)' after any
+    traffic while /metrics had capas_drift_enabled 1 and capas_drift_detected 0, a monitor that never tests."""
+    monkeypatch.setenv("CAPAS_DRIFT_PER_BATCH", "0")
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "drift_per_batch: Input should be greater than or equal to 1" in " ".join(result.output.split())
