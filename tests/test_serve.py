@@ -16,6 +16,7 @@ import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from scipy.stats import binomtest
 from typer.testing import CliRunner
 
 from capas.cli import app as cli
@@ -438,12 +439,16 @@ def test_feedback_gives_live_accuracy_and_metrics(client, test_images):
         assert response.status_code == 200
         assert response.json()["correct"] == (prediction["index"] == int(labels[i]))
         correct += prediction["index"] == int(labels[i])
+    n, accuracy_ci = response.json()["feedback"], response.json()["accuracy_ci"]
+    wilson = binomtest(round(response.json()["accuracy"] * n), n).proportion_ci(0.95, method="wilson")
+    assert accuracy_ci == pytest.approx([wilson.low, wilson.high])
     after = client.get("/monitor/data").json()
     totals = after["totals"]
     assert totals["feedback"] == before["feedback"] + 20
     assert totals["predictions"] == before["predictions"] + 20
     right_before = round((before["accuracy"] or 0) * before["feedback"])
     assert totals["accuracy"] == pytest.approx((right_before + correct) / totals["feedback"])
+    assert totals["accuracy_ci"] == pytest.approx(accuracy_ci)
     assert sum(w["feedback"] for w in after["windows"]) == totals["feedback"]
     assert sum(totals["class_shares"].values()) == pytest.approx(1)
 
@@ -584,3 +589,12 @@ def test_an_empty_token_is_refused(tmp_path: Path, monkeypatch, how):
     result = CliRunner().invoke(cli, ["serve", str(tmp_path), *(["--token", ""] if how == "option" else [])])
     assert result.exit_code == 2
     assert "serve settings: token: an empty token would let anyone in" in " ".join(result.output.split())
+
+
+def test_no_drift_sampling_is_refused(tmp_path: Path, monkeypatch):
+    """CAPAS_DRIFT_PER_BATCH=0 fed drift nothing: /drift said 'collecting (0/50 inputs)' after any
+    traffic while /metrics had capas_drift_enabled 1 and capas_drift_detected 0, a monitor that never tests."""
+    monkeypatch.setenv("CAPAS_DRIFT_PER_BATCH", "0")
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "drift_per_batch: Input should be greater than or equal to 1" in " ".join(result.output.split())

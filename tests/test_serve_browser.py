@@ -37,11 +37,12 @@ def test_upload_on_the_index_page_shows_the_prediction(tiny_run, tmp_path):
 
         page.click("#send")  # feedback with the preselected (predicted) class
         page.wait_for_function("document.getElementById('feedback-status').textContent.includes('accuracy')")
-        assert "100.0%" in page.inner_text("#feedback-status")
+        # 1 right of 1: its 95% Wilson interval says how little that shows
+        assert "100.0% over 1 feedbacks (95% CI 20.7–100.0%)" in page.inner_text("#feedback-status")
 
         page.goto(f"{url}/monitor")
         page.wait_for_function("document.getElementById('t-predictions').textContent === '1'")
-        assert page.inner_text("#t-accuracy") == "100.0%"
+        assert page.inner_text("#t-accuracy") == "100.0% (95% CI 20.7%–100.0%)"
         assert page.inner_text("#drift-status").startswith("collecting")
         assert problems == []
 

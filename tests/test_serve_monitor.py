@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from capas.deploy.serve.monitor import Metrics, Monitor
@@ -59,3 +60,24 @@ def test_a_long_silence_keeps_history_windows_ending_now():
     windows = m.snapshot()["windows"]
     assert [w["t"] for w in windows] == [1970.0, 1980.0, 1990.0, 2000.0]
     assert [w["predictions"] for w in windows] == [0, 0, 0, 1]
+
+
+def test_live_accuracy_comes_with_its_uncertainty():
+    """2 right answers out of 2 are no evidence of a 100% accurate model: the accuracy carries its 95%
+    Wilson interval (scipy's), which is wide for few feedbacks and narrows as they accumulate."""
+    from scipy.stats import binomtest
+
+    m = monitor(Clock())
+    assert m.snapshot()["totals"]["accuracy_ci"] is None  # no feedback, no interval
+    predict(m, ["p1", "p2", "p3"], index=0)
+    m.feedback("p1", 0)
+    m.feedback("p2", 0)
+    totals = m.snapshot()["totals"]
+    wilson = binomtest(2, 2).proportion_ci(0.95, method="wilson")
+    assert totals["accuracy"] == 1.0
+    assert totals["accuracy_ci"] == pytest.approx([wilson.low, wilson.high])
+    assert totals["accuracy_ci"][0] < 0.35  # the page shows 100.0% (95% CI 34.2%–100.0%)
+    m.feedback("p3", 1)
+    totals = m.snapshot()["totals"]
+    wilson = binomtest(2, 3).proportion_ci(0.95, method="wilson")
+    assert totals["accuracy_ci"] == totals["rolling_accuracy_ci"] == pytest.approx([wilson.low, wilson.high])

@@ -24,10 +24,25 @@ from capas.deploy.drift import DriftDetector, DriftResult
 LATENCY_SAMPLES = 2000  # latencies kept per time window for its percentiles
 ACCURACY_WINDOW = 500  # the rolling accuracy is over the last this many feedbacks
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)  # seconds
+Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: two-sided 95% intervals
 NO_REFERENCE = (
     "the run has no drift reference (reference.safetensors); import with --data or train with capas "
     "to get one"
 )
+
+
+def wilson_interval(correct: int, n: int) -> list[float] | None:
+    """The 95% Wilson score interval of an accuracy of `correct` out of `n` (None before any feedback).
+
+    A live accuracy from a few feedbacks says little: 2 right out of 2 is 100%, but its interval is
+    34%..100%. Wilson's interval, unlike the plain ±z·SE one, stays inside 0..1 and is not 0 wide at
+    0% or 100%."""
+    if n == 0:
+        return None
+    p, z2 = correct / n, Z95 * Z95
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 / (1 + z2 / n) * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 class Metrics:
@@ -305,7 +320,9 @@ class Monitor:
                 "predictions": total,
                 "feedback": self.feedback_total,
                 "accuracy": self.feedback_correct / self.feedback_total if self.feedback_total else None,
+                "accuracy_ci": wilson_interval(self.feedback_correct, self.feedback_total),
                 "rolling_accuracy": sum(recent) / len(recent) if recent else None,
+                "rolling_accuracy_ci": wilson_interval(sum(recent), len(recent)),
                 "class_shares": dict(zip(self.classes, shares, strict=True)),
                 "awaiting_feedback": len(self._pending),
             }

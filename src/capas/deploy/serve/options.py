@@ -76,7 +76,7 @@ class ServeOptions(BaseModel):
     drift_window: int = Field(default=200, ge=2, description="recent inputs the drift test looks at")
     drift_min: int = Field(default=50, ge=2, description="recent inputs needed before the first drift test")
     drift_per_batch: int = Field(
-        default=8, ge=0, description="images per forward batch whose embeddings feed drift"
+        default=8, ge=1, description="images per forward batch whose embeddings feed drift"
     )
     drift_alpha: float = Field(
         default=0.01, gt=0.0, lt=1.0, description="p-value below which drift is flagged"

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from capas.data import Preprocess, image_size, read_image
 from capas.deploy.serve.batching import Overloaded
 from capas.deploy.serve.deps import State
-from capas.deploy.serve.monitor import UnknownPrediction
+from capas.deploy.serve.monitor import UnknownPrediction, wilson_interval
 from capas.deploy.serve.settings import ServeSettings
 from capas.errors import CapasError, closest
 
@@ -103,6 +103,9 @@ class FeedbackOut(BaseModel):
     id: str
     correct: bool
     accuracy: float = Field(description="live accuracy over all feedback so far")
+    accuracy_ci: list[float] = Field(
+        description="its 95% Wilson interval [low, high]: wide for few feedbacks"
+    )
     feedback: int = Field(description="feedback received so far")
 
 
@@ -354,6 +357,7 @@ async def feedback(request: Request, state: State) -> FeedbackOut:
         id=body.id,
         correct=correct,
         accuracy=monitor.feedback_correct / monitor.feedback_total,
+        accuracy_ci=wilson_interval(monitor.feedback_correct, monitor.feedback_total),
         feedback=monitor.feedback_total,
     )
 

@@ -70,7 +70,8 @@ async function sendFeedback() {
     body: JSON.stringify({ id: lastId, label: Number($("truth").value) }),
   });
   $("feedback-status").textContent = ok
-    ? `thanks: live accuracy ${(data.accuracy * 100).toFixed(1)}% over ${data.feedback} feedbacks`
+    ? `thanks: live accuracy ${(data.accuracy * 100).toFixed(1)}% over ${data.feedback} feedbacks ` +
+      `(95% CI ${(data.accuracy_ci[0] * 100).toFixed(1)}–${(data.accuracy_ci[1] * 100).toFixed(1)}%)`
     : data.detail;
 }
 

@@ -2,6 +2,8 @@
 "use strict";
 const byId = (id) => document.getElementById(id);
 const percent = (v) => (v === null || v === undefined ? "–" : `${(v * 100).toFixed(1)}%`);
+// An accuracy from a few feedbacks is shown with its 95% interval: 2 of 2 right is not a plain 100%.
+const withInterval = (v, ci) => (ci ? `${percent(v)} (95% CI ${percent(ci[0])}–${percent(ci[1])})` : percent(v));
 
 function draw(data) {
   const w = data.windows;
@@ -9,8 +11,8 @@ function draw(data) {
   const t = data.totals;
   byId("t-predictions").textContent = t.predictions.toLocaleString();
   byId("t-feedback").textContent = t.feedback.toLocaleString();
-  byId("t-accuracy").textContent = percent(t.accuracy);
-  byId("t-rolling").textContent = percent(t.rolling_accuracy);
+  byId("t-accuracy").textContent = withInterval(t.accuracy, t.accuracy_ci);
+  byId("t-rolling").textContent = withInterval(t.rolling_accuracy, t.rolling_accuracy_ci);
   byId("window-note").textContent = `one point per ${data.bucket_s} s window; ${w.length} windows kept`;
 
   const drift = data.drift;
