@@ -179,6 +179,16 @@ def test_an_interrupted_driver_resumes_without_repeating_finished_runs(
     assert len(after) == RUNS and all(after[rid] == before[rid] for rid in before)
 
 
+def test_a_cluster_lost_mid_study_is_one_line_naming_the_rerun(local_ray):
+    """`ray stop` on the cluster while runs were out: the driver's next look at the progress queue
+    raised Ray's ActorDiedError, a 25-line traceback (the rerun resumes from the runs' checkpoints)."""
+    executor = RayExecutor()
+    ray.kill(executor.queue.actor)  # as when the cluster's nodes stop: the queue actor dies with them
+    with pytest.raises(CapasError, match=r"lost the Ray cluster .*rerun the same command"):
+        executor.events()
+    executor.close(cancel=True)
+
+
 def test_a_worker_that_cannot_see_the_run_directory_ships_it_to_the_driver(local_ray, tmp_path, study_path):
     study = load_study(study_path())
     variant = study.variants[0]

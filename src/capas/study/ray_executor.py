@@ -32,7 +32,7 @@ from capas.study.executors import Executor, execute_run, ray_slots
 
 try:
     import ray
-    from ray.exceptions import RayTaskError
+    from ray.exceptions import RayError, RayTaskError
     from ray.util.queue import Empty, Queue
 except ImportError:  # the optional extra; RayExecutor says how to install it
     ray = None
@@ -190,6 +190,12 @@ class RayExecutor(Executor):
             return self.queue.get_nowait_batch(self.queue.qsize())
         except Empty:
             return []
+        except RayError as error:  # the queue actor died with its node: `ray stop`, a lost head
+            first = str(error).strip().splitlines()[0]
+            raise CapasError(
+                f"lost the Ray cluster while runs were out ({type(error).__name__}: {first}); finished "
+                "runs are kept, rerun the same command on a running cluster to resume the others"
+            ) from None
 
     def close(self, cancel: bool = False) -> None:
         if cancel:
