@@ -86,6 +86,7 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     assert [config["processes"] for config in configs] == [2, 1]  # how each was trained
 
 
+@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_two_processes_under_torchrun_environment_match_one(spec_file, single, tmp_path):
     out = tmp_path / "ddp"
     port = str(free_port())

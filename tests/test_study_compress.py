@@ -13,6 +13,7 @@ from capas.study.run import run_study
 from capas.study.store import Store
 
 
+@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_an_int8_variant_is_reported_beside_its_float_model_and_survives_a_rerun(
     tmp_path, tiny_study, study_file
 ):

@@ -82,6 +82,7 @@ def test_without_an_address_a_new_local_instance_starts_beside_a_recorded_cluste
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_ray_study_matches_the_local_pool(local_ray, tmp_path, study_path):
     path = study_path()
     on_ray = run_study(path, out=tmp_path / "ray", executor=RayExecutor(), console=_quiet(tmp_path))
