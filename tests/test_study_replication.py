@@ -251,6 +251,7 @@ def test_a_seed_beyond_min_finished_under_other_settings_is_refused_not_reported
         assert store.get_meta("study")["seeds"] == [2]  # the store still describes the study it holds
 
 
+@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_a_rerun_retries_a_failed_run_of_a_later_round(tmp_path, adaptive, study_file):
     # GAP's seed 2 (its second round) failed: its run directory's place held a file. `capas study`
     # said "rerun the same command to retry them"; the rerun counted the seed as tried and kept it failed.

@@ -63,6 +63,7 @@ def _figures(outcome) -> list[list[str]]:
     return [[row[i] for i in keep] for row in table_rows(outcome.report)]
 
 
+@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_sigkill_then_rerun_gives_the_uninterrupted_report(tmp_path, tiny_study, study_file):
     # 3 epochs on 1,500 images: runs long enough to be killed in the middle of one
     path = study_file(tiny_study(name="killed", train={"epochs": 3, "batch_size": 32}, data={"limit": 1500}))
