@@ -374,6 +374,20 @@ def write_multilabel(tmp_path: Path) -> Path:
     return tmp_path / "multilabel.keras"
 
 
+def write_sigmoid_then_dropout(tmp_path: Path) -> Path:
+    """Independent probabilities followed by a Dropout, an identity when predicting."""
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="sigmoid", name="probs"),
+            keras.layers.Dropout(0.2),
+        ]
+    )
+    model.save(tmp_path / "sigdrop.keras")
+    return tmp_path / "sigdrop.keras"
+
+
 def write_one_logit(tmp_path: Path) -> Path:
     model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(1)])
     model.save(tmp_path / "logit.keras")
@@ -428,6 +442,7 @@ def write_misfit(tmp_path: Path) -> list[str]:
         (write_monte_carlo, "mc.keras: layer 'mc' (Dropout) is called with training=True"),
         (write_binary, "binary.keras: its last layer 'p' (Dense) ends in a sigmoid"),
         (write_multilabel, "multilabel.keras: its last layer 'labels' (Activation) ends in a sigmoid"),
+        (write_sigmoid_then_dropout, "sigdrop.keras: its last layer 'probs' (Dense) ends in a sigmoid"),
         (
             write_one_logit,
             "logit.keras: the model outputs 1 value; capas classifiers output one score per class",

@@ -28,6 +28,7 @@ import torch
 from capas import atomic
 from capas.data import Preprocess, splits_for
 from capas.errors import CapasError
+from capas.layers.core import Dropout
 from capas.models import CapasNet, build_model
 from capas.runs import load_run, staging, write_run
 from capas.spec import DataConfig, ModelSpec, parse_layer
@@ -624,7 +625,9 @@ def import_keras(
         raise CapasError(
             f"{keras_file.source}: the output has shape {outputs}; capas classifiers output one vector"
         )
-    last = spec.layer_infos()[-1]
+    # the last layer that computes: Dropout (SpatialDropout2D too) is an identity when predicting
+    infos = spec.layer_infos()
+    last = next((info for info in reversed(infos) if not isinstance(info.layer, Dropout)), infos[-1])
     if getattr(last.layer, "activation", None) in ("sigmoid", "hard_sigmoid"):
         # capas reads outputs as class scores through a softmax: sigmoid probabilities would be
         # reported as the softmax of them, a single one as class 0 at 100%
