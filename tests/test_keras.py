@@ -206,6 +206,33 @@ def test_every_layer_type_exports_to_a_file_keras_loads_with_the_same_outputs(tm
     assert np.abs(got - want.detach().numpy()).max() < ATOL
 
 
+def test_layers_named_like_the_exported_input_and_preprocessing_export_to_a_file_keras_loads(tmp_path):
+    """The exported model adds an InputLayer and a Rescaling; their names avoid the spec's (Keras
+    refuses a Sequential model with two layers of one name)."""
+    spec = ModelSpec.from_dict(
+        {
+            "name": "names",
+            "input_shape": [6, 5, 1],
+            "layers": [
+                {"Conv2D": {"filters": 2, "kernel_size": 3, "name": "input_layer"}},
+                {"Flatten": {"name": "preprocessing"}},
+                {"Dense": {"units": 3}},
+            ],
+        }
+    )
+    model = build_model(spec, seed=0, pretrained=False).eval()
+    reloaded = keras.saving.load_model(write_keras(model, tmp_path / "names.keras"), compile=False)
+    assert [layer.name for layer in reloaded.layers] == [
+        "preprocessing_1",
+        "input_layer",
+        "preprocessing",
+        "dense",
+    ]
+    x = torch.rand(2, 6, 5, 1)
+    got = keras.ops.convert_to_numpy(reloaded(x.numpy() * 255, training=False))
+    assert np.abs(got - model(x.permute(0, 3, 1, 2)).detach().numpy()).max() < ATOL
+
+
 def test_first_rescaling_layer_becomes_the_preprocessing(tmp_path, images):
     """A model that takes raw 0..255 pixels and rescales them itself imports with the rescaling in
     preprocess.json, and matches Keras fed raw pixels."""

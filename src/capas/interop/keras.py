@@ -684,13 +684,14 @@ def _keras_value(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _input_name(spec: ModelSpec) -> str:
-    """The name of the exported model's first Rescaling (the preprocessing): one no spec layer has."""
+def _free_name(spec: ModelSpec, base: str) -> str:
+    """`base`, or `base_1`, `base_2`, ...: a name no spec layer has, for a layer the export adds (the
+    InputLayer, the preprocessing's Rescaling); Keras refuses two layers of one name."""
     taken = {info.name for info in spec.layer_infos()}
-    name, count = "preprocessing", 0
+    name, count = base, 0
     while name in taken:
         count += 1
-        name = f"preprocessing_{count}"
+        name = f"{base}_{count}"
     return name
 
 
@@ -707,7 +708,7 @@ def _input_rescaling(spec: ModelSpec, preprocess: Preprocess | None) -> dict:
         "module": "keras.layers",
         "class_name": "Rescaling",
         "config": {
-            "name": _input_name(spec),
+            "name": _free_name(spec, "preprocessing"),
             "trainable": True,
             "dtype": "float32",
             "scale": scale[0] if len(set(scale)) == 1 else scale,
@@ -725,7 +726,11 @@ def keras_config(spec: ModelSpec, preprocess: Preprocess | None = None) -> dict:
         {
             "module": "keras.layers",
             "class_name": "InputLayer",
-            "config": {"batch_shape": [None, *spec.input_shape], "dtype": "float32", "name": "input_layer"},
+            "config": {
+                "batch_shape": [None, *spec.input_shape],
+                "dtype": "float32",
+                "name": _free_name(spec, "input_layer"),
+            },
             "registered_name": None,
         },
         _input_rescaling(spec, preprocess),
@@ -788,7 +793,7 @@ def write_keras(model: CapasNet, path: str | Path, preprocess: Preprocess | None
     """
     h5py = _h5()
     spec = model.spec
-    names = [_input_name(spec), *(info.name for info in spec.layer_infos())]
+    names = [_free_name(spec, "preprocessing"), *(info.name for info in spec.layer_infos())]
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as file:
         file.create_group("layers")
