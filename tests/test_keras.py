@@ -415,6 +415,18 @@ def write_sigmoid_then_dropout(tmp_path: Path) -> Path:
     return tmp_path / "sigdrop.keras"
 
 
+def write_custom_subclass(tmp_path: Path) -> Path:
+    """A user's subclass that keeps Keras' class name but computes something else."""
+
+    class Dense(keras.layers.Dense):
+        def call(self, inputs):
+            return super().call(inputs) + 1.0
+
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), Dense(3, name="plus_one")])
+    model.save(tmp_path / "custom.keras")
+    return tmp_path / "custom.keras"
+
+
 def write_one_logit(tmp_path: Path) -> Path:
     model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(1)])
     model.save(tmp_path / "logit.keras")
@@ -469,6 +481,7 @@ def write_misfit(tmp_path: Path) -> list[str]:
         (write_monte_carlo, "mc.keras: layer 'mc' (Dropout) is called with training=True"),
         (write_binary, "binary.keras: its last layer 'p' (Dense) ends in a sigmoid"),
         (write_multilabel, "multilabel.keras: its last layer 'labels' (Activation) ends in a sigmoid"),
+        (write_custom_subclass, "layer 1 'plus_one' (Dense): a custom class (registered as 'Dense')"),
         (write_sigmoid_then_dropout, "sigdrop.keras: its last layer 'probs' (Dense) ends in a sigmoid"),
         (
             write_one_logit,

@@ -373,6 +373,15 @@ def _translate(
     where = f"layer {index} {name!r} ({kind})"
     if kind not in KEPT:
         return None, [f"{where}: unsupported layer type; capas imports {', '.join(sorted(KEPT))}"], []
+    if layer.get("registered_name") is not None:  # Keras 3 writes None for its own layers
+        return (
+            None,
+            [
+                f"{where}: a custom class (registered as {layer['registered_name']!r}), not Keras' own {kind}; "
+                "capas imports Keras' built-in layers"
+            ],
+            [],
+        )
     problems, notes, keywords = [], [], {"name": name}
     if kind == "Rescaling" and any(isinstance(config.get(k), list) for k in ("scale", "offset")):
         return (
