@@ -206,6 +206,33 @@ def test_every_layer_type_exports_to_a_file_keras_loads_with_the_same_outputs(tm
     assert np.abs(got - want.detach().numpy()).max() < ATOL
 
 
+def test_layers_named_like_the_exported_input_and_preprocessing_export_to_a_file_keras_loads(tmp_path):
+    """The exported model adds an InputLayer and a Rescaling; their names avoid the spec's (Keras
+    refuses a Sequential model with two layers of one name)."""
+    spec = ModelSpec.from_dict(
+        {
+            "name": "names",
+            "input_shape": [6, 5, 1],
+            "layers": [
+                {"Conv2D": {"filters": 2, "kernel_size": 3, "name": "input_layer"}},
+                {"Flatten": {"name": "preprocessing"}},
+                {"Dense": {"units": 3}},
+            ],
+        }
+    )
+    model = build_model(spec, seed=0, pretrained=False).eval()
+    reloaded = keras.saving.load_model(write_keras(model, tmp_path / "names.keras"), compile=False)
+    assert [layer.name for layer in reloaded.layers] == [
+        "preprocessing_1",
+        "input_layer",
+        "preprocessing",
+        "dense",
+    ]
+    x = torch.rand(2, 6, 5, 1)
+    got = keras.ops.convert_to_numpy(reloaded(x.numpy() * 255, training=False))
+    assert np.abs(got - model(x.permute(0, 3, 1, 2)).detach().numpy()).max() < ATOL
+
+
 def test_first_rescaling_layer_becomes_the_preprocessing(tmp_path, images):
     """A model that takes raw 0..255 pixels and rescales them itself imports with the rescaling in
     preprocess.json, and matches Keras fed raw pixels."""
@@ -374,6 +401,32 @@ def write_multilabel(tmp_path: Path) -> Path:
     return tmp_path / "multilabel.keras"
 
 
+def write_sigmoid_then_dropout(tmp_path: Path) -> Path:
+    """Independent probabilities followed by a Dropout, an identity when predicting."""
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="sigmoid", name="probs"),
+            keras.layers.Dropout(0.2),
+        ]
+    )
+    model.save(tmp_path / "sigdrop.keras")
+    return tmp_path / "sigdrop.keras"
+
+
+def write_custom_subclass(tmp_path: Path) -> Path:
+    """A user's subclass that keeps Keras' class name but computes something else."""
+
+    class Dense(keras.layers.Dense):
+        def call(self, inputs):
+            return super().call(inputs) + 1.0
+
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), Dense(3, name="plus_one")])
+    model.save(tmp_path / "custom.keras")
+    return tmp_path / "custom.keras"
+
+
 def write_one_logit(tmp_path: Path) -> Path:
     model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(1)])
     model.save(tmp_path / "logit.keras")
@@ -428,6 +481,8 @@ def write_misfit(tmp_path: Path) -> list[str]:
         (write_monte_carlo, "mc.keras: layer 'mc' (Dropout) is called with training=True"),
         (write_binary, "binary.keras: its last layer 'p' (Dense) ends in a sigmoid"),
         (write_multilabel, "multilabel.keras: its last layer 'labels' (Activation) ends in a sigmoid"),
+        (write_custom_subclass, "layer 1 'plus_one' (Dense): a custom class (registered as 'Dense')"),
+        (write_sigmoid_then_dropout, "sigdrop.keras: its last layer 'probs' (Dense) ends in a sigmoid"),
         (
             write_one_logit,
             "logit.keras: the model outputs 1 value; capas classifiers output one score per class",

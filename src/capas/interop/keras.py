@@ -28,6 +28,7 @@ import torch
 from capas import atomic
 from capas.data import Preprocess, splits_for
 from capas.errors import CapasError
+from capas.layers.core import Dropout
 from capas.models import CapasNet, build_model
 from capas.runs import load_run, staging, write_run
 from capas.spec import DataConfig, ModelSpec, parse_layer
@@ -372,6 +373,15 @@ def _translate(
     where = f"layer {index} {name!r} ({kind})"
     if kind not in KEPT:
         return None, [f"{where}: unsupported layer type; capas imports {', '.join(sorted(KEPT))}"], []
+    if layer.get("registered_name") is not None:  # Keras 3 writes None for its own layers
+        return (
+            None,
+            [
+                f"{where}: a custom class (registered as {layer['registered_name']!r}), not Keras' own {kind}; "
+                "capas imports Keras' built-in layers"
+            ],
+            [],
+        )
     problems, notes, keywords = [], [], {"name": name}
     if kind == "Rescaling" and any(isinstance(config.get(k), list) for k in ("scale", "offset")):
         return (
@@ -624,7 +634,9 @@ def import_keras(
         raise CapasError(
             f"{keras_file.source}: the output has shape {outputs}; capas classifiers output one vector"
         )
-    last = spec.layer_infos()[-1]
+    # the last layer that computes: Dropout (SpatialDropout2D too) is an identity when predicting
+    infos = spec.layer_infos()
+    last = next((info for info in reversed(infos) if not isinstance(info.layer, Dropout)), infos[-1])
     if getattr(last.layer, "activation", None) in ("sigmoid", "hard_sigmoid"):
         # capas reads outputs as class scores through a softmax: sigmoid probabilities would be
         # reported as the softmax of them, a single one as class 0 at 100%
@@ -681,13 +693,14 @@ def _keras_value(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _input_name(spec: ModelSpec) -> str:
-    """The name of the exported model's first Rescaling (the preprocessing): one no spec layer has."""
+def _free_name(spec: ModelSpec, base: str) -> str:
+    """`base`, or `base_1`, `base_2`, ...: a name no spec layer has, for a layer the export adds (the
+    InputLayer, the preprocessing's Rescaling); Keras refuses two layers of one name."""
     taken = {info.name for info in spec.layer_infos()}
-    name, count = "preprocessing", 0
+    name, count = base, 0
     while name in taken:
         count += 1
-        name = f"preprocessing_{count}"
+        name = f"{base}_{count}"
     return name
 
 
@@ -704,7 +717,7 @@ def _input_rescaling(spec: ModelSpec, preprocess: Preprocess | None) -> dict:
         "module": "keras.layers",
         "class_name": "Rescaling",
         "config": {
-            "name": _input_name(spec),
+            "name": _free_name(spec, "preprocessing"),
             "trainable": True,
             "dtype": "float32",
             "scale": scale[0] if len(set(scale)) == 1 else scale,
@@ -722,7 +735,11 @@ def keras_config(spec: ModelSpec, preprocess: Preprocess | None = None) -> dict:
         {
             "module": "keras.layers",
             "class_name": "InputLayer",
-            "config": {"batch_shape": [None, *spec.input_shape], "dtype": "float32", "name": "input_layer"},
+            "config": {
+                "batch_shape": [None, *spec.input_shape],
+                "dtype": "float32",
+                "name": _free_name(spec, "input_layer"),
+            },
             "registered_name": None,
         },
         _input_rescaling(spec, preprocess),
@@ -785,7 +802,7 @@ def write_keras(model: CapasNet, path: str | Path, preprocess: Preprocess | None
     """
     h5py = _h5()
     spec = model.spec
-    names = [_input_name(spec), *(info.name for info in spec.layer_infos())]
+    names = [_free_name(spec, "preprocessing"), *(info.name for info in spec.layer_infos())]
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as file:
         file.create_group("layers")

@@ -35,19 +35,27 @@ def _softmax(layer: Layer) -> bool:
     return layer.type_name() == "Softmax" or getattr(layer, "activation", None) == "softmax"
 
 
+def _identity(layer: Layer) -> bool:
+    """Whether a layer passes its input through when predicting: Dropout (SpatialDropout2D too), a
+    linear Activation."""
+    return isinstance(layer, Dropout) or (
+        layer.type_name() == "Activation" and layer.activation in (None, "linear")
+    )
+
+
 def _ends_in_softmax(spec: ModelSpec) -> bool:
-    """Whether the last layer applies a softmax. One followed only by Dropout is refused: the network
-    would output probabilities where capas takes logits (its predictions a softmax of them)."""
+    """Whether the last layer applies a softmax. One followed only by Dropout or a linear Activation is
+    refused: the network would output probabilities where capas takes logits (its predictions a softmax
+    of them)."""
     *before, last = spec.layers
-    if isinstance(last, Dropout):  # SpatialDropout2D too
-        softmax = next(
-            (i for i in range(len(before) - 1, -1, -1) if not isinstance(before[i], Dropout)), None
-        )
+    if _identity(last):
+        softmax = next((i for i in range(len(before) - 1, -1, -1) if not _identity(before[i])), None)
         if softmax is not None and _softmax(before[softmax]):
+            advice = "put the Dropout before that layer" if isinstance(last, Dropout) else "leave it out"
             raise CapasError(
                 f"layer {softmax} ({before[softmax].type_name()}) applies a softmax and only {last.type_name()} "
-                "follows it: capas trains on the logits before a final softmax and applies it when predicting; "
-                "put the Dropout before that layer"
+                f"follows it: capas trains on the logits before a final softmax and applies it when predicting; "
+                f"{advice}"
             )
     return _softmax(last)
 
