@@ -573,6 +573,24 @@ def test_a_run_with_nothing_before_its_classifier_is_refused_as_a_backbone(tmp_p
         spec_with({"name": "run", "weights": str(tmp_path / "src")}, (8, 8, 1), ["Flatten", TOP[1]])
 
 
+def test_a_backbone_run_retrained_in_the_same_process_is_described_anew(tmp_path):
+    """The description of a `name: run` backbone was cached by its path: after the run was retrained
+    wider in the same process, specs still had its old shapes and training failed in a matmul."""
+
+    def conv(filters: int) -> ModelSpec:
+        layers = [{"Conv2D": {"filters": filters, "kernel_size": 3}}, "Flatten", TOP[1]]
+        return ModelSpec.from_dict({"name": "conv", "input_shape": [8, 8, 1], "layers": layers})
+
+    data, cfg = DataConfig(name="digits", limit=40, test_limit=10), TrainConfig(epochs=1)
+    backbone = {"name": "run", "weights": str(tmp_path / "src")}
+    train(conv(2), data, cfg, tmp_path / "src")
+    assert spec_with(backbone, (8, 8, 1), [TOP[1]]).layer_infos()[-1].input_shape == (6 * 6 * 2,)
+    train(conv(4), data, cfg, tmp_path / "src")
+    spec = spec_with(backbone, (8, 8, 1), [TOP[1]])
+    assert spec.layer_infos()[-1].input_shape == (6 * 6 * 4,)
+    train(spec, data, cfg, tmp_path / "top")
+
+
 @pytest.mark.parametrize(
     ("backbone", "input_shape", "message"),
     [

@@ -410,8 +410,27 @@ def _hwc(shape: torch.Size) -> Shape:
     return (shape[2], shape[3], shape[1]) if len(shape) == 4 else tuple(shape[1:])
 
 
+def _run_files(cfg: BackboneConfig) -> tuple | None:
+    """For `name: run`, what identifies the run's model.json and preprocess.json on disk (inode, time,
+    size; None for a missing one): a run retrained into the same folder, or a relative path seen from
+    another folder, is another cache entry of `_describe`, as it would be in a fresh process."""
+    if cfg.name != RUN:
+        return None
+    stats = []
+    for name in ("model.json", "preprocess.json"):
+        try:
+            st = (Path(cfg.weights) / name).stat()
+        except OSError:
+            stats.append(None)
+        else:
+            stats.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(stats)
+
+
 @functools.lru_cache(maxsize=64)
-def _describe(cfg_json: str, input_shape: Shape) -> tuple[tuple[Row, ...], dict]:
+def _describe(cfg_json: str, input_shape: Shape, run_files: tuple | None) -> tuple[tuple[Row, ...], dict]:
+    """`describe`'s measurement, cached by the backbone config and input shape (and, for an earlier
+    run, `_run_files`)."""
     cfg = BackboneConfig.model_validate_json(cfg_json)
     if cfg.name == RUN:
         rows, meta = _run_rows(cfg)
@@ -489,7 +508,9 @@ def describe(cfg: BackboneConfig, input_shape: Shape) -> tuple[tuple[Row, ...], 
                 f"backbone {cfg.name}: input_shape {list(input_shape)} is smaller than it accepts; "
                 f"use at least {definition.min_size}×{definition.min_size}"
             )
-    rows, meta = _describe(json.dumps(cfg.model_dump(mode="json"), sort_keys=True), tuple(input_shape))
+    rows, meta = _describe(
+        json.dumps(cfg.model_dump(mode="json"), sort_keys=True), tuple(input_shape), _run_files(cfg)
+    )
     if cfg.name == RUN and tuple(meta["input_shape"]) != tuple(input_shape):
         raise CapasError(
             f"backbone run {cfg.weights}: set input_shape to {list(meta['input_shape'])}, the run's input; "
