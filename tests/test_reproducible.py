@@ -105,6 +105,9 @@ class _Watch(Callback):
 def test_determinism_and_threads_apply_while_fit_trains_and_are_restored(deterministic):
     splits = make_splits("fashion-mnist", limit=200)
     spec = ModelSpec.from_dict(SMALL)
+    model = build_model(spec)
+    # fit seeds torch's generator each epoch: a caller's draws after it were the same whatever it seeded
+    rng = torch.get_rng_state()
     before = (
         torch.are_deterministic_algorithms_enabled(),
         torch.backends.cudnn.deterministic,
@@ -113,7 +116,7 @@ def test_determinism_and_threads_apply_while_fit_trains_and_are_restored(determi
     )
     watch = _Watch()
     cfg = TrainConfig(epochs=1, batch_size=64, deterministic=deterministic, threads=1)
-    fit(build_model(spec), splits.train, splits.val, preprocess_for(spec), cfg, callbacks=[watch])
+    fit(model, splits.train, splits.val, preprocess_for(spec), cfg, callbacks=[watch])
     assert watch.seen and {s[:3] for s in watch.seen} == {(deterministic, deterministic, 1)}
     if deterministic:  # what cuBLAS needs on a GPU (harmless on the CPU)
         assert watch.seen[0][3] == ":4096:8"
@@ -125,6 +128,7 @@ def test_determinism_and_threads_apply_while_fit_trains_and_are_restored(determi
         torch.utils.deterministic.fill_uninitialized_memory,
     )
     assert after == before
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 AIRBENCH_LIKE = {

@@ -1,6 +1,7 @@
 """The settings that decide whether a rerun gives the same weights: deterministic algorithms, CPU threads.
 
 Both are training settings (train.deterministic, train.threads), recorded in every run's config.json.
+Training also seeds torch's global random number generators (build_model, each epoch of `fit`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ CUBLAS_WORKSPACE = ":4096:8"
 
 @contextlib.contextmanager
 def reproducible(cfg: TrainConfig) -> Iterator[None]:
-    """Apply `cfg.threads` and `cfg.deterministic` for the body; the previous settings come back after.
+    """Apply `cfg.threads` and `cfg.deterministic` for the body; the previous settings come back after,
+    and so do the states of torch's random number generators (CPU, and CUDA once initialised), which
+    training seeds: a caller's next draws do not depend on whether it trained (a random search's
+    draws after each training were the same, whatever the caller had seeded).
 
     Deterministic: cuDNN's deterministic kernels without autotuning, and torch's deterministic
     implementations of the other operations. An operation that has none warns rather than fails
@@ -52,7 +56,10 @@ def reproducible(cfg: TrainConfig) -> Iterator[None]:
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False
     try:
-        yield
+        with torch.random.fork_rng(
+            devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+        ):
+            yield
     finally:
         threads, enabled, warn_only, cudnn_deterministic, benchmark, fill = saved
         torch.set_num_threads(threads)
