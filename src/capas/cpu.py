@@ -90,9 +90,16 @@ def describe(features: dict) -> str:
     return f"CPU: {', '.join(have) or 'no AVX-512'}; PyTorch kernels {features['capability']}; {bf16}"
 
 
-# glibc's mallopt parameters and the defaults they return to (malloc/malloc.c)
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+# glibc's mallopt parameters (malloc/malloc.c)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+DEFAULT_MMAP_MAX = 65536
+# Where glibc's adaptive thresholds end up once the process has freed a mapped block of
+# DEFAULT_MMAP_THRESHOLD_MAX (32 MiB on 64 bits) or more; the trim threshold follows at twice it. Any
+# mallopt turns that adaptation off for good, so these are set explicitly afterwards: glibc's initial
+# 128 KiB, fixed, page-faulted every later allocation above it in anew (a NumPy loop of 8 MB arrays
+# after a training: 180,000 page faults per 200 arrays instead of 0).
+ADAPTED_MMAP_THRESHOLD = 4 * 2**20 * ctypes.sizeof(ctypes.c_long)
+ADAPTED_TRIM_THRESHOLD = 2 * ADAPTED_MMAP_THRESHOLD
 KEPT_TOP = 2**31 - 1  # bytes of free memory the heap may keep at its top: mallopt takes an int
 
 
@@ -112,9 +119,10 @@ def kept_heap() -> Iterator[None]:
     in anew on every step. With mmap off and a high trim threshold, the heap grows to the step's peak
     once and stays there: `fit` trained 1.06× (fashion-mnist-wide, bfloat16) and 1.15× (seed-000,
     float32) as many images/s with it (benchmarks/cpu_memory.py, README Performance). The
-    body's results are unchanged; only where memory comes from. Afterwards glibc's defaults return
-    (set explicitly, which fixes the threshold glibc otherwise adapts) and the free memory is handed
-    back (malloc_trim). Elsewhere than glibc on Linux, nothing changes.
+    body's results are unchanged; only where memory comes from. Afterwards mappings come back, with the
+    thresholds glibc's own adaptation reaches in a process that trained (ADAPTED_*, fixed: glibc adapts
+    no more once mallopt was called), and the free memory is handed back (malloc_trim). Elsewhere than
+    glibc on Linux, nothing changes.
     """
     libc = _glibc()
     if libc is None:
@@ -126,5 +134,6 @@ def kept_heap() -> Iterator[None]:
         yield
     finally:
         libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        libc.mallopt(M_MMAP_THRESHOLD, ADAPTED_MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, ADAPTED_TRIM_THRESHOLD)
         libc.malloc_trim(0)
