@@ -743,6 +743,13 @@ def test_evaluate_runs_where_the_model_is():
     assert model_device(torch.nn.ReLU()) == torch.device("cpu")  # no parameters: the CPU
     explicit = evaluate(model, splits.test, preprocess, "cpu")
     assert evaluate(model, splits.test, preprocess).loss == explicit.loss
+    assert model.training  # evaluate gives back the mode it found, also when it fails (it stayed in eval)
+    eleven = ArrayDataset(
+        splits.test.images, torch.full_like(splits.test.labels, 10), (*splits.test.classes, "x")
+    )
+    with pytest.raises(IndexError):
+        evaluate(model, eleven, preprocess)
+    assert model.training
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

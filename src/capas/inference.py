@@ -196,14 +196,16 @@ def evaluate(
     model.eval()
     total_loss, predictions, labels = 0.0, [], []
     batch_size = eval_batch_size(preprocess, device)
-    for x, y in iterate_batches(
-        data, batch_size, preprocess=preprocess, device=device, channels_last=channels_last
-    ):
-        with autocast(device, precision):
-            logits = tta_logits(model, x, tta)
-        total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        predictions.append(logits.argmax(1).cpu())
-        labels.append(y.cpu())
-    model.train(was_training)
+    try:
+        for x, y in iterate_batches(
+            data, batch_size, preprocess=preprocess, device=device, channels_last=channels_last
+        ):
+            with autocast(device, precision):
+                logits = tta_logits(model, x, tta)
+            total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            predictions.append(logits.argmax(1).cpu())
+            labels.append(y.cpu())
+    finally:  # a caller's model training in its own loop stays in training mode, also after an error
+        model.train(was_training)
     predictions, labels = torch.cat(predictions), torch.cat(labels)
     return Evaluation(total_loss / len(labels), predictions, labels)
