@@ -3,17 +3,22 @@ report's figures equal those of the same study run without interruption."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
+from capas.errors import CapasError
+from capas.study.executors import Executor
 from capas.study.render import HEADERS, table_rows
 from capas.study.run import run_study
 
@@ -219,3 +224,35 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+class _WorkersThatNeverStart(Executor):
+    """What the driver sees when its spawned workers end while they import the main script (a script
+    that calls run_study outside `if __name__ == "__main__":` runs it again in each, refused: locked)."""
+
+    name, workers = "pool", 2
+
+    def submit(self, task: dict) -> Future:
+        future = Future()
+        future.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+        return future
+
+    def events(self) -> list[dict]:
+        return []
+
+    def close(self, cancel: bool = False) -> None:
+        pass
+
+
+def test_workers_that_end_before_any_run_starts_are_not_called_out_of_memory(
+    tmp_path, tiny_study, study_file
+):
+    """The driver said "a worker process died (out of memory or killed) … rerun the same command",
+    which failed the same way every time."""
+    with pytest.raises(CapasError, match=r'before any run started.*if __name__ == "__main__":'):
+        run_study(
+            study_file(tiny_study()),
+            out=tmp_path / "study",
+            executor=_WorkersThatNeverStart(),
+            console=Console(file=io.StringIO()),
+        )

@@ -281,7 +281,7 @@ def execute(
 ) -> list[str]:
     """Submit every task and record what comes back; returns the ids of failed runs. The caller
     closes the executor (it may run several rounds of tasks)."""
-    failed, finished = [], set()
+    failed, finished, started = [], set(), set()
     with _progress(console) as progress:
         overall = progress.add_task(
             "[bold]runs", total=total, completed=done, note=f"{executor.workers} worker(s)"
@@ -297,6 +297,7 @@ def execute(
                     continue  # late events of a run already recorded with its whole history
                 if event["event"] == "start":
                     store.start(rid)
+                    started.add(rid)
                     bars[rid] = progress.add_task(
                         f"  {rid}", total=event["total"], completed=event["done"], note=""
                     )
@@ -323,6 +324,15 @@ def execute(
                     failed.append(rid)
                     console.print(f"[red]{rid} failed:[/] {escape(str(error))}", highlight=False)
                 except BrokenProcessPool:
+                    if not started:
+                        # spawned workers import the main script again: unguarded, it runs the
+                        # study once more in each (refused: the directory is locked) and they end
+                        raise CapasError(
+                            "the worker processes ended before any run started training (their errors are "
+                            'above); from a script, call run_study under `if __name__ == "__main__":` '
+                            "(each worker process imports the script again) or pass workers=1; else they "
+                            "ran out of memory or were killed. Finished runs are kept"
+                        ) from None
                     raise CapasError(
                         "a worker process died (out of memory or killed); finished runs are kept, "
                         "rerun the same command to resume the others"
