@@ -280,6 +280,42 @@ def test_an_oversized_request_head_is_cut_off(tiny_run, parser):
         assert status == 400, (status, body)
 
 
+def split_answers(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """The HTTP/1.1 answers (status, lower-case headers, body) one after another in `data`."""
+    answers = []
+    while data:
+        head, data = data.split(b"\r\n\r\n", 1)
+        status, *lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+        length = int(headers["content-length"])
+        answers.append((int(status.split()[1]), headers, data[:length]))
+        data = data[length:]
+    return answers
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_malformed_pipelined_request_leaves_the_answer_before_it_alone(tiny_run, parser):
+    """A request pipelined behind another with bytes the parser refuses: the first gets its own answer,
+    then the 400 comes, as JSON naming what was wrong, and the connection closes. httptools' 400 went
+    out at once, so the client read 'Invalid HTTP request received.' as the answer to its valid
+    request, whose real answer was lost."""
+    with live_server(run_dir=tiny_run, parser=parser) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                b"GET /info HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n"
+            )
+            received = b""
+            while chunk := sock.recv(65536):  # until the server closes
+                received += chunk
+    first, second = split_answers(received)
+    assert first[0] == 200 and json.loads(first[2])["status"] == "ok", first
+    status, headers, body = second
+    assert status == 400 and headers["connection"] == "close", second
+    assert json.loads(body)["detail"].startswith("request: not valid HTTP/1.1 ("), body
+
+
 def test_connections_beyond_the_limit_get_503(tiny_run):
     with live_server(run_dir=tiny_run, max_connections=4) as (url, _):
         port = int(url.rsplit(":", 1)[1])

@@ -19,12 +19,19 @@ than linearly with a header's length: one client streaming a 90 MB header kept t
 every other client, waiting for about 11 s. Past CAPAS_MAX_HEADER_KB the answer is 431 and the
 connection closes, the rest unread. h11 has a limit of its own, given the same value (uvicorn
 answers 400 past it).
+
+Bytes the parser cannot read (a Content-Length of 'abc', a broken chunk size) get a JSON 400 naming the
+parser's reason instead of uvicorn's text 'Invalid HTTP request received.', and the connection closes.
+An answer that ends a connection waits for the answer of a pipelined request before it: httptools
+parses ahead, and uvicorn wrote its 400 at once, which the client read as the answer to its earlier,
+valid request, whose own answer was lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from typing import Any, Literal
 
 import h11
@@ -88,6 +95,18 @@ class HeadLimits:
             self.transport.write(self._answer(b"408 Request Timeout", detail))
         self.transport.close()
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser refused; it calls this while handling the parser's error."""
+        reason = sys.exc_info()[1] or msg  # httptools' and h11's errors say what was wrong
+        self._head_complete()
+        self._close_with(self._answer(b"400 Bad Request", f"request: not valid HTTP/1.1 ({reason})"))
+
+    def _close_with(self, answer: bytes) -> None:
+        """Write a last answer and close the connection."""
+        if not self.transport.is_closing():
+            self.transport.write(answer)
+            self.transport.close()
+
     def _answer(self, status: bytes, detail: str) -> bytes:
         body = json.dumps({"detail": detail}).encode()
         headers = [
@@ -124,7 +143,13 @@ class HttpToolsHeadLimits(HeadLimits, HttpToolsProtocol):
     """httptools parses as bytes arrive, pipelined requests included, and says when a request's
     first byte (not counting blank lines) and its last header arrive."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_answer: bytes | None = None  # waiting for the answers of the requests before it
+
     def data_received(self, data: bytes) -> None:
+        if self._last_answer is not None:  # the connection ends after it: nothing more is read
+            return
         # Counted before httptools sees them: the read that begins a head (at most the event loop's
         # read size, 256 KiB) is parsed whole, every later one only while the head stays in bounds.
         if self._head_begun:
@@ -136,13 +161,16 @@ class HttpToolsHeadLimits(HeadLimits, HttpToolsProtocol):
 
     def _head_too_large(self) -> None:
         self._head_complete()
-        if not self.transport.is_closing():
-            if not self._responding():  # never written into another request's answer
-                detail = (
-                    f"request headers: more than {self.max_header_bytes // 1024} KiB (CAPAS_MAX_HEADER_KB)"
-                )
-                self.transport.write(self._answer(b"431 Request Header Fields Too Large", detail))
-            self.transport.close()
+        detail = f"request headers: more than {self.max_header_bytes // 1024} KiB (CAPAS_MAX_HEADER_KB)"
+        self._close_with(self._answer(b"431 Request Header Fields Too Large", detail))
+
+    def _close_with(self, answer: bytes) -> None:
+        # httptools parses pipelined requests ahead: while an earlier one is answered, written now, this
+        # answer would be read as that one's (the latest request's body is all in: the fault is after it)
+        if self._responding() and not self.cycle.more_body:
+            self._last_answer = answer
+        else:
+            super()._close_with(answer)
 
     def _responding(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete  # the latest request's
@@ -157,7 +185,10 @@ class HttpToolsHeadLimits(HeadLimits, HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._head_begun and not self._responding():  # a pipelined head, still incomplete
+        if self._last_answer is not None:
+            if not self._responding():  # the requests before it are answered
+                super()._close_with(self._last_answer)
+        elif self._head_begun and not self._responding():  # a pipelined head, still incomplete
             self._start_head_timer()
 
 
