@@ -182,6 +182,49 @@ def test_a_stalled_upload_gets_408_and_frees_the_connection(tiny_run):
         assert 0.8 < waited < 5
 
 
+HEAD = b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: %s\r\n%s\r\n"
+
+
+@pytest.mark.parametrize(
+    ("status", "request_start"),
+    [
+        (413, HEAD % (b"/predict", b"localhost", b"application/json", b"Content-Length: 1000000000000\r\n")),
+        (
+            413,
+            HEAD % (b"/predict", b"localhost", b"application/json", b"Transfer-Encoding: chunked\r\n")
+            + b"%x\r\n" % 1_100_000
+            + b"a" * 1_100_000
+            + b"\r\n",
+        ),
+        (
+            413,
+            HEAD % (b"/feedback", b"localhost", b"application/json", b"Content-Length: 100000\r\n")
+            + b"a" * 5000,
+        ),
+        (415, HEAD % (b"/predict", b"localhost", b"text/plain", b"Content-Length: 100000\r\n") + b"a"),
+        (
+            421,
+            HEAD % (b"/predict", b"evil.example", b"application/json", b"Content-Length: 100000\r\n") + b"a",
+        ),
+        (408, HEAD % (b"/predict", b"localhost", b"application/json", b"Content-Length: 100000\r\n") + b"{"),
+    ],
+    ids=["413-length", "413-chunked", "413-feedback", "415", "421", "408"],
+)
+def test_an_answer_before_the_body_is_in_closes_the_connection(tiny_run, status, request_start):
+    """A request refused before its body is read leaves the rest of that body unread: the connection
+    must close. It stayed open, uvicorn discarding whatever came, and a client trickling a byte now and
+    then held it past every timeout (read, keep-alive, header): 3 such clients kept a server with
+    CAPAS_MAX_CONNECTIONS=4 answering 503 to everyone for as long as they liked."""
+    with live_server(run_dir=tiny_run, max_body_mb=1.0, read_timeout_s=0.5) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(request_start)
+            answer, headers, _ = read_answer(sock)
+            sock.settimeout(1)  # keep-alive would close it only after 5 s
+            assert (answer, headers.get("connection")) == (status, "close")
+            assert sock.recv(1) == b""
+
+
 def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 answer: (status, lower-case headers, body); status 0 if the server closed without one."""
     data = b""

@@ -215,11 +215,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid_request)
     # The last added is the outermost: metrics see every answer, including 401, 413 and 421.
     app.add_middleware(HeadAsGet)
-    app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 1e6), timeout=settings.read_timeout_s)
     if settings.token is not None:
         app.add_middleware(TokenGuard, token=settings.token.get_secret_value())
     else:
         app.add_middleware(HostGuard, bound=settings.host)
+    app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 1e6), timeout=settings.read_timeout_s)
     # FastAPI keeps included routers whole in app.routes: their routes are listed from the routers
     routes = [*api.router.routes, *monitoring.router.routes, *pages.router.routes, *app.routes]
     app.add_middleware(RequestMetrics, metrics=metrics, on_predict=monitor.record_latency, routes=routes)
