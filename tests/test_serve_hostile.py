@@ -374,6 +374,32 @@ def test_connections_beyond_the_limit_get_503(tiny_run):
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
 
 
+def test_a_client_that_reads_none_of_its_answer_is_cut_off(tiny_run):
+    """A client that pipelines large GETs and reads nothing held its connection forever once the
+    answers filled the socket buffers: uvicorn times no write, and a closed connection waits for its
+    unsent bytes. 3 such clients kept a server with CAPAS_MAX_CONNECTIONS=4 answering 503 to all.
+    Cut off (as when such a client hangs up), the answer being written is not a 500 with a traceback:
+    uvicorn marked only the latest pipelined request as disconnected, not the one being answered."""
+    records = Records()
+    logger = logging.getLogger("")
+    logger.addHandler(records)
+    try:
+        with live_server(run_dir=tiny_run, max_connections=2, send_timeout_s=0.5) as (url, _):
+            port = int(url.rsplit(":", 1)[1])
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(b"GET /docs-assets/swagger-ui-bundle.js HTTP/1.1\r\nHost: localhost\r\n\r\n" * 8)
+                time.sleep(0.3)
+                assert httpx.get(f"{url}/health", timeout=5).status_code == 503  # the connection is held
+                time.sleep(0.7)
+                assert httpx.get(f"{url}/health", timeout=5).status_code == 200  # cut off
+    finally:
+        logger.removeHandler(records)
+    bad = [r for r in records.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not bad, [r.getMessage() for r in bad]
+
+
 class Records(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)

@@ -263,8 +263,10 @@ def uvicorn_config(app: FastAPI, settings: ServeSettings, **overrides: object):
         **{
             "host": settings.host,
             "port": settings.port,
-            # uvicorn neither times request heads nor limits their size with httptools
-            "http": http_protocol(settings.header_timeout_s, settings.max_header_kb * 1024),
+            # uvicorn neither times request heads and stalled answers nor limits heads' size with httptools
+            "http": http_protocol(
+                settings.header_timeout_s, settings.max_header_kb * 1024, settings.send_timeout_s
+            ),
             "h11_max_incomplete_event_size": settings.max_header_kb * 1024,
             # No access log: one line per request costs throughput; /metrics counts every request instead.
             "access_log": False,
