@@ -182,47 +182,38 @@ def test_a_stalled_upload_gets_408_and_frees_the_connection(tiny_run):
         assert 0.8 < waited < 5
 
 
-HEAD = b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: %s\r\n%s\r\n"
-
-
-@pytest.mark.parametrize(
-    ("status", "request_start"),
-    [
-        (413, HEAD % (b"/predict", b"localhost", b"application/json", b"Content-Length: 1000000000000\r\n")),
-        (
-            413,
-            HEAD % (b"/predict", b"localhost", b"application/json", b"Transfer-Encoding: chunked\r\n")
-            + b"%x\r\n" % 1_100_000
-            + b"a" * 1_100_000
-            + b"\r\n",
-        ),
-        (
-            413,
-            HEAD % (b"/feedback", b"localhost", b"application/json", b"Content-Length: 100000\r\n")
-            + b"a" * 5000,
-        ),
-        (415, HEAD % (b"/predict", b"localhost", b"text/plain", b"Content-Length: 100000\r\n") + b"a"),
-        (
-            421,
-            HEAD % (b"/predict", b"evil.example", b"application/json", b"Content-Length: 100000\r\n") + b"a",
-        ),
-        (408, HEAD % (b"/predict", b"localhost", b"application/json", b"Content-Length: 100000\r\n") + b"{"),
-    ],
-    ids=["413-length", "413-chunked", "413-feedback", "415", "421", "408"],
-)
-def test_an_answer_before_the_body_is_in_closes_the_connection(tiny_run, status, request_start):
+def test_an_answer_before_the_body_is_in_closes_the_connection(tiny_run):
     """A request refused before its body is read leaves the rest of that body unread: the connection
     must close. It stayed open, uvicorn discarding whatever came, and a client trickling a byte now and
     then held it past every timeout (read, keep-alive, header): 3 such clients kept a server with
     CAPAS_MAX_CONNECTIONS=4 answering 503 to everyone for as long as they liked."""
+    head = b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: %s\r\n%s\r\n"
+    length = b"Content-Length: 100000\r\n"
+    chunk = b"%x\r\n%s\r\n" % (1_100_000, b"a" * 1_100_000)
+    cases = {
+        "413 Content-Length": (
+            413,
+            head % (b"/predict", b"localhost", b"application/json", b"Content-Length: 10000000\r\n"),
+        ),
+        "413 chunked": (
+            413,
+            head % (b"/predict", b"localhost", b"application/json", b"Transfer-Encoding: chunked\r\n")
+            + chunk,
+        ),
+        "413 feedback": (413, head % (b"/feedback", b"localhost", b"application/json", length) + b"a" * 5000),
+        "415": (415, head % (b"/predict", b"localhost", b"text/plain", length) + b"a"),
+        "421": (421, head % (b"/predict", b"evil.example", b"application/json", length) + b"a"),
+        "408": (408, head % (b"/predict", b"localhost", b"application/json", length) + b"{"),
+    }
     with live_server(run_dir=tiny_run, max_body_mb=1.0, read_timeout_s=0.5) as (url, _):
         port = int(url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(request_start)
-            answer, headers, _ = read_answer(sock)
-            sock.settimeout(1)  # keep-alive would close it only after 5 s
-            assert (answer, headers.get("connection")) == (status, "close")
-            assert sock.recv(1) == b""
+        for case, (status, request_start) in cases.items():
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(request_start)
+                answer, headers, _ = read_answer(sock)
+                sock.settimeout(1)  # keep-alive would close it only after 5 s
+                assert (answer, headers.get("connection")) == (status, "close"), case
+                assert sock.recv(1) == b"", case
 
 
 def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
