@@ -185,8 +185,8 @@ def test_a_stalled_upload_gets_408_and_frees_the_connection(tiny_run):
 def test_an_answer_before_the_body_is_in_closes_the_connection(tiny_run):
     """A request refused before its body is read leaves the rest of that body unread: the connection
     must close. It stayed open, uvicorn discarding whatever came, and a client trickling a byte now and
-    then held it past every timeout (read, keep-alive, header): 3 such clients kept a server with
-    CAPAS_MAX_CONNECTIONS=4 answering 503 to everyone for as long as they liked."""
+    then held it past every timeout (read, keep-alive, header): CAPAS_MAX_CONNECTIONS such clients kept
+    the server answering 503 to everyone else for as long as they liked."""
     head = b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: %s\r\n%s\r\n"
     length = b"Content-Length: 100000\r\n"
     chunk = b"%x\r\n%s\r\n" % (1_100_000, b"a" * 1_100_000)
@@ -351,10 +351,16 @@ def test_a_malformed_pipelined_request_leaves_the_answer_before_it_alone(tiny_ru
 
 
 def test_connections_beyond_the_limit_get_503(tiny_run):
+    """max_connections connections are served, one more gets 503. uvicorn's limit counts the connection
+    asking: given max_connections as it was, 3 open connections made a 4th answered 503 with
+    CAPAS_MAX_CONNECTIONS=4, and CAPAS_MAX_CONNECTIONS=1 answered 503 to every request."""
     with live_server(run_dir=tiny_run, max_connections=4) as (url, _):
         port = int(url.rsplit(":", 1)[1])
-        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
         try:
+            time.sleep(0.3)
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # the 4th
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
             time.sleep(0.3)
             response = httpx.get(f"{url}/health", timeout=10)
             assert response.status_code == 503
@@ -368,14 +374,14 @@ def test_connections_beyond_the_limit_get_503(tiny_run):
 def test_a_client_that_reads_none_of_its_answer_is_cut_off(tiny_run):
     """A client that pipelines large GETs and reads nothing held its connection forever once the
     answers filled the socket buffers: uvicorn times no write, and a closed connection waits for its
-    unsent bytes. 3 such clients kept a server with CAPAS_MAX_CONNECTIONS=4 answering 503 to all.
+    unsent bytes: CAPAS_MAX_CONNECTIONS such clients kept the server answering 503 to all others.
     Cut off (as when such a client hangs up), the answer being written is not a 500 with a traceback:
     uvicorn marked only the latest pipelined request as disconnected, not the one being answered."""
     records = Records()
     logger = logging.getLogger("")
     logger.addHandler(records)
     try:
-        with live_server(run_dir=tiny_run, max_connections=2, send_timeout_s=0.5) as (url, _):
+        with live_server(run_dir=tiny_run, max_connections=1, send_timeout_s=0.5) as (url, _):
             port = int(url.rsplit(":", 1)[1])
             with socket.socket() as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

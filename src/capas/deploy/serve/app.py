@@ -271,7 +271,9 @@ def uvicorn_config(app: FastAPI, settings: ServeSettings, **overrides: object):
             # No access log: one line per request costs throughput; /metrics counts every request instead.
             "access_log": False,
             "log_level": "info",
-            "limit_concurrency": settings.max_connections,  # beyond it uvicorn answers 503 at once
+            # beyond it uvicorn answers 503 at once; it counts the connection asking among the open
+            # ones, so max_connections alone served one fewer (and max_connections 1, no request at all)
+            "limit_concurrency": settings.max_connections + 1,
             "timeout_keep_alive": settings.keep_alive_s,  # idle connections close after this (s)
             **overrides,
         },
