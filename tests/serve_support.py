@@ -55,7 +55,7 @@ def live_server(parser: str | None = None, **settings) -> Iterator[tuple[str, ob
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    limits = (options.header_timeout_s, options.max_header_kb * 1024)
+    limits = (options.header_timeout_s, options.max_header_kb * 1024, options.send_timeout_s)
     overrides = {"http": http_protocol(*limits, parser)} if parser else {}
     server = uvicorn.Server(uvicorn_config(app, options, log_level="warning", **overrides))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

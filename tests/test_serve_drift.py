@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -154,3 +156,23 @@ def test_server_flags_drift_only_after_shifted_traffic(tiny_run, fashion_test):
         windows = client.get("/monitor/data").json()["windows"]
         tested = [w["drift_p_value"] for w in windows if w["drift_p_value"] is not None]
         assert tested[-1] == status["result"]["p_value"]  # the last window may be a new, quiet one
+
+
+def test_requests_waiting_for_a_drift_test_do_not_hold_up_other_routes(tiny_run):
+    """Every route resolved its state dependency on the thread pool (40 threads) that /drift's tests run
+    on: 45 /drift calls waiting for a test in progress took every thread, and /health waited for them
+    (2.9 s behind a 1.6 s test in a real server). The test in progress is held here by its lock."""
+    with (
+        live_server(run_dir=tiny_run, threads=1) as (url, app),
+        httpx.Client(base_url=url, timeout=10, limits=httpx.Limits(max_connections=50)) as client,
+        ThreadPoolExecutor(45) as waiting,
+    ):
+        testing = app.state.server.monitor._drift_lock  # a drift test in progress
+        testing.acquire()
+        try:
+            calls = [waiting.submit(client.get, "/drift") for _ in range(45)]
+            time.sleep(0.3)  # every thread of the pool waits for the test
+            assert client.get("/health", timeout=1).status_code == 200
+        finally:
+            testing.release()
+        assert all(call.result().status_code == 200 for call in calls)

@@ -182,6 +182,40 @@ def test_a_stalled_upload_gets_408_and_frees_the_connection(tiny_run):
         assert 0.8 < waited < 5
 
 
+def test_an_answer_before_the_body_is_in_closes_the_connection(tiny_run):
+    """A request refused before its body is read leaves the rest of that body unread: the connection
+    must close. It stayed open, uvicorn discarding whatever came, and a client trickling a byte now and
+    then held it past every timeout (read, keep-alive, header): CAPAS_MAX_CONNECTIONS such clients kept
+    the server answering 503 to everyone else for as long as they liked."""
+    head = b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: %s\r\n%s\r\n"
+    length = b"Content-Length: 100000\r\n"
+    chunk = b"%x\r\n%s\r\n" % (1_100_000, b"a" * 1_100_000)
+    cases = {
+        "413 Content-Length": (
+            413,
+            head % (b"/predict", b"localhost", b"application/json", b"Content-Length: 10000000\r\n"),
+        ),
+        "413 chunked": (
+            413,
+            head % (b"/predict", b"localhost", b"application/json", b"Transfer-Encoding: chunked\r\n")
+            + chunk,
+        ),
+        "413 feedback": (413, head % (b"/feedback", b"localhost", b"application/json", length) + b"a" * 5000),
+        "415": (415, head % (b"/predict", b"localhost", b"text/plain", length) + b"a"),
+        "421": (421, head % (b"/predict", b"evil.example", b"application/json", length) + b"a"),
+        "408": (408, head % (b"/predict", b"localhost", b"application/json", length) + b"{"),
+    }
+    with live_server(run_dir=tiny_run, max_body_mb=1.0, read_timeout_s=0.5) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        for case, (status, request_start) in cases.items():
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(request_start)
+                answer, headers, _ = read_answer(sock)
+                sock.settimeout(1)  # keep-alive would close it only after 5 s
+                assert (answer, headers.get("connection")) == (status, "close"), case
+                assert sock.recv(1) == b"", case
+
+
 def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 answer: (status, lower-case headers, body); status 0 if the server closed without one."""
     data = b""
@@ -280,11 +314,53 @@ def test_an_oversized_request_head_is_cut_off(tiny_run, parser):
         assert status == 400, (status, body)
 
 
+def split_answers(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """The HTTP/1.1 answers (status, lower-case headers, body) one after another in `data`."""
+    answers = []
+    while data:
+        head, data = data.split(b"\r\n\r\n", 1)
+        status, *lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+        length = int(headers["content-length"])
+        answers.append((int(status.split()[1]), headers, data[:length]))
+        data = data[length:]
+    return answers
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_malformed_pipelined_request_leaves_the_answer_before_it_alone(tiny_run, parser):
+    """A request pipelined behind another with bytes the parser refuses: the first gets its own answer,
+    then the 400 comes, as JSON naming what was wrong, and the connection closes. httptools' 400 went
+    out at once, so the client read 'Invalid HTTP request received.' as the answer to its valid
+    request, whose real answer was lost."""
+    with live_server(run_dir=tiny_run, parser=parser) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                b"GET /info HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n"
+            )
+            received = b""
+            while chunk := sock.recv(65536):  # until the server closes
+                received += chunk
+    first, second = split_answers(received)
+    assert first[0] == 200 and json.loads(first[2])["status"] == "ok", first
+    status, headers, body = second
+    assert status == 400 and headers["connection"] == "close", second
+    assert json.loads(body)["detail"].startswith("request: not valid HTTP/1.1 ("), body
+
+
 def test_connections_beyond_the_limit_get_503(tiny_run):
+    """max_connections connections are served, one more gets 503. uvicorn's limit counts the connection
+    asking: given max_connections as it was, 3 open connections made a 4th answered 503 with
+    CAPAS_MAX_CONNECTIONS=4, and CAPAS_MAX_CONNECTIONS=1 answered 503 to every request."""
     with live_server(run_dir=tiny_run, max_connections=4) as (url, _):
         port = int(url.rsplit(":", 1)[1])
-        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
         try:
+            time.sleep(0.3)
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # the 4th
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
             time.sleep(0.3)
             response = httpx.get(f"{url}/health", timeout=10)
             assert response.status_code == 503
@@ -293,6 +369,32 @@ def test_connections_beyond_the_limit_get_503(tiny_run):
                 sock.close()
         time.sleep(0.3)
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_a_client_that_reads_none_of_its_answer_is_cut_off(tiny_run):
+    """A client that pipelines large GETs and reads nothing held its connection forever once the
+    answers filled the socket buffers: uvicorn times no write, and a closed connection waits for its
+    unsent bytes: CAPAS_MAX_CONNECTIONS such clients kept the server answering 503 to all others.
+    Cut off (as when such a client hangs up), the answer being written is not a 500 with a traceback:
+    uvicorn marked only the latest pipelined request as disconnected, not the one being answered."""
+    records = Records()
+    logger = logging.getLogger("")
+    logger.addHandler(records)
+    try:
+        with live_server(run_dir=tiny_run, max_connections=1, send_timeout_s=0.5) as (url, _):
+            port = int(url.rsplit(":", 1)[1])
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(b"GET /docs-assets/swagger-ui-bundle.js HTTP/1.1\r\nHost: localhost\r\n\r\n" * 8)
+                time.sleep(0.3)
+                assert httpx.get(f"{url}/health", timeout=5).status_code == 503  # the connection is held
+                time.sleep(0.7)
+                assert httpx.get(f"{url}/health", timeout=5).status_code == 200  # cut off
+    finally:
+        logger.removeHandler(records)
+    bad = [r for r in records.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not bad, [r.getMessage() for r in bad]
 
 
 class Records(logging.Handler):

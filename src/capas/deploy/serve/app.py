@@ -215,11 +215,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid_request)
     # The last added is the outermost: metrics see every answer, including 401, 413 and 421.
     app.add_middleware(HeadAsGet)
-    app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 1e6), timeout=settings.read_timeout_s)
     if settings.token is not None:
         app.add_middleware(TokenGuard, token=settings.token.get_secret_value())
     else:
         app.add_middleware(HostGuard, bound=settings.host)
+    app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 1e6), timeout=settings.read_timeout_s)
     # FastAPI keeps included routers whole in app.routes: their routes are listed from the routers
     routes = [*api.router.routes, *monitoring.router.routes, *pages.router.routes, *app.routes]
     app.add_middleware(RequestMetrics, metrics=metrics, on_predict=monitor.record_latency, routes=routes)
@@ -263,13 +263,17 @@ def uvicorn_config(app: FastAPI, settings: ServeSettings, **overrides: object):
         **{
             "host": settings.host,
             "port": settings.port,
-            # uvicorn neither times request heads nor limits their size with httptools
-            "http": http_protocol(settings.header_timeout_s, settings.max_header_kb * 1024),
+            # uvicorn neither times request heads and stalled answers nor limits heads' size with httptools
+            "http": http_protocol(
+                settings.header_timeout_s, settings.max_header_kb * 1024, settings.send_timeout_s
+            ),
             "h11_max_incomplete_event_size": settings.max_header_kb * 1024,
             # No access log: one line per request costs throughput; /metrics counts every request instead.
             "access_log": False,
             "log_level": "info",
-            "limit_concurrency": settings.max_connections,  # beyond it uvicorn answers 503 at once
+            # beyond it uvicorn answers 503 at once; it counts the connection asking among the open
+            # ones, so max_connections alone served one fewer (and max_connections 1, no request at all)
+            "limit_concurrency": settings.max_connections + 1,
             "timeout_keep_alive": settings.keep_alive_s,  # idle connections close after this (s)
             **overrides,
         },

@@ -27,7 +27,9 @@ class ServerState:
     decoder: ThreadPoolExecutor | None = None  # decodes and preprocesses request images, off the loop
 
 
-def get_state(request: Request) -> ServerState:
+async def get_state(request: Request) -> ServerState:
+    # async: FastAPI runs a plain function on the thread pool that /drift's tests wait on, and every
+    # route then waited for a thread while 40 /drift calls held them all
     return request.app.state.server
 
 

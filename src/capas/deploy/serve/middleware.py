@@ -211,7 +211,12 @@ class BodyTooSlow(HTTPException):
 class BodyLimit:
     """Refuses bodies over `limit` bytes (at once from Content-Length, or while streaming a chunked
     body) and bodies that take longer than `timeout` seconds to arrive (stalled or trickled uploads
-    would otherwise hold their buffers and a connection forever)."""
+    would otherwise hold their buffers and a connection forever).
+
+    An answer that starts before the request's body is all in (these refusals, and any other answer
+    given without reading the body: 401, 415, 421…) closes the connection: the rest of the body is never
+    read, and uvicorn, discarding it as it came, let a client trickling it hold the connection past
+    every timeout. Outside the token and Host checks, so that their answers close it too."""
 
     def __init__(self, app: ASGIApp, limit: int, timeout: float):
         self.app, self.limit, self.timeout = app, limit, timeout
@@ -219,11 +224,19 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await send_json(send, 413, BodyTooLarge(self.limit).detail)
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
         received = 0
-        complete = False
+        # a body follows the head unless the head says there is none
+        complete = b"transfer-encoding" not in headers and length in (None, b"0")
+
+        async def closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and not complete:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await send_json(closing, 413, BodyTooLarge(self.limit).detail)
         deadline = asyncio.get_running_loop().time() + self.timeout
 
         async def counted() -> Message:
@@ -240,7 +253,7 @@ class BodyLimit:
                 raise BodyTooLarge(self.limit)  # an HTTPException: the app's handlers answer 413
             return message
 
-        await self.app(scope, counted, send)
+        await self.app(scope, counted, closing)
 
 
 class HeadAsGet:

@@ -62,6 +62,11 @@ class ServeOptions(BaseModel):
     max_header_kb: int = Field(
         default=64, ge=1, le=1024, description="a request's line and headers at most, in KiB (else 431)"
     )
+    send_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="a client that takes none of its answer's bytes for this long is cut off",
+    )
     keep_alive_s: float = Field(
         default=5.0, gt=0.0, description="idle keep-alive connections close after this"
     )

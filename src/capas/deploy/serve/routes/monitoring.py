@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from capas.deploy.serve.deps import State
@@ -19,9 +19,10 @@ async def metrics(state: State) -> Response:
 
 
 @router.get("/monitor/data")
-async def monitor_data(state: State) -> dict:
+async def monitor_data(state: State) -> JSONResponse:
     """What the monitor page charts: per time window volumes, class counts, latency, accuracy and drift."""
-    return state.monitor.snapshot()
+    # Plain JSON types already: FastAPI's encoder, walking an hour's 360 windows, took ~60 ms on the event loop
+    return JSONResponse(state.monitor.snapshot())
 
 
 @router.get("/drift")
