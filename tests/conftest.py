@@ -13,9 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from capas.cpu import available_cores
 from capas.spec import DataConfig, ModelSpec, TrainConfig
+
+# Under pytest-xdist (scripts/test.sh: one worker per core) each worker, and what it starts, computes
+# on its share of the cores: PyTorch's default of a thread per core in every worker made them wait
+# for each other's threads.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, available_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Decoded folders and cached backbone features go to a fresh folder per test session (and to the
 # subprocesses tests start), so no test depends on what an earlier session left in ~/.cache/capas.
