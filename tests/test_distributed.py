@@ -86,7 +86,6 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     assert [config["processes"] for config in configs] == [2, 1]  # how each was trained
 
 
-@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_two_processes_under_torchrun_environment_match_one(spec_file, single, tmp_path):
     out = tmp_path / "ddp"
     port = str(free_port())
@@ -112,7 +111,6 @@ def test_two_processes_under_torchrun_environment_match_one(spec_file, single, t
     _assert_same_run(out, single)
 
 
-@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_nproc_2_spawns_the_processes_itself(spec_file, single, tmp_path):
     out = tmp_path / "nproc"
     done = subprocess.run(
@@ -175,7 +173,6 @@ def _evaluate_rank(rank: int, port: int, out: Path) -> None:
     torch_dist.destroy_process_group()
 
 
-@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_the_processes_evaluate_the_model_rank_0_saves(tmp_path):
     """Validation and test are sharded: each rank scored its half with its own BatchNorm statistics,
     so test.json's loss and accuracy (2.1506, 22.56% in a 2-process run) were not those of the saved

@@ -82,7 +82,6 @@ def test_the_cached_training_is_the_training_without_the_cache(splits, hflip):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-2, msg=name)
 
 
-@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_cached_rows_compile_with_the_frozen_rows(splits):
     # six frozen rows, three of them unfrozen after the first epoch: the cache holds rows 0-2, and
     # rows 3-5 run compiled while they stay frozen (short graphs: Inductor compiles each in seconds)

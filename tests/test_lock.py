@@ -107,7 +107,6 @@ def test_a_second_study_on_the_same_directory_is_refused_naming_the_first(tmp_pa
         pass
 
 
-@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_a_second_train_into_the_same_run_directory_is_refused(tmp_path):
     spec = tmp_path / "busy.yaml"
     spec.write_text(yaml.safe_dump(SPEC))

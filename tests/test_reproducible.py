@@ -41,7 +41,6 @@ SMALL = {
 }
 
 
-@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_a_study_gives_the_same_runs_with_one_worker_or_two(tmp_path):
     """One worker ran each run with all of torch's threads, two with one each: the conv reductions split
     differently and the Flatten run's test loss differed in the 7th digit. Studies now fix train.threads."""

@@ -511,7 +511,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_cli_serves_and_stops_on_ctrl_c(tiny_run):
     port = _free_port()
     env = {**os.environ, "CAPAS_TOKEN": TOKEN}

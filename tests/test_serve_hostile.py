@@ -82,7 +82,6 @@ def peak_rss_mb(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
-@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_large_pixel_images_cost_memory_by_model_size_not_image_size(tiny_run):
     palette = hostile.palette_png()  # 20 KB on the wire, 4000×4000 = 16 M pixels
     with (

@@ -6,14 +6,12 @@ import hashlib
 import json
 import shutil
 
-import pytest
 from rich.console import Console
 
 from capas.study.run import run_study
 from capas.study.store import Store
 
 
-@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_an_int8_variant_is_reported_beside_its_float_model_and_survives_a_rerun(
     tmp_path, tiny_study, study_file
 ):
@@ -57,7 +55,6 @@ def test_an_int8_variant_is_reported_beside_its_float_model_and_survives_a_rerun
     assert again.markdown.read_text() == markdown
 
 
-@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_a_compressed_run_of_earlier_weights_is_made_again_not_read_back(tmp_path, tiny_study, study_file):
     # The study file changed (2 epochs instead of 1) and the run folders were deleted to retrain them, as
     # capas' refusal says; the int8 folder beside the run, made from the 1-epoch weights, was left.

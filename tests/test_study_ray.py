@@ -63,7 +63,6 @@ def test_an_address_nothing_answers_on_is_refused_at_once():
     assert time.monotonic() - started < 5 and not ray.is_initialized()
 
 
-@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_without_an_address_a_new_local_instance_starts_beside_a_recorded_cluster(monkeypatch):
     """`ray start` records its cluster in Ray's temporary folder, and ray.init without an address
     joins it, refusing num_cpus: "capas study --executor ray" failed on the machine of a `ray start
@@ -145,7 +144,6 @@ def test_a_killed_ray_worker_is_retried_and_the_study_finishes(local_ray, tmp_pa
     assert killed[0] not in {row.result["worker"]["pid"] for row in rows.values()}
 
 
-@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_an_interrupted_driver_resumes_without_repeating_finished_runs(
     local_ray, tmp_path, study_path, monkeypatch
 ):

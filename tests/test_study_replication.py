@@ -142,7 +142,6 @@ def test_bad_adaptive_seeds_are_rejected(seeds, message, adaptive, study_file):
         load_study(study_file(adaptive(seeds)))
 
 
-@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_a_real_study_stops_each_variant_for_its_own_reason(tmp_path, adaptive, study_file):
     # lr: 0.003 instead of 0.001 after one epoch moves test accuracy by several pp from seed to seed
     # (200 test images); a target of 100 pp is met at min, one of 0.01 pp never is
@@ -251,7 +250,6 @@ def test_a_seed_beyond_min_finished_under_other_settings_is_refused_not_reported
         assert store.get_meta("study")["seeds"] == [2]  # the store still describes the study it holds
 
 
-@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_a_rerun_retries_a_failed_run_of_a_later_round(tmp_path, adaptive, study_file):
     # GAP's seed 2 (its second round) failed: its run directory's place held a file. `capas study`
     # said "rerun the same command to retry them"; the rerun counted the seed as tried and kept it failed.

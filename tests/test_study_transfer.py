@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import yaml
 from rich.console import Console
 
@@ -14,7 +13,6 @@ from capas.study.run import run_study
 EXAMPLE = Path(__file__).parent.parent / "examples" / "studies" / "frozen-layers.yaml"
 
 
-@pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_frozen_layers_study_runs_and_reports_what_was_unfrozen(tmp_path):
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["base"]["spec"]["input_shape"] = [32, 32, 3]  # the smallest input EfficientNet-Lite0 takes: fast
