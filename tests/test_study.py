@@ -83,6 +83,23 @@ def test_change_kinds_refer_to_base_layers_by_index_or_name(study_doc, study_fil
     assert variant.origins == (0, None, 1, 3, 4)
 
 
+def test_inserts_after_one_layer_are_built_in_the_files_order(study_doc, study_file):
+    # Conv2D, then BatchNormalization, then an Activation, written as two inserts after the Conv2D:
+    # each used to go right after it, so the second came first (Conv2D, Activation, BatchNormalization)
+    alternative = {
+        "name": "bn-relu",
+        "insert": [
+            {"after": 0, "layer": "BatchNormalization"},
+            {"after": 0, "layer": {"Activation": {"activation": "relu"}}},
+            {"before": 1, "layer": {"Dropout": {"rate": 0.1}}},
+        ],
+    }
+    doc = study_doc(variations=[{"name": "v", "alternatives": [alternative]}])
+    variant = load_study(study_file(doc)).variants[1]
+    types = [next(iter(item)) if isinstance(item, dict) else item for item in variant.spec["layers"]]
+    assert types[:5] == ["Conv2D", "BatchNormalization", "Activation", "Dropout", "MaxPooling2D"]
+
+
 @pytest.mark.parametrize(
     ("alternative", "message"),
     [

@@ -71,6 +71,7 @@ class Draft:
     data: dict
     base_names: list[str]
     extras: dict = field(default_factory=dict)
+    inserted_after: dict[int, int] = field(default_factory=dict)  # base index -> layers inserted after it
 
     def position(self, ref: Any, kind: str) -> int:
         """Where base layer `ref` (an index or a name) is now in `layers`."""
@@ -160,7 +161,11 @@ def _insert(draft: Draft, args: Any) -> None:
         raise CapasError(
             f"insert: expected 'layer' and one of 'before' or 'after', got {', '.join(map(str, args))}"
         )
-    position = draft.position(args[where[0]], "insert") + (where[0] == "after")
+    position = draft.position(args[where[0]], "insert")
+    if where[0] == "after":  # behind the layers inserted after it before: the file's order
+        index = draft.layers[position][0]
+        position += 1 + draft.inserted_after.get(index, 0)
+        draft.inserted_after[index] = draft.inserted_after.get(index, 0) + 1
     draft.layers.insert(position, (None, _layer_item(position, args["layer"], "insert")))
 
 
