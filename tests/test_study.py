@@ -108,6 +108,12 @@ def test_inserts_after_one_layer_are_built_in_the_files_order(study_doc, study_f
             r"variation 'v', alternative 'a': remove: no layer named 'dense_7'.*its layers are",
         ),
         ({"remove": 9}, r"variation 'v', alternative 'a': remove: layer index 9 is out of range"),
+        # the study file's keys, not capas compress' options
+        ({"compress": {"quantize": "int4"}}, r"alternative 'a': compress\.quantize 'int4': allowed int8"),
+        (
+            {"compress": {}},
+            r"alternative 'a': .*choose one method: compress\.quantize int8\|dynamic or compress\.prune",
+        ),
         (
             {"keywords": {"dense": {"rate": 0.5}}},
             r"variation 'v', alternative 'a': keywords: .*unknown keyword 'rate'",

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import capas
@@ -113,21 +114,26 @@ def compress_run(
 
 
 def check_method(
-    quantize: str | None, prune: float | None, finetune_epochs: int = COMPRESS.finetune_epochs
+    quantize: str | None,
+    prune: float | None,
+    finetune_epochs: int = COMPRESS.finetune_epochs,
+    field: Callable[[str], str] = lambda name: f"--{name.replace('_', '-')}",
 ) -> None:
-    """Refuse a bad choice of method before any work is done (studies call this when they load)."""
+    """Refuse a bad choice of method before any work is done (studies call this when they load, with
+    `field` naming their keys instead of the command's options)."""
     if (quantize is None) == (prune is None):
-        raise CapasError("choose one method: --quantize int8|dynamic or --prune AMOUNT")
+        raise CapasError(f"choose one method: {field('quantize')} int8|dynamic or {field('prune')} AMOUNT")
     if quantize is not None and quantize not in QUANTIZE:
-        raise CapasError(f"--quantize {quantize!r}: allowed {', '.join(QUANTIZE)}")
+        raise CapasError(f"{field('quantize')} {quantize!r}: allowed {', '.join(QUANTIZE)}")
     if prune is not None and (
         isinstance(prune, bool) or not isinstance(prune, int | float) or not 0.0 < prune < 1.0
     ):
         raise CapasError(
-            f"--prune {prune}: the fraction of weights or channels to remove must lie strictly between 0 and 1"
+            f"{field('prune')} {prune}: the fraction of weights or channels to remove must lie strictly "
+            "between 0 and 1"
         )
     if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
-        raise CapasError(f"--finetune-epochs {finetune_epochs}: must be a whole number, 0 or more")
+        raise CapasError(f"{field('finetune_epochs')} {finetune_epochs}: must be a whole number, 0 or more")
 
 
 def default_out(run_dir: Path, quantize: str | None, prune: float | None, structured: bool) -> Path:

@@ -242,7 +242,12 @@ def _compress(draft: Draft, args: Any) -> None:
         raise CapasError(
             f"compress: unknown key(s) {', '.join(map(str, unknown))}; allowed: quantize, prune, structured, finetune_epochs"
         )
-    check_method(args.get("quantize"), args.get("prune"), args.get("finetune_epochs", 0))
+    check_method(
+        args.get("quantize"),
+        args.get("prune"),
+        args.get("finetune_epochs", 0),
+        lambda name: f"compress.{name}",
+    )
     if args.get("quantize") is not None and {"structured", "finetune_epochs"} & set(args):
         raise CapasError(
             "compress: structured and finetune_epochs are prune's options; quantize takes neither"
