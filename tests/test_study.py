@@ -357,7 +357,9 @@ def test_study_runs_writes_report_and_skips_finished_runs(tmp_path, study_doc, s
     assert (out / "report.md").read_text() == md  # the report comes from the store alone
 
     doc["base"]["train"]["epochs"] = 2
-    with pytest.raises(CapasError, match=r"changed since these runs finished.*train.epochs: 1 -> 2"):
+    with pytest.raises(
+        CapasError, match=r"changed since these runs finished.*newer capas\): .*train.epochs: 1 -> 2"
+    ):
         run_study(study_file(doc), out=out, workers=1, console=console)
 
     # The store deleted, the run directories left: they are read back only under their own settings

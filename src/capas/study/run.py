@@ -134,7 +134,8 @@ def plan(
             changed_done.append(f"{rid} ({'; '.join(what[:4])})")
     if changed_done:
         raise CapasError(
-            f"{study.source} changed since these runs finished in {directory}: {', '.join(changed_done)}. "
+            f"the settings {study.source} gives changed since these runs finished in {directory} (an edit of "
+            f"the file, or another default of a newer capas): {', '.join(changed_done)}. "
             "Their results would mix with the new settings; use another --out directory, or delete those runs' "
             "folders and rows to retrain them."
         )
