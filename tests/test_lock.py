@@ -127,3 +127,26 @@ def test_a_second_train_into_the_same_run_directory_is_refused(tmp_path):
         _stop(first)
     with exclusive(out, "run directory"):
         pass
+
+
+def test_a_refused_command_leaves_no_folder_behind(tmp_path):
+    """A train refused after it locked its new --out (here: ema.every beyond its steps) left the folder
+    holding only .capas.lock, and the folders above it that it made."""
+    from capas.spec import DataConfig, ModelSpec, TrainConfig
+    from capas.train import train
+
+    spec = ModelSpec.from_dict(
+        {"name": "tiny", "input_shape": [8, 8, 1], "layers": ["Flatten", {"Dense": {"units": 10}}]}
+    )
+    out = tmp_path / "runs" / "tiny"
+    cfg = TrainConfig(epochs=1, ema={"every": 100000}, device="cpu")
+    with pytest.raises(CapasError, match=r"^ema\.every is 100000 optimizer steps"):
+        train(spec, DataConfig(name="digits"), cfg, out)
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "kept"  # a folder that was there before stays, as do the files a command wrote
+    kept.mkdir()
+    with pytest.raises(CapasError, match="refused"), exclusive(kept, "run directory"):
+        raise CapasError("refused")
+    with exclusive(out, "run directory"):
+        (out / "checkpoint.safetensors").write_bytes(b"")
+    assert kept.is_dir() and (out / "checkpoint.safetensors").exists()

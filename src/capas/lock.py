@@ -40,9 +40,12 @@ def _holder(file: Path) -> str:
 def exclusive(directory: str | Path, what: str) -> Iterator[None]:
     """Hold DIR/.capas.lock for the body; a CapasError naming the holder if another process has it.
 
-    `what` names the directory in the message ("study directory", "run directory").
+    `what` names the directory in the message ("study directory", "run directory"). Folders this call
+    made that hold nothing but the lock at the end (the command was refused before writing anything)
+    are removed: a refused command leaves nothing behind.
     """
     directory = Path(directory)
+    made = [folder for folder in (directory, *directory.parents) if not folder.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -58,6 +61,7 @@ def exclusive(directory: str | Path, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            made = []  # the holder's folder, not this call's
             raise CapasError(
                 f"{directory}: this {what} is in use by {_holder(file)}; wait for it to finish or stop it "
                 "(its finished work is kept), then rerun"
@@ -72,4 +76,11 @@ def exclusive(directory: str | Path, what: str) -> Iterator[None]:
         os.pwrite(fd, json.dumps(info).encode(), 0)
         yield
     finally:
+        if made and directory.is_dir() and [entry.name for entry in directory.iterdir()] == [LOCK]:
+            file.unlink()
+            for folder in made:  # innermost first; stops at one that holds something
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         os.close(fd)  # releases the lock
