@@ -554,6 +554,30 @@ def test_markdown_shows_html_in_a_name_or_an_error_as_text(tiny_study, study_fil
     assert not re.search(r"(?<!\\)<[A-Za-z/!?]", text)
 
 
+def test_markdown_shows_emphasis_and_code_marks_in_names_as_text(tiny_study, study_file):
+    """Variant, study and layer names are any text: report.md showed '*GAP*' in italics, '__x__' in bold
+    and a name in backticks as code, in the tables, headings and sentences alike."""
+    names = {
+        "name": "head",
+        "alternatives": [
+            {
+                "name": "*GAP* __x__ `y`",
+                "replace": {"layer": "flatten", "with": {"GlobalAveragePooling2D": {"name": "gap_*a*_"}}},
+            }
+        ],
+    }
+    study = load_study(study_file(tiny_study(name="tiny_*", variations=[names])))
+    text = markdown(
+        document(report_of(study, {"Flatten": [0.80, 0.82], "*GAP* __x__ `y`": [0.70, 0.72]}), [])
+    )
+    shown = r"\*GAP\* \_\_x\_\_ \`y\`"
+    assert text.startswith(r"# Study: tiny\_\*") and f"### {shown}\n" in text
+    assert f"| {shown} | " in text and f"\n- {shown} instead of Flatten: " in text
+    assert r"gap\_\*a\*\_ (GlobalAveragePooling2D)" in text
+    assert "/test_markdown_shows_emphasis" in text  # the study file's path: '_' inside a word stays
+    assert not re.search(r"(?<!\\)[*`]", text)
+
+
 INT8 = {"name": "q", "alternatives": [{"name": "int8", "compress": {"quantize": "int8"}}]}
 
 
