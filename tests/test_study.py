@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sqlite3
 from pathlib import Path
 
@@ -100,6 +101,31 @@ def test_inserts_after_one_layer_are_built_in_the_files_order(study_doc, study_f
     assert types[:5] == ["Conv2D", "BatchNormalization", "Activation", "Dropout", "MaxPooling2D"]
 
 
+def test_the_order_of_changes_in_the_file_does_not_matter(study_doc, study_file):
+    """A mapping's key order means nothing in YAML: `remove: dropout` written before `insert: {before:
+    dropout}` was refused ('already removed by another change'), written after it built the model; a
+    keywords change then a remove of one layer was built silently (the keywords lost), the other way
+    round refused."""
+    insert = {"before": "dropout", "layer": "BatchNormalization"}
+    built = []
+    for alternative in ({"remove": "dropout", "insert": insert}, {"insert": insert, "remove": "dropout"}):
+        doc = study_doc(variations=[{"name": "v", "alternatives": [{"name": "bn", **alternative}]}])
+        built.append(load_study(study_file(doc)).variants[1].spec["layers"])
+    assert built[0] == built[1] and built[0][2] == "BatchNormalization" and DROPOUT not in built[0]
+    # in a grid, the conflict is the combination's: the error names the variant the report would show
+    remove = {"name": "no-dropout", "alternatives": [{"name": "none", "remove": "dropout"}]}
+    rate = {"name": "rate", "alternatives": [{"name": "low", "keywords": {"dropout": {"rate": 0.1}}}]}
+    for variations, variant in (([remove, rate], "none+low"), ([rate, remove], "low+none")):
+        with pytest.raises(
+            CapasError,
+            match=re.escape(
+                f"variant '{variant}', variation 'no-dropout', alternative 'none': remove: layer "
+            )
+            + "'dropout' is also changed by keywords; a variant cannot both change and remove a layer",
+        ):
+            load_study(study_file(study_doc(design="grid", variations=variations)))
+
+
 @pytest.mark.parametrize(
     ("alternative", "message"),
     [
@@ -108,6 +134,15 @@ def test_inserts_after_one_layer_are_built_in_the_files_order(study_doc, study_f
             r"variation 'v', alternative 'a': remove: no layer named 'dense_7'.*its layers are",
         ),
         ({"remove": 9}, r"variation 'v', alternative 'a': remove: layer index 9 is out of range"),
+        (
+            {
+                "replace": [
+                    {"layer": 3, "with": "GlobalMaxPooling2D"},
+                    {"layer": 3, "with": "GlobalAveragePooling2D"},
+                ]
+            },
+            r"alternative 'a': replace: layer 'flatten' is already replaced by another change",
+        ),
         # the study file's keys, not capas compress' options
         ({"compress": {"quantize": "int4"}}, r"alternative 'a': compress\.quantize 'int4': allowed int8"),
         (

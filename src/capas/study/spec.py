@@ -19,8 +19,11 @@
 
 An alternative is a mapping of change kinds (the KINDS registry) to their arguments; a list applies
 each item in turn. Layers are referred to by their index or their name in the *base* spec, so
-changes from different variations compose in a grid. Every variant is validated (spec shapes,
-training config) before anything trains, and errors name the variation and alternative.
+changes from different variations compose in a grid. A variant's changes apply kind by kind, whatever
+their order in the file: replace, keywords (of the replaced layer too), insert (before or after a layer
+that is removed too), remove (of a layer no other change replaces or changes). Every variant is
+validated (spec shapes, training config) before anything trains, and errors name the variation and
+alternative (and the variant, for a grid's combination).
 
 Adaptive replication trains `min` seeds of every variant, then adds seeds to each variant whose 95%
 confidence interval of the test-accuracy difference from the base is wider than ±target_halfwidth_pp,
@@ -72,6 +75,7 @@ class Draft:
     base_names: list[str]
     extras: dict = field(default_factory=dict)
     inserted_after: dict[int, int] = field(default_factory=dict)  # base index -> layers inserted after it
+    changed: dict[int, str] = field(default_factory=dict)  # base index -> the kind that changed it
 
     def position(self, ref: Any, kind: str) -> int:
         """Where base layer `ref` (an index or a name) is now in `layers`."""
@@ -112,7 +116,9 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {}
-"""Change kinds by the key users write in an alternative: adding one touches only this registry."""
+"""Change kinds by the key users write in an alternative: adding one touches only this registry. A variant
+applies its changes kind by kind in this order (replace, keywords, insert, remove, ...), several of one
+kind in the file's order: the order of keys in a mapping means nothing in YAML."""
 
 
 def kind(name: str, after_train: AfterTrain | None = None) -> Callable[[KindApply], KindApply]:
@@ -148,8 +154,29 @@ def _replace(draft: Draft, args: Any) -> None:
             f"replace: expected exactly the keys 'layer' and 'with', got {', '.join(map(str, args))}"
         )
     position = draft.position(args["layer"], "replace")
+    origin = draft.layers[position][0]
+    if draft.changed.get(origin) == "replace":  # two layers for one place: the file's order would pick one
+        raise CapasError(f"replace: layer {draft.base_names[origin]!r} is already replaced by another change")
+    draft.changed[origin] = "replace"
     # the new layer keeps the old one's place: the diff shows it as replaced, later references reach it
-    draft.layers[position] = (draft.layers[position][0], _layer_item(position, args["with"], "replace"))
+    draft.layers[position] = (origin, _layer_item(position, args["with"], "replace"))
+
+
+@kind("keywords")
+def _keywords(draft: Draft, args: Any) -> None:
+    """keywords: {REF: {keyword: value}}; a null value goes back to Keras' default."""
+    for ref, values in _mapping(args, "keywords", "layer references as keys").items():
+        values = _mapping(values, f"keywords of {ref!r}", "keyword: value pairs")
+        position = draft.position(ref, "keywords")
+        origin, item = draft.layers[position]
+        draft.changed.setdefault(origin, "keywords")
+        type_name, current = (item, {}) if isinstance(item, str) else next(iter(item.items()))
+        merged = {**(current or {}), **values}
+        merged = {k: v for k, v in merged.items() if v is not None}
+        draft.layers[position] = (
+            origin,
+            _layer_item(position, {type_name: merged} if merged else type_name, "keywords"),
+        )
 
 
 @kind("insert")
@@ -172,23 +199,14 @@ def _insert(draft: Draft, args: Any) -> None:
 @kind("remove")
 def _remove(draft: Draft, args: Any) -> None:
     """remove: REF"""
-    del draft.layers[draft.position(args, "remove")]
-
-
-@kind("keywords")
-def _keywords(draft: Draft, args: Any) -> None:
-    """keywords: {REF: {keyword: value}}; a null value goes back to Keras' default."""
-    for ref, values in _mapping(args, "keywords", "layer references as keys").items():
-        values = _mapping(values, f"keywords of {ref!r}", "keyword: value pairs")
-        position = draft.position(ref, "keywords")
-        origin, item = draft.layers[position]
-        type_name, current = (item, {}) if isinstance(item, str) else next(iter(item.items()))
-        merged = {**(current or {}), **values}
-        merged = {k: v for k, v in merged.items() if v is not None}
-        draft.layers[position] = (
-            origin,
-            _layer_item(position, {type_name: merged} if merged else type_name, "keywords"),
+    position = draft.position(args, "remove")
+    origin = draft.layers[position][0]
+    if origin in draft.changed:  # applied after replace and keywords: their change would vanish unseen
+        raise CapasError(
+            f"remove: layer {draft.base_names[origin]!r} is also changed by {draft.changed[origin]}; "
+            "a variant cannot both change and remove a layer"
         )
+    del draft.layers[position]
 
 
 def _set_dotted(target: dict, path: str, value: Any, kind_name: str) -> None:
@@ -474,16 +492,21 @@ def _base_run(raw: Any, folder: Path, source: str) -> tuple[dict, dict]:
 
 def _resolve(base: Draft, choices: list[tuple[Variation, Alternative]], name: str, source: str) -> Variant:
     draft = copy.deepcopy(base)
-    for variation, alternative in choices:
-        where = f"{source}: variation {variation.name!r}, alternative {alternative.name!r}"
-        for key, args in alternative.changes.items():
-            try:
-                for item in (
-                    args if isinstance(args, list) and key in ("replace", "insert", "remove") else [args]
-                ):
-                    KINDS[key].apply(draft, item)
-            except CapasError as error:
-                raise CapasError(f"{where}: {error}") from None
+    changes = [
+        (variation, alternative, key, item)
+        for variation, alternative in choices
+        for key, args in alternative.changes.items()
+        for item in (args if isinstance(args, list) and key in ("replace", "insert", "remove") else [args])
+    ]
+    order = list(KINDS)
+    for variation, alternative, key, item in sorted(changes, key=lambda change: order.index(change[2])):
+        where = f"variation {variation.name!r}, alternative {alternative.name!r}"
+        if len(choices) > 1:  # a grid's combination: name the variant the report would show
+            where = f"variant {name!r}, {where}"
+        try:
+            KINDS[key].apply(draft, item)
+        except CapasError as error:
+            raise CapasError(f"{source}: {where}: {error}") from None
     where = (
         f"{source}: variant {name!r} ({'; '.join(f'{v.name}: {a.name}' for v, a in choices) or 'the base'})"
     )
