@@ -137,6 +137,22 @@ def test_a_file_the_disk_cannot_take_is_one_line_naming_it(tmp_path, files_up_to
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
 
 
+def test_a_run_directory_the_disk_cannot_take_names_the_file_asked_for(tmp_path, files_up_to_4k):
+    """`capas compress --out run` on a full disk named the staging folder's file, .run.k2x9…/model.safetensors."""
+    from capas.errors import CapasError
+    from capas.runs import staging
+
+    out = tmp_path / "run"
+    with (
+        files_up_to_4k(),
+        pytest.raises(CapasError) as error,
+        staging(out) as tmp,
+    ):
+        atomic.write_bytes(tmp / "model.safetensors", bytes(8192))
+    assert str(error.value) == f"{out / 'model.safetensors'}: cannot write it (File too large)"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("name", ["r" * 250, "é" * 127])  # 250 and 254 bytes: names a folder may hold
 def test_a_long_name_is_written_and_replaced(tmp_path, name):
     """A run directory named with 250 characters failed after the whole training: its hidden staging

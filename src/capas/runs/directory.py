@@ -278,6 +278,9 @@ def staging(out: Path, replace: bool = True) -> Iterator[Path]:
         atomic.sync_folder(out.parent)  # the files inside were flushed as written; this keeps the renames
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except CapasError as error:  # a full disk: name the file the user asked for, not its hidden folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CapasError(str(error).replace(str(tmp), str(out))) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
