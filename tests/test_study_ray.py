@@ -23,7 +23,7 @@ ray = pytest.importorskip("ray")
 from capas.errors import CapasError  # noqa: E402
 from capas.runs import load_run  # noqa: E402
 from capas.study.executors import PoolExecutor, RunTask  # noqa: E402
-from capas.study.ray_executor import PROBE, RayExecutor, _deliver, _worker_run  # noqa: E402
+from capas.study.ray_executor import PROBE, RayExecutor, _check_reachable, _deliver, _worker_run  # noqa: E402
 from capas.study.run import run_study  # noqa: E402
 from capas.study.spec import load_study  # noqa: E402
 from capas.study.store import Store  # noqa: E402
@@ -60,6 +60,29 @@ def test_an_address_nothing_answers_on_is_refused_at_once():
     started = time.monotonic()
     with pytest.raises(CapasError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
         RayExecutor(address=f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 5 and not ray.is_initialized()
+
+
+def test_an_address_that_is_not_a_ray_head_is_refused_at_once():
+    """A port that answers, but not as a Ray head (here a web server's): ray.init retried it for good,
+    logging 'Failed to get cluster ID from GCS server' every 30 s."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            client, _ = server.accept()
+            with client:
+                client.recv(1024)
+                client.sendall(b"HTTP/1.0 400 Bad request\r\n\r\n")
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        started = time.monotonic()
+        with pytest.raises(CapasError, match=f"^127.0.0.1:{port} answers, but not as a Ray cluster's head"):
+            RayExecutor(address=f"127.0.0.1:{port}")
+        thread.join()
     assert time.monotonic() - started < 5 and not ray.is_initialized()
 
 
@@ -176,6 +199,10 @@ def test_an_interrupted_driver_resumes_without_repeating_finished_runs(
     with sqlite3.connect(database) as con:
         after = dict(con.execute("SELECT id, finished FROM runs WHERE status = 'done'").fetchall())
     assert len(after) == RUNS and all(after[rid] == before[rid] for rid in before)
+
+
+def test_a_ray_head_passes_the_check_of_its_address(local_ray):
+    _check_reachable(ray.get_runtime_context().gcs_address)  # its answer: an HTTP/2 SETTINGS frame
 
 
 def test_a_cluster_lost_mid_study_is_one_line_naming_the_rerun(local_ray):

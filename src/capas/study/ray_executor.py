@@ -18,6 +18,7 @@ run's directory; the worker reads it:
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import socket
@@ -48,7 +49,10 @@ def probe_path(out: Path) -> Path:
 
 
 MAX_RETRIES = 2  # re-executions of a run whose worker process died
-CONNECT_SECONDS = 10  # to reach a cluster's HEAD:PORT before Ray is asked to join it
+CONNECT_SECONDS = 10  # to reach a cluster's HEAD:PORT, and for its answer, before Ray is asked to join it
+# A Ray head's port (its GCS) speaks gRPC, HTTP/2 in clear unless RAY_USE_TLS: an HTTP/2 server answers
+# the client's connection preface with a SETTINGS frame (type 4, the 4th byte of a frame's header)
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 
 
 def _worker_run(task: dict, events: Queue, token: str, threads: int) -> dict:
@@ -95,18 +99,31 @@ def _deliver(ray_future: Future, future: Future, out: Path) -> None:
 
 
 def _check_reachable(address: str) -> None:
-    """Refuse a HEAD:PORT that nothing answers on: Ray itself retries such an address for minutes,
-    logging a warning every few seconds, before it gives up."""
+    """Refuse a HEAD:PORT that nothing answers on, or something other than a Ray head (a web server):
+    Ray itself retries such an address for minutes, or for good, logging a warning every few seconds."""
     host, sep, port = address.split("://")[-1].rpartition(":")
     if not sep or not port.isdigit():
         return  # 'auto' and other forms that Ray resolves itself
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+        connection = socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS)
     except OSError as error:
         raise CapasError(
             f"cannot reach the Ray cluster at {address} ({error}): start it there with "
             f"`ray start --head --port={port}`, or leave out --address for a local Ray instance"
         ) from None
+    with connection:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return  # its handshake is TLS's, not checked here
+        try:
+            connection.sendall(HTTP2_PREFACE)
+            answer = connection.recv(4, socket.MSG_WAITALL)
+        except OSError:  # no answer within CONNECT_SECONDS, or the connection closed
+            answer = b""
+    if answer[3:4] != b"\x04":
+        raise CapasError(
+            f"{address} answers, but not as a Ray cluster's head (its port speaks gRPC): give the address "
+            "`ray start --head` printed, or leave out --address for a local Ray instance"
+        )
 
 
 def require_ray() -> None:
