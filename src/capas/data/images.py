@@ -3,13 +3,16 @@ uint8 (C, H, W) tensors here, so a model sees the same pixels wherever its image
 
 How image modes become 8-bit pixels (the rules a user can rely on):
 - EXIF orientation is applied (a phone photo taken upright is upright), as image viewers do.
-- 16-bit images (PNG, TIFF, and PGM deeper than 8 bits) are scaled from 0..65535 to 0..255 (value × 255 / 65535, rounded).
+- 16-bit grey images (PNG, TIFF, and PGM deeper than 8 bits) are scaled from 0..65535 to 0..255
+  (value × 255 / 65535, rounded); 16-bit PNGs with colour or alpha keep each value's high byte
+  (value // 256), which is all Pillow decodes of them (as RGB or RGBA, grey with alpha included):
+  within one level of the scaled value.
 - 32-bit integer images: values already within 0..255 are kept; within 0..65535 they are scaled as
   16-bit; otherwise the image's own minimum..maximum is stretched to 0..255.
 - 32-bit float images: values within 0..1 are scaled by 255; within 0..255 kept; otherwise the
   image's minimum..maximum is stretched to 0..255 (NaN becomes 0).
 - Transparent pixels are composited on a white background (BACKGROUND), as a browser shows them.
-- Grey images (with or without alpha, any depth) keep 1 channel; every other mode becomes RGB.
+- Grey images (with or without alpha, any depth but 16-bit with alpha) keep 1 channel; every other mode becomes RGB.
 """
 
 from __future__ import annotations
