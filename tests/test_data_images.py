@@ -72,6 +72,14 @@ def test_large_images_shrink_while_decoding_to_twice_the_model_size():
     assert abs(shrunk.float().mean().item() - 90) < 2
 
 
+def test_images_a_training_folder_may_hold_decode_whole_whatever_the_model_size():
+    """A 256×256 image for a 28×28 model was shrunk while decoding, so `capas serve` gave the model
+    other pixels than training, which decodes a folder's images whole."""
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)).save(noise, "PNG")
+    assert torch.equal(read_image(noise.getvalue(), size=(28, 28)), read_image(noise.getvalue()))
+
+
 def test_pixel_limit_is_checked_before_decoding():
     with pytest.raises(CapasError, match=r"bomb.png: .*pixels"):
         read_image(hostile.bomb_png(), name="bomb.png")

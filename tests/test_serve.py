@@ -77,6 +77,11 @@ def test_prediction_equals_capas_predict(client, tiny_run, test_images, tmp_path
     for i in range(3):
         paths.append(tmp_path / f"{i}.png")
         paths[-1].write_bytes(png(images[i]))
+    # 4× the model's input on each side, as a folder of larger images trains: the server shrank it
+    # while decoding (a box average before the resize), so it reached the model as other pixels
+    paths[2].write_bytes(
+        png(images[2].repeat_interleave(4, 1).repeat_interleave(4, 2) // 2 + images[3].repeat(1, 4, 4) // 2)
+    )
     # on the device the server picks ("auto"): a GPU's kernels round differently from the CPU's
     expected = predict_files(load_run(tiny_run, device=resolve_device("auto")), paths)
     # multipart, several files in one request

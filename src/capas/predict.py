@@ -50,7 +50,8 @@ def predict(run: Run, images: Iterable[torch.Tensor]) -> list[Prediction]:
 
 def predict_files(run: Run, paths: list[str | Path]) -> list[Prediction]:
     """`predict` on image files, each decoded whole as training decodes a folder's images: a file
-    shrunk while it decodes (as `capas serve` does, to bound a request's memory) has other pixels."""
+    shrunk while it decodes (as `capas serve` does above a million pixels, to bound a request's
+    memory) has other pixels."""
     if isinstance(paths, str | Path):  # iterated, a path is its characters: files '/', 't', …
         raise CapasError(f"paths: a list of image files, got one path {str(paths)!r}; pass [{str(paths)!r}]")
     return predict(run, (read_image(Path(p)) for p in paths))

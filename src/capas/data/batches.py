@@ -3,7 +3,7 @@ whole-batch tensor operations (no per-image Python loop), so they run as fast on
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -62,9 +62,10 @@ class Preprocess(BaseModel):
             x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
         return x if enlarging else self._scale(x)
 
-    def each(self, images: list[torch.Tensor]) -> torch.Tensor:
+    def each(self, images: Iterable[torch.Tensor]) -> torch.Tensor:
         """uint8 (C, H, W) images of any sizes, each preprocessed alone -> one (N, channels, *size) batch:
-        nothing full-size is ever stacked, so memory follows the model's input size."""
+        nothing full-size is ever stacked (from an iterator, one full-size image exists at a time), so
+        memory follows the model's input size."""
         return torch.cat([self(image.unsqueeze(0)) for image in images])
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,11 @@ from capas.errors import CapasError
 # the multi-picture JPEGs of phone cameras (Pillow's MPO); PPM covers PBM, PGM and PPM.
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
+# With a model's size, larger images are shrunk while decoding (a 4000×4000 one costs 64 MB whole);
+# smaller ones decode whole, as a training folder's images do, so that they reach the model as the
+# tensor training made of them: shrinking first (a box average before the resize) moves pixels by
+# up to 9/255
+SHRINK_ABOVE = 2**20  # pixels: 1024×1024
 # larger files are refused unread past this: more than any image of MAX_PIXELS needs, uncompressed
 # at 16 bits in four channels; a device or pipe that never ends (/dev/zero) stops here
 MAX_BYTES = 512 * 2**20
@@ -91,9 +96,10 @@ def read_image(
 
     The size is checked from the header before any pixel is decoded, so a tiny file that claims
     20,000×20,000 pixels is refused without allocating memory for it. With `size` (the model's
-    input (H, W)), a large image is shrunk while it is decoded (JPEG's DCT scaling, then an integer
-    box reduction) to no less than twice `size`, so a 4000×4000 photo for a 28×28 model never
-    exists as a full-size array; the caller's Preprocess does the final antialiased resize.
+    input (H, W)), an image of more than SHRINK_ABOVE pixels is shrunk while it is decoded (JPEG's
+    DCT scaling, then an integer box reduction) to no less than twice `size`, so a 4000×4000 photo
+    for a 28×28 model never exists as a full-size array; the caller's Preprocess does the final
+    antialiased resize.
     """
     label = _label(source, name)
     raw = _raw(source, label)
@@ -101,6 +107,8 @@ def read_image(
         width, height = image.size
         if width * height > max_pixels:
             raise CapasError(f"{label}: {width}×{height} pixels is more than the {max_pixels:,} allowed")
+        if width * height <= SHRINK_ABOVE:
+            size = None  # decoded whole, as training decodes a folder's images: the same pixels
         orientation = image.getexif().get(ORIENTATION, 1)
         if size is not None and orientation in (5, 6, 7, 8):
             size = (size[1], size[0])  # the stored image is rotated a quarter turn

@@ -212,8 +212,9 @@ def model_inputs(
     """Decode and preprocess one request's images to (n, C, H, W) float model inputs (on a worker thread).
 
     The request's pixels are counted from the headers before anything is decoded; each image is
-    shrunk while decoding to about twice the model's input size and preprocessed alone, so the
-    memory a request costs follows its pixel count only while one image decodes, never n × full size.
+    decoded (a large one shrunk while decoding to about twice the model's input size: read_image)
+    and preprocessed before the next, so the memory a request costs follows its pixel count only
+    while one image decodes, never n × full size.
     """
     try:
         pixels = 0
@@ -230,11 +231,10 @@ def model_inputs(
                 f"body: {pixels:,} pixels in {len(parts)} images, more than the {settings.max_request_pixels:,} "
                 "allowed per request; send fewer or smaller images",
             )
-        images = [
+        return preprocess.each(
             read_image(raw, name=name, max_pixels=settings.max_pixels, size=preprocess.size)
             for name, raw in parts
-        ]
-        return preprocess.each(images)
+        )
     except CapasError as error:
         raise HTTPException(422, str(error)) from None
 
