@@ -139,13 +139,16 @@ def test_a_folder_inside_a_class_is_refused(tmp_path):
 def test_every_format_the_decoder_reads_is_in_the_dataset(tmp_path):
     """README: training folders, predict and serve share one decoder for PNG, JPEG, GIF, BMP, TIFF,
     WebP and PBM/PGM/PPM; a folder took .jpg, .jpeg, .png and .webp files only and left the others
-    out without a word."""
+    out without a word; then the other names Pillow gives these formats (.jfif, a browser's JPEG
+    download on Windows, .jpe, .mpo, .apng, .pnm, .pfm), which `capas predict` decoded."""
     suffixes = ["png", "jpg", "gif", "bmp", "tif", "tiff", "webp", "ppm", "pgm", "PBM"]
+    suffixes += ["jfif", "jpe", "mpo", "apng", "pnm", "pfm"]
+    modes = {"PBM": "1", "pfm": "F"}
     for name in "ab":
         (tmp_path / name).mkdir()
         for i, suffix in enumerate(suffixes):
             image = Image.fromarray(pixels(i, "RGB", (8, 8)))
-            (image.convert("1") if suffix == "PBM" else image).save(tmp_path / name / f"{i}.{suffix}")
+            image.convert(modes.get(suffix, "RGB")).save(tmp_path / name / f"{i}.{suffix}")
     data, _ = load_dataset(f"folder:{tmp_path}")
     assert len(data) == 2 * len(suffixes)
 

@@ -17,8 +17,10 @@ from capas.data.download import cache_root
 from capas.data.images import image_size, read_image
 from capas.errors import CapasError
 
-# the file names of the formats read_image decodes (images.FORMATS): any other file is not an image
-SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pbm", ".pgm", ".ppm")
+# the file names of the formats read_image decodes (images.FORMATS), all that Pillow registers for
+# them: any other file is not an image
+SUFFIXES = (".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".gif", ".bmp", ".tif", ".tiff")
+SUFFIXES += (".webp", ".pbm", ".pgm", ".ppm", ".pnm", ".pfm")
 CACHE_FORMAT = 3  # part of the fingerprint: bump it when decoding changes, to ignore old caches
 MAX_PIXELS = 16_000_000  # per training image, checked from the header before decoding
 
