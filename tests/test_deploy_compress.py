@@ -95,6 +95,22 @@ def test_export_onnx_matches_pytorch_with_dynamic_batch(run_dir, tmp_path):
     assert check.within_tolerance and check.images == 256 and check.max_abs_logits < ATOL
 
 
+def test_export_warns_that_the_file_lacks_the_runs_test_time_augmentation(run_dir, tmp_path):
+    """A run with flip TTA exported without a word: the file's probabilities differed from capas
+    predict's by 0.01 while export printed 'same class for 100.0%' (against the model alone)."""
+    run = tmp_path / "tta"
+    shutil.copytree(run_dir, run)
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["tta"] = "flip"
+    (run / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["export", str(run), "--keras"])  # ONNX (slower to export) says the same
+    assert result.exit_code == 0, result.output
+    printed = " ".join(result.output.split())  # Rich wraps at the terminal width
+    assert "warning: " in printed and "without the run's flip test-time augmentation" in printed
+    plain = runner.invoke(app, ["export", str(run_dir), "--keras", "--out", str(tmp_path / "m.keras")])
+    assert plain.exit_code == 0 and "warning" not in plain.output
+
+
 def test_export_onnx_of_a_run_with_a_backbone(run_dir, tmp_path):
     """The exported graph left the backbone out: export and int8 failed with a matmul shape RuntimeError."""
     spec = ModelSpec.from_dict(

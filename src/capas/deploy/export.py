@@ -153,4 +153,5 @@ def export_run(
             f"{out}: ONNX Runtime's outputs differ from PyTorch's by up to {check.max_abs_logits:.2e} (logits) "
             f"on {check.images} test images, beyond atol={ATOL}, rtol={RTOL}; the file was not kept"
         )
+    run.warn_exported(out)
     return ExportResult(out, out.stat().st_size, check)

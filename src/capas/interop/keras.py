@@ -850,4 +850,6 @@ def export_keras(run_dir: str | Path, out: str | Path | None = None) -> Path:
             f"{run.path}: the model has a {run.spec.backbone.name} backbone, which has no Keras layers in capas; "
             "only models of capas' own layers export to Keras"
         )
-    return write_keras(run.model, Path(out) if out is not None else run.path / "model.keras", run.preprocess)
+    path = write_keras(run.model, Path(out) if out is not None else run.path / "model.keras", run.preprocess)
+    run.warn_exported(path)
+    return path

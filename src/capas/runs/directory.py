@@ -26,6 +26,7 @@ import platform
 import reprlib
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,18 @@ class Run:
     def read_json(self, name: str) -> dict | None:
         file = self.path / name
         return json.loads(file.read_text()) if file.exists() else None
+
+    def warn_exported(self, file: Path) -> None:
+        """Warn when `file`, an export of this run's model (one float32 forward pass), computes less
+        than capas' own predictions do: a user serving it would get other probabilities, unsaid."""
+        missing = [f"{self.tta} test-time augmentation"] if self.tta != "none" else []
+        missing += ["bfloat16 autocast"] if self.precision == "bfloat16" else []
+        if missing:
+            warnings.warn(
+                f"{file} is one float32 forward pass of the model, without the run's {' or '.join(missing)}, "
+                "which capas evaluate, predict and serve apply: its outputs differ from theirs",
+                stacklevel=3,  # the caller of the export
+            )
 
 
 def _json_object(file: Path) -> dict:
