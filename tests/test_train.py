@@ -140,7 +140,9 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
 
 def test_a_checkpoint_from_before_the_process_count_was_recorded_resumes(tmp_path):
     """Checkpoints written before their identity held `processes` (a study interrupted before an
-    upgrade) resume as one process' run, not refused as 'made with other settings'."""
+    upgrade) resume as one process' run, not refused as 'made with other settings'. One that lacks
+    other settings (capas before 2026-11-27 recorded neither splits nor train.winograd) is refused as
+    an older capas' checkpoint, not with the advice to rerun with settings the user did rerun with."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -149,10 +151,18 @@ def test_a_checkpoint_from_before_the_process_count_was_recorded_resumes(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         train(spec, data, cfg, tmp_path / "cut", callbacks=[_Crash(epoch=3)])
     checkpoint = tmp_path / "cut" / "checkpoint.safetensors"
+    tensors = load_file(str(checkpoint))
     with safe_open(str(checkpoint), framework="pt") as file:
         meta = json.loads(file.metadata()["capas"])
     del meta["identity"]["processes"]
-    save_file(load_file(str(checkpoint)), str(checkpoint), metadata={"capas": json.dumps(meta)})
+    older = json.loads(json.dumps(meta))
+    del older["identity"]["splits"], older["identity"]["train"]["winograd"]
+    save_file(tensors, str(checkpoint), metadata={"capas": json.dumps(older)})
+    with pytest.raises(
+        CapasError, match=r"checkpointed by an older capas, which did not record splits\..* more: .*--restart"
+    ):
+        train(spec, data, cfg, tmp_path / "cut")
+    save_file(tensors, str(checkpoint), metadata={"capas": json.dumps(meta)})
     resumed = train(spec, data, cfg, tmp_path / "cut")
     assert resumed["confusion_matrix"] == reference["confusion_matrix"]
     assert resumed["test_loss"] == reference["test_loss"]

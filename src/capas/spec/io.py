@@ -159,6 +159,23 @@ def flat_items(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
+def unrecorded(old: dict, new: dict) -> list[str]:
+    """The dotted keys of `new` that `old` lacks (settings an older capas did not record), as opposed to
+    ones it records with another value, for them or for a mapping above them; sorted."""
+
+    def absent(key: str) -> bool:
+        node = old
+        for part in key.split("."):
+            if not isinstance(node, dict):
+                return False
+            if part not in node:
+                return True
+            node = node[part]
+        return False
+
+    return sorted(key for key in flat_items(new) if absent(key))
+
+
 def config_changes(old: dict, new: dict) -> list[str]:
     """What differs between two configs, one "dotted.key: old -> new" per changed leaf, sorted by key."""
     before, after = flat_items(old), flat_items(new)

@@ -18,7 +18,7 @@ from capas.models import build_model, preprocess_for
 from capas.models.init import WHITENING_IMAGES, fit_whitening, whitening_layers
 from capas.runs import staging, write_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
-from capas.spec.io import config_changes
+from capas.spec.io import config_changes, unrecorded
 from capas.train import features
 from capas.train.checkpoint import checkpoint_identity
 from capas.train.loop import Callback, FitResult, fit, resolved
@@ -170,6 +170,12 @@ def _train(
     if saved is not None:  # checkpoints from before `processes` was recorded: one process' runs
         saved.setdefault("processes", 1)
     if saved is not None and saved != identity:
+        if missing := unrecorded(saved, identity):
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise CapasError(
+                f"{out} holds an unfinished run checkpointed by an older capas, which did not record {shown}: "
+                "it cannot be checked against this run's settings; add --restart to start it over"
+            )
         changes = config_changes(saved, identity)
         raise CapasError(
             f"{out} holds an unfinished run made with other settings ({'; '.join(changes)}): "
