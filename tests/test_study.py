@@ -446,6 +446,9 @@ def test_a_study_refuses_to_add_runs_on_a_folder_that_changed(tmp_path, tiny_stu
 
 
 def test_a_variant_renamed_to_a_name_with_the_same_folder_keeps_its_runs(tmp_path, tiny_study, study_file):
+    import torch
+    from safetensors.torch import save_file
+
     # 'GAP pool' and 'GAP-pool' share the folder runs/GAP-pool: plan found the finished runs by folder
     # and skipped them, the report looked them up by name and said "it finished no seed" (an adaptive
     # study asked for the same seeds again and again, for ever)
@@ -457,3 +460,27 @@ def test_a_variant_renamed_to_a_name_with_the_same_folder_keeps_its_runs(tmp_pat
     outcome = run_study(study_file(doc), out=tmp_path / "out", workers=1, console=console)
     assert (outcome.trained, outcome.skipped) == (0, 2)
     assert [sorted(v.finished) for v in outcome.report.variants] == [[0], [0]]
+
+    # A run interrupted under an older capas: its checkpoint lacks settings this one records (splits,
+    # before 2026-11-27), train refuses to resume it and says to add --restart, which `capas study`
+    # has not: every rerun failed it again. It starts over instead.
+    run = tmp_path / "out" / "runs" / "GAP-pool" / "seed-0"
+    config = json.loads((run / "config.json").read_text())
+    identity = {
+        "spec": json.loads((run / "model.json").read_text()),
+        "data": config["data"],
+        "train": config["train"],
+    }
+    metadata = {"capas": json.dumps({"identity": identity})}
+    save_file({"x": torch.zeros(1)}, str(run / "checkpoint.safetensors"), metadata=metadata)
+    with Store(tmp_path / "out" / "study.sqlite") as store:
+        store.reset("GAP-pool/seed-0")
+    again = run_study(study_file(doc), out=tmp_path / "out", workers=1, console=console)
+    assert (again.trained, again.skipped, again.failed) == (1, 1, [])
+    log = (tmp_path / "log.txt").read_text()
+    assert (
+        "GAP-pool/seed-0: its checkpoint was written by an older capas, which did not record splits; starting"
+        in log
+    )
+    loss = [{seed: r["test_loss"] for seed, r in v.finished.items()} for v in outcome.report.variants]
+    assert [{seed: r["test_loss"] for seed, r in v.finished.items()} for v in again.report.variants] == loss

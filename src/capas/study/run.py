@@ -35,13 +35,14 @@ from capas.errors import CapasError
 from capas.inference import resolve_device
 from capas.lock import exclusive
 from capas.spec import DataConfig, ModelSpec, TrainConfig
-from capas.spec.io import config_changes
+from capas.spec.io import config_changes, unrecorded
 from capas.study.executors import Executor, RunTask, make_executor
 from capas.study.render import write_report
 from capas.study.report import StudyReport, collect
 from capas.study.spec import Study, Variant, config_hash, directory_name, load_study
 from capas.study.store import RunRow, Store
 from capas.train import CHECKPOINT
+from capas.train.checkpoint import checkpoint_identity
 
 DATABASE = "study.sqlite"
 POLL_SECONDS = 0.2  # how often the driver collects progress events while runs train
@@ -150,6 +151,14 @@ def plan(
         if action == "restart":
             console.print(f"{rid}: its config changed before it finished; starting it over", highlight=False)
             shutil.rmtree(out, ignore_errors=True)
+        elif action == "resume" and (missing := _older_checkpoint(out / CHECKPOINT, config)):
+            # train would refuse to resume it for ever: the study has no --restart to give
+            console.print(
+                f"{rid}: its checkpoint was written by an older capas, which did not record {missing}; "
+                "starting it over",
+                highlight=False,
+            )
+            shutil.rmtree(out, ignore_errors=True)
         if action in ("add", "restart"):
             store.add_run(rid, variant.name, seed, config, digest)
         else:
@@ -192,6 +201,26 @@ def _finished_otherwise(out: Path, config: dict) -> list[str]:
         if value == "auto" and isinstance(made["train"], dict):
             made["train"][key] = "auto"
     return config_changes(made, asked)
+
+
+def _older_checkpoint(path: Path, config: dict) -> str:
+    """The settings this capas records that the checkpoint at `path` (an older capas') lacks, as
+    train's refusal names them; empty if it records them all, is absent or is damaged (the run then
+    fails with train's own message)."""
+    try:
+        saved = checkpoint_identity(path)
+    except CapasError:
+        return ""
+    if saved is None:
+        return ""
+    asked = {
+        "spec": ModelSpec.from_dict(config["spec"]).to_dict(),
+        "data": DataConfig.model_validate(config["data"]).model_dump(mode="json"),
+        "train": TrainConfig.model_validate(config["train"]).model_dump(mode="json"),
+        "splits": {},
+    }
+    missing = unrecorded(saved, asked)
+    return ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
 
 
 def _data_changed(study: Study, rows: dict[str, RunRow], directory: Path) -> list[str]:
