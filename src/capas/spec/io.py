@@ -160,20 +160,21 @@ def flat_items(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def unrecorded(old: dict, new: dict) -> list[str]:
-    """The dotted keys of `new` that `old` lacks (settings an older capas did not record), as opposed to
-    ones it records with another value, for them or for a mapping above them; sorted."""
+    """The settings of `new` that `old` lacks (what an older capas did not record), as opposed to ones it
+    records with another value, for them or for a mapping above them: each the shortest dotted key
+    absent from `old` (`splits` when it has none of splits' keys), sorted."""
 
-    def absent(key: str) -> bool:
-        node = old
-        for part in key.split("."):
+    def absent(key: str) -> str | None:
+        node, parts = old, key.split(".")
+        for depth, part in enumerate(parts):
             if not isinstance(node, dict):
-                return False
+                return None
             if part not in node:
-                return True
+                return ".".join(parts[: depth + 1])
             node = node[part]
-        return False
+        return None
 
-    return sorted(key for key in flat_items(new) if absent(key))
+    return sorted({missing for key in flat_items(new) if (missing := absent(key)) is not None})
 
 
 def config_changes(old: dict, new: dict) -> list[str]:

@@ -207,11 +207,11 @@ def _older_checkpoint(path: Path, config: dict) -> str:
     """The settings this capas records that the checkpoint at `path` (an older capas') lacks, as
     train's refusal names them; empty if it records them all, is absent or is damaged (the run then
     fails with train's own message)."""
-    try:
-        saved = checkpoint_identity(path)
-    except CapasError:
+    if not path.exists():
         return ""
-    if saved is None:
+    try:
+        saved = checkpoint_identity(path) or {}  # an older capas' checkpoint may record no settings
+    except CapasError:
         return ""
     asked = {
         "spec": ModelSpec.from_dict(config["spec"]).to_dict(),

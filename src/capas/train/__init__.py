@@ -167,6 +167,8 @@ def _train(
     if dist is not None:
         dist.barrier()  # no rank reads the checkpoint before rank 0 has deleted it
     saved = checkpoint_identity(checkpoint)
+    if saved is None and checkpoint.exists():
+        saved = {}  # an older capas' checkpoint, which recorded no settings
     if saved is not None:  # checkpoints from before `processes` was recorded: one process' runs
         saved.setdefault("processes", 1)
     if saved is not None and saved != identity:
