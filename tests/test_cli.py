@@ -396,6 +396,13 @@ def test_evaluate_refuses_a_folder_whose_test_split_changed(tmp_path, monkeypatc
     del config["splits"]["sha256"]  # a run made before the digests were recorded: its test split's size tells
     (run / "config.json").write_text(json.dumps(config))
     assert "no longer the one" in runner.invoke(app, ["evaluate", str(run)]).output
+    # as many images as it was tested on, other ones: such a run cannot tell (it was evaluated silently)
+    for i in range(5):
+        (tmp_path / "data" / "a" / f"new{i}.png").unlink()
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "data" / "a" / "0.png")
+    result = runner.invoke(app, ["evaluate", str(run)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 0 and "warning: " in output and "records no digest of its test split" in output
 
 
 @pytest.mark.parametrize("out", ["", "."])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import reprlib
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,12 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
             "files changed since training: added, removed or edited images, or another copy); it may "
             "now hold images the model trained on. Restore the files, or put new images in a folder "
             "of their own and name it with --data"
+        )
+    if data.name.startswith("folder:") and "sha256" not in tested and _recipe(tested) == _recipe(splits.info):
+        warnings.warn(  # a built-in dataset's files are checksummed; a folder's may have changed
+            f"{run.path / 'config.json'} records no digest of its test split (an older capas): that "
+            f"{data.name} still holds the test images of {run.path} is checked by their number only",
+            stacklevel=2,
         )
     placeholders = tuple(str(i) for i in range(len(splits.test.classes)))
     # a trained run (it records its splits) has its dataset's class names, which are 0..9 for MNIST's digits
