@@ -159,10 +159,11 @@ def flat_items(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
-def unrecorded(old: dict, new: dict) -> list[str]:
+def unrecorded(old: dict, new: dict) -> str:
     """The settings of `new` that `old` lacks (what an older capas did not record), as opposed to ones it
     records with another value, for them or for a mapping above them: each the shortest dotted key
-    absent from `old` (`splits` when it has none of splits' keys), sorted."""
+    absent from `old` (`splits` when it has none of splits' keys), sorted, the first four named
+    ("a, b, c, d and 2 more"); empty when `old` records them all."""
 
     def absent(key: str) -> str | None:
         node, parts = old, key.split(".")
@@ -174,7 +175,8 @@ def unrecorded(old: dict, new: dict) -> list[str]:
             node = node[part]
         return None
 
-    return sorted({missing for key in flat_items(new) if (missing := absent(key)) is not None})
+    missing = sorted({key for leaf in flat_items(new) if (key := absent(leaf)) is not None})
+    return ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
 
 
 def config_changes(old: dict, new: dict) -> list[str]:

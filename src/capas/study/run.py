@@ -219,8 +219,7 @@ def _older_checkpoint(path: Path, config: dict) -> str:
         "train": TrainConfig.model_validate(config["train"]).model_dump(mode="json"),
         "splits": {},
     }
-    missing = unrecorded(saved, asked)
-    return ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    return unrecorded(saved, asked)
 
 
 def _data_changed(study: Study, rows: dict[str, RunRow], directory: Path) -> list[str]:

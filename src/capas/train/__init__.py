@@ -173,9 +173,8 @@ def _train(
         saved.setdefault("processes", 1)
     if saved is not None and saved != identity:
         if missing := unrecorded(saved, identity):
-            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
             raise CapasError(
-                f"{out} holds an unfinished run checkpointed by an older capas, which did not record {shown}: "
+                f"{out} holds an unfinished run checkpointed by an older capas, which did not record {missing}: "
                 "it cannot be checked against this run's settings; add --restart to start it over"
             )
         changes = config_changes(saved, identity)
