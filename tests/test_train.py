@@ -138,6 +138,23 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert [m["epoch"] for m in history] == [1, 2, 3]
 
 
+class _CrashBeforeTest(Callback):
+    """Simulates the process dying after the last epoch's checkpoint, while it tests."""
+
+    def on_fit_end(self, result):
+        raise KeyboardInterrupt
+
+
+def test_a_resumed_run_counts_the_wall_time_of_its_earlier_processes(tmp_path):
+    """test.json's wall_seconds was the last process' alone: a run killed while testing and rerun
+    recorded 0.03 s of wall time for 0.5 s of training steps."""
+    spec, data, cfg = _small()
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, data, cfg, tmp_path / "run", callbacks=[_CrashBeforeTest()])
+    resumed = train(spec, data, cfg, tmp_path / "run")
+    assert resumed["epochs_run"] == 3 and resumed["wall_seconds"] >= resumed["train_seconds"] > 0
+
+
 def test_a_checkpoint_from_before_the_process_count_was_recorded_resumes(tmp_path):
     """Checkpoints written before their identity held `processes` (a study interrupted before an
     upgrade) resume as one process' run, not refused as 'made with other settings'. One that lacks

@@ -234,7 +234,8 @@ def _train(
         "precision": cfg.precision,  # the one trained and tested in (`auto` chooses per machine)
         "bn_recalibration": cfg.bn_recalibration,
         "bn_gap": result.bn_gap,
-        "wall_seconds": time.perf_counter() - started,
+        # an interrupted run's earlier processes count too, up to the checkpoint this one resumed from
+        "wall_seconds": time.perf_counter() - started + result.earlier_seconds,
         "val_loss": result.history[result.best_epoch - 1]["val_loss"] if result.best_epoch else None,
         "val_accuracy": result.history[result.best_epoch - 1]["val_accuracy"] if result.best_epoch else None,
     }

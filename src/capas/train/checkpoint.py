@@ -60,9 +60,11 @@ def save_checkpoint(
     identity: dict | None = None,
     ema: dict[str, torch.Tensor] | None = None,
     winograd: list[str] | None = None,
+    wall_seconds: float = 0.0,
 ) -> None:
     """Everything a rerun needs to go on after `epoch` epochs; `ema` is the weight average, if any;
-    `winograd`, the convolutions train.winograd computed so far."""
+    `winograd`, the convolutions train.winograd computed so far; `wall_seconds`, the time spent in
+    `fit` to get here (FitResult.earlier_seconds of the run that resumes from it)."""
     optim_tensors, optim_plain = _split_optimizer(optimizer.state_dict())
     tensors = {**_tensors("model.", model.state_dict()), **optim_tensors}
     if best_weights is not None:
@@ -78,6 +80,7 @@ def save_checkpoint(
         "optimizer": optim_plain,
         "identity": identity,
         "winograd": winograd or [],
+        "wall_seconds": wall_seconds,
     }
     atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"capas": json.dumps(meta)}))
 
@@ -92,6 +95,7 @@ class Resumed:
     best_weights: dict[str, torch.Tensor] | None
     ema: dict[str, torch.Tensor]  # the weight average (empty without one)
     winograd: list[str]  # the convolutions train.winograd computed before the checkpoint
+    wall_seconds: float  # the time spent in `fit` up to the checkpoint
 
 
 def checkpoint_epoch(path: Path) -> int:
@@ -147,4 +151,5 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         best,
         ema,
         meta.get("winograd", []),  # not recorded by an older capas
+        meta.get("wall_seconds", meta["train_seconds"]),  # not recorded by an older capas: the steps' time
     )

@@ -47,6 +47,9 @@ class FitResult:
     best_epoch: int = 0  # 1-based epoch whose weights the model holds at the end
     stopped: str = "max epochs"  # or "early stopping", "time budget", "sample budget"
     train_seconds: float = 0.0  # time in training steps only, without evaluation
+    # wall time the processes that trained the epochs of the checkpoint it resumed from spent in `fit`
+    # up to that checkpoint (0: not resumed); train_seconds counts their steps too
+    earlier_seconds: float = 0.0
     images: int = 0
     bn_gap: dict | None = None  # batchnorm.mode_gap of the final weights (None: no BatchNorm trains)
     # train.cache_frozen: FrozenViews.record() (its seconds are in train_seconds)
@@ -156,6 +159,7 @@ def _fit(
     dist: Distributed | None,
     identity: dict | None,
 ) -> FitResult:
+    fit_started = time.perf_counter()
     device = resolve_device(cfg.device)
     if cfg.compile and device.type == "cpu":
         _check_cpp_compiler()
@@ -191,6 +195,7 @@ def _fit(
     if checkpoint is not None and (state := load_checkpoint(checkpoint, model, optimizer)) is not None:
         start_epoch, best_state = state.epoch, state.best_weights
         result.history, result.train_seconds, result.images = state.history, state.train_seconds, state.images
+        result.earlier_seconds = state.wall_seconds
         monitor.load(state.monitor["early_stopping"])
         plateau.load(state.monitor["plateau"])
         if ema is not None:
@@ -353,6 +358,7 @@ def _fit(
                 identity,
                 ema=None if ema is None else ema.tensors(),
                 winograd=None if wino is None else wino.used(),
+                wall_seconds=result.earlier_seconds + time.perf_counter() - fit_started,
             )
         if stop:
             result.stopped = stop
