@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import re
 import sqlite3
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from rich.console import Console
 from scipy import stats as scipy_stats
 
+import capas
 from capas.cpu import cpu_model
 from capas.errors import CapasError
 from capas.spec import ModelSpec
@@ -409,10 +411,19 @@ def test_study_runs_writes_report_and_skips_finished_runs(tmp_path, study_doc, s
         with Store(out / "study.sqlite") as store:
             assert not store.runs()  # refused before any row was written
     doc["base"]["train"]["epochs"] = 1
+    # a run read back names the machine it trained on, from its config.json (it named the reader's)
+    config = json.loads((run_dir / "config.json").read_text())
+    config["environment"].update(processor="Elsewhere CPU", threads=7, torch="2.0.0")
+    (run_dir / "config.json").write_text(json.dumps(config))
     rebuilt = run_study(study_file(doc), out=out, workers=1, console=console)
     assert rebuilt.failed == [] and (out / "runs" / "GAP" / "seed-1" / "test.json").is_file()
     with Store(out / "study.sqlite") as store:
         assert store.runs()["GAP/seed-1"].result["test_accuracy"] == result["test_accuracy"]  # read back
+    machines = next(line for line in (out / "report.md").read_text().splitlines() if "Machines: " in line)
+    assert machines.endswith(
+        "(7 runs); Elsewhere CPU, 7 threads per run, torch 2.0.0, capas "
+        f"{capas.__version__}, python {platform.python_version()} (1 run)"
+    )
 
 
 def test_a_study_refuses_to_add_runs_on_a_folder_that_changed(tmp_path, tiny_study, study_file):

@@ -62,7 +62,7 @@ def environment() -> dict:
         "processor": cpu_model(),
         "cpu_count": available_cores(),
         "threads": torch.get_num_threads(),  # PyTorch's intra-op threads in this process
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,  # the current GPU
         "cpu_features": cpu_features(),  # AVX-512, AVX512-BF16, AMX: what bfloat16 runs on
     }
 

@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-import capas
-from capas.cpu import available_cores, cpu_model
+from capas.cpu import available_cores
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.study.spec import KINDS
 from capas.train import CHECKPOINT, Callback, train
@@ -118,18 +117,17 @@ def execute_run(task: dict, send: Send | None = None) -> dict:
         after = KINDS[key].after_train
         if after is not None:
             result[key] = after(out, args)
-    device = json.loads((out / "config.json").read_text())["device"]
-    result["worker"] = {  # where the run trained: the report's machine line and time figures rest on it
+    config = json.loads((out / "config.json").read_text())
+    result["worker"] = {  # this process, which trained the run or read it back
         "host": platform.node(),
-        "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
         "pid": os.getpid(),
-        "processor": cpu_model(),
-        "threads": task["train"].get("threads") or torch.get_num_threads(),
-        "torch": torch.__version__,
-        "capas": capas.__version__,
-        "python": platform.python_version(),
         "seconds": time.perf_counter() - started,
     }
+    if (env := config.get("environment")) is not None:  # where it trained: the report's machine line
+        result["worker"] |= {
+            "gpu": env["cuda"] if config["device"].startswith("cuda") else None,
+            **{key: env[key] for key in ("processor", "threads", "torch", "capas", "python")},
+        }
     return result
 
 
