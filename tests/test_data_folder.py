@@ -41,8 +41,15 @@ def test_colour_folder(tmp_path):
         write(tmp_path / "imgs" / rel, array)
     write(tmp_path / "imgs" / "cat" / "2.jpg", pixels(99, "RGB"))
     (tmp_path / "imgs" / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "imgs" / "dog" / "IMG_1.HEIC").write_bytes(b"a phone's photo")
     (tmp_path / "imgs" / ".hidden").mkdir()
-    train, test = load_dataset(f"folder:{tmp_path / 'imgs'}")
+    # files of other formats are left out, and said so (a folder of phone photos lost them unsaid)
+    with pytest.warns(
+        UserWarning,
+        match=r"imgs: 2 files left out, not of a format capas decodes "
+        r"\(\.heic 1, \.txt 1; e\.g\. cat/notes\.txt\)",
+    ):
+        train, test = load_dataset(f"folder:{tmp_path / 'imgs'}")
     assert test is None
     assert train.classes == ("ant", "cat", "dog")  # sorted by name
     assert train.images.shape == (7, 3, 10, 12) and train.images.dtype == torch.uint8

@@ -6,6 +6,7 @@ import hashlib
 import os
 import warnings
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, tuple[int, ...]]
             f"image folder {root} has a single class folder {classes[0]!r}: a classifier needs two or "
             f"more ({root}/<class>/<image>); did you mean its parent, {root.parent}?"
         )
-    files, labels = [], []
+    files, labels, others = [], [], []
     for label, name in enumerate(classes):
         entries = _listing(root / name)
         if nested := next((e for e in entries if _followed(e).is_dir()), None):
@@ -74,6 +75,7 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, tuple[int, ...]]
                 f"folder out of {root}"
             )
         images = [e for e in entries if _is_image(e)]
+        others += [f"{name}/{e.name}" for e in entries if not _is_image(e)]
         if not images:
             raise CapasError(f"class folder {root / name} holds no images ({', '.join(SUFFIXES)})")
         for entry in images:
@@ -82,6 +84,14 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, tuple[int, ...]]
             stamp = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
             files.append((f"{name}/{entry.name}", stamp))
         labels += [label] * len(images)
+    if others:  # as a phone's .heic photos: left out, as Keras' image_dataset_from_directory does, but said
+        counts = Counter(Path(other).suffix.lower() or "no suffix" for other in others)
+        kinds = sorted(counts.items(), key=lambda item: (-item[1], item[0]))  # the most first, then by name
+        warnings.warn(
+            f"{root}: {len(others)} file{'s' if len(others) != 1 else ''} left out, not of a format capas decodes "
+            f"({', '.join(f'{kind} {count}' for kind, count in kinds)}; e.g. {others[0]})",
+            stacklevel=4,
+        )
     return classes, files, labels
 
 

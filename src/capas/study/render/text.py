@@ -294,7 +294,9 @@ def machine_line(report: StudyReport) -> str:
     )
     if len(machines) <= 1:
         return f"Machine: {next(iter(machines), 'no finished run')}"
-    return "Machines: " + "; ".join(f"{m} ({n} run{'s' if n != 1 else ''})" for m, n in machines.most_common())
+    return "Machines: " + "; ".join(
+        f"{m} ({n} run{'s' if n != 1 else ''})" for m, n in machines.most_common()
+    )
 
 
 def adaptive_line(report: StudyReport) -> str | None:
