@@ -396,3 +396,14 @@ def test_a_json_spec_with_a_byte_order_mark_loads(tmp_path):
     path = tmp_path / "bom.json"
     path.write_bytes(b'\xef\xbb\xbf{"name": "b", "input_shape": [8, 8, 1], "layers": ["Flatten"]}')
     assert load_spec(path).name == "b"
+
+
+@pytest.mark.parametrize(
+    "name, text", [("deep.yaml", "name:\n" + "- " * 1100 + "x\n"), ("deep.json", "[" * 1100 + "]" * 1100)]
+)
+def test_a_document_nested_too_deeply_is_one_message(tmp_path, name, text):
+    """Lists nested deeper than Python's recursion limit were a RecursionError's traceback."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(CapasError, match=rf"{name}: nested too deeply"):
+        load_spec(path)

@@ -71,6 +71,10 @@ def load_document(path: str | Path) -> Any:
         raise CapasError(
             f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
         ) from None
+    except RecursionError:  # both parsers recurse once per level of brackets or indentation
+        raise CapasError(
+            f"{path}: nested too deeply to read (hundreds of levels of lists or mappings)"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
