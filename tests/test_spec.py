@@ -407,3 +407,18 @@ def test_a_document_nested_too_deeply_is_one_message(tmp_path, name, text):
     path.write_text(text)
     with pytest.raises(CapasError, match=rf"{name}: nested too deeply"):
         load_spec(path)
+
+
+@pytest.mark.parametrize(
+    "shape, layer, message",
+    [
+        ([8, 8, 1], {"Dense": {"units": 10**30}}, r"layer 1 \(Dense\): .*2\*\*40"),
+        ([8, 8, 1], {"Dense": {"units": 2**34}}, r"layer 1 \(Dense\): 1,116,691,496,960 parameters"),
+        ([10**30, 8, 1], {"Dense": {"units": 10}}, r"'input_shape'.*2\*\*40"),
+    ],
+)
+def test_a_size_no_tensor_holds_is_refused(shape, layer, message):
+    """`units: 1e30` (or filters, or an input side) passed: the summary printed 10^23 GB and
+    `capas train` was PyTorch's traceback ("Overflow when unpacking long long")."""
+    with pytest.raises(CapasError, match=message):
+        ModelSpec.from_dict({"name": "x", "input_shape": shape, "layers": ["Flatten", layer]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,12 @@ MODULE_ATTRIBUTES = frozenset(
         "zero_grad",
     ]
 )
+
+
+MAX_VALUES = 2**40
+"""The most values an input image, a layer's output or a layer's weights may hold: 4 TiB in float32,
+beyond any machine's memory, and far below PyTorch's limit (a tensor of 2**63 bytes, beyond which
+`units: 1e30` was its "Overflow when unpacking long long" traceback)."""
 
 
 def _snake(name: str) -> str:
@@ -188,6 +195,11 @@ class ModelSpec:
                 f"{source}: 'input_shape' must be [height, width, channels] with three positive integers "
                 f"(channels last, as in Keras), got {shape!r}"
             )
+        if math.prod(shape) > MAX_VALUES:
+            raise CapasError(
+                f"{source}: 'input_shape' {shape} makes images of {math.prod(shape):,} values, more than "
+                "any machine holds (at most 2**40)"
+            )
         layers = data.get("layers")
         if not isinstance(layers, list) or not layers:
             raise CapasError(f"{source}: 'layers' must be a non-empty list of layers, got {layers!r}")
@@ -276,6 +288,12 @@ class ModelSpec:
                     name = f"{base}_{seen}"
                 counts[base] = seen + 1
             trainable, non_trainable = layer.params(shape)
+            for what, count in (("output values", math.prod(out)), ("parameters", trainable + non_trainable)):
+                if count > MAX_VALUES:
+                    raise CapasError(
+                        f"{where}: {count:,} {what}, more than any machine holds (at most 2**40); "
+                        "lower its size"
+                    )
             infos.append(
                 LayerInfo(
                     offset + index,
