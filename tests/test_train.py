@@ -416,6 +416,19 @@ def test_a_model_with_nothing_to_train_is_refused(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("augment", [{"crop_padding": 10**30}, {"cutout": 10**30}, {"cutout": 29}])
+def test_an_augmentation_larger_than_the_images_is_refused(tmp_path, augment):
+    """`crop_padding: 1e30` (or `cutout`) was PyTorch's overflow traceback in the first step; a cutout
+    of twice the side blanks every image whole, and trained on nothing but zeros."""
+    spec = ModelSpec.from_dict(
+        {"name": "aug", "input_shape": [28, 28, 1], "layers": ["Flatten", {"Dense": {"units": 10}}]}
+    )
+    (name, size), *_ = augment.items()
+    with pytest.raises(CapasError, match=rf"^train.augment.{name} \({size}\) is more than the images' side"):
+        train(spec, DataConfig(limit=100), TrainConfig(epochs=1, augment=augment), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
 def test_tampered_run_directories_are_named(tiny_run, tmp_path):
     import shutil
 

@@ -101,6 +101,13 @@ def train(
             "binary or multi-label classifier; capas trains classifiers with a softmax over the classes: "
             "end with activation: softmax (or none, the logits)"
         )
+    side = min(spec.input_shape[:2])
+    for name in ("crop_padding", "cutout"):  # beyond the side, they would leave images all blank
+        if (size := getattr(cfg.augment, name)) > side:
+            raise CapasError(
+                f"train.augment.{name} ({size}) is more than the images' side ({side} pixels, input_shape "
+                f"{list(spec.input_shape)}); at most {side}"
+            )
     if not any(info.trainable for info in spec.layer_infos() if not info.frozen):
         raise CapasError(
             f"{spec.name}: nothing to train: no layer has trainable weights (layers with trainable: false "
