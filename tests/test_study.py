@@ -211,6 +211,15 @@ def test_misspelt_keys_and_seeds_out_of_range_are_named(change, message, study_d
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("key, value", [("train", "epochs: 1"), ("data", ["digits"]), ("train", 0)])
+def test_base_train_and_data_that_are_not_mappings_are_named(key, value, study_doc, study_file):
+    """`base: {train: "epochs: 1"}` was a TypeError's traceback ('str' object is not a mapping)."""
+    doc = study_doc()
+    doc["base"][key] = value
+    with pytest.raises(CapasError, match=rf"'base.{key}' must be a mapping, got {re.escape(repr(value))}"):
+        load_study(study_file(doc))
+
+
 def test_a_variant_whose_input_capas_cannot_feed_is_refused_before_training(tmp_path, tiny_study, study_file):
     """--input-shape 28,28,4 passed validation; every run then failed with the same error, and the
     study wrote a report of failures (README: every variant is validated before anything trains)."""

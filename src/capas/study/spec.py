@@ -608,6 +608,9 @@ def load_study(
         spec = _base_spec(base["spec"], path.parent, source)
     if input_shape is not None:
         spec = {**spec, "input_shape": list(input_shape)}
+    for key in ("train", "data"):
+        if base.get(key) is not None and not isinstance(base[key], dict):
+            raise CapasError(f"{source}: 'base.{key}' must be a mapping, got {base[key]!r}")
     # A base run's recorded train and data configs are the defaults that base.train and base.data override.
     train = {**(recorded.get("train") or {}), **(base.get("train") or {})}
     if "bn_recalibration" not in (base.get("train") or {}):  # the study's default, also over a base run's
@@ -615,9 +618,6 @@ def load_study(
     data_raw = {**(recorded.get("data") or {}), **(base.get("data") or {})}
     if data is not None:
         data_raw["name"] = data
-    for key, raw in (("train", train), ("data", data_raw)):
-        if not isinstance(raw, dict):
-            raise CapasError(f"{source}: 'base.{key}' must be a mapping, got {raw!r}")
     train = {**train, "threads": train.get("threads") or RUN_THREADS}  # unset, or None recorded by a base run
     base_model = ModelSpec.from_dict(spec, source=f"{source}: base.spec")
     draft = Draft(
