@@ -124,10 +124,13 @@ def test_an_unknown_nested_keyword_named_like_a_type_is_named_in_full(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_spec_file_is_named():
-    result = runner.invoke(app, ["summary", "nowhere.yaml"])
-    assert result.exit_code == 2
-    assert "nowhere.yaml: no such file" in result.output
+@pytest.mark.parametrize("name", ["nowhere.yaml", (EXAMPLES / "keras-mnist.yaml").read_text()])
+def test_missing_spec_file_is_named(name):
+    """A spec's text given as its name (`capas summary "$(cat spec.yaml)"`), longer than a file name
+    may be, was an OSError's traceback ("File name too long")."""
+    result = runner.invoke(app, ["summary", name])
+    assert result.exit_code == 2, result.output
+    assert f"{name}: no such file" in result.output
 
 
 @pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="needs /dev/fd, as a shell's <(…) does")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -93,7 +94,7 @@ def summary(spec: SpecArg) -> None:
     from capas.spec.summary import summarize
 
     written = ""  # a run's summary.txt
-    saved = spec.is_dir()
+    saved = os.path.isdir(spec)  # False for a name too long to be a file's, where Path.is_dir raises
     if saved:
         if (
             spec / "runtime.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
@@ -52,8 +53,10 @@ def _unique_keys(pairs: list[tuple[str, Any]], path: Path) -> dict:
 def load_document(path: str | Path) -> Any:
     """A YAML or JSON file as plain Python data; a missing file or a syntax error is a CapasError."""
     path = Path(path)
-    if path.is_dir() or not path.exists():  # a pipe is read: a shell's <(…) gives one
-        raise CapasError(f"{path}: {'a directory, not a file' if path.is_dir() else 'no such file'}")
+    # os.path's, not Path's: they answer False for a name longer than a file name may be (`capas summary
+    # "$(cat spec.yaml)"`), where Path's raise; a pipe is read: a shell's <(…) gives one
+    if os.path.isdir(path) or not os.path.exists(path):
+        raise CapasError(f"{path}: {'a directory, not a file' if os.path.isdir(path) else 'no such file'}")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is no content
     except UnicodeDecodeError:
