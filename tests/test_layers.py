@@ -252,3 +252,20 @@ def test_a_boolean_is_not_a_count(name, keywords):
         CapasError, match=f"^layer 0 \\({name}\\): keyword '.*': Input should be a whole number"
     ):
         parse_layer(0, {name: keywords})
+
+
+@pytest.mark.parametrize(
+    ("name", "keywords"),
+    [
+        ("MaxPooling2D", {"strides": 2**31}),
+        ("AveragePooling2D", {"pool_size": [2, 10**30], "padding": "same"}),
+        ("Conv2D", {"filters": 4, "kernel_size": 3, "strides": [1, 10**30]}),
+    ],
+)
+def test_a_size_pytorch_cannot_take_is_refused(name, keywords):
+    """`strides: 1e30` passed the summary (its output is 1×1) and `capas train` was PyTorch's overflow
+    traceback (its pooling takes C ints: 2**31 overflowed)."""
+    with pytest.raises(
+        CapasError, match=rf"^layer 0 \({name}\): keyword '\w+\.[01]': Input should be less than"
+    ):
+        parse_layer(0, {name: keywords})

@@ -46,7 +46,11 @@ Count = Annotated[int, _not_bool("a whole number")]
 Real = Annotated[float, _not_bool("a number")]
 """A number that a boolean is not (for rates, factors and sizes in layers and configs)."""
 
-Pair = Annotated[tuple[Annotated[Count, Field(ge=1)], Annotated[Count, Field(ge=1)]], BeforeValidator(_pair)]
+Side = Annotated[Count, Field(ge=1, le=2**31 - 1)]
+"""One side of a kernel, pool or stride: PyTorch's pooling takes C ints (`strides: 1e30` passed the
+summary, its output being 1×1, and was PyTorch's overflow traceback in training)."""
+
+Pair = Annotated[tuple[Side, Side], BeforeValidator(_pair)]
 
 ACTIVATIONS = (
     "linear",
