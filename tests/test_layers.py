@@ -269,3 +269,21 @@ def test_a_size_pytorch_cannot_take_is_refused(name, keywords):
         CapasError, match=rf"^layer 0 \({name}\): keyword '\w+\.[01]': Input should be less than"
     ):
         parse_layer(0, {name: keywords})
+
+
+@pytest.mark.parametrize(
+    ("name", "keywords"),
+    [
+        ("Rescaling", {"scale": 1e300}),
+        ("Rescaling", {"scale": 1.0, "offset": -1e300}),
+        ("BatchNormalization", {"epsilon": 1e39}),
+        ("ReLU", {"max_value": 1e300}),
+    ],
+)
+def test_a_float_keyword_beyond_float32_is_refused(name, keywords):
+    """`Rescaling: {scale: 1e300}` is finite, but infinite in the float32 model: it trained a model of
+    NaNs (test loss NaN), as `.inf` did before it was refused."""
+    with pytest.raises(
+        CapasError, match=rf"^layer 0 \({name}\): keyword '\w+': Input should be a finite float32"
+    ):
+        parse_layer(0, {name: keywords})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 Shape = tuple[int, ...]
 """A Keras shape without the batch: (H, W, C) for feature maps, (F,) for vectors."""
@@ -51,6 +51,9 @@ Side = Annotated[Count, Field(ge=1, le=2**31 - 1)]
 summary, its output being 1×1, and was PyTorch's overflow traceback in training)."""
 
 Pair = Annotated[tuple[Side, Side], BeforeValidator(_pair)]
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32 (numpy.finfo(numpy.float32).max; layers stay numpy-free)."""
 
 ACTIVATIONS = (
     "linear",
@@ -102,6 +105,14 @@ class Layer(BaseModel):
     """Keras' `trainable`: False freezes the layer's weights (no gradients, no optimizer state, no
     weight decay) and the summary counts them as non-trainable; a frozen BatchNormalization also
     stays in inference mode, as in Keras."""
+
+    @field_validator("*")
+    @classmethod
+    def _within_float32(cls, value: object) -> object:
+        # the model computes in float32, where a finite `scale: 1e300` is infinite: a model of NaNs
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            raise ValueError(f"Input should be a finite float32 number, within ±{FLOAT32_MAX:.4g}")
+        return value
 
     takes: ClassVar[str] = "any"
     """What input the layer accepts: 'maps' (H, W, C), 'flat' (F,) or 'any'."""
