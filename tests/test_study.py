@@ -220,6 +220,14 @@ def test_base_train_and_data_that_are_not_mappings_are_named(key, value, study_d
         load_study(study_file(doc))
 
 
+def test_a_base_run_named_longer_than_a_file_name_is_not_a_run_directory(study_doc, study_file):
+    """It was an OSError's traceback ("File name too long")."""
+    doc = study_doc()
+    doc["base"] = {"run": "r" * 300}
+    with pytest.raises(CapasError, match=r"'base.run': .* is not a run directory \(no model.json\)"):
+        load_study(study_file(doc))
+
+
 def test_a_variant_whose_input_capas_cannot_feed_is_refused_before_training(tmp_path, tiny_study, study_file):
     """--input-shape 28,28,4 passed validation; every run then failed with the same error, and the
     study wrote a report of failures (README: every variant is validated before anything trains)."""

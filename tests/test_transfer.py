@@ -608,6 +608,9 @@ def test_a_backbone_run_retrained_in_the_same_process_is_described_anew(tmp_path
         ({"name": "resnet18"}, (32, 32, 1), "needs 3 channels"),
         ({"name": "resnet18", "weights": "/nowhere/w.pth"}, (32, 32, 3), "no such file '/nowhere/w.pth'"),
         ({"name": "run", "weights": "/nowhere"}, (32, 32, 3), "must be a capas run directory"),
+        # a name longer than a file name may be was an OSError's traceback ("File name too long")
+        ({"name": "resnet18", "weights": "w" * 300}, (32, 32, 3), "no such file 'www"),
+        ({"name": "run", "weights": "r" * 300}, (32, 32, 3), "must be a capas run directory"),
     ],
 )
 def test_bad_backbones_say_what_to_fix(backbone, input_shape, message):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
@@ -41,15 +41,16 @@ class BackboneConfig(BaseModel):
     def _weights(self, info: ValidationInfo) -> BackboneConfig:
         if (info.context or {}).get("saved") and self.name != RUN:
             return self  # a run directory's model.json: its own weights replace the file it started from
+        # os.path's, not Path's: they answer False for a name too long to be a file's, where Path's raise
         if self.name == RUN:
-            if not Path(self.weights).is_dir():
+            if not os.path.isdir(self.weights):
                 raise ValueError(
                     f"with name: run, weights must be a capas run directory; {self.weights!r} is not a folder"
                 )
         elif self.weights not in ("imagenet", "none"):
-            if Path(self.weights).is_dir():
+            if os.path.isdir(self.weights):
                 raise ValueError(f"{self.weights!r} is a folder: to start from a capas run write name: run")
-            if not Path(self.weights).is_file():
+            if not os.path.isfile(self.weights):
                 raise ValueError(
                     f"weights must be imagenet, none or a weights file; no such file {self.weights!r}"
                 )

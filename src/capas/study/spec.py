@@ -38,6 +38,7 @@ import copy
 import hashlib
 import itertools
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -479,7 +480,7 @@ def _base_run(raw: Any, folder: Path, source: str) -> tuple[dict, dict]:
     if not isinstance(raw, str):
         raise CapasError(f"{source}: 'base.run' must be the path of a run directory, got {raw!r}")
     run = Path(raw) if Path(raw).is_absolute() else folder / raw
-    if not (run / "model.json").is_file():
+    if not os.path.isfile(run / "model.json"):  # False for a name too long to be a file's
         raise CapasError(f"{source}: 'base.run': {run} is not a run directory (no model.json)")
     document = load_document(run / "model.json")
     ModelSpec.from_dict(document, source=str(run / "model.json"))
