@@ -220,6 +220,17 @@ def test_base_train_and_data_that_are_not_mappings_are_named(key, value, study_d
         load_study(study_file(doc))
 
 
+@pytest.mark.parametrize("threads", [0, False, ""])
+def test_base_train_threads_of_zero_is_refused_not_replaced(threads, study_doc, study_file):
+    """`threads: 0` (or false, or '') silently became the study's 1 thread; `capas train` refuses it."""
+    doc = study_doc()
+    doc["base"]["train"]["threads"] = threads
+    with pytest.raises(CapasError, match=r"keyword 'threads'"):
+        load_study(study_file(doc))
+    doc["base"]["train"]["threads"] = None  # unset, as a base run records it: the study's default
+    assert load_study(study_file(doc)).base.train["threads"] == 1
+
+
 def test_a_base_run_named_longer_than_a_file_name_is_not_a_run_directory(study_doc, study_file):
     """It was an OSError's traceback ("File name too long")."""
     doc = study_doc()

@@ -619,7 +619,8 @@ def load_study(
     data_raw = {**(recorded.get("data") or {}), **(base.get("data") or {})}
     if data is not None:
         data_raw["name"] = data
-    train = {**train, "threads": train.get("threads") or RUN_THREADS}  # unset, or None recorded by a base run
+    if train.get("threads") is None:  # unset, or None recorded by a base run
+        train = {**train, "threads": RUN_THREADS}
     base_model = ModelSpec.from_dict(spec, source=f"{source}: base.spec")
     draft = Draft(
         spec=copy.deepcopy(spec),
