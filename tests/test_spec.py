@@ -422,3 +422,16 @@ def test_a_size_no_tensor_holds_is_refused(shape, layer, message):
     `capas train` was PyTorch's traceback ("Overflow when unpacking long long")."""
     with pytest.raises(CapasError, match=message):
         ModelSpec.from_dict({"name": "x", "input_shape": shape, "layers": ["Flatten", layer]})
+
+
+def test_aliases_that_expand_to_millions_of_values_are_refused(tmp_path):
+    """A 300-byte YAML "billion laughs" (anchors of nine aliases of the one before) took seconds to
+    minutes and megabytes of error message per level, as the message repeats the value it names."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 8)]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("name: {" + ", ".join(levels) + "}\ninput_shape: [8, 8, 1]\nlayers: [Flatten]\n")
+    with pytest.raises(
+        CapasError, match=r"laughs.yaml: its aliases \(\*name\) expand to more than 1,000,000"
+    ):
+        load_spec(path)

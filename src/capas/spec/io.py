@@ -50,6 +50,22 @@ def _unique_keys(pairs: list[tuple[str, Any]], path: Path) -> dict:
     return out
 
 
+MAX_EXPANDED = 1_000_000
+"""The most values a YAML document may hold once its aliases are written out: thousands of times
+the largest study, far below what "billion laughs" (anchors of aliases of anchors) reach."""
+
+
+def _expanded(data: Any, seen: dict[int, int]) -> int:
+    """How many values `data` holds with every alias written out (an alias shares its anchor's object)."""
+    if not isinstance(data, dict | list):
+        return 1
+    if id(data) not in seen:
+        seen[id(data)] = 1  # an alias inside its own anchor counts once
+        items = data.values() if isinstance(data, dict) else data
+        seen[id(data)] = 1 + sum(_expanded(item, seen) for item in items)
+    return seen[id(data)]
+
+
 def load_document(path: str | Path) -> Any:
     """A YAML or JSON file as plain Python data; a missing file or a syntax error is a CapasError."""
     path = Path(path)
@@ -69,7 +85,10 @@ def load_document(path: str | Path) -> Any:
     try:
         if path.suffix == ".json":
             return json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, path))
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
+        document = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
+        if _expanded(document, {}) > MAX_EXPANDED:  # every message that shows a value would write them out
+            raise CapasError(f"{path}: its aliases (*name) expand to more than {MAX_EXPANDED:,} values")
+        return document
     except json.JSONDecodeError as error:
         raise CapasError(
             f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
