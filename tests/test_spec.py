@@ -435,3 +435,14 @@ def test_aliases_that_expand_to_millions_of_values_are_refused(tmp_path):
         CapasError, match=r"laughs.yaml: its aliases \(\*name\) expand to more than 1,000,000"
     ):
         load_spec(path)
+
+
+def test_a_control_character_in_yaml_is_one_line_naming_its_line(tmp_path):
+    """A NUL or other control character was a two-line message with a character offset."""
+    path = tmp_path / "ctrl.yaml"
+    path.write_text("name: x\ninput_shape: [8, 8, 1]\nlayers: [Flatten]  # \x00\n")
+    with pytest.raises(CapasError) as error:
+        load_spec(path)
+    assert str(error.value) == (
+        f"{path}: invalid YAML at line 3: character #x0000 is not allowed (a control character)"
+    )

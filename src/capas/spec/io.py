@@ -97,6 +97,12 @@ def load_document(path: str | Path) -> Any:
         raise CapasError(
             f"{path}: nested too deeply to read (hundreds of levels of lists or mappings)"
         ) from None
+    except yaml.reader.ReaderError as error:  # it has a character offset, not a line
+        line = text.count("\n", 0, error.position) + 1
+        raise CapasError(
+            f"{path}: invalid YAML at line {line}: character #x{error.character:04x} is not allowed "
+            "(a control character)"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
