@@ -247,6 +247,24 @@ def test_a_variant_whose_input_capas_cannot_feed_is_refused_before_training(tmp_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("alternative", "message"),
+    [
+        ({"keywords": {-1: {"activation": "sigmoid"}}}, r"last layer \(Dense\) ends in a sigmoid"),
+        ({"train": {"augment.cutout": 100}}, r"train.augment.cutout \(100\) is more than the images' side"),
+    ],
+)
+def test_a_variant_train_would_refuse_is_refused_before_training(
+    tmp_path, tiny_study, study_file, alternative, message
+):
+    """Such a variant passed validation and failed each of its runs after the base had trained."""
+    doc = tiny_study()
+    doc["variations"][0]["alternatives"].append({"name": "bad", **alternative})
+    with pytest.raises(CapasError, match=rf"variant 'bad': .*{message}"):
+        run_study(study_file(doc), out=tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists()
+
+
 def test_duplicate_variant_names_are_rejected(study_doc, study_file):
     alt = {"name": "Flatten", "train": {"batch_size": 32}}
     with pytest.raises(CapasError, match="variant name 'Flatten' is used twice"):

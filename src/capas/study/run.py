@@ -41,7 +41,7 @@ from capas.study.render import write_report
 from capas.study.report import StudyReport, collect
 from capas.study.spec import Study, Variant, config_hash, directory_name, load_study
 from capas.study.store import RunRow, Store
-from capas.train import CHECKPOINT
+from capas.train import CHECKPOINT, check_settings
 from capas.train.checkpoint import checkpoint_identity
 
 DATABASE = "study.sqlite"
@@ -65,13 +65,14 @@ def run_id(variant_name: str, seed: int) -> str:
 
 
 def check_classes(study: Study) -> None:
-    """Every variant must take images capas can feed it (1 or 3 channels) and end in as many units as
-    the dataset has classes: checked before any training."""
+    """Every variant must take images capas can feed it (1 or 3 channels), pass what `train` refuses
+    before loading data, and end in as many units as the dataset has classes: checked before any training."""
     data = study.base.data
     classes = load_dataset(data["name"], data["data_dir"])[0].classes
     for variant in study.variants:
         try:
             default_preprocess(variant.model_spec.input_shape)
+            check_settings(variant.model_spec, TrainConfig.model_validate(variant.train))
         except CapasError as err:
             raise CapasError(f"{study.source}: variant {variant.name!r}: {err}") from None
         units = variant.model_spec.output_shape

@@ -29,6 +29,7 @@ __all__ = [
     "Callback",
     "FitResult",
     "RichProgress",
+    "check_settings",
     "fit",
     "train",
 ]
@@ -83,6 +84,23 @@ def train(
             "directory would break: choose an --out outside it"
         )
     cfg = resolved(cfg)
+    check_settings(spec, cfg)
+    splits = splits_for(data)
+    classes = splits.train.classes
+    units = spec.output_shape
+    if units != (len(classes),):
+        raise CapasError(
+            f"{spec.name}: the last layer outputs {units} but {data.name} has {len(classes)} classes; "
+            f"end the model with Dense: {{units: {len(classes)}, activation: softmax}}"
+        )
+    main = dist is None or dist.is_main
+    with exclusive(out, "run directory") if main else contextlib.nullcontext(), reproducible(cfg):
+        return _train(spec, data, cfg, out, splits, callbacks, dist, restart)
+
+
+def check_settings(spec: ModelSpec, cfg: TrainConfig) -> None:
+    """What `train` refuses in a spec and its training config before it loads any data; a study checks
+    every variant with it before it trains any."""
     if cfg.finetune is not None and spec.backbone is None:
         raise CapasError(f"{spec.name}: train.finetune needs a spec with a backbone")
     if cfg.finetune is not None and spec.backbone.frozen in ("none", 0):
@@ -114,17 +132,6 @@ def train(
             "and the backbone's frozen layers keep theirs, also before train.finetune unfreezes any); "
             "make a layer trainable"
         )
-    splits = splits_for(data)
-    classes = splits.train.classes
-    units = spec.output_shape
-    if units != (len(classes),):
-        raise CapasError(
-            f"{spec.name}: the last layer outputs {units} but {data.name} has {len(classes)} classes; "
-            f"end the model with Dense: {{units: {len(classes)}, activation: softmax}}"
-        )
-    main = dist is None or dist.is_main
-    with exclusive(out, "run directory") if main else contextlib.nullcontext(), reproducible(cfg):
-        return _train(spec, data, cfg, out, splits, callbacks, dist, restart)
 
 
 def check_out(out: Path) -> None:
