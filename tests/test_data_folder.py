@@ -203,6 +203,8 @@ def test_corrupt_image_is_named(tmp_path):
 def test_missing_or_empty_folders(tmp_path):
     with pytest.raises(CapasError, match="does not exist"):
         load_dataset(f"folder:{tmp_path / 'nope'}")
+    with pytest.raises(CapasError, match="does not exist"):  # was an OSError ("File name too long")
+        load_dataset(f"folder:{tmp_path / ('n' * 300)}")
     with pytest.raises(CapasError, match="has no class folders"):
         load_dataset(f"folder:{tmp_path}")
     write(tmp_path / "a" / "x.png", pixels(1, "L"))

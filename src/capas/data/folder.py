@@ -39,8 +39,10 @@ def load_folder(path: str | Path) -> ArrayDataset:
     with another of its size and modification time, as tar, cp -p or rsync -a leave them).
     """
     root = Path(path).expanduser()
-    if not root.is_dir():
-        raise CapasError(f"image folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
+    if not os.path.isdir(root):  # os.path's: False for a name too long to be a file's, where Path's raise
+        raise CapasError(
+            f"image folder {root} {'is not a folder' if os.path.exists(root) else 'does not exist'}"
+        )
     classes, files, labels = _scan(root)
     cache = cache_root() / "folders" / f"{_fingerprint(root, files)}.npz"
     if cache.is_file():
