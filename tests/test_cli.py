@@ -133,6 +133,18 @@ def test_missing_spec_file_is_named(name):
     assert f"{name}: no such file" in result.output
 
 
+@pytest.mark.parametrize("option", ["--out", "--data-dir"])
+def test_a_path_option_longer_than_a_file_name_may_be_is_one_message(tmp_path, option):
+    """`--out` or `--data-dir` with a 300-character name was an OSError's traceback."""
+    long = str(tmp_path / ("n" * 300))
+    args = ["--data", "fashion-mnist", "--limit", "100", "--epochs", "1", "--out", str(tmp_path / "run")]
+    args += [option, long]
+    result = runner.invoke(app, ["train", str(EXAMPLES / "seed000-gap.yaml"), *args])
+    assert result.exit_code == 2, result.output
+    assert "error: " in result.output and "File name too long" in result.output
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="needs /dev/fd, as a shell's <(…) does")
 def test_a_spec_read_from_a_pipe_is_read():
     """`capas summary <(sed … spec.yaml)` said "/dev/fd/63: no such file"."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -60,6 +61,14 @@ def friendly(command):
             else:  # the others write their outputs whole or not at all
                 errors.print("interrupted; nothing was written")
             raise typer.Exit(130) from None
+        except OSError as error:
+            if error.errno != errno.ENAMETOOLONG:
+                raise
+            # a path option, or a spec's name as runs/<name>, longer than a file name may be
+            errors.print(
+                f"[bold red]error:[/] {escape(f'{error.filename}: {error.strerror}')}", soft_wrap=True
+            )
+            raise typer.Exit(2) from None
         except (MemoryError, RuntimeError) as error:
             # a spec or batch too large for this machine: torch's allocators raise RuntimeErrors
             # (torch.OutOfMemoryError on a GPU, "can't allocate memory" on a CPU)
