@@ -132,7 +132,12 @@ def test_next_round_adds_a_seed_to_unfinished_variants_and_their_base_pairs(tmp_
     [
         ({"min": 3, "max": 10}, "exactly the keys min, max and target_halfwidth_pp"),
         ({"min": 5, "max": 3, "target_halfwidth_pp": 1}, "2 <= min <= max"),
-        ({"min": 3, "max": 10, "target_halfwidth_pp": 0}, "positive number of percentage points"),
+        ({"min": 3, "max": 10, "target_halfwidth_pp": 0}, "positive, finite number of percentage points"),
+        # .inf was taken: every variant "reached" it at min seeds, which is no adaptive replication
+        (
+            {"min": 3, "max": 10, "target_halfwidth_pp": float("inf")},
+            "positive, finite number of percentage points",
+        ),
         # seeds 0 .. max − 1 must be seeds: was an OverflowError traceback from tuple(range(max))
         ({"min": 3, "max": 10**20, "target_halfwidth_pp": 1}, r"seeds.max .* at most 4,294,967,296"),
     ],

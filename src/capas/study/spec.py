@@ -38,6 +38,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -385,9 +386,9 @@ def _replication(value: dict, source: str) -> Replication:
         raise CapasError(
             f"{source}: seeds.max must be at most {MAX_SEED + 1:,} (seeds 0 to {MAX_SEED:,}), got {high!r}"
         )
-    if isinstance(target, bool) or not isinstance(target, int | float) or not target > 0:
+    if isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target < math.inf:
         raise CapasError(
-            f"{source}: seeds.target_halfwidth_pp must be a positive number of percentage points, got {target!r}"
+            f"{source}: seeds.target_halfwidth_pp must be a positive, finite number of percentage points, got {target!r}"
         )
     return Replication(low, high, float(target))
 
