@@ -161,7 +161,8 @@ def test_server_flags_drift_only_after_shifted_traffic(tiny_run, fashion_test):
 def test_requests_waiting_for_a_drift_test_do_not_hold_up_other_routes(tiny_run):
     """Every route resolved its state dependency on the thread pool (40 threads) that /drift's tests run
     on: 45 /drift calls waiting for a test in progress took every thread, and /health waited for them
-    (2.9 s behind a 1.6 s test in a real server). The test in progress is held here by its lock."""
+    (2.9 s behind a 1.6 s test in a real server); the pages, whose files Starlette reads on that pool, still
+    did. The test in progress is held here by its lock."""
     with (
         live_server(run_dir=tiny_run, threads=1) as (url, app),
         httpx.Client(base_url=url, timeout=10, limits=httpx.Limits(max_connections=50)) as client,
@@ -173,6 +174,9 @@ def test_requests_waiting_for_a_drift_test_do_not_hold_up_other_routes(tiny_run)
             calls = [waiting.submit(client.get, "/drift") for _ in range(45)]
             time.sleep(0.3)  # every thread of the pool waits for the test
             assert client.get("/health", timeout=1).status_code == 200
+            # the pages too: Starlette reads a file (/, /monitor, /static, /docs-assets) on that pool
+            for page in ("/", "/monitor", "/static/monitor.js", "/docs-assets/swagger-ui.css"):
+                assert client.get(page, timeout=1).status_code == 200, page
         finally:
             testing.release()
         assert all(call.result().status_code == 200 for call in calls)

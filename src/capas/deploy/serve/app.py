@@ -100,12 +100,12 @@ def run_info(run: Run, settings: ServeSettings) -> dict:
     }
 
 
-async def _drift_loop(monitor: Monitor, every_s: float) -> None:
-    """Re-test drift every `every_s` seconds on a worker thread, so /metrics stays current."""
+async def _drift_loop(monitor: Monitor, every_s: float, drifter: ThreadPoolExecutor) -> None:
+    """Re-test drift every `every_s` seconds on the drift thread, so /metrics stays current."""
     while True:
         await asyncio.sleep(every_s)
         try:
-            await run_in_threadpool(monitor.check_drift)
+            await asyncio.get_running_loop().run_in_executor(drifter, monitor.check_drift)
         except Exception:  # a failed test must not stop monitoring; the next tick tries again
             log.exception("drift test failed")
 
@@ -177,9 +177,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
             )
             await run_in_threadpool(detector.test, *warm)
         state.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="capas-decode")
+        state.drifter = ThreadPoolExecutor(1, thread_name_prefix="capas-drift")
         state.batcher = batcher
         drift_task = (
-            asyncio.create_task(_drift_loop(monitor, settings.drift_every_s))
+            asyncio.create_task(_drift_loop(monitor, settings.drift_every_s, state.drifter))
             if detector is not None
             else None
         )
@@ -191,6 +192,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             state.batcher = None
             await batcher.stop()
             state.decoder.shutdown(wait=True)
+            state.drifter.shutdown(wait=True)
 
     app = FastAPI(
         title=f"capas serve: {run.spec.name}",

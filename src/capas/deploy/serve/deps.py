@@ -25,11 +25,14 @@ class ServerState:
     monitor: Monitor
     batcher: MicroBatcher | None = None  # started with the app (it needs the running event loop)
     decoder: ThreadPoolExecutor | None = None  # decodes and preprocesses request images, off the loop
+    # runs the drift tests (one at a time anyway): /drift calls waiting for one queue here, not on the
+    # thread pool Starlette reads the pages' files on, which 40 waiting calls held entirely
+    drifter: ThreadPoolExecutor | None = None
 
 
 async def get_state(request: Request) -> ServerState:
-    # async: FastAPI runs a plain function on the thread pool that /drift's tests wait on, and every
-    # route then waited for a thread while 40 /drift calls held them all
+    # async: FastAPI runs a plain function on anyio's thread pool (40 threads), and every route then
+    # waited for a thread while that pool was busy (40 /drift calls held it all before `drifter`)
     return request.app.state.server
 
 

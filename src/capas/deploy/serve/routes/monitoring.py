@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -28,5 +29,5 @@ async def monitor_data(state: State) -> JSONResponse:
 @router.get("/drift")
 async def drift(state: State) -> dict:
     """The drift test on the current window of recent inputs (run now if new inputs arrived)."""
-    await run_in_threadpool(state.monitor.check_drift)
+    await asyncio.get_running_loop().run_in_executor(state.drifter, state.monitor.check_drift)
     return state.monitor.drift_status()
