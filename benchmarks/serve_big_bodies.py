@@ -1,60 +1,134 @@
-"""/health latency while four clients send ~9 MB /predict requests back to back, as base64 JSON or multipart.
+"""/health's latency while clients send large /predict bodies, as base64 JSON and as multipart files.
 
-Usage: python benchmarks/serve_big_bodies.py PORT json|multipart, against `capas serve RUN --port PORT`.
+One `capas serve` of benchmarks/serve.py's run (the Keras MNIST example, random weights) on loopback;
+four client threads post the same ~9 MB of 256×256 noise PNGs back to back, as a JSON body of base64
+strings or as multipart files, while this process times `/health` calls: what one large body costs
+every other client while the server reads it. Both formats are measured in this one run, alternating,
+each repeat its own load.
+
+    python benchmarks/serve_big_bodies.py               # 20 /health calls, 3 repeats per format
+    python benchmarks/serve_big_bodies.py --repeats 1   # proves the script works
 """
 
+from __future__ import annotations
+
+import argparse
 import base64
 import io
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
 
-port = int(sys.argv[1])
-mode = sys.argv[2]
-url = f"http://127.0.0.1:{port}"
-rng = np.random.default_rng(0)
-buf = io.BytesIO()
-Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buf, "PNG")
-img = buf.getvalue()
-n = 9_000_000 // (len(img) * 4 // 3)
-b64 = base64.b64encode(img).decode()
-body = {"images": [b64] * n}
-print("images", n, "json MB %.1f" % (len(b64) * n / 1e6))
-stop = [False]
-codes = []
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import free_port, make_run, wait_healthy
+
+MEGABYTES = 9  # per request, as base64
+CLIENTS = 4
 
 
-def client():
-    with httpx.Client(base_url=url, timeout=60) as c:
-        while not stop[0]:
-            if mode == "json":
-                r = c.post("/predict", json=body)
-            else:
-                r = c.post("/predict", files=[("file", (f"{i}.png", img, "image/png")) for i in range(n)])
-            codes.append(r.status_code)
+def noise_png() -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
-ths = [threading.Thread(target=client) for _ in range(4)]
-[t.start() for t in ths]
-time.sleep(1)
-lat = []
-with httpx.Client(base_url=url, timeout=60) as c:
-    for _ in range(20):
-        t = time.perf_counter()
-        c.get("/health")
-        lat.append(time.perf_counter() - t)
-        time.sleep(0.1)
-stop[0] = True
-[t.join() for t in ths]
-lat.sort()
-print(
-    mode,
-    f"health median {lat[10] * 1000:.0f} ms max {lat[-1] * 1000:.0f} ms",
-    "codes",
-    set(codes),
-    len(codes),
-)
+def measure(url: str, image: bytes, count: int, mode: str, calls: int) -> list[float]:
+    """/health latencies (s) while CLIENTS threads post `count` images per request in `mode`."""
+    body = {"images": [base64.b64encode(image).decode()] * count}
+    files = [("file", (f"{i}.png", image, "image/png")) for i in range(count)]
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            while not stop.is_set():
+                response = (
+                    c.post("/predict", json=body) if mode == "json" else c.post("/predict", files=files)
+                )
+                statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # the clients' first bodies in flight
+    waits = []
+    with httpx.Client(base_url=url, timeout=120) as c:
+        for _ in range(calls):
+            started = time.perf_counter()
+            c.get("/health").raise_for_status()
+            waits.append(time.perf_counter() - started)
+            time.sleep(0.1)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    if set(statuses) != {200}:
+        raise SystemExit(f"{mode}: /predict answered {sorted(set(statuses))}")
+    return waits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--calls", type=int, default=20, help="/health calls per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers-threads", type=int, default=1, help="capas serve's torch threads")
+    args = parser.parse_args()
+
+    from capas.runs import machine_line
+
+    image = noise_png()
+    count = MEGABYTES * 10**6 // (len(image) * 4 // 3)
+    results: dict[str, list[list[float]]] = {"json": [], "multipart": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = make_run(Path(tmp) / "keras-mnist")
+        port = free_port()
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "capas",
+                "serve",
+                str(run_dir),
+                "--port",
+                str(port),
+                "--workers-threads",
+                str(args.workers_threads),
+            ],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_healthy(port, server)
+            for _ in range(args.repeats):
+                for mode in results:
+                    results[mode].append(measure(f"http://127.0.0.1:{port}", image, count, mode, args.calls))
+        finally:
+            server.terminate()
+            server.wait()
+    print(machine_line())
+    print(
+        f"load average {os.getloadavg()[0]:.1f}; {CLIENTS} clients, {count} images of {len(image):,} bytes a request"
+    )
+    print(f"{'body':<10} {'/health median ms':>18} {'per repeat':<16} {'max ms, per repeat':<22}")
+    for mode, repeats in results.items():
+        medians = [statistics.median(waits) * 1e3 for waits in repeats]
+        maxima = [max(waits) * 1e3 for waits in repeats]
+        print(
+            f"{mode:<10} {statistics.median(medians):>18.0f} {' / '.join(f'{m:.0f}' for m in medians):<16} "
+            f"{' / '.join(f'{m:.0f}' for m in maxima):<22}"
+        )
+
+
+if __name__ == "__main__":
+    main()
