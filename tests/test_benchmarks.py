@@ -201,3 +201,11 @@ def test_adaptive_seeds_bend_the_interval_a_fixed_count_keeps():
     adaptive = adaptive_seeds.simulate(Replication(2, 5, 1.0), 1.0, 0.5, 1000)
     assert 0.93 < fixed["coverage"] < 0.97 and fixed["seeds"] == {3: 1.0}
     assert adaptive["coverage"] < 0.91 and adaptive["seeds"][5] < 0.9  # some studies stopped early
+
+
+@pytest.mark.parametrize("name", ["cpu_memory", "global_max_pooling"])
+def test_side_by_side_rows_train_in_the_precision_they_are_labelled(name):
+    """The recipes say `precision: auto` (float32 on a CPU without native bfloat16): a row labelled
+    bfloat16 that took the recipe's setting trained in float32 there under that label."""
+    for label, (_, train, _) in script(name).NETWORKS.items():
+        assert train.get("precision", "float32") == ("bfloat16" if "bfloat16" in label else "float32"), label
