@@ -21,6 +21,11 @@ import time
 
 if "KERAS_BACKEND" not in os.environ:
     os.environ["KERAS_BACKEND"] = "tensorflow" if importlib.util.find_spec("tensorflow") else "torch"
+elif os.environ["KERAS_BACKEND"] == "tensorflow" and importlib.util.find_spec("tensorflow") is None:
+    raise SystemExit(
+        "KERAS_BACKEND=tensorflow, but tensorflow is not importable in this Python "
+        "(pip install tensorflow-cpu, or leave KERAS_BACKEND unset to run Keras on torch)"
+    )
 
 import keras
 from rich.console import Console

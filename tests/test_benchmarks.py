@@ -209,3 +209,21 @@ def test_side_by_side_rows_train_in_the_precision_they_are_labelled(name):
     bfloat16 that took the recipe's setting trained in float32 there under that label."""
     for label, (_, train, _) in script(name).NETWORKS.items():
         assert train.get("precision", "float32") == ("bfloat16" if "bfloat16" in label else "float32"), label
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None, reason="TensorFlow is installed")
+def test_keras_mnist_cnn_on_tensorflow_without_it_says_so(tmp_path):
+    """`KERAS_BACKEND=tensorflow python benchmarks/keras_mnist_cnn.py` (the README's command) was a
+    ModuleNotFoundError traceback from inside Keras where TensorFlow is not installed."""
+    import os
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "keras_mnist_cnn.py"), "--epochs", "1"],
+        env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "KERAS_BACKEND=tensorflow, but tensorflow is not importable" in done.stderr
