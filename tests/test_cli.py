@@ -339,6 +339,19 @@ def test_evaluate_data_dir_applies_to_the_recorded_dataset(tiny_run, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["evaluate"], ["compress", "--quantize", "int8", "--out", "x"], ["export", "--onnx", "--out", "x.onnx"]],
+    ids=lambda command: command[0],
+)
+def test_an_empty_data_option_is_refused_as_train_refuses_it(tiny_run, tmp_path, monkeypatch, command):
+    """`--data ''` was taken as no --data: evaluate, compress and export used the run's own dataset."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [command[0], str(tiny_run), *command[1:], "--data", ""])
+    assert result.exit_code == 2 and "unknown dataset ''" in result.output, result.output
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_evaluate_names_a_damaged_or_missing_data_config(tiny_run, tmp_path):
     """An invalid `data` in config.json was pydantic's traceback; a missing config.json was said to
     record no dataset."""

@@ -378,7 +378,7 @@ def evaluate(
     from capas.spec import DataConfig
 
     loaded = load_run(run, device=resolve_device(device))
-    data_cfg = DataConfig(name=data, data_dir=data_dir) if data else None
+    data_cfg = DataConfig(name=data, data_dir=data_dir) if data is not None else None
     used, result = evaluate_run(loaded, data_cfg, data_dir)
     console.print(
         f"{escape(used)}: test accuracy {result.accuracy:.4f}  test loss {result.loss:.4f}  ({len(result.labels)} images)",
@@ -566,7 +566,7 @@ def export(
     from capas.deploy.export import export_run
     from capas.spec import DataConfig
 
-    result = export_run(run, out, DataConfig(name=data, data_dir=data_dir) if data else None, data_dir)
+    result = export_run(run, out, DataConfig(name=data, data_dir=data_dir) if data is not None else None, data_dir)
     check = result.parity
     console.print(
         f"wrote {result.path} ({result.bytes / 1e6:.3f} MB); ONNX Runtime vs PyTorch on {check.images} test images: "
@@ -656,7 +656,7 @@ def compress(
         structured=structured is not False,
         finetune_epochs=COMPRESS.finetune_epochs if finetune_epochs is None else finetune_epochs,
         out=out,
-        data=DataConfig(name=data, data_dir=data_dir) if data else None,
+        data=DataConfig(name=data, data_dir=data_dir) if data is not None else None,
         data_dir=data_dir,
     )
     table = Table(*comparison.header(), title=f"{comparison.method} (this CPU)", title_justify="left")
