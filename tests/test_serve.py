@@ -602,3 +602,33 @@ def test_no_drift_sampling_is_refused(tmp_path: Path, monkeypatch):
     result = CliRunner().invoke(cli, ["serve", str(tmp_path)])
     assert result.exit_code == 2
     assert "drift_per_batch: Input should be greater than or equal to 1" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("CAPAS_THREADS", "100000000000000000000", "threads: Input should be less than or equal to 1024"),
+        ("CAPAS_DECODE_THREADS", "5000", "decode_threads: Input should be less than or equal to 1024"),
+        ("CAPAS_MAX_BODY_MB", "1e308", "max_body_mb: Input should be less than or equal to 1000"),
+        ("CAPAS_HISTORY", "100000000000000000000", "history: Input should be less than or equal to 100000"),
+        (
+            "CAPAS_DRIFT_WINDOW",
+            "100000000000000000000",
+            "drift_window: Input should be less than or equal to 10000",
+        ),
+        (
+            "CAPAS_DRIFT_PERMUTATIONS",
+            "1000000",
+            "drift_permutations: Input should be less than or equal to 10000",
+        ),
+        ("CAPAS_HOST", "", "host: an empty address would bind every interface"),
+    ],
+)
+def test_settings_no_server_can_run_with_are_refused(tmp_path: Path, monkeypatch, variable, value, message):
+    """Accepted before: threads, history or drift_window of 1e20 were overflow tracebacks at start-up, a
+    max_body_mb of 1e308 one too (an infinite byte count), 10**6 drift permutations stalled it in its first
+    drift test; an empty host bound every interface."""
+    monkeypatch.setenv(variable, value)
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path)])
+    assert result.exit_code == 2
+    assert f"serve settings: {message}" in " ".join(result.output.split())

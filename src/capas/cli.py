@@ -566,7 +566,9 @@ def export(
     from capas.deploy.export import export_run
     from capas.spec import DataConfig
 
-    result = export_run(run, out, DataConfig(name=data, data_dir=data_dir) if data is not None else None, data_dir)
+    result = export_run(
+        run, out, DataConfig(name=data, data_dir=data_dir) if data is not None else None, data_dir
+    )
     check = result.parity
     console.print(
         f"wrote {result.path} ({result.bytes / 1e6:.3f} MB); ONNX Runtime vs PyTorch on {check.images} test images: "

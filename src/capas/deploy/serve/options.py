@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+MAX_THREADS = 1024
+
 
 def default_threads() -> int:
     """cores - 1: PyTorch threads for the forward pass, every core but one, which stays free for the event loop."""
@@ -29,8 +31,9 @@ class ServeOptions(BaseModel):
     max_wait_ms: float = Field(
         default=2.0, ge=0.0, le=1000.0, description="how long a batch waits to fill up, in ms"
     )
+    # at most 1 GB: a body is held in memory whole while it is parsed (multipart, or JSON and base64)
     max_body_mb: float = Field(
-        default=10.0, gt=0.0, description="largest request body accepted, in MB (larger: 413)"
+        default=10.0, gt=0.0, le=1000.0, description="largest request body accepted, in MB (larger: 413)"
     )
     max_images: int = Field(default=64, ge=1, description="images per /predict request at most")
     max_pixels: int = Field(
@@ -70,15 +73,25 @@ class ServeOptions(BaseModel):
     keep_alive_s: float = Field(
         default=5.0, gt=0.0, description="idle keep-alive connections close after this"
     )
-    decode_threads: int = Field(default=2, ge=1, description="threads decoding and preprocessing images")
-    threads: int = Field(default_factory=default_threads, ge=1, description="PyTorch threads for inference")
+    # thread counts: at most MAX_THREADS, more than the cores of any machine capas serves on (1e20 was
+    # PyTorch's overflow traceback at start-up)
+    decode_threads: int = Field(
+        default=2, ge=1, le=MAX_THREADS, description="threads decoding and preprocessing images"
+    )
+    threads: int = Field(
+        default_factory=default_threads, ge=1, le=MAX_THREADS, description="PyTorch threads for inference"
+    )
     top_k: int = Field(
         default=5, ge=1, description="classes listed per prediction unless ?top_k= says otherwise"
     )
     max_predictions: int = Field(
         default=50_000, ge=1, description="predictions kept awaiting feedback (oldest go)"
     )
-    drift_window: int = Field(default=200, ge=2, description="recent inputs the drift test looks at")
+    # each drift test's permutations are one (permutations + 1, N) @ (N, N) product over the N = window +
+    # reference (<= 1,000) inputs: 10,000 of each take seconds on a CPU, and run every drift_every_s
+    drift_window: int = Field(
+        default=200, ge=2, le=10_000, description="recent inputs the drift test looks at"
+    )
     drift_min: int = Field(default=50, ge=2, description="recent inputs needed before the first drift test")
     drift_per_batch: int = Field(
         default=8, ge=1, description="images per forward batch whose embeddings feed drift"
@@ -86,13 +99,13 @@ class ServeOptions(BaseModel):
     drift_alpha: float = Field(
         default=0.01, gt=0.0, lt=1.0, description="p-value below which drift is flagged"
     )
-    drift_permutations: int = Field(default=500, ge=1)
+    drift_permutations: int = Field(default=500, ge=1, le=10_000)
     drift_every_s: float = Field(default=5.0, gt=0.0, description="seconds between background drift tests")
     bucket_s: float = Field(
         default=10.0, gt=0.0, description="width of one time window of the monitor's charts"
     )
-    history: int = Field(
-        default=360, ge=1, description="time windows kept for the charts (360 × 10 s: an hour)"
+    history: int = Field(  # at most 100,000: every window goes to the monitor page at each refresh
+        default=360, ge=1, le=100_000, description="time windows kept for the charts (360 × 10 s: an hour)"
     )
 
     @field_validator("token")
@@ -103,3 +116,13 @@ class ServeOptions(BaseModel):
         if token is not None and not token.get_secret_value():
             raise ValueError("an empty token would let anyone in; give a token, or unset CAPAS_TOKEN")
         return token
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_named(cls, host: str) -> str:
+        # '' binds every interface (asyncio's create_server), as 0.0.0.0 does, but looks like no address
+        if not host.strip():
+            raise ValueError(
+                "an empty address would bind every interface; give one, e.g. 0.0.0.0 for every interface"
+            )
+        return host
