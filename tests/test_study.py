@@ -265,6 +265,17 @@ def test_a_variant_train_would_refuse_is_refused_before_training(
     assert not (tmp_path / "out").exists()
 
 
+def test_names_longer_than_a_folder_name_are_refused(study_doc, study_file):
+    """A study or variant name of 300 characters loaded, and every run failed: its folder could not be made."""
+    with pytest.raises(CapasError, match=r"'name' is 300 characters as a folder name; at most 255"):
+        load_study(study_file(study_doc(name="s" * 300)))
+    alt = {"name": "v" * 300, "train": {"batch_size": 32}}
+    with pytest.raises(
+        CapasError, match=r"variant name 'vvv.*' is 300 characters as a folder name; at most 255"
+    ):
+        load_study(study_file(study_doc(variations=[{"name": "v", "alternatives": [alt]}])))
+
+
 def test_duplicate_variant_names_are_rejected(study_doc, study_file):
     alt = {"name": "Flatten", "train": {"batch_size": 32}}
     with pytest.raises(CapasError, match="variant name 'Flatten' is used twice"):

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import re
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -365,6 +366,9 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+NAME_MAX = 255  # characters in a file name (bytes on Linux and macOS; directory_name's are ASCII)
+
+
 def directory_name(name: str) -> str:
     """A variant name as a folder name: letters, digits, '.', '_', '-' and '+'."""
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-") or "variant"
@@ -573,6 +577,10 @@ def load_study(
     name = document.get("name", path.stem)
     if not isinstance(name, str) or not name:
         raise CapasError(f"{source}: 'name' must be a non-empty string, got {name!r}")
+    if len(directory_name(name)) > NAME_MAX:  # studies/<name> could not be created
+        raise CapasError(
+            f"{source}: 'name' is {len(directory_name(name))} characters as a folder name; at most {NAME_MAX}"
+        )
     base = document.get("base")
     base_keys = {"name", "spec", "run", "train", "data"}
     if isinstance(base, dict) and (unknown := sorted(set(base) - base_keys)):
@@ -658,6 +666,11 @@ def load_study(
                 "give each alternative and the base a unique name"
             )
         seen[folder] = variant.name
+        if len(folder) > NAME_MAX:  # its runs' folders could not be created: each run would fail
+            raise CapasError(
+                f"{source}: variant name {reprlib.repr(variant.name)} is {len(folder)} characters as a "
+                f"folder name; at most {NAME_MAX}: shorten the names of base.name or of its alternatives"
+            )
     _refuse_identical(variants, source)
     return Study(
         name=name,
