@@ -149,6 +149,9 @@ def test_a_data_dir_that_is_no_folder_is_refused(tmp_path):
             CapasError, match=rf"^data_dir \(--data-dir\) {tmp_path / 'typo'}: no such folder$"
         ):
             load_dataset(name, tmp_path / "typo")
+        # '' (an unset variable in --data-dir "$DIR") was the current folder, silently
+        with pytest.raises(CapasError, match=r"^data_dir \(--data-dir\) '': no such folder$"):
+            load_dataset(name, "")
 
 
 def test_unknown_name_suggests_the_closest():

@@ -25,9 +25,10 @@ def search_dirs(name: str, data_dir: str | Path | None, *, shared_root: bool = T
 
     shared_root=False leaves out `$CAPAS_DATA` itself, for datasets whose files have another's names
     (MNIST's and Fashion-MNIST's): in a folder of datasets, only `<name>/` says which one they are."""
-    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
-        # looked past, it would leave the run on other files than the ones the user named
-        raise CapasError(f"data_dir (--data-dir) {data_dir}: no such folder")
+    if data_dir is not None and not (str(data_dir) and Path(data_dir).expanduser().is_dir()):
+        # looked past, it would leave the run on other files than the ones the user named; '' is no
+        # folder, though Path('') is the current one
+        raise CapasError(f"data_dir (--data-dir) {str(data_dir) or repr('')}: no such folder")
     dirs = []
     for base, root in ((data_dir, True), (os.environ.get("CAPAS_DATA"), shared_root)):
         if base:
