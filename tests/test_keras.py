@@ -577,6 +577,16 @@ def test_import_options_are_checked(tmp_path):
     assert result.exit_code == 2 and "already exists" in result.output
 
 
+def test_import_into_the_current_folder_is_refused(tmp_path, monkeypatch):
+    """`--out ''` (Typer's '.') in an empty folder replaced the current folder with the run: the shell
+    was left in a deleted folder."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    result = runner.invoke(app, ["import-keras", str(FIXTURES / "flat.keras"), "--out", ""])
+    assert result.exit_code == 2 and "the current folder" in result.output, result.output
+    assert os.path.samefile(os.getcwd(), tmp_path / "here") and not any((tmp_path / "here").iterdir())
+
+
 def test_scale_option_maps_pixels_to_the_models_range(tmp_path, images):
     run = load_run(do_import("flat", "keras", tmp_path / "run", scale="-1..1"))
     x = run.preprocess(images[:4])

@@ -9,6 +9,7 @@ reference), so that train, compress, predict, serve and studies agree on what a 
 
 from capas.runs.directory import (
     Run,
+    check_not_cwd,
     environment,
     load_run,
     load_weights,
@@ -36,6 +37,7 @@ __all__ = [
     "OnnxModel",
     "Reference",
     "Run",
+    "check_not_cwd",
     "environment",
     "input_statistics",
     "load_reference",

@@ -252,6 +252,16 @@ def write_run(
         atomic.write_json(path / "test.json", test)
 
 
+def check_not_cwd(out: Path) -> None:
+    """Refuse the current folder as a run directory: staging replaces its folder whole, which would leave
+    the shell in a deleted folder (`--out .`, or `--out ''`, which Typer reads as '.')."""
+    if out.resolve() == Path.cwd().resolve():
+        raise CapasError(
+            f"{out}: the current folder; the finished run replaces its folder whole: choose another "
+            "--out, such as runs/<name>"
+        )
+
+
 @contextlib.contextmanager
 def staging(out: Path, replace: bool = True) -> Iterator[Path]:
     """A hidden folder beside `out`, renamed onto it when complete: a crash never leaves half a run.
@@ -264,6 +274,7 @@ def staging(out: Path, replace: bool = True) -> Iterator[Path]:
 
     `replace=False` (compress, import-keras: their `out` did not exist when they started) keeps a
     folder that another command put at `out` meanwhile, and discards the new run with a CapasError."""
+    check_not_cwd(out)
     out = out.resolve()  # a link itself cannot be renamed onto mkdtemp's folder
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from capas.layers.core import Dropout
 from capas.lock import LOCK, exclusive
 from capas.models import build_model, preprocess_for
 from capas.models.init import WHITENING_IMAGES, fit_whitening, whitening_layers
-from capas.runs import staging, write_run
+from capas.runs import check_not_cwd, staging, write_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.spec.io import config_changes, unrecorded
 from capas.train import features
@@ -139,11 +139,7 @@ def check_out(out: Path) -> None:
     whole (capas.runs.staging), which would delete them. A run (model.json), an unfinished one (its
     checkpoint or lock) and an empty folder are taken; the current folder is not (its replacement would
     leave the shell in a deleted folder)."""
-    if out.resolve() == Path.cwd().resolve():
-        raise CapasError(
-            f"{out}: the current folder; the finished run replaces its folder whole: choose another "
-            "--out, such as runs/<name>"
-        )
+    check_not_cwd(out)
     if not out.is_dir() or any((out / name).exists() for name in ("model.json", CHECKPOINT, LOCK)):
         return
     if names := sorted(entry.name for entry in out.iterdir()):
