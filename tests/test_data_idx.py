@@ -3,12 +3,14 @@
 import dataclasses
 import gzip
 import hashlib
+import re
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from capas.data import idx, load_dataset
 from capas.data.download import file_digest
@@ -152,6 +154,19 @@ def test_a_data_dir_that_is_no_folder_is_refused(tmp_path):
         # '' (an unset variable in --data-dir "$DIR") was the current folder, silently
         with pytest.raises(CapasError, match=r"^data_dir \(--data-dir\) '': no such folder$"):
             load_dataset(name, "")
+
+
+def test_a_data_dir_is_said_to_be_unused_where_the_dataset_takes_none(tmp_path):
+    """`capas evaluate RUN --data-dir nope` on a digits run went on without a word, as on a folder."""
+    folder = tmp_path / "imgs"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        Image.new("L", (4, 4), 0).save(folder / label / "x.png")
+    for name in ("digits", f"folder:{folder}"):
+        with pytest.warns(
+            UserWarning, match=rf"^data_dir \(--data-dir\) nope is not used: {re.escape(name)} "
+        ):
+            load_dataset(name, "nope")
 
 
 def test_unknown_name_suggests_the_closest():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,13 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> tuple[ArrayDa
     `data_dir` is searched first for downloadable datasets (then `$CAPAS_DATA`, then the cache);
     `folder:PATH` loads `PATH/<class>/<image>` instead.
     """
+    if data_dir is not None and (name == "digits" or name.startswith("folder:")):
+        what = "a folder names its own path" if name != "digits" else "digits comes with scikit-learn"
+        warnings.warn(
+            f"data_dir (--data-dir) {data_dir} is not used: {name} is read from no data folder ({what}); "
+            f"--data-dir is for {', '.join(SOURCES)} and cifar10",
+            stacklevel=2,
+        )
     if name.startswith("folder:"):
         if not name.removeprefix("folder:").strip():  # '' would read the current folder
             raise CapasError("dataset 'folder:' needs a path: folder:PATH, with PATH/<class>/<image>")
