@@ -111,30 +111,37 @@ def test_large_pixel_images_cost_memory_by_model_size_not_image_size(tiny_run):
 # 2 (event loop) ---------------------------------------------------------------------------------
 
 
+def _health_waits(url: str, body: bytes, headers: dict, clients: int, calls: int) -> tuple[list, list]:
+    """/health's latencies (s) over `calls` calls while `clients` clients post `body` back to back; and
+    the statuses of their posts."""
+    stop = threading.Event()
+    statuses = []
+
+    def hammer():
+        with httpx.Client(base_url=url, timeout=60) as client:
+            while not stop.is_set():
+                statuses.append(client.post("/predict", content=body, headers=headers).status_code)
+
+    with ThreadPoolExecutor(clients) as pool:
+        for _ in range(clients):
+            pool.submit(hammer)
+        time.sleep(0.5)
+        waits = []
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for _ in range(calls):
+                start = time.perf_counter()
+                assert client.get("/health").status_code == 200
+                waits.append(time.perf_counter() - start)
+                time.sleep(0.05)
+        stop.set()
+    return waits, statuses
+
+
 def test_health_answers_while_large_pixel_images_decode(tiny_run):
     palette = hostile.palette_png()
     body, headers = hostile.multipart(*[(f"p{i}.png", palette) for i in range(3)])
     with live_server(run_dir=tiny_run, threads=1) as (url, _):
-        stop = threading.Event()
-        statuses = []
-
-        def hammer():
-            with httpx.Client(base_url=url, timeout=60) as client:
-                while not stop.is_set():
-                    statuses.append(client.post("/predict", content=body, headers=headers).status_code)
-
-        with ThreadPoolExecutor(4) as pool:
-            for _ in range(4):
-                pool.submit(hammer)
-            time.sleep(0.5)
-            waits = []
-            with httpx.Client(base_url=url, timeout=60) as client:
-                for _ in range(20):
-                    start = time.perf_counter()
-                    assert client.get("/health").status_code == 200
-                    waits.append(time.perf_counter() - start)
-                    time.sleep(0.05)
-            stop.set()
+        waits, statuses = _health_waits(url, body, headers, clients=4, calls=20)
     print(f"/health while decoding: max {max(waits) * 1e3:.0f} ms, median {sorted(waits)[10] * 1e3:.0f} ms")
     assert statuses and set(statuses) == {200}
     # Decoded on the event loop, each 48 M-pixel request stalled every other request (~1 s here).
@@ -146,28 +153,7 @@ def test_health_answers_while_large_json_bodies_are_parsed(tiny_run):
     spaces (2.9 M pieces to join) held it for ~0.5 s, and /health waited. Now a decode thread does it."""
     body = json.dumps({"images": ["Q U F B " * 45_000] * 64}).encode()
     with live_server(run_dir=tiny_run, threads=1, max_body_mb=25) as (url, _):
-        stop = threading.Event()
-        statuses = []
-
-        def hammer():
-            with httpx.Client(base_url=url, timeout=60) as client:
-                while not stop.is_set():
-                    response = client.post(
-                        "/predict", content=body, headers={"Content-Type": "application/json"}
-                    )
-                    statuses.append(response.status_code)
-
-        with ThreadPoolExecutor(1) as pool:
-            pool.submit(hammer)
-            time.sleep(0.3)
-            waits = []
-            with httpx.Client(base_url=url, timeout=60) as client:
-                for _ in range(10):
-                    start = time.perf_counter()
-                    assert client.get("/health").status_code == 200
-                    waits.append(time.perf_counter() - start)
-                    time.sleep(0.05)
-            stop.set()
+        waits, statuses = _health_waits(url, body, {"Content-Type": "application/json"}, clients=1, calls=10)
     print(
         f"/health while parsing JSON: median {sorted(waits)[5] * 1e3:.0f} ms, max {max(waits) * 1e3:.0f} ms"
     )
