@@ -592,7 +592,8 @@ def test_an_empty_token_is_refused(tmp_path: Path, monkeypatch, how):
         monkeypatch.setenv("CAPAS_TOKEN", "")
     result = CliRunner().invoke(cli, ["serve", str(tmp_path), *(["--token", ""] if how == "option" else [])])
     assert result.exit_code == 2
-    assert "serve settings: token: an empty token would let anyone in" in " ".join(result.output.split())
+    source = "--token (CAPAS_TOKEN)" if how == "option" else "CAPAS_TOKEN"
+    assert f"serve settings: {source}: an empty token would let anyone in" in " ".join(result.output.split())
 
 
 def test_no_drift_sampling_is_refused(tmp_path: Path, monkeypatch):
@@ -601,27 +602,37 @@ def test_no_drift_sampling_is_refused(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("CAPAS_DRIFT_PER_BATCH", "0")
     result = CliRunner().invoke(cli, ["serve", str(tmp_path)])
     assert result.exit_code == 2
-    assert "drift_per_batch: Input should be greater than or equal to 1" in " ".join(result.output.split())
+    assert "CAPAS_DRIFT_PER_BATCH: Input should be greater than or equal to 1" in " ".join(
+        result.output.split()
+    )
 
 
 @pytest.mark.parametrize(
     "variable, value, message",
     [
-        ("CAPAS_THREADS", "100000000000000000000", "threads: Input should be less than or equal to 1024"),
-        ("CAPAS_DECODE_THREADS", "5000", "decode_threads: Input should be less than or equal to 1024"),
-        ("CAPAS_MAX_BODY_MB", "1e308", "max_body_mb: Input should be less than or equal to 1000"),
-        ("CAPAS_HISTORY", "100000000000000000000", "history: Input should be less than or equal to 100000"),
+        (
+            "CAPAS_THREADS",
+            "100000000000000000000",
+            "CAPAS_THREADS: Input should be less than or equal to 1024",
+        ),
+        ("CAPAS_DECODE_THREADS", "5000", "CAPAS_DECODE_THREADS: Input should be less than or equal to 1024"),
+        ("CAPAS_MAX_BODY_MB", "1e308", "CAPAS_MAX_BODY_MB: Input should be less than or equal to 1000"),
+        (
+            "CAPAS_HISTORY",
+            "100000000000000000000",
+            "CAPAS_HISTORY: Input should be less than or equal to 100000",
+        ),
         (
             "CAPAS_DRIFT_WINDOW",
             "100000000000000000000",
-            "drift_window: Input should be less than or equal to 10000",
+            "CAPAS_DRIFT_WINDOW: Input should be less than or equal to 10000",
         ),
         (
             "CAPAS_DRIFT_PERMUTATIONS",
             "1000000",
-            "drift_permutations: Input should be less than or equal to 10000",
+            "CAPAS_DRIFT_PERMUTATIONS: Input should be less than or equal to 10000",
         ),
-        ("CAPAS_HOST", "", "host: an empty address would bind every interface"),
+        ("CAPAS_HOST", "", "CAPAS_HOST: an empty address would bind every interface"),
     ],
 )
 def test_settings_no_server_can_run_with_are_refused(tmp_path: Path, monkeypatch, variable, value, message):
@@ -630,5 +641,21 @@ def test_settings_no_server_can_run_with_are_refused(tmp_path: Path, monkeypatch
     drift test; an empty host bound every interface."""
     monkeypatch.setenv(variable, value)
     result = CliRunner().invoke(cli, ["serve", str(tmp_path)])
+    assert result.exit_code == 2
+    assert f"serve settings: {message}" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--workers-threads", "0"], "--workers-threads: Input should be greater than or equal to 1"),
+        (["--max-body-mb", "1e308"], "--max-body-mb: Input should be less than or equal to 1000"),
+        (["--host", ""], "--host: an empty address would bind every interface"),
+    ],
+)
+def test_a_bad_option_is_named_as_typed(tmp_path: Path, option, message):
+    """A bad value is named by where the user wrote it: `capas serve RUN --workers-threads 0` said
+    'threads: …', a name the command line does not have (nor does the environment: CAPAS_THREADS)."""
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path), *option])
     assert result.exit_code == 2
     assert f"serve settings: {message}" in " ".join(result.output.split())

@@ -514,6 +514,16 @@ def serve(
     from capas.deploy.serve import serve as serve_run
 
     settings = make_settings(
+        flags={
+            "host": "--host",
+            "port": "--port",
+            "token": "--token (CAPAS_TOKEN)",
+            "max_batch": "--max-batch",
+            "max_wait_ms": "--max-wait-ms",
+            "max_body_mb": "--max-body-mb",
+            "threads": "--workers-threads",
+            "device": "--device",
+        },
         run_dir=run,
         **_overrides(
             host=host,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -19,19 +20,30 @@ class ServeSettings(BaseSettings, ServeOptions):
     run_dir: Path
 
 
-def make_settings(**values: object) -> ServeSettings:
-    """Settings from keyword values over CAPAS_* environment variables over defaults; CapasError if invalid."""
+def make_settings(flags: Mapping[str, str] | None = None, **values: object) -> ServeSettings:
+    """Settings from keyword values over CAPAS_* environment variables over defaults; CapasError if invalid.
+
+    An error names where the bad value came from: its keyword (or, for the CLI, its option: `flags`
+    maps field names to option names), else its environment variable.
+    """
     try:
         settings = ServeSettings(**values)
     except ValidationError as error:
+
+        def source(field: str) -> str:
+            if field in values:
+                return (flags or {}).get(field, field)
+            return f"CAPAS_{field.upper()}"
+
         problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+            f"{source(str(e['loc'][0])) if e['loc'] else 'settings'}: {e['msg'].removeprefix('Value error, ')}"
             for e in error.errors()
         )
         raise CapasError(f"serve settings: {problems}") from None
     if settings.drift_min > settings.drift_window:
         raise CapasError(
-            f"drift_min ({settings.drift_min}) cannot exceed drift_window ({settings.drift_window})"
+            f"drift_min ({settings.drift_min}) cannot exceed drift_window ({settings.drift_window}); lower "
+            "CAPAS_DRIFT_MIN or raise CAPAS_DRIFT_WINDOW"
         )
     if settings.max_images > settings.max_queue:  # such a request could never be queued: 503 forever
         raise CapasError(
