@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -461,6 +462,31 @@ def test_ray_options_without_the_ray_executor_are_refused(tmp_path, tiny_study, 
     assert result.exit_code == 2
     assert f"{options[0]} goes with --executor ray" in " ".join(result.output.split())
     assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize(
+    "options, said",
+    [
+        (["--cpus-per-run", "0"], "--cpus-per-run must be positive"),
+        (["--address", "127.0.0.1:{port}"], "cannot reach the Ray cluster at 127.0.0.1:{port}"),
+    ],
+)
+def test_bad_ray_options_are_refused_before_the_study_folder_is_made(
+    tmp_path, tiny_study, study_file, options, said
+):
+    """Both were refused after the study had printed its plan and made its folder, which kept an empty
+    study.sqlite and the lock."""
+    pytest.importorskip("ray")
+    with socket.socket() as closed:  # a port that was free a moment ago: nothing listens on it
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    options = [option.format(port=port) for option in options]
+    study = study_file(tiny_study(seeds=1))
+    out = tmp_path / "study"
+    result = runner.invoke(app, ["study", str(study), "--out", str(out), "--executor", "ray", *options])
+    assert result.exit_code == 2
+    assert said.format(port=port) in " ".join(result.output.split())
+    assert "runs ->" not in result.output and not out.exists()
 
 
 @pytest.mark.parametrize(

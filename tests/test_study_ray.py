@@ -23,7 +23,7 @@ ray = pytest.importorskip("ray")
 from capas.errors import CapasError  # noqa: E402
 from capas.runs import load_run  # noqa: E402
 from capas.study.executors import PoolExecutor, RunTask  # noqa: E402
-from capas.study.ray_executor import PROBE, RayExecutor, _check_reachable, _deliver, _worker_run  # noqa: E402
+from capas.study.ray_executor import PROBE, RayExecutor, _deliver, _worker_run, check_reachable  # noqa: E402
 from capas.study.run import run_study  # noqa: E402
 from capas.study.spec import load_study  # noqa: E402
 from capas.study.store import Store  # noqa: E402
@@ -202,7 +202,7 @@ def test_an_interrupted_driver_resumes_without_repeating_finished_runs(
 
 
 def test_a_ray_head_passes_the_check_of_its_address(local_ray):
-    _check_reachable(ray.get_runtime_context().gcs_address)  # its answer: an HTTP/2 SETTINGS frame
+    check_reachable(ray.get_runtime_context().gcs_address)  # its answer: an HTTP/2 SETTINGS frame
 
 
 def test_a_cluster_lost_mid_study_is_one_line_naming_the_rerun(local_ray):

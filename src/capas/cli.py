@@ -444,9 +444,10 @@ def study(
     make = None
     if executor == "ray":
         from capas.study.executors import ray_executor
-        from capas.study.ray_executor import require_ray
+        from capas.study.ray_executor import check_options, require_ray
 
         require_ray()
+        check_options(address, cpus_per_run, gpus_per_run)  # before the study's folder is made
 
         def make(runs: int):
             return ray_executor(

@@ -98,7 +98,17 @@ def _deliver(ray_future: Future, future: Future, out: Path) -> None:
     future.set_result(result)
 
 
-def _check_reachable(address: str) -> None:
+def check_options(address: str | None, cpus_per_run: float, gpus_per_run: float) -> None:
+    """The executor's options, checked before a study makes its folder: resources, then the address."""
+    if cpus_per_run <= 0 or gpus_per_run < 0:
+        raise CapasError(
+            f"--cpus-per-run must be positive and --gpus-per-run not negative, got {cpus_per_run} and {gpus_per_run}"
+        )
+    if address is not None:
+        check_reachable(address)
+
+
+def check_reachable(address: str) -> None:
     """Refuse a HEAD:PORT that nothing answers on, or something other than a Ray head (a web server):
     Ray itself retries such an address for minutes, or for good, logging a warning every few seconds."""
     host, sep, port = address.split("://")[-1].rpartition(":")
@@ -151,10 +161,7 @@ class RayExecutor(Executor):
         max_retries: int = MAX_RETRIES,
     ):
         require_ray()
-        if cpus_per_run <= 0 or gpus_per_run < 0:
-            raise CapasError(
-                f"--cpus-per-run must be positive and --gpus-per-run not negative, got {cpus_per_run} and {gpus_per_run}"
-            )
+        check_options(None, cpus_per_run, gpus_per_run)  # the address: only when joining, below
         self.owned = not ray.is_initialized()
         if self.owned:
             try:
@@ -169,7 +176,7 @@ class RayExecutor(Executor):
                         log_to_driver=False,
                     )
                 else:
-                    _check_reachable(address)
+                    check_reachable(address)
                     ray.init(address=address, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as error:
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"
