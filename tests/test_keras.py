@@ -460,6 +460,74 @@ def write_layer_without_config(tmp_path: Path) -> Path:
     )
 
 
+def write_zip_bomb(tmp_path: Path) -> Path:
+    """A config.json padded with 2 MiB of spaces that deflate to 2 KB: a small file that inflates 1000-fold."""
+    import zipfile
+
+    out = tmp_path / "bomb.keras"
+    with (
+        zipfile.ZipFile(FIXTURES / "flat.keras") as source,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive,
+    ):
+        for name in source.namelist():
+            padding = b" " * (2 << 20) if name == "config.json" else b""
+            archive.writestr(name, padding + source.read(name))
+    return out
+
+
+def write_deep_config(tmp_path: Path) -> Path:
+    return patched(tmp_path, "config.json", b"[" * 100_000 + b"]" * 100_000)
+
+
+def patched_weights(tmp_path: Path, edit) -> Path:
+    """flat.keras with `edit(file)` applied to its model.weights.h5."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(FIXTURES / "flat.keras") as source:
+        weights = io.BytesIO(source.read("model.weights.h5"))
+    with h5py.File(weights, "a") as file:
+        edit(file)
+    return patched(tmp_path, "model.weights.h5", weights.getvalue())
+
+
+def write_external_weights(tmp_path: Path) -> Path:
+    """A bias stored in another file (HDF5 external storage): importing it would copy that file's bytes
+    into the run's weights."""
+    (tmp_path / "secret.txt").write_bytes(b"not weights, someone's secret" * 10)
+
+    def edit(file):
+        del file["layers/conv2d/vars/1"]
+        file["layers/conv2d/vars"].create_dataset(
+            "1", (4,), "float32", external=[(str(tmp_path / "secret.txt"), 0, 16)]
+        )
+
+    return patched_weights(tmp_path, edit)
+
+
+def write_shape_bomb(tmp_path: Path) -> Path:
+    """A 400 MB array that stores nothing (chunked, no chunk written: it reads as its fill value)."""
+    return patched_weights(
+        tmp_path,
+        lambda file: file.create_dataset(
+            "layers/extra/vars/0", (10_000, 10_000), "float32", chunks=(100, 100)
+        ),
+    )
+
+
+def write_linked_legacy_h5(tmp_path: Path) -> Path:
+    """A legacy .h5 whose Dense layer's weights are an external link to another HDF5 file."""
+    shutil.copy(FIXTURES / "flat.h5", tmp_path / "linked.h5")
+    with h5py.File(tmp_path / "linked.h5", "a") as file:
+        root = file["model_weights"]
+        name = next(n for n in root if "dense" in n)
+        with h5py.File(tmp_path / "other.h5", "w") as other:
+            root.copy(root[name], other, name="group")
+        del root[name]
+        root[name] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/group")
+    return tmp_path / "linked.h5"
+
+
 def write_misfit(tmp_path: Path) -> list[str]:
     return [str(FIXTURES / "flat.json"), "--weights", str(FIXTURES / "batchnorm.weights.h5")]
 
@@ -490,6 +558,17 @@ def write_misfit(tmp_path: Path) -> list[str]:
         (write_list_metadata, "bad_metadata.keras: not a readable Keras file (metadata.json holds a list"),
         (write_number_layers, "bad_config.keras: not a Keras model config (its layer 0 is 1,"),
         (write_layer_without_config, 'not a Keras model config (its layer 0 is {"class_name": "Conv2D"},'),
+        (write_zip_bomb, "bomb.keras: not a readable Keras file (config.json inflates to 2,100,"),
+        (write_deep_config, "bad_config.keras: not a readable Keras file (maximum recursion depth exceeded"),
+        (
+            write_external_weights,
+            "not a readable Keras file (layers/conv2d/vars/1 reads its data from another file)",
+        ),
+        (write_shape_bomb, "not a readable Keras file (layers/extra/vars/0 declares 400,000,000 bytes"),
+        (
+            write_linked_legacy_h5,
+            "linked.h5: not a readable Keras file (dense/flat/dense/kernel reads its data from another file)",
+        ),
     ],
 )
 def test_bad_input_is_one_message_and_nothing_written(tmp_path, make, message):

@@ -131,6 +131,38 @@ def _h5():
     return h5py
 
 
+# A file written by someone else is read without trusting it. Keras writes weights as plain HDF5 datasets
+# and zip members stored uncompressed. A dataset that reads another file (external storage, a virtual
+# dataset, an external link) would copy that file's bytes into the run's weights; one that declares far
+# more than it stores (a fill value, gzip of zeros), like a zip member that inflates far beyond its
+# stored bytes, is a bomb: both are refused before anything is read. The ratios are Keras' own guards'
+# (keras.src.saving.saving_lib), with a floor of 1 MiB instead of 4 GiB.
+BOMB_FLOOR_BYTES = 1 << 20
+H5_MAX_EXPANSION = 1000
+ZIP_MAX_EXPANSION = 100
+
+
+def _array(file, dataset, where: str) -> np.ndarray:
+    """An HDF5 dataset of `file` (`where` in it) as an array, refused (ValueError) unless `file` holds all
+    its data."""
+    if not hasattr(dataset, "dtype"):
+        raise ValueError(f"{where} is a group, not a weight array")
+    if dataset.file != file or dataset.external or dataset.is_virtual:
+        raise ValueError(f"{where} reads its data from another file")
+    declared, stored = dataset.size * dataset.dtype.itemsize, dataset.id.get_storage_size()
+    if declared > max(BOMB_FLOOR_BYTES, H5_MAX_EXPANSION * stored):
+        raise ValueError(f"{where} declares {declared:,} bytes (shape {dataset.shape}) but stores {stored:,}")
+    return np.asarray(dataset)
+
+
+def _member(archive: zipfile.ZipFile, name: str) -> bytes:
+    """An archive member's bytes, refused (ValueError) if it inflates far beyond what it stores."""
+    info = archive.getinfo(name)
+    if info.file_size > max(BOMB_FLOOR_BYTES, ZIP_MAX_EXPANSION * info.compress_size):
+        raise ValueError(f"{name} inflates to {info.file_size:,} bytes from {info.compress_size:,}")
+    return archive.read(info)
+
+
 def _read_v3_weights(file) -> dict[str, list[np.ndarray]]:
     """Keras 3's weights.h5: `layers/<snake name>/vars/<i>` for each layer of the model."""
     out: dict[str, list[np.ndarray]] = {}
@@ -139,16 +171,16 @@ def _read_v3_weights(file) -> dict[str, list[np.ndarray]]:
         raise KeyError("no 'layers' group")
     for name, group in layers.items():
         variables = group.get("vars")
-        arrays = [] if variables is None else [np.asarray(variables[k]) for k in sorted(variables, key=int)]
-        out[f"layers/{name}"] = arrays
+        keys = [] if variables is None else sorted(variables, key=int)
+        out[f"layers/{name}"] = [_array(file, variables[k], f"layers/{name}/vars/{k}") for k in keys]
     return out
 
 
-def _read_legacy_weights(root) -> dict[str, list[np.ndarray]]:
-    """The legacy HDF5 layout (Keras 2 and Keras 3's .h5): layer groups listed in `layer_names`, each with
-    its datasets listed in order in `weight_names`."""
+def _read_legacy_weights(file, root) -> dict[str, list[np.ndarray]]:
+    """The legacy HDF5 layout (Keras 2 and Keras 3's .h5) in `root`, a group of `file`: layer groups listed
+    in `layer_names`, each with its datasets listed in order in `weight_names`."""
     return {
-        name: [np.asarray(root[name][w]) for w in _texts(root[name].attrs["weight_names"])]
+        name: [_array(file, root[name][w], f"{name}/{w}") for w in _texts(root[name].attrs["weight_names"])]
         for name in _texts(root.attrs["layer_names"])
     }
 
@@ -161,7 +193,7 @@ def _weights_file(path: Path) -> tuple[dict[str, list[np.ndarray]], bool]:
         root = file.get("model_weights", file)
         if "layer_names" not in root.attrs:
             raise KeyError("neither Keras 3's 'layers' group nor the legacy 'layer_names'")
-        return _read_legacy_weights(root), False
+        return _read_legacy_weights(file, root), False
 
 
 def read_keras(path: str | Path, weights: str | Path | None = None) -> KerasFile:
@@ -178,11 +210,11 @@ def read_keras(path: str | Path, weights: str | Path | None = None) -> KerasFile
     try:
         if path.suffix == ".keras":
             with zipfile.ZipFile(path) as archive:
-                config = json.loads(archive.read("config.json"))
-                metadata = json.loads(archive.read("metadata.json"))
+                config = json.loads(_member(archive, "config.json"))
+                metadata = json.loads(_member(archive, "metadata.json"))
                 if not isinstance(metadata, dict):
                     raise ValueError(f"metadata.json holds a {type(metadata).__name__}, not a JSON object")
-                with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as file:
+                with h5py.File(io.BytesIO(_member(archive, "model.weights.h5")), "r") as file:
                     arrays = _read_v3_weights(file)
             return KerasFile(str(path), ".keras", config, arrays, True, metadata.get("keras_version"))
         if path.suffix == ".json":
@@ -209,9 +241,9 @@ def read_keras(path: str | Path, weights: str | Path | None = None) -> KerasFile
                     )
                 config = json.loads(_text(file.attrs["model_config"]))
                 version = _text(file.attrs["keras_version"]) if "keras_version" in file.attrs else None
-                arrays = _read_legacy_weights(file["model_weights"])
+                arrays = _read_legacy_weights(file, file["model_weights"])
             return KerasFile(str(path), "legacy .h5", config, arrays, False, version)
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+    except (OSError, KeyError, ValueError, RecursionError, zipfile.BadZipFile) as error:
         raise CapasError(f"{path}: not a readable Keras file ({error})") from None
     raise CapasError(
         f"{path}: unknown kind of file {path.suffix!r}; allowed: a .keras file, a legacy full-model .h5, "
