@@ -528,6 +528,18 @@ def write_linked_legacy_h5(tmp_path: Path) -> Path:
     return tmp_path / "linked.h5"
 
 
+def write_huge_dense(tmp_path: Path) -> Path:
+    """flat.keras whose Dense declares 100 million units: 270 GB of parameters, from a 27 KB file."""
+    import zipfile
+
+    with zipfile.ZipFile(FIXTURES / "flat.keras") as source:
+        config = json.loads(source.read("config.json"))
+    for layer in config["config"]["layers"]:
+        if layer["class_name"] == "Dense":
+            layer["config"]["units"] = 100_000_000
+    return patched(tmp_path, "config.json", json.dumps(config).encode())
+
+
 def write_misfit(tmp_path: Path) -> list[str]:
     return [str(FIXTURES / "flat.json"), "--weights", str(FIXTURES / "batchnorm.weights.h5")]
 
@@ -569,6 +581,7 @@ def write_misfit(tmp_path: Path) -> list[str]:
             write_linked_legacy_h5,
             "linked.h5: not a readable Keras file (dense/flat/dense/kernel reads its data from another file)",
         ),
+        (write_huge_dense, "its layers have 67,700,000,040 parameters, the file holds 6,810 weight values"),
     ],
 )
 def test_bad_input_is_one_message_and_nothing_written(tmp_path, make, message):

@@ -534,6 +534,14 @@ def convert(keras_file: KerasFile) -> Imported:
     spec = ModelSpec.from_dict(
         {"name": name or "keras_model", "input_shape": list(input_shape), "layers": items}, source=source
     )
+    # Checked before the model is built: a few bytes of config can declare terabytes of parameters.
+    needed = sum(info.trainable + info.non_trainable for info in spec.layer_infos())
+    held = sum(array.size for arrays in keras_file.weights.values() for array in arrays)
+    if needed > held:
+        raise CapasError(
+            f"{source}: the weights do not fit the architecture: its layers have {needed:,} parameters, the "
+            f"file holds {held:,} weight values"
+        )
     model = build_model(spec, pretrained=False)
     _load_weights(model, spec, kept, layers, keras_file)
     return Imported(spec, model.eval(), rescaling, notes)
