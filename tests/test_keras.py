@@ -540,6 +540,14 @@ def write_huge_dense(tmp_path: Path) -> Path:
     return patched(tmp_path, "config.json", json.dumps(config).encode())
 
 
+def write_terminal_escapes(tmp_path: Path) -> Path:
+    """A layer class name that would clear the terminal and retitle its window if printed as it is."""
+    config = json.loads((FIXTURES / "flat.json").read_text())
+    config["config"]["layers"][1]["class_name"] = "\x1b[2J\x1b]0;title\x07Conv2D"
+    (tmp_path / "escapes.json").write_text(json.dumps(config))
+    return [str(tmp_path / "escapes.json"), "--weights", str(FIXTURES / "flat.weights.h5")]
+
+
 def write_misfit(tmp_path: Path) -> list[str]:
     return [str(FIXTURES / "flat.json"), "--weights", str(FIXTURES / "batchnorm.weights.h5")]
 
@@ -581,6 +589,7 @@ def write_misfit(tmp_path: Path) -> list[str]:
             write_linked_legacy_h5,
             "linked.h5: not a readable Keras file (dense/flat/dense/kernel reads its data from another file)",
         ),
+        (write_terminal_escapes, "(\\x1b[2J\\x1b]0;title\\x07Conv2D): unsupported layer type"),
         (write_huge_dense, "its layers have 67,700,000,040 parameters, the file holds 6,810 weight values"),
     ],
 )

@@ -32,12 +32,19 @@ console = Console()
 errors = Console(stderr=True)
 
 
+def _shown(text: str) -> str:
+    """`text` to print as it is: Rich markup escaped, and control characters shown as escapes (\\x1b),
+    never sent to the terminal: names read from files and folders someone else made (a Keras layer's
+    class, a class folder) can hold sequences that clear the screen or retitle the window."""
+    return escape("".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text))
+
+
 def _show_warning(default, message, category, filename, lineno, file=None, line=None) -> None:
     """capas' own warnings (a folder's decoded images that could not be cached) as one line, as the
     commands' other warnings, not as Python shows them: with capas' file, line number and source line.
     Other libraries' warnings keep Python's format."""
     if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
-        errors.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold yellow]warning:[/] {_shown(str(message))}", highlight=False, soft_wrap=True)
     else:
         default(message, category, filename, lineno, file, line)
 
@@ -53,7 +60,7 @@ def friendly(command):
                 return command(*args, **kwargs)
         except CapasError as error:
             # escaped: messages quote user input and commands such as pip install 'capas[ray]'
-            errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+            errors.print(f"[bold red]error:[/] {_shown(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             if command.__name__ in ("train", "study"):  # they keep checkpoints and finished runs
@@ -66,7 +73,7 @@ def friendly(command):
                 raise
             # a path option, or a spec's name as runs/<name>, longer than a file name may be
             errors.print(
-                f"[bold red]error:[/] {escape(f'{error.filename}: {error.strerror}')}", soft_wrap=True
+                f"[bold red]error:[/] {_shown(f'{error.filename}: {error.strerror}')}", soft_wrap=True
             )
             raise typer.Exit(2) from None
         except (MemoryError, RuntimeError) as error:
@@ -78,7 +85,7 @@ def friendly(command):
             ):
                 raise
             errors.print(
-                f"[bold red]error:[/] out of memory ({escape(first[:300])}); lower the batch size, the "
+                f"[bold red]error:[/] out of memory ({_shown(first[:300])}); lower the batch size, the "
                 "input size or the model's width",
                 highlight=False,
                 soft_wrap=True,
@@ -277,7 +284,7 @@ def train(
     main = distributed.env_rank() == 0  # under torchrun, rank 0 alone prints
     if main:
         console.print(
-            f"training [bold]{escape(model_spec.name)}[/] on {escape(data_cfg.name)} -> {escape(str(out))}",
+            f"training [bold]{_shown(model_spec.name)}[/] on {_shown(data_cfg.name)} -> {_shown(str(out))}",
             highlight=False,
         )
         from capas.cpu import bfloat16_warning
@@ -358,7 +365,7 @@ def _print_confusion(classes: list[str], matrix: list[list[int]]) -> None:
         table.add_column(str(index), justify="right")
     for index, (name, row) in enumerate(zip(classes, matrix, strict=True)):
         table.add_row(
-            f"{index} {escape(name)}", *(f"[bold]{v}[/]" if i == index else str(v) for i, v in enumerate(row))
+            f"{index} {_shown(name)}", *(f"[bold]{v}[/]" if i == index else str(v) for i, v in enumerate(row))
         )
     console.print(table)
 
@@ -381,7 +388,7 @@ def evaluate(
     data_cfg = DataConfig(name=data, data_dir=data_dir) if data is not None else None
     used, result = evaluate_run(loaded, data_cfg, data_dir)
     console.print(
-        f"{escape(used)}: test accuracy {result.accuracy:.4f}  test loss {result.loss:.4f}  ({len(result.labels)} images)",
+        f"{_shown(used)}: test accuracy {result.accuracy:.4f}  test loss {result.loss:.4f}  ({len(result.labels)} images)",
         highlight=False,
     )
     _print_confusion(list(loaded.classes), result.confusion(len(loaded.classes)).tolist())
@@ -404,7 +411,7 @@ def predict(
     for path, prediction in zip(images, predict_files(loaded, images), strict=True):
         top = ", ".join(f"{label} {p:.3f}" for label, p in prediction.top(loaded.classes, top_k))
         console.print(
-            f"{escape(str(path))}: [bold]{escape(prediction.label)}[/]  ({escape(top)})",
+            f"{_shown(str(path))}: [bold]{_shown(prediction.label)}[/]  ({_shown(top)})",
             highlight=False,
             soft_wrap=True,
         )
@@ -619,7 +626,7 @@ def import_keras(
         path, out, weights=weights, scale=scale, classes=classes, data=data, data_dir=data_dir
     )
     for note in imported.notes:
-        errors.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False)
+        errors.print(f"[bold yellow]note:[/] {_shown(note)}", highlight=False)
     summary = summarize(imported.spec)
     console.print(
         f"imported {len(imported.spec.layers)} layers, {summary.total:,} parameters -> run directory: {written}",
@@ -679,7 +686,7 @@ def compress(
     for note in comparison.notes:
         console.print(note, highlight=False, markup=False)
     for warning in comparison.warnings:
-        errors.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
+        errors.print(f"[bold yellow]warning:[/] {_shown(warning)}", highlight=False)
     console.print(
         f"run directory: {path} (compress.md, compress.json, lineage.json)", highlight=False, markup=False
     )
