@@ -548,6 +548,13 @@ def write_terminal_escapes(tmp_path: Path) -> Path:
     return [str(tmp_path / "escapes.json"), "--weights", str(FIXTURES / "flat.weights.h5")]
 
 
+def write_nested_keyword(tmp_path: Path) -> Path:
+    """A keyword nested 900 lists deep: JSON reads it, and capas compared it by walking it recursively."""
+    config = json.loads((FIXTURES / "flat.json").read_text())
+    config["config"]["layers"][1]["config"]["dilation_rate"] = json.loads("[" * 900 + "]" * 900)
+    return patched(tmp_path, "config.json", json.dumps(config).encode())
+
+
 def write_misfit(tmp_path: Path) -> list[str]:
     return [str(FIXTURES / "flat.json"), "--weights", str(FIXTURES / "batchnorm.weights.h5")]
 
@@ -588,6 +595,10 @@ def write_misfit(tmp_path: Path) -> list[str]:
         (
             write_linked_legacy_h5,
             "linked.h5: not a readable Keras file (dense/flat/dense/kernel reads its data from another file)",
+        ),
+        (
+            write_nested_keyword,
+            "bad_config.keras: not a Keras model config (lists and mappings nested more than 100",
         ),
         (write_terminal_escapes, "(\\x1b[2J\\x1b]0;title\\x07Conv2D): unsupported layer type"),
         (write_huge_dense, "its layers have 67,700,000,040 parameters, the file holds 6,810 weight values"),

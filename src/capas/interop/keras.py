@@ -255,6 +255,21 @@ def read_keras(path: str | Path, weights: str | Path | None = None) -> KerasFile
 # The Keras config -> a capas spec
 
 
+MAX_DEPTH = 100  # levels of lists and mappings in a model config
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Whether lists and mappings nest more than `limit` levels deep in `value` (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 def _histories(node: Any) -> list[str]:
     """The names of the layers a functional layer's inbound node reads (Keras 3 and Keras 2 forms)."""
     if isinstance(node, dict):
@@ -494,6 +509,12 @@ def convert(keras_file: KerasFile) -> Imported:
     """The capas spec and model of a Keras file; every unsupported layer or keyword is named, with its
     position, in one CapasError, as are weights that do not fit."""
     source = keras_file.source
+    if _nested_deeper(keras_file.config, MAX_DEPTH):
+        # the functions below recurse through the config: thousands of levels would be a RecursionError
+        raise CapasError(
+            f"{source}: not a Keras model config (lists and mappings nested more than {MAX_DEPTH} deep; "
+            "Keras writes about 10)"
+        )
     layers = _model_layers(keras_file.config, source)
     input_shape = _input_shape(layers, source)
     body = [layer for layer in layers if layer.get("class_name") != "InputLayer"]
