@@ -616,6 +616,37 @@ def test_bad_input_is_one_message_and_nothing_written(tmp_path, make, message):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left behind
 
 
+def test_a_zip_member_is_inflated_no_further_than_its_header_declares(tmp_path):
+    """A header that understates its member (3 KB declared, 100 MB of deflated spaces stored) passes the
+    bomb check; zipfile's read() would inflate all of it before finding the CRC wrong."""
+    import struct
+    import tracemalloc
+    import zipfile
+
+    from capas.interop.keras import read_keras
+
+    config = (FIXTURES / "flat.json").read_bytes()
+    with (
+        zipfile.ZipFile(FIXTURES / "flat.keras") as archive,
+        zipfile.ZipFile(tmp_path / "liar.keras", "w") as out,
+    ):
+        for name in archive.namelist():
+            data = b" " * (100 << 20) + config if name == "config.json" else archive.read(name)
+            out.writestr(name, data, zipfile.ZIP_DEFLATED if name == "config.json" else zipfile.ZIP_STORED)
+    raw = (tmp_path / "liar.keras").read_bytes()
+    declared = struct.pack("<I", (100 << 20) + len(config))
+    assert raw.count(declared) == 2  # the local header's and the central directory's uncompressed size
+    (tmp_path / "liar.keras").write_bytes(raw.replace(declared, struct.pack("<I", len(config))))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CapasError, match=r"liar\.keras: not a readable Keras file"):
+            read_keras(tmp_path / "liar.keras")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 << 20
+
+
 def test_every_unsupported_layer_and_keyword_is_named_with_its_position(tmp_path):
     with pytest.raises(CapasError) as error:
         import_keras(write_unsupported(tmp_path), tmp_path / "out")

@@ -160,7 +160,10 @@ def _member(archive: zipfile.ZipFile, name: str) -> bytes:
     info = archive.getinfo(name)
     if info.file_size > max(BOMB_FLOOR_BYTES, ZIP_MAX_EXPANSION * info.compress_size):
         raise ValueError(f"{name} inflates to {info.file_size:,} bytes from {info.compress_size:,}")
-    return archive.read(info)
+    with archive.open(info) as member:
+        # read(n), not read(): zipfile's read() inflates the whole stream, up to 2 GiB at a time, before
+        # it cuts it to the size the header declares, and a header may understate its data
+        return member.read(info.file_size)
 
 
 def _read_v3_weights(file) -> dict[str, list[np.ndarray]]:
