@@ -515,6 +515,15 @@ def write_shape_bomb(tmp_path: Path) -> Path:
     )
 
 
+def write_aliased_weights(tmp_path: Path) -> Path:
+    """A second name for a weight array: each costs ~100 bytes and would be read as a full copy."""
+
+    def edit(file):
+        file["layers/dense/vars/2"] = file["layers/dense/vars/0"]
+
+    return patched_weights(tmp_path, edit)
+
+
 def write_linked_legacy_h5(tmp_path: Path) -> Path:
     """A legacy .h5 whose Dense layer's weights are an external link to another HDF5 file."""
     shutil.copy(FIXTURES / "flat.h5", tmp_path / "linked.h5")
@@ -595,6 +604,10 @@ def write_misfit(tmp_path: Path) -> list[str]:
         (
             write_linked_legacy_h5,
             "linked.h5: not a readable Keras file (dense/flat/dense/kernel reads its data from another file)",
+        ),
+        (
+            write_aliased_weights,
+            "(layers/dense/vars/2 is layers/dense/vars/0 again (a second link to the same",
         ),
         (
             write_nested_keyword,

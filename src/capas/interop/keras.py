@@ -135,18 +135,22 @@ def _h5():
 # and zip members stored uncompressed. A dataset that reads another file (external storage, a virtual
 # dataset, an external link) would copy that file's bytes into the run's weights; one that declares far
 # more than it stores (a fill value, gzip of zeros), like a zip member that inflates far beyond its
-# stored bytes, is a bomb: both are refused before anything is read. The ratios are Keras' own guards'
+# stored bytes, is a bomb, and so is one read twice (HDF5 links cost ~100 bytes each: 1 MiB of weights
+# under 10,000 names would be read as 10 GiB): all are refused before anything is read. The ratios are Keras' own guards'
 # (keras.src.saving.saving_lib), with a floor of 1 MiB instead of 4 GiB.
 BOMB_FLOOR_BYTES = 1 << 20
 H5_MAX_EXPANSION = 1000
 ZIP_MAX_EXPANSION = 100
 
 
-def _array(file, dataset, where: str) -> np.ndarray:
+def _array(file, dataset, where: str, seen: dict) -> np.ndarray:
     """An HDF5 dataset of `file` (`where` in it) as an array, refused (ValueError) unless `file` holds all
-    its data."""
+    its data and it is none of the datasets `seen` (by HDF5 object -> where) before."""
     if not hasattr(dataset, "dtype"):
         raise ValueError(f"{where} is a group, not a weight array")
+    if dataset.id in seen:
+        raise ValueError(f"{where} is {seen[dataset.id]} again (a second link to the same weights)")
+    seen[dataset.id] = where
     if dataset.file != file or dataset.external or dataset.is_virtual:
         raise ValueError(f"{where} reads its data from another file")
     declared, stored = dataset.size * dataset.dtype.itemsize, dataset.id.get_storage_size()
@@ -169,21 +173,25 @@ def _member(archive: zipfile.ZipFile, name: str) -> bytes:
 def _read_v3_weights(file) -> dict[str, list[np.ndarray]]:
     """Keras 3's weights.h5: `layers/<snake name>/vars/<i>` for each layer of the model."""
     out: dict[str, list[np.ndarray]] = {}
+    seen: dict = {}
     layers = file.get("layers")
     if layers is None:
         raise KeyError("no 'layers' group")
     for name, group in layers.items():
         variables = group.get("vars")
         keys = [] if variables is None else sorted(variables, key=int)
-        out[f"layers/{name}"] = [_array(file, variables[k], f"layers/{name}/vars/{k}") for k in keys]
+        out[f"layers/{name}"] = [_array(file, variables[k], f"layers/{name}/vars/{k}", seen) for k in keys]
     return out
 
 
 def _read_legacy_weights(file, root) -> dict[str, list[np.ndarray]]:
     """The legacy HDF5 layout (Keras 2 and Keras 3's .h5) in `root`, a group of `file`: layer groups listed
     in `layer_names`, each with its datasets listed in order in `weight_names`."""
+    seen: dict = {}
     return {
-        name: [_array(file, root[name][w], f"{name}/{w}") for w in _texts(root[name].attrs["weight_names"])]
+        name: [
+            _array(file, root[name][w], f"{name}/{w}", seen) for w in _texts(root[name].attrs["weight_names"])
+        ]
         for name in _texts(root.attrs["layer_names"])
     }
 
