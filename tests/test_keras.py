@@ -515,6 +515,16 @@ def write_shape_bomb(tmp_path: Path) -> Path:
     )
 
 
+def write_text_weights(tmp_path: Path) -> Path:
+    """A bias of strings, of the right shape."""
+
+    def edit(file):
+        del file["layers/conv2d/vars/1"]
+        file["layers/conv2d/vars"].create_dataset("1", data=["a", "b", "c", "d"], dtype=h5py.string_dtype())
+
+    return patched_weights(tmp_path, edit)
+
+
 def write_aliased_weights(tmp_path: Path) -> Path:
     """A second name for a weight array: each costs ~100 bytes and would be read as a full copy."""
 
@@ -604,6 +614,10 @@ def write_misfit(tmp_path: Path) -> list[str]:
         (
             write_linked_legacy_h5,
             "linked.h5: not a readable Keras file (dense/flat/dense/kernel reads its data from another file)",
+        ),
+        (
+            write_text_weights,
+            "not a readable Keras file (layers/conv2d/vars/1 holds object, not real numbers)",
         ),
         (
             write_aliased_weights,

@@ -148,6 +148,8 @@ def _array(file, dataset, where: str, seen: dict) -> np.ndarray:
     its data and it is none of the datasets `seen` (by HDF5 object -> where) before."""
     if not hasattr(dataset, "dtype"):
         raise ValueError(f"{where} is a group, not a weight array")
+    if dataset.dtype.kind not in "biuf":
+        raise ValueError(f"{where} holds {dataset.dtype}, not real numbers")
     if dataset.id in seen:
         raise ValueError(f"{where} is {seen[dataset.id]} again (a second link to the same weights)")
     seen[dataset.id] = where
