@@ -525,6 +525,16 @@ def write_text_weights(tmp_path: Path) -> Path:
     return patched_weights(tmp_path, edit)
 
 
+def write_vars_dataset(tmp_path: Path) -> Path:
+    """A layer's `vars` that is an array, not a group of arrays."""
+
+    def edit(file):
+        del file["layers/conv2d/vars"]
+        file["layers/conv2d"].create_dataset("vars", data=[1.0])
+
+    return patched_weights(tmp_path, edit)
+
+
 def write_aliased_weights(tmp_path: Path) -> Path:
     """A second name for a weight array: each costs ~100 bytes and would be read as a full copy."""
 
@@ -614,6 +624,10 @@ def write_misfit(tmp_path: Path) -> list[str]:
         (
             write_linked_legacy_h5,
             "linked.h5: not a readable Keras file (dense/flat/dense/kernel reads its data from another file)",
+        ),
+        (
+            write_vars_dataset,
+            "not a readable Keras file (layers/conv2d/vars is not a group of weight arrays)",
         ),
         (
             write_text_weights,

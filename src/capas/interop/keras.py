@@ -174,13 +174,18 @@ def _member(archive: zipfile.ZipFile, name: str) -> bytes:
 
 def _read_v3_weights(file) -> dict[str, list[np.ndarray]]:
     """Keras 3's weights.h5: `layers/<snake name>/vars/<i>` for each layer of the model."""
+    group_type = _h5().Group
     out: dict[str, list[np.ndarray]] = {}
     seen: dict = {}
     layers = file.get("layers")
-    if layers is None:
+    if not isinstance(layers, group_type):
         raise KeyError("no 'layers' group")
     for name, group in layers.items():
+        if not isinstance(group, group_type):
+            raise ValueError(f"layers/{name} is not a layer's group")
         variables = group.get("vars")
+        if not isinstance(variables, group_type | None):
+            raise ValueError(f"layers/{name}/vars is not a group of weight arrays")
         keys = [] if variables is None else sorted(variables, key=int)
         out[f"layers/{name}"] = [_array(file, variables[k], f"layers/{name}/vars/{k}", seen) for k in keys]
     return out
