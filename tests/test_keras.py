@@ -535,6 +535,14 @@ def write_vars_dataset(tmp_path: Path) -> Path:
     return patched_weights(tmp_path, edit)
 
 
+def write_scalar_layer_names(tmp_path: Path) -> Path:
+    """A legacy .h5 whose `layer_names` is one number, not a list of names."""
+    shutil.copy(FIXTURES / "flat.h5", tmp_path / "scalar.h5")
+    with h5py.File(tmp_path / "scalar.h5", "a") as file:
+        file["model_weights"].attrs["layer_names"] = 5
+    return tmp_path / "scalar.h5"
+
+
 def write_aliased_weights(tmp_path: Path) -> Path:
     """A second name for a weight array: each costs ~100 bytes and would be read as a full copy."""
 
@@ -625,6 +633,7 @@ def write_misfit(tmp_path: Path) -> list[str]:
             write_linked_legacy_h5,
             "linked.h5: not a readable Keras file (dense/flat/dense/kernel reads its data from another file)",
         ),
+        (write_scalar_layer_names, "scalar.h5: not a readable Keras file"),
         (
             write_vars_dataset,
             "not a readable Keras file (layers/conv2d/vars is not a group of weight arrays)",

@@ -104,7 +104,7 @@ def _text(value: Any) -> str:
 
 
 def _texts(values: Any) -> list[str]:
-    return [_text(v) for v in np.atleast_1d(values).tolist()] if len(values) else []
+    return [_text(v) for v in np.atleast_1d(values).tolist()]  # a scalar is a list of one (a damaged file)
 
 
 @dataclass
