@@ -543,6 +543,15 @@ def write_scalar_layer_names(tmp_path: Path) -> Path:
     return tmp_path / "scalar.h5"
 
 
+def write_encrypted(tmp_path: Path) -> Path:
+    """flat.keras with every member flagged as encrypted (bit 0 of the flags in the central directory)."""
+    raw = (FIXTURES / "flat.keras").read_bytes()
+    entry = b"PK\x01\x02\x14\x03\x14\x00\x00\x00"  # signature, versions (Python's zipfile), flags
+    assert raw.count(entry) == 3
+    (tmp_path / "encrypted.keras").write_bytes(raw.replace(entry, entry[:-2] + b"\x01\x00"))
+    return tmp_path / "encrypted.keras"
+
+
 def write_aliased_weights(tmp_path: Path) -> Path:
     """A second name for a weight array: each costs ~100 bytes and would be read as a full copy."""
 
@@ -633,6 +642,7 @@ def write_misfit(tmp_path: Path) -> list[str]:
             write_linked_legacy_h5,
             "linked.h5: not a readable Keras file (dense/flat/dense/kernel reads its data from another file)",
         ),
+        (write_encrypted, "encrypted.keras: not a readable Keras file (File <ZipInfo filename='config.json'"),
         (write_scalar_layer_names, "scalar.h5: not a readable Keras file"),
         (
             write_vars_dataset,

@@ -261,7 +261,9 @@ def read_keras(path: str | Path, weights: str | Path | None = None) -> KerasFile
                 version = _text(file.attrs["keras_version"]) if "keras_version" in file.attrs else None
                 arrays = _read_legacy_weights(file, file["model_weights"])
             return KerasFile(str(path), "legacy .h5", config, arrays, False, version)
-    except (OSError, KeyError, ValueError, RecursionError, zipfile.BadZipFile) as error:
+    # RuntimeError: zipfile's for an encrypted member, and RecursionError (JSON nested thousands deep) is one;
+    # NotImplementedError: zipfile's for an unknown compression method
+    except (OSError, KeyError, ValueError, RuntimeError, NotImplementedError, zipfile.BadZipFile) as error:
         raise CapasError(f"{path}: not a readable Keras file ({error})") from None
     raise CapasError(
         f"{path}: unknown kind of file {path.suffix!r}; allowed: a .keras file, a legacy full-model .h5, "
