@@ -136,8 +136,8 @@ def _h5():
 # dataset, an external link) would copy that file's bytes into the run's weights; one that declares far
 # more than it stores (a fill value, gzip of zeros), like a zip member that inflates far beyond its
 # stored bytes, is a bomb, and so is one read twice (HDF5 links cost ~100 bytes each: 1 MiB of weights
-# under 10,000 names would be read as 10 GiB): all are refused before anything is read. The ratios are Keras' own guards'
-# (keras.src.saving.saving_lib), with a floor of 1 MiB instead of 4 GiB.
+# under 10,000 names would be read as 10 GiB): all are refused before anything is read. The ratios are
+# Keras' own guards' (keras.src.saving.saving_lib), with a floor of 1 MiB instead of 4 GiB.
 BOMB_FLOOR_BYTES = 1 << 20
 H5_MAX_EXPANSION = 1000
 ZIP_MAX_EXPANSION = 100
