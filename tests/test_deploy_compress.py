@@ -95,6 +95,23 @@ def test_export_onnx_matches_pytorch_with_dynamic_batch(run_dir, tmp_path):
     assert check.within_tolerance and check.images == 256 and check.max_abs_logits < ATOL
 
 
+def test_export_interrupted_during_its_parity_check_leaves_no_file(run_dir, tmp_path, monkeypatch):
+    """The file was renamed into place before the parity check: Ctrl-C during the check left an
+    unchecked model.onnx (or replaced the previous export) while capas said 'nothing was written'."""
+    import capas.deploy.export as export
+
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the previous export")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "parity", interrupted)
+    result = runner.invoke(app, ["export", str(run_dir), "--onnx", "--out", str(out)])
+    assert result.exit_code == 130 and "nothing was written" in result.output, result.output
+    assert out.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
 def test_export_warns_that_the_file_lacks_the_runs_test_time_augmentation(run_dir, tmp_path):
     """A run with flip TTA exported without a word: the file's probabilities differed from capas
     predict's by 0.01 while export printed 'same class for 100.0%' (against the model alone)."""

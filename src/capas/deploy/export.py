@@ -8,6 +8,7 @@ penultimate features, lets drift monitoring work on ONNX models as it does on Py
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,8 +44,11 @@ class _WithEmbedding(nn.Module):
         return self.head(features), features.flatten(1)
 
 
-def export_onnx(model: CapasNet, path: str | Path) -> Path:
-    """Write `model` as ONNX (opset 18, dynamic batch), checked with onnx's checker; atomic."""
+def export_onnx(model: CapasNet, path: str | Path, check: Callable[[Path], None] | None = None) -> Path:
+    """Write `model` as ONNX (opset 18, dynamic batch), checked with onnx's checker; atomic.
+
+    `check(file)`, given, runs on the written file before it is renamed onto `path`: a file that fails
+    it (or an interrupt during it) leaves `path` as it was."""
     import onnx
 
     spec = model.spec
@@ -68,6 +72,8 @@ def export_onnx(model: CapasNet, path: str | Path) -> Path:
             )
         program.save(str(tmp), external_data=False)
         onnx.checker.check_model(str(tmp), full_check=True)
+        if check is not None:
+            check(tmp)
 
     try:
         return atomic.write_with(path, write)
@@ -145,13 +151,17 @@ def export_run(
         )
     out = Path(out) if out is not None else run.path / "model.onnx"
     images = run_splits(run, data, data_dir).test.images[:PARITY_IMAGES]
-    export_onnx(run.model, out)
-    check = parity(run.model, OnnxModel(out), images, run.preprocess)
-    if not check.within_tolerance:
-        out.unlink()
-        raise CapasError(
-            f"{out}: ONNX Runtime's outputs differ from PyTorch's by up to {check.max_abs_logits:.2e} (logits) "
-            f"on {check.images} test images, beyond atol={ATOL}, rtol={RTOL}; the file was not kept"
-        )
+    checks = []
+
+    def check_parity(file: Path) -> None:  # before the file is put in place: an unchecked one never is
+        check = parity(run.model, OnnxModel(file), images, run.preprocess)
+        if not check.within_tolerance:
+            raise CapasError(
+                f"{out}: ONNX Runtime's outputs differ from PyTorch's by up to {check.max_abs_logits:.2e} "
+                f"(logits) on {check.images} test images, beyond atol={ATOL}, rtol={RTOL}; the file was not kept"
+            )
+        checks.append(check)
+
+    export_onnx(run.model, out, check_parity)
     run.warn_exported(out)
-    return ExportResult(out, out.stat().st_size, check)
+    return ExportResult(out, out.stat().st_size, checks[0])
