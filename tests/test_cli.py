@@ -511,6 +511,34 @@ def test_ctrl_c_says_resume_only_where_a_rerun_resumes(capsys, name, said):
     )
 
 
+def test_sigterm_cleans_up_as_ctrl_c_does_and_exits_143(tmp_path, monkeypatch):
+    """SIGTERM (docker stop, a scheduler, timeout) ended the process where it stood: an import, a
+    compression or a finished training being written left its hidden .OUT.* folder beside OUT, and
+    nothing was said. It now unwinds as Ctrl-C does."""
+    import signal
+
+    import capas.interop.keras as keras
+
+    write_run = keras.write_run
+
+    def terminated_while_writing(*args, **kwargs):  # the moment a scheduler's SIGTERM can come
+        write_run(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(keras, "write_run", terminated_while_writing)
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda *args: received.append(args))  # not pytest's death
+    try:
+        flat = Path(__file__).parent / "fixtures" / "keras" / "flat.keras"
+        result = runner.invoke(app, ["import-keras", str(flat), "--out", str(tmp_path / "imported")])
+        assert signal.getsignal(signal.SIGTERM).__name__ == "<lambda>"  # the caller's handler is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not received
+    assert result.exit_code == 143 and result.output.strip() == "interrupted; nothing was written"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_class_names_and_paths_print_as_written_not_as_markup(tmp_path):
     """Class names are folder names and paths are the user's: '[bold]' vanished from predict's and
     evaluate's output as rich markup, and a path holding '[/]' crashed predict with a MarkupError."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,24 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(spec_file, tm
     assert result.exit_code == 2
     assert "batch_size 33 does not split over 2 processes" in result.output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_nproc_driver_alone_stops_its_processes(spec_file, tmp_path):
+    """A scheduler's SIGTERM (or a kill) reaches the driver alone, not its processes as a terminal's
+    Ctrl-C does: the processes trained on to the last epoch and the driver waited for them."""
+    out = tmp_path / "run"
+    driver = subprocess.Popen(
+        _command(spec_file, out, "--nproc", "2", "--epochs", "500"), stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGTERM)
+    _, errors = driver.communicate(timeout=30)
+    assert driver.returncode == 143, errors
+    assert errors.strip().endswith("interrupted; finished work is kept, rerun the same command to resume")
+    assert not (out / "test.json").exists() and (out / "checkpoint.safetensors").exists()
 
 
 def test_an_out_folder_that_is_not_a_run_is_refused_before_the_processes_start(spec_file, tmp_path):

@@ -7,6 +7,8 @@ import functools
 import json
 import os
 import re
+import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,7 +21,7 @@ from rich.table import Table
 
 from capas.deploy.serve.options import ServeOptions
 from capas.deploy.settings import COMPRESS, CompressSettings
-from capas.errors import CapasError, closest
+from capas.errors import CapasError, Terminated, closest
 from capas.spec.train import TrainConfig, best_epoch
 
 app = typer.Typer(
@@ -49,11 +51,19 @@ def _show_warning(default, message, category, filename, lineno, file=None, line=
         default(message, category, filename, lineno, file, line)
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def friendly(command):
-    """User mistakes (CapasError) print one clear message and exit with status 2, never a traceback."""
+    """User mistakes (CapasError) print one clear message and exit with status 2, never a traceback.
+    Ctrl-C and SIGTERM print one line and exit with 130 and 143 (128 + the signal's number), as a shell
+    reports a process the signal ended."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        main = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+        previous = signal.signal(signal.SIGTERM, _terminate) if main else None
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
@@ -62,12 +72,14 @@ def friendly(command):
             # escaped: messages quote user input and commands such as pip install 'capas[ray]'
             errors.print(f"[bold red]error:[/] {_shown(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             if command.__name__ in ("train", "study"):  # they keep checkpoints and finished runs
                 errors.print("interrupted; finished work is kept, rerun the same command to resume")
             else:  # the others write their outputs whole or not at all
                 errors.print("interrupted; nothing was written")
-            raise typer.Exit(130) from None
+            raise typer.Exit(
+                128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+            ) from None
         except OSError as error:
             if error.errno != errno.ENAMETOOLONG:
                 raise
@@ -91,6 +103,9 @@ def friendly(command):
                 soft_wrap=True,
             )
             raise typer.Exit(2) from None
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

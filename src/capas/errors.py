@@ -10,6 +10,11 @@ class CapasError(Exception):
     """A user-facing error: bad spec, missing dataset, damaged run directory…"""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`docker stop`, a scheduler, `timeout`) raised where Ctrl-C would be, so that it cleans up as
+    Ctrl-C does: no temporary folder left beside a run, a study's workers stopped."""
+
+
 def closest(name: str, choices: Iterable[str]) -> str:
     """' (did you mean X?)' for the closest valid name, or '' when nothing is close."""
     choices = list(choices)

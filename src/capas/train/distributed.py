@@ -257,12 +257,20 @@ def launch(
         "restart": restart,
     }
     try:
-        mp.start_processes(
+        context = mp.start_processes(
             _rank_main,
             args=(nproc, free_port(), max(1, cores // nproc), job, progress),
             nprocs=nproc,
+            join=False,
             start_method="spawn",  # fresh interpreters: no copied torch thread pools, CUDA contexts or locks
         )
+        try:
+            while not context.join():  # raises when a process fails, once it has stopped the others
+                pass
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM sent to this process alone (a scheduler, kill)
+            for process in context.processes:  # else they trained on and exit waited for them
+                process.terminate()  # their checkpoints are whole: a rerun resumes
+            raise
     except mp.ProcessExitedException as error:
         raise CapasError(
             f"training process {error.error_index} exited with status {error.exit_code}"

@@ -29,7 +29,7 @@ from capas.deploy.serve.middleware import BodyLimit, HeadAsGet, HostGuard, Reque
 from capas.deploy.serve.monitor import NO_REFERENCE, Metrics, Monitor
 from capas.deploy.serve.routes import api, monitoring, pages
 from capas.deploy.serve.settings import ServeSettings
-from capas.errors import CapasError
+from capas.errors import CapasError, Terminated
 from capas.inference import model_device, resolve_device
 from capas.runs import REFERENCE, Run, load_reference, load_run
 from capas.spec.summary import summarize
@@ -330,5 +330,9 @@ def serve(settings: ServeSettings) -> None:
     check_address(settings.host, settings.port)
     limit_malloc_arenas()
     server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after a clean shutdown
-        server.run()
+    try:
+        server.run()  # after a clean shutdown uvicorn raises again the signal that stopped it
+    except Terminated:  # SIGTERM: the command's status says so (143)
+        raise
+    except KeyboardInterrupt:  # Ctrl-C: stopped as asked
+        pass
