@@ -185,3 +185,26 @@ def test_a_run_another_command_put_at_out_meanwhile_is_kept(tmp_path):
     with staging(out, replace=False) as tmp:  # an empty folder is taken (import-keras accepts one)
         atomic.write_text(tmp / "model.json", "mine")
     assert (out / "model.json").read_text() == "mine"
+
+
+def test_an_interrupt_between_the_two_renames_puts_the_old_run_back(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM after the old run was renamed aside and before the new one took its place
+    deleted the new run and left the old one hidden (.run.old-*): no run at `out`, and a retrained run's
+    checkpoint out of reach of the rerun."""
+    from capas.runs import staging
+
+    out = tmp_path / "run"
+    atomic.write_text(out / "checkpoint.safetensors", "the old run's")
+    rename = os.rename
+
+    def interrupted_after_the_first(source, target):
+        rename(source, target)
+        if target != out.resolve():  # the old run has gone aside; the signal comes now
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), staging(out) as tmp:
+        atomic.write_text(tmp / "model.json", "new")
+        monkeypatch.setattr(os, "rename", interrupted_after_the_first)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert (out / "checkpoint.safetensors").read_text() == "the old run's"

@@ -268,9 +268,10 @@ def staging(out: Path, replace: bool = True) -> Iterator[Path]:
 
     An `out` that exists (a run being retrained: its old run, its lock and checkpoint) stays whole
     until the new run is: it is renamed aside, the new folder onto `out`, then the old one deleted.
-    A crash between the two renames leaves no `out` but both runs whole beside it, as .NAME.*
-    folders; never a folder that mixes files of two runs. An `out` that is a symbolic link is the
-    folder it points to: that is replaced, and the link keeps pointing at the run.
+    A kill -9 between the two renames leaves no `out` but both runs whole beside it, as .NAME.*
+    folders (Ctrl-C or SIGTERM there puts the old run back); never a folder that mixes files of two
+    runs. An `out` that is a symbolic link is the folder it points to: that is replaced, and the link
+    keeps pointing at the run.
 
     `replace=False` (compress, import-keras: their `out` did not exist when they started) keeps a
     folder that another command put at `out` meanwhile, and discards the new run with a CapasError."""
@@ -283,10 +284,10 @@ def staging(out: Path, replace: bool = True) -> Iterator[Path]:
         raise CapasError(
             f"{out}: cannot create the run directory ({error.strerror or error}: {error.filename})"
         ) from None
+    old = None
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~atomic.umask())  # mkdtemp makes 0700 folders; give the permissions mkdir would
-        old = None
         if replace and out.exists():
             old = Path(tempfile.mkdtemp(prefix=atomic.hidden_prefix(out.name) + "old-", dir=out.parent))
             os.rename(out, old)  # onto the empty folder mkdtemp made: a unique name, atomically
@@ -305,6 +306,8 @@ def staging(out: Path, replace: bool = True) -> Iterator[Path]:
     except CapasError as error:  # a full disk: name the file the user asked for, not its hidden folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise CapasError(str(error).replace(str(tmp), str(out))) from None
-    except BaseException:
+    except BaseException:  # Ctrl-C, SIGTERM
+        if old is not None and not out.exists():  # between the two renames: the old run goes back
+            os.rename(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
