@@ -62,8 +62,14 @@ def friendly(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        main = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
-        previous = signal.signal(signal.SIGTERM, _terminate) if main else None
+        # Python runs signal handlers in the main thread, and only between bytecodes: one rank of several
+        # (WORLD_SIZE, as capas.train.distributed.launched reads it) blocked in a collective would never
+        # run it, and its launcher would wait for it; ranks keep SIGTERM's default, to end at once.
+        handles = (
+            threading.current_thread() is threading.main_thread()
+            and int(os.environ.get("WORLD_SIZE", "1")) < 2
+        )
+        previous = signal.signal(signal.SIGTERM, _terminate) if handles else None
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
@@ -104,7 +110,7 @@ def friendly(command):
             )
             raise typer.Exit(2) from None
         finally:
-            if main:
+            if handles:
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper
