@@ -143,6 +143,9 @@ async def _multipart_parts(request: Request, settings: ServeSettings) -> list[tu
         if error.status_code != 400:  # BodyLimit's 413 or 408, raised as the body streams in
             raise
         raise HTTPException(400, f"multipart body: {str(error.detail).rstrip('.')}; {SEND_FILES}") from None
+    # python-multipart's parse errors (ValueErrors), which Starlette before 1.x let through: a 500
+    except ValueError as error:
+        raise HTTPException(400, f"multipart body: {str(error).rstrip('.')}; {SEND_FILES}") from None
     try:
         parts = [
             (f"file {value.filename!r} (field {key!r})", await value.read())
