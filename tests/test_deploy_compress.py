@@ -112,6 +112,22 @@ def test_export_interrupted_during_its_parity_check_leaves_no_file(run_dir, tmp_
     assert out.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
+def test_a_model_the_exporter_cannot_convert_is_one_line(run_dir, tmp_path, monkeypatch):
+    """torch 2.6 to 2.12 (inside capas' supported range) cannot convert GlobalMaxPooling2D: `capas export
+    --onnx` ended in the exporter's traceback. Its error is raised here as torch raises it."""
+    import torch
+
+    def cannot(*args, **kwargs):
+        raise torch.onnx.OnnxExporterError("Failed to convert the exported program to an ONNX model.")
+
+    monkeypatch.setattr(torch.onnx, "export", cannot)
+    out = tmp_path / "model.onnx"
+    result = runner.invoke(app, ["export", str(run_dir), "--onnx", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "ONNX exporter cannot convert this model (OnnxExporterError)" in " ".join(result.output.split())
+    assert not any(tmp_path.iterdir())
+
+
 def test_export_warns_that_the_file_lacks_the_runs_test_time_augmentation(run_dir, tmp_path):
     """A run with flip TTA exported without a word: the file's probabilities differed from capas
     predict's by 0.01 while export printed 'same class for 100.0%' (against the model alone)."""

@@ -77,6 +77,12 @@ def export_onnx(model: CapasNet, path: str | Path, check: Callable[[Path], None]
 
     try:
         return atomic.write_with(path, write)
+    except torch.onnx.OnnxExporterError as error:  # its message: pages of the exporter's own report
+        raise CapasError(
+            f"{spec.name}: torch {torch.__version__}'s ONNX exporter cannot convert this model "
+            f"({type(error).__name__}); a newer torch may: 2.14 converts every capas layer, 2.6 to 2.12 "
+            "not GlobalMaxPooling2D"
+        ) from None
     except onnx.checker.ValidationError as error:
         raise CapasError(f"{spec.name}: the exported ONNX graph fails onnx's checker: {error}") from None
     except OSError as error:  # a full disk, a folder that refuses the file
