@@ -182,7 +182,8 @@ def test_fit_compiles_the_frozen_rows_only_while_it_trains():
     # Dynamo compiles one code object for a limited number of models per process, then runs eagerly:
     # each training's graphs go when it ends, so that the next one compiles (a study trains many).
     # Dynamo's own patch: pytest's monkeypatch deletes a config entry when it undoes its change.
-    with torch._dynamo.config.patch(recompile_limit=1):
+    # cache_size_limit: the name up to torch 2.6 (the floor is 2.5.1), recompile_limit's alias later.
+    with torch._dynamo.config.patch(cache_size_limit=1):
         _two_compiled_trainings()
 
 
