@@ -80,11 +80,12 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
 
 
 def _errno(error: BaseException) -> int | None:
-    """The errno of a failed write: an OSError's, or the one safetensors' Rust I/O errors quote."""
+    """The errno of a failed write: an OSError's, or the one safetensors' Rust I/O errors quote: "(os
+    error 28)" in recent releases, "Os { code: 28, … }" in 0.4."""
     if isinstance(error, OSError):
         return error.errno
-    found = re.search(r"\(os error (\d+)\)", str(error))
-    return int(found[1]) if found else None
+    found = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(error))
+    return int(found[1] or found[2]) if found else None
 
 
 def check_file_target(path: Path, what: str, example: str) -> None:
