@@ -66,6 +66,21 @@ def test_a_long_silence_keeps_history_windows_ending_now():
     assert [w["predictions"] for w in windows] == [0, 0, 0, 1]
 
 
+def test_a_clock_set_back_keeps_the_windows_in_order():
+    """The wall clock can step back (NTP, a VM resumed): the charts' time axis must not run backwards;
+    what happens until the clock catches up counts in the latest window."""
+    clock = Clock()
+    m = monitor(clock)
+    predict(m, ["x"])
+    clock.now += 20
+    predict(m, ["y"])
+    clock.now -= 35  # behind both windows
+    predict(m, ["z"])
+    windows = m.snapshot()["windows"]
+    assert [w["t"] for w in windows] == [1000.0, 1010.0, 1020.0]
+    assert [w["predictions"] for w in windows] == [1, 0, 2]
+
+
 def test_live_accuracy_comes_with_its_uncertainty():
     """2 right answers out of 2 are no evidence of a 100% accurate model: the accuracy carries its 95%
     Wilson interval (scipy's), which is wide for few feedbacks and narrows as they accumulate."""

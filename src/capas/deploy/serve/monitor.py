@@ -207,10 +207,11 @@ class Monitor:
 
     def _window(self) -> _Window:
         """The current time window, after empty ones for every window that passed without activity:
-        the charts draw one point per window, so a quiet spell must show as zeros, not vanish."""
+        the charts draw one point per window, so a quiet spell must show as zeros, not vanish. A clock
+        set back counts in the latest window until it catches up: the charts' time never runs back."""
         now = self.clock()
         start = now - now % self.bucket_s
-        if self._windows and self._windows[-1].start == start:
+        if self._windows and self._windows[-1].start >= start:  # >: the wall clock was set back
             return self._windows[-1]
         if self._windows:  # the quiet windows in between, as many as the history keeps
             skipped = round((start - self._windows[-1].start) / self.bucket_s) - 1
