@@ -325,6 +325,18 @@ def test_store_is_a_wal_sqlite_file_that_survives_reopening(tmp_path):
         Store(tmp_path / "bad.sqlite")
 
 
+def test_a_store_write_that_fails_halfway_leaves_nothing_of_itself(tmp_path):
+    """finish() replaces a run's epochs and marks it done in one transaction: one that fails after its
+    DELETE (here a history with an epoch twice) must leave the recorded epochs as they were."""
+    with Store(tmp_path / "s.sqlite") as store:
+        store.add_run("a/seed-0", "a", 0, {}, "h")
+        store.add_epoch("a/seed-0", {"epoch": 1, "val_accuracy": 0.5})
+        with pytest.raises(sqlite3.IntegrityError):
+            store.finish("a/seed-0", {"history": [{"epoch": 1}, {"epoch": 1}]})
+        assert store.epochs("a/seed-0") == [{"epoch": 1, "val_accuracy": 0.5}]
+        assert store.runs()["a/seed-0"].status == "pending"
+
+
 def test_a_store_damaged_inside_is_refused_when_opened_not_with_a_traceback_later(tmp_path):
     path = tmp_path / "study.sqlite"
     with Store(path) as store:

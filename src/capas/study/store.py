@@ -1,8 +1,8 @@
 """The run store: one SQLite file per study (standard library sqlite3, WAL mode), written by the driver only.
 
-Workers never open it: they return their results to the driver, which records them. Each
-statement commits at once, and WAL makes a commit survive a kill -9 of the process, so the store
-always says which runs finished, whatever happens to the driver.
+Workers never open it: they return their results to the driver, which records them. Each method
+is one transaction, committed before it returns, and WAL makes a commit survive a kill -9 of the
+process, so the store always says which runs finished, whatever happens to the driver.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,14 @@ class Store:
                 "free space on its disk, then rerun the same command to go on"
             ) from None
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Statements that commit together or not at all. In autocommit mode `with self.db:` alone opens
+        no transaction: each statement in it would commit by itself."""
+        with self.db:  # commits at the end, rolls back on an error
+            self.db.execute("BEGIN IMMEDIATE")
+            yield
+
     def get_meta(self, key: str) -> Any:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else None
@@ -110,7 +120,7 @@ class Store:
 
     def add_run(self, run_id: str, variant: str, seed: int, config: dict, config_hash: str) -> None:
         """A new pending run; replaces a row of the same id (a run whose config changed before it finished)."""
-        with self.db:  # one transaction: the run and its stale epochs go together
+        with self._transaction():  # the run and its stale epochs go together
             self.db.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
             self.db.execute(
                 "INSERT OR REPLACE INTO runs (id, variant, seed, status, config, config_hash) VALUES (?, ?, ?, 'pending', ?, ?)",
@@ -131,7 +141,7 @@ class Store:
 
     def finish(self, run_id: str, result: dict) -> None:
         """Record a finished run with its whole history (the run's metrics.jsonl is authoritative)."""
-        with self.db:
+        with self._transaction():
             self.db.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
             self.db.executemany(
                 "INSERT INTO epochs (run_id, epoch, metrics) VALUES (?, ?, ?)",
