@@ -6,6 +6,8 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -20,6 +22,7 @@ from capas.deploy.export import ATOL, export_run
 from capas.deploy.measure import Candidate, Repeats, measure
 from capas.deploy.prune import _prune_structured
 from capas.errors import CapasError
+from capas.lock import LOCK
 from capas.models import build_model
 from capas.predict import evaluate_run, predict, run_splits
 from capas.runs import OnnxModel, load_run, write_run
@@ -42,6 +45,11 @@ TINY = {
     ],
 }
 FAST = Repeats(batch1=10, batch64=3, warmup=1)
+# holds a folder's lock as `capas train --out FOLDER` does, until killed
+HOLD = (
+    "import sys, time\nfrom capas.lock import exclusive\n"
+    "with exclusive(sys.argv[1], 'run directory'):\n    print('held', flush=True)\n    time.sleep(600)"
+)
 runner = CliRunner()
 
 
@@ -816,3 +824,27 @@ def test_compress_onto_an_existing_out_says_what_to_change(run_dir, tmp_path):
         ["compress", str(run_dir), "--prune", "0.5", "--out", str(run_dir)],
         "already exists; choose another --out or remove it",
     )
+
+
+@pytest.mark.parametrize("fmt", ["--onnx", "--keras"])
+def test_export_into_a_run_being_trained_into_is_refused(run_dir, tmp_path, fmt):
+    """An export into the run's folder (its default --out) while `capas train --restart --out RUN` ran:
+    the training's end replaced the folder whole, and the export, which had loaded the old model, then
+    wrote the old model's file into the new run (seen: RUN/model.onnx 0.86 off the run's own logits). The
+    export now takes the run's lock, which the training holds, and is refused naming it."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = hashes(run)
+    holder = subprocess.Popen(  # a real process holding the lock `capas train --out RUN` takes
+        [sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        result = fails_cleanly(
+            ["export", str(run), fmt], "this run directory is in use by", f"pid {holder.pid}"
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "Traceback" not in result.output
+    assert {name: digest for name, digest in hashes(run).items() if name != LOCK} == before

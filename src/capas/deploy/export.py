@@ -20,7 +20,7 @@ from capas.data import Preprocess
 from capas.errors import CapasError
 from capas.models import CapasNet
 from capas.predict import run_splits
-from capas.runs import load_run
+from capas.runs import load_run, writing_into
 from capas.spec import DataConfig
 
 OPSET = 18
@@ -150,24 +150,26 @@ def export_run(
             raise CapasError(
                 f"--out {out}: an ONNX file must end in .onnx, e.g. {Path(out).with_suffix('.onnx')}"
             )
-    run = load_run(run_dir)
-    if not isinstance(run.model, CapasNet):
-        raise CapasError(
-            f"{run.path}: already an ONNX run ({run.model.path.name}); export its float source instead"
-        )
-    out = Path(out) if out is not None else run.path / "model.onnx"
-    images = run_splits(run, data, data_dir).test.images[:PARITY_IMAGES]
-    checks = []
-
-    def check_parity(file: Path) -> None:  # before the file is put in place: an unchecked one never is
-        check = parity(run.model, OnnxModel(file), images, run.preprocess)
-        if not check.within_tolerance:
+    out = Path(out) if out is not None else Path(run_dir) / "model.onnx"
+    with writing_into(run_dir, out):
+        run = load_run(run_dir)
+        if not isinstance(run.model, CapasNet):
             raise CapasError(
-                f"{out}: ONNX Runtime's outputs differ from PyTorch's by up to {check.max_abs_logits:.2e} "
-                f"(logits) on {check.images} test images, beyond atol={ATOL}, rtol={RTOL}; the file was not kept"
+                f"{run.path}: already an ONNX run ({run.model.path.name}); export its float source instead"
             )
-        checks.append(check)
+        images = run_splits(run, data, data_dir).test.images[:PARITY_IMAGES]
+        checks = []
 
-    export_onnx(run.model, out, check_parity)
+        def check_parity(file: Path) -> None:  # before the file is put in place: an unchecked one never is
+            check = parity(run.model, OnnxModel(file), images, run.preprocess)
+            if not check.within_tolerance:
+                raise CapasError(
+                    f"{out}: ONNX Runtime's outputs differ from PyTorch's by up to {check.max_abs_logits:.2e} "
+                    f"(logits) on {check.images} test images, beyond atol={ATOL}, rtol={RTOL}; the file was "
+                    "not kept"
+                )
+            checks.append(check)
+
+        export_onnx(run.model, out, check_parity)
     run.warn_exported(out)
     return ExportResult(out, out.stat().st_size, checks[0])

@@ -30,7 +30,7 @@ from capas.data import Preprocess, splits_for
 from capas.errors import CapasError
 from capas.layers.core import Dropout
 from capas.models import CapasNet, build_model
-from capas.runs import load_run, staging, write_run
+from capas.runs import load_run, staging, write_run, writing_into
 from capas.spec import DataConfig, ModelSpec, parse_layer
 
 SCALES = {"0..1": (0.0, 1.0), "0..255": (0.0, 1 / 255), "-1..1": (0.5, 0.5)}
@@ -923,14 +923,18 @@ def export_keras(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 f"--out {out}: a Keras 3 file must end in .keras (keras.saving.load_model and capas "
                 f"import-keras tell its format by the extension), e.g. {Path(out).with_suffix('.keras')}"
             )
-    run = load_run(run_dir)
-    if not isinstance(run.model, CapasNet):
-        raise CapasError(f"{run.path}: an ONNX run ({run.model.path.name}); export its float source instead")
-    if run.spec.backbone is not None:
-        raise CapasError(
-            f"{run.path}: the model has a {run.spec.backbone.name} backbone, which has no Keras layers in capas; "
-            "only models of capas' own layers export to Keras"
-        )
-    path = write_keras(run.model, Path(out) if out is not None else run.path / "model.keras", run.preprocess)
+    out = Path(out) if out is not None else Path(run_dir) / "model.keras"
+    with writing_into(run_dir, out):
+        run = load_run(run_dir)
+        if not isinstance(run.model, CapasNet):
+            raise CapasError(
+                f"{run.path}: an ONNX run ({run.model.path.name}); export its float source instead"
+            )
+        if run.spec.backbone is not None:
+            raise CapasError(
+                f"{run.path}: the model has a {run.spec.backbone.name} backbone, which has no Keras layers in "
+                "capas; only models of capas' own layers export to Keras"
+            )
+        path = write_keras(run.model, out, run.preprocess)
     run.warn_exported(path)
     return path

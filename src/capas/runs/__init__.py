@@ -1,8 +1,8 @@
 """Run directories: the one place that writes and reads them (weights, ONNX graphs, the drift
 reference), so that train, compress, predict, serve and studies agree on what a run holds.
 
-- directory: `write_run`, `load_run`, `Run`, `staging` (write beside, rename when complete), `environment`,
-  `machine_line`
+- directory: `write_run`, `load_run`, `Run`, `staging` (write beside, rename when complete),
+  `writing_into` (the run's lock while a file is written into it), `environment`, `machine_line`
 - runtime: `OnnxModel`, an ONNX Runtime graph behind the interface of a `CapasNet`
 - reference: the drift reference (`save_reference`, `load_reference`, `input_statistics`)
 """
@@ -17,6 +17,7 @@ from capas.runs.directory import (
     save_weights,
     staging,
     write_run,
+    writing_into,
 )
 from capas.runs.reference import (
     INPUT_STATS,
@@ -49,4 +50,5 @@ __all__ = [
     "save_weights",
     "staging",
     "write_run",
+    "writing_into",
 ]

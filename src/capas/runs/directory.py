@@ -41,6 +41,7 @@ from capas.cpu import available_cores, cpu_features, cpu_model, describe
 from capas.data import ArrayDataset, Preprocess
 from capas.errors import CapasError
 from capas.inference import TTA_MODES
+from capas.lock import exclusive
 from capas.models import CapasNet, build_model
 from capas.models.weights import load_checked
 from capas.runs.reference import REFERENCE, save_reference
@@ -260,6 +261,16 @@ def check_not_cwd(out: Path) -> None:
             f"{out}: the current folder; the finished run replaces its folder whole: choose another "
             "--out, such as runs/<name>"
         )
+
+
+def writing_into(run_dir: str | Path, file: Path) -> contextlib.AbstractContextManager:
+    """The run directory's lock (capas.lock) when a command that reads the run writes `file` into it (an
+    export's default --out), else nothing to hold. A `capas train --out` the same folder replaces it whole
+    when it ends: an export that loaded the old model and wrote after that would leave the old model's
+    file in the new run. Hold it from before the run is loaded until the file is written."""
+    run_dir = Path(run_dir)
+    inside = run_dir.is_dir() and file.parent.resolve() == run_dir.resolve()
+    return exclusive(run_dir, "run directory") if inside else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
