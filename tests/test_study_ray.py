@@ -5,6 +5,7 @@ without repeating finished runs, and a worker that cannot see the driver's disk 
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -234,6 +235,26 @@ def test_a_worker_that_cannot_see_the_run_directory_ships_it_to_the_driver(local
     assert run.classes and (out / "test.json").is_file() and (out / "reference.safetensors").is_file()
     assert result["test_accuracy"] == pytest.approx(run.read_json("test.json")["test_accuracy"])
     events.shutdown(force=True)
+
+
+def test_a_shipped_run_trains_beside_another_users_scratch_folder(tmp_path, study_path, monkeypatch):
+    """Shipped runs trained under TMP/capas-ray/<token>: the first user to run one on a node made that
+    folder (0755), and every other user's shipped runs there failed ("cannot create the run directory").
+    Ray is not needed: the task's function runs here as a worker runs it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    if os.geteuid() == 0:  # root writes into any folder: a file of that name refuses it as well
+        (tmp_path / "tmp" / "capas-ray").write_text("another user's")
+    else:
+        (tmp_path / "tmp" / "capas-ray").mkdir(mode=0o555)
+    variant = load_study(study_path()).variants[0]
+    config = variant.run_config(0)
+    out = tmp_path / "study" / "runs" / "Flatten" / "seed-0"
+    task = RunTask(
+        "Flatten/seed-0", variant.name, 0, config["spec"], config["train"], config["data"], {}, str(out)
+    )
+    result = _worker_run(task.to_dict(), queue.SimpleQueue(), "a-token-the-driver-never-wrote", 1)
+    assert result["worker"]["storage"] == "shipped" and "test.json" in result["files"]
 
 
 def test_without_ray_the_executor_says_how_to_install_it(tmp_path, monkeypatch, study_path):

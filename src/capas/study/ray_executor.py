@@ -66,7 +66,10 @@ def _worker_run(task: dict, events: Queue, token: str, threads: int) -> dict:
         result = execute_run(task, events.put)
         result["worker"]["storage"] = "shared"
         return result
-    scratch = Path(tempfile.gettempdir()) / "capas-ray" / token / task["id"]
+    # one folder per user (Windows' temp folder is the user's own): a /tmp/capas-ray that one user made
+    # (0755) refused every other user's runs on the node; a fixed path: a retry here resumes the run
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    scratch = Path(tempfile.gettempdir()) / f"capas-ray-{user}" / token / task["id"]
     result = execute_run({**task, "out": str(scratch)}, events.put)
     result["worker"]["storage"] = "shipped"
     result["files"] = {
