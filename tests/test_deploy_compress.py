@@ -22,7 +22,7 @@ from capas.deploy.export import ATOL, export_run
 from capas.deploy.measure import Candidate, Repeats, measure
 from capas.deploy.prune import _prune_structured
 from capas.errors import CapasError
-from capas.lock import LOCK
+from capas.lock import LOCK, exclusive
 from capas.models import build_model
 from capas.predict import evaluate_run, predict, run_splits
 from capas.runs import OnnxModel, load_run, write_run
@@ -45,10 +45,11 @@ TINY = {
     ],
 }
 FAST = Repeats(batch1=10, batch64=3, warmup=1)
-# holds a folder's lock as `capas train --out FOLDER` does, until killed
+# holds a folder's lock until killed: exclusive as `capas train --out FOLDER` does, or shared as export does
 HOLD = (
     "import sys, time\nfrom capas.lock import exclusive\n"
-    "with exclusive(sys.argv[1], 'run directory'):\n    print('held', flush=True)\n    time.sleep(600)"
+    "with exclusive(sys.argv[1], 'run directory', shared=sys.argv[2] == 'shared'):\n"
+    "    print('held', flush=True)\n    time.sleep(600)"
 )
 runner = CliRunner()
 
@@ -67,10 +68,11 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def hashes(folder: Path) -> dict[str, str]:
+    """The digests of a run's files (not its lock file, which says who held the folder last)."""
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in folder.rglob("*")
-        if p.is_file()
+        if p.is_file() and p.name != LOCK
     }
 
 
@@ -826,25 +828,39 @@ def test_compress_onto_an_existing_out_says_what_to_change(run_dir, tmp_path):
     )
 
 
-@pytest.mark.parametrize("fmt", ["--onnx", "--keras"])
-def test_export_into_a_run_being_trained_into_is_refused(run_dir, tmp_path, fmt):
-    """An export into the run's folder (its default --out) while `capas train --restart --out RUN` ran:
-    the training's end replaced the folder whole, and the export, which had loaded the old model, then
-    wrote the old model's file into the new run (seen: RUN/model.onnx 0.86 off the run's own logits). The
-    export now takes the run's lock, which the training holds, and is refused naming it."""
+@pytest.mark.parametrize(
+    "command", [["export", "--onnx"], ["export", "--keras"], ["compress", "--quantize", "dynamic"]]
+)
+def test_export_and_compress_of_a_run_being_trained_into_are_refused(run_dir, tmp_path, command):
+    """`capas export RUN` (or compress) while `capas train --restart --out RUN` ran: the training's end
+    replaced the folder whole, and the export, which had loaded the old model, then wrote the old model's
+    file into the new run (seen: RUN/model.onnx 0.86 off the run's own logits); compress wrote a
+    lineage.json naming the new weights beside a model compressed from the old ones. They now hold the
+    run's lock (shared), which the training holds exclusively: refused, naming it; and the reverse."""
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     before = hashes(run)
     holder = subprocess.Popen(  # a real process holding the lock `capas train --out RUN` takes
-        [sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD, str(run), "exclusive"], stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline() == "held\n"
-        result = fails_cleanly(
-            ["export", str(run), fmt], "this run directory is in use by", f"pid {holder.pid}"
-        )
+        words = ("this run directory is in use by", f"pid {holder.pid}")
+        fails_cleanly([command[0], str(run), *command[1:]], *words)
     finally:
         holder.kill()
         holder.wait()
-    assert "Traceback" not in result.output
-    assert {name: digest for name, digest in hashes(run).items() if name != LOCK} == before
+    assert hashes(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    reader = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run), "shared"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert reader.stdout.readline() == "held\n"
+        refused = pytest.raises(CapasError, match=f"this run directory is in use by pid {reader.pid}")
+        with refused, exclusive(run, "run directory"):  # a training into it
+            pass
+        with exclusive(run, "run directory", shared=True):  # another reader: at the same time
+            pass
+    finally:
+        reader.kill()
+        reader.wait()

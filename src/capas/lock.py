@@ -1,6 +1,8 @@
 """Exclusive locks on study and run directories: one writer at a time, and a clear message for the second.
 
-The lock is an `fcntl.flock` on DIR/.capas.lock, held for the owner's lifetime. The kernel releases it
+The lock is an `fcntl.flock` on DIR/.capas.lock, held for the owner's lifetime. Commands that only
+read a run directory, or add a file to it (export, compress), hold it shared: together with each
+other, never with a training into the folder. The kernel releases it
 when the process ends however it ends (SIGKILL, a crash), so a stale lock never blocks a rerun; the
 file itself stays and only says who held it last. The holder writes its pid, host, command and start
 time into the file, which the refused process quotes.
@@ -9,6 +11,7 @@ time into the file, which the refused process quotes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
@@ -37,12 +40,14 @@ def _holder(file: Path) -> str:
 
 
 @contextlib.contextmanager
-def exclusive(directory: str | Path, what: str) -> Iterator[None]:
+def exclusive(directory: str | Path, what: str, shared: bool = False) -> Iterator[None]:
     """Hold DIR/.capas.lock for the body; a CapasError naming the holder if another process has it.
 
     `what` names the directory in the message ("study directory", "run directory"). Folders this call
     made that hold nothing but the lock at the end (the command was refused before writing anything)
-    are removed: a refused command leaves nothing behind.
+    are removed: a refused command leaves nothing behind. `shared`: other shared holders may hold it
+    at the same time, an exclusive one may not; in a folder this user cannot write in (another user's
+    run, a read-only disk) it holds nothing: the command reads the folder as it is.
     """
     directory = Path(directory)
     made = [folder for folder in (directory, *directory.parents) if not folder.exists()]
@@ -56,10 +61,16 @@ def exclusive(directory: str | Path, what: str) -> Iterator[None]:
         yield
         return
     file = directory / LOCK
-    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        if not shared or error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        yield
+        return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             made = []  # the holder's folder, not this call's
             raise CapasError(

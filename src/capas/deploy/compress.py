@@ -24,7 +24,7 @@ from capas.deploy.settings import COMPRESS
 from capas.errors import CapasError
 from capas.models import CapasNet
 from capas.predict import run_data, run_splits
-from capas.runs import OnnxModel, environment, load_run, staging
+from capas.runs import OnnxModel, environment, load_run, reading, staging
 from capas.spec import DataConfig
 
 
@@ -47,70 +47,76 @@ def compress_run(
     in `data_dir` if given), or `data`."""
     repeats = repeats or Repeats()
     check_method(quantize, prune, finetune_epochs)
-    source = load_run(run_dir)
-    if not isinstance(source.model, CapasNet):
-        raise CapasError(f"{source.path}: already an ONNX Runtime run; compress its float source instead")
-    if quantize:
-        method = f"quantize-{quantize}"
-        check_quantizable(source.spec, quantize)
-    else:
-        method = f"prune-{'structured' if structured else 'unstructured'}"
-        check_prunable(source.spec, structured)
-    where = "choose another --out" if out is not None else "pass --out to write elsewhere"
-    out = Path(out) if out is not None else default_out(source.path, quantize, prune, structured)
-    if out.exists():
-        raise CapasError(f"{out}: already exists; {where} or remove it")
-    data = run_data(source, data, data_dir)
-    splits = run_splits(source, data)
-    # the new run's config: the source's, with the dataset and splits it was calibrated or fine-tuned and tested on
-    config = {
-        **(source.read_json("config.json") or {}),
-        "data": data.model_dump(mode="json"),
-        "splits": splits.info,
-    }
-    lineage = {
-        "source": str(source.path.resolve()),
-        "source_model_sha256": _weights_sha256(source.path),
-        "method": method,
-        "capas": capas.__version__,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-    parameters = sum(p.numel() for p in source.model.parameters())
-    candidates = [
-        Candidate(
-            "original (PyTorch)",
-            source.model,
-            source.path / "model.safetensors",
-            precision=source.precision,
-            channels_last=source.channels_last,
-        )
-    ]
-    with staging(out, replace=False) as tmp, tempfile.TemporaryDirectory() as scratch:
+    # the source's lock, shared: a training into it meanwhile would mix the two runs (seen: lineage.json
+    # naming the new weights, the model compressed from the old ones)
+    with reading(run_dir):
+        source = load_run(run_dir)
+        if not isinstance(source.model, CapasNet):
+            raise CapasError(f"{source.path}: already an ONNX Runtime run; compress its float source instead")
         if quantize:
-            # The float graph in the same runtime separates what int8 does from what ONNX Runtime does.
-            float_path = export_onnx(source.model, Path(scratch) / "float.onnx")
-            candidates.append(
-                Candidate("float32 (ONNX Runtime)", OnnxModel(float_path), float_path, parameters)
-            )
-            settings, notes = quantize_run(
-                source, splits, config, float_path, tmp, quantize, calibration_images
-            )
-            name, weights = f"{quantize} (ONNX Runtime)", tmp / "model.onnx"
+            method = f"quantize-{quantize}"
+            check_quantizable(source.spec, quantize)
         else:
-            settings, notes = prune_run(source, splits, config, tmp, prune, structured, finetune_epochs)
-            name, weights = "pruned (PyTorch)", tmp / "model.safetensors"
-        compressed = load_run(tmp)
-        # its test accuracy was measured once, on the same test split, when its run directory was written
-        accuracy = compressed.read_json("test.json")["test_accuracy"]
-        candidates.append(Candidate(name, compressed.model, weights, parameters, accuracy))
-        comparison = Comparison(
-            method, measure(candidates, splits.test, source.preprocess, repeats, source.tta), settings, notes
-        )
-        comparison.check_speed(int8=quantize is not None)
-        atomic.write_json(tmp / "lineage.json", {**lineage, "settings": settings})
-        atomic.write_json(tmp / "compress.json", {**comparison.to_dict(), "environment": environment()})
-        atomic.write_text(tmp / "compress.md", comparison.markdown())
-    return out, comparison
+            method = f"prune-{'structured' if structured else 'unstructured'}"
+            check_prunable(source.spec, structured)
+        where = "choose another --out" if out is not None else "pass --out to write elsewhere"
+        out = Path(out) if out is not None else default_out(source.path, quantize, prune, structured)
+        if out.exists():
+            raise CapasError(f"{out}: already exists; {where} or remove it")
+        data = run_data(source, data, data_dir)
+        splits = run_splits(source, data)
+        # the new run's config: the source's, with the dataset and splits it was calibrated or fine-tuned and tested on
+        config = {
+            **(source.read_json("config.json") or {}),
+            "data": data.model_dump(mode="json"),
+            "splits": splits.info,
+        }
+        lineage = {
+            "source": str(source.path.resolve()),
+            "source_model_sha256": _weights_sha256(source.path),
+            "method": method,
+            "capas": capas.__version__,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        parameters = sum(p.numel() for p in source.model.parameters())
+        candidates = [
+            Candidate(
+                "original (PyTorch)",
+                source.model,
+                source.path / "model.safetensors",
+                precision=source.precision,
+                channels_last=source.channels_last,
+            )
+        ]
+        with staging(out, replace=False) as tmp, tempfile.TemporaryDirectory() as scratch:
+            if quantize:
+                # The float graph in the same runtime separates what int8 does from what ONNX Runtime does.
+                float_path = export_onnx(source.model, Path(scratch) / "float.onnx")
+                candidates.append(
+                    Candidate("float32 (ONNX Runtime)", OnnxModel(float_path), float_path, parameters)
+                )
+                settings, notes = quantize_run(
+                    source, splits, config, float_path, tmp, quantize, calibration_images
+                )
+                name, weights = f"{quantize} (ONNX Runtime)", tmp / "model.onnx"
+            else:
+                settings, notes = prune_run(source, splits, config, tmp, prune, structured, finetune_epochs)
+                name, weights = "pruned (PyTorch)", tmp / "model.safetensors"
+            compressed = load_run(tmp)
+            # its test accuracy was measured once, on the same test split, when its run directory was written
+            accuracy = compressed.read_json("test.json")["test_accuracy"]
+            candidates.append(Candidate(name, compressed.model, weights, parameters, accuracy))
+            comparison = Comparison(
+                method,
+                measure(candidates, splits.test, source.preprocess, repeats, source.tta),
+                settings,
+                notes,
+            )
+            comparison.check_speed(int8=quantize is not None)
+            atomic.write_json(tmp / "lineage.json", {**lineage, "settings": settings})
+            atomic.write_json(tmp / "compress.json", {**comparison.to_dict(), "environment": environment()})
+            atomic.write_text(tmp / "compress.md", comparison.markdown())
+        return out, comparison
 
 
 def check_method(

@@ -20,7 +20,7 @@ from capas.data import Preprocess
 from capas.errors import CapasError
 from capas.models import CapasNet
 from capas.predict import run_splits
-from capas.runs import load_run, writing_into
+from capas.runs import load_run, reading
 from capas.spec import DataConfig
 
 OPSET = 18
@@ -151,7 +151,7 @@ def export_run(
                 f"--out {out}: an ONNX file must end in .onnx, e.g. {Path(out).with_suffix('.onnx')}"
             )
     out = Path(out) if out is not None else Path(run_dir) / "model.onnx"
-    with writing_into(run_dir, out):
+    with reading(run_dir):
         run = load_run(run_dir)
         if not isinstance(run.model, CapasNet):
             raise CapasError(

@@ -30,7 +30,7 @@ from capas.data import Preprocess, splits_for
 from capas.errors import CapasError
 from capas.layers.core import Dropout
 from capas.models import CapasNet, build_model
-from capas.runs import load_run, staging, write_run, writing_into
+from capas.runs import load_run, reading, staging, write_run
 from capas.spec import DataConfig, ModelSpec, parse_layer
 
 SCALES = {"0..1": (0.0, 1.0), "0..255": (0.0, 1 / 255), "-1..1": (0.5, 0.5)}
@@ -924,7 +924,7 @@ def export_keras(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 f"import-keras tell its format by the extension), e.g. {Path(out).with_suffix('.keras')}"
             )
     out = Path(out) if out is not None else Path(run_dir) / "model.keras"
-    with writing_into(run_dir, out):
+    with reading(run_dir):
         run = load_run(run_dir)
         if not isinstance(run.model, CapasNet):
             raise CapasError(

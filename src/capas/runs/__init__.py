@@ -2,7 +2,7 @@
 reference), so that train, compress, predict, serve and studies agree on what a run holds.
 
 - directory: `write_run`, `load_run`, `Run`, `staging` (write beside, rename when complete),
-  `writing_into` (the run's lock while a file is written into it), `environment`, `machine_line`
+  `reading` (the run's lock, shared, while a command derives files from it), `environment`, `machine_line`
 - runtime: `OnnxModel`, an ONNX Runtime graph behind the interface of a `CapasNet`
 - reference: the drift reference (`save_reference`, `load_reference`, `input_statistics`)
 """
@@ -14,10 +14,10 @@ from capas.runs.directory import (
     load_run,
     load_weights,
     machine_line,
+    reading,
     save_weights,
     staging,
     write_run,
-    writing_into,
 )
 from capas.runs.reference import (
     INPUT_STATS,
@@ -46,9 +46,9 @@ __all__ = [
     "load_weights",
     "machine_line",
     "read_runtime",
+    "reading",
     "save_reference",
     "save_weights",
     "staging",
     "write_run",
-    "writing_into",
 ]

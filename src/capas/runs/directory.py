@@ -263,14 +263,15 @@ def check_not_cwd(out: Path) -> None:
         )
 
 
-def writing_into(run_dir: str | Path, file: Path) -> contextlib.AbstractContextManager:
-    """The run directory's lock (capas.lock) when a command that reads the run writes `file` into it (an
-    export's default --out), else nothing to hold. A `capas train --out` the same folder replaces it whole
-    when it ends: an export that loaded the old model and wrote after that would leave the old model's
-    file in the new run. Hold it from before the run is loaded until the file is written."""
+def reading(run_dir: str | Path) -> contextlib.AbstractContextManager:
+    """A shared hold on the run directory's lock (capas.lock) while a command reads the run and writes
+    what it derives from it (an export, a compressed run). A `capas train --out` the folder holds the lock
+    exclusively and replaces the folder whole when it ends: it is refused meanwhile, and refuses the
+    command while it trains, which would otherwise mix the two runs (an export of the old model written
+    into the new run; a lineage.json naming the new weights for a model compressed from the old ones).
+    Commands that read may run together. Hold it from before the run is loaded."""
     run_dir = Path(run_dir)
-    inside = run_dir.is_dir() and file.parent.resolve() == run_dir.resolve()
-    return exclusive(run_dir, "run directory") if inside else contextlib.nullcontext()
+    return exclusive(run_dir, "run directory", shared=True) if run_dir.is_dir() else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
