@@ -339,7 +339,7 @@ def test_before_fine_tuning_the_trainable_backbone_layers_train_at_the_optimizer
     assert rates == [[1.0, 0.5], [1.0, 0.1]]  # one step per epoch: top, backbone
 
 
-def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
+def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path, monkeypatch):
     # the top's frozen BatchNormalization stays in inference mode on the features, as on images
     layers = ["GlobalAveragePooling2D", {"BatchNormalization": {"trainable": False}}, TOP[1]]
     spec = spec_with({"name": "mobilenet_v3_small", "weights": "none"}, layers=layers)
@@ -363,6 +363,14 @@ def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path):
         spec, data, TrainConfig(epochs=1, batch_size=30, augment={"hflip": True}), tmp_path / "c"
     )
     assert "feature_cache" not in augmented  # augmentation changes features every epoch: no cache
+    # a cache that cannot be written (unwritable $CAPAS_CACHE or HOME, a full disk) is a warning, as the
+    # folder cache's: the run trains on the features it computed, and records that it wrote none
+    (tmp_path / "file").touch()
+    monkeypatch.setenv("CAPAS_CACHE", str(tmp_path / "file"))
+    with pytest.warns(UserWarning, match=r"could not cache the features at .*file/features/"):
+        uncached = train(spec, data, cfg, tmp_path / "d")
+    assert uncached["feature_cache"]["cache"] == "not written"
+    assert uncached["test_accuracy"] == first["test_accuracy"]
     run = load_run(tmp_path / "a")
     assert run.preprocess.mean == IMAGENET_MEAN and run.preprocess.channels == 3  # serving normalises too
     norm = run.model.layers["batch_normalization"]  # the top trained alone kept its statistics

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from torch import nn
 from capas import atomic
 from capas.data import ArrayDataset, Preprocess, Splits, iterate_batches
 from capas.data.download import cache_root
+from capas.errors import CapasError
 from capas.inference import Evaluation, autocast, eval_batch_size, evaluate
 from capas.models import CapasNet
 from capas.spec import DataConfig, TrainConfig
@@ -134,27 +136,31 @@ def cached(
     preprocess: Preprocess,
     device: torch.device,
     precision: str,
-) -> tuple[Features, bool, float]:
-    """One split's features from the cache (True) or computed and written to it (False), and the
-    seconds computing them took (recorded in the file, so a cache hit still knows its cost)."""
+) -> tuple[Features, str, float]:
+    """One split's features from the cache ("hit") or computed and written to it ("written", or "not
+    written" with a warning where the cache cannot be written), and the seconds computing them took
+    (recorded in the file, so a cache hit still knows its cost)."""
     if path.is_file():
         try:
             with safe_open(str(path), framework="pt") as file:
                 seconds = float((file.metadata() or {})["compute_seconds"])
             tensors = load_file(str(path))
             if torch.equal(tensors["labels"], data.labels.cpu()):
-                return Features(tensors["features"], data.labels, data.classes), True, seconds
+                return Features(tensors["features"], data.labels, data.classes), "hit", seconds
         except (SafetensorError, OSError, KeyError, ValueError):
             pass  # a damaged or foreign file: computed again and replaced below
     layers = list(model.layers.values())[: _prefix(model)]
     started = time.perf_counter()
     features = compute(nn.Sequential(model.backbone, *layers), data, preprocess, device, precision)
     seconds = time.perf_counter() - started
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"features": features.contiguous(), "labels": data.labels.cpu().contiguous()}
     metadata = {"compute_seconds": repr(seconds)}
-    atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    return Features(features, data.labels, data.classes), False, seconds
+    try:
+        atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    except (OSError, CapasError) as err:  # CapasError: a full disk; the run trains on what it computed
+        warnings.warn(f"could not cache the features at {path}: {err}", stacklevel=3)
+        return Features(features, data.labels, data.classes), "not written", seconds
+    return Features(features, data.labels, data.classes), "written", seconds
 
 
 def as_is(features: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -198,17 +204,18 @@ def fit_top(
 ) -> tuple[FitResult, Evaluation, dict]:
     """Train only the top on cached features; the model's top layers end with the trained weights.
 
-    Returns the fit result, the test evaluation and how the cache was used: "hit" or "written",
-    `seconds` this run spent on it (computing or reading), and `compute_seconds`, what computing
-    the training and validation features costs (measured when they were written). The latter is
-    part of the variant's training cost whether or not this run found them cached.
+    Returns the fit result, the test evaluation and how the cache was used: "hit", "written" or "not
+    written" (the cache could not be written), `seconds` this run spent on it (computing or reading),
+    and `compute_seconds`, what computing the training and validation features costs (measured when
+    they were written). The latter is part of the variant's training cost whether or not this run
+    found them cached.
     """
     started = time.perf_counter()
-    parts, hits, compute_seconds = {}, {}, {}
+    parts, states, compute_seconds = {}, {}, {}
     for split in ("train", "val", "test"):
         dataset = getattr(splits, split)
         path = cache_path(model, data, cfg, splits.info, split, preprocess)
-        parts[split], hits[split], compute_seconds[split] = cached(
+        parts[split], states[split], compute_seconds[split] = cached(
             model, dataset, path, preprocess, device, cfg.precision
         )
     seconds = time.perf_counter() - started
@@ -228,7 +235,7 @@ def fit_top(
     )
     test = evaluate(top, parts["test"], as_is, device, precision=cfg.precision)
     info = {
-        "cache": "hit" if all(hits.values()) else "written",
+        "cache": next((s for s in ("not written", "written") if s in states.values()), "hit"),
         "seconds": seconds,
         # the test split's features are evaluation, as the other variants' test pass is
         "compute_seconds": compute_seconds["train"] + compute_seconds["val"],
