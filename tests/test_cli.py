@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,26 @@ def test_summary_fits_80_columns_piped_with_every_number_whole(name):
             f"{row.macs:,}",
         ]
         assert row.name[:12] in line
+
+
+def test_the_command_prints_in_a_terminal_that_is_not_utf8(tmp_path):
+    """In an ISO-8859-1 locale (PYTHONIOENCODING stands for it here) the command shows '?' for what the
+    terminal cannot show ('日本', the compact table's rule; help's '×' too), not a UnicodeEncodeError."""
+    pyproject = tomllib.loads((EXAMPLES.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    module, function = pyproject["project"]["scripts"]["capas"].split(":")  # the installed `capas`
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: café 日本\ninput_shape: [8, 8, 1]\nlayers: [Flatten, {Dense: {units: 2, activation: softmax}}]\n",
+        encoding="utf-8",
+    )
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    result = subprocess.run(
+        [sys.executable, "-c", f"from {module} import {function}; {function}()", "summary", str(spec)],
+        capture_output=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr.decode("latin-1")
+    assert 'Model: "café ??"' in result.stdout.decode("latin-1")
 
 
 def test_summary_keeps_keras_table_when_wide():

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import errno
 import functools
+import io
 import json
 import os
 import re
 import signal
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -714,4 +716,9 @@ def compress(
 
 
 def main() -> None:
+    """The `capas` command and `python -m capas`. A terminal in a locale that is not UTF-8 (ISO-8859-1)
+    cannot show every character capas prints ('×', '−', a class named '日本'): Python's stdout would
+    raise UnicodeEncodeError at the first one; it shows '?' instead, as its stderr shows escapes."""
+    if isinstance(sys.stdout, io.TextIOWrapper):  # None when the shell closed it (capas … >&-)
+        sys.stdout.reconfigure(errors="replace")
     app()
