@@ -601,3 +601,15 @@ def test_summary_of_a_run_with_a_damaged_summary_txt_prints_the_table(tiny_run, 
     (damaged / "summary.txt").write_bytes(b"\xff\xfe\x00")
     result = runner.invoke(app, ["summary", str(damaged)])
     assert result.exit_code == 0 and "Total params" in result.output, result.output
+    # summary.txt is UTF-8 (its table's rules are '━'): in a locale that is not (C without Python's UTF-8
+    # mode, ISO-8859-1), read as the locale's text it matched no table and the run's note was left out
+    noted = tmp_path / "noted"
+    shutil.copytree(tiny_run, noted)
+    summary = noted / "summary.txt"
+    summary.write_text("the note of the run\n" + summary.read_text(encoding="utf-8"), encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run(
+        [sys.executable, "-m", "capas", "summary", str(noted)], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("the note of the run\n"), result.stdout

@@ -145,7 +145,7 @@ def summary(spec: SpecArg) -> None:
                 markup=False,
             )
         note = spec / "summary.txt"  # what the run wrote above its table; damaged bytes match no table
-        written = note.read_text(errors="replace") if note.is_file() else ""
+        written = note.read_text(encoding="utf-8", errors="replace") if note.is_file() else ""
         spec = spec / "model.json"
     table = summarize(load_spec(spec, saved=saved))
     if written.endswith(table.text()) and written != table.text():
