@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from capas.cli import app
 from capas.data import Preprocess, splits_for
 from capas.errors import CapasError
-from capas.interop.keras import export_keras, import_keras, write_keras
+from capas.interop.keras import export_keras, import_keras, read_classes, write_keras
 from capas.layers import LAYERS
 from capas.models import build_model
 from capas.predict import evaluate_run, predict_files
@@ -770,6 +770,9 @@ def test_import_options_are_checked(tmp_path):
         ],
     )
     assert result.exit_code == 2 and "names.bin: not UTF-8 text" in result.output, result.output
+    # Windows' Notepad starts a UTF-8 file with a byte order mark: it was part of the first class's name
+    (tmp_path / "bom.txt").write_bytes("\ufeffcamiseta\npantalón\n".encode())
+    assert read_classes(tmp_path / "bom.txt") == ("camiseta", "pantalón")
     # an --out that cannot be made: one line, not a traceback
     (tmp_path / "file").write_text("x")
     result = runner.invoke(app, ["import-keras", keras_file, "--out", str(tmp_path / "file" / "run")])

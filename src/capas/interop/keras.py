@@ -657,7 +657,7 @@ def read_classes(path: str | Path) -> tuple[str, ...]:
     if not path.is_file():
         raise CapasError(f"--classes: {path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is no name
     except UnicodeDecodeError:
         raise CapasError(f"--classes: {path}: not UTF-8 text; give the class names one a line") from None
     except OSError as error:
