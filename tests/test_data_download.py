@@ -1,12 +1,13 @@
 """The checksummed, atomic download, exercised on local files through file:// URLs."""
 
 import hashlib
+import pwd
 import socket
 import threading
 
 import pytest
 
-from capas.data.download import download, file_digest, search_dirs
+from capas.data.download import cache_root, download, file_digest, search_dirs
 from capas.errors import CapasError
 
 
@@ -90,3 +91,17 @@ def test_search_order(tmp_path, monkeypatch):
         tmp_path / "env" / "mnist",
         tmp_path / "cache" / "mnist",
     ]
+
+
+def test_a_user_without_a_home_is_told_to_set_capas_cache(monkeypatch):
+    """HOME unset and a user id without a passwd entry (`docker run --user 4242`): pathlib's
+    RuntimeError("Could not determine home directory.") was a traceback of every command with data."""
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("CAPAS_CACHE", raising=False)
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(CapasError, match=r"no home folder for capas' cache .*set CAPAS_CACHE"):
+        cache_root()

@@ -16,7 +16,13 @@ CHUNK = 1 << 20  # bytes read per step while hashing or downloading
 
 def cache_root() -> Path:
     """`$CAPAS_CACHE`, else `~/.cache/capas`: downloads and decoded image folders go here."""
-    return Path(os.environ.get("CAPAS_CACHE") or "~/.cache/capas").expanduser()
+    try:
+        return Path(os.environ.get("CAPAS_CACHE") or "~/.cache/capas").expanduser()
+    except RuntimeError:  # HOME unset and no passwd entry for the user (a container's --user)
+        raise CapasError(
+            "no home folder for capas' cache (HOME is not set and the user has none): "
+            "set CAPAS_CACHE (or HOME) to a writable folder"
+        ) from None
 
 
 def search_dirs(name: str, data_dir: str | Path | None, *, shared_root: bool = True) -> list[Path]:
