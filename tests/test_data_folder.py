@@ -216,6 +216,13 @@ def test_missing_or_empty_folders(tmp_path):
         load_dataset(f"folder:{tmp_path}")
     with pytest.raises(CapasError, match=r"'folder:' needs a path"):  # '' read the current folder
         load_dataset("folder:")
+    # a class folder named in another encoding (a Windows zip's 'Categoría' in cp1252) trained, but its
+    # name, not text, made serve answer 500 and a study's report fail to write
+    write(tmp_path / "b" / "x.png", pixels(2, "L"))
+    latin = os.fsdecode(b"Categor\xeda")
+    write(tmp_path / latin / "x.png", pixels(3, "L"))
+    with pytest.raises(CapasError, match=r"class folder b'Categor\\xeda' .* not UTF-8 .*rename it"):
+        load_dataset(f"folder:{tmp_path}")
 
 
 @pytest.mark.slow

@@ -60,6 +60,14 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, tuple[int, ...]]
     for entry in folders:
         _inside(real_root, entry)
     classes = tuple(e.name for e in folders)  # in name order, as _listing gives them
+    for name in classes:  # a class's name is text in the run's JSON, a study's report and serve's answers
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # bytes of another encoding, which Python keeps as surrogates
+            raise CapasError(
+                f"class folder {os.fsencode(name)} in {root}: its name is not UTF-8 text (made on a system "
+                "with another encoding, such as a Windows zip's); rename it"
+            ) from None
     if not classes:
         raise CapasError(f"image folder {root} has no class folders: expected {root}/<class>/<image>")
     if len(classes) == 1:  # trains to accuracy 1.0: almost surely one level too deep
