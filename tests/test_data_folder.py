@@ -223,6 +223,15 @@ def test_missing_or_empty_folders(tmp_path):
     write(tmp_path / latin / "x.png", pixels(3, "L"))
     with pytest.raises(CapasError, match=r"class folder b'Categor\\xeda' .* not UTF-8 .*rename it"):
         load_dataset(f"folder:{tmp_path}")
+    # the folder itself, which the run records and serve's /info answers with; a file's name is no text
+    (tmp_path / latin).rename(tmp_path / "c")
+    (tmp_path / "c" / "x.png").rename(tmp_path / "c" / os.fsdecode(b"im\xe1gen.png"))
+    assert load_dataset(f"folder:{tmp_path}")[0].classes == ("a", "b", "c")
+    named = tmp_path / "b" / os.fsdecode(b"dat\xe9")
+    for cls in ("a", "b"):
+        write(named / cls / "x.png", pixels(4, "L"))
+    with pytest.raises(CapasError, match=r"image folder b'.*dat\\xe9': its name is not UTF-8"):
+        load_dataset(f"folder:{named}")
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ def load_folder(path: str | Path) -> ArrayDataset:
     decodes the folder again (the change time, which no tool sets back, catches a file swapped
     with another of its size and modification time, as tar, cp -p or rsync -a leave them).
     """
+    _check_text(str(path), f"image folder {os.fsencode(path)}")  # the run records it, serve's /info shows it
     root = Path(path).expanduser()
     if not os.path.isdir(root):  # os.path's: False for a name too long to be a file's, where Path's raise
         raise CapasError(
@@ -61,13 +62,7 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, tuple[int, ...]]
         _inside(real_root, entry)
     classes = tuple(e.name for e in folders)  # in name order, as _listing gives them
     for name in classes:  # a class's name is text in the run's JSON, a study's report and serve's answers
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:  # bytes of another encoding, which Python keeps as surrogates
-            raise CapasError(
-                f"class folder {os.fsencode(name)} in {root}: its name is not UTF-8 text (made on a system "
-                "with another encoding, such as a Windows zip's); rename it"
-            ) from None
+        _check_text(name, f"class folder {os.fsencode(name)} in {root}")
     if not classes:
         raise CapasError(f"image folder {root} has no class folders: expected {root}/<class>/<image>")
     if len(classes) == 1:  # trains to accuracy 1.0: almost surely one level too deep
@@ -103,6 +98,18 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, tuple[int, ...]]
             stacklevel=4,
         )
     return classes, files, labels
+
+
+def _check_text(name: str, what: str) -> None:
+    """Refuse a name of bytes in another encoding than UTF-8, which Python keeps as surrogates: JSON
+    answers, reports and plots cannot hold them."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CapasError(
+            f"{what}: its name is not UTF-8 text (made on a system with another encoding, such as a "
+            "Windows zip's); rename it"
+        ) from None
 
 
 def _listing(folder: Path) -> list[os.DirEntry]:
