@@ -613,3 +613,10 @@ def test_summary_of_a_run_with_a_damaged_summary_txt_prints_the_table(tiny_run, 
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("the note of the run\n"), result.stdout
+
+
+def test_version_option_prints_the_package_version():
+    import capas
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"capas {capas.__version__}\n"

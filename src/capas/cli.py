@@ -36,6 +36,24 @@ console = Console()
 errors = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from capas import __version__
+
+        console.print(f"capas {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print capas' version and exit."),
+    ] = False,
+) -> None:
+    pass
+
+
 def _shown(text: str) -> str:
     """`text` to print as it is: Rich markup escaped, and control characters shown as escapes (\\x1b),
     never sent to the terminal: names read from files and folders someone else made (a Keras layer's
