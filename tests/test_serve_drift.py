@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from capas.data import load_dataset, make_splits, read_image
+from capas.data import ArrayDataset, load_dataset, make_splits, read_image
 from capas.deploy.drift import DriftDetector
 from capas.errors import CapasError
 from capas.runs import REFERENCE, input_statistics, load_reference, load_run
@@ -95,6 +95,18 @@ def test_damaged_reference_is_a_clear_error(tmp_path):
     (tmp_path / "reference.safetensors").write_bytes(b"garbage")
     with pytest.raises(CapasError, match="unreadable drift reference"):
         load_reference(tmp_path / "reference.safetensors")
+
+
+def test_a_validation_split_of_one_image_gives_no_reference(tiny_run, fashion_test, tmp_path):
+    """A drift test compares two samples: one image cannot be a reference. It was written anyway, and
+    serve refused the run at start-up with "drift reference has shapes (1, …)", which reads as damage;
+    now there is none, and serve runs with drift off, as for a run without one."""
+    from capas.runs.reference import save_reference
+
+    run = load_run(tiny_run)
+    one = ArrayDataset(fashion_test[:1], torch.zeros(1, dtype=torch.int64), run.classes)
+    save_reference(tmp_path / REFERENCE, run.model, one, run.preprocess)
+    assert not (tmp_path / REFERENCE).exists()
 
 
 def test_drift_samples_the_whole_batch(tiny_run):

@@ -60,7 +60,10 @@ def save_reference(
     precision: str = "float32",
 ) -> None:
     """Keep what drift monitoring needs: features and input statistics of a stratified-enough sample,
-    computed in batches and in the precision the server will run the model in."""
+    computed in batches and in the precision the server will run the model in. Fewer than two images
+    make no reference (a drift test compares two samples): the run then serves with drift off."""
+    if len(data) < 2:
+        return
     model.eval()
     device = model_device(model)
     generator = torch.Generator().manual_seed(0)

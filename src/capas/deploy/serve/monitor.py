@@ -27,8 +27,8 @@ ACCURACY_WINDOW = 500  # the rolling accuracy is over the last this many feedbac
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)  # seconds
 Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: two-sided 95% intervals
 NO_REFERENCE = (
-    "the run has no drift reference (reference.safetensors); import with --data or train with capas "
-    "to get one"
+    "the run has no drift reference (reference.safetensors); import with --data, or train with capas "
+    "and a validation split of 2 images or more, to get one"
 )
 
 
