@@ -1,0 +1,58 @@
+"""The source distribution carries what its test suite needs (MANIFEST.in): setuptools alone ships
+tests/test_*.py without conftest.py, the fixtures or the examples the tests read, so an sdist's tests
+could not run."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = [
+    "pyproject.toml",
+    "MANIFEST.in",
+    "README.md",
+    "constraints.txt",
+    "src",
+    "tests",
+    "examples",
+    "scripts",
+    "benchmarks",
+]
+SHIPPED = ["tests", "examples", "scripts", "benchmarks"]
+
+
+def _files(root: Path, top: str) -> set[str]:
+    return {
+        str(path.relative_to(root))
+        for path in (root / top).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    }
+
+
+def test_the_sdist_holds_the_tests_with_their_fixtures_and_examples(tmp_path):
+    copy = tmp_path / "capas"  # a copy: building writes an egg-info into the tree
+    copy.mkdir()
+    for name in SOURCES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(source, copy / name)
+    build = "import setuptools.build_meta as b, sys; print(b.build_sdist(sys.argv[1]))"
+    done = subprocess.run(
+        [sys.executable, "-c", build, str(tmp_path / "dist")],
+        cwd=copy,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    with tarfile.open(tmp_path / "dist" / done.stdout.strip().splitlines()[-1]) as sdist:
+        top = sdist.getnames()[0].split("/")[0]
+        names = {name.removeprefix(f"{top}/") for name in sdist.getnames()}
+    wanted = {"constraints.txt"}.union(*(_files(copy, name) for name in SHIPPED))
+    assert wanted - names == set()
+    assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
