@@ -620,3 +620,26 @@ def test_version_option_prints_the_package_version():
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output == f"capas {capas.__version__}\n"
+
+
+def test_a_confusion_matrix_wider_than_the_terminal_is_left_out_not_squeezed(monkeypatch):
+    """1,000 classes printed a 240 KB wall of table borders into 80 columns, and took 30 s to draw."""
+    import io
+
+    from rich.console import Console
+
+    import capas.cli as cli
+
+    monkeypatch.setattr(cli, "console", Console(file=io.StringIO(), width=80))
+    classes = [f"class{i}" for i in range(200)]
+    cli._print_confusion(
+        classes, [[int(i == j) for j in range(200)] for i in range(200)], " (test.json holds it)"
+    )
+    printed = " ".join(cli.console.file.getvalue().split())
+    assert printed == (
+        "confusion matrix of 200 classes left out: it needs 1,097 columns, the terminal has 80 (test.json holds it)"
+    )
+    cli._print_confusion(
+        classes[:10], [[100 * (i == j) for j in range(10)] for i in range(10)]
+    )  # fits: a table
+    assert "confusion matrix (rows: true class, columns: predicted)" in cli.console.file.getvalue()

@@ -396,10 +396,23 @@ def _print_test(results: dict, ended: str) -> None:
         f"test accuracy {results['test_accuracy']:.4f}  test loss {results['test_loss']:.4f}  ({ended})",
         highlight=False,
     )
-    _print_confusion(results["classes"], results["confusion_matrix"])
+    _print_confusion(results["classes"], results["confusion_matrix"], " (test.json holds it)")
 
 
-def _print_confusion(classes: list[str], matrix: list[list[int]]) -> None:
+def _print_confusion(classes: list[str], matrix: list[list[int]], kept: str = "") -> None:
+    # each column needs its widest number, 2 spaces of padding and a border; Rich squeezes a table
+    # wider than the terminal into a wall of borders (and takes 30 s to draw 1,000 classes' million cells)
+    widths = [
+        max(len(str(index)), *(len(str(row[index])) for row in matrix)) + 3 for index in range(len(classes))
+    ]
+    needed = sum(widths) + len(str(len(classes) - 1)) + 4
+    if needed > console.width:
+        console.print(
+            f"confusion matrix of {len(classes):,} classes left out: it needs {needed:,} columns, the terminal "
+            f"has {console.width}{kept}",
+            highlight=False,
+        )
+        return
     table = Table(title="confusion matrix (rows: true class, columns: predicted)", title_justify="left")
     table.add_column("")
     for index in range(len(classes)):
