@@ -153,3 +153,13 @@ def test_fashion_mnist_quick_run():
     s = make_splits("fashion-mnist", limit=1000)
     assert s.info["sizes"] == {"train": 1000, "val": 100, "test": 10_000}  # the whole official test split
     assert torch.bincount(s.train.labels).tolist() == [100] * 10
+
+
+def test_a_class_left_without_a_training_image_is_said(monkeypatch):
+    """Classes of one image each lost it to the held-out test split and trained without a word."""
+    monkeypatch.setattr(
+        splits, "load_dataset", lambda name, data_dir: (indexed([1, 1, 1, 6, 6, 6, 6, 6, 6, 6]), None)
+    )
+    with pytest.warns(UserWarning, match=r"^few: 2 classes without a training image \('c0', 'c1'\)"):
+        parts = make_splits("few")
+    assert torch.bincount(parts.train.labels, minlength=10)[:3].tolist() == [0, 0, 1]

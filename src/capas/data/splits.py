@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,18 @@ def make_splits(
             f"{name}: {total} images leave a split empty: "
             f"{', '.join(f'{split} {size}' for split, size in sizes.items())} ({', '.join(settings)}); "
             "every split needs at least one image: add images, or change the fractions or limits"
+        )
+    untrained = torch.bincount(train.labels.cpu(), minlength=len(train.classes)) == 0
+    if untrained.any():  # a class of one image whose image the test split took: stratifying cannot split it
+        names = [train.classes[i] for i in untrained.nonzero().squeeze(1).tolist()]
+        shown = ", ".join(repr(n) for n in names[:5]) + (
+            f" and {len(names) - 5} more" if len(names) > 5 else ""
+        )
+        warnings.warn(
+            f"{name}: {len(names)} class{'es' if len(names) != 1 else ''} without a training image ({shown}): "
+            "the model never learns them, yet they are scored in validation and test; add images or "
+            "raise the limit",
+            stacklevel=2,
         )
     info = {
         "dataset": name,
