@@ -13,7 +13,7 @@ from rich.console import Console
 from scipy import stats as scipy_stats
 
 from capas.study import load_study
-from capas.study.plots import per_class
+from capas.study.plots import _colors, per_class
 from capas.study.render import print_report, table_rows, terminal_table, write_report
 from capas.study.render.markdown import markdown
 from capas.study.render.text import HEADERS, document, header_lines, num, p_text, sentence, signed
@@ -642,3 +642,10 @@ def test_a_significant_difference_below_a_tenth_of_a_point_keeps_its_sign(tiny_s
     ]
     cells = dict(zip(HEADERS, table_rows(report)[1], strict=True))
     assert cells["Δ test acc pp (95% CI)"] == "−0.03 (−0.1 to −0.01)"
+
+
+@pytest.mark.parametrize("n", [2, 10, 11, 60])
+def test_every_variant_gets_its_own_colour_in_the_plots(n):
+    """A study of 60 variants drew every tenth in the same colour and marker: the legend could not say
+    which point was the base and which lr-09, lr-19…"""
+    assert len(set(_colors(n))) == n

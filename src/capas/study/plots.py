@@ -16,7 +16,11 @@ from capas.study.stats import CONFIDENCE
 
 
 def _colors(n: int) -> list:
-    return [colormaps["tab10"](i % 10) for i in range(n)]
+    """n distinct colours: tab10's up to 10 variants; beyond, samples of a continuous map (tab10 repeated
+    drew variant 11 in the base's colour, the legend unable to tell which points were which)."""
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    return [colormaps["turbo"](x) for x in np.linspace(0, 1, n)]
 
 
 def _text(name: str) -> str:
