@@ -91,7 +91,7 @@ def make_splits(
         )
         warnings.warn(
             f"{name}: {len(names)} class{'es' if len(names) != 1 else ''} without a training image ({shown}): "
-            "the model never learns them, yet they are scored in validation and test; add images or "
+            "the model never learns them, yet their images in validation and test are scored; add images or "
             "raise the limit",
             stacklevel=2,
         )
