@@ -91,8 +91,8 @@ def make_splits(
         )
         warnings.warn(
             f"{name}: {len(names)} class{'es' if len(names) != 1 else ''} without a training image ({shown}): "
-            "the model never learns them, yet their images in validation and test are scored; add images or "
-            "raise the limit",
+            "the model cannot learn a class it never sees, yet its images in validation and test are scored; "
+            "add images or raise the limit",
             stacklevel=2,
         )
     info = {
