@@ -99,7 +99,10 @@ def test_limit_keeps_the_whole_test_split_unless_test_limit_says_otherwise(sourc
     full = make_splits("with-test", seed=5)
     limited = make_splits("with-test", seed=5, limit=40)
     assert ids(limited.test) == ids(full.test)  # the limit is on training images, not on the measurement
-    held_out = make_splits("no-test", seed=3, limit=20)
+    with pytest.warns(
+        UserWarning, match=r"1 class without a training image \('c4'\)"
+    ):  # 20 of 5 unequal classes
+        held_out = make_splits("no-test", seed=3, limit=20)
     assert ids(held_out.test) == ids(make_splits("no-test", seed=3).test)
     small = make_splits("with-test", seed=5, limit=40, test_limit=10)
     assert small.info["sizes"]["test"] == 10 and small.info["test_limit"] == 10

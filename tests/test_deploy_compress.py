@@ -218,6 +218,15 @@ def test_dynamic_quantization_leaves_convolutions_float(run_dir, tmp_path):
     result = runner.invoke(app, ["summary", str(out)])
     said = " ".join(result.output.split())
     assert result.exit_code == 0 and "convolutions float32" in said and "with int8 weights" not in said
+    # an ONNX Runtime run is no start for export or compression: each says so and names its float source
+    for command in (
+        ["export", str(out), "--onnx"],
+        ["export", str(out), "--keras"],
+        ["compress", str(out), "--quantize", "int8"],
+    ):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and "an ONNX Runtime run (model.onnx)" in result.output
+        assert f"{command[0]} its float source instead" in result.output
 
 
 @pytest.fixture(scope="module")

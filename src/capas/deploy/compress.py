@@ -22,7 +22,6 @@ from capas.deploy.prune import check_prunable, prune_run
 from capas.deploy.quantize import QUANTIZE, check_quantizable, quantize_run
 from capas.deploy.settings import COMPRESS
 from capas.errors import CapasError
-from capas.models import CapasNet
 from capas.predict import run_data, run_splits
 from capas.runs import OnnxModel, environment, load_run, reading, staging
 from capas.spec import DataConfig
@@ -51,8 +50,7 @@ def compress_run(
     # naming the new weights, the model compressed from the old ones)
     with reading(run_dir):
         source = load_run(run_dir)
-        if not isinstance(source.model, CapasNet):
-            raise CapasError(f"{source.path}: already an ONNX Runtime run; compress its float source instead")
+        source.float_model("compress")
         if quantize:
             method = f"quantize-{quantize}"
             check_quantizable(source.spec, quantize)

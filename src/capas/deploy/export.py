@@ -153,15 +153,12 @@ def export_run(
     out = Path(out) if out is not None else Path(run_dir) / "model.onnx"
     with reading(run_dir):
         run = load_run(run_dir)
-        if not isinstance(run.model, CapasNet):
-            raise CapasError(
-                f"{run.path}: already an ONNX run ({run.model.path.name}); export its float source instead"
-            )
+        model = run.float_model("export")
         images = run_splits(run, data, data_dir).test.images[:PARITY_IMAGES]
         checks = []
 
         def check_parity(file: Path) -> None:  # before the file is put in place: an unchecked one never is
-            check = parity(run.model, OnnxModel(file), images, run.preprocess)
+            check = parity(model, OnnxModel(file), images, run.preprocess)
             if not check.within_tolerance:
                 raise CapasError(
                     f"{out}: ONNX Runtime's outputs differ from PyTorch's by up to {check.max_abs_logits:.2e} "
@@ -170,6 +167,6 @@ def export_run(
                 )
             checks.append(check)
 
-        export_onnx(run.model, out, check_parity)
+        export_onnx(model, out, check_parity)
     run.warn_exported(out)
     return ExportResult(out, out.stat().st_size, checks[0])

@@ -926,15 +926,12 @@ def export_keras(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out is not None else Path(run_dir) / "model.keras"
     with reading(run_dir):
         run = load_run(run_dir)
-        if not isinstance(run.model, CapasNet):
-            raise CapasError(
-                f"{run.path}: an ONNX run ({run.model.path.name}); export its float source instead"
-            )
+        model = run.float_model("export")
         if run.spec.backbone is not None:
             raise CapasError(
                 f"{run.path}: the model has a {run.spec.backbone.name} backbone, which has no Keras layers in "
                 "capas; only models of capas' own layers export to Keras"
             )
-        path = write_keras(run.model, out, run.preprocess)
+        path = write_keras(model, out, run.preprocess)
     run.warn_exported(path)
     return path

@@ -111,6 +111,15 @@ class Run:
         file = self.path / name
         return json.loads(file.read_text()) if file.exists() else None
 
+    def float_model(self, doing: str) -> CapasNet:
+        """The run's PyTorch model; a CapasError for a run of an ONNX Runtime graph (a quantized run),
+        which export and compression cannot start from: `doing` names the command ("export")."""
+        if not isinstance(self.model, CapasNet):
+            raise CapasError(
+                f"{self.path}: an ONNX Runtime run ({self.model.path.name}); {doing} its float source instead"
+            )
+        return self.model
+
     def warn_exported(self, file: Path) -> None:
         """Warn when `file`, an export of this run's model (one float32 forward pass), computes less
         than capas' own predictions do: a user serving it would get other probabilities, unsaid."""
