@@ -8,6 +8,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,17 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
         raise
     sync_folder(path.parent)
     return path
+
+
+def write_cache(path: str | Path, writer: Callable[[Path], None], what: str) -> bool:
+    """`write_with` for a cache, which only saves time: a folder that cannot be written or a full disk
+    is a warning naming `what`, not an error. Returns whether the file was written."""
+    try:
+        write_with(path, writer)
+    except (OSError, CapasError) as error:  # CapasError: write_with's full disk
+        warnings.warn(f"could not cache {what} at {path}: {error}", stacklevel=4)  # the cache's user
+        return False
+    return True
 
 
 def _errno(error: BaseException) -> int | None:

@@ -221,7 +221,4 @@ def _save_cache(cache: Path, dataset: ArrayDataset) -> None:
                 classes=np.array(dataset.classes),
             )
 
-    try:
-        atomic.write_with(cache, write)
-    except (OSError, CapasError) as err:  # CapasError: a full disk
-        warnings.warn(f"could not cache the decoded images at {cache}: {err}", stacklevel=3)
+    atomic.write_cache(cache, write, "the decoded images")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,6 @@ from torch import nn
 from capas import atomic
 from capas.data import ArrayDataset, Preprocess, Splits, iterate_batches
 from capas.data.download import cache_root
-from capas.errors import CapasError
 from capas.inference import Evaluation, autocast, eval_batch_size, evaluate
 from capas.models import CapasNet
 from capas.spec import DataConfig, TrainConfig
@@ -155,12 +153,10 @@ def cached(
     seconds = time.perf_counter() - started
     tensors = {"features": features.contiguous(), "labels": data.labels.cpu().contiguous()}
     metadata = {"compute_seconds": repr(seconds)}
-    try:
-        atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    except (OSError, CapasError) as err:  # CapasError: a full disk; the run trains on what it computed
-        warnings.warn(f"could not cache the features at {path}: {err}", stacklevel=3)
-        return Features(features, data.labels, data.classes), "not written", seconds
-    return Features(features, data.labels, data.classes), "written", seconds
+    written = atomic.write_cache(
+        path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "the features"
+    )
+    return Features(features, data.labels, data.classes), "written" if written else "not written", seconds
 
 
 def as_is(features: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
