@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 class CapasError(Exception):
@@ -21,3 +21,8 @@ def closest(name: str, choices: Iterable[str]) -> str:
     lowered = {c.lower(): c for c in choices}
     match = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)
     return f" (did you mean {lowered[match[0]]!r}?)" if match else ""
+
+
+def first_of(names: Sequence[str], shown: int) -> str:
+    """Names for a message, the first `shown` of them: "a, b, c and 2 more"."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")

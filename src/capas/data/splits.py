@@ -12,7 +12,7 @@ import torch
 
 from capas.data.dataset import ArrayDataset
 from capas.data.sources import load_dataset
-from capas.errors import CapasError
+from capas.errors import CapasError, first_of
 
 if TYPE_CHECKING:
     from capas.spec import DataConfig
@@ -85,12 +85,9 @@ def make_splits(
         )
     untrained = torch.bincount(train.labels.cpu(), minlength=len(train.classes)) == 0
     if untrained.any():  # a class of one image whose image the test split took: stratifying cannot split it
-        names = [train.classes[i] for i in untrained.nonzero().squeeze(1).tolist()]
-        shown = ", ".join(repr(n) for n in names[:5]) + (
-            f" and {len(names) - 5} more" if len(names) > 5 else ""
-        )
+        names = [repr(train.classes[i]) for i in untrained.nonzero().squeeze(1).tolist()]
         warnings.warn(
-            f"{name}: {len(names)} class{'es' if len(names) != 1 else ''} without a training image ({shown}): "
+            f"{name}: {len(names)} class{'es' if len(names) != 1 else ''} without a training image ({first_of(names, 5)}): "
             "the model cannot learn a class it never sees, yet its images in validation and test are scored; "
             "add images or raise the limit",
             stacklevel=2,

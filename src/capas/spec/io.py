@@ -10,7 +10,7 @@ from typing import Any, TypeVar, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from capas.errors import CapasError, closest
+from capas.errors import CapasError, closest, first_of
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -208,7 +208,7 @@ def unrecorded(old: dict, new: dict) -> str:
         return None
 
     missing = sorted({key for leaf in flat_items(new) if (key := absent(leaf)) is not None})
-    return ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    return first_of(missing, 4)
 
 
 def config_changes(old: dict, new: dict) -> list[str]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from capas.data import splits_for
-from capas.errors import CapasError
+from capas.errors import CapasError, first_of
 from capas.inference import evaluate, resolve_device
 from capas.layers.core import Dropout
 from capas.lock import LOCK, exclusive
@@ -143,9 +143,8 @@ def check_out(out: Path) -> None:
     if not out.is_dir() or any((out / name).exists() for name in ("model.json", CHECKPOINT, LOCK)):
         return
     if names := sorted(entry.name for entry in out.iterdir()):
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         raise CapasError(
-            f"{out}: a folder that is not a run directory (it holds {shown}); the finished run "
+            f"{out}: a folder that is not a run directory (it holds {first_of(names, 3)}); the finished run "
             "replaces the folder whole and would delete them: choose another --out, or empty the folder"
         )
 
