@@ -533,6 +533,8 @@ def test_linear_schedule_is_airbenchs_triangle():
     assert max(factors) == pytest.approx(1.0)
     assert all(a <= b for a, b in itertools.pairwise(factors[:26]))
     assert all(a >= b for a, b in itertools.pairwise(factors[25:]))
+    short = [lr_factor(cfg, step, 2, 2) for step in range(2)]  # the rise takes the first step
+    assert short == pytest.approx([0.2, 0.07])
 
 
 def test_cpu_features_say_when_bfloat16_is_native(tmp_path):

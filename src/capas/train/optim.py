@@ -146,7 +146,8 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps:
             rise = max(1, int(cfg.warmup_fraction * total_steps))
             if step < rise:
                 return cfg.initial_factor + (1.0 - cfg.initial_factor) * step / rise
-            fall = min((step - rise) / max(1, total_steps - 1 - rise), 1.0)
+            # the last step ends at final_factor, also when the rise takes every step before it
+            fall = min((step - rise) / (total_steps - 1 - rise), 1.0) if total_steps - 1 > rise else 1.0
             return 1.0 + (cfg.final_factor - 1.0) * fall
     raise AssertionError(cfg.name)
 
