@@ -4,7 +4,10 @@ permissions an ordinary new file gets (0666 less the umask), whichever library w
 from __future__ import annotations
 
 import os
+import re
+import signal
 import stat
+import warnings
 
 import pytest
 import torch
@@ -208,3 +211,98 @@ def test_an_interrupt_between_the_two_renames_puts_the_old_run_back(tmp_path, mo
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
     assert (out / "checkpoint.safetensors").read_text() == "the old run's"
+
+
+def _killed(command) -> None:
+    """Run `command` in a forked copy of this process, which it ends with SIGKILL (as kill -9, a power loss
+    or the OOM killer would): nothing of Python's clean-up runs."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            command()
+        finally:
+            os._exit(1)  # not killed: the test fails below
+    assert os.WTERMSIG(os.waitpid(pid, 0)[1]) == signal.SIGKILL
+
+
+def test_a_kill_between_the_two_renames_is_recovered_by_the_next_command(tmp_path):
+    """kill -9 after the old run was renamed aside and before the new one took its place left both hidden
+    beside `out` for ever, and the rerun trained from the start: the retrained run's checkpoint was in
+    the folder moved aside."""
+    from capas.runs import staging
+    from capas.spec import DataConfig, ModelSpec, TrainConfig
+    from capas.train import CHECKPOINT, train
+    from capas.train.loop import Callback
+
+    spec = ModelSpec.from_dict(
+        {"name": "d", "input_shape": [8, 8, 1], "layers": ["Flatten", {"Dense": {"units": 10}}]}
+    )
+    data, cfg, out = DataConfig(name="digits"), TrainConfig(epochs=2, threads=1), tmp_path / "run"
+
+    class Interrupt(Callback):  # Ctrl-C in epoch 2: the checkpoint of epoch 1 stays in `out`
+        def on_epoch_end(self, metrics: dict) -> None:
+            if metrics["epoch"] == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, data, cfg, out, callbacks=[Interrupt()])
+    assert (out / CHECKPOINT).is_file()
+    rename = os.rename
+
+    def killed_after_the_first(source, target):
+        rename(source, target)
+        if ".old-" in os.fspath(target):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def swap():
+        os.rename = killed_after_the_first
+        with staging(out) as tmp:
+            atomic.write_text(tmp / "model.json", "the new run")
+
+    _killed(swap)
+    assert not out.exists() and len(list(tmp_path.iterdir())) == 2  # the two runs, hidden
+
+    class Start(Callback):
+        def on_fit_start(self, epochs: int, steps_per_epoch: int, start_epoch: int) -> None:
+            starts.append(start_epoch)
+
+    starts = []
+    with pytest.warns(UserWarning) as shown:
+        train(spec, data, cfg, out, callbacks=[Start()])
+    assert starts == [1]  # resumed from the checkpoint moved back
+    assert re.fullmatch(
+        r"\S+/run: moved back the run a killed command had moved aside \(\.run\.old-\w{8}\); deleted the "
+        r"hidden folders killed commands left beside it \(\.run\.\w{8}\)",
+        str(shown[0].message),
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_the_next_command_deletes_only_the_folders_killed_commands_left(tmp_path):
+    """kill -9 while a run was written left its hidden staging folder beside `out` for ever. A live
+    command's folder, other runs' and others' are not touched."""
+    from capas.runs import recover, staging
+
+    out = tmp_path / "run"
+    atomic.write_text(out / "model.json", "finished")
+
+    def write():
+        with staging(out) as tmp:
+            atomic.write_text(tmp / "model.json", "half")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _killed(write)
+    kept = [".run.x", ".run.x.abcdefgh", ".run.old-abcdefgh.y", ".runs.abcdefgh"]  # not staging's of `out`
+    for name in kept:
+        (tmp_path / name).mkdir()
+    with staging(out) as live, pytest.warns(UserWarning) as shown:
+        recover(out)
+        assert live.is_dir()  # another command, writing `out` now
+    assert re.fullmatch(
+        r"\S+/run: deleted the hidden folders killed commands left beside it \(\.run\.\w{8}\)",
+        str(shown[0].message),
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "run"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recover(out)  # nothing left to do: nothing said

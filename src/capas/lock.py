@@ -95,3 +95,36 @@ def exclusive(directory: str | Path, what: str, shared: bool = False) -> Iterato
                 except OSError:
                     break
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def holding(folder: Path) -> Iterator[None]:
+    """A shared flock on `folder` itself (not a file in it) for the body: `staging` holds the hidden
+    folder it writes a run in, so that `free` tells it from one that a killed command left."""
+    fd = None if fcntl is None else os.open(folder, os.O_RDONLY)
+    try:
+        if fd is not None:
+            with contextlib.suppress(OSError):  # a file system that cannot lock folders: `free` says no
+                fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def free(folder: Path) -> bool:
+    """Whether no process holds `folder` (`holding`); False where that cannot be told (Windows, a file
+    system that cannot lock folders)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: held
+        return False
+    finally:
+        os.close(fd)
+    return True

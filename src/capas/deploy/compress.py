@@ -23,7 +23,7 @@ from capas.deploy.quantize import QUANTIZE, check_quantizable, quantize_run
 from capas.deploy.settings import COMPRESS
 from capas.errors import CapasError
 from capas.predict import run_data, run_splits
-from capas.runs import OnnxModel, environment, load_run, reading, staging
+from capas.runs import OnnxModel, environment, load_run, reading, recover, staging
 from capas.spec import DataConfig
 
 
@@ -59,6 +59,7 @@ def compress_run(
             check_prunable(source.spec, structured)
         where = "choose another --out" if out is not None else "pass --out to write elsewhere"
         out = Path(out) if out is not None else default_out(source.path, quantize, prune, structured)
+        recover(out)
         if out.exists():
             raise CapasError(f"{out}: already exists; {where} or remove it")
         data = run_data(source, data, data_dir)

@@ -30,7 +30,7 @@ from capas.data import Preprocess, splits_for
 from capas.errors import CapasError
 from capas.layers.core import Dropout
 from capas.models import CapasNet, build_model
-from capas.runs import load_run, reading, staging, write_run
+from capas.runs import load_run, reading, recover, staging, write_run
 from capas.spec import DataConfig, ModelSpec, parse_layer
 
 SCALES = {"0..1": (0.0, 1.0), "0..255": (0.0, 1 / 255), "-1..1": (0.5, 0.5)}
@@ -691,6 +691,7 @@ def import_keras(
     imported = convert(keras_file)
     spec = imported.spec
     out = Path(out) if out is not None else Path("runs") / spec.name
+    recover(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CapasError(f"--out: {out} already exists; choose another run directory or remove it")
     height, width, channels = spec.input_shape

@@ -2,7 +2,7 @@
 reference), so that train, compress, predict, serve and studies agree on what a run holds.
 
 - directory: `write_run`, `load_run`, `Run`, `staging` (write beside, rename when complete),
-  `reading` (the run's lock, shared, while a command derives files from it), `environment`, `machine_line`
+  `recover` (what a kill left beside a run), `reading` (the run's lock, shared, while a command derives files from it), `environment`, `machine_line`
 - runtime: `OnnxModel`, an ONNX Runtime graph behind the interface of a `CapasNet`
 - reference: the drift reference (`save_reference`, `load_reference`, `input_statistics`)
 """
@@ -15,6 +15,7 @@ from capas.runs.directory import (
     load_weights,
     machine_line,
     reading,
+    recover,
     save_weights,
     staging,
     write_run,
@@ -47,6 +48,7 @@ __all__ = [
     "machine_line",
     "read_runtime",
     "reading",
+    "recover",
     "save_reference",
     "save_weights",
     "staging",

@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import platform
+import re
 import reprlib
 import shutil
 import tempfile
@@ -39,9 +40,9 @@ import capas
 from capas import atomic
 from capas.cpu import available_cores, cpu_features, cpu_model, describe
 from capas.data import ArrayDataset, Preprocess
-from capas.errors import CapasError
+from capas.errors import CapasError, first_of
 from capas.inference import TTA_MODES
-from capas.lock import exclusive
+from capas.lock import exclusive, free, holding
 from capas.models import CapasNet, build_model
 from capas.models.weights import load_checked
 from capas.runs.reference import REFERENCE, save_reference
@@ -290,8 +291,8 @@ def staging(out: Path, replace: bool = True) -> Iterator[Path]:
     An `out` that exists (a run being retrained: its old run, its lock and checkpoint) stays whole
     until the new run is: it is renamed aside, the new folder onto `out`, then the old one deleted.
     A kill -9 between the two renames leaves no `out` but both runs whole beside it, as .NAME.*
-    folders (Ctrl-C or SIGTERM there puts the old run back); never a folder that mixes files of two
-    runs. An `out` that is a symbolic link is the folder it points to: that is replaced, and the link
+    folders (Ctrl-C or SIGTERM there puts the old run back, the next command that writes `out` does:
+    `recover`); never a folder that mixes files of two runs. An `out` that is a symbolic link is the folder it points to: that is replaced, and the link
     keeps pointing at the run.
 
     `replace=False` (compress, import-keras: their `out` did not exist when they started) keeps a
@@ -305,30 +306,73 @@ def staging(out: Path, replace: bool = True) -> Iterator[Path]:
         raise CapasError(
             f"{out}: cannot create the run directory ({error.strerror or error}: {error.filename})"
         ) from None
-    old = None
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~atomic.umask())  # mkdtemp makes 0700 folders; give the permissions mkdir would
-        if replace and out.exists():
-            old = Path(tempfile.mkdtemp(prefix=atomic.hidden_prefix(out.name) + "old-", dir=out.parent))
-            os.rename(out, old)  # onto the empty folder mkdtemp made: a unique name, atomically
+    with holding(tmp):  # a live command's folder: `recover` leaves it alone
+        old = None
         try:
-            os.rename(tmp, out)  # onto nothing or an empty folder; anything else fails, atomically
-        except OSError as error:
-            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                raise
-            raise CapasError(
-                f"{out}: appeared while this command ran (another command writing it?) and is left as it "
-                "is; nothing was written: rerun with another --out"
-            ) from None
-        atomic.sync_folder(out.parent)  # the files inside were flushed as written; this keeps the renames
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except CapasError as error:  # a full disk: name the file the user asked for, not its hidden folder
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CapasError(str(error).replace(str(tmp), str(out))) from None
-    except BaseException:  # Ctrl-C, SIGTERM
-        if old is not None and not out.exists():  # between the two renames: the old run goes back
-            os.rename(old, out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            yield tmp
+            os.chmod(
+                tmp, 0o777 & ~atomic.umask()
+            )  # mkdtemp makes 0700 folders; give the permissions mkdir would
+            if replace and out.exists():
+                old = Path(tempfile.mkdtemp(prefix=atomic.hidden_prefix(out.name) + "old-", dir=out.parent))
+                os.rename(out, old)  # onto the empty folder mkdtemp made: a unique name, atomically
+            try:
+                os.rename(tmp, out)  # onto nothing or an empty folder; anything else fails, atomically
+            except OSError as error:
+                if error.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+                raise CapasError(
+                    f"{out}: appeared while this command ran (another command writing it?) and is left as it "
+                    "is; nothing was written: rerun with another --out"
+                ) from None
+            atomic.sync_folder(out.parent)  # the files inside were flushed as written; this keeps the renames
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except CapasError as error:  # a full disk: name the file the user asked for, not its hidden folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CapasError(str(error).replace(str(tmp), str(out))) from None
+        except BaseException:  # Ctrl-C, SIGTERM
+            if old is not None and not out.exists():  # between the two renames: the old run goes back
+                os.rename(old, out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def recover(out: Path) -> None:
+    """Put right what a command killed while it staged `out` (kill -9, a power loss, the OOM killer) left
+    beside it, before a command writes `out` again, and say what was done in one warning. With no `out`,
+    a run moved aside (.NAME.old-*: the kill came between `staging`'s two renames) is moved back, as
+    Ctrl-C there does: a retrained run's checkpoint in it resumes. The folders a new run was written in
+    (.NAME.*), which never became `out`, are deleted: what they were made from is kept (the checkpoint,
+    the source run or file); so is a run moved aside once `out` holds a finished run (the kill came
+    while it was deleted). Folders a live command holds are left alone, and so is everything where
+    that cannot be told, or where the name is cut short (`hidden_prefix`: other runs' share it)."""
+    given, out = out, out.resolve()  # a link: the folder it points to is staged (`staging`)
+    prefix = atomic.hidden_prefix(out.name)
+    if prefix != f".{out.name}.":
+        return
+    try:
+        entries = sorted(out.parent.iterdir())
+    except OSError:  # no such folder, or one this user cannot list: the command says so when it writes
+        return
+    name = re.compile(re.escape(prefix) + r"(old-)?[a-z0-9_]{8}")  # mkdtemp's 8 random characters
+    found = [
+        path
+        for path in entries
+        if name.fullmatch(path.name) and path.is_dir() and not path.is_symlink() and free(path)
+    ]
+    aside = [path for path in found if path.name.startswith(f"{prefix}old-")]
+    done = []
+    if len(aside) == 1 and not out.exists():
+        with contextlib.suppress(OSError):  # `out` appeared meanwhile: the run stays aside
+            os.rename(aside[0], out)
+            done.append(f"moved back the run a killed command had moved aside ({aside[0].name})")
+            atomic.sync_folder(out.parent)
+    finished = (out / "model.json").is_file()
+    stale = [path for path in found if path.exists() and (path not in aside or finished)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    if removed := [path.name for path in stale if not path.exists()]:
+        done.append(f"deleted the hidden folders killed commands left beside it ({first_of(removed, 3)})")
+    if done:
+        warnings.warn(f"{given}: {'; '.join(done)}", stacklevel=3)

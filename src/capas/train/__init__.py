@@ -16,7 +16,7 @@ from capas.layers.core import Dropout
 from capas.lock import LOCK, exclusive
 from capas.models import build_model, preprocess_for
 from capas.models.init import WHITENING_IMAGES, fit_whitening, whitening_layers
-from capas.runs import check_not_cwd, staging, write_run
+from capas.runs import check_not_cwd, recover, staging, write_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.spec.io import config_changes, unrecorded
 from capas.train import features
@@ -76,6 +76,7 @@ def train(
     out = Path(out)
     if dist is None or dist.is_main:
         check_out(out)
+        recover(out)  # a killed run's checkpoint, if it was moved aside, resumes
     if data.name.startswith("folder:") and out.resolve().is_relative_to(
         images := Path(data.name.removeprefix("folder:")).expanduser().resolve()
     ):  # the run would become a class of its own dataset, or a folder inside one: both then refused
