@@ -247,6 +247,22 @@ def test_a_variant_whose_input_capas_cannot_feed_is_refused_before_training(tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_a_study_refused_before_its_first_run_leaves_no_folder(tmp_path, tiny_study, study_file):
+    """`--executor ray --address auto` with no cluster running was refused after the study opened its new
+    database: the new folder stayed, holding an empty study.sqlite and the lock. A folder that was
+    there already stays."""
+
+    def no_cluster(runs: int):
+        raise CapasError("cannot start or join the Ray cluster at auto")
+
+    (tmp_path / "there").mkdir()
+    for out in (tmp_path / "new", tmp_path / "there"):
+        with pytest.raises(CapasError, match="cannot start or join"):
+            run_study(study_file(tiny_study()), out=out, executor=no_cluster)
+    assert [p.name for p in tmp_path.iterdir() if p.suffix != ".yaml"] == ["there"]
+    assert [p.name for p in (tmp_path / "there").iterdir()] == [".capas.lock"]
+
+
 @pytest.mark.parametrize(
     ("alternative", "message"),
     [

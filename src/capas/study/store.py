@@ -64,6 +64,7 @@ class Store:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.made = not self.path.exists()  # by this call: deleted again if no run started (__exit__)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             # autocommit: each statement is its own transaction, committed before the call returns
@@ -96,7 +97,21 @@ class Store:
         return self
 
     def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        # a study refused after it opened its new database and before any run started (a Ray cluster
+        # it could not join): the database holds nothing to keep; without it the folder is removed too
+        try:
+            unused = (
+                error is not None
+                and self.made
+                and self.db.execute("SELECT 1 FROM runs WHERE status != 'pending' OR attempts > 0").fetchone()
+                is None
+            )
+        except sqlite3.Error:
+            unused = False
         self.close()
+        if unused:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
         if isinstance(error, sqlite3.OperationalError):  # a disk that filled up while the study ran
             raise CapasError(
                 f"{self.path}: cannot write the study database ({error}); the runs it recorded are kept: "
