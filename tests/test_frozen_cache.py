@@ -157,3 +157,18 @@ def test_runs_record_the_cache_and_leave_an_all_frozen_top_to_the_feature_cache(
     )
     assert json.loads((tmp_path / "b" / "test.json").read_text())["frozen_cache"] == flipped["frozen_cache"]
     assert json.loads((tmp_path / "b" / "config.json").read_text())["train"]["cache_frozen"] is True
+
+
+def test_a_run_resumed_with_no_epoch_left_does_not_compute_the_cache_again(splits, tmp_path):
+    """A run killed after its last epoch's checkpoint (while testing or writing its run directory)
+    computed the frozen rows' output of every image again on resuming, to train no epoch on it, and
+    added that time to train_seconds."""
+    spec, checkpoint = spec_with(), tmp_path / "checkpoint.safetensors"
+    cfg = TrainConfig(epochs=1, batch_size=30, cache_frozen=True, augment={"hflip": True}, device="cpu")
+    first = fit(
+        build_model(spec, seed=0), splits.train, splits.val, preprocess_for(spec), cfg, checkpoint=checkpoint
+    )
+    resumed = fit(
+        build_model(spec, seed=0), splits.train, splits.val, preprocess_for(spec), cfg, checkpoint=checkpoint
+    )
+    assert resumed.frozen_cache == first.frozen_cache and resumed.train_seconds == first.train_seconds

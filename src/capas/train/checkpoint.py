@@ -81,6 +81,7 @@ def save_checkpoint(
         "identity": identity,
         "winograd": winograd or [],
         "wall_seconds": wall_seconds,
+        "frozen_cache": result.frozen_cache,
     }
     atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"capas": json.dumps(meta)}))
 
@@ -96,6 +97,7 @@ class Resumed:
     ema: dict[str, torch.Tensor]  # the weight average (empty without one)
     winograd: list[str]  # the convolutions train.winograd computed before the checkpoint
     wall_seconds: float  # the time spent in `fit` up to the checkpoint
+    frozen_cache: dict | None  # train.cache_frozen's record (FrozenViews.record) of the epochs it holds
 
 
 def checkpoint_epoch(path: Path) -> int:
@@ -152,4 +154,5 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         ema,
         meta.get("winograd", []),  # not recorded by an older capas
         meta.get("wall_seconds", meta["train_seconds"]),  # not recorded by an older capas: the steps' time
+        meta.get("frozen_cache"),
     )

@@ -201,6 +201,7 @@ def _fit(
         if ema is not None:
             ema.load(state.ema)
         computed = state.winograd
+        result.frozen_cache = state.frozen_cache
         # a run killed after the checkpoint of the epoch that stopped it (while testing or writing the
         # run directory) stays stopped: it trains no epoch that the uninterrupted run did not
         if (stop := _stop_reason(cfg, result, monitor)) is not None:
@@ -209,7 +210,9 @@ def _fit(
         resizing.check_model(model, cfg.progressive_resizing, preprocess.size, preprocess.channels)
     net = _training_net(model, dist, cfg)
     views = val_views = None
-    if cached_rows is not None:  # computed again on resuming: the same values
+    # computed again on resuming (the same values), unless no epoch is left to train on them (the
+    # checkpoint's record of them stands; an older capas' checkpoint has none)
+    if cached_rows is not None and (start_epoch < end_epoch or result.frozen_cache is None):
         views = frozen_cache.compute(
             model,
             cached_rows,
