@@ -256,3 +256,34 @@ def test_workers_that_end_before_any_run_starts_are_not_called_out_of_memory(
             executor=_WorkersThatNeverStart(),
             console=Console(file=io.StringIO()),
         )
+
+
+class _AWorkerKilledMidRun(_WorkersThatNeverStart):
+    """Two runs start training, then one's worker process is killed (the OOM killer): the pool fails
+    every future, and cannot tell which run's process it was."""
+
+    def __init__(self):
+        self.submitted: list[str] = []
+
+    def submit(self, task: dict) -> Future:
+        self.submitted.append(task["id"])
+        return super().submit(task)
+
+    def events(self) -> list[dict]:
+        started, self.submitted = self.submitted[:2], []
+        return [{"run": rid, "event": "start", "total": 10, "done": 0} for rid in started]
+
+
+def test_a_worker_killed_mid_run_names_the_runs_that_were_training(tmp_path, tiny_study, study_file):
+    """The one line said a worker process died, not which runs were training when it did."""
+    with pytest.raises(CapasError) as error:
+        run_study(
+            study_file(tiny_study()),
+            out=tmp_path / "study",
+            executor=_AWorkerKilledMidRun(),
+            console=Console(file=io.StringIO()),
+        )
+    assert str(error.value) == (
+        "a worker process died (out of memory or killed) while these runs trained: Flatten/seed-0, "
+        "Flatten/seed-1; finished runs are kept, rerun the same command to resume the others"
+    )

@@ -31,7 +31,7 @@ from rich.progress import (
 )
 
 from capas.data import default_preprocess, load_dataset, splits_for
-from capas.errors import CapasError
+from capas.errors import CapasError, first_of
 from capas.inference import resolve_device
 from capas.lock import exclusive
 from capas.spec import DataConfig, ModelSpec, TrainConfig
@@ -363,8 +363,11 @@ def execute(
                             "(each worker process imports the script again) or pass workers=1; else they "
                             "ran out of memory or were killed. Finished runs are kept"
                         ) from None
+                    # the pool cannot tell which run's process it was: name those that were training
+                    running = [rid for rid, row in store.runs().items() if row.status == "running"]
+                    during = f" while these runs trained: {first_of(running, 8)}" if running else ""
                     raise CapasError(
-                        "a worker process died (out of memory or killed); finished runs are kept, "
+                        f"a worker process died (out of memory or killed){during}; finished runs are kept, "
                         "rerun the same command to resume the others"
                     ) from None
                 except Exception as error:  # a bug or a resource problem in one run must not lose the others
