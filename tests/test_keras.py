@@ -840,7 +840,10 @@ def test_keras2_hard_sigmoid_is_refused(tmp_path):
     config["config"]["layers"][1]["config"]["activation"] = "hard_sigmoid"  # the Conv2D
     weights = FIXTURES / "flat.weights.h5"
     (tmp_path / "keras3.json").write_text(json.dumps(config))
-    import_keras(tmp_path / "keras3.json", tmp_path / "run", weights=weights)
+    (tmp_path / ".run.k1lled_x").mkdir()  # what an import killed (kill -9) while it wrote `run` left
+    with pytest.warns(UserWarning, match=r"run: deleted the hidden folders killed commands left beside it"):
+        import_keras(tmp_path / "keras3.json", tmp_path / "run", weights=weights)
+    assert not (tmp_path / ".run.k1lled_x").exists()
     (tmp_path / "keras2.json").write_text(json.dumps({**config, "keras_version": "2.13.1"}))
     with pytest.raises(
         CapasError, match=r"layer 0 'conv2d' \(Conv2D\): activation 'hard_sigmoid' from Keras 2.13.1"
