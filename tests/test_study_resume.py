@@ -287,3 +287,33 @@ def test_a_worker_killed_mid_run_names_the_runs_that_were_training(tmp_path, tin
         "a worker process died (out of memory or killed) while these runs trained: Flatten/seed-0, "
         "Flatten/seed-1; finished runs are kept, rerun the same command to resume the others"
     )
+
+
+def test_a_run_killed_while_swapped_in_and_then_edited_starts_over(tmp_path, tiny_study, study_file):
+    """A run killed between staging's two renames (its checkpoint moved aside, .seed-0.old-*), then its
+    settings edited: the restart deleted nothing, the worker's train moved the old checkpoint back and
+    refused it (other settings), and the run failed."""
+    doc = tiny_study()
+    with pytest.raises(CapasError, match="a worker process died"):  # two runs were training
+        run_study(
+            study_file(doc),
+            out=tmp_path / "s",
+            executor=_AWorkerKilledMidRun(),
+            console=Console(file=io.StringIO()),
+        )
+    variant = tmp_path / "s" / "runs" / "Flatten"
+    (variant / ".seed-0.old-k1lled_x").mkdir(parents=True)  # what the kill left: no seed-0, its run aside
+    (variant / ".seed-0.old-k1lled_x" / "checkpoint.safetensors").write_text("of the old settings")
+    doc["base"]["train"]["epochs"] = 2
+
+    def no_cluster(runs: int):
+        raise CapasError("cannot start or join the Ray cluster at auto")
+
+    with (
+        pytest.raises(CapasError, match="cannot start"),
+        pytest.warns(UserWarning, match="seed-0: moved back"),
+    ):
+        run_study(
+            study_file(doc), out=tmp_path / "s", executor=no_cluster, console=Console(file=io.StringIO())
+        )
+    assert list(variant.iterdir()) == []  # restarted: nothing of the old run is left to resume

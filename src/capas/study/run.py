@@ -34,6 +34,7 @@ from capas.data import default_preprocess, load_dataset, splits_for
 from capas.errors import CapasError, first_of
 from capas.inference import resolve_device
 from capas.lock import exclusive
+from capas.runs import recover
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.spec.io import config_changes, unrecorded
 from capas.study.executors import Executor, RunTask, make_executor
@@ -132,6 +133,9 @@ def plan(
         else:
             actions.append(("resume", rid, variant, seed, config, digest))
     for action, rid, _, _, config, _ in actions:
+        # a run killed while it was swapped in (staging) is whole again before it is looked at, and
+        # before a restart deletes it: its worker would move the old one back after the deletion
+        recover(directory / "runs" / rid)
         if action != "restart" and (what := _finished_otherwise(directory / "runs" / rid, config)):
             changed_done.append(f"{rid} ({'; '.join(what[:4])})")
     if changed_done:
