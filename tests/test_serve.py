@@ -633,12 +633,23 @@ def test_no_drift_sampling_is_refused(tmp_path: Path, monkeypatch):
             "CAPAS_DRIFT_PERMUTATIONS: Input should be less than or equal to 10000",
         ),
         ("CAPAS_HOST", "", "CAPAS_HOST: an empty address would bind every interface"),
+        (
+            "CAPAS_DRIFT_EVERY_S",
+            "1e-7",
+            "CAPAS_DRIFT_EVERY_S: Input should be greater than or equal to 0.1 (allowed: 0.1 to 86400)",
+        ),
+        (
+            "CAPAS_BUCKET_S",
+            "1e308",
+            "CAPAS_BUCKET_S: Input should be less than or equal to 86400 (allowed: 0.1 to 86400)",
+        ),
     ],
 )
 def test_settings_no_server_can_run_with_are_refused(tmp_path: Path, monkeypatch, variable, value, message):
     """Accepted before: threads, history or drift_window of 1e20 were overflow tracebacks at start-up, a
     max_body_mb of 1e308 one too (an infinite byte count), 10**6 drift permutations stalled it in its first
-    drift test; an empty host bound every interface."""
+    drift test; an empty host bound every interface; drift_every_s 1e-7 kept a core busy on an idle server
+    (its loop woke without pause), bucket_s 1e308 dated every chart window 1970."""
     monkeypatch.setenv(variable, value)
     result = CliRunner().invoke(cli, ["serve", str(tmp_path)])
     assert result.exit_code == 2

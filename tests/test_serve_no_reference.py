@@ -28,7 +28,7 @@ def bare_run(tiny_run, tmp_path_factory) -> Path:
 def test_a_run_without_reference_serves_everything_and_drift_says_it_is_off(bare_run, caplog):
     test = make_splits("fashion-mnist", limit=2000).test
     with caplog.at_level(logging.INFO, logger="capas.serve"):
-        server = live_server(run_dir=bare_run, threads=1, drift_min=2, drift_every_s=0.05)
+        server = live_server(run_dir=bare_run, threads=1, drift_min=2, drift_every_s=0.1)
         with server as (url, _), httpx.Client(base_url=url, timeout=30) as client:
             statuses = []
             correct = 0

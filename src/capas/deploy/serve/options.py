@@ -8,6 +8,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 MAX_THREADS = 1024
+# seconds between drift tests and per chart window: 1e-7 between tests kept a core busy on an idle server
+# (the drift loop woke without pause), a window of 1e308 s dated every chart point 1970
+MIN_PERIOD_S, MAX_PERIOD_S = 0.1, 86_400
 
 
 def default_threads() -> int:
@@ -100,9 +103,14 @@ class ServeOptions(BaseModel):
         default=0.01, gt=0.0, lt=1.0, description="p-value below which drift is flagged"
     )
     drift_permutations: int = Field(default=500, ge=1, le=10_000)
-    drift_every_s: float = Field(default=5.0, gt=0.0, description="seconds between background drift tests")
+    drift_every_s: float = Field(
+        default=5.0, ge=MIN_PERIOD_S, le=MAX_PERIOD_S, description="seconds between background drift tests"
+    )
     bucket_s: float = Field(
-        default=10.0, gt=0.0, description="width of one time window of the monitor's charts"
+        default=10.0,
+        ge=MIN_PERIOD_S,
+        le=MAX_PERIOD_S,
+        description="width of one time window of the monitor's charts, in s",
     )
     history: int = Field(  # at most 100,000: every window goes to the monitor page at each refresh
         default=360, ge=1, le=100_000, description="time windows kept for the charts (360 × 10 s: an hour)"

@@ -20,6 +20,17 @@ class ServeSettings(BaseSettings, ServeOptions):
     run_dir: Path
 
 
+BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _allowed(field: str) -> str:
+    """' (allowed: low to high)' for a field with both bounds inclusive (pydantic's message names one)."""
+    bounds = ServeSettings.model_fields[field].metadata
+    low = next((b.ge for b in bounds if hasattr(b, "ge")), None)
+    high = next((b.le for b in bounds if hasattr(b, "le")), None)
+    return f" (allowed: {low:g} to {high:g})" if low is not None and high is not None else ""
+
+
 def make_settings(flags: Mapping[str, str] | None = None, **values: object) -> ServeSettings:
     """Settings from keyword values over CAPAS_* environment variables over defaults; CapasError if invalid.
 
@@ -37,6 +48,7 @@ def make_settings(flags: Mapping[str, str] | None = None, **values: object) -> S
 
         problems = "; ".join(
             f"{source(str(e['loc'][0])) if e['loc'] else 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+            + (_allowed(str(e["loc"][0])) if e["type"] in BOUND_ERRORS else "")
             for e in error.errors()
         )
         raise CapasError(f"serve settings: {problems}") from None
