@@ -404,6 +404,11 @@ def test_info(client, tiny_run):
     assert info["spec"] == run.spec.to_dict()
     assert info["capas_version"] and info["backend"] == "torch"
     assert "token" not in str(info["serving"])
+    # without the confusion matrix (classes² counts: 2 MB of /info's 2 MB for 1,000 classes), the rest alike
+    assert len(info["test"]["confusion_matrix"]) == len(run.classes)
+    brief = client.get("/info", params={"confusion_matrix": "false"}).json()
+    assert "confusion_matrix" not in brief["test"]
+    assert brief == {**info, "test": {k: v for k, v in info["test"].items() if k != "confusion_matrix"}}
 
 
 def test_pages_and_docs(client):

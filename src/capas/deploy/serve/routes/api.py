@@ -371,9 +371,20 @@ async def feedback(request: Request, state: State) -> FeedbackOut:
 
 
 @router.get("/info")
-async def info(state: State) -> dict:
+async def info(
+    state: State,
+    confusion_matrix: Annotated[
+        bool,
+        Query(
+            description="include the test confusion matrix (classes × classes counts: 2 MB for 1,000 classes)"
+        ),
+    ] = True,
+) -> dict:
     """The model: name, spec, classes, parameters, training and test metrics, capas version, serving settings."""
-    return state.info
+    test = state.info["test"]
+    if confusion_matrix or not isinstance(test, dict):
+        return state.info
+    return {**state.info, "test": {key: value for key, value in test.items() if key != "confusion_matrix"}}
 
 
 @router.get("/health")

@@ -4,7 +4,8 @@ const $ = (id) => document.getElementById(id);
 let lastId = null;
 
 async function loadInfo() {
-  const info = await (await fetch("/info")).json();
+  // no test figures here: a 1,000-class run's confusion matrix is 2 MB
+  const info = await (await fetch("/info?confusion_matrix=false")).json();
   $("model").textContent = `${info.model} (${info.parameters.toLocaleString()} parameters)`;
   const [h, w, c] = info.input_shape;
   const { max_pixels, max_request_pixels, max_body_mb } = info.serving; // larger images or files are refused
