@@ -20,7 +20,7 @@ class ServerState:
 
     settings: ServeSettings
     run: Run
-    info: dict  # what /info answers; fixed once the run is loaded
+    info: dict[bool, bytes]  # /info's JSON answers, with and without the confusion matrix (app.encoded_info)
     metrics: Metrics
     monitor: Monitor
     batcher: MicroBatcher | None = None  # started with the app (it needs the running event loop)

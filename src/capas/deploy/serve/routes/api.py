@@ -13,7 +13,7 @@ from typing import Annotated
 
 import torch
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -370,7 +370,7 @@ async def feedback(request: Request, state: State) -> FeedbackOut:
     )
 
 
-@router.get("/info")
+@router.get("/info", response_class=Response, responses={200: {"content": {"application/json": {}}}})
 async def info(
     state: State,
     confusion_matrix: Annotated[
@@ -379,12 +379,9 @@ async def info(
             description="include the test confusion matrix (classes × classes counts: 2 MB for 1,000 classes)"
         ),
     ] = True,
-) -> dict:
+) -> Response:
     """The model: name, spec, classes, parameters, training and test metrics, capas version, serving settings."""
-    test = state.info["test"]
-    if confusion_matrix or not isinstance(test, dict):
-        return state.info
-    return {**state.info, "test": {key: value for key, value in test.items() if key != "confusion_matrix"}}
+    return Response(state.info[confusion_matrix], media_type="application/json")
 
 
 @router.get("/health")
