@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from capas.deploy.serve.deps import State
@@ -19,11 +19,12 @@ async def metrics(state: State) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/monitor/data")
-async def monitor_data(state: State) -> JSONResponse:
+@router.get("/monitor/data", response_class=Response, responses={200: {"content": {"application/json": {}}}})
+async def monitor_data(state: State) -> Response:
     """What the monitor page charts: per time window volumes, class counts, latency, accuracy and drift."""
-    # Plain JSON types already: FastAPI's encoder, walking an hour's 360 windows, took ~60 ms on the event loop
-    return JSONResponse(state.monitor.snapshot())
+    # Encoded by the monitor, ended windows once: FastAPI's encoder, walking an hour's 360 windows, took
+    # ~60 ms on the event loop, and json.dumps of 1,000 classes' counts in each ~0.1 s
+    return Response(state.monitor.snapshot(), media_type="application/json")
 
 
 @router.get("/drift")
