@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import re
 import struct
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,30 @@ def test_read_idx_truncated(tmp_path, name):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(CapasError, match=str(path)):
         idx.read_idx(path)
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (struct.pack(">BBBBIII", 0, 0, 8, 3, 10, 28, 28), "longer than its header says"),  # a bomb
+        (b"", "not an IDX file"),  # a .gz of something else
+        (struct.pack(">BBBBIII", 0, 0, 8, 3, 60000, 280, 280), "more than its .* compressed bytes can hold"),
+    ],
+    ids=["bomb", "not-idx", "too-small-for-its-header"],
+)
+def test_a_gz_that_inflates_to_much_more_is_refused_before_it_is_inflated(tmp_path, header, message):
+    """The whole file was decompressed before its header was read: a 40 kB .gz cost 40 MB (a 400 kB
+    one 1.3 GB) before the one-line refusal."""
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(header + bytes(40 << 20), compresslevel=1))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CapasError, match=message):
+            idx.read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
 
 
 def test_mnist_from_data_dir(tmp_path):

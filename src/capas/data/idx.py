@@ -9,6 +9,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -77,24 +78,53 @@ SOURCES = {
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """The array stored in an IDX file (gzip-compressed when its name ends in `.gz`)."""
+    """The array stored in an IDX file (gzip-compressed when its name ends in `.gz`).
+
+    The header is read first and the data only as far as it declares, so that a wrong file, or a small
+    .gz that inflates to gigabytes, is refused before its contents are inflated."""
+    gz = path.suffix == ".gz"
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        with gzip.open(path) if gz else path.open("rb") as stream:
+            return _read_idx(path, stream, stored=path.stat().st_size, gz=gz)
     except (OSError, EOFError, zlib.error) as err:  # a truncated .gz raises EOFError
         raise CapasError(f"cannot read IDX file {path}: {err}") from err
+
+
+def _read_idx(path: Path, stream: BinaryIO, stored: int, gz: bool) -> np.ndarray:
     # magic number: two zero bytes, the element type code, the number of dimensions
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_DTYPES:
-        raise CapasError(f"{path} is not an IDX file: bad magic number {raw[:4].hex() or '(empty file)'}")
-    header = 4 + 4 * raw[3]
-    if len(raw) < header:
+    magic = stream.read(4)
+    if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in IDX_DTYPES:
+        raise CapasError(f"{path} is not an IDX file: bad magic number {magic.hex() or '(empty file)'}")
+    header = 4 + 4 * magic[3]
+    shape = stream.read(header - 4)
+    if len(shape) < header - 4:
         raise CapasError(f"IDX file {path} is truncated inside its header")
-    dims = struct.unpack(f">{raw[3]}I", raw[4:header])
-    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    dims = struct.unpack(f">{magic[3]}I", shape)
+    dtype = np.dtype(IDX_DTYPES[magic[2]])
     expected = header + math.prod(dims) * dtype.itemsize
-    if len(raw) != expected:
-        problem = "truncated" if len(raw) < expected else "longer than its header says"
-        raise CapasError(f"IDX file {path} is {problem}: {len(raw)} bytes, dims {dims} need {expected}")
-    return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+    if not gz and stored != expected:
+        problem = "truncated" if stored < expected else "longer than its header says"
+        raise CapasError(f"IDX file {path} is {problem}: {stored} bytes, dims {dims} need {expected}")
+    # deflate inflates a byte to 1032 at most: a .gz too small for its header's dims is refused unread
+    if gz and expected > stored * 1032:
+        raise CapasError(
+            f"IDX file {path} is truncated: dims {dims} need {expected} bytes, "
+            f"more than its {stored} compressed bytes can hold"
+        )
+    data = np.empty(expected - header, np.uint8)
+    filled = 0
+    while filled < data.size and (count := stream.readinto(memoryview(data)[filled:])):
+        filled += count
+    if filled < data.size:
+        raise CapasError(
+            f"IDX file {path} is truncated: {header + filled} bytes, dims {dims} need {expected}"
+        )
+    if stream.read(1):  # only this much more is inflated: a .gz bomb behind a valid header stops here
+        raise CapasError(
+            f"IDX file {path} is longer than its header says: more than {expected} bytes once inflated, "
+            f"dims {dims} need {expected}"
+        )
+    return data.view(dtype).reshape(dims).astype(dtype.newbyteorder("="), copy=False)
 
 
 def load_idx(name: str, data_dir: str | Path | None = None) -> tuple[ArrayDataset, ArrayDataset]:
