@@ -232,6 +232,11 @@ def test_missing_or_empty_folders(tmp_path):
         write(named / cls / "x.png", pixels(4, "L"))
     with pytest.raises(CapasError, match=r"image folder b'.*dat\\xe9': its name is not UTF-8"):
         load_dataset(f"folder:{named}")
+    # a class named with a newline (or a tab, an escape): each line of predict's output and of the
+    # confusion matrix that names it was broken in two
+    (tmp_path / "c").rename(tmp_path / "cat\nx")
+    with pytest.raises(CapasError, match=r"class folder b'cat\\nx' .* control character '\\n'; rename it"):
+        load_dataset(f"folder:{tmp_path}")
 
 
 @pytest.mark.slow

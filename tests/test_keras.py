@@ -773,6 +773,10 @@ def test_import_options_are_checked(tmp_path):
     # Windows' Notepad starts a UTF-8 file with a byte order mark: it was part of the first class's name
     (tmp_path / "bom.txt").write_bytes("\ufeffcamiseta\npantalón\n".encode())
     assert read_classes(tmp_path / "bom.txt") == ("camiseta", "pantalón")
+    # a form feed split a line into two names (str.splitlines); a tab or an escape is no name either
+    (tmp_path / "ff.txt").write_text("a\n\nb\x0cc\n")
+    with pytest.raises(CapasError, match=r"ff.txt: line 3, 'b\\x0cc', holds the control character '\\x0c'"):
+        read_classes(tmp_path / "ff.txt")
     # an --out that cannot be made: one line, not a traceback
     (tmp_path / "file").write_text("x")
     result = runner.invoke(app, ["import-keras", keras_file, "--out", str(tmp_path / "file" / "run")])

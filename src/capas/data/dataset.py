@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -35,3 +36,10 @@ class ArrayDataset:
     def to(self, device: torch.device | str) -> ArrayDataset:
         """The same dataset on `device`, e.g. moved to the GPU once so batches never cross the bus."""
         return ArrayDataset(self.images.to(device), self.labels.to(device), self.classes)
+
+
+def control_character(name: str) -> str | None:
+    """The first character of a class name that would break the lines it is printed in and the
+    one-name-a-line files it is written in (a newline, a tab, an escape: a C0 or C1 control, or a
+    Unicode line or paragraph separator), or None."""
+    return next((c for c in name if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from capas import atomic
-from capas.data.dataset import ArrayDataset
+from capas.data.dataset import ArrayDataset, control_character
 from capas.data.download import cache_root
 from capas.data.images import image_size, read_image
 from capas.errors import CapasError
@@ -102,7 +102,8 @@ def _scan(root: Path) -> tuple[tuple[str, ...], list[tuple[str, tuple[int, ...]]
 
 def _check_text(name: str, what: str) -> None:
     """Refuse a name of bytes in another encoding than UTF-8, which Python keeps as surrogates: JSON
-    answers, reports and plots cannot hold them."""
+    answers, reports and plots cannot hold them; and one with a control character (a newline), which
+    breaks the lines of predict's output and of the confusion matrix."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
@@ -110,6 +111,8 @@ def _check_text(name: str, what: str) -> None:
             f"{what}: its name is not UTF-8 text (made on a system with another encoding, such as a "
             "Windows zip's); rename it"
         ) from None
+    if (control := control_character(name)) is not None:
+        raise CapasError(f"{what}: its name holds the control character {control!r}; rename it")
 
 
 def _listing(folder: Path) -> list[os.DirEntry]:

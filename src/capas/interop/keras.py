@@ -27,6 +27,7 @@ import torch
 
 from capas import atomic
 from capas.data import Preprocess, splits_for
+from capas.data.dataset import control_character
 from capas.errors import CapasError
 from capas.layers.core import Dropout
 from capas.models import CapasNet, build_model
@@ -662,7 +663,14 @@ def read_classes(path: str | Path) -> tuple[str, ...]:
         raise CapasError(f"--classes: {path}: not UTF-8 text; give the class names one a line") from None
     except OSError as error:
         raise CapasError(f"--classes: {path}: cannot read ({error.strerror or error})") from None
-    names = tuple(line.strip() for line in text.splitlines() if line.strip())
+    # read_text reads \r\n and \r as \n; str.splitlines would also split at a form feed and 7 others
+    lines = [(number, line.strip()) for number, line in enumerate(text.split("\n"), 1)]
+    for number, name in lines:
+        if (control := control_character(name)) is not None:
+            raise CapasError(
+                f"--classes: {path}: line {number}, {name!r}, holds the control character {control!r}"
+            )
+    names = tuple(name for _, name in lines if name)
     if len(set(names)) != len(names):
         raise CapasError(f"--classes: {path}: class names repeat")
     return names
