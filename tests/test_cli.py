@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import hostile
 from capas.cli import app
 from capas.inference import choose_precision
 from capas.runs import load_run
@@ -225,6 +226,11 @@ def test_train_evaluate_predict(tmp_path, tiny_run):
     result = runner.invoke(app, ["predict", str(tiny_run), str(image), "--top-k", "2"])
     assert result.exit_code == 0, result.output
     assert "boot.png" in result.output
+    # Pillow's warning about a file, as one line that names it (it named Pillow's file and line)
+    (tmp_path / "exif.jpg").write_bytes(hostile.corrupt_exif_jpeg())
+    result = runner.invoke(app, ["predict", str(tiny_run), str(tmp_path / "exif.jpg")])
+    assert result.exit_code == 0, result.output
+    assert f"warning: {tmp_path / 'exif.jpg'}: Corrupt EXIF data." in result.output.replace("\n", "")
 
     (tmp_path / "junk.png").write_bytes(b"not an image")
     result = runner.invoke(app, ["predict", str(tiny_run), str(tmp_path / "junk.png")])

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import hostile
 from capas.data import folder, load_dataset
 from capas.errors import CapasError
 
@@ -198,6 +199,20 @@ def test_corrupt_image_is_named(tmp_path):
     (tmp_path / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(CapasError, match=r"cannot decode image .*a/bad.jpg"):
         load_dataset(f"folder:{tmp_path}")
+
+
+def test_a_warning_while_decoding_names_the_image(tmp_path):
+    """Pillow's 'Corrupt EXIF data' was shown with Pillow's file and line, not the image's name."""
+    write(tmp_path / "a" / "x.png", pixels(0, "L", size=(8, 8)))
+    for name in ("b/bad.jpg", "b/worse.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(hostile.corrupt_exif_jpeg())
+    with pytest.warns(UserWarning) as caught:  # once each, though read for its size, then decoded
+        load_dataset(f"folder:{tmp_path}")
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / name}: Corrupt EXIF data. Expecting to read 12 bytes but only got 4."
+        for name in ("b/bad.jpg", "b/worse.jpg")
+    ]
 
 
 def test_missing_or_empty_folders(tmp_path):

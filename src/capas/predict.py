@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from capas.data import Splits, read_image, splits_for
+from capas.data.images import naming_warnings
 from capas.errors import CapasError
 from capas.inference import Evaluation, autocast, eval_batch_size, evaluate, model_device, tta_logits
 from capas.runs import Run
@@ -55,7 +56,13 @@ def predict_files(run: Run, paths: list[str | Path]) -> list[Prediction]:
     memory) has other pixels."""
     if isinstance(paths, str | Path):  # iterated, a path is its characters: files '/', 't', …
         raise CapasError(f"paths: a list of image files, got one path {str(paths)!r}; pass [{str(paths)!r}]")
-    return predict(run, (read_image(Path(p)) for p in paths))
+    warned: set[str] = set()
+
+    def decoded(path: str | Path) -> torch.Tensor:
+        with naming_warnings(str(path), warned):
+            return read_image(Path(path))
+
+    return predict(run, map(decoded, paths))
 
 
 def run_data(run: Run, data: DataConfig | None = None, data_dir: str | None = None) -> DataConfig:

@@ -96,6 +96,13 @@ def exif_rotated_jpeg() -> bytes:
     return _save(Image.fromarray(array), "JPEG", exif=exif, quality=95)
 
 
+def corrupt_exif_jpeg() -> bytes:
+    """An 8×8 JPEG whose EXIF says it holds 50 tags and holds one: Pillow warns 'Corrupt EXIF data'."""
+    exif = bytearray(Image.Exif().tobytes())  # b"Exif\0\0", the TIFF header, then IFD0 at byte 14
+    struct.pack_into(">H", exif, 14, 50)
+    return _save(Image.fromarray(np.zeros((8, 8), np.uint8)), "JPEG", exif=bytes(exif))
+
+
 def truncated_png() -> bytes:
     return palette_png(64)[:200]
 

@@ -15,7 +15,7 @@ import torch
 from capas import atomic
 from capas.data.dataset import ArrayDataset, control_character
 from capas.data.download import cache_root
-from capas.data.images import image_size, read_image
+from capas.data.images import image_size, naming_warnings, read_image
 from capas.errors import CapasError
 
 # the file names of the formats read_image decodes (images.FORMATS), all that Pillow registers for
@@ -167,9 +167,11 @@ def _fingerprint(root: Path, files: list[tuple[str, tuple[int, ...]]]) -> str:
 def _decode(root: Path, rels: list[str], labels: list[int], classes: tuple[str, ...]) -> ArrayDataset:
     # Sizes first, from the headers alone: an odd-sized or huge image fails before any pixel is decoded.
     first_of_size: dict[tuple[int, int], str] = {}
+    warned: set[str] = set()  # Pillow's warnings, each named once
     for rel in rels:
         try:
-            height, width = image_size(root / rel)
+            with naming_warnings(str(root / rel), warned):
+                height, width = image_size(root / rel)
         except CapasError as err:
             raise CapasError(f"cannot decode image {err}") from None
         if height * width > MAX_PIXELS:
@@ -188,7 +190,8 @@ def _decode(root: Path, rels: list[str], labels: list[int], classes: tuple[str, 
     images = []
     for rel in rels:
         try:
-            images.append(read_image(root / rel, max_pixels=MAX_PIXELS))  # (1 or 3, H, W)
+            with naming_warnings(str(root / rel), warned):
+                images.append(read_image(root / rel, max_pixels=MAX_PIXELS))  # (1 or 3, H, W)
         except CapasError as err:
             raise CapasError(f"cannot decode image {err}") from None
     if any(len(image) == 3 for image in images):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,6 +146,24 @@ def _decoding(label: str) -> Iterator[None]:
         raise CapasError(f"{label}: not a readable image ({error})") from None
     except Exception as error:  # truncated or corrupt data
         raise CapasError(f"{label}: damaged or truncated image ({error or type(error).__name__})") from None
+
+
+@contextlib.contextmanager
+def naming_warnings(label: str, shown: set[str]) -> Iterator[None]:
+    """Warnings the block raises (Pillow's 'Corrupt EXIF data', which Python shows with Pillow's file
+    and line and, by default, for the first image only) raised again as one line naming the image,
+    unless in `shown`, the messages raised already (a folder's image warns as its size is read and
+    again as it is decoded). warnings.catch_warnings swaps process-wide state: for the single-threaded
+    decoders only (a training folder, predict's files), never serve's decode threads, which leave
+    Pillow's warnings as they are."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        message = f"{label}: {' '.join(str(warning.message).split())}"
+        if message not in shown:
+            shown.add(message)
+            warnings.warn(message, warning.category, stacklevel=1)
 
 
 def _factor(actual: tuple[int, int], target: tuple[int, int]) -> int:
