@@ -313,7 +313,7 @@ def test_spec_round_trips_through_its_dict():
     assert summarize(again).total == 1_199_882
 
 
-def test_spec_summary_and_cli_do_not_import_torch_or_extras():
+def test_spec_summary_and_cli_do_not_import_torch_or_extras_nor_models_dynamo():
     # a fresh interpreter: this test process has torch loaded already
     code = (
         "import sys\n"
@@ -324,6 +324,10 @@ def test_spec_summary_and_cli_do_not_import_torch_or_extras():
         "heavy = ('torch', 'torchvision', 'numpy', 'pydantic_settings', 'fastapi', 'scipy', 'matplotlib')\n"
         "heavy = sorted(m for m in heavy if m in sys.modules)\n"
         "assert not heavy, heavy\n"
+        # with torch: a model that is not compiled needs no Dynamo, which a decorator in capas.models
+        # imported at every command's start (with sympy: 170 MB, 1 to 8 s here)
+        "import capas.predict, capas.deploy.serve\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -100,6 +100,7 @@ class CapasNet(nn.Module):
         # compiled slices of frozen rows by (first row, end row) (compile_frozen); a plain dict: no
         # state_dict entries
         self._compiled_frozen: dict[tuple[int, int], nn.Module] | None = None
+        self._no_grad_slices = _no_grad_slices  # what _backbone calls: see compile_frozen
 
         self.set_frozen(self.frozen)
 
@@ -111,6 +112,11 @@ class CapasNet(nn.Module):
         Freezing copies the weights: `fit` enables it for `train.compile` and disables it when
         training ends, and nothing may load other weights into the model in between."""
         self._compiled_frozen = {} if enabled else None
+        # made here, not as a decorator: torch.compiler.disable imports Dynamo (170 MB and seconds
+        # at every capas command's start), which only a compiled training needs
+        self._no_grad_slices = (
+            torch.compiler.disable(_no_grad_slices, recursive=False) if enabled else _no_grad_slices
+        )
 
     @contextlib.contextmanager
     def relu_after_pooling(self) -> Iterator[None]:
@@ -194,7 +200,7 @@ class CapasNet(nn.Module):
             frozen = _Freezing(self._compiled_frozen[start, k])
         elif len(x) <= chunk:
             return rows[start:](x) if start else rows(x)
-        return rows[k:](_no_grad_slices(frozen, x, chunk))
+        return rows[k:](self._no_grad_slices(frozen, x, chunk))
 
     @torch.no_grad()
     def rows_output(self, x: torch.Tensor, stop: int, compiled: bool = True) -> torch.Tensor:
@@ -237,11 +243,11 @@ class _Freezing:
             return self.module(x)
 
 
-@torch.compiler.disable(recursive=False)
 def _no_grad_slices(rows: nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
     """`rows` on `x` in slices of `chunk` images, without gradients. Never traced into a compiled
-    training step (its graph would need gradients): the compiled step breaks its graph here and
-    `rows`, when compiled with freezing, runs as its own inference graph."""
+    training step (its graph would need gradients; `compile_frozen` disables Dynamo on it): the
+    compiled step breaks its graph here and `rows`, when compiled with freezing, runs as its own
+    inference graph."""
     with torch.no_grad():
         return torch.cat([rows(part) for part in x.split(chunk)])
 
