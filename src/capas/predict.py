@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import reprlib
 import warnings
 from collections.abc import Iterable
@@ -34,14 +35,15 @@ class Prediction:
 def predict(run: Run, images: Iterable[torch.Tensor]) -> list[Prediction]:
     """Class probabilities for decoded uint8 (C, H, W) images of any size, preprocessed as in training
     and with the run's test-time augmentation, in evaluation's batches (`eval_batch_size`: thousands
-    of files in one batch ran out of memory). Each image is preprocessed as it comes, so that only
-    inputs of the model's size are kept, however large the images (`predict_files` decodes one at a time)."""
+    of files in one batch ran out of memory). Images are drawn and preprocessed a batch at a time, so
+    that one batch of inputs of the model's size is kept, however many and large the images
+    (`predict_files` decodes one at a time)."""
     device = model_device(run.model)
-    inputs = [run.preprocess(image.unsqueeze(0)) for image in images]  # each (1, C, H, W)
     size = eval_batch_size(run.preprocess, device)
+    images = iter(images)
     predictions = []
-    for start in range(0, len(inputs), size):
-        batch = torch.cat(inputs[start : start + size]).to(device)  # (B, C, H, W)
+    while inputs := [run.preprocess(image.unsqueeze(0)) for image in itertools.islice(images, size)]:
+        batch = torch.cat(inputs).to(device)  # (B, C, H, W)
         with autocast(device, run.precision):
             probabilities = torch.softmax(tta_logits(run.model, batch, run.tta), dim=1).cpu()
         predictions += [
