@@ -26,7 +26,7 @@ from capas.inference import evaluate
 from capas.models import build_model
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.train import fit, train
-from capas.train.distributed import Distributed, check, free_port
+from capas.train.distributed import Distributed, check, free_port, launch
 
 # 600 images: the training split's last batch is partial, so the uneven split of a batch is covered too
 ARGS = [
@@ -254,3 +254,15 @@ def test_each_process_draws_its_own_dropout_masks(tmp_path):
         both = nonzero_0 & nonzero_1  # where the input is zero, the output is zero whatever the mask
         agree = (kept_0 == kept_1)[both].float().mean().item()
         assert 0.3 < agree < 0.7, agree
+
+
+def test_launch_validates_a_config_changed_after_it_was_made(tmp_path):
+    """The processes validated the config they were sent, so an assignment pydantic does not check
+    (`cfg.epochs = 0`) came back as "a training process failed: For further information visit
+    https://errors.pydantic.dev/…" once both had started."""
+    spec = ModelSpec.from_dict(BATCHNORM)
+    cfg = TrainConfig(batch_size=32)
+    cfg.epochs = 0
+    with pytest.raises(CapasError, match=r"^launch\(\): cfg: keyword 'epochs': .* \(given 0\)$"):
+        launch(spec, DataConfig(name="digits"), cfg, tmp_path / "run", 2)
+    assert not (tmp_path / "run").exists()

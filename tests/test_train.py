@@ -984,3 +984,44 @@ def test_train_names_an_argument_of_the_wrong_type(tmp_path, position, wrong, sa
     with pytest.raises(CapasError, match=says):
         train(*arguments, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def _epochs_assigned(cfg: TrainConfig) -> TrainConfig:
+    cfg.epochs = -1
+    return cfg
+
+
+def _lr_assigned(cfg: TrainConfig) -> TrainConfig:
+    cfg.optimizer.lr = -5.0
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (
+            _epochs_assigned,
+            r"^train\(\): cfg: keyword 'epochs': Input should be greater than or equal to 1 \(given -1\)$",
+        ),
+        (
+            lambda cfg: cfg.model_copy(update={"batch_size": 0}),
+            r"^train\(\): cfg: keyword 'batch_size': .* \(given 0\)$",
+        ),
+        (
+            _lr_assigned,
+            r"^train\(\): cfg: keyword 'optimizer.lr': Input should be greater than 0 \(given -5.0\)$",
+        ),
+    ],
+    ids=["assigned", "model_copy", "nested"],
+)
+def test_train_validates_a_config_changed_after_it_was_made(tmp_path, change, says):
+    """pydantic validates a config when it is made, not a later assignment or model_copy(update=...):
+    epochs = -1 wrote a run of 0 epochs claiming 'max epochs', batch_size 0 was a ZeroDivisionError
+    deep in the loop, a negative lr torch's traceback."""
+    spec = ModelSpec.from_dict(
+        {"name": "t", "input_shape": [8, 8, 1], "layers": ["Flatten", {"Dense": {"units": 10}}]}
+    )
+    cfg = change(TrainConfig(epochs=1, threads=1))
+    with pytest.raises(CapasError, match=says):
+        train(spec, DataConfig(name="digits"), cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -181,6 +181,13 @@ def parse_config(cls: type[T], data: Any, source: str, context: dict | None = No
         raise CapasError(f"{source}: {describe_validation(error, cls)}") from None
 
 
+def revalidated(config: T, source: str) -> T:
+    """A config object validated again, as `parse_config` validates a mapping: pydantic checks a config
+    when it is made, not a later assignment (`cfg.epochs = -1`), `model_copy(update=...)` or
+    `model_construct`, which then reached training unchecked."""
+    return parse_config(type(config), config.model_dump(warnings=False), source)
+
+
 def flat_items(data: Any, prefix: str = "") -> dict[str, Any]:
     """Nested mappings as {dotted.key: leaf}, to say exactly what differs between two configs."""
     if isinstance(data, dict) and data:

@@ -18,7 +18,7 @@ from capas.models import build_model, preprocess_for
 from capas.models.init import WHITENING_IMAGES, fit_whitening, whitening_layers
 from capas.runs import check_not_cwd, recover, staging, write_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
-from capas.spec.io import config_changes, unrecorded
+from capas.spec.io import config_changes, revalidated, unrecorded
 from capas.train import features
 from capas.train.checkpoint import checkpoint_identity
 from capas.train.loop import Callback, FitResult, fit, resolved
@@ -73,6 +73,7 @@ def train(
             raise CapasError(
                 f"train(): {name}: expected a {kind.__name__} ({made}), got {type(value).__name__} {value!r}"
             )
+    data, cfg = revalidated(data, "train(): data"), revalidated(cfg, "train(): cfg")
     out = Path(out)
     if dist is None or dist.is_main:
         check_out(out)

@@ -34,6 +34,7 @@ from capas.data import ArrayDataset, Preprocess
 from capas.errors import CapasError
 from capas.inference import Evaluation, evaluate, resolve_device
 from capas.spec import DataConfig, ModelSpec, TrainConfig
+from capas.spec.io import revalidated
 from capas.train.loop import Callback
 
 
@@ -244,6 +245,7 @@ def launch(
     test results, read from the run directory it wrote."""
     from capas.train import check_out
 
+    data, cfg = revalidated(data, "launch(): data"), revalidated(cfg, "launch(): cfg")
     check(cfg, nproc)
     check_out(Path(out))  # rank 0 checks it again, but only once every process has started
     if resolve_device(cfg.device).type == "cuda":
