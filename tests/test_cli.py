@@ -60,7 +60,7 @@ def test_summary_fits_80_columns_piped_with_every_number_whole(name):
 
 def test_the_command_prints_in_a_terminal_that_is_not_utf8(tmp_path):
     """In an ISO-8859-1 locale (PYTHONIOENCODING stands for it here) the command shows '?' for what the
-    terminal cannot show ('日本', the compact table's rule; help's '×' too), not a UnicodeEncodeError."""
+    terminal cannot show ('日本'; help's '×' too), not a UnicodeEncodeError; the summary's rules are ASCII."""
     pyproject = tomllib.loads((EXAMPLES.parent / "pyproject.toml").read_text(encoding="utf-8"))
     module, function = pyproject["project"]["scripts"]["capas"].split(":")  # the installed `capas`
     spec = tmp_path / "spec.yaml"

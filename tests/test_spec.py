@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from capas.errors import CapasError
 from capas.models import build_model
@@ -115,6 +117,26 @@ def test_summary_text_has_keras_totals():
     text = summarize(load_spec(EXAMPLES / "seed000-gap.yaml")).text()
     assert "Total params: 300,042 (1.14 MB)" in text
     assert "conv2d_2 (Conv2D)" in text and "(None, 26, 26, 128)" in text
+
+
+@pytest.mark.parametrize("width", [200, 40], ids=["table", "compact"])
+def test_summary_prints_on_a_stream_that_is_not_utf8(width):
+    """The library's summarize(spec).print() on a latin-1 stdout (a pipe in an ISO-8859-1 locale)
+    raised UnicodeEncodeError at the compact table's rule or at a name it cannot encode; only the
+    `capas` command, which reconfigures its own stdout, showed '?'. A library leaves sys.stdout alone."""
+    spec = ModelSpec.from_dict(
+        {
+            "name": "café 日本",
+            "input_shape": [8, 8, 1],
+            "layers": ["Flatten", {"Dense": {"units": 2, "name": "tête_ψ"}}],
+        }
+    )
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="latin-1")  # strict, as Python's stdout
+    summarize(spec).print(Console(file=stream, width=width))
+    stream.flush()
+    text = stream.buffer.getvalue().decode("latin-1")
+    assert 'Model: "café ??"' in text and "tête_?" in text and "Total params: 130" in text
+    assert "?" not in text.replace("??", "").replace("_?", "")  # the rules are ASCII, not '?'
 
 
 def test_final_softmax_is_applied_by_predict_proba_not_forward():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rich import box
 from rich.console import Console
@@ -72,7 +72,7 @@ class Summary:
             table.add_row(index, f"{escape(name)} ({kind})", shape, params, state, macs)
         return table
 
-    def compact(self, width: int) -> str:
+    def compact(self, width: int, rule: str = "─") -> str:
         """The table for narrow terminals and pipes: the layer's type under its name, no rules between
         columns. Numbers and shapes are never wrapped or cut; only names longer than fits fold."""
         cells = self._cells()
@@ -95,7 +95,7 @@ class Summary:
         def fold(text: str) -> list[str]:
             return [text[i : i + widths[1]] for i in range(0, len(text), widths[1])] or [""]
 
-        out = [f'Model: "{self.name}"', line(list(headers)), "─" * len(line(list(headers)))]
+        out = [f'Model: "{self.name}"', line(list(headers)), rule * len(line(list(headers)))]
         for index, name, kind, shape, params, state, macs in cells:
             names = fold(name) + fold(f"({kind})")
             out.append(line([index, names[0], shape, params, state, macs]))
@@ -111,11 +111,20 @@ class Summary:
         )
 
     def print(self, console: Console | None = None) -> None:
+        """The table on `console` (default: stdout). On a stream whose encoding lacks a character (a
+        pipe or terminal in an ISO-8859-1 locale) names show '?' for it and rules are ASCII, as Rich
+        draws the table's borders there: stdout itself is the caller's, never reconfigured."""
         console = console or Console()
-        table = self.table()
+
+        def shown(text: str) -> str:
+            return text.encode(console.encoding, "replace").decode(console.encoding)
+
+        summary = Summary(shown(self.name), [replace(row, name=shown(row.name)) for row in self.rows])
+        table = summary.table()
         natural = console.measure(table, options=console.options.update_width(10_000)).maximum
         if natural > console.width:  # too wide for the terminal (a pipe counts as 80 columns)
-            console.print(self.compact(console.width), highlight=False, markup=False, soft_wrap=True)
+            compact = summary.compact(console.width, "─" if shown("─") == "─" else "-")
+            console.print(compact, highlight=False, markup=False, soft_wrap=True)
         else:
             console.print(table)
         console.print(self.totals(), highlight=False, soft_wrap=True)
