@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,3 +57,24 @@ def test_the_sdist_holds_the_tests_with_their_fixtures_and_examples(tmp_path):
     wanted = {"constraints.txt"}.union(*(_files(copy, name) for name in SHIPPED))
     assert wanted - names == set()
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
+
+
+def test_the_wheel_marks_the_package_as_typed(tmp_path):
+    """capas' public functions and configs carry type hints, but without the py.typed marker (PEP 561)
+    a user's mypy skipped the installed package ("missing library stubs or py.typed marker") and
+    typed everything from it as Any."""
+    copy = tmp_path / "capas"
+    copy.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, copy / name)
+    shutil.copytree(ROOT / "src", copy / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    build = "import setuptools.build_meta as b, sys; print(b.build_wheel(sys.argv[1]))"
+    done = subprocess.run(
+        [sys.executable, "-c", build, str(tmp_path / "dist")],
+        cwd=copy,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    with zipfile.ZipFile(tmp_path / "dist" / done.stdout.strip().splitlines()[-1]) as wheel:
+        assert "capas/py.typed" in wheel.namelist()

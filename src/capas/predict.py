@@ -52,7 +52,7 @@ def predict(run: Run, images: Iterable[torch.Tensor]) -> list[Prediction]:
     return predictions
 
 
-def predict_files(run: Run, paths: list[str | Path]) -> list[Prediction]:
+def predict_files(run: Run, paths: Iterable[str | Path]) -> list[Prediction]:
     """`predict` on image files, each decoded whole as training decodes a folder's images: a file
     shrunk while it decodes (as `capas serve` does above a million pixels, to bound a request's
     memory) has other pixels."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,7 +49,7 @@ def train(
     cfg: TrainConfig,
     out: str | Path,
     *,
-    callbacks: list[Callback] = (),
+    callbacks: Sequence[Callback] = (),
     dist: Distributed | None = None,
     restart: bool = False,
 ) -> dict:
@@ -157,7 +158,7 @@ def _train(
     cfg: TrainConfig,
     out: Path,
     splits: Splits,
-    callbacks: list[Callback],
+    callbacks: Sequence[Callback],
     dist: Distributed | None,
     restart: bool,
 ) -> dict:

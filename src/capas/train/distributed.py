@@ -19,7 +19,7 @@ import itertools
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +179,7 @@ def train_ranked(
     cfg: TrainConfig,
     out: str | Path,
     *,
-    callbacks: list[Callback] = (),
+    callbacks: Sequence[Callback] = (),
     restart: bool = False,
 ) -> dict:
     """`train` as one rank of a group started by torchrun; `callbacks` run on rank 0 only."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def fit_top(
     cfg: TrainConfig,
     device: torch.device,
     *,
-    callbacks: list[Callback] = (),
+    callbacks: Sequence[Callback] = (),
     checkpoint: Path | None = None,
     identity: dict | None = None,
 ) -> tuple[FitResult, Evaluation, dict]:

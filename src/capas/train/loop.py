@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,7 +113,7 @@ def fit(
     preprocess: Preprocess,
     cfg: TrainConfig,
     *,
-    callbacks: list[Callback] = (),
+    callbacks: Sequence[Callback] = (),
     checkpoint: Path | None = None,
     dist: Distributed | None = None,
     identity: dict | None = None,
@@ -154,7 +155,7 @@ def _fit(
     val: ArrayDataset,
     preprocess: Preprocess,
     cfg: TrainConfig,
-    callbacks: list[Callback],
+    callbacks: Sequence[Callback],
     checkpoint: Path | None,
     dist: Distributed | None,
     identity: dict | None,
