@@ -160,6 +160,26 @@ def test_an_out_folder_that_is_not_a_run_is_refused_before_the_processes_start(s
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
+def test_launch_from_a_script_without_the_main_guard_names_it(spec_file, tmp_path):
+    """Each spawned process imports the main script again: unguarded, it called launch once more and
+    multiprocessing's 40-line RuntimeError ("…bootstrapping phase…") came out of every process before
+    "training process 0 exited with status 1". Now each says what to do in one line."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from capas.spec import DataConfig, TrainConfig, load_spec\n"
+        "from capas.train.distributed import launch\n"
+        f"launch(load_spec({str(spec_file)!r}), DataConfig(name='digits'), TrainConfig(batch_size=32), "
+        f"{str(tmp_path / 'run')!r}, 2, progress=False)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "bootstrapping" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: launch() ran again")]
+    assert len(lines) == 2 and 'under `if __name__ == "__main__":`' in lines[0]
+    assert "CapasError: training process" in done.stderr
+
+
 def test_the_frozen_rows_cache_is_refused_before_the_processes_start():
     """It was refused by each process once both had started (a minute here), then "training process
     1 exited with status 1"; now as the batch size is, before any starts."""

@@ -245,6 +245,14 @@ def launch(
     test results, read from the run directory it wrote."""
     from capas.train import check_out
 
+    # multiprocessing's own test (spawn._check_not_importing_main): this process is a rank still importing
+    # the main script, which called launch outside `if __name__ == "__main__":` (its start would fail)
+    if getattr(mp.current_process(), "_inheriting", False):
+        raise SystemExit(
+            "error: launch() ran again in each training process as it imported your script: call it under "
+            '`if __name__ == "__main__":` (each process imports the main script again, as Python\'s '
+            "multiprocessing requires)"
+        )
     data, cfg = revalidated(data, "launch(): data"), revalidated(cfg, "launch(): cfg")
     check(cfg, nproc)
     check_out(Path(out))  # rank 0 checks it again, but only once every process has started
