@@ -24,7 +24,14 @@ ray = pytest.importorskip("ray")
 from capas.errors import CapasError  # noqa: E402
 from capas.runs import load_run  # noqa: E402
 from capas.study.executors import PoolExecutor, RunTask  # noqa: E402
-from capas.study.ray_executor import PROBE, RayExecutor, _deliver, _worker_run, check_reachable  # noqa: E402
+from capas.study.ray_executor import (  # noqa: E402
+    PROBE,
+    RayExecutor,
+    _deliver,
+    _worker_run,
+    check_reachable,
+    code_version,
+)
 from capas.study.run import run_study  # noqa: E402
 from capas.study.spec import load_study  # noqa: E402
 from capas.study.store import Store  # noqa: E402
@@ -226,7 +233,9 @@ def test_a_worker_that_cannot_see_the_run_directory_ships_it_to_the_driver(local
     )
     events = ray.util.queue.Queue(actor_options={"num_cpus": 0})
     # no probe with this token in `out`: the worker behaves as on a node without the driver's disk
-    ref = ray.remote(_worker_run).remote(task.to_dict(), events, "a-token-the-driver-never-wrote", 1)
+    ref = ray.remote(_worker_run).remote(
+        task.to_dict(), events, "a-token-the-driver-never-wrote", 1, code_version()
+    )
     future: Future = Future()
     _deliver(ref.future(), future, out)
     result = future.result(timeout=60)
@@ -253,8 +262,28 @@ def test_a_shipped_run_trains_beside_another_users_scratch_folder(tmp_path, stud
     task = RunTask(
         "Flatten/seed-0", variant.name, 0, config["spec"], config["train"], config["data"], {}, str(out)
     )
-    result = _worker_run(task.to_dict(), queue.SimpleQueue(), "a-token-the-driver-never-wrote", 1)
+    result = _worker_run(
+        task.to_dict(), queue.SimpleQueue(), "a-token-the-driver-never-wrote", 1, code_version()
+    )
     assert result["worker"]["storage"] == "shipped" and "test.json" in result["files"]
+
+
+def test_a_worker_whose_capas_is_not_the_drivers_refuses_the_run(tmp_path, study_path):
+    """A cluster's workers import the capas installed on their node (or as it was when `ray start`
+    ran): a study trained on another capas than the driver's and reported it as the driver's, silently
+    (both say version 0.1.0). Ray is not needed: the task's function runs here as a worker runs it."""
+    variant = load_study(study_path()).variants[0]
+    config = variant.run_config(0)
+    out = tmp_path / "study" / "runs" / "Flatten" / "seed-0"
+    task = RunTask(
+        "Flatten/seed-0", variant.name, 0, config["spec"], config["train"], config["data"], {}, str(out)
+    )
+    assert code_version().startswith("0.1.0+")
+    with pytest.raises(
+        CapasError, match=r"runs capas 0\.1\.0\+\w{12} .*the driver 0\.1\.0\+000000000000: install"
+    ):
+        _worker_run(task.to_dict(), queue.SimpleQueue(), "a-token", 1, "0.1.0+000000000000")
+    assert not out.exists()
 
 
 def test_without_ray_the_executor_says_how_to_install_it(tmp_path, monkeypatch, study_path):

@@ -18,7 +18,10 @@ run's directory; the worker reads it:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import platform
 import secrets
 import shutil
 import socket
@@ -26,6 +29,7 @@ import tempfile
 from concurrent.futures import Future
 from pathlib import Path
 
+import capas
 from capas import atomic
 from capas.cpu import available_cores
 from capas.errors import CapasError
@@ -55,8 +59,35 @@ CONNECT_SECONDS = 10  # to reach a cluster's HEAD:PORT, and for its answer, befo
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 
 
-def _worker_run(task: dict, events: Queue, token: str, threads: int) -> dict:
-    """The Ray task: train one run where the driver can see it, or in scratch space and ship the files."""
+@functools.cache
+def code_version() -> str:
+    """capas' version and a hash of its source files, as this process imported them: a Ray worker imports
+    the capas installed on its node, which training must share with the driver's (the version alone
+    stays 0.1.0 while the code changes)."""
+    root = Path(capas.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"{capas.__version__}+{digest.hexdigest()[:12]}"
+
+
+def _worker_code() -> str:
+    """The Ray task that says which capas a worker runs: where it is and its `code_version`."""
+    return f"{code_version()} ({Path(capas.__file__).parent} on {platform.node()})"
+
+
+def _other_code(worker: str, driver: str) -> CapasError:
+    return CapasError(
+        f"a Ray worker runs capas {worker}, the driver {driver}: install the driver's capas on every node "
+        "and restart the cluster (`ray stop`, `ray start`), whose workers import capas as it was"
+    )
+
+
+def _worker_run(task: dict, events: Queue, token: str, threads: int, code: str) -> dict:
+    """The Ray task: train one run where the driver can see it, or in scratch space and ship the files;
+    refused on a node whose capas is not the driver's `code` (`code_version`)."""
+    if code != code_version():  # another release, or a cluster started before capas was changed
+        raise _other_code(_worker_code(), code)
     import torch
 
     torch.set_num_threads(threads)  # the task's CPU request: runs packed on a node do not oversubscribe it
@@ -194,6 +225,8 @@ class RayExecutor(Executor):
                 f"no run fits on the Ray cluster ({cpus:g} CPUs, {gpus:g} GPUs): each asks for "
                 f"{cpus_per_run:g} CPUs (--cpus-per-run) and {gpus_per_run:g} GPUs (--gpus-per-run)"
             )
+        if not (self.owned and address is None):  # a local instance it starts runs this process' capas
+            self._check_code()
         self.threads = max(1, int(cpus_per_run))
         self.token = secrets.token_hex(8)
         # a queue actor that holds no CPU: progress events from every worker, drained by the driver
@@ -203,10 +236,21 @@ class RayExecutor(Executor):
         )
         self.refs: list = []
 
+    def _check_code(self) -> None:
+        """One worker's capas, before any run; each run checks its own node's (a cluster's nodes may differ)."""
+        try:
+            worker = ray.get(ray.remote(_worker_code).options(num_cpus=0).remote())
+        except RayError as error:  # a capas without _worker_code: older than this one
+            worker = f"that cannot say which it is ({type(error).__name__}: an older one)"
+        if not worker.startswith(f"{code_version()} "):
+            if self.owned:
+                ray.shutdown()
+            raise _other_code(worker, code_version())
+
     def submit(self, task: dict) -> Future:
         out = Path(task["out"])
         atomic.write_text(probe_path(out), self.token)
-        ref = self.remote.remote(task, self.queue, self.token, self.threads)
+        ref = self.remote.remote(task, self.queue, self.token, self.threads, code_version())
         self.refs.append(ref)
         future: Future = Future()
         ref.future().add_done_callback(lambda done: _deliver(done, future, out))
