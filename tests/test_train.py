@@ -1025,3 +1025,14 @@ def test_train_validates_a_config_changed_after_it_was_made(tmp_path, change, sa
     with pytest.raises(CapasError, match=says):
         train(spec, DataConfig(name="digits"), cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_fit_validates_a_config_changed_after_it_was_made():
+    """fit, public as train is, trained with `batch_size = 0` set after the config was made until
+    Python's ZeroDivisionError in the loop."""
+    spec, _, _ = _small()
+    splits = make_splits("digits", limit=100)
+    cfg = TrainConfig(epochs=1, threads=1)
+    cfg.batch_size = 0
+    with pytest.raises(CapasError, match=r"^fit\(\): cfg: keyword 'batch_size': .* \(given 0\)$"):
+        fit(build_model(spec), splits.train, splits.val, default_preprocess(spec.input_shape), cfg)

@@ -17,6 +17,7 @@ from capas.cpu import kept_heap
 from capas.data import ArrayDataset, Preprocess, iterate_batches
 from capas.errors import CapasError
 from capas.inference import autocast, choose_precision, evaluate, resolve_device
+from capas.spec.io import revalidated
 from capas.spec.train import EarlyStopping, OptimizerConfig, TrainConfig
 from capas.train import batchnorm, depthwise, frozen_cache, resizing, winograd
 from capas.train.checkpoint import checkpoint_epoch, load_checkpoint, save_checkpoint
@@ -132,7 +133,7 @@ def fit(
     `train` can refuse to resume it under other settings. `precision: auto` and `winograd: auto` train
     as they resolve here (`resolved`).
     """
-    cfg = resolved(cfg)
+    cfg = resolved(revalidated(cfg, "fit(): cfg"))
     on_cpu = resolve_device(cfg.device).type == "cpu"
     relu_after_pooling = getattr(model, "relu_after_pooling", contextlib.nullcontext)
     with reproducible(cfg), kept_heap() if on_cpu else contextlib.nullcontext(), relu_after_pooling():
