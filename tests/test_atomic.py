@@ -65,7 +65,8 @@ def test_the_file_is_flushed_before_the_rename_and_the_folder_after(tmp_path, mo
     assert path.read_text() == "hello"
     kinds = [kind for kind, _ in calls]
     assert kinds == ["fsync", "replace", "fsync"], calls
-    assert os.path.basename(calls[0][1]).startswith(".f.txt.")  # the temporary file, before the rename
+    folder, name = os.path.split(calls[0][1])  # the temporary file, before the rename, in its hidden folder
+    assert (os.path.basename(folder).startswith(".f.txt."), name) == (True, "f.txt")
     assert calls[2][1] == str(tmp_path)  # the folder that holds the new name
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary file left
 
@@ -306,3 +307,33 @@ def test_the_next_command_deletes_only_the_folders_killed_commands_left(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         recover(out)  # nothing left to do: nothing said
+
+
+def test_the_next_write_of_a_file_deletes_what_a_killed_write_of_it_left(tmp_path):
+    """kill -9 while a file was written (export's model.onnx in a run, a study's report, a cache) left its
+    hidden temporary beside it for ever, and what the writer made beside that (safetensors' own .tmpXXXXXX).
+    The next write of the same file deletes them; a live write's, other files' and other names are kept."""
+    target = tmp_path / "model.onnx"
+
+    def write():
+        def half(tmp):
+            tmp.write_bytes(b"half")
+            (tmp.parent / ".tmpAbC123").write_bytes(b"the writer's own temporary")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        atomic.write_with(target, half)
+
+    _killed(write)
+    kept = [".model.onnx.abcdefgh", ".model.onnx.abcdefgh.tmp.x", ".model.onnxx.abcdefgh.tmp", ".tmpXyZ789"]
+    for name in kept:
+        (tmp_path / name).mkdir()
+    kept.append(".model.onnx.abcdefg0.tmp")  # a file: not write_with's
+    (tmp_path / kept[-1]).write_text("someone's")
+
+    def last(tmp):
+        atomic.write_text(target, "meanwhile")  # another write of the same file while this one runs
+        tmp.write_text("last")
+
+    atomic.write_with(target, last)
+    assert target.read_text() == "last"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "model.onnx"])

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from capas.errors import CapasError
+from capas.lock import free, holding
 
 # what a destination that cannot take the file says: the user's to fix (free space, another folder)
 FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
@@ -46,8 +48,8 @@ def _fsync(path: Path, directory: bool = False) -> None:
 
 
 def hidden_prefix(name: str) -> str:
-    """'.NAME.', the start of a temporary file's or folder's name beside NAME: cut to 200 bytes, so that
-    mkstemp's random part and a suffix still fit in the 255 bytes a file name may take."""
+    """'.NAME.', the start of a temporary folder's name beside NAME: cut to 200 bytes, so that mkdtemp's
+    random part and a suffix still fit in the 255 bytes a file name may take."""
     while len(os.fsencode(name)) > 200:
         name = name[:-1]
     return f".{name}."
@@ -58,26 +60,50 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
 
     Without the first flush a power loss after the rename can leave an empty file under the new name;
     without the second, the rename itself may be lost. The file gets the permissions `open()` would
-    give it (0666 less the umask), whatever the writer or mkstemp's 0600 made.
+    give it (0666 less the umask), whatever the writer or mkdtemp's 0700 made.
+
+    `tmp_path` has `path`'s name, in a hidden folder beside it (.NAME.XXXXXXXX.tmp) that this call holds
+    (`capas.lock.holding`) and that also takes the temporaries the writer makes beside it (safetensors'
+    own .tmpXXXXXX). What a killed write left (kill -9, a power loss, the OOM killer) is deleted by the
+    next write of `path`: `_clear`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=hidden_prefix(path.name), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        writer(tmp)
-        # after the writer: some (safetensors) replace the file rather than write into it
-        os.chmod(tmp, 0o666 & ~umask())
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if (code := _errno(error)) in FULL:
-            raise CapasError(f"{path}: cannot write it ({os.strerror(code)})") from None
-        raise
-    sync_folder(path.parent)
+    _clear(path)
+    folder = Path(tempfile.mkdtemp(prefix=hidden_prefix(path.name), suffix=".tmp", dir=path.parent))
+    tmp = folder / path.name
+    with holding(folder):
+        try:
+            writer(tmp)
+            # after the writer: some (safetensors) replace the file rather than write into it
+            os.chmod(tmp, 0o666 & ~umask())
+            _fsync(tmp)
+            os.replace(tmp, path)
+        except BaseException as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            if (code := _errno(error)) in FULL:
+                raise CapasError(f"{path}: cannot write it ({os.strerror(code)})") from None
+            raise
+        sync_folder(path.parent)
+        shutil.rmtree(folder, ignore_errors=True)
     return path
+
+
+def _clear(path: Path) -> None:
+    """Delete the hidden folders (`write_with`) that writes of `path` killed before they finished left
+    beside it: only those no live process holds (`capas.lock.free`), and none where the name is cut
+    short (`hidden_prefix`: other files' share it)."""
+    prefix = hidden_prefix(path.name)
+    if prefix != f".{path.name}.":
+        return
+    name = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}\.tmp")  # mkdtemp's 8 random characters
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:  # a folder this user can write in but not list
+        return
+    for entry in entries:
+        if name.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink() and free(entry):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def write_cache(path: str | Path, writer: Callable[[Path], None], what: str) -> bool:
