@@ -1,5 +1,6 @@
-"""Atomic, durable writes: a temporary file in the same folder, flushed to disk, then a rename, so a crash
-or a power loss leaves either the old file or the new one, never half a file or an empty one."""
+"""Atomic, durable writes: a temporary file in a hidden folder beside the target, flushed to disk, then a
+rename, so a crash or a power loss leaves either the old file or the new one, never half a file or an
+empty one."""
 
 from __future__ import annotations
 

@@ -52,8 +52,8 @@ def file_digest(path: Path, algorithm: str) -> str:
 def download(url: str, dest: Path, *, digest: str, algorithm: str = "sha256", timeout_s: float = 60) -> Path:
     """Fetch `url` to `dest`, checking its `algorithm` digest; `dest` appears only once verified.
 
-    The bytes go to a temporary file beside `dest`, flushed and renamed over it (capas.atomic), so an
-    interrupted or corrupt download never leaves a file that looks complete.
+    The bytes go to a temporary file in a hidden folder beside `dest`, flushed and renamed over it
+    (capas.atomic), so an interrupted or corrupt download never leaves a file that looks complete.
     """
     hasher = hashlib.new(algorithm)
     try:
