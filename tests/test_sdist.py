@@ -34,16 +34,17 @@ def _files(root: Path, top: str) -> set[str]:
     }
 
 
-def test_the_sdist_holds_the_tests_with_their_fixtures_and_examples(tmp_path):
-    copy = tmp_path / "capas"  # a copy: building writes an egg-info into the tree
+def _build(tmp_path: Path, kind: str, sources: list[str]) -> Path:
+    """Build an sdist or a wheel of a copy of `sources` (building writes an egg-info into the tree)."""
+    copy = tmp_path / "capas"
     copy.mkdir()
-    for name in SOURCES:
+    for name in sources:
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(source, copy / name)
-    build = "import setuptools.build_meta as b, sys; print(b.build_sdist(sys.argv[1]))"
+    build = f"import setuptools.build_meta as b, sys; print(b.build_{kind}(sys.argv[1]))"
     done = subprocess.run(
         [sys.executable, "-c", build, str(tmp_path / "dist")],
         cwd=copy,
@@ -51,10 +52,14 @@ def test_the_sdist_holds_the_tests_with_their_fixtures_and_examples(tmp_path):
         text=True,
         check=True,
     )
-    with tarfile.open(tmp_path / "dist" / done.stdout.strip().splitlines()[-1]) as sdist:
+    return tmp_path / "dist" / done.stdout.strip().splitlines()[-1]
+
+
+def test_the_sdist_holds_the_tests_with_their_fixtures_and_examples(tmp_path):
+    with tarfile.open(_build(tmp_path, "sdist", SOURCES)) as sdist:
         top = sdist.getnames()[0].split("/")[0]
         names = {name.removeprefix(f"{top}/") for name in sdist.getnames()}
-    wanted = {"constraints.txt"}.union(*(_files(copy, name) for name in SHIPPED))
+    wanted = {"constraints.txt"}.union(*(_files(tmp_path / "capas", name) for name in SHIPPED))
     assert wanted - names == set()
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
 
@@ -63,18 +68,5 @@ def test_the_wheel_marks_the_package_as_typed(tmp_path):
     """capas' public functions and configs carry type hints, but without the py.typed marker (PEP 561)
     a user's mypy skipped the installed package ("missing library stubs or py.typed marker") and
     typed everything from it as Any."""
-    copy = tmp_path / "capas"
-    copy.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, copy / name)
-    shutil.copytree(ROOT / "src", copy / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    build = "import setuptools.build_meta as b, sys; print(b.build_wheel(sys.argv[1]))"
-    done = subprocess.run(
-        [sys.executable, "-c", build, str(tmp_path / "dist")],
-        cwd=copy,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    with zipfile.ZipFile(tmp_path / "dist" / done.stdout.strip().splitlines()[-1]) as wheel:
+    with zipfile.ZipFile(_build(tmp_path, "wheel", ["pyproject.toml", "README.md", "src"])) as wheel:
         assert "capas/py.typed" in wheel.namelist()
