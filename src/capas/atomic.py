@@ -90,21 +90,30 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
     return path
 
 
-def _clear(path: Path) -> None:
-    """Delete the hidden folders (`write_with`) that writes of `path` killed before they finished left
-    beside it: only those no live process holds (`capas.lock.free`), and none where the name is cut
-    short (`hidden_prefix`: other files' share it)."""
+def abandoned(path: Path, pattern: str) -> list[Path]:
+    """The hidden folders beside `path` named `hidden_prefix` + `pattern` (mkdtemp's 8 random characters
+    in it) that no live process holds (`capas.lock.free`): what a killed write or staging of `path`
+    left. None where the name is cut short (`hidden_prefix`: other files' share it) or the folder
+    cannot be listed."""
     prefix = hidden_prefix(path.name)
     if prefix != f".{path.name}.":
-        return
-    name = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}\.tmp")  # mkdtemp's 8 random characters
+        return []
     try:
-        entries = list(path.parent.iterdir())
-    except OSError:  # a folder this user can write in but not list
-        return
-    for entry in entries:
-        if name.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink() and free(entry):
-            shutil.rmtree(entry, ignore_errors=True)
+        entries = sorted(path.parent.iterdir())
+    except OSError:  # no such folder, or one this user can write in but not list
+        return []
+    name = re.compile(re.escape(prefix) + pattern)
+    return [
+        entry
+        for entry in entries
+        if name.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink() and free(entry)
+    ]
+
+
+def _clear(path: Path) -> None:
+    """Delete the hidden folders (`write_with`) that writes of `path` killed before they finished left."""
+    for entry in abandoned(path, r"[a-z0-9_]{8}\.tmp"):
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def write_cache(path: str | Path, writer: Callable[[Path], None], what: str) -> bool:

@@ -23,7 +23,6 @@ import errno
 import json
 import os
 import platform
-import re
 import reprlib
 import shutil
 import tempfile
@@ -42,7 +41,7 @@ from capas.cpu import available_cores, cpu_features, cpu_model, describe
 from capas.data import ArrayDataset, Preprocess
 from capas.errors import CapasError, first_of
 from capas.inference import TTA_MODES
-from capas.lock import exclusive, free, holding
+from capas.lock import exclusive, holding
 from capas.models import CapasNet, build_model
 from capas.models.weights import load_checked
 from capas.runs.reference import REFERENCE, save_reference
@@ -348,19 +347,8 @@ def recover(out: Path) -> None:
     while it was deleted). Folders a live command holds are left alone, and so is everything where
     that cannot be told, or where the name is cut short (`hidden_prefix`: other runs' share it)."""
     given, out = out, out.resolve()  # a link: the folder it points to is staged (`staging`)
+    found = atomic.abandoned(out, r"(old-)?[a-z0-9_]{8}")
     prefix = atomic.hidden_prefix(out.name)
-    if prefix != f".{out.name}.":
-        return
-    try:
-        entries = sorted(out.parent.iterdir())
-    except OSError:  # no such folder, or one this user cannot list: the command says so when it writes
-        return
-    name = re.compile(re.escape(prefix) + r"(old-)?[a-z0-9_]{8}")  # mkdtemp's 8 random characters
-    found = [
-        path
-        for path in entries
-        if name.fullmatch(path.name) and path.is_dir() and not path.is_symlink() and free(path)
-    ]
     aside = [path for path in found if path.name.startswith(f"{prefix}old-")]
     done = []
     if len(aside) == 1 and not out.exists():
