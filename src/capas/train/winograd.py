@@ -88,8 +88,9 @@ def auto(
     """What `train.winograd: auto` means for a training on `device` in `precision` (resolved, not
     'auto'): on for float32 on an x86 CPU with AVX2 and without AVX-512, the kind of CPU its
     benchmarks measured (README Performance: the seed-000 step 1.6–1.7× its direct one); off elsewhere — in
-    bfloat16 and on a GPU it would compute nothing, in float32 on AVX-512 it was not measured — and
-    with `compile: true`, whose step it cannot enter. `flags`: the CPU's (capas.cpu.cpu_flags)."""
+    bfloat16 and on a GPU it would compute nothing, in float32 on AVX-512 it paid little where measured
+    (1.08× on an AMD EPYC without AMX, losing on some shapes `pays` takes) — and with `compile: true`,
+    whose step it cannot enter. `flags`: the CPU's (capas.cpu.cpu_flags)."""
     if device.type != "cpu" or precision != "float32" or compile is True:
         return False
     features = cpu_features(flags)
