@@ -1,16 +1,19 @@
 """Depthwise weight gradients on maps smaller than their kernel: PyTorch's own against grown maps.
 
-oneDNN's CPU weight gradient of a depthwise convolution takes a slow path where the feature map is
-smaller than the kernel, as in EfficientNet-Lite0's last stages on small images. capas.train.depthwise
-grows such maps with zeros to the kernel's size first. Two measurements, side by side in one process:
+oneDNN's CPU weight gradient of a depthwise convolution can take a slow path where the feature map is
+smaller than the kernel, as in EfficientNet-Lite0's last stages on small images: on a CPU with AVX2 and
+without AVX-512 for every such kernel, with AVX-512 for 3×3 kernels. capas.train.depthwise grows such
+maps with zeros to the kernel's size first, where that pays on this kind of CPU. Two measurements, side
+by side in one process:
 
 1. each depthwise convolution of EfficientNet-Lite0 at `--size` whose map is smaller than its kernel:
    its weight gradient at batch `--batch`, channels-last, in float32, PyTorch's own against on grown
-   maps (median of `--repeats` interleaved repeats of `--calls` calls each);
+   maps (median of `--repeats` interleaved repeats of `--calls` calls each), and whether capas grows
+   it on this CPU;
 2. the training step of examples/studies/frozen-layers.yaml's network (EfficientNet-Lite0 at 64×64,
    GlobalAveragePooling2D, Dense(10); seed 003's question) with its backbone's last blocks trainable,
    through capas' `fit` in float32 on CIFAR-10 images: 2 epochs of `--batches` batches, the second
-   timed, with maps grown and without (the growth turned off in this process, for the comparison only).
+   timed, as capas trains it and with the growth turned off (in this process, for the comparison only).
 
     python benchmarks/depthwise.py [--size 64] [--repeats 5]
 """
@@ -40,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg" / "train"
 STUDY = ROOT / "examples" / "studies" / "frozen-layers.yaml"
 WAYS = ("PyTorch's own", "grown maps")
+STEP_WAYS = ("PyTorch's own", "capas")
+ANY_CPU = frozenset()  # growth()'s rule without AVX-512: every map smaller than its kernel
 FROZEN = {"block6-unfrozen": 12, "block5-unfrozen": 9, "none-frozen": "none"}
 
 
@@ -51,7 +56,8 @@ def study_spec(size: int, frozen: int | str) -> ModelSpec:
 
 
 def small_map_convolutions(size: int) -> list[tuple[str, torch.Size, torch.nn.Conv2d]]:
-    """(name, input shape at batch 1, module) of the network's depthwise convolutions that get grown maps."""
+    """(name, input shape at batch 1, module) of the network's depthwise convolutions on maps smaller
+    than their kernel."""
     model = build_model(study_spec(size, "all"), seed=0, pretrained=False)
     found = []
     for name, module in model.named_modules():
@@ -64,14 +70,14 @@ def small_map_convolutions(size: int) -> list[tuple[str, torch.Size, torch.nn.Co
     return [
         (name, shape, m)
         for name, shape, m in found
-        if capas.train.depthwise.growth(shape, m.weight.shape, list(m.stride), list(m.dilation)) is not None
+        if capas.train.depthwise.growth(shape, m.weight.shape, list(m.stride), list(m.dilation), ANY_CPU)
     ]
 
 
 def weight_grad(module: torch.nn.Conv2d, x: torch.Tensor, grad: torch.Tensor, grown: bool) -> torch.Tensor:
     padding, groups = list(module.padding), module.groups
     if grown:
-        grow = capas.train.depthwise.growth(x.shape, module.weight.shape, [1, 1], [1, 1])
+        grow = capas.train.depthwise.growth(x.shape, module.weight.shape, [1, 1], [1, 1], ANY_CPU)
         return capas.train.depthwise.grown_weight_grad(
             grad, x, module.weight, padding, groups, grow, torch.channels_last
         )
@@ -96,7 +102,8 @@ def time_convolutions(console: Console, args: argparse.Namespace) -> None:
                     weight_grad(module, x, grad, way == "grown maps")
                 times[way].append((time.perf_counter() - start) / args.calls * 1000)
         own, grown = (statistics.median(times[way]) for way in WAYS)
-        rows.append((name, shape, module, own, grown, error.item()))
+        grows = capas.train.depthwise.growth(shape, module.weight.shape, [1, 1], [1, 1]) is not None
+        rows.append((name, shape, module, own, grown, error.item(), "yes" if grows else "no"))
     table = Table(
         title=f"depthwise weight gradients, EfficientNet-Lite0 at {args.size}×{args.size}, batch {args.batch}, "
         "float32, channels-last: ms per call"
@@ -109,18 +116,19 @@ def time_convolutions(console: Console, args: argparse.Namespace) -> None:
         *WAYS,
         "speed-up",
         "largest difference ÷ largest value",
+        "capas grows it",
     ):
         table.add_column(column, justify="left" if column == "convolution" else "right")
-    for name, shape, module, own, grown, error in rows:
+    for name, shape, module, own, grown, error, grows in rows:
         kernel = "×".join(map(str, module.kernel_size))
         table.add_row(
             name, f"{shape[2]}×{shape[3]}", kernel, str(shape[1]), f"{own:.1f}", f"{grown:.1f}",
-            f"{own / grown:.2f}×", f"{error:.1e}",
+            f"{own / grown:.2f}×", f"{error:.1e}", grows,
         )  # fmt: skip
     console.print(table)
 
 
-def fit_speed(spec: ModelSpec, splits, grown: bool, batch: int) -> float:
+def fit_speed(spec: ModelSpec, splits, capas_growth: bool, batch: int) -> float:
     """Training images/s of the second of two epochs of a fresh model, in float32 on the CPU."""
     cfg = TrainConfig(
         epochs=2,
@@ -129,7 +137,7 @@ def fit_speed(spec: ModelSpec, splits, grown: bool, batch: int) -> float:
         device="cpu",
     )
     patch = contextlib.nullcontext()
-    if not grown:  # the growth off, for this comparison only
+    if not capas_growth:  # the growth off, for this comparison only
         patch = mock.patch.object(capas.train.depthwise, "growth", lambda *args: None)
     with patch:
         result = fit(build_model(spec, seed=0), splits.train, splits.val, preprocess_for(spec), cfg)
@@ -139,22 +147,22 @@ def fit_speed(spec: ModelSpec, splits, grown: bool, batch: int) -> float:
 def time_training(console: Console, args: argparse.Namespace) -> None:
     batch = load_document(STUDY)["base"]["train"]["batch_size"]
     splits = make_splits(args.data, limit=round(args.batches * batch / 0.98), val_fraction=0.02)
-    speeds = {(variant, way): [] for variant in FROZEN for way in WAYS}
+    speeds = {(variant, way): [] for variant in FROZEN for way in STEP_WAYS}
     for _ in range(args.repeats):
         for variant, frozen in FROZEN.items():
-            for way in WAYS:
-                speed = fit_speed(study_spec(64, frozen), splits, way == "grown maps", batch)
+            for way in STEP_WAYS:
+                speed = fit_speed(study_spec(64, frozen), splits, way == "capas", batch)
                 speeds[variant, way].append(speed)
                 console.print(f"{variant} · {way}: {speed:.1f} images/s", highlight=False)
     table = Table(
         title=f"frozen-layers study's network (64×64), float32 training, batch {batch}, "
         f"{len(splits.train)} images/epoch: images/s of the second epoch"
     )
-    for column in ("variant", *(f"{way} (median)" for way in WAYS), "min–max, grown", "grown ÷ own"):
+    for column in ("variant", *(f"{way} (median)" for way in STEP_WAYS), "min–max, capas", "capas ÷ own"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for variant in FROZEN:
-        own, grown = (statistics.median(speeds[variant, way]) for way in WAYS)
-        values = speeds[variant, "grown maps"]
+        own, grown = (statistics.median(speeds[variant, way]) for way in STEP_WAYS)
+        values = speeds[variant, "capas"]
         table.add_row(
             variant,
             f"{own:.1f}",

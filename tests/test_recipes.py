@@ -479,23 +479,51 @@ def test_bfloat16_depthwise_convolutions_get_float32_gradients():
 
 
 def test_depthwise_weight_gradients_on_maps_smaller_than_the_kernel_are_computed_on_grown_maps():
-    conv = torch.nn.Conv2d(6, 6, 5, padding=2, groups=6)  # a 5×5 kernel on 3×4 maps
-    x = torch.randn(4, 6, 3, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    conv = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6)  # a 3×3 kernel on 2×2 maps: grown on any x86 CPU
+    x = torch.randn(4, 6, 2, 2).contiguous(memory_format=torch.channels_last).requires_grad_()
     with depthwise.backward():
         y = conv(x)
-        same = conv(torch.randn(4, 6, 5, 5))  # maps of the kernel's size: oneDNN's fast path, as it was
+        same = conv(torch.randn(4, 6, 3, 3))  # maps of the kernel's size: oneDNN's fast path, as it was
         one = conv(torch.randn(4, 6, 1, 1))  # 1×1: growing would not pay
-        strided = torch.nn.functional.conv2d(x, conv.weight, None, 2, 2, 1, 6)  # stride 2: as it was
+        strided = torch.nn.functional.conv2d(x, conv.weight, None, 2, 1, 1, 6)  # stride 2: as it was
     assert type(y.grad_fn).__name__ == "_Conv2dBackward"
     for other in (same, one, strided):
         assert type(other.grad_fn).__name__ == "ConvolutionBackward0"
     grad = torch.randn_like(y)
     y.backward(grad)
     w, b, x0 = (t.detach().clone().requires_grad_() for t in (conv.weight, conv.bias, x))
-    torch.nn.functional.conv2d(x0, w, b, 1, 2, 1, 6).backward(grad)  # PyTorch's own backward
+    torch.nn.functional.conv2d(x0, w, b, 1, 1, 1, 6).backward(grad)  # PyTorch's own backward
     assert torch.allclose(conv.weight.grad, w.grad, rtol=1e-5, atol=1e-5)
     assert torch.allclose(conv.bias.grad, b.grad, rtol=1e-5, atol=1e-5)
     assert torch.equal(x.grad, x0.grad)  # the input gradient is PyTorch's, unchanged
+
+
+def test_grown_maps_give_pytorchs_weight_gradient():
+    """Rows and columns grown unequally (a 5×5 kernel on 3×4 maps)."""
+    x = torch.randn(4, 6, 3, 4).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 1, 5, 5)
+    grad = torch.randn(4, 6, 3, 4).contiguous(memory_format=torch.channels_last)
+    own = torch.ops.aten.convolution_backward(
+        grad, x, w, None, [1, 1], [2, 2], [1, 1], False, [0, 0], 6, [False, True, False]
+    )[1]
+    grown = depthwise.grown_weight_grad(grad, x, w, [2, 2], 6, (2, 1), torch.channels_last)
+    assert torch.allclose(grown, own, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "side", "flags", "expected"),
+    [
+        (5, 4, {"avx2"}, (1, 1)),  # AVX2 only: oneDNN's slow path for every kernel larger than its map
+        (3, 2, {"avx2"}, (1, 1)),
+        (5, 4, {"avx2", "avx512f"}, None),  # AVX-512: 5×5 and 7×7 kernels are faster on small maps
+        (7, 2, {"avx2", "avx512f"}, None),
+        (3, 2, {"avx2", "avx512f"}, (1, 1)),  # but 3×3 kernels on 2×2 maps are still slow
+        (5, 1, {"avx2"}, None),  # a 1×1 map: growing would not pay
+    ],
+)
+def test_maps_grow_where_measured_to_pay(kernel, side, flags, expected):
+    x_shape, w_shape = torch.Size([8, 16, side, side]), torch.Size([16, 1, kernel, kernel])
+    assert depthwise.growth(x_shape, w_shape, [1, 1], [1, 1], frozenset(flags)) == expected
 
 
 def test_only_networks_with_depthwise_convolutions_get_the_mode():

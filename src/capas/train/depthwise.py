@@ -9,10 +9,13 @@ Two cases, each measured (benchmarks/transfer_step.py, benchmarks/depthwise.py):
   rounded back to the dtypes they flow into.
 - In any precision, the weight gradient of a depthwise convolution whose feature map is smaller than
   its kernel (a 5×5 kernel on a 4×4 map: EfficientNet's last stages on small images) takes oneDNN's
-  slow path, several times longer than on a map of the kernel's size. So the map and its gradient
-  are grown with zeros to the kernel's size first (stride 1, no dilation, sides of 2 or more; a 1×1
-  map grown to 5×5 computed 25× the products and was slower). The zeros add nothing to any sum:
-  the weight gradient is the same but for the order of float32 additions.
+  slow path on a CPU with AVX2 and without AVX-512, several times longer than on a map of the kernel's
+  size; with AVX-512 only 3×3 kernels do (on 2×2 maps: 2.3-6× slower), while 5×5 and 7×7 kernels are
+  faster on their small maps than on grown ones (grown: 0.2-0.8× as fast; an AMD EPYC with AVX-512,
+  2026-11-28). So where it pays, the map and its gradient are grown with zeros to the kernel's size
+  first (stride 1, no dilation, sides of 2 or more; a 1×1 map grown to 5×5 computed 25× the products
+  and was slower). The zeros add nothing to any sum: the weight gradient is the same but for the
+  order of float32 additions.
 
 The training step turns it on with `backward()` (not in a step compiled with `compile: true`) for a
 network with depthwise convolutions on the CPU; evaluation, export and serving never see it.
@@ -26,6 +29,8 @@ from collections.abc import Iterator
 import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
+
+from capas.cpu import cpu_flags
 
 
 class _Conv2d(torch.autograd.Function):
@@ -76,11 +81,18 @@ class _Conv2d(torch.autograd.Function):
 
 
 def growth(
-    x_shape: torch.Size, w_shape: torch.Size, stride: list[int], dilation: list[int]
+    x_shape: torch.Size,
+    w_shape: torch.Size,
+    stride: list[int],
+    dilation: list[int],
+    flags: frozenset[str] | None = None,
 ) -> tuple[int, int] | None:
     """Rows and columns of zeros that bring a map smaller than its kernel to the kernel's size, or None
-    where oneDNN's weight gradient is already on its fast path (or growing would not pay, or not be exact)."""
+    where oneDNN's weight gradient is already on its fast path (or growing would not pay, or not be exact).
+    `flags`: the CPU's (capas.cpu.cpu_flags), whose AVX-512 kernels are fast for kernels over 3×3."""
     if stride != [1, 1] or dilation != [1, 1]:
+        return None
+    if max(w_shape[-2:]) > 3 and "avx512f" in (cpu_flags() if flags is None else flags):
         return None
     grow = [k - side if 2 <= side < k else 0 for side, k in zip(x_shape[-2:], w_shape[-2:], strict=True)]
     return None if grow == [0, 0] else (grow[0], grow[1])
