@@ -171,7 +171,7 @@ def report(
     console.print(table)
     accuracy = [100 * r["test_accuracy"] for r in runs]
     wall = [r["wall"] for r in runs]
-    sd = statistics.stdev(accuracy) if len(accuracy) > 1 else float("nan")
+    spread = f" ± {statistics.stdev(accuracy):.2f}" if len(accuracy) > 1 else ""  # one seed has no spread
     reached = [a >= 100 * recipe.target for a in accuracy]
     if budget is None:  # a fifth of Keras' time, without Keras' run: no seed's time can be judged
         verdict = (
@@ -184,7 +184,7 @@ def report(
             f"target {100 * recipe.target:.1f}% within {budget:.1f} s: met by {met} of {len(runs)} seeds"
         )
     console.print(
-        f"{name} over {len(runs)} seeds: test accuracy {statistics.mean(accuracy):.2f} ± {sd:.2f}% "
+        f"{name} over {len(runs)} seeds: test accuracy {statistics.mean(accuracy):.2f}{spread}% "
         f"(min–max {min(accuracy):.2f}–{max(accuracy):.2f}); wall time median {statistics.median(wall):.1f} s "
         f"(min–max {min(wall):.1f}–{max(wall):.1f}); {verdict}",
         highlight=False,

@@ -44,6 +44,12 @@ def test_fast_recipes_counts_a_seed_as_met_only_within_the_budget_and_above_the_
     assert line.endswith("met by 1 of 3 seeds")
 
 
+def test_fast_recipes_gives_one_seed_no_spread():
+    """One seed's summary said '72.35 ± nan%'."""
+    line = summary(60.0, [0.7235], [59.0])
+    assert "test accuracy 72.35% (min–max 72.35–72.35)" in line and "nan" not in line
+
+
 @pytest.mark.parametrize("accuracies", [[0.93, 0.93, 0.93], [0.92, 0.93, 0.93]])
 def test_fast_recipes_without_a_reference_does_not_call_the_target_met(accuracies):
     """Fashion-MNIST's budget is a fifth of Keras' time: without the reference run (--no-reference)
