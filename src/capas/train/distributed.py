@@ -37,6 +37,10 @@ from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.spec.io import revalidated
 from capas.train.loop import Callback
 
+# The exit status of a training process that found itself importing a script which calls launch() without
+# the `__main__` guard (an unusual one, so the launching process can tell this case from a failure)
+UNGUARDED = 86
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -246,13 +250,10 @@ def launch(
     from capas.train import check_out
 
     # multiprocessing's own test (spawn._check_not_importing_main): this process is a rank still importing
-    # the main script, which called launch outside `if __name__ == "__main__":` (its start would fail)
+    # the main script, which called launch outside `if __name__ == "__main__":` (its start would fail).
+    # It exits quietly with a status of its own, and the launching process says why, once.
     if getattr(mp.current_process(), "_inheriting", False):
-        raise SystemExit(
-            "error: launch() ran again in each training process as it imported your script: call it under "
-            '`if __name__ == "__main__":` (each process imports the main script again, as Python\'s '
-            "multiprocessing requires)"
-        )
+        raise SystemExit(UNGUARDED)
     data, cfg = revalidated(data, "launch(): data"), revalidated(cfg, "launch(): cfg")
     check(cfg, nproc)
     check_out(Path(out))  # rank 0 checks it again, but only once every process has started
@@ -282,6 +283,12 @@ def launch(
                 process.terminate()  # their checkpoints are whole: a rerun resumes
             raise
     except mp.ProcessExitedException as error:
+        if error.exit_code == UNGUARDED:
+            raise CapasError(
+                "launch() ran again in each training process as it imported your script: call it under "
+                '`if __name__ == "__main__":` (each process imports the main script again, as Python\'s '
+                "multiprocessing requires)"
+            ) from None
         raise CapasError(
             f"training process {error.error_index} exited with status {error.exit_code}"
         ) from None
