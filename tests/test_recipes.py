@@ -526,6 +526,85 @@ def test_maps_grow_where_measured_to_pay(kernel, side, flags, expected):
     assert depthwise.growth(x_shape, w_shape, [1, 1], [1, 1], frozenset(flags)) == expected
 
 
+@pytest.mark.parametrize(
+    ("x_shape", "kernel", "stride", "padding", "flags", "expected"),
+    [
+        ((8, 16, 5, 5), 5, 1, 2, {"avx2", "avx512f"}, True),  # EfficientNet-Lite0's last stage at 160×160
+        ((8, 16, 13, 13), 5, 2, 0, {"avx2", "avx512f"}, True),  # its stride-2 block6a, padded as TF pads
+        ((8, 16, 10, 10), 5, 1, 2, {"avx2", "avx512f"}, True),  # outputs twice the kernel's side
+        ((8, 16, 14, 14), 5, 1, 2, {"avx2", "avx512f"}, False),  # larger: oneDNN was faster (0.5-0.6×)
+        ((8, 16, 5, 5), 3, 1, 1, {"avx2", "avx512f"}, False),  # 3×3: not measured to pay
+        ((8, 16, 5, 5), 5, 1, 2, {"avx2"}, False),  # not measured without AVX-512
+    ],
+)
+def test_the_weight_gradient_kernel_applies_where_measured_to_pay(
+    x_shape, kernel, stride, padding, flags, expected
+):
+    w_shape = torch.Size([16, 1, kernel, kernel])
+    pays = depthwise.shift_pays(
+        torch.Size(x_shape), w_shape, [stride] * 2, [padding] * 2, [1, 1], frozenset(flags)
+    )
+    assert pays is expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_weight_gradient_kernel_gives_pytorchs_weight_gradient(dtype):
+    kernel = depthwise.WeightGradKernel()
+    for x_shape, k, stride, padding in (
+        ((4, 6, 5, 5), (5, 5), [1, 1], [2, 2]),
+        ((4, 6, 13, 12), (5, 3), [2, 2], [0, 1]),
+    ):
+        x = torch.randn(x_shape).contiguous(memory_format=torch.channels_last).to(dtype)
+        w = torch.randn(6, 1, *k)
+        grad = torch.randn_like(torch.nn.functional.conv2d(x.float(), w, None, stride, padding, 1, 6)).to(
+            dtype
+        )
+        own = torch.ops.aten.convolution_backward(
+            grad.float(), x.float(), w, None, stride, padding, [1, 1], False, [0, 0], 6, [False, True, False]
+        )[1]
+        assert torch.allclose(kernel(x, grad, k, stride, padding), own, rtol=1e-5, atol=1e-4)
+
+
+def test_the_weight_gradient_kernel_compiles_a_bounded_number_of_shapes():
+    kernel = depthwise.WeightGradKernel()
+    w = torch.randn(2, 1, 3, 3)
+    for side in range(2, 2 + depthwise.SHIFT_SHAPES + 1):
+        x, grad = torch.randn(1, 2, side, side), torch.randn(1, 2, side, side)
+        got = kernel(x, grad, (3, 3), [1, 1], [1, 1])
+        if side < 2 + depthwise.SHIFT_SHAPES:
+            own = torch.ops.aten.convolution_backward(
+                grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 2, [False, True, False]
+            )[1]
+            assert torch.allclose(got, own, rtol=1e-5, atol=1e-5)
+        else:  # past the limit: oneDNN computes it (Dynamo would run the function uncompiled)
+            assert got is None
+
+
+def test_compile_frozen_computes_small_map_depthwise_weight_gradients_by_the_kernel(monkeypatch):
+    """As `fit` trains with compile: frozen on a CPU with AVX-512 (the flags stand in for one here)."""
+    monkeypatch.setattr(depthwise, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    calls = []
+    original = depthwise.WeightGradKernel.__call__
+
+    def counted(self, x, grad, kernel, stride, padding):
+        gw = original(self, x, grad, kernel, stride, padding)
+        calls.append(gw is not None)
+        return gw
+
+    monkeypatch.setattr(depthwise.WeightGradKernel, "__call__", counted)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, stride=3),  # 28×28 -> 9×9
+        torch.nn.Conv2d(8, 8, 5, padding=2, groups=8),  # 5×5 depthwise, output 9×9: the kernel's
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 10),
+    )
+    splits = splits_for(DataConfig(name="fashion-mnist", limit=200))
+    cfg = TrainConfig(epochs=1, batch_size=64, device="cpu", compile="frozen", precision="bfloat16")
+    fit(net, splits.train, splits.val, default_preprocess((28, 28, 1)), cfg)
+    assert calls and all(calls)
+
+
 def test_only_networks_with_depthwise_convolutions_get_the_mode():
     plain = build_model(ModelSpec.from_dict({**WHITENED, "layers": WHITENED["layers"][2:]}), seed=0)
     assert not depthwise.has_depthwise(plain)

@@ -231,10 +231,11 @@ def _fit(
         result.train_seconds += views.seconds
         result.frozen_cache = views.record()
     # depthwise convolutions' CPU backward (capas.train.depthwise: float32 gradients for bfloat16,
-    # weight gradients on maps grown to the kernel's size); not inside a compiled step: Dynamo compiles
-    # the mode's frames one by one (a recompile per call signature up to its limit) where the step
-    # breaks its graph for the frozen rows
+    # weight gradients on maps grown to the kernel's size, or with `compile: frozen` by an Inductor
+    # kernel where that pays); not inside a compiled step: Dynamo compiles the mode's frames one by one
+    # (a recompile per call signature up to its limit) where the step breaks its graph for the frozen rows
     cpu_depthwise = device.type == "cpu" and cfg.compile is not True and depthwise.has_depthwise(model)
+    weight_grads = depthwise.WeightGradKernel() if cpu_depthwise and cfg.compile == "frozen" else None
     # train.winograd computes float32 training on a CPU only; asked for elsewhere, it records that it
     # computed nothing
     wino = (
@@ -294,7 +295,7 @@ def _fit(
             set_lr(optimizer, base_lrs, factor)
             with (
                 autocast(device, cfg.precision),
-                depthwise.backward(cpu_depthwise),
+                depthwise.backward(cpu_depthwise, weight_grads),
                 wino.active() if wino is not None else contextlib.nullcontext(),
             ):
                 logits = net(x) if views is None else net(x, start_row=views.rows)
