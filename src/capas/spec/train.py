@@ -274,7 +274,9 @@ class TrainConfig(_Config):
         description="torch.compile (Inductor, which needs a C++ compiler on a CPU). true: the training step "
         "(forward and backward), and a frozen backbone's rows as an inference graph with Inductor's "
         "freezing (BatchNorm and activations folded into the convolutions); 'frozen': only the latter, "
-        "the faster of the two for a backbone (benchmarks/transfer_step.py). "
+        "the faster of the two for a backbone (benchmarks/transfer_step.py), and on a CPU with AVX-512 "
+        "the weight gradients of depthwise convolutions with kernels over 3×3 on small maps, by one "
+        "Inductor kernel per shape where measured to pay (capas.train.depthwise.shift_pays). "
         "The first steps of each batch shape take seconds to compile; evaluation, checkpoints and the "
         "saved model are the uncompiled model's",
     )
