@@ -13,12 +13,16 @@ last `--unfreeze` rows fine-tuned with the rest frozen. Each phase in four ways:
 - "compile: frozen + cache_frozen": compile: frozen, and the rows that the fine-tuning phase keeps
   frozen (all but the last `--unfreeze`) computed once per image and mirror image before the first
   epoch (alternating flips, as the preset), so that each step runs from the next row; the one-time
-  cost is its own column.
+  cost is its own column (the preset's way);
+- "compile: frozen + cache_frozen, oneDNN's depthwise weight gradients": the same without
+  capas.train.depthwise.WeightGradKernel (which `compile: frozen` uses on a CPU with AVX-512; turned
+  off in this process, for the comparison only).
 
 Each run trains 2 epochs of `--batches` batches and times the second (the first compiles); images/s
-are medians over `--repeats` interleaved repeats, the first epoch's seconds printed apart.
+are medians over `--repeats` interleaved repeats, the first epoch's seconds printed apart. `--ways`
+runs some of them, by their short names (own-bfloat16, eager, frozen, true, cached, cached-onednn).
 
-    python benchmarks/transfer_step.py [--batches 8] [--repeats 3] [--unfreeze 4]
+    python benchmarks/transfer_step.py [--batches 8] [--repeats 3] [--unfreeze 4] [--ways cached cached-onednn]
 """
 
 from __future__ import annotations
@@ -45,8 +49,17 @@ CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg" / "train"
 SPEC = ROOT / "examples" / "recipes" / "cifar10-transfer.yaml"
 BATCH = 128
 CACHED = "compile: frozen + cache_frozen"
+CACHED_ONEDNN = "compile: frozen + cache_frozen, oneDNN's depthwise weight gradients"
 TOP_PHASE = "top over the frozen backbone"
-WAYS = ("bfloat16 depthwise backward", "eager", "compile: frozen", "compile: true", CACHED)
+SHORT = {
+    "own-bfloat16": "bfloat16 depthwise backward",
+    "eager": "eager",
+    "frozen": "compile: frozen",
+    "true": "compile: true",
+    "cached": CACHED,
+    "cached-onednn": CACHED_ONEDNN,
+}
+WAYS = tuple(SHORT.values())
 
 
 def spec_for(frozen: int | str) -> ModelSpec:
@@ -55,30 +68,44 @@ def spec_for(frozen: int | str) -> ModelSpec:
     return ModelSpec.from_dict(document)
 
 
-def run(spec: ModelSpec, splits, way: str, unfreeze: int | None) -> tuple[float, float, float | None]:
-    """(images/s of the second epoch, seconds of the first, seconds of the cache) for one fresh model
-    trained one way; `unfreeze`: the rows fine-tuning would unfreeze later (the cache leaves them out)."""
-    compile_setting = {"compile: frozen": "frozen", "compile: true": True, CACHED: "frozen"}.get(way, False)
-    cached = {}
-    if way == CACHED:
+def config(way: str, unfreeze: int | None) -> TrainConfig:
+    """The training of one way; `unfreeze`: the rows fine-tuning would unfreeze later (the cache
+    leaves them out)."""
+    compile_setting = {
+        "compile: frozen": "frozen",
+        "compile: true": True,
+        CACHED: "frozen",
+        CACHED_ONEDNN: "frozen",
+    }
+    cached, epochs = {}, 2
+    if way in (CACHED, CACHED_ONEDNN):
         cached = {"cache_frozen": True, "augment": {"hflip": "alternate"}}
-        if unfreeze is not None:  # a switch after the 2 epochs: it decides which rows stay frozen
+        if unfreeze is not None:  # a switch after the 2 epochs timed: it decides which rows stay frozen
             cached["finetune"] = {"after_epochs": 2, "unfreeze": unfreeze}
-    cfg = TrainConfig(
-        epochs=2,
+            epochs = 3  # a switch must come before the last epoch
+    return TrainConfig(
+        epochs=epochs,
         batch_size=BATCH,
         optimizer={"name": "adamw", "lr": 1e-3},
         precision="bfloat16",
-        compile=compile_setting,
+        compile=compile_setting.get(way, False),
         device="cpu",
         **cached,
     )
+
+
+def run(spec: ModelSpec, splits, way: str, unfreeze: int | None) -> tuple[float, float, float | None]:
+    """(images/s of the second epoch, seconds of the first, seconds of the cache) for one fresh model
+    trained one way (`config`)."""
+    cfg = config(way, unfreeze)
     patch = contextlib.nullcontext()
     if way == "bfloat16 depthwise backward":  # the mode off, for this comparison only
-        patch = mock.patch.object(capas.train.depthwise, "backward", lambda enabled: contextlib.nullcontext())
+        patch = mock.patch.object(capas.train.depthwise, "backward", lambda *args: contextlib.nullcontext())
+    elif way == CACHED_ONEDNN:  # capas' kernel off, for this comparison only
+        patch = mock.patch.object(capas.train.depthwise, "shift_pays", lambda *args: False)
     with patch:
         result = fit(build_model(spec, seed=0), splits.train, splits.val, preprocess_for(spec), cfg)
-    first, second = result.history
+    first, second = result.history[:2]
     return second["images_per_s"], first["seconds"], (result.frozen_cache or {}).get("seconds")
 
 
@@ -88,8 +115,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--unfreeze", type=int, default=4, help="rows fine-tuned in the second phase")
     parser.add_argument("--data", default=f"folder:{CIFAR}")
+    parser.add_argument("--ways", nargs="+", choices=SHORT, default=list(SHORT), help="the ways to run")
     args = parser.parse_args()
     console = Console(width=None if sys.stdout.isatty() else 140)
+    ways = [SHORT[name] for name in args.ways]
 
     splits = make_splits(args.data, limit=round(args.batches * BATCH / 0.98), val_fraction=0.02)
     rows = len(build_model(spec_for("all"), seed=0, pretrained=False).backbone)
@@ -97,12 +126,12 @@ def main() -> None:
         TOP_PHASE: spec_for("all"),
         f"last {args.unfreeze} rows fine-tuned": spec_for(rows - args.unfreeze),
     }
-    speeds: dict[tuple[str, str], list[float]] = {(p, w): [] for p in phases for w in WAYS}
-    firsts: dict[tuple[str, str], list[float]] = {(p, w): [] for p in phases for w in WAYS}
-    caches: dict[tuple[str, str], list[float]] = {(p, CACHED): [] for p in phases}
+    speeds: dict[tuple[str, str], list[float]] = {(p, w): [] for p in phases for w in ways}
+    firsts: dict[tuple[str, str], list[float]] = {(p, w): [] for p in phases for w in ways}
+    caches: dict[tuple[str, str], list[float]] = {(p, w): [] for p in phases for w in ways}
     for _ in range(args.repeats):
         for phase, spec in phases.items():
-            for way in WAYS:
+            for way in ways:
                 unfreeze = args.unfreeze if phase == TOP_PHASE else None
                 speed, first, cache = run(spec, splits, way, unfreeze)
                 speeds[phase, way].append(speed)
@@ -118,20 +147,21 @@ def main() -> None:
     table = Table(
         title=f"cifar10-transfer training step, bfloat16, batch {BATCH}, {len(splits.train)} images/epoch"
     )
+    base = "eager" if "eager" in ways else ways[0]  # what the speed-ups divide by
     columns = (
         "phase",
         "way",
         "images/s (median)",
         "min–max",
-        "× eager",
+        f"× {base}",
         "first epoch s (median)",
         "cache s, once",
     )
     for column in columns:
         table.add_column(column, justify="left" if column in ("phase", "way") else "right")
     for phase in phases:
-        eager = statistics.median(speeds[phase, "eager"])
-        for way in WAYS:
+        eager = statistics.median(speeds[phase, base])
+        for way in ways:
             values = speeds[phase, way]
             median = statistics.median(values)
             table.add_row(

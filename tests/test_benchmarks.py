@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from capas.train import depthwise
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -207,6 +209,29 @@ def test_adaptive_seeds_bend_the_interval_a_fixed_count_keeps():
     adaptive = adaptive_seeds.simulate(Replication(2, 5, 1.0), 1.0, 0.5, 1000)
     assert 0.93 < fixed["coverage"] < 0.97 and fixed["seeds"] == {3: 1.0}
     assert adaptive["coverage"] < 0.91 and adaptive["seeds"][5] < 0.9  # some studies stopped early
+
+
+@pytest.mark.parametrize("way", script("transfer_step").WAYS)
+@pytest.mark.parametrize("unfreeze", [None, 6])
+def test_transfer_step_configures_every_way(way, unfreeze):
+    """Each way is a training TrainConfig accepts (a cached top phase's fine-tuning switch once made
+    the script fail at its first run), and its second epoch, the one timed, is of the phase named."""
+    transfer_step = script("transfer_step")
+    cfg = transfer_step.config(way, unfreeze)
+    assert cfg.epochs >= 2 and (cfg.finetune is None or cfg.finetune.after_epochs >= 2)
+    assert cfg.cache_frozen is way.startswith(transfer_step.CACHED)
+
+
+def test_depthwise_benchmark_finds_the_transfer_presets_wide_kernels():
+    """The convolutions the kernel table times, as the preset's step calls them: TensorFlow's padding
+    made explicit before block6a's stride-2 convolution, and the last stage's 5×5 maps."""
+    calls = {name: call for name, *call in script("depthwise").transfer_calls()}
+    shape, w_shape, stride, padding = calls["backbone.block6a.conv_dw"]
+    assert tuple(shape[-2:]) == (13, 13) and stride == [2, 2] and padding == [0, 0]
+    shape, w_shape, stride, padding = calls["backbone.block6d.conv_dw"]
+    assert tuple(shape[-2:]) == (5, 5) and tuple(w_shape[-2:]) == (5, 5) and padding == [2, 2]
+    avx512 = frozenset({"avx2", "avx512f"})
+    assert depthwise.shift_pays(shape, w_shape, stride, padding, [1, 1], avx512)
 
 
 @pytest.mark.parametrize("name", ["cpu_memory", "global_max_pooling"])
