@@ -1,6 +1,6 @@
 """Depthwise convolutions' backward pass on the CPU, where PyTorch's own is slow.
 
-Two cases, each measured (benchmarks/transfer_step.py, benchmarks/depthwise.py):
+Three cases, each measured (benchmarks/transfer_step.py, benchmarks/depthwise.py):
 
 - In bfloat16, PyTorch's CPU backward of a depthwise convolution (groups = input channels) runs at a
   fraction of its float32 speed (in a profile of EfficientNet-Lite0's fine-tuning step, 5×5 depthwise
@@ -17,13 +17,13 @@ Two cases, each measured (benchmarks/transfer_step.py, benchmarks/depthwise.py):
   and was slower). The zeros add nothing to any sum: the weight gradient is the same but for the
   order of float32 additions.
 - With AVX-512, oneDNN's float32 weight gradient of kernels over 3×3 is slow on small maps of any
-  size: 26-42 ms for EfficientNet-Lite0's 5×5 kernels of 1,152 channels on 5×5 maps at batch 128,
+  size: 24-36 ms for EfficientNet-Lite0's 5×5 kernels of 1,152 channels on 5×5 maps at batch 128,
   where its forward pass takes 3. Where the training compiles (`compile: frozen`, so a C++ compiler is
   there), `WeightGradKernel` computes those gradients as kh·kw sums of shifted products, one
-  Inductor kernel per shape: 3.0-6.5× faster for 5×5 kernels on outputs of 4×4 to 10×10, but
-  0.5-0.6× on 14×14 and 20×20 ones, so only outputs at most twice the kernel's side (`shift_pays`;
-  an AMD EPYC with AVX-512, 2026-11-29, benchmarks/depthwise.py). The same products, summed in float32
-  in another order.
+  Inductor kernel per shape: 2.3-4.6× faster for that network's 5×5 kernels on outputs of 5×5 and
+  10×10 at 160×160, but 0.89× on a 20×20 one (an ad-hoc grid: 0.5-0.6× on 14×14 and 20×20), so only
+  outputs at most twice the kernel's side (`shift_pays`; an AMD EPYC with AVX-512, 2026-11-29,
+  `benchmarks/depthwise.py --tables kernel`). The same products, summed in float32 in another order.
 
 The training step turns it on with `backward()` (not in a step compiled with `compile: true`) for a
 network with depthwise convolutions on the CPU; evaluation, export and serving never see it.
