@@ -18,7 +18,7 @@ Three cases, each measured (benchmarks/transfer_step.py, benchmarks/depthwise.py
   order of float32 additions.
 - With AVX-512, oneDNN's float32 weight gradient of kernels over 3×3 is slow on small maps of any
   size: 24-36 ms for EfficientNet-Lite0's 5×5 kernels of 1,152 channels on 5×5 maps at batch 128,
-  where its forward pass takes 3. Where the training compiles (`compile: frozen`, so a C++ compiler is
+  where its forward pass took 2-3 (ad hoc). Where the training compiles (`compile: frozen`, so a C++ compiler is
   there), `WeightGradKernel` computes those gradients as kh·kw sums of shifted products, one
   Inductor kernel per shape: 2.3-4.6× faster for that network's 5×5 kernels on outputs of 5×5 and
   10×10 at 160×160, but 0.89× on a 20×20 one (an ad-hoc grid: 0.5-0.6× on 14×14 and 20×20), so only
