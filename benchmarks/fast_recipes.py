@@ -22,6 +22,7 @@ pass).
     .tfvenv/bin/python benchmarks/fast_recipes.py fashion-mnist --keras-python .tfvenv/bin/python --capas-keras-recipe
     python benchmarks/fast_recipes.py fashion-mnist-wide [--seeds 3]
     python benchmarks/fast_recipes.py cifar10 [--seeds 3]
+    python benchmarks/fast_recipes.py cifar10-muon [--seeds 3]
     python benchmarks/fast_recipes.py cifar10-45min [--seeds 3]
     python benchmarks/fast_recipes.py cifar10-transfer [--seeds 3]
     python benchmarks/fast_recipes.py cifar10 --device cuda [--seeds 3]
@@ -82,6 +83,12 @@ RECIPES = {
     "cifar10": Recipe(
         EXAMPLES / "recipes/cifar10-airbench.yaml",
         EXAMPLES / "recipes/cifar10-airbench.train.yaml",
+        0.90,
+        900.0,
+    ),
+    "cifar10-muon": Recipe(
+        EXAMPLES / "recipes/cifar10-airbench.yaml",
+        EXAMPLES / "recipes/cifar10-airbench-muon.train.yaml",
         0.90,
         900.0,
     ),

@@ -35,7 +35,7 @@ from capas.spec import (
 from capas.spec.summary import summarize
 from capas.train import depthwise, features, fit, resizing, train
 from capas.train.ema import WeightAverage
-from capas.train.optim import lr_factor, make_optimizer
+from capas.train.optim import lr_factor, make_optimizer, orthogonalized
 
 WHITENED = {
     "name": "whitened",
@@ -349,6 +349,86 @@ def test_batchnorm_rate_scale_leaves_its_decay_per_step_alone(name):
     optimizer.step()
     assert torch.allclose(model[0].weight, linear_before * (1 - 0.1 * 0.5))
     assert torch.allclose(model[1].weight, bn_before * (1 - 0.1 * 0.5))
+
+
+@pytest.mark.parametrize("shape", [(16, 72), (72, 16), (24, 24)])
+def test_newton_schulz_keeps_the_singular_vectors_and_brings_the_values_near_one(shape):
+    g = torch.Generator().manual_seed(0)
+    k = min(shape)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], k, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], k, generator=g))
+    matrix = u @ torch.diag(torch.logspace(-1, 1, k)) @ v.T  # singular values over two decades
+    result = orthogonalized(matrix, steps=5)
+    values = torch.linalg.svdvals(result)
+    assert values.max() < 1.25 and values.min() > 0.6  # Keller Jordan's iteration: about 0.7–1.2
+    # the same singular vectors: result = U·S'·Vᵀ with S' diagonal and positive
+    inner = u.T @ result @ v
+    assert torch.allclose(inner, torch.diag(torch.diagonal(inner)), atol=1e-4)
+
+
+def test_muon_moves_a_convolution_kernel_as_pytorchs_muon_moves_it_flattened():
+    conv = torch.nn.Conv2d(4, 6, 3, bias=False)
+    model = torch.nn.Sequential(conv, torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.randn(1, 4, 5, 5))
+    muon = {"lr": 0.05, "momentum": 0.6, "ns_steps": 5, "normalize": False}
+    optimizer = make_optimizer(model, OptimizerConfig(name="sgd", lr=0.1, weight_decay=0.5, muon=muon))
+    flat = torch.nn.Parameter(conv.weight.detach().reshape(6, -1).clone())
+    reference = torch.optim.Muon([flat], lr=0.05, momentum=0.6, nesterov=True, ns_steps=5, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):  # the momentum carries over from step to step
+        grad = torch.randn(6, 4, 3, 3, generator=g)
+        conv.weight.grad, flat.grad = grad.clone(), grad.reshape(6, -1).clone()
+        for p in model[2].parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        reference.step()
+        # PyTorch iterates in bfloat16, capas in float32
+        assert torch.allclose(conv.weight.detach().reshape(6, -1), flat.detach(), atol=2e-3)
+    assert not torch.allclose(conv.weight.detach().reshape(6, -1), flat.detach(), atol=1e-7)
+    before = model[2].weight.detach().clone()
+    conv.weight.grad = torch.zeros_like(conv.weight)
+    model[2].weight.grad = torch.zeros_like(model[2].weight)
+    kernel = conv.weight.detach().clone()
+    optimizer.param_groups[1]["lr"] = 0.0  # the kernels' rate at 0: only decay could move them
+    optimizer.step()
+    assert torch.equal(conv.weight, kernel)  # no weight decay on the kernels Muon trains
+    assert torch.allclose(model[2].weight, before * (1 - 0.1 * 0.5))  # the rest decays as sgd's
+
+
+def test_muon_normalizes_its_kernels_and_leaves_depthwise_ones_to_sgd():
+    conv = torch.nn.Conv2d(3, 8, 3, bias=False)
+    depthwise = torch.nn.Conv2d(8, 8, 3, groups=8, bias=False)
+    model = torch.nn.Sequential(conv, depthwise)
+    optimizer = make_optimizer(model, OptimizerConfig(name="sgd", lr=0.1, muon={"lr": 1e-6}))
+    (kernels,) = [g for g in optimizer.param_groups if g.get("orthogonalize")]
+    assert kernels["params"] == [conv.weight]
+    with torch.no_grad():
+        conv.weight.mul_(5.0)
+    model(torch.randn(2, 3, 7, 7)).square().sum().backward()
+    optimizer.step()
+    # rescaled to sqrt(filters), then a tiny step
+    assert conv.weight.detach().norm().item() == pytest.approx(8**0.5, rel=1e-4)
+
+
+def test_muon_needs_sgd_beside_it_and_kernels_to_train():
+    with pytest.raises(ValidationError, match="muon trains beside sgd"):
+        OptimizerConfig(name="adam", muon={"lr": 0.1})
+    with pytest.raises(CapasError, match=r"optimizer\.muon: the model has no trainable Conv2D kernels"):
+        make_optimizer(torch.nn.Linear(3, 2), OptimizerConfig(name="sgd", muon={"lr": 0.1}))
+
+
+def test_muon_resumes_its_momentum_from_the_checkpoint(tmp_path):
+    cfg = TrainConfig(
+        epochs=2, batch_size=64, device="cpu", optimizer={"name": "sgd", "lr": 0.05, "muon": {"lr": 0.02}}
+    )
+    whole = _tiny_fit(cfg)
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    _tiny_fit(cfg.model_copy(update={"epochs": 1}), checkpoint)
+    resumed = _tiny_fit(cfg, checkpoint)
+    for key, value in whole.state_dict().items():
+        assert torch.allclose(value, resumed.state_dict()[key], atol=1e-6), key
+    plain = _tiny_fit(cfg.model_copy(update={"optimizer": OptimizerConfig(name="sgd", lr=0.05)}))
+    assert not torch.allclose(whole.layers["dense"][0].weight, plain.layers["dense"][0].weight)
 
 
 def test_ema_is_the_final_model_and_resumes_from_its_checkpoint(tmp_path):
@@ -692,6 +772,7 @@ def test_serve_applies_the_runs_test_time_augmentation(whitened_run, tmp_path):
         ("recipes/fashion-mnist-wide.yaml", "recipes/fashion-mnist-wide.train.yaml"),
         ("recipes/cifar10-airbench.yaml", "recipes/cifar10-airbench.train.yaml"),
         ("recipes/cifar10-airbench.yaml", "recipes/cifar10-airbench-45min.train.yaml"),
+        ("recipes/cifar10-airbench.yaml", "recipes/cifar10-airbench-muon.train.yaml"),
         ("recipes/cifar10-transfer.yaml", "recipes/cifar10-transfer.train.yaml"),
     ],
 )
@@ -709,6 +790,18 @@ def test_the_presets_load(spec, config):
     assert train_cfg.tta != "none" and train_cfg.precision == "auto"  # bfloat16 where native
     if spec.startswith("recipes/cifar10-transfer"):
         assert loaded.backbone is not None and train_cfg.finetune is not None
+    elif train_cfg.optimizer.muon is not None:  # airbench94_muon: the six trained kernels, no lookahead
+        optimizer = make_optimizer(build_model(loaded), train_cfg.optimizer)
+        (kernels,) = [g for g in optimizer.param_groups if g.get("orthogonalize")]
+        assert [tuple(p.shape[:2]) for p in kernels["params"]] == [
+            (64, 24),
+            (64, 64),
+            (256, 64),
+            (256, 256),
+            (256, 256),
+            (256, 256),
+        ]
+        assert train_cfg.ema is None
     else:  # airbench's training: its lookahead
         assert train_cfg.ema is not None
     if spec.startswith("recipes/cifar10-airbench"):

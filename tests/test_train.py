@@ -19,7 +19,7 @@ from capas.predict import evaluate_run, predict, run_splits
 from capas.runs import load_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.spec.io import parse_config
-from capas.spec.train import FinetuneConfig, _Config
+from capas.spec.train import FinetuneConfig, MuonConfig, _Config
 from capas.train import Callback, fit, train
 from capas.train.optim import Plateau
 
@@ -609,7 +609,7 @@ CONFIG_FLOATS = [
 )
 def test_every_config_float_must_be_finite(cls, keyword, value):
     """`--lr inf` trained to a loss of NaN and wrote a run of NaN weights, with exit code 0."""
-    required = {"after_epochs": 1} if cls is FinetuneConfig else {}
+    required = {FinetuneConfig: {"after_epochs": 1}, MuonConfig: {"lr": 0.1}}.get(cls, {})
     with pytest.raises(CapasError, match=f"^train: keyword '{keyword}': Input should be a finite number"):
         parse_config(cls, {**required, keyword: value}, "train")
 

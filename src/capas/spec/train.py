@@ -37,6 +37,23 @@ OPTIMIZER_DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adam": 0.0, "adamw": 0.004, "rmsp
 """Keras 3's default weight decay: 0.004 for AdamW, none for the others."""
 
 
+class MuonConfig(_Config):
+    """Muon (Keller Jordan, 2024; airbench94_muon) for the model's own Conv2D kernels: each step's
+    Nesterov momentum of the gradient, flattened to (filters, inputs·kh·kw), is orthogonalized by a
+    Newton–Schulz iteration (its singular values brought near 1) and the kernel moves by lr times
+    that, after being rescaled to a norm of sqrt(filters) (`normalize`, airbench's, in place of
+    weight decay). The other parameters (Dense, BatchNormalization, a backbone, depthwise kernels)
+    train with the optimizer's own rule."""
+
+    lr: Rate = Field(gt=0.0, description="the kernels' rate (the schedule scales it as it scales lr)")
+    momentum: Real = Field(default=0.95, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    ns_steps: Count = Field(default=5, ge=1, le=10, description="Newton–Schulz iterations (airbench: 3)")
+    normalize: bool = Field(
+        default=True, description="rescale each kernel to a norm of sqrt(filters) before its step"
+    )
+
+
 class OptimizerConfig(_Config):
     name: Literal["sgd", "adam", "adamw", "rmsprop", "adadelta"] = "adam"
     lr: Rate | None = Field(default=None, gt=0.0, description="None: Keras' default for the optimizer")
@@ -63,6 +80,11 @@ class OptimizerConfig(_Config):
         description="learning rate of the model's own BatchNormalization parameters relative to lr; their "
         "weight decay per step stays lr·weight_decay (airbench's bias_scaler: 64)",
     )
+    muon: MuonConfig | None = Field(
+        default=None,
+        description="train the model's own Conv2D kernels by Muon (orthogonalized momentum), the rest by "
+        "sgd; no weight decay on those kernels",
+    )
 
     @model_validator(mode="after")
     def _settings_where_they_apply(self) -> OptimizerConfig:
@@ -79,6 +101,10 @@ class OptimizerConfig(_Config):
         if self.rho != type(self).model_fields["rho"].default and self.name != "adadelta":
             kept = "keeps Keras' rho 0.9" if self.name == "rmsprop" else "does not take it"
             raise ValueError(f"rho ({self.rho}) is Adadelta's decay; {self.name} {kept}")
+        if self.muon is not None and self.name != "sgd":
+            raise ValueError(
+                f"muon trains beside sgd, which takes the other parameters; got name: {self.name}"
+            )
         if self.epsilon != type(self).model_fields["epsilon"].default and self.name == "sgd":
             raise ValueError(
                 f"epsilon ({self.epsilon}) is for adam, adamw, rmsprop and adadelta; sgd has none"
@@ -107,7 +133,7 @@ class ScheduleConfig(_Config):
     step_epochs: Count = Field(default=10, ge=1, description="'step': epochs between decays")
     gamma: Real = Field(default=0.1, gt=0.0, le=1.0, description="'step': factor per decay")
     warmup_fraction: Real = Field(
-        default=0.25, gt=0.0, lt=1.0, description="'onecycle', 'linear': share of steps rising"
+        default=0.25, ge=0.0, lt=1.0, description="'onecycle', 'linear': share of steps rising"
     )
     initial_factor: Real = Field(
         default=0.04, ge=0.0, le=1.0, description="'linear': the rate at step 0, relative to lr"

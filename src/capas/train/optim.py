@@ -13,28 +13,53 @@ import math
 import torch
 from torch import nn
 
-from capas.spec.train import OptimizerConfig, ScheduleConfig
+from capas.errors import CapasError
+from capas.spec.train import MuonConfig, OptimizerConfig, ScheduleConfig
+
+
+def _own_modules(model: nn.Module, kind: type) -> list[nn.Module]:
+    return [
+        m for name, m in model.named_modules() if isinstance(m, kind) and not name.startswith("backbone.")
+    ]
 
 
 def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     """Trainable parameters only (frozen ones get no state and no decay); backbone layers at a scaled
     rate; the model's own BatchNorm parameters at `batchnorm_lr_scale`, their decay per step unscaled
-    (`decay_scale`, read by the decay hook)."""
+    (`decay_scale`, read by the decay hook); with `muon`, the model's own Conv2D kernels (not
+    depthwise) in a group of their own, `orthogonalize`d and not decayed."""
     lr = cfg.learning_rate
     norms = {
         id(p)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not name.startswith("backbone.")
-        for p in module.parameters(recurse=False)
+        for m in _own_modules(model, nn.modules.batchnorm._BatchNorm)
+        for p in m.parameters(recurse=False)
     }
-    backbone, norm, own = [], [], []
+    kernels = (
+        {id(m.weight) for m in _own_modules(model, nn.Conv2d) if m.groups == 1}
+        if cfg.muon is not None
+        else set()
+    )
+    backbone, norm, own, orthogonal = [], [], [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             if name.startswith("backbone."):
                 backbone.append(param)
+            elif id(param) in kernels:
+                orthogonal.append(param)
             else:
                 (norm if id(param) in norms and cfg.batchnorm_lr_scale != 1.0 else own).append(param)
     groups = [{"params": own, "lr": lr}]
+    if cfg.muon is not None:
+        if not orthogonal:
+            raise CapasError(
+                "optimizer.muon: the model has no trainable Conv2D kernels of its own (depthwise and "
+                "backbone kernels excepted) for Muon to train"
+            )
+        # SGD's own step then moves each kernel by lr times what the hook left in its gradient
+        groups.append(
+            {"params": orthogonal, "lr": cfg.muon.lr, "momentum": 0.0, "nesterov": False,
+             "orthogonalize": True, "decay_scale": 0.0}
+        )  # fmt: skip
     if backbone:
         groups.append({"params": backbone, "lr": lr * cfg.backbone_lr_scale})
     if norm:
@@ -82,6 +107,54 @@ class KerasRMSprop(torch.optim.Optimizer):
         return loss
 
 
+# the quintic Newton–Schulz iteration's coefficients (Keller Jordan's, as torch.optim.Muon's default)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalized(matrix: torch.Tensor, steps: int) -> torch.Tensor:
+    """`matrix` with its singular values brought near 1 (to about 0.7–1.2: the iteration trades
+    exactness for speed), its singular vectors kept: Muon's update, in float32."""
+    a, b, c = NS_COEFFICIENTS
+    x = matrix.float()
+    x = x / x.norm().clamp(min=1e-7)  # the largest singular value at most 1
+    wide = x.shape[0] <= x.shape[1]
+    if not wide:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
+
+
+def _orthogonalize(cfg: MuonConfig):
+    """A step pre-hook: in every `orthogonalize` group, each gradient becomes Muon's update — its
+    (Nesterov) momentum, orthogonalized as a (filters, inputs·kh·kw) matrix — and, with `normalize`,
+    the kernel is first rescaled to a norm of sqrt(filters); SGD's step then subtracts lr times it.
+    The momentum is the optimizer's state (`muon_buffer`), so checkpoints resume it."""
+
+    @torch.no_grad()
+    def hook(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        for group in optimizer.param_groups:
+            if not group.get("orthogonalize"):
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = optimizer.state[p]
+                if "muon_buffer" not in state:
+                    state["muon_buffer"] = torch.zeros_like(p.grad)
+                buffer = state["muon_buffer"].mul_(cfg.momentum).add_(p.grad)
+                update = p.grad.add(buffer, alpha=cfg.momentum) if cfg.nesterov else buffer
+                if cfg.normalize:
+                    p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-12))
+                matrix = orthogonalized(update.reshape(len(p), -1), cfg.ns_steps)
+                # more filters than inputs: a larger step, as Keller Jordan's and PyTorch's Muon take
+                matrix *= max(1.0, matrix.shape[0] / matrix.shape[1]) ** 0.5
+                p.grad = matrix.view(p.shape).to(p.dtype)
+
+    return hook
+
+
 def _decoupled_decay(weight_decay: float):
     """A step pre-hook applying Keras' decay to every parameter with a gradient: w -= lr·wd·w (a
     group's `decay_scale` multiplies lr here: BatchNorm's scaled rate does not scale its decay)."""
@@ -120,6 +193,8 @@ def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimi
             optimizer = torch.optim.Adadelta(groups, lr=lr, rho=cfg.rho, eps=cfg.epsilon)
         case _:
             raise AssertionError(cfg.name)
+    if cfg.muon is not None:
+        optimizer.register_step_pre_hook(_orthogonalize(cfg.muon))
     if wd:
         optimizer.register_step_pre_hook(_decoupled_decay(wd))
     return optimizer
