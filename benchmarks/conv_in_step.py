@@ -1,4 +1,4 @@
-"""Each convolution's time inside a network's float32 training step on the CPU, as `fit` runs it.
+"""Each convolution's time inside a network's training step on the CPU, as `fit` runs it.
 
 Timing one convolution alone misleads: outside capas' kept heap (capas.cpu.kept_heap) every call
 page-faults its output in anew, and alone its rate moved widely from run to run on the 2-core AVX2
@@ -9,9 +9,10 @@ backward of the input, where it needs one, and of the weights is one node), thro
 model's forward, cross-entropy and backward — channels-last, inside the kept heap, the ReLU after
 pooling as `fit` trains (the optimizer and the augmentation, which touch no convolution, left out).
 Inputs are random images of the spec's shape. Median milliseconds over the timed steps, and the
-rate in GFLOP/s of the direct convolution's multiply-adds.
+rate in GFLOP/s of the direct convolution's multiply-adds (padding's zeros counted). In float32, or
+with `--precision bfloat16` under bfloat16 autocast as `fit` trains where the CPU has AVX512-BF16.
 
-    python benchmarks/conv_in_step.py [SPEC] [--batch 512] [--steps 10]
+    python benchmarks/conv_in_step.py [SPEC] [--batch 512] [--steps 10] [--precision bfloat16]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from capas.cpu import kept_heap
+from capas.inference import autocast
 from capas.models import build_model
 from capas.runs import machine_line
 from capas.spec import load_spec
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("spec", nargs="?", default=str(RECIPE))
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
     spec = load_spec(args.spec)
     torch.manual_seed(0)
@@ -94,7 +97,9 @@ def main() -> None:
     with kept_heap(), relu_after_pooling():
         for index in range(2 + args.steps):  # two warm-up steps
             started = time.perf_counter()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
+            with autocast("cpu", args.precision):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
             elapsed = 1000 * (time.perf_counter() - started)
             model.zero_grad(set_to_none=True)
             times = timings.step()
@@ -103,7 +108,7 @@ def main() -> None:
                 for name, value in times.items():
                     per_conv[name].append(value)
     table = Table(
-        title=f"{spec.name}: convolutions in a float32 training step, batch {args.batch}, channels-last"
+        title=f"{spec.name}: convolutions in a {args.precision} training step, batch {args.batch}, channels-last"
     )
     for column in ("convolution", "shape", "forward ms", "GFLOP/s", "backward ms", "GFLOP/s", "backward of"):
         table.add_column(column, justify="right")

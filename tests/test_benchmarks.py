@@ -258,3 +258,15 @@ def test_keras_mnist_cnn_on_tensorflow_without_it_says_so(tmp_path):
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "KERAS_BACKEND=tensorflow, but tensorflow is not importable" in done.stderr
+
+
+def test_conv_in_step_times_every_trained_convolution_in_bfloat16(monkeypatch, capsys):
+    """The per-convolution table the README quotes for the airbench preset's bfloat16 step, on the
+    small Fashion-MNIST recipe: every Conv2D has a row, the frozen whitening without a backward."""
+    conv_in_step = script("conv_in_step")
+    argv = "conv_in_step.py --batch 8 --steps 1 --precision bfloat16"
+    monkeypatch.setattr(sys, "argv", argv.split())
+    conv_in_step.main()
+    out = capsys.readouterr().out
+    assert "convolutions in a bfloat16 training step, batch 8" in out
+    assert "frozen" in out and "input and weights" in out
