@@ -41,8 +41,9 @@ class MuonConfig(_Config):
     """Muon (Keller Jordan, 2024; airbench94_muon) for the model's own Conv2D kernels: each step's
     Nesterov momentum of the gradient, flattened to (filters, inputs·kh·kw), is orthogonalized by a
     Newton–Schulz iteration (its singular values brought near 1) and the kernel moves by lr times
-    that, after being rescaled to a norm of sqrt(filters) (`normalize`, airbench's, in place of
-    weight decay). The other parameters (Dense, BatchNormalization, a backbone, depthwise kernels)
+    that (times sqrt(filters / (inputs·kh·kw)) where there are more filters, as Keller Jordan's and
+    PyTorch's Muon scale), after being rescaled to a norm of sqrt(filters) (`normalize`, airbench's,
+    in place of weight decay). The other parameters (Dense, BatchNormalization, a backbone, depthwise kernels)
     train with the optimizer's own rule."""
 
     lr: Rate = Field(gt=0.0, description="the kernels' rate (the schedule scales it as it scales lr)")
