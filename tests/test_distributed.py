@@ -210,6 +210,7 @@ def _evaluate_rank(rank: int, port: int, out: Path) -> None:
     for name, data in (("all", split), ("one", split.subset(torch.arange(1)))):
         result = Distributed(rank, 2, rank).evaluate(model, data, default_preprocess(spec.input_shape))
         (out / f"{name}-{rank}.txt").write_text(repr(result.loss))
+    torch_dist.barrier()  # leave together, as capas' own processes do (distributed.py: SIGABRT otherwise)
     torch_dist.destroy_process_group()
 
 
@@ -260,6 +261,7 @@ def _dropout_rank(rank: int, port: int, out: Path) -> None:
         dist=Distributed(rank, 2, rank),
     )
     torch.save(kept, out / f"kept-{rank}.pt")
+    torch_dist.barrier()  # leave together: rank 1 was once killed by SIGABRT when rank 0 left first
     torch_dist.destroy_process_group()
 
 
