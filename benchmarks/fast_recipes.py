@@ -107,13 +107,13 @@ RECIPES = {
 }
 
 
-def timed_run(spec: Path, data: DataConfig, cfg: TrainConfig, out: Path) -> dict:
+def timed_run(label: str, spec: Path, data: DataConfig, cfg: TrainConfig, out: Path) -> dict:
     started = time.perf_counter()
     results = train(load_spec(spec), data, cfg, out)
     results = {**results, "wall": time.perf_counter() - started}
     # one line per run as it ends, so that an interrupted benchmark still shows what it measured
     print(
-        f"{spec.stem} seed {cfg.seed}: test accuracy {100 * results['test_accuracy']:.2f}%, "
+        f"{label} seed {cfg.seed}: test accuracy {100 * results['test_accuracy']:.2f}%, "
         f"wall {results['wall']:.1f} s, training {results['train_seconds']:.1f} s",
         flush=True,
     )
@@ -145,8 +145,9 @@ def keras_reference(python: str, epochs: int) -> tuple[str, float, list[float]] 
     return f"{name}, 92.5% not reached: all {epochs} epochs", ends[-1], epoch_seconds
 
 
-def run_seeds(recipe: Recipe, args: argparse.Namespace, tmp: Path) -> tuple[DataConfig, list[dict]]:
-    """The recipe's training config (with the command line's overrides) and one run per seed."""
+def run_seeds(name: str, args: argparse.Namespace, tmp: Path) -> tuple[DataConfig, list[dict]]:
+    """The named recipe's training config (with the command line's overrides) and one run per seed."""
+    recipe = RECIPES[name]
     document = load_document(recipe.config)
     cfg = TrainConfig.model_validate(document["train"])
     if args.epochs:
@@ -155,9 +156,7 @@ def run_seeds(recipe: Recipe, args: argparse.Namespace, tmp: Path) -> tuple[Data
         cfg = cfg.model_copy(update={"device": args.device})
     data = DataConfig.model_validate(document["data"])
     runs = [
-        timed_run(
-            recipe.spec, data, cfg.model_copy(update={"seed": seed}), tmp / f"{recipe.spec.stem}-{seed}"
-        )
+        timed_run(name, recipe.spec, data, cfg.model_copy(update={"seed": seed}), tmp / f"{name}-{seed}")
         for seed in range(args.first_seed, args.first_seed + args.seeds)
     ]
     return data, runs
@@ -238,7 +237,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="capas-fast-") as tmp:
         # the recipes first: their figures come out even if the long reference is cut short
         for name in names:
-            results[name] = run_seeds(RECIPES[name], args, Path(tmp))
+            results[name] = run_seeds(name, args, Path(tmp))
         reference, keras_epochs, capas_epochs = None, None, None
         relative = [name for name in names if RECIPES[name].budget is None]
         data = results[relative[0]][0] if relative else None
@@ -251,7 +250,7 @@ def main() -> None:
                     epochs=args.reference_epochs, batch_size=128, optimizer={"name": "adadelta", "lr": 1.0}
                 )
                 out = Path(tmp) / "keras"
-                result = timed_run(EXAMPLES / "keras-mnist.yaml", data, keras_cfg, out)
+                result = timed_run("Keras' recipe", EXAMPLES / "keras-mnist.yaml", data, keras_cfg, out)
                 capas_epochs = [
                     row["seconds"]
                     for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from capas.spec import TrainConfig
 from capas.train import depthwise
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -270,3 +271,15 @@ def test_conv_in_step_times_every_trained_convolution_in_bfloat16(monkeypatch, c
     out = capsys.readouterr().out
     assert "convolutions in a bfloat16 training step, batch 8" in out
     assert "frozen" in out and "input and weights" in out
+
+
+def test_fast_recipes_names_each_seed_after_its_recipe(tmp_path, capsys, tiny_spec, tiny_data):
+    """Two recipes share one spec (cifar10, cifar10-muon): each seed's line names the recipe, not the spec."""
+    fast_recipes = script("fast_recipes")
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(json.dumps(tiny_spec.to_dict()))
+    cfg = TrainConfig(epochs=1, batch_size=64, seed=2)
+    result = fast_recipes.timed_run("cifar10-muon", spec, tiny_data, cfg, tmp_path / "run")
+    assert capsys.readouterr().out.startswith(
+        f"cifar10-muon seed 2: test accuracy {100 * result['test_accuracy']:.2f}%"
+    )
