@@ -112,6 +112,42 @@ def test_without_an_address_a_new_local_instance_starts_beside_a_recorded_cluste
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def test_a_cluster_whose_workers_run_another_capas_is_refused_before_any_run(tmp_path, study_path):
+    """The check before the first run: a real Ray instance whose workers import a copy of capas with one
+    line added (as a node that installed another build would), joined as a user's `ray.init` leaves it.
+    Also before the module's Ray instance starts."""
+    import capas
+
+    copy = tmp_path / "other"
+    shutil.copytree(Path(capas.__file__).parent, copy / "capas")
+    with (copy / "capas" / "errors.py").open("a") as source:
+        source.write("# another build\n")
+    ray.init(
+        address="local",
+        num_cpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(copy)}},
+    )
+    try:
+        from typer.testing import CliRunner
+
+        from capas import cli
+
+        out = tmp_path / "s"
+        result = CliRunner().invoke(
+            cli.app, ["study", str(study_path()), "--executor", "ray", "--out", str(out)]
+        )
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.split())
+        assert f"the driver {code_version()}: install the driver's capas on every node" in message
+        assert f"({copy / 'capas'} on " in message and code_version() not in message.split("the driver")[0]
+        assert not out.exists()  # refused before anything was written
+        assert ray.is_initialized()  # the caller's instance is left running, as the caller started it
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.slow  # run by `bash scripts/test.sh -m slow` (README): the suite stays under 10 minutes
 def test_ray_study_matches_the_local_pool(local_ray, tmp_path, study_path):
     path = study_path()
