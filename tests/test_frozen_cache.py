@@ -35,7 +35,7 @@ class Inputs:
             (tuple(args[0].shape[1:]), kwargs.get("start_row", 0))), with_kwargs=True)  # fmt: skip
 
 
-def _train(splits, cache: bool, hflip, compile=False, backbone=BACKBONE):
+def _train(splits, cache: bool, hflip, compile=False, backbone=BACKBONE, drop_last=False):
     spec = spec_with(backbone)
     model = build_model(spec, seed=0)
     inputs = Inputs(model)
@@ -47,6 +47,7 @@ def _train(splits, cache: bool, hflip, compile=False, backbone=BACKBONE):
         finetune={"after_epochs": 1, "unfreeze": 3, "backbone_lr_scale": 0.5},
         cache_frozen=cache,
         compile=compile,
+        drop_last=drop_last,
         device="cpu",
     )
     result = fit(model, splits.train, splits.val, preprocess_for(spec), cfg)
@@ -80,6 +81,17 @@ def test_the_cached_training_is_the_training_without_the_cache(splits, hflip):
         # a step of the full rate (5e-4 for the backbone): the unfrozen rows' BatchNormalization
         # biases, to which the loss above is nearly blind, moved ~4e-3 either way and differed by 6e-3
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-2, msg=name)
+
+
+def test_the_cached_training_leaves_out_the_short_batch_as_the_training_without_the_cache(splits):
+    _, plain_result, _ = _train(splits, False, "alternate", drop_last=True)
+    cached, cached_result, cached_inputs = _train(splits, True, "alternate", drop_last=True)
+    rows = len(cached.backbone) - 3
+    steps = [shape for shape in cached_inputs if shape[1] == rows]
+    assert len(splits.train) % 16 and len(steps) == 3 * (len(splits.train) // 16) + 3  # + validations
+    assert cached_result.images == plain_result.images == 3 * 16 * (len(splits.train) // 16)
+    for a, b in zip(plain_result.history, cached_result.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
 
 
 def test_cached_rows_compile_with_the_frozen_rows(splits):

@@ -287,6 +287,48 @@ def test_sample_budget_stops_within_the_epoch():
     assert result.images == 300 and len(result.history) == 1
 
 
+class _Batches(Callback):
+    def __init__(self):
+        self.sizes = []
+
+    def on_batch_end(self, images, loss, correct):
+        self.sizes.append(images)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_drop_last_leaves_out_each_epochs_short_batch_and_the_schedule_still_ends(drop_last):
+    """600 training images in batches of 256: 256, 256, 88, or with drop_last two full batches (a new
+    shuffle each epoch); the linear schedule's last step is still the run's last (its final rate)."""
+    spec, _, _ = _small()
+    splits = make_splits("fashion-mnist", limit=600)
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=256,
+        drop_last=drop_last,
+        optimizer={"name": "sgd", "lr": 0.1},
+        schedule={"name": "linear", "warmup_fraction": 0.25, "final_factor": 0.07},
+    )
+    batches = _Batches()
+    model = build_model(spec)
+    result = fit(
+        model, splits.train, splits.val, default_preprocess(spec.input_shape), cfg, callbacks=[batches]
+    )
+    assert len(splits.train) == 600
+    assert batches.sizes == ([256, 256] if drop_last else [256, 256, 88]) * 2
+    assert result.images == sum(batches.sizes)
+    assert [epoch["lr"] for epoch in result.history][-1] == pytest.approx(0.1 * 0.07)
+
+
+def test_drop_last_with_fewer_images_than_a_batch_is_refused():
+    spec, _, _ = _small()
+    splits = make_splits("fashion-mnist", limit=100)
+    cfg = TrainConfig(epochs=1, batch_size=128, drop_last=True)
+    with pytest.raises(
+        CapasError, match=r"holds 100 images, less than one batch of 128: .*turn drop_last off"
+    ):
+        fit(build_model(spec), splits.train, splits.val, default_preprocess(spec.input_shape), cfg)
+
+
 def test_epoch_images_per_second_is_training_throughput():
     """metrics.jsonl's images_per_s counts the training steps' time, as test.json's does; the epoch's
     seconds include its validation (here on 20× as many images as it trains on)."""

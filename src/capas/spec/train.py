@@ -259,6 +259,14 @@ class ProgressiveResizing(_Config):
 class TrainConfig(_Config):
     epochs: Count = Field(default=10, ge=1)
     batch_size: Count = Field(default=128, ge=1)
+    drop_last: bool = Field(
+        default=False,
+        description="leave out each epoch's last batch when it is short (every batch then holds "
+        "batch_size images; a new shuffle each epoch, so no image is always left out), as the "
+        "training loaders of fastai, timm and airbench do; off: every image every epoch, as Keras' "
+        "fit. With BatchNormalization's momentum as low as airbench's 0.6, a short last batch's "
+        "statistics weigh most in the running averages that validation and the test use",
+    )
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     label_smoothing: Real = Field(

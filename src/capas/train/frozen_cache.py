@@ -105,10 +105,12 @@ class FrozenViews:
         channels_last: bool,
         epoch: int,
         seed: int,
+        drop_last: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """A shuffled epoch, as iterate_batches(shuffle=True) draws it: the same order and flips."""
         order = torch.randperm(len(self), generator=generator, device=generator.device).to(self.values.device)
-        for start in range(0, len(self), batch_size):
+        stop = len(self) - len(self) % batch_size if drop_last else len(self)
+        for start in range(0, stop, batch_size):
             index = order[start : start + batch_size]
             flip = flips(augment, len(index), generator, index=index, epoch=epoch, seed=seed)
             view = torch.zeros_like(index) if flip is None else flip.to(index.device).long()

@@ -180,8 +180,15 @@ def _fit(
         _unfreeze(model, cfg)  # resuming after the switch: the saved optimizer holds the unfrozen layers
     optimizer = make_optimizer(model, _optimizer_config(cfg, tuning))
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    if cfg.drop_last and len(train) < cfg.batch_size:
+        raise CapasError(
+            f"train.drop_last leaves out each epoch's short last batch, and the training split holds "
+            f"{len(train)} images, less than one batch of {cfg.batch_size}: no step would run; lower "
+            "batch_size or turn drop_last off"
+        )
+    steps_per_epoch = len(train) // cfg.batch_size if cfg.drop_last else -(-len(train) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
+    batchnorm.warn_short_last_batch(model, len(train), cfg)
     if cfg.ema is not None and cfg.ema.every > total_steps:
         raise CapasError(
             f"ema.every is {cfg.ema.every} optimizer steps, and this training takes {total_steps} "
@@ -268,7 +275,14 @@ def _fit(
         seen, step, started = 0, epoch * steps_per_epoch, time.perf_counter()
         if views is not None:
             batches = views.batches(
-                cfg.batch_size, cfg.augment, generator, device, cfg.channels_last, epoch, cfg.seed
+                cfg.batch_size,
+                cfg.augment,
+                generator,
+                device,
+                cfg.channels_last,
+                epoch,
+                cfg.seed,
+                drop_last=cfg.drop_last,
             )
         else:
             batches = iterate_batches(
@@ -278,6 +292,7 @@ def _fit(
                 augment=cfg.augment,
                 shuffle=True,
                 generator=generator,
+                drop_last=cfg.drop_last,
                 device=device,
                 channels_last=cfg.channels_last,
                 epoch=epoch,
