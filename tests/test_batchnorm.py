@@ -4,6 +4,7 @@ evaluation-mode accuracy on training images falls far below its training-mode ac
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from capas.data import default_preprocess, make_splits
 from capas.models import build_model
 from capas.spec import ModelSpec, TrainConfig
 from capas.train import evaluate, fit
-from capas.train.batchnorm import GAP_FLAG_PP, mode_gap, recalibrate
+from capas.train.batchnorm import GAP_FLAG_PP, mode_gap, recalibrate, warn_short_last_batch
 
 # Keras momentum 0.999: the running statistics move 0.1% per batch, so after 38 batches they are
 # still mostly their initial 0 and 1 while the convolution's outputs are on another scale.
@@ -168,3 +169,54 @@ def test_an_empty_batch_trains_through_and_moves_no_statistic(flatten):
     assert torch.equal(bn.bias.grad, torch.zeros_like(bn.bias)) and torch.equal(
         bn.weight.grad, torch.zeros_like(bn.weight)
     )
+
+
+def _airbench_bn(momentum: float) -> ModelSpec:
+    layers = [dict(layer) if isinstance(layer, dict) else layer for layer in LAGGING["layers"]]
+    layers[1] = {"BatchNormalization": {"momentum": momentum, "scale": False}}
+    return ModelSpec.from_dict({**LAGGING, "layers": layers})
+
+
+@pytest.mark.parametrize(
+    ("images", "batch_size", "momentum", "drop_last", "variance"),
+    [
+        (59_400, 512, 0.6, False, 41),  # the wide Fashion-MNIST preset with val_fraction 0.01: warned
+        (57_600, 512, 0.6, False, None),  # the preset: a last batch of 256, 1.6× the variance
+        (59_400, 512, 0.6, True, None),  # every batch full
+        (1_025, 128, 0.99, False, None),  # Keras' momentum: a last batch of 1 after 128, 3.5×
+        (1_025, 256, 0.99, False, 6),  # after 256, 6.1×
+        (100, 512, 0.6, False, None),  # one batch, short or not: every step sees it alone
+    ],
+)
+def test_a_short_last_batch_is_warned_of_where_it_makes_the_running_statistics_noisy(
+    images, batch_size, momentum, drop_last, variance
+):
+    model = build_model(_airbench_bn(momentum), seed=0)
+    cfg = TrainConfig(batch_size=batch_size, drop_last=drop_last)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_short_last_batch(model, images, cfg)
+    messages = [str(w.message) for w in caught]
+    if variance is None:
+        assert messages == []
+    else:
+        (message,) = messages
+        assert (
+            f"a batch of {images % batch_size} of the {images:,} training images (batch_size {batch_size})"
+            in message
+        )
+        assert f"momentum {momentum:g} weighs it {1 - momentum:.0%}" in message
+        assert f": {variance}× the variance full batches leave; set train.drop_last: true" in message
+    assert model.training  # left in the mode it was built in
+
+
+def test_training_with_a_short_last_batch_warns_once_and_not_with_drop_last(splits):
+    spec = _airbench_bn(0.6)
+    preprocess = default_preprocess(spec.input_shape)
+    assert len(splits.train) == 600  # in batches of 512: one full, one of 88 (4.1× the variance)
+    for drop_last, expected in ((False, 1), (True, 0)):
+        cfg = TrainConfig(epochs=2, batch_size=512, drop_last=drop_last, optimizer={"lr": 0.003})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(build_model(spec, seed=0), splits.train, splits.val, preprocess, cfg)
+        assert sum("each epoch ends on a batch of" in str(w.message) for w in caught) == expected
