@@ -178,21 +178,22 @@ def _airbench_bn(momentum: float) -> ModelSpec:
 
 
 @pytest.mark.parametrize(
-    ("images", "batch_size", "momentum", "drop_last", "variance"),
+    ("images", "batch_size", "momentum", "setting", "variance"),
     [
-        (59_400, 512, 0.6, False, 41),  # the wide Fashion-MNIST preset with val_fraction 0.01: warned
-        (57_600, 512, 0.6, False, None),  # the preset: a last batch of 256, 1.6× the variance
-        (59_400, 512, 0.6, True, None),  # every batch full
-        (1_025, 128, 0.99, False, None),  # Keras' momentum: a last batch of 1 after 128, 3.5×
-        (1_025, 256, 0.99, False, 6),  # after 256, 6.1×
-        (100, 512, 0.6, False, None),  # one batch, short or not: every step sees it alone
+        (59_400, 512, 0.6, {}, 41),  # the wide Fashion-MNIST preset with val_fraction 0.01: warned
+        (57_600, 512, 0.6, {}, None),  # the preset: a last batch of 256, 1.6× the variance
+        (59_400, 512, 0.6, {"drop_last": True}, None),  # every batch full
+        (59_400, 512, 0.6, {"bn_recalibration": 20}, None),  # statistics recomputed before evaluation
+        (1_025, 128, 0.99, {}, None),  # Keras' momentum: a last batch of 1 after 128, 3.5×
+        (1_025, 256, 0.99, {}, 6),  # after 256, 6.1×
+        (100, 512, 0.6, {}, None),  # one batch, short or not: every step sees it alone
     ],
 )
 def test_a_short_last_batch_is_warned_of_where_it_makes_the_running_statistics_noisy(
-    images, batch_size, momentum, drop_last, variance
+    images, batch_size, momentum, setting, variance
 ):
     model = build_model(_airbench_bn(momentum), seed=0)
-    cfg = TrainConfig(batch_size=batch_size, drop_last=drop_last)
+    cfg = TrainConfig(batch_size=batch_size, **setting)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warn_short_last_batch(model, images, cfg)
