@@ -264,8 +264,8 @@ class TrainConfig(_Config):
         description="leave out each epoch's last batch when it is short (every batch then holds "
         "batch_size images; a new shuffle each epoch, so no image is always left out), as the "
         "training loaders of fastai, timm and airbench do; off: every image every epoch, as Keras' "
-        "fit. With BatchNormalization's momentum as low as airbench's 0.6, a short last batch's "
-        "statistics weigh most in the running averages that validation and the test use",
+        "fit. With BatchNormalization's momentum at airbench's 0.6, a short last batch weighs 40% in "
+        "the running statistics that validation and the test use (training warns when that is noisy)",
     )
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
