@@ -172,7 +172,7 @@ def test_an_empty_batch_trains_through_and_moves_no_statistic(flatten):
 
 
 def _airbench_bn(momentum: float) -> ModelSpec:
-    layers = [dict(layer) if isinstance(layer, dict) else layer for layer in LAGGING["layers"]]
+    layers = list(LAGGING["layers"])
     layers[1] = {"BatchNormalization": {"momentum": momentum, "scale": False}}
     return ModelSpec.from_dict({**LAGGING, "layers": layers})
 

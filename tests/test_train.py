@@ -316,7 +316,7 @@ def test_drop_last_leaves_out_each_epochs_short_batch_and_the_schedule_still_end
     assert len(splits.train) == 600
     assert batches.sizes == ([256, 256] if drop_last else [256, 256, 88]) * 2
     assert result.images == sum(batches.sizes)
-    assert [epoch["lr"] for epoch in result.history][-1] == pytest.approx(0.1 * 0.07)
+    assert result.history[-1]["lr"] == pytest.approx(0.1 * 0.07)
 
 
 def test_drop_last_with_fewer_images_than_a_batch_is_refused():
