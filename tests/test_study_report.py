@@ -142,11 +142,11 @@ def test_zero_variance_report_shows_per_seed_differences_not_p(report):
 
 
 def test_failed_seed_is_left_out_of_its_variants_comparison_and_shown(report):
-    assert report.seeds == (0, 2, 3)  # sgd has no figures for seed 1: the base's row leaves it out
+    assert report.seeds == (0, 1, 2, 3)  # the base's row: every seed it finished
     sgd = report.variants[3]
     assert sgd.runs[1].status == FAILED and sgd.runs[1].detail == "RuntimeError: out of memory"
     # every other variant is compared with the base on all 4 seeds, sgd on the 3 it finished
-    assert [tuple(v.results) for v in report.variants] == [(0, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3), (0, 2, 3)]
+    assert [tuple(v.results) for v in report.variants] == [(0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3), (0, 2, 3)]
     assert "1 failed" in [note.flag for note in sgd.notes]
     assert (
         "sgd: no figures from seed 1 (RuntimeError: out of memory); that seed is left out of its comparison "
@@ -157,9 +157,28 @@ def test_failed_seed_is_left_out_of_its_variants_comparison_and_shown(report):
     assert seed1[0] == "1" and seed1[4] == "failed: RuntimeError: out of memory"
     assert seed1[1] == "82.00"
     assert (
-        "the base's figures rest on seeds 0, 2, 3 (every variant with a finished run finished them), each "
-        "variant's figures and its Δ on every seed it shares with the base (column seeds)"
+        "the base's figures rest on every seed it finished (0, 1, 2, 3), each variant's figures and its Δ on "
+        "the seeds it shares with the base (column seeds)"
         in "\n".join(doc.header)
+    )
+
+
+def test_the_bases_row_rests_on_every_seed_it_finished_when_variants_lost_different_seeds(
+    tiny_study, study_file
+):
+    """The base's row rested on the seeds every variant with a finished run had finished: two variants
+    that crashed on different seeds left it none ("—", "0 of 2", no binomial error) though it had
+    finished both. It rests on the seeds it finished, as each variant's on those it shares with it."""
+    study = load_study(study_file(tiny_study(seeds=2, variations=[HEAD])))
+    report = report_of(study, {"Flatten": [0.80, 0.82], "GAP": [None, 0.84], "GMP": [0.83, None]})
+    assert report.seeds == (0, 1) and [v.seeds for v in report.variants] == [(0, 1), (1,), (0,)]
+    assert report.base.estimate("test_accuracy").mean == pytest.approx(0.81)
+    rows = table_rows(report)
+    assert rows[0][HEADERS.index("test acc %")].startswith("81.00") and rows[0][HEADERS.index("seeds")] == "2"
+    assert [r[HEADERS.index("seeds")] for r in rows[1:]] == ["1 of 2", "1 of 2"]
+    assert (
+        "the base's figures rest on every seed it finished (0, 1), each variant's figures and its Δ on the "
+        "seeds it shares with the base (column seeds)" in "\n".join(header_lines(report))
     )
 
 
@@ -245,7 +264,7 @@ def test_a_variants_row_and_its_difference_rest_on_the_seeds_it_shares_with_the_
         delta = float(cells[column["Δ test acc pp (95% CI)"]].split()[0].replace("\N{MINUS SIGN}", "-"))
         base_mean = 100 * np.mean([base.finished[s]["test_accuracy"] for s in shared])
         assert mean - base_mean == pytest.approx(delta, abs=0.011)
-    assert [r[column["seeds"]] for r in rows] == ["3 of 4", "4", "4", "3 of 4"]
+    assert [r[column["seeds"]] for r in rows] == ["4", "4", "4", "3 of 4"]
 
 
 def test_holm_adjusted_p_values_are_beside_the_raw_ones_and_in_the_sentence(report):
@@ -436,7 +455,7 @@ def test_tiny_real_study_reports_a_diverged_variant_and_a_failed_run(tmp_path, t
     with Store(out / "study.sqlite") as store:  # what the runner records when a run raises
         store.fail("GAP/seed-1", "Traceback (most recent call last):\nValueError: boom")
         failed = collect(report.study, store.runs())
-    assert failed.seeds == (0,) and failed.variants[1].runs[1].status == FAILED
+    assert failed.seeds == (0, 1) and failed.variants[1].runs[1].status == FAILED
     assert failed.variants[2].seeds == (0, 1)  # GAP's lost seed stays in the diverging variant's comparison
     markdown, _ = write_report(failed, out)
     text = markdown.read_text()
@@ -485,8 +504,8 @@ def test_markdown_tables_keep_their_columns_with_a_pipe_in_a_variant_name(tiny_s
 
 
 def test_training_time_is_compared_on_the_seeds_of_the_variants_difference(tiny_study, study_file):
-    """GMP lost seed 1, so the base's row rests on seeds 0 and 2; GAP's Δ, and its training time
-    against the base's, on all three (it took exactly as long as the base in each)."""
+    """GMP lost seed 1, so its Δ, and its training time against the base's, rest on seeds 0 and 2 (it
+    took exactly as long as the base in each), the base's row on all three."""
     study = load_study(study_file(tiny_study(seeds=3, variations=[HEAD])))
     seconds = [10.0, 40.0, 10.0]
     rows = {}
@@ -499,9 +518,9 @@ def test_training_time_is_compared_on_the_seeds_of_the_variants_difference(tiny_
             result = None if accuracy is None else {**synthetic(accuracy), "train_seconds": seconds[seed]}
             rows[f"{variant}/seed-{seed}"] = row(variant, seed, result)
     report = collect(study, rows)
-    assert report.seeds == (0, 2) and report.variants[1].seeds == (0, 1, 2)
-    text = sentence(report, report.variants[1])
-    assert "3 shared seeds" in text and "training time ±0%" in text
+    assert report.seeds == (0, 1, 2) and report.variants[2].seeds == (0, 2)
+    text = sentence(report, report.variants[2])
+    assert "2 shared seeds" in text and "training time ±0%" in text
 
 
 def test_best_epoch_without_early_stopping_is_the_lowest_validation_loss(report):

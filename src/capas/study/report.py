@@ -6,9 +6,9 @@ lay these figures out.
 Which seeds a figure rests on (a diverged run counts: it is an outcome of its variant; a run that
 crashed has no figures): each variant's row and its Δ on every seed it and the base both finished, so
 a seed another variant lost stays in its comparison, and with adaptive replication the seeds a
-variant was given for a narrower interval are in its figures. The base's row rests on the seeds
-every variant with a finished run shares with it; when no run crashed and the seeds were not
-adaptive, that is every variant's seeds, and a variant's mean minus the base's mean is its Δ.
+variant was given for a narrower interval are in its figures. The base's row rests on every seed it
+finished; when no run crashed and the seeds were not adaptive, that is every variant's seeds, and a
+variant's mean minus the base's mean is its Δ.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class StudyReport:
     study: Study
     variants: list[VariantResult]
     statuses: dict[str, int]  # runs per status
-    seeds: tuple[int, ...]  # the base's figures: the seeds it shares with every variant that finished any
+    seeds: tuple[int, ...]  # the base's figures: every seed it finished
     kind: str  # which comparison this is: equal budget or each variant at its own convergence
     test_size: int | None  # test images per run (None before any run finished)
     replication: dict[str, dict] | None = None  # adaptive replication per variant (run.replication_status)
@@ -365,14 +365,10 @@ def collect(study: Study, rows: dict[str, RunRow]) -> StudyReport:
         )
         for v in study.variants
     ]
-    # A variant that finished no seed has nothing to pair: were it counted, no seed would be left.
-    finishers = [v.finished for v in variants if v.finished]
-    base = replace(
-        variants[0],
-        seeds=tuple(s for s in study.seeds if s in variants[0].finished and all(s in f for f in finishers)),
-    )
-    # each variant on every seed it shares with the base (the paired test's seeds): a seed another
-    # variant lost stays in, and adaptive replication's extra seeds narrow its interval
+    # the base on every seed it finished, each variant on every seed it shares with the base (the
+    # paired test's seeds): a seed another variant lost stays in, and adaptive replication's extra
+    # seeds narrow its interval
+    base = replace(variants[0], seeds=tuple(s for s in study.seeds if s in variants[0].finished))
     others = [
         replace(v, seeds=tuple(s for s in study.seeds if s in v.finished and s in variants[0].finished))
         for v in variants[1:]

@@ -271,7 +271,7 @@ def sentence(report: StudyReport, result: VariantResult) -> str:
         parts.append(f"{result.summary.trainable:,} trainable instead of {base.summary.trainable:,}")
     parts.append(_accuracy_phrase(report, result))
     if result.comparison.difference.n >= 2:
-        # on the seeds of its Δ: the base's row may rest on fewer (those every variant finished)
+        # on the seeds of its Δ: the base's row may rest on more (every seed the base finished)
         base_time = replace(base, seeds=result.seeds).estimate("train_seconds").mean
         time = result.estimate("train_seconds").mean
         if base_time > 0:
@@ -330,14 +330,12 @@ def header_lines(report: StudyReport) -> list[str]:
         figures = "no figures: the base finished no seed, and every figure rests on seeds shared with it"
     elif all(r.seeds == report.seeds for r in report.variants if r.finished):
         figures = f"every figure rests on seeds {seeds}" + (
-            f" (left out: {', '.join(map(str, left_out))}, which not every variant finished)"
-            if left_out
-            else ""
+            f" (left out: {', '.join(map(str, left_out))}, which the base did not finish)" if left_out else ""
         )
     else:
         figures = (
-            f"the base's figures rest on seeds {seeds} (every variant with a finished run finished them), "
-            "each variant's figures and its Δ on every seed it shares with the base (column seeds)"
+            f"the base's figures rest on every seed it finished ({seeds}), each variant's figures and its Δ "
+            "on the seeds it shares with the base (column seeds)"
         )
     unfinished = [r.name for r in report.variants[1:] if not r.finished]
     if unfinished and report.base.finished:
