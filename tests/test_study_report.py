@@ -146,7 +146,12 @@ def test_failed_seed_is_left_out_of_its_variants_comparison_and_shown(report):
     sgd = report.variants[3]
     assert sgd.runs[1].status == FAILED and sgd.runs[1].detail == "RuntimeError: out of memory"
     # every other variant is compared with the base on all 4 seeds, sgd on the 3 it finished
-    assert [tuple(v.results) for v in report.variants] == [(0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3), (0, 2, 3)]
+    assert [tuple(v.results) for v in report.variants] == [
+        (0, 1, 2, 3),
+        (0, 1, 2, 3),
+        (0, 1, 2, 3),
+        (0, 2, 3),
+    ]
     assert "1 failed" in [note.flag for note in sgd.notes]
     assert (
         "sgd: no figures from seed 1 (RuntimeError: out of memory); that seed is left out of its comparison "
@@ -158,8 +163,7 @@ def test_failed_seed_is_left_out_of_its_variants_comparison_and_shown(report):
     assert seed1[1] == "82.00"
     assert (
         "the base's figures rest on every seed it finished (0, 1, 2, 3), each variant's figures and its Δ on "
-        "the seeds it shares with the base (column seeds)"
-        in "\n".join(doc.header)
+        "the seeds it shares with the base (column seeds)" in "\n".join(doc.header)
     )
 
 
@@ -638,6 +642,42 @@ def test_a_compressed_variants_row_and_sentence_say_they_are_its_float_models(ti
     console = Console(file=io.StringIO(), width=200, color_system=None)
     print_report(report, console)  # the terminal's sentences include the compressed model's
     assert "int8, compressed against its own float model: 4.00× smaller" in console.file.getvalue()
+
+
+def test_compressed_models_are_judged_after_holms_adjustment_over_the_compressed_variants(
+    tiny_study, study_file
+):
+    """Each compressed variant was judged by its raw p: with several, one changed by chance would read as
+    an effect. They form a family, adjusted as the variants' comparisons with the base are."""
+    methods = {"a": "int8", "b": "dynamic"}
+    two = {
+        "name": "q",
+        "alternatives": [{"name": n, "compress": {"quantize": m}} for n, m in methods.items()],
+    }
+    study = load_study(study_file(tiny_study(seeds=3, variations=[two])))
+    floats = (0.80, 0.82, 0.81)
+    changes = {"a": (-0.010, -0.018, -0.012), "b": (0.004, -0.006, 0.001)}
+    rows = {f"Flatten/seed-{s}": row("Flatten", s, synthetic(a)) for s, a in enumerate(floats)}
+    for name, deltas in changes.items():
+        for seed, (accuracy, delta) in enumerate(zip(floats, deltas, strict=True)):
+            compress = {"method": "quantize-int8", "test_accuracy": accuracy + delta, "size_ratio": 4.0}
+            compress |= {"speedup_batch1": 2.0, "speedup_batch64": 2.0}
+            rows[f"{name}/seed-{seed}"] = row(name, seed, {**synthetic(accuracy), "compress": compress})
+    doc = document(collect(study, rows), [])
+    raw = {n: scipy_stats.ttest_rel(np.add(floats, d), floats).pvalue for n, d in changes.items()}
+    adjusted = holm(list(raw.values()))
+    assert raw["a"] < 0.05 <= adjusted[0]  # significant alone, not among two
+    table = {r[0]: dict(zip(doc.compression.headers, r, strict=True)) for r in doc.compression.rows}
+    assert table["a"]["p"] == p_text(raw["a"]).removeprefix("p = ")
+    assert table["a"]["p (Holm)"] == p_text(adjusted[0]).removeprefix("p = ")
+    assert (
+        "no significant change in test accuracy after Holm's adjustment (−1.3 pp, unadjusted 95% CI"
+        in doc.compression_sentences[0]
+    )
+    assert (
+        f"{p_text(adjusted[0])} Holm-adjusted for 2 compressed variants, raw {p_text(raw['a'])}"
+        in (doc.compression_sentences[0])
+    )
 
 
 def test_a_settings_diff_names_only_what_changed(tiny_study, study_file):

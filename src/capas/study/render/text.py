@@ -24,6 +24,7 @@ from capas.study.stats import (
     TEST_NAME,
     Comparison,
     Estimate,
+    holm,
     mean_ci,
     paired_comparison,
 )
@@ -389,6 +390,7 @@ COMPRESSION_HEADERS = (
     "compressed test acc %",
     "Δ pp (95% CI)",
     "p",
+    f"p ({ADJUSTMENT})",
     "smaller",
     "batch-1 faster",
     "batch-64 faster",
@@ -399,19 +401,26 @@ def _compressed(result: VariantResult) -> dict[int, dict]:
     return {seed: r["compress"] for seed, r in result.results.items() if r.get("compress")}
 
 
-def _compression(result: VariantResult) -> Comparison:
-    after = {seed: c["test_accuracy"] for seed, c in _compressed(result).items()}
-    return paired_comparison(after, result.values("test_accuracy"))
+def compression_tests(report: StudyReport) -> dict[str, tuple[Comparison, float]]:
+    """Each compressed variant against its own float models, seed by seed (the paired test of the
+    variants' comparisons), with its p after Holm's adjustment over the compressed variants tested: a
+    family, as the comparisons with the base are."""
+    tests = {}
+    for result in report.variants:
+        if compressed := _compressed(result):
+            after = {seed: c["test_accuracy"] for seed, c in compressed.items()}
+            tests[result.name] = paired_comparison(after, result.values("test_accuracy"))
+    adjusted = holm([c.p_value for c in tests.values()])
+    return {name: (c, p) for (name, c), p in zip(tests.items(), adjusted, strict=True)}
 
 
-def compression_rows(report: StudyReport) -> list[list[str]]:
-    """Each compressed variant against its own float models, seed by seed (same paired test)."""
+def compression_rows(report: StudyReport, tests: dict[str, tuple[Comparison, float]]) -> list[list[str]]:
     rows = []
     for result in report.variants:
         compressed = _compressed(result)
         if not compressed:
             continue
-        comparison = _compression(result)
+        comparison, p_adjusted = tests[result.name]
         after = mean_ci([c["test_accuracy"] for c in compressed.values()])
         rows.append(
             [
@@ -421,6 +430,7 @@ def compression_rows(report: StudyReport) -> list[list[str]]:
                 mean_pm(after, 100),
                 difference(comparison),
                 _p_cell(comparison.p_value, comparison),
+                _p_cell(p_adjusted, comparison),
                 *(
                     f"{mean_ci([c[key] for c in compressed.values()]).mean:.2f}×"
                     for key in ("size_ratio", "speedup_batch1", "speedup_batch64")
@@ -430,9 +440,9 @@ def compression_rows(report: StudyReport) -> list[list[str]]:
     return rows
 
 
-def compression_sentence(result: VariantResult) -> str:
+def compression_sentence(result: VariantResult, tests: dict[str, tuple[Comparison, float]]) -> str:
     compressed = _compressed(result)
-    comparison = _compression(result)
+    comparison, p_adjusted = tests[result.name]
     d = comparison.difference
     ratio = mean_ci([c["size_ratio"] for c in compressed.values()]).mean
     fast1 = mean_ci([c["speedup_batch1"] for c in compressed.values()]).mean
@@ -445,10 +455,17 @@ def compression_sentence(result: VariantResult) -> str:
             f"test accuracy {signed(100 * d.mean)} pp in every one of {d.n} seeds (per seed: "
             f"{per_seed_differences(comparison)} pp): the variance could not be estimated, no interval or test"
         )
-    elif comparison.p_value < ALPHA:
-        accuracy = f"test accuracy {signed(100 * d.mean)} pp (95% CI {num(100 * d.low)} to {num(100 * d.high)}, {p_text(comparison.p_value)}; {d.n} seeds)"
     else:
-        accuracy = f"no significant change in test accuracy ({signed(100 * d.mean)} pp, {p_text(comparison.p_value)}; {d.n} seeds)"
+        tested = sum(not math.isnan(p) for _, p in tests.values())
+        p, interval, after = p_text(p_adjusted), "95% CI", ""
+        if tested > 1:  # as the variants' sentences: the raw test's interval, Holm's decision
+            p += f" {ADJUSTMENT}-adjusted for {tested} compressed variants, raw {p_text(comparison.p_value)}"
+            interval, after = "unadjusted 95% CI", f" after {ADJUSTMENT}'s adjustment"
+        detail = f"{interval} {num(100 * d.low)} to {num(100 * d.high)}, {p}; {d.n} seeds"
+        if p_adjusted < ALPHA:
+            accuracy = f"test accuracy {signed(100 * d.mean)} pp ({detail})"
+        else:
+            accuracy = f"no significant change in test accuracy{after} ({signed(100 * d.mean)} pp, {detail})"
     return f"{result.name}, compressed against its own float model: {size}, {speed} at batch 1; {accuracy}."
 
 
@@ -462,7 +479,8 @@ def document(report: StudyReport, plots: list[tuple[str, str]]) -> Document:
         rows = architecture_diff(report.base, result)
         table = Table(DIFF_HEADERS, [diff_cells(row) for row in rows]) if rows else None
         diffs.append(DiffSection(result.name, table, setting_changes(report.base.variant, result.variant)))
-    compression = compression_rows(report)
+    tests = compression_tests(report)
+    compression = compression_rows(report, tests)
     return Document(
         title=f"Study: {report.study.name}",
         warnings=report.warnings,
@@ -471,7 +489,7 @@ def document(report: StudyReport, plots: list[tuple[str, str]]) -> Document:
         sentences=[sentence(report, r) for r in report.variants[1:]],
         per_seed=per_seed_table(report),
         compression=Table(COMPRESSION_HEADERS, compression) if compression else None,
-        compression_sentences=[compression_sentence(r) for r in report.variants if _compressed(r)],
+        compression_sentences=[compression_sentence(r, tests) for r in report.variants if _compressed(r)],
         plots=plots,
         diffs=diffs,
     )
