@@ -13,10 +13,19 @@ from rich.console import Console
 from scipy import stats as scipy_stats
 
 from capas.study import load_study
-from capas.study.plots import _colors, per_class
+from capas.study.plots import _colors, _curves, per_class
 from capas.study.render import print_report, table_rows, terminal_table, write_report
 from capas.study.render.markdown import markdown
-from capas.study.render.text import HEADERS, document, header_lines, num, p_text, sentence, signed
+from capas.study.render.text import (
+    HEADERS,
+    document,
+    header_lines,
+    num,
+    p_text,
+    sentence,
+    share_text,
+    signed,
+)
 from capas.study.report import DIVERGED, FAILED, StudyReport, collect, comparison_kind
 from capas.study.run import run_study
 from capas.study.stats import holm, mean_ci, paired_comparison
@@ -708,3 +717,20 @@ def test_every_variant_gets_its_own_colour_in_the_plots(n):
     """A study of 60 variants drew every tenth in the same colour and marker: the legend could not say
     which point was the base and which lr-09, lr-19…"""
     assert len(set(_colors(n))) == n
+
+
+def test_a_diverged_seeds_non_finite_losses_leave_the_learning_curves_as_they_leave_the_loss_means():
+    """A diverged seed's NaN loss made its variant's mean curve and band NaN from that epoch on (not
+    drawn), where the table leaves such values out of the loss means."""
+    epochs, mean, low, high = _curves([[0.9, math.nan, math.nan], [0.8, 0.6, 0.5], [1.0, 0.7]])
+    assert list(epochs) == [1, 2, 3]
+    assert list(mean) == pytest.approx([0.9, 0.65, 0.5]) and list(low) == [0.8, 0.6, 0.5]
+    assert list(high) == [1.0, 0.7, 0.5]
+    assert np.isnan(_curves([[math.nan], [math.inf]])[1]).all()  # no finite value: nothing drawn
+
+
+def test_a_variant_with_nearly_all_parameters_removed_is_not_said_to_have_none():
+    """−99.6% of the parameters printed as −100%."""
+    assert signed(-99.6, 0) == "\N{MINUS SIGN}100"  # the general rounding
+    assert share_text(-99.6) == "\N{MINUS SIGN}99.6%" and share_text(-100.0) == "\N{MINUS SIGN}100%"
+    assert share_text(-74.2) == "\N{MINUS SIGN}74%" and share_text(250.4) == "+250%"

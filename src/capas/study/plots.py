@@ -35,15 +35,16 @@ def _png(figure: Figure) -> bytes:
 
 
 def _curves(values: list[list[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Epochs, mean, min and max across seeds; runs that stopped early count where they have values."""
+    """Epochs, mean, min and max across seeds; runs that stopped early count where they have values, and
+    a diverged run's non-finite values are left out (as the table leaves them out of its loss means)."""
     longest = max(len(v) for v in values)
     epochs, mean, low, high = [], [], [], []
     for e in range(longest):
-        at = [v[e] for v in values if len(v) > e]
+        at = [v[e] for v in values if len(v) > e and math.isfinite(v[e])]
         epochs.append(e + 1)
-        mean.append(np.mean(at))
-        low.append(np.min(at))
-        high.append(np.max(at))
+        mean.append(np.mean(at) if at else math.nan)
+        low.append(min(at, default=math.nan))
+        high.append(max(at, default=math.nan))
     return np.array(epochs), np.array(mean), np.array(low), np.array(high)
 
 

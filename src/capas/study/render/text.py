@@ -75,6 +75,12 @@ def signed(value: float, digits: int = 1) -> str:
     return shown if shown.startswith(MINUS) else f"+{shown}"
 
 
+def share_text(percent: float) -> str:
+    """A change in parameters in whole percent, but a decimal where a model that keeps some would read
+    as keeping none (−99.6%, not −100%)."""
+    return f"{signed(percent, 1 if -100 < percent <= -99.5 else 0)}%"
+
+
 def num(value: float, digits: int = 1) -> str:
     """`value` with `digits` decimals, or up to 3 more when it would round to zero: an interval's bound
     near 0 shows on which side it lies (never as "−0.0")."""
@@ -267,7 +273,7 @@ def sentence(report: StudyReport, result: VariantResult) -> str:
         parts.append(f"the same number of parameters ({result.summary.total:,})")
     else:
         share = 100 * delta / base.summary.total
-        parts.append(f"{abs(delta):,} {'fewer' if delta < 0 else 'more'} parameters ({signed(share, 0)}%)")
+        parts.append(f"{abs(delta):,} {'fewer' if delta < 0 else 'more'} parameters ({share_text(share)})")
     if result.summary.trainable - base.summary.trainable != delta:  # frozen layers changed too
         parts.append(f"{result.summary.trainable:,} trainable instead of {base.summary.trainable:,}")
     parts.append(_accuracy_phrase(report, result))
