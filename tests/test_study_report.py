@@ -734,3 +734,23 @@ def test_a_variant_with_nearly_all_parameters_removed_is_not_said_to_have_none()
     assert signed(-99.6, 0) == "\N{MINUS SIGN}100"  # the general rounding
     assert share_text(-99.6) == "\N{MINUS SIGN}99.6%" and share_text(-100.0) == "\N{MINUS SIGN}100%"
     assert share_text(-74.2) == "\N{MINUS SIGN}74%" and share_text(250.4) == "+250%"
+
+
+def test_compressed_models_ratios_are_averaged_geometrically(tiny_study, study_file):
+    """Size and speed ratios were averaged arithmetically: 2× faster in one seed and 2× slower in
+    another read as 1.25× faster."""
+    study = load_study(study_file(tiny_study(seeds=2, variations=[INT8])))
+    rows = {}
+    for seed, speedup in enumerate((2.0, 0.5)):
+        rows[f"Flatten/seed-{seed}"] = row("Flatten", seed, synthetic(0.8))
+        compress = {"method": "quantize-int8", "test_accuracy": 0.8, "size_ratio": 4.0 if seed else 1.0}
+        compress |= {"speedup_batch1": speedup, "speedup_batch64": speedup}
+        rows[f"int8/seed-{seed}"] = row("int8", seed, {**synthetic(0.8), "compress": compress})
+    doc = document(collect(study, rows), [])
+    cells = dict(zip(doc.compression.headers, doc.compression.rows[0], strict=True))
+    assert (cells["smaller"], cells["batch-1 faster"], cells["batch-64 faster"]) == (
+        "2.00×",
+        "1.00×",
+        "1.00×",
+    )
+    assert "2.00× smaller, 1.00× faster at batch 1" in doc.compression_sentences[0]

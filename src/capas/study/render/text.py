@@ -407,6 +407,11 @@ def _compressed(result: VariantResult) -> dict[int, dict]:
     return {seed: r["compress"] for seed, r in result.results.items() if r.get("compress")}
 
 
+def _geometric_mean(ratios: list[float]) -> float:
+    """The mean of ratios over seeds: 2× and 0.5× average to 1×, not to 1.25×."""
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
 def compression_tests(report: StudyReport) -> dict[str, tuple[Comparison, float]]:
     """Each compressed variant against its own float models, seed by seed (the paired test of the
     variants' comparisons), with its p after Holm's adjustment over the compressed variants tested: a
@@ -438,7 +443,7 @@ def compression_rows(report: StudyReport, tests: dict[str, tuple[Comparison, flo
                 _p_cell(comparison.p_value, comparison),
                 _p_cell(p_adjusted, comparison),
                 *(
-                    f"{mean_ci([c[key] for c in compressed.values()]).mean:.2f}×"
+                    f"{_geometric_mean([c[key] for c in compressed.values()]):.2f}×"
                     for key in ("size_ratio", "speedup_batch1", "speedup_batch64")
                 ),
             ]
@@ -450,8 +455,8 @@ def compression_sentence(result: VariantResult, tests: dict[str, tuple[Compariso
     compressed = _compressed(result)
     comparison, p_adjusted = tests[result.name]
     d = comparison.difference
-    ratio = mean_ci([c["size_ratio"] for c in compressed.values()]).mean
-    fast1 = mean_ci([c["speedup_batch1"] for c in compressed.values()]).mean
+    ratio = _geometric_mean([c["size_ratio"] for c in compressed.values()])
+    fast1 = _geometric_mean([c["speedup_batch1"] for c in compressed.values()])
     size = f"{ratio:.2f}× smaller" if ratio >= 1 else f"{1 / ratio:.2f}× larger"
     speed = f"{fast1:.2f}× faster" if fast1 >= 1 else f"{1 / fast1:.2f}× slower"
     if d.n < 2:
