@@ -661,6 +661,19 @@ def test_settings_no_server_can_run_with_are_refused(tmp_path: Path, monkeypatch
     assert f"serve settings: {message}" in " ".join(result.output.split())
 
 
+def test_too_few_drift_permutations_to_ever_flag_drift_are_refused(tmp_path: Path, monkeypatch):
+    """A permutation test's smallest p-value is 1 / (1 + permutations): with 50 at alpha 0.01 (1/51 =
+    0.0196) no drift could ever be flagged, and the server started and monitored nothing."""
+    monkeypatch.setenv("CAPAS_DRIFT_PERMUTATIONS", "99")  # 1/100 is not below 0.01 either
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path)])
+    assert result.exit_code == 2
+    assert (
+        "drift_permutations (99) can never flag drift at drift_alpha 0.01: a permutation test's p-value is "
+        "at least 1/(1 + permutations) = 0.01; raise CAPAS_DRIFT_PERMUTATIONS to at least 100 or "
+        "CAPAS_DRIFT_ALPHA above 0.01"
+    ) in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize(
     "option, message",
     [

@@ -89,6 +89,15 @@ def test_p_value_counts_the_observed_statistic(tiny_run, fashion_test):
     assert set(result.input_stats) == {"pixel_mean", "pixel_std"}
 
 
+def test_a_p_value_equal_to_alpha_is_not_drift(tiny_run):
+    """The p-value was a float32 division: 1/100 became 0.0099999998, below alpha 0.01, and drift was
+    flagged where the rule p < alpha does not."""
+    run = load_run(tiny_run)
+    detector = DriftDetector(load_reference(tiny_run / REFERENCE), alpha=0.01, permutations=99)
+    result = detector.test(*features(run, cifar_images(WINDOW)))
+    assert result.p_value == 0.01 and not result.drift  # no permutation reaches colour photos' statistic
+
+
 def test_damaged_reference_is_a_clear_error(tmp_path):
     with pytest.raises(CapasError, match="no drift reference"):
         load_reference(tmp_path / "reference.safetensors")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -56,6 +57,14 @@ def make_settings(flags: Mapping[str, str] | None = None, **values: object) -> S
         raise CapasError(
             f"drift_min ({settings.drift_min}) cannot exceed drift_window ({settings.drift_window}); lower "
             "CAPAS_DRIFT_MIN or raise CAPAS_DRIFT_WINDOW"
+        )
+    if 1 / (1 + settings.drift_permutations) >= settings.drift_alpha:  # drift_alpha < 1: the bound is finite
+        least = math.floor(1 / settings.drift_alpha)  # 1/(1 + P) < alpha from P = floor(1/alpha) on
+        raise CapasError(
+            f"drift_permutations ({settings.drift_permutations}) can never flag drift at drift_alpha "
+            f"{settings.drift_alpha:g}: a permutation test's p-value is at least 1/(1 + permutations) = "
+            f"{1 / (1 + settings.drift_permutations):.3g}; raise CAPAS_DRIFT_PERMUTATIONS to at least {least} "
+            f"or CAPAS_DRIFT_ALPHA above {1 / (1 + settings.drift_permutations):.3g}"
         )
     if settings.max_images > settings.max_queue:  # such a request could never be queued: 503 forever
         raise CapasError(
