@@ -359,6 +359,9 @@ def test_feature_cache_is_written_once_and_hit_after(cache, tmp_path, monkeypatc
     cost = first["feature_cache"]["compute_seconds"]
     assert cost > 0 and second["feature_cache"]["compute_seconds"] == cost
     assert first["train_seconds"] > cost and second["train_seconds"] > cost
+    images = len(splits_for(data).train)  # one epoch
+    for run in (first, second):  # images/s over the same seconds (it left the features' out)
+        assert run["images_per_s"] * run["train_seconds"] == pytest.approx(images)
     augmented = train(
         spec, data, TrainConfig(epochs=1, batch_size=30, augment={"hflip": True}), tmp_path / "c"
     )

@@ -236,13 +236,14 @@ def _train(
     # Training cost includes everything the variant needs before it can train: with the feature
     # cache, computing the training and validation features (a cache hit reports what they cost).
     cache_seconds = feature_cache["compute_seconds"] if feature_cache is not None else 0.0
+    train_seconds = result.train_seconds + cache_seconds
     test_results = {
         **test.test_results(classes),
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "stopped": result.stopped,
-        "train_seconds": result.train_seconds + cache_seconds,
-        "images_per_s": result.images_per_second,
+        "train_seconds": train_seconds,
+        "images_per_s": result.images / train_seconds if train_seconds else 0.0,  # over the same seconds
         "precision": cfg.precision,  # the one trained and tested in (`auto` chooses per machine)
         "bn_recalibration": cfg.bn_recalibration,
         "bn_gap": result.bn_gap,

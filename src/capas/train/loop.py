@@ -59,10 +59,6 @@ class FitResult:
     # train.winograd: the convolutions it computed (eligible ones of a float32 training on a CPU)
     winograd: list[str] | None = None
 
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.train_seconds if self.train_seconds else 0.0
-
 
 class _Monitor:
     """Early stopping's bookkeeping: the best value, its epoch, epochs since."""
