@@ -186,6 +186,8 @@ def _airbench_bn(momentum: float) -> ModelSpec:
         (59_400, 512, 0.6, {"bn_recalibration": 20}, None),  # statistics recomputed before evaluation
         (1_025, 128, 0.99, {}, None),  # Keras' momentum: a last batch of 1 after 128, 3.5×
         (1_025, 256, 0.99, {}, 6),  # after 256, 6.1×
+        (1_065, 152, 0.99, {}, 4),  # after 152, 4.005×: the least batch Keras' momentum is warned at
+        (1_058, 151, 0.99, {}, None),  # after 151, 3.985×
         (100, 512, 0.6, {}, None),  # one batch, short or not: every step sees it alone
     ],
 )

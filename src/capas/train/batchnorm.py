@@ -46,8 +46,8 @@ def warn_short_last_batch(model: nn.Module, images: int, cfg: TrainConfig) -> No
     momentum, Keras' 1 − momentum), has a variance f/(2 − f)·σ²/b; after a last batch of r images
     it is f²·σ²/r + (1 − f)²·f/(2 − f)·σ²/b: f(2 − f)·b/r + (1 − f)² times as large. With airbench's
     momentum 0.6, a last batch of 8 of 512 images makes it 41 times (a Fashion-MNIST run of the wide
-    preset ended 1 pp lower, README); with Keras' 0.99 it takes a last batch of 1 image after 256 or
-    more. Not with `bn_recalibration`, which recomputes the statistics before every evaluation."""
+    preset ended 1 pp lower, README); with Keras' 0.99 it takes a last batch of 1 image after batches
+    of 152 or more. Not with `bn_recalibration`, which recomputes the statistics before every evaluation."""
     short = images % cfg.batch_size
     if cfg.drop_last or cfg.bn_recalibration or not short or images < cfg.batch_size:
         return
