@@ -675,16 +675,22 @@ def test_structured_pruning_rounds_each_layer_and_keeps_one_channel(amount, chan
 
 
 def test_structured_pruning_keeps_frozen_layers_whole():
-    """A frozen layer after the first was cut by --prune itself: 8 -> 4 filters at 0.5."""
+    """A frozen layer after the first was cut by --prune itself: 8 -> 4 filters at 0.5; then, given
+    no ratio, it kept its filters but lost the input channels of the layer before it, which was
+    pruned (weights (32, 8, 3, 3) -> (32, 4, 3, 3)), weights fine-tuning cannot adapt. The layer that
+    feeds a frozen one now keeps its outputs."""
     from capas.deploy.prune import _channels, _classifier
 
     layers = list(PRUNABLE["layers"])
     layers[1] = {"Conv2D": {"filters": 32, "kernel_size": 3, "activation": "relu", "trainable": False}}
     spec = ModelSpec.from_dict({**PRUNABLE, "layers": layers})
     model = build_model(spec, seed=0)
-    _, pruned_spec = _prune_structured(model, spec, 0.5, _classifier(model))
-    assert _channels(pruned_spec) == "4/32/8/4"
+    name = spec.layer_infos()[1].name
+    frozen = model.layers[name].conv.weight.detach().clone()
+    pruned, pruned_spec = _prune_structured(model, spec, 0.5, _classifier(model))
+    assert _channels(pruned_spec) == "8/32/8/4"
     assert not pruned_spec.layers[1].trainable
+    assert torch.equal(pruned.layers[name].conv.weight, frozen)
 
 
 @pytest.mark.parametrize("structured", [True, False])

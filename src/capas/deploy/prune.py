@@ -197,8 +197,10 @@ def _layer_ratios(
     """Each Conv2D/Dense layer's pruning ratio for torch-pruning, which removes n − int(n·(1 − ratio))
     of n channels and skips a layer whose count would reach 0 (at --prune 0.99 it pruned nothing in
     layers under 100 channels): the ratio that keeps round(n·(1 − amount)) channels, at least 1; 0 for
-    a frozen layer (torch-pruning cuts a layer it is given no ratio for by `amount`)."""
+    a frozen layer (torch-pruning cuts a layer it is given no ratio for by `amount`), and for the layer
+    that feeds one: its outputs are the frozen layer's inputs, which fine-tuning could not make up for."""
     ratios = {}
+    before = None  # the Conv2D/Dense weights before this one: they feed it
     for info in spec.layer_infos():
         kind, module = info.layer.type_name(), model.layers[info.name]
         if kind not in ("Conv2D", "Dense"):
@@ -206,13 +208,13 @@ def _layer_ratios(
         weights, count = (
             (module.conv, info.layer.filters) if kind == "Conv2D" else (module.linear, info.layer.units)
         )
-        if weights is classifier:
-            continue
-        if not info.layer.trainable:
-            ratios[weights] = 0.0  # kept whole
-            continue
-        keep = min(count, max(1, round(count * (1 - amount))))
-        ratios[weights] = max(0.0, 1 - (keep + 0.5) / count)  # int(count · (keep + 0.5)/count) == keep
+        if not info.layer.trainable and before is not None and before is not classifier:
+            ratios[before] = 0.0
+        if weights is not classifier:
+            keep = min(count, max(1, round(count * (1 - amount))))
+            # int(count · (keep + 0.5)/count) == keep; a frozen layer is kept whole
+            ratios[weights] = max(0.0, 1 - (keep + 0.5) / count) if info.layer.trainable else 0.0
+        before = weights
     return ratios
 
 
