@@ -444,6 +444,27 @@ def test_capas_weights_folder_serves_imagenet_offline(tmp_path, monkeypatch):
     assert torch.equal(backbone.stem[0].weight, state["features.0.0.weight"])
 
 
+def test_the_feature_cache_knows_which_file_imagenet_weights_came_from(cache, tmp_path, monkeypatch):
+    """`weights: imagenet` served from $CAPAS_WEIGHTS keyed the feature cache on the word alone: another
+    file there hit the first file's features, and the run's saved backbone was not the one its top
+    had trained on."""
+    torchvision = pytest.importorskip("torchvision")
+    monkeypatch.setenv("CAPAS_WEIGHTS", str(tmp_path / "weights"))
+    (tmp_path / "weights").mkdir()
+    spec = spec_with({"name": "mobilenet_v3_small", "weights": "imagenet"})
+    data, cfg = (
+        DataConfig(name="fashion-mnist", limit=60, test_limit=12),
+        TrainConfig(epochs=1, batch_size=30),
+    )
+    seen = []
+    for seed in (0, 1, 1):  # weights A, then B in A's place (same size), then B again
+        torch.manual_seed(seed)
+        torch.save(torchvision.models.mobilenet_v3_small().state_dict(), tmp_path / "weights" / "x.pth")
+        (tmp_path / "weights" / "x.pth").replace(tmp_path / "weights" / "mobilenet_v3_small.pth")
+        seen.append(train(spec, data, cfg, tmp_path / f"run{len(seen)}")["feature_cache"]["cache"])
+    assert seen == ["written", "written", "hit"]
+
+
 def test_offline_imagenet_download_names_the_file_to_place(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.delenv("CAPAS_WEIGHTS", raising=False)

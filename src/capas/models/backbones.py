@@ -367,6 +367,14 @@ def _run_rows(cfg: BackboneConfig) -> tuple[list[tuple[str, str, nn.Module]], di
     return rows, {"input_shape": run.spec.input_shape, "mean": run.preprocess.mean, "std": run.preprocess.std}
 
 
+def imagenet_file(name: str) -> Path | None:
+    """The file `weights: imagenet` loads for backbone `name` when $CAPAS_WEIGHTS holds one (NAME.pth);
+    None: the library's own ImageNet weights, checked against the sha256 their file's name carries."""
+    folder = os.environ.get("CAPAS_WEIGHTS")
+    local = Path(folder) / f"{name}.pth" if folder else None
+    return local if local is not None and local.is_file() else None
+
+
 def build_backbone(cfg: BackboneConfig, pretrained: bool = True) -> Backbone:
     """The backbone's rows as one module, with the weights `cfg.weights` names (when `pretrained`)."""
     if cfg.name == RUN:
@@ -375,8 +383,7 @@ def build_backbone(cfg: BackboneConfig, pretrained: bool = True) -> Backbone:
     model = definition.make()
     if pretrained and cfg.weights != "none":
         if cfg.weights == "imagenet":
-            local = Path(os.environ.get("CAPAS_WEIGHTS", "")) / f"{cfg.name}.pth"
-            if os.environ.get("CAPAS_WEIGHTS") and local.is_file():
+            if (local := imagenet_file(cfg.name)) is not None:
                 load_file(model, local, cfg.name)
             else:
                 definition.imagenet(model)

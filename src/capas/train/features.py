@@ -30,6 +30,7 @@ from capas.data import ArrayDataset, Preprocess, Splits, iterate_batches
 from capas.data.download import cache_root
 from capas.inference import Evaluation, autocast, eval_batch_size, evaluate
 from capas.models import CapasNet
+from capas.models.backbones import imagenet_file
 from capas.spec import DataConfig, TrainConfig
 from capas.spec.backbone import RUN
 from capas.train.loop import Callback, FitResult, fit
@@ -77,16 +78,19 @@ def _prefix(model: CapasNet) -> int:
 
 
 def _weights_id(model: CapasNet, seed: int) -> dict:
-    """What identifies the backbone's weights: `imagenet`, `none` with the seed that drew them, or a
-    file's path, size and modification time."""
+    """What identifies the backbone's weights: `none` with the seed that drew them, the library's own
+    ImageNet weights, or the digest of the file they were read from (a file's size and modification
+    time can stay when its contents change: `cp -p`, `rsync -a`)."""
     cfg = model.spec.backbone
-    if cfg.weights == "imagenet":
-        return {"weights": cfg.weights}
     if cfg.weights == "none":
         return {"weights": cfg.weights, "seed": seed}
-    path = Path(cfg.weights) / "model.safetensors" if cfg.name == RUN else Path(cfg.weights)
-    stat = path.stat()
-    return {"weights": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if cfg.weights == "imagenet":
+        if (path := imagenet_file(cfg.name)) is None:
+            return {"weights": cfg.weights}
+    else:
+        path = Path(cfg.weights) / "model.safetensors" if cfg.name == RUN else Path(cfg.weights)
+    with path.open("rb") as file:
+        return {"weights_sha256": hashlib.file_digest(file, "sha256").hexdigest()}
 
 
 def cache_path(
