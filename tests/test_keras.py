@@ -415,6 +415,22 @@ def write_sigmoid_then_dropout(tmp_path: Path) -> Path:
     return tmp_path / "sigdrop.keras"
 
 
+def write_sigmoid_then_linear(tmp_path: Path) -> Path:
+    """Independent probabilities followed by a linear Activation, which computes nothing: it hid the
+    sigmoid from the check, and capas reported a softmax of the probabilities."""
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, name="scores"),
+            keras.layers.Activation("sigmoid", name="probs"),
+            keras.layers.Activation("linear"),
+        ]
+    )
+    model.save(tmp_path / "siglin.keras")
+    return tmp_path / "siglin.keras"
+
+
 def write_custom_subclass(tmp_path: Path) -> Path:
     """A user's subclass that keeps Keras' class name but computes something else."""
 
@@ -624,6 +640,7 @@ def write_misfit(tmp_path: Path) -> list[str]:
         (write_multilabel, "multilabel.keras: its last layer 'labels' (Activation) ends in a sigmoid"),
         (write_custom_subclass, "layer 1 'plus_one' (Dense): a custom class (registered as 'Dense')"),
         (write_sigmoid_then_dropout, "sigdrop.keras: its last layer 'probs' (Dense) ends in a sigmoid"),
+        (write_sigmoid_then_linear, "siglin.keras: its last layer 'probs' (Activation) ends in a sigmoid"),
         (
             write_one_logit,
             "logit.keras: the model outputs 1 value; capas classifiers output one score per class",

@@ -29,8 +29,8 @@ from capas import atomic
 from capas.data import Preprocess, splits_for
 from capas.data.dataset import control_character
 from capas.errors import CapasError
-from capas.layers.core import Dropout
 from capas.models import CapasNet, build_model
+from capas.models.build import passes_through
 from capas.runs import load_run, reading, recover, staging, write_run
 from capas.spec import DataConfig, ModelSpec, parse_layer
 
@@ -724,9 +724,10 @@ def import_keras(
         raise CapasError(
             f"{keras_file.source}: the output has shape {outputs}; capas classifiers output one vector"
         )
-    # the last layer that computes: Dropout (SpatialDropout2D too) is an identity when predicting
+    # the last layer that computes: Dropout (SpatialDropout2D too) and a linear Activation pass their
+    # input through when predicting
     infos = spec.layer_infos()
-    last = next((info for info in reversed(infos) if not isinstance(info.layer, Dropout)), infos[-1])
+    last = next((info for info in reversed(infos) if not passes_through(info.layer)), infos[-1])
     if getattr(last.layer, "activation", None) in ("sigmoid", "hard_sigmoid"):
         # capas reads outputs as class scores through a softmax: sigmoid probabilities would be
         # reported as the softmax of them, a single one as class 0 at 100%

@@ -35,7 +35,7 @@ def _softmax(layer: Layer) -> bool:
     return layer.type_name() == "Softmax" or getattr(layer, "activation", None) == "softmax"
 
 
-def _identity(layer: Layer) -> bool:
+def passes_through(layer: Layer) -> bool:
     """Whether a layer passes its input through when predicting: Dropout (SpatialDropout2D too), a
     linear Activation."""
     return isinstance(layer, Dropout) or (
@@ -48,8 +48,8 @@ def _ends_in_softmax(spec: ModelSpec) -> bool:
     refused: the network would output probabilities where capas takes logits (its predictions a softmax
     of them)."""
     *before, last = spec.layers
-    if _identity(last):
-        softmax = next((i for i in range(len(before) - 1, -1, -1) if not _identity(before[i])), None)
+    if passes_through(last):
+        softmax = next((i for i in range(len(before) - 1, -1, -1) if not passes_through(before[i])), None)
         if softmax is not None and _softmax(before[softmax]):
             advice = "put the Dropout before that layer" if isinstance(last, Dropout) else "leave it out"
             raise CapasError(
