@@ -133,6 +133,38 @@ def wait_healthy(port: int, process: subprocess.Popen, seconds: float = 120) -> 
     raise SystemExit(f"server on port {port} did not become healthy")
 
 
+def health_while(url: str, request, clients: int, calls: int, settle_s: float, pause_s: float) -> list[float]:
+    """/health latencies (s) timed from this thread while `clients` threads call `request(client)` back to
+    back, each on a kept-alive httpx.Client of its own (after `settle_s`, one /health call every
+    `pause_s`): what their requests cost every other client."""
+    import httpx
+
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            while not stop.is_set():
+                request(c)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(settle_s)
+    waits = []
+    try:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            for _ in range(calls):
+                started = time.perf_counter()
+                c.get("/health").raise_for_status()
+                waits.append(time.perf_counter() - started)
+                time.sleep(pause_s)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    return waits
+
+
 def _client_process(
     port: int, body: bytes, threads: int, start_at: float, measure_from: float, stop_at: float, queue
 ) -> None:

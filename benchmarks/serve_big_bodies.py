@@ -20,8 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -29,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import free_port, make_run, wait_healthy
+from serve import free_port, health_while, make_run, wait_healthy
 
 MEGABYTES = 9  # per request, as base64
 CLIENTS = 4
@@ -46,31 +44,14 @@ def measure(url: str, image: bytes, count: int, mode: str, calls: int) -> list[f
     """/health latencies (s) while CLIENTS threads post `count` images per request in `mode`."""
     body = {"images": [base64.b64encode(image).decode()] * count}
     files = [("file", (f"{i}.png", image, "image/png")) for i in range(count)]
-    stop = threading.Event()
     statuses: list[int] = []
 
-    def client() -> None:
-        with httpx.Client(base_url=url, timeout=120) as c:
-            while not stop.is_set():
-                response = (
-                    c.post("/predict", json=body) if mode == "json" else c.post("/predict", files=files)
-                )
-                statuses.append(response.status_code)
+    def post(c: httpx.Client) -> None:
+        response = c.post("/predict", json=body) if mode == "json" else c.post("/predict", files=files)
+        statuses.append(response.status_code)
 
-    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1.0)  # the clients' first bodies in flight
-    waits = []
-    with httpx.Client(base_url=url, timeout=120) as c:
-        for _ in range(calls):
-            started = time.perf_counter()
-            c.get("/health").raise_for_status()
-            waits.append(time.perf_counter() - started)
-            time.sleep(0.1)
-    stop.set()
-    for thread in threads:
-        thread.join()
+    # after 1 s: the clients' first bodies in flight
+    waits = health_while(url, post, CLIENTS, calls, settle_s=1.0, pause_s=0.1)
     if set(statuses) != {200}:
         raise SystemExit(f"{mode}: /predict answered {sorted(set(statuses))}")
     return waits

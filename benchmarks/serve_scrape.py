@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import free_port, wait_healthy
+from serve import free_port, health_while, wait_healthy
 
 CLASSES = 1000
 SCRAPERS = 4
@@ -71,32 +70,16 @@ def png() -> bytes:
 
 def measure(url: str, scrapers: int, calls: int) -> tuple[list[float], list[float]]:
     """(/health latencies, /metrics scrape times) in s while `scrapers` threads scrape back to back."""
-    stop = threading.Event()
     scrapes: list[float] = []
     statuses: list[int] = []
 
-    def scraper() -> None:
-        with httpx.Client(base_url=url, timeout=60) as c:
-            while not stop.is_set():
-                started = time.perf_counter()
-                response = c.get("/metrics")
-                scrapes.append(time.perf_counter() - started)
-                statuses.append(response.status_code)
+    def scrape(c: httpx.Client) -> None:
+        started = time.perf_counter()
+        response = c.get("/metrics")
+        scrapes.append(time.perf_counter() - started)
+        statuses.append(response.status_code)
 
-    threads = [threading.Thread(target=scraper) for _ in range(scrapers)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.5)  # the scrapers at work
-    waits = []
-    with httpx.Client(base_url=url, timeout=60) as c:
-        for _ in range(calls):
-            started = time.perf_counter()
-            c.get("/health").raise_for_status()
-            waits.append(time.perf_counter() - started)
-            time.sleep(0.05)
-    stop.set()
-    for thread in threads:
-        thread.join()
+    waits = health_while(url, scrape, scrapers, calls, settle_s=0.5, pause_s=0.05)
     if statuses and set(statuses) != {200}:
         raise SystemExit(f"/metrics answered {sorted(set(statuses))}")
     return waits, scrapes
