@@ -48,6 +48,34 @@ def test_exif_orientation_is_applied():
     assert image_size(hostile.images()["exif-rotated.jpg"]) == (40, 20)
 
 
+UPRIGHT_3X2 = {  # a 2-high, 3-wide image with its first pixel white, displayed by orientation tag
+    1: [[255, 0, 0], [0, 0, 0]],
+    2: [[0, 0, 255], [0, 0, 0]],
+    3: [[0, 0, 0], [0, 0, 255]],
+    4: [[0, 0, 0], [255, 0, 0]],
+    5: [[255, 0], [0, 0], [0, 0]],
+    6: [[0, 255], [0, 0], [0, 0]],
+    7: [[0, 0], [0, 0], [0, 255]],
+    8: [[0, 0], [0, 0], [255, 0]],
+}
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG", "WEBP"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_orientation_is_displayed_upright_in_every_format(fmt, orientation):
+    """Pillow 13 orients a TIFF itself as it opens and loads it (its size already swapped, the tag then
+    dropped): capas turned it again, tags 2 to 4 undone and 6 and 8 upside down."""
+    pixels = np.zeros((2, 3), np.uint8)
+    pixels[0, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt, exif=exif, **({"lossless": True} if fmt == "WEBP" else {}))
+    expected = UPRIGHT_3X2[orientation]
+    assert read_image(buffer.getvalue())[0].tolist() == expected
+    assert image_size(buffer.getvalue()) == (len(expected), len(expected[0]))
+
+
 def test_alpha_is_composited_on_the_background():
     image = read_image(hostile.images()["alpha.png"])  # black; left half opaque, right half transparent
     assert image.shape == (3, 28, 28)

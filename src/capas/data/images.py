@@ -81,9 +81,17 @@ def image_size(source: Path | bytes, *, name: str | None = None) -> tuple[int, i
     alone: no pixel is decoded, so budgets can be checked before any memory is spent."""
     label = _label(source, name)
     with _decoding(label), Image.open(io.BytesIO(_raw(source, label)), formats=FORMATS) as image:
-        width, height = image.size
+        width, height = _stored_size(image)
         rotated = image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
     return (width, height) if rotated else (height, width)
+
+
+def _stored_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as the file stores the pixels: Pillow 13 reports a TIFF's size already turned
+    by its orientation tag (and turns its pixels as it loads them), other formats' as stored."""
+    if image.format == "TIFF":
+        return image.tag_v2[256], image.tag_v2[257]  # ImageWidth, ImageLength
+    return image.size
 
 
 def read_image(
@@ -110,14 +118,16 @@ def read_image(
             raise CapasError(f"{label}: {width}×{height} pixels is more than the {max_pixels:,} allowed")
         if width * height <= SHRINK_ABOVE:
             size = None  # decoded whole, as training decodes a folder's images: the same pixels
-        orientation = image.getexif().get(ORIENTATION, 1)
-        if size is not None and orientation in (5, 6, 7, 8):
-            size = (size[1], size[0])  # the stored image is rotated a quarter turn
-        if size is not None and image.format == "JPEG":
-            factor = _factor(image.size, size)
+        if size is not None and image.format == "JPEG":  # Pillow leaves a JPEG's orientation to us
+            turned = image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
+            factor = _factor(image.size, (size[1], size[0]) if turned else size)
             if factor > 1:  # decode at 1/2, 1/4 or 1/8 scale: never at full size
                 image.draft(image.mode, (width // factor, height // factor))
         image.load()
+        # read after loading: Pillow 13 turns a TIFF itself as it loads it, and drops its tag
+        orientation = image.getexif().get(ORIENTATION, 1)
+        if size is not None and orientation in (5, 6, 7, 8):
+            size = (size[1], size[0])  # the loaded image is still a quarter turn from upright
         image = _eight_bit(image)  # L, LA, RGB or RGBA
         if size is not None and (factor := _factor(image.size, size)) > 1:
             image = image.reduce(factor)  # box average of factor × factor pixels
