@@ -334,6 +334,19 @@ def test_huge_images_are_refused_from_the_header(tmp_path):
             load_dataset(f"folder:{tmp_path}")
 
 
+def test_another_pillow_decodes_the_folder_again(tmp_path, monkeypatch):
+    """Pillow's decoders change (13 began to turn TIFFs by their orientation tag): a folder cached by
+    another Pillow kept its old decoding, while predict and serve used the new one."""
+    import PIL
+
+    write(tmp_path / "imgs" / "a" / "x.png", pixels(1, "L"))
+    write(tmp_path / "imgs" / "b" / "y.png", pixels(2, "L"))
+    load_dataset(f"folder:{tmp_path / 'imgs'}")
+    monkeypatch.setattr(PIL, "__version__", "0.0.1")
+    load_dataset(f"folder:{tmp_path / 'imgs'}")
+    assert len(list((tmp_path / "cache" / "folders").iterdir())) == 2
+
+
 def test_the_cache_is_keyed_by_the_folder_too(tmp_path):
     """Two folders with the same names, sizes and times but other pixels are two datasets."""
     for root, seed in (("one", 0), ("two", 1)):

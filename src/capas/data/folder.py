@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 
 from capas import atomic
@@ -22,7 +23,9 @@ from capas.errors import CapasError
 # them: any other file is not an image
 SUFFIXES = (".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".gif", ".bmp", ".tif", ".tiff")
 SUFFIXES += (".webp", ".pbm", ".pgm", ".ppm", ".pnm", ".pfm")
-CACHE_FORMAT = 3  # part of the fingerprint: bump it when decoding changes, to ignore old caches
+# part of the fingerprint, with Pillow's version: bump it when capas' decoding changes, to ignore old
+# caches (4: a TIFF's orientation tag applied once)
+CACHE_FORMAT = 4
 MAX_PIXELS = 16_000_000  # per training image, checked from the header before decoding
 
 
@@ -33,7 +36,7 @@ def load_folder(path: str | Path) -> ArrayDataset:
     kept as one channel when every image is gray (R = G = B). They must all have one size, checked
     from the headers before any image is decoded: resizing belongs to `Preprocess`, which applies
     it to batches. A symbolic link that leads outside `path`, or nowhere, is refused. The cache is
-    keyed by a fingerprint of the folder's real path and each file's relative path, size,
+    keyed by Pillow's version and a fingerprint of the folder's real path and each file's relative path, size,
     modification and change times and inode, so adding, removing, editing or renaming a file
     decodes the folder again (the change time, which no tool sets back, catches a file swapped
     with another of its size and modification time, as tar, cp -p or rsync -a leave them).
@@ -158,7 +161,8 @@ def _inside(real_root: Path, entry: os.DirEntry) -> None:
 
 def _fingerprint(root: Path, files: list[tuple[str, tuple[int, ...]]]) -> str:
     # os.fsencode: the bytes of the names as on disk, which need not be UTF-8 (a zip made on Windows)
-    digest = hashlib.sha256(os.fsencode(f"capas-folder-cache {CACHE_FORMAT}\n{root.resolve()}\n"))
+    header = f"capas-folder-cache {CACHE_FORMAT} Pillow {PIL.__version__}\n{root.resolve()}\n"
+    digest = hashlib.sha256(os.fsencode(header))
     for rel, stamp in files:
         digest.update(os.fsencode(f"{rel}\t{stamp}\n"))
     return digest.hexdigest()[:32]
