@@ -177,6 +177,9 @@ def test_the_order_of_changes_in_the_file_does_not_matter(study_doc, study_file)
         # the base's own value, once written out and once the default: nothing to compare
         ({"keywords": {"conv2d": {"filters": 4}}}, r"variant 'a' trains exactly as 'Flatten'"),
         ({"keywords": {"conv2d": {"padding": "valid"}}}, r"variant 'a' trains exactly as 'Flatten'"),
+        # the optimizer's default rate and decay, written out (the base's are unset: Keras' defaults)
+        ({"train": {"optimizer.lr": 0.001}}, r"variant 'a' trains exactly as 'Flatten'"),
+        ({"train": {"optimizer.weight_decay": 0.0}}, r"variant 'a' trains exactly as 'Flatten'"),
         ({"remove": "flatten"}, r"variant 'a' \(v: a\): .*needs a flat vector"),
     ],
 )

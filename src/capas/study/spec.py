@@ -540,9 +540,13 @@ def _refuse_identical(variants: list[Variant], source: str) -> None:
     (or grid combinations) that come to the same settings."""
     trained: dict[str, str] = {}
     for variant in variants:
+        train = TrainConfig.model_validate(variant.train)
+        # an unset rate or decay is the optimizer's default: compare what they come to
+        optimizer = train.optimizer.model_dump(mode="json")
+        optimizer |= {"lr": train.optimizer.learning_rate, "weight_decay": train.optimizer.decay}
         resolved = {
             "spec": variant.model_spec.to_dict(),
-            "train": TrainConfig.model_validate(variant.train).model_dump(mode="json"),
+            "train": train.model_dump(mode="json") | {"optimizer": optimizer},
             "data": DataConfig.model_validate(variant.data).model_dump(mode="json"),
             "extras": variant.extras,
         }
