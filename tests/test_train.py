@@ -435,6 +435,8 @@ def test_a_model_whose_output_does_not_fit_the_classes_is_refused(tmp_path):
         [{"Dense": {"units": 10, "activation": "sigmoid"}}],
         [{"Dense": {"units": 10}}, {"Activation": {"activation": "hard_sigmoid"}}],
         [{"Dense": {"units": 10, "activation": "sigmoid"}}, {"Dropout": {"rate": 0.1}}],
+        # a linear Activation computes nothing either: it hid the sigmoid
+        [{"Dense": {"units": 10, "activation": "sigmoid"}}, {"Activation": {"activation": "linear"}}],
     ],
 )
 def test_a_model_that_ends_in_a_sigmoid_is_refused(tmp_path, tail):
@@ -469,6 +471,22 @@ def test_an_augmentation_larger_than_the_images_is_refused(tmp_path, augment):
     )
     (name, size), *_ = augment.items()
     with pytest.raises(CapasError, match=rf"^train.augment.{name} \({size}\) is more than the images' side"):
+        train(spec, DataConfig(limit=100), TrainConfig(epochs=1, augment=augment), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_reflected_translation_as_large_as_the_images_is_refused(tmp_path):
+    """Reflect padding needs a border narrower than the image: at crop_padding 28 of 28 pixels the
+    translation was silently padded with zeros instead."""
+    spec = ModelSpec.from_dict(
+        {"name": "aug", "input_shape": [28, 28, 1], "layers": ["Flatten", {"Dense": {"units": 10}}]}
+    )
+    augment = {"crop_padding": 28, "crop_fill": "reflect"}
+    with pytest.raises(
+        CapasError,
+        match=r"^train.augment.crop_fill reflect mirrors the images' border, which needs crop_padding \(28\) "
+        r"below their side \(28 pixels\); at most 27, or crop_fill: zeros",
+    ):
         train(spec, DataConfig(limit=100), TrainConfig(epochs=1, augment=augment), tmp_path / "r")
     assert not (tmp_path / "r").exists()
 

@@ -126,7 +126,7 @@ def augment_batch(
     n, c, h, w = x.shape
     if cfg.crop_padding:
         p = cfg.crop_padding
-        mode = "reflect" if cfg.crop_fill == "reflect" and p < min(h, w) else "constant"
+        mode = "reflect" if cfg.crop_fill == "reflect" else "constant"  # reflect: p < side (train checks)
         padded = F.pad(x, (p, p, p, p), mode=mode)  # (N, C, H + 2p, W + 2p)
         # per-image offsets in 0..2p: offset p is the uncropped image
         offsets = torch.randint(0, 2 * p + 1, (2, n, 1), generator=generator, device=generator.device)

@@ -13,9 +13,9 @@ import torch
 from capas.data import splits_for
 from capas.errors import CapasError, first_of
 from capas.inference import evaluate, resolve_device
-from capas.layers.core import Dropout
 from capas.lock import LOCK, exclusive
 from capas.models import build_model, preprocess_for
+from capas.models.build import passes_through
 from capas.models.init import WHITENING_IMAGES, fit_whitening, whitening_layers
 from capas.runs import check_not_cwd, recover, staging, write_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
@@ -112,8 +112,9 @@ def check_settings(spec: ModelSpec, cfg: TrainConfig) -> None:
             f"{spec.name}: train.finetune unfreezes frozen backbone layers, and backbone.frozen is "
             f"{spec.backbone.frozen!r}: freeze some (backbone.frozen: all or a number) or leave finetune out"
         )
-    # the last layer that computes: Dropout (SpatialDropout2D too) is an identity when predicting
-    last = next((layer for layer in reversed(spec.layers) if not isinstance(layer, Dropout)), spec.layers[-1])
+    # the last layer that computes: Dropout (SpatialDropout2D too) and a linear Activation pass their
+    # input through when predicting
+    last = next((layer for layer in reversed(spec.layers) if not passes_through(layer)), spec.layers[-1])
     if getattr(last, "activation", None) in ("sigmoid", "hard_sigmoid"):
         # the loss takes the outputs as logits and predictions apply a softmax to them: sigmoid
         # outputs would train slowly and be reported squashed (at most e/(e + 9) = 0.23 with 10 classes)
@@ -129,6 +130,11 @@ def check_settings(spec: ModelSpec, cfg: TrainConfig) -> None:
                 f"train.augment.{name} ({size}) is more than the images' side ({side} pixels, input_shape "
                 f"{list(spec.input_shape)}); at most {side}"
             )
+    if cfg.augment.crop_fill == "reflect" and cfg.augment.crop_padding >= side:
+        raise CapasError(
+            f"train.augment.crop_fill reflect mirrors the images' border, which needs crop_padding "
+            f"({cfg.augment.crop_padding}) below their side ({side} pixels); at most {side - 1}, or crop_fill: zeros"
+        )
     if not any(info.trainable for info in spec.layer_infos() if not info.frozen):
         raise CapasError(
             f"{spec.name}: nothing to train: no layer has trainable weights (layers with trainable: false "
