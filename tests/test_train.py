@@ -599,6 +599,33 @@ def test_a_folder_that_is_not_a_run_is_refused_as_out(tmp_path):
     assert (folder / "thesis.txt").read_text() == "years of work" and (folder / "sub").is_dir()
 
 
+def test_a_run_is_trained_again_only_if_its_folder_holds_nothing_but_the_run(tmp_path):
+    """A run's folder (model.json) was taken whole, whatever else it held: a user's notes, a run
+    trained inside it (--out run/sub), a study; a folder holding only capas' lock counted as a run, and
+    every study folder holds one: `--out STUDY` deleted the study. What only derives from the run (an
+    export in its default place) goes with it."""
+    spec, data, cfg = _small()
+    run = tmp_path / "run"
+    train(spec, data, cfg, run)
+    (run / "model.onnx").write_bytes(b"an export of these weights")
+    train(spec, data, cfg, run)  # a derived file: replaced with the run
+    assert not (run / "model.onnx").exists()
+    (run / "sub").mkdir()
+    (run / "notes.txt").write_text("what I changed")
+    with pytest.raises(
+        CapasError, match=r"run: a run directory that also holds notes.txt, sub, which are not part of a run"
+    ):
+        train(spec, data, cfg, run)
+    assert (run / "notes.txt").read_text() == "what I changed" and (run / "model.json").is_file()
+    study = tmp_path / "study"
+    study.mkdir()
+    for name in (".capas.lock", "study.sqlite", "report.md"):
+        (study / name).write_text("")
+    with pytest.raises(CapasError, match=r"study: a folder that is not a run directory \(it holds report.md"):
+        train(spec, data, cfg, study)
+    assert (study / "study.sqlite").exists()
+
+
 @pytest.mark.parametrize("inside", ["runs/r1", "c0/r1", "c0"])
 def test_out_inside_the_image_folder_it_trains_on_is_refused(tmp_path, inside):
     """The run became a class folder (or a folder inside one) of its own dataset: training passed, and

@@ -8,12 +8,15 @@ reference), so that train, compress, predict, serve and studies agree on what a 
 """
 
 from capas.runs.directory import (
+    CHECKPOINT,
+    RUN_FILES,
     Run,
     check_not_cwd,
     environment,
     load_run,
     load_weights,
     machine_line,
+    not_the_runs,
     reading,
     recover,
     save_weights,
@@ -32,10 +35,12 @@ from capas.runs.reference import (
 from capas.runs.runtime import RUNTIME, OnnxModel, read_runtime
 
 __all__ = [
+    "CHECKPOINT",
     "INPUT_STATS",
     "REFERENCE",
     "REFERENCE_SIZE",
     "RUNTIME",
+    "RUN_FILES",
     "OnnxModel",
     "Reference",
     "Run",
@@ -46,6 +51,7 @@ __all__ = [
     "load_run",
     "load_weights",
     "machine_line",
+    "not_the_runs",
     "read_runtime",
     "reading",
     "recover",

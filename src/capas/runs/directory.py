@@ -41,7 +41,7 @@ from capas.cpu import available_cores, cpu_features, cpu_model, describe
 from capas.data import ArrayDataset, Preprocess
 from capas.errors import CapasError, first_of
 from capas.inference import TTA_MODES
-from capas.lock import exclusive, holding
+from capas.lock import LOCK, exclusive, holding
 from capas.models import CapasNet, build_model
 from capas.models.weights import load_checked
 from capas.runs.reference import REFERENCE, save_reference
@@ -51,6 +51,17 @@ from capas.spec.io import load_document, parse_config
 from capas.spec.summary import summarize
 
 REQUIRED = ("model.json", "model.safetensors", "preprocess.json")
+CHECKPOINT = "checkpoint.safetensors"  # an unfinished training's state (capas.train.checkpoint)
+# Every file a run directory may hold: write_run's, an unfinished training's checkpoint and lock, what
+# compress writes into its own run, and the exports' default files, which derive from the weights (a
+# run trained again replaces them with the rest). Anything else in the folder is not the run's.
+RUN_FILES = frozenset(
+    {
+        *REQUIRED,
+        *("config.json", "metrics.jsonl", "summary.txt", "test.json", RUNTIME, REFERENCE, CHECKPOINT),
+        *("lineage.json", "compress.json", "compress.md", "model.onnx", "model.keras", LOCK),
+    }
+)
 
 
 def environment() -> dict:
@@ -260,6 +271,17 @@ def write_run(
         save_reference(path / REFERENCE, model, reference, preprocess, precision)
     if test is not None:
         atomic.write_json(path / "test.json", test)
+
+
+def not_the_runs(folder: Path) -> list[str]:
+    """The names in `folder` that are not a run's (RUN_FILES), nor the hidden temporary of one's
+    atomic write that a killed command left (.NAME.XXXXXXXX.tmp: the next write of NAME deletes it)."""
+    return sorted(
+        entry.name
+        for entry in folder.iterdir()
+        if entry.name not in RUN_FILES
+        and not any(entry.name.startswith(atomic.hidden_prefix(name)) for name in RUN_FILES)
+    )
 
 
 def check_not_cwd(out: Path) -> None:

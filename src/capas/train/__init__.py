@@ -13,11 +13,11 @@ import torch
 from capas.data import splits_for
 from capas.errors import CapasError, first_of
 from capas.inference import evaluate, resolve_device
-from capas.lock import LOCK, exclusive
+from capas.lock import exclusive
 from capas.models import build_model, preprocess_for
 from capas.models.build import passes_through
 from capas.models.init import WHITENING_IMAGES, fit_whitening, whitening_layers
-from capas.runs import check_not_cwd, recover, staging, write_run
+from capas.runs import CHECKPOINT, check_not_cwd, not_the_runs, recover, staging, write_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.spec.io import config_changes, revalidated, unrecorded
 from capas.train import features
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
     from capas.data.splits import Splits
     from capas.models import CapasNet
     from capas.train.distributed import Distributed
-
-CHECKPOINT = "checkpoint.safetensors"
 
 
 def train(
@@ -145,17 +143,23 @@ def check_settings(spec: ModelSpec, cfg: TrainConfig) -> None:
 
 def check_out(out: Path) -> None:
     """Refuse an `out` folder that holds other things than a run: the finished run replaces the folder
-    whole (capas.runs.staging), which would delete them. A run (model.json), an unfinished one (its
-    checkpoint or lock) and an empty folder are taken; the current folder is not (its replacement would
-    leave the shell in a deleted folder)."""
+    whole (capas.runs.staging), which would delete them. A run, an unfinished one (its checkpoint or
+    lock) and an empty folder are taken, if they hold nothing else (`not_the_runs`: a user's notes, a
+    run or a study inside); the current folder is not (its replacement would leave the shell in a
+    deleted folder)."""
     check_not_cwd(out)
-    if not out.is_dir() or any((out / name).exists() for name in ("model.json", CHECKPOINT, LOCK)):
+    if not out.is_dir() or not (names := not_the_runs(out)):
         return
-    if names := sorted(entry.name for entry in out.iterdir()):
+    if any((out / name).exists() for name in ("model.json", CHECKPOINT)):
         raise CapasError(
-            f"{out}: a folder that is not a run directory (it holds {first_of(names, 3)}); the finished run "
-            "replaces the folder whole and would delete them: choose another --out, or empty the folder"
+            f"{out}: a run directory that also holds {first_of(names, 3)}, which are not part of a run; "
+            "the new run replaces the folder whole and would delete them: move them out, or choose another "
+            "--out"
         )
+    raise CapasError(
+        f"{out}: a folder that is not a run directory (it holds {first_of(names, 3)}); the finished run "
+        "replaces the folder whole and would delete them: choose another --out, or empty the folder"
+    )
 
 
 def _train(
