@@ -583,3 +583,16 @@ def test_a_variant_renamed_to_a_name_with_the_same_folder_keeps_its_runs(tmp_pat
     )
     loss = [{seed: r["test_loss"] for seed, r in v.finished.items()} for v in outcome.report.variants]
     assert [{seed: r["test_loss"] for seed, r in v.finished.items()} for v in again.report.variants] == loss
+
+
+@pytest.mark.parametrize("holds", [["model.json", "model.safetensors"], ["notes.txt"]])
+def test_a_study_out_that_is_a_run_or_another_folder_is_refused(holds, tiny_study, study_file, tmp_path):
+    """`capas study --out RUN` mixed study.sqlite, runs/ and the report into the run's folder, and
+    a folder of other files was taken too (train refuses both)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in holds:
+        (out / name).write_text("{}")
+    with pytest.raises(CapasError, match=rf"{out}: not a study directory \(it holds {holds[0]}"):
+        run_study(study_file(tiny_study()), out=out, workers=1)
+    assert sorted(p.name for p in out.iterdir()) == sorted(holds)

@@ -33,7 +33,7 @@ from rich.progress import (
 from capas.data import default_preprocess, load_dataset, splits_for
 from capas.errors import CapasError, first_of
 from capas.inference import resolve_device
-from capas.lock import exclusive
+from capas.lock import LOCK, exclusive
 from capas.runs import recover
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.spec.io import config_changes, unrecorded
@@ -386,6 +386,27 @@ def execute(
     return failed
 
 
+STUDY_FILES = ("runs", "plots", "report.md", "report.html", LOCK)  # and DATABASE with its journal
+
+
+def check_study_out(directory: Path) -> None:
+    """Refuse a study folder that holds what a study does not write (a run, a user's files): the study
+    would mix its database, runs and report into it. One that lost its database (its runs are read
+    back) is a study's."""
+    if not directory.is_dir():
+        return
+    names = sorted(
+        entry.name
+        for entry in directory.iterdir()
+        if entry.name not in STUDY_FILES and not entry.name.startswith((DATABASE, "."))
+    )
+    if names:
+        raise CapasError(
+            f"{directory}: not a study directory (it holds {first_of(names, 3)}); a study writes its "
+            "database, runs and report there: choose another --out, or an empty folder"
+        )
+
+
 def run_study(
     path: str | Path,
     *,
@@ -408,6 +429,7 @@ def run_study(
     study = load_study(path, data=data, seeds=seeds, input_shape=input_shape)
     check_classes(study)
     directory = Path(out) if out is not None else Path("studies") / directory_name(study.name)
+    check_study_out(directory)
     # one driver per study directory: a second one would restart runs the first is training
     with exclusive(directory, "study directory"), Store(directory / DATABASE) as store:
         variants = {v.name: v for v in study.variants}
