@@ -105,6 +105,20 @@ def test_export_onnx_matches_pytorch_with_dynamic_batch(run_dir, tmp_path):
     assert check.within_tolerance and check.images == 256 and check.max_abs_logits < ATOL
 
 
+@pytest.mark.parametrize("fmt", ["--onnx", "--keras"])
+def test_an_export_into_another_run_directory_is_refused(run_dir, tmp_path, fmt):
+    """`capas export RUN --onnx --out OTHER/model.onnx` replaced another (an int8) run's model with this
+    float one: that run then evaluated as the float model, its compress.json still saying int8."""
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    (other / "model.onnx").write_bytes(b"the other run's model")
+    name = "model.onnx" if fmt == "--onnx" else "model.keras"
+    result = runner.invoke(app, ["export", str(run_dir), fmt, "--out", str(other / name)])
+    assert result.exit_code == 2
+    assert f"--out {other / name}: inside the run directory {other}" in " ".join(result.output.split())
+    assert (other / "model.onnx").read_bytes() == b"the other run's model"
+
+
 def test_export_interrupted_during_its_parity_check_leaves_no_file(run_dir, tmp_path, monkeypatch):
     """The file was renamed into place before the parity check: Ctrl-C during the check left an
     unchecked model.onnx (or replaced the previous export) while capas said 'nothing was written'."""

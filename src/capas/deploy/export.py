@@ -142,10 +142,11 @@ def export_run(
     A result outside the tolerance is an error, and the file is removed: an export that changes the
     predictions is not an export.
     """
-    from capas.runs import OnnxModel
+    from capas.runs import OnnxModel, check_not_in_another_run
 
     if out is not None:
         atomic.check_file_target(Path(out), "--out", "model.onnx")
+        check_not_in_another_run(Path(out), run_dir)
         if Path(out).suffix != ".onnx":  # RUN/model.safetensors, a typo, replaced the run's own weights
             raise CapasError(
                 f"--out {out}: an ONNX file must end in .onnx, e.g. {Path(out).with_suffix('.onnx')}"

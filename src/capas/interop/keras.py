@@ -31,7 +31,7 @@ from capas.data.dataset import control_character
 from capas.errors import CapasError
 from capas.models import CapasNet, build_model
 from capas.models.build import passes_through
-from capas.runs import load_run, reading, recover, staging, write_run
+from capas.runs import check_not_in_another_run, load_run, reading, recover, staging, write_run
 from capas.spec import DataConfig, ModelSpec, parse_layer
 
 SCALES = {"0..1": (0.0, 1.0), "0..255": (0.0, 1 / 255), "-1..1": (0.5, 0.5)}
@@ -928,6 +928,7 @@ def export_keras(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """
     if out is not None:
         atomic.check_file_target(Path(out), "--out", "model.keras")
+        check_not_in_another_run(Path(out), run_dir)
         if Path(out).suffix != ".keras":  # Keras' load_model reads a .h5 as legacy HDF5, refuses others
             raise CapasError(
                 f"--out {out}: a Keras 3 file must end in .keras (keras.saving.load_model and capas "

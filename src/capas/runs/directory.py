@@ -284,6 +284,17 @@ def not_the_runs(folder: Path) -> list[str]:
     )
 
 
+def check_not_in_another_run(path: Path, run_dir: str | Path, what: str = "--out") -> None:
+    """Refuse a file path inside a run directory other than `run_dir`: it would replace that run's
+    files (an export written over an int8 run's model.onnx made it a float model)."""
+    folder = path.parent
+    if (folder / "model.json").is_file() and folder.resolve() != Path(run_dir).resolve():
+        raise CapasError(
+            f"{what} {path}: inside the run directory {folder}, whose files only its own commands write; "
+            "choose a path outside it"
+        )
+
+
 def check_not_cwd(out: Path) -> None:
     """Refuse the current folder as a run directory: staging replaces its folder whole, which would leave
     the shell in a deleted folder (`--out .`, or `--out ''`, which Typer reads as '.')."""
