@@ -1,11 +1,12 @@
 """How far adaptive seeds bend a study's 95% intervals and p-values: capas' own stopping rule
 (`Replication.decide`) and comparison (`paired_comparison`) on simulated studies.
 
-Each simulated variant's per-seed difference from the base is drawn from a normal distribution
-(mean `--effect` pp, spread σ pp); seeds are added one at a time from `min` until the rule stops,
-then the interval and p are computed as the report computes them. With a fixed seed count they
-cover the true difference in 95% of studies and find a variant without any effect significant in
-5%; stopping once the interval is narrow picks a small spread, so they do less well.
+Each simulated variant has no effect: its per-seed difference from the base is drawn from a normal
+distribution of mean 0 and spread σ pp; seeds are added one at a time from `min` until the rule
+stops, then the interval and p are computed as the report computes them. With a fixed seed count the
+interval covers 0 in 95% of studies and the variant is found significant in 5% (with no effect, one
+is 100% less the other); stopping once the interval is narrow picks a small spread, so they do less
+well.
 
     python benchmarks/adaptive_seeds.py                       # 3 to 5 seeds, target ±1 pp
     python benchmarks/adaptive_seeds.py --min 2 --max 5 --studies 50000

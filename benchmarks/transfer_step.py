@@ -3,7 +3,7 @@
 The network of examples/recipes/cifar10-transfer.yaml (EfficientNet-Lite0 with ImageNet weights at
 160×160, GlobalAveragePooling2D → Dropout → Dense(10)) trains through capas' `fit` in bfloat16 at
 batch 128 on real CIFAR-10 images, in its two phases: the top over the frozen backbone, and the
-last `--unfreeze` rows fine-tuned with the rest frozen. Each phase in four ways:
+last `--unfreeze` rows fine-tuned with the rest frozen. Each phase in six ways:
 
 - "bfloat16 depthwise backward": PyTorch's own bfloat16 backward of the depthwise convolutions
   (capas.train.depthwise turned off in this process, for the comparison only);
