@@ -35,8 +35,10 @@ class Callback:
     def on_fit_start(self, epochs: int, steps_per_epoch: int, start_epoch: int) -> None: ...
 
     def on_batch_end(self, images: int, loss: torch.Tensor, correct: torch.Tensor) -> None:
-        """After each step: the batch's summed loss and correct count, 0-dim tensors on the device
-        (reading them with .item() waits for the device: do it sparingly)."""
+        """After each step: the epoch's running sums of loss and correct predictions so far, 0-dim
+        tensors on the device (reading them with .item() waits for the device: do it sparingly), and
+        `images`, this process' images of the step. With several processes the sums are this
+        process' times their number: an estimate of the whole batches'."""
 
     def on_epoch_end(self, metrics: dict) -> None: ...
 
