@@ -93,16 +93,15 @@ def _weights_id(model: CapasNet, seed: int) -> dict:
         return {"weights_sha256": hashlib.file_digest(file, "sha256").hexdigest()}
 
 
-def cache_path(
+def cache_paths(
     model: CapasNet,
     data: DataConfig,
     cfg: TrainConfig,
     split_info: dict,
-    split: str,
     preprocess: Preprocess,
-) -> Path:
-    """The cache file for one split: a hash of backbone, weights, cached layers, precision, data, split
-    and resolution."""
+) -> dict[str, Path]:
+    """The cache file of each split: a hash of backbone, weights (a file's read once), cached layers,
+    precision, data, split and resolution."""
     key = {
         "format": CACHE_FORMAT,
         "backbone": model.spec.backbone.model_dump(mode="json", exclude={"frozen"}),
@@ -112,10 +111,12 @@ def cache_path(
         "precision": cfg.precision,
         "data": {"name": data.name, "data_dir": data.data_dir},
         "splits": split_info,
-        "split": split,
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_root() / "features" / f"{model.spec.backbone.name}-{split}-{digest}.safetensors"
+    paths = {}
+    for split in ("train", "val", "test"):
+        digest = hashlib.sha256(json.dumps({**key, "split": split}, sort_keys=True).encode()).hexdigest()[:24]
+        paths[split] = cache_root() / "features" / f"{model.spec.backbone.name}-{split}-{digest}.safetensors"
+    return paths
 
 
 @torch.no_grad()
@@ -213,11 +214,9 @@ def fit_top(
     """
     started = time.perf_counter()
     parts, states, compute_seconds = {}, {}, {}
-    for split in ("train", "val", "test"):
-        dataset = getattr(splits, split)
-        path = cache_path(model, data, cfg, splits.info, split, preprocess)
+    for split, path in cache_paths(model, data, cfg, splits.info, preprocess).items():
         parts[split], states[split], compute_seconds[split] = cached(
-            model, dataset, path, preprocess, device, cfg.precision
+            model, getattr(splits, split), path, preprocess, device, cfg.precision
         )
     seconds = time.perf_counter() - started
     top = _Top(list(model.layers.items())[_prefix(model) :], model.fixed)
