@@ -733,6 +733,32 @@ def test_every_unsupported_layer_and_keyword_is_named_with_its_position(tmp_path
     assert "'frozen'" not in text  # trainable=False imports as a frozen capas layer
 
 
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_softmax_over_the_last_axis_imports_however_keras_numbers_it(tmp_path, axis):
+    """Keras counts the batch in `axis`: Softmax(axis=1) on a (batch, F) vector is its last axis."""
+    model = keras.Sequential(
+        [
+            keras.Input((4, 4, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+            keras.layers.Softmax(axis=axis),
+        ]
+    )
+    model.save(tmp_path / "softmax.keras")
+    run = load_run(import_keras(tmp_path / "softmax.keras", tmp_path / "run")[0])
+    x = np.random.default_rng(0).random((2, 4, 4, 1), dtype=np.float32)
+    got = run.model.predict_proba(torch.from_numpy(x).permute(0, 3, 1, 2)).detach().numpy()
+    assert np.abs(got - keras.ops.convert_to_numpy(model(x, training=False))).max() < ATOL
+
+
+def test_softmax_over_another_axis_is_refused_naming_the_layer(tmp_path):
+    model = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Softmax(axis=1, name="rows")])
+    model.save(tmp_path / "rows.keras")
+    with pytest.raises(CapasError, match=r"layer 0 'rows' \(Softmax\): axis=1; capas applies the softmax"):
+        import_keras(tmp_path / "rows.keras", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_frozen_layers_and_batchnorm_without_center_or_scale_import_as_keras_computes(tmp_path):
     """README: `trainable=False` imports frozen, BatchNormalization's center/scale=False import."""
     model = keras.Sequential(

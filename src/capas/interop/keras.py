@@ -472,10 +472,12 @@ def _translate(
         elif key.endswith(("_regularizer", "_constraint")):
             if value is not None:
                 notes.append(f"{where}: {key} ignored (it acts during Keras' training only)")
-        elif key == "axis" and kind in NORMALIZATIONS:
+        elif key == "axis" and (kind in NORMALIZATIONS or kind == "Softmax"):
+            # Keras counts the batch: on (H, W, C) maps axis 3 is the last, on (F,) vectors axis 1
             last = (-1, (-1,)) if shape is None else (-1, (-1,), len(shape), (len(shape),))
             if _plain(value) not in last:
-                problems.append(f"{where}: axis={value!r}; capas normalises over the last (channel) axis, -1")
+                verb = "applies the softmax" if kind == "Softmax" else "normalises"
+                problems.append(f"{where}: axis={value!r}; capas {verb} over the last (channel) axis, -1")
         elif key in KEPT[kind]:
             keywords[key] = None if key == "activation" and value == "linear" else value
         elif key in FIXED.get(kind, {}):
