@@ -15,6 +15,7 @@ from rich.console import Console
 from capas.errors import CapasError
 from capas.models import build_model
 from capas.spec import ModelSpec, load_spec
+from capas.spec.io import MAX_BYTES
 from capas.spec.summary import summarize
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -464,6 +465,17 @@ def test_aliases_that_expand_to_millions_of_values_are_refused(tmp_path):
         CapasError, match=r"laughs.yaml: its aliases \(\*name\) expand to more than 1,000,000"
     ):
         load_spec(path)
+
+
+def test_a_document_larger_than_any_spec_is_refused_without_reading_it_all(tmp_path):
+    """`capas summary /dev/zero` read forever (and a huge file into memory at once)."""
+    path = tmp_path / "huge.yaml"
+    with open(path, "wb") as file:
+        file.truncate(MAX_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(CapasError, match=r"huge.yaml: larger than 64 MiB; capas reads YAML or JSON"):
+        load_spec(path)
+    with pytest.raises(CapasError, match=r"/dev/zero: larger than 64 MiB"):
+        load_spec("/dev/zero")
 
 
 def test_a_control_character_in_yaml_is_one_line_naming_its_line(tmp_path):

@@ -50,6 +50,9 @@ def _unique_keys(pairs: list[tuple[str, Any]], path: Path) -> dict:
     return out
 
 
+MAX_BYTES = 64 * 2**20
+"""The largest document read: a thousand times the largest spec or study capas has met."""
+
 MAX_EXPANDED = 1_000_000
 """The most values a YAML document may hold once its aliases are written out: thousands of times
 the largest study, far below what "billion laughs" (anchors of aliases of anchors) reach."""
@@ -74,7 +77,13 @@ def load_document(path: str | Path) -> Any:
     if os.path.isdir(path) or not os.path.exists(path):
         raise CapasError(f"{path}: {'a directory, not a file' if os.path.isdir(path) else 'no such file'}")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is no content
+        with open(path, "rb") as file:  # at most one byte past the limit: /dev/zero or a pipe never ends
+            data = file.read(MAX_BYTES + 1)
+        if len(data) > MAX_BYTES:
+            raise CapasError(
+                f"{path}: larger than {MAX_BYTES // 2**20} MiB; capas reads YAML or JSON specs and configs"
+            )
+        text = data.decode("utf-8-sig")  # a byte order mark (Windows editors) is no content
     except UnicodeDecodeError:
         hint = (
             "; a Keras model is imported with capas import-keras" if path.suffix in (".keras", ".h5") else ""
