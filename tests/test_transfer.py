@@ -394,6 +394,18 @@ def test_a_randomly_initialised_backbone_caches_its_features_per_seed(cache, tmp
     assert saved.loss == pytest.approx(second["test_loss"], rel=1e-4)
 
 
+def test_features_cached_by_another_pytorch_are_computed_again(cache, tmp_path, monkeypatch):
+    """Another PyTorch's kernels give the features other last digits: the run would train on features
+    its own backbone does not compute."""
+    spec = spec_with({"name": "resnet18", "weights": "none"})
+    data = DataConfig(name="fashion-mnist", limit=60, test_limit=12)
+    cfg = TrainConfig(epochs=1, batch_size=30)
+    assert train(spec, data, cfg, tmp_path / "a")["feature_cache"]["cache"] == "written"
+    assert train(spec, data, cfg, tmp_path / "b")["feature_cache"]["cache"] == "hit"
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert train(spec, data, cfg, tmp_path / "c")["feature_cache"]["cache"] == "written"
+
+
 def test_bfloat16_features_are_cached_apart_and_close_to_float32(cache, tmp_path):
     spec = spec_with({"name": "efficientnet_lite0", "weights": "imagenet"}, layers=TOP)
     data = DataConfig(name="fashion-mnist", limit=60, test_limit=12)

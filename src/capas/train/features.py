@@ -101,7 +101,7 @@ def cache_paths(
     preprocess: Preprocess,
 ) -> dict[str, Path]:
     """The cache file of each split: a hash of backbone, weights (a file's read once), cached layers,
-    precision, data, split and resolution."""
+    precision, PyTorch's version, data, split and resolution."""
     key = {
         "format": CACHE_FORMAT,
         "backbone": model.spec.backbone.model_dump(mode="json", exclude={"frozen"}),
@@ -109,6 +109,7 @@ def cache_paths(
         "layers": model.spec.to_dict()["layers"][: _prefix(model)],
         "preprocess": preprocess.model_dump(mode="json"),
         "precision": cfg.precision,
+        "torch": torch.__version__,  # another PyTorch's kernels compute other last digits
         "data": {"name": data.name, "data_dir": data.data_dir},
         "splits": split_info,
     }
