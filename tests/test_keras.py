@@ -751,6 +751,30 @@ def test_softmax_over_the_last_axis_imports_however_keras_numbers_it(tmp_path, a
     assert np.abs(got - keras.ops.convert_to_numpy(model(x, training=False))).max() < ATOL
 
 
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ([keras.layers.Dense(3, name="per_pixel")], r"layer 1 'per_pixel' \(Dense\): needs a flat vector"),
+        (
+            [
+                keras.layers.Flatten(),
+                keras.layers.Dense(3, activation="softmax", name="out"),
+                keras.layers.Dropout(0.5),
+            ],
+            r"layer 2 'out' \(Dense\): applies a softmax and only Dropout follows it",
+        ),
+    ],
+)
+def test_a_network_capas_cannot_build_is_refused_naming_the_file_and_keras_layer(tmp_path, layers, message):
+    """Keras applies Dense at every position of feature maps, and a Dropout may follow its softmax: both
+    were refused in a spec's words, without the file, numbered without the first Rescaling."""
+    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Rescaling(1 / 255), *layers])
+    model.save(tmp_path / "net.keras")
+    with pytest.raises(CapasError, match=rf"net.keras: cannot import:\n  {message}"):
+        import_keras(tmp_path / "net.keras", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_softmax_over_another_axis_is_refused_naming_the_layer(tmp_path):
     model = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Softmax(axis=1, name="rows")])
     model.save(tmp_path / "rows.keras")

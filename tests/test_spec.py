@@ -168,7 +168,7 @@ def test_a_softmax_followed_only_by_dropout_is_refused(dropout):
         ],
     }[dropout]
     with pytest.raises(
-        CapasError, match=rf"^layer 1 \(\w+\) applies a softmax and only {dropout} follows it"
+        CapasError, match=rf"^layer 1 \(\w+\): applies a softmax and only {dropout} follows it"
     ):
         build_model(_spec(*layers, shape=(2, 2, 1)))
     build_model(
@@ -180,7 +180,7 @@ def test_a_softmax_followed_only_by_a_linear_activation_is_refused():
     """Keras' Dense(3, softmax) then Activation('linear'), imported: predict_proba gave Keras'
     [0.279 0.405 0.316] as [0.315 0.358 0.327] (a softmax of the probabilities)."""
     with pytest.raises(
-        CapasError, match=r"^layer 1 \(Dense\) applies a softmax and only Activation follows it"
+        CapasError, match=r"^layer 1 \(Dense\): applies a softmax and only Activation follows it"
     ):
         build_model(
             _spec(

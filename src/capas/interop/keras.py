@@ -432,13 +432,18 @@ def _float32(dtype: Any) -> bool:
     return dtype == "float32"
 
 
+def _where(index: int, layer: dict) -> str:
+    """A Keras layer as messages name it: its position, name and class."""
+    return f"layer {index} {(layer.get('config') or {}).get('name')!r} ({layer.get('class_name')})"
+
+
 def _translate(
     index: int, layer: dict, shape: tuple[int, ...] | None
 ) -> tuple[dict | None, list[str], list[str]]:
     """One Keras layer -> (capas layer item or None, problems, notes about ignored keywords)."""
     kind, config = layer.get("class_name"), dict(layer.get("config") or {})
     name = config.get("name")
-    where = f"layer {index} {name!r} ({kind})"
+    where = _where(index, layer)
     if kind not in KEPT:
         return None, [f"{where}: unsupported layer type; capas imports {', '.join(sorted(KEPT))}"], []
     if layer.get("registered_name") is not None:  # Keras 3 writes None for its own layers
@@ -575,9 +580,12 @@ def convert(keras_file: KerasFile) -> Imported:
     name = (
         (keras_file.config.get("config") or {}).get("name") if isinstance(keras_file.config, dict) else None
     )
-    spec = ModelSpec.from_dict(
-        {"name": name or "keras_model", "input_shape": list(input_shape), "layers": items}, source=source
-    )
+    try:
+        spec = ModelSpec.from_dict(
+            {"name": name or "keras_model", "input_shape": list(input_shape), "layers": items}, source=source
+        )
+    except CapasError as error:  # Dense on feature maps (Keras applies it at every position)...
+        raise _numbered_as_keras(error, kept, source) from None
     # Checked before the model is built: a few bytes of config can declare terabytes of parameters.
     needed = sum(info.trainable + info.non_trainable for info in spec.layer_infos())
     held = sum(array.size for arrays in keras_file.weights.values() for array in arrays)
@@ -586,9 +594,22 @@ def convert(keras_file: KerasFile) -> Imported:
             f"{source}: the weights do not fit the architecture: its layers have {needed:,} parameters, the "
             f"file holds {held:,} weight values"
         )
-    model = build_model(spec, pretrained=False)
+    try:
+        model = build_model(spec, pretrained=False)
+    except CapasError as error:  # Dropout after the softmax...
+        raise _numbered_as_keras(error, kept, source) from None
     _load_weights(model, spec, kept, layers, keras_file)
     return Imported(spec, model.eval(), rescaling, notes)
+
+
+def _numbered_as_keras(error: CapasError, kept: list[tuple[int, dict]], source: str) -> CapasError:
+    """A message about the spec's layer N as one about the file's layer kept[N], which a first Rescaling
+    (the run's preprocessing, not a layer) or a dropped InputLayer numbers otherwise."""
+    number = re.match(r"layer (\d+) \(\w+\): ", str(error))
+    if number is None:
+        return error
+    index, layer = kept[int(number.group(1))]
+    return CapasError(f"{source}: cannot import:\n  {_where(index, layer)}: {str(error)[number.end() :]}")
 
 
 def _keras_paths(layers: list[dict]) -> list[str]:

@@ -53,7 +53,7 @@ def _ends_in_softmax(spec: ModelSpec) -> bool:
         if softmax is not None and _softmax(before[softmax]):
             advice = "put the Dropout before that layer" if isinstance(last, Dropout) else "leave it out"
             raise CapasError(
-                f"layer {softmax} ({before[softmax].type_name()}) applies a softmax and only {last.type_name()} "
+                f"layer {softmax} ({before[softmax].type_name()}): applies a softmax and only {last.type_name()} "
                 f"follows it: capas trains on the logits before a final softmax and applies it when predicting; "
                 f"{advice}"
             )
