@@ -490,6 +490,8 @@ def test_progressive_resizing_follows_composers_schedule():
     # rounded down to whole increments, never below one increment nor above the input
     assert resizing.size(cfg, 0, 100, (28, 30)) == (12, 12)
     assert resizing.size(ProgressiveResizing(initial_scale=0.1), 0, 10, (28, 28)) == (4, 4)
+    exact = ProgressiveResizing(initial_scale=0.58, size_increment=2)  # 0.58 × 100 = 57.999… in floats
+    assert resizing.size(exact, 0, 10, (100, 100)) == (58, 58)
     # the full-size steps train at the size evaluation sees, a multiple of the increment or not (28
     # with increments of 8 trained its last fifth at 24×24, a 28×30 input at 28×28)
     coarse = ProgressiveResizing(size_increment=8)

@@ -271,6 +271,11 @@ def test_a_study_refused_before_its_first_run_leaves_no_folder(tmp_path, tiny_st
     [
         ({"keywords": {-1: {"activation": "sigmoid"}}}, r"last layer \(Dense\) ends in a sigmoid"),
         ({"train": {"augment.cutout": 100}}, r"train.augment.cutout \(100\) is more than the images' side"),
+        (  # the base's Flatten takes 28×28 images only
+            {"train": {"progressive_resizing": {"initial_scale": 0.5}}},
+            r"train.progressive_resizing: the network cannot take 12×12 images",
+        ),
+        ({"train": {"cache_frozen": True}}, r"train.cache_frozen: needs a model with a backbone"),
     ],
 )
 def test_a_variant_train_would_refuse_is_refused_before_training(

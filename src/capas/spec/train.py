@@ -235,7 +235,8 @@ class ProgressiveResizing(_Config):
     the training batches are resized to `initial_scale` of the input for the first `delay_fraction`
     of the steps, grow linearly to full size until the last `finetune_fraction`, which trains at
     full size. Sides are rounded down to multiples of `size_increment` pixels (bilinear, antialiased
-    resizing of whole batches). Evaluation, BatchNorm recalibration and prediction see full-size
+    resizing of whole batches), so with `finetune_fraction: 0` the last steps train one increment
+    below full size. Evaluation, BatchNorm recalibration and prediction see full-size
     images. The network must take any input size: global pooling before its Dense layers, no
     Flatten. With `compile: true` each size compiles anew, and Dynamo compiles at most 8 shapes of
     one step before it runs the others uncompiled: a coarse `size_increment` keeps them few.

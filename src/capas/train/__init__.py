@@ -20,7 +20,7 @@ from capas.models.init import WHITENING_IMAGES, fit_whitening, whitening_layers
 from capas.runs import CHECKPOINT, check_not_cwd, not_the_runs, recover, staging, write_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.spec.io import config_changes, revalidated, unrecorded
-from capas.train import features
+from capas.train import features, frozen_cache, resizing
 from capas.train.checkpoint import checkpoint_identity
 from capas.train.loop import Callback, FitResult, fit, resolved
 from capas.train.progress import RichProgress
@@ -139,6 +139,13 @@ def check_settings(spec: ModelSpec, cfg: TrainConfig) -> None:
             "and the backbone's frozen layers keep theirs, also before train.finetune unfreezes any); "
             "make a layer trainable"
         )
+    if cfg.cache_frozen or cfg.progressive_resizing is not None:  # what the network itself allows
+        model = build_model(spec, seed=0, pretrained=False)
+        if cfg.cache_frozen:
+            frozen_cache.frozen_rows(model, cfg)
+        if cfg.progressive_resizing is not None:
+            h, w, channels = spec.input_shape
+            resizing.check_model(model, cfg.progressive_resizing, (h, w), channels)
 
 
 def check_out(out: Path) -> None:

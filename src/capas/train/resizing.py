@@ -31,7 +31,8 @@ def size(cfg: ProgressiveResizing, step: int, total_steps: int, full: tuple[int,
     if s >= 1.0:
         return full
     inc = cfg.size_increment
-    return tuple(min(side, max(inc, int(s * side) // inc * inc)) for side in full)
+    # rounded to 9 digits first: 0.58 × 100 is 57.999…, whose floor would take an increment off
+    return tuple(min(side, max(inc, int(round(s * side, 9)) // inc * inc)) for side in full)
 
 
 def resize(x: torch.Tensor, height_width: tuple[int, int]) -> torch.Tensor:
