@@ -24,6 +24,7 @@ from capas.data import default_preprocess, make_splits
 from capas.errors import CapasError
 from capas.inference import evaluate
 from capas.models import build_model
+from capas.models.modules import KerasBatchNorm2d
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.train import fit, train
 from capas.train.distributed import Distributed, check, free_port, launch
@@ -288,3 +289,43 @@ def test_launch_validates_a_config_changed_after_it_was_made(tmp_path):
     with pytest.raises(CapasError, match=r"^launch\(\): cfg: keyword 'epochs': .* \(given 0\)$"):
         launch(spec, DataConfig(name="digits"), cfg, tmp_path / "run", 2)
     assert not (tmp_path / "run").exists()
+
+
+KERAS_BATCHNORM = {
+    "name": "bn_kinds",
+    "input_shape": [8, 8, 1],
+    "layers": [
+        {"Conv2D": {"filters": 4, "kernel_size": 3}},
+        {"BatchNormalization": {"scale": False}},
+        {"BatchNormalization": {"trainable": False}},
+        "Flatten",
+        {"Dense": {"units": 10, "activation": "softmax"}},
+    ],
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])  # fmt: skip
+def test_ddp_trains_through_capas_own_batchnorm_layers(device):
+    """On GPUs, wrap() made every BatchNorm PyTorch's SyncBatchNorm: a `scale: false` layer's bias got
+    no gradient (so it never trained), the frozen layer trained (CapasNet.train() kept the replaced
+    module in eval mode), and the moving variance was PyTorch's unbiased one, not Keras'."""
+    model = build_model(ModelSpec.from_dict(KERAS_BATCHNORM), seed=0).to(device)
+    torch_dist.init_process_group(
+        "gloo" if device == "cpu" else "nccl",
+        init_method=f"tcp://127.0.0.1:{free_port()}",
+        rank=0,
+        world_size=1,
+        device_id=None if device == "cpu" else torch.device(device),
+    )
+    try:
+        net = Distributed(0, 1, 0).wrap(model)
+        model.train()
+        shifting, frozen = model.layers["batch_normalization"], model.layers["batch_normalization_1"]
+        assert type(shifting) is type(frozen) is KerasBatchNorm2d
+        assert not frozen.training
+        net(torch.rand(6, 1, 8, 8, device=device)).sum().backward()
+        assert shifting.bias.grad is not None and shifting.bias.grad.abs().sum() > 0
+        assert torch.equal(frozen.running_var, torch.ones_like(frozen.running_var))
+    finally:
+        torch_dist.destroy_process_group()

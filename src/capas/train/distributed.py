@@ -4,12 +4,12 @@ Every rank draws the same shuffled order and the same augmentation from the same
 the whole global batch (cheap whole-batch tensor operations) and keeps its contiguous slice of it; DDP
 averages the gradients. The layers' own draws (Dropout masks) come from a stream per rank. The loss of each slice is scaled so that the averaged gradient is the mean over
 the global batch, as in one process with the same `batch_size`: results match a single process up to
-float rounding. Validation and test are sharded and reduced, so every rank makes the same early-stopping
+float rounding (BatchNorm apart, below). Validation and test are sharded and reduced, so every rank makes the same early-stopping
 decision. Only rank 0 writes the run directory and checkpoints, and shows the progress bar.
 
-BatchNorm on GPUs becomes SyncBatchNorm: batch statistics over the global batch, as in one process.
-On the CPU (gloo; PyTorch's SyncBatchNorm is GPU-only) each rank normalizes with its slice's statistics
-and DDP copies rank 0's running statistics to the other ranks before each forward pass.
+BatchNorm normalizes each rank's slice with that slice's statistics, on GPUs as on the CPU (Keras'
+BatchNormalization under a distribution strategy, `synchronized=False`; PyTorch's DDP without
+SyncBatchNorm), and DDP copies rank 0's running statistics to the other ranks before each forward pass.
 A resumed run reads the checkpoint on every rank: on several machines, put the run directory on shared storage.
 """
 
@@ -55,14 +55,11 @@ class Distributed:
         return self.rank == 0
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The DDP module to train through (the same parameters as `model`, whose BatchNorm layers
-        become SyncBatchNorm on GPUs, in place: the optimizer's parameters stay the same tensors)."""
+        """The DDP module to train through `model`'s own layers. Its BatchNorm layers stay capas' on
+        GPUs too: PyTorch's SyncBatchNorm would replace them with layers that average the unbiased
+        variance, give a `scale: false` layer's bias no gradient, and train the frozen ones."""
         device = next(model.parameters()).device
-        if device.type != "cuda":
-            return DistributedDataParallel(model)
-        return DistributedDataParallel(
-            nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device.index]
-        )
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def shard(self, batch: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous slice of a global batch (the last batch of an epoch may split unevenly)."""
