@@ -753,6 +753,17 @@ def test_cpu_features_say_when_bfloat16_is_native(tmp_path):
         choose_precision("float16", "cpu")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_on_a_gpu_without_bfloat16_units_warns_as_on_such_a_cpu(monkeypatch, native):
+    """`auto` chose float32 on a T4 or V100, but asking for bfloat16 there said nothing (the warning
+    looked at CPUs only). PyTorch's answers for such a GPU stand in for one: this machine has none."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    warning = bfloat16_warning("cuda", "bfloat16")
+    assert warning is None if native else "Tesla T4, which has no bfloat16 units" in warning
+    assert bfloat16_warning("cuda", "float32") is None
+
+
 def test_serve_applies_the_runs_test_time_augmentation(whitened_run, tmp_path):
     import httpx
 

@@ -70,9 +70,17 @@ def cpu_features(flags: frozenset[str] | None = None) -> dict:
 def bfloat16_warning(
     device: torch.device | str, precision: str, flags: frozenset[str] | None = None
 ) -> str | None:
-    """A sentence for a user who asks for bfloat16 on a CPU that would emulate it, else None."""
-    if precision != "bfloat16" or torch.device(device).type != "cpu":
+    """A sentence for a user who asks for bfloat16 on a CPU or CUDA GPU that would emulate it, else None."""
+    device = torch.device(device)
+    if precision != "bfloat16" or device.type not in ("cpu", "cuda"):
         return None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return None
+        return (
+            f"--precision bfloat16 on {torch.cuda.get_device_name(device)}, which has no bfloat16 units (before "
+            "Ampere): bfloat16 is emulated and usually slower than float32 there"
+        )
     features = cpu_features(flags)
     if features["native_bfloat16"]:
         return None

@@ -69,6 +69,14 @@ def choose_precision(
     return "float32", f"no native bfloat16 on {device.type}"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a GPU (CUDA or Apple's MPS), so that the clock read next times it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def model_device(model) -> torch.device:
     """The device a model's inputs must be on: an ONNX Runtime model's (the CPU), else its parameters'
     (the CPU for a model without parameters)."""

@@ -27,7 +27,7 @@ import torch
 from capas.data import ArrayDataset, Preprocess, iterate_batches
 from capas.data.batches import flips
 from capas.errors import CapasError
-from capas.inference import Evaluation, autocast, eval_batch_size, evaluate
+from capas.inference import Evaluation, autocast, eval_batch_size, evaluate, synchronize
 from capas.spec import TrainConfig
 from capas.spec.train import Augment
 
@@ -170,6 +170,7 @@ def compute(
             values[done : done + len(x), view] = out
         done += len(x)
     labels = data.labels.to(values.device)
+    synchronize(device)  # views kept on a GPU may still be computing
     return FrozenViews(rows, values, labels, time.perf_counter() - started)
 
 

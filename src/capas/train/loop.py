@@ -16,7 +16,7 @@ from torch import nn
 from capas.cpu import kept_heap
 from capas.data import ArrayDataset, Preprocess, iterate_batches
 from capas.errors import CapasError
-from capas.inference import autocast, choose_precision, evaluate, resolve_device
+from capas.inference import autocast, choose_precision, evaluate, resolve_device, synchronize
 from capas.spec.io import revalidated
 from capas.spec.train import EarlyStopping, OptimizerConfig, TrainConfig
 from capas.train import batchnorm, depthwise, frozen_cache, resizing, winograd
@@ -329,8 +329,7 @@ def _fit(
                 cb.on_batch_end(n, loss_sum * world, correct * world)
             if _over_budget(cfg, result, seen, started):
                 break
-        if device.type == "cuda":  # the steps still queued on the GPU belong to the training time
-            torch.cuda.synchronize(device)
+        synchronize(device)  # the steps still queued on a GPU belong to the training time
         train_time = time.perf_counter() - started  # the steps alone: validation comes below
         result.train_seconds += train_time
         result.images += seen
