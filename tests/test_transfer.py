@@ -21,7 +21,7 @@ from capas.runs import load_run
 from capas.spec import BackboneConfig, DataConfig, ModelSpec, TrainConfig, load_spec
 from capas.spec.io import parse_config
 from capas.spec.summary import summarize
-from capas.train import fit, train
+from capas.train import features, fit, train
 from capas.train.loop import Callback
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -404,6 +404,16 @@ def test_features_cached_by_another_pytorch_are_computed_again(cache, tmp_path, 
     assert train(spec, data, cfg, tmp_path / "b")["feature_cache"]["cache"] == "hit"
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     assert train(spec, data, cfg, tmp_path / "c")["feature_cache"]["cache"] == "written"
+
+
+def test_features_computed_on_another_kind_of_device_are_cached_apart(cache):
+    """A GPU's float32 convolutions are TF32 from Ampere on: its features are not the CPU's."""
+    spec = spec_with({"name": "resnet18", "weights": "none"})
+    model, data = build_model(spec, seed=0, pretrained=False), DataConfig(name="fashion-mnist", limit=60)
+    args = (model, data, TrainConfig(), splits_for(data).info, preprocess_for(spec))
+    on_cpu, on_cuda = (features.cache_paths(*args, torch.device(kind)) for kind in ("cpu", "cuda"))
+    assert on_cpu == features.cache_paths(*args, torch.device("cpu"))
+    assert all(on_cpu[split] != on_cuda[split] for split in ("train", "val", "test"))
 
 
 def test_bfloat16_features_are_cached_apart_and_close_to_float32(cache, tmp_path):

@@ -99,9 +99,10 @@ def cache_paths(
     cfg: TrainConfig,
     split_info: dict,
     preprocess: Preprocess,
+    device: torch.device,
 ) -> dict[str, Path]:
     """The cache file of each split: a hash of backbone, weights (a file's read once), cached layers,
-    precision, PyTorch's version, data, split and resolution."""
+    precision, PyTorch's version, the kind of device, data, split and resolution."""
     key = {
         "format": CACHE_FORMAT,
         "backbone": model.spec.backbone.model_dump(mode="json", exclude={"frozen"}),
@@ -109,7 +110,9 @@ def cache_paths(
         "layers": model.spec.to_dict()["layers"][: _prefix(model)],
         "preprocess": preprocess.model_dump(mode="json"),
         "precision": cfg.precision,
-        "torch": torch.__version__,  # another PyTorch's kernels compute other last digits
+        # another PyTorch's kernels, or another device's (a GPU's float32 is TF32), compute other digits
+        "torch": torch.__version__,
+        "device": device.type,
         "data": {"name": data.name, "data_dir": data.data_dir},
         "splits": split_info,
     }
@@ -215,7 +218,7 @@ def fit_top(
     """
     started = time.perf_counter()
     parts, states, compute_seconds = {}, {}, {}
-    for split, path in cache_paths(model, data, cfg, splits.info, preprocess).items():
+    for split, path in cache_paths(model, data, cfg, splits.info, preprocess, device).items():
         parts[split], states[split], compute_seconds[split] = cached(
             model, getattr(splits, split), path, preprocess, device, cfg.precision
         )
