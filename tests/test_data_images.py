@@ -1,15 +1,17 @@
 """The one image decoder (capas.data.images): modes, EXIF orientation, alpha, shrinking while decoding."""
 
 import io
+import math
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import hostile
-from capas.data import image_size, read_image
+from capas.data import Preprocess, image_size, read_image
 from capas.data.images import BACKGROUND
 from capas.errors import CapasError
 
@@ -76,6 +78,36 @@ def test_every_orientation_is_displayed_upright_in_every_format(fmt, orientation
     assert image_size(buffer.getvalue()) == (len(expected), len(expected[0]))
 
 
+def _png_with_exif_last(pixels: np.ndarray, orientation: int) -> bytes:
+    """A PNG whose eXIf chunk comes after its pixels (IDAT), just before IEND, as the PNG spec allows."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    plain = io.BytesIO()
+    Image.fromarray(pixels).save(plain, "PNG")
+    data = exif.tobytes()[6:]  # without Pillow's "Exif\0\0" prefix, which PNG's chunk has not
+    chunk = len(data).to_bytes(4, "big") + b"eXIf" + data + zlib.crc32(b"eXIf" + data).to_bytes(4, "big")
+    raw = plain.getvalue()
+    return raw[:-12] + chunk + raw[-12:]  # IEND is the last 12 bytes
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_pngs_size_comes_from_its_chunks_without_decoding_it(monkeypatch, orientation):
+    """Pillow's getexif() decodes a PNG whole to look for an eXIf chunk after the pixels: image_size
+    decoded every PNG (a 0.5 MB PNG of 12,000×12,000 pixels took 5 s and 505 MB before serve refused
+    it as too large) and a training folder's PNGs were decoded twice."""
+    pixels = np.zeros((2, 3), np.uint8)
+    pixels[0, 0] = 255
+    raw = _png_with_exif_last(pixels, orientation)
+    expected = UPRIGHT_3X2[orientation]
+    assert read_image(raw)[0].tolist() == expected  # Pillow reads such a chunk as it decodes
+
+    def no_decoding(self):
+        raise AssertionError("decoded the pixels")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decoding)
+    assert image_size(raw) == (len(expected), len(expected[0]))
+
+
 def test_alpha_is_composited_on_the_background():
     image = read_image(hostile.images()["alpha.png"])  # black; left half opaque, right half transparent
     assert image.shape == (3, 28, 28)
@@ -100,6 +132,31 @@ def test_large_images_shrink_while_decoding_to_twice_the_model_size():
     assert abs(shrunk.float().mean().item() - 90) < 2
 
 
+def test_a_long_strip_shrinks_along_its_length_and_resizes_without_a_large_intermediate(monkeypatch):
+    """A 1 × 4,000,000 PNG (8 kB) was not shrunk (its one-pixel side set the factor), and interpolate,
+    which resizes the width first, made it 4,000,000 × the model's width: 680 MB → 2.3 GB in serve
+    for a 32×32 model, tens of GB for 224×224."""
+    strip = io.BytesIO()
+    Image.new("P", (1, 4_000_000)).save(strip, "PNG")
+    image = read_image(strip.getvalue(), size=(32, 32))
+    assert image.shape == (3, 64, 1)  # at least twice 32 down its length, its one column kept
+    shapes = []
+    interpolate = torch.nn.functional.interpolate
+
+    def recording(x, **kwargs):
+        out = interpolate(x, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr("capas.data.batches.F.interpolate", recording)
+    tall = torch.randint(0, 256, (1, 3, 100_000, 1), dtype=torch.uint8)
+    out = Preprocess(size=(224, 224), channels=3)(tall)
+    assert out.shape == (1, 3, 224, 224)
+    assert max(math.prod(shape) for shape in shapes) == 3 * 224 * 224  # never 100,000 × 224
+    expected = interpolate(tall.float() / 255, size=(224, 224), mode="bilinear", antialias=True)
+    assert (out - expected).abs().max() < 1e-4
+
+
 def test_images_a_training_folder_may_hold_decode_whole_whatever_the_model_size():
     """A 256×256 image for a 28×28 model was shrunk while decoding, so `capas serve` gave the model
     other pixels than training, which decodes a folder's images whole."""
@@ -109,8 +166,9 @@ def test_images_a_training_folder_may_hold_decode_whole_whatever_the_model_size(
 
 
 def test_pixel_limit_is_checked_before_decoding():
-    with pytest.raises(CapasError, match=r"bomb.png: .*pixels"):
-        read_image(hostile.bomb_png(), name="bomb.png")
+    for read in (read_image, image_size):  # Pillow's own limit (179 M pixels), its size in capas' words
+        with pytest.raises(CapasError, match=r"^bomb.png: 400,000,000 pixels, more than capas decodes"):
+            read(hostile.bomb_png(), name="bomb.png")
     with pytest.raises(CapasError, match="4000×4000 pixels is more than the 1,000,000 allowed"):
         read_image(hostile.palette_png(), max_pixels=1_000_000)
 

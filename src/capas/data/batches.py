@@ -58,8 +58,13 @@ class Preprocess(BaseModel):
             x = self._scale(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)  # interpolate keeps the memory format
-        if x.shape[-2:] != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        if x.shape[-2] > self.size[0] and x.shape[-1] < self.size[1]:
+            # interpolate resizes the width first: a tall strip (1 × 4,000,000 pixels) would become
+            # 4,000,000 × the model's width before shrinking. Its height first, resized as a width:
+            # to a width of 1, PyTorch 2.14's antialiased resize gives every row the first's value
+            x = _resize(x.transpose(-2, -1), (x.shape[-1], self.size[0])).transpose(-2, -1)
+            x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        x = _resize(x, self.size)
         return x if enlarging else self._scale(x)
 
     def each(self, images: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -210,3 +215,10 @@ def iterate_batches(
         if channels_last:  # augmentation may have changed the memory format
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, labels
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear and antialiased; interpolate keeps the batch's memory format."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,8 +37,8 @@ FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
 # With a model's size, larger images are shrunk while decoding (a 4000×4000 one costs 64 MB whole);
 # smaller ones decode whole, as a training folder's images do, so that they reach the model as the
-# tensor training made of them: shrinking first (a box average before the resize) moves pixels by
-# up to 9/255
+# tensor training made of them: shrinking first (a box average before the resize) moves pixels, by
+# up to 24/255 on a photo
 SHRINK_ABOVE = 2**20  # pixels: 1024×1024
 # larger files are refused unread past this: more than any image of MAX_PIXELS needs, uncompressed
 # at 16 bits in four channels; a device or pipe that never ends (/dev/zero) stops here
@@ -80,10 +81,31 @@ def image_size(source: Path | bytes, *, name: str | None = None) -> tuple[int, i
     """(height, width) of an image as it will be decoded (EXIF orientation applied), from its header
     alone: no pixel is decoded, so budgets can be checked before any memory is spent."""
     label = _label(source, name)
-    with _decoding(label), Image.open(io.BytesIO(_raw(source, label)), formats=FORMATS) as image:
+    raw = _raw(source, label)
+    with _decoding(label), Image.open(io.BytesIO(raw), formats=FORMATS) as image:
         width, height = _stored_size(image)
-        rotated = image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
+        if image.format == "PNG" and "exif" not in image.info:
+            # an eXIf chunk after the pixels: Pillow's getexif() would decode them all to reach it
+            exif = Image.Exif()
+            if (chunk := _png_chunk(raw, b"eXIf")) is not None:
+                exif.load(b"Exif\x00\x00" + chunk)
+        else:
+            exif = image.getexif()
+        rotated = exif.get(ORIENTATION, 1) in (5, 6, 7, 8)
     return (width, height) if rotated else (height, width)
+
+
+def _png_chunk(raw: bytes, kind: bytes) -> bytes | None:
+    """The data of a PNG's first chunk of `kind`, found by the chunks' lengths: nothing is inflated."""
+    at = 8  # past the signature; each chunk: length (4 bytes, big-endian), type (4), data, CRC (4)
+    while at + 8 <= len(raw):
+        length, found = int.from_bytes(raw[at : at + 4], "big"), raw[at + 4 : at + 8]
+        if found == kind:
+            return raw[at + 8 : at + 8 + length]
+        if found == b"IEND":
+            return None
+        at += 12 + length
+    return None
 
 
 def _stored_size(image: Image.Image) -> tuple[int, int]:
@@ -120,8 +142,8 @@ def read_image(
             size = None  # decoded whole, as training decodes a folder's images: the same pixels
         if size is not None and image.format == "JPEG":  # Pillow leaves a JPEG's orientation to us
             turned = image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
-            factor = _factor(image.size, (size[1], size[0]) if turned else size)
-            if factor > 1:  # decode at 1/2, 1/4 or 1/8 scale: never at full size
+            factor = min(_factors(image.size, (size[1], size[0]) if turned else size))
+            if factor > 1:  # decode at 1/2, 1/4 or 1/8 scale (both sides alike): never at full size
                 image.draft(image.mode, (width // factor, height // factor))
         image.load()
         # read after loading: Pillow 13 turns a TIFF itself as it loads it, and drops its tag
@@ -129,8 +151,8 @@ def read_image(
         if size is not None and orientation in (5, 6, 7, 8):
             size = (size[1], size[0])  # the loaded image is still a quarter turn from upright
         image = _eight_bit(image)  # L, LA, RGB or RGBA
-        if size is not None and (factor := _factor(image.size, size)) > 1:
-            image = image.reduce(factor)  # box average of factor × factor pixels
+        if size is not None and max(factors := _factors(image.size, size)) > 1:
+            image = image.reduce(factors)  # box average of fx × fy pixels
         if orientation in UPRIGHT:
             image = image.transpose(UPRIGHT[orientation])
         array = _composite(image)  # (H, W) or (H, W, 3) uint8
@@ -152,8 +174,10 @@ def _decoding(label: str) -> Iterator[None]:
         raise CapasError(
             f"{label}: not a readable image in a format capas reads ({', '.join(FORMATS)})"
         ) from None
-    except Image.DecompressionBombError as error:
-        raise CapasError(f"{label}: not a readable image ({error})") from None
+    except Image.DecompressionBombError as error:  # Pillow's limit, far above capas' own
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = f"{int(claimed[1]):,} pixels" if claimed else "more pixels than Pillow decodes"
+        raise CapasError(f"{label}: {pixels}, more than capas decodes (a decompression bomb)") from None
     except Exception as error:  # truncated or corrupt data
         raise CapasError(f"{label}: damaged or truncated image ({error or type(error).__name__})") from None
 
@@ -176,9 +200,10 @@ def naming_warnings(label: str, shown: set[str]) -> Iterator[None]:
             warnings.warn(message, warning.category, stacklevel=1)
 
 
-def _factor(actual: tuple[int, int], target: tuple[int, int]) -> int:
-    """The integer shrink factor that keeps an image of (W, H) `actual` at least twice (H, W) `target`."""
-    return max(1, min(actual[0] // (2 * target[1]), actual[1] // (2 * target[0])))
+def _factors(actual: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """The integer shrink factors (across, down) that keep an image of (W, H) `actual` at least twice
+    (H, W) `target`, each side its own: a 1 × 4,000,000 strip shrinks down its length."""
+    return max(1, actual[0] // (2 * target[1])), max(1, actual[1] // (2 * target[0]))
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
