@@ -181,8 +181,16 @@ BAD_REQUESTS = {
         lambda c, im: c.post(
             "/predict", content=_part("x") + b"1\r\n--xyz--\r\n", headers={"content-type": MULTIPART}
         ),
-        400,
-        ["no complete file part"],
+        422,
+        ["field 'x'", "not a file", "curl -F file=@x.png"],
+    ),
+    # a text part beside the files was dropped: the predictions' order shifted, top_k went unread
+    "multipart text field beside a file": (
+        lambda c, im: c.post(
+            "/predict", files={"file": ("a.png", png(im[0]), "image/png")}, data={"top_k": "2"}
+        ),
+        422,
+        ["field 'top_k'", "not a file", "/predict?top_k=3"],
     ),
     "multipart without a boundary": (
         lambda c, im: c.post("/predict", content=b"abc", headers={"content-type": "multipart/form-data"}),

@@ -147,10 +147,19 @@ async def _multipart_parts(request: Request, settings: ServeSettings) -> list[tu
     except ValueError as error:
         raise HTTPException(400, f"multipart body: {str(error).rstrip('.')}; {SEND_FILES}") from None
     try:
+        # a part without a filename is a text field, dropped it would shift the predictions' order
+        # (curl -F 'file=<x.png' sends one) or leave an option unread (-F top_k=3)
+        if text := next(
+            (key for key, value in form.multi_items() if not isinstance(value, UploadFile)), None
+        ):
+            raise HTTPException(
+                422,
+                f"multipart field {text[:MAX_ID_CHARS]!r}: a text field, not a file (no filename); "
+                f"{SEND_FILES}; options are query parameters (/predict?top_k=3)",
+            )
         parts = [
             (f"file {value.filename!r} (field {key!r})", await value.read())
             for key, value in form.multi_items()
-            if isinstance(value, UploadFile)
         ]
     finally:
         await form.close()
