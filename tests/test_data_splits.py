@@ -1,6 +1,7 @@
 """Stratified, deterministic splits, on synthetic datasets whose images carry their own index."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,14 @@ def test_limit_keeps_the_whole_test_split_unless_test_limit_says_otherwise(sourc
     assert small.info["sizes"]["test"] == 10 and small.info["test_limit"] == 10
     assert ids(small.test) <= ids(full.test)
     assert_stratified(small.test, torch.bincount(full.test.labels))
+    # the same test images with or without a limit: one generator drew the limit's subsets first, so
+    # runs that differed in `limit` alone (even one above the whole split) were tested on other images
+    for name in ("with-test", "no-test"):
+        unlimited = make_splits(name, seed=5, test_limit=10)
+        for limit in (40, 10**6):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # a class left without a training image
+                assert ids(make_splits(name, seed=5, limit=limit, test_limit=10).test) == ids(unlimited.test)
 
 
 def test_stratified_split_is_within_one_image_per_class():

@@ -43,8 +43,9 @@ def make_splits(
     test: the dataset's own test split when it has one ("official"), else a `test_fraction` of
     its images held out first ("held-out"). val: a `val_fraction` of the remaining training images.
     limit: for quick runs, keep at most `limit` training images and round(limit * val_fraction)
-    validation images; test_limit: at most this many test images. Each is a stratified subset of
-    the full split (so a limited run never sees images outside the unlimited run's splits). The test
+    validation images; test_limit: at most this many test images, the same ones whatever `limit`.
+    Each is a stratified subset of the full split (so a limited run never sees images outside the
+    unlimited run's splits). The test
     split stays whole unless test_limit says otherwise: 1,200 test images add about ±2 pp of
     binomial noise (95%) at 80% accuracy, which no seed interval contains.
 
@@ -65,11 +66,12 @@ def make_splits(
     if test is None:
         test, data = stratified_split(data, round(len(data) * test_fraction), generator)
     val, train = stratified_split(data, round(len(data) * val_fraction), generator)
+    test_draws = torch.Generator().set_state(generator.get_state())  # the same test images whatever `limit`
     if limit is not None:
         train = stratified_split(train, min(limit, len(train)), generator)[0]
         val = stratified_split(val, min(round(limit * val_fraction), len(val)), generator)[0]
     if test_limit is not None:
-        test = stratified_split(test, min(test_limit, len(test)), generator)[0]
+        test = stratified_split(test, min(test_limit, len(test)), test_draws)[0]
     sizes = {"train": len(train), "validation": len(val), "test": len(test)}
     if not all(sizes.values()):
         # an empty split fails late: after an epoch of training (validation) or at its end (test)
