@@ -121,9 +121,21 @@ def test_a_hostile_pickle_runs_nothing(tmp_path):
         b"\x80\x02cposix\nsystem\nX" + struct.pack("<I", len(command)) + command + b"\x85R."
     )
     write_tarball(tmp_path, files)
-    with pytest.raises(CapasError, match=r"data_batch_3 is not a valid batch: refusing global posix.system"):
+    with pytest.raises(
+        CapasError,  # named with its archive: CIFAR-10 is looked for in up to five places
+        match=r"cifar-10-python.tar.gz:cifar-10-batches-py/data_batch_3 is not a valid batch: refusing global posix",
+    ):
         load_dataset("cifar10", tmp_path)
     assert not marker.exists()
+
+
+def test_a_truncated_batch_in_a_folder_is_named_with_its_folder(tmp_path):
+    batch_dir = tmp_path / "cifar-10-batches-py"
+    batch_dir.mkdir()
+    for name, raw in cifar_files(2).items():
+        (batch_dir / name).write_bytes(raw[: len(raw) // 2] if name == "data_batch_3" else raw)
+    with pytest.raises(CapasError, match=rf"CIFAR-10 file {batch_dir}/data_batch_3 is not a valid batch"):
+        load_dataset("cifar10", tmp_path)
 
 
 def test_damaged_archive_and_missing_member(tmp_path):

@@ -67,8 +67,8 @@ class _BatchUnpickler(pickle.Unpickler):
 def load_cifar10(data_dir: str | Path | None = None) -> tuple[ArrayDataset, ArrayDataset]:
     """(train, test) of CIFAR-10, from an extracted `cifar-10-batches-py/` or the official tarball."""
     looked = search_dirs("cifar10", data_dir)
-    files = next((found for d in looked if (found := _read_files(d))), None)
-    if files is None:
+    found = next((found for d in looked if (found := _read_files(d))), None)
+    if found is None:
         target = cache_root() / "cifar10"
         try:
             download(URL, target / ARCHIVE, digest=MD5, algorithm="md5")
@@ -78,24 +78,26 @@ def load_cifar10(data_dir: str | Path | None = None) -> tuple[ArrayDataset, Arra
                 f"{ARCHIVE}, then tried to download it: {err}. To get it, download {URL} (md5 {MD5}) "
                 f"into {target}, or into a folder given as data_dir or $CAPAS_DATA"
             ) from err
-        files = _read_files(target)
-        assert files is not None  # the archive is there now: _read_files returns it or raises
-    names = _unpickle(files[META], META).get(b"label_names")
+        found = _read_files(target)
+        assert found is not None  # the archive is there now: _read_files returns it or raises
+    source, files = found  # messages name the file with its folder or archive: there are several places
+    names = _unpickle(files[META], f"{source}/{META}").get(b"label_names")
     if not isinstance(names, list) or not all(isinstance(name, bytes) for name in names):
-        raise CapasError(f"CIFAR-10 file {META} lacks the b'label_names' list")
+        raise CapasError(f"CIFAR-10 file {source}/{META} lacks the b'label_names' list")
     classes = tuple(name.decode() for name in names)
-    train = [_batch(files[name], name, len(classes)) for name in TRAIN_BATCHES]
-    test = _batch(files[TEST_BATCH], TEST_BATCH, len(classes))
+    train = [_batch(files[name], f"{source}/{name}", len(classes)) for name in TRAIN_BATCHES]
+    test = _batch(files[TEST_BATCH], f"{source}/{TEST_BATCH}", len(classes))
     return _stack(train, classes), _stack([test], classes)
 
 
-def _read_files(directory: Path) -> dict[str, bytes] | None:
-    """The batch files' bytes from `directory`'s extracted batches or tarball; None if it has neither."""
+def _read_files(directory: Path) -> tuple[str, dict[str, bytes]] | None:
+    """Where the batch files are (a folder, or a tarball's folder) and their bytes, from `directory`'s
+    extracted batches or tarball; None if it has neither."""
     names = (*TRAIN_BATCHES, TEST_BATCH, META)
     for folder in (directory / FOLDER, directory):
         if (folder / META).is_file():
             try:
-                return {name: (folder / name).read_bytes() for name in names}
+                return str(folder), {name: (folder / name).read_bytes() for name in names}
             except OSError as err:
                 raise CapasError(f"incomplete CIFAR-10 folder {folder}: {err}") from err
     if not (directory / ARCHIVE).is_file():
@@ -112,7 +114,7 @@ def _read_files(directory: Path) -> dict[str, bytes] | None:
         raise CapasError(f"cannot read CIFAR-10 archive {directory / ARCHIVE}: {err}") from err
     if missing := sorted(set(names) - set(files)):
         raise CapasError(f"CIFAR-10 archive {directory / ARCHIVE} lacks {FOLDER}/{', '.join(missing)}")
-    return files
+    return f"{directory / ARCHIVE}:{FOLDER}", files
 
 
 def _unpickle(raw: bytes, name: str) -> dict:
