@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import typing
 
 import pytest
@@ -1023,11 +1024,13 @@ def test_a_class_without_test_images_has_no_per_class_accuracy():
     assert results["confusion_matrix"] == [[2, 0, 0], [0, 2, 0], [0, 0, 0]]
 
 
-@pytest.mark.parametrize("spelling", ["", "/", "/../data"])
+@pytest.mark.parametrize("spelling", ["", "/", "/../data", " copied"])
 def test_evaluate_on_the_recorded_folder_named_again_holds_out_the_same_test_images(tmp_path, spelling):
     """A run trained with its own test_fraction and split_seed, evaluated with --data naming its folder,
     was scored on the default held-out split: images it had trained on, reported as test accuracy.
-    Also when --data spells the folder's path otherwise (folder:data/, as shell completion leaves it)."""
+    Also when --data spells the folder's path otherwise (folder:data/, as shell completion leaves it),
+    and for a copy of the folder (or a relative path named from another directory), which capas
+    cannot tell from another folder."""
     from PIL import Image
 
     for label, name in enumerate("ab"):
@@ -1048,6 +1051,9 @@ def test_evaluate_on_the_recorded_folder_named_again_holds_out_the_same_test_ima
     )
     run = load_run(tmp_path / "run")
     tested = json.loads((tmp_path / "run" / "config.json").read_text())["splits"]["sha256"]["test"]
+    if spelling == " copied":
+        shutil.copytree(tmp_path / "data", tmp_path / "copy")
+        folder, spelling = f"folder:{tmp_path / 'copy'}", ""
     assert run_splits(run, DataConfig(name=folder + spelling)).info["sha256"]["test"] == tested
 
 

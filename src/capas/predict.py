@@ -69,18 +69,20 @@ def predict_files(run: Run, paths: Iterable[str | Path]) -> list[Prediction]:
 
 def run_data(run: Run, data: DataConfig | None = None, data_dir: str | None = None) -> DataConfig:
     """The run's own data config (from config.json), its files looked for in `data_dir` if given (a run
-    moved to another machine); or `data`, which, naming the run's own dataset, keeps its recorded
-    split_seed and test_fraction: they choose the images a held-out test split holds, and the default
-    ones would test on images the model trained on."""
+    moved to another machine); or `data` with the run's recorded split_seed and test_fraction: they
+    choose the images a held-out test split holds, and the default ones would test on images the
+    model trained on — also under another name for the same images (a folder's relative path from
+    another directory, or a copy), which is not recognisable as the run's own. Naming the run's own
+    dataset, `data` takes its recorded name, which run_splits' test digest check compares."""
     recorded = run.read_json("config.json")
     recorded_data = (recorded or {}).get("data")
     if data is not None:
-        if isinstance(recorded_data, dict) and _same_dataset(recorded_data.get("name"), data.name):
-            # under its recorded name, which run_splits' test digest check compares
+        if isinstance(recorded_data, dict):
             own = parse_config(DataConfig, recorded_data, f"{run.path / 'config.json'}: data")
-            data = data.model_copy(
-                update={"name": own.name, "split_seed": own.split_seed, "test_fraction": own.test_fraction}
-            )
+            update = {"split_seed": own.split_seed, "test_fraction": own.test_fraction}
+            if _same_dataset(own.name, data.name):
+                update["name"] = own.name
+            data = data.model_copy(update=update)
         return data
     if recorded is None:
         raise CapasError(
@@ -151,11 +153,11 @@ def _same_dataset(recorded: object, name: str) -> bool:
 
 def _recipe(info: dict) -> dict:
     """What chose a test split's images: the dataset, seed and test_fraction (a held-out test split
-    is drawn first, so val_fraction and limit don't change it); a test_limit subset is drawn last,
-    from the same generator, so with one every setting counts."""
+    is drawn first, so val_fraction and limit don't change it); a test_limit subset is drawn after
+    the validation split, so with one val_fraction counts too (limit does not: splits.make_splits)."""
     if info.get("test_limit") is None:
         return {key: info.get(key) for key in ("dataset", "seed", "test_fraction", "test_source")}
-    return {key: value for key, value in info.items() if key not in ("sizes", "sha256")}
+    return {key: value for key, value in info.items() if key not in ("sizes", "sha256", "limit")}
 
 
 def evaluate_run(
