@@ -316,6 +316,17 @@ BAD_REQUESTS = {
         ["9 images, at most 8 per request"],
     ),
     "unknown route": (lambda c, im: c.get("/nope"), 404, ["Not Found"]),
+    # an unknown query parameter was ignored: /predict?topk=2 listed the default 5 classes
+    "misspelt query parameter": (
+        lambda c, im: c.post("/predict?topk=2", files={"file": ("a.png", png(im[0]), "image/png")}),
+        422,
+        ["'topk'", "/predict", "it takes top_k"],
+    ),
+    "query parameter of a route that takes none": (
+        lambda c, im: c.get("/metrics?format=json"),
+        422,
+        ["'format'", "/metrics", "it takes none"],
+    ),
 }
 
 

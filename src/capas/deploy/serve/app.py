@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 import capas
 from capas.deploy.drift import DriftDetector
 from capas.deploy.serve.batching import MicroBatcher
-from capas.deploy.serve.deps import ServerState
+from capas.deploy.serve.deps import ServerState, known_query
 from capas.deploy.serve.middleware import BodyLimit, HeadAsGet, HostGuard, RequestMetrics, TokenGuard
 from capas.deploy.serve.monitor import NO_REFERENCE, Metrics, Monitor
 from capas.deploy.serve.routes import api, monitoring, pages
@@ -217,8 +217,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         redoc_url=None,  # /docs is served from local files (routes/pages.py): no CDN here
     )
     app.state.server = state
-    app.include_router(api.router)
-    app.include_router(monitoring.router)
+    app.include_router(api.router, dependencies=[Depends(known_query)])
+    app.include_router(monitoring.router, dependencies=[Depends(known_query)])
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")
     app.mount(

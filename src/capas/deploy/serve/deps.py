@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 
 from capas.deploy.serve.batching import MicroBatcher
 from capas.deploy.serve.monitor import Metrics, Monitor
@@ -37,3 +37,17 @@ async def get_state(request: Request) -> ServerState:
 
 
 State = Annotated[ServerState, Depends(get_state)]
+
+
+async def known_query(request: Request) -> None:
+    """Refuse a query parameter the route does not take (`/predict?topk=2` gave the default 5 classes,
+    as a misplaced `top_k` in a JSON body once did): the token is every route's; the pages, which
+    browsers open with whatever a link adds, do not check."""
+    route = request.scope.get("route")
+    taken = {param.alias for param in getattr(getattr(route, "dependant", None), "query_params", ())}
+    if unknown := next((name for name in request.query_params if name not in taken | {"token"}), None):
+        raise HTTPException(
+            422,
+            f"query parameter {unknown[:64]!r}: not one {request.url.path} takes; "
+            + (f"it takes {', '.join(sorted(taken))}" if taken else "it takes none"),
+        )
