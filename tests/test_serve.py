@@ -88,7 +88,7 @@ def test_prediction_equals_capas_predict(client, tiny_run, test_images, tmp_path
     got = post_files(client, *(p.read_bytes() for p in paths)).json()["predictions"]
     # JSON with base64, one of them as a data URL, one wrapped in lines as `base64 x.png` writes it
     encoded = [base64.b64encode(p.read_bytes()).decode() for p in paths]
-    encoded[0] = "data:image/png;base64," + encoded[0]
+    encoded[0] = "DATA:image/PNG;BASE64," + encoded[0]  # any case, as RFC 2397 allows
     encoded[1] = base64.encodebytes(paths[1].read_bytes()).decode()
     got_json = client.post("/predict", json={"images": encoded}).json()["predictions"]
     for want, a, b in zip(expected, got, got_json, strict=True):

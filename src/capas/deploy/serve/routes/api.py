@@ -33,7 +33,9 @@ IMAGES_SHAPE = '{"images": ["<base64>", …]}'
 SEND_FILES = "send each image as a file field (curl -F file=@x.png)"
 FEEDBACK_SHAPE = '{"id": "<prediction id>", "label": <class index or name>}'
 RETRY_AFTER_S = 1  # what an overloaded server tells clients to wait
-DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
+DATA_URL = re.compile(
+    r"^data:[\w/+.-]*;base64,", re.IGNORECASE
+)  # RFC 2397: the scheme and media type are case-insensitive
 ERROR = {
     "description": "what was wrong with the request",
     "content": {"application/json": {"example": {"detail": "…"}}},
