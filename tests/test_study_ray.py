@@ -304,6 +304,31 @@ def test_a_shipped_run_trains_beside_another_users_scratch_folder(tmp_path, stud
     assert result["worker"]["storage"] == "shipped" and "test.json" in result["files"]
 
 
+def test_a_shipped_run_ships_its_compressed_run_too(tmp_path, study_path, monkeypatch):
+    """A compress variant on a node without the driver's disk shipped its run directory but not the
+    compressed run made beside it: the study recorded a path in the worker's scratch space, which the
+    driver has not, and the scratch folders stayed. Ray is not needed: the task's function runs here
+    as a worker runs it, and its result goes through the driver's side as a Ray task's would."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    variant = load_study(study_path()).variants[0]
+    config = variant.run_config(0)
+    out = tmp_path / "study" / "runs" / "Flatten" / "seed-0"
+    extras = {"compress": {"quantize": "dynamic"}}
+    task = RunTask(
+        "Flatten/seed-0", variant.name, 0, config["spec"], config["train"], config["data"], extras, str(out)
+    )
+    shipped: Future = Future()
+    shipped.set_result(_worker_run(task.to_dict(), queue.SimpleQueue(), "a-token", 1, code_version()))
+    future: Future = Future()
+    _deliver(shipped, future, out)
+    result = future.result()
+    assert result["compress"]["run"] == str(out.with_name("seed-0-dynamic"))
+    compressed = load_run(out.with_name("seed-0-dynamic"))
+    assert compressed.read_json("lineage.json")["method"] == "quantize-dynamic"
+    assert not list((tmp_path / "tmp" / f"capas-ray-{os.getuid()}").iterdir())  # no scratch left
+
+
 def test_a_worker_whose_capas_is_not_the_drivers_refuses_the_run(tmp_path, study_path):
     """A cluster's workers import the capas installed on their node (or as it was when `ray start`
     ran): a study trained on another capas than the driver's and reported it as the driver's, silently

@@ -18,6 +18,7 @@ run's directory; the worker reads it:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -103,13 +104,33 @@ def _worker_run(task: dict, events: Queue, token: str, threads: int, code: str) 
     scratch = Path(tempfile.gettempdir()) / f"capas-ray-{user}" / token / task["id"]
     result = execute_run({**task, "out": str(scratch)}, events.put)
     result["worker"]["storage"] = "shipped"
-    result["files"] = {
-        path.relative_to(scratch).as_posix(): path.read_bytes()
-        for path in sorted(scratch.rglob("*"))
+    result["files"] = _files(scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+    # what a run makes beside its directory after training (a compressed run), shipped by name
+    result["beside"] = {}
+    for key in task["extras"]:
+        made = result.get(key)
+        if (
+            isinstance(made, dict)
+            and isinstance(made.get("run"), str)
+            and Path(made["run"]).parent == scratch.parent
+        ):
+            beside = Path(made["run"])
+            result["beside"][key] = {"name": beside.name, "files": _files(beside)}
+            shutil.rmtree(beside, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the scratch folders this run made, once empty
+        scratch.parent.rmdir()
+        scratch.parent.parent.rmdir()
+    return result
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """A run directory's files by their path inside it (JSON, text, safetensors, ONNX: a few MB)."""
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
-    shutil.rmtree(scratch, ignore_errors=True)
-    return result
 
 
 def _deliver(ray_future: Future, future: Future, out: Path) -> None:
@@ -125,11 +146,25 @@ def _deliver(ray_future: Future, future: Future, out: Path) -> None:
     try:
         for name, data in result.pop("files", {}).items():
             atomic.write_with(out / name, lambda tmp, data=data: tmp.write_bytes(data))
+        for key, shipped in result.pop("beside", {}).items():
+            result[key]["run"] = str(_write_folder(out.with_name(shipped["name"]), shipped["files"]))
         probe_path(out).unlink(missing_ok=True)
     except (OSError, CapasError) as error:  # CapasError: a full disk
         future.set_exception(CapasError(f"{out}: cannot write the run's files sent by its worker ({error})"))
         return
     future.set_result(result)
+
+
+def _write_folder(folder: Path, files: dict[str, bytes]) -> Path:
+    """`files` as the folder `folder`, replacing one there whole: written beside it first, then renamed."""
+    incoming = folder.with_name(f".{folder.name}.incoming")
+    shutil.rmtree(incoming, ignore_errors=True)
+    for name, data in files.items():
+        (incoming / name).parent.mkdir(parents=True, exist_ok=True)
+        (incoming / name).write_bytes(data)
+    shutil.rmtree(folder, ignore_errors=True)
+    incoming.rename(folder)
+    return folder
 
 
 def check_options(address: str | None, cpus_per_run: float, gpus_per_run: float) -> None:
