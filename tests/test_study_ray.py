@@ -71,6 +71,16 @@ def test_an_address_nothing_answers_on_is_refused_at_once():
     assert time.monotonic() - started < 5 and not ray.is_initialized()
 
 
+@pytest.mark.parametrize("port", ["6379 ", "-5", "abc", "70000"])
+def test_an_address_whose_port_is_not_a_port_number_is_refused_at_once(port):
+    """The check passed any port that was not all digits to Ray, which retried '127.0.0.1:1 ' (a
+    trailing space from a copy) or '127.0.0.1:-5' for minutes."""
+    with pytest.raises(
+        CapasError, match=rf"--address '127.0.0.1:{port}': the port '{port}' is not a port number"
+    ):
+        check_reachable(f"127.0.0.1:{port}")
+
+
 def test_an_address_that_is_not_a_ray_head_is_refused_at_once():
     """A port that answers, but not as a Ray head (here a web server's): ray.init retried it for good,
     logging 'Failed to get cluster ID from GCS server' every 30 s."""

@@ -181,8 +181,13 @@ def check_reachable(address: str) -> None:
     """Refuse a HEAD:PORT that nothing answers on, or something other than a Ray head (a web server):
     Ray itself retries such an address for minutes, or for good, logging a warning every few seconds."""
     host, sep, port = address.split("://")[-1].rpartition(":")
-    if not sep or not port.isdigit():
-        return  # 'auto' and other forms that Ray resolves itself
+    if not sep:
+        return  # 'auto' and a bare host, which Ray resolves itself
+    if not port.isdigit() or not 0 < int(port) < 65536:  # Ray retried '6379 ' and '-5' for minutes
+        raise CapasError(
+            f"--address {address!r}: the port {port!r} is not a port number (1 to 65535); give HEAD:PORT "
+            "as `ray start --head` printed it, or leave out --address for a local Ray instance"
+        )
     try:
         connection = socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS)
     except OSError as error:
