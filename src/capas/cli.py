@@ -32,8 +32,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-errors = Console(stderr=True)
+console = Console(emoji=False)  # a name read from a file may hold :smile:, which Rich would replace
+errors = Console(stderr=True, emoji=False)
 
 
 def _version(value: bool) -> None:

@@ -114,7 +114,7 @@ class Summary:
         """The table on `console` (default: stdout). On a stream whose encoding lacks a character (a
         pipe or terminal in an ISO-8859-1 locale) names show '?' for it and rules are ASCII, as Rich
         draws the table's borders there: stdout itself is the caller's, never reconfigured."""
-        console = console or Console()
+        console = console or Console(emoji=False)
 
         def shown(text: str) -> str:
             return text.encode(console.encoding, "replace").decode(console.encoding)
@@ -132,7 +132,7 @@ class Summary:
     def text(self) -> str:
         """The summary as plain text (summary.txt in run directories)."""
         buffer = io.StringIO()
-        self.print(Console(file=buffer, width=120, color_system=None))
+        self.print(Console(file=buffer, width=120, color_system=None, emoji=False))
         return buffer.getvalue()
 
     def to_dict(self) -> dict:

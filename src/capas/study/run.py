@@ -424,7 +424,7 @@ def run_study(
     It may also be a function of the number of runs to do that makes the executor: called only once
     the study is validated and there is something to run (starting a Ray instance takes seconds).
     """
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, emoji=False)
     started = time.perf_counter()
     study = load_study(path, data=data, seeds=seeds, input_shape=input_shape)
     check_classes(study)

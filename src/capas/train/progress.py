@@ -17,7 +17,7 @@ class RichProgress(Callback):
     """One bar over all training steps; a line per finished epoch."""
 
     def __init__(self, console: Console | None = None, description: str = "training"):
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, emoji=False)
         self.description = description
         self.progress: Progress | None = None
 

@@ -65,7 +65,7 @@ def _fits(console: Console, table: Table, width: int) -> bool:
 
 def terminal_table(report: StudyReport, width: int = 80, console: Console | None = None) -> RenderableType:
     """The results table with the columns that fit in `width` (report.md has them all)."""
-    console = console or Console(width=10_000)
+    console = console or Console(width=10_000, emoji=False)
     rows, legend = _lettered(report, table_rows(report))
     keep = list(range(ESSENTIAL))
     if not _fits(console, _table(report, rows, keep), width):
