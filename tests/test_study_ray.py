@@ -13,6 +13,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import traceback
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -289,6 +290,25 @@ def test_a_worker_that_cannot_see_the_run_directory_ships_it_to_the_driver(local
     run = load_run(out)  # a complete run directory, written by the driver from the shipped bytes
     assert run.classes and (out / "test.json").is_file() and (out / "reference.safetensors").is_file()
     assert result["test_accuracy"] == pytest.approx(run.read_json("test.json")["test_accuracy"])
+    events.shutdown(force=True)
+
+
+def test_a_run_that_raises_on_ray_carries_its_workers_traceback(local_ray, tmp_path, study_path):
+    """study.sqlite's runs.error held the driver's frames alone (future.result()), nothing of where in
+    training the run failed; the local pool's errors carry their worker's traceback."""
+    variant = load_study(study_path()).variants[0]
+    config = variant.run_config(0)
+    data = {**config["data"], "name": "folder:/nonexistent"}  # fails inside the worker's train()
+    out = tmp_path / "study" / "runs" / "Flatten" / "seed-0"
+    task = RunTask("Flatten/seed-0", variant.name, 0, config["spec"], config["train"], data, {}, str(out))
+    events = ray.util.queue.Queue(actor_options={"num_cpus": 0})
+    ref = ray.remote(_worker_run).remote(task.to_dict(), events, "a-token", 1, code_version())
+    future: Future = Future()
+    _deliver(ref.future(), future, out)
+    error = future.exception(timeout=60)
+    assert isinstance(error, CapasError) and "/nonexistent" in str(error)
+    recorded = "".join(traceback.format_exception(error))
+    assert "in execute_run" in recorded and "in _worker_run" in recorded, recorded
     events.shutdown(force=True)
 
 

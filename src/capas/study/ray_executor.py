@@ -133,12 +133,25 @@ def _files(folder: Path) -> dict[str, bytes]:
     }
 
 
+class _WorkerTraceback(Exception):
+    """The traceback of a run's exception in its worker, chained to it as concurrent.futures' process
+    pool chains its workers' (`_RemoteTraceback`)."""
+
+    def __str__(self) -> str:
+        return f"\n{self.args[0]}"
+
+
 def _deliver(ray_future: Future, future: Future, out: Path) -> None:
     """Driver side of a finished task: write shipped files into the run directory, then resolve `future`."""
     try:
         result = ray_future.result()
     except RayTaskError as error:  # the run raised: pass on its own exception, not Ray's wrapper
-        future.set_exception(error.cause if isinstance(error.cause, Exception) else error)
+        if isinstance(error.cause, Exception):
+            # with the worker's frames, which the study records (as the local pool's errors carry them)
+            error.cause.__cause__ = _WorkerTraceback(str(error))  # Ray's text: the worker's frames
+            future.set_exception(error.cause)
+        else:
+            future.set_exception(error)
         return
     except BaseException as error:  # the worker died more often than retried, or the task was cancelled
         future.set_exception(error)
