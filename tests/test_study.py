@@ -21,6 +21,7 @@ from capas.errors import CapasError
 from capas.spec import ModelSpec
 from capas.spec.summary import summarize
 from capas.study import KINDS, load_study
+from capas.study.executors import PoolExecutor
 from capas.study.report import architecture_diff, collect
 from capas.study.run import run_study
 from capas.study.stats import mean_ci, paired_comparison
@@ -482,9 +483,12 @@ def test_study_runs_writes_report_and_skips_finished_runs(tmp_path, study_doc, s
         "per_class_accuracy.png",
     ]
 
-    again = run_study(path, out=out, workers=1, console=console)
+    given = PoolExecutor(2)  # given, it is closed with nothing left to run (a Ray instance stayed up)
+    again = run_study(path, out=out, executor=given, console=console)
     assert (again.trained, again.skipped) == (0, 8)
     assert (out / "report.md").read_text() == md  # the report comes from the store alone
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        given.pool.submit(print)
 
     doc["base"]["train"]["epochs"] = 2
     with pytest.raises(

@@ -422,7 +422,8 @@ def run_study(
 
     `out` defaults to studies/<study name>; `executor` defaults to the local pool sized by `workers`.
     It may also be a function of the number of runs to do that makes the executor: called only once
-    the study is validated and there is something to run (starting a Ray instance takes seconds).
+    the study is validated and there is something to run (starting a Ray instance takes seconds). An
+    executor given is closed once the study has planned its runs, whether or not any was left to do.
     """
     console = console or Console(stderr=True, emoji=False)
     started = time.perf_counter()
@@ -469,7 +470,9 @@ def run_study(
             highlight=False,
         )
         failed, trained = [], len(tasks)
-        made: list[Executor] = []  # made once there is something to run; closed at the end
+        # made once there is something to run, or given; closed at the end (a Ray instance it started
+        # stayed up when nothing was left to run)
+        made: list[Executor] = [executor] if isinstance(executor, Executor) else []
 
         def run(tasks: list[RunTask], total: int, done: int) -> None:
             if not made:
@@ -485,7 +488,7 @@ def run_study(
                         )
                     )
                 else:
-                    made.append(executor if isinstance(executor, Executor) else executor(len(tasks)))
+                    made.append(executor(len(tasks)))
             failed.extend(execute(tasks, made[0], store, total, done, console))
 
         try:
