@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -291,6 +292,38 @@ def test_a_worker_that_cannot_see_the_run_directory_ships_it_to_the_driver(local
     assert run.classes and (out / "test.json").is_file() and (out / "reference.safetensors").is_file()
     assert result["test_accuracy"] == pytest.approx(run.read_json("test.json")["test_accuracy"])
     events.shutdown(force=True)
+
+
+def test_runs_that_use_fewer_threads_than_the_cpus_they_ask_for_warn_once(local_ray, tmp_path, study_path):
+    """`--cpus-per-run 2` (the README's cluster example) reserved 2 CPUs per run while every run trained
+    with the study's 1 thread (train.threads), silently: half the cluster idled."""
+    variant = load_study(study_path()).variants[0]
+    config = variant.run_config(0)
+    executor = RayExecutor(cpus_per_run=2)
+    said = []
+    try:
+        for seed in (0, 1):
+            out = tmp_path / "runs" / f"seed-{seed}"
+            task = RunTask(
+                f"Flatten/seed-{seed}",
+                variant.name,
+                seed,
+                config["spec"],
+                config["train"],
+                config["data"],
+                {},
+                str(out),
+            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                executor.submit(task.to_dict())
+            said.append([str(warning.message) for warning in caught])
+    finally:
+        executor.close(cancel=True)
+    assert (
+        len(said[0]) == 1 and "trains with 1 thread" in said[0][0] and "base.train.threads: 2" in said[0][0]
+    )
+    assert said[1] == []  # once
 
 
 def test_a_run_that_raises_on_ray_carries_its_workers_traceback(local_ray, tmp_path, study_path):

@@ -27,6 +27,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -281,6 +282,7 @@ class RayExecutor(Executor):
         if not (self.owned and address is None):  # a local instance it starts runs this process' capas
             self._check_code()
         self.threads = max(1, int(cpus_per_run))
+        self.cpus_per_run, self.warned = cpus_per_run, False
         self.token = secrets.token_hex(8)
         # a queue actor that holds no CPU: progress events from every worker, drained by the driver
         self.queue = Queue(actor_options={"num_cpus": 0})
@@ -301,6 +303,15 @@ class RayExecutor(Executor):
             raise _other_code(worker, code_version())
 
     def submit(self, task: dict) -> Future:
+        threads = task["train"].get("threads") or 1
+        if threads < self.cpus_per_run and not self.warned:  # train.threads, not the request, sets torch's
+            self.warned = True
+            warnings.warn(
+                f"run {task['id']} trains with {threads} thread{'s' if threads != 1 else ''} (train.threads) on the "
+                f"{self.cpus_per_run:g} CPUs each run asks Ray for (--cpus-per-run): set base.train.threads: "
+                f"{int(self.cpus_per_run)} in the study file to use them, or ask for fewer",
+                stacklevel=2,
+            )
         out = Path(task["out"])
         atomic.write_text(probe_path(out), self.token)
         ref = self.remote.remote(task, self.queue, self.token, self.threads, code_version())
