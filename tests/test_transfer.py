@@ -411,8 +411,9 @@ def test_features_computed_on_another_kind_of_device_are_cached_apart(cache):
     spec = spec_with({"name": "resnet18", "weights": "none"})
     model, data = build_model(spec, seed=0, pretrained=False), DataConfig(name="fashion-mnist", limit=60)
     args = (model, data, TrainConfig(), splits_for(data).info, preprocess_for(spec))
-    on_cpu, on_cuda = (features.cache_paths(*args, torch.device(kind)) for kind in ("cpu", "cuda"))
-    assert on_cpu == features.cache_paths(*args, torch.device("cpu"))
+    weights = features.weights_id(spec.backbone, 0)
+    on_cpu, on_cuda = (features.cache_paths(*args, torch.device(kind), weights) for kind in ("cpu", "cuda"))
+    assert on_cpu == features.cache_paths(*args, torch.device("cpu"), weights)
     assert all(on_cpu[split] != on_cuda[split] for split in ("train", "val", "test"))
 
 
@@ -427,6 +428,39 @@ def test_bfloat16_features_are_cached_apart_and_close_to_float32(cache, tmp_path
     exact, rounded = (safe_open(str(f), framework="pt").get_tensor("features") for f in files)
     assert not torch.equal(exact, rounded)
     assert (rounded - exact).norm() / exact.norm() < 0.1  # bfloat16 keeps about 3 significant digits
+
+
+class _StopInEpoch2(Callback):
+    """The process dying after epoch 1's checkpoint, at epoch 2's first step."""
+
+    def on_fit_start(self, epochs, steps_per_epoch, start_epoch):
+        self.steps, self.limit = 0, steps_per_epoch
+
+    def on_batch_end(self, images, loss, correct):
+        self.steps += 1
+        if self.steps > self.limit:
+            raise KeyboardInterrupt
+
+
+def test_a_run_whose_backbone_file_changed_does_not_resume(cache, tmp_path):
+    """The checkpoint recorded the spec, which names the weights file, not what it holds: a run on cached
+    features resumed on another file's features and saved a top trained half on each backbone."""
+    torchvision = pytest.importorskip("torchvision")
+    weights = tmp_path / "resnet18.pth"
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    spec = spec_with({"name": "resnet18", "weights": str(weights)})
+    data, cfg = (
+        DataConfig(name="fashion-mnist", limit=60, test_limit=12),
+        TrainConfig(epochs=2, batch_size=30),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, data, cfg, tmp_path / "run", callbacks=[_StopInEpoch2()])
+    assert (tmp_path / "run" / "checkpoint.safetensors").is_file()
+    torch.manual_seed(2)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)  # the same name, other weights
+    with pytest.raises(CapasError, match=r"backbone_weights"):
+        train(spec, data, cfg, tmp_path / "run")
 
 
 def test_weights_from_a_local_file_load_exactly(tmp_path):

@@ -190,6 +190,8 @@ def _train(
         "splits": splits.info,  # what the data held: a folder that changed since would split otherwise
         "processes": processes,
     }
+    if spec.backbone is not None:  # the spec names a weights file, whose contents may change
+        identity["backbone_weights"] = features.weights_id(spec.backbone, cfg.seed)
     checkpoint = out / CHECKPOINT
     if restart and (dist is None or dist.is_main):
         checkpoint.unlink(missing_ok=True)

@@ -31,7 +31,7 @@ from capas.data.download import cache_root
 from capas.inference import Evaluation, autocast, eval_batch_size, evaluate
 from capas.models import CapasNet
 from capas.models.backbones import imagenet_file
-from capas.spec import DataConfig, TrainConfig
+from capas.spec import BackboneConfig, DataConfig, TrainConfig
 from capas.spec.backbone import RUN
 from capas.train.loop import Callback, FitResult, fit
 
@@ -77,11 +77,10 @@ def _prefix(model: CapasNet) -> int:
     return count
 
 
-def _weights_id(model: CapasNet, seed: int) -> dict:
-    """What identifies the backbone's weights: `none` with the seed that drew them, the library's own
+def weights_id(cfg: BackboneConfig, seed: int) -> dict:
+    """What identifies a backbone's weights: `none` with the seed that drew them, the library's own
     ImageNet weights, or the digest of the file they were read from (a file's size and modification
-    time can stay when its contents change: `cp -p`, `rsync -a`)."""
-    cfg = model.spec.backbone
+    time can stay when its contents change: `cp -p`, `rsync -a`). A run's checkpoint records it too."""
     if cfg.weights == "none":
         return {"weights": cfg.weights, "seed": seed}
     if cfg.weights == "imagenet":
@@ -100,13 +99,14 @@ def cache_paths(
     split_info: dict,
     preprocess: Preprocess,
     device: torch.device,
+    weights: dict,
 ) -> dict[str, Path]:
-    """The cache file of each split: a hash of backbone, weights (a file's read once), cached layers,
+    """The cache file of each split: a hash of backbone, `weights` (weights_id's), cached layers,
     precision, PyTorch's version, the kind of device, data, split and resolution."""
     key = {
         "format": CACHE_FORMAT,
         "backbone": model.spec.backbone.model_dump(mode="json", exclude={"frozen"}),
-        **_weights_id(model, cfg.seed),
+        **weights,
         "layers": model.spec.to_dict()["layers"][: _prefix(model)],
         "preprocess": preprocess.model_dump(mode="json"),
         "precision": cfg.precision,
@@ -206,7 +206,7 @@ def fit_top(
     *,
     callbacks: Sequence[Callback] = (),
     checkpoint: Path | None = None,
-    identity: dict | None = None,
+    identity: dict,
 ) -> tuple[FitResult, Evaluation, dict]:
     """Train only the top on cached features; the model's top layers end with the trained weights.
 
@@ -218,7 +218,8 @@ def fit_top(
     """
     started = time.perf_counter()
     parts, states, compute_seconds = {}, {}, {}
-    for split, path in cache_paths(model, data, cfg, splits.info, preprocess, device).items():
+    paths = cache_paths(model, data, cfg, splits.info, preprocess, device, identity["backbone_weights"])
+    for split, path in paths.items():
         parts[split], states[split], compute_seconds[split] = cached(
             model, getattr(splits, split), path, preprocess, device, cfg.precision
         )
