@@ -370,6 +370,13 @@ def staging(out: Path, replace: bool = True) -> Iterator[Path]:
             raise
 
 
+def _holds_anything(folder: Path) -> bool:
+    try:
+        return any(folder.iterdir())
+    except OSError:  # unreadable: what it holds cannot be told, so it counts
+        return True
+
+
 def recover(out: Path) -> None:
     """Put right what a command killed while it staged `out` (kill -9, a power loss, the OOM killer) left
     beside it, before a command writes `out` again, and say what was done in one warning. With no `out`,
@@ -382,7 +389,9 @@ def recover(out: Path) -> None:
     given, out = out, out.resolve()  # a link: the folder it points to is staged (`staging`)
     found = atomic.abandoned(out, r"(old-)?[a-z0-9_]{8}")
     prefix = atomic.hidden_prefix(out.name)
-    aside = [path for path in found if path.name.startswith(f"{prefix}old-")]
+    # not the empty folder a kill before staging's first rename left: it is no run, and two would
+    # leave the one that is aside
+    aside = [path for path in found if path.name.startswith(f"{prefix}old-") and _holds_anything(path)]
     done = []
     if len(aside) == 1 and not out.exists():
         with contextlib.suppress(OSError):  # `out` appeared meanwhile: the run stays aside
