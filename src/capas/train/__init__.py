@@ -122,16 +122,17 @@ def check_settings(spec: ModelSpec, cfg: TrainConfig) -> None:
             "end with activation: softmax (or none, the logits)"
         )
     side = min(spec.input_shape[:2])
-    for name in ("crop_padding", "cutout"):  # beyond the side, they would leave images all blank
-        if (size := getattr(cfg.augment, name)) > side:
-            raise CapasError(
-                f"train.augment.{name} ({size}) is more than the images' side ({side} pixels, input_shape "
-                f"{list(spec.input_shape)}); at most {side}"
-            )
-    if cfg.augment.crop_fill == "reflect" and cfg.augment.crop_padding >= side:
+    if (size := cfg.augment.cutout) > side:  # beyond the side, every image would be left all blank
         raise CapasError(
-            f"train.augment.crop_fill reflect mirrors the images' border, which needs crop_padding "
-            f"({cfg.augment.crop_padding}) below their side ({side} pixels); at most {side - 1}, or crop_fill: zeros"
+            f"train.augment.cutout ({size}) is more than the images' side ({side} pixels, input_shape "
+            f"{list(spec.input_shape)}); at most {side}"
+        )
+    if (shift := cfg.augment.crop_padding) >= side:
+        # a shift of the whole side moves the whole image out (zeros: about 7% of the images all blank,
+        # with their labels); reflect mirrors the border, which needs a shift below the side
+        raise CapasError(
+            f"train.augment.crop_padding ({shift}) is not below the images' side ({side} pixels, input_shape "
+            f"{list(spec.input_shape)}): a shift that large moves the whole image out; at most {side - 1}"
         )
     if not any(info.trainable for info in spec.layer_infos() if not info.frozen):
         raise CapasError(
