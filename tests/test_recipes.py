@@ -330,6 +330,18 @@ def test_an_ema_that_would_never_be_taken_is_refused():
     )  # taken at the last step
 
 
+def test_a_budget_that_stops_before_the_first_average_keeps_the_trained_weights():
+    """max_samples (or max_seconds) stopping training within the first `every` steps left the average
+    at the starting weights, which the run then validated, tested and saved, silently."""
+    cfg = TrainConfig(epochs=2, batch_size=64, ema={"decay": 0.9, "every": 5}, max_samples=128, device="cpu")
+    start = build_model(ModelSpec.from_dict({**WHITENED, "layers": WHITENED["layers"][2:]}), seed=0)
+    with pytest.warns(
+        UserWarning, match=r"before the weight average's first update \(ema.every 5 optimizer steps\)"
+    ):
+        trained = _tiny_fit(cfg)
+    assert not torch.equal(trained.layers["dense"][0].weight, start.layers["dense"][0].weight)
+
+
 def test_ema_overwrite_must_fall_on_an_update():
     with pytest.raises(ValidationError, match="overwrite_every"):
         TrainConfig(ema={"every": 5, "overwrite_every": 7})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -385,6 +386,12 @@ def _fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     elif ema is not None:
+        if not ema.taken:  # a budget stopped it within the first `every` steps
+            warnings.warn(
+                f"training stopped ({result.stopped}) before the weight average's first update (ema.every "
+                f"{cfg.ema.every} optimizer steps): the run keeps its own trained weights, not an average",
+                stacklevel=2,
+            )
         ema.copy_to(model)
         if cfg.bn_recalibration:  # the statistics the last validation used, not the average's own
             batchnorm.recalibrate(model, train, preprocess, cfg)
