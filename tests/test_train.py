@@ -410,7 +410,7 @@ def test_every_optimizer_and_schedule_trains(optimizer, schedule):
         epochs=2,
         batch_size=50,
         optimizer={"name": optimizer, "lr": lr, "momentum": 0.0},
-        schedule={"name": schedule, "step_epochs": 1},
+        schedule={"name": schedule, **({"step_epochs": 1} if schedule == "step" else {})},
         label_smoothing=0.1,
     )
     model, preprocess = build_model(spec, seed=0), default_preprocess(spec.input_shape)

@@ -124,6 +124,19 @@ class OptimizerConfig(_Config):
         )
 
 
+SCHEDULE_READS = {  # each schedule setting: the schedules that read it
+    "step_epochs": ("step",),
+    "gamma": ("step",),
+    "warmup_fraction": ("onecycle", "linear"),
+    "initial_factor": ("linear",),
+    "final_factor": ("linear",),
+    "factor": ("plateau",),
+    "patience": ("plateau",),
+    "min_lr": ("plateau",),
+    "min_delta": ("plateau",),
+}
+
+
 class ScheduleConfig(_Config):
     """The learning rate over training. 'plateau' is Keras' ReduceLROnPlateau on val_loss: after
     `patience` epochs without a val_loss below the best by more than `min_delta`, the rate is
@@ -146,6 +159,18 @@ class ScheduleConfig(_Config):
     patience: Count = Field(default=10, ge=1, description="'plateau': epochs without improvement")
     min_lr: Rate = Field(default=0.0, ge=0.0, description="'plateau': the lowest learning rate")
     min_delta: Real = Field(default=1e-4, ge=0.0, description="'plateau': the smallest improvement")
+
+    @model_validator(mode="after")
+    def _settings_of_the_schedule(self) -> ScheduleConfig:
+        # a value the schedule does not read would be recorded in config.json as if it had trained
+        # (`{name: cosine, warmup_fraction: 0.1}` ran without a warm-up)
+        for key, field in type(self).model_fields.items():
+            if key != "name" and getattr(self, key) != field.default and self.name not in SCHEDULE_READS[key]:
+                users = " and ".join(SCHEDULE_READS[key])
+                raise ValueError(
+                    f"{key} ({getattr(self, key)}) is read by the {users} schedule; {self.name} does not take it"
+                )
+        return self
 
 
 class EmaConfig(_Config):

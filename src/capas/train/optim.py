@@ -212,19 +212,25 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps:
             return 0.5 * (1.0 + math.cos(math.pi * min(step / total_steps, 1.0)))
         case "onecycle":
             # linear warm-up from 1/25 of the rate, then cosine down to zero (one-cycle, Smith 2018)
-            rise = max(1, int(cfg.warmup_fraction * total_steps))
+            rise = _rise(cfg, total_steps)
             if step < rise:
                 return 0.04 + 0.96 * step / rise
             return 0.5 * (1.0 + math.cos(math.pi * min((step - rise) / max(1, total_steps - rise), 1.0)))
         case "linear":
             # airbench's triangle: linear from initial_factor up to 1, then linear down to final_factor
-            rise = max(1, int(cfg.warmup_fraction * total_steps))
+            rise = _rise(cfg, total_steps)
             if step < rise:
                 return cfg.initial_factor + (1.0 - cfg.initial_factor) * step / rise
             # the last step ends at final_factor, also when the rise takes every step before it
             fall = min((step - rise) / (total_steps - 1 - rise), 1.0) if total_steps - 1 > rise else 1.0
             return 1.0 + (cfg.final_factor - 1.0) * fall
     raise AssertionError(cfg.name)
+
+
+def _rise(cfg: ScheduleConfig, total_steps: int) -> int:
+    """The warm-up's steps: at least one when there is a warm-up at all, none for warmup_fraction 0
+    (which gave step 0 the warm-up's starting rate)."""
+    return max(1, int(cfg.warmup_fraction * total_steps)) if cfg.warmup_fraction else 0
 
 
 class Plateau:
