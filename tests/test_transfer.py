@@ -662,6 +662,41 @@ def test_a_run_with_nothing_before_its_classifier_is_refused_as_a_backbone(tmp_p
         spec_with({"name": "run", "weights": str(tmp_path / "src")}, (8, 8, 1), ["Flatten", TOP[1]])
 
 
+def test_a_run_built_on_a_run_that_changed_since_is_refused_and_found_from_anywhere(tmp_path, monkeypatch):
+    """A run built on another run's layers takes their architecture from that run each time it loads:
+    retrained in place with another activation (the same shapes), the derived run loaded without a
+    word and predicted otherwise (test accuracy 0.305 recorded, 0.255 reloaded). And a relative
+    `weights: src` was kept as written: loadable only from the folder it was trained in."""
+    data, cfg = DataConfig(name="digits", limit=40, test_limit=10), TrainConfig(epochs=1)
+
+    def conv(activation: str) -> ModelSpec:
+        layers = [{"Conv2D": {"filters": 2, "kernel_size": 3, "activation": activation}}, "Flatten", TOP[1]]
+        return ModelSpec.from_dict({"name": "conv", "input_shape": [8, 8, 1], "layers": layers})
+
+    train(conv("relu"), data, cfg, tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    train(spec_with({"name": "run", "weights": "src"}, (8, 8, 1), [TOP[1]]), data, cfg, tmp_path / "top")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load_run(tmp_path / "top").spec.backbone.weights == str(tmp_path / "src")
+    train(conv("tanh"), data, cfg, tmp_path / "src")
+    with pytest.raises(
+        CapasError, match=r"top: its backbone run \S+/src has changed since this run trained on it"
+    ):
+        load_run(tmp_path / "top")
+
+
+def test_unfreezing_more_layers_than_are_frozen_is_refused(tmp_path):
+    """`frozen: 3` with `finetune: {unfreeze: 7}` unfroze the 3, silently."""
+    spec = spec_with({"name": "resnet18", "weights": "none", "frozen": 3})
+    cfg = TrainConfig(epochs=2, finetune={"after_epochs": 1, "unfreeze": 7})
+    with pytest.raises(
+        CapasError, match=r"train.finetune.unfreeze \(7\) is more than the 3 backbone layers frozen"
+    ):
+        train(spec, DataConfig(name="fashion-mnist", limit=60, test_limit=12), cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_backbone_run_retrained_in_the_same_process_is_described_anew(tmp_path):
     """The description of a `name: run` backbone was cached by its path: after the run was retrained
     wider in the same process, specs still had its old shapes and training failed in a matmul."""

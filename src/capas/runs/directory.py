@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import platform
@@ -47,6 +48,7 @@ from capas.models.weights import load_checked
 from capas.runs.reference import REFERENCE, save_reference
 from capas.runs.runtime import RUNTIME, OnnxModel, read_runtime
 from capas.spec import ModelSpec, load_spec
+from capas.spec.backbone import RUN
 from capas.spec.io import load_document, parse_config
 from capas.spec.summary import summarize
 
@@ -206,6 +208,32 @@ def _read_inference(file: Path) -> tuple[str, str, bool]:
     return precision, tta, bool(train.get("channels_last", False))
 
 
+def architecture_digest(run_dir: str | Path) -> str:
+    """The sha256 of a run's model.json: what a run built on it (`backbone: {name: run}`) takes its
+    layers' architecture from, each time it loads (its own weights file holds only their weights)."""
+    try:
+        return hashlib.sha256((Path(run_dir) / "model.json").read_bytes()).hexdigest()
+    except OSError as error:
+        raise CapasError(f"{run_dir}: cannot read its model.json ({error.strerror or error})") from None
+
+
+def _check_backbone_run(path: Path, spec: ModelSpec) -> None:
+    """A run built on another run's layers loads only while that run's architecture is the one it
+    trained on: retrained in place (another activation, the same shapes), it would silently compute
+    something else."""
+    if spec.backbone is None or spec.backbone.name != RUN or not (path / "config.json").is_file():
+        return
+    recorded = _json_object(path / "config.json").get("backbone_run")
+    if not isinstance(recorded, dict) or "model_json_sha256" not in recorded:
+        return  # a run of an older capas, which did not record it
+    if architecture_digest(spec.backbone.weights) != recorded["model_json_sha256"]:
+        raise CapasError(
+            f"{path}: its backbone run {spec.backbone.weights} has changed since this run trained on it (its "
+            "model.json is another file now), and this run's layers are built from it: restore that run, or "
+            "train this one again"
+        )
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     """Load a run directory; an incomplete or tampered directory is a CapasError that names the problem
     and the file that holds it.
@@ -221,6 +249,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     if missing:
         raise CapasError(f"{path}: incomplete run directory, missing {', '.join(missing)}")
     spec = _read_spec(path / "model.json")
+    _check_backbone_run(path, spec)
     preprocess, classes = _read_preprocess(path / "preprocess.json", spec)
     precision, tta, channels_last = _read_inference(path / "config.json")
     if runtime is not None:

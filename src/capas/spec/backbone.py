@@ -30,6 +30,15 @@ class BackboneConfig(BaseModel):
     frozen: Literal["all", "none"] | Count = "all"
     bn_frozen: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _run_by_its_whole_path(cls, data: object) -> object:
+        # a run's model.json keeps the path: a relative one (weights: src) left the run built on it
+        # loadable from the folder it was trained in only
+        if isinstance(data, dict) and data.get("name") == RUN and isinstance(data.get("weights"), str):
+            return {**data, "weights": os.path.abspath(data["weights"])}
+        return data
+
     @field_validator("frozen")
     @classmethod
     def _count(cls, value: str | int) -> str | int:

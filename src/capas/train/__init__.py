@@ -19,6 +19,7 @@ from capas.models.build import passes_through
 from capas.models.init import WHITENING_IMAGES, fit_whitening, whitening_layers
 from capas.runs import CHECKPOINT, check_not_cwd, not_the_runs, recover, staging, write_run
 from capas.spec import DataConfig, ModelSpec, TrainConfig
+from capas.spec.backbone import RUN
 from capas.spec.io import config_changes, revalidated, unrecorded
 from capas.train import features, frozen_cache, resizing
 from capas.train.checkpoint import checkpoint_identity
@@ -110,6 +111,15 @@ def check_settings(spec: ModelSpec, cfg: TrainConfig) -> None:
             f"{spec.name}: train.finetune unfreezes frozen backbone layers, and backbone.frozen is "
             f"{spec.backbone.frozen!r}: freeze some (backbone.frozen: all or a number) or leave finetune out"
         )
+    if cfg.finetune is not None and isinstance(cfg.finetune.unfreeze, int):
+        infos = spec.layer_infos()
+        frozen = sum(info.frozen for info in infos[: len(infos) - len(spec.layers)])  # the backbone's rows
+        if cfg.finetune.unfreeze > frozen:  # it unfroze those and said nothing of the rest
+            raise CapasError(
+                f"{spec.name}: train.finetune.unfreeze ({cfg.finetune.unfreeze}) is more than the "
+                f"{frozen} backbone layers frozen (backbone.frozen: {spec.backbone.frozen!r}); at most "
+                f"{frozen}, or unfreeze: all"
+            )
     # the last layer that computes: Dropout (SpatialDropout2D too) and a linear Activation pass their
     # input through when predicting
     last = next((layer for layer in reversed(spec.layers) if not passes_through(layer)), spec.layers[-1])
@@ -287,6 +297,11 @@ def _train(
     }
     if whitening is not None:
         config["whitening"] = whitening
+    if spec.backbone is not None and spec.backbone.name == RUN:  # what load_run checks it against
+        config["backbone_run"] = {
+            "path": spec.backbone.weights,
+            "model_json_sha256": identity["backbone_weights"]["model_json_sha256"],
+        }
     if dist is not None and not dist.is_main:
         return test_results
     # Written beside `out` and swapped in whole: retraining into a finished run's folder never

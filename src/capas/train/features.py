@@ -31,6 +31,7 @@ from capas.data.download import cache_root
 from capas.inference import Evaluation, autocast, eval_batch_size, evaluate
 from capas.models import CapasNet
 from capas.models.backbones import imagenet_file
+from capas.runs import architecture_digest
 from capas.spec import BackboneConfig, DataConfig, TrainConfig
 from capas.spec.backbone import RUN
 from capas.train.loop import Callback, FitResult, fit
@@ -89,7 +90,10 @@ def weights_id(cfg: BackboneConfig, seed: int) -> dict:
     else:
         path = Path(cfg.weights) / "model.safetensors" if cfg.name == RUN else Path(cfg.weights)
     with path.open("rb") as file:
-        return {"weights_sha256": hashlib.file_digest(file, "sha256").hexdigest()}
+        found = {"weights_sha256": hashlib.file_digest(file, "sha256").hexdigest()}
+    if cfg.name == RUN:  # a run's layers: their architecture too (another activation, the same weights)
+        found["model_json_sha256"] = architecture_digest(cfg.weights)
+    return found
 
 
 def cache_paths(
