@@ -16,7 +16,7 @@ from capas.errors import CapasError
 from capas.models import build_model
 from capas.spec import ModelSpec, load_spec
 from capas.spec.io import MAX_BYTES
-from capas.spec.summary import summarize
+from capas.spec.summary import readable_bytes, summarize
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -487,3 +487,18 @@ def test_a_control_character_in_yaml_is_one_line_naming_its_line(tmp_path):
     assert str(error.value) == (
         f"{path}: invalid YAML at line 3: character #x0000 is not allowed (a control character)"
     )
+
+
+@pytest.mark.parametrize(
+    "count, text",
+    [
+        (1023, "1023.00 B"),
+        (4 * 2**20, "4.00 MB"),
+        (2**38, "256.00 GB"),
+        (2**40, "1.00 TB"),
+        (3 * 2**50, "3.00 PB"),
+    ],
+)
+def test_byte_figures_are_keras_units(count, text):
+    """Keras' readable_memory_size goes on to TB and PB; capas stopped at GB (a 1 TiB model: 1024.00 GB)."""
+    assert readable_bytes(count) == text

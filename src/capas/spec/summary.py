@@ -16,8 +16,8 @@ from capas.spec.model import LayerInfo, ModelSpec
 def readable_bytes(count: int) -> str:
     """Keras' memory figure: 4 bytes per float32 parameter, in 1024-based units with two decimals."""
     size = float(count)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):  # keras.src.utils.summary_utils.readable_memory_size
+        if size < 1024 or unit == "PB":
             return f"{size:.2f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
