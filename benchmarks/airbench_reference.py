@@ -142,9 +142,9 @@ def main() -> None:
         table.add_row(str(seed), f"{accuracy:.2f}%", f"{wall:.1f}")
     console.print(table)
     accuracy = [a for _, a, _ in runs]
-    sd = statistics.stdev(accuracy) if len(accuracy) > 1 else float("nan")
+    spread = f" ± {statistics.stdev(accuracy):.2f}" if len(accuracy) > 1 else ""  # one seed: no spread
     console.print(
-        f"over {len(runs)} seeds: {statistics.mean(accuracy):.2f} ± {sd:.2f}% (min–max "
+        f"over {len(runs)} seeds: {statistics.mean(accuracy):.2f}{spread}% (min–max "
         f"{min(accuracy):.2f}–{max(accuracy):.2f}); data {data_seconds:.1f} s once; script {args.script}",
         highlight=False,
     )

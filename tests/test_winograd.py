@@ -55,6 +55,18 @@ def test_without_bias_and_from_a_contiguous_nchw_input():
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
+def test_a_second_derivative_is_refused_not_wrong():
+    """Its backward works on the forward's saved transforms, which have no graph: a double backward
+    (a gradient penalty) dropped the terms through the weights silently (norm 120,682 against 213,993)."""
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(conv2d(x, w, padding=1).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        grad_x.square().sum().backward()
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):  # not a wrong number either
+        torch.autograd.grad(grad_x.square().sum(), w)
+
+
 def test_float32_error_is_float32_rounding_at_128_channels():
     torch.manual_seed(0)
     x = torch.randn(2, 128, 14, 14).to(memory_format=torch.channels_last)

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -135,6 +136,7 @@ class _Winograd(torch.autograd.Function):
         return out[:, :ho, :wo]
 
     @staticmethod
+    @once_differentiable  # it works on saved transforms without a graph: a double backward would be wrong
     def backward(ctx, grad: torch.Tensor):
         v, u = ctx.saved_tensors
         n, h, w, c, k, th, tw, ph, pw = ctx.dims
