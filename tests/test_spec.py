@@ -502,3 +502,22 @@ def test_a_control_character_in_yaml_is_one_line_naming_its_line(tmp_path):
 def test_byte_figures_are_keras_units(count, text):
     """Keras' readable_memory_size goes on to TB and PB; capas stopped at GB (a 1 TiB model: 1024.00 GB)."""
     assert readable_bytes(count) == text
+
+
+def test_a_long_model_name_stays_on_one_line_and_wide_characters_keep_the_columns():
+    """The name was the table's title, which Rich wrapped at the table's width (summary.txt folded a long
+    name at about 77 columns of 120); the narrow table padded by characters, so a CJK name (two cells a
+    character) pushed its row's columns right."""
+    from rich.cells import cell_len
+
+    name = "a-very-long-model-name-" * 4
+    layers = [
+        {"Conv2D": {"filters": 2, "kernel_size": 3, "name": "第一个卷积层"}},
+        "Flatten",
+        {"Dense": {"units": 3}},
+    ]
+    summary = summarize(ModelSpec.from_dict({"name": name, "input_shape": [8, 8, 1], "layers": layers}))
+    assert summary.text().splitlines()[0] == f'Model: "{name}"'
+    rows = [line for line in summary.compact(60).splitlines() if "(None," in line]
+    assert len(rows) == 3
+    assert len({cell_len(row[: row.index("(None,")]) for row in rows}) == 1, rows

@@ -6,6 +6,7 @@ import io
 from dataclasses import dataclass, replace
 
 from rich import box
+from rich.cells import cell_len, chop_cells
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -61,7 +62,7 @@ class Summary:
 
     def table(self) -> Table:
         # names are the user's, printed as written: '[bold]' is not markup here
-        table = Table(title=f'Model: "{escape(self.name)}"', box=box.HEAVY_HEAD, title_justify="left")
+        table = Table(box=box.HEAVY_HEAD)  # the model's name goes above it, on a line of its own (print)
         table.add_column("#", justify="right")
         table.add_column("Layer (type)", no_wrap=True)
         table.add_column("Output Shape", no_wrap=True)
@@ -77,10 +78,12 @@ class Summary:
         columns. Numbers and shapes are never wrapped or cut; only names longer than fits fold."""
         cells = self._cells()
         headers = ("#", "Layer (type)", "Output Shape", "Param #", "Trainable", "Mult-adds")
+        # in terminal cells: a CJK character or an emoji takes two
         widths = [
-            max(len(h), *(len(c[i]) for c in cells)) for i, h in zip((0, 1, 3, 4, 5, 6), headers, strict=True)
+            max(cell_len(h), *(cell_len(c[i]) for c in cells))
+            for i, h in zip((0, 1, 3, 4, 5, 6), headers, strict=True)
         ]
-        widths[1] = max(widths[1], *(len(c[2]) + 2 for c in cells))
+        widths[1] = max(widths[1], *(cell_len(c[2]) + 2 for c in cells))
         # two spaces between columns when everything fits, else one; then the layer column gives way
         sep = "  " if sum(widths) + 2 * (len(widths) - 1) <= width else " "
         others = sum(widths) - widths[1] + len(sep) * (len(widths) - 1)
@@ -88,14 +91,16 @@ class Summary:
         right = (True, False, False, True, False, True)
 
         def line(values: list[str]) -> str:
-            return sep.join(
-                v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right, strict=True)
-            ).rstrip()
+            padded = (
+                " " * (w - cell_len(v)) + v if r else v + " " * (w - cell_len(v))
+                for v, w, r in zip(values, widths, right, strict=True)
+            )
+            return sep.join(padded).rstrip()
 
         def fold(text: str) -> list[str]:
-            return [text[i : i + widths[1]] for i in range(0, len(text), widths[1])] or [""]
+            return chop_cells(text, widths[1]) or [""]
 
-        out = [f'Model: "{self.name}"', line(list(headers)), rule * len(line(list(headers)))]
+        out = [f'Model: "{self.name}"', line(list(headers)), rule * cell_len(line(list(headers)))]
         for index, name, kind, shape, params, state, macs in cells:
             names = fold(name) + fold(f"({kind})")
             out.append(line([index, names[0], shape, params, state, macs]))
@@ -125,7 +130,8 @@ class Summary:
         if natural > console.width:  # too wide for the terminal (a pipe counts as 80 columns)
             compact = summary.compact(console.width, "─" if shown("─") == "─" else "-")
             console.print(compact, highlight=False, markup=False, soft_wrap=True)
-        else:
+        else:  # the name on its own line, as Keras prints it: a table's title wraps at the table's width
+            console.print(f'Model: "{summary.name}"', highlight=False, markup=False, soft_wrap=True)
             console.print(table)
         console.print(self.totals(), highlight=False, soft_wrap=True)
 
