@@ -124,7 +124,7 @@ def run_splits(run: Run, data: DataConfig | None = None, data_dir: str | None = 
             f"{data.name}: its test split is no longer the one {run.path} was tested on (the dataset's "
             "files changed since training: added, removed or edited images, or another copy); it may "
             "now hold images the model trained on. Restore the files, or put new images in a folder "
-            "of their own and name it with --data"
+            "of their own: --data folder:NEW scores its held-out test part, capas predict each image"
         )
     if data.name.startswith("folder:") and "sha256" not in tested and _recipe(tested) == _recipe(splits.info):
         warnings.warn(  # a built-in dataset's files are checksummed; a folder's may have changed
