@@ -130,6 +130,37 @@ def test_the_order_of_changes_in_the_file_does_not_matter(study_doc, study_file)
 
 
 @pytest.mark.parametrize(
+    ("first", "second", "message"),
+    [
+        (
+            {"keywords": {"dropout": {"rate": 0.2}}},
+            {"keywords": {"dropout": {"rate": 0.4}}},
+            r"keyword rate of layer 'dropout' is also set by variation 'a'",
+        ),
+        (
+            {"train": {"optimizer.lr": 0.01}},
+            {"train": {"optimizer.lr": 0.1}},
+            r"train.optimizer.lr is also set",
+        ),
+        (  # a mapping that replaces the setting holding the other's key
+            {"train": {"optimizer.lr": 0.01}},
+            {"train": {"optimizer": {"name": "sgd"}}},
+            r"train.optimizer is also set by variation 'a' \(it sets train.optimizer.lr\)",
+        ),
+    ],
+)
+def test_a_grids_variations_that_set_one_setting_are_refused(study_doc, study_file, first, second, message):
+    """The combination took the later variation's value and dropped the other's, silently, while its
+    name said it had both (a+b trained with b's filters and learning rate)."""
+    variations = [
+        {"name": name, "alternatives": [{"name": name, **change}]}
+        for name, change in (("a", first), ("b", second))
+    ]
+    with pytest.raises(CapasError, match=r"variant 'a\+b', variation 'b', alternative 'b': " + message):
+        load_study(study_file(study_doc(design="grid", variations=variations)))
+
+
+@pytest.mark.parametrize(
     ("alternative", "message"),
     [
         (

@@ -79,6 +79,21 @@ class Draft:
     extras: dict = field(default_factory=dict)
     inserted_after: dict[int, int] = field(default_factory=dict)  # base index -> layers inserted after it
     changed: dict[int, str] = field(default_factory=dict)  # base index -> the kind that changed it
+    variation: str = ""  # the variation whose change is being applied
+    claimed: dict[str, str] = field(default_factory=dict)  # setting ('train.optimizer.lr') -> its variation
+
+    def claim(self, setting: str) -> None:
+        """Refuse a setting that another variation of a grid's combination sets too (with its own
+        value, or over a mapping that holds it): the file's order would pick one, unseen."""
+        for other, variation in self.claimed.items():
+            overlap = setting == other or setting.startswith(f"{other}.") or other.startswith(f"{setting}.")
+            if overlap and variation != self.variation:
+                within = "" if other == setting else f" (it sets {other})"
+                raise CapasError(
+                    f"{setting} is also set by variation {variation!r}{within}: in a grid each setting comes "
+                    "from one variation, else the file's order would pick one"
+                )
+        self.claimed[setting] = self.variation
 
     def position(self, ref: Any, kind: str) -> int:
         """Where base layer `ref` (an index or a name) is now in `layers`."""
@@ -172,6 +187,8 @@ def _keywords(draft: Draft, args: Any) -> None:
         values = _mapping(values, f"keywords of {ref!r}", "keyword: value pairs")
         position = draft.position(ref, "keywords")
         origin, item = draft.layers[position]
+        for keyword in values:
+            draft.claim(f"keyword {keyword} of layer {draft.base_names[origin]!r}")
         draft.changed.setdefault(origin, "keywords")
         type_name, current = (item, {}) if isinstance(item, str) else next(iter(item.items()))
         merged = {**(current or {}), **values}
@@ -232,6 +249,7 @@ def _train(draft: Draft, args: Any) -> None:
             raise CapasError(
                 "train: 'seed' cannot be varied: every variant trains the study's seeds (set them with 'seeds')"
             )
+        draft.claim(f"train.{path}")
         _set_dotted(draft.train, path, value, "train")
 
 
@@ -243,6 +261,7 @@ def _spec(draft: Draft, args: Any) -> None:
             raise CapasError(
                 f"spec: {path!r} cannot be set this way; change layers with replace, insert, remove or keywords"
             )
+        draft.claim(f"spec.{path}")
         _set_dotted(draft.spec, path, value, "spec")
 
 
@@ -275,6 +294,7 @@ def _compress(draft: Draft, args: Any) -> None:
         )
     if not isinstance(args.get("structured", True), bool):
         raise CapasError(f"compress: structured must be true or false, got {args['structured']!r}")
+    draft.claim("compress")
     draft.extras["compress"] = dict(args)
 
 
@@ -509,6 +529,7 @@ def _resolve(base: Draft, choices: list[tuple[Variation, Alternative]], name: st
         where = f"variation {variation.name!r}, alternative {alternative.name!r}"
         if len(choices) > 1:  # a grid's combination: name the variant the report would show
             where = f"variant {name!r}, {where}"
+        draft.variation = variation.name
         try:
             KINDS[key].apply(draft, item)
         except CapasError as error:
