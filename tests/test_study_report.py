@@ -754,3 +754,24 @@ def test_compressed_models_ratios_are_averaged_geometrically(tiny_study, study_f
         "1.00×",
     )
     assert "2.00× smaller, 1.00× faster at batch 1" in doc.compression_sentences[0]
+
+
+def test_settings_a_variants_schedule_does_not_read_are_not_listed_as_changes(tiny_study, study_file):
+    """The tricks study's constant-rate variant listed `schedule.warmup_fraction: 0.23 → 0.25` and two
+    more: the defaults a constant schedule never reads, shown as if it warmed up."""
+    from capas.study.report import setting_changes
+
+    doc = tiny_study(train={"schedule": {"name": "linear", "warmup_fraction": 0.23, "initial_factor": 0.2}})
+    doc["variations"] = [
+        {
+            "name": "schedule",
+            "alternatives": [
+                {"name": "constant", "train": {"schedule": {"name": "constant"}}},
+                {"name": "longer", "train": {"schedule.warmup_fraction": 0.5}},
+            ],
+        }
+    ]
+    study = load_study(study_file(doc))
+    constant, longer = study.variants[1:]
+    assert setting_changes(study.base, constant) == ["train.schedule.name: 'linear' → 'constant'"]
+    assert setting_changes(study.base, longer) == ["train.schedule.warmup_fraction: 0.23 → 0.5"]

@@ -22,7 +22,7 @@ from itertools import zip_longest
 from capas.spec import LayerInfo
 from capas.spec.io import flat_items
 from capas.spec.summary import Summary, summarize
-from capas.spec.train import best_epoch
+from capas.spec.train import SCHEDULE_READS, best_epoch
 from capas.study.spec import Study, Variant
 from capas.study.stats import Comparison, Estimate, binomial_se, holm, mean_ci, paired_comparison
 from capas.study.store import RunRow
@@ -495,6 +495,19 @@ def setting_changes(base: Variant, variant: Variant) -> list[str]:
         # an empty section (the base's extras) has no settings, not one named '' whose value is {}
         old_flat, new_flat = (flat_items(values) if values else {} for values in (old, new))
         for key in sorted(set(old_flat) | set(new_flat)):
-            if old_flat.get(key) != new_flat.get(key):
+            if old_flat.get(key) != new_flat.get(key) and not _unread(section, key, variant.train):
                 lines.append(f"{section}.{key}: {old_flat.get(key)!r} → {new_flat.get(key)!r}")
     return lines
+
+
+def _unread(section: str, key: str, train: dict) -> bool:
+    """A schedule setting the variant's schedule does not read (its defaults where the base's linear
+    schedule had a warm-up): listed, it read as a change (a constant rate 'with a 25% warm-up')."""
+    setting = key.removeprefix("schedule.")
+    schedule = (train.get("schedule") or {}).get("name")
+    return (
+        section == "train"
+        and setting != key
+        and setting in SCHEDULE_READS
+        and schedule not in SCHEDULE_READS[setting]
+    )
