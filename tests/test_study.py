@@ -332,6 +332,23 @@ def test_names_longer_than_a_folder_name_are_refused(study_doc, study_file):
         load_study(study_file(study_doc(variations=[{"name": "v", "alternatives": [alt]}])))
 
 
+def test_a_variant_named_dot_or_dot_dot_keeps_its_runs_in_a_folder_of_its_own(study_doc, study_file):
+    """'..' trained its runs beside runs/ (runs/../seed-0), '.' inside runs/ itself."""
+    from capas.study.spec import directory_name
+
+    assert [directory_name(name) for name in (".", "..", "a.b", " .. ")] == [
+        "variant",
+        "variant",
+        "a.b",
+        "variant",
+    ]
+    alternatives = [{"name": name, "train": {"batch_size": size}} for name, size in ((".", 16), ("..", 32))]
+    with pytest.raises(
+        CapasError, match=r"variant name '\.\.' is used twice \(or collides with '\.' as a folder name\)"
+    ):
+        load_study(study_file(study_doc(variations=[{"name": "v", "alternatives": alternatives}])))
+
+
 def test_duplicate_variant_names_are_rejected(study_doc, study_file):
     alt = {"name": "Flatten", "train": {"batch_size": 32}}
     with pytest.raises(CapasError, match="variant name 'Flatten' is used twice"):

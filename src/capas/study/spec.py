@@ -390,8 +390,10 @@ NAME_MAX = 255  # characters in a file name (bytes on Linux and macOS; directory
 
 
 def directory_name(name: str) -> str:
-    """A variant name as a folder name: letters, digits, '.', '_', '-' and '+'."""
-    return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-") or "variant"
+    """A variant name as a folder name: letters, digits, '.', '_', '-' and '+'; never '.' or '..' (the
+    runs folder itself, or the study's: a variant named '..' trained beside runs/)."""
+    folder = re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-")
+    return folder if folder.strip(".") else "variant"
 
 
 def _replication(value: dict, source: str) -> Replication:
