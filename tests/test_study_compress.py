@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 
+import pytest
 from rich.console import Console
 
 from capas.study.run import run_study
@@ -87,25 +88,25 @@ def test_a_compressed_run_of_earlier_weights_is_made_again_not_read_back(tmp_pat
     )
 
 
+@pytest.mark.parametrize(("setting", "value"), [("finetune_epochs", 1), ("prune", 0.504)])
 def test_a_compressed_run_made_with_other_settings_is_made_again_not_read_back(
-    tmp_path, tiny_study, study_file
+    tmp_path, tiny_study, study_file, setting, value
 ):
-    # Only the compression changed (fine-tuning epochs), and the run folders were deleted to retrain them,
-    # as capas' refusal says: training gave the same weights again, so the pruned folder beside the run
-    # matched them and was read back, its figures those of the other fine-tuning.
-    def prune(epochs: int) -> dict:
-        return {
-            "name": "compression",
-            "alternatives": [{"name": "pruned", "compress": {"prune": 0.5, "finetune_epochs": epochs}}],
-        }
+    # Only the compression changed (fine-tuning epochs; an amount that rounds to the same folder name,
+    # -pruned50s), and the run folders were deleted to retrain them, as capas' refusal says: training
+    # gave the same weights again, so the pruned folder beside the run matched them and was read back,
+    # its figures those of the other settings.
+    def prune(**change) -> dict:
+        compress = {"prune": 0.5, "finetune_epochs": 0, **change}
+        return {"name": "compression", "alternatives": [{"name": "pruned", "compress": compress}]}
 
-    doc = tiny_study(name="compress", variations=[prune(0)], seeds=1)
+    doc = tiny_study(name="compress", variations=[prune()], seeds=1)
     console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115
     out = tmp_path / "out"
     assert run_study(study_file(doc), out=out, workers=1, console=console).failed == []
-    doc["variations"] = [prune(1)]
+    doc["variations"] = [prune(**{setting: value})]
     for path in [*out.glob("study.sqlite*"), out / "runs" / "pruned" / "seed-0"]:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     assert run_study(study_file(doc), out=out, workers=1, console=console).failed == []
     lineage = json.loads((out / "runs" / "pruned" / "seed-0-pruned50s" / "lineage.json").read_text())
-    assert lineage["settings"]["finetune_epochs"] == 1
+    assert lineage["settings"]["finetune_epochs" if setting == "finetune_epochs" else "amount"] == value

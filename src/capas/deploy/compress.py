@@ -159,17 +159,19 @@ def compress_for_study(run_dir: Path, args: dict) -> dict:
 
     A compressed run of these weights already complete beside it (the study was interrupted after
     compressing) is read back rather than made again; one made from other weights (the run was
-    trained again since, with other settings), or with other fine-tuning (the folder's name records
-    the rest), is replaced.
+    trained again since, with other settings), or with another amount or fine-tuning (the folder's
+    name records the rest, the amount in whole percents), is replaced.
     """
     out = default_out(run_dir, args.get("quantize"), args.get("prune"), args.get("structured", True))
     recorded = None
     if (out / "compress.json").is_file():
         lineage = json.loads((out / "lineage.json").read_text())
-        finetuned = lineage["settings"].get("finetune_epochs")  # pruning's; quantizing fine-tunes nothing
-        if lineage["source_model_sha256"] == _weights_sha256(run_dir) and finetuned in (
-            None,
-            args.get("finetune_epochs", COMPRESS.finetune_epochs),
+        settings = lineage["settings"]  # pruning's amount and fine-tuning; quantizing records neither
+        if (
+            lineage["source_model_sha256"] == _weights_sha256(run_dir)
+            and settings.get("finetune_epochs")
+            in (None, args.get("finetune_epochs", COMPRESS.finetune_epochs))
+            and settings.get("amount") in (None, args.get("prune"))  # 0.5 and 0.504 share -pruned50u
         ):
             recorded = json.loads((out / "compress.json").read_text())
         else:
