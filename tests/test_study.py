@@ -221,6 +221,16 @@ def test_bad_study_files_are_rejected_naming_the_variation(alternative, message,
         load_study(study_file(doc))
 
 
+def test_two_compressions_that_come_to_the_same_are_refused(study_doc, study_file):
+    """`{prune: 0.5}` and `{prune: 0.5, structured: true}` (its default) trained and compressed twice."""
+    alternatives = [
+        {"name": "a", "compress": {"prune": 0.5}},
+        {"name": "b", "compress": {"prune": 0.5, "structured": True, "finetune_epochs": 2}},
+    ]
+    with pytest.raises(CapasError, match=r"variant 'b' trains exactly as 'a'"):
+        load_study(study_file(study_doc(variations=[{"name": "v", "alternatives": alternatives}])))
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -557,6 +557,17 @@ def _resolve(base: Draft, choices: list[tuple[Variation, Alternative]], name: st
     )
 
 
+def _compress_defaults(extras: dict) -> dict:
+    """extras with compress' defaults written out: {prune: 0.5} prunes as {prune: 0.5, structured: true}."""
+    from capas.deploy.settings import COMPRESS
+
+    args = extras.get("compress")
+    if args is None or args.get("prune") is None:
+        return extras
+    defaults = {"structured": True, "finetune_epochs": COMPRESS.finetune_epochs}
+    return {**extras, "compress": {**defaults, **args}}
+
+
 def _refuse_identical(variants: list[Variant], source: str) -> None:
     """Two variants that train the same runs would spend their compute twice and report a difference
     of exactly nothing: an alternative that sets what the base already has, or two alternatives
@@ -571,7 +582,7 @@ def _refuse_identical(variants: list[Variant], source: str) -> None:
             "spec": variant.model_spec.to_dict(),
             "train": train.model_dump(mode="json") | {"optimizer": optimizer},
             "data": DataConfig.model_validate(variant.data).model_dump(mode="json"),
-            "extras": variant.extras,
+            "extras": _compress_defaults(variant.extras),
         }
         digest = config_hash(resolved)
         if digest in trained:
