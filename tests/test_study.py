@@ -241,6 +241,7 @@ def test_two_compressions_that_come_to_the_same_are_refused(study_doc, study_fil
         ),
         ({"seeds": [0, 2**32]}, r"'seeds' must be .* integers from 0 to 4,294,967,295"),
         ({"seeds": 10**20}, r"'seeds' must be"),  # was an OverflowError from SQLite, a study folder left
+        ({"seeds": 2**32}, r"'seeds' must be a count \(e.g. 3, at most 10,000\)"),  # a MemoryError
     ],
 )
 def test_misspelt_keys_and_seeds_out_of_range_are_named(change, message, study_doc, study_file, tmp_path):

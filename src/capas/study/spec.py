@@ -57,6 +57,9 @@ DEFAULT_SEEDS = 3
 RUN_THREADS = 1
 """PyTorch threads per run unless base.train.threads says otherwise: the same in every run whatever the
 number of workers, since the weights depend on it (a layout-independent study must fix it)."""
+MAX_SEEDS = 10_000
+"""The most seeds a variant may train: far beyond any study's, far below what listing them takes in memory
+(seeds.max 4,294,967,296 was a MemoryError as the study loaded)."""
 STUDY_BN_RECALIBRATION = 20
 """Training batches that recalibrate BatchNormalization's statistics before each evaluation in a study
 (2,560 images at batch 128: the statistics' standard error is ~2% of a channel's spread)."""
@@ -408,10 +411,8 @@ def _replication(value: dict, source: str) -> Replication:
         raise CapasError(
             f"{source}: seeds.min and seeds.max must be integers with 2 <= min <= max, got {low!r} and {high!r}"
         )
-    if high > MAX_SEED + 1:  # the seeds are 0 .. max − 1
-        raise CapasError(
-            f"{source}: seeds.max must be at most {MAX_SEED + 1:,} (seeds 0 to {MAX_SEED:,}), got {high!r}"
-        )
+    if high > MAX_SEEDS:  # the seeds are 0 .. max − 1
+        raise CapasError(f"{source}: seeds.max must be at most {MAX_SEEDS:,} seeds, got {high!r}")
     if isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target < math.inf:
         raise CapasError(
             f"{source}: seeds.target_halfwidth_pp must be a positive, finite number of percentage points, got {target!r}"
@@ -420,7 +421,7 @@ def _replication(value: dict, source: str) -> Replication:
 
 
 def _seeds(value: Any, source: str) -> tuple[int, ...]:
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SEED + 1:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SEEDS:
         return tuple(range(value))
     if (
         isinstance(value, list)
@@ -430,8 +431,8 @@ def _seeds(value: Any, source: str) -> tuple[int, ...]:
     ):
         return tuple(value)
     raise CapasError(
-        f"{source}: 'seeds' must be a count (e.g. 3) or a list of distinct integers from 0 to {MAX_SEED:,}, "
-        f"got {value!r}"
+        f"{source}: 'seeds' must be a count (e.g. 3, at most {MAX_SEEDS:,}) or a list of distinct integers "
+        f"from 0 to {MAX_SEED:,}, got {reprlib.repr(value)}"
     )
 
 
