@@ -119,6 +119,23 @@ def test_an_export_into_another_run_directory_is_refused(run_dir, tmp_path, fmt)
     assert (other / "model.onnx").read_bytes() == b"the other run's model"
 
 
+@pytest.mark.parametrize("where", ["images", "run"])
+def test_a_compressed_run_inside_an_image_folder_or_a_run_is_refused(run_dir, tmp_path, where):
+    """`capas compress RUN --out IMAGES/x` made a class folder without images of the run's dataset, and
+    every later evaluate and train on it failed; `--out RUN/sub` put a run inside a run."""
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    data = DataConfig(name=f"folder:{tmp_path / 'images'}") if where == "images" else None
+    out = tmp_path / "images" / "x" if where == "images" else run_dir / "sub"
+    message = (
+        r"inside the image folder .*images of the run's data"
+        if where == "images"
+        else r"inside the run directory"
+    )
+    with pytest.raises(CapasError, match=message):
+        compress_run(run_dir, quantize="dynamic", out=out, data=data)
+    assert not out.exists() and [p.name for p in (tmp_path / "images").iterdir()] == ["a"]
+
+
 def test_export_interrupted_during_its_parity_check_leaves_no_file(run_dir, tmp_path, monkeypatch):
     """The file was renamed into place before the parity check: Ctrl-C during the check left an
     unchecked model.onnx (or replaced the previous export) while capas said 'nothing was written'."""

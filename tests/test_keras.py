@@ -775,6 +775,16 @@ def test_a_network_capas_cannot_build_is_refused_naming_the_file_and_keras_layer
     assert not (tmp_path / "run").exists()
 
 
+def test_an_import_into_the_image_folder_of_its_data_is_refused(tmp_path):
+    """`import-keras --out IMAGES/x --data folder:IMAGES` made a class folder without images there."""
+    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    model.save(tmp_path / "net.keras")
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    with pytest.raises(CapasError, match=r"inside the image folder .*images of the run's data"):
+        import_keras(tmp_path / "net.keras", tmp_path / "images" / "x", data=f"folder:{tmp_path / 'images'}")
+    assert [p.name for p in (tmp_path / "images").iterdir()] == ["a"]
+
+
 def test_softmax_over_another_axis_is_refused_naming_the_layer(tmp_path):
     model = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Softmax(axis=1, name="rows")])
     model.save(tmp_path / "rows.keras")

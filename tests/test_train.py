@@ -627,7 +627,7 @@ def test_out_inside_the_image_folder_it_trains_on_is_refused(tmp_path, inside):
     evaluate, a retraining and every later use of the folder were refused."""
     spec, _, cfg = _small()
     (tmp_path / "images" / "c0").mkdir(parents=True)
-    with pytest.raises(CapasError, match=r"inside the image folder .*images it trains on"):
+    with pytest.raises(CapasError, match=r"inside the image folder .*images of the run's data"):
         train(spec, DataConfig(name=f"folder:{tmp_path / 'images'}"), cfg, tmp_path / "images" / inside)
     assert [p.name for p in (tmp_path / "images").iterdir()] == ["c0"] and not any(
         (tmp_path / "images" / "c0").iterdir()

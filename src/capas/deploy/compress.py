@@ -23,7 +23,16 @@ from capas.deploy.quantize import QUANTIZE, check_quantizable, quantize_run
 from capas.deploy.settings import COMPRESS
 from capas.errors import CapasError
 from capas.predict import run_data, run_splits
-from capas.runs import OnnxModel, environment, load_run, reading, recover, staging
+from capas.runs import (
+    OnnxModel,
+    check_not_in_another_run,
+    check_not_in_images,
+    environment,
+    load_run,
+    reading,
+    recover,
+    staging,
+)
 from capas.spec import DataConfig
 
 
@@ -63,6 +72,8 @@ def compress_run(
         if out.exists():
             raise CapasError(f"{out}: already exists; {where} or remove it")
         data = run_data(source, data, data_dir)
+        check_not_in_images(out, data.name)
+        check_not_in_another_run(out, out)  # inside a run (its own source's too), as export refuses
         splits = run_splits(source, data)
         # the new run's config: the source's, with the dataset and splits it was calibrated or fine-tuned and tested on
         config = {

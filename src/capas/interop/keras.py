@@ -31,7 +31,15 @@ from capas.data.dataset import control_character
 from capas.errors import CapasError
 from capas.models import CapasNet, build_model
 from capas.models.build import passes_through
-from capas.runs import check_not_in_another_run, load_run, reading, recover, staging, write_run
+from capas.runs import (
+    check_not_in_another_run,
+    check_not_in_images,
+    load_run,
+    reading,
+    recover,
+    staging,
+    write_run,
+)
 from capas.spec import DataConfig, ModelSpec, parse_layer
 
 SCALES = {"0..1": (0.0, 1.0), "0..255": (0.0, 1 / 255), "-1..1": (0.5, 0.5)}
@@ -722,6 +730,8 @@ def import_keras(
     imported = convert(keras_file)
     spec = imported.spec
     out = Path(out) if out is not None else Path("runs") / spec.name
+    check_not_in_images(out, data)
+    check_not_in_another_run(out, out)
     recover(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CapasError(f"--out: {out} already exists; choose another run directory or remove it")

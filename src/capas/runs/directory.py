@@ -324,6 +324,19 @@ def check_not_in_another_run(path: Path, run_dir: str | Path, what: str = "--out
         )
 
 
+def check_not_in_images(out: Path, dataset: str | None) -> None:
+    """Refuse a run directory inside the image folder of a `folder:` dataset: the run would become a
+    class of its own (without images), and the dataset, refused then, could train or score nothing."""
+    if dataset is None or not dataset.startswith("folder:"):
+        return
+    images = Path(dataset.removeprefix("folder:")).expanduser().resolve()
+    if out.resolve().is_relative_to(images):
+        raise CapasError(
+            f"{out}: inside the image folder {images} of the run's data, whose <class>/<image> layout the "
+            "run directory would break: choose an --out outside it"
+        )
+
+
 def check_not_cwd(out: Path) -> None:
     """Refuse the current folder as a run directory: staging replaces its folder whole, which would leave
     the shell in a deleted folder (`--out .`, or `--out ''`, which Typer reads as '.')."""

@@ -17,7 +17,15 @@ from capas.lock import exclusive
 from capas.models import build_model, preprocess_for
 from capas.models.build import passes_through
 from capas.models.init import WHITENING_IMAGES, fit_whitening, whitening_layers
-from capas.runs import CHECKPOINT, check_not_cwd, not_the_runs, recover, staging, write_run
+from capas.runs import (
+    CHECKPOINT,
+    check_not_cwd,
+    check_not_in_images,
+    not_the_runs,
+    recover,
+    staging,
+    write_run,
+)
 from capas.spec import DataConfig, ModelSpec, TrainConfig
 from capas.spec.backbone import RUN
 from capas.spec.io import config_changes, revalidated, unrecorded
@@ -78,13 +86,7 @@ def train(
     if dist is None or dist.is_main:
         check_out(out)
         recover(out)  # a killed run's checkpoint, if it was moved aside, resumes
-    if data.name.startswith("folder:") and out.resolve().is_relative_to(
-        images := Path(data.name.removeprefix("folder:")).expanduser().resolve()
-    ):  # the run would become a class of its own dataset, or a folder inside one: both then refused
-        raise CapasError(
-            f"{out}: inside the image folder {images} it trains on, whose <class>/<image> layout the run "
-            "directory would break: choose an --out outside it"
-        )
+    check_not_in_images(out, data.name)
     cfg = resolved(cfg)
     check_settings(spec, cfg)
     splits = splits_for(data)
