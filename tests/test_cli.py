@@ -673,3 +673,18 @@ def test_a_confusion_matrix_wider_than_the_terminal_is_left_out_not_squeezed(mon
         classes[:10], [[100 * (i == j) for j in range(10)] for i in range(10)]
     )  # fits: a table
     assert "confusion matrix (rows: true class, columns: predicted)" in cli.console.file.getvalue()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux' /dev/full")
+def test_an_output_that_cannot_be_written_is_one_line_not_a_traceback():
+    """`capas info > /dev/full` (a full disk) ended in OSError's traceback."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "capas", "info"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: cannot write the output (No space left on device)", done.stderr

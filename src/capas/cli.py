@@ -107,6 +107,14 @@ def friendly(command):
                 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
             ) from None
         except OSError as error:
+            if error.filename is None and error.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
+                # the output itself cannot be written (`capas info > /dev/full`, a full disk): stdout
+                # goes to /dev/null, so that Python's own flush at exit does not fail again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                errors.print(
+                    f"[bold red]error:[/] cannot write the output ({error.strerror})", soft_wrap=True
+                )
+                raise typer.Exit(1) from None
             if error.errno != errno.ENAMETOOLONG:
                 raise
             # a path option, or a spec's name as runs/<name>, longer than a file name may be
