@@ -121,6 +121,8 @@ def test_nproc_2_spawns_the_processes_itself(spec_file, single, tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "test accuracy" in done.stdout
+    # each epoch's line, on stdout as with one process (it went to stderr: `> log.txt` lost the curve)
+    assert "epoch   2  loss" in done.stdout and "epoch   2" not in done.stderr
     _assert_same_run(out, single)
 
 

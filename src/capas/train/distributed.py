@@ -216,9 +216,12 @@ def _rank_main(rank: int, world: int, port: int, threads: int, job: dict, progre
     torch.set_num_threads(threads)
     callbacks = []
     if progress and rank == 0:
+        from rich.console import Console
+
         from capas.train.progress import RichProgress
 
-        callbacks.append(RichProgress())
+        # on stdout, which the processes share with `capas train`: one process prints its epochs there
+        callbacks.append(RichProgress(Console(emoji=False)))
     try:
         train_ranked(
             ModelSpec.from_dict(job["spec"]),
