@@ -179,6 +179,11 @@ def test_a_data_dir_that_is_no_folder_is_refused(tmp_path):
         # '' (an unset variable in --data-dir "$DIR") was the current folder, silently
         with pytest.raises(CapasError, match=r"^data_dir \(--data-dir\) '': no such folder$"):
             load_dataset(name, "")
+        (tmp_path / "afile").write_text("")  # named as what it is
+        with pytest.raises(
+            CapasError, match=rf"^data_dir \(--data-dir\) {tmp_path / 'afile'}: a file, not a folder$"
+        ):
+            load_dataset(name, tmp_path / "afile")
 
 
 def test_a_data_dir_is_said_to_be_unused_where_the_dataset_takes_none(tmp_path):

@@ -1123,3 +1123,11 @@ def test_fit_validates_a_config_changed_after_it_was_made():
     cfg.batch_size = 0
     with pytest.raises(CapasError, match=r"^fit\(\): cfg: keyword 'batch_size': .* \(given 0\)$"):
         fit(build_model(spec), splits.train, splits.val, default_preprocess(spec.input_shape), cfg)
+
+
+def test_a_file_given_as_a_run_directory_is_named_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(CapasError, match=r"notes.txt: not a run directory \(a file\)$"):
+        load_run(tmp_path / "notes.txt")
+    with pytest.raises(CapasError, match=r"nowhere: not a run directory \(no such folder\)$"):
+        load_run(tmp_path / "nowhere")

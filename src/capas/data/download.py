@@ -34,7 +34,12 @@ def search_dirs(name: str, data_dir: str | Path | None, *, shared_root: bool = T
     if data_dir is not None and not (str(data_dir) and Path(data_dir).expanduser().is_dir()):
         # looked past, it would leave the run on other files than the ones the user named; '' is no
         # folder, though Path('') is the current one
-        raise CapasError(f"data_dir (--data-dir) {str(data_dir) or repr('')}: no such folder")
+        what = (
+            "a file, not a folder"
+            if str(data_dir) and Path(data_dir).expanduser().exists()
+            else "no such folder"
+        )
+        raise CapasError(f"data_dir (--data-dir) {str(data_dir) or repr('')}: {what}")
     dirs = []
     for base, root in ((data_dir, True), (os.environ.get("CAPAS_DATA"), shared_root)):
         if base:

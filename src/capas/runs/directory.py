@@ -242,7 +242,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     """
     path = Path(path)
     if not path.is_dir():
-        raise CapasError(f"{path}: not a run directory (no such folder)")
+        raise CapasError(f"{path}: not a run directory ({'a file' if path.exists() else 'no such folder'})")
     runtime = read_runtime(path / RUNTIME)
     required = REQUIRED if runtime is None else ("model.json", "preprocess.json", runtime["model"])
     missing = [name for name in required if not (path / name).is_file()]
