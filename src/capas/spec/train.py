@@ -147,7 +147,10 @@ class ScheduleConfig(_Config):
     step_epochs: Count = Field(default=10, ge=1, description="'step': epochs between decays")
     gamma: Real = Field(default=0.1, gt=0.0, le=1.0, description="'step': factor per decay")
     warmup_fraction: Real = Field(
-        default=0.25, ge=0.0, lt=1.0, description="'onecycle', 'linear': share of steps rising"
+        default=0.25,
+        ge=0.0,
+        lt=1.0,
+        description="'onecycle', 'linear': share of steps rising (at least one step: 0 is step 0 at the starting rate)",
     )
     initial_factor: Real = Field(
         default=0.04, ge=0.0, le=1.0, description="'linear': the rate at step 0, relative to lr"

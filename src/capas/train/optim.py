@@ -228,9 +228,9 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps:
 
 
 def _rise(cfg: ScheduleConfig, total_steps: int) -> int:
-    """The warm-up's steps: at least one when there is a warm-up at all, none for warmup_fraction 0
-    (which gave step 0 the warm-up's starting rate)."""
-    return max(1, int(cfg.warmup_fraction * total_steps)) if cfg.warmup_fraction else 0
+    """The warm-up's steps: at least one, also for warmup_fraction 0 (step 0 at the starting rate, the
+    fall from step 1), as the airbench94_muon preset's figures were measured."""
+    return max(1, int(cfg.warmup_fraction * total_steps))
 
 
 class Plateau:
