@@ -35,6 +35,7 @@ import capas
 from capas import atomic
 from capas.cpu import available_cores
 from capas.errors import CapasError
+from capas.runs import staging
 from capas.study.executors import Executor, execute_run, ray_slots
 
 try:
@@ -161,24 +162,16 @@ def _deliver(ray_future: Future, future: Future, out: Path) -> None:
         for name, data in result.pop("files", {}).items():
             atomic.write_with(out / name, lambda tmp, data=data: tmp.write_bytes(data))
         for key, shipped in result.pop("beside", {}).items():
-            result[key]["run"] = str(_write_folder(out.with_name(shipped["name"]), shipped["files"]))
+            beside = out.with_name(shipped["name"])
+            with staging(beside) as tmp:  # whole or not at all, replacing one there (as compress would)
+                for name, data in shipped["files"].items():
+                    atomic.write_with(tmp / name, lambda part, data=data: part.write_bytes(data))
+            result[key]["run"] = str(beside)
         probe_path(out).unlink(missing_ok=True)
     except (OSError, CapasError) as error:  # CapasError: a full disk
         future.set_exception(CapasError(f"{out}: cannot write the run's files sent by its worker ({error})"))
         return
     future.set_result(result)
-
-
-def _write_folder(folder: Path, files: dict[str, bytes]) -> Path:
-    """`files` as the folder `folder`, replacing one there whole: written beside it first, then renamed."""
-    incoming = folder.with_name(f".{folder.name}.incoming")
-    shutil.rmtree(incoming, ignore_errors=True)
-    for name, data in files.items():
-        (incoming / name).parent.mkdir(parents=True, exist_ok=True)
-        (incoming / name).write_bytes(data)
-    shutil.rmtree(folder, ignore_errors=True)
-    incoming.rename(folder)
-    return folder
 
 
 def check_options(address: str | None, cpus_per_run: float, gpus_per_run: float) -> None:
