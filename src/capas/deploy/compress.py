@@ -73,7 +73,7 @@ def compress_run(
             raise CapasError(f"{out}: already exists; {where} or remove it")
         data = run_data(source, data, data_dir)
         check_not_in_images(out, data.name)
-        check_not_in_another_run(out, out)  # inside a run (its own source's too), as export refuses
+        check_not_in_another_run(out)  # inside a run, its own source's too
         splits = run_splits(source, data)
         # the new run's config: the source's, with the dataset and splits it was calibrated or fine-tuned and tested on
         config = {

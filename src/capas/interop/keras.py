@@ -731,7 +731,7 @@ def import_keras(
     spec = imported.spec
     out = Path(out) if out is not None else Path("runs") / spec.name
     check_not_in_images(out, data)
-    check_not_in_another_run(out, out)
+    check_not_in_another_run(out)
     recover(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CapasError(f"--out: {out} already exists; choose another run directory or remove it")

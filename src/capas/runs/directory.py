@@ -313,11 +313,12 @@ def not_the_runs(folder: Path) -> list[str]:
     )
 
 
-def check_not_in_another_run(path: Path, run_dir: str | Path, what: str = "--out") -> None:
-    """Refuse a file path inside a run directory other than `run_dir`: it would replace that run's
-    files (an export written over an int8 run's model.onnx made it a float model)."""
+def check_not_in_another_run(path: Path, run_dir: str | Path | None = None, what: str = "--out") -> None:
+    """Refuse a path inside a run directory other than `run_dir` (None: inside any run): it would
+    replace that run's files (an export written over an int8 run's model.onnx made it a float model),
+    or be a run inside a run."""
     folder = path.parent
-    if (folder / "model.json").is_file() and folder.resolve() != Path(run_dir).resolve():
+    if (folder / "model.json").is_file() and (run_dir is None or folder.resolve() != Path(run_dir).resolve()):
         raise CapasError(
             f"{what} {path}: inside the run directory {folder}, whose files only its own commands write; "
             "choose a path outside it"
