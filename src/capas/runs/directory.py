@@ -191,10 +191,11 @@ def _read_preprocess(file: Path, spec: ModelSpec) -> tuple[Preprocess, tuple[str
     return preprocess, tuple(classes)
 
 
-def _read_inference(file: Path) -> tuple[str, str, bool]:
-    """(precision, tta, channels_last) of the training that config.json records, which prediction
-    repeats; without the file or its train section (an imported run): float32, no TTA."""
-    train = (_json_object(file).get("train") if file.is_file() else None) or {}
+def _read_inference(config: dict, file: Path) -> tuple[str, str, bool]:
+    """(precision, tta, channels_last) of the training that config.json (`file`, read as `config`)
+    records, which prediction repeats; without the file or its train section (an imported run):
+    float32, no TTA."""
+    train = config.get("train") or {}
     if not isinstance(train, dict):
         raise CapasError(
             f"{file}: 'train' must be a mapping (the training config), got {reprlib.repr(train)}"
@@ -217,13 +218,13 @@ def architecture_digest(run_dir: str | Path) -> str:
         raise CapasError(f"{run_dir}: cannot read its model.json ({error.strerror or error})") from None
 
 
-def _check_backbone_run(path: Path, spec: ModelSpec) -> None:
+def _check_backbone_run(path: Path, spec: ModelSpec, config: dict) -> None:
     """A run built on another run's layers loads only while that run's architecture is the one it
-    trained on: retrained in place (another activation, the same shapes), it would silently compute
-    something else."""
-    if spec.backbone is None or spec.backbone.name != RUN or not (path / "config.json").is_file():
+    trained on (config.json records its digest): retrained in place (another activation, the same
+    shapes), it would silently compute something else."""
+    if spec.backbone is None or spec.backbone.name != RUN:
         return
-    recorded = _json_object(path / "config.json").get("backbone_run")
+    recorded = config.get("backbone_run")
     if not isinstance(recorded, dict) or "model_json_sha256" not in recorded:
         return  # a run of an older capas, which did not record it
     if architecture_digest(spec.backbone.weights) != recorded["model_json_sha256"]:
@@ -249,9 +250,10 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     if missing:
         raise CapasError(f"{path}: incomplete run directory, missing {', '.join(missing)}")
     spec = _read_spec(path / "model.json")
-    _check_backbone_run(path, spec)
+    config = _json_object(path / "config.json") if (path / "config.json").is_file() else {}
+    _check_backbone_run(path, spec, config)
     preprocess, classes = _read_preprocess(path / "preprocess.json", spec)
-    precision, tta, channels_last = _read_inference(path / "config.json")
+    precision, tta, channels_last = _read_inference(config, path / "config.json")
     if runtime is not None:
         model = OnnxModel(path / runtime["model"], expect=(spec.input_shape, len(classes)))
         return Run(path, spec, model, preprocess, classes, tta=tta)

@@ -300,10 +300,7 @@ def _train(
     if whitening is not None:
         config["whitening"] = whitening
     if spec.backbone is not None and spec.backbone.name == RUN:  # what load_run checks it against
-        config["backbone_run"] = {
-            "path": spec.backbone.weights,
-            "model_json_sha256": identity["backbone_weights"]["model_json_sha256"],
-        }
+        config["backbone_run"] = {"model_json_sha256": identity["backbone_weights"]["model_json_sha256"]}
     if dist is not None and not dist.is_main:
         return test_results
     # Written beside `out` and swapped in whole: retraining into a finished run's folder never
